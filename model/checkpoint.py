@@ -1,0 +1,183 @@
+"""Checkpoint I/O in HF layout: config.json + safetensors (single or sharded) or pickle `.bin`.
+
+Loading builds the model on the meta device, streams tensors one at a time into the target
+dtype and device, and assigns them, so peak memory is one model plus one tensor. Pickle files
+are read with `torch.load(weights_only=True, mmap=True)`: no arbitrary code, no second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+
+from .config import PersimmonConfig
+from .modeling import MODEL_CLASSES, PersimmonForCausalLM, PersimmonModel
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: lists every offending tensor."""
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of an HF checkpoint directory, in a fixed order."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index), encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if os.path.basename(name) != name:
+                    raise ValueError(f"{index} names a file outside the checkpoint dir: {name!r}")
+            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            if missing:
+                raise FileNotFoundError(f"{index} in {path} lists missing shards: {missing}")
+            return [os.path.join(path, f) for f in files]
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise FileNotFoundError(
+        f"no weights in {path!r}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+
+
+def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) across shards, one tensor in memory at a time where the format allows."""
+    from safetensors import safe_open
+
+    for file in files:
+        if file.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+            del state
+
+
+def load_pretrained(path, dtype=None, device=None, model_class=None):
+    """Load an HF-layout Persimmon checkpoint directory into our model, in eval mode.
+
+    `model_class` defaults to the class named by config.architectures (falling back to the
+    causal LM). `dtype` defaults to the checkpoint's torch_dtype, else float32.
+    """
+    path = os.fspath(path)
+    config = PersimmonConfig.from_pretrained(path)
+    files = weight_files(path)
+    if model_class is None:
+        arch = (config.architectures or ["PersimmonForCausalLM"])[0]
+        model_class = MODEL_CLASSES.get(arch, PersimmonForCausalLM)
+    dtype = resolve_dtype(dtype) or resolve_dtype(config.torch_dtype) or torch.float32
+    device = torch.device(device or "cpu")
+
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {name: p for name, p in model.state_dict().items()}
+    tied = config.tie_word_embeddings and "lm_head.weight" in expected
+    if tied:
+        expected.pop("lm_head.weight")
+    bare = model_class is PersimmonModel
+
+    state, unexpected, mismatched = {}, [], []
+    for name, tensor in iter_tensors(files):
+        if bare and name.startswith("model."):
+            name = name[len("model."):]  # backbone out of a checkpoint with a head
+        elif bare and name.split(".")[0] in ("lm_head", "score"):
+            continue
+        elif not bare and name not in expected and f"model.{name}" in expected:
+            name = f"model.{name}"  # head model from a bare-backbone checkpoint
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from the config
+        if name not in expected:
+            if not (tied and name == "lm_head.weight"):
+                unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
+            continue
+        state[name] = tensor.to(device=device, dtype=dtype)  # one cast, straight to the target
+        del tensor
+    missing = sorted(set(expected) - set(state))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {missing[:20]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {sorted(unexpected)[:20]}")
+        if mismatched:
+            parts.append(f"wrong shape {len(mismatched)}: {mismatched[:20]}")
+        raise CheckpointError(f"checkpoint {path} does not match {model_class.__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=not tied, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}; use bytes or e.g. '5GB', '500MB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path, max_shard_size="5GB") -> list[str]:
+    """Write tensors as safetensors: one `model.safetensors`, or shards plus an index."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    shards, current, current_size = [], {}, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if current and current_size + size > limit:
+            shards.append(current)
+            current, current_size = {}, 0
+        current[name] = tensor.detach().contiguous().cpu()
+        current_size += size
+    shards.append(current)
+    if len(shards) == 1:
+        names = [SAFE_SINGLE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, name in zip(shards, names):
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for shard, name in zip(shards, names) for k in shard}}
+        with open(os.path.join(path, SAFE_INDEX), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    return [os.path.join(path, n) for n in names]
+
+
+def save_pretrained(model, path, max_shard_size="5GB") -> None:
+    """Write config.json + safetensors that both this package and transformers load."""
+    config = model.config
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # shared with model.embed_tokens.weight
+    config.architectures = [type(model).__name__]
+    dtype = next(iter(state.values())).dtype
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(path)
+    save_state_dict(state, path, max_shard_size=max_shard_size)

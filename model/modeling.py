@@ -1,0 +1,346 @@
+"""Persimmon in plain torch, read top to bottom: rotary, attention, MLP, block, model, heads.
+
+Parameter names are transformers' names, so HF checkpoints load by name, strictly.
+Two ways to run the stack:
+- a plain forward over padded batches (`attention_mask`), used for scoring and training;
+- a cached forward against a static `KVCache`, used by the engine: each batch row is a cache
+  slot, each token carries its absolute position, and a key at cache index j is visible to a
+  query at position p iff j <= p. Prefill, prefix reuse and decode are all this one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PersimmonConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding (GPT-NeoX convention, on the first `rotary_dim` dims of each head)
+# ---------------------------------------------------------------------------------------------
+def rope_inv_freq(config: PersimmonConfig, seq_len: int, device) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim/2] in fp32, with linear or dynamic-NTK scaling applied."""
+    dim, base = config.rotary_dim, config.rope_theta
+    if config.rope_type == "dynamic" and seq_len > config.max_position_embeddings:
+        factor = config.rope_factor
+        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_factor
+    return inv_freq
+
+
+def rope_cos_sin(config: PersimmonConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B, T, rotary_dim] for integer positions [B, T]; angles computed in fp32."""
+    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    inv_freq = rope_inv_freq(config, seq_len, position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # [B, T, rd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, rd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of x [B, H, T, D]; the rest pass through."""
+    rd = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, rd]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static KV cache: one buffer per K and V for all layers, a batch row is a slot
+# ---------------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    def __init__(self, config: PersimmonConfig, max_batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (config.num_hidden_layers, max_batch_size, config.num_attention_heads,
+                 max_seq_len, config.head_dim)  # [L, slots, H, S, D]
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def update(self, layer: int, slots, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int):
+        """Write k, v [B, H, T, D] at (slot, position) and return this layer's keys and values
+        [B, H, kv_len, D] for the same slots. `slots` is a slice (contiguous rows, no copy) or a
+        LongTensor [B] of slot indices."""
+        k_layer, v_layer = self.k[layer], self.v[layer]
+        if isinstance(slots, slice):
+            k_layer, v_layer = k_layer[slots], v_layer[slots]
+            rows = torch.arange(k.shape[0], device=k.device)
+        else:
+            rows = slots
+        rows = rows[:, None].expand_as(positions)  # [B, T]
+        k_layer[rows, :, positions] = k.transpose(1, 2)  # index [B, T] -> value [B, T, H, D]
+        v_layer[rows, :, positions] = v.transpose(1, 2)
+        if isinstance(slots, slice):
+            return k_layer[:, :, :kv_len], v_layer[:, :, :kv_len]
+        return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]
+
+    def copy_prefix(self, src: int, dst: torch.Tensor, length: int) -> None:
+        """Copy positions [0, length) of slot `src` into slots `dst` (shared-prefix reuse)."""
+        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+class PersimmonAttention(nn.Module):
+    def __init__(self, config: PersimmonConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        # fused projection, output laid out per head as [q | k | v] blocks of head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.qk_layernorm = config.qk_layernorm
+        if self.qk_layernorm:  # one LayerNorm(head_dim) shared by all heads
+            self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+        self.attention_dropout = config.attention_dropout
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None, positions=None, kv_len=None):
+        B, T, C = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
+        q, k, v = qkv.unbind(dim=3)  # each [B, T, H, D]
+        if self.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, slots, positions, k, v, kv_len)  # [B, H, L, D]
+        dropout = self.attention_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           scale=self.head_dim ** -0.5)  # [B, H, T, D]
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+
+class PersimmonMLP(nn.Module):
+    def __init__(self, config: PersimmonConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(torch.relu(self.dense_h_to_4h(x)).square())  # relu2
+
+
+class PersimmonDecoderLayer(nn.Module):
+    def __init__(self, config: PersimmonConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = PersimmonAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = PersimmonMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x, cos, sin, mask, **cache_args):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, **cache_args)
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+def padding_causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Boolean [B, 1, T, T], True = may attend. Pad query rows see themselves (never NaN)."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if attention_mask is None:
+        return causal[None, None].expand(B, 1, T, T)
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return mask | torch.eye(T, dtype=torch.bool, device=device)
+
+
+def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Boolean [B, 1, T, kv_len]: key index j is visible to a query at position p iff j <= p."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return keys[None, None, None, :] <= positions[:, None, :, None]
+
+
+class PersimmonPreTrainedModel(nn.Module):
+    config_class = PersimmonConfig
+
+    def __init__(self, config: PersimmonConfig):
+        super().__init__()
+        self.config = config
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None):
+        """Random init as transformers does: N(0, initializer_range), zero bias, unit LayerNorm."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        self.tie_weights()
+        return self
+
+    def tie_weights(self):
+        head = getattr(self, "lm_head", None)
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        from .checkpoint import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device, model_class=cls)
+
+    def save_pretrained(self, path, max_shard_size="5GB"):
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
+class PersimmonModel(PersimmonPreTrainedModel):
+    def __init__(self, config: PersimmonConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(PersimmonDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None,
+                cache_slots=None, kv_len=None):
+        """input_ids [B, T] -> final hidden states [B, T, C].
+
+        Plain mode (kv_cache None): causal attention within the batch, keys masked by
+        `attention_mask`; positions default to arange(T) as in transformers.
+        Cached mode: `position_ids` are absolute positions (= cache indices) and required;
+        `cache_slots` picks the cache rows (slice or LongTensor); attention spans the first
+        `kv_len` cache positions (default max position + 1).
+        """
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # [B, T, C]
+        if position_ids is None:
+            if kv_cache is not None:
+                raise ValueError("position_ids are required with a kv_cache")
+            position_ids = torch.arange(T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
+        if kv_cache is None:
+            mask, cache_args = padding_causal_mask(attention_mask, B, T, x.device), {}
+        else:
+            kv_len = kv_len or int(position_ids.max()) + 1
+            slots = cache_slots if cache_slots is not None else slice(0, B)
+            mask = cache_mask(position_ids, kv_len)
+            cache_args = dict(kv_cache=kv_cache, slots=slots, positions=position_ids, kv_len=kv_len)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, **cache_args)
+        return self.final_layernorm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------
+class PersimmonForCausalLM(PersimmonPreTrainedModel):
+    def __init__(self, config: PersimmonConfig):
+        super().__init__(config)
+        self.model = PersimmonModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                logits_to_keep: int = 0, **cache_args) -> ModelOutput:
+        h = self.model(input_ids, attention_mask, position_ids, **cache_args)  # [B, T, C]
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T', V]
+        loss = None
+        if labels is not None:  # predict token t+1 from position t; -100 is ignored
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device),
+                                   ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False,
+                 temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
+                 seed=None):
+        """transformers-style generate: LongTensor [B, prompt_len + new], runs on the engine."""
+        from .engine import generate_tensor
+        return generate_tensor(self, input_ids, attention_mask=attention_mask,
+                               max_new_tokens=max_new_tokens, do_sample=do_sample,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
+
+
+def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Index [B] of the rightmost token that is not padding (left- and right-padding alike)."""
+    B, T = input_ids.shape
+    if pad_token_id is None:
+        if B != 1:
+            raise ValueError("batch size > 1 needs config.pad_token_id to find each row's last token")
+        return torch.full((1,), T - 1, device=input_ids.device)
+    idx = torch.arange(T, device=input_ids.device)
+    return (idx * (input_ids != pad_token_id)).argmax(-1)
+
+
+def classification_loss(logits, labels, config: PersimmonConfig):
+    """Loss by problem_type, inferred as transformers does when unset."""
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    logits = logits.float()
+    if problem == "regression":
+        return F.mse_loss(logits.squeeze(-1) if num_labels == 1 else logits,
+                          labels.squeeze(-1).float() if num_labels == 1 else labels.float())
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1), ignore_index=-100)
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+class PersimmonForSequenceClassification(PersimmonPreTrainedModel):
+    def __init__(self, config: PersimmonConfig):
+        super().__init__(config)
+        self.model = PersimmonModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None) -> ModelOutput:
+        last = last_non_pad_index(input_ids, self.config.pad_token_id)  # [B]
+        h = self.model(input_ids, attention_mask, position_ids)  # [B, T, C]
+        pooled = h[torch.arange(h.shape[0], device=h.device), last]  # [B, C]
+        logits = self.score(pooled)  # [B, num_labels]; the head is linear, so pool first
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
+
+
+class PersimmonForTokenClassification(PersimmonPreTrainedModel):
+    def __init__(self, config: PersimmonConfig):
+        super().__init__(config)
+        self.model = PersimmonModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None) -> ModelOutput:
+        h = self.model(input_ids, attention_mask, position_ids)
+        logits = self.score(self.dropout(h))  # [B, T, num_labels]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
+
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (PersimmonModel, PersimmonForCausalLM,
+                                               PersimmonForSequenceClassification,
+                                               PersimmonForTokenClassification)}

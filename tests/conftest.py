@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny configs, random models, and the transformers reference oracle."""
+
+import os
+
+import pytest
+import torch
+
+from model import PersimmonConfig
+
+# Keep CPU thread use predictable on small CI boxes.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def random_model(cls, config: PersimmonConfig, seed: int = 0):
+    """Our model with deterministic random weights, in eval mode."""
+    torch.manual_seed(seed)
+    model = cls(config).init_weights(torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # give LayerNorms and biases non-trivial values so they are tested
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith(".bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def hf_config(config: PersimmonConfig):
+    import transformers
+
+    return transformers.PersimmonConfig(**config.to_dict())
+
+
+def hf_twin(model, attn_implementation="sdpa"):
+    """transformers' Persimmon of the same class holding exactly our weights (strict load)."""
+    import transformers
+
+    hf_cls = getattr(transformers, type(model).__name__)
+    cfg = hf_config(model.config)
+    cfg._attn_implementation = attn_implementation
+    hf = hf_cls(cfg).to(next(model.parameters()).dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    # transformers keeps no persistent buffers we lack; nothing may be left over either way
+    assert not unexpected, unexpected
+    assert not [m for m in missing if not (model.config.tie_word_embeddings and m == "lm_head.weight")], missing
+    return hf.eval()
+
+
+@pytest.fixture
+def tiny_config():
+    return PersimmonConfig.tiny()
