@@ -79,6 +79,8 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
     causal LM). `dtype` defaults to the checkpoint's torch_dtype, else float32.
     """
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     config = PersimmonConfig.from_pretrained(path)
     files = weight_files(path)
     if model_class is None:
@@ -114,7 +116,7 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
             continue
         state[name] = tensor.to(device=device, dtype=dtype)  # one cast, straight to the target
         del tensor
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
     if missing or unexpected or mismatched:
         parts = []
         if missing:
