@@ -1,0 +1,392 @@
+"""Persimmon's tokenizer: a thin, exact wrapper around its sentencepiece model.
+
+Persimmon ships ``tokenizer.model``, a sentencepiece Unigram model with byte fallback
+(``<unk>`` = 0, ``|ENDOFTEXT|`` = 71013 used as BOS, EOS and pad in the released files). This
+module needs only ``sentencepiece`` and ``torch``; transformers is never imported.
+
+Rules this wrapper keeps:
+
+* ``encode(text)`` is exactly ``SentencePieceProcessor.encode(text)``, with the BOS id in front
+  when BOS is on (``add_bos_token``, true by default as in the hub's tokenizer_config).
+* Special ids are looked up by piece name in the model (piece -> id), never hard-coded. A token
+  named in ``tokenizer_config.json`` / ``special_tokens_map.json`` must be a piece of the model.
+  Without a name, BOS and EOS are the piece ``|ENDOFTEXT|`` if the model has it, else
+  sentencepiece's own ``bos_id()`` / ``eos_id()`` (when >= 0). **The pad id defaults to the EOS
+  id** (Persimmon has no pad token; ``|ENDOFTEXT|`` is its natural pad), or to sentencepiece's
+  ``pad_id()`` if there is no EOS either.
+* ``decode(ids)`` is exactly ``SentencePieceProcessor.decode(ids)`` once the BOS/EOS/pad ids are
+  dropped (``skip_special_tokens=True``), so byte-fallback pieces are reassembled into UTF-8.
+
+The chat format of persimmon-8b-chat is built by :func:`chat_prompt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import sentencepiece as spm
+import torch
+
+ENDOFTEXT = "|ENDOFTEXT|"
+MODEL_FILE = "tokenizer.model"
+# Name of the vocabulary in the original adept-inference checkpoints; used if tokenizer.model is absent.
+ADEPT_MODEL_FILE = "adept_vocab.model"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+
+
+def chat_prompt(prompt: str, history: Iterable[tuple[str, str]] | None = None) -> str:
+    """Build a persimmon-8b-chat prompt.
+
+    ``history`` holds earlier ``(human, adept)`` turns, oldest first::
+
+        chat_prompt("hi")                      == "human: hi\\n\\nadept:"
+        chat_prompt("and?", [("hi", "hello")]) == "human: hi\\n\\nadept: hello\\n\\nhuman: and?\\n\\nadept:"
+    """
+    turns = [f"human: {human}\n\nadept: {answer}\n\n" for human, answer in history or ()]
+    return "".join(turns) + f"human: {prompt}\n\nadept:"
+
+
+def _token_content(token) -> str | None:
+    """A special token as written by transformers: a string, ``{"content": ...}`` or null."""
+    if token is None or isinstance(token, str):
+        return token
+    if isinstance(token, dict) and isinstance(token.get("content"), str):
+        return token["content"]
+    raise ValueError(f"cannot read special token {token!r}: expected a string or a dict with 'content'")
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class PersimmonTokenizer:
+    """Sentencepiece-backed tokenizer with Persimmon's special-token rules (see module docstring).
+
+    Args:
+        model_file: path of the sentencepiece model (``tokenizer.model``).
+        bos_token, eos_token, pad_token: piece names; ``None`` applies the defaults above.
+        add_bos_token: whether ``encode`` / ``batch_encode`` prepend BOS when ``add_bos`` is not given.
+    """
+
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        add_bos_token: bool = True,
+    ):
+        model_file = os.fspath(model_file)
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"sentencepiece model not found: {model_file}")
+        self.model_file = model_file
+        self._sp = sp = spm.SentencePieceProcessor(model_file=model_file)
+        endoftext = self.token_to_id(ENDOFTEXT)
+        self._bos_id = self._special_id(bos_token, endoftext, sp.bos_id())
+        self._eos_id = self._special_id(eos_token, endoftext, sp.eos_id())
+        self._pad_id = self._special_id(pad_token, self._eos_id, sp.pad_id())
+        self.add_bos_token = bool(add_bos_token)
+
+    def _special_id(self, token, default: int | None, sp_fallback: int) -> int | None:
+        """Id of a named special piece; unnamed: ``default``, else sentencepiece's id if >= 0."""
+        token = _token_content(token)
+        if token is not None:
+            token_id = self.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"special token {token!r} is not a piece of {self.model_file}")
+            return token_id
+        if default is not None:
+            return default
+        return sp_fallback if sp_fallback >= 0 else None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> PersimmonTokenizer:
+        """Load from a checkpoint directory (or a ``.model`` file).
+
+        Reads ``tokenizer.model`` (or ``adept_vocab.model``) and, when present,
+        ``tokenizer_config.json`` then ``special_tokens_map.json`` (the first non-null value of a
+        key wins). Keyword ``overrides`` (``bos_token=...`` etc.) win over both files.
+        """
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            model_file, directory = path, os.path.dirname(path)
+        elif os.path.isdir(path):
+            directory = path
+            model_file = os.path.join(path, MODEL_FILE)
+            if not os.path.isfile(model_file) and os.path.isfile(os.path.join(path, ADEPT_MODEL_FILE)):
+                model_file = os.path.join(path, ADEPT_MODEL_FILE)
+            if not os.path.isfile(model_file):
+                raise FileNotFoundError(f"no {MODEL_FILE} in tokenizer directory {path}")
+        else:
+            raise FileNotFoundError(f"tokenizer directory not found: {path}")
+
+        config = _read_json(os.path.join(directory, CONFIG_FILE))
+        special = _read_json(os.path.join(directory, SPECIAL_TOKENS_FILE))
+        kwargs = {}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = config.get(key)
+            kwargs[key] = value if value is not None else special.get(key)
+        if config.get("add_bos_token") is not None:
+            kwargs["add_bos_token"] = bool(config["add_bos_token"])
+        kwargs.update(overrides)
+        return cls(model_file, **kwargs)
+
+    # ---------------------------------------------------------------- vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces in the sentencepiece model (may be smaller than the model's embedding)."""
+        return self._sp.get_piece_size()
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The pad id; defaults to :attr:`eos_token_id` when no pad token is configured."""
+        return self._pad_id
+
+    @property
+    def unk_token_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """BOS, EOS and pad ids: what ``decode(..., skip_special_tokens=True)`` drops."""
+        return frozenset(i for i in (self._bos_id, self._eos_id, self._pad_id) if i is not None)
+
+    def token_to_id(self, piece: str) -> int | None:
+        """Id of ``piece``, or ``None`` if the model has no such piece."""
+        token_id = self._sp.piece_to_id(piece)
+        return token_id if self._sp.id_to_piece(token_id) == piece else None
+
+    def id_to_token(self, token_id: int) -> str:
+        """Piece string of ``token_id`` (e.g. ``"▁the"``, ``"<0x0A>"``)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise IndexError(f"token id {token_id} out of range [0, {self.vocab_size})")
+        return self._sp.id_to_piece(token_id)
+
+    def _token_name(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self._sp.id_to_piece(token_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._token_name(self._bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._token_name(self._eos_id)
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._token_name(self._pad_id)
+
+    @property
+    def unk_token(self) -> str:
+        return self._sp.id_to_piece(self.unk_token_id)
+
+    # ---------------------------------------------------------------- encoding
+
+    def _bos_prefix(self, add_bos: bool | None) -> list[int]:
+        if add_bos is None:
+            add_bos = self.add_bos_token
+        return [self._bos_id] if add_bos and self._bos_id is not None else []
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``: ``sp.encode(text)``, with BOS first if ``add_bos``.
+
+        ``add_bos=None`` follows :attr:`add_bos_token`.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self._bos_prefix(add_bos) + self._sp.encode(text)
+
+    def batch_encode(
+        self,
+        texts: Sequence[str] | str,
+        padding_side: str = "left",
+        max_length: int | None = None,
+        truncation: bool | str = False,
+        add_bos: bool | None = None,
+        return_tensors: str | None = "pt",
+        padding: str = "longest",
+    ) -> dict:
+        """Encode a batch into a padded ``input_ids`` / ``attention_mask`` pair.
+
+        Args:
+            texts: the prompts (a single str is a batch of one).
+            padding_side: ``"left"`` (the default, for generation) or ``"right"``; pads use
+                :attr:`pad_token_id`, with mask 0.
+            max_length: longest allowed row, BOS included. Longer rows raise ``ValueError``
+                unless ``truncation`` is set.
+            truncation: ``False``; ``"left"`` drops tokens from the start (keeps the last ones);
+                ``"right"`` (or ``True``) drops them from the end. BOS is always kept.
+            add_bos: prepend BOS; ``None`` follows :attr:`add_bos_token`.
+            return_tensors: ``"pt"`` for ``torch.long`` tensors of shape ``[B, T]``, ``None`` for
+                lists of lists.
+            padding: ``"longest"`` pads to the longest row; ``"max_length"`` to ``max_length``.
+
+        Returns:
+            ``{"input_ids": ..., "attention_mask": ...}``.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if truncation is True:
+            truncation = "right"
+        if truncation not in (False, None, "left", "right"):
+            raise ValueError(f"truncation must be False, True, 'left' or 'right', got {truncation!r}")
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if (truncation or padding == "max_length") and max_length is None:
+            raise ValueError("truncation and padding='max_length' need max_length")
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("batch_encode expects a sequence of str")
+
+        prefix = self._bos_prefix(add_bos)
+        if max_length is not None and max_length < len(prefix):
+            raise ValueError(f"max_length={max_length} leaves no room for BOS")
+        rows = []
+        for ids in self._sp.encode(list(texts)):
+            if max_length is not None and len(prefix) + len(ids) > max_length:
+                if not truncation:
+                    raise ValueError(
+                        f"a text encodes to {len(prefix) + len(ids)} tokens > max_length={max_length};"
+                        " pass truncation='left' or 'right'"
+                    )
+                keep = max_length - len(prefix)
+                ids = ids[len(ids) - keep :] if truncation == "left" else ids[:keep]
+            rows.append(prefix + ids)
+
+        width = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
+        if any(len(r) < width for r in rows) and self._pad_id is None:
+            raise ValueError("padding needed but the tokenizer has no pad (nor EOS) token")
+        input_ids, attention_mask = [], []
+        for row in rows:
+            n_pad = width - len(row)
+            pads, ones, zeros = [self._pad_id] * n_pad, [1] * len(row), [0] * n_pad
+            if padding_side == "left":
+                input_ids.append(pads + row)
+                attention_mask.append(zeros + ones)
+            else:
+                input_ids.append(row + pads)
+                attention_mask.append(ones + zeros)
+        if return_tensors == "pt":
+            shape = (len(rows), width)  # [B, T], also for an empty batch
+            input_ids = torch.tensor(input_ids, dtype=torch.long).reshape(shape)
+            attention_mask = torch.tensor(attention_mask, dtype=torch.long).reshape(shape)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    __call__ = batch_encode
+
+    # ---------------------------------------------------------------- decoding
+
+    def _clean_ids(self, ids) -> list[int]:
+        if hasattr(ids, "tolist"):  # torch / numpy
+            ids = ids.tolist()
+        ids = list(ids)
+        if not all(isinstance(i, int) for i in ids):
+            raise TypeError("decode expects a flat sequence of ints (use batch_decode for a batch)")
+        if any(i < 0 for i in ids):
+            raise ValueError(f"negative token id in {ids}")
+        # The model's embedding may be larger than the tokenizer (tiny preset: 512 vs 320):
+        # ids past the vocabulary decode as <unk> instead of raising.
+        unk, size = self.unk_token_id, self.vocab_size
+        return [i if i < size else unk for i in ids]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (a list, tuple or 1-D tensor).
+
+        ``skip_special_tokens=True`` drops the BOS/EOS/pad ids, then decodes with sentencepiece.
+        With ``False`` the special pieces are written out by name (``"|ENDOFTEXT|"``); the
+        rest is still sentencepiece's own decoding.
+        """
+        ids = self._clean_ids(ids)
+        if skip_special_tokens:
+            special = self.special_token_ids
+            return self._sp.decode([i for i in ids if i not in special])
+        # Sentencepiece renders control pieces as "" and user-defined ones by name; join the
+        # per-piece surfaces so that special control pieces can be named too.
+        special = self.special_token_ids
+        return "".join(
+            p.piece if p.id in special and self._sp.is_control(p.id) else p.surface
+            for p in self._sp.decode_ids_as_proto(ids).pieces
+        )
+
+    def batch_decode(self, batch, skip_special_tokens: bool = True) -> list[str]:
+        """``decode`` each row of a list of lists or a ``[B, T]`` tensor (pads go with the special ids)."""
+        if hasattr(batch, "tolist"):
+            batch = batch.tolist()
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
+
+    # ---------------------------------------------------------------- chat and saving
+
+    def apply_chat_template(self, prompt: str, history: Iterable[tuple[str, str]] | None = None) -> str:
+        """The persimmon-8b-chat prompt string; see :func:`chat_prompt`."""
+        return chat_prompt(prompt, history)
+
+    def tokenizer_config(self) -> dict:
+        """Contents of ``tokenizer_config.json`` as written by :meth:`save_pretrained`.
+
+        No ``tokenizer_class``: transformers v5 maps ``LlamaTokenizer`` to a BPE tokenizer that
+        gives wrong ids for this Unigram model, while without a class it builds a generic
+        tokenizer from ``tokenizer.model`` that matches sentencepiece.
+        """
+        return {
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": False,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "clean_up_tokenization_spaces": False,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> tuple[str, ...]:
+        """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+        :meth:`from_pretrained` on the directory gives back an equal tokenizer. Returns the paths.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        model_path = os.path.join(directory, MODEL_FILE)
+        with open(model_path, "wb") as f:
+            f.write(self._sp.serialized_model_proto())
+        config = self.tokenizer_config()
+        special_keys = ("bos_token", "eos_token", "pad_token", "unk_token")
+        special = {k: config[k] for k in special_keys if config[k] is not None}
+        paths = [model_path]
+        for name, data in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, special)):
+            paths.append(os.path.join(directory, name))
+            with open(paths[-1], "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+        return tuple(paths)
+
+    def __repr__(self) -> str:
+        return (
+            f"PersimmonTokenizer(vocab_size={self.vocab_size}, bos={self._bos_id}, eos={self._eos_id}, "
+            f"pad={self._pad_id}, add_bos_token={self.add_bos_token}, model_file={self.model_file!r})"
+        )
