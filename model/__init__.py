@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import PersimmonConfig
+from .engine import ChoiceScores, Classification, Completion, Engine
 from .modeling import (
     KVCache,
     PersimmonForCausalLM,
@@ -9,9 +10,12 @@ from .modeling import (
     PersimmonForTokenClassification,
     PersimmonModel,
 )
+from .sampling import SamplingParams
+from .tokenizer import PersimmonTokenizer, chat_prompt
 
 __all__ = [
-    "CheckpointError", "KVCache", "PersimmonConfig", "PersimmonForCausalLM",
-    "PersimmonForSequenceClassification", "PersimmonForTokenClassification", "PersimmonModel",
-    "load_pretrained", "save_pretrained",
+    "CheckpointError", "ChoiceScores", "Classification", "Completion", "Engine", "KVCache",
+    "PersimmonConfig", "PersimmonForCausalLM", "PersimmonForSequenceClassification",
+    "PersimmonForTokenClassification", "PersimmonModel", "PersimmonTokenizer", "SamplingParams",
+    "chat_prompt", "load_pretrained", "save_pretrained",
 ]

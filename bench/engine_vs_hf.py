@@ -1,0 +1,108 @@
+"""Engine vs transformers' generate on the same random Persimmon-shaped model and prompts.
+
+    python bench/engine_vs_hf.py [--dtype bfloat16] [--engine-batch 32] [--hf-batch 8]
+
+Model: vocab 32000, hidden 1024, intermediate 4096, 8 layers, 16 heads, random (seed 0).
+Prompts: 32 random prompts of 16-128 tokens; greedy, 64 new tokens, eos ignored.
+Prints one JSON line. Both runs happen in this process, on this machine, after a warm-up.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import PersimmonConfig, PersimmonForCausalLM  # noqa: E402
+from model.engine import Engine  # noqa: E402
+from model.sampling import SamplingParams  # noqa: E402
+
+BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                    num_attention_heads=16, max_position_embeddings=2048, pad_token_id=0)
+
+
+def build(dtype, seed=0):
+    config = PersimmonConfig(**BENCH_CONFIG)
+    torch.manual_seed(seed)
+    model = PersimmonForCausalLM(config).init_weights(torch.Generator().manual_seed(seed)).eval()
+    return model.to(dtype)
+
+
+def make_prompts(n, lo, hi, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (t,), generator=g).tolist() for t in lengths]
+
+
+def hf_generate(hf, prompts, new_tokens, batch):
+    outs = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        T = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=0,
+                              do_sample=False, pad_token_id=0)
+        outs += out[:, T:].tolist()
+    return outs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--hf-batch", type=int, default=8)
+    ap.add_argument("--engine-batch", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true", help="time only the engine")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    model = build(dtype)
+    prompts = make_prompts(args.prompts, 16, 128, BENCH_CONFIG["vocab_size"])
+    total_new = args.prompts * args.new_tokens
+    result = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens,
+              "hf_batch": args.hf_batch, "engine_batch": args.engine_batch}
+
+    engine = Engine(model, None, max_batch_size=args.engine_batch, max_seq_len=128 + args.new_tokens)
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
+    result["engine_warmup_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    completions = engine.generate(prompts, params)
+    engine_s = time.perf_counter() - t0
+    result["engine_tokens_per_s"] = round(total_new / engine_s, 1)
+    ours = [c.token_ids for c in completions]
+
+    if not args.skip_hf:
+        import transformers
+
+        hf = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**model.config.to_dict()))
+        hf.load_state_dict(model.state_dict())
+        hf = hf.to(dtype).eval()
+        hf.generation_config.eos_token_id = None  # eos ignored: always generate new_tokens
+        hf_generate(hf, prompts[:2], 4, 2)  # warm-up
+        t0 = time.perf_counter()
+        ref = hf_generate(hf, prompts, args.new_tokens, args.hf_batch)
+        hf_s = time.perf_counter() - t0
+        result["hf_tokens_per_s"] = round(total_new / hf_s, 1)
+        result["speedup"] = round(hf_s / engine_s, 2)
+        same = [a == b for a, b in zip(ours, ref)]
+        result["greedy_tokens_identical"] = all(same)
+        result["prompts_identical"] = sum(same)
+        first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(ours, ref)]
+        result["min_matching_prefix"] = min(first)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
