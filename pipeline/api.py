@@ -1,0 +1,323 @@
+"""Python API: run a task end to end (`run`, `run_generate`, ...) or get a lazy Dataset.
+
+    from pipeline import PipelineConfig, run_generate, build_dataset
+    report = run_generate(input="s3://b/prompts/", output="s3://b/out/", model="/models/p8b")
+
+    ds = build_dataset(PipelineConfig(task="classify", input=..., output=..., model=...))
+    ds.filter(lambda r: r["score"] > 0.9).write_parquet(...)   # compose with your own steps
+
+`run*` is the exactly-once, resumable path (see `pipeline.runner`); `build_dataset` is plain
+`read_parquet -> map_batches(stage)` for composition, with Ray Data's usual at-least-once
+semantics for whatever you write from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+
+from .config import PipelineConfig
+from .plan import REPORT_NAME, Plan, make_plan
+from .runner import ShardRunner
+from .stages import ROWS_PER_CALL, STAGES
+from .storage import ensure_dir, list_parquet, read_bytes, resolve, retry, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be loaded; raised on the driver before any actor starts."""
+
+
+# ---- Ray ------------------------------------------------------------------------------------
+def init_ray(config: PipelineConfig) -> bool:
+    """Connect to Ray if not connected: `ray_address`, else RAY_ADDRESS (set inside
+    `ray job submit` jobs), else start a local single-node Ray on 127.0.0.1 with no dashboard.
+    Returns True when this call started or joined Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return True
+    # A private, loopback-only cluster for this process: token auth would only write a token to
+    # ~/.ray that later local heads then insist on (see RAY.md), so it is off unless asked for.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=config.num_cpus or max(8, 2 * cores), include_dashboard=False,
+             _node_ip_address="127.0.0.1", configure_logging=True, logging_level=logging.WARNING)
+    return True
+
+
+def _compute(config: PipelineConfig, max_units: int | None = None):
+    import ray.data
+
+    lo, hi = config.replica_range
+    if max_units is not None:  # never start replicas that would have nothing to do
+        hi = max(1, min(hi, max_units))
+        lo = min(lo, hi)
+    # One unit at a time per actor: units are long, queueing one behind a busy actor would
+    # leave other actors idle.
+    per_actor = 1 if max_units is not None else None
+    if lo == hi:
+        return ray.data.ActorPoolStrategy(size=lo, max_tasks_in_flight_per_actor=per_actor)
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=per_actor)
+
+
+def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
+    """`ds.map_batches(fn)` on the replica pool with this config's resources and retries."""
+    import warnings
+
+    if config.num_gpus_per_replica:
+        kwargs["num_gpus"] = config.num_gpus_per_replica
+    with warnings.catch_warnings():
+        # max_task_retries can only go through **ray_remote_args, deprecated without a
+        # replacement in Ray 2.60 (RAY.md); without it a batch that kills its actor every
+        # time would be retried forever.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        return ds.map_batches(fn, num_cpus=config.num_cpus_per_replica,
+                              max_task_retries=config.max_task_retries, **kwargs)
+
+
+def _check_resources(config: PipelineConfig, started_here: bool) -> None:
+    import ray
+
+    need = config.num_gpus_per_replica
+    have = ray.cluster_resources().get("GPU", 0)
+    if need and have < need:
+        msg = f"num_gpus_per_replica={need} but the Ray cluster has {have} GPU(s)"
+        if started_here and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+            raise RuntimeError(msg + " (local Ray); use --num-gpus-per-replica 0 for CPU")
+        log.warning("%s; waiting for the autoscaler to add GPU nodes", msg)
+
+
+# ---- model checks ---------------------------------------------------------------------------
+def check_model(config: PipelineConfig) -> dict:
+    """Validate the checkpoint on the driver (config.json, weights present, head matches the
+    task) so a bad model fails here with a clear message, not in every actor. Returns the
+    model's config dict."""
+    from model import PersimmonConfig
+
+    loc = resolve(config.model, config)
+    try:
+        if loc.is_local:
+            if not os.path.isdir(loc.path):
+                raise ModelError(f"model directory {loc.uri} does not exist")
+            names = set(os.listdir(loc.path))
+        else:
+            import pyarrow.fs as pafs
+
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)),
+                          f"list model {loc.uri}")
+            names = {i.base_name for i in infos}
+        if "config.json" not in names:
+            raise ModelError(f"model {loc.uri} has no config.json")
+        raw = json.loads(read_bytes(loc.join("config.json")))
+        mcfg = PersimmonConfig.from_dict(raw)
+    except ModelError:
+        raise
+    except (ValueError, TypeError, OSError) as e:
+        raise ModelError(f"model {loc.uri}: {e}") from None
+    if not any(n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in names):
+        raise ModelError(f"model {loc.uri} has no weights (*.safetensors or pytorch_model*.bin)")
+    if "tokenizer.model" not in names:
+        raise ModelError(f"model {loc.uri} has no tokenizer.model")
+    arch = (mcfg.architectures or ["PersimmonForCausalLM"])[0]
+    if config.task == "classify" and arch != "PersimmonForSequenceClassification":
+        raise ModelError(f"classify needs a PersimmonForSequenceClassification checkpoint; "
+                         f"{loc.uri} is {arch} (use `label` for zero-shot labeling with a causal LM)")
+    if config.task in ("generate", "label") and arch != "PersimmonForCausalLM":
+        raise ModelError(f"{config.task} needs a PersimmonForCausalLM checkpoint; {loc.uri} is {arch}")
+    return mcfg.to_dict()
+
+
+# ---- the composable Dataset -------------------------------------------------------------------
+def build_dataset(config: PipelineConfig, ds=None):
+    """Lazy `ray.data.Dataset` of results: `read_parquet(input) -> map_batches(stage)`.
+
+    Pass `ds` to run the stage on your own Dataset (it needs the id and prompt columns).
+    Nothing runs until you consume it (`write_parquet`, `iter_batches`, `take`, ...); write it
+    with `filesystem=pipeline.filesystem(config, uri)` for object stores with an endpoint.
+    """
+    import ray.data
+
+    config = config.with_env().validate()
+    check_model(config)
+    init_ray(config)
+    if ds is None:
+        files = list_parquet(config.input, config)
+        columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
+        ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=columns)
+    return _map_batches(ds, STAGES[config.task], config, fn_constructor_kwargs={"config": config},
+                        batch_format="pyarrow", batch_size=config.batch_size * ROWS_PER_CALL,
+                        compute=_compute(config))
+
+
+def filesystem(config: PipelineConfig, uri: str):
+    """(pyarrow filesystem, path) for a URI, configured from `config` (endpoint, region)."""
+    loc = resolve(uri, config.with_env())
+    return loc.fs, loc.path
+
+
+# ---- the exactly-once run -----------------------------------------------------------------
+def run(config: PipelineConfig) -> dict:
+    """Run `config.task` over all inputs, commit one output per unit, write and return the
+    run report. Safe to rerun: committed units are skipped (`resume`, on by default)."""
+    import ray
+    import ray.data
+
+    t_start, started_at = time.perf_counter(), time.time()
+    config = config.with_env().validate()
+    check_model(config)
+    plan = make_plan(config)
+    todo = plan.todo
+    say = _printer(config)
+    say(f"{len(plan.units)} unit(s) from {len({u.input_uri for u in plan.units})} input file(s): "
+        f"{len(plan.done)} already committed, {len(todo)} to run"
+        + (f", {len(plan.bad_shards)} bad file(s) skipped" if plan.bad_shards else ""))
+    ensure_dir(plan.output)
+
+    results: dict[str, dict] = {}
+    crash = None
+    if todo:
+        started_here = init_ray(config)
+        _check_resources(config, started_here)
+        ctx = ray.data.DataContext.get_current()  # set before the Dataset is created
+        ctx.enable_progress_bars = bool(config.progress)
+        ds = ray.data.from_items([{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo))
+        ds = _map_batches(ds, ShardRunner, config, fn_constructor_kwargs={"config": config, "schema": plan.schema},
+                          batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))
+        try:
+            for row in ds.iter_rows():
+                st = json.loads(row["stats"])
+                name = st["output"].rsplit("/", 1)[-1]
+                results[name] = st
+                say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
+        except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
+            crash = f"{type(e).__name__}: {e}"
+            log.error("the run stopped: %s", crash)
+    report = build_report(config, plan, results, crash, started_at, time.perf_counter() - t_start)
+    write_bytes_atomic(plan.output.join(REPORT_NAME), json.dumps(report, indent=2).encode())
+    if report["complete"]:
+        _clean_tmp(plan)
+    return report
+
+
+def _unit_line(st: dict) -> str:
+    if st["status"] == "failed":
+        return st.get("error", "")
+    tokens = f"{st.get('tokens_generated', 0)} tokens, " if st.get("tokens_generated") else ""
+    return f"{st.get('rows_out')} rows, {st.get('rows_error')} with error, {tokens}{st.get('seconds', 0):.1f} s"
+
+
+def _printer(config):
+    def say(msg):
+        if config.progress:
+            print(f"[persimmon-batch] {msg}", file=sys.stderr, flush=True)
+    return say
+
+
+def _clean_tmp(plan: Plan) -> None:
+    tmp = plan.output.join("_tmp")
+    try:
+        plan.output.fs.delete_dir(tmp.path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str | None,
+                 started_at: float, wall: float) -> dict:
+    """The `_run_report.json` content. Totals cover every committed output (this run's and
+    earlier runs'); `this_run` covers work done now."""
+    by_name: dict[str, dict] = {}
+    for name, st in plan.done.items():
+        by_name[name] = {**st, "status": "skipped"}
+    for name, st in results.items():
+        by_name[name] = st
+    failed = [{"input": u.input_uri, "output": u.output_name,
+               "error": by_name.get(u.output_name, {}).get("error") or crash or "not run"}
+              for u in plan.units if by_name.get(u.output_name, {}).get("status") not in ("done", "skipped")]
+    committed = [st for st in by_name.values() if st.get("status") in ("done", "skipped")]
+    ran = [st for st in by_name.values() if st.get("status") == "done"]
+    kinds: Counter = Counter()
+    for st in committed:
+        kinds.update(st.get("errors_by_kind") or {})
+    rows_in = sum(u.num_rows for u in plan.units) + sum(b["rows"] or 0 for b in plan.bad_shards)
+    rows_written = sum(st.get("rows_out", 0) for st in committed)
+    tokens_now = sum(st.get("tokens_generated", 0) for st in ran)
+    first_start = min((st["started_at"] for st in ran if st.get("started_at")), default=None)
+    complete = (not failed and rows_written == rows_in
+                and all(b["rows"] == 0 for b in plan.bad_shards))
+    nodes = Counter(st.get("node_id") for st in ran)
+    return {
+        "task": config.task,
+        "complete": complete,
+        "output": plan.output.uri,
+        "rows_in": rows_in,
+        "rows_written": rows_written,
+        "rows_with_error": sum(st.get("rows_error", 0) for st in committed),
+        "errors_by_kind": dict(kinds),
+        "tokens_prompt": sum(st.get("tokens_prompt", 0) for st in committed),
+        "tokens_generated": sum(st.get("tokens_generated", 0) for st in committed),
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(tokens_now / wall, 2) if wall > 0 else None,
+        "this_run": {
+            "rows_processed": sum(st.get("rows_out", 0) for st in ran),
+            "tokens_generated": tokens_now,
+            "startup_s": round(first_start - started_at, 3) if first_start else None,
+            "model_load_s": max((st.get("load_seconds", 0) for st in ran), default=None),
+            "replicas": len({st.get("actor_id") for st in ran}),
+            "units_per_node": {str(k): v for k, v in nodes.items()},
+        },
+        "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
+                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards)},
+        "failed_shards": failed,
+        "bad_shards": plan.bad_shards,
+        "error": crash,
+        "config": config.public_dict(),
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for mod in ("ray", "pyarrow", "torch"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+def _with(config, task, overrides) -> PipelineConfig:
+    if config is None:
+        config = PipelineConfig(task=task, **overrides)
+    elif isinstance(config, dict):
+        config = PipelineConfig.from_dict({**config, "task": task}, **overrides)
+    else:
+        config = dataclasses.replace(config, task=task, **overrides)
+    return config
+
+
+def run_generate(config: PipelineConfig | dict | None = None, **overrides) -> dict:
+    """`run` with task='generate'; fields may be given as keyword arguments."""
+    return run(_with(config, "generate", overrides))
+
+
+def run_classify(config: PipelineConfig | dict | None = None, **overrides) -> dict:
+    """`run` with task='classify' (a sequence-classification checkpoint)."""
+    return run(_with(config, "classify", overrides))
+
+
+def run_label(config: PipelineConfig | dict | None = None, **overrides) -> dict:
+    """`run` with task='label' (zero-shot labeling with a causal LM and `choices`)."""
+    return run(_with(config, "label", overrides))

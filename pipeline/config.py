@@ -1,0 +1,273 @@
+"""One config object for every way of running the pipeline: CLI flags, YAML files, Python.
+
+Every field carries its help text (`metadata["help"]`); the CLI builds its flags from these
+fields, so `persimmon-batch <task> --help`, the YAML keys of `jobs/configs/*.yaml` and the
+keyword arguments of `PipelineConfig(...)` are the same names with the same meaning.
+
+Fields marked `secret` (object-store credentials) are never printed, logged or written to the
+run report: see `PipelineConfig.public_dict()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import string
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+TASKS = ("generate", "classify", "label")
+CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
+ENV_S3_ENDPOINT = ("PERSIMMON_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def _f(default, help, **meta):
+    """A dataclass field with its help text (and optional CLI metadata)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class PipelineConfig:
+    # ---- what to run ----------------------------------------------------------------------
+    task: str = _f("generate", "generate: complete each prompt; classify: sequence-classification "
+                   "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM "
+                   "by scoring --choices.", choices=TASKS, cli=False)
+    input: Any = _f(None, "Input Parquet: a local path, file://, s3:// (or gs://, abfs:// with their "
+                    "fsspec package) directory, glob (*.parquet) or comma-separated list of files.",
+                    required=True)
+    output: str = _f(None, "Output directory URI. One Parquet file per input shard (or per "
+                     "--rows-per-task slice) plus _run_report.json.", required=True)
+    model: str = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
+                    "tokenizer.model): a local directory or an object-store URI, downloaded once "
+                    "per node into --model-cache-dir.", required=True)
+    # ---- columns ----------------------------------------------------------------------------
+    id_column: str = _f("id", "Input column with a unique row id, copied to the output.")
+    prompt_column: str = _f("prompt", "Input column with the prompt (or text to classify).")
+    keep_columns: list = _f([], "Extra input columns copied unchanged to the output (comma-separated).")
+    prompt_template: str = _f("{prompt}", "Python format string applied to each prompt; must "
+                              "contain {prompt}. For `label`, e.g. 'Review: {prompt}\\nSentiment:' "
+                              "(on the command line \\n is a newline).")
+    chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as "
+                             "'human: {prompt}\\n\\nadept:' for Persimmon-8B-chat.")
+    choices: list = _f([], "label task: the candidate labels (comma-separated). Each row gets the "
+                       "choice with the highest log-likelihood after the prompt.")
+    # ---- generation ------------------------------------------------------------------------
+    max_new_tokens: int = _f(64, "generate: maximum tokens generated per row.")
+    temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")
+    top_k: int = _f(0, "generate: keep the k most likely tokens when sampling; 0 = off.")
+    top_p: float = _f(1.0, "generate: nucleus sampling mass; 1.0 = off.")
+    stop: list = _f([], "generate: stop strings (comma-separated); not included in the output.")
+    seed: Any = _f(None, "generate: base seed for sampling. Each row uses a seed derived from "
+                   "this and its id, so retried or resumed rows give the same text.", type=int)
+    truncate: Any = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
+                       "last tokens that fit.", choices=(None, "left"))
+    max_seq_len: Any = _f(None, "Cap on prompt + generated tokens per row, sizing the KV cache "
+                          "(default: the engine's, min(max_position_embeddings, 4096)).", type=int)
+    # ---- replicas and resources ------------------------------------------------------------
+    replicas: Any = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to "
+                       "autoscale between MIN and MAX.")
+    num_gpus_per_replica: float = _f(0.0, "GPUs per replica; fractional values pack several "
+                                     "replicas on one GPU (e.g. 0.5). 0 = CPU.")
+    num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.")
+    batch_size: int = _f(32, "Rows per engine call (the engine's max batch size).")
+    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
+                    "bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or cuda.",
+                     choices=("auto", "cpu", "cuda"))
+    rows_per_task: int = _f(0, "Split input files into tasks of about this many rows at "
+                            "row-group boundaries (the unit of retry and resume); 0 = one task "
+                            "per file.")
+    max_task_retries: int = _f(3, "Times a task is retried after its replica dies (OOM, "
+                               "segfault, lost node) before it is reported failed.")
+    # ---- resume and bad input -------------------------------------------------------------
+    resume: bool = _f(True, "Skip tasks whose output file is already committed (safe to rerun "
+                      "after a crash). --no-resume with existing output is an error unless "
+                      "--overwrite.")
+    overwrite: bool = _f(False, "Delete committed outputs of this run's tasks and recompute them.")
+    on_bad_shard: str = _f("error", "An unreadable input file, one missing a column, or an empty "
+                           "one: 'error' stops before any model work; 'skip' leaves it out and "
+                           "lists it in the run report.", choices=("error", "skip"))
+    # ---- storage ---------------------------------------------------------------------------
+    s3_endpoint: Any = _f(None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO "
+                          "(env PERSIMMON_S3_ENDPOINT or AWS_ENDPOINT_URL). Unset = AWS.")
+    s3_region: Any = _f(None, "S3 region (env AWS_REGION / AWS_DEFAULT_REGION).")
+    s3_access_key_id: Any = _f(None, "S3 access key; read from AWS_ACCESS_KEY_ID when unset. "
+                               "Unset everywhere = each node's default chain (instance role).",
+                               secret=True, cli=False)
+    s3_secret_access_key: Any = _f(None, "S3 secret key (env AWS_SECRET_ACCESS_KEY).",
+                                   secret=True, cli=False)
+    s3_session_token: Any = _f(None, "S3 session token (env AWS_SESSION_TOKEN).",
+                               secret=True, cli=False)
+    model_cache_dir: str = _f("~/.cache/persimmon-batch/models", "Per-node local cache for "
+                              "models read from object storage.")
+    # ---- Ray -------------------------------------------------------------------------------
+    ray_address: Any = _f(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a "
+                          "`ray job submit` job runs on; else start a local Ray).")
+    num_cpus: Any = _f(None, "Local Ray only: logical CPUs to start it with (default: "
+                       "max(8, 2 x cores), leaving Ray Data headroom on small machines).", type=int)
+    progress: bool = _f(True, "Print a line per finished task and Ray Data's progress bars.")
+
+    # --------------------------------------------------------------------------------------
+    def __post_init__(self):
+        self.keep_columns = _as_list(self.keep_columns)
+        self.choices = _as_list(self.choices)
+        self.stop = _as_list(self.stop, strip=False)
+        if isinstance(self.input, str) and "," in self.input and "*" not in self.input:
+            self.input = _as_list(self.input)
+        if isinstance(self.replicas, (list, tuple)):
+            self.replicas = ",".join(str(r) for r in self.replicas)
+        self.replicas = str(self.replicas)
+        if self.truncate in ("", "none", "None"):
+            self.truncate = None
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) actors; equal for a fixed pool."""
+        try:
+            parts = [int(p) for p in str(self.replicas).split(",")]
+        except ValueError:
+            raise ConfigError(f"replicas: expected N or MIN,MAX, got {self.replicas!r}") from None
+        lo, hi = (parts[0], parts[0]) if len(parts) == 1 else tuple(parts) if len(parts) == 2 else (0, -1)
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"replicas: expected N or MIN,MAX with 1 <= MIN <= MAX, got {self.replicas!r}")
+        return lo, hi
+
+    @property
+    def template(self) -> str:
+        """The full prompt template: --prompt-template, then the chat wrapper if asked."""
+        return CHAT_TEMPLATE.replace("{prompt}", self.prompt_template) if self.chat_template else self.prompt_template
+
+    def validate(self) -> "PipelineConfig":
+        """Raise ConfigError naming the field for anything that cannot work. Returns self."""
+        def bad(name, msg):
+            raise ConfigError(f"{name}: {msg}")
+
+        if self.task not in TASKS:
+            bad("task", f"must be one of {TASKS}, got {self.task!r}")
+        for name in ("input", "output", "model"):
+            if not getattr(self, name):
+                bad(name, "is required")
+        if not self.id_column or not self.prompt_column:
+            bad("id_column", "id and prompt columns must be named")
+        if self.id_column == self.prompt_column:
+            bad("prompt_column", "must differ from id_column")
+        reserved = set(output_columns(self.task))
+        for col in [self.id_column, *self.keep_columns]:
+            if col in reserved:
+                bad("keep_columns", f"{col!r} clashes with an output column of {self.task}")
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None}
+        except ValueError as e:
+            bad("prompt_template", f"is not a valid format string: {e}")
+        if names != {"prompt"}:
+            bad("prompt_template", f"must contain {{prompt}} and no other field, got fields {sorted(names)}")
+        if self.task == "label" and len(self.choices) < 2:
+            bad("choices", "label needs at least two choices, e.g. --choices positive,negative")
+        if self.task == "label" and len(self.choices) > self.batch_size:
+            bad("choices", f"{len(self.choices)} choices need batch_size >= {len(self.choices)}")
+        if len(set(self.choices)) != len(self.choices):
+            bad("choices", f"has duplicates: {self.choices}")
+        for name in ("batch_size", "max_new_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            bad("temperature", "need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if self.num_gpus_per_replica < 0 or self.num_cpus_per_replica < 0:
+            bad("num_gpus_per_replica", "resources must be >= 0")
+        if self.num_gpus_per_replica > 1 and self.num_gpus_per_replica != int(self.num_gpus_per_replica):
+            bad("num_gpus_per_replica", "above 1 it must be a whole number")
+        if self.rows_per_task < 0 or self.max_task_retries < 0:
+            bad("rows_per_task", "rows_per_task and max_task_retries must be >= 0")
+        if self.on_bad_shard not in ("error", "skip"):
+            bad("on_bad_shard", f"must be 'error' or 'skip', got {self.on_bad_shard!r}")
+        if self.truncate not in (None, "left"):
+            bad("truncate", f"must be unset or 'left', got {self.truncate!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("dtype", f"unknown dtype {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
+        self.replica_range  # noqa: B018  (raises on a bad value)
+        return self
+
+    # ---- environment, serialisation ------------------------------------------------------
+    def with_env(self) -> "PipelineConfig":
+        """A copy with S3 settings filled from the driver's environment where unset.
+
+        The result travels to every replica (workers on other nodes do not see the driver's
+        environment). Credentials left unset everywhere make each node use its own default
+        chain (instance profile), which is what a cloud cluster normally wants.
+        """
+        env = os.environ
+        updates = {}
+        if self.s3_endpoint is None:
+            updates["s3_endpoint"] = next((env[k] for k in ENV_S3_ENDPOINT if env.get(k)), None)
+        if self.s3_region is None:
+            updates["s3_region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        for name, var in (("s3_access_key_id", "AWS_ACCESS_KEY_ID"),
+                          ("s3_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                          ("s3_session_token", "AWS_SESSION_TOKEN")):
+            if getattr(self, name) is None and env.get(var):
+                updates[name] = env[var]
+        return dataclasses.replace(self, **updates)
+
+    def public_dict(self) -> dict:
+        """Every field except secrets: what the run report and logs show."""
+        out = {}
+        for f in fields(self):
+            if f.metadata.get("secret"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def __repr__(self) -> str:  # never show secrets
+        items = ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items())
+        return f"PipelineConfig({items})"
+
+    @classmethod
+    def from_dict(cls, raw: dict, **overrides) -> "PipelineConfig":
+        raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        raw = {k.replace("-", "_"): v for k, v in raw.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            import difflib
+
+            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u
+                     for u in unknown]
+            raise ConfigError(f"unknown config keys: {', '.join(hints)}")
+        return cls(**raw)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "PipelineConfig":
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        return cls.from_dict(raw, **overrides)
+
+
+def output_columns(task: str) -> tuple[str, ...]:
+    """The columns each task adds to its output rows (besides the id and kept columns)."""
+    return {
+        "generate": ("completion", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "error"),
+        "classify": ("label", "score", "probs", "error"),
+        "label": ("label", "scores", "error"),
+    }[task]
+
+
+def _as_list(value, strip=True) -> list:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        parts = value.split(",")
+        return [p.strip() for p in parts if p.strip()] if strip else [p for p in parts if p]
+    return list(value)

@@ -1,0 +1,229 @@
+"""Planning on the driver, before any model work: list inputs, check them, name the outputs.
+
+Each input file becomes one work unit (or several, split at row-group boundaries with
+`rows_per_task`). A unit's output name is derived from its input file only, so a rerun plans the
+same names and can skip the units whose output is already committed:
+
+    in/part-00003.parquet               -> out/part-00003.parquet
+    in/2024/01/a.parquet                -> out/2024__01__a.parquet   (path below the common root)
+    big.parquet, rows_per_task=1000     -> out/big.rg00000-00003.parquet, ...
+
+Every committed output file carries its unit's statistics in its Parquet footer
+(`persimmon_batch` key), so the run report of a resumed run still counts rows, errors and
+tokens of units finished by earlier runs, from a footer read instead of a recompute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .config import ConfigError, PipelineConfig
+from .stages import output_schema
+from .storage import Location, list_parquet, resolve, retry
+
+log = logging.getLogger(__name__)
+
+STATS_KEY = b"persimmon_batch"
+REPORT_NAME = "_run_report.json"
+# config fields that change what a row's result is: outputs written under other values are stale
+RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
+                 "chat_template", "choices", "max_new_tokens", "temperature", "top_k", "top_p",
+                 "stop", "seed", "truncate", "max_seq_len")
+
+
+class InputError(ValueError):
+    """Input files that cannot be processed; the message names them."""
+
+
+@dataclass
+class Unit:
+    """One retryable, resumable piece of work: some row groups of one input file."""
+
+    input_uri: str
+    input_path: str
+    row_groups: list[int]
+    num_rows: int
+    output_name: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Unit":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class Plan:
+    units: list[Unit]
+    schema: pa.Schema | None                       # the output schema of every file
+    done: dict[str, dict] = field(default_factory=dict)   # output_name -> stats from its footer
+    bad_shards: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
+    output: Location | None = None
+
+    @property
+    def todo(self) -> list[Unit]:
+        return [u for u in self.units if u.output_name not in self.done]
+
+
+def result_config(config: PipelineConfig) -> dict:
+    public = config.public_dict()
+    return {k: public[k] for k in RESULT_FIELDS}
+
+
+def _inspect(loc: Location, config: PipelineConfig):
+    """(metadata, problem) for one input file; problem is None when it is usable."""
+    def _open():
+        with loc.fs.open_input_file(loc.path) as f:
+            return pq.ParquetFile(f).metadata
+
+    try:
+        meta = retry(_open, f"read footer of {loc.uri}")
+    except FileNotFoundError:
+        return None, "file vanished"
+    except Exception as e:  # noqa: BLE001 - truncated / not Parquet / storage error
+        return None, f"unreadable Parquet ({type(e).__name__}: {e})"
+    names = meta.schema.to_arrow_schema().names
+    missing = [c for c in (config.id_column, config.prompt_column, *config.keep_columns) if c not in names]
+    if missing:
+        return meta, f"missing column(s) {missing}; it has {names}"
+    if meta.num_rows == 0:
+        return meta, "empty (0 rows)"
+    return meta, None
+
+
+def _split(meta, rows_per_task: int) -> list[list[int]]:
+    groups = list(range(meta.num_row_groups))
+    if rows_per_task <= 0 or meta.num_rows <= rows_per_task:
+        return [groups]
+    out, cur, n = [], [], 0
+    for g in groups:
+        rows = meta.row_group(g).num_rows
+        if cur and n + rows > rows_per_task:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(g)
+        n += rows
+    return out + [cur] if cur else out
+
+
+def _output_stem(uri: str, root: str) -> str:
+    rel = uri[len(root):].lstrip("/") if root and uri.startswith(root) else uri.rsplit("/", 1)[-1]
+    rel = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
+    return rel.replace("/", "__")
+
+
+def read_unit_stats(loc: Location) -> dict | None:
+    """Stats stored in a committed output's footer, or None if it is not a valid output."""
+    try:
+        def _open():
+            with loc.fs.open_input_file(loc.path) as f:
+                return pq.ParquetFile(f).metadata
+
+        meta = retry(_open, f"read footer of {loc.uri}")
+        raw = (meta.metadata or {}).get(STATS_KEY)
+        stats = json.loads(raw) if raw else None
+        if stats is None or stats.get("rows_out") != meta.num_rows:
+            return None
+        return stats
+    except Exception as e:  # noqa: BLE001 - anything unreadable is simply not done
+        log.warning("ignoring unreadable output %s (%s); it will be recomputed", loc.uri, e)
+        return None
+
+
+def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
+    """List and check the inputs, name the outputs, find units already committed.
+
+    Raises InputError (naming the files) for bad input files unless on_bad_shard='skip', and
+    ConfigError when the output directory holds files this plan would not write or outputs
+    written with a different result config.
+    """
+    files = list_parquet(config.input, config)
+    with ThreadPoolExecutor(min(threads, len(files))) as pool:
+        inspected = list(pool.map(lambda loc: _inspect(loc, config), files))
+    root = os.path.commonpath([f.uri for f in files]) if len(files) > 1 else files[0].uri.rsplit("/", 1)[0]
+    if "://" in files[0].uri and "://" not in root:  # commonpath collapses the '//' of a scheme
+        root = root.replace(":/", "://", 1)
+
+    units, bad, schema, schema_from = [], [], None, None
+    for loc, (meta, problem) in zip(files, inspected):
+        if problem is None:
+            file_schema = meta.schema.to_arrow_schema()
+            if schema is None:
+                schema, schema_from = output_schema(config, file_schema), loc.uri
+            else:
+                for col in (config.id_column, *config.keep_columns):
+                    if file_schema.field(col).type != schema.field(col).type:
+                        problem = (f"column {col!r} is {file_schema.field(col).type} here but "
+                                   f"{schema.field(col).type} in {schema_from}")
+                        break
+        if problem is not None:
+            bad.append({"input": loc.uri, "error": problem, "rows": meta.num_rows if meta else None})
+            continue
+        stem = _output_stem(loc.uri, root)
+        groups = _split(meta, config.rows_per_task)
+        for g in groups:
+            name = f"{stem}.parquet" if len(groups) == 1 else f"{stem}.rg{g[0]:05d}-{g[-1]:05d}.parquet"
+            rows = sum(meta.row_group(i).num_rows for i in g)
+            units.append(Unit(loc.uri, loc.path, g, rows, name))
+
+    if bad and config.on_bad_shard == "error":
+        lines = "\n".join(f"  {b['input']}: {b['error']}" for b in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise InputError(f"{len(bad)} bad input file(s) (use --on-bad-shard=skip to leave them out):\n{lines}{more}")
+    names = [u.output_name for u in units]
+    if len(set(names)) != len(names):
+        raise ConfigError("inputs map to clashing output names; give inputs from one directory tree")
+
+    out = resolve(config.output, config)
+    plan = Plan(units=units, schema=schema, bad_shards=bad, output=out)
+    _find_done(config, plan)
+    return plan
+
+
+def _find_done(config: PipelineConfig, plan: Plan) -> None:
+    out = plan.output
+    info = retry(lambda: out.fs.get_file_info(out.path), f"stat {out.uri}")
+    if info.type == pafs.FileType.File:
+        raise ConfigError(f"output {out.uri} is a file; it must be a directory")
+    if info.type == pafs.FileType.NotFound and out.scheme not in ("s3", "s3a"):
+        return
+    infos = retry(lambda: out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True)),
+                  f"list {out.uri}")
+    existing = {i.base_name for i in infos if i.type == pafs.FileType.File
+                and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))}
+    planned = {u.output_name for u in plan.units}
+    stray = sorted(existing - planned)
+    if stray:
+        raise ConfigError(f"output {out.uri} holds {len(stray)} Parquet file(s) this run would not "
+                          f"write (e.g. {stray[:3]}): it belongs to another input or --rows-per-task; "
+                          f"use a new output directory")
+    committed = sorted(existing & planned)
+    if committed and not config.resume and not config.overwrite:
+        raise ConfigError(f"output {out.uri} already holds {len(committed)} committed file(s); "
+                          f"use --resume to finish the run or --overwrite to recompute")
+    if config.overwrite:
+        for name in committed:
+            retry(lambda name=name: out.fs.delete_file(out.join(name).path), f"delete {out.join(name).uri}")
+        return
+    with ThreadPoolExecutor(16) as pool:
+        stats = list(pool.map(lambda n: read_unit_stats(out.join(n)), committed))
+    want = result_config(config)
+    for name, st in zip(committed, stats):
+        if st is None:
+            continue
+        got = st.get("result_config", {})
+        diff = sorted(k for k in want if got.get(k) != want[k])
+        if diff:
+            raise ConfigError(f"{out.join(name).uri} was written with different settings "
+                              f"({', '.join(f'{k}={got.get(k)!r}' for k in diff)}); use --overwrite "
+                              f"or a new output directory")
+        plan.done[name] = st

@@ -1,0 +1,133 @@
+"""ShardRunner: the Ray actor class that turns work units into committed output files.
+
+Why per-unit commit and not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer
+names files after the write's random uuid and its blocks, which are not the input files
+(small files are packed together), so a rerun cannot tell which rows are already done, and a
+crash leaves half-written runs. Ray Data's own row checkpointing (`CheckpointConfig`) is beta
+and hung on small machines. Here the *input file* (or a row-group slice of it) is the unit of
+work, retry and resume, and Ray Data still does the scheduling:
+
+    from_items(units) -> map_batches(ShardRunner, ActorPoolStrategy(min, max), num_gpus=g)
+
+Each call streams its unit with `ParquetFile.iter_batches`, runs the stage batch by batch,
+writes Parquet to a temp name under `<output>/_tmp/` and commits it atomically under a name
+derived from the input (local rename; on S3 a server-side copy, so the object appears whole or
+not at all). A unit whose output exists is skipped, both when planning a rerun and when Ray
+retries a unit after an actor died after committing it: every row lands exactly once. Results
+for a unit are deterministic (greedy, or seeded per row id), so a retried unit writes the same
+rows. The footer of each output holds the unit's statistics for the run report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import PipelineConfig
+from .plan import STATS_KEY, Unit, read_unit_stats, result_config
+from .stages import ROWS_PER_CALL, STAGES, error_kind
+from .storage import Location, commit, ensure_dir, exists, resolve, temp_sibling
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 30.0
+
+
+def _where() -> dict:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "pid": os.getpid()}
+    except Exception:  # noqa: BLE001
+        pass
+    return {"node_id": None, "actor_id": None, "pid": os.getpid()}
+
+
+class ShardRunner:
+    """Callable class for `map_batches`: one batch = rows with a JSON `unit` column.
+
+    Returns one row per unit with a JSON `stats` column (status done / skipped / failed).
+    `engine` is for tests without Ray or a real model.
+    """
+
+    def __init__(self, config: PipelineConfig, schema: pa.Schema, engine=None):
+        self.config = config
+        self.schema = schema
+        self.stage = STAGES[config.task](config, engine=engine)
+        self.output = resolve(config.output, config)
+        self.where = _where()
+        self.result_config = result_config(config)
+
+    def __call__(self, batch) -> dict:
+        units = batch["unit"]
+        units = units.to_pylist() if hasattr(units, "to_pylist") else list(units)
+        return {"stats": [json.dumps(self.run_unit(Unit.from_json(u))) for u in units]}
+
+    def run_unit(self, unit: Unit) -> dict:
+        final = self.output.join(unit.output_name)
+        base = {"input": unit.input_uri, "output": final.uri, "rows_in": unit.num_rows, **self.where}
+        existing = read_unit_stats(final) if exists(final) else None
+        if existing is not None:  # committed by an earlier attempt of this unit
+            return {**existing, **base, "status": "skipped"}
+        try:
+            stats = self._process(unit, final)
+        except Exception as e:  # noqa: BLE001 - storage failure, corrupt data: report, go on
+            log.error("unit %s failed: %s", unit.output_name, e)
+            return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+        return {**stats, **base, "status": "done"}
+
+    def _process(self, unit: Unit, final: Location) -> dict:
+        cfg = self.config
+        fs = final.fs
+        src = resolve(unit.input_uri, cfg)
+        tmp = temp_sibling(final)
+        ensure_dir(Location(fs, tmp.path.rsplit("/", 1)[0], tmp.uri.rsplit("/", 1)[0], tmp.scheme))
+        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns]))
+        started, t0 = time.time(), time.perf_counter()
+        rows = errors = tok_in = tok_out = 0
+        kinds: Counter = Counter()
+        last_log = t0
+        try:
+            with src.fs.open_input_file(src.path) as f_in, fs.open_output_stream(tmp.path) as f_out:
+                reader = pq.ParquetFile(f_in)
+                with pq.ParquetWriter(f_out, self.schema) as writer:
+                    for rb in reader.iter_batches(batch_size=cfg.batch_size * ROWS_PER_CALL,
+                                                  row_groups=unit.row_groups, columns=columns):
+                        out = self.stage(rb).cast(self.schema)
+                        writer.write_table(out)
+                        rows += out.num_rows
+                        errs = [e for e in out["error"].to_pylist() if e is not None]
+                        errors += len(errs)
+                        kinds.update(error_kind(e) for e in errs)
+                        if "num_prompt_tokens" in out.column_names:
+                            tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
+                            tok_out += sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
+                        if cfg.progress and time.perf_counter() - last_log > PROGRESS_EVERY_S:
+                            last_log = time.perf_counter()
+                            print(f"[persimmon-batch] {unit.output_name}: {rows}/{unit.num_rows} rows", flush=True)
+                    if rows != unit.num_rows:
+                        raise RuntimeError(f"read {rows} rows from {unit.input_uri}, footer says {unit.num_rows}")
+                    stats = {
+                        "rows_out": rows, "rows_error": errors, "errors_by_kind": dict(kinds),
+                        "tokens_prompt": tok_in, "tokens_generated": tok_out,
+                        "seconds": round(time.perf_counter() - t0, 4), "started_at": started,
+                        "finished_at": time.time(), "load_seconds": round(self.stage.load_seconds, 3),
+                        "row_groups": unit.row_groups, "result_config": self.result_config,
+                    }
+                    writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
+            commit(tmp, final)
+        except BaseException:
+            try:
+                tmp.fs.delete_file(tmp.path)
+            except Exception:  # noqa: BLE001 - best effort; temp files are hidden
+                pass
+            raise
+        return stats
+

@@ -1,0 +1,240 @@
+"""Stage classes: one callable per task, built once per Ray actor, holding one `Engine`.
+
+A stage only converts columns: input rows -> prompts -> one engine call -> output columns.
+It never raises for bad input: a row that cannot be processed (null, non-string, blank
+prompt, undecodable bytes, an engine error) comes back with `error` set and its id kept, and
+its neighbours are unaffected. Call a stage on a hand-built batch without Ray:
+
+    stage = GenerateStage(PipelineConfig(task="generate", ...), engine=my_engine)
+    out = stage({"id": [1, 2], "prompt": ["a", "b"]})        # -> pyarrow.Table
+
+Batches may be a `pyarrow.Table`/`RecordBatch`, a dict of columns (lists or numpy arrays) or
+a pandas DataFrame; the result is always a `pyarrow.Table` with a fixed schema per task, so
+files written from different batches (including all-error ones) have identical schemas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from .config import PipelineConfig, output_columns
+
+log = logging.getLogger(__name__)
+
+# Rows handed to one engine call, as a multiple of batch_size, so slots that finish early are
+# refilled by the engine's scheduler instead of idling until the slowest row of the batch ends.
+ROWS_PER_CALL = 4
+
+RESULT_TYPES = {
+    "completion": pa.string(), "finish_reason": pa.string(),
+    "num_prompt_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
+    "label": pa.string(), "score": pa.float64(), "probs": pa.list_(pa.float64()),
+    "scores": pa.list_(pa.float64()), "error": pa.string(),
+}
+
+
+def error_kind(message: str | None) -> str | None:
+    """The kind of an error message, for counting: its text before the first ':'."""
+    if message is None:
+        return None
+    head = message.split(":", 1)[0].strip()
+    return head if re.fullmatch(r"[a-z][a-z0-9_]{0,39}", head) else "other"
+
+
+def engine_error(message: str) -> str:
+    """Prefix an engine's per-row error with its kind, so every `error` reads 'kind: detail'."""
+    low = message.lower()
+    if "empty" in low:
+        kind = "empty_prompt"
+    elif "tokens" in low and any(w in low for w in ("more than", "exceed", "too long")):
+        kind = "prompt_too_long"
+    else:
+        kind = "engine_error"
+    return f"{kind}: {message}"
+
+
+def load_engine(config: PipelineConfig):
+    """Engine.from_pretrained for this replica: model fetched to the node cache if remote,
+    device CUDA when this actor was given a GPU (torch sees one), else CPU."""
+    import torch
+
+    from model import Engine
+
+    from .storage import local_model_dir
+
+    device = None if config.device == "auto" else config.device
+    on_gpu = device == "cuda" or (device is None and torch.cuda.is_available())
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    if not on_gpu and torch.get_num_threads() > max(1, int(config.num_cpus_per_replica)):
+        torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))  # share cores with other replicas
+    path = local_model_dir(config.model, config)
+    return Engine.from_pretrained(path, max_batch_size=config.batch_size,
+                                  max_seq_len=config.max_seq_len, dtype=dtype, device=device)
+
+
+def as_table(batch) -> pa.Table:
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, pa.RecordBatch):
+        return pa.Table.from_batches([batch])
+    if isinstance(batch, dict):
+        return pa.table({k: v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(_pylist(v))
+                         for k, v in batch.items()})
+    return pa.Table.from_pandas(batch, preserve_index=False)  # pandas DataFrame
+
+
+def _pylist(values) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def column_values(column) -> list:
+    """Python values of a column. A string column holding invalid UTF-8 is read as bytes, so
+    `check_prompt` fails only the rows that do not decode, not the whole batch."""
+    if not isinstance(column, (pa.Array, pa.ChunkedArray)):
+        return _pylist(column)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            return column.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowException):
+            column = column.cast(pa.large_binary())
+    return column.to_pylist()
+
+
+def check_prompt(value) -> tuple[str | None, str | None]:
+    """(text, None) for a usable prompt, else (None, error message)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"invalid_prompt: not valid UTF-8 ({e.reason} at byte {e.start})"
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return None, "invalid_prompt: null"
+    if not isinstance(value, str):
+        return None, f"invalid_prompt: expected a string, got {type(value).__name__}"
+    if not value.strip():
+        return None, "empty_prompt: prompt is empty or whitespace only"
+    return value, None
+
+
+def row_seed(base: int | None, row_id: Any) -> int | None:
+    """A per-row seed from the base seed and the row id: stable across retries and batching."""
+    if base is None:
+        return None
+    digest = hashlib.blake2b(f"{base}:{row_id!r}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class _Stage:
+    """Shared column plumbing. Subclasses implement `_run(texts, ids) -> list[dict]`."""
+
+    task: str = ""
+
+    def __init__(self, config: PipelineConfig, engine=None):
+        self.config = config.validate()
+        t0 = time.perf_counter()
+        self.engine = engine if engine is not None else load_engine(config)
+        self.load_seconds = time.perf_counter() - t0
+        self.columns = output_columns(self.task)
+
+    def __call__(self, batch) -> pa.Table:
+        cfg = self.config
+        names = list(batch.keys()) if isinstance(batch, dict) else as_table(batch).column_names
+        for col in (cfg.id_column, cfg.prompt_column, *cfg.keep_columns):
+            if col not in names:
+                raise KeyError(f"batch has no column {col!r} (columns: {names})")
+        if isinstance(batch, dict):  # prompts may be of mixed Python types: check them unconverted
+            prompts = [check_prompt(v) for v in _pylist(batch[cfg.prompt_column])]
+            table = as_table({k: batch[k] for k in (cfg.id_column, *cfg.keep_columns)})
+        else:
+            table = as_table(batch)
+            prompts = [check_prompt(v) for v in column_values(table[cfg.prompt_column])]
+        ids = table[cfg.id_column].to_pylist()
+        results: list[dict] = [{"error": err} for _, err in prompts]
+        ok = [i for i, (text, _) in enumerate(prompts) if text is not None]
+        if ok:
+            texts = [cfg.template.format(prompt=prompts[i][0]) for i in ok]
+            for i, res in zip(ok, self._safe_run(texts, [ids[i] for i in ok])):
+                results[i] = res
+        arrays = {cfg.id_column: table[cfg.id_column]}
+        for col in cfg.keep_columns:
+            arrays[col] = table[col]
+        for col in self.columns:
+            arrays[col] = pa.array([r.get(col) for r in results], type=RESULT_TYPES[col])
+        return pa.table(arrays)
+
+    def _safe_run(self, texts: list[str], ids: list) -> list[dict]:
+        """One engine call for the batch; if it raises, retry row by row so one poisoned row
+        only fails itself."""
+        try:
+            out = self._run(texts, ids)
+            if len(out) != len(texts):
+                raise RuntimeError(f"engine returned {len(out)} results for {len(texts)} rows")
+            return out
+        except Exception as e:  # noqa: BLE001 - isolate below; never fail the batch
+            if len(texts) == 1:
+                return [{"error": f"engine_error: {type(e).__name__}: {e}"}]
+            log.warning("engine call on %d rows raised %r; retrying rows one by one", len(texts), e)
+            return [self._safe_run([t], [i])[0] for t, i in zip(texts, ids)]
+
+
+class GenerateStage(_Stage):
+    """Prompt -> completion, finish_reason, token counts, error."""
+
+    task = "generate"
+
+    def _run(self, texts, ids):
+        from model import SamplingParams
+
+        cfg = self.config
+        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_k=cfg.top_k, top_p=cfg.top_p, stop=list(cfg.stop),
+                                 seed=row_seed(cfg.seed, i), truncate=cfg.truncate) for i in ids]
+        out = []
+        for c in self.engine.generate(texts, params):
+            if c.error is not None:
+                out.append({"finish_reason": "error", "error": engine_error(c.error),
+                            "num_prompt_tokens": c.num_prompt_tokens or None})
+            else:
+                out.append({"completion": c.text, "finish_reason": c.finish_reason,
+                            "num_prompt_tokens": c.num_prompt_tokens,
+                            "num_generated_tokens": c.num_generated_tokens})
+        return out
+
+
+class ClassifyStage(_Stage):
+    """Text -> label, score, probs (a sequence-classification checkpoint)."""
+
+    task = "classify"
+
+    def _run(self, texts, ids):
+        return [{"error": engine_error(c.error)} if c.error is not None else
+                {"label": c.label, "score": float(c.score), "probs": [float(p) for p in c.probs]}
+                for c in self.engine.classify(texts)]
+
+
+class LabelStage(_Stage):
+    """Zero-shot labeling with a causal LM: the choice with the highest log-likelihood."""
+
+    task = "label"
+
+    def _run(self, texts, ids):
+        return [{"error": engine_error(c.error)} if c.error is not None else
+                {"label": c.label, "scores": [float(s) for s in c.scores]}
+                for c in self.engine.score_choices(texts, list(self.config.choices))]
+
+
+STAGES = {"generate": GenerateStage, "classify": ClassifyStage, "label": LabelStage}
+
+
+def output_schema(config: PipelineConfig, input_schema: pa.Schema) -> pa.Schema:
+    """The schema every output file of this run has: id, kept columns, task columns."""
+    fields = [input_schema.field(config.id_column)]
+    fields += [input_schema.field(c) for c in config.keep_columns]
+    fields += [pa.field(c, RESULT_TYPES[c]) for c in output_columns(config.task)]
+    return pa.schema(fields)

@@ -1,0 +1,259 @@
+"""Filesystems, input listing, atomic commits and the per-node model cache.
+
+Every read and write goes through an explicitly built `pyarrow.fs.FileSystem` (never the
+environment of whichever process happens to run it), so replicas on other nodes reach the same
+S3-compatible endpoint as the driver:
+
+- local paths and `file://` -> `LocalFileSystem`;
+- `s3://` -> `S3FileSystem(endpoint_override=..., scheme="http"|"https", ...)`;
+- anything else fsspec knows (`gs://`, `abfs://`, ...) -> fsspec wrapped in `PyFileSystem`.
+
+Paths returned with a filesystem are that filesystem's own paths (`bucket/key` for S3).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem plus a path on it, and the URI it came from (for messages)."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+    scheme: str
+
+    def join(self, *parts: str) -> "Location":
+        path = "/".join([self.path.rstrip("/"), *parts])
+        uri = "/".join([self.uri.rstrip("/"), *parts])
+        return Location(self.fs, path, uri, self.scheme)
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+
+def filesystem_for(scheme: str, config) -> pafs.FileSystem:
+    """Build the filesystem for a URI scheme from the config's storage settings."""
+    if scheme == "file":
+        return pafs.LocalFileSystem()
+    if scheme in ("s3", "s3a"):
+        kwargs = dict(region=config.s3_region or "us-east-1",
+                      access_key=config.s3_access_key_id, secret_key=config.s3_secret_access_key,
+                      session_token=config.s3_session_token,
+                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+                      connect_timeout=10, request_timeout=60)
+        if config.s3_endpoint:
+            endpoint = urlparse(config.s3_endpoint if "://" in config.s3_endpoint
+                                else f"https://{config.s3_endpoint}")
+            kwargs.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
+        return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec is a dependency
+        raise ValueError(f"no filesystem for {scheme}:// (install fsspec)") from None
+    try:
+        fs = fsspec.filesystem(scheme)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"no filesystem for {scheme}://: {e} (install its fsspec package, "
+                         f"e.g. gcsfs for gs://, adlfs for abfs://)") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def resolve(uri: str, config) -> Location:
+    """URI or local path -> Location on an explicitly configured filesystem."""
+    uri = os.fspath(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
+        path = parsed.path if parsed.scheme == "file" else uri
+        path = os.path.abspath(os.path.expanduser(path))
+        return Location(pafs.LocalFileSystem(), path, path, "file")
+    scheme = parsed.scheme
+    path = (parsed.netloc + parsed.path).rstrip("/") if parsed.netloc else parsed.path
+    return Location(filesystem_for(scheme, config), path, uri.rstrip("/"), scheme)
+
+
+def _is_hidden(path: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
+
+
+def list_parquet(inputs, config) -> list[Location]:
+    """Expand directories, globs and lists into Parquet files, sorted, no duplicates.
+
+    Directories are listed recursively; names starting with `_` or `.` (markers, temp files)
+    and non-`.parquet` files inside directories are ignored. A path that matches nothing is an
+    error naming it.
+    """
+    items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    found: dict[str, Location] = {}
+    for item in items:
+        loc = resolve(item, config)
+        matches: list[Location] = []
+        if any(c in loc.path for c in "*?["):
+            base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
+            base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}")
+            for info in infos:
+                if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path, loc.path):
+                    matches.append(_child(loc, base, base_uri, info.path))
+        else:
+            info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}")
+            if info.type == pafs.FileType.File:
+                matches.append(loc)
+            elif info.type == pafs.FileType.Directory:
+                infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
+                              f"list {loc.uri}")
+                for info in infos:
+                    rel = info.path[len(loc.path.rstrip("/")) + 1:]
+                    if info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _is_hidden(rel):
+                        matches.append(_child(loc, loc.path, loc.uri, info.path))
+        if not matches:
+            raise FileNotFoundError(f"input {item!r} matches no Parquet files")
+        for m in matches:
+            found.setdefault(m.uri, m)
+    return [found[k] for k in sorted(found)]
+
+
+def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
+    rel = path[len(base_path.rstrip("/")):].lstrip("/")
+    return Location(parent.fs, path, base_uri.rstrip("/") + "/" + rel, parent.scheme)
+
+
+def retry(fn, what: str, attempts: int = 4, base_delay: float = 0.5):
+    """Call fn(), retrying OSErrors (network, throttling) with jittered exponential backoff.
+
+    The last error is re-raised with `what` (which names the URI) in front of it.
+    FileNotFoundError is not retried.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if attempt == attempts - 1:
+                raise OSError(f"{what}: {e}") from e
+            delay = base_delay * 2 ** attempt * (0.5 + random.random())
+            log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
+            time.sleep(delay)
+
+
+def exists(loc: Location) -> bool:
+    return retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}").type == pafs.FileType.File
+
+
+def temp_sibling(final: Location) -> Location:
+    """A temp name in `<dir>/_tmp/` on the same filesystem (hidden from Parquet readers)."""
+    parent, name = final.path.rsplit("/", 1)
+    parent_uri = final.uri.rsplit("/", 1)[0]
+    tmp_name = f"_{name}.{uuid.uuid4().hex[:12]}.tmp"
+    return Location(final.fs, f"{parent}/_tmp/{tmp_name}", f"{parent_uri}/_tmp/{tmp_name}", final.scheme)
+
+
+def ensure_dir(loc: Location) -> None:
+    if loc.is_local:
+        os.makedirs(loc.path, exist_ok=True)
+    elif loc.scheme not in ("s3", "s3a"):  # object stores have no directories to create
+        retry(lambda: loc.fs.create_dir(loc.path, recursive=True), f"mkdir {loc.uri}")
+
+
+def commit(tmp: Location, final: Location) -> None:
+    """Make a fully written temp file visible under its final name, atomically.
+
+    Local: rename. S3: server-side copy (the object appears complete or not at all), then
+    delete the temp object. Other stores: the filesystem's move.
+    """
+    if tmp.is_local:
+        os.replace(tmp.path, final.path)
+        return
+    retry(lambda: tmp.fs.copy_file(tmp.path, final.path), f"commit {final.uri}")
+    try:
+        tmp.fs.delete_file(tmp.path)
+    except OSError as e:  # a leftover temp object is harmless: it is hidden and never read
+        log.warning("could not delete temp object %s: %s", tmp.uri, e)
+
+
+def write_bytes_atomic(final: Location, data: bytes) -> None:
+    tmp = temp_sibling(final)
+    ensure_dir(Location(tmp.fs, tmp.path.rsplit("/", 1)[0], tmp.uri.rsplit("/", 1)[0], tmp.scheme))
+
+    def _write():
+        with tmp.fs.open_output_stream(tmp.path) as f:
+            f.write(data)
+
+    retry(_write, f"write {tmp.uri}")
+    commit(tmp, final)
+
+
+def read_bytes(loc: Location) -> bytes:
+    def _read():
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+
+    return retry(_read, f"read {loc.uri}")
+
+
+# ---- model directory: local as is, remote downloaded once per node --------------------------
+MODEL_FILES_SUFFIXES = (".json", ".safetensors", ".model", ".bin", ".txt")
+
+
+def local_model_dir(model_uri: str, config) -> str:
+    """A local directory holding the checkpoint.
+
+    Local paths are returned unchanged. A remote directory is downloaded into
+    `<model_cache_dir>/<sha1(uri)[:16]>` under a file lock, so when several replicas on one node
+    start together one downloads and the others wait; a `.complete` marker written last makes
+    a half-finished download (killed process) be redone, never used.
+    """
+    loc = resolve(model_uri, config)
+    if loc.is_local:
+        return loc.path
+    from filelock import FileLock
+
+    cache_root = os.path.expanduser(config.model_cache_dir)
+    os.makedirs(cache_root, exist_ok=True)
+    key = hashlib.sha1(loc.uri.encode()).hexdigest()[:16]
+    target = os.path.join(cache_root, key)
+    marker = os.path.join(target, ".complete")
+    with FileLock(os.path.join(cache_root, f"{key}.lock")):
+        if os.path.exists(marker):
+            return target
+        partial = f"{target}.partial-{os.getpid()}"
+        os.makedirs(partial, exist_ok=True)
+        infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False)),
+                      f"list model {loc.uri}")
+        files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(MODEL_FILES_SUFFIXES)]
+        if not files:
+            raise FileNotFoundError(f"model {loc.uri} holds no checkpoint files")
+        for info in files:
+            dest = os.path.join(partial, info.base_name)
+
+            def _download(info=info, dest=dest):
+                with loc.fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
+                    while chunk := src.read(64 << 20):
+                        out.write(chunk)
+
+            retry(_download, f"download {loc.uri}/{info.base_name}")
+        if os.path.exists(target):  # stale incomplete copy from a killed run
+            import shutil
+
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        with open(marker, "w") as f:
+            f.write(loc.uri + "\n")
+        log.info("downloaded model %s to %s", loc.uri, target)
+        return target
