@@ -161,8 +161,13 @@ def save_state_dict(state: dict[str, torch.Tensor], path, max_shard_size="5GB") 
         names = [SAFE_SINGLE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    umask = os.umask(0)
+    os.umask(umask)
     for shard, name in zip(shards, names):
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        # safetensors >= 0.8.1 writes via a 0600 temp file (safetensors#782): give the file the
+        # mode any new file gets, so other users (Ray workers, containers) can read it
+        os.chmod(os.path.join(path, name), 0o666 & ~umask)
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total},

@@ -95,7 +95,8 @@ class Runner:
         ids = self._tensor([t + [0] * (T - len(t)) for t in tokens])  # [B, T]
         pos = self._tensor(starts)[:, None] + torch.arange(T, device=self.device)  # [B, T]
         pos = pos.clamp(max=self.max_seq_len - 1)
-        h = self.model.model(ids, position_ids=pos, kv_cache=self.cache, cache_slots=self._tensor(slots))
+        h = self.model.model(ids, position_ids=pos, kv_cache=self.cache, cache_slots=self._tensor(slots),
+                             kv_len=min(max(starts) + T, self.max_seq_len))
         last = self._tensor([len(t) - 1 for t in tokens])
         return h[torch.arange(len(tokens), device=self.device), last]  # [B, C]
 
@@ -110,10 +111,10 @@ class Runner:
             for s, t, p in zip(slots, tokens, positions):
                 all_tokens[s], all_pos[s] = t, p
             h = self.model.model(self._tensor(all_tokens)[:, None], position_ids=self._tensor(all_pos)[:, None],
-                                 kv_cache=self.cache, cache_slots=slice(0, n))
+                                 kv_cache=self.cache, cache_slots=slice(0, n), kv_len=max(positions) + 1)
             return h[self._tensor(slots), 0]
         h = self.model.model(self._tensor(tokens)[:, None], position_ids=self._tensor(positions)[:, None],
-                             kv_cache=self.cache, cache_slots=self._tensor(slots))
+                             kv_cache=self.cache, cache_slots=self._tensor(slots), kv_len=max(positions) + 1)
         return h[:, 0]
 
     def copy_prefix(self, slots: list[int], length: int) -> None:

@@ -37,7 +37,9 @@ def rope_inv_freq(config: PersimmonConfig, seq_len: int, device) -> torch.Tensor
 
 def rope_cos_sin(config: PersimmonConfig, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos, sin [B, T, rotary_dim] for integer positions [B, T]; angles computed in fp32."""
-    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    seq_len = 1  # only dynamic NTK depends on the length (and only then do we sync on it)
+    if config.rope_type == "dynamic" and position_ids.numel():
+        seq_len = int(position_ids.max()) + 1
     inv_freq = rope_inv_freq(config, seq_len, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # [B, T, rd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, rd]

@@ -88,6 +88,14 @@ def test_single_safetensors_round_trip(causal, tmp_path):
     assert torch.equal(logits(causal, ids()), logits(loaded, ids()))
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_weight_files_get_the_same_mode_as_config(causal, tmp_path):
+    causal.save_pretrained(tmp_path, max_shard_size="100KB")
+    mode = os.stat(tmp_path / "config.json").st_mode & 0o777
+    for name in os.listdir(tmp_path):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
 def test_sharded_safetensors_round_trip(causal, tmp_path):
     causal.save_pretrained(tmp_path, max_shard_size="100KB")
     shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
