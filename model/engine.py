@@ -25,6 +25,7 @@ from .modeling import KVCache, PersimmonForCausalLM, PersimmonForSequenceClassif
 from .sampling import SamplingParams, sample
 
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a copy
+DECODE_MODES = ("dynamic", "static", "cuda_graph")
 
 
 @dataclass
@@ -75,13 +76,23 @@ class Runner:
     """Model + static KV cache. Slots 0..max_batch_size-1 hold rows; one extra slot holds a
     shared prefix."""
 
-    def __init__(self, model, max_batch_size: int, max_seq_len: int):
+    def __init__(self, model, max_batch_size: int, max_seq_len: int, decode_mode: str = "dynamic"):
         self.model, self.config = model, model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.prefix_slot = max_batch_size
         self.cache = KVCache(self.config, max_batch_size + 1, max_seq_len, self.dtype, self.device)
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        if decode_mode == "cuda_graph" and self.device.type != "cuda":
+            raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device")
+        if decode_mode != "dynamic" and self.config.rope_type == "dynamic":
+            decode_mode = "dynamic"  # dynamic NTK rope depends on the step's max position: no static shapes
+        self.decode_mode = decode_mode
+        # static decode: all slots every step, attention over a power-of-two bucket of positions
+        self.buckets = sorted({min(max_seq_len, 2 ** i) for i in range(7, max(8, math.ceil(math.log2(max_seq_len)) + 1))})
+        self._graphs: dict[int, tuple] = {}
 
     def _tensor(self, rows):
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -103,6 +114,8 @@ class Runner:
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each given slot. Returns hidden states [len(slots), C]."""
+        if self.decode_mode != "dynamic":
+            return self._decode_static(slots, tokens, positions)
         n = max(slots) + 1
         if len(slots) == n or len(slots) * 2 >= n:
             # rows cover (most of) slots 0..n-1: run them all as a contiguous view, no KV gather;
@@ -116,6 +129,48 @@ class Runner:
         h = self.model.model(self._tensor(tokens)[:, None], position_ids=self._tensor(positions)[:, None],
                              kv_cache=self.cache, cache_slots=self._tensor(slots), kv_len=max(positions) + 1)
         return h[:, 0]
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Decode over every slot with fixed shapes: tokens, positions [max_batch, 1] -> [max_batch, C]."""
+        h = self.model.model(tokens, position_ids=positions, kv_cache=self.cache,
+                             cache_slots=slice(0, self.max_batch_size), kv_len=kv_len)
+        return h[:, 0]
+
+    def _decode_static(self, slots, tokens, positions) -> torch.Tensor:
+        kv_len = next(b for b in self.buckets if b >= max(positions) + 1)
+        all_tokens, all_pos = [0] * self.max_batch_size, [0] * self.max_batch_size
+        for s, t, p in zip(slots, tokens, positions):
+            all_tokens[s], all_pos[s] = t, p
+        tok, pos = self._tensor(all_tokens)[:, None], self._tensor(all_pos)[:, None]
+        if self.decode_mode == "static":
+            return self._static_step(tok, pos, kv_len)[self._tensor(slots)]
+        graph, static_tok, static_pos, out = self._graphs[kv_len]
+        static_tok.copy_(tok)
+        static_pos.copy_(pos)
+        graph.replay()
+        return out[self._tensor(slots)]
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Record one CUDA graph of the static decode step per attention bucket. Must run while
+        no row is live: warm-up and capture write throwaway keys at position 0 of every slot."""
+        if self.decode_mode != "cuda_graph" or self._graphs:
+            return
+        pool = None
+        for kv_len in self.buckets:
+            tok = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=self.device)
+            pos = torch.zeros_like(tok)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the graph (allocator, kernels selection)
+                    self._static_step(tok, pos, kv_len)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._static_step(tok, pos, kv_len)
+            pool = graph.pool()
+            self._graphs[kv_len] = (graph, tok, pos, out)
 
     def copy_prefix(self, slots: list[int], length: int) -> None:
         self.cache.copy_prefix(self.prefix_slot, self._tensor(slots), length)
@@ -135,7 +190,7 @@ class Engine:
     to `max_seq_len` tokens each."""
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, max_seq_len: int | None = None,
-                 dtype=None, device=None, prefill_token_budget: int = 4096):
+                 dtype=None, device=None, prefill_token_budget: int = 4096, decode_mode: str | None = None):
         dtype = resolve_dtype(dtype)
         if dtype is not None or device is not None:
             model = model.to(dtype=dtype, device=device)
@@ -149,6 +204,11 @@ class Engine:
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         self.prefill_token_budget = prefill_token_budget
+        # decode_mode: "dynamic" (shapes follow the live rows; the CPU default), "static" (all
+        # slots, bucketed attention length) or "cuda_graph" (static, replayed from CUDA graphs;
+        # the CUDA default)
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        self.decode_mode = decode_mode or ("cuda_graph" if on_cuda else "dynamic")
         self._runner = None  # built on first generate / score call
 
     @classmethod
@@ -169,7 +229,7 @@ class Engine:
     @property
     def runner(self) -> Runner:
         if self._runner is None:
-            self._runner = Runner(self.model, self.max_batch_size, self.max_seq_len)
+            self._runner = Runner(self.model, self.max_batch_size, self.max_seq_len, self.decode_mode)
         return self._runner
 
     # ---- input handling --------------------------------------------------------------------
@@ -247,6 +307,7 @@ class Engine:
         waiting = list(reversed(requests))  # pop() takes the next in input order
         free = list(range(self.max_batch_size - 1, -1, -1))  # pop() takes the lowest slot
         running: dict[int, _Request] = {}
+        runner.capture_graphs()  # no-op unless decode_mode is cuda_graph; before any row is live
         prefix_len = self._prefill_shared_prefix([r.prompt for r in requests])
 
         while waiting or running:
