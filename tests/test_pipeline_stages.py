@@ -1,0 +1,283 @@
+"""Pipeline pieces without Ray: config, stages on hand-built batches, planning, the shard
+runner's commit/skip logic, the CLI parser and the example job configs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pipeline_fixtures import LABELS, PROMPTS, tiny_model, write_shards
+
+from model import ChoiceScores, Classification, Completion, Engine, SamplingParams
+from pipeline import ClassifyStage, ConfigError, GenerateStage, InputError, LabelStage, PipelineConfig
+from pipeline.cli import build_parser, config_from_args, main, summary
+from pipeline.plan import make_plan
+from pipeline.runner import ShardRunner
+from pipeline.stages import error_kind, row_seed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeEngine:
+    """Echo engine: completion = reversed prompt; raises if a prompt contains 'BOOM'."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params):
+        self.calls.append(list(prompts))
+        if any("BOOM" in p for p in prompts):
+            raise RuntimeError("kaboom")
+        out = []
+        for p in prompts:
+            if "TOO LONG" in p:
+                out.append(Completion(error="prompt has 900 tokens, more than the 511 this engine allows"))
+            else:
+                out.append(Completion(text=p[::-1], finish_reason="length", num_prompt_tokens=len(p),
+                                      num_generated_tokens=3))
+        return out
+
+    def classify(self, texts):
+        return [Classification(label="positive", score=0.75, probs=[0.25, 0.75]) for _ in texts]
+
+    def score_choices(self, prompts, choices):
+        return [ChoiceScores(label=choices[-1], scores=[-2.0] * (len(choices) - 1) + [-1.0]) for _ in prompts]
+
+
+def cfg(**kw) -> PipelineConfig:
+    base = dict(task="generate", input="in", output="out", model="m", max_new_tokens=4, batch_size=4)
+    return PipelineConfig(**{**base, **kw})
+
+
+# ---- config ------------------------------------------------------------------------------
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="prompt_template"):
+        cfg(prompt_template="no field").validate()
+    with pytest.raises(ConfigError, match="prompt_template"):
+        cfg(prompt_template="{prompt} {other}").validate()
+    with pytest.raises(ConfigError, match="choices"):
+        cfg(task="label", choices=["only"]).validate()
+    with pytest.raises(ConfigError, match="replicas"):
+        cfg(replicas="4,2").validate()
+    with pytest.raises(ConfigError, match="keep_columns"):
+        cfg(keep_columns=["completion"]).validate()
+    with pytest.raises(ConfigError, match="did you mean max_new_tokens"):
+        PipelineConfig.from_dict({"max_new_token": 3})
+    assert cfg(replicas="2,8").replica_range == (2, 8)
+    assert cfg(replicas=3).replica_range == (3, 3)
+    assert cfg(replicas=[1, 4]).replica_range == (1, 4)
+    assert cfg(choices="a, b,c", task="label").choices == ["a", "b", "c"]
+    assert cfg(chat_template=True, prompt_template="Q: {prompt}").template == "human: Q: {prompt}\n\nadept:"
+
+
+def test_secrets_never_in_public_dict_or_repr(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value")
+    monkeypatch.setenv("PERSIMMON_S3_ENDPOINT", "http://127.0.0.1:9")
+    c = cfg().with_env()
+    assert c.s3_secret_access_key == "super-secret-value" and c.s3_endpoint == "http://127.0.0.1:9"
+    text = repr(c) + json.dumps(c.public_dict())
+    assert "super-secret-value" not in text and "AKIAEXAMPLE" not in text
+    assert "s3_endpoint" in c.public_dict()
+
+
+def test_error_kinds_and_row_seeds():
+    assert error_kind("empty_prompt: blank") == "empty_prompt"
+    assert error_kind("Weird thing happened") == "other"
+    assert error_kind(None) is None
+    assert row_seed(None, 1) is None
+    assert row_seed(7, 1) == row_seed(7, 1) != row_seed(7, 2)
+
+
+# ---- stages on hand-built batches ----------------------------------------------------------
+def test_generate_stage_bad_rows_are_isolated():
+    engine = FakeEngine()
+    stage = GenerateStage(cfg(keep_columns=["meta"]), engine=engine)
+    batch = {"id": [1, 2, 3, 4, 5, 6, 7], "meta": list("abcdefg"),
+             "prompt": ["hello", None, "   ", 5, b"\xff\xfe", "a TOO LONG prompt", "world"]}
+    out = stage(batch)
+    rows = out.to_pylist()
+    assert [r["id"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["meta"] for r in rows] == list("abcdefg")
+    assert rows[0]["completion"] == "olleh" and rows[0]["error"] is None
+    assert rows[6]["completion"] == "dlrow" and rows[6]["error"] is None
+    kinds = [error_kind(r["error"]) for r in rows]
+    assert kinds == [None, "invalid_prompt", "empty_prompt", "invalid_prompt", "invalid_prompt",
+                     "prompt_too_long", None]
+    assert all(r["completion"] is None for r in rows[1:6])
+    assert engine.calls == [["hello", "a TOO LONG prompt", "world"]]  # bad rows never reach it
+    assert out.schema.field("num_generated_tokens").type == pa.int32()
+
+
+def test_engine_exception_fails_only_the_poisoned_row():
+    stage = GenerateStage(cfg(), engine=FakeEngine())
+    rows = stage(pa.table({"id": [1, 2, 3], "prompt": ["a", "BOOM", "c"]})).to_pylist()
+    assert [r["completion"] for r in rows] == ["a", None, "c"]
+    assert rows[1]["error"].startswith("engine_error: RuntimeError: kaboom")
+
+
+def test_invalid_utf8_in_a_string_column_fails_one_row():
+    good = pa.array(["fine"], pa.string())
+    raw = pa.array([b"ok", b"\xc3\x28"], pa.binary()).cast(pa.string(), safe=False)  # invalid UTF-8
+    stage = GenerateStage(cfg(), engine=FakeEngine())
+    rows = stage(pa.table({"id": [1, 2, 3], "prompt": pa.concat_arrays([good, raw])})).to_pylist()
+    assert [r["error"] is None for r in rows] == [True, True, False]
+
+
+def test_template_and_label_and_classify_stages():
+    engine = FakeEngine()
+    stage = GenerateStage(cfg(prompt_template="Q: {prompt}", chat_template=True), engine=engine)
+    stage({"id": [1], "prompt": ["hi"]})
+    assert engine.calls[-1] == ["human: Q: hi\n\nadept:"]
+    lab = LabelStage(cfg(task="label", choices=["yes", "no"]), engine=engine)
+    assert lab({"id": [1], "prompt": ["x"]}).to_pylist() == [{"id": 1, "label": "no", "scores": [-2.0, -1.0], "error": None}]
+    cls = ClassifyStage(cfg(task="classify"), engine=engine)
+    assert cls({"id": [1], "prompt": ["x"]}).to_pylist() == [
+        {"id": 1, "label": "positive", "score": 0.75, "probs": [0.25, 0.75], "error": None}]
+
+
+def test_stages_with_the_real_tiny_engine_match_direct_calls():
+    causal = tiny_model("causal")
+    engine = Engine.from_pretrained(causal, max_batch_size=4, dtype="float32", device="cpu")
+    ids, prompts = list(range(6)), PROMPTS[:6]
+    rows = GenerateStage(cfg(model=causal), engine=engine)({"id": ids, "prompt": prompts}).to_pylist()
+    direct = Engine.from_pretrained(causal, max_batch_size=4, dtype="float32", device="cpu").generate(
+        prompts, SamplingParams(max_new_tokens=4))
+    assert [r["completion"] for r in rows] == [c.text for c in direct]
+    assert [r["num_generated_tokens"] for r in rows] == [c.num_generated_tokens for c in direct]
+    labels = LabelStage(cfg(task="label", model=causal, choices=["yes", "no"]), engine=engine)(
+        {"id": ids, "prompt": prompts}).to_pylist()
+    assert [r["label"] for r in labels] == [c.label for c in engine.score_choices(prompts, ["yes", "no"])]
+    clf_dir = tiny_model("sequence_classification")
+    clf = Engine.from_pretrained(clf_dir, max_batch_size=4, dtype="float32", device="cpu")
+    got = ClassifyStage(cfg(task="classify", model=clf_dir), engine=clf)({"id": ids, "prompt": prompts}).to_pylist()
+    assert [r["label"] for r in got] == [c.label for c in clf.classify(prompts)]
+    assert set(r["label"] for r in got) <= set(LABELS.values())
+
+
+# ---- planning and the shard runner (no Ray) ----------------------------------------------
+def test_plan_names_splits_and_bad_shards(tmp_path):
+    write_shards(str(tmp_path / "in"), shards=2, rows=10, row_group_size=3)
+    plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    assert [u.output_name for u in plan.units] == ["part-00000.parquet", "part-00001.parquet"]
+    plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_task=6))
+    assert [u.output_name for u in plan.units][:2] == ["part-00000.rg00000-00001.parquet",
+                                                       "part-00000.rg00002-00003.parquet"]
+    assert sum(u.num_rows for u in plan.units) == 20
+    (tmp_path / "in" / "part-00002.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"id": [1], "text": ["x"]}), tmp_path / "in" / "part-00003.parquet")
+    with pytest.raises(InputError) as e:
+        make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    assert "part-00002.parquet" in str(e.value) and "part-00003.parquet" in str(e.value)
+    assert "missing column(s) ['prompt']" in str(e.value)
+    plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), on_bad_shard="skip"))
+    assert len(plan.units) == 2 and len(plan.bad_shards) == 2
+    with pytest.raises(FileNotFoundError, match="matches no Parquet"):
+        make_plan(cfg(input=str(tmp_path / "nothing"), output=str(tmp_path / "out")))
+
+
+def test_shard_runner_commits_once_and_resume_plan_skips(tmp_path):
+    write_shards(str(tmp_path / "in"), shards=3, rows=7, row_group_size=4)
+    config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), keep_columns=["meta"])
+    plan = make_plan(config)
+    engine = FakeEngine()
+    runner = ShardRunner(config, plan.schema, engine=engine)
+    first = [runner.run_unit(u) for u in plan.units[:2]]
+    assert [s["status"] for s in first] == ["done", "done"] and first[0]["rows_out"] == 7
+    assert not glob.glob(str(tmp_path / "out" / "_tmp" / "*"))  # temp files committed away
+    calls = len(engine.calls)
+    assert runner.run_unit(plan.units[0])["status"] == "skipped" and len(engine.calls) == calls
+
+    plan2 = make_plan(config)  # a rerun: two committed, one to do
+    assert sorted(plan2.done) == ["part-00000.parquet", "part-00001.parquet"]
+    assert [u.output_name for u in plan2.todo] == ["part-00002.parquet"]
+    assert plan2.done["part-00000.parquet"]["rows_out"] == 7
+    table = pq.read_table(tmp_path / "out" / "part-00001.parquet")
+    assert table.column_names == ["id", "meta", *("completion finish_reason num_prompt_tokens "
+                                                   "num_generated_tokens error").split()]
+    assert table["id"].to_pylist() == list(range(7, 14))
+
+    with pytest.raises(ConfigError, match="different settings"):
+        make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), keep_columns=["meta"],
+                      max_new_tokens=9))
+    with pytest.raises(ConfigError, match="--overwrite"):
+        make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), keep_columns=["meta"], resume=False))
+    (tmp_path / "out" / "stranger.parquet").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="would not write"):
+        make_plan(config)
+
+
+def test_partial_output_is_not_treated_as_done(tmp_path):
+    write_shards(str(tmp_path / "in"), shards=1, rows=3)
+    config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "part-00000.parquet").write_bytes(b"PAR1 truncated garbage")
+    plan = make_plan(config)
+    assert plan.done == {} and len(plan.todo) == 1
+    stats = ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.todo[0])
+    assert stats["status"] == "done" and pq.read_table(tmp_path / "out" / "part-00000.parquet").num_rows == 3
+
+
+def test_failed_unit_is_reported_not_raised(tmp_path):
+    paths = write_shards(str(tmp_path / "in"), shards=1, rows=3)
+    config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    plan = make_plan(config)
+    os.remove(paths[0])
+    stats = ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])
+    assert stats["status"] == "failed" and "part-00000.parquet" in stats["error"]
+    assert not os.path.exists(tmp_path / "out" / "part-00000.parquet")
+
+
+# ---- CLI and job configs ---------------------------------------------------------------------
+def test_cli_help_for_every_command(capsys):
+    for command in ("generate", "classify", "label", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--max-new-tokens" in out and "--choices" in out and "--s3-endpoint" in out
+    assert "--s3-secret-access-key" not in out
+
+
+def test_cli_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: label\ninput: s3://b/in/\noutput: s3://b/out/\nmodel: /m\nchoices: [pos, neg]\n"
+                    "prompt-template: \"Review: {prompt}\\nSentiment:\"\nreplicas: 2,8\n")
+    args = build_parser().parse_args(["label", "--config", str(path), "--batch-size", "16",
+                                      "--no-resume", "--overwrite"])
+    c = config_from_args(args)
+    assert (c.task, c.choices, c.batch_size, c.resume, c.overwrite, c.replica_range) == \
+        ("label", ["pos", "neg"], 16, False, True, (2, 8))
+    assert c.prompt_template == "Review: {prompt}\nSentiment:"
+    args = build_parser().parse_args(["label", "--input", "a", "--output", "b", "--model", "m",
+                                      "--choices", "x,y", "--prompt-template", "T: {prompt}\\nA:"])
+    assert config_from_args(args).prompt_template == "T: {prompt}\nA:"
+    with pytest.raises(ConfigError, match="not 'generate'"):
+        config_from_args(build_parser().parse_args(["generate", "--config", str(path)]))
+    assert main(["generate", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o"),
+                 "--model", str(tmp_path / "no-model")]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "jobs", "configs", "*.yaml"))))
+def test_example_job_configs_validate(path):
+    import yaml
+
+    raw = yaml.safe_load(open(path))
+    task = raw.get("task") or os.path.basename(path).split("_")[0]
+    args = build_parser().parse_args([task, "--config", path])
+    config = config_from_args(args)
+    assert config.task == task
+
+
+def test_summary_mentions_failures():
+    report = {"task": "generate", "complete": False, "rows_in": 3, "rows_written": 2, "rows_with_error": 1,
+              "errors_by_kind": {"empty_prompt": 1}, "wall_time_s": 1.0, "tokens_per_s": 2.0,
+              "shards": {"done": 1, "skipped": 0, "failed": 1, "bad": 0},
+              "this_run": {"startup_s": 0.5, "tokens_generated": 2}, "output": "o",
+              "failed_shards": [{"input": "in/x.parquet", "error": "OSError: nope"}], "bad_shards": []}
+    text = summary(report)
+    assert "INCOMPLETE" in text and "in/x.parquet" in text and "empty_prompt" in text
