@@ -152,12 +152,24 @@ def build_dataset(config: PipelineConfig, ds=None):
     check_model(config)
     init_ray(config)
     if ds is None:
+        _avoid_fsspec_http_race()
         files = list_parquet(config.input, config)
         columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
-        ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=columns)
+        ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs).select_columns(columns)
     return _map_batches(ds, STAGES[config.task], config, fn_constructor_kwargs={"config": config},
                         batch_format="pyarrow", batch_size=config.batch_size * ROWS_PER_CALL,
                         compute=_compute(config))
+
+
+def _avoid_fsspec_http_race() -> None:
+    """Ray Data resolves input paths in a thread pool, each probing
+    `fsspec.implementations.http`. Without aiohttp that import fails, and a thread can see
+    another's half-imported module and raise an ImportError Ray does not catch (seen with Ray
+    2.60 + fsspec 2026.9). Marking the module absent makes every probe fail cleanly."""
+    import importlib.util
+
+    if importlib.util.find_spec("aiohttp") is None:
+        sys.modules.setdefault("fsspec.implementations.http", None)
 
 
 def filesystem(config: PipelineConfig, uri: str):
