@@ -101,6 +101,8 @@ def main():
         result["prompts_identical"] = sum(same)
         first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(ours, ref)]
         result["min_matching_prefix"] = min(first)
+        result["mean_matching_prefix"] = round(sum(first) / len(first), 1)
+        result["first_token_identical"] = sum(a[:1] == b[:1] for a, b in zip(ours, ref))
     print(json.dumps(result))
 
 
