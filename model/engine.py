@@ -395,45 +395,79 @@ class Engine:
     def score_choices(self, prompts, choices: list[str], add_bos: bool = True) -> list[ChoiceScores]:
         """Total log-likelihood of each choice continuation after each prompt.
 
-        Continuation tokens are `tokenizer.encode(choice, add_bos=False)`. The prompt's KV is
-        computed once; its candidates then run together against copies of it."""
+        Continuation tokens are `tokenizer.encode(choice, add_bos=False)`. Prompts run in groups:
+        each prompt is prefilled once (a prefix shared by all prompts, such as few-shot
+        instructions, once per call), its KV is copied to one cache slot per choice, and all
+        (prompt, choice) rows of the group then run as one batch. The head is applied only at
+        the positions that predict a choice token."""
         if not isinstance(self.model, PersimmonForCausalLM):
             raise TypeError("score_choices needs a causal LM checkpoint (PersimmonForCausalLM)")
         if not choices:
             raise ValueError("score_choices needs at least one choice")
-        choice_ids = [self._encode(c, add_bos=False) if isinstance(c, str) else list(c) for c in choices]
         if len(choices) > self.max_batch_size:
             raise ValueError(f"{len(choices)} choices exceed max_batch_size={self.max_batch_size}")
+        choice_ids = []
+        for c in choices:
+            ids = self.tokenizer.encode(c, add_bos=False) if isinstance(c, str) and self.tokenizer else c
+            if isinstance(c, str) and self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass choices as token-id lists")
+            if not ids:
+                raise ValueError(f"choice {c!r} encodes to no tokens")
+            choice_ids.append(list(ids))
         labels = [c if isinstance(c, str) else str(c) for c in choices]
-        runner, longest = self.runner, max(len(c) for c in choice_ids)
-        out = []
-        for prompt in prompts:
+        K, longest = len(choice_ids), max(len(c) for c in choice_ids)
+        results: list[ChoiceScores | None] = [None] * len(prompts)
+        encoded = []
+        for i, prompt in enumerate(prompts):
             try:
                 ids = self._encode(prompt, add_bos=add_bos)
                 if len(ids) + longest > self.max_seq_len:
                     raise ValueError(f"prompt has {len(ids)} tokens; with the longest choice "
                                      f"({longest}) it exceeds max_seq_len={self.max_seq_len}")
+                encoded.append((i, ids))
             except ValueError as e:
-                out.append(ChoiceScores(error=str(e)))
-                continue
-            h = runner.prefill([runner.prefix_slot], [ids], [0])  # [1, C] at the last prompt token
-            first = self.model.lm_head(h).float().log_softmax(-1)[0]  # predicts each choice's 1st token
-            slots = list(range(len(choice_ids)))
-            runner.copy_prefix(slots, len(ids))
-            T = longest
-            tok = runner._tensor([c + [0] * (T - len(c)) for c in choice_ids])  # [K, T]
-            pos = len(ids) + torch.arange(T, device=runner.device).expand(len(slots), T)
-            hc = self.model.model(tok, position_ids=pos, kv_cache=runner.cache, cache_slots=slice(0, len(slots)))
-            scores = []
-            for k, c in enumerate(choice_ids):
-                total = first[c[0]].item()
-                if len(c) > 1:  # positions 0..len-2 of the choice predict its tokens 1..len-1
-                    lp = self.model.lm_head(hc[k, :len(c) - 1]).float().log_softmax(-1)
-                    total += lp.gather(-1, runner._tensor(c[1:])[:, None]).sum().item()
-                scores.append(total)
-            best = max(range(len(scores)), key=scores.__getitem__)
-            out.append(ChoiceScores(label=labels[best], scores=scores))
-        return out
+                results[i] = ChoiceScores(error=str(e))
+        if not encoded:
+            return results
+        runner = self.runner
+        prefix_len = self._prefill_shared_prefix([ids for _, ids in encoded])
+        group_size = self.max_batch_size // K
+        # rows of a group: prompt g, choice k -> slot g*K + k; the prompt itself is prefilled in slot g*K
+        choice_rows = [c + [0] * (longest - len(c)) for c in choice_ids]
+        # the head runs at (row, j) for j < len(choice)-1: position j predicts choice token j+1
+        picks = [(k, j) for k, c in enumerate(choice_ids) for j in range(len(c) - 1)]
+        for g0 in range(0, len(encoded), group_size):
+            group = encoded[g0:g0 + group_size]
+            base = [g * K for g in range(len(group))]
+            start = min(prefix_len, min(len(ids) for _, ids in group) - 1)
+            if start > 0:
+                runner.copy_prefix(base, start)
+            h = runner.prefill(base, [ids[start:] for _, ids in group], [start] * len(group))
+            first = self.model.lm_head(h).float().log_softmax(-1)  # [G, V]: predicts each choice's 1st token
+            for slot, (_, ids) in zip(base, group):
+                if K > 1:
+                    runner.cache.copy_prefix(slot, runner._tensor(list(range(slot + 1, slot + K))), len(ids))
+            n = len(group) * K
+            tok = runner._tensor(choice_rows * len(group))  # [G*K, longest]
+            starts = runner._tensor([len(ids) for _, ids in group for _ in range(K)])
+            pos = starts[:, None] + torch.arange(longest, device=runner.device)  # [G*K, longest]
+            hc = self.model.model(tok, position_ids=pos, kv_cache=runner.cache, cache_slots=slice(0, n),
+                                  kv_len=max(len(ids) for _, ids in group) + longest)
+            later = None
+            if picks:
+                rows = runner._tensor([g * K + k for g in range(len(group)) for k, _ in picks])
+                cols = runner._tensor([j for _ in group for _, j in picks])
+                targets = runner._tensor([choice_ids[k][j + 1] for _ in group for k, j in picks])
+                lp = self.model.lm_head(hc[rows, cols]).float().log_softmax(-1)  # [N, V], N = needed positions
+                later = lp.gather(-1, targets[:, None])[:, 0].tolist()
+            for g, (i, _) in enumerate(group):
+                scores = [first[g, c[0]].item() for c in choice_ids]
+                if later is not None:
+                    for n_pick, (k, _) in enumerate(picks):
+                        scores[k] += later[g * len(picks) + n_pick]
+                best = max(range(K), key=scores.__getitem__)
+                results[i] = ChoiceScores(label=labels[best], scores=scores)
+        return results
 
     @torch.inference_mode()
     def classify(self, texts, add_bos: bool = True) -> list[Classification]:

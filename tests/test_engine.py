@@ -286,3 +286,40 @@ def test_cuda_graph_decode_on_gpu(dtype):
     assert graphed_engine.runner._graphs  # graphs were captured and replayed
     agree = sum(a.token_ids == b.token_ids for a, b in zip(eager, graphed))
     assert agree >= (5 if dtype == "float32" else 4)
+
+
+def test_score_choices_batched_groups_with_shared_prefix(lm, hf_lm, tokenizer, monkeypatch):
+    """Many prompts sharing a long instruction, choices of different lengths, several groups:
+    every score equals transformers, and the instruction is prefilled once per call."""
+    instruction = "Label the sentiment of each review as positive or negative. Review:"
+    reviews = [" lovely film", " dull", " a slow and boring story with no end", " great cast", " meh",
+               " the best book I read this year"]
+    prompts = [instruction + r + " Sentiment:" for r in reviews]
+    choices = [" positive", " negative", " neutral or mixed feelings"]
+    seen = []
+    original = Runner.prefill
+
+    def counting(self, slots, tokens, starts):
+        seen.append(sum(len(t) for t in tokens))
+        return original(self, slots, tokens, starts)
+
+    monkeypatch.setattr(Runner, "prefill", counting)
+    engine = Engine(lm, tokenizer, max_batch_size=7, max_seq_len=256)  # groups of 2 prompts x 3 choices
+    results = engine.score_choices(prompts, choices)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    shared = min(len(e) for e in encoded)
+    for n in range(shared):
+        if len({e[n] for e in encoded}) > 1:
+            shared = n
+            break
+    assert shared >= 8
+    assert sum(seen) == shared + sum(len(e) - shared for e in encoded)
+    for p_ids, res in zip(encoded, results):
+        expected = []
+        for choice in choices:
+            c_ids = tokenizer.encode(choice, add_bos=False)
+            with torch.no_grad():
+                logp = hf_lm(torch.tensor([p_ids + c_ids])).logits[0].float().log_softmax(-1)
+            expected.append(sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids)))
+        assert res.error is None
+        assert res.scores == pytest.approx(expected, abs=1e-4)
