@@ -82,6 +82,14 @@ class Runner:
         self.device, self.dtype = param.device, param.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.prefix_slot = max_batch_size
+        cfg, itemsize = self.config, torch.empty((), dtype=self.dtype).element_size()
+        need = 2 * cfg.num_hidden_layers * (max_batch_size + 1) * max_seq_len * cfg.hidden_size * itemsize
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.9 * free:
+                raise ValueError(f"the KV cache for max_batch_size={max_batch_size} x max_seq_len={max_seq_len} "
+                                 f"needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of GPU memory "
+                                 f"is free: lower max_batch_size or max_seq_len")
         self.cache = KVCache(self.config, max_batch_size + 1, max_seq_len, self.dtype, self.device)
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
