@@ -57,15 +57,48 @@ def weight_files(path: str) -> list[str]:
         f"no weights in {path!r}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+
+
+def iter_safetensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read a .safetensors file tensor by tensor with plain reads into fresh CPU tensors.
+
+    No mmap: pages of the file never count against the process, and only the tensor being
+    yielded is held, so a load peaks at one model plus one tensor."""
+    import struct
+
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if not 0 < n <= min(size - 8, 100_000_000):
+            raise ValueError(f"{file}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - begin != nbytes or base + end > size:
+                raise ValueError(f"{file}: tensor {name} has inconsistent offsets (truncated file?)")
+            if nbytes:
+                f.seek(base + begin)
+                buf = tensor.reshape(-1).view(torch.uint8).numpy()  # writable view of the tensor's bytes
+                if f.readinto(memoryview(buf)) != nbytes:
+                    raise ValueError(f"{file}: truncated while reading {name}")
+            yield name, tensor
+
+
 def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) across shards, one tensor in memory at a time where the format allows."""
-    from safetensors import safe_open
-
     for file in files:
         if file.endswith(".safetensors"):
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            yield from iter_safetensors(file)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             yield from state.items()
