@@ -13,6 +13,7 @@ semantics for whatever you write from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -47,13 +48,36 @@ def init_ray(config: PipelineConfig) -> bool:
     if address:
         ray.init(address=address)
         return True
-    # A private, loopback-only cluster for this process: token auth would only write a token to
-    # ~/.ray that later local heads then insist on (see RAY.md), so it is off unless asked for.
+    # A private single-node cluster for this process, on loopback only. Ray binds to the
+    # machine's address unless multi-node support is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    # what Ray does on macOS / Windows); it is read when ray.init spawns the GCS and raylet,
+    # then restored so a later connection to a real cluster is unaffected. Token auth would
+    # only write ~/.ray/auth_token, which later local heads then insist on (RAY.md): off
+    # unless the user set RAY_AUTH_MODE.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=config.num_cpus or max(8, 2 * cores), include_dashboard=False,
-             _node_ip_address="127.0.0.1", configure_logging=True, logging_level=logging.WARNING)
+    with _loopback_only():
+        ray.init(address="local", num_cpus=config.num_cpus or max(8, 2 * cores), include_dashboard=False,
+                 configure_logging=True, logging_level=logging.WARNING)
     return True
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    from ray._private import ray_constants
+
+    env_key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(env_key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[env_key] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(env_key, None)
+        else:
+            os.environ[env_key] = saved_env
 
 
 def _compute(config: PipelineConfig, max_units: int | None = None):

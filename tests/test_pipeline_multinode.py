@@ -1,0 +1,63 @@
+"""Multi-node: a `ray.cluster_utils.Cluster` with a CPU head and two worker nodes advertising one
+(fake) GPU each. GPU replicas must land one per worker node and the output must be complete."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+import pytest
+from pipeline_fixtures import all_prompts, read_output, tiny_model, write_shards
+
+from pipeline import run_generate
+from pipeline.api import _loopback_only
+
+pytestmark = pytest.mark.ray
+SHARDS, ROWS = 4, 3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    with _loopback_only():  # every node and the driver on 127.0.0.1, nothing on other interfaces
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                          "include_dashboard": False})
+        workers = [c.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+        ray.init(address=c.address)
+    try:
+        yield c, {w.node_id for w in workers}
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture
+def deadline():
+    """An actor that cannot be placed waits silently: fail instead of hanging."""
+    def _raise(*_):
+        raise TimeoutError("pipeline did not finish in 240 s (replicas not placed?)")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_gpu_replicas_spread_over_nodes(cluster, deadline, tmp_path):
+    _, worker_ids = cluster
+    write_shards(str(tmp_path / "in"), shards=SHARDS, rows=ROWS)
+    report = run_generate(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model("causal"),
+                          replicas=2, num_gpus_per_replica=1, max_new_tokens=3, batch_size=4)
+    assert report["complete"], report
+    per_node = report["this_run"]["units_per_node"]
+    assert set(per_node) == worker_ids, per_node  # one replica on each GPU node, none on the head
+    assert sum(per_node.values()) == SHARDS and report["this_run"]["replicas"] == 2
+    ids = read_output(str(tmp_path / "out"))["id"].to_pylist()
+    assert Counter(ids) == Counter(all_prompts(SHARDS, ROWS)[0])
