@@ -157,6 +157,8 @@ class PipelineConfig:
             bad("id_column", "id and prompt columns must be named")
         if self.id_column == self.prompt_column:
             bad("prompt_column", "must differ from id_column")
+        if self.id_column in self.keep_columns or len(set(self.keep_columns)) != len(self.keep_columns):
+            bad("keep_columns", f"must be distinct and not repeat the id column, got {self.keep_columns}")
         reserved = set(output_columns(self.task))
         for col in [self.id_column, *self.keep_columns]:
             if col in reserved:

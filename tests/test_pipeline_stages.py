@@ -65,6 +65,8 @@ def test_config_validation_names_the_field():
         cfg(replicas="4,2").validate()
     with pytest.raises(ConfigError, match="keep_columns"):
         cfg(keep_columns=["completion"]).validate()
+    with pytest.raises(ConfigError, match="keep_columns"):
+        cfg(keep_columns=["id"]).validate()
     with pytest.raises(ConfigError, match="did you mean max_new_tokens"):
         PipelineConfig.from_dict({"max_new_token": 3})
     assert cfg(replicas="2,8").replica_range == (2, 8)
@@ -176,6 +178,8 @@ def test_plan_names_splits_and_bad_shards(tmp_path):
     assert "missing column(s) ['prompt']" in str(e.value)
     plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), on_bad_shard="skip"))
     assert len(plan.units) == 2 and len(plan.bad_shards) == 2
+    globbed = make_plan(cfg(input=f"file://{tmp_path}/in/part-0000[01].parquet", output=str(tmp_path / "o2")))
+    assert [u.output_name for u in globbed.units] == ["part-00000.parquet", "part-00001.parquet"]
     with pytest.raises(FileNotFoundError, match="matches no Parquet"):
         make_plan(cfg(input=str(tmp_path / "nothing"), output=str(tmp_path / "out")))
 

@@ -1,0 +1,135 @@
+"""The same rows through the Ray pipeline and through the bare engine: what does Ray Data cost?
+
+    python bench/pipeline_vs_engine.py [--model DIR] [--rows 256] [--shards 4]
+                                       [--max-new-tokens 32] [--batch-size 16] [--dtype float32]
+
+Without --model a small random Persimmon (hidden 512, 8 layers, real tokenizer) is built in a
+temp dir. Both sides run greedy on the same prompts with the same engine settings; the pipeline
+uses one replica given every core, so both have the same compute. Prints one JSON line:
+
+- engine_s          bare `Engine.generate` over all rows (after load; chunks of the size the
+                    pipeline feeds), in this process; mean of a run before and one after the
+                    pipeline (engine_runs_s), as CPU speed drifts between runs
+- ray_init_s        starting local Ray (once per process; not per run)
+- pipeline_wall_s   `run_generate` with Ray up: plan, replica start, model load, inference, commit
+- model_load_s      `Engine.from_pretrained` inside the replica
+- startup_s         run start -> first shard starts (planning, actor process, model load)
+- overhead_pct      (pipeline_wall_s - startup_s) / engine_s - 1: reading, Arrow conversion,
+                    scheduling, writing and committing, once replicas are up (target <= 15 %)
+- overhead_incl_startup_pct   (pipeline_wall_s - model_load_s) / engine_s - 1: also counts the
+                    fixed cost of planning and starting the replica process
+- outputs_match     pipeline completions == engine completions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BENCH_MODEL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                   max_position_embeddings=1024)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint dir (default: build a small random one)")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from model import Engine, SamplingParams
+    from pipeline import PipelineConfig, init_ray, run_generate
+    from pipeline.demo import SAMPLE_PROMPTS
+    from pipeline.stages import ROWS_PER_CALL
+
+    work = tempfile.mkdtemp(prefix="pb-bench-")
+    model_dir = args.model
+    if model_dir is None:
+        from model.tiny import build_tiny_checkpoint
+
+        model_dir = build_tiny_checkpoint(os.path.join(work, "model"), config_overrides=BENCH_MODEL)
+    prompts = [f"{SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]} #{i}" for i in range(args.rows)]
+    per = -(-args.rows // args.shards)
+    os.makedirs(os.path.join(work, "in"))
+    for s in range(args.shards):
+        ids = list(range(s * per, min(args.rows, (s + 1) * per)))
+        pq.write_table(pa.table({"id": ids, "prompt": [prompts[i] for i in ids]}),
+                       os.path.join(work, "in", f"part-{s:05d}.parquet"))
+    cores = os.cpu_count() or 1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ---- bare engine ------------------------------------------------------------------------
+    t = time.perf_counter()
+    engine = Engine.from_pretrained(model_dir, max_batch_size=args.batch_size, dtype=args.dtype, device=device)
+    engine_load_s = time.perf_counter() - t
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    chunk = args.batch_size * ROWS_PER_CALL
+
+    def bare_engine():
+        t = time.perf_counter()
+        out = []
+        for s in range(args.shards):  # the pipeline's order: shard by shard, chunk by chunk
+            shard = prompts[s * per:(s + 1) * per]
+            for i in range(0, len(shard), chunk):
+                out += engine.generate(shard[i:i + chunk], params)
+        return out, time.perf_counter() - t
+
+    direct, engine_before_s = bare_engine()
+    tokens = sum(c.num_generated_tokens for c in direct)
+
+    # ---- pipeline ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    init_ray(PipelineConfig(input="-", output="-", model="-"))
+    ray_init_s = time.perf_counter() - t
+    config = PipelineConfig(task="generate", input=os.path.join(work, "in"), output=os.path.join(work, "out"),
+                            model=model_dir, replicas=1, num_cpus_per_replica=cores, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, dtype=args.dtype, progress=False)
+    t = time.perf_counter()
+    report = run_generate(config)
+    pipeline_wall_s = time.perf_counter() - t
+    out = pq.read_table(os.path.join(work, "out")).sort_by("id")
+    outputs_match = out["completion"].to_pylist() == [c.text for c in direct]
+    units = [pq.ParquetFile(os.path.join(work, "out", f)).metadata.metadata[b"persimmon_batch"]
+             for f in sorted(os.listdir(os.path.join(work, "out"))) if f.endswith(".parquet")]
+    units = [json.loads(u) for u in units]
+    processing_s = max(u["finished_at"] for u in units) - min(u["started_at"] for u in units)
+    model_load_s = report["this_run"]["model_load_s"]
+    startup_s = report["this_run"]["startup_s"]
+    _, engine_after_s = bare_engine()  # again, with Ray up and idle: machine drift shows here
+    engine_s = (engine_before_s + engine_after_s) / 2
+
+    print(json.dumps({
+        "bench": "pipeline_vs_engine", "device": device, "cpu": platform.processor() or platform.machine(),
+        "cores": cores, "torch_threads": torch.get_num_threads(), "dtype": args.dtype,
+        "model": "random hidden 512 x 8 layers" if args.model is None else args.model,
+        "rows": args.rows, "shards": args.shards, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "tokens_generated": tokens,
+        "engine_load_s": round(engine_load_s, 3), "engine_s": round(engine_s, 3),
+        "engine_runs_s": [round(engine_before_s, 3), round(engine_after_s, 3)],
+        "engine_tokens_per_s": round(tokens / engine_s, 1),
+        "ray_init_s": round(ray_init_s, 3), "pipeline_wall_s": round(pipeline_wall_s, 3),
+        "model_load_s": model_load_s, "startup_s": startup_s, "processing_s": round(processing_s, 3),
+        "pipeline_tokens_per_s": round(report["tokens_generated"] / pipeline_wall_s, 1),
+        "overhead_pct": round(100 * ((pipeline_wall_s - startup_s) / engine_s - 1), 1),
+        "overhead_incl_startup_pct": round(100 * ((pipeline_wall_s - model_load_s) / engine_s - 1), 1),
+        "outputs_match": outputs_match, "complete": report["complete"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
