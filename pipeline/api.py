@@ -95,6 +95,17 @@ def _compute(config: PipelineConfig, max_units: int | None = None):
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=per_actor)
 
 
+def _set_context(config: PipelineConfig) -> None:
+    """DataContext settings; Ray Data snapshots them when a Dataset is created (RAY.md)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(config.progress)
+    # Block until the minimum pool is up, so a replica that cannot be placed (no GPU node) is
+    # an error after the timeout instead of a silent hang, and work is spread over all of them.
+    ctx.wait_for_min_actors_s = config.replica_start_timeout_s or -1
+
+
 def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
     """`ds.map_batches(fn)` on the replica pool with this config's resources and retries."""
     import warnings
@@ -175,6 +186,7 @@ def build_dataset(config: PipelineConfig, ds=None):
     config = config.with_env().validate()
     check_model(config)
     init_ray(config)
+    _set_context(config)
     if ds is None:
         _avoid_fsspec_http_race()
         files = list_parquet(config.input, config)
@@ -225,8 +237,7 @@ def run(config: PipelineConfig) -> dict:
     if todo:
         started_here = init_ray(config)
         _check_resources(config, started_here)
-        ctx = ray.data.DataContext.get_current()  # set before the Dataset is created
-        ctx.enable_progress_bars = bool(config.progress)
+        _set_context(config)
         ds = ray.data.from_items([{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo))
         ds = _map_batches(ds, ShardRunner, config, fn_constructor_kwargs={"config": config, "schema": plan.schema},
                           batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))

@@ -83,6 +83,11 @@ class PipelineConfig:
     rows_per_task: int = _f(0, "Split input files into tasks of about this many rows at "
                             "row-group boundaries (the unit of retry and resume); 0 = one task "
                             "per file.")
+    replica_start_timeout_s: int = _f(900, "Wait this long for the minimum number of replicas to "
+                                      "be up (placed and model loaded) before any work is sent; "
+                                      "then fail with a clear error instead of hanging when they "
+                                      "cannot be placed. Leave room for the autoscaler to add GPU "
+                                      "nodes. 0 = wait forever.")
     max_task_retries: int = _f(3, "Times a task is retried after its replica dies (OOM, "
                                "segfault, lost node) before it is reported failed.")
     # ---- resume and bad input -------------------------------------------------------------
@@ -184,8 +189,9 @@ class PipelineConfig:
             bad("num_gpus_per_replica", "resources must be >= 0")
         if self.num_gpus_per_replica > 1 and self.num_gpus_per_replica != int(self.num_gpus_per_replica):
             bad("num_gpus_per_replica", "above 1 it must be a whole number")
-        if self.rows_per_task < 0 or self.max_task_retries < 0:
-            bad("rows_per_task", "rows_per_task and max_task_retries must be >= 0")
+        for name in ("rows_per_task", "max_task_retries", "replica_start_timeout_s"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.on_bad_shard not in ("error", "skip"):
             bad("on_bad_shard", f"must be 'error' or 'skip', got {self.on_bad_shard!r}")
         if self.truncate not in (None, "left"):

@@ -42,6 +42,19 @@ def tokenizer(tmp_path_factory):
     return PersimmonTokenizer.from_pretrained(d)
 
 
+def count_prefill_tokens(monkeypatch) -> list[int]:
+    """Patch Runner.prefill to record how many tokens each prefill call computes."""
+    seen = []
+    original = Runner.prefill
+
+    def counting(self, slots, tokens, starts):
+        seen.append(sum(len(t) for t in tokens))
+        return original(self, slots, tokens, starts)
+
+    monkeypatch.setattr(Runner, "prefill", counting)
+    return seen
+
+
 def hf_greedy(hf, prompt, new, eos=None):
     out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=eos,
                       pad_token_id=0)
@@ -93,14 +106,7 @@ def test_model_generate_equals_transformers_tensor(lm, hf_lm):
 def test_shared_prefix_is_prefilled_once_and_outputs_unchanged(lm, hf_lm, monkeypatch):
     shared = prompts_of([24], seed=5)[0]
     prompts = [shared + p for p in prompts_of([3, 6, 2, 5], seed=6)]
-    seen = []
-    original = Runner.prefill
-
-    def counting(self, slots, tokens, starts):
-        seen.append(sum(len(t) for t in tokens))
-        return original(self, slots, tokens, starts)
-
-    monkeypatch.setattr(Runner, "prefill", counting)
+    seen = count_prefill_tokens(monkeypatch)
     engine = Engine(lm, None, max_batch_size=2, max_seq_len=64)
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     # the 24 shared tokens are computed once, not once per row
@@ -296,14 +302,7 @@ def test_score_choices_batched_groups_with_shared_prefix(lm, hf_lm, tokenizer, m
                " the best book I read this year"]
     prompts = [instruction + r + " Sentiment:" for r in reviews]
     choices = [" positive", " negative", " neutral or mixed feelings"]
-    seen = []
-    original = Runner.prefill
-
-    def counting(self, slots, tokens, starts):
-        seen.append(sum(len(t) for t in tokens))
-        return original(self, slots, tokens, starts)
-
-    monkeypatch.setattr(Runner, "prefill", counting)
+    seen = count_prefill_tokens(monkeypatch)
     engine = Engine(lm, tokenizer, max_batch_size=7, max_seq_len=256)  # groups of 2 prompts x 3 choices
     results = engine.score_choices(prompts, choices)
     encoded = [tokenizer.encode(p) for p in prompts]

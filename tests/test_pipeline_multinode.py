@@ -61,3 +61,12 @@ def test_gpu_replicas_spread_over_nodes(cluster, deadline, tmp_path):
     assert sum(per_node.values()) == SHARDS and report["this_run"]["replicas"] == 2
     ids = read_output(str(tmp_path / "out"))["id"].to_pylist()
     assert Counter(ids) == Counter(all_prompts(SHARDS, ROWS)[0])
+
+
+def test_unplaceable_replicas_fail_fast_instead_of_hanging(cluster, deadline, tmp_path):
+    write_shards(str(tmp_path / "in"), shards=3, rows=2)  # 3 units, 3 one-GPU replicas, 2 GPUs
+    report = run_generate(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model("causal"),
+                          replicas=3, num_gpus_per_replica=1, max_new_tokens=2, replica_start_timeout_s=8)
+    assert not report["complete"] and report["shards"]["failed"] == 3
+    assert "Timed out while starting actors" in report["error"]
+    assert report["rows_written"] == 0
