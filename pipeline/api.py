@@ -95,15 +95,31 @@ def _compute(config: PipelineConfig, max_units: int | None = None):
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=per_actor)
 
 
-def _set_context(config: PipelineConfig) -> None:
-    """DataContext settings; Ray Data snapshots them when a Dataset is created (RAY.md)."""
+@contextlib.contextmanager
+def _data_context(config: PipelineConfig, **extra):
+    """DataContext settings for the Datasets created inside the block only.
+
+    Ray Data snapshots the context when a Dataset is created (RAY.md), so the values are set
+    for that moment and then restored: the user's own Datasets keep their settings.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(config.progress)
-    # Block until the minimum pool is up, so a replica that cannot be placed (no GPU node) is
-    # an error after the timeout instead of a silent hang, and work is spread over all of them.
-    ctx.wait_for_min_actors_s = config.replica_start_timeout_s or -1
+    values = {
+        "enable_progress_bars": bool(config.progress),
+        # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
+        # are an error after the timeout instead of a silent hang, and work spreads over all.
+        "wait_for_min_actors_s": config.replica_start_timeout_s or -1,
+        **extra,
+    }
+    saved = {k: getattr(ctx, k) for k in values}
+    for k, v in values.items():
+        setattr(ctx, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
 
 
 def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
@@ -186,15 +202,15 @@ def build_dataset(config: PipelineConfig, ds=None):
     config = config.with_env().validate()
     check_model(config)
     init_ray(config)
-    _set_context(config)
-    if ds is None:
-        _avoid_fsspec_http_race()
-        files = list_parquet(config.input, config)
-        columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
-        ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs).select_columns(columns)
-    return _map_batches(ds, STAGES[config.task], config, fn_constructor_kwargs={"config": config},
-                        batch_format="pyarrow", batch_size=config.batch_size * ROWS_PER_CALL,
-                        compute=_compute(config))
+    with _data_context(config):
+        if ds is None:
+            _avoid_fsspec_http_race()
+            files = list_parquet(config.input, config)
+            columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
+            ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs).select_columns(columns)
+        return _map_batches(ds, STAGES[config.task], config, fn_constructor_kwargs={"config": config},
+                            batch_format="pyarrow", batch_size=config.batch_size * ROWS_PER_CALL,
+                            compute=_compute(config))
 
 
 def _avoid_fsspec_http_race() -> None:
@@ -237,10 +253,13 @@ def run(config: PipelineConfig) -> dict:
     if todo:
         started_here = init_ray(config)
         _check_resources(config, started_here)
-        _set_context(config)
-        ds = ray.data.from_items([{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo))
-        ds = _map_batches(ds, ShardRunner, config, fn_constructor_kwargs={"config": config, "schema": plan.schema},
-                          batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))
+        # A unit whose task still fails after max_task_retries (its replica keeps dying) must not
+        # stop the other units: its stats row is then missing and the report lists it as failed.
+        with _data_context(config, max_errored_blocks=-1):
+            ds = ray.data.from_items([{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo))
+            ds = _map_batches(ds, ShardRunner, config,
+                              fn_constructor_kwargs={"config": config, "schema": plan.schema},
+                              batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))
         try:
             for row in ds.iter_rows():
                 st = json.loads(row["stats"])
@@ -288,8 +307,9 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         by_name[name] = {**st, "status": "skipped"}
     for name, st in results.items():
         by_name[name] = st
+    lost = "no result: the task failed after max_task_retries (its replica kept dying; see the Ray logs)"
     failed = [{"input": u.input_uri, "output": u.output_name,
-               "error": by_name.get(u.output_name, {}).get("error") or crash or "not run"}
+               "error": by_name.get(u.output_name, {}).get("error") or crash or lost}
               for u in plan.units if by_name.get(u.output_name, {}).get("status") not in ("done", "skipped")]
     committed = [st for st in by_name.values() if st.get("status") in ("done", "skipped")]
     ran = [st for st in by_name.values() if st.get("status") == "done"]
