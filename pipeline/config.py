@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import string
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 TASKS = ("generate", "classify", "label")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 ENV_S3_ENDPOINT = ("PERSIMMON_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
@@ -231,6 +233,8 @@ class PipelineConfig:
             if f.metadata.get("secret"):
                 continue
             value = getattr(self, f.name)
+            if isinstance(value, str):  # credentials inside a URL (scheme://user:pass@host)
+                value = _USERINFO.sub(r"\1***@", value)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 

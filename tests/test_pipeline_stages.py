@@ -85,6 +85,7 @@ def test_secrets_never_in_public_dict_or_repr(monkeypatch):
     text = repr(c) + json.dumps(c.public_dict())
     assert "super-secret-value" not in text and "AKIAEXAMPLE" not in text
     assert "s3_endpoint" in c.public_dict()
+    assert cfg(s3_endpoint="http://user:pw@127.0.0.1:9").public_dict()["s3_endpoint"] == "http://***@127.0.0.1:9"
 
 
 def test_error_kinds_and_row_seeds():
