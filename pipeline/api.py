@@ -20,19 +20,18 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 
 from .config import PipelineConfig
+from .modelcheck import ModelError, check_model
 from .plan import REPORT_NAME, Plan, make_plan
+from .progress import Watchdog, start_tracker, summarize
 from .runner import ShardRunner
 from .stages import ROWS_PER_CALL, STAGES
-from .storage import ensure_dir, list_parquet, read_bytes, resolve, retry, write_bytes_atomic
+from .storage import ensure_dir, list_parquet, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A model directory that cannot be loaded; raised on the driver before any actor starts."""
 
 
 # ---- Ray ------------------------------------------------------------------------------------
@@ -149,46 +148,6 @@ def _check_resources(config: PipelineConfig, started_here: bool) -> None:
         log.warning("%s; waiting for the autoscaler to add GPU nodes", msg)
 
 
-# ---- model checks ---------------------------------------------------------------------------
-def check_model(config: PipelineConfig) -> dict:
-    """Validate the checkpoint on the driver (config.json, weights present, head matches the
-    task) so a bad model fails here with a clear message, not in every actor. Returns the
-    model's config dict."""
-    from model import PersimmonConfig
-
-    loc = resolve(config.model, config)
-    try:
-        if loc.is_local:
-            if not os.path.isdir(loc.path):
-                raise ModelError(f"model directory {loc.uri} does not exist")
-            names = set(os.listdir(loc.path))
-        else:
-            import pyarrow.fs as pafs
-
-            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)),
-                          f"list model {loc.uri}")
-            names = {i.base_name for i in infos}
-        if "config.json" not in names:
-            raise ModelError(f"model {loc.uri} has no config.json")
-        raw = json.loads(read_bytes(loc.join("config.json")))
-        mcfg = PersimmonConfig.from_dict(raw)
-    except ModelError:
-        raise
-    except (ValueError, TypeError, OSError) as e:
-        raise ModelError(f"model {loc.uri}: {e}") from None
-    if not any(n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in names):
-        raise ModelError(f"model {loc.uri} has no weights (*.safetensors or pytorch_model*.bin)")
-    if "tokenizer.model" not in names:
-        raise ModelError(f"model {loc.uri} has no tokenizer.model")
-    arch = (mcfg.architectures or ["PersimmonForCausalLM"])[0]
-    if config.task == "classify" and arch != "PersimmonForSequenceClassification":
-        raise ModelError(f"classify needs a PersimmonForSequenceClassification checkpoint; "
-                         f"{loc.uri} is {arch} (use `label` for zero-shot labeling with a causal LM)")
-    if config.task in ("generate", "label") and arch != "PersimmonForCausalLM":
-        raise ModelError(f"{config.task} needs a PersimmonForCausalLM checkpoint; {loc.uri} is {arch}")
-    return mcfg.to_dict()
-
-
 # ---- the composable Dataset -------------------------------------------------------------------
 def build_dataset(config: PipelineConfig, ds=None):
     """Lazy `ray.data.Dataset` of results: `read_parquet(input) -> map_batches(stage)`.
@@ -249,27 +208,34 @@ def run(config: PipelineConfig) -> dict:
     ensure_dir(plan.output)
 
     results: dict[str, dict] = {}
-    crash = None
+    crash, attempts, stuck = None, None, []
+    run_id = uuid.uuid4().hex[:12]
     if todo:
         started_here = init_ray(config)
         _check_resources(config, started_here)
+        tracker = start_tracker(run_id)
         # A unit whose task still fails after max_task_retries (its replica keeps dying) must not
         # stop the other units: its stats row is then missing and the report lists it as failed.
         with _data_context(config, max_errored_blocks=-1):
             ds = ray.data.from_items([{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo))
             ds = _map_batches(ds, ShardRunner, config,
-                              fn_constructor_kwargs={"config": config, "schema": plan.schema},
+                              fn_constructor_kwargs={"config": config, "schema": plan.schema,
+                                                     "progress": tracker, "run_id": run_id},
                               batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))
-        try:
-            for row in ds.iter_rows():
-                st = json.loads(row["stats"])
-                name = st["output"].rsplit("/", 1)[-1]
-                results[name] = st
-                say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
-        except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
-            crash = f"{type(e).__name__}: {e}"
-            log.error("the run stopped: %s", crash)
-    report = build_report(config, plan, results, crash, started_at, time.perf_counter() - t_start)
+        with Watchdog(tracker, config.batch_timeout_s, say) as watchdog:
+            try:
+                for row in ds.iter_rows():
+                    st = json.loads(row["stats"])
+                    name = st["output"].rsplit("/", 1)[-1]
+                    results[name] = st
+                    say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
+            except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
+                crash = f"{type(e).__name__}: {e}"
+                log.error("the run stopped: %s", crash)
+        attempts, stuck = watchdog.attempts(), watchdog.events
+        ray.kill(tracker)
+    report = build_report(config, plan, results, crash, started_at, time.perf_counter() - t_start,
+                          run_id=run_id, attempts=attempts, stuck=stuck)
     write_bytes_atomic(plan.output.join(REPORT_NAME), json.dumps(report, indent=2).encode())
     if report["complete"]:
         _clean_tmp(plan)
@@ -299,17 +265,22 @@ def _clean_tmp(plan: Plan) -> None:
 
 
 def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str | None,
-                 started_at: float, wall: float) -> dict:
+                 started_at: float, wall: float, run_id: str | None = None,
+                 attempts: list[dict] | None = None, stuck: list[dict] | None = None) -> dict:
     """The `_run_report.json` content. Totals cover every committed output (this run's and
-    earlier runs'); `this_run` covers work done now."""
+    earlier runs'); `this_run` covers work done now. `attempts` and `stuck` come from the
+    run's progress tracker (retries, stuck replicas)."""
     by_name: dict[str, dict] = {}
     for name, st in plan.done.items():
         by_name[name] = {**st, "status": "skipped"}
     for name, st in results.items():
+        if st.get("status") == "skipped" and run_id and st.get("run_id") == run_id:
+            st = {**st, "status": "done"}  # committed by an attempt of this run that then died
         by_name[name] = st
-    lost = "no result: the task failed after max_task_retries (its replica kept dying; see the Ray logs)"
+    retries = summarize(attempts, {u.output_name: u.num_rows for u in plan.units})
     failed = [{"input": u.input_uri, "output": u.output_name,
-               "error": by_name.get(u.output_name, {}).get("error") or crash or lost}
+               "error": by_name.get(u.output_name, {}).get("error") or crash
+               or _lost_error(config, retries["retried"].get(u.output_name), attempts, u.output_name)}
               for u in plan.units if by_name.get(u.output_name, {}).get("status") not in ("done", "skipped")]
     committed = [st for st in by_name.values() if st.get("status") in ("done", "skipped")]
     ran = [st for st in by_name.values() if st.get("status") == "done"]
@@ -323,6 +294,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
     complete = (not failed and rows_written == rows_in
                 and all(b["rows"] == 0 for b in plan.bad_shards))
     nodes = Counter(st.get("node_id") for st in ran)
+    inputs = {u.output_name: u.input_uri for u in plan.units}
     return {
         "task": config.task,
         "complete": complete,
@@ -331,21 +303,28 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "rows_written": rows_written,
         "rows_with_error": sum(st.get("rows_error", 0) for st in committed),
         "errors_by_kind": dict(kinds),
+        "rows_retried": retries["rows_retried"],
+        "ids": plan.ids or {"checked": False},
         "tokens_prompt": sum(st.get("tokens_prompt", 0) for st in committed),
         "tokens_generated": sum(st.get("tokens_generated", 0) for st in committed),
         "wall_time_s": round(wall, 3),
         "tokens_per_s": round(tokens_now / wall, 2) if wall > 0 else None,
         "this_run": {
+            "run_id": run_id,
             "rows_processed": sum(st.get("rows_out", 0) for st in ran),
             "tokens_generated": tokens_now,
             "startup_s": round(first_start - started_at, 3) if first_start else None,
             "model_load_s": max((st.get("load_seconds", 0) for st in ran), default=None),
             "replicas": len({st.get("actor_id") for st in ran}),
             "units_per_node": {str(k): v for k, v in nodes.items()},
+            "storage_redos": sum(st.get("io_retries", 0) for st in results.values()),
         },
         "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
                    "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards)},
         "failed_shards": failed,
+        "retried_shards": [{"output": k, "input": inputs.get(k), **v} for k, v in retries["retried"].items()],
+        "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
+                           for ev in stuck or []],
         "bad_shards": plan.bad_shards,
         "error": crash,
         "config": config.public_dict(),
@@ -353,6 +332,21 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "finished_at": time.time(),
         "versions": _versions(),
     }
+
+
+def _lost_error(config: PipelineConfig, retried: dict | None, attempts: list | None, unit: str) -> str:
+    """Why a unit has no result although its task was scheduled: its replica kept dying."""
+    tries = [a for a in attempts or [] if a.get("unit") == unit]
+    stuck = [a for a in tries if a.get("state") == "stuck"]
+    given_up = f"gave up after max_task_retries={config.max_task_retries}"
+    if stuck:
+        return (f"stuck: no batch finished within batch_timeout_s={config.batch_timeout_s:g} on "
+                f"{len(stuck)} of {len(tries)} attempt(s); each stuck replica was killed and restarted; "
+                f"{given_up}")
+    if tries:
+        return (f"replica_died: its replica died during all {len(tries)} attempt(s) (OOM, segfault, "
+                f"killed or node lost; see the Ray logs); {given_up}")
+    return f"no result: the task never ran to completion ({given_up}; see the Ray logs)"
 
 
 def _versions() -> dict:

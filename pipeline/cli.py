@@ -121,6 +121,7 @@ def summary(report: dict) -> str:
         f"  rows    {report['rows_in']} in, {report['rows_written']} written, "
         f"{report['rows_with_error']} with error" + (f" {report['errors_by_kind']}" if report["errors_by_kind"] else ""),
         f"  shards  {s['done']} done, {s['skipped']} already committed, {s['failed']} failed, {s['bad']} bad",
+        *_fault_lines(report),
         f"  time    {report['wall_time_s']:.1f} s wall, startup {t['startup_s'] or 0:.1f} s"
         + (f", {t['tokens_generated']} tokens generated ({report['tokens_per_s']} tok/s)"
            if report["task"] == "generate" else ""),
@@ -129,6 +130,22 @@ def summary(report: dict) -> str:
     for item in (report["failed_shards"] + report["bad_shards"])[:10]:
         lines.append(f"  ! {item['input']}: {item['error']}")
     return "\n".join(lines)
+
+
+def _fault_lines(report: dict) -> list[str]:
+    lines = []
+    ids = report.get("ids") or {}
+    if ids.get("duplicate_rows") or ids.get("null_ids"):
+        lines.append(f"  ids     {ids.get('duplicate_rows', 0)} row(s) repeat an earlier id "
+                     f"({ids.get('duplicate_ids', 0)} distinct), {ids.get('null_ids', 0)} null: "
+                     f"those rows have error set")
+    if report.get("rows_retried"):
+        lines.append(f"  retried {report['rows_retried']} row(s) run again in "
+                     f"{len(report.get('retried_shards') or [])} shard(s) after a replica died or stalled")
+    for ev in (report.get("stuck_replicas") or [])[:5]:
+        lines.append(f"  ! stuck replica {ev['actor_id']} (pid {ev['pid']}) on {ev['unit']}: no batch for "
+                     f"{ev['silent_s']} s; killed and restarted")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,12 +91,26 @@ class PipelineConfig:
                                       "cannot be placed. Leave room for the autoscaler to add GPU "
                                       "nodes. 0 = wait forever.")
     max_task_retries: int = _f(3, "Times a task is retried after its replica dies (OOM, "
-                               "segfault, lost node) before it is reported failed.")
+                               "segfault, lost node, killed as stuck) before it is reported failed.")
+    batch_timeout_s: float = _f(900.0, "Fail fast instead of hanging: a replica that finishes no "
+                                "batch (batch_size x 4 rows) for this long is reported as stuck "
+                                "and restarted, and its task retried (up to --max-task-retries, "
+                                "then reported failed). 0 = never.")
+    io_retries: int = _f(3, "Times a task is redone when reading its input or writing its output "
+                         "fails with a storage error mid-stream (network, throttling), with "
+                         "exponential backoff; single storage calls (list, stat, commit) are "
+                         "retried 4 times on their own.")
     # ---- resume and bad input -------------------------------------------------------------
     resume: bool = _f(True, "Skip tasks whose output file is already committed (safe to rerun "
                       "after a crash). --no-resume with existing output is an error unless "
                       "--overwrite.")
     overwrite: bool = _f(False, "Delete committed outputs of this run's tasks and recompute them.")
+    check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: "
+                                   "a row whose id already appeared earlier (in input order) and a "
+                                   "row with a null id get `error` set (kinds duplicate_id, "
+                                   "invalid_id) instead of a result, and the run report counts "
+                                   "them. Holds all ids in driver memory; --no-check-duplicate-ids "
+                                   "skips it.")
     on_bad_shard: str = _f("error", "An unreadable input file, one missing a column, or an empty "
                            "one: 'error' stops before any model work; 'skip' leaves it out and "
                            "lists it in the run report.", choices=("error", "skip"))
@@ -191,7 +205,8 @@ class PipelineConfig:
             bad("num_gpus_per_replica", "resources must be >= 0")
         if self.num_gpus_per_replica > 1 and self.num_gpus_per_replica != int(self.num_gpus_per_replica):
             bad("num_gpus_per_replica", "above 1 it must be a whole number")
-        for name in ("rows_per_task", "max_task_retries", "replica_start_timeout_s"):
+        for name in ("rows_per_task", "max_task_retries", "replica_start_timeout_s", "batch_timeout_s",
+                     "io_retries"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.on_bad_shard not in ("error", "skip"):

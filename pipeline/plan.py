@@ -36,7 +36,7 @@ REPORT_NAME = "_run_report.json"
 # config fields that change what a row's result is: outputs written under other values are stale
 RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
                  "chat_template", "choices", "max_new_tokens", "temperature", "top_k", "top_p",
-                 "stop", "seed", "truncate", "max_seq_len")
+                 "stop", "seed", "truncate", "max_seq_len", "check_duplicate_ids")
 
 
 class InputError(ValueError):
@@ -52,6 +52,8 @@ class Unit:
     row_groups: list[int]
     num_rows: int
     output_name: str
+    first_row: int = 0                                    # of the unit in its file
+    row_errors: list = field(default_factory=list)        # [[row in unit, error]]: not run
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -68,6 +70,7 @@ class Plan:
     done: dict[str, dict] = field(default_factory=dict)   # output_name -> stats from its footer
     bad_shards: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
     output: Location | None = None
+    ids: dict = field(default_factory=dict)               # duplicate / null id summary
 
     @property
     def todo(self) -> list[Unit]:
@@ -115,8 +118,12 @@ def _split(meta, rows_per_task: int) -> list[list[int]]:
     return out + [cur] if cur else out
 
 
+def _relative(uri: str, root: str) -> str:
+    return uri[len(root):].lstrip("/") if root and uri.startswith(root) else uri.rsplit("/", 1)[-1]
+
+
 def _output_stem(uri: str, root: str) -> str:
-    rel = uri[len(root):].lstrip("/") if root and uri.startswith(root) else uri.rsplit("/", 1)[-1]
+    rel = _relative(uri, root)
     rel = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
     return rel.replace("/", "__")
 
@@ -153,7 +160,7 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
     if "://" in files[0].uri and "://" not in root:  # commonpath collapses the '//' of a scheme
         root = root.replace(":/", "://", 1)
 
-    units, bad, schema, schema_from = [], [], None, None
+    units, bad, good, schema, schema_from = [], [], [], None, None
     for loc, (meta, problem) in zip(files, inspected):
         if problem is None:
             file_schema = meta.schema.to_arrow_schema()
@@ -170,10 +177,14 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
             continue
         stem = _output_stem(loc.uri, root)
         groups = _split(meta, config.rows_per_task)
+        file_units, first = [], 0
         for g in groups:
             name = f"{stem}.parquet" if len(groups) == 1 else f"{stem}.rg{g[0]:05d}-{g[-1]:05d}.parquet"
             rows = sum(meta.row_group(i).num_rows for i in g)
-            units.append(Unit(loc.uri, loc.path, g, rows, name))
+            file_units.append(Unit(loc.uri, loc.path, g, rows, name, first_row=first))
+            first += rows
+        units += file_units
+        good.append((loc, _relative(loc.uri, root), file_units))
 
     if bad and config.on_bad_shard == "error":
         lines = "\n".join(f"  {b['input']}: {b['error']}" for b in bad[:20])
@@ -185,8 +196,79 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
 
     out = resolve(config.output, config)
     plan = Plan(units=units, schema=schema, bad_shards=bad, output=out)
+    if config.check_duplicate_ids:
+        plan.ids = flag_ids(config, good, threads)
     _find_done(config, plan)
     return plan
+
+
+def _short(value, limit: int = 60) -> str:
+    import numpy as np
+
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]]], threads: int = 16) -> dict:
+    """Find null ids and ids seen earlier in input order (files sorted, rows in order); put
+    their errors in the units' `row_errors` so those rows get an `error` instead of a result.
+    The first occurrence of an id is the one that is run. Returns the report's id summary.
+
+    Reads only the id column of each file; all ids are held in driver memory at once.
+    """
+    import numpy as np
+
+    summary = {"checked": True, "duplicate_rows": 0, "duplicate_ids": 0, "null_ids": 0, "examples": []}
+    if not files:
+        return summary
+
+    def _read(loc: Location):
+        def _open():
+            with loc.fs.open_input_file(loc.path) as f:
+                return pq.ParquetFile(f).read(columns=[config.id_column]).column(0)
+        return retry(_open, f"read ids of {loc.uri}")
+
+    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        columns = list(pool.map(lambda item: _read(item[0]), files))
+    ids = pa.chunked_array([c for col in columns for c in col.chunks], type=columns[0].type).to_pandas()
+    try:
+        null = ids.isna().to_numpy()
+        dup = ids.duplicated(keep="first").to_numpy() & ~null
+    except TypeError:
+        raise ConfigError(f"id column {config.id_column!r} has type {columns[0].type}; ids must be "
+                          f"scalars (numbers or strings)") from None
+    flagged = np.flatnonzero(dup | null)
+    if not len(flagged):
+        return summary
+    starts = np.cumsum([0] + [len(c) for c in columns])
+
+    def where(pos: int) -> tuple[int, int]:  # global position -> (file index, row in file)
+        k = int(np.searchsorted(starts, pos, side="right")) - 1
+        return k, int(pos - starts[k])
+
+    first_at = {}
+    if dup.any():
+        repeated = set(ids[dup])
+        firsts = np.flatnonzero(~dup & ~null & ids.isin(repeated).to_numpy())
+        first_at = {ids.iat[p]: where(int(p)) for p in firsts}
+    for pos in flagged:
+        k, row = where(int(pos))
+        loc, _, units = files[k]
+        if null[pos]:
+            message = "invalid_id: the id is null, so the row cannot be matched to its result"
+            summary["null_ids"] += 1
+        else:
+            value = ids.iat[pos]
+            fk, frow = first_at[value]
+            message = f"duplicate_id: id {_short(value)} already appeared at {files[fk][1]} row {frow}"
+            summary["duplicate_rows"] += 1
+            if len(summary["examples"]) < 10:
+                summary["examples"].append({"id": _short(value), "first": f"{files[fk][0].uri} row {frow}",
+                                            "again": f"{loc.uri} row {row}"})
+        unit = next(u for u in units if u.first_row <= row < u.first_row + u.num_rows)
+        unit.row_errors.append([row - unit.first_row, message])
+    summary["duplicate_ids"] = len(first_at)
+    return summary
 
 
 def _find_done(config: PipelineConfig, plan: Plan) -> None:

@@ -20,10 +20,13 @@ rows. The footer of each output holds the unit's statistics for the run report.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 
 import pyarrow as pa
@@ -31,8 +34,9 @@ import pyarrow.parquet as pq
 
 from .config import PipelineConfig
 from .plan import STATS_KEY, Unit, read_unit_stats, result_config
+from .progress import Attempts
 from .stages import ROWS_PER_CALL, STAGES, error_kind
-from .storage import Location, commit, ensure_dir, exists, resolve, temp_sibling
+from .storage import Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 30.0
@@ -54,16 +58,20 @@ class ShardRunner:
     """Callable class for `map_batches`: one batch = rows with a JSON `unit` column.
 
     Returns one row per unit with a JSON `stats` column (status done / skipped / failed).
-    `engine` is for tests without Ray or a real model.
+    `engine` is for tests without Ray or a real model; `progress` is the run's
+    `ProgressTracker` actor (heartbeats, attempts) and `run_id` names the run.
     """
 
-    def __init__(self, config: PipelineConfig, schema: pa.Schema, engine=None):
+    def __init__(self, config: PipelineConfig, schema: pa.Schema, engine=None, progress=None,
+                 run_id: str | None = None):
         self.config = config
         self.schema = schema
         self.stage = STAGES[config.task](config, engine=engine)
         self.output = resolve(config.output, config)
         self.where = _where()
         self.result_config = result_config(config)
+        self.run_id = run_id or uuid.uuid4().hex
+        self.attempts = Attempts(progress, self.where)
 
     def __call__(self, batch) -> dict:
         units = batch["unit"]
@@ -71,57 +79,95 @@ class ShardRunner:
         return {"stats": [json.dumps(self.run_unit(Unit.from_json(u))) for u in units]}
 
     def run_unit(self, unit: Unit) -> dict:
+        """Process and commit one unit; never raises. A storage error mid-stream redoes the
+        unit (up to `io_retries` times, with backoff); other errors fail it at once."""
         final = self.output.join(unit.output_name)
         base = {"input": unit.input_uri, "output": final.uri, "rows_in": unit.num_rows, **self.where}
-        existing = read_unit_stats(final) if exists(final) else None
-        if existing is not None:  # committed by an earlier attempt of this unit
-            return {**existing, **base, "status": "skipped"}
         try:
-            stats = self._process(unit, final)
-        except Exception as e:  # noqa: BLE001 - storage failure, corrupt data: report, go on
-            log.error("unit %s failed: %s", unit.output_name, e)
+            existing = read_unit_stats(final) if exists(final) else None
+        except Exception as e:  # noqa: BLE001 - storage down: report, go on
             return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-        return {**stats, **base, "status": "done"}
+        if existing is not None:  # committed by an earlier attempt (its `run_id` says whose)
+            return {**existing, **base, "status": "skipped"}
+        retries = self.config.io_retries
+        for n in range(retries + 1):
+            attempt = self.attempts.start(unit.output_name, unit.num_rows)
+            try:
+                stats = self._process(unit, final, attempt)
+            except Exception as e:  # noqa: BLE001 - storage failure, corrupt data: report, go on
+                error = f"{type(e).__name__}: {e}"
+                self.attempts.end(attempt, "io_error" if transient(e) else "failed", error)
+                if transient(e) and n < retries:
+                    delay = backoff(n)
+                    log.warning("unit %s: %s; redoing it in %.1f s (%d/%d)", unit.output_name, error, delay,
+                                n + 1, retries)
+                    time.sleep(delay)
+                    continue
+                log.error("unit %s failed: %s", unit.output_name, error)
+                if transient(e):
+                    error += f" (gave up after {retries + 1} attempts)"
+                return {**base, "status": "failed", "error": error, "io_retries": n}
+            self.attempts.end(attempt, "done")
+            return {**stats, **base, "status": "done", "io_retries": n}
 
-    def _process(self, unit: Unit, final: Location) -> dict:
+    def _process(self, unit: Unit, final: Location, attempt: str) -> dict:
         cfg = self.config
         fs = final.fs
         src = resolve(unit.input_uri, cfg)
         tmp = temp_sibling(final)
         ensure_dir(Location(fs, tmp.path.rsplit("/", 1)[0], tmp.uri.rsplit("/", 1)[0], tmp.scheme))
         columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns]))
+        preset = sorted((int(i), msg) for i, msg in unit.row_errors)
+        preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
         rows = errors = tok_in = tok_out = 0
         kinds: Counter = Counter()
         last_log = t0
         try:
-            with src.fs.open_input_file(src.path) as f_in, fs.open_output_stream(tmp.path) as f_out:
-                reader = pq.ParquetFile(f_in)
-                with pq.ParquetWriter(f_out, self.schema) as writer:
-                    for rb in reader.iter_batches(batch_size=cfg.batch_size * ROWS_PER_CALL,
-                                                  row_groups=unit.row_groups, columns=columns):
-                        out = self.stage(rb).cast(self.schema)
+            with contextlib.ExitStack() as stack:
+                with naming(f"read {src.uri}"):
+                    reader = pq.ParquetFile(stack.enter_context(src.fs.open_input_file(src.path)))
+                    batches = reader.iter_batches(batch_size=cfg.batch_size * ROWS_PER_CALL,
+                                                  row_groups=unit.row_groups, columns=columns)
+                with naming(f"write {tmp.uri}"):
+                    f_out = stack.enter_context(fs.open_output_stream(tmp.path))
+                    writer = pq.ParquetWriter(f_out, self.schema)
+                stack.callback(writer.close)  # on errors; closing twice is harmless
+                while True:
+                    with naming(f"read {src.uri}"):
+                        rb = next(batches, None)
+                    if rb is None:
+                        break
+                    lo, hi = bisect.bisect_left(preset_rows, rows), bisect.bisect_left(preset_rows, rows + rb.num_rows)
+                    out = self.stage(rb, {i - rows: msg for i, msg in preset[lo:hi]}).cast(self.schema)
+                    with naming(f"write {tmp.uri}"):
                         writer.write_table(out)
-                        rows += out.num_rows
-                        errs = [e for e in out["error"].to_pylist() if e is not None]
-                        errors += len(errs)
-                        kinds.update(error_kind(e) for e in errs)
-                        if "num_prompt_tokens" in out.column_names:
-                            tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
-                            tok_out += sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
-                        if cfg.progress and time.perf_counter() - last_log > PROGRESS_EVERY_S:
-                            last_log = time.perf_counter()
-                            print(f"[persimmon-batch] {unit.output_name}: {rows}/{unit.num_rows} rows", flush=True)
-                    if rows != unit.num_rows:
-                        raise RuntimeError(f"read {rows} rows from {unit.input_uri}, footer says {unit.num_rows}")
-                    stats = {
-                        "rows_out": rows, "rows_error": errors, "errors_by_kind": dict(kinds),
-                        "tokens_prompt": tok_in, "tokens_generated": tok_out,
-                        "seconds": round(time.perf_counter() - t0, 4), "started_at": started,
-                        "finished_at": time.time(), "load_seconds": round(self.stage.load_seconds, 3),
-                        "row_groups": unit.row_groups, "result_config": self.result_config,
-                    }
+                    rows += out.num_rows
+                    errs = [e for e in out["error"].to_pylist() if e is not None]
+                    errors += len(errs)
+                    kinds.update(error_kind(e) for e in errs)
+                    if "num_prompt_tokens" in out.column_names:
+                        tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
+                        tok_out += sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
+                    self.attempts.beat(attempt, rows)
+                    if cfg.progress and time.perf_counter() - last_log > PROGRESS_EVERY_S:
+                        last_log = time.perf_counter()
+                        print(f"[persimmon-batch] {unit.output_name}: {rows}/{unit.num_rows} rows", flush=True)
+                if rows != unit.num_rows:
+                    raise RuntimeError(f"read {rows} rows from {unit.input_uri}, footer says {unit.num_rows}")
+                stats = {
+                    "rows_out": rows, "rows_error": errors, "errors_by_kind": dict(kinds),
+                    "tokens_prompt": tok_in, "tokens_generated": tok_out,
+                    "seconds": round(time.perf_counter() - t0, 4), "started_at": started,
+                    "finished_at": time.time(), "load_seconds": round(self.stage.load_seconds, 3),
+                    "row_groups": unit.row_groups, "result_config": self.result_config,
+                    "run_id": self.run_id,
+                }
+                with naming(f"write {tmp.uri}"):
                     writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
+                    writer.close()
+                    f_out.close()
+            self.attempts.beat(attempt, rows)
             commit(tmp, final)
         except BaseException:
             try:
@@ -130,4 +176,3 @@ class ShardRunner:
                 pass
             raise
         return stats
-

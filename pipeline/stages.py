@@ -117,6 +117,10 @@ def check_prompt(value) -> tuple[str | None, str | None]:
         return None, "invalid_prompt: null"
     if not isinstance(value, str):
         return None, f"invalid_prompt: expected a string, got {type(value).__name__}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (Python API input; Arrow strings have none)
+        return None, f"invalid_prompt: lone surrogate U+{ord(value[e.start]):04X} at position {e.start}"
     if not value.strip():
         return None, "empty_prompt: prompt is empty or whitespace only"
     return value, None
@@ -142,7 +146,9 @@ class _Stage:
         self.load_seconds = time.perf_counter() - t0
         self.columns = output_columns(self.task)
 
-    def __call__(self, batch) -> pa.Table:
+    def __call__(self, batch, row_errors: dict[int, str] | None = None) -> pa.Table:
+        """Results for every row of `batch`, in order. `row_errors` ({row index: error}) marks
+        rows that get that error without being run (duplicate or null ids found by the plan)."""
         cfg = self.config
         names = list(batch.keys()) if isinstance(batch, dict) else as_table(batch).column_names
         for col in (cfg.id_column, cfg.prompt_column, *cfg.keep_columns):
@@ -155,6 +161,8 @@ class _Stage:
             table = as_table(batch)
             prompts = [check_prompt(v) for v in column_values(table[cfg.prompt_column])]
         ids = table[cfg.id_column].to_pylist()
+        for i, err in (row_errors or {}).items():
+            prompts[i] = (None, err)
         results: list[dict] = [{"error": err} for _, err in prompts]
         ok = [i for i, (text, _) in enumerate(prompts) if text is not None]
         if ok:

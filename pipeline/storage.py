@@ -13,6 +13,7 @@ Paths returned with a filesystem are that filesystem's own paths (`bucket/key` f
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import logging
@@ -133,23 +134,54 @@ def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Locati
     return Location(parent.fs, path, base_uri.rstrip("/") + "/" + rel, parent.scheme)
 
 
+class StorageError(OSError):
+    """A storage call that still failed after its retries; the message names the URI."""
+
+
+def backoff(attempt: int, base_delay: float = 0.5) -> float:
+    """Seconds to wait before retry number `attempt + 1`: exponential, jittered (0.5x-1.5x)."""
+    return base_delay * 2 ** attempt * (0.5 + random.random())
+
+
 def retry(fn, what: str, attempts: int = 4, base_delay: float = 0.5):
     """Call fn(), retrying OSErrors (network, throttling) with jittered exponential backoff.
 
-    The last error is re-raised with `what` (which names the URI) in front of it.
-    FileNotFoundError is not retried.
+    The last error is re-raised as StorageError with `what` (which names the URI) in front of
+    it. FileNotFoundError and PermissionError are not retried.
     """
     for attempt in range(attempts):
         try:
             return fn()
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError, StorageError):
             raise
         except OSError as e:
             if attempt == attempts - 1:
-                raise OSError(f"{what}: {e}") from e
-            delay = base_delay * 2 ** attempt * (0.5 + random.random())
+                raise StorageError(f"{what}: {e} (gave up after {attempts} attempts)") from e
+            delay = backoff(attempt, base_delay)
             log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
             time.sleep(delay)
+
+
+@contextlib.contextmanager
+def naming(what: str):
+    """Re-raise an OSError from the block with `what` (e.g. 'read s3://b/k') in front, keeping
+    FileNotFoundError / PermissionError as such; errors already named pass through."""
+    try:
+        yield
+    except OSError as e:
+        if getattr(e, "named", False) or isinstance(e, StorageError):
+            raise
+        cls = type(e) if type(e) in (FileNotFoundError, PermissionError) else OSError
+        err = cls(f"{what}: {e}")
+        err.named = True
+        raise err from e
+
+
+def transient(error: BaseException) -> bool:
+    """Worth redoing the whole task: a storage error that was not already retried and is not
+    a missing file or a refused permission."""
+    return isinstance(error, OSError) and not isinstance(
+        error, (FileNotFoundError, PermissionError, StorageError))
 
 
 def exists(loc: Location) -> bool:

@@ -1,0 +1,193 @@
+"""Checks of the model directory on the driver, before any replica starts.
+
+A bad checkpoint must fail once, here, with a message naming the problem, not in every replica
+(each would load for minutes, die, restart and retry). Cheap: reads config.json, the weight
+index and only the *headers* of the safetensors files (8 bytes + a JSON header each, ranged
+reads on object stores), then compares every tensor name and shape with the model that
+config.json describes, built on the meta device (no memory):
+
+    missing dir / config.json / weights / tokenizer.model   -> ModelError
+    config.json that does not validate                      -> ModelError (names the field)
+    head that does not fit the task                         -> ModelError
+    tensors missing, unexpected or of the wrong shape       -> ModelError (lists them)
+    a truncated or corrupt .safetensors file                 -> ModelError
+
+Pickle (`pytorch_model*.bin`) checkpoints have no cheap header; their shapes are checked when
+the replicas load them (with `torch.load(weights_only=True)`: no code runs from the file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+from .config import PipelineConfig
+from .storage import Location, read_bytes, resolve, retry
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER = 100_000_000
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be loaded; raised on the driver before any actor starts."""
+
+
+def check_model(config: PipelineConfig) -> dict:
+    """Validate the checkpoint at `config.model` for `config.task`; return its config dict."""
+    from model import PersimmonConfig
+
+    loc = resolve(config.model, config)
+    names = _list(loc)
+    if "config.json" not in names:
+        raise ModelError(f"model {loc.uri} has no config.json")
+    try:
+        raw = json.loads(read_bytes(loc.join("config.json")))
+        if not isinstance(raw, dict):
+            raise ValueError("config.json must hold a JSON object")
+        mcfg = PersimmonConfig.from_dict(raw)
+    except (ValueError, TypeError, OSError) as e:
+        raise ModelError(f"model {loc.uri}: config.json: {e}") from None
+    if "tokenizer.model" not in names:
+        raise ModelError(f"model {loc.uri} has no tokenizer.model")
+    arch = (mcfg.architectures or ["PersimmonForCausalLM"])[0]
+    if config.task == "classify" and arch != "PersimmonForSequenceClassification":
+        raise ModelError(f"classify needs a PersimmonForSequenceClassification checkpoint; "
+                         f"{loc.uri} is {arch} (use `label` for zero-shot labeling with a causal LM)")
+    if config.task in ("generate", "label") and arch != "PersimmonForCausalLM":
+        raise ModelError(f"{config.task} needs a PersimmonForCausalLM checkpoint; {loc.uri} is {arch}")
+    files = _weight_files(loc, names)
+    if files and files[0].endswith(".safetensors"):
+        shapes: dict[str, tuple] = {}
+        for name in files:
+            shapes.update(read_safetensors_shapes(loc.join(name)))
+        _compare(loc, mcfg, arch, shapes)
+    return mcfg.to_dict()
+
+
+def _list(loc: Location) -> set[str]:
+    if loc.is_local:
+        if not os.path.isdir(loc.path):
+            what = "is not a directory" if os.path.exists(loc.path) else "does not exist"
+            raise ModelError(f"model directory {loc.uri} {what}")
+        return set(os.listdir(loc.path))
+    import pyarrow.fs as pafs
+
+    try:
+        infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)),
+                      f"list model {loc.uri}")
+    except OSError as e:
+        raise ModelError(f"model {loc.uri}: {e}") from None
+    if not infos:
+        raise ModelError(f"model directory {loc.uri} does not exist or is empty")
+    return {i.base_name for i in infos}
+
+
+def _weight_files(loc: Location, names: set[str]) -> list[str]:
+    """Weight file names, as the engine's loader picks them (index first, then single)."""
+    for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
+        if index in names:
+            try:
+                weight_map = json.loads(read_bytes(loc.join(index)))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+                raise ModelError(f"model {loc.uri}: {index} is not a valid weight index ({e})") from None
+            outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]
+            if outside:
+                raise ModelError(f"model {loc.uri}: {index} names files outside the model dir: {outside[:5]}")
+            missing = [f for f in files if f not in names]
+            if missing:
+                raise ModelError(f"model {loc.uri}: {index} lists missing weight files: {missing[:5]}")
+            return files
+        if single in names:
+            return [single]
+    raise ModelError(f"model {loc.uri} has no weights ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
+
+
+def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
+    """{tensor name: shape} from a .safetensors header, checking that every tensor's byte range
+    fits its dtype and shape and lies inside the file (a truncated download fails here)."""
+    def _read():
+        with loc.fs.open_input_file(loc.path) as f:
+            size = f.size()
+            head = f.read_at(8, 0) if size >= 8 else b""
+            if len(head) < 8:
+                return size, None
+            (n,) = struct.unpack("<Q", head)
+            if not 0 < n <= min(size - 8, MAX_HEADER):
+                return size, None
+            return size, (n, f.read_at(n, 8))
+
+    try:
+        size, found = retry(_read, f"read {loc.uri}")
+    except OSError as e:
+        raise ModelError(f"model weights {loc.uri}: {e}") from None
+    if found is None:
+        raise ModelError(f"{loc.uri} is not a safetensors file (bad header length; truncated or not safetensors)")
+    n, raw = found
+    try:
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        shapes = {}
+        for name, info in header.items():
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if dtype not in DTYPE_BYTES:
+                raise ValueError(f"tensor {name} has unsupported dtype {dtype}")
+            count = 1
+            for d in shape:
+                count *= d
+            if end - begin != count * DTYPE_BYTES[dtype] or begin < 0:
+                raise ValueError(f"tensor {name}: byte range {begin}..{end} does not hold {dtype}{list(shape)}")
+            if 8 + n + end > size:
+                raise ValueError(f"tensor {name} ends at byte {8 + n + end} but the file has {size} "
+                                 f"bytes (truncated?)")
+            shapes[name] = shape
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{loc.uri} is not a valid safetensors file: {e}") from None
+    return shapes
+
+
+def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
+    """Names and shapes of the checkpoint vs the model config.json describes, mapped the way
+    `model.checkpoint.load_pretrained` maps them (tied head, `model.` prefix, rotary buffers)."""
+    import torch
+
+    from model.modeling import MODEL_CLASSES, PersimmonForCausalLM, PersimmonModel
+
+    cls = MODEL_CLASSES.get(arch, PersimmonForCausalLM)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(mcfg).state_dict().items()}
+    tied = mcfg.tie_word_embeddings and "lm_head.weight" in expected
+    if tied:
+        expected.pop("lm_head.weight")
+    bare = cls is PersimmonModel
+    seen, unexpected, wrong = set(), [], []
+    for name, shape in shapes.items():
+        if bare and name.startswith("model."):
+            name = name[len("model."):]
+        elif bare and name.split(".")[0] in ("lm_head", "score"):
+            continue
+        elif not bare and name not in expected and f"model.{name}" in expected:
+            name = f"model.{name}"
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name not in expected:
+            if not (tied and name == "lm_head.weight"):
+                unexpected.append(name)
+            continue
+        seen.add(name)
+        if shape != expected[name]:
+            wrong.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"wrong shape {len(wrong)}: {wrong[:5]}")
+        if missing:
+            parts.append(f"missing {len(missing)}: {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {sorted(unexpected)[:5]}")
+        raise ModelError(f"model {loc.uri}: weights do not match config.json ({arch}): " + "; ".join(parts))

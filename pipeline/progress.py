@@ -1,0 +1,226 @@
+"""Task attempts, heartbeats and the stuck-replica watchdog.
+
+Every time a replica starts working on a unit it opens an *attempt* with a small Ray actor,
+`ProgressTracker` (no CPU, one per run, owned by the driver), and sends a heartbeat after each
+batch. From that record the driver learns
+
+- which units were retried and how many rows were run again (`rows_retried`): a unit whose
+  replica died (OOM, segfault, killed) is re-run from its start by Ray on the restarted actor,
+  and a unit whose storage failed mid-stream is redone by the replica itself;
+- which replicas are stuck: `Watchdog`, a driver thread, asks the tracker every few seconds
+  for attempts with no heartbeat for `batch_timeout_s`. Such a replica is reported and killed
+  with `ray.kill(no_restart=False)`: Ray restarts it and retries the unit, up to
+  `max_task_retries`, after which the unit is reported failed. A run never hangs on a wedged
+  replica (a deadlocked kernel, a frozen process, a storage call that never returns).
+
+The tracker measures time with its own clock only, so clock skew between nodes is harmless.
+Heartbeats are fire-and-forget calls; if the tracker is gone the run goes on without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+log = logging.getLogger(__name__)
+
+
+class ProgressTracker:
+    """Ray actor holding every attempt of the run: unit, replica, heartbeats, final state.
+
+    States: running -> done | failed | io_error (ended by the replica), lost (its process died:
+    the same actor started another attempt, or the run ended with it open), stuck (killed by
+    the watchdog)."""
+
+    def __init__(self):
+        self.attempts: dict[str, dict] = {}
+        self.handles: dict[str, object] = {}
+
+    def start(self, attempt_id: str, info: dict, actor=None) -> None:
+        now = time.monotonic()
+        for key, a in self.attempts.items():  # one unit at a time per actor: older ones died
+            if a["actor_id"] == info.get("actor_id") and a["state"] == "running" and info.get("actor_id"):
+                a.update(state="lost", ended=now)
+                self.handles.pop(key, None)
+        self.attempts[attempt_id] = {**info, "state": "running", "started": now, "last": now,
+                                     "rows_done": 0, "started_at": time.time()}
+        if actor is not None:
+            self.handles[attempt_id] = actor
+
+    def beat(self, attempt_id: str, rows_done: int) -> None:
+        a = self.attempts.get(attempt_id)
+        if a is not None and a["state"] == "running":
+            a.update(last=time.monotonic(), rows_done=rows_done)
+
+    def end(self, attempt_id: str, state: str, error: str | None = None) -> None:
+        a = self.attempts.get(attempt_id)
+        if a is not None and a["state"] == "running":
+            a.update(state=state, ended=time.monotonic(), error=error)
+        self.handles.pop(attempt_id, None)
+
+    def check(self, timeout_s: float) -> list[dict]:
+        """Kill the replicas of running attempts silent for more than `timeout_s`; return them."""
+        import ray
+
+        now, events = time.monotonic(), []
+        for key, a in self.attempts.items():
+            silent = now - a["last"]
+            if a["state"] != "running" or not timeout_s or silent <= timeout_s:
+                continue
+            if not _same_process_alive(a):  # died on its own; Ray is restarting it
+                a.update(state="lost", ended=now)
+                self.handles.pop(key, None)
+                continue
+            a.update(state="stuck", ended=now, error=f"no batch finished for {silent:.0f} s")
+            handle = self.handles.pop(key, None)
+            if handle is not None:
+                try:
+                    ray.kill(handle, no_restart=False)
+                except Exception as e:  # noqa: BLE001 - report it, nothing else to do
+                    a["error"] += f" (could not kill it: {e})"
+            events.append({"attempt": key, **self._public(a), "silent_s": round(silent, 1)})
+        return events
+
+    def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"attempt": k, **self._public(a), "silent_s": round(now - a["last"], 2)}
+                for k, a in self.attempts.items()]
+
+    @staticmethod
+    def _public(a: dict) -> dict:
+        return {k: v for k, v in a.items() if k not in ("started", "last", "ended")}
+
+
+def _same_process_alive(a: dict) -> bool:
+    """Is the attempt's actor alive in the same process (not dead or restarted)? When the GCS
+    cannot say, assume it is."""
+    try:
+        import ray._private.state as state
+
+        info = state.actors(a["actor_id"])
+        return info.get("State") == "ALIVE" and info.get("Pid") in (None, a.get("pid"))
+    except Exception:  # noqa: BLE001 - private API; err on the side of acting
+        return True
+
+
+class Attempts:
+    """The replica's side: open / beat / close attempts, a no-op without a tracker."""
+
+    def __init__(self, tracker=None, where: dict | None = None):
+        self.tracker = tracker
+        self.where = where or {}
+        self.actor = None
+        if tracker is not None:
+            try:
+                import ray
+
+                self.actor = ray.get_runtime_context().current_actor
+            except Exception:  # noqa: BLE001 - not inside an actor (tests)
+                self.actor = None
+
+    def start(self, unit_name: str, rows: int) -> str:
+        attempt_id = uuid.uuid4().hex[:16]
+        self._call("start", attempt_id, {"unit": unit_name, "rows": rows, **self.where}, self.actor)
+        return attempt_id
+
+    def beat(self, attempt_id: str, rows_done: int) -> None:
+        self._call("beat", attempt_id, rows_done)
+
+    def end(self, attempt_id: str, state: str, error: str | None = None) -> None:
+        self._call("end", attempt_id, state, error)
+
+    def _call(self, method: str, *args) -> None:
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, method).remote(*args)  # fire and forget
+        except Exception as e:  # noqa: BLE001 - progress is advisory
+            log.warning("progress tracker unavailable (%s); going on without it", e)
+            self.tracker = None
+
+
+def start_tracker(run_id: str):
+    """The run's tracker actor (no CPU), named `persimmon-batch-progress-<run_id>`."""
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_restarts=0)(ProgressTracker)
+    return cls.options(name=f"persimmon-batch-progress-{run_id}").remote()
+
+
+class Watchdog:
+    """Driver thread: every few seconds, have the tracker kill replicas silent for longer than
+    `timeout_s`, and collect what it killed."""
+
+    def __init__(self, tracker, timeout_s: float, say=print):
+        self.tracker, self.timeout_s, self.say = tracker, timeout_s, say
+        self.events: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="persimmon-batch-watchdog", daemon=True)
+
+    def __enter__(self):
+        if self.tracker is not None and self.timeout_s:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _loop(self):
+        import ray
+
+        interval = min(10.0, max(0.5, self.timeout_s / 4))
+        while not self._stop.wait(interval):
+            try:
+                events = ray.get(self.tracker.check.remote(self.timeout_s), timeout=60)
+            except Exception as e:  # noqa: BLE001 - keep watching
+                log.warning("watchdog: progress tracker did not answer (%s)", e)
+                continue
+            for ev in events:
+                self.events.append(ev)
+                self.say(f"STUCK replica {ev.get('actor_id')} (node {ev.get('node_id')}, pid {ev.get('pid')}): "
+                         f"{ev['unit']} finished no batch for {ev['silent_s']:.0f} s "
+                         f"(batch_timeout_s={self.timeout_s:g}); restarting it, the task is retried")
+
+    def attempts(self) -> list[dict] | None:
+        """Every attempt of the run (None without a tracker)."""
+        import ray
+
+        if self.tracker is None:
+            return None
+        try:
+            return ray.get(self.tracker.snapshot.remote(), timeout=60)
+        except Exception as e:  # noqa: BLE001
+            log.warning("progress tracker did not answer (%s); retries are not counted", e)
+            return None
+
+
+def summarize(attempts: list[dict] | None, rows_by_unit: dict[str, int]) -> dict:
+    """Per unit: attempts, rows run again, why. `rows_retried` counts every row of a unit for
+    each attempt after the first (the unit is the retry granularity)."""
+    if attempts is None:
+        return {"rows_retried": None, "retried": {}}
+    by_unit: dict[str, list[dict]] = {}
+    for a in sorted(attempts, key=lambda a: a.get("started_at", 0)):
+        by_unit.setdefault(a["unit"], []).append(a)
+    retried, rows = {}, 0
+    for unit, tries in by_unit.items():
+        if len(tries) > 1:
+            n = rows_by_unit.get(unit, tries[0].get("rows", 0))
+            rows += n * (len(tries) - 1)
+            retried[unit] = {"attempts": len(tries), "rows": n,
+                             "why": [_why(a) for a in tries if a["state"] != "done"]}
+    return {"rows_retried": rows, "retried": retried}
+
+
+def _why(a: dict) -> str:
+    state = a["state"]
+    where = f"actor {a.get('actor_id')} pid {a.get('pid')} on node {a.get('node_id')}"
+    if state == "stuck":
+        return f"stuck: {a.get('error')} ({where}); killed and restarted"
+    if state in ("lost", "running"):
+        return f"replica died after {a.get('rows_done', 0)} rows ({where})"
+    return f"{state}: {a.get('error')}"
