@@ -33,7 +33,7 @@ def build_tiny_checkpoint(out_dir, task="causal", seed=0, num_labels=2, id2label
                           config_overrides=None) -> str:
     """Write a tiny random checkpoint for `task` into `out_dir` and return the directory.
 
-    The config is `PersimmonConfig.tiny()` (vocab 512, hidden 64, 2 layers, 4 heads) with
+    The config is `PersimmonConfig.tiny()` (hidden 64, 2 layers, 4 heads, vocab = the tokenizer's) with
     BOS = EOS = pad = the tokenizer's `|ENDOFTEXT|` id, updated by `config_overrides`. Weights
     are drawn from a generator seeded with `seed` (transformers' init: N(0, 0.02), zero bias,
     unit LayerNorm), so the same arguments give byte-identical files. Classification tasks take
@@ -46,7 +46,9 @@ def build_tiny_checkpoint(out_dir, task="causal", seed=0, num_labels=2, id2label
         tokenizer = PersimmonTokenizer.from_pretrained(os.path.dirname(train_tiny_tokenizer(tmp)))
         tokenizer.save_pretrained(out_dir)
     eot = tokenizer.token_to_id(ENDOFTEXT)
-    fields = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, architectures=[TASKS[task].__name__])
+    # the output layer matches the tokenizer, so every id the model emits decodes to a piece
+    fields = dict(vocab_size=tokenizer.vocab_size, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+                  architectures=[TASKS[task].__name__])
     if task != "causal":
         fields.update(num_labels=num_labels, id2label=id2label)
     config = PersimmonConfig.tiny(**{**fields, **(config_overrides or {})})
