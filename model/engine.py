@@ -184,6 +184,31 @@ class Runner:
         self.cache.copy_prefix(self.prefix_slot, self._tensor(slots), length)
 
 
+def pack_cpu_linears(model) -> None:
+    """CPU only: run every Linear through oneDNN with its weight pre-packed once into oneDNN's
+    blocked layout (as torch.compile's CPU backend does). Small decode batches multiply
+    1.4-2x faster than with the default BLAS call. Parameters keep their names and values (the
+    packed copy is extra memory, one model's worth); `unpack_cpu_linears` undoes it."""
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            weight, bias = module.weight, module.bias
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+
+            def forward(x, packed=packed, bias=bias, out_features=weight.shape[0]):
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+                return y.view(*x.shape[:-1], out_features)
+
+            module.forward = forward
+
+
+def unpack_cpu_linears(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.__dict__.pop("forward", None)
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
@@ -198,12 +223,18 @@ class Engine:
     to `max_seq_len` tokens each."""
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, max_seq_len: int | None = None,
-                 dtype=None, device=None, prefill_token_budget: int = 4096, decode_mode: str | None = None):
+                 dtype=None, device=None, prefill_token_budget: int = 4096, decode_mode: str | None = None,
+                 packed_cpu_linears: bool | None = None):
         dtype = resolve_dtype(dtype)
+        unpack_cpu_linears(model)  # packed copies from an earlier engine would go stale on a cast
         if dtype is not None or device is not None:
             model = model.to(dtype=dtype, device=device)
         self.model = model.eval()
         self.config: PersimmonConfig = model.config
+        if packed_cpu_linears is None:
+            packed_cpu_linears = next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available()
+        if packed_cpu_linears:
+            pack_cpu_linears(model)
         self.tokenizer = tokenizer
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

@@ -322,3 +322,26 @@ def test_score_choices_batched_groups_with_shared_prefix(lm, hf_lm, tokenizer, m
             expected.append(sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids)))
         assert res.error is None
         assert res.scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_packed_cpu_linears_match_plain_and_follow_casts():
+    model = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY))
+    x = torch.tensor([prompts_of([12])[0]])
+    reference_bf16 = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY)).to(torch.bfloat16)
+    with torch.no_grad():
+        plain, plain_bf16 = model(x).logits, reference_bf16(x).logits.float()
+    prompts = prompts_of([5, 17, 9])
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    unpacked = Engine(model, None, max_batch_size=3, max_seq_len=48, packed_cpu_linears=False).generate(prompts, params)
+    packed_engine = Engine(model, None, max_batch_size=3, max_seq_len=48, packed_cpu_linears=True)
+    packed = packed_engine.generate(prompts, params)
+    assert "forward" in model.lm_head.__dict__  # the packed path is really in use
+    with torch.no_grad():
+        assert (model(x).logits - plain).abs().max().item() <= 1e-4
+    assert [a.token_ids for a in unpacked] == [b.token_ids for b in packed]
+    # a later engine that casts the model repacks from the cast weights, never stale copies
+    bf16 = Engine(model, None, max_batch_size=3, max_seq_len=48, dtype="bfloat16", packed_cpu_linears=True)
+    with torch.no_grad():
+        logits = model(x).logits
+    assert logits.dtype == torch.bfloat16 and (logits.float() - plain_bf16).abs().max().item() <= 0.05
+    assert all(len(c.token_ids) == 10 for c in bf16.generate(prompts, params))
