@@ -96,10 +96,11 @@ class PipelineConfig:
                                 "batch (batch_size x 4 rows) for this long is reported as stuck "
                                 "and restarted, and its task retried (up to --max-task-retries, "
                                 "then reported failed). 0 = never.")
-    io_retries: int = _f(3, "Times a task is redone when reading its input or writing its output "
-                         "fails with a storage error mid-stream (network, throttling), with "
-                         "exponential backoff; single storage calls (list, stat, commit) are "
-                         "retried 4 times on their own.")
+    io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): "
+                         "each failed storage call (list, read, write, commit) is retried this "
+                         "many times (on top of the S3 client's 3 quick attempts), and a task "
+                         "whose input read or output write fails mid-stream is redone this many "
+                         "times. Errors that persist name the URI.")
     # ---- resume and bad input -------------------------------------------------------------
     resume: bool = _f(True, "Skip tasks whose output file is already committed (safe to rerun "
                       "after a crash). --no-resume with existing output is an error unless "

@@ -78,7 +78,7 @@ def _list(loc: Location) -> set[str]:
 
     try:
         infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)),
-                      f"list model {loc.uri}")
+                      f"list model {loc.uri}", loc.retries)
     except OSError as e:
         raise ModelError(f"model {loc.uri}: {e}") from None
     if not infos:
@@ -122,7 +122,7 @@ def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
             return size, (n, f.read_at(n, 8))
 
     try:
-        size, found = retry(_read, f"read {loc.uri}")
+        size, found = retry(_read, f"read {loc.uri}", loc.retries)
     except OSError as e:
         raise ModelError(f"model weights {loc.uri}: {e}") from None
     if found is None:
@@ -181,7 +181,9 @@ def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
         seen.add(name)
         if shape != expected[name]:
             wrong.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
-    missing = sorted(set(expected) - seen)
+    order = {name: i for i, name in enumerate(expected)}  # the model's own order: embeddings first
+    wrong.sort(key=lambda w: order[w.split(":")[0]])
+    missing = sorted(set(expected) - seen, key=order.get)
     if missing or unexpected or wrong:
         parts = []
         if wrong:

@@ -89,7 +89,7 @@ def _inspect(loc: Location, config: PipelineConfig):
             return pq.ParquetFile(f).metadata
 
     try:
-        meta = retry(_open, f"read footer of {loc.uri}")
+        meta = retry(_open, f"read footer of {loc.uri}", loc.retries)
     except FileNotFoundError:
         return None, "file vanished"
     except Exception as e:  # noqa: BLE001 - truncated / not Parquet / storage error
@@ -135,7 +135,7 @@ def read_unit_stats(loc: Location) -> dict | None:
             with loc.fs.open_input_file(loc.path) as f:
                 return pq.ParquetFile(f).metadata
 
-        meta = retry(_open, f"read footer of {loc.uri}")
+        meta = retry(_open, f"read footer of {loc.uri}", loc.retries)
         raw = (meta.metadata or {}).get(STATS_KEY)
         stats = json.loads(raw) if raw else None
         if stats is None or stats.get("rows_out") != meta.num_rows:
@@ -226,11 +226,12 @@ def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]
         def _open():
             with loc.fs.open_input_file(loc.path) as f:
                 return pq.ParquetFile(f).read(columns=[config.id_column]).column(0)
-        return retry(_open, f"read ids of {loc.uri}")
+        return retry(_open, f"read ids of {loc.uri}", loc.retries)
 
     with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
         columns = list(pool.map(lambda item: _read(item[0]), files))
-    ids = pa.chunked_array([c for col in columns for c in col.chunks], type=columns[0].type).to_pandas()
+    ids = pa.chunked_array([c for col in columns for c in col.chunks], type=columns[0].type).to_pandas(
+        integer_object_nulls=True)  # ints stay ints when some are null (not floats)
     try:
         null = ids.isna().to_numpy()
         dup = ids.duplicated(keep="first").to_numpy() & ~null
@@ -273,13 +274,13 @@ def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]
 
 def _find_done(config: PipelineConfig, plan: Plan) -> None:
     out = plan.output
-    info = retry(lambda: out.fs.get_file_info(out.path), f"stat {out.uri}")
+    info = retry(lambda: out.fs.get_file_info(out.path), f"stat {out.uri}", out.retries)
     if info.type == pafs.FileType.File:
         raise ConfigError(f"output {out.uri} is a file; it must be a directory")
     if info.type == pafs.FileType.NotFound and out.scheme not in ("s3", "s3a"):
         return
     infos = retry(lambda: out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True)),
-                  f"list {out.uri}")
+                  f"list {out.uri}", out.retries)
     existing = {i.base_name for i in infos if i.type == pafs.FileType.File
                 and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))}
     planned = {u.output_name for u in plan.units}
@@ -294,7 +295,7 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
                           f"use --resume to finish the run or --overwrite to recompute")
     if config.overwrite:
         for name in committed:
-            retry(lambda name=name: out.fs.delete_file(out.join(name).path), f"delete {out.join(name).uri}")
+            retry(lambda name=name: out.fs.delete_file(out.join(name).path), f"delete {out.join(name).uri}", out.retries)
         return
     with ThreadPoolExecutor(16) as pool:
         stats = list(pool.map(lambda n: read_unit_stats(out.join(n)), committed))

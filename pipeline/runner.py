@@ -115,7 +115,8 @@ class ShardRunner:
         fs = final.fs
         src = resolve(unit.input_uri, cfg)
         tmp = temp_sibling(final)
-        ensure_dir(Location(fs, tmp.path.rsplit("/", 1)[0], tmp.uri.rsplit("/", 1)[0], tmp.scheme))
+        ensure_dir(tmp.parent)
+        writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
         columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns]))
         preset = sorted((int(i), msg) for i, msg in unit.row_errors)
         preset_rows = [i for i, _ in preset]
@@ -129,7 +130,7 @@ class ShardRunner:
                     reader = pq.ParquetFile(stack.enter_context(src.fs.open_input_file(src.path)))
                     batches = reader.iter_batches(batch_size=cfg.batch_size * ROWS_PER_CALL,
                                                   row_groups=unit.row_groups, columns=columns)
-                with naming(f"write {tmp.uri}"):
+                with naming(writing):
                     f_out = stack.enter_context(fs.open_output_stream(tmp.path))
                     writer = pq.ParquetWriter(f_out, self.schema)
                 stack.callback(writer.close)  # on errors; closing twice is harmless
@@ -140,7 +141,7 @@ class ShardRunner:
                         break
                     lo, hi = bisect.bisect_left(preset_rows, rows), bisect.bisect_left(preset_rows, rows + rb.num_rows)
                     out = self.stage(rb, {i - rows: msg for i, msg in preset[lo:hi]}).cast(self.schema)
-                    with naming(f"write {tmp.uri}"):
+                    with naming(writing):
                         writer.write_table(out)
                     rows += out.num_rows
                     errs = [e for e in out["error"].to_pylist() if e is not None]
@@ -163,7 +164,7 @@ class ShardRunner:
                     "row_groups": unit.row_groups, "result_config": self.result_config,
                     "run_id": self.run_id,
                 }
-                with naming(f"write {tmp.uri}"):
+                with naming(writing):
                     writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
                     writer.close()
                     f_out.close()

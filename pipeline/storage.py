@@ -21,6 +21,7 @@ import os
 import random
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -37,11 +38,20 @@ class Location:
     path: str
     uri: str
     scheme: str
+    retries: int = 3  # times a failed call on it is retried (config.io_retries)
 
     def join(self, *parts: str) -> "Location":
         path = "/".join([self.path.rstrip("/"), *parts])
         uri = "/".join([self.uri.rstrip("/"), *parts])
-        return Location(self.fs, path, uri, self.scheme)
+        return self.at(path, uri)
+
+    def at(self, path: str, uri: str) -> "Location":
+        """Another path on the same filesystem, with the same retry policy."""
+        return dataclasses.replace(self, path=path, uri=uri)
+
+    @property
+    def parent(self) -> "Location":
+        return self.at(self.path.rsplit("/", 1)[0], self.uri.rsplit("/", 1)[0])
 
     @property
     def is_local(self) -> bool:
@@ -56,7 +66,9 @@ def filesystem_for(scheme: str, config) -> pafs.FileSystem:
         kwargs = dict(region=config.s3_region or "us-east-1",
                       access_key=config.s3_access_key_id, secret_key=config.s3_secret_access_key,
                       session_token=config.s3_session_token,
-                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+                      # quick retries of throttling / 5xx in the SDK; `retry` below adds
+                      # slower ones on top (config.io_retries)
+                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
                       connect_timeout=10, request_timeout=60)
         if config.s3_endpoint:
             endpoint = urlparse(config.s3_endpoint if "://" in config.s3_endpoint
@@ -82,10 +94,14 @@ def resolve(uri: str, config) -> Location:
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
         path = parsed.path if parsed.scheme == "file" else uri
         path = os.path.abspath(os.path.expanduser(path))
-        return Location(pafs.LocalFileSystem(), path, path, "file")
+        return Location(pafs.LocalFileSystem(), path, path, "file", _retries(config))
     scheme = parsed.scheme
     path = (parsed.netloc + parsed.path).rstrip("/") if parsed.netloc else parsed.path
-    return Location(filesystem_for(scheme, config), path, uri.rstrip("/"), scheme)
+    return Location(filesystem_for(scheme, config), path, uri.rstrip("/"), scheme, _retries(config))
+
+
+def _retries(config) -> int:
+    return int(getattr(config, "io_retries", 3))
 
 
 def _is_hidden(path: str) -> bool:
@@ -107,17 +123,17 @@ def list_parquet(inputs, config) -> list[Location]:
         if any(c in loc.path for c in "*?["):
             base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
             base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
-            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}")
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
             for info in infos:
                 if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path, loc.path):
                     matches.append(_child(loc, base, base_uri, info.path))
         else:
-            info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}")
+            info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
             if info.type == pafs.FileType.File:
                 matches.append(loc)
             elif info.type == pafs.FileType.Directory:
                 infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
-                              f"list {loc.uri}")
+                              f"list {loc.uri}", loc.retries)
                 for info in infos:
                     rel = info.path[len(loc.path.rstrip("/")) + 1:]
                     if info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _is_hidden(rel):
@@ -131,7 +147,7 @@ def list_parquet(inputs, config) -> list[Location]:
 
 def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
     rel = path[len(base_path.rstrip("/")):].lstrip("/")
-    return Location(parent.fs, path, base_uri.rstrip("/") + "/" + rel, parent.scheme)
+    return parent.at(path, base_uri.rstrip("/") + "/" + rel)
 
 
 class StorageError(OSError):
@@ -143,12 +159,14 @@ def backoff(attempt: int, base_delay: float = 0.5) -> float:
     return base_delay * 2 ** attempt * (0.5 + random.random())
 
 
-def retry(fn, what: str, attempts: int = 4, base_delay: float = 0.5):
-    """Call fn(), retrying OSErrors (network, throttling) with jittered exponential backoff.
+def retry(fn, what: str, retries: int = 3, base_delay: float = 0.5):
+    """Call fn(), retrying OSErrors (network, throttling) up to `retries` times with jittered
+    exponential backoff (0.5 s, 1 s, 2 s, ... x 0.5-1.5).
 
     The last error is re-raised as StorageError with `what` (which names the URI) in front of
     it. FileNotFoundError and PermissionError are not retried.
     """
+    attempts = retries + 1
     for attempt in range(attempts):
         try:
             return fn()
@@ -185,7 +203,7 @@ def transient(error: BaseException) -> bool:
 
 
 def exists(loc: Location) -> bool:
-    return retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}").type == pafs.FileType.File
+    return retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries).type == pafs.FileType.File
 
 
 def temp_sibling(final: Location) -> Location:
@@ -193,14 +211,14 @@ def temp_sibling(final: Location) -> Location:
     parent, name = final.path.rsplit("/", 1)
     parent_uri = final.uri.rsplit("/", 1)[0]
     tmp_name = f"_{name}.{uuid.uuid4().hex[:12]}.tmp"
-    return Location(final.fs, f"{parent}/_tmp/{tmp_name}", f"{parent_uri}/_tmp/{tmp_name}", final.scheme)
+    return final.at(f"{parent}/_tmp/{tmp_name}", f"{parent_uri}/_tmp/{tmp_name}")
 
 
 def ensure_dir(loc: Location) -> None:
     if loc.is_local:
         os.makedirs(loc.path, exist_ok=True)
     elif loc.scheme not in ("s3", "s3a"):  # object stores have no directories to create
-        retry(lambda: loc.fs.create_dir(loc.path, recursive=True), f"mkdir {loc.uri}")
+        retry(lambda: loc.fs.create_dir(loc.path, recursive=True), f"mkdir {loc.uri}", loc.retries)
 
 
 def commit(tmp: Location, final: Location) -> None:
@@ -212,7 +230,7 @@ def commit(tmp: Location, final: Location) -> None:
     if tmp.is_local:
         os.replace(tmp.path, final.path)
         return
-    retry(lambda: tmp.fs.copy_file(tmp.path, final.path), f"commit {final.uri}")
+    retry(lambda: tmp.fs.copy_file(tmp.path, final.path), f"commit {final.uri}", final.retries)
     try:
         tmp.fs.delete_file(tmp.path)
     except OSError as e:  # a leftover temp object is harmless: it is hidden and never read
@@ -221,13 +239,13 @@ def commit(tmp: Location, final: Location) -> None:
 
 def write_bytes_atomic(final: Location, data: bytes) -> None:
     tmp = temp_sibling(final)
-    ensure_dir(Location(tmp.fs, tmp.path.rsplit("/", 1)[0], tmp.uri.rsplit("/", 1)[0], tmp.scheme))
+    ensure_dir(tmp.parent)
 
     def _write():
         with tmp.fs.open_output_stream(tmp.path) as f:
             f.write(data)
 
-    retry(_write, f"write {tmp.uri}")
+    retry(_write, f"write {tmp.uri}", tmp.retries)
     commit(tmp, final)
 
 
@@ -236,7 +254,7 @@ def read_bytes(loc: Location) -> bytes:
         with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
 
-    return retry(_read, f"read {loc.uri}")
+    return retry(_read, f"read {loc.uri}", loc.retries)
 
 
 # ---- model directory: local as is, remote downloaded once per node --------------------------
@@ -267,7 +285,7 @@ def local_model_dir(model_uri: str, config) -> str:
         partial = f"{target}.partial-{os.getpid()}"
         os.makedirs(partial, exist_ok=True)
         infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False)),
-                      f"list model {loc.uri}")
+                      f"list model {loc.uri}", loc.retries)
         files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(MODEL_FILES_SUFFIXES)]
         if not files:
             raise FileNotFoundError(f"model {loc.uri} holds no checkpoint files")
@@ -279,7 +297,7 @@ def local_model_dir(model_uri: str, config) -> str:
                     while chunk := src.read(64 << 20):
                         out.write(chunk)
 
-            retry(_download, f"download {loc.uri}/{info.base_name}")
+            retry(_download, f"download {loc.uri}/{info.base_name}", loc.retries)
         if os.path.exists(target):  # stale incomplete copy from a killed run
             import shutil
 

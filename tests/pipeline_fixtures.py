@@ -6,10 +6,16 @@ wraps what it needs in its own module-scoped fixtures.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import re
+import shutil
 import socket
 import tempfile
+import threading
+import time
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,6 +33,7 @@ PROMPTS = [
 LABELS = {0: "negative", 1: "positive"}
 _MODELS: dict[str, str] = {}
 _MODEL_ROOT = tempfile.mkdtemp(prefix="pb-test-models-")
+atexit.register(shutil.rmtree, _MODEL_ROOT, ignore_errors=True)
 
 
 def tiny_model(task: str = "causal") -> str:
@@ -79,22 +86,88 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_exactly_once(ids_out, ids_in) -> None:
+    """Every input id appears in the output as often as in the input (once, for unique ids)."""
+    got, want = Counter(ids_out), Counter(ids_in)
+    assert got == want, {"missing": dict(want - got), "extra": dict(got - want)}
+
+
+class S3Faults:
+    """WSGI middleware in front of moto: answer chosen requests with an S3 error, as a flaky
+    or broken object store would. A rule is (METHOD, key regex, times): the first `times`
+    matching requests fail (None = every one). METHOD is GET, PUT, HEAD, DELETE, POST or COPY
+    (a PUT with x-amz-copy-source). Keys are `bucket/key`. Every request is logged as
+    (time, method, key, status) so tests can check that retries happened and backed off."""
+
+    BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected fault'
+            '</Message><Resource>/{key}</Resource><RequestId>fault</RequestId></Error>')
+
+    def __init__(self, app):
+        self.app = app
+        self.rules: list[dict] = []
+        self.log: list[tuple] = []
+        self.lock = threading.Lock()
+
+    def add(self, method: str, key_regex: str, times: int | None, status: int = 503, code: str = "SlowDown"):
+        with self.lock:
+            self.rules.append({"method": method, "key": re.compile(key_regex), "left": times,
+                               "status": status, "code": code, "hits": 0})
+
+    def clear(self):
+        with self.lock:
+            self.rules.clear()
+            self.log.clear()
+
+    def hits(self, method: str, key_regex: str) -> list[tuple]:
+        with self.lock:
+            return [e for e in self.log if e[1] == method and re.search(key_regex, e[2])]
+
+    def __call__(self, environ, start_response):
+        method = environ["REQUEST_METHOD"]
+        if method == "PUT" and environ.get("HTTP_X_AMZ_COPY_SOURCE"):
+            method = "COPY"
+        key = environ.get("PATH_INFO", "").lstrip("/")
+        fail = None
+        with self.lock:
+            for rule in self.rules:
+                if rule["method"] == method and rule["key"].search(key) and rule["left"] != 0:
+                    if rule["left"] is not None:
+                        rule["left"] -= 1
+                    rule["hits"] += 1
+                    fail = rule
+                    break
+            self.log.append((time.monotonic(), method, key, fail["status"] if fail else 200))
+        if fail is None:
+            return self.app(environ, start_response)
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        if length:
+            environ["wsgi.input"].read(length)  # drain the upload
+        body = b"" if method == "HEAD" else self.BODY.format(code=fail["code"], key=key).encode()
+        start_response(f"{fail['status']} Injected", [("Content-Type", "application/xml"),
+                                                      ("Content-Length", str(len(body)))])
+        return [body]
+
+
 @contextlib.contextmanager
-def moto_s3(bucket: str = "bucket"):
-    """A moto S3 server on 127.0.0.1:<free port> with one bucket; yields its settings."""
+def moto_s3(bucket: str = "bucket", access_key: str = "testing-key",
+            secret_key: str = "testing-secret-do-not-log"):
+    """A moto S3 server on 127.0.0.1:<free port> with one bucket; yields its settings, with
+    `faults` (an `S3Faults` in front of it, no rules until a test adds some)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    creds = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-log"}
+    faults = S3Faults(server._server.app)
+    server._server.app = faults  # the request handler calls server.app
+    creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     try:
         endpoint = f"http://127.0.0.1:{port}"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                      aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
                      aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
-        yield {"endpoint": endpoint, "bucket": bucket, **creds}
+        yield {"endpoint": endpoint, "bucket": bucket, "faults": faults, **creds}
     finally:
         server.stop()
 
