@@ -152,9 +152,18 @@ class S3Faults:
 def moto_s3(bucket: str = "bucket", access_key: str = "testing-key",
             secret_key: str = "testing-secret-do-not-log"):
     """A moto S3 server on 127.0.0.1:<free port> with one bucket; yields its settings, with
-    `faults` (an `S3Faults` in front of it, no rules until a test adds some)."""
+    `faults` (an `S3Faults` in front of it, no rules until a test adds some).
+
+    moto keeps its data in process-wide state shared by every server in the process, so the
+    state is reset when the server starts and stops: modules never see each other's objects."""
+    import urllib.request
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    def reset():
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"),
+                               timeout=10).read()
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -163,13 +172,18 @@ def moto_s3(bucket: str = "bucket", access_key: str = "testing-key",
     server._server.app = faults  # the request handler calls server.app
     creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     try:
+        reset()
         endpoint = f"http://127.0.0.1:{port}"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                      aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
                      aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
         yield {"endpoint": endpoint, "bucket": bucket, "faults": faults, **creds}
     finally:
-        server.stop()
+        faults.clear()
+        try:
+            reset()
+        finally:
+            server.stop()
 
 
 def s3_filesystem(s3: dict):
