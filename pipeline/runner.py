@@ -16,6 +16,16 @@ not at all). A unit whose output exists is skipped, both when planning a rerun a
 retries a unit after an actor died after committing it: every row lands exactly once. Results
 for a unit are deterministic (greedy, or seeded per row id), so a retried unit writes the same
 rows. The footer of each output holds the unit's statistics for the run report.
+
+What can go wrong inside a unit, and what happens:
+- a bad row: the stage returns it with `error` set (never raises); rows the plan flagged
+  (duplicate or null ids) get their error without being run;
+- a storage error mid-stream (read or write): the unit is redone from its start, up to
+  `io_retries` times with backoff, then reported failed with the URI in the message;
+- the replica dies (OOM, segfault, killed) or is killed as stuck by the driver's watchdog
+  (`pipeline.progress`): Ray restarts the actor and re-runs the unit, up to
+  `max_task_retries`; each attempt is recorded with the run's ProgressTracker, which is how
+  the run report counts `rows_retried` and names stuck replicas.
 """
 
 from __future__ import annotations
@@ -52,6 +62,14 @@ def _where() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return {"node_id": None, "actor_id": None, "pid": os.getpid()}
+
+
+def _close_quietly(stream) -> None:
+    """Close after an error without hiding it (a second close is a no-op)."""
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class ShardRunner:
@@ -131,9 +149,10 @@ class ShardRunner:
                     batches = reader.iter_batches(batch_size=cfg.batch_size * ROWS_PER_CALL,
                                                   row_groups=unit.row_groups, columns=columns)
                 with naming(writing):
-                    f_out = stack.enter_context(fs.open_output_stream(tmp.path))
+                    f_out = fs.open_output_stream(tmp.path)
+                    stack.callback(_close_quietly, f_out)  # on errors only: closed below on success
                     writer = pq.ParquetWriter(f_out, self.schema)
-                stack.callback(writer.close)  # on errors; closing twice is harmless
+                    stack.callback(_close_quietly, writer)
                 while True:
                     with naming(f"read {src.uri}"):
                         rb = next(batches, None)

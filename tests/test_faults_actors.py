@@ -33,6 +33,7 @@ from pipeline_fixtures import PROMPTS, assert_exactly_once, read_output, tiny_mo
 
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, init_ray, run_generate
+from pipeline.cli import summary
 
 pytestmark = pytest.mark.ray
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,6 +232,9 @@ def test_stuck_replica_is_reported_killed_and_retried(ray_local, tmp_path):
     retried = {r["output"]: r for r in report["retried_shards"]}
     assert retried["part-00001.parquet"]["attempts"] == 2 and "stuck" in retried["part-00001.parquet"]["why"][0]
     assert report["rows_retried"] == 160 + 64
+    text = summary(report)  # what the CLI prints at the end
+    assert "INCOMPLETE" in text and "224 row(s) run again in 2 shard(s)" in text
+    assert text.count("! stuck replica") == 3 and "part-00002.parquet: stuck: no batch finished" in text
     table = read_output(tmp_path / "out")
     assert_exactly_once(table["id"].to_pylist(),
                         [i for name, ids in shards.items() if name != "part-00002.parquet" for i in ids])

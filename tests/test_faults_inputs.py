@@ -284,3 +284,35 @@ def test_lone_surrogates_from_python_fail_only_their_row():
     assert rows[3]["error"] == "invalid_prompt: lone surrogate U+DFFF at position 0"
     direct = engine.generate(["fine before", "fine after"], SamplingParams(max_new_tokens=3))
     assert [rows[0]["completion"], rows[2]["completion"]] == [c.text for c in direct]
+
+
+def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
+    """Files split into several units (rows_per_task) and record batches smaller than a unit:
+    the flagged rows are exactly the later occurrences, wherever they fall. No Ray: the shard
+    runner is called directly."""
+    from pipeline.plan import make_plan
+    from pipeline.runner import ShardRunner
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    first = list(range(10))
+    second = [10, 11, 2, 12, 13, 14, 9, 9, 15, 16]  # 2 and 9 from the first file, 9 twice here
+    for name, ids in (("part-0.parquet", first), ("part-1.parquet", second)):
+        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "prompt": [f"p{i}" for i in ids]}),
+                       inputs / name, row_group_size=3)
+    config = PipelineConfig(task="generate", input=str(inputs), output=str(tmp_path / "out"),
+                            model=tiny_model("causal"), max_new_tokens=2, batch_size=1, rows_per_task=3)
+    plan = make_plan(config)
+    assert len(plan.units) == 8 and plan.ids["duplicate_rows"] == 3 and plan.ids["duplicate_ids"] == 2
+    runner = ShardRunner(config, plan.schema,
+                         engine=Engine.from_pretrained(tiny_model("causal"), max_batch_size=1, device="cpu"))
+    assert all(runner.run_unit(u)["status"] == "done" for u in plan.units)
+    table = pq.read_table(tmp_path / "out")  # every unit's file
+    assert_exactly_once(table["id"].to_pylist(), first + second)
+    flagged = pq.read_table(tmp_path / "out", filters=[("error", "!=", "")])
+    got = sorted(zip(flagged["id"].to_pylist(), flagged["error"].to_pylist()))
+    assert got == [(2, "duplicate_id: id 2 already appeared at part-0.parquet row 2"),
+                   (9, "duplicate_id: id 9 already appeared at part-0.parquet row 9"),
+                   (9, "duplicate_id: id 9 already appeared at part-0.parquet row 9")]
+    out1 = pq.read_table(tmp_path / "out" / "part-1.rg00002-00002.parquet")  # rows 6-8 of part-1
+    assert out1["id"].to_pylist() == [9, 9, 15] and out1["error"].null_count == 1
