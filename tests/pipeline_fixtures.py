@@ -80,6 +80,24 @@ def read_output(directory: str, fs=None) -> pa.Table:
     return ds.dataset(directory, filesystem=fs, format="parquet").to_table()
 
 
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 8):
+    """A fresh local Ray for one test module (loopback only, auth off), shut down afterwards.
+    Logical CPU headroom: Ray Data's helper actors need CPUs beside the replicas."""
+    import ray
+
+    from pipeline import PipelineConfig, init_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(PipelineConfig(input="-", output="-", model="-", num_cpus=num_cpus))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

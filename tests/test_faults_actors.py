@@ -29,7 +29,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import PROMPTS, assert_exactly_once, read_output, tiny_model
+from pipeline_fixtures import local_ray, PROMPTS, assert_exactly_once, read_output, tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, init_ray, run_generate
@@ -42,14 +42,8 @@ TRACKER_PREFIX = "persimmon-batch-progress-"
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(PipelineConfig(input="-", output="-", model="-", num_cpus=8))
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def write_sized_shards(directory, sizes: list[int]) -> dict[str, list[int]]:

@@ -21,7 +21,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import assert_exactly_once, read_output, tiny_model, write_shards
+from pipeline_fixtures import local_ray, assert_exactly_once, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
 from pipeline import InputError, ModelError, PipelineConfig, init_ray, run_classify, run_generate
@@ -158,14 +158,8 @@ def test_bad_input_files_are_named_before_any_model_work(tmp_path, capsys, no_ra
 # ---- runs on local Ray -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(PipelineConfig(input="-", output="-", model="-", num_cpus=8))
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def test_skipped_bad_files_are_listed_and_the_rest_is_exact(ray_local, tmp_path):

@@ -22,7 +22,7 @@ from collections import Counter
 
 import pyarrow.fs as pafs
 import pytest
-from pipeline_fixtures import (all_prompts, assert_exactly_once, moto_s3, read_output, s3_filesystem,
+from pipeline_fixtures import (local_ray, all_prompts, assert_exactly_once, moto_s3, read_output, s3_filesystem,
                                tiny_model, write_shards)
 
 from pipeline import InputError, PipelineConfig, init_ray, run_generate
@@ -34,15 +34,9 @@ ACCESS_KEY, SECRET = "AKIAFAULTSUITE7Q3Z", "fault-suite-secret-Zq81-never-log-me
 
 @pytest.fixture(scope="module")
 def s3():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(PipelineConfig(input="-", output="-", model="-", num_cpus=8))
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PERSIMMON_S3_ENDPOINT")}
     try:
-        with moto_s3(access_key=ACCESS_KEY, secret_key=SECRET) as server:
+        with local_ray(), moto_s3(access_key=ACCESS_KEY, secret_key=SECRET) as server:
             os.environ.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
                                "PERSIMMON_S3_ENDPOINT": server["endpoint"]})
             fs = s3_filesystem(server)
@@ -54,7 +48,6 @@ def s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        ray.shutdown()
 
 
 def _kwargs(s3, out: str, **extra) -> dict:

@@ -11,7 +11,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import all_prompts, read_output, tiny_model, write_shards
+from pipeline_fixtures import local_ray, all_prompts, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, build_dataset, init_ray, run, run_classify, run_generate, run_label
@@ -23,14 +23,8 @@ SHARDS, ROWS = 4, 5
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(PipelineConfig(input="-", output="-", model="-", num_cpus=8))
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import os
 from collections import Counter
 
 import pytest
-from pipeline_fixtures import (all_prompts, moto_s3, read_output, s3_filesystem, tiny_model, upload_dir,
+from pipeline_fixtures import (local_ray, all_prompts, moto_s3, read_output, s3_filesystem, tiny_model, upload_dir,
                                write_shards)
 
 from model import Engine, SamplingParams
@@ -23,14 +23,8 @@ SHARDS, ROWS = 4, 4
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(PipelineConfig(input="-", output="-", model="-", num_cpus=8))
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")
