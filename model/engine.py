@@ -120,6 +120,20 @@ class Runner:
         return h[torch.arange(len(tokens), device=self.device), last]  # [B, C]
 
     @torch.inference_mode()
+    def prefill_packed(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """Prefill whole prompts (from position 0) side by side as one [1, N] sequence: the
+        linear layers see one large matrix, attention stays within each prompt, no padding.
+        Returns hidden states at each prompt's last token [B, C]."""
+        ids = self._tensor([t for row in tokens for t in row])[None]  # [1, N]
+        pos = torch.cat([torch.arange(len(row), device=self.device) for row in tokens])[None]
+        token_slots = self._tensor([s for s, row in zip(slots, tokens) for _ in row])[None]
+        ends = torch.tensor([len(row) for row in tokens]).cumsum(0).tolist()
+        segments = list(zip([0] + ends[:-1], ends))
+        h = self.model.model(ids, position_ids=pos, kv_cache=self.cache, cache_slots=token_slots,
+                             segments=segments)
+        return h[0, self._tensor([e - 1 for e in ends])]  # [B, C]
+
+    @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each given slot. Returns hidden states [len(slots), C]."""
         if self.decode_mode != "dynamic":
@@ -355,7 +369,10 @@ class Engine:
                 req = waiting.pop()
                 req.slot = free.pop()
                 admitted.append(req)
-            for group in self._prefill_groups(admitted):
+            if prefix_len == 0:
+                for group in self._packed_groups(admitted):
+                    self._step(group, runner.prefill_packed([r.slot for r in group], [r.prompt for r in group]))
+            for group in self._prefill_groups(admitted) if prefix_len else ():
                 start = min(prefix_len, min(len(r.prompt) for r in group) - 1)
                 if start > 0:
                     runner.copy_prefix([r.slot for r in group], start)
@@ -389,6 +406,18 @@ class Engine:
             return 0
         self.runner.prefill([self.runner.prefix_slot], [prompts[0][:n]], [0])
         return n
+
+    def _packed_groups(self, reqs: list[_Request]):
+        """Admitted prompts in input order, cut into packs of at most prefill_token_budget tokens."""
+        group, tokens = [], 0
+        for req in reqs:
+            if group and tokens + len(req.prompt) > self.prefill_token_budget:
+                yield group
+                group, tokens = [], 0
+            group.append(req)
+            tokens += len(req.prompt)
+        if group:
+            yield group
 
     def _prefill_groups(self, reqs: list[_Request]):
         """Group admitted prompts by length so padding stays small and each group fits the

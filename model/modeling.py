@@ -73,19 +73,22 @@ class KVCache(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
     def update(self, layer: int, slots, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_len: int):
+               kv_len: int | None):
         """Write k, v [B, H, T, D] at (slot, position) and return this layer's keys and values
-        [B, H, kv_len, D] for the same slots. `slots` is a slice (contiguous rows, no copy) or a
-        LongTensor [B] of slot indices."""
+        [B, H, kv_len, D] for the same slots. `slots` is a slice (contiguous rows, no copy), a
+        LongTensor [B] of slot indices, or a LongTensor [B, T] giving each token's slot (packed
+        prefill; then nothing is read back and None is returned)."""
         k_layer, v_layer = self.k[layer], self.v[layer]
         if isinstance(slots, slice):
             k_layer, v_layer = k_layer[slots], v_layer[slots]
             rows = torch.arange(k.shape[0], device=k.device)
         else:
             rows = slots
-        rows = rows[:, None].expand_as(positions)  # [B, T]
+        rows = rows if rows.dim() == 2 else rows[:, None].expand_as(positions)  # [B, T]
         k_layer[rows, :, positions] = k.transpose(1, 2)  # index [B, T] -> value [B, T, H, D]
         v_layer[rows, :, positions] = v.transpose(1, 2)
+        if kv_len is None:
+            return None
         if isinstance(slots, slice):
             return k_layer[:, :, :kv_len], v_layer[:, :, :kv_len]
         return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]
@@ -113,7 +116,8 @@ class PersimmonAttention(nn.Module):
             self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
         self.attention_dropout = config.attention_dropout
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None, positions=None, kv_len=None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None, positions=None, kv_len=None,
+                segments=None):
         B, T, C = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.unbind(dim=3)  # each [B, T, H, D]
@@ -121,6 +125,12 @@ class PersimmonAttention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if segments is not None:  # packed prompts [1, N]: causal attention within each segment
+            if kv_cache is not None:
+                kv_cache.update(self.layer_idx, slots, positions, k, v, None)
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                          scale=self.head_dim ** -0.5) for a, b in segments], dim=2)
+            return self.dense(y.transpose(1, 2).reshape(B, T, C))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, slots, positions, k, v, kv_len)  # [B, H, L, D]
         dropout = self.attention_dropout if self.training else 0.0
@@ -220,11 +230,14 @@ class PersimmonModel(PersimmonPreTrainedModel):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None,
-                cache_slots=None, kv_len=None):
+                cache_slots=None, kv_len=None, segments=None):
         """input_ids [B, T] -> final hidden states [B, T, C].
 
         Plain mode (kv_cache None): causal attention within the batch, keys masked by
         `attention_mask`; positions default to arange(T) as in transformers.
+        Packed mode (`segments`, a list of (start, end) spans of a [1, N] input): several
+        sequences side by side, each attending causally to itself only; with a kv_cache,
+        `cache_slots` [1, N] says which slot each token's keys go to.
         Cached mode: `position_ids` are absolute positions (= cache indices) and required;
         `cache_slots` picks the cache rows (slice or LongTensor); attention spans the first
         `kv_len` cache positions (default max position + 1).
@@ -236,7 +249,12 @@ class PersimmonModel(PersimmonPreTrainedModel):
                 raise ValueError("position_ids are required with a kv_cache")
             position_ids = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
-        if kv_cache is None:
+        if segments is not None:
+            if position_ids is None or B != 1:
+                raise ValueError("packed segments need a [1, N] input with position_ids")
+            mask, cache_args = None, dict(kv_cache=kv_cache, slots=cache_slots, positions=position_ids,
+                                          segments=segments)
+        elif kv_cache is None:
             mask, cache_args = padding_causal_mask(attention_mask, B, T, x.device), {}
         else:
             kv_len = kv_len or int(position_ids.max()) + 1

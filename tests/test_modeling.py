@@ -218,3 +218,16 @@ def test_cached_forward_equals_full_forward():
             step = ours(x[:, t:t + 1], position_ids=torch.full((2, 1), t), kv_cache=cache,
                         cache_slots=slots).logits
             assert (step[:, 0] - full[:, t]).abs().max().item() <= TOL
+
+
+def test_packed_segments_equal_separate_forwards():
+    """Prompts side by side in one [1, N] input, each attending only to itself."""
+    ours = random_model(PersimmonForCausalLM, PersimmonConfig.tiny())
+    rows = [ids(1, n, seed=n)[0] for n in (5, 11, 3)]
+    packed = torch.cat(rows)[None]
+    positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    ends = [5, 16, 19]
+    with torch.no_grad():
+        out = ours(packed, position_ids=positions, segments=list(zip([0] + ends[:-1], ends))).logits[0]
+        for r, a, b in zip(rows, [0] + ends[:-1], ends):
+            assert (out[a:b] - ours(r[None]).logits[0]).abs().max().item() <= TOL
