@@ -1,8 +1,8 @@
 """The engine: batched, KV-cached generation with continuous batching, plus scoring.
 
 vLLM in miniature, three parts:
-- `Runner` owns the model and the static KV cache; it runs prefill (one or more prompts into
-  their cache slots) and decode (one token for a set of slots) and returns only the logits the
+- `Runner` owns the model and the static KV cache; it runs prefill (prompts packed side by
+  side into their cache slots, or padded groups after a shared prefix) and decode (one token for a set of slots) and returns only the logits the
   step needs: the 262k-vocab head is applied to the last position of each row, never [B, T, V].
 - the scheduler loop in `Engine.generate` admits waiting prompts into free slots, decodes all
   running rows one token per step, retires finished rows and refills their slots at once;
