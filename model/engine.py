@@ -372,12 +372,14 @@ class Engine:
             if prefix_len == 0:
                 for group in self._packed_groups(admitted):
                     self._step(group, runner.prefill_packed([r.slot for r in group], [r.prompt for r in group]))
-            for group in self._prefill_groups(admitted) if prefix_len else ():
-                start = min(prefix_len, min(len(r.prompt) for r in group) - 1)
-                if start > 0:
-                    runner.copy_prefix([r.slot for r in group], start)
-                h = runner.prefill([r.slot for r in group], [r.prompt[start:] for r in group], [start] * len(group))
-                self._step(group, h)
+            else:
+                for group in self._prefill_groups(admitted):
+                    start = min(prefix_len, min(len(r.prompt) for r in group) - 1)
+                    if start > 0:
+                        runner.copy_prefix([r.slot for r in group], start)
+                    h = runner.prefill([r.slot for r in group], [r.prompt[start:] for r in group],
+                                       [start] * len(group))
+                    self._step(group, h)
             for req in admitted:
                 running[req.slot] = req
             done = [r for r in running.values() if r.finish_reason]

@@ -98,6 +98,21 @@ def local_ray(num_cpus: int = 8):
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def patched_env(**values: str):
+    """Set environment variables for the duration of the block, then restore the old values."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ from collections import Counter
 
 import pyarrow.fs as pafs
 import pytest
-from pipeline_fixtures import (local_ray, all_prompts, assert_exactly_once, moto_s3, read_output, s3_filesystem,
+from pipeline_fixtures import (local_ray, patched_env, all_prompts, assert_exactly_once, moto_s3, read_output, s3_filesystem,
                                tiny_model, write_shards)
 
 from pipeline import InputError, PipelineConfig, init_ray, run_generate
@@ -34,20 +34,12 @@ ACCESS_KEY, SECRET = "AKIAFAULTSUITE7Q3Z", "fault-suite-secret-Zq81-never-log-me
 
 @pytest.fixture(scope="module")
 def s3():
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PERSIMMON_S3_ENDPOINT")}
-    try:
-        with local_ray(), moto_s3(access_key=ACCESS_KEY, secret_key=SECRET) as server:
-            os.environ.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
-                               "PERSIMMON_S3_ENDPOINT": server["endpoint"]})
-            fs = s3_filesystem(server)
-            write_shards(f"{server['bucket']}/in", shards=SHARDS, rows=ROWS, fs=fs)
-            yield {**server, "fs": fs}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with local_ray(), moto_s3(access_key=ACCESS_KEY, secret_key=SECRET) as server, \
+            patched_env(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET,
+                        PERSIMMON_S3_ENDPOINT=server["endpoint"]):
+        fs = s3_filesystem(server)
+        write_shards(f"{server['bucket']}/in", shards=SHARDS, rows=ROWS, fs=fs)
+        yield {**server, "fs": fs}
 
 
 def _kwargs(s3, out: str, **extra) -> dict:

@@ -11,7 +11,7 @@ import os
 from collections import Counter
 
 import pytest
-from pipeline_fixtures import (local_ray, all_prompts, moto_s3, read_output, s3_filesystem, tiny_model, upload_dir,
+from pipeline_fixtures import (local_ray, patched_env, all_prompts, moto_s3, read_output, s3_filesystem, tiny_model, upload_dir,
                                write_shards)
 
 from model import Engine, SamplingParams
@@ -29,22 +29,13 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def s3(ray_local):
-    with moto_s3() as server:
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PERSIMMON_S3_ENDPOINT")}
-        os.environ.update({"AWS_ACCESS_KEY_ID": server["AWS_ACCESS_KEY_ID"],
-                           "AWS_SECRET_ACCESS_KEY": server["AWS_SECRET_ACCESS_KEY"],
-                           "PERSIMMON_S3_ENDPOINT": server["endpoint"]})
+    with moto_s3() as server, patched_env(AWS_ACCESS_KEY_ID=server["AWS_ACCESS_KEY_ID"],
+                                          AWS_SECRET_ACCESS_KEY=server["AWS_SECRET_ACCESS_KEY"],
+                                          PERSIMMON_S3_ENDPOINT=server["endpoint"]):
         fs = s3_filesystem(server)
         write_shards(f"{server['bucket']}/in", shards=SHARDS, rows=ROWS, fs=fs)
         upload_dir(tiny_model("causal"), fs, f"{server['bucket']}/models/tiny")
-        try:
-            yield {**server, "fs": fs}
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        yield {**server, "fs": fs}
 
 
 def test_generate_on_s3_exactly_once_and_resume(s3, tmp_path):
