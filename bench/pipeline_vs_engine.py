@@ -2,14 +2,15 @@
 
     python bench/pipeline_vs_engine.py [--model DIR] [--rows 256] [--shards 4]
                                        [--max-new-tokens 32] [--batch-size 16] [--dtype float32]
+                                       [--repeats 3]
 
 Without --model a small random Persimmon (hidden 512, 8 layers, real tokenizer) is built in a
 temp dir. Both sides run greedy on the same prompts with the same engine settings; the pipeline
 uses one replica given every core, so both have the same compute. Prints one JSON line:
 
 - engine_s          bare `Engine.generate` over all rows (after load; chunks of the size the
-                    pipeline feeds), in this process; mean of a run before and one after the
-                    pipeline (engine_runs_s), as CPU speed drifts between runs
+                    pipeline feeds), in this process with Ray up and idle; mean of the runs
+                    just before and after each pipeline run, as this box's speed drifts
 - ray_init_s        starting local Ray (once per process; not per run)
 - pipeline_wall_s   `run_generate` with Ray up: plan, replica start, model load, inference, commit
 - model_load_s      `Engine.from_pretrained` inside the replica
@@ -19,6 +20,7 @@ uses one replica given every core, so both have the same compute. Prints one JSO
 - overhead_incl_startup_pct   (pipeline_wall_s - model_load_s) / engine_s - 1: also counts the
                     fixed cost of planning and starting the replica process
 - outputs_match     pipeline completions == engine completions
+Top-level timings and percentages are medians over --repeats runs (each run's numbers in `runs`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=3, help="pipeline runs, each between two bare-engine runs")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -89,45 +92,56 @@ def main() -> None:
                 out += engine.generate(shard[i:i + chunk], params)
         return out, time.perf_counter() - t
 
-    direct, engine_before_s = bare_engine()
-    tokens = sum(c.num_generated_tokens for c in direct)
-
-    # ---- pipeline ---------------------------------------------------------------------------
+    # ---- pipeline, alternating with the bare engine ------------------------------------------
+    # This box's speed drifts by 10-30 % between runs a minute apart, so each pipeline run is
+    # compared with the mean of the bare-engine runs just before and just after it.
     t = time.perf_counter()
     init_ray(PipelineConfig(input="-", output="-", model="-"))
     ray_init_s = time.perf_counter() - t
-    config = PipelineConfig(task="generate", input=os.path.join(work, "in"), output=os.path.join(work, "out"),
-                            model=model_dir, replicas=1, num_cpus_per_replica=cores, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, dtype=args.dtype, progress=False)
-    t = time.perf_counter()
-    report = run_generate(config)
-    pipeline_wall_s = time.perf_counter() - t
-    out = pq.read_table(os.path.join(work, "out")).sort_by("id")
-    outputs_match = out["completion"].to_pylist() == [c.text for c in direct]
-    units = [pq.ParquetFile(os.path.join(work, "out", f)).metadata.metadata[b"persimmon_batch"]
-             for f in sorted(os.listdir(os.path.join(work, "out"))) if f.endswith(".parquet")]
-    units = [json.loads(u) for u in units]
-    processing_s = max(u["finished_at"] for u in units) - min(u["started_at"] for u in units)
-    model_load_s = report["this_run"]["model_load_s"]
-    startup_s = report["this_run"]["startup_s"]
-    _, engine_after_s = bare_engine()  # again, with Ray up and idle: machine drift shows here
-    engine_s = (engine_before_s + engine_after_s) / 2
+    direct, engine_prev = bare_engine()
+    tokens = sum(c.num_generated_tokens for c in direct)
+    runs = []
+    for k in range(args.repeats):
+        out_dir = os.path.join(work, f"out{k}")
+        config = PipelineConfig(task="generate", input=os.path.join(work, "in"), output=out_dir,
+                                model=model_dir, replicas=1, num_cpus_per_replica=cores, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, dtype=args.dtype, progress=False)
+        t = time.perf_counter()
+        report = run_generate(config)
+        wall = time.perf_counter() - t
+        _, engine_next = bare_engine()
+        out = pq.read_table(out_dir).sort_by("id")
+        units = [json.loads(pq.ParquetFile(os.path.join(out_dir, f)).metadata.metadata[b"persimmon_batch"])
+                 for f in sorted(os.listdir(out_dir)) if f.endswith(".parquet")]
+        engine_s = (engine_prev + engine_next) / 2
+        startup_s, load_s = report["this_run"]["startup_s"], report["this_run"]["model_load_s"]
+        runs.append({
+            "engine_s": round(engine_s, 3), "pipeline_wall_s": round(wall, 3), "startup_s": startup_s,
+            "model_load_s": load_s,
+            "processing_s": round(max(u["finished_at"] for u in units) - min(u["started_at"] for u in units), 3),
+            "overhead_pct": round(100 * ((wall - startup_s) / engine_s - 1), 1),
+            "overhead_incl_startup_pct": round(100 * ((wall - load_s) / engine_s - 1), 1),
+            "outputs_match": out["completion"].to_pylist() == [c.text for c in direct],
+            "complete": report["complete"],
+        })
+        engine_prev = engine_next
+
+    def median(key):
+        values = sorted(r[key] for r in runs)
+        return values[len(values) // 2]
 
     print(json.dumps({
         "bench": "pipeline_vs_engine", "device": device, "cpu": platform.processor() or platform.machine(),
         "cores": cores, "torch_threads": torch.get_num_threads(), "dtype": args.dtype,
         "model": "random hidden 512 x 8 layers" if args.model is None else args.model,
         "rows": args.rows, "shards": args.shards, "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "tokens_generated": tokens,
-        "engine_load_s": round(engine_load_s, 3), "engine_s": round(engine_s, 3),
-        "engine_runs_s": [round(engine_before_s, 3), round(engine_after_s, 3)],
-        "engine_tokens_per_s": round(tokens / engine_s, 1),
-        "ray_init_s": round(ray_init_s, 3), "pipeline_wall_s": round(pipeline_wall_s, 3),
-        "model_load_s": model_load_s, "startup_s": startup_s, "processing_s": round(processing_s, 3),
-        "pipeline_tokens_per_s": round(report["tokens_generated"] / pipeline_wall_s, 1),
-        "overhead_pct": round(100 * ((pipeline_wall_s - startup_s) / engine_s - 1), 1),
-        "overhead_incl_startup_pct": round(100 * ((pipeline_wall_s - model_load_s) / engine_s - 1), 1),
-        "outputs_match": outputs_match, "complete": report["complete"],
+        "max_new_tokens": args.max_new_tokens, "tokens_generated": tokens, "repeats": args.repeats,
+        "engine_load_s": round(engine_load_s, 3), "ray_init_s": round(ray_init_s, 3),
+        "engine_s": median("engine_s"), "pipeline_wall_s": median("pipeline_wall_s"),
+        "startup_s": median("startup_s"), "model_load_s": median("model_load_s"),
+        "overhead_pct": median("overhead_pct"), "overhead_incl_startup_pct": median("overhead_incl_startup_pct"),
+        "outputs_match": all(r["outputs_match"] for r in runs), "complete": all(r["complete"] for r in runs),
+        "runs": runs,
     }))
 
 

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -135,16 +136,26 @@ def row_seed(base: int | None, row_id: Any) -> int | None:
 
 
 class _Stage:
-    """Shared column plumbing. Subclasses implement `_run(texts, ids) -> list[dict]`."""
+    """Shared column plumbing. Subclasses implement `_run(texts, ids) -> list[dict]`.
+
+    All torch work (loading the model, every engine call) runs on one thread the stage owns.
+    Ray Data builds the class on the actor's main thread but calls it from a worker thread;
+    each thread that runs torch ops gets its own OpenMP team, and with two teams on a CPU
+    replica OpenMP counts more threads than cores and stops spinning between parallel
+    regions: the replica then ran ~25% slower with cores idle (measured on 2 cores)."""
 
     task: str = ""
 
     def __init__(self, config: PipelineConfig, engine=None):
         self.config = config.validate()
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-engine")
         t0 = time.perf_counter()
-        self.engine = engine if engine is not None else load_engine(config)
+        self.engine = engine if engine is not None else self._on_torch_thread(load_engine, config)
         self.load_seconds = time.perf_counter() - t0
         self.columns = output_columns(self.task)
+
+    def _on_torch_thread(self, fn, *args):
+        return self._torch_thread.submit(fn, *args).result()
 
     def __call__(self, batch, row_errors: dict[int, str] | None = None) -> pa.Table:
         """Results for every row of `batch`, in order. `row_errors` ({row index: error}) marks
@@ -180,7 +191,7 @@ class _Stage:
         """One engine call for the batch; if it raises, retry row by row so one poisoned row
         only fails itself."""
         try:
-            out = self._run(texts, ids)
+            out = self._on_torch_thread(self._run, texts, ids)
             if len(out) != len(texts):
                 raise RuntimeError(f"engine returned {len(out)} results for {len(texts)} rows")
             return out

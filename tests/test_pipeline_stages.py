@@ -143,6 +143,34 @@ def test_template_and_label_and_classify_stages():
         {"id": 1, "label": "positive", "score": 0.75, "probs": [0.25, 0.75], "error": None}]
 
 
+def test_model_load_and_every_engine_call_run_on_one_thread(monkeypatch):
+    """Ray Data builds the stage on the actor's main thread and calls it from another; torch
+    must still see a single thread (one OpenMP team), whichever thread calls."""
+    import threading
+
+    import pipeline.stages as stages
+
+    seen = {}
+
+    class ThreadRecordingEngine(FakeEngine):
+        def generate(self, prompts, params):
+            seen.setdefault("calls", set()).add(threading.get_ident())
+            return super().generate(prompts, params)
+
+    def fake_load(config):
+        seen["load"] = threading.get_ident()
+        return ThreadRecordingEngine()
+
+    monkeypatch.setattr(stages, "load_engine", fake_load)
+    stage = GenerateStage(cfg())
+    stage({"id": [1], "prompt": ["a"]})  # from this thread
+    caller = threading.Thread(target=stage, args=({"id": [2, 3], "prompt": ["b", "BOOM"]},))  # row-by-row retry too
+    caller.start()
+    caller.join()
+    assert seen["calls"] == {seen["load"]}
+    assert seen["load"] not in (threading.get_ident(), caller.ident)
+
+
 def test_stages_with_the_real_tiny_engine_match_direct_calls():
     causal = tiny_model("causal")
     engine = Engine.from_pretrained(causal, max_batch_size=4, dtype="float32", device="cpu")
