@@ -117,7 +117,7 @@ class PersimmonAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(self, x, cos, sin, mask, kv_cache=None, slots=None, positions=None, kv_len=None,
-                segments=None):
+                segments=None, kv_chunks=None):
         B, T, C = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.unbind(dim=3)  # each [B, T, H, D]
@@ -133,6 +133,11 @@ class PersimmonAttention(nn.Module):
             return self.dense(y.transpose(1, 2).reshape(B, T, C))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, slots, positions, k, v, kv_len)  # [B, H, L, D]
+        if kv_chunks is not None:  # batch rows in runs, each reading only its own first n keys
+            y = torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b, :, :n], v[a:b, :, :n], attn_mask=m,
+                                                          scale=self.head_dim ** -0.5)
+                           for (a, b, n), m in zip(kv_chunks, mask)])
+            return self.dense(y.transpose(1, 2).reshape(B, T, C))
         dropout = self.attention_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                            scale=self.head_dim ** -0.5)  # [B, H, T, D]
@@ -230,7 +235,7 @@ class PersimmonModel(PersimmonPreTrainedModel):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None,
-                cache_slots=None, kv_len=None, segments=None):
+                cache_slots=None, kv_len=None, segments=None, kv_chunks=None):
         """input_ids [B, T] -> final hidden states [B, T, C].
 
         Plain mode (kv_cache None): causal attention within the batch, keys masked by
@@ -240,7 +245,9 @@ class PersimmonModel(PersimmonPreTrainedModel):
         `cache_slots` [1, N] says which slot each token's keys go to.
         Cached mode: `position_ids` are absolute positions (= cache indices) and required;
         `cache_slots` picks the cache rows (slice or LongTensor); attention spans the first
-        `kv_len` cache positions (default max position + 1).
+        `kv_len` cache positions (default max position + 1). `kv_chunks`, a list of
+        (row_start, row_end, n) covering the batch rows, lets each run of rows attend over its
+        own first n positions instead (ragged decode batches: short rows skip the long rows' keys).
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, C]
@@ -257,10 +264,15 @@ class PersimmonModel(PersimmonPreTrainedModel):
         elif kv_cache is None:
             mask, cache_args = padding_causal_mask(attention_mask, B, T, x.device), {}
         else:
-            kv_len = kv_len or int(position_ids.max()) + 1
             slots = cache_slots if cache_slots is not None else slice(0, B)
-            mask = cache_mask(position_ids, kv_len)
-            cache_args = dict(kv_cache=kv_cache, slots=slots, positions=position_ids, kv_len=kv_len)
+            if kv_chunks is not None:
+                kv_len = max(n for _, _, n in kv_chunks)
+                mask = [cache_mask(position_ids[a:b], n) for a, b, n in kv_chunks]
+            else:
+                kv_len = kv_len or int(position_ids.max()) + 1
+                mask = cache_mask(position_ids, kv_len)
+            cache_args = dict(kv_cache=kv_cache, slots=slots, positions=position_ids, kv_len=kv_len,
+                              kv_chunks=kv_chunks)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, **cache_args)
         return self.final_layernorm(x)

@@ -61,7 +61,9 @@ def hf_greedy(hf, prompt, new, eos=None):
     return out[0, len(prompt):].tolist()
 
 
-def test_greedy_tokens_identical_to_transformers_across_slot_refills(lm, hf_lm):
+@pytest.mark.parametrize("attention_chunk", [8, 1])  # 1: every decode row attends over its own length
+def test_greedy_tokens_identical_to_transformers_across_slot_refills(lm, hf_lm, attention_chunk, monkeypatch):
+    monkeypatch.setattr("model.engine.ATTENTION_CHUNK", attention_chunk)
     # 9 prompts of mixed lengths through 3 slots: rows finish and slots are refilled many times
     prompts = prompts_of([5, 31, 2, 17, 9, 40, 3, 12, 25])
     news = [24, 7, 30, 12, 18, 5, 26, 9, 14]
@@ -336,6 +338,12 @@ def test_packed_cpu_linears_match_plain_and_follow_casts():
     packed_engine = Engine(model, None, max_batch_size=3, max_seq_len=48, packed_cpu_linears=True)
     packed = packed_engine.generate(prompts, params)
     assert "forward" in model.lm_head.__dict__  # the packed path is really in use
+    mlp = model.model.layers[0].mlp
+    assert "forward" in mlp.__dict__  # ReLU fused into the first matmul, square in place
+    h = torch.randn(7, model.config.hidden_size)
+    with torch.no_grad():
+        expected = mlp.dense_4h_to_h.weight @ torch.relu(mlp.dense_h_to_4h.weight @ h.T + mlp.dense_h_to_4h.bias[:, None]).square()
+        assert (mlp(h) - (expected.T + mlp.dense_4h_to_h.bias)).abs().max().item() <= 1e-4
     with torch.no_grad():
         assert (model(x).logits - plain).abs().max().item() <= 1e-4
     assert [a.token_ids for a in unpacked] == [b.token_ids for b in packed]

@@ -231,3 +231,23 @@ def test_packed_segments_equal_separate_forwards():
         out = ours(packed, position_ids=positions, segments=list(zip([0] + ends[:-1], ends))).logits[0]
         for r, a, b in zip(rows, [0] + ends[:-1], ends):
             assert (out[a:b] - ours(r[None]).logits[0]).abs().max().item() <= TOL
+
+
+def test_decode_with_kv_chunks_equals_full_forward():
+    """Ragged decode batch: runs of rows attending over their own key lengths (kv_chunks) give
+    each row the logits of its own full forward."""
+    from model import KVCache
+
+    config = PersimmonConfig.tiny()
+    ours = random_model(PersimmonForCausalLM, config)
+    lengths = [3, 5, 9, 14, 20]
+    seqs = [ids(1, n + 1, seed=i)[0] for i, n in enumerate(lengths)]
+    cache = KVCache(config, max_batch_size=5, max_seq_len=32, dtype=torch.float32)
+    with torch.no_grad():
+        for slot, (seq, n) in enumerate(zip(seqs, lengths)):  # prompt of n tokens into its own slot
+            ours(seq[None, :n], position_ids=torch.arange(n)[None], kv_cache=cache, cache_slots=torch.tensor([slot]))
+        step = ours(torch.stack([s[n] for s, n in zip(seqs, lengths)])[:, None],
+                    position_ids=torch.tensor(lengths)[:, None], kv_cache=cache, cache_slots=slice(0, 5),
+                    kv_chunks=[(0, 2, 6), (2, 3, 10), (3, 5, 21)]).logits[:, 0]
+        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+            assert (step[row] - ours(seq[None, :n + 1]).logits[0, n]).abs().max().item() <= TOL
