@@ -1,10 +1,11 @@
 """Engine vs transformers' generate on the same random Persimmon-shaped model and prompts.
 
-    python bench/engine_vs_hf.py [--dtype bfloat16] [--engine-batch 32] [--hf-batch 8]
+    python bench/engine_vs_hf.py [--dtype bfloat16] [--engine-batch 32] [--hf-batch 8] [--repeats 3]
 
 Model: vocab 32000, hidden 1024, intermediate 4096, 8 layers, 16 heads, random (seed 0).
 Prompts: 32 random prompts of 16-128 tokens; greedy, 64 new tokens, eos ignored.
-Prints one JSON line. Both runs happen in this process, on this machine, after a warm-up.
+Prints one JSON line. Both run in this process, on this machine, after a warm-up, alternating
+--repeats times (default 3); tokens/s are medians, speedup is the median of per-pair ratios.
 """
 
 import argparse
@@ -39,6 +40,12 @@ def make_prompts(n, lo, hi, vocab, seed=0):
     return [torch.randint(3, vocab, (t,), generator=g).tolist() for t in lengths]
 
 
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def hf_generate(hf, prompts, new_tokens, batch):
     outs = []
     for i in range(0, len(prompts), batch):
@@ -61,6 +68,8 @@ def main():
     ap.add_argument("--hf-batch", type=int, default=8)
     ap.add_argument("--engine-batch", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true", help="time only the engine")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="engine / transformers runs, alternating; speedup = median of the pairs")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -77,12 +86,7 @@ def main():
     t0 = time.perf_counter()
     engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
     result["engine_warmup_s"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    completions = engine.generate(prompts, params)
-    engine_s = time.perf_counter() - t0
-    result["engine_tokens_per_s"] = round(total_new / engine_s, 1)
-    ours = [c.token_ids for c in completions]
-
+    hf = None
     if not args.skip_hf:
         import transformers
 
@@ -91,11 +95,29 @@ def main():
         hf = hf.to(dtype).eval()
         hf.generation_config.eos_token_id = None  # eos ignored: always generate new_tokens
         hf_generate(hf, prompts[:2], 4, 2)  # warm-up
+
+    # Alternate: this box's speed drifts 10-30 % within minutes, so each engine run is paired
+    # with the transformers run right after it and the speedup is the median of the pairs.
+    engine_s, hf_s, outputs, ref = [], [], [], None
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
-        ref = hf_generate(hf, prompts, args.new_tokens, args.hf_batch)
-        hf_s = time.perf_counter() - t0
-        result["hf_tokens_per_s"] = round(total_new / hf_s, 1)
-        result["speedup"] = round(hf_s / engine_s, 2)
+        completions = engine.generate(prompts, params)
+        engine_s.append(time.perf_counter() - t0)
+        outputs.append([c.token_ids for c in completions])
+        if hf is not None:
+            t0 = time.perf_counter()
+            ref = hf_generate(hf, prompts, args.new_tokens, args.hf_batch)
+            hf_s.append(time.perf_counter() - t0)
+    ours = outputs[0]
+    result["engine_runs_deterministic"] = all(o == ours for o in outputs)
+    result["engine_tokens_per_s"] = round(total_new / median(engine_s), 1)
+    result["engine_runs_s"] = [round(t, 2) for t in engine_s]
+    if hf is not None:
+        result["hf_tokens_per_s"] = round(total_new / median(hf_s), 1)
+        result["hf_runs_s"] = [round(t, 2) for t in hf_s]
+        speedups = [h / e for h, e in zip(hf_s, engine_s)]
+        result["speedup"] = round(median(speedups), 2)
+        result["speedup_runs"] = [round(x, 2) for x in speedups]
         same = [a == b for a, b in zip(ours, ref)]
         result["greedy_tokens_identical"] = all(same)
         result["prompts_identical"] = sum(same)
