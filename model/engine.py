@@ -574,8 +574,9 @@ class Engine:
     @torch.inference_mode()
     def classify(self, texts, add_bos: bool = True) -> list[Classification]:
         """Label each text with a sequence-classification checkpoint: the head reads the hidden
-        state of each row's last token. Rows are sorted by length and batched within a token
-        budget, right-padded (causal attention: padding after the last token changes nothing)."""
+        state of each row's last token. Rows are packed side by side, up to
+        `prefill_token_budget` tokens per forward, with no padding: one large matmul per layer,
+        attention within each row."""
         if not isinstance(self.model, PersimmonForSequenceClassification):
             raise TypeError("classify needs a PersimmonForSequenceClassification checkpoint")
         results: list[Classification | None] = [None] * len(texts)
@@ -589,23 +590,22 @@ class Engine:
                 encoded.append((i, ids))
             except ValueError as e:
                 results[i] = Classification(error=str(e))
-        encoded.sort(key=lambda item: len(item[1]))
         device = self.runner.device if self._runner else next(self.model.parameters()).device
-        batch: list[tuple[int, list[int]]] = []
+        pack: list[tuple[int, list[int]]] = []
         for item in encoded + [None]:
-            if item is not None and (not batch or (len(item[1]) * (len(batch) + 1) <= self.prefill_token_budget
-                                                   and len(item[1]) <= 1.25 * len(batch[0][1]) + 8)):
-                batch.append(item)
+            if item is not None and (not pack or sum(len(ids) for _, ids in pack) + len(item[1])
+                                     <= self.prefill_token_budget):
+                pack.append(item)
                 continue
-            if batch:
-                T = max(len(ids) for _, ids in batch)
-                tok = torch.tensor([ids + [0] * (T - len(ids)) for _, ids in batch], device=device)
-                h = self.model.model(tok)  # [B, T, C]
-                last = torch.tensor([len(ids) - 1 for _, ids in batch], device=device)
-                logits = self.model.score(h[torch.arange(len(batch), device=device), last]).float()
-                for (i, _), row in zip(batch, logits):
+            if pack:  # rows side by side as one [1, N] sequence, each attending to itself only
+                ends = torch.tensor([len(ids) for _, ids in pack]).cumsum(0).tolist()
+                tok = torch.tensor([t for _, ids in pack for t in ids], device=device)[None]
+                pos = torch.cat([torch.arange(len(ids), device=device) for _, ids in pack])[None]
+                h = self.model.model(tok, position_ids=pos, segments=list(zip([0] + ends[:-1], ends)))
+                logits = self.model.score(h[0, torch.tensor(ends, device=device) - 1]).float()
+                for (i, _), row in zip(pack, logits):
                     results[i] = self._label(row)
-            batch = [item] if item is not None else []
+            pack = [item] if item is not None else []
         return results
 
     def _label(self, logits: torch.Tensor) -> Classification:
