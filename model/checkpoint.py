@@ -132,18 +132,13 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
 
     state, unexpected, mismatched = {}, [], []
     for name, tensor in iter_tensors(files):
-        if bare and name.startswith("model."):
-            name = name[len("model."):]  # backbone out of a checkpoint with a head
-        elif bare and name.split(".")[0] in ("lm_head", "score"):
+        target = model_param_name(name, expected, bare, tied)
+        if target is None:
             continue
-        elif not bare and name not in expected and f"model.{name}" in expected:
-            name = f"model.{name}"  # head model from a bare-backbone checkpoint
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed from the config
-        if name not in expected:
-            if not (tied and name == "lm_head.weight"):
-                unexpected.append(name)
+        if target not in expected:
+            unexpected.append(target)
             continue
+        name = target
         if tuple(tensor.shape) != tuple(expected[name].shape):
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
             continue
@@ -162,6 +157,23 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
     model.load_state_dict(state, strict=not tied, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def model_param_name(name: str, expected, bare: bool, tied: bool) -> str | None:
+    """The model parameter a checkpoint tensor loads into (the caller checks it is in
+    `expected`), or None for tensors that are skipped: rotary `inv_freq` buffers (recomputed
+    from the config), a tied lm_head, and head weights when loading the bare backbone.
+    `model.` prefixes are dropped or added so backbone and head-model checkpoints load into
+    either class."""
+    if bare and name.startswith("model."):
+        name = name[len("model."):]  # backbone out of a checkpoint with a head
+    elif bare and name.split(".")[0] in ("lm_head", "score"):
+        return None
+    elif not bare and name not in expected and f"model.{name}" in expected:
+        name = f"model.{name}"  # head model from a bare-backbone checkpoint
+    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+        return None
+    return name
 
 
 def parse_size(size) -> int:

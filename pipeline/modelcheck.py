@@ -155,6 +155,7 @@ def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
     `model.checkpoint.load_pretrained` maps them (tied head, `model.` prefix, rotary buffers)."""
     import torch
 
+    from model.checkpoint import model_param_name
     from model.modeling import MODEL_CLASSES, PersimmonForCausalLM, PersimmonModel
 
     cls = MODEL_CLASSES.get(arch, PersimmonForCausalLM)
@@ -166,17 +167,11 @@ def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
     bare = cls is PersimmonModel
     seen, unexpected, wrong = set(), [], []
     for name, shape in shapes.items():
-        if bare and name.startswith("model."):
-            name = name[len("model."):]
-        elif bare and name.split(".")[0] in ("lm_head", "score"):
-            continue
-        elif not bare and name not in expected and f"model.{name}" in expected:
-            name = f"model.{name}"
-        if name.endswith("rotary_emb.inv_freq"):
+        name = model_param_name(name, expected, bare, tied)
+        if name is None:
             continue
         if name not in expected:
-            if not (tied and name == "lm_head.weight"):
-                unexpected.append(name)
+            unexpected.append(name)
             continue
         seen.add(name)
         if shape != expected[name]:
