@@ -97,7 +97,7 @@ class Runner:
         if decode_mode == "cuda_graph" and self.device.type != "cuda":
             raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device")
         if decode_mode != "dynamic" and self.config.rope_type == "dynamic":
-            decode_mode = "dynamic"  # dynamic NTK rope depends on the step's max position: no static shapes
+            decode_mode = "dynamic"  # dynamic NTK rope depends on each row's position: no static shapes
         self.decode_mode = decode_mode
         # static decode: all slots every step, attention over a power-of-two bucket of positions
         self.buckets = sorted({min(max_seq_len, 2 ** i) for i in range(7, max(8, math.ceil(math.log2(max_seq_len)) + 1))})
@@ -435,6 +435,8 @@ class Engine:
     def _prefill_shared_prefix(self, prompts: list[list[int]]) -> int:
         if len(prompts) < 2:
             return 0
+        if self.config.rope_type == "dynamic" and max(len(p) for p in prompts) > self.config.max_position_embeddings:
+            return 0  # dynamic NTK: a prompt's keys depend on its whole length, a prefix's would not
         n = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
         if n < MIN_SHARED_PREFIX:
             return 0
@@ -501,7 +503,9 @@ class Engine:
         each prompt is prefilled once (a prefix shared by all prompts, such as few-shot
         instructions, once per call), its KV is copied to one cache slot per choice, and all
         (prompt, choice) rows of the group then run as one batch. The head is applied only at
-        the positions that predict a choice token."""
+        the positions that predict a choice token. With dynamic NTK rope past
+        max_position_embeddings, the reused prompt keys keep the frequencies of the prompt's
+        length (as in cached generation), so scores differ slightly from one full forward."""
         if not isinstance(self.model, PersimmonForCausalLM):
             raise TypeError("score_choices needs a causal LM checkpoint (PersimmonForCausalLM)")
         if not choices:

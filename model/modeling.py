@@ -35,12 +35,21 @@ def rope_inv_freq(config: PersimmonConfig, seq_len: int, device) -> torch.Tensor
     return inv_freq
 
 
-def rope_cos_sin(config: PersimmonConfig, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [B, T, rotary_dim] for integer positions [B, T]; angles computed in fp32."""
-    seq_len = 1  # only dynamic NTK depends on the length (and only then do we sync on it)
+def rope_cos_sin(config: PersimmonConfig, position_ids: torch.Tensor, dtype: torch.dtype,
+                 seq_lens: torch.Tensor | None = None):
+    """cos, sin [B, T, rotary_dim] for integer positions [B, T]; angles computed in fp32.
+
+    Dynamic NTK scales the frequencies by the sequence length: each row's own (its max
+    position + 1, or `seq_lens` [B, T] per token, e.g. a packed row's segment lengths), as
+    transformers does for one sequence, so a row never depends on its batch-mates."""
+    inv_freq = rope_inv_freq(config, 1, position_ids.device)  # unscaled by length
     if config.rope_type == "dynamic" and position_ids.numel():
-        seq_len = int(position_ids.max()) + 1
-    inv_freq = rope_inv_freq(config, seq_len, position_ids.device)
+        if seq_lens is None:
+            seq_lens = position_ids.amax(dim=-1, keepdim=True).expand_as(position_ids) + 1
+        inv_freq = inv_freq.expand(*position_ids.shape, -1).clone()  # [B, T, rd/2]
+        for n in seq_lens.unique().tolist():  # syncs; only lengths past the limit rescale
+            if n > config.max_position_embeddings:
+                inv_freq[seq_lens == n] = rope_inv_freq(config, n, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # [B, T, rd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, rd]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -255,12 +264,16 @@ class PersimmonModel(PersimmonPreTrainedModel):
             if kv_cache is not None:
                 raise ValueError("position_ids are required with a kv_cache")
             position_ids = torch.arange(T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
+        seq_lens = None  # dynamic NTK rope: each token's sequence length, default its row's
         if segments is not None:
-            if position_ids is None or B != 1:
+            if B != 1:
                 raise ValueError("packed segments need a [1, N] input with position_ids")
             mask, cache_args = None, dict(kv_cache=kv_cache, slots=cache_slots, positions=position_ids,
                                           segments=segments)
+            if self.config.rope_type == "dynamic":  # each segment is a sequence of its own
+                lengths = torch.tensor([b - a for a, b in segments], device=x.device)
+                last = position_ids[0, torch.tensor([b - 1 for _, b in segments], device=x.device)] + 1
+                seq_lens = torch.repeat_interleave(last, lengths)[None]
         elif kv_cache is None:
             mask, cache_args = padding_causal_mask(attention_mask, B, T, x.device), {}
         else:
@@ -273,6 +286,7 @@ class PersimmonModel(PersimmonPreTrainedModel):
                 mask = cache_mask(position_ids, kv_len)
             cache_args = dict(kv_cache=kv_cache, slots=slots, positions=position_ids, kv_len=kv_len,
                               kv_chunks=kv_chunks)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype, seq_lens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, **cache_args)
         return self.final_layernorm(x)

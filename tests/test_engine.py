@@ -353,3 +353,22 @@ def test_packed_cpu_linears_match_plain_and_follow_casts():
         logits = model(x).logits
     assert logits.dtype == torch.bfloat16 and (logits.float() - plain_bf16).abs().max().item() <= 0.05
     assert all(len(c.token_ids) == 10 for c in bf16.generate(prompts, params))
+
+
+def test_dynamic_rope_rows_independent_of_batch_and_equal_transformers_alone():
+    """Dynamic NTK rope past max_position_embeddings: each row uses its own length, so it
+    matches transformers generating that prompt alone, whatever shares its batch."""
+    cfg = PersimmonConfig.tiny(**LIVELY, max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 3.0})
+    model = random_model(PersimmonForCausalLM, cfg)
+    prompts = prompts_of([5, 21, 12, 3])  # one starts past the limit, others cross it while decoding
+    params = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    together = Engine(model, None, max_batch_size=4, max_seq_len=48).generate(prompts, params)
+    for prompt, row in zip(prompts, together):
+        alone = Engine(model, None, max_batch_size=1, max_seq_len=48).generate([prompt], params)[0]
+        assert row.token_ids == alone.token_ids
+        # a fresh twin per prompt: transformers keeps the longest length it has seen between calls
+        assert row.token_ids == hf_greedy(hf_twin(model), prompt, 14)
+    # the shared-prefix path must not change them either
+    shared = [[7] * 10 + p for p in prompts]
+    with_prefix = Engine(model, None, max_batch_size=4, max_seq_len=48).generate(shared, params)
+    assert [c.token_ids for c in with_prefix] == [hf_greedy(hf_twin(model), p, 14) for p in shared]
