@@ -14,6 +14,7 @@ uses one replica given every core, so both have the same compute. Prints one JSO
 - ray_init_s        starting local Ray (once per process; not per run)
 - pipeline_wall_s   `run_generate` with Ray up: plan, replica start, model load, inference, commit
 - model_load_s      `Engine.from_pretrained` inside the replica
+- replica_start_s   (per run) run start -> replica process up, before its model load
 - startup_s         run start -> first shard starts (planning, actor process, model load)
 - overhead_pct      (pipeline_wall_s - startup_s) / engine_s - 1: reading, Arrow conversion,
                     scheduling, writing and committing, once replicas are up (target <= 15 %)
@@ -117,7 +118,7 @@ def main() -> None:
         startup_s, load_s = report["this_run"]["startup_s"], report["this_run"]["model_load_s"]
         runs.append({
             "engine_s": round(engine_s, 3), "pipeline_wall_s": round(wall, 3), "startup_s": startup_s,
-            "model_load_s": load_s,
+            "model_load_s": load_s, "replica_start_s": report["this_run"]["replica_start_s"],
             "processing_s": round(max(u["finished_at"] for u in units) - min(u["started_at"] for u in units), 3),
             "overhead_pct": round(100 * ((wall - startup_s) / engine_s - 1), 1),
             "overhead_incl_startup_pct": round(100 * ((wall - load_s) / engine_s - 1), 1),

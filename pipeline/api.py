@@ -291,6 +291,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
     rows_written = sum(st.get("rows_out", 0) for st in committed)
     tokens_now = sum(st.get("tokens_generated", 0) for st in ran)
     first_start = min((st["started_at"] for st in ran if st.get("started_at")), default=None)
+    created = [st["replica_created_at"] for st in ran if st.get("replica_created_at")]
     complete = (not failed and rows_written == rows_in
                 and all(b["rows"] == 0 for b in plan.bad_shards))
     nodes = Counter(st.get("node_id") for st in ran)
@@ -314,6 +315,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
             "rows_processed": sum(st.get("rows_out", 0) for st in ran),
             "tokens_generated": tokens_now,
             "startup_s": round(first_start - started_at, 3) if first_start else None,
+            "replica_start_s": round(min(created) - started_at, 3) if created else None,
             "model_load_s": max((st.get("load_seconds", 0) for st in ran), default=None),
             "replicas": len({st.get("actor_id") for st in ran}),
             "units_per_node": {str(k): v for k, v in nodes.items()},

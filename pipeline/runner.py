@@ -82,6 +82,7 @@ class ShardRunner:
 
     def __init__(self, config: PipelineConfig, schema: pa.Schema, engine=None, progress=None,
                  run_id: str | None = None):
+        self.created_at = time.time()  # the replica process is up (before the model loads)
         self.config = config
         self.schema = schema
         self.stage = STAGES[config.task](config, engine=engine)
@@ -180,6 +181,7 @@ class ShardRunner:
                     "tokens_prompt": tok_in, "tokens_generated": tok_out,
                     "seconds": round(time.perf_counter() - t0, 4), "started_at": started,
                     "finished_at": time.time(), "load_seconds": round(self.stage.load_seconds, 3),
+                    "replica_created_at": self.created_at,
                     "row_groups": unit.row_groups, "result_config": self.result_config,
                     "run_id": self.run_id,
                 }
