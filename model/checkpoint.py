@@ -122,12 +122,7 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
     dtype = resolve_dtype(dtype) or resolve_dtype(config.torch_dtype) or torch.float32
     device = torch.device(device or "cpu")
 
-    with torch.device("meta"):
-        model = model_class(config)
-    expected = {name: p for name, p in model.state_dict().items()}
-    tied = config.tie_word_embeddings and "lm_head.weight" in expected
-    if tied:
-        expected.pop("lm_head.weight")
+    model, expected, tied = meta_model(model_class, config)
     bare = model_class is PersimmonModel
 
     state, unexpected, mismatched = {}, [], []
@@ -146,17 +141,29 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
         del tensor
     missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {missing[:20]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {sorted(unexpected)[:20]}")
-        if mismatched:
-            parts.append(f"wrong shape {len(mismatched)}: {mismatched[:20]}")
-        raise CheckpointError(f"checkpoint {path} does not match {model_class.__name__}: " + "; ".join(parts))
+        report = mismatch_report([("missing", missing), ("unexpected", sorted(unexpected)),
+                                  ("wrong shape", mismatched)], limit=20)
+        raise CheckpointError(f"checkpoint {path} does not match {model_class.__name__}: {report}")
     model.load_state_dict(state, strict=not tied, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def meta_model(model_class, config: PersimmonConfig):
+    """(model on the meta device, its parameters by name, tied): a tied lm_head is left out of
+    the parameters, as checkpoints may or may not store it."""
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = dict(model.state_dict())
+    tied = config.tie_word_embeddings and "lm_head.weight" in expected
+    if tied:
+        expected.pop("lm_head.weight")
+    return model, expected, tied
+
+
+def mismatch_report(parts: list[tuple[str, list]], limit: int) -> str:
+    """'missing 2: [...]; wrong shape 1: [...]' for the non-empty lists, each cut to `limit`."""
+    return "; ".join(f"{label} {len(items)}: {items[:limit]}" for label, items in parts if items)
 
 
 def model_param_name(name: str, expected, bare: bool, tied: bool) -> str | None:

@@ -153,17 +153,12 @@ def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
 def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
     """Names and shapes of the checkpoint vs the model config.json describes, mapped the way
     `model.checkpoint.load_pretrained` maps them (tied head, `model.` prefix, rotary buffers)."""
-    import torch
-
-    from model.checkpoint import model_param_name
+    from model.checkpoint import meta_model, mismatch_report, model_param_name
     from model.modeling import MODEL_CLASSES, PersimmonForCausalLM, PersimmonModel
 
     cls = MODEL_CLASSES.get(arch, PersimmonForCausalLM)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in cls(mcfg).state_dict().items()}
-    tied = mcfg.tie_word_embeddings and "lm_head.weight" in expected
-    if tied:
-        expected.pop("lm_head.weight")
+    _, params, tied = meta_model(cls, mcfg)
+    expected = {k: tuple(v.shape) for k, v in params.items()}
     bare = cls is PersimmonModel
     seen, unexpected, wrong = set(), [], []
     for name, shape in shapes.items():
@@ -180,11 +175,6 @@ def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
     wrong.sort(key=lambda w: order[w.split(":")[0]])
     missing = sorted(set(expected) - seen, key=order.get)
     if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"wrong shape {len(wrong)}: {wrong[:5]}")
-        if missing:
-            parts.append(f"missing {len(missing)}: {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {sorted(unexpected)[:5]}")
-        raise ModelError(f"model {loc.uri}: weights do not match config.json ({arch}): " + "; ".join(parts))
+        report = mismatch_report([("wrong shape", wrong), ("missing", missing), ("unexpected", sorted(unexpected))],
+                                 limit=5)
+        raise ModelError(f"model {loc.uri}: weights do not match config.json ({arch}): {report}")
