@@ -13,6 +13,7 @@ spare slot and copied into each row's slot, so only each row's own suffix is com
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -125,14 +126,11 @@ class Runner:
         """Prefill whole prompts (from position 0) side by side as one [1, N] sequence: the
         linear layers see one large matrix, attention stays within each prompt, no padding.
         Returns hidden states at each prompt's last token [B, C]."""
-        ids = self._tensor([t for row in tokens for t in row])[None]  # [1, N]
-        pos = torch.cat([torch.arange(len(row), device=self.device) for row in tokens])[None]
+        ids, pos, segments = packed_inputs(tokens, self.device)
         token_slots = self._tensor([s for s, row in zip(slots, tokens) for _ in row])[None]
-        ends = torch.tensor([len(row) for row in tokens]).cumsum(0).tolist()
-        segments = list(zip([0] + ends[:-1], ends))
         h = self.model.model(ids, position_ids=pos, kv_cache=self.cache, cache_slots=token_slots,
                              segments=segments)
-        return h[0, self._tensor([e - 1 for e in ends])]  # [B, C]
+        return h[0, self._tensor([e - 1 for _, e in segments])]  # [B, C]
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -249,6 +247,29 @@ def unpack_cpu_linears(model) -> None:
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, PersimmonMLP)):
             module.__dict__.pop("forward", None)
+
+
+def packed_inputs(rows: list[list[int]], device):
+    """Token lists side by side as one sequence: ids [1, N], positions [1, N] (each row from 0)
+    and each row's (start, end) segment, for the model's packed mode."""
+    ids = torch.tensor([t for row in rows for t in row], dtype=torch.long, device=device)[None]
+    pos = torch.cat([torch.arange(len(row), device=device) for row in rows])[None]
+    ends = list(itertools.accumulate(len(row) for row in rows))
+    return ids, pos, list(zip([0] + ends[:-1], ends))
+
+
+def token_budget_packs(items: list, size, budget: int):
+    """`items` in order, cut into consecutive packs of at most `budget` tokens (`size(item)`
+    each); an item larger than the budget is a pack of its own."""
+    pack, tokens = [], 0
+    for item in items:
+        if pack and tokens + size(item) > budget:
+            yield pack
+            pack, tokens = [], 0
+        pack.append(item)
+        tokens += size(item)
+    if pack:
+        yield pack
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -445,15 +466,7 @@ class Engine:
 
     def _packed_groups(self, reqs: list[_Request]):
         """Admitted prompts in input order, cut into packs of at most prefill_token_budget tokens."""
-        group, tokens = [], 0
-        for req in reqs:
-            if group and tokens + len(req.prompt) > self.prefill_token_budget:
-                yield group
-                group, tokens = [], 0
-            group.append(req)
-            tokens += len(req.prompt)
-        if group:
-            yield group
+        return token_budget_packs(reqs, lambda r: len(r.prompt), self.prefill_token_budget)
 
     def _prefill_groups(self, reqs: list[_Request]):
         """Group admitted prompts by length so padding stays small and each group fits the
@@ -595,21 +608,13 @@ class Engine:
             except ValueError as e:
                 results[i] = Classification(error=str(e))
         device = self.runner.device if self._runner else next(self.model.parameters()).device
-        pack: list[tuple[int, list[int]]] = []
-        for item in encoded + [None]:
-            if item is not None and (not pack or sum(len(ids) for _, ids in pack) + len(item[1])
-                                     <= self.prefill_token_budget):
-                pack.append(item)
-                continue
-            if pack:  # rows side by side as one [1, N] sequence, each attending to itself only
-                ends = torch.tensor([len(ids) for _, ids in pack]).cumsum(0).tolist()
-                tok = torch.tensor([t for _, ids in pack for t in ids], device=device)[None]
-                pos = torch.cat([torch.arange(len(ids), device=device) for _, ids in pack])[None]
-                h = self.model.model(tok, position_ids=pos, segments=list(zip([0] + ends[:-1], ends)))
-                logits = self.model.score(h[0, torch.tensor(ends, device=device) - 1]).float()
-                for (i, _), row in zip(pack, logits):
-                    results[i] = self._label(row)
-            pack = [item] if item is not None else []
+        for pack in token_budget_packs(encoded, lambda item: len(item[1]), self.prefill_token_budget):
+            # rows side by side as one [1, N] sequence, each attending to itself only
+            ids, pos, segments = packed_inputs([row for _, row in pack], device)
+            h = self.model.model(ids, position_ids=pos, segments=segments)
+            logits = self.model.score(h[0, torch.tensor([e - 1 for _, e in segments], device=device)]).float()
+            for (i, _), row in zip(pack, logits):
+                results[i] = self._label(row)
         return results
 
     def _label(self, logits: torch.Tensor) -> Classification:
