@@ -4,7 +4,6 @@ from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import PersimmonConfig
 from .engine import ChoiceScores, Classification, Completion, Engine
 from .modeling import (
-    KVCache,
     PersimmonForCausalLM,
     PersimmonForSequenceClassification,
     PersimmonForTokenClassification,
@@ -14,7 +13,7 @@ from .sampling import SamplingParams
 from .tokenizer import PersimmonTokenizer, chat_prompt
 
 __all__ = [
-    "CheckpointError", "ChoiceScores", "Classification", "Completion", "Engine", "KVCache",
+    "CheckpointError", "ChoiceScores", "Classification", "Completion", "Engine",
     "PersimmonConfig", "PersimmonForCausalLM", "PersimmonForSequenceClassification",
     "PersimmonForTokenClassification", "PersimmonModel", "PersimmonTokenizer", "SamplingParams",
     "chat_prompt", "load_pretrained", "save_pretrained",

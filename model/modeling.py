@@ -2,10 +2,12 @@
 
 Parameter names are transformers' names, so HF checkpoints load by name, strictly.
 Two ways to run the stack:
-- a plain forward over padded batches (`attention_mask`), used for scoring and training;
-- a cached forward against a static `KVCache`, used by the engine: each batch row is a cache
-  slot, each token carries its absolute position, and a key at cache index j is visible to a
-  query at position p iff j <= p. Prefill, prefix reuse and decode are all this one call.
+- a plain forward over padded batches (`attention_mask`), used for scoring, training and as
+  the reference the engine is tested against;
+- the engine's forward: the tokens of several sequences side by side as one flat run of N
+  tokens, described by an `AttentionMetadata` (positions, each sequence's span, block tables),
+  with keys and values in a `PagedKVCache` (model/attention.py). Prefill, prefix reuse,
+  recompute after preemption, decode and packed classification are all this one call.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import AttentionMetadata, PagedKVCache, paged_attention
 from .config import PersimmonConfig
 
 
@@ -61,51 +64,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of x [B, H, T, D]; the rest pass through."""
+    """Rotate the first rotary_dim dims of x [B, T, H, D]; the rest pass through."""
     rd = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, rd]
+    cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, rd]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Static KV cache: one buffer per K and V for all layers, a batch row is a slot
-# ---------------------------------------------------------------------------------------------
-class KVCache(nn.Module):
-    def __init__(self, config: PersimmonConfig, max_batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype, device=None):
-        super().__init__()
-        shape = (config.num_hidden_layers, max_batch_size, config.num_attention_heads,
-                 max_seq_len, config.head_dim)  # [L, slots, H, S, D]
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-
-    def update(self, layer: int, slots, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_len: int | None):
-        """Write k, v [B, H, T, D] at (slot, position) and return this layer's keys and values
-        [B, H, kv_len, D] for the same slots. `slots` is a slice (contiguous rows, no copy), a
-        LongTensor [B] of slot indices, or a LongTensor [B, T] giving each token's slot (packed
-        prefill; then nothing is read back and None is returned)."""
-        k_layer, v_layer = self.k[layer], self.v[layer]
-        if isinstance(slots, slice):
-            k_layer, v_layer = k_layer[slots], v_layer[slots]
-            rows = torch.arange(k.shape[0], device=k.device)
-        else:
-            rows = slots
-        rows = rows if rows.dim() == 2 else rows[:, None].expand_as(positions)  # [B, T]
-        k_layer[rows, :, positions] = k.transpose(1, 2)  # index [B, T] -> value [B, T, H, D]
-        v_layer[rows, :, positions] = v.transpose(1, 2)
-        if kv_len is None:
-            return None
-        if isinstance(slots, slice):
-            return k_layer[:, :, :kv_len], v_layer[:, :, :kv_len]
-        return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]
-
-    def copy_prefix(self, src: int, dst: torch.Tensor, length: int) -> None:
-        """Copy positions [0, length) of slot `src` into slots `dst` (shared-prefix reuse)."""
-        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,31 +88,20 @@ class PersimmonAttention(nn.Module):
             self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
         self.attention_dropout = config.attention_dropout
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None, positions=None, kv_len=None,
-                segments=None, kv_chunks=None):
+    def forward(self, x, cos, sin, mask=None, attn_metadata: AttentionMetadata | None = None,
+                kv_cache: PagedKVCache | None = None):
         B, T, C = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.unbind(dim=3)  # each [B, T, H, D]
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if segments is not None:  # packed prompts [1, N]: causal attention within each segment
-            if kv_cache is not None:
-                kv_cache.update(self.layer_idx, slots, positions, k, v, None)
-            y = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                          scale=self.head_dim ** -0.5) for a, b in segments], dim=2)
-            return self.dense(y.transpose(1, 2).reshape(B, T, C))
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, slots, positions, k, v, kv_len)  # [B, H, L, D]
-        if kv_chunks is not None:  # batch rows in runs, each reading only its own first n keys
-            y = torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b, :, :n], v[a:b, :, :n], attn_mask=m,
-                                                          scale=self.head_dim ** -0.5)
-                           for (a, b, n), m in zip(kv_chunks, mask)])
-            return self.dense(y.transpose(1, 2).reshape(B, T, C))
+        if attn_metadata is not None:  # engine: B == 1, T == the N packed tokens
+            y = paged_attention(q[0], k[0], v[0], self.layer_idx, kv_cache, attn_metadata, self.head_dim ** -0.5)
+            return self.dense(y.reshape(1, T, C))
         dropout = self.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                           scale=self.head_dim ** -0.5)  # [B, H, T, D]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           dropout_p=dropout, scale=self.head_dim ** -0.5)  # [B, H, T, D]
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -172,8 +124,8 @@ class PersimmonDecoderLayer(nn.Module):
         self.mlp = PersimmonMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x, cos, sin, mask, **cache_args):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, **cache_args)
+    def forward(self, x, cos, sin, mask=None, **engine_args):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, **engine_args)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -191,12 +143,6 @@ def padding_causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, dev
         return causal[None, None].expand(B, 1, T, T)
     mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
     return mask | torch.eye(T, dtype=torch.bool, device=device)
-
-
-def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Boolean [B, 1, T, kv_len]: key index j is visible to a query at position p iff j <= p."""
-    keys = torch.arange(kv_len, device=positions.device)
-    return keys[None, None, None, :] <= positions[:, None, :, None]
 
 
 class PersimmonPreTrainedModel(nn.Module):
@@ -243,52 +189,28 @@ class PersimmonModel(PersimmonPreTrainedModel):
         self.layers = nn.ModuleList(PersimmonDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None,
-                cache_slots=None, kv_len=None, segments=None, kv_chunks=None):
-        """input_ids [B, T] -> final hidden states [B, T, C].
+    def forward(self, input_ids, attention_mask=None, position_ids=None,
+                attn_metadata: AttentionMetadata | None = None, kv_cache: PagedKVCache | None = None):
+        """Plain: input_ids [B, T] -> final hidden states [B, T, C]; causal attention within each
+        row, keys masked by `attention_mask`, positions default to arange(T) as in transformers.
 
-        Plain mode (kv_cache None): causal attention within the batch, keys masked by
-        `attention_mask`; positions default to arange(T) as in transformers.
-        Packed mode (`segments`, a list of (start, end) spans of a [1, N] input): several
-        sequences side by side, each attending causally to itself only; with a kv_cache,
-        `cache_slots` [1, N] says which slot each token's keys go to.
-        Cached mode: `position_ids` are absolute positions (= cache indices) and required;
-        `cache_slots` picks the cache rows (slice or LongTensor); attention spans the first
-        `kv_len` cache positions (default max position + 1). `kv_chunks`, a list of
-        (row_start, row_end, n) covering the batch rows, lets each run of rows attend over its
-        own first n positions instead (ragged decode batches: short rows skip the long rows' keys).
-        """
+        Engine (`attn_metadata` given): input_ids [N], the packed tokens of several sequences
+        -> hidden states [N, C]; positions, spans and the KV cache come from the metadata."""
+        if attn_metadata is not None:
+            x = self.embed_tokens(input_ids.view(1, -1))  # [1, N, C]
+            lens = attn_metadata.rope_lens[None] if attn_metadata.rope_lens is not None else None
+            cos, sin = rope_cos_sin(self.config, attn_metadata.positions[None], x.dtype, lens)
+            for layer in self.layers:
+                x = layer(x, cos, sin, attn_metadata=attn_metadata, kv_cache=kv_cache)
+            return self.final_layernorm(x)[0]
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, C]
         if position_ids is None:
-            if kv_cache is not None:
-                raise ValueError("position_ids are required with a kv_cache")
             position_ids = torch.arange(T, device=x.device).expand(B, T)
-        seq_lens = None  # dynamic NTK rope: each token's sequence length, default its row's
-        if segments is not None:
-            if B != 1:
-                raise ValueError("packed segments need a [1, N] input with position_ids")
-            mask, cache_args = None, dict(kv_cache=kv_cache, slots=cache_slots, positions=position_ids,
-                                          segments=segments)
-            if self.config.rope_type == "dynamic":  # each segment is a sequence of its own
-                lengths = torch.tensor([b - a for a, b in segments], device=x.device)
-                last = position_ids[0, torch.tensor([b - 1 for _, b in segments], device=x.device)] + 1
-                seq_lens = torch.repeat_interleave(last, lengths)[None]
-        elif kv_cache is None:
-            mask, cache_args = padding_causal_mask(attention_mask, B, T, x.device), {}
-        else:
-            slots = cache_slots if cache_slots is not None else slice(0, B)
-            if kv_chunks is not None:
-                kv_len = max(n for _, _, n in kv_chunks)
-                mask = [cache_mask(position_ids[a:b], n) for a, b, n in kv_chunks]
-            else:
-                kv_len = kv_len or int(position_ids.max()) + 1
-                mask = cache_mask(position_ids, kv_len)
-            cache_args = dict(kv_cache=kv_cache, slots=slots, positions=position_ids, kv_len=kv_len,
-                              kv_chunks=kv_chunks)
-        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype, seq_lens)
+        mask = padding_causal_mask(attention_mask, B, T, x.device)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, **cache_args)
+            x = layer(x, cos, sin, mask)
         return self.final_layernorm(x)
 
 
@@ -303,8 +225,8 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         self.tie_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                logits_to_keep: int = 0, **cache_args) -> ModelOutput:
-        h = self.model(input_ids, attention_mask, position_ids, **cache_args)  # [B, T, C]
+                logits_to_keep: int = 0) -> ModelOutput:
+        h = self.model(input_ids, attention_mask, position_ids)  # [B, T, C]
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T', V]
         loss = None
         if labels is not None:  # predict token t+1 from position t; -100 is ignored

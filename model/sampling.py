@@ -1,11 +1,16 @@
-"""Sampling parameters and the sampler: temperature 0 is greedy; top-k / top-p per row.
+"""Sampling parameters and the batched sampler: temperature 0 is greedy; top-k / top-p per row.
 
-Each sampled row owns a `torch.Generator` seeded from its `seed`, so a seeded row draws the same
-tokens whatever other rows share its batch or whichever slot it occupies.
+One sampler call handles every row of a step at once (per-row temperature, top-k and top-p as
+tensors). Randomness is counter-based: a sampled row's n-th token uses one uniform number
+derived from (its seed, n) and inverse-CDF sampling over its filtered distribution. A seeded
+row therefore draws the same tokens whatever rows share its batch, whichever table row it
+holds, and whether or not it was preempted and recomputed on the way; no generator state
+travels with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +34,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
@@ -39,36 +44,62 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         if self.truncate not in (None, "left"):
             raise ValueError(f"SamplingParams.truncate must be None or 'left', got {self.truncate!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask [V] logits outside the top-k and the top-p nucleus with -inf."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+def uniform(seed: int, step: int) -> float:
+    """A uniform number in [0, 1) from (seed, step): the randomness of a row's step-th token."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
+
+
+def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """Mask logits [B, V] (or [V]) outside each row's top-k and top-p nucleus with -inf.
+    top_k, top_p: one value for all rows or one per row; 0 and 1.0 turn them off."""
+    squeeze = logits.dim() == 1
+    if squeeze:
+        logits = logits[None]
+    B, V = logits.shape
+    ks = [top_k] * B if isinstance(top_k, int) else list(top_k)
+    ps = [top_p] * B if isinstance(top_p, (int, float)) else list(top_p)
+    if any(0 < k < V for k in ks):
+        kmax = max(k for k in ks if 0 < k < V)
+        kth = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
+        k_idx = torch.tensor([min(k, kmax) - 1 if 0 < k < V else 0 for k in ks], device=logits.device)
+        threshold = kth.gather(1, k_idx[:, None])
+        off = torch.tensor([not 0 < k < V for k in ks], device=logits.device)[:, None]
+        logits = logits.masked_fill((logits < threshold) & ~off, float("-inf"))
+    if any(p < 1.0 for p in ps):
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+        probs = sorted_logits.softmax(-1)
+        p_t = torch.tensor(ps, dtype=probs.dtype, device=logits.device)[:, None]
+        drop = (probs.cumsum(-1) - probs >= p_t) & (p_t < 1.0)  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits[0] if squeeze else logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
-    """Pick one token per row of `logits` [B, V]. Returns (tokens [B] long, logprobs [B] fp32 or None)."""
-    logits = logits.float()
-    tokens = logits.argmax(-1)  # greedy for every row; sampled rows are overwritten below
-    for row, p in enumerate(params):
-        if p.greedy:
-            continue
-        row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = row_logits.softmax(-1)
-        tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
-    logprobs = None
-    if any(p.logprobs for p in params):
-        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-    return tokens, logprobs
+class Sampler:
+    """logits [B, V] + each row's params, seed and step -> one token per row (+ its logprob)."""
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+                 want_logprobs: bool = False):
+        logits = logits.float()
+        tokens = logits.argmax(-1)  # greedy rows; sampled rows are overwritten below
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            sub = logits[rows] if len(rows) < len(params) else logits
+            temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
+            sub = filter_logits(sub / temps, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
+            cdf = sub.softmax(-1).double().cumsum(-1)  # [R, V]
+            u = torch.tensor([uniform(seeds[i], steps[i]) for i in rows], dtype=cdf.dtype, device=cdf.device)
+            picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+            tokens[rows] = picked.clamp(max=logits.shape[-1] - 1)
+        logprobs = None
+        if want_logprobs:
+            logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()
+        return tokens.tolist(), logprobs

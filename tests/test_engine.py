@@ -1,5 +1,5 @@
 """Engine vs transformers: greedy tokens, generate tensors, scoring, classification, sampling,
-stop conditions, continuous batching and per-row errors."""
+stop conditions, continuous batching over the paged KV cache, preemption and per-row errors."""
 
 import pytest
 import torch
@@ -13,7 +13,8 @@ from model import (
     PersimmonTokenizer,
     SamplingParams,
 )
-from model.engine import Runner
+from model import cpu_kernels
+from model.runner import ModelRunner
 from model.tiny_tokenizer import train_tiny_tokenizer
 
 # a larger init spread makes random models emit varied tokens instead of one repeated id
@@ -42,17 +43,21 @@ def tokenizer(tmp_path_factory):
     return PersimmonTokenizer.from_pretrained(d)
 
 
-def count_prefill_tokens(monkeypatch) -> list[int]:
-    """Patch Runner.prefill to record how many tokens each prefill call computes."""
-    seen = []
-    original = Runner.prefill
+def tiny_pool(blocks: int, block_size: int, config=None) -> float:
+    """kv_cache_gib for a pool of exactly `blocks` blocks of the tiny model (2 reserved)."""
+    config = config or PersimmonConfig.tiny()
+    per_token = 2 * config.num_hidden_layers * config.hidden_size * 4
+    return (blocks + 2) * block_size * per_token / 2**30
 
-    def counting(self, slots, tokens, starts):
-        seen.append(sum(len(t) for t in tokens))
-        return original(self, slots, tokens, starts)
 
-    monkeypatch.setattr(Runner, "prefill", counting)
-    return seen
+@pytest.fixture(params=["cpu-kernel", "gather-sdpa"])
+def attention_path(request, monkeypatch):
+    """Run a test on both CPU attention paths: the native kernel and gather + SDPA."""
+    if request.param == "gather-sdpa":
+        monkeypatch.setattr(cpu_kernels, "available", lambda dtype: False)
+    elif not cpu_kernels.available(torch.float32):
+        pytest.skip("the CPU kernel could not be built here (no C compiler); the gather path is tested")
+    return request.param
 
 
 def hf_greedy(hf, prompt, new, eos=None):
@@ -61,13 +66,13 @@ def hf_greedy(hf, prompt, new, eos=None):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("attention_chunk", [8, 1])  # 1: every decode row attends over its own length
-def test_greedy_tokens_identical_to_transformers_across_slot_refills(lm, hf_lm, attention_chunk, monkeypatch):
-    monkeypatch.setattr("model.engine.ATTENTION_CHUNK", attention_chunk)
-    # 9 prompts of mixed lengths through 3 slots: rows finish and slots are refilled many times
+@pytest.mark.parametrize("block_size", [16, 4, 1])
+def test_greedy_tokens_identical_to_transformers_across_row_refills(lm, hf_lm, block_size, attention_path):
+    # 9 prompts of mixed lengths through 3 rows in flight: rows finish and are replaced many times
     prompts = prompts_of([5, 31, 2, 17, 9, 40, 3, 12, 25])
     news = [24, 7, 30, 12, 18, 5, 26, 9, 14]
-    engine = Engine(lm, None, max_batch_size=3, max_seq_len=80)
+    engine = Engine(lm, None, max_batch_size=3, max_seq_len=80, kv_block_size=block_size)
+    assert engine.runner.use_kernel == (attention_path == "cpu-kernel")
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
     outs = engine.generate(prompts, params)
     assert len({tuple(o.token_ids) for o in outs}) > 5  # the model emits varied outputs
@@ -75,13 +80,14 @@ def test_greedy_tokens_identical_to_transformers_across_slot_refills(lm, hf_lm, 
         assert o.token_ids == hf_greedy(hf_lm, p, n)
         assert o.finish_reason == "length" and o.num_generated_tokens == n
         assert o.num_prompt_tokens == len(p)
+    assert engine.stats()["rows_in_flight_peak"] == 3
 
 
 def test_greedy_output_independent_of_batch_and_slot(lm):
     prompts = prompts_of([6, 19, 11, 27, 4, 14])
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     together = Engine(lm, None, max_batch_size=6, max_seq_len=64).generate(prompts, params)
-    one_slot = Engine(lm, None, max_batch_size=1, max_seq_len=64).generate(prompts, params)
+    one_slot = Engine(lm, None, max_batch_size=1, max_seq_len=64, kv_block_size=4).generate(prompts, params)
     reversed_ = Engine(lm, None, max_batch_size=4, max_seq_len=64).generate(prompts[::-1], params)[::-1]
     for a, b, c in zip(together, one_slot, reversed_):
         assert a.token_ids == b.token_ids == c.token_ids
@@ -105,16 +111,28 @@ def test_model_generate_equals_transformers_tensor(lm, hf_lm):
                                    eos_token_id=[]), ref_free)
 
 
-def test_shared_prefix_is_prefilled_once_and_outputs_unchanged(lm, hf_lm, monkeypatch):
+def test_shared_prefix_is_prefilled_once_and_reused_across_calls(lm, hf_lm, attention_path):
     shared = prompts_of([24], seed=5)[0]
     prompts = [shared + p for p in prompts_of([3, 6, 2, 5], seed=6)]
-    seen = count_prefill_tokens(monkeypatch)
-    engine = Engine(lm, None, max_batch_size=2, max_seq_len=64)
+    engine = Engine(lm, None, max_batch_size=2, max_seq_len=64, kv_block_size=4)
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
-    # the 24 shared tokens are computed once, not once per row
-    assert sum(seen) == 24 + sum(len(p) - 24 for p in prompts)
+    # the 24 shared tokens (6 full blocks) are computed once, not once per row, even though all
+    # rows arrive together: rows sharing a block being computed wait one step and reuse it
+    stats = engine.stats()
+    assert stats["prefill_tokens"] == 24 + sum(len(p) - 24 for p in prompts)
+    assert stats["prefix_cache_hit_tokens"] == 24 * (len(prompts) - 1)
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(hf_lm, p, 8)
+    # a second call finds every full block of its prompts cached: only the tails are computed
+    again = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    tails = sum(len(p) - (len(p) - 1) // 4 * 4 for p in prompts)
+    assert engine.stats()["prefill_tokens"] - stats["prefill_tokens"] == tails
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    # prefix caching off: every row computes its whole prompt
+    off = Engine(lm, None, max_batch_size=2, max_seq_len=64, kv_block_size=4, prefix_caching=False)
+    assert [o.token_ids for o in off.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))] == \
+        [o.token_ids for o in outs]
+    assert off.stats()["prefill_tokens"] == sum(len(p) for p in prompts)
 
 
 def test_logprobs_match_transformers_scores(lm, hf_lm):
@@ -263,14 +281,19 @@ def test_bfloat16_engine_runs_and_mostly_agrees(lm):
     assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp32, bf16)) >= 2
 
 
-def test_static_decode_shapes_give_identical_tokens(lm, hf_lm):
+def test_static_decode_shapes_give_identical_tokens(lm, hf_lm, monkeypatch):
     """The fixed-shape decode step (what CUDA graphs replay) equals transformers too."""
     prompts = prompts_of([5, 31, 2, 17, 9])
     params = SamplingParams(max_new_tokens=14, ignore_eos=True)
-    engine = Engine(lm, None, max_batch_size=2, max_seq_len=200, decode_mode="static")
-    assert engine.runner.buckets == [128, 200]
+    engine = Engine(lm, None, max_batch_size=3, max_seq_len=200, decode_mode="static", kv_block_size=4)
+    assert engine.decode_mode == "static"
+    calls = []
+    original = ModelRunner._static_step
+    monkeypatch.setattr(ModelRunner, "_static_step", lambda self, *a: calls.append(a[3].shape) or original(self, *a))
     for p, o in zip(prompts, engine.generate(prompts, params)):
         assert o.token_ids == hf_greedy(hf_lm, p, 14)
+    # decode-only steps ran with bucketed shapes: batch 1/2/4 (capped at 3), table widths powers of 2
+    assert calls and {b for b, _ in calls} <= {1, 2, 3} and all(w & (w - 1) == 0 for _, w in calls)
 
 
 def test_cuda_graph_mode_needs_cuda(lm):
@@ -292,29 +315,23 @@ def test_cuda_graph_decode_on_gpu(dtype):
     graphed_engine = Engine(model, None, max_batch_size=3, max_seq_len=160, decode_mode="cuda_graph")
     graphed = graphed_engine.generate(prompts, params)
     assert graphed_engine.runner._graphs  # graphs were captured and replayed
+    assert graphed_engine.generate(prompts, params) == graphed  # replays are deterministic
     agree = sum(a.token_ids == b.token_ids for a, b in zip(eager, graphed))
     assert agree >= (5 if dtype == "float32" else 4)
 
 
-def test_score_choices_batched_groups_with_shared_prefix(lm, hf_lm, tokenizer, monkeypatch):
-    """Many prompts sharing a long instruction, choices of different lengths, several groups:
-    every score equals transformers, and the instruction is prefilled once per call."""
+def test_score_choices_many_rows_share_the_instruction_blocks(lm, hf_lm, tokenizer, attention_path):
+    """Many prompts sharing a long instruction, choices of different lengths (two differing only
+    in their last token): every score equals transformers; the instruction's blocks and each
+    prompt's own blocks are computed once, not once per (prompt, choice) row."""
     instruction = "Label the sentiment of each review as positive or negative. Review:"
     reviews = [" lovely film", " dull", " a slow and boring story with no end", " great cast", " meh",
                " the best book I read this year"]
     prompts = [instruction + r + " Sentiment:" for r in reviews]
-    choices = [" positive", " negative", " neutral or mixed feelings"]
-    seen = count_prefill_tokens(monkeypatch)
-    engine = Engine(lm, tokenizer, max_batch_size=7, max_seq_len=256)  # groups of 2 prompts x 3 choices
+    choices = [" positive", " negative", " neutral or mixed feelings", " a", " c"]  # " a", " c": 2 tokens, same first
+    engine = Engine(lm, tokenizer, max_batch_size=7, max_seq_len=256, kv_block_size=4)
     results = engine.score_choices(prompts, choices)
     encoded = [tokenizer.encode(p) for p in prompts]
-    shared = min(len(e) for e in encoded)
-    for n in range(shared):
-        if len({e[n] for e in encoded}) > 1:
-            shared = n
-            break
-    assert shared >= 8
-    assert sum(seen) == shared + sum(len(e) - shared for e in encoded)
     for p_ids, res in zip(encoded, results):
         expected = []
         for choice in choices:
@@ -324,10 +341,25 @@ def test_score_choices_batched_groups_with_shared_prefix(lm, hf_lm, tokenizer, m
             expected.append(sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids)))
         assert res.error is None
         assert res.scores == pytest.approx(expected, abs=1e-4)
+        assert res.label == choices[max(range(len(choices)), key=expected.__getitem__)]
+    c_ids = [tokenizer.encode(c, add_bos=False) for c in choices]
+    rows = {tuple(p + c[:-1]) for p in encoded for c in c_ids}
+    assert len(rows) < len(prompts) * len(choices)  # the two near-identical choices share one row
+    computed = engine.stats()["prefill_tokens"]
+    naive = sum(len(r) for r in rows)
+    # each prompt's full blocks once; per row at most a partial block of the prompt plus its choice
+    bound = sum(len(p) // 4 * 4 for p in encoded) + sum(3 + len(r) - len(p) for p in encoded for r in rows
+                                                          if list(r[:len(p)]) == p)
+    assert computed <= bound < naive
+    # scoring again finds the prompts' blocks in the cache
+    again = engine.score_choices(prompts, choices)
+    assert [x for r in again for x in r.scores] == pytest.approx([x for r in results for x in r.scores], abs=1e-5)
+    assert engine.stats()["prefill_tokens"] - computed < computed
 
 
-def test_packed_cpu_linears_match_plain_and_follow_casts():
+def test_packed_cpu_linears_in_place_match_plain_and_follow_casts():
     model = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY))
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.tensor([prompts_of([12])[0]])
     reference_bf16 = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY)).to(torch.bfloat16)
     with torch.no_grad():
@@ -338,21 +370,30 @@ def test_packed_cpu_linears_match_plain_and_follow_casts():
     packed_engine = Engine(model, None, max_batch_size=3, max_seq_len=48, packed_cpu_linears=True)
     packed = packed_engine.generate(prompts, params)
     assert "forward" in model.lm_head.__dict__  # the packed path is really in use
+    # in place: the plain weights are gone (weights once in memory), state_dict unpacks on the fly
+    assert model.lm_head.weight.numel() == 0 and model.model.layers[0].mlp.dense_h_to_4h.weight.numel() == 0
+    state = model.state_dict()
+    assert state.keys() == originals.keys() and all(torch.equal(state[k], originals[k]) for k in originals)
     mlp = model.model.layers[0].mlp
     assert "forward" in mlp.__dict__  # ReLU fused into the first matmul, square in place
     h = torch.randn(7, model.config.hidden_size)
+    w1, b1 = originals["model.layers.0.mlp.dense_h_to_4h.weight"], originals["model.layers.0.mlp.dense_h_to_4h.bias"]
+    w2, b2 = originals["model.layers.0.mlp.dense_4h_to_h.weight"], originals["model.layers.0.mlp.dense_4h_to_h.bias"]
     with torch.no_grad():
-        expected = mlp.dense_4h_to_h.weight @ torch.relu(mlp.dense_h_to_4h.weight @ h.T + mlp.dense_h_to_4h.bias[:, None]).square()
-        assert (mlp(h) - (expected.T + mlp.dense_4h_to_h.bias)).abs().max().item() <= 1e-4
-    with torch.no_grad():
+        expected = (w2 @ torch.relu(w1 @ h.T + b1[:, None]).square()).T + b2
+        assert (mlp(h) - expected).abs().max().item() <= 1e-4
         assert (model(x).logits - plain).abs().max().item() <= 1e-4
     assert [a.token_ids for a in unpacked] == [b.token_ids for b in packed]
-    # a later engine that casts the model repacks from the cast weights, never stale copies
+    # a later engine that casts the model unpacks, casts and repacks: never stale copies
     bf16 = Engine(model, None, max_batch_size=3, max_seq_len=48, dtype="bfloat16", packed_cpu_linears=True)
     with torch.no_grad():
         logits = model(x).logits
     assert logits.dtype == torch.bfloat16 and (logits.float() - plain_bf16).abs().max().item() <= 0.05
     assert all(len(c.token_ids) == 10 for c in bf16.generate(prompts, params))
+    # moving the model by hand unpacks first too
+    model.to(torch.float32)
+    assert model.lm_head.weight.shape == originals["lm_head.weight"].shape
+    assert torch.equal(model.state_dict()["lm_head.weight"], originals["lm_head.weight"].bfloat16().float())
 
 
 def test_dynamic_rope_rows_independent_of_batch_and_equal_transformers_alone():
@@ -368,7 +409,81 @@ def test_dynamic_rope_rows_independent_of_batch_and_equal_transformers_alone():
         assert row.token_ids == alone.token_ids
         # a fresh twin per prompt: transformers keeps the longest length it has seen between calls
         assert row.token_ids == hf_greedy(hf_twin(model), prompt, 14)
-    # the shared-prefix path must not change them either
+    # the shared-prefix path must not change them either (blocks of rows past the limit are never shared)
     shared = [[7] * 10 + p for p in prompts]
-    with_prefix = Engine(model, None, max_batch_size=4, max_seq_len=48).generate(shared, params)
+    with_prefix = Engine(model, None, max_batch_size=4, max_seq_len=48, kv_block_size=4).generate(shared, params)
     assert [c.token_ids for c in with_prefix] == [hf_greedy(hf_twin(model), p, 14) for p in shared]
+
+
+def test_preemption_under_a_small_kv_pool_gives_the_same_tokens(lm, hf_lm, attention_path):
+    """A pool far smaller than the rows in flight want: rows grow block by block, the most
+    recently admitted are preempted and recomputed, and every row still equals transformers."""
+    prompts = prompts_of([5, 14, 2, 17, 9, 12, 3, 12, 25], seed=3)
+    news = [24, 17, 30, 12, 18, 15, 26, 9, 14]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
+    engine = Engine(lm, None, max_batch_size=6, max_seq_len=80, kv_block_size=4, kv_cache_gib=tiny_pool(14, 4))
+    outs = engine.generate(prompts, params)
+    stats = engine.stats()
+    assert stats["kv_tokens_capacity"] == 14 * 4 and stats["preemptions"] > 0
+    assert stats["kv_tokens_peak"] <= 14 * 4
+    for p, n, o in zip(prompts, news, outs):
+        assert o.token_ids == hf_greedy(hf_lm, p, n)
+    # a seeded sampled row draws the same tokens with and without preemption, whatever its neighbours
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, seed=11, ignore_eos=True)
+    roomy = Engine(lm, None, max_batch_size=6, max_seq_len=80).generate([prompts[1]], sampled)[0]
+    tight = Engine(lm, None, max_batch_size=6, max_seq_len=80, kv_block_size=4, kv_cache_gib=tiny_pool(14, 4))
+    crowd = tight.generate(prompts[:4] + [prompts[1]], params[:4] + [sampled])
+    assert tight.stats()["preemptions"] > 0
+    assert crowd[4].token_ids == roomy.token_ids
+
+
+def test_row_too_long_for_the_whole_pool_gets_an_error_and_neighbours_finish(lm, hf_lm):
+    engine = Engine(lm, None, max_batch_size=4, max_seq_len=200, kv_block_size=4, kv_cache_gib=tiny_pool(10, 4))
+    prompts = prompts_of([6, 30, 5])
+    outs = engine.generate(prompts, [SamplingParams(max_new_tokens=8, ignore_eos=True),
+                                     SamplingParams(max_new_tokens=20, ignore_eos=True),  # 50 tokens > 40
+                                     SamplingParams(max_new_tokens=8, ignore_eos=True)])
+    assert outs[1].finish_reason == "error"
+    assert "kv_cache_too_small" in outs[1].error and "50 tokens" in outs[1].error and "40 tokens" in outs[1].error
+    assert outs[0].token_ids == hf_greedy(hf_lm, prompts[0], 8) and outs[2].token_ids == hf_greedy(hf_lm, prompts[2], 8)
+
+
+def test_defaults_cost_no_memory_and_stats_report_sizing(lm):
+    """max_batch_size caps rows in flight (default 256) and max_seq_len defaults to the model's
+    context: the KV pool is the stated budget, never 256 x max_seq_len."""
+    engine = Engine(lm, None, kv_cache_gib=tiny_pool(100, 16))
+    stats = engine.stats()
+    assert stats["max_batch_size"] == 256 and stats["max_seq_len"] == lm.config.max_position_embeddings
+    assert stats["kv_tokens_capacity"] == 100 * 16
+    per_token = 2 * lm.config.num_hidden_layers * lm.config.hidden_size * 4
+    assert stats["kv_cache_bytes"] == (100 + 2) * 16 * per_token
+    for key in ("kv_tokens_peak", "rows_in_flight_peak", "preemptions", "prefix_cache_hit_tokens"):
+        assert stats[key] == 0
+    engine.generate(prompts_of([5, 9]), SamplingParams(max_new_tokens=3, ignore_eos=True))
+    stats = engine.stats()
+    assert stats["rows_in_flight_peak"] == 2 and stats["kv_tokens_peak"] == 2 * 16
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        Engine(lm, None, kv_cache_gib=0)
+
+
+def test_default_budget_is_a_share_of_free_memory(lm, monkeypatch):
+    """No kv_cache_gib: fraction x free memory after the weights, less activations; a replica
+    sharing the device gets its share of it (here 64 MiB free of 1 GiB)."""
+    from model import capacity
+
+    total, free = 2**30, 64 * 2**20
+    monkeypatch.setattr(capacity, "cpu_memory", lambda: (total, free))
+    cfg = lm.config
+    per_block = 16 * capacity.kv_bytes_per_token(cfg, torch.float32)
+    headroom = capacity.activation_bytes(cfg, torch.float32, 4096 + 256, 256)
+    weights = capacity.weights_bytes(cfg, torch.float32)
+    whole = Engine(lm, None, max_seq_len=512).runner.num_blocks
+    assert whole == int(min(0.9 * free, 0.9 * total - weights) - headroom) // per_block
+    shared = Engine(lm, None, max_seq_len=512, memory_share=0.05).runner.num_blocks
+    assert shared == int(min(0.9 * free, 0.9 * total * 0.05 - weights) - headroom) // per_block
+    assert 0 < shared < whole
+    capped = Engine(lm, None, max_batch_size=2, max_seq_len=64).runner.num_blocks
+    assert capped == 2 * 4 + 2  # never more than max_batch_size rows of max_seq_len could use
+    monkeypatch.setattr(capacity, "cpu_memory", lambda: (total, 2**20))  # 1 MiB free: nothing fits
+    with pytest.raises(ValueError, match="no memory left for the KV cache"):
+        Engine(lm, None, max_seq_len=512)

@@ -59,3 +59,58 @@ def test_load_peak_memory_is_about_one_model(tmp_path, source, target, layout):
     assert stats["model_bytes"] > 40e6
     # one model plus at most one tensor in flight (largest here: 16 MB embedding) and allocator slack
     assert stats["peak_growth"] <= 1.1 * stats["model_bytes"] + 24e6, stats
+
+
+ENGINE_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {root!r})
+    import model
+    from model import capacity
+    torch.set_num_threads(1)
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    m = model.load_pretrained({path!r}, dtype="float32")
+    weights = capacity.weights_bytes(m.config, torch.float32)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    engine = model.Engine(m, None, max_batch_size=256, max_seq_len=16384, kv_cache_gib={kv_gib})
+    after_engine = status("VmRSS")
+    prompts = [[5 + (i * 7 + j) % 500 for j in range(300 + 20 * i)] for i in range(24)]
+    engine.generate(prompts, model.SamplingParams(max_new_tokens=40, ignore_eos=True))
+    stats = engine.stats()
+    print(json.dumps({{"engine_growth": after_engine - before, "weights": weights,
+                      "peak_growth": status("VmHWM") - before, "kv_budget": int({kv_gib} * 2**30),
+                      "kv_tokens_peak": stats["kv_tokens_peak"], "kv_tokens_capacity": stats["kv_tokens_capacity"],
+                      "preemptions": stats["preemptions"], "kv_cache_bytes": stats["kv_cache_bytes"],
+                      "kv_bytes_per_token": capacity.kv_bytes_per_token(m.config, torch.float32), "static_kv": 257 * 16384 * capacity.kv_bytes_per_token(m.config, torch.float32)}}))
+""")
+
+
+def test_engine_holds_weights_once_and_kv_by_budget(tmp_path):
+    """Packing the CPU weights happens in place (RSS grows by much less than a second copy of the
+    weights), and an engine for a 16k-context model with max_batch_size=256 grows RSS by about its
+    KV budget while using it, not by 256 x 16k positions."""
+    config = PersimmonConfig.tiny(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                                  num_attention_heads=8, max_position_embeddings=16384)
+    with torch.device("meta"):
+        model = PersimmonForCausalLM(config)
+    model.to_empty(device="cpu").init_weights(torch.Generator().manual_seed(0)).save_pretrained(tmp_path)
+    del model
+    kv_gib = 0.125
+    code = ENGINE_PROBE.format(root=ROOT, path=str(tmp_path), kv_gib=kv_gib)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["weights"] > 80e6 and s["static_kv"] > 100 * s["kv_budget"]  # the old reservation: 100x more
+    # packing in place: a second copy would add ~weights; allow packing scratch and allocator slack
+    assert s["engine_growth"] <= 0.35 * s["weights"], s
+    # the pool is the budget (to a block of 16 tokens), whatever max_batch_size x max_seq_len says
+    assert s["kv_budget"] - 16 * s["kv_bytes_per_token"] < s["kv_cache_bytes"] <= s["kv_budget"], s
+    # the workload fills the pool (and preempts); RSS grows by about the budget, plus activations
+    # and oneDNN's per-shape primitives (~100-300 MB here), far below a static reservation
+    assert s["kv_tokens_peak"] >= 0.9 * s["kv_tokens_capacity"] and s["preemptions"] > 0, s
+    assert s["kv_budget"] < s["peak_growth"] <= s["kv_budget"] + 400e6, s

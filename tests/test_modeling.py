@@ -199,55 +199,76 @@ def test_dropout_off_in_eval_and_training_mode_differs():
         assert not torch.allclose(ours(x).logits, ours.eval()(x).logits)
 
 
-def test_cached_forward_equals_full_forward():
-    """Prefill a prompt into a cache slot, then decode token by token: every step's logits equal
-    the full forward's logits at that position."""
-    from model import KVCache
+def engine_metadata(seqs, block_tables, block_size, use_kernel):
+    """AttentionMetadata for sequences given as (row in block_tables, first position, n new tokens)."""
+    from model.attention import AttentionMetadata
 
+    positions, spans, ctx, rows, n = [], [], [], [], 0
+    for row, start, count in seqs:
+        positions += range(start, start + count)
+        spans.append((n, n + count))
+        ctx.append(start + count)
+        rows.append(row)
+        n += count
+    positions = torch.tensor(positions)
+    token_rows = torch.repeat_interleave(torch.tensor(rows), torch.tensor([c for _, _, c in seqs]))
+    slots = block_tables[token_rows, positions // block_size] * block_size + positions % block_size
+    return AttentionMetadata(positions=positions, spans=spans, context_lens=ctx, slot_mapping=slots,
+                             block_tables=block_tables, seq_rows=rows, token_rows=token_rows, use_kernel=use_kernel)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu-kernel", "gather-sdpa"])
+def test_paged_cached_forward_equals_full_forward(use_kernel):
+    """Prompts of different lengths prefilled into scattered KV blocks, then decoded token by
+    token as one ragged batch (and one row continuing with a multi-token chunk): every
+    position's logits equal the full forward's."""
+    from model import cpu_kernels
+    from model.attention import PagedKVCache
+
+    if use_kernel and not cpu_kernels.available(torch.float32):
+        pytest.skip("the CPU kernel could not be built here (no C compiler); the gather path is tested")
     config = PersimmonConfig.tiny()
     ours = random_model(PersimmonForCausalLM, config)
-    x = ids(2, 12)
-    cache = KVCache(config, max_batch_size=4, max_seq_len=32, dtype=torch.float32)
+    bs, lengths, total = 4, [3, 9, 14, 6], 22
+    seqs = [ids(1, total, seed=i)[0] for i in range(len(lengths))]
+    cache = PagedKVCache(config, num_blocks=40, block_size=bs, dtype=torch.float32)
+    order = torch.randperm(38, generator=torch.Generator().manual_seed(0)) + 2  # scattered blocks
+    tables = order[:4 * 6].view(4, 6).contiguous()
+    lm = ours.lm_head
     with torch.no_grad():
-        full = ours(x).logits
-        slots = torch.tensor([3, 1])  # arbitrary, non-contiguous cache rows
-        pos = torch.arange(7).expand(2, 7)
-        pre = ours(x[:, :7], position_ids=pos, kv_cache=cache, cache_slots=slots).logits
-        assert (pre - full[:, :7]).abs().max().item() <= TOL
-        for t in range(7, 12):
-            step = ours(x[:, t:t + 1], position_ids=torch.full((2, 1), t), kv_cache=cache,
-                        cache_slots=slots).logits
-            assert (step[:, 0] - full[:, t]).abs().max().item() <= TOL
+        full = [ours(s[None]).logits[0] for s in seqs]
+        meta = engine_metadata([(r, 0, n) for r, n in enumerate(lengths)], tables, bs, use_kernel)
+        h = ours.model(torch.cat([s[:n] for s, n in zip(seqs, lengths)]), attn_metadata=meta, kv_cache=cache)
+        at = 0
+        for s, n, f in zip(seqs, lengths, full):
+            assert (lm(h[at:at + n]) - f[:n]).abs().max().item() <= TOL
+            at += n
+        pos = list(lengths)
+        for _ in range(5):  # ragged decode: one token per row
+            meta = engine_metadata([(r, p, 1) for r, p in enumerate(pos)], tables, bs, use_kernel)
+            h = ours.model(torch.stack([s[p] for s, p in zip(seqs, pos)]), attn_metadata=meta, kv_cache=cache)
+            for r, (p, f) in enumerate(zip(pos, full)):
+                assert (lm(h[r]) - f[p]).abs().max().item() <= TOL
+            pos = [p + 1 for p in pos]
+        # row 1 continues with 4 tokens at once after its cached ones (a prefill chunk / recompute)
+        meta = engine_metadata([(0, pos[0], 1), (1, pos[1], 4)], tables, bs, use_kernel)
+        h = ours.model(torch.cat([seqs[0][pos[0]:pos[0] + 1], seqs[1][pos[1]:pos[1] + 4]]), attn_metadata=meta,
+                       kv_cache=cache)
+        assert (lm(h[0]) - full[0][pos[0]]).abs().max().item() <= TOL
+        assert (lm(h[1:]) - full[1][pos[1]:pos[1] + 4]).abs().max().item() <= TOL
 
 
-def test_packed_segments_equal_separate_forwards():
-    """Prompts side by side in one [1, N] input, each attending only to itself."""
+def test_packed_rows_without_cache_equal_separate_forwards():
+    """Rows side by side in one flat input with no cache (classification), each attending only
+    to itself."""
+    from model.attention import AttentionMetadata
+
     ours = random_model(PersimmonForCausalLM, PersimmonConfig.tiny())
     rows = [ids(1, n, seed=n)[0] for n in (5, 11, 3)]
-    packed = torch.cat(rows)[None]
-    positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
     ends = [5, 16, 19]
+    meta = AttentionMetadata(positions=torch.cat([torch.arange(len(r)) for r in rows]),
+                             spans=list(zip([0] + ends[:-1], ends)), context_lens=[5, 11, 3])
     with torch.no_grad():
-        out = ours(packed, position_ids=positions, segments=list(zip([0] + ends[:-1], ends))).logits[0]
+        out = ours.lm_head(ours.model(torch.cat(rows), attn_metadata=meta))
         for r, a, b in zip(rows, [0] + ends[:-1], ends):
             assert (out[a:b] - ours(r[None]).logits[0]).abs().max().item() <= TOL
-
-
-def test_decode_with_kv_chunks_equals_full_forward():
-    """Ragged decode batch: runs of rows attending over their own key lengths (kv_chunks) give
-    each row the logits of its own full forward."""
-    from model import KVCache
-
-    config = PersimmonConfig.tiny()
-    ours = random_model(PersimmonForCausalLM, config)
-    lengths = [3, 5, 9, 14, 20]
-    seqs = [ids(1, n + 1, seed=i)[0] for i, n in enumerate(lengths)]
-    cache = KVCache(config, max_batch_size=5, max_seq_len=32, dtype=torch.float32)
-    with torch.no_grad():
-        for slot, (seq, n) in enumerate(zip(seqs, lengths)):  # prompt of n tokens into its own slot
-            ours(seq[None, :n], position_ids=torch.arange(n)[None], kv_cache=cache, cache_slots=torch.tensor([slot]))
-        step = ours(torch.stack([s[n] for s, n in zip(seqs, lengths)])[:, None],
-                    position_ids=torch.tensor(lengths)[:, None], kv_cache=cache, cache_slots=slice(0, 5),
-                    kv_chunks=[(0, 2, 6), (2, 3, 10), (3, 5, 21)]).logits[:, 0]
-        for row, (seq, n) in enumerate(zip(seqs, lengths)):
-            assert (step[row] - ours(seq[None, :n + 1]).logits[0, n]).abs().max().item() <= TOL

@@ -1,0 +1,187 @@
+"""Memory arithmetic: what the weights take, what a token of KV cache costs, how big a replica's
+KV pool is and how many rows it holds at once. From the config alone (no weights read), so
+`persimmon-batch capacity` and the model runner size a job with the same numbers.
+
+For Persimmon-8B in bf16: 9,397,175,296 parameters = 17.5 GiB of weights, and one token of KV
+cache costs 36 layers x (K + V) x 4096 x 2 bytes = 576 KiB.
+
+The KV budget of a replica (what `ModelRunner` allocates when `kv_cache_gib` is not given):
+
+    kv = min(fraction x free_after_load, fraction x total x share - weights) - activation headroom
+
+`free_after_load` is the device memory free once this replica's weights are in (CUDA:
+`torch.cuda.mem_get_info`; CPU: MemAvailable), `total` the device's memory (CPU: MemTotal or
+the cgroup limit), `share` the part of the device this replica owns (0.5 for two replicas on
+one GPU; on a CPU node, its CPUs / the node's CPUs), and the headroom the activations of the
+largest forward the runner will run. Two replicas on one device each get their share, not 90%
+each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS workspaces, not in the weights (estimate)
+GATHER_TOKENS = 32768  # most keys one attention call gathers at once (bounds its scratch memory)
+
+# GPU memory as the driver reports it (total, GiB), for `capacity --gpu NAME` and the config check
+GPU_MEMORY_GIB = {
+    "T4": 14.58, "A10G": 22.49, "L4": 22.49, "L40S": 44.99, "A100-40GB": 39.49, "A100-80GB": 79.15,
+    "H100-80GB": 79.11, "H200": 139.8,
+}
+# AWS instance families -> their GPU (cluster.yaml names instance types)
+AWS_INSTANCE_GPUS = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "g6e": "L40S", "p4d": "A100-40GB",
+                     "p4de": "A100-80GB", "p5": "H100-80GB", "p5e": "H200", "p5en": "H200"}
+
+
+def dtype_bytes(dtype) -> int:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
+
+
+def param_count(config, head: str = "causal") -> int:
+    """Exact parameter count of PersimmonForCausalLM (head="causal"), the sequence
+    classifier ("sequence_classification") or the bare model ("none")."""
+    C, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    D = config.head_dim
+    layer = (2 * C  # input_layernorm
+             + C * 3 * C + 3 * C  # query_key_value
+             + (4 * D if config.qk_layernorm else 0)  # q_layernorm, k_layernorm
+             + C * C + C  # dense
+             + 2 * C  # post_attention_layernorm
+             + C * I + I + I * C + C)  # mlp
+    total = V * C + L * layer + 2 * C  # embeddings, layers, final_layernorm
+    if head == "causal":
+        total += 0 if config.tie_word_embeddings else V * C
+    elif head == "sequence_classification":
+        total += C * config.num_labels
+    elif head != "none":
+        raise ValueError(f"unknown head {head!r}")
+    return total
+
+
+def weights_bytes(config, dtype, head: str = "causal") -> int:
+    return param_count(config, head) * dtype_bytes(dtype)
+
+
+def kv_bytes_per_token(config, dtype) -> int:
+    """K and V of every layer for one token: 2 x layers x hidden x itemsize."""
+    return 2 * config.num_hidden_layers * config.hidden_size * dtype_bytes(dtype)
+
+
+def activation_bytes(config, dtype, max_tokens: int, max_rows: int) -> int:
+    """Scratch memory of the largest forward the runner runs: `max_tokens` tokens in one
+    forward (the prefill token budget plus one decode token per row), the 262k-vocab head on up
+    to `max_rows` rows with the sampler's fp32 copies, and one attention call's gathered keys
+    and values. An upper estimate: each term is counted as if all were live at once."""
+    it, C, I, V = dtype_bytes(dtype), config.hidden_size, config.intermediate_size, config.vocab_size
+    per_token = it * (9 * C + I)  # residual, norms, qkv (3C), rotated q/k, attention out; MLP (I)
+    logits = max_rows * V * (it + 3 * 4)  # head output, fp32 logits, softmax / sort temporaries
+    gather = GATHER_TOKENS * 2 * C * it  # one layer's gathered K and V (paged attention on GPU)
+    return max_tokens * per_token + logits + gather
+
+
+def kv_budget_bytes(*, total: int, free_after_load: int, weights: int, headroom: int,
+                    memory_fraction: float = 0.9, share: float = 1.0) -> int:
+    """Bytes of KV pool for one replica (formula in the module docstring); may be <= 0 when
+    nothing is left."""
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+    if not 0 < share <= 1:
+        raise ValueError(f"memory share must be in (0, 1], got {share}")
+    own = memory_fraction * total * share - weights
+    return int(min(memory_fraction * free_after_load, own) - headroom)
+
+
+def cpu_memory() -> tuple[int, int]:
+    """(total, available) bytes of host memory: MemTotal / MemAvailable, capped by a cgroup
+    memory limit when there is one."""
+    info = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    total = info.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = info.get("MemAvailable", total)
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                raw = f.read().strip()
+            if raw == "max" or int(raw) >= total:
+                break
+            limit = int(raw)
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+            total, available = limit, min(available, max(0, limit - usage))
+            break
+        except (OSError, ValueError):
+            continue
+    return total, available
+
+
+@dataclass
+class Capacity:
+    """What fits on one device; `as_dict()` is `capacity --json`."""
+    weights_bytes: int
+    kv_bytes_per_token: int
+    activation_bytes: int
+    kv_cache_bytes: int
+    kv_tokens: int
+    kv_block_size: int
+    tokens_per_row: int  # prompt + new tokens, rounded up to whole blocks
+    rows_in_flight: int  # rows of that length the pool holds at once (capped by max_batch_size)
+    max_batch_size: int
+    fits: bool  # weights fit, and one row of the profile fits in the KV pool
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(config, *, device_memory_gib: float, dtype="bfloat16", memory_fraction: float = 0.9,
+         kv_cache_gib: float | None = None, prompt_tokens: int = 512, new_tokens: int = 256,
+         max_batch_size: int = 256, prefill_token_budget: int = 4096, block_size: int = 16,
+         head: str = "causal", share: float = 1.0) -> Capacity:
+    """The numbers `ModelRunner` would arrive at on a device of `device_memory_gib` (GPU:
+    CUDA context included), for rows of `prompt_tokens + new_tokens` tokens."""
+    for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens),
+                        ("max_batch_size", max_batch_size), ("block_size", block_size)):
+        if not isinstance(value, int) or value < (0 if name == "new_tokens" else 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not device_memory_gib > 0:
+        raise ValueError(f"device memory must be > 0 GiB, got {device_memory_gib}")
+    total = int(device_memory_gib * GIB)
+    weights = weights_bytes(config, dtype, head)
+    per_token = kv_bytes_per_token(config, dtype)
+    headroom = activation_bytes(config, dtype, prefill_token_budget + max_batch_size, max_batch_size)
+    if kv_cache_gib is not None:
+        kv = int(kv_cache_gib * GIB)
+    else:
+        kv = kv_budget_bytes(total=total, free_after_load=total - weights - CUDA_CONTEXT_BYTES,
+                             weights=weights, headroom=headroom, memory_fraction=memory_fraction,
+                             share=share)
+    kv_tokens = max(0, kv // (per_token * block_size)) * block_size
+    row = math.ceil((prompt_tokens + new_tokens) / block_size) * block_size
+    rows = min(max_batch_size, kv_tokens // row)
+    reason = ""
+    if weights + headroom + CUDA_CONTEXT_BYTES > memory_fraction * total * share:
+        reason = (f"weights ({weights / GIB:.1f} GiB) and activations ({headroom / GIB:.1f} GiB) "
+                  f"do not fit in {memory_fraction:.0%} of {total * share / GIB:.1f} GiB")
+    elif rows < 1:
+        reason = (f"one row of {prompt_tokens} + {new_tokens} tokens needs {row * per_token / GIB:.2f} GiB "
+                  f"of KV cache; the pool has {max(kv, 0) / GIB:.2f} GiB ({kv_tokens} tokens)")
+    return Capacity(weights_bytes=weights, kv_bytes_per_token=per_token, activation_bytes=headroom,
+                    kv_cache_bytes=max(kv, 0), kv_tokens=kv_tokens, kv_block_size=block_size,
+                    tokens_per_row=row, rows_in_flight=max(rows, 0), max_batch_size=max_batch_size,
+                    fits=not reason, reason=reason)

@@ -1,0 +1,462 @@
+"""The scheduler: which rows run in the next forward, and where their KV cache lives. No torch.
+
+vLLM in miniature, the deciding part: the model runner computes (model/runner.py) and the
+sampler picks tokens (model/sampling.py). Everything here is plain Python, unit-tested with a
+fake runner (tests/test_scheduler.py).
+
+- `BlockManager`: the KV pool as fixed-size blocks. A free list, a reference count per block,
+  and a prefix cache: a full block is known by a hash chained over every token up to its end,
+  so rows (in one call or across calls) whose tokens start the same share those blocks by
+  reference. Blocks nobody references stay cached and are evicted least recently used when
+  the free list runs dry. Block 0 (null: the padding of block tables) and block 1 (scratch:
+  where padded rows of a fixed-shape decode write) are never handed out.
+- `Sequence`: one row: prompt, output so far, how many of its tokens have keys in the cache
+  (`num_computed`), its blocks, its row in the runner's block table.
+- `Scheduler`: waiting and running queues. Each `schedule()` grows the running rows by the one
+  block their next token may need, preempting the most recently admitted row when the pool is
+  out (its blocks are freed, it goes back to the front of the queue and is recomputed later from
+  its prompt and output so far), then admits waiting rows while their prompt's blocks (plus one
+  token of headroom) are free, rows in flight < max_rows and the step's prefill token budget
+  lasts. Long prompts are prefilled in chunks across steps. Rows whose tokens start with a block
+  that another row admitted in the same step is about to compute wait one step, then reuse it.
+  `update()` appends sampled tokens and checks stop conditions incrementally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+NULL_BLOCK, SCRATCH_BLOCK = 0, 1
+RESERVED_BLOCKS = 2
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    """Fixed-size KV blocks: allocation, reference counts, prefix cache (see module docstring)."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks <= RESERVED_BLOCKS:
+            raise ValueError(f"the KV pool needs more than {RESERVED_BLOCKS} blocks, got {num_blocks}")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.free: list[int] = list(range(num_blocks - 1, RESERVED_BLOCKS - 1, -1))  # pop() -> lowest id
+        self.ref = [0] * num_blocks
+        self.hash_of: dict[int, bytes] = {}
+        self.cached: dict[bytes, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
+        self.fresh: list[int] = []  # handed out since the runner last took them (it zeroes them)
+        self.used_peak = 0
+        self.hit_tokens = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.num_blocks - RESERVED_BLOCKS
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.capacity - self.num_free
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks (reference 1), or None if fewer than n can be had."""
+        if n > self.num_free:
+            return None
+        blocks = []
+        for _ in range(n):
+            if self.free:
+                block = self.free.pop()
+            else:  # evict the least recently used cached block
+                block, _ = self.evictable.popitem(last=False)
+                del self.cached[self.hash_of.pop(block)]
+            self.ref[block] = 1
+            blocks.append(block)
+        self.fresh.extend(blocks)
+        self.used_peak = max(self.used_peak, self.num_used)
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                if block in self.hash_of:
+                    self.evictable[block] = None  # most recently used at the end
+                else:
+                    self.free.append(block)
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """Blocks of the longest cached run of `hashes` (a row's leading full blocks), each
+        with a reference taken."""
+        blocks = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        for block in blocks:
+            if self.ref[block] == 0:
+                del self.evictable[block]
+            self.ref[block] += 1
+        self.used_peak = max(self.used_peak, self.num_used)
+        return blocks
+
+    def is_cached(self, h: bytes) -> bool:
+        return h in self.cached
+
+    def register(self, block: int, h: bytes) -> None:
+        """Make a fully computed block findable by its hash (the first block with a hash wins)."""
+        if self.prefix_caching and h not in self.cached and block not in self.hash_of:
+            self.cached[h] = block
+            self.hash_of[block] = h
+
+    def take_fresh(self) -> list[int]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
+
+class Detokenizer:
+    """The text of a growing list of token ids, decoding a short window per new token (as vLLM
+    does): the text of tokens[prefix:] minus the text of tokens[prefix:read] is what the new
+    tokens added; a window that ends inside a UTF-8 character (U+FFFD at the end) waits for the
+    next token."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.text, self.prefix, self.read = decode, "", 0, 0
+
+    def add(self, tokens: list[int]) -> str:
+        """`tokens` is the whole output so far; returns the text its newest tokens added."""
+        before = self.decode(tokens[self.prefix:self.read])
+        after = self.decode(tokens[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before):]
+            self.text += delta
+            self.prefix, self.read = self.read, len(tokens)
+            return delta
+        return ""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One row's state. `prompt` is what it was given; `output` what was sampled so far (the last
+    output token's keys are computed only when it is fed back). A scoring row (`score_from` set)
+    samples nothing: the runner returns hidden states from position `score_from` on."""
+    index: int
+    prompt: list[int]
+    params: object = None  # SamplingParams (max_new_tokens, stop, ...); None for scoring rows
+    stop_ids: frozenset = frozenset()
+    score_from: int | None = None
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    row: int = -1
+    admitted: int = -1  # admission order (preemption takes the largest)
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None
+    text: str | None = None  # the text up to a stop string, when one ended the row
+    detok: Detokenizer | None = None
+    cacheable_tokens: int = 1 << 62  # only blocks ending at or before this are shared
+    hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, computed lazily
+    num_registered: int = 0  # leading full blocks already offered to the prefix cache
+    cache_hit_tokens: int = 0
+    payload: object = None  # the caller's (the engine keeps a row's seed or scoring targets here)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        P = len(self.prompt)
+        if end <= P:
+            return self.prompt[start:end]
+        if start >= P:
+            return self.output[start - P:end - P]
+        return self.prompt[start:] + self.output[:end - P]
+
+    def block_hashes(self, n_blocks: int, block_size: int) -> list[bytes]:
+        """Hashes of the first n_blocks full blocks (each chained over all tokens before it)."""
+        while len(self.hashes) < n_blocks:
+            i = len(self.hashes)
+            h = hashlib.blake2b(self.hashes[-1] if self.hashes else b"", digest_size=16)
+            h.update(array("q", self.tokens(i * block_size, (i + 1) * block_size)).tobytes())
+            self.hashes.append(h.digest())
+        return self.hashes[:n_blocks]
+
+    @property
+    def prefilled(self) -> bool:
+        """All known tokens but the newest sampled one have keys: it is decoding."""
+        return self.num_computed >= self.num_tokens - 1 and bool(self.output)
+
+
+@dataclass
+class StepItem:
+    seq: Sequence
+    start: int  # first position fed (= tokens already cached)
+    num_tokens: int
+    sample: bool  # a token is sampled from the last position
+    outputs_from: int | None  # absolute position from which hidden states are returned (None: none)
+    decode: bool = False  # a decoding row's one token (else a prefill chunk or a scoring row)
+
+
+@dataclass
+class ScheduledStep:
+    items: list[StepItem]  # decoding rows first, then prefill chunks
+    preempted: list[Sequence]
+    num_prefill_tokens: int = 0
+    fresh_blocks: list[int] = field(default_factory=list)  # handed out this step: the runner zeroes them
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_tokens for i in self.items)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, *, max_rows: int, max_seq_len: int, prefill_token_budget: int,
+                 chunked_prefill: bool = True, decode: Callable[[list[int]], str] | None = None,
+                 watermark: float = 0.01):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if prefill_token_budget < 1:
+            raise ValueError(f"prefill_token_budget must be >= 1, got {prefill_token_budget}")
+        self.blocks, self.bs = blocks, blocks.block_size
+        self.max_rows, self.max_seq_len = max_rows, max_seq_len
+        self.prefill_token_budget, self.chunked_prefill = prefill_token_budget, chunked_prefill
+        self.decode = decode
+        self.watermark = max(1, int(watermark * blocks.capacity))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self._admissions = 0
+        self.preemptions = 0
+        self.rows_in_flight_peak = 0
+        self.steps = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+
+    # ---- queue -----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> bool:
+        """Queue a row. False (and the row finished with an error) if even the empty pool could
+        not hold it to its end."""
+        longest = seq.num_tokens if seq.params is None else min(
+            len(seq.prompt) + seq.params.max_new_tokens, self.max_seq_len)
+        need = cdiv(longest, self.bs)
+        if need > self.blocks.capacity:
+            seq.finish_reason, seq.error = "error", (
+                f"kv_cache_too_small: this row needs up to {longest} tokens of KV cache ({len(seq.prompt)} prompt"
+                + ("" if seq.params is None else f" + {seq.params.max_new_tokens} max_new_tokens")
+                + f") but the whole pool holds {self.blocks.capacity * self.bs} tokens: lower max_new_tokens, "
+                "or give the engine more KV memory (kv_cache_gib / memory_fraction)")
+            return False
+        if seq.detok is None and self.decode is not None and seq.params is not None and seq.params.stop:
+            seq.detok = Detokenizer(self.decode)
+        self.waiting.append(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep(items=[], preempted=[])
+        self._grow_decoding(step)
+        self._schedule_prefill(step)
+        step.fresh_blocks = self.blocks.take_fresh()
+        self.steps += 1
+        self.rows_in_flight_peak = max(self.rows_in_flight_peak, len(self.running))
+        return step
+
+    def _grow_decoding(self, step: ScheduledStep) -> None:
+        """Each decoding row feeds its newest token: make sure a block holds its position,
+        preempting the most recently admitted rows when the pool is out (oldest rows first, so
+        the oldest always progresses)."""
+        for seq in list(self.running):
+            if seq.row < 0 or not seq.prefilled:
+                continue  # preempted in this loop, or still prefilling
+            need = cdiv(seq.num_tokens, self.bs) - len(seq.blocks)
+            while need > 0:
+                got = self.blocks.allocate(need)
+                if got is not None:
+                    seq.blocks += got
+                    break
+                victim = self.running[-1]
+                self._preempt(victim, step)
+                if victim is seq:
+                    break
+            if seq.row >= 0:
+                step.items.append(StepItem(seq, seq.num_tokens - 1, 1, True, None, decode=True))
+
+    def _schedule_prefill(self, step: ScheduledStep) -> None:
+        budget = self.prefill_token_budget
+        for seq in self.running:  # rows part-way through a chunked prefill
+            if budget <= 0:
+                break
+            if seq.row >= 0 and not seq.prefilled and seq.num_computed < seq.num_tokens:
+                budget -= self._add_prefill(step, seq, budget)
+        pending: set[bytes] = set()  # block hashes this step's admissions will compute
+        deferred: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_rows:
+            seq = self.waiting[0]
+            verdict = self._try_admit(seq, pending, budget, step)
+            if verdict == "full":
+                break
+            self.waiting.popleft()
+            if verdict == "defer":
+                deferred.append(seq)
+                if len(deferred) >= self.max_rows:
+                    break
+                continue
+            budget -= self._add_prefill(step, seq, budget)
+        self.waiting.extendleft(reversed(deferred))
+
+    def _try_admit(self, seq: Sequence, pending: set, budget: int, step: ScheduledStep) -> str:
+        """'ok' (admitted: blocks and a row taken), 'defer' (its first block to compute is being
+        computed by another row this step: wait one step and share it) or 'full' (not now)."""
+        total = seq.num_tokens
+        limit = total - 1 if seq.score_from is None else min(total - 1, seq.score_from)
+        n_cacheable = min(limit, seq.cacheable_tokens) // self.bs if self.blocks.prefix_caching else 0
+        hashes = seq.block_hashes(n_cacheable, self.bs) if n_cacheable else []
+        n_hit = 0
+        while n_hit < len(hashes) and self.blocks.is_cached(hashes[n_hit]):
+            n_hit += 1
+        if n_hit < len(hashes) and hashes[n_hit] in pending:
+            return "defer"
+        if not self.chunked_prefill and step.num_prefill_tokens and total - n_hit * self.bs > budget:
+            return "full"  # a whole prompt that does not fit this step's budget waits for the next
+        need = cdiv(total + (1 if seq.score_from is None else 0), self.bs) - n_hit
+        reserve = self.watermark if self.running else 0
+        hit = self.blocks.lookup(hashes[:n_hit])  # first: looked-up blocks leave the evictable set
+        got = self.blocks.allocate(need) if need + reserve <= self.blocks.num_free else None
+        if got is None:
+            self.blocks.release(hit)
+            return "full"
+        self.blocks.hit_tokens += n_hit * self.bs
+        seq.blocks = hit + got
+        seq.num_computed = seq.cache_hit_tokens = n_hit * self.bs
+        seq.num_registered = n_hit
+        seq.row = self.free_rows.pop()
+        seq.admitted = self._admissions
+        self._admissions += 1
+        self.running.append(seq)
+        pending.update(hashes[n_hit:])
+        return "ok"
+
+    def _add_prefill(self, step: ScheduledStep, seq: Sequence, budget: int) -> int:
+        remaining = seq.num_tokens - seq.num_computed
+        n = min(remaining, budget) if self.chunked_prefill else remaining
+        end = seq.num_computed + n
+        sample = end == seq.num_tokens and seq.score_from is None
+        outputs = None
+        if seq.score_from is not None and end > seq.score_from:
+            outputs = max(seq.score_from, seq.num_computed)
+        step.items.append(StepItem(seq, seq.num_computed, n, sample, outputs))
+        step.num_prefill_tokens += n
+        return n
+
+    def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
+        self._register_blocks(seq)
+        self.running.remove(seq)
+        self.blocks.release(seq.blocks)
+        self.free_rows.append(seq.row)
+        seq.blocks, seq.row, seq.num_computed = [], -1, 0
+        step.items = [i for i in step.items if i.seq is not seq]
+        step.preempted.append(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    # ---- after the forward -----------------------------------------------------------------
+    def update(self, step: ScheduledStep, sampled: list[int], logprobs: list[float] | None = None) -> list[Sequence]:
+        """Record the step: tokens sampled for the items with `sample` (in order). Returns the rows
+        that finished (their blocks and table rows are released)."""
+        finished = []
+        k = 0
+        for item in step.items:
+            seq = item.seq
+            seq.num_computed += item.num_tokens
+            if item.decode:
+                self.decode_tokens += 1
+            else:
+                self.prefill_tokens += item.num_tokens
+            self._register_blocks(seq)
+            if item.sample:
+                seq.output.append(sampled[k])
+                if logprobs is not None:
+                    seq.logprobs.append(logprobs[k])
+                k += 1
+                self._check_stop(seq)
+            elif seq.score_from is not None and seq.num_computed == seq.num_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                self._finish(seq)
+                finished.append(seq)
+        if k != len(sampled):
+            raise ValueError(f"{len(sampled)} sampled tokens for {k} sampling rows")
+        return finished
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        full = min(seq.num_computed, seq.cacheable_tokens) // self.bs
+        if full > seq.num_registered and self.blocks.prefix_caching:
+            hashes = seq.block_hashes(full, self.bs)
+            for i in range(seq.num_registered, full):
+                self.blocks.register(seq.blocks[i], hashes[i])
+            seq.num_registered = full
+
+    def _check_stop(self, seq: Sequence) -> None:
+        p, token = seq.params, seq.output[-1]
+        if token in seq.stop_ids:
+            seq.finish_reason = "stop"
+        elif seq.detok is not None and self._hit_stop_string(seq):
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+            seq.finish_reason = "length"
+
+    @staticmethod
+    def _hit_stop_string(seq: Sequence) -> bool:
+        delta = seq.detok.add(seq.output)
+        if not delta:
+            return False
+        text = seq.detok.text
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, len(text) - len(delta) - longest + 1)  # a stop string may straddle the old text
+        hits = [i for i in (text.find(s, start) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = text[:min(hits)]
+            return True
+        return False
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.release(seq.blocks)
+            self.free_rows.append(seq.row)
+        seq.blocks, seq.row = [], -1
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every queued and running row (after an exception): their blocks are released."""
+        dropped = list(self.running) + list(self.waiting)
+        for seq in list(self.running):
+            self._finish(seq)
+        self.waiting.clear()
+        return dropped
+
+    def stats(self) -> dict:
+        b = self.blocks
+        return {
+            "kv_block_size": self.bs,
+            "kv_tokens_capacity": b.capacity * self.bs,
+            "kv_tokens_peak": b.used_peak * self.bs,
+            "rows_in_flight_peak": self.rows_in_flight_peak,
+            "max_rows_in_flight": self.max_rows,
+            "preemptions": self.preemptions,
+            "prefix_cache_hit_tokens": b.hit_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "steps": self.steps,
+        }
