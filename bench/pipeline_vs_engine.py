@@ -1,7 +1,8 @@
 """The same rows through the Ray pipeline and through the bare engine: what does Ray Data cost?
 
     python bench/pipeline_vs_engine.py [--model DIR] [--rows 256] [--shards 4]
-                                       [--max-new-tokens 32] [--batch-size 16] [--dtype float32]
+                                       [--max-new-tokens 32] [--batch-size 64] [--max-num-seqs 16]
+                                       [--dtype float32]
                                        [--repeats 3]
 
 Without --model a small random Persimmon (hidden 512, 8 layers, real tokenizer) is built in a
@@ -46,7 +47,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64, help="rows per engine call (the pipeline's --batch-size)")
+    ap.add_argument("--max-num-seqs", type=int, default=16, help="rows in flight (the pipeline's --max-num-seqs)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3, help="pipeline runs, each between two bare-engine runs")
     args = ap.parse_args()
@@ -59,7 +61,6 @@ def main() -> None:
     from model import Engine, SamplingParams
     from pipeline import PipelineConfig, init_ray, run_generate
     from pipeline.demo import SAMPLE_PROMPTS
-    from pipeline.stages import ROWS_PER_CALL
 
     work = tempfile.mkdtemp(prefix="pb-bench-")
     model_dir = args.model
@@ -79,10 +80,10 @@ def main() -> None:
 
     # ---- bare engine ------------------------------------------------------------------------
     t = time.perf_counter()
-    engine = Engine.from_pretrained(model_dir, max_batch_size=args.batch_size, dtype=args.dtype, device=device)
+    engine = Engine.from_pretrained(model_dir, max_batch_size=args.max_num_seqs, dtype=args.dtype, device=device)
     engine_load_s = time.perf_counter() - t
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    chunk = args.batch_size * ROWS_PER_CALL
+    chunk = args.batch_size  # rows per engine call, as the pipeline hands them over
 
     def bare_engine():
         t = time.perf_counter()
@@ -106,6 +107,7 @@ def main() -> None:
         out_dir = os.path.join(work, f"out{k}")
         config = PipelineConfig(task="generate", input=os.path.join(work, "in"), output=out_dir,
                                 model=model_dir, replicas=1, num_cpus_per_replica=cores, batch_size=args.batch_size,
+                                max_num_seqs=args.max_num_seqs,
                                 max_new_tokens=args.max_new_tokens, dtype=args.dtype, progress=False)
         t = time.perf_counter()
         report = run_generate(config)
@@ -135,7 +137,7 @@ def main() -> None:
         "bench": "pipeline_vs_engine", "device": device, "cpu": platform.processor() or platform.machine(),
         "cores": cores, "torch_threads": torch.get_num_threads(), "dtype": args.dtype,
         "model": "random hidden 512 x 8 layers" if args.model is None else args.model,
-        "rows": args.rows, "shards": args.shards, "batch_size": args.batch_size,
+        "rows": args.rows, "shards": args.shards, "batch_size": args.batch_size, "max_num_seqs": args.max_num_seqs,
         "max_new_tokens": args.max_new_tokens, "tokens_generated": tokens, "repeats": args.repeats,
         "engine_load_s": round(engine_load_s, 3), "ray_init_s": round(ray_init_s, 3),
         "engine_s": median("engine_s"), "pipeline_wall_s": median("pipeline_wall_s"),

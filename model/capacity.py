@@ -23,6 +23,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from .scheduler import RESERVED_BLOCKS
+
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS workspaces, not in the weights (estimate)
@@ -75,13 +77,15 @@ def kv_bytes_per_token(config, dtype) -> int:
     return 2 * config.num_hidden_layers * config.hidden_size * dtype_bytes(dtype)
 
 
-def activation_bytes(config, dtype, max_tokens: int, max_rows: int) -> int:
+def activation_bytes(config, dtype, max_tokens: int, max_rows: int, head: str = "causal") -> int:
     """Scratch memory of the largest forward the runner runs: `max_tokens` tokens in one
-    forward (the prefill token budget plus one decode token per row), the 262k-vocab head on up
-    to `max_rows` rows with the sampler's fp32 copies, and one attention call's gathered keys
-    and values. An upper estimate: each term is counted as if all were live at once."""
+    forward (the prefill token budget plus one decode token per row) and, for a causal LM, the
+    262k-vocab head on up to `max_rows` rows with the sampler's fp32 copies and one attention
+    call's gathered keys and values. An upper estimate: every term counted as live at once."""
     it, C, I, V = dtype_bytes(dtype), config.hidden_size, config.intermediate_size, config.vocab_size
     per_token = it * (9 * C + I)  # residual, norms, qkv (3C), rotated q/k, attention out; MLP (I)
+    if head != "causal":
+        return max_tokens * per_token
     logits = max_rows * V * (it + 3 * 4)  # head output, fp32 logits, softmax / sort temporaries
     gather = GATHER_TOKENS * 2 * C * it  # one layer's gathered K and V (paged attention on GPU)
     return max_tokens * per_token + logits + gather
@@ -163,22 +167,27 @@ def plan(config, *, device_memory_gib: float, dtype="bfloat16", memory_fraction:
         raise ValueError(f"device memory must be > 0 GiB, got {device_memory_gib}")
     total = int(device_memory_gib * GIB)
     weights = weights_bytes(config, dtype, head)
-    per_token = kv_bytes_per_token(config, dtype)
-    headroom = activation_bytes(config, dtype, prefill_token_budget + max_batch_size, max_batch_size)
-    if kv_cache_gib is not None:
+    causal = head == "causal"
+    per_token = kv_bytes_per_token(config, dtype) if causal else 0
+    headroom = activation_bytes(config, dtype, prefill_token_budget + max_batch_size, max_batch_size, head)
+    allowed = memory_fraction * total * share  # what this replica may use of the device
+    kv = 0
+    if causal and kv_cache_gib is not None:
         kv = int(kv_cache_gib * GIB)
-    else:
+        allowed = total * share  # an explicit size overrides the fraction; it must still fit
+    elif causal:
         kv = kv_budget_bytes(total=total, free_after_load=total - weights - CUDA_CONTEXT_BYTES,
-                             weights=weights, headroom=headroom, memory_fraction=memory_fraction,
-                             share=share)
-    kv_tokens = max(0, kv // (per_token * block_size)) * block_size
+                             weights=weights, headroom=headroom, memory_fraction=memory_fraction, share=share)
+    # the engine's pool: whole blocks, two of them reserved (the null and scratch blocks)
+    kv_tokens = max(0, kv // (per_token * block_size) - RESERVED_BLOCKS) * block_size if causal else 0
     row = math.ceil((prompt_tokens + new_tokens) / block_size) * block_size
-    rows = min(max_batch_size, kv_tokens // row)
+    rows = min(max_batch_size, kv_tokens // row) if causal else max_batch_size
     reason = ""
-    if weights + headroom + CUDA_CONTEXT_BYTES > memory_fraction * total * share:
-        reason = (f"weights ({weights / GIB:.1f} GiB) and activations ({headroom / GIB:.1f} GiB) "
-                  f"do not fit in {memory_fraction:.0%} of {total * share / GIB:.1f} GiB")
-    elif rows < 1:
+    if weights + headroom + CUDA_CONTEXT_BYTES + max(kv, 0) * (kv_cache_gib is not None) > allowed:
+        reason = (f"weights ({weights / GIB:.1f} GiB), activations ({headroom / GIB:.1f} GiB)"
+                  + (f" and kv_cache_gib={kv_cache_gib}" if kv_cache_gib is not None and causal else "")
+                  + f" do not fit in {allowed / GIB:.1f} GiB of the device")
+    elif causal and rows < 1:
         reason = (f"one row of {prompt_tokens} + {new_tokens} tokens needs {row * per_token / GIB:.2f} GiB "
                   f"of KV cache; the pool has {max(kv, 0) / GIB:.2f} GiB ({kv_tokens} tokens)")
     return Capacity(weights_bytes=weights, kv_bytes_per_token=per_token, activation_bytes=headroom,

@@ -339,7 +339,8 @@ class Engine:
                 rows = torch.tensor([p[0] - a for p in chunk], device=lp.device)
                 toks = torch.tensor([p[1] for p in chunk], device=lp.device)
                 for (_, _, i, k), value in zip(chunk, lp[rows, toks].tolist()):
-                    scores[i][k] += value
+                    if i in scores:  # (a prompt with a row refused by the pool is an error already)
+                        scores[i][k] += value
 
         for _ in self._drive(on_scores):
             pass
@@ -369,8 +370,7 @@ class Engine:
             except ValueError as e:
                 results[i] = Classification(error=str(e))
         for pack in token_budget_packs(encoded, lambda item: len(item[1]), self.prefill_token_budget):
-            hidden = self.runner.forward_packed([row for _, row in pack])
-            logits = self.model.score(hidden).float()
+            logits = self.runner.classify([row for _, row in pack]).float()
             for (i, _), row in zip(pack, logits):
                 results[i] = self._label(row)
         return results

@@ -28,7 +28,7 @@ from .modelcheck import ModelError, check_model
 from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
 from .runner import ShardRunner
-from .stages import ROWS_PER_CALL, STAGES
+from .stages import STAGES
 from .storage import ensure_dir, list_parquet, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def build_dataset(config: PipelineConfig, ds=None):
             columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
             ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs).select_columns(columns)
         return _map_batches(ds, STAGES[config.task], config, fn_constructor_kwargs={"config": config},
-                            batch_format="pyarrow", batch_size=config.batch_size * ROWS_PER_CALL,
+                            batch_format="pyarrow", batch_size=config.batch_size,
                             compute=_compute(config))
 
 
@@ -321,6 +321,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
             "units_per_node": {str(k): v for k, v in nodes.items()},
             "storage_redos": sum(st.get("io_retries", 0) for st in results.values()),
         },
+        "engine": _engine_report(ran),
         "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
                    "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards)},
         "failed_shards": failed,
@@ -333,6 +334,28 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "started_at": started_at,
         "finished_at": time.time(),
         "versions": _versions(),
+    }
+
+
+def _engine_report(ran: list[dict]) -> dict:
+    """Each replica's engine sizing and counters (its latest unit's snapshot: counters add up
+    over a replica's life) and the totals a user sizes the next job with."""
+    latest: dict = {}
+    for st in ran:
+        eng = st.get("engine")
+        key = (st.get("node_id"), st.get("actor_id"), st.get("pid"))
+        if eng and (key not in latest or st.get("finished_at", 0) >= latest[key][0]):
+            latest[key] = (st.get("finished_at", 0), {"node_id": key[0], "actor_id": key[1], "pid": key[2], **eng})
+    replicas = [v for _, v in latest.values()]
+    if not replicas:
+        return {"replicas": []}
+    return {
+        "replicas": replicas,
+        "preemptions": sum(r.get("preemptions", 0) for r in replicas),
+        "kv_tokens_capacity": min((r["kv_tokens_capacity"] for r in replicas if "kv_tokens_capacity" in r), default=None),
+        "kv_tokens_peak": max((r["kv_tokens_peak"] for r in replicas if "kv_tokens_peak" in r), default=None),
+        "rows_in_flight_peak": max((r["rows_in_flight_peak"] for r in replicas if "rows_in_flight_peak" in r),
+                                   default=None),
     }
 
 

@@ -17,6 +17,7 @@ from .config import ConfigError, PipelineConfig
 
 GENERATE_ONLY = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate"}
 LABEL_ONLY = {"choices"}
+ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
 DESCRIPTIONS = {
     "generate": "Complete every prompt with a causal Persimmon checkpoint.",
     "classify": "Classify every text with a PersimmonForSequenceClassification checkpoint.",
@@ -40,7 +41,8 @@ def _default_text(f) -> str:
 def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
     groups = {
         "io": parser.add_argument_group("input, output, model"),
-        "gen": parser.add_argument_group("generation and lengths"),
+        "gen": parser.add_argument_group("generation"),
+        "engine": parser.add_argument_group("engine and memory (see `persimmon-batch capacity`)"),
         "run": parser.add_argument_group("replicas, resources, resume, storage, Ray"),
     }
     for f in fields(PipelineConfig):
@@ -52,7 +54,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
         help_text = meta["help"].replace("%", "%%") + _default_text(f)
         group = groups["io"] if f.name in ("input", "output", "model", "id_column", "prompt_column",
                                            "keep_columns", "prompt_template", "chat_template", "choices") \
-            else groups["gen"] if f.name in GENERATE_ONLY or f.name == "max_seq_len" else groups["run"]
+            else groups["gen"] if f.name in GENERATE_ONLY \
+            else groups["engine"] if f.name in ENGINE_FIELDS else groups["run"]
         kwargs: dict = {"dest": f.name, "default": None, "help": help_text}
         ftype = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
                                                         "str": str, "list": list}.get(str(f.type), None)
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="persimmon-batch",
         description="Batch inference with Persimmon on Ray Data: Parquet shards in, Parquet out.",
         epilog="Start with `persimmon-batch demo`. Every command takes --help.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,classify,label,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,classify,label,capacity,demo}")
     for task in ("generate", "classify", "label"):
         p = sub.add_parser(task, help=DESCRIPTIONS[task], description=DESCRIPTIONS[task], epilog=EPILOG)
         p.add_argument("--config", metavar="FILE.yaml",
@@ -81,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--print-report", action="store_true", help="Print the full run report JSON at the end.")
         p.add_argument("--quiet", action="store_true", help="Only the final summary (no progress).")
         _add_config_flags(p, task)
+    from .capacity import add_parser as add_capacity
+
+    add_capacity(sub)
     demo = sub.add_parser("demo", help="Build a tiny random model and sample shards in a temp dir and "
                           "run generate, label and classify on local Ray (about a minute on 2 CPUs).",
                           description="End-to-end demo on local Ray with the embedded tiny model. "
@@ -150,6 +156,14 @@ def _fault_lines(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "capacity":
+        from .capacity import run as run_capacity
+
+        try:
+            return run_capacity(args)
+        except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+            print(f"persimmon-batch capacity: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         from .demo import run_demo
 

@@ -69,15 +69,29 @@ class PipelineConfig:
                    "this and its id, so retried or resumed rows give the same text.", type=int)
     truncate: Any = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
                        "last tokens that fit.", choices=(None, "left"))
-    max_seq_len: Any = _f(None, "Cap on prompt + generated tokens per row, sizing the KV cache "
-                          "(default: the engine's, min(max_position_embeddings, 4096)).", type=int)
+    max_seq_len: Any = _f(None, "Cap on prompt + generated tokens per row (default: the model's "
+                          "max_position_embeddings, 16384 for Persimmon-8B). A cap only: KV memory is "
+                          "sized by --kv-cache-gib / --memory-fraction, not by this.", type=int)
     # ---- replicas and resources ------------------------------------------------------------
     replicas: Any = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to "
                        "autoscale between MIN and MAX.")
     num_gpus_per_replica: float = _f(0.0, "GPUs per replica; fractional values pack several "
                                      "replicas on one GPU (e.g. 0.5). 0 = CPU.")
     num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.")
-    batch_size: int = _f(32, "Rows per engine call (the engine's max batch size).")
+    batch_size: int = _f(256, "Rows per engine call: a replica reads this many input rows at a time "
+                         "and hands them to its engine at once (the unit of progress and of "
+                         "--batch-timeout-s). Costs no KV memory by itself: the engine runs up to "
+                         "--max-num-seqs of them at a time, as many as its KV cache holds.")
+    max_num_seqs: int = _f(256, "Most rows in flight in one replica's engine (the engine's "
+                           "max_batch_size). A cap, not a reservation: how many rows actually run at "
+                           "once is decided by the KV cache (rows of short prompts fit many more).")
+    kv_cache_gib: Any = _f(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the device "
+                           "memory free after the weights load (a replica with "
+                           "--num-gpus-per-replica < 1, or a CPU replica, counts only its share of "
+                           "the device), less activation headroom. See `persimmon-batch capacity`.",
+                           type=float)
+    memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV "
+                                "cache and activations when --kv-cache-gib is unset.")
     dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
                     "bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or cuda.",
@@ -93,7 +107,7 @@ class PipelineConfig:
     max_task_retries: int = _f(3, "Times a task is retried after its replica dies (OOM, "
                                "segfault, lost node, killed as stuck) before it is reported failed.")
     batch_timeout_s: float = _f(900.0, "Fail fast instead of hanging: a replica that finishes no "
-                                "batch (batch_size x 4 rows) for this long is reported as stuck "
+                                "batch (--batch-size rows) for this long is reported as stuck "
                                 "and restarted, and its task retried (up to --max-task-retries, "
                                 "then reported failed). 0 = never.")
     io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): "
@@ -193,13 +207,18 @@ class PipelineConfig:
             bad("prompt_template", f"must contain {{prompt}} and no other field, got fields {sorted(names)}")
         if self.task == "label" and len(self.choices) < 2:
             bad("choices", "label needs at least two choices, e.g. --choices positive,negative")
-        if self.task == "label" and len(self.choices) > self.batch_size:
-            bad("choices", f"{len(self.choices)} choices need batch_size >= {len(self.choices)}")
         if len(set(self.choices)) != len(self.choices):
             bad("choices", f"has duplicates: {self.choices}")
-        for name in ("batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens", "max_num_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
+            bad("max_seq_len", f"must be an integer >= 2, got {self.max_seq_len!r}")
+        if self.kv_cache_gib is not None and not (isinstance(self.kv_cache_gib, (int, float))
+                                                  and self.kv_cache_gib > 0):
+            bad("kv_cache_gib", f"must be a number of GiB > 0, got {self.kv_cache_gib!r}")
+        if not isinstance(self.memory_fraction, (int, float)) or not 0 < self.memory_fraction <= 1:
+            bad("memory_fraction", f"must be in (0, 1], got {self.memory_fraction!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             bad("temperature", "need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
         if self.num_gpus_per_replica < 0 or self.num_cpus_per_replica < 0:

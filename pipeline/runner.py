@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from .config import PipelineConfig
 from .plan import STATS_KEY, Unit, read_unit_stats, result_config
 from .progress import Attempts
-from .stages import ROWS_PER_CALL, STAGES, error_kind
+from .stages import STAGES, error_kind
 from .storage import Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class ShardRunner:
             with contextlib.ExitStack() as stack:
                 with naming(f"read {src.uri}"):
                     reader = pq.ParquetFile(stack.enter_context(src.fs.open_input_file(src.path)))
-                    batches = reader.iter_batches(batch_size=cfg.batch_size * ROWS_PER_CALL,
+                    batches = reader.iter_batches(batch_size=cfg.batch_size,
                                                   row_groups=unit.row_groups, columns=columns)
                 with naming(writing):
                     f_out = fs.open_output_stream(tmp.path)
@@ -183,7 +183,7 @@ class ShardRunner:
                     "finished_at": time.time(), "load_seconds": round(self.stage.load_seconds, 3),
                     "replica_created_at": self.created_at,
                     "row_groups": unit.row_groups, "result_config": self.result_config,
-                    "run_id": self.run_id,
+                    "run_id": self.run_id, "engine": self.stage.engine_stats(),
                 }
                 with naming(writing):
                     writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})

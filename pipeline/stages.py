@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +28,6 @@ import pyarrow as pa
 from .config import PipelineConfig, output_columns
 
 log = logging.getLogger(__name__)
-
-# Rows handed to one engine call, as a multiple of batch_size, so slots that finish early are
-# refilled by the engine's scheduler instead of idling until the slowest row of the batch ends.
-ROWS_PER_CALL = 4
 
 RESULT_TYPES = {
     "completion": pa.string(), "finish_reason": pa.string(),
@@ -60,9 +57,30 @@ def engine_error(message: str) -> str:
     return f"{kind}: {message}"
 
 
+def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
+    """The part of its device this replica owns, so replicas sharing a device each size their
+    KV cache from their share: --num-gpus-per-replica on a GPU (0.5 = half), and on CPU its
+    CPUs over the node's (Ray places CPU replicas by CPUs, so that many can share the node)."""
+    if on_gpu:
+        g = config.num_gpus_per_replica
+        return g if 0 < g < 1 else 1.0
+    node_cpus = os.cpu_count() or 1
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+            node_cpus = next((n["Resources"].get("CPU", node_cpus) for n in ray.nodes() if n["NodeID"] == node),
+                             node_cpus)
+    except Exception:  # noqa: BLE001 - outside Ray, or an old GCS: the machine's CPUs
+        pass
+    return min(1.0, max(1.0, config.num_cpus_per_replica) / max(1.0, node_cpus))
+
+
 def load_engine(config: PipelineConfig):
     """Engine.from_pretrained for this replica: model fetched to the node cache if remote,
-    device CUDA when this actor was given a GPU (torch sees one), else CPU."""
+    device CUDA when this actor was given a GPU (torch sees one), else CPU; KV cache from
+    --kv-cache-gib or this replica's share of the device's memory."""
     import torch
 
     from model import Engine
@@ -75,8 +93,10 @@ def load_engine(config: PipelineConfig):
     if not on_gpu and torch.get_num_threads() > max(1, int(config.num_cpus_per_replica)):
         torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))  # share cores with other replicas
     path = local_model_dir(config.model, config)
-    return Engine.from_pretrained(path, max_batch_size=config.batch_size,
-                                  max_seq_len=config.max_seq_len, dtype=dtype, device=device)
+    return Engine.from_pretrained(path, max_batch_size=config.max_num_seqs, max_seq_len=config.max_seq_len,
+                                  dtype=dtype, device=device, kv_cache_gib=config.kv_cache_gib,
+                                  memory_fraction=config.memory_fraction,
+                                  memory_share=memory_share(config, on_gpu))
 
 
 def as_table(batch) -> pa.Table:
@@ -156,6 +176,12 @@ class _Stage:
 
     def _on_torch_thread(self, fn, *args):
         return self._torch_thread.submit(fn, *args).result()
+
+    def engine_stats(self) -> dict | None:
+        """The engine's sizing and counters (KV capacity and peak, rows in flight, preemptions),
+        or None for an engine without them (test doubles)."""
+        stats = getattr(self.engine, "stats", None)
+        return stats() if callable(stats) else None
 
     def __call__(self, batch, row_errors: dict[int, str] | None = None) -> pa.Table:
         """Results for every row of `batch`, in order. `row_errors` ({row index: error}) marks

@@ -1,0 +1,130 @@
+"""`persimmon-batch capacity`: does a model fit a GPU, and how many rows run at once?
+
+From config.json alone (no weights are read): weights bytes, KV bytes per token, the KV cache a
+replica would allocate (model/capacity.py: the same arithmetic the engine uses) and how many
+rows of a given length fit in it at once. With `--config JOB.yaml` the job's dtype,
+max_num_seqs, max_seq_len, max_new_tokens, kv_cache_gib, memory_fraction and
+num_gpus_per_replica are used (flags override them). Exit status 0 when it fits, 1 when it does
+not, 2 for bad input.
+
+    persimmon-batch capacity --model adept/persimmon-8b-chat --gpu L40S
+    persimmon-batch capacity --config jobs/configs/label_reviews_8b.yaml --gpu L40S --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from model import capacity
+from model.config import PersimmonConfig
+
+# Released checkpoints whose config.json is PersimmonConfig's defaults: sized without a download.
+PRESETS = {"adept/persimmon-8b-base": "PersimmonForCausalLM", "adept/persimmon-8b-chat": "PersimmonForCausalLM"}
+HEADS = {"PersimmonForCausalLM": "causal", "PersimmonForSequenceClassification": "sequence_classification"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("capacity", help="Will a model fit a GPU, and how many rows run at once? (config.json only)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Checkpoint directory or object-store URI holding config.json, or "
+                   f"one of {sorted(PRESETS)} (default: the --config job's model).")
+    p.add_argument("--config", metavar="JOB.yaml", help="A job config: its model and engine settings are used.")
+    gpu = p.add_mutually_exclusive_group(required=True)
+    gpu.add_argument("--gpu", choices=sorted(capacity.GPU_MEMORY_GIB),
+                     help="A GPU by name (its memory as the driver reports it).")
+    gpu.add_argument("--gpu-memory-gib", type=float, help="Device memory in GiB.")
+    p.add_argument("--dtype", choices=sorted(capacity.DTYPE_BYTES), help="Weights and KV dtype (default bfloat16).")
+    p.add_argument("--memory-fraction", type=float, help="Fraction of the device a replica may use (default 0.9).")
+    p.add_argument("--kv-cache-gib", type=float, help="A fixed KV cache size instead of the memory fraction.")
+    p.add_argument("--num-gpus-per-replica", type=float,
+                   help="GPUs per replica; below 1 several replicas share a GPU and each gets that share.")
+    p.add_argument("--prompt-tokens", type=int, help="Prompt length of a typical row (default: max_seq_len - "
+                   "new tokens with --config, else 512).")
+    p.add_argument("--new-tokens", type=int, help="Generated tokens per row (default: the job's "
+                   "max_new_tokens, 8 for label jobs, else 256).")
+    p.add_argument("--max-num-seqs", type=int, help="Cap on rows in flight (default 256).")
+    p.add_argument("--prefill-token-budget", type=int, default=4096, help="Tokens per prefill forward (default 4096).")
+    p.add_argument("--kv-block-size", type=int, default=16, help="Tokens per KV block (default 16).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object (weights_bytes, kv_bytes_per_token, "
+                   "kv_tokens, rows_in_flight, ...).")
+
+
+def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
+    """(config, architecture) of a checkpoint from its config.json."""
+    if model in PRESETS:
+        return PersimmonConfig(), PRESETS[model]
+    if "://" in model and not model.startswith("file://"):
+        from pipeline.config import PipelineConfig
+
+        from .storage import resolve
+
+        settings = (job or PipelineConfig(input="-", output="-", model=model)).with_env()
+        loc = resolve(model, settings).join("config.json")
+        with loc.fs.open_input_file(loc.path) as f:
+            cfg = PersimmonConfig.from_dict(json.loads(f.read()))
+    else:
+        path = model.removeprefix("file://")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model {model!r}: no such directory (or use one of {sorted(PRESETS)})")
+        cfg = PersimmonConfig.from_pretrained(path)
+    return cfg, (cfg.architectures or ["PersimmonForCausalLM"])[0]
+
+
+def run(args) -> int:
+    job = None
+    if args.config:
+        from .config import PipelineConfig
+
+        job = PipelineConfig.from_yaml(args.config)
+    model = args.model or (job.model if job else None)
+    if not model:
+        raise ValueError("give --model (or --config with a model)")
+    cfg, arch = read_config(model, job)
+    head = HEADS.get(arch)
+    if head is None:
+        raise ValueError(f"{model}: architecture {arch} is not one this engine serves ({sorted(HEADS)})")
+    pick = lambda flag, field, default: (flag if flag is not None else  # noqa: E731
+                                         (getattr(job, field) if job is not None and getattr(job, field) is not None
+                                          else default))
+    dtype = pick(args.dtype, "dtype", "bfloat16")
+    dtype = "bfloat16" if dtype == "auto" else dtype
+    default_new = 8 if job is not None and job.task == "label" else 256
+    new = args.new_tokens if args.new_tokens is not None else (
+        job.max_new_tokens if job is not None and job.task == "generate" else default_new)
+    max_seq_len = pick(None, "max_seq_len", cfg.max_position_embeddings)
+    prompt = args.prompt_tokens if args.prompt_tokens is not None else (
+        max(1, max_seq_len - new) if job is not None else 512)
+    gpus = pick(args.num_gpus_per_replica, "num_gpus_per_replica", 1.0)
+    share = gpus if 0 < gpus < 1 else 1.0
+    memory = args.gpu_memory_gib if args.gpu_memory_gib is not None else capacity.GPU_MEMORY_GIB[args.gpu]
+    result = capacity.plan(cfg, device_memory_gib=memory, dtype=dtype,
+                           memory_fraction=pick(args.memory_fraction, "memory_fraction", 0.9),
+                           kv_cache_gib=pick(args.kv_cache_gib, "kv_cache_gib", None),
+                           prompt_tokens=prompt, new_tokens=new, max_batch_size=pick(args.max_num_seqs, "max_num_seqs", 256),
+                           prefill_token_budget=args.prefill_token_budget, block_size=args.kv_block_size,
+                           head=head, share=share)
+    out = {"model": model, "architecture": arch, "dtype": dtype, "device_memory_gib": memory, "gpu": args.gpu,
+           "memory_share": share, "prompt_tokens": prompt, "new_tokens": new, "max_seq_len": max_seq_len,
+           **result.as_dict()}
+    if prompt + new > max_seq_len:
+        out["fits"], out["reason"] = False, f"prompt + new tokens ({prompt + new}) exceed max_seq_len={max_seq_len}"
+    if args.json:
+        print(json.dumps(out))
+    else:
+        gib = capacity.GIB
+        print("\n".join([
+            f"model           {model} ({arch}, {capacity.param_count(cfg, head) / 1e9:.2f}B parameters)",
+            f"device          {memory:.2f} GiB" + (f" ({args.gpu})" if args.gpu else "")
+            + f", share {share:g}, memory_fraction {pick(args.memory_fraction, 'memory_fraction', 0.9)}",
+            f"weights         {result.weights_bytes / gib:.2f} GiB ({dtype})",
+            f"activations     {result.activation_bytes / gib:.2f} GiB (headroom for the largest forward)",
+            f"KV per token    {result.kv_bytes_per_token / 1024:.1f} KiB",
+            f"KV cache        {result.kv_cache_bytes / gib:.2f} GiB = {result.kv_tokens} tokens"
+            f" (blocks of {result.kv_block_size})",
+            f"rows in flight  {result.rows_in_flight} rows of {prompt} + {new} tokens"
+            f" (cap: max_num_seqs {result.max_batch_size})",
+            f"fits            {'yes' if out['fits'] else 'NO: ' + out['reason']}",
+        ]))
+    return 0 if out["fits"] else 1

@@ -1,0 +1,101 @@
+"""Memory arithmetic and `persimmon-batch capacity`: literals for the real 8B, parameter counts
+against the model itself, what the engine admits, and every shipped job config against the GPU
+that cluster.yaml gives it."""
+
+import glob
+import json
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+from model import Engine, PersimmonConfig, PersimmonForCausalLM, PersimmonForSequenceClassification, SamplingParams
+from model import capacity
+from pipeline.cli import main as cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_persimmon_8b_sizes_from_its_published_numbers():
+    cfg = PersimmonConfig()  # the released config.json's values
+    assert capacity.param_count(cfg) == 9_397_175_296
+    assert capacity.weights_bytes(cfg, "bfloat16") == 18_794_350_592  # 17.5 GiB
+    assert capacity.kv_bytes_per_token(cfg, "bfloat16") == 576 * 1024
+    assert capacity.kv_bytes_per_token(cfg, "float32") == 1152 * 1024
+
+
+@pytest.mark.parametrize("overrides,cls", [({}, PersimmonForCausalLM), ({"tie_word_embeddings": True}, PersimmonForCausalLM),
+                                           ({"qk_layernorm": False}, PersimmonForCausalLM),
+                                           ({"num_labels": 5}, PersimmonForSequenceClassification)])
+def test_param_count_equals_the_model(overrides, cls):
+    cfg = PersimmonConfig.tiny(**overrides)
+    with torch.device("meta"):
+        model = cls(cfg)
+    head = "causal" if cls is PersimmonForCausalLM else "sequence_classification"
+    assert capacity.param_count(cfg, head) == sum(p.numel() for p in model.parameters())
+
+
+def test_plan_matches_what_the_engine_allocates_and_admits():
+    """The same budget gives the same pool in `plan` and in the engine, and the engine holds at
+    least the rows `plan` promises at once."""
+    cfg = PersimmonConfig.tiny(initializer_range=0.3)
+    kv_gib = (20 + 2) * 16 * 1024 / 2**30  # 22 blocks of 16 tokens of the tiny model's fp32 KV (1 KiB/token)
+    planned = capacity.plan(cfg, device_memory_gib=1.0, dtype="float32", kv_cache_gib=kv_gib, prompt_tokens=40,
+                            new_tokens=24, max_batch_size=64)
+    model = PersimmonForCausalLM(cfg).init_weights(torch.Generator().manual_seed(0)).eval()
+    engine = Engine(model, None, max_batch_size=64, kv_cache_gib=kv_gib)
+    assert engine.stats()["kv_tokens_capacity"] == planned.kv_tokens
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (40,), generator=g).tolist() for _ in range(60)]
+    engine.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    assert planned.kv_tokens == 320 and planned.rows_in_flight == 5
+    assert engine.stats()["rows_in_flight_peak"] >= planned.rows_in_flight
+
+
+def cluster_gpu() -> str:
+    """The GPU of cluster.yaml's worker node type, from its instance type."""
+    with open(os.path.join(REPO, "cluster.yaml")) as f:
+        cluster = yaml.safe_load(f)
+    workers = [t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]]
+    family = workers[0]["node_config"]["InstanceType"].split(".")[0]
+    return capacity.AWS_INSTANCE_GPUS[family]
+
+
+@pytest.fixture(scope="module")
+def eight_b_dirs(tmp_path_factory):
+    """config.json of Persimmon-8B (causal) and of an 8B sequence classifier: no weights."""
+    causal, classifier = tmp_path_factory.mktemp("p8b"), tmp_path_factory.mktemp("p8b-cls")
+    PersimmonConfig(architectures=["PersimmonForCausalLM"]).save_pretrained(causal)
+    PersimmonConfig(architectures=["PersimmonForSequenceClassification"], num_labels=8).save_pretrained(classifier)
+    return {"causal": str(causal), "classifier": str(classifier)}
+
+
+@pytest.mark.parametrize("job", sorted(glob.glob(os.path.join(REPO, "jobs", "configs", "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_job_config_fits_the_cluster_gpu(job, eight_b_dirs, capsys):
+    with open(job) as f:
+        task = yaml.safe_load(f)["task"]
+    gpu = cluster_gpu()
+    assert gpu == "L40S"
+    model = eight_b_dirs["classifier" if task == "classify" else "causal"]
+    code = cli(["capacity", "--config", job, "--model", model, "--gpu", gpu, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["fits"], out["reason"]
+    for key in ("weights_bytes", "kv_bytes_per_token", "kv_tokens", "rows_in_flight"):
+        assert isinstance(out[key], int)
+    if task != "classify":  # the worst case (a row of the full max_seq_len) still batches
+        assert out["prompt_tokens"] + out["new_tokens"] == out["max_seq_len"]
+        assert out["rows_in_flight"] >= 8, out
+
+
+def test_capacity_cli_says_when_it_does_not_fit(eight_b_dirs, capsys):
+    assert cli(["capacity", "--model", eight_b_dirs["causal"], "--gpu", "T4"]) == 1
+    text = capsys.readouterr().out
+    assert re.search(r"fits\s+NO: weights \(17\.5 GiB\)", text)
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu-memory-gib", "80", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["weights_bytes"] == 18_794_350_592 and out["kv_bytes_per_token"] == 589_824
+    assert cli(["capacity", "--model", "/no/such/dir", "--gpu", "L40S"]) == 2
+    assert "no such directory" in capsys.readouterr().err
