@@ -32,6 +32,10 @@ from typing import Callable
 
 NULL_BLOCK, SCRATCH_BLOCK = 0, 1
 RESERVED_BLOCKS = 2
+# Admission holds back growth_ratio x (the running rows' remaining new tokens): the fraction of
+# max_new_tokens that finished rows actually generated (a running mean, then a moving average),
+# starting from a prior, raised on every preemption.
+GROWTH_PRIOR, GROWTH_MIN_WEIGHT, GROWTH_PER_PREEMPTION = 0.5, 0.02, 0.05
 
 
 def cdiv(a: int, b: int) -> int:
@@ -221,7 +225,7 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_rows: int, max_seq_len: int, prefill_token_budget: int,
                  chunked_prefill: bool = True, decode: Callable[[list[int]], str] | None = None,
-                 watermark: float = 0.01):
+                 watermark: float = 0.01, reserve_growth: bool = True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if prefill_token_budget < 1:
@@ -231,6 +235,9 @@ class Scheduler:
         self.prefill_token_budget, self.chunked_prefill = prefill_token_budget, chunked_prefill
         self.decode = decode
         self.watermark = max(1, int(watermark * blocks.capacity))
+        self.reserve_growth = reserve_growth
+        self.growth_ratio, self._observed = GROWTH_PRIOR, 0
+        self._reserved = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.free_rows = list(range(max_rows - 1, -1, -1))
@@ -269,6 +276,8 @@ class Scheduler:
         self._grow_decoding(step)
         self._schedule_prefill(step)
         step.fresh_blocks = self.blocks.take_fresh()
+        if step.preempted:  # admitted too much: hold back more until finished rows say otherwise
+            self.growth_ratio = min(1.0, self.growth_ratio + GROWTH_PER_PREEMPTION * len(step.preempted))
         self.steps += 1
         self.rows_in_flight_peak = max(self.rows_in_flight_peak, len(self.running))
         return step
@@ -293,7 +302,19 @@ class Scheduler:
             if seq.row >= 0:
                 step.items.append(StepItem(seq, seq.num_tokens - 1, 1, True, None, decode=True))
 
+    def _growth_blocks(self, seq: Sequence) -> int:
+        """Blocks a running row is expected to still need: `growth_ratio` of its remaining
+        new tokens (scoring rows need none)."""
+        if seq.params is None or not self.reserve_growth:
+            return 0
+        remaining = min(seq.params.max_new_tokens - len(seq.output), self.max_seq_len - seq.num_tokens)
+        expected = seq.num_tokens + int(self.growth_ratio * max(0, remaining))
+        return max(0, cdiv(expected, self.bs) - len(seq.blocks))
+
     def _schedule_prefill(self, step: ScheduledStep) -> None:
+        # admission keeps back the blocks the running rows are expected to grow into; the ratio
+        # adapts: up on every preemption (too optimistic), slowly down while none happen
+        self._reserved = sum(self._growth_blocks(seq) for seq in self.running)
         budget = self.prefill_token_budget
         for seq in self.running:  # rows part-way through a chunked prefill
             if budget <= 0:
@@ -331,7 +352,7 @@ class Scheduler:
         if not self.chunked_prefill and step.num_prefill_tokens and total - n_hit * self.bs > budget:
             return "full"  # a whole prompt that does not fit this step's budget waits for the next
         need = cdiv(total + (1 if seq.score_from is None else 0), self.bs) - n_hit
-        reserve = self.watermark if self.running else 0
+        reserve = self.watermark + self._reserved if self.running else 0
         hit = self.blocks.lookup(hashes[:n_hit])  # first: looked-up blocks leave the evictable set
         got = self.blocks.allocate(need) if need + reserve <= self.blocks.num_free else None
         if got is None:
@@ -345,6 +366,7 @@ class Scheduler:
         seq.admitted = self._admissions
         self._admissions += 1
         self.running.append(seq)
+        self._reserved += self._growth_blocks(seq)
         pending.update(hashes[n_hit:])
         return "ok"
 
@@ -431,7 +453,18 @@ class Scheduler:
             return True
         return False
 
+    def _learn_growth(self, seq: Sequence) -> None:
+        """Fold a finished row's share of its allowed new tokens into growth_ratio."""
+        allowed = min(seq.params.max_new_tokens, self.max_seq_len - len(seq.prompt))
+        if allowed <= 0:
+            return
+        self._observed += 1
+        weight = max(GROWTH_MIN_WEIGHT, 1.0 / (self._observed + 1))  # the prior counts as one row
+        self.growth_ratio += weight * (min(1.0, len(seq.output) / allowed) - self.growth_ratio)
+
     def _finish(self, seq: Sequence) -> None:
+        if seq.params is not None and seq.finish_reason in ("stop", "length"):
+            self._learn_growth(seq)
         if seq in self.running:
             self.running.remove(seq)
             self.blocks.release(seq.blocks)
@@ -455,6 +488,7 @@ class Scheduler:
             "rows_in_flight_peak": self.rows_in_flight_peak,
             "max_rows_in_flight": self.max_rows,
             "preemptions": self.preemptions,
+            "growth_ratio": round(self.growth_ratio, 3),
             "prefix_cache_hit_tokens": b.hit_tokens,
             "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens,
