@@ -56,7 +56,8 @@ class Classification:
 @dataclass
 class ChoiceScores:
     label: str | None = None  # the most likely choice
-    scores: list[float] | None = None  # total log-likelihood of each choice, in `choices` order
+    scores: list[float] | None = None  # log-likelihood of each choice (sum or mean), in `choices` order
+    num_tokens: list[int] | None = None  # continuation tokens of each choice
     error: str | None = None
 
 
@@ -127,6 +128,7 @@ class Engine:
                                        chunked_prefill=self.config.rope_type != "dynamic",
                                        decode=self._decode if tokenizer is not None else None)
         self.sampler = Sampler()
+        self._pinned: list[int] = []  # KV blocks held by pin_prefix
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=None, device=None, **kwargs) -> "Engine":
@@ -149,6 +151,7 @@ class Engine:
         out["max_batch_size"], out["max_seq_len"] = self.max_batch_size, self.max_seq_len
         if self.scheduler is not None:
             out.update(self.scheduler.stats())
+            out["pinned_prefix_tokens"] = len(self._pinned) * self.scheduler.bs
         return out
 
     # ---- input handling --------------------------------------------------------------------
@@ -269,49 +272,49 @@ class Engine:
 
     # ---- scoring ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def score_choices(self, prompts, choices: list, add_bos: bool = True) -> list[ChoiceScores]:
-        """Total log-likelihood of each choice continuation after each prompt.
+    def score_choices(self, prompts, choices: list, *, normalize: str = "sum", separator: str = " ",
+                      add_bos: bool = True) -> list[ChoiceScores]:
+        """Log-likelihood of each choice as the continuation of each prompt.
 
-        Continuation tokens are `tokenizer.encode(choice, add_bos=False)` (or token-id lists).
-        Each (prompt, choice) pair is one scoring row: prompt + choice[:-1] is computed and the
-        head is applied only at the positions that predict a choice token. The rows of a prompt
-        share its full KV blocks through the prefix cache (as does a prefix shared by all
-        prompts, such as few-shot instructions, and across calls); rows whose tokens are
-        identical (choices differing only in their last token) are computed once."""
+        Continuation tokens are found as lm-evaluation-harness does: the tokens of
+        `prompt + separator + choice` after the prompt's own tokens (sentencepiece merges across
+        the boundary, and encoding a choice alone would add a dummy-prefix space); whitespace at
+        the end of the prompt moves into the continuation. The model sees the prompt's tokens,
+        then those. Token-id prompts and choices are used as they are (no separator).
+        normalize: "sum" (total log-likelihood) or "mean" (divided by the choice's token count,
+        so long labels are not penalised for their length).
+
+        Each (prompt, choice) pair is one scoring row, computed up to the choice's last token but
+        one, with the head applied only where a choice token is predicted. The rows of a prompt
+        share its full KV blocks through the prefix cache (so does a prefix shared by all
+        prompts, few-shot examples, and across calls); identical rows are computed once."""
         self._require_causal("score_choices")
+        if normalize not in ("sum", "mean"):
+            raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
         if not choices:
             raise ValueError("score_choices needs at least one choice")
-        choice_ids = []
-        for c in choices:
-            if isinstance(c, str) and self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass choices as token-id lists")
-            ids = self.tokenizer.encode(c, add_bos=False) if isinstance(c, str) else list(c)
-            if not ids:
-                raise ValueError(f"choice {c!r} encodes to no tokens")
-            choice_ids.append(ids)
+        if any(isinstance(c, str) for c in choices) and self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: pass choices as token-id lists")
         labels = [c if isinstance(c, str) else str(c) for c in choices]
-        longest = max(len(c) for c in choice_ids)
         results: list[ChoiceScores | None] = [None] * len(prompts)
         scores: dict[int, list[float]] = {}
+        lengths: dict[int, list[int]] = {}
         rows: dict[tuple, Sequence] = {}
         for i, prompt in enumerate(prompts):
             try:
-                ids = self._encode(prompt, add_bos=add_bos)
-                if len(ids) + longest > self.max_seq_len:
-                    raise ValueError(f"prompt has {len(ids)} tokens; with the longest choice "
-                                     f"({longest}) it exceeds max_seq_len={self.max_seq_len}")
+                context, continuations = self._continuations(prompt, choices, separator, add_bos)
             except ValueError as e:
                 results[i] = ChoiceScores(error=str(e))
                 continue
-            scores[i] = [0.0] * len(choice_ids)
-            for k, c in enumerate(choice_ids):
-                tokens = tuple(ids + c[:-1])
+            scores[i], lengths[i] = [0.0] * len(choices), [len(c) for c in continuations]
+            for k, cont in enumerate(continuations):
+                tokens = tuple(context + cont[:-1])
                 seq = rows.get(tokens)
                 if seq is None:
-                    seq = rows[tokens] = Sequence(len(rows), list(tokens), score_from=len(ids) - 1,
-                                                  cacheable_tokens=self._cacheable(ids))
+                    seq = rows[tokens] = Sequence(len(rows), list(tokens), score_from=len(context) - 1,
+                                                  cacheable_tokens=self._cacheable(context))
                     seq.payload = []
-                seq.payload.append((i, k, c))  # (prompt, choice, the tokens its positions predict)
+                seq.payload.append((i, k, cont))  # (prompt, choice, the tokens its positions predict)
         for seq in rows.values():
             if not self.scheduler.add(seq):
                 for i, _, _ in seq.payload:
@@ -319,15 +322,14 @@ class Engine:
                     scores.pop(i, None)
 
         def on_scores(chunks):  # [(row, hidden [n, C] of its positions from max(score_from, computed))]
-            picks, hidden = [], []
-            at = 0
+            picks, hidden, at = [], [], 0
             for seq, h in chunks:
                 start = max(seq.score_from, seq.num_computed)  # num_computed: before this step
-                for i, k, c in seq.payload:
+                for i, k, cont in seq.payload:
                     for j in range(h.shape[0]):
-                        t = start + j - seq.score_from  # the position predicts choice token t
-                        if t < len(c):
-                            picks.append((at + j, c[t], i, k))
+                        t = start + j - seq.score_from  # this position predicts continuation token t
+                        if t < len(cont) and i in scores:
+                            picks.append((at + j, cont[t], i, k))
                 hidden.append(h)
                 at += h.shape[0]
             hidden = torch.cat(hidden)
@@ -336,18 +338,66 @@ class Engine:
                 if not chunk:
                     continue
                 lp = self.runner.lm_head(hidden[a:a + LOGITS_ROWS]).float().log_softmax(-1)  # [n, V]
-                rows = torch.tensor([p[0] - a for p in chunk], device=lp.device)
+                at_rows = torch.tensor([p[0] - a for p in chunk], device=lp.device)
                 toks = torch.tensor([p[1] for p in chunk], device=lp.device)
-                for (_, _, i, k), value in zip(chunk, lp[rows, toks].tolist()):
-                    if i in scores:  # (a prompt with a row refused by the pool is an error already)
-                        scores[i][k] += value
+                for (_, _, i, k), value in zip(chunk, lp[at_rows, toks].tolist()):
+                    scores[i][k] += value
 
         for _ in self._drive(on_scores):
             pass
         for i, s in scores.items():
+            if normalize == "mean":
+                s = [x / n for x, n in zip(s, lengths[i])]
             best = max(range(len(s)), key=s.__getitem__)
-            results[i] = ChoiceScores(label=labels[best], scores=s)
+            results[i] = ChoiceScores(label=labels[best], scores=s, num_tokens=lengths[i])
         return results
+
+    def _continuations(self, prompt, choices, separator: str, add_bos: bool):
+        """(context tokens, [continuation tokens per choice]) for one prompt (see score_choices)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("empty prompt")
+            stripped = prompt.rstrip()
+            tail = prompt[len(stripped):]  # trailing whitespace belongs to the continuation
+            context = self._encode(stripped, add_bos=add_bos)
+        else:
+            context, stripped, tail = self._encode(prompt, add_bos=add_bos), None, ""
+        continuations = []
+        for c in choices:
+            if not isinstance(c, str):
+                cont = list(c)
+                bad = [t for t in cont if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+                if bad:
+                    raise ValueError(f"choice {c!r}: token ids outside the vocabulary: {bad[:5]}")
+            elif stripped is None:
+                raise ValueError("text choices need text prompts (the continuation is found in the text)")
+            else:
+                # as lm-evaluation-harness: what the whole text has beyond the prompt's token count
+                cont = self.tokenizer.encode(stripped + tail + separator + c, add_bos=add_bos)[len(context):]
+            if not cont:
+                raise ValueError(f"choice {c!r} adds no tokens after the prompt")
+            continuations.append(cont)
+        longest = max(len(c) for c in continuations)
+        if len(context) + longest > self.max_seq_len:
+            raise ValueError(f"prompt has {len(context)} tokens; with the longest choice ({longest}) it "
+                             f"exceeds max_seq_len={self.max_seq_len}")
+        return context, continuations
+
+    def pin_prefix(self, prefix) -> int:
+        """Compute a prefix every later row starts with (few-shot examples, instructions) and keep
+        its full KV blocks for the engine's life: rows reuse them instead of recomputing them,
+        whatever else passes through the cache. Returns the number of tokens pinned."""
+        self._require_causal("pin_prefix")
+        ids = self._encode(prefix)
+        seq = Sequence(-1, ids, score_from=len(ids) - 1, cacheable_tokens=self._cacheable(ids))
+        if not self.scheduler.add(seq):
+            raise ValueError(f"the prefix does not fit the KV cache: {seq.error}")
+        for _ in self._drive(lambda chunks: None):
+            pass
+        hashes = seq.block_hashes(min(len(ids), seq.cacheable_tokens) // self.scheduler.bs, self.scheduler.bs)
+        blocks = self.scheduler.blocks.lookup(hashes)  # a reference each: never evicted
+        self._pinned.extend(blocks)
+        return len(blocks) * self.scheduler.bs
 
     # ---- classification --------------------------------------------------------------------
     @torch.inference_mode()

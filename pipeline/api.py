@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 
 from .config import PipelineConfig
+from .fewshot import load_examples
 from .modelcheck import ModelError, check_model
 from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
@@ -158,7 +159,7 @@ def build_dataset(config: PipelineConfig, ds=None):
     """
     import ray.data
 
-    config = config.with_env().validate()
+    config = load_examples(config.with_env().validate())
     check_model(config)
     init_ray(config)
     with _data_context(config):
@@ -197,7 +198,7 @@ def run(config: PipelineConfig) -> dict:
     import ray.data
 
     t_start, started_at = time.perf_counter(), time.time()
-    config = config.with_env().validate()
+    config = load_examples(config.with_env().validate())
     check_model(config)
     plan = make_plan(config)
     todo = plan.todo
@@ -322,6 +323,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
             "storage_redos": sum(st.get("io_retries", 0) for st in results.values()),
         },
         "engine": _engine_report(ran),
+        **({"labels": _label_report(config, committed)} if config.task == "label" else {}),
         "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
                    "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards)},
         "failed_shards": failed,
@@ -335,6 +337,16 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "finished_at": time.time(),
         "versions": _versions(),
     }
+
+
+def _label_report(config: PipelineConfig, committed: list[dict]) -> dict:
+    """How the labels came out over every committed output, and how many are close calls."""
+    counts: Counter = Counter()
+    for st in committed:
+        counts.update(st.get("label_counts") or {})
+    return {"histogram": {c: counts.get(c, 0) for c in config.choices},
+            "low_margin_rows": sum(st.get("low_margin_rows", 0) for st in committed),
+            "low_margin": config.low_margin, "calibrated": config.calibrate, "choice_score": config.choice_score}
 
 
 def _engine_report(ran: list[dict]) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import MISSING, fields
 from .config import ConfigError, PipelineConfig
 
 GENERATE_ONLY = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate"}
-LABEL_ONLY = {"choices"}
+LABEL_ONLY = {"choices", "choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin"}
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
 DESCRIPTIONS = {
     "generate": "Complete every prompt with a causal Persimmon checkpoint.",
@@ -35,6 +35,8 @@ def _default_text(f) -> str:
         return ""
     if isinstance(default, list):
         default = ",".join(map(str, default))
+    if isinstance(default, str) and not default.strip():
+        default = repr(default)
     return f" (default: {default})"
 
 
@@ -42,6 +44,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
     groups = {
         "io": parser.add_argument_group("input, output, model"),
         "gen": parser.add_argument_group("generation"),
+        "label": parser.add_argument_group("labeling"),
         "engine": parser.add_argument_group("engine and memory (see `persimmon-batch capacity`)"),
         "run": parser.add_argument_group("replicas, resources, resume, storage, Ray"),
     }
@@ -53,7 +56,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = meta["help"].replace("%", "%%") + _default_text(f)
         group = groups["io"] if f.name in ("input", "output", "model", "id_column", "prompt_column",
-                                           "keep_columns", "prompt_template", "chat_template", "choices") \
+                                           "keep_columns", "prompt_template", "chat_template", "examples") \
+            else groups["label"] if f.name in LABEL_ONLY \
             else groups["gen"] if f.name in GENERATE_ONLY \
             else groups["engine"] if f.name in ENGINE_FIELDS else groups["run"]
         kwargs: dict = {"dest": f.name, "default": None, "help": help_text}
@@ -115,8 +119,9 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
             raise ConfigError(f"{args.config} is for task {raw['task']!r}, not {task!r}")
     if args.quiet:
         flags["progress"] = False
-    if "prompt_template" in flags:  # let shell users write \n for a newline
-        flags["prompt_template"] = flags["prompt_template"].replace("\\n", "\n").replace("\\t", "\t")
+    for key in ("prompt_template", "choice_separator"):  # let shell users write \n for a newline
+        if key in flags:
+            flags[key] = flags[key].replace("\\n", "\n").replace("\\t", "\t")
     return PipelineConfig.from_dict({**raw, "task": task}, **flags).validate()
 
 
@@ -133,6 +138,11 @@ def summary(report: dict) -> str:
            if report["task"] == "generate" else ""),
         f"  output  {report['output']}  (report: _run_report.json)",
     ]
+    if report.get("labels"):
+        lab = report["labels"]
+        hist = ", ".join(f"{k} {v}" for k, v in lab["histogram"].items())
+        lines.insert(3, f"  labels  {hist}; {lab['low_margin_rows']} row(s) with margin < {lab['low_margin']:g}"
+                        + (" (calibrated)" if lab["calibrated"] else ""))
     for item in (report["failed_shards"] + report["bad_shards"])[:10]:
         lines.append(f"  ! {item['input']}: {item['error']}")
     return "\n".join(lines)

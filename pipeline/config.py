@@ -58,7 +58,28 @@ class PipelineConfig:
     chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as "
                              "'human: {prompt}\\n\\nadept:' for Persimmon-8B-chat.")
     choices: list = _f([], "label task: the candidate labels (comma-separated). Each row gets the "
-                       "choice with the highest log-likelihood after the prompt.")
+                       "choice with the highest log-likelihood after the prompt (calibrated with "
+                       "--calibrate).")
+    choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's "
+                               "tokens are those the text prompt + separator + choice adds after the "
+                               "prompt's own tokens (as lm-evaluation-harness).")
+    choice_score: str = _f("sum", "label task: 'sum' = total log-likelihood of a choice's tokens; "
+                           "'mean' = per token, so multi-token labels are not penalised for their "
+                           "length.", choices=("sum", "mean"))
+    calibrate: bool = _f(False, "label task: contextual calibration (Zhao et al. 2021): score the "
+                         "template filled with each --content-free-inputs once, average their "
+                         "probabilities over the choices into p_cf, and report probs "
+                         "proportional to softmax(scores) / p_cf (the label follows them).")
+    content_free_inputs: list = _f(["N/A", "", "[MASK]"], "label task, --calibrate: inputs that carry "
+                                   "no content, each put through the prompt template "
+                                   "(comma-separated; an empty item is the empty string).")
+    low_margin: float = _f(0.1, "label task: rows whose top-1 minus top-2 probability is below this "
+                           "are counted in the run report (where to review).")
+    examples: Any = _f(None, "Few-shot examples: a JSONL file (local or object store) of {prompt, "
+                       "label} rows (label task) or {prompt, completion} rows (generate). Each is "
+                       "rendered through the prompt template, followed by the separator and its "
+                       "answer and a blank line; the result prefixes every row, computed once per "
+                       "replica and reused.")
     # ---- generation ------------------------------------------------------------------------
     max_new_tokens: int = _f(64, "generate: maximum tokens generated per row.")
     temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")
@@ -153,6 +174,8 @@ class PipelineConfig:
     def __post_init__(self):
         self.keep_columns = _as_list(self.keep_columns)
         self.choices = _as_list(self.choices)
+        if isinstance(self.content_free_inputs, str):  # comma-separated; empty items are kept
+            self.content_free_inputs = [x.strip() for x in self.content_free_inputs.split(",")]
         self.stop = _as_list(self.stop, strip=False)
         if isinstance(self.input, str) and "," in self.input and "*" not in self.input:
             self.input = _as_list(self.input)
@@ -209,6 +232,20 @@ class PipelineConfig:
             bad("choices", "label needs at least two choices, e.g. --choices positive,negative")
         if len(set(self.choices)) != len(self.choices):
             bad("choices", f"has duplicates: {self.choices}")
+        if self.choice_score not in ("sum", "mean"):
+            bad("choice_score", f"must be 'sum' or 'mean', got {self.choice_score!r}")
+        if not isinstance(self.choice_separator, str):
+            bad("choice_separator", f"must be a string, got {self.choice_separator!r}")
+        if self.calibrate and self.task != "label":
+            bad("calibrate", "applies to the label task only")
+        if self.calibrate and not any(isinstance(x, str) and self.template.format(prompt=x).strip()
+                                      for x in self.content_free_inputs or []):
+            bad("content_free_inputs", "--calibrate needs a content-free input that the template turns "
+                "into a non-empty prompt")
+        if not isinstance(self.low_margin, (int, float)) or not 0 <= self.low_margin <= 1:
+            bad("low_margin", f"must be in [0, 1], got {self.low_margin!r}")
+        if self.examples is not None and self.task == "classify":
+            bad("examples", "few-shot examples apply to generate and label, not classify")
         for name in ("batch_size", "max_new_tokens", "max_num_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
@@ -307,7 +344,7 @@ def output_columns(task: str) -> tuple[str, ...]:
     return {
         "generate": ("completion", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "error"),
         "classify": ("label", "score", "probs", "error"),
-        "label": ("label", "scores", "error"),
+        "label": ("label", "scores", "probs", "margin", "error"),
     }[task]
 
 

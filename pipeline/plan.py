@@ -15,6 +15,7 @@ tokens of units finished by earlier runs, from a footer read instead of a recomp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, PipelineConfig, output_columns
 from .stages import output_schema
 from .storage import Location, list_parquet, resolve, retry
 
@@ -36,7 +37,8 @@ REPORT_NAME = "_run_report.json"
 # config fields that change what a row's result is: outputs written under other values are stale
 RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
                  "chat_template", "choices", "max_new_tokens", "temperature", "top_k", "top_p",
-                 "stop", "seed", "truncate", "max_seq_len", "check_duplicate_ids")
+                 "stop", "seed", "truncate", "max_seq_len", "check_duplicate_ids", "choice_separator",
+                 "choice_score", "calibrate", "content_free_inputs", "examples")
 
 
 class InputError(ValueError):
@@ -78,8 +80,21 @@ class Plan:
 
 
 def result_config(config: PipelineConfig) -> dict:
+    """The settings a row's result depends on, and the output columns, as recorded in every
+    committed file's footer."""
     public = config.public_dict()
-    return {k: public[k] for k in RESULT_FIELDS}
+    return {**{k: public[k] for k in RESULT_FIELDS}, "columns": list(output_columns(config.task))}
+
+
+def _recorded(got: dict, key: str):
+    """A footer's value for `key`; a setting added after the file was written reads as the
+    default it then had implicitly (so older outputs of the same work still resume)."""
+    if key in got:
+        return got[key]
+    f = next((f for f in dataclasses.fields(PipelineConfig) if f.name == key), None)
+    if f is None:
+        return None
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _inspect(loc: Location, config: PipelineConfig):
@@ -304,7 +319,7 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
         if st is None:
             continue
         got = st.get("result_config", {})
-        diff = sorted(k for k in want if got.get(k) != want[k])
+        diff = sorted(k for k in want if _recorded(got, k) != want[k])
         if diff:
             raise ConfigError(f"{out.join(name).uri} was written with different settings "
                               f"({', '.join(f'{k}={got.get(k)!r}' for k in diff)}); use --overwrite "

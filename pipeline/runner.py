@@ -140,8 +140,9 @@ class ShardRunner:
         preset = sorted((int(i), msg) for i, msg in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
-        rows = errors = tok_in = tok_out = 0
+        rows = errors = tok_in = tok_out = low_margin = 0
         kinds: Counter = Counter()
+        labels: Counter = Counter()
         last_log = t0
         try:
             with contextlib.ExitStack() as stack:
@@ -167,6 +168,9 @@ class ShardRunner:
                     errs = [e for e in out["error"].to_pylist() if e is not None]
                     errors += len(errs)
                     kinds.update(error_kind(e) for e in errs)
+                    if cfg.task == "label":
+                        labels.update(x for x in out["label"].to_pylist() if x is not None)
+                        low_margin += sum(1 for m in out["margin"].to_pylist() if m is not None and m < cfg.low_margin)
                     if "num_prompt_tokens" in out.column_names:
                         tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
                         tok_out += sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
@@ -184,6 +188,7 @@ class ShardRunner:
                     "replica_created_at": self.created_at,
                     "row_groups": unit.row_groups, "result_config": self.result_config,
                     "run_id": self.run_id, "engine": self.stage.engine_stats(),
+                    **({"label_counts": dict(labels), "low_margin_rows": low_margin} if cfg.task == "label" else {}),
                 }
                 with naming(writing):
                     writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})

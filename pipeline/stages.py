@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import time
@@ -26,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from .config import PipelineConfig, output_columns
+from .fewshot import render_prefix
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ RESULT_TYPES = {
     "completion": pa.string(), "finish_reason": pa.string(),
     "num_prompt_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
     "label": pa.string(), "score": pa.float64(), "probs": pa.list_(pa.float64()),
-    "scores": pa.list_(pa.float64()), "error": pa.string(),
+    "scores": pa.list_(pa.float64()), "margin": pa.float64(), "error": pa.string(),
 }
 
 
@@ -171,6 +173,9 @@ class _Stage:
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-engine")
         t0 = time.perf_counter()
         self.engine = engine if engine is not None else self._on_torch_thread(load_engine, config)
+        self.prefix = render_prefix(self.config)  # few-shot examples: every row starts with them
+        if self.prefix and hasattr(self.engine, "pin_prefix"):
+            self._on_torch_thread(self.engine.pin_prefix, self.prefix)  # computed once, kept
         self.load_seconds = time.perf_counter() - t0
         self.columns = output_columns(self.task)
 
@@ -203,7 +208,7 @@ class _Stage:
         results: list[dict] = [{"error": err} for _, err in prompts]
         ok = [i for i, (text, _) in enumerate(prompts) if text is not None]
         if ok:
-            texts = [cfg.template.format(prompt=prompts[i][0]) for i in ok]
+            texts = [self.prefix + cfg.template.format(prompt=prompts[i][0]) for i in ok]
             for i, res in zip(ok, self._safe_run(texts, [ids[i] for i in ok])):
                 results[i] = res
         arrays = {cfg.id_column: table[cfg.id_column]}
@@ -263,15 +268,63 @@ class ClassifyStage(_Stage):
                 for c in self.engine.classify(texts)]
 
 
+def softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    total = sum(e)
+    return [x / total for x in e]
+
+
+def calibrated(probs: list[float], p_cf: list[float] | None) -> list[float]:
+    """Contextual calibration: probs / p_cf, renormalised (unchanged without p_cf)."""
+    if p_cf is None:
+        return probs
+    q = [p / c for p, c in zip(probs, p_cf)]
+    total = sum(q)
+    return [x / total for x in q]
+
+
 class LabelStage(_Stage):
-    """Zero-shot labeling with a causal LM: the choice with the highest log-likelihood."""
+    """Zero-shot (or few-shot) labeling with a causal LM: each choice scored as the prompt's
+    continuation; label = the most probable choice (calibrated with --calibrate), margin = its
+    probability minus the runner-up's."""
 
     task = "label"
 
+    def __init__(self, config: PipelineConfig, engine=None):
+        super().__init__(config, engine)
+        self.p_cf = self._on_torch_thread(self._content_free_probs) if self.config.calibrate else None
+
+    def _score(self, texts):
+        cfg = self.config
+        return self.engine.score_choices(texts, list(cfg.choices), normalize=cfg.choice_score,
+                                         separator=cfg.choice_separator)
+
+    def _content_free_probs(self) -> list[float]:
+        """p_cf: the mean over content-free inputs of softmax(choice scores)."""
+        cfg = self.config
+        texts = [self.prefix + cfg.template.format(prompt=x) for x in cfg.content_free_inputs]
+        texts = [t for t in texts if t.strip()]
+        dists = []
+        for text, res in zip(texts, self._score(texts)):
+            if res.error is not None:
+                raise RuntimeError(f"calibration: content-free prompt {text!r} failed: {res.error}")
+            dists.append(softmax(res.scores))
+        if not dists:
+            raise RuntimeError("calibration: every content-free input renders to an empty prompt")
+        return [sum(d[k] for d in dists) / len(dists) for k in range(len(cfg.choices))]
+
     def _run(self, texts, ids):
-        return [{"error": engine_error(c.error)} if c.error is not None else
-                {"label": c.label, "scores": [float(s) for s in c.scores]}
-                for c in self.engine.score_choices(texts, list(self.config.choices))]
+        out = []
+        for c in self._score(texts):
+            if c.error is not None:
+                out.append({"error": engine_error(c.error)})
+                continue
+            probs = calibrated(softmax(c.scores), self.p_cf)
+            order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
+            out.append({"label": self.config.choices[order[0]], "scores": [float(x) for x in c.scores],
+                        "probs": probs, "margin": probs[order[0]] - (probs[order[1]] if len(order) > 1 else 0.0)})
+        return out
 
 
 STAGES = {"generate": GenerateStage, "classify": ClassifyStage, "label": LabelStage}

@@ -231,23 +231,44 @@ def test_bad_rows_get_errors_and_neighbours_unaffected(lm, tokenizer):
     assert truncated.finish_reason == "length" and truncated.num_prompt_tokens == 24 - 6
 
 
+def hf_choice_scores(hf_lm, tokenizer, prompt, choices, separator=" "):
+    """(sum, token count) of each choice's continuation tokens: one full transformers forward
+    over prompt + separator + choice, scored after the prompt's own tokens."""
+    p_ids = tokenizer.encode(prompt)
+    out = []
+    for choice in choices:
+        whole = tokenizer.encode(prompt + separator + choice)
+        assert whole[:len(p_ids)] == p_ids  # these prompts end where a token ends
+        cont = whole[len(p_ids):]
+        with torch.no_grad():
+            logp = hf_lm(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        out.append((sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(cont)), len(cont)))
+    return out
+
+
 def test_score_choices_equals_transformers_log_softmax(lm, hf_lm, tokenizer):
     engine = Engine(lm, tokenizer, max_batch_size=4, max_seq_len=64)
     prompts = ["Review: the film was lovely. Sentiment:", "Review: dull and slow. Sentiment:"]
-    choices = [" positive", " negative", " not sure at all"]
+    choices = ["positive", "negative", "not sure at all"]
     results = engine.score_choices(prompts, choices)
-    for prompt, res in zip(prompts, results):
-        p_ids = tokenizer.encode(prompt)
-        expected = []
-        for choice in choices:
-            c_ids = tokenizer.encode(choice, add_bos=False)
-            ids = torch.tensor([p_ids + c_ids])
-            with torch.no_grad():
-                logp = hf_lm(ids).logits[0].float().log_softmax(-1)
-            expected.append(sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids)))
-        assert res.scores == pytest.approx(expected, abs=1e-4)
-        assert res.label == choices[max(range(3), key=expected.__getitem__)]
+    means = engine.score_choices(prompts, choices, normalize="mean")
+    for prompt, res, mean in zip(prompts, results, means):
+        expected = hf_choice_scores(hf_lm, tokenizer, prompt, choices)
+        assert res.scores == pytest.approx([s for s, _ in expected], abs=1e-4)
+        assert res.num_tokens == [n for _, n in expected]
+        assert res.label == choices[max(range(3), key=lambda k: expected[k][0])]
+        assert mean.scores == pytest.approx([s / n for s, n in expected], abs=1e-4)
+        assert mean.label == choices[max(range(3), key=lambda k: expected[k][0] / expected[k][1])]
+    # the continuation is what the text adds: a separator other than a space changes it
+    dashed = engine.score_choices(prompts[:1], choices, separator=" - ")[0]
+    assert dashed.scores == pytest.approx([s for s, _ in hf_choice_scores(hf_lm, tokenizer, prompts[0], choices,
+                                                                          " - ")], abs=1e-4)
+    # whitespace at the end of the prompt moves into the continuation (as lm-evaluation-harness)
+    trailing = engine.score_choices([prompts[0] + " "], choices, separator="")[0]
+    assert trailing.scores == pytest.approx(results[0].scores, abs=1e-5)
     assert engine.score_choices([""], choices)[0].error
+    with pytest.raises(ValueError, match="normalize"):
+        engine.score_choices(prompts, choices, normalize="max")
 
 
 def test_classify_equals_transformers_sequence_classification(tokenizer):
@@ -328,22 +349,17 @@ def test_score_choices_many_rows_share_the_instruction_blocks(lm, hf_lm, tokeniz
     reviews = [" lovely film", " dull", " a slow and boring story with no end", " great cast", " meh",
                " the best book I read this year"]
     prompts = [instruction + r + " Sentiment:" for r in reviews]
-    choices = [" positive", " negative", " neutral or mixed feelings", " a", " c"]  # " a", " c": 2 tokens, same first
+    choices = ["positive", "negative", "neutral or mixed feelings", "a", "c"]  # "a", "c": 2 tokens, same first
     engine = Engine(lm, tokenizer, max_batch_size=7, max_seq_len=256, kv_block_size=4)
     results = engine.score_choices(prompts, choices)
     encoded = [tokenizer.encode(p) for p in prompts]
-    for p_ids, res in zip(encoded, results):
-        expected = []
-        for choice in choices:
-            c_ids = tokenizer.encode(choice, add_bos=False)
-            with torch.no_grad():
-                logp = hf_lm(torch.tensor([p_ids + c_ids])).logits[0].float().log_softmax(-1)
-            expected.append(sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids)))
+    for prompt, res in zip(prompts, results):
+        expected = [x for x, _ in hf_choice_scores(hf_lm, tokenizer, prompt, choices)]
         assert res.error is None
         assert res.scores == pytest.approx(expected, abs=1e-4)
         assert res.label == choices[max(range(len(choices)), key=expected.__getitem__)]
-    c_ids = [tokenizer.encode(c, add_bos=False) for c in choices]
-    rows = {tuple(p + c[:-1]) for p in encoded for c in c_ids}
+    conts = [[tokenizer.encode(prompt + " " + c)[len(p):] for c in choices] for prompt, p in zip(prompts, encoded)]
+    rows = {tuple(p + c[:-1]) for p, cs in zip(encoded, conts) for c in cs}
     assert len(rows) < len(prompts) * len(choices)  # the two near-identical choices share one row
     computed = engine.stats()["prefill_tokens"]
     naive = sum(len(r) for r in rows)

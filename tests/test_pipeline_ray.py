@@ -99,6 +99,12 @@ def test_label_end_to_end_matches_engine(ray_local, inputs, tmp_path):
     direct = engine.score_choices([f"Review: {p}\nSentiment:" for p in prompts], choices)
     assert table["label"].to_pylist() == [c.label for c in direct]
     assert table["scores"].to_pylist() == [pytest.approx(c.scores, abs=1e-4) for c in direct]
+    # the report's label histogram and close calls, counted independently from the output file
+    labels = table["label"].to_pylist()
+    assert report["labels"]["histogram"] == {c: labels.count(c) for c in choices}
+    margins = table["margin"].to_pylist()
+    assert report["labels"]["low_margin_rows"] == sum(m < 0.1 for m in margins)
+    assert sum(report["labels"]["histogram"].values()) == len(ids)
 
 
 def test_resume_recomputes_only_missing_shards_via_cli(ray_local, inputs, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pyarrow as pa
@@ -44,7 +45,7 @@ class FakeEngine:
     def classify(self, texts):
         return [Classification(label="positive", score=0.75, probs=[0.25, 0.75]) for _ in texts]
 
-    def score_choices(self, prompts, choices):
+    def score_choices(self, prompts, choices, normalize="sum", separator=" "):
         return [ChoiceScores(label=choices[-1], scores=[-2.0] * (len(choices) - 1) + [-1.0]) for _ in prompts]
 
 
@@ -137,7 +138,10 @@ def test_template_and_label_and_classify_stages():
     stage({"id": [1], "prompt": ["hi"]})
     assert engine.calls[-1] == ["human: Q: hi\n\nadept:"]
     lab = LabelStage(cfg(task="label", choices=["yes", "no"]), engine=engine)
-    assert lab({"id": [1], "prompt": ["x"]}).to_pylist() == [{"id": 1, "label": "no", "scores": [-2.0, -1.0], "error": None}]
+    row = lab({"id": [1], "prompt": ["x"]}).to_pylist()[0]
+    p_no = math.exp(1.0) / (1 + math.exp(1.0))  # softmax([-2, -1]) by hand
+    assert row["label"] == "no" and row["scores"] == [-2.0, -1.0] and row["error"] is None
+    assert row["probs"] == pytest.approx([1 - p_no, p_no]) and row["margin"] == pytest.approx(2 * p_no - 1)
     cls = ClassifyStage(cfg(task="classify"), engine=engine)
     assert cls({"id": [1], "prompt": ["x"]}).to_pylist() == [
         {"id": 1, "label": "positive", "score": 0.75, "probs": [0.25, 0.75], "error": None}]
@@ -314,3 +318,83 @@ def test_summary_mentions_failures():
               "failed_shards": [{"input": "in/x.parquet", "error": "OSError: nope"}], "bad_shards": []}
     text = summary(report)
     assert "INCOMPLETE" in text and "in/x.parquet" in text and "empty_prompt" in text
+
+
+def test_label_calibration_and_few_shot_with_the_real_tiny_engine(tmp_path):
+    """--calibrate divides softmax(scores) by p_cf, the mean distribution the template gives
+    content-free inputs (computed here by hand from the engine's own scores); --examples
+    prefixes every row, is computed once per replica, and changes the scores exactly as
+    prepending the rendered text would."""
+    from pipeline.fewshot import load_examples
+
+    causal = tiny_model("causal")
+    engine = Engine.from_pretrained(causal, max_batch_size=8, device="cpu")
+    choices = ["yes", "no", "maybe"]
+    template = "Q: {prompt}\nA:"
+    base = dict(task="label", choices=choices, prompt_template=template)
+    plain = LabelStage(cfg(**base), engine=engine)
+    calib = LabelStage(cfg(**base, calibrate=True), engine=engine)
+    prompts = PROMPTS[:6]
+    batch = {"id": list(range(6)), "prompt": prompts}
+    raw, cal = plain(batch).to_pylist(), calib(batch).to_pylist()
+    free = engine.score_choices([template.format(prompt=x) for x in ["N/A", "", "[MASK]"]], choices)
+
+    def softmax(xs):
+        e = [math.exp(x - max(xs)) for x in xs]
+        return [v / sum(e) for v in e]
+
+    p_cf = [sum(softmax(r.scores)[k] for r in free) / 3 for k in range(3)]
+    assert calib.p_cf == pytest.approx(p_cf)
+    for r, c in zip(raw, cal):
+        assert c["scores"] == pytest.approx(r["scores"], abs=1e-5) and r["probs"] == pytest.approx(softmax(r["scores"]))
+        q = [p / w for p, w in zip(softmax(c["scores"]), p_cf)]
+        q = [v / sum(q) for v in q]
+        assert c["probs"] == pytest.approx(q)
+        assert c["label"] == choices[max(range(3), key=q.__getitem__)]
+        top = sorted(q, reverse=True)
+        assert c["margin"] == pytest.approx(top[0] - top[1])
+    assert max(abs(a - b) for r, c in zip(raw, cal) for a, b in zip(r["probs"], c["probs"])) > 1e-3  # it acts
+    # few-shot: the rendered examples prefix every row
+    ex = tmp_path / "ex.jsonl"
+    ex.write_text('{"prompt": "is it red", "label": "yes"}\n\n{"prompt": "is it blue", "label": "no"}\n')
+    config = load_examples(cfg(**base, examples=str(ex)).validate())
+    prefix = "Q: is it red\nA: yes\n\nQ: is it blue\nA: no\n\n"
+    fresh = Engine.from_pretrained(causal, max_batch_size=8, device="cpu", kv_block_size=4)
+    few = LabelStage(config, engine=fresh)
+    assert few.prefix == prefix and fresh.stats()["pinned_prefix_tokens"] >= 4 * (len(fresh.tokenizer.encode(prefix)) // 4)
+    after_pin = fresh.stats()["prefill_tokens"]
+    got = few(batch).to_pylist()
+    direct = engine.score_choices([prefix + template.format(prompt=p) for p in prompts], choices)
+    assert [g["scores"] for g in got] == [pytest.approx(d.scores, abs=1e-4) for d in direct]
+    # the prefix's full blocks were not computed again for the rows
+    pinned = fresh.stats()["pinned_prefix_tokens"]
+    naive = sum(len(fresh.tokenizer.encode(prefix + template.format(prompt=p))) for p in prompts) * 3
+    assert fresh.stats()["prefill_tokens"] - after_pin <= naive - len(prompts) * pinned
+    # mean normalisation reaches the engine
+    mean = LabelStage(cfg(**base, choice_score="mean"), engine=engine)(batch).to_pylist()
+    direct_mean = engine.score_choices([template.format(prompt=p) for p in prompts], choices, normalize="mean")
+    assert [m["scores"] for m in mean] == [pytest.approx(d.scores, abs=1e-6) for d in direct_mean]
+
+
+def test_label_options_are_validated(tmp_path):
+    from pipeline.fewshot import load_examples
+
+    with pytest.raises(ConfigError, match="calibrate"):
+        cfg(calibrate=True).validate()  # generate
+    with pytest.raises(ConfigError, match="choice_score"):
+        cfg(task="label", choices=["a", "b"], choice_score="max").validate()
+    with pytest.raises(ConfigError, match="low_margin"):
+        cfg(task="label", choices=["a", "b"], low_margin=2).validate()
+    with pytest.raises(ConfigError, match="content_free_inputs"):
+        cfg(task="label", choices=["a", "b"], calibrate=True, content_free_inputs=[""]).validate()
+    with pytest.raises(ConfigError, match="examples"):
+        cfg(task="classify", examples="x.jsonl").validate()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "label": "c"}\n')
+    with pytest.raises(ConfigError, match="row 1 has label 'c'"):
+        load_examples(cfg(task="label", choices=["a", "b"], examples=str(bad)).validate())
+    bad.write_text('{"prompt": "p", "label": "a"}\nnot json\n')
+    with pytest.raises(ConfigError, match="line 2 is not JSON"):
+        load_examples(cfg(task="label", choices=["a", "b"], examples=str(bad)).validate())
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_examples(cfg(task="label", choices=["a", "b"], examples=str(tmp_path / "missing.jsonl")).validate())
