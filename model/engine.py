@@ -129,6 +129,7 @@ class Engine:
                                        decode=self._decode if tokenizer is not None else None)
         self.sampler = Sampler()
         self._pinned: list[int] = []  # KV blocks held by pin_prefix
+        self._constraints = None  # grammar machinery, built on the first structured row
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=None, device=None, **kwargs) -> "Engine":
@@ -207,7 +208,9 @@ class Engine:
                 if not step.items:
                     raise RuntimeError("scheduler made no progress (a bug): "
                                        f"{len(sched.waiting)} waiting, {len(sched.running)} running")
-                hidden = runner.execute(step)
+                constrained = [i.seq for i in step.items if i.sample and i.seq.constraint is not None]
+                masks = self._constraints.masks_async([s.constraint for s in constrained]) if constrained else None
+                hidden = runner.execute(step)  # the grammar masks are filled meanwhile
                 sampling, scoring, at = [], [], 0
                 for item in step.items:
                     if item.outputs_from is not None:
@@ -223,13 +226,57 @@ class Engine:
                 if sampling:
                     seqs = [s for s, _ in sampling]
                     logits = runner.lm_head(hidden[torch.tensor([i for _, i in sampling], device=hidden.device)])
+                    if masks is not None:
+                        logits = self._apply_masks(logits, seqs, constrained, masks.result())
                     tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [s.payload for s in seqs],
                                                     [len(s.output) for s in seqs],
                                                     want_logprobs=any(s.params.logprobs for s in seqs))
+                    if constrained:
+                        self._advance_grammars(seqs, tokens)
                 yield from sched.update(step, tokens, logprobs)
         except BaseException:
             sched.abort_all()
             raise
+
+    # ---- structured output -------------------------------------------------------------------
+    def _apply_masks(self, logits, seqs, constrained, bitmask):
+        """Disallowed tokens of constrained rows to -inf. A row whose grammar allows nothing
+        (an error state) is ended with an error instead of sampling from an empty set."""
+        from .structured import apply_masks
+
+        where = {id(s): r for r, s in enumerate(seqs)}
+        rows = torch.tensor([where[id(s)] for s in constrained], device=logits.device)
+        logits = logits.float()
+        masked = apply_masks(logits[rows], bitmask)
+        for k, s in enumerate(constrained):
+            if bitmask[k].count_nonzero() == 0:
+                s.finish_reason, s.error = "error", f"grammar_error: no token is allowed ({s.constraint.get_error() or 'dead end'})"
+                masked[k] = logits[rows[k]]  # sample anything: the row is ended with the error
+        logits[rows] = masked
+        return logits
+
+    def _advance_grammars(self, seqs, tokens) -> None:
+        for s, tok in zip(seqs, tokens):
+            m = s.constraint
+            if m is None or s.finish_reason:
+                continue
+            if tok in s.stop_ids and m.is_accepting():
+                continue  # EOS after a complete structure: the scheduler stops the row
+            if not m.consume_token(tok):
+                s.finish_reason, s.error = "error", f"grammar_error: {m.get_error()}"
+            elif m.is_stopped():
+                s.grammar_done = True
+
+    def _constrain(self, seq: Sequence) -> None:
+        """Give a row with json_schema / regex / choice its grammar matcher."""
+        if self.tokenizer is None:
+            raise ValueError("structured output needs an engine with a tokenizer")
+        if self._constraints is None:
+            from .structured import Constraints
+
+            eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.config.eos_ids()[0]
+            self._constraints = Constraints(self.tokenizer, self.config.vocab_size, eos)
+        seq.constraint = self._constraints.matcher(seq.params)
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -256,6 +303,12 @@ class Engine:
                 continue
             seq = Sequence(i, ids, p, self._stop_ids(p), cacheable_tokens=self._cacheable(ids))
             seq.payload = p.seed if p.seed is not None else random.getrandbits(62)  # the sampler's seed
+            if p.constrained:
+                try:
+                    self._constrain(seq)
+                except ValueError as e:
+                    results[i] = Completion(error=str(e), finish_reason="error", num_prompt_tokens=len(ids))
+                    continue
             if not self.scheduler.add(seq):
                 results[i] = Completion(error=seq.error, finish_reason="error", num_prompt_tokens=len(ids))
         for seq in self._drive():
@@ -263,6 +316,9 @@ class Engine:
         return results
 
     def _completion(self, seq: Sequence) -> Completion:
+        if seq.finish_reason == "error":
+            return Completion(error=seq.error, finish_reason="error", num_prompt_tokens=len(seq.prompt),
+                              token_ids=list(seq.output), num_generated_tokens=len(seq.output))
         ids = seq.output
         body = ids[:-1] if seq.finish_reason == "stop" and ids and ids[-1] in seq.stop_ids else ids
         text = seq.text if seq.text is not None else self._decode(body)

@@ -28,6 +28,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False  # return the log-probability of each generated token
     truncate: str | None = None  # None: over-long prompts are an error; "left": keep the tail
+    # structured output (one at a time): the completion must match (model/structured.py)
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -46,6 +50,19 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.truncate must be None or 'left', got {self.truncate!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        given = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams: give one of json_schema, regex, choice, not {given}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"SamplingParams.choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"SamplingParams.regex must be a non-empty string, got {self.regex!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            raise ValueError(f"SamplingParams.json_schema must be a dict or JSON text, got {type(self.json_schema).__name__}")
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.choice is not None
 
     @property
     def greedy(self) -> bool:

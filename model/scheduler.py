@@ -172,6 +172,8 @@ class Sequence:
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
     cache_hit_tokens: int = 0
     payload: object = None  # the caller's (the engine keeps a row's seed or scoring targets here)
+    constraint: object = None  # the caller's grammar state (model/structured.py), opaque here
+    grammar_done: bool = False  # set by the caller: the grammar is complete, the row stops
 
     @property
     def num_tokens(self) -> int:
@@ -431,8 +433,10 @@ class Scheduler:
             seq.num_registered = full
 
     def _check_stop(self, seq: Sequence) -> None:
+        if seq.finish_reason:  # ended by the caller (e.g. a grammar error)
+            return
         p, token = seq.params, seq.output[-1]
-        if token in seq.stop_ids:
+        if token in seq.stop_ids or seq.grammar_done:
             seq.finish_reason = "stop"
         elif seq.detok is not None and self._hit_stop_string(seq):
             seq.finish_reason = "stop"

@@ -90,6 +90,7 @@ class PersimmonTokenizer:
             raise FileNotFoundError(f"sentencepiece model not found: {model_file}")
         self.model_file = model_file
         self._sp = sp = spm.SentencePieceProcessor(model_file=model_file)
+        self._fragment_sp = None  # built on first use by encode_fragment
         endoftext = self.token_to_id(ENDOFTEXT)
         self._bos_id = self._special_id(bos_token, endoftext, sp.bos_id())
         self._eos_id = self._special_id(eos_token, endoftext, sp.eos_id())
@@ -316,6 +317,17 @@ class PersimmonTokenizer:
         unk, size = self.unk_token_id, self.vocab_size
         return [i if i < size else unk for i in ids]
 
+    def encode_fragment(self, text: str) -> list[int]:
+        """Token ids of ``text`` as it would be tokenized in the middle of a sequence: no BOS,
+        no dummy-prefix space and no whitespace clean-up, so that the decoded ids give back
+        exactly ``text`` (structured decoding needs this to turn forced text into tokens)."""
+        if self._fragment_sp is None:
+            proto = _without_text_normalization(self._sp.serialized_model_proto())
+            sp = spm.SentencePieceProcessor()
+            sp.LoadFromSerializedProto(proto)
+            self._fragment_sp = sp
+        return self._fragment_sp.encode(text)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list, tuple or 1-D tensor).
 
@@ -390,3 +402,55 @@ class PersimmonTokenizer:
             f"PersimmonTokenizer(vocab_size={self.vocab_size}, bos={self._bos_id}, eos={self._eos_id}, "
             f"pad={self._pad_id}, add_bos_token={self.add_bos_token}, model_file={self.model_file!r})"
         )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return n, i
+        shift += 7
+
+
+def _without_text_normalization(model_proto: bytes) -> bytes:
+    """The sentencepiece ModelProto with its normalizer's add_dummy_prefix (field 3) and
+    remove_extra_whitespaces (field 4) set to false, edited in protobuf wire format (a later
+    value of a scalar field wins), so the protobuf package is not needed."""
+    override = _varint(3 << 3) + _varint(0) + _varint(4 << 3) + _varint(0)
+    out, i, found = bytearray(), 0, False
+    while i < len(model_proto):
+        start = i
+        key, i = _read_varint(model_proto, i)
+        field_no, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _read_varint(model_proto, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            length, body = _read_varint(model_proto, i)
+            i = body + length
+            if field_no == 3:  # normalizer_spec
+                sub = model_proto[body:i] + override
+                out += _varint(key) + _varint(len(sub)) + sub
+                found = True
+                continue
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} in the sentencepiece model")
+        out += model_proto[start:i]
+    if not found:
+        out += _varint((3 << 3) | 2) + _varint(len(override)) + override
+    return bytes(out)

@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 
 from .config import PipelineConfig
-from .fewshot import load_examples
+from .attachments import load_attachments
 from .modelcheck import ModelError, check_model
 from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
@@ -159,7 +159,7 @@ def build_dataset(config: PipelineConfig, ds=None):
     """
     import ray.data
 
-    config = load_examples(config.with_env().validate())
+    config = load_attachments(config.with_env().validate())
     check_model(config)
     init_ray(config)
     with _data_context(config):
@@ -198,7 +198,7 @@ def run(config: PipelineConfig) -> dict:
     import ray.data
 
     t_start, started_at = time.perf_counter(), time.time()
-    config = load_examples(config.with_env().validate())
+    config = load_attachments(config.with_env().validate())
     check_model(config)
     plan = make_plan(config)
     todo = plan.todo

@@ -15,8 +15,8 @@ from dataclasses import MISSING, fields
 
 from .config import ConfigError, PipelineConfig
 
-GENERATE_ONLY = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate"}
-LABEL_ONLY = {"choices", "choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin"}
+GENERATE_ONLY = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex"}
+LABEL_ONLY = {"choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin"}
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
 DESCRIPTIONS = {
     "generate": "Complete every prompt with a causal Persimmon checkpoint.",
@@ -51,14 +51,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
     for f in fields(PipelineConfig):
         meta = f.metadata
         if meta.get("cli") is False or (f.name in GENERATE_ONLY and task != "generate") \
-                or (f.name in LABEL_ONLY and task != "label"):
+                or (f.name in LABEL_ONLY and task != "label") or (f.name == "choices" and task == "classify"):
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = meta["help"].replace("%", "%%") + _default_text(f)
         group = groups["io"] if f.name in ("input", "output", "model", "id_column", "prompt_column",
                                            "keep_columns", "prompt_template", "chat_template", "examples") \
-            else groups["label"] if f.name in LABEL_ONLY \
-            else groups["gen"] if f.name in GENERATE_ONLY \
+            else groups["label"] if f.name in LABEL_ONLY or (f.name == "choices" and task == "label") \
+            else groups["gen"] if f.name in GENERATE_ONLY or f.name == "choices" \
             else groups["engine"] if f.name in ENGINE_FIELDS else groups["run"]
         kwargs: dict = {"dest": f.name, "default": None, "help": help_text}
         ftype = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,

@@ -59,7 +59,7 @@ class PipelineConfig:
                              "'human: {prompt}\\n\\nadept:' for Persimmon-8B-chat.")
     choices: list = _f([], "label task: the candidate labels (comma-separated). Each row gets the "
                        "choice with the highest log-likelihood after the prompt (calibrated with "
-                       "--calibrate).")
+                       "--calibrate). generate: the completion is constrained to be one of them.")
     choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's "
                                "tokens are those the text prompt + separator + choice adds after the "
                                "prompt's own tokens (as lm-evaluation-harness).")
@@ -86,6 +86,12 @@ class PipelineConfig:
     top_k: int = _f(0, "generate: keep the k most likely tokens when sampling; 0 = off.")
     top_p: float = _f(1.0, "generate: nucleus sampling mass; 1.0 = off.")
     stop: list = _f([], "generate: stop strings (comma-separated); not included in the output.")
+    json_schema: Any = _f(None, "generate: a JSON schema file (local or object store; or the schema "
+                          "itself as a dict in YAML / Python): every completion is JSON matching it "
+                          "(constrained decoding with llguidance). The `parsed` column holds the JSON "
+                          "of rows that finished (null when cut off by --max-new-tokens).")
+    regex: Any = _f(None, "generate: every completion matches this regular expression (constrained "
+                    "decoding).")
     seed: Any = _f(None, "generate: base seed for sampling. Each row uses a seed derived from "
                    "this and its id, so retried or resumed rows give the same text.", type=int)
     truncate: Any = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
@@ -244,6 +250,15 @@ class PipelineConfig:
                 "into a non-empty prompt")
         if not isinstance(self.low_margin, (int, float)) or not 0 <= self.low_margin <= 1:
             bad("low_margin", f"must be in [0, 1], got {self.low_margin!r}")
+        structured = [n for n in ("json_schema", "regex") if getattr(self, n) is not None]
+        if self.task == "generate" and self.choices:
+            structured.append("choices")
+        if structured and self.task != "generate":
+            bad(structured[0], "constrains generation: it applies to the generate task only")
+        if len(structured) > 1:
+            bad(structured[0], f"give one of --json-schema, --regex, --choices, not {structured}")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            bad("regex", f"must be a non-empty string, got {self.regex!r}")
         if self.examples is not None and self.task == "classify":
             bad("examples", "few-shot examples apply to generate and label, not classify")
         for name in ("batch_size", "max_new_tokens", "max_num_seqs"):
@@ -342,7 +357,7 @@ class PipelineConfig:
 def output_columns(task: str) -> tuple[str, ...]:
     """The columns each task adds to its output rows (besides the id and kept columns)."""
     return {
-        "generate": ("completion", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "error"),
+        "generate": ("completion", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "parsed", "error"),
         "classify": ("label", "score", "probs", "error"),
         "label": ("label", "scores", "probs", "margin", "error"),
     }[task]

@@ -38,7 +38,7 @@ REPORT_NAME = "_run_report.json"
 RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
                  "chat_template", "choices", "max_new_tokens", "temperature", "top_k", "top_p",
                  "stop", "seed", "truncate", "max_seq_len", "check_duplicate_ids", "choice_separator",
-                 "choice_score", "calibrate", "content_free_inputs", "examples")
+                 "choice_score", "calibrate", "content_free_inputs", "examples", "json_schema", "regex")
 
 
 class InputError(ValueError):

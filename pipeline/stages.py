@@ -16,6 +16,7 @@ files written from different batches (including all-error ones) have identical s
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from .config import PipelineConfig, output_columns
-from .fewshot import render_prefix
+from .attachments import render_prefix
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ RESULT_TYPES = {
     "completion": pa.string(), "finish_reason": pa.string(),
     "num_prompt_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
     "label": pa.string(), "score": pa.float64(), "probs": pa.list_(pa.float64()),
-    "scores": pa.list_(pa.float64()), "margin": pa.float64(), "error": pa.string(),
+    "scores": pa.list_(pa.float64()), "margin": pa.float64(), "parsed": pa.string(), "error": pa.string(),
 }
 
 
@@ -49,6 +50,8 @@ def error_kind(message: str | None) -> str | None:
 
 def engine_error(message: str) -> str:
     """Prefix an engine's per-row error with its kind, so every `error` reads 'kind: detail'."""
+    if re.match(r"[a-z][a-z0-9_]{0,39}: ", message):  # already 'kind: detail'
+        return message
     low = message.lower()
     if "empty" in low:
         kind = "empty_prompt"
@@ -242,18 +245,24 @@ class GenerateStage(_Stage):
         from model import SamplingParams
 
         cfg = self.config
+        structure = {"json_schema": cfg.json_schema, "regex": cfg.regex, "choice": list(cfg.choices) or None}
         params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_k=cfg.top_k, top_p=cfg.top_p, stop=list(cfg.stop),
-                                 seed=row_seed(cfg.seed, i), truncate=cfg.truncate) for i in ids]
+                                 seed=row_seed(cfg.seed, i), truncate=cfg.truncate, **structure) for i in ids]
         out = []
         for c in self.engine.generate(texts, params):
             if c.error is not None:
                 out.append({"finish_reason": "error", "error": engine_error(c.error),
                             "num_prompt_tokens": c.num_prompt_tokens or None})
-            else:
-                out.append({"completion": c.text, "finish_reason": c.finish_reason,
-                            "num_prompt_tokens": c.num_prompt_tokens,
-                            "num_generated_tokens": c.num_generated_tokens})
+                continue
+            row = {"completion": c.text, "finish_reason": c.finish_reason, "num_prompt_tokens": c.num_prompt_tokens,
+                   "num_generated_tokens": c.num_generated_tokens}
+            if cfg.json_schema is not None and c.finish_reason == "stop":
+                try:
+                    row["parsed"] = json.dumps(json.loads(c.text), ensure_ascii=False)
+                except ValueError as e:  # the grammar guarantees JSON; report rather than crash if not
+                    row["error"] = f"invalid_json: {e}"
+            out.append(row)
         return out
 
 

@@ -325,7 +325,7 @@ def test_label_calibration_and_few_shot_with_the_real_tiny_engine(tmp_path):
     content-free inputs (computed here by hand from the engine's own scores); --examples
     prefixes every row, is computed once per replica, and changes the scores exactly as
     prepending the rendered text would."""
-    from pipeline.fewshot import load_examples
+    from pipeline.attachments import load_examples
 
     causal = tiny_model("causal")
     engine = Engine.from_pretrained(causal, max_batch_size=8, device="cpu")
@@ -377,7 +377,7 @@ def test_label_calibration_and_few_shot_with_the_real_tiny_engine(tmp_path):
 
 
 def test_label_options_are_validated(tmp_path):
-    from pipeline.fewshot import load_examples
+    from pipeline.attachments import load_examples
 
     with pytest.raises(ConfigError, match="calibrate"):
         cfg(calibrate=True).validate()  # generate

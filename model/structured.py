@@ -1,0 +1,140 @@
+"""Structured generation: a row's tokens constrained to a JSON schema, a regex or a list of
+choices, with llguidance.
+
+Why llguidance: a small Rust library with no Python dependencies (xgrammar needs transformers
+and triton, which this project keeps out of its runtime; outlines-core precompiles a regex
+index over the whole vocabulary, slow for Persimmon's 262k tokens), JSON schema, regex and Lark
+grammars behind one matcher API, and a token-mask computation that releases the GIL, so the
+engine computes the next step's masks on a helper thread while the model runs the forward.
+
+Each constrained row holds an `LLMatcher` (grammar state). Per step: the masks of the rows that
+sample are filled into an int32 bitmask (one bit per token) while the forward runs; the
+sampler sets disallowed logits to -inf; each sampled token is fed back to its matcher. When the
+grammar is complete, the mask allows only EOS; a row whose grammar cannot continue stops
+("stop"), so a row that ends with "stop" always matches. A row cut off by max_new_tokens ends
+"length", possibly mid-structure.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError as e:  # a core dependency; this only happens in a broken install
+        raise RuntimeError("structured generation needs the llguidance package (pip install llguidance)") from e
+    return llguidance
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """The bytes each token id stands for (sentencepiece: '▁' is a space, <0xNN> pieces are one
+    byte); special ids (BOS/EOS/pad, unknown, control) are b"\\xff" + their name, as llguidance
+    expects; ids past the tokenizer's vocabulary are empty (never allowed)."""
+    sp = tokenizer._sp
+    special = set(tokenizer.special_token_ids)
+    out = []
+    for i in range(vocab_size):
+        if i >= sp.get_piece_size():
+            out.append(b"")
+            continue
+        piece = sp.id_to_piece(i)
+        if i in special or sp.is_control(i) or sp.is_unknown(i):
+            out.append(b"\xff" + piece.encode("utf-8"))
+        elif sp.is_byte(i):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+class _TokenizerAdapter:
+    """What llguidance's TokenizerWrapper reads: token bytes, BOS/EOS and a tokenize function."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_id: int):
+        self.tokens = token_bytes(tokenizer, vocab_size)
+        self.eos_token_id = eos_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.special_token_ids = sorted(tokenizer.special_token_ids)
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        # how llguidance turns text the grammar forces into tokens: mid-sequence tokenization
+        # (a sentencepiece dummy-prefix space here would force a stray " " token)
+        return self._tokenizer.encode_fragment(text)
+
+
+def grammar_of(params) -> str | None:
+    """The llguidance grammar of a row's SamplingParams (None when unconstrained)."""
+    ll = _llguidance()
+    if params.json_schema is not None:
+        schema = params.json_schema if isinstance(params.json_schema, str) else json.dumps(params.json_schema)
+        # compact JSON ("," and ":" without free whitespace) unless the schema's x-guidance says otherwise
+        return ll.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    if params.regex is not None:
+        return ll.LLMatcher.grammar_from_regex(params.regex)
+    if params.choice is not None:
+        return ll.grammar_from("choice", list(params.choice))
+    return None
+
+
+def check_grammar(json_schema=None, regex=None, choice=None) -> str:
+    """'' if llguidance can compile the constraint, else its error (no tokenizer needed)."""
+    from .sampling import SamplingParams
+
+    try:
+        grammar = grammar_of(SamplingParams(json_schema=json_schema, regex=regex, choice=choice))
+    except ValueError as e:
+        return str(e)
+    error = _llguidance().LLMatcher.validate_grammar(grammar)
+    return "" if not error or error.startswith("WARNING") else error
+
+
+class Constraints:
+    """Per engine: the llguidance tokenizer (built once: ~1 s for a 262k vocabulary), compiled
+    grammars, and the helper thread that fills masks while the forward runs."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_id: int):
+        ll = _llguidance()
+        self.vocab_size = vocab_size
+        self.lltok = ll.LLTokenizer(ll.TokenizerWrapper(_TokenizerAdapter(tokenizer, vocab_size, eos_id)),
+                                    n_vocab=vocab_size)
+        self._grammars: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-grammar")
+        self._lock = threading.Lock()
+
+    def matcher(self, params):
+        """A fresh matcher for a row, or raise ValueError naming what is wrong with the grammar."""
+        ll = _llguidance()
+        grammar = grammar_of(params)
+        error = ll.LLMatcher.validate_grammar(grammar, self.lltok)
+        if error and not error.startswith("WARNING"):
+            raise ValueError(f"invalid grammar: {error}")
+        m = ll.LLMatcher(self.lltok, grammar, log_level=0)
+        if m.is_error():
+            raise ValueError(f"invalid grammar: {m.get_error()}")
+        return m
+
+    def masks_async(self, matchers: list) -> Future:
+        """Start filling the next-token masks of `matchers` (their order = the bitmask's rows)."""
+        return self._pool.submit(self._fill, matchers)
+
+    def _fill(self, matchers: list) -> torch.Tensor:
+        bitmask = torch.zeros((len(matchers), (self.vocab_size + 31) // 32), dtype=torch.int32)
+        for i, m in enumerate(matchers):
+            row = bitmask[i]
+            m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)  # drops the GIL
+        return bitmask
+
+
+def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] with every token whose bit is 0 in bitmask [R, ceil(V/32)] set to -inf."""
+    bitmask = bitmask.to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)
+    return logits.masked_fill(bits[:, :logits.shape[-1]] == 0, float("-inf"))

@@ -1,0 +1,123 @@
+"""Files a run's config points at, read once on the driver, checked, and shipped inside the
+config (so replicas on other nodes need no access to them): few-shot examples and a JSON schema.
+
+Few-shot examples: a JSONL file of solved rows rendered into a prefix every row starts with.
+
+Rows are `{"prompt": ..., "label": ...}` for the label task (the label must be one of the
+choices) or `{"prompt": ..., "completion": ...}` for generate. Each example goes through the
+run's prompt template (chat wrapper included), then the choice separator (label) or a space
+(generate) and its answer, then a blank line:
+
+    Review: great film\\nSentiment: positive\\n\\nReview: dull\\nSentiment: negative\\n\\n<row's prompt>
+
+With --chat-template that is persimmon-8b-chat's multi-turn format
+(`human: ...\\n\\nadept: answer\\n\\n`). Each replica computes the prefix's KV cache once and
+keeps it (`Engine.pin_prefix`).
+
+JSON schema (--json-schema): read and compiled once here, so a schema llguidance cannot use is
+an error before any model work.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .config import ConfigError, PipelineConfig
+
+EXAMPLE_SEPARATOR = "\n\n"
+
+
+def load_attachments(config: PipelineConfig) -> PipelineConfig:
+    """The config with its examples file and JSON schema file read in (see the module doc), and
+    a --regex or generate --choices constraint checked."""
+    config = load_json_schema(load_examples(config))
+    if config.task == "generate" and (config.regex is not None or config.choices):
+        from model.structured import check_grammar
+
+        field = "regex" if config.regex is not None else "choices"
+        problem = check_grammar(regex=config.regex) if config.regex is not None else \
+            check_grammar(choice=list(config.choices))
+        if problem:
+            raise ConfigError(f"{field}: {problem}")
+    return config
+
+
+def _read_text(config: PipelineConfig, field: str, source) -> tuple[str, str]:
+    from .storage import resolve
+
+    loc = resolve(str(source), config)
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return f.read().decode("utf-8"), loc.uri
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{field}: cannot read {loc.uri}: {e}") from None
+
+
+def load_json_schema(config: PipelineConfig) -> PipelineConfig:
+    """The config with `json_schema` as a dict, checked by llguidance's compiler."""
+    import dataclasses
+
+    schema = config.json_schema
+    if schema is None:
+        return config
+    where = "json_schema"
+    if isinstance(schema, str):
+        text, where = _read_text(config, "json_schema", schema)
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"json_schema: {where} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"json_schema: {where} must hold a JSON object (a schema), got {type(schema).__name__}")
+    from model.structured import check_grammar
+
+    problem = check_grammar(json_schema=schema)
+    if problem:
+        raise ConfigError(f"json_schema: {where}: {problem}")
+    return dataclasses.replace(config, json_schema=schema)
+
+
+def load_examples(config: PipelineConfig) -> PipelineConfig:
+    """The config with `examples` read into a list of rows (a path or URI is read here, on the
+    driver); every row checked. Raises ConfigError naming the file and line."""
+    import dataclasses
+
+    source = config.examples
+    if source is None or isinstance(source, list):
+        rows, where = source, "examples"
+    else:
+        text, where = _read_text(config, "examples", source)
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"examples: {where} line {n} is not JSON: {e}") from None
+    if rows is None:
+        return config
+    answer = "label" if config.task == "label" else "completion"
+    if not rows:
+        raise ConfigError(f"examples: {where} has no rows")
+    clean = []
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(answer), str):
+            raise ConfigError(f"examples: {where} row {n} needs string fields 'prompt' and '{answer}', got {row!r:.200}")
+        if config.task == "label" and row["label"] not in config.choices:
+            raise ConfigError(f"examples: {where} row {n} has label {row['label']!r}, not one of the choices "
+                              f"{config.choices}")
+        clean.append({"prompt": row["prompt"], answer: row[answer]})
+    return dataclasses.replace(config, examples=clean)
+
+
+def render_prefix(config: PipelineConfig) -> str:
+    """The text every row's prompt is appended to ('' without examples)."""
+    if not config.examples:
+        return ""
+    if isinstance(config.examples, str):
+        raise ConfigError("examples must be loaded on the driver first (pipeline.attachments.load_examples)")
+    sep = config.choice_separator if config.task == "label" else " "
+    answer = "label" if config.task == "label" else "completion"
+    return "".join(config.template.format(prompt=ex["prompt"]) + sep + ex[answer] + EXAMPLE_SEPARATOR
+                   for ex in config.examples)
