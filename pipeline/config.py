@@ -213,6 +213,7 @@ class PipelineConfig:
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
 
+        self._check_types()
         if self.task not in TASKS:
             bad("task", f"must be one of {TASKS}, got {self.task!r}")
         for name in ("input", "output", "model"):
@@ -291,6 +292,32 @@ class PipelineConfig:
             bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
         self.replica_range  # noqa: B018  (raises on a bad value)
         return self
+
+    def _check_types(self) -> None:
+        """Every value of the type its field declares, from YAML and Python alike: a quoted
+        "false" is not a boolean (it would be truthy), "64" is not a number. None is allowed
+        where the field has no value by default."""
+        names = {"bool": bool, "int": int, "float": float, "str": str, "list": list}
+        for f in fields(self):
+            want = f.metadata.get("type") or names.get(str(f.type))
+            value = getattr(self, f.name)
+            if want is None or value is None:
+                continue
+            if want is bool:
+                ok = isinstance(value, bool)
+            elif want is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif want is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif want is list:
+                ok = isinstance(value, (list, tuple))
+            else:
+                ok = isinstance(value, want)
+            if not ok:
+                kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                        list: "a list"}[want]
+                raise ConfigError(f"{f.name}: expected {kind}, got {type(value).__name__} {value!r:.80}"
+                                  + (" (quoted in YAML?)" if isinstance(value, str) else ""))
 
     # ---- environment, serialisation ------------------------------------------------------
     def with_env(self) -> "PipelineConfig":

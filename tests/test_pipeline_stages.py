@@ -235,7 +235,7 @@ def test_shard_runner_commits_once_and_resume_plan_skips(tmp_path):
     assert plan2.done["part-00000.parquet"]["rows_out"] == 7
     table = pq.read_table(tmp_path / "out" / "part-00001.parquet")
     assert table.column_names == ["id", "meta", *("completion finish_reason num_prompt_tokens "
-                                                   "num_generated_tokens error").split()]
+                                                   "num_generated_tokens parsed error").split()]
     assert table["id"].to_pylist() == list(range(7, 14))
 
     with pytest.raises(ConfigError, match="different settings"):
@@ -398,3 +398,17 @@ def test_label_options_are_validated(tmp_path):
         load_examples(cfg(task="label", choices=["a", "b"], examples=str(bad)).validate())
     with pytest.raises(ConfigError, match="cannot read"):
         load_examples(cfg(task="label", choices=["a", "b"], examples=str(tmp_path / "missing.jsonl")).validate())
+
+
+@pytest.mark.parametrize("key,value,kind", [("overwrite", "false", "true or false"), ("max_new_tokens", "64", "an integer"),
+                                            ("temperature", True, "a number"), ("kv_cache_gib", "2", "a number"),
+                                            ("batch_size", 2.0, "an integer"), ("choices", 5, "a list")])
+def test_config_values_are_typed_strictly(tmp_path, key, value, kind, capsys):
+    """A quoted "false" for overwrite would be truthy and delete finished work; a quoted number
+    used to end in a traceback. Both are exit 2 naming the key, from YAML and Python alike."""
+    with pytest.raises(ConfigError, match=f"{key}: expected {kind}"):
+        cfg(**{key: value}).validate()
+    job = tmp_path / "job.yaml"
+    job.write_text(f"task: generate\ninput: in\noutput: out\nmodel: m\n{key}: {json.dumps(value)}\n")
+    assert main(["generate", "--config", str(job)]) == 2
+    assert f"{key}: expected {kind}" in capsys.readouterr().err
