@@ -396,4 +396,6 @@ def _as_list(value, strip=True) -> list:
     if isinstance(value, str):
         parts = value.split(",")
         return [p.strip() for p in parts if p.strip()] if strip else [p for p in parts if p]
-    return list(value)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return value  # not a list: validate() names the field
