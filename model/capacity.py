@@ -86,7 +86,9 @@ def activation_bytes(config, dtype, max_tokens: int, max_rows: int, head: str = 
     per_token = it * (9 * C + I)  # residual, norms, qkv (3C), rotated q/k, attention out; MLP (I)
     if head != "causal":
         return max_tokens * per_token
-    logits = max_rows * V * (it + 3 * 4)  # head output, fp32 logits, softmax / sort temporaries
+    # head output and its fp32 copy for every row; the sampler's sort, softmax and float64 cumsum
+    # for SAMPLE_ROWS rows at a time (values 4 + indices 8 + probs 4 + cdf 8 + masks, ~40 B each)
+    logits = max_rows * V * (it + 4) + min(max_rows, 32) * V * 40
     gather = GATHER_TOKENS * 2 * C * it  # one layer's gathered K and V (paged attention on GPU)
     return max_tokens * per_token + logits + gather
 

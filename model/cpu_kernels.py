@@ -72,6 +72,9 @@ def _build(cc: str) -> str:
     os.close(fd)
     try:
         subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE, "-lm"], check=True, capture_output=True, timeout=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # a cache shared between users must stay loadable
         os.replace(tmp, target)  # atomic: another process may have built the same file meanwhile
     finally:
         if os.path.exists(tmp):

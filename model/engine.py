@@ -18,6 +18,8 @@ only caps rows in flight and `max_seq_len` only caps a row's length: neither cos
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from .sampling import Sampler, SamplingParams
 from .scheduler import BlockManager, Scheduler, Sequence
 
 LOGITS_ROWS = 64  # rows of scoring logits [rows, vocab] computed at once
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +81,10 @@ def token_budget_packs(items: list, size, budget: int):
 class Engine:
     """One Persimmon replica: model, tokenizer, KV pool, scheduler and sampler.
 
+    The engine takes the model over: it casts / moves it in place (dtype, device) and packs its
+    CPU weights. Build one engine per model; a later engine on the same model re-casts it, and
+    the earlier one then refuses to run (it says so) rather than mixing dtypes.
+
     Args:
         max_batch_size: most rows in flight at once (a cap, not a reservation).
         max_seq_len: most tokens (prompt + generated) per row; default max_position_embeddings.
@@ -105,14 +112,25 @@ class Engine:
         self.model = model.eval()
         self.config: PersimmonConfig = model.config
         self.tokenizer = tokenizer
-        for name, value, low in (("max_batch_size", max_batch_size, 1), ("prefill_token_budget", prefill_token_budget, 1),
-                                 ("kv_block_size", kv_block_size, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.max_seq_len = self.config.max_position_embeddings if max_seq_len is None else max_seq_len
+        for name, value, low, high in (("max_batch_size", max_batch_size, 1, 1 << 20),
+                                       ("prefill_token_budget", prefill_token_budget, 1, 1 << 24),
+                                       ("kv_block_size", kv_block_size, 1, 1024),
+                                       ("max_seq_len", self.max_seq_len, 2, 1 << 24)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        for name, value, allow_none in (("kv_cache_gib", kv_cache_gib, True), ("memory_fraction", memory_fraction, False),
+                                        ("memory_share", memory_share, False)):
+            if value is None and allow_none:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+                    or (name != "kv_cache_gib" and value > 1):
+                limit = "a finite number of GiB > 0" if name == "kv_cache_gib" else "a number in (0, 1]"
+                raise ValueError(f"{name} must be {limit}, got {value!r}")
+        if self.max_seq_len > self.config.max_position_embeddings and self.config.rope_type == "default":
+            log.warning("max_seq_len=%d is past the model's max_position_embeddings=%d: positions beyond it "
+                        "were never trained", self.max_seq_len, self.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len or self.config.max_position_embeddings
-        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
         self.prefill_token_budget = prefill_token_budget
         self.runner = ModelRunner(model, max_batch_size=max_batch_size, max_seq_len=self.max_seq_len,
                                   prefill_token_budget=prefill_token_budget, block_size=kv_block_size,
@@ -202,6 +220,12 @@ class Engine:
         `on_scores([(seq, hidden)])` receives, each step, the hidden states of scoring rows'
         positions (before the scheduler counts the step as computed)."""
         sched, runner = self.scheduler, self.runner
+        param = next(self.model.parameters())
+        if (param.dtype, param.device) != (runner.dtype, runner.device):
+            sched.abort_all()
+            raise RuntimeError(f"this engine's model was moved to {param.dtype} on {param.device} after the engine "
+                               f"was built for {runner.dtype} on {runner.device} (by another Engine on the same "
+                               "model?): build one engine per model")
         try:
             while sched.has_work():
                 step = sched.schedule()
@@ -287,33 +311,47 @@ class Engine:
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        bad = [type(p).__name__ for p in params if not isinstance(p, SamplingParams)]
+        if bad:
+            raise TypeError(f"params must be SamplingParams, got {bad[0]}")
         results: list[Completion | None] = [None] * len(prompts)
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            try:
-                ids = self._encode(prompt)
-                room = self.max_seq_len - 1  # at least one new token must fit
-                if len(ids) > room:
-                    if p.truncate != "left":
-                        raise ValueError(f"prompt has {len(ids)} tokens, more than the {room} this engine's "
-                                         f"max_seq_len={self.max_seq_len} allows (use truncate='left')")
-                    ids = ids[-max(1, self.max_seq_len - p.max_new_tokens):]
-            except ValueError as e:
-                results[i] = Completion(error=str(e), finish_reason="error",
-                                        num_prompt_tokens=len(prompt) if isinstance(prompt, list) else 0)
-                continue
-            seq = Sequence(i, ids, p, self._stop_ids(p), cacheable_tokens=self._cacheable(ids))
-            seq.payload = p.seed if p.seed is not None else random.getrandbits(62)  # the sampler's seed
-            if p.constrained:
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
-                    self._constrain(seq)
+                    ids = self._fit_prompt(self._encode(prompt), p)
                 except ValueError as e:
-                    results[i] = Completion(error=str(e), finish_reason="error", num_prompt_tokens=len(ids))
+                    results[i] = Completion(error=str(e), finish_reason="error",
+                                            num_prompt_tokens=len(prompt) if isinstance(prompt, list) else 0)
                     continue
-            if not self.scheduler.add(seq):
-                results[i] = Completion(error=seq.error, finish_reason="error", num_prompt_tokens=len(ids))
+                seq = Sequence(i, ids, p, self._stop_ids(p), cacheable_tokens=self._cacheable(ids))
+                seq.payload = p.seed if p.seed is not None else random.getrandbits(62)  # the sampler's seed
+                if p.constrained:
+                    try:
+                        self._constrain(seq)
+                    except ValueError as e:
+                        results[i] = Completion(error=str(e), finish_reason="error", num_prompt_tokens=len(ids))
+                        continue
+                if not self.scheduler.add(seq):
+                    results[i] = Completion(error=seq.error, finish_reason="error", num_prompt_tokens=len(ids))
+        except BaseException:
+            self.scheduler.abort_all()  # nothing half-queued may leak into the next call
+            raise
         for seq in self._drive():
             results[seq.index] = self._completion(seq)
         return results
+
+    def _fit_prompt(self, ids: list[int], p: SamplingParams) -> list[int]:
+        """The prompt, or with truncate='left' its last tokens: as many as leave room for
+        max_new_tokens, but never less than half of max_seq_len (a long max_new_tokens does not
+        cut the prompt to nothing)."""
+        room = self.max_seq_len - 1  # at least one new token must fit
+        if len(ids) <= room:
+            return ids
+        if p.truncate != "left":
+            raise ValueError(f"prompt has {len(ids)} tokens, more than the {room} this engine's "
+                             f"max_seq_len={self.max_seq_len} allows (use truncate='left')")
+        keep = max(self.max_seq_len - p.max_new_tokens, self.max_seq_len // 2, 1)
+        return ids[-min(keep, room):]
 
     def _completion(self, seq: Sequence) -> Completion:
         if seq.finish_reason == "error":
@@ -365,10 +403,11 @@ class Engine:
             scores[i], lengths[i] = [0.0] * len(choices), [len(c) for c in continuations]
             for k, cont in enumerate(continuations):
                 tokens = tuple(context + cont[:-1])
-                seq = rows.get(tokens)
+                key = (tokens, len(context))  # the same tokens scored from elsewhere are another row
+                seq = rows.get(key)
                 if seq is None:
-                    seq = rows[tokens] = Sequence(len(rows), list(tokens), score_from=len(context) - 1,
-                                                  cacheable_tokens=self._cacheable(context))
+                    seq = rows[key] = Sequence(len(rows), list(tokens), score_from=len(context) - 1,
+                                               cacheable_tokens=self._cacheable(context))
                     seq.payload = []
                 seq.payload.append((i, k, cont))  # (prompt, choice, the tokens its positions predict)
         for seq in rows.values():

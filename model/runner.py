@@ -165,9 +165,8 @@ class ModelRunner:
         per_block = capacity.kv_bytes_per_token(cfg, self.dtype) * bs
         most = self.max_batch_size * cdiv(self.max_seq_len, bs) + RESERVED_BLOCKS  # more is never used
         if kv_cache_gib is not None:
-            if not kv_cache_gib > 0:
-                raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
             budget, how = int(kv_cache_gib * capacity.GIB), f"kv_cache_gib={kv_cache_gib}"
+            advice = "raise kv_cache_gib"
         else:
             forward_tokens = self.prefill_token_budget + self.max_batch_size
             if self.dynamic_rope:  # whole prompts, never chunked
@@ -183,11 +182,12 @@ class ModelRunner:
             how = (f"memory_fraction={memory_fraction} x share {memory_share:g} of {total / capacity.GIB:.1f} GiB "
                    f"({free / capacity.GIB:.1f} GiB free after the weights), less {headroom / capacity.GIB:.2f} GiB "
                    "of activations")
+            advice = ("lower max_batch_size or prefill_token_budget, use a smaller dtype, or set kv_cache_gib "
+                      "explicitly")
         blocks = min(budget // per_block, most)
         if blocks < RESERVED_BLOCKS + 1:
-            raise ValueError(f"no memory left for the KV cache ({how}): one block of {bs} tokens needs "
-                             f"{per_block / 2**20:.1f} MiB; lower max_batch_size or prefill_token_budget, use a "
-                             "smaller dtype, or set kv_cache_gib")
+            raise ValueError(f"no room for a KV cache ({how}): it needs {RESERVED_BLOCKS + 1} blocks of {bs} tokens, "
+                             f"{(RESERVED_BLOCKS + 1) * per_block / 2**10:.0f} KiB; {advice}")
         self.kv_budget_note = how
         return int(blocks)
 
@@ -238,10 +238,18 @@ class ModelRunner:
             + positions % self.block_size
         meta = AttentionMetadata(positions=positions, spans=spans, context_lens=ctx, slot_mapping=slots,
                                  block_tables=self.block_tables, seq_rows=rows, token_rows=token_rows,
-                                 rope_lens=torch.repeat_interleave(ends, lengths) if self.dynamic_rope else None,
+                                 rope_lens=self._rope_lens(items, lengths, positions) if self.dynamic_rope else None,
                                  use_kernel=self.use_kernel)
         hidden = self.model.model(torch.tensor(ids, device=dev), attn_metadata=meta, kv_cache=self.kv_cache)
         return hidden[torch.tensor(outputs, dtype=torch.long, device=dev)]
+
+    def _rope_lens(self, items, lengths, positions) -> torch.Tensor:
+        """Dynamic NTK: the sequence length each token's rotary frequencies come from, as when
+        the row ran undisturbed: its prompt's length for prompt tokens (prefilled whole), its own
+        position + 1 for generated ones (decoded one by one). So a row recomputed after
+        preemption gets the keys it had."""
+        prompt = torch.tensor([len(item.seq.prompt) for item in items], device=self.device)
+        return torch.maximum(torch.repeat_interleave(prompt, lengths), positions + 1)
 
     @torch.inference_mode()
     def forward_packed(self, rows: list[list[int]]) -> torch.Tensor:

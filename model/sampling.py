@@ -11,9 +11,14 @@ travels with it.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+MIN_TEMPERATURE = 1e-5
+SAMPLE_ROWS = 32  # sampled rows filtered at once: bounds the sampler's [rows, vocab] temporaries
 
 
 @dataclass
@@ -34,18 +39,33 @@ class SamplingParams:
     choice: list[str] | None = None
 
     def __post_init__(self):
+        def bad(name, want):
+            raise ValueError(f"SamplingParams.{name} must be {want}, got {getattr(self, name)!r}")
+
+        def number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in self.stop if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) for x in self.stop):
+            bad("stop", "a string or a list of strings")
+        self.stop = [x for x in self.stop if x]
+        ids = self.stop_token_ids or []
+        if not isinstance(ids, (list, tuple, set, frozenset)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                        and t >= 0 for t in ids):
+            bad("stop_token_ids", "a list of token ids")
+        self.stop_token_ids = list(ids)
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+            bad("max_new_tokens", "an integer >= 1")
+        if not number(self.temperature) or self.temperature < 0:
+            bad("temperature", "a number >= 0")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "an integer >= 0")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "a number in (0, 1]")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
         if self.truncate not in (None, "left"):
             raise ValueError(f"SamplingParams.truncate must be None or 'left', got {self.truncate!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
@@ -66,7 +86,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Temperatures below MIN_TEMPERATURE (where fp32 logits / T overflow) act as 0."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def uniform(seed: int, step: int) -> float:
@@ -107,11 +128,11 @@ class Sampler:
                  want_logprobs: bool = False):
         logits = logits.float()
         tokens = logits.argmax(-1)  # greedy rows; sampled rows are overwritten below
-        rows = [i for i, p in enumerate(params) if not p.greedy]
-        if rows:
-            sub = logits[rows] if len(rows) < len(params) else logits
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        for a in range(0, len(sampled), SAMPLE_ROWS):  # in chunks: sort / cumsum temporaries stay small
+            rows = sampled[a:a + SAMPLE_ROWS]
             temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
-            sub = filter_logits(sub / temps, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
+            sub = filter_logits(logits[rows] / temps, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
             cdf = sub.softmax(-1).double().cumsum(-1)  # [R, V]
             u = torch.tensor([uniform(seeds[i], steps[i]) for i in rows], dtype=cdf.dtype, device=cdf.device)
             picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]

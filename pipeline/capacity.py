@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from model import capacity
@@ -72,7 +73,26 @@ def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
     return cfg, (cfg.architectures or ["PersimmonForCausalLM"])[0]
 
 
+def _check_args(args) -> None:
+    for name, low in (("gpu_memory_gib", 0), ("kv_cache_gib", 0)):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > low):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number > {low}, got {value}")
+    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    if args.num_gpus_per_replica is not None and not (0 < args.num_gpus_per_replica <= 1
+                                                      or float(args.num_gpus_per_replica).is_integer()
+                                                      and args.num_gpus_per_replica >= 1):
+        raise ValueError(f"--num-gpus-per-replica must be in (0, 1] or a whole number, got {args.num_gpus_per_replica}")
+    for name, low in (("prompt_tokens", 1), ("new_tokens", 0), ("max_num_seqs", 1), ("prefill_token_budget", 1),
+                      ("kv_block_size", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def run(args) -> int:
+    _check_args(args)
     job = None
     if args.config:
         from .config import PipelineConfig

@@ -11,6 +11,7 @@ run report: see `PipelineConfig.public_dict()`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import string
@@ -268,7 +269,7 @@ class PipelineConfig:
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
             bad("max_seq_len", f"must be an integer >= 2, got {self.max_seq_len!r}")
         if self.kv_cache_gib is not None and not (isinstance(self.kv_cache_gib, (int, float))
-                                                  and self.kv_cache_gib > 0):
+                                                  and math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
             bad("kv_cache_gib", f"must be a number of GiB > 0, got {self.kv_cache_gib!r}")
         if not isinstance(self.memory_fraction, (int, float)) or not 0 < self.memory_fraction <= 1:
             bad("memory_fraction", f"must be in (0, 1], got {self.memory_fraction!r}")

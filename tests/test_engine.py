@@ -501,5 +501,5 @@ def test_default_budget_is_a_share_of_free_memory(lm, monkeypatch):
     capped = Engine(lm, None, max_batch_size=2, max_seq_len=64).runner.num_blocks
     assert capped == 2 * 4 + 2  # never more than max_batch_size rows of max_seq_len could use
     monkeypatch.setattr(capacity, "cpu_memory", lambda: (total, 2**20))  # 1 MiB free: nothing fits
-    with pytest.raises(ValueError, match="no memory left for the KV cache"):
+    with pytest.raises(ValueError, match="no room for a KV cache"):
         Engine(lm, None, max_seq_len=512)
