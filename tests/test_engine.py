@@ -503,3 +503,82 @@ def test_default_budget_is_a_share_of_free_memory(lm, monkeypatch):
     monkeypatch.setattr(capacity, "cpu_memory", lambda: (total, 2**20))  # 1 MiB free: nothing fits
     with pytest.raises(ValueError, match="no room for a KV cache"):
         Engine(lm, None, max_seq_len=512)
+
+
+def test_dynamic_rope_rows_recomputed_after_preemption_equal_transformers():
+    """A preempted row is recomputed in one prefill; with dynamic NTK rope its generated
+    tokens' keys must get the rotary length they had when decoded one by one (found by review:
+    before, the recompute changed greedy tokens past the limit)."""
+    cfg = PersimmonConfig.tiny(**LIVELY, max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = random_model(PersimmonForCausalLM, cfg)
+    preempted = 0
+    for seed in (4, 7):
+        prompts = prompts_of([12, 12, 12, 12], seed=seed)
+        engine = Engine(model, None, max_batch_size=4, max_seq_len=64, kv_block_size=4,
+                        kv_cache_gib=tiny_pool(14, 4), prefix_caching=False)
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=30, ignore_eos=True))
+        preempted += engine.stats()["preemptions"]
+        for p, o in zip(prompts, outs):
+            assert o.token_ids == hf_greedy(hf_twin(model), p, 30)
+    assert preempted > 0
+
+
+def test_score_rows_with_the_same_tokens_from_different_prompts(lm, hf_lm):
+    """Prompt A + choice [8, 9] and prompt B = A + [8] with choice [10] make the same row
+    tokens; each must be scored from its own prompt's end (found by review)."""
+    a, b = [5, 6, 7], [5, 6, 7, 8]
+    res = Engine(lm, None, max_batch_size=4, max_seq_len=32).score_choices([a, b], [[8, 9], [10]], add_bos=False)
+    for prompt, r in zip([a, b], res):
+        with torch.no_grad():
+            expected = []
+            for c in ([8, 9], [10]):
+                logp = hf_lm(torch.tensor([prompt + c])).logits[0].float().log_softmax(-1)
+                expected.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(c)))
+        assert r.scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_exception_while_queueing_leaves_nothing_behind(lm):
+    engine = Engine(lm, None, max_batch_size=4, max_seq_len=64)
+    prompts = prompts_of([5, 9, 7])
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.generate(prompts[:2], [SamplingParams(max_new_tokens=40, ignore_eos=True), None])
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+    out = engine.generate(prompts[2:], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    fresh = Engine(lm, None, max_batch_size=4, max_seq_len=64).generate(prompts[2:], SamplingParams(
+        max_new_tokens=20, ignore_eos=True))[0]
+    assert (out.num_prompt_tokens, out.token_ids) == (fresh.num_prompt_tokens, fresh.token_ids)
+
+
+def test_argument_checks(lm):
+    for kwargs, match in [(dict(max_seq_len=0), "max_seq_len"), (dict(kv_cache_gib=float("inf")), "kv_cache_gib"),
+                          (dict(kv_cache_gib=True), "kv_cache_gib"), (dict(memory_fraction=1.5), "memory_fraction"),
+                          (dict(memory_share=0), "memory_share"), (dict(kv_block_size=10**6), "kv_block_size")]:
+        with pytest.raises(ValueError, match=match):
+            Engine(lm, None, **kwargs)
+    for kwargs, match in [(dict(stop=[1]), "stop"), (dict(top_k=True), "top_k"), (dict(temperature="0.5"), "temperature"),
+                          (dict(temperature=float("inf")), "temperature"), (dict(stop_token_ids=5), "stop_token_ids")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**kwargs)
+    # temperatures too small for fp32 logits / T act as greedy instead of overflowing
+    prompt = prompts_of([6])[0]
+    greedy = Engine(lm, None, max_batch_size=1, max_seq_len=32).generate([prompt], SamplingParams(max_new_tokens=6))
+    tiny_t = Engine(lm, None, max_batch_size=1, max_seq_len=32).generate(
+        [prompt], SamplingParams(max_new_tokens=6, temperature=1e-50, seed=1))
+    assert tiny_t[0].token_ids == greedy[0].token_ids
+
+
+def test_a_second_engine_on_the_same_model_makes_the_first_refuse():
+    model = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY))
+    first = Engine(model, None, max_batch_size=2, max_seq_len=32)
+    Engine(model, None, max_batch_size=2, max_seq_len=32, dtype="bfloat16")
+    with pytest.raises(RuntimeError, match="one engine per model"):
+        first.generate(prompts_of([5]), SamplingParams(max_new_tokens=3))
+
+
+def test_truncate_left_keeps_at_least_half_the_context(lm):
+    engine = Engine(lm, None, max_batch_size=2, max_seq_len=64)
+    long = prompts_of([100])[0]
+    out = engine.generate([long], SamplingParams(max_new_tokens=1000, truncate="left", ignore_eos=True))[0]
+    assert out.num_prompt_tokens == 32 and out.finish_reason == "length" and out.num_generated_tokens == 32
+    short = engine.generate([long], SamplingParams(max_new_tokens=8, truncate="left", ignore_eos=True))[0]
+    assert short.num_prompt_tokens == 56 and short.num_generated_tokens == 8

@@ -38,6 +38,7 @@ from pipeline.cli import summary
 pytestmark = pytest.mark.ray
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACKER_PREFIX = "persimmon-batch-progress-"
+TINY_KV_GIB = 12 * 16 * 1024 / 2**30  # 12 blocks of 16 tokens of the tiny model's fp32 KV (2 reserved)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,8 @@ def deaths(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("deaths")
     shards = write_sized_shards(str(root / "in"), DEATH_SIZES)
     kwargs = dict(input=str(root / "in"), output=str(root / "out"), model=tiny_model("causal"),
-                  replicas=2, batch_size=2, max_new_tokens=12, max_task_retries=1)
+                  replicas=2, batch_size=8, max_num_seqs=4, max_new_tokens=12, max_task_retries=1,
+                  kv_cache_gib=TINY_KV_GIB)
     rules = {"part-00001.parquet": (signal.SIGKILL, {1}, 8),      # after its first batch
              "part-00002.parquet": (signal.SIGKILL, None, 0)}     # as soon as it starts, always
     t0 = time.perf_counter()
@@ -157,6 +159,10 @@ def deaths(ray_local, tmp_path_factory):
 
 def test_replica_killed_mid_shard_is_restarted_and_the_shard_redone(deaths):
     report, shards = deaths["report"], deaths["shards"]
+    # the replicas ran on a KV pool of 10 usable blocks: a few rows at a time, the pool full
+    eng = report["engine"]
+    assert eng["kv_tokens_capacity"] == 10 * 16 and eng["kv_tokens_peak"] >= 0.75 * 10 * 16, eng
+    assert eng["rows_in_flight_peak"] >= 2, eng
     assert [h[:2] for h in deaths["hits"] if h[0] == "part-00001.parquet"] == [("part-00001.parquet", 1)]
     retried = {r["output"]: r for r in report["retried_shards"]}
     assert retried["part-00001.parquet"]["attempts"] == 2 and retried["part-00001.parquet"]["rows"] == 160
