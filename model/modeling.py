@@ -12,7 +12,6 @@ Two ways to run the stack:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

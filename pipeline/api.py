@@ -25,7 +25,7 @@ from collections import Counter
 
 from .config import PipelineConfig
 from .attachments import load_attachments
-from .modelcheck import ModelError, check_model
+from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
 from .runner import ShardRunner
@@ -200,11 +200,13 @@ def run(config: PipelineConfig) -> dict:
     t_start, started_at = time.perf_counter(), time.time()
     config = load_attachments(config.with_env().validate())
     check_model(config)
+    config = dataclasses.replace(config, model_identity=model_identity(config))
     plan = make_plan(config)
     todo = plan.todo
     say = _printer(config)
     say(f"{len(plan.units)} unit(s) from {len({u.input_uri for u in plan.units})} input file(s): "
         f"{len(plan.done)} already committed, {len(todo)} to run"
+        + (f" ({len(plan.stale)} of them stale: their input changed)" if plan.stale else "")
         + (f", {len(plan.bad_shards)} bad file(s) skipped" if plan.bad_shards else ""))
     ensure_dir(plan.output)
 
@@ -325,7 +327,9 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "engine": _engine_report(ran),
         **({"labels": _label_report(config, committed)} if config.task == "label" else {}),
         "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
-                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards)},
+                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards),
+                   "stale": len(plan.stale)},
+        "stale_shards": plan.stale,
         "failed_shards": failed,
         "retried_shards": [{"output": k, "input": inputs.get(k), **v} for k, v in retries["retried"].items()],
         "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}

@@ -24,6 +24,11 @@ _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 ENV_S3_ENDPOINT = ("PERSIMMON_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
+def mask_uri(text: str) -> str:
+    """`text` with the user-info of every URL in it (scheme://user:secret@) replaced by ***."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
@@ -176,6 +181,9 @@ class PipelineConfig:
     num_cpus: Any = _f(None, "Local Ray only: logical CPUs to start it with (default: "
                        "max(8, 2 x cores), leaving Ray Data headroom on small machines).", type=int)
     progress: bool = _f(True, "Print a line per finished task and Ray Data's progress bars.")
+    model_identity: Any = _f(None, "Set by the driver: a hash of the model's config, tokenizer and weight "
+                             "headers, recorded with every output (a changed model is not resumed).",
+                             cli=False)
 
     # --------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -215,6 +223,13 @@ class PipelineConfig:
             raise ConfigError(f"{name}: {msg}")
 
         self._check_types()
+        for name in ("input", "output", "model", "s3_endpoint", "ray_address", "examples", "json_schema",
+                     "model_cache_dir"):
+            value = getattr(self, name)
+            for item in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(item, str) and _USERINFO.search(item):
+                    bad(name, f"{mask_uri(item)} carries credentials in the URL; give them through the "
+                        "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the node's role instead")
         if self.task not in TASKS:
             bad("task", f"must be one of {TASKS}, got {self.task!r}")
         for name in ("input", "output", "model"):

@@ -18,6 +18,7 @@ the replicas load them (with `torch.load(weights_only=True)`: no code runs from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -66,6 +67,43 @@ def check_model(config: PipelineConfig) -> dict:
             shapes.update(read_safetensors_shapes(loc.join(name)))
         _compare(loc, mcfg, arch, shapes)
     return mcfg.to_dict()
+
+
+IDENTITY_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                  SAFE_INDEX, BIN_INDEX)
+EDGE_BYTES = 1 << 20  # of a pickle .bin (no header to read): its first and last MiB
+
+
+def model_identity(config: PipelineConfig) -> str:
+    """A hash of what makes the model the model: config.json, the tokenizer files, and each
+    weight file's size and header (safetensors) or first and last MiB (pickle .bin) - not every
+    weight byte. Recorded in each output's footer: a rerun whose model changed is refused, and
+    the node model cache keeps one copy per identity (weights changed in place are fetched
+    again)."""
+    loc = resolve(config.model, config)
+    names = _list(loc)
+    h = hashlib.sha256()
+    for name in IDENTITY_FILES:
+        if name in names:
+            h.update(f"{name}\0".encode() + read_bytes(loc.join(name)))
+    for name in _weight_files(loc, names):
+        part = loc.join(name)
+
+        def _read(part=part):
+            with part.fs.open_input_file(part.path) as f:
+                size = f.size()
+                if name.endswith(".safetensors") and size >= 8:
+                    (n,) = struct.unpack("<Q", f.read_at(8, 0))
+                    return size, f.read_at(min(n, MAX_HEADER, size - 8), 8)
+                head = f.read_at(min(EDGE_BYTES, size), 0)
+                tail = f.read_at(min(EDGE_BYTES, size), max(0, size - EDGE_BYTES))
+                return size, head + tail
+        try:
+            size, data = retry(_read, f"read {part.uri}", part.retries)
+        except OSError as e:
+            raise ModelError(f"model weights {part.uri}: {e}") from None
+        h.update(f"{name}\0{size}\0".encode() + data)
+    return h.hexdigest()[:32]
 
 
 def _list(loc: Location) -> set[str]:

@@ -16,9 +16,9 @@ tokens of units finished by earlier runs, from a footer read instead of a recomp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .config import ConfigError, PipelineConfig, output_columns
+from .config import ConfigError, PipelineConfig, mask_uri, output_columns
 from .stages import output_schema
-from .storage import Location, list_parquet, resolve, retry
+from .storage import Location, inside, list_inputs, resolve, retry
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,10 @@ REPORT_NAME = "_run_report.json"
 RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
                  "chat_template", "choices", "max_new_tokens", "temperature", "top_k", "top_p",
                  "stop", "seed", "truncate", "max_seq_len", "check_duplicate_ids", "choice_separator",
-                 "choice_score", "calibrate", "content_free_inputs", "examples", "json_schema", "regex")
+                 "choice_score", "calibrate", "content_free_inputs", "examples", "json_schema", "regex",
+                 "dtype", "model_identity")
+# recorded only by newer versions: an older footer without them is taken as matching (unverifiable)
+LEGACY_UNRECORDED = ("model_identity",)
 
 
 class InputError(ValueError):
@@ -56,6 +59,7 @@ class Unit:
     output_name: str
     first_row: int = 0                                    # of the unit in its file
     row_errors: list = field(default_factory=list)        # [[row in unit, error]]: not run
+    fingerprint: dict = field(default_factory=dict)       # what the input is (see input_fingerprint)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -70,6 +74,7 @@ class Plan:
     units: list[Unit]
     schema: pa.Schema | None                       # the output schema of every file
     done: dict[str, dict] = field(default_factory=dict)   # output_name -> stats from its footer
+    stale: list = field(default_factory=list)             # committed outputs whose input has changed
     bad_shards: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
     output: Location | None = None
     ids: dict = field(default_factory=dict)               # duplicate / null id summary
@@ -118,6 +123,16 @@ def _inspect(loc: Location, config: PipelineConfig):
     return meta, None
 
 
+def input_fingerprint(meta, size: int | None, row_groups: list[int]) -> dict:
+    """What a unit's input *is*, not only its name: the file's size, a hash of its Parquet
+    footer (schema, row counts, every column chunk's offsets, sizes and statistics: a rewrite
+    with other rows changes it), and the unit's row groups and rows."""
+    footer = json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()
+    rows = sum(meta.row_group(g).num_rows for g in row_groups)
+    return {"size": size, "footer_sha256": hashlib.sha256(footer).hexdigest()[:32], "row_groups": row_groups,
+            "rows": rows}
+
+
 def _split(meta, rows_per_task: int) -> list[list[int]]:
     groups = list(range(meta.num_row_groups))
     if rows_per_task <= 0 or meta.num_rows <= rows_per_task:
@@ -133,12 +148,9 @@ def _split(meta, rows_per_task: int) -> list[list[int]]:
     return out + [cur] if cur else out
 
 
-def _relative(uri: str, root: str) -> str:
-    return uri[len(root):].lstrip("/") if root and uri.startswith(root) else uri.rsplit("/", 1)[-1]
-
-
-def _output_stem(uri: str, root: str) -> str:
-    rel = _relative(uri, root)
+def _output_stem(rel: str) -> str:
+    """Output name (without .parquet) of an input named `rel` relative to its input item:
+    partition directories become part of the name (a=1/x.parquet -> a=1__x)."""
     rel = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
     return rel.replace("/", "__")
 
@@ -168,12 +180,18 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
     ConfigError when the output directory holds files this plan would not write or outputs
     written with a different result config.
     """
-    files = list_parquet(config.input, config)
+    out = resolve(config.output, config)
+    for item in (config.input if isinstance(config.input, (list, tuple)) else [config.input]):
+        loc = resolve(item, config)
+        if loc.scheme == out.scheme and inside(loc.uri, out.uri):
+            raise ConfigError(f"input {mask_uri(loc.uri)} is inside the output directory {mask_uri(out.uri)}: "
+                              "outputs would be read as inputs; use separate directories")
+    listed = list_inputs(config.input, config, exclude=out)  # an output inside an input tree is skipped
+    files = [f.loc for f in listed]
+    names = {f.loc.uri: f.name for f in listed}
+    sizes = {f.loc.uri: f.size for f in listed}
     with ThreadPoolExecutor(min(threads, len(files))) as pool:
         inspected = list(pool.map(lambda loc: _inspect(loc, config), files))
-    root = os.path.commonpath([f.uri for f in files]) if len(files) > 1 else files[0].uri.rsplit("/", 1)[0]
-    if "://" in files[0].uri and "://" not in root:  # commonpath collapses the '//' of a scheme
-        root = root.replace(":/", "://", 1)
 
     units, bad, good, schema, schema_from = [], [], [], None, None
     for loc, (meta, problem) in zip(files, inspected):
@@ -190,16 +208,17 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
         if problem is not None:
             bad.append({"input": loc.uri, "error": problem, "rows": meta.num_rows if meta else None})
             continue
-        stem = _output_stem(loc.uri, root)
+        stem = _output_stem(names[loc.uri])
         groups = _split(meta, config.rows_per_task)
         file_units, first = [], 0
         for g in groups:
             name = f"{stem}.parquet" if len(groups) == 1 else f"{stem}.rg{g[0]:05d}-{g[-1]:05d}.parquet"
             rows = sum(meta.row_group(i).num_rows for i in g)
-            file_units.append(Unit(loc.uri, loc.path, g, rows, name, first_row=first))
+            file_units.append(Unit(loc.uri, loc.path, g, rows, name, first_row=first,
+                                   fingerprint=input_fingerprint(meta, sizes[loc.uri], g)))
             first += rows
         units += file_units
-        good.append((loc, _relative(loc.uri, root), file_units))
+        good.append((loc, names[loc.uri], file_units))
 
     if bad and config.on_bad_shard == "error":
         lines = "\n".join(f"  {b['input']}: {b['error']}" for b in bad[:20])
@@ -209,7 +228,6 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
     if len(set(names)) != len(names):
         raise ConfigError("inputs map to clashing output names; give inputs from one directory tree")
 
-    out = resolve(config.output, config)
     plan = Plan(units=units, schema=schema, bad_shards=bad, output=out)
     if config.check_duplicate_ids:
         plan.ids = flag_ids(config, good, threads)
@@ -231,8 +249,6 @@ def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]
 
     Reads only the id column of each file; all ids are held in driver memory at once.
     """
-    import numpy as np
-
     summary = {"checked": True, "duplicate_rows": 0, "duplicate_ids": 0, "null_ids": 0, "examples": []}
     if not files:
         return summary
@@ -245,45 +261,33 @@ def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]
 
     with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
         columns = list(pool.map(lambda item: _read(item[0]), files))
-    ids = pa.chunked_array([c for col in columns for c in col.chunks], type=columns[0].type).to_pandas(
-        integer_object_nulls=True)  # ints stay ints when some are null (not floats)
-    try:
-        null = ids.isna().to_numpy()
-        dup = ids.duplicated(keep="first").to_numpy() & ~null
-    except TypeError:
-        raise ConfigError(f"id column {config.id_column!r} has type {columns[0].type}; ids must be "
-                          f"scalars (numbers or strings)") from None
-    flagged = np.flatnonzero(dup | null)
-    if not len(flagged):
-        return summary
-    starts = np.cumsum([0] + [len(c) for c in columns])
-
-    def where(pos: int) -> tuple[int, int]:  # global position -> (file index, row in file)
-        k = int(np.searchsorted(starts, pos, side="right")) - 1
-        return k, int(pos - starts[k])
-
-    first_at = {}
-    if dup.any():
-        repeated = set(ids[dup])
-        firsts = np.flatnonzero(~dup & ~null & ids.isin(repeated).to_numpy())
-        first_at = {ids.iat[p]: where(int(p)) for p in firsts}
-    for pos in flagged:
-        k, row = where(int(pos))
-        loc, _, units = files[k]
-        if null[pos]:
-            message = "invalid_id: the id is null, so the row cannot be matched to its result"
-            summary["null_ids"] += 1
-        else:
-            value = ids.iat[pos]
-            fk, frow = first_at[value]
-            message = f"duplicate_id: id {_short(value)} already appeared at {files[fk][1]} row {frow}"
-            summary["duplicate_rows"] += 1
-            if len(summary["examples"]) < 10:
-                summary["examples"].append({"id": _short(value), "first": f"{files[fk][0].uri} row {frow}",
-                                            "again": f"{loc.uri} row {row}"})
-        unit = next(u for u in units if u.first_row <= row < u.first_row + u.num_rows)
-        unit.row_errors.append([row - unit.first_row, message])
-    summary["duplicate_ids"] = len(first_at)
+    kind = columns[0].type
+    if pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
+        raise ConfigError(f"id column {config.id_column!r} has type {kind}; ids must be scalars "
+                          "(numbers, strings or bytes)")
+    # exact comparison of the Python values: bytes with trailing NULs, big ints, any Arrow
+    # scalar type (pandas coerced some of these, or crashed on them)
+    first_at: dict = {}
+    repeated: set = set()
+    for k, (col, (loc, _, units)) in enumerate(zip(columns, files)):
+        for row, value in enumerate(col.to_pylist()):
+            if value is None or (isinstance(value, float) and value != value):  # null or NaN
+                message = "invalid_id: the id is null, so the row cannot be matched to its result"
+                summary["null_ids"] += 1
+            elif value not in first_at:
+                first_at[value] = (k, row)
+                continue
+            else:
+                fk, frow = first_at[value]
+                repeated.add(value)
+                message = f"duplicate_id: id {_short(value)} already appeared at {files[fk][1]} row {frow}"
+                summary["duplicate_rows"] += 1
+                if len(summary["examples"]) < 10:
+                    summary["examples"].append({"id": _short(value), "first": f"{files[fk][0].uri} row {frow}",
+                                                "again": f"{loc.uri} row {row}"})
+            unit = next(u for u in units if u.first_row <= row < u.first_row + u.num_rows)
+            unit.row_errors.append([row - unit.first_row, message])
+    summary["duplicate_ids"] = len(repeated)
     return summary
 
 
@@ -315,13 +319,21 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
     with ThreadPoolExecutor(16) as pool:
         stats = list(pool.map(lambda n: read_unit_stats(out.join(n)), committed))
     want = result_config(config)
+    units_by_name = {u.output_name: u for u in plan.units}
     for name, st in zip(committed, stats):
         if st is None:
             continue
         got = st.get("result_config", {})
-        diff = sorted(k for k in want if _recorded(got, k) != want[k])
+        diff = sorted(k for k in want if _recorded(got, k) != want[k]
+                      and not (k in LEGACY_UNRECORDED and k not in got))
         if diff:
-            raise ConfigError(f"{out.join(name).uri} was written with different settings "
-                              f"({', '.join(f'{k}={got.get(k)!r}' for k in diff)}); use --overwrite "
-                              f"or a new output directory")
+            shown = ", ".join(f"{k}={_recorded(got, k)!r:.80} (now {want[k]!r:.80})" for k in diff)
+            why = (" - the model's config, tokenizer or weights changed" if "model_identity" in diff else "")
+            raise ConfigError(f"{mask_uri(out.join(name).uri)} was written with different settings: {shown}{why}; "
+                              "use --overwrite to recompute, or a new output directory")
+        unit = units_by_name[name]
+        if st.get("input_fingerprint") != unit.fingerprint:  # same name, other data: redo it
+            plan.stale.append({"output": name, "input": mask_uri(unit.input_uri),
+                               "was": st.get("input_fingerprint"), "now": unit.fingerprint})
+            continue
         plan.done[name] = st

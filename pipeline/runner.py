@@ -106,8 +106,8 @@ class ShardRunner:
             existing = read_unit_stats(final) if exists(final) else None
         except Exception as e:  # noqa: BLE001 - storage down: report, go on
             return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-        if existing is not None:  # committed by an earlier attempt (its `run_id` says whose)
-            return {**existing, **base, "status": "skipped"}
+        if existing is not None and existing.get("input_fingerprint") == unit.fingerprint:
+            return {**existing, **base, "status": "skipped"}  # committed by an earlier attempt (`run_id` says whose)
         retries = self.config.io_retries
         for n in range(retries + 1):
             attempt = self.attempts.start(unit.output_name, unit.num_rows)
@@ -187,6 +187,7 @@ class ShardRunner:
                     "finished_at": time.time(), "load_seconds": round(self.stage.load_seconds, 3),
                     "replica_created_at": self.created_at,
                     "row_groups": unit.row_groups, "result_config": self.result_config,
+                    "input_fingerprint": unit.fingerprint,
                     "run_id": self.run_id, "engine": self.stage.engine_stats(),
                     **({"label_counts": dict(labels), "low_margin_rows": low_margin} if cfg.task == "label" else {}),
                 }

@@ -108,41 +108,68 @@ def _is_hidden(path: str) -> bool:
     return any(part.startswith(("_", ".")) for part in path.split("/") if part)
 
 
-def list_parquet(inputs, config) -> list[Location]:
-    """Expand directories, globs and lists into Parquet files, sorted, no duplicates.
+@dataclass(frozen=True)
+class InputFile:
+    """A listed input file: where it is, its name relative to the input it came from (a
+    directory, a glob's fixed prefix, or just its file name), and its size."""
 
-    Directories are listed recursively; names starting with `_` or `.` (markers, temp files)
-    and non-`.parquet` files inside directories are ignored. A path that matches nothing is an
-    error naming it.
+    loc: Location
+    name: str
+    size: int | None
+
+
+def inside(uri: str, directory_uri: str) -> bool:
+    """Whether `uri` is `directory_uri` or below it."""
+    d = directory_uri.rstrip("/")
+    return uri == d or uri.startswith(d + "/")
+
+
+def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFile]:
+    """Expand directories, globs and lists into Parquet files, sorted by URI, no duplicates.
+
+    Directories are listed recursively; names starting with `_` or `.` (markers such as
+    _SUCCESS, temp files, .crc files) are ignored in directories and globs alike, and so are
+    non-`.parquet` files inside directories. Files under `exclude` (the run's output directory,
+    when it sits inside an input tree) are never inputs. A path that matches nothing is an
+    error naming it. Each file's name is relative to the input item it came from, so it does not
+    change when other partitions appear or disappear.
     """
     items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    found: dict[str, Location] = {}
+    found: dict[str, InputFile] = {}
     for item in items:
         loc = resolve(item, config)
-        matches: list[Location] = []
+        matches: list[InputFile] = []
         if any(c in loc.path for c in "*?["):
             base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
             base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
             infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
             for info in infos:
-                if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path, loc.path):
-                    matches.append(_child(loc, base, base_uri, info.path))
+                rel = info.path[len(base.rstrip("/")) + 1:]
+                if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path, loc.path) and not _is_hidden(rel):
+                    matches.append(InputFile(_child(loc, base, base_uri, info.path), rel, info.size))
         else:
             info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
             if info.type == pafs.FileType.File:
-                matches.append(loc)
+                matches.append(InputFile(loc, loc.path.rsplit("/", 1)[-1], info.size))
             elif info.type == pafs.FileType.Directory:
                 infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
                               f"list {loc.uri}", loc.retries)
                 for info in infos:
                     rel = info.path[len(loc.path.rstrip("/")) + 1:]
                     if info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _is_hidden(rel):
-                        matches.append(_child(loc, loc.path, loc.uri, info.path))
+                        matches.append(InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size))
+        if exclude is not None:
+            matches = [m for m in matches if not (m.loc.scheme == exclude.scheme and inside(m.loc.uri, exclude.uri))]
         if not matches:
             raise FileNotFoundError(f"input {item!r} matches no Parquet files")
         for m in matches:
-            found.setdefault(m.uri, m)
+            found.setdefault(m.loc.uri, m)
     return [found[k] for k in sorted(found)]
+
+
+def list_parquet(inputs, config, exclude: Location | None = None) -> list[Location]:
+    """The input files' Locations (see list_inputs)."""
+    return [f.loc for f in list_inputs(inputs, config, exclude)]
 
 
 def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
@@ -265,7 +292,7 @@ def local_model_dir(model_uri: str, config) -> str:
     """A local directory holding the checkpoint.
 
     Local paths are returned unchanged. A remote directory is downloaded into
-    `<model_cache_dir>/<sha1(uri)[:16]>` under a file lock, so when several replicas on one node
+    `<model_cache_dir>/<sha1(uri, model identity)[:16]>` under a file lock, so when several replicas on one node
     start together one downloads and the others wait; a `.complete` marker written last makes
     a half-finished download (killed process) be redone, never used.
     """
@@ -276,7 +303,10 @@ def local_model_dir(model_uri: str, config) -> str:
 
     cache_root = os.path.expanduser(config.model_cache_dir)
     os.makedirs(cache_root, exist_ok=True)
-    key = hashlib.sha1(loc.uri.encode()).hexdigest()[:16]
+    # one copy per model *identity* (set by the driver: config, tokenizer, weight headers), so
+    # weights changed in place on the store are fetched again instead of served stale
+    identity = getattr(config, "model_identity", None) or ""
+    key = hashlib.sha1(f"{loc.uri}\0{identity}".encode()).hexdigest()[:16]
     target = os.path.join(cache_root, key)
     marker = os.path.join(target, ".complete")
     with FileLock(os.path.join(cache_root, f"{key}.lock")):

@@ -183,7 +183,7 @@ def test_shard_that_kills_its_replica_every_time_fails_alone(deaths):
     assert [h[:2] for h in deaths["hits"] if h[0] == "part-00002.parquet"] == \
         [("part-00002.parquet", 1), ("part-00002.parquet", 2)]  # max_task_retries=1: two attempts
     assert report["complete"] is False and report["error"] is None
-    assert report["shards"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0}
+    assert report["shards"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0, "stale": 0}
     [failed] = report["failed_shards"]
     assert failed["output"] == "part-00002.parquet" and failed["input"].endswith("in/part-00002.parquet")
     assert failed["error"].startswith("replica_died: its replica died during all 2 attempt(s)")

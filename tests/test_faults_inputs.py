@@ -175,7 +175,7 @@ def test_skipped_bad_files_are_listed_and_the_rest_is_exact(ray_local, tmp_path)
     rows = {os.path.basename(b["input"]): b["rows"] for b in report["bad_shards"]}
     assert rows["bad-no-prompt.parquet"] == 2 and rows["bad-empty.parquet"] == 0
     assert rows["bad-truncated.parquet"] is None  # unknown: the footer is gone
-    assert report["shards"] == {"total": 6, "done": 2, "skipped": 0, "failed": 0, "bad": 4}
+    assert report["shards"] == {"total": 6, "done": 2, "skipped": 0, "failed": 0, "bad": 4, "stale": 0}
     # rows of skipped files are not in the output: the run is not complete
     assert report["rows_in"] == 10 and report["rows_written"] == 8 and report["complete"] is False
 

@@ -92,7 +92,7 @@ def test_persistent_errors_name_the_uri_and_a_rerun_finishes(s3, capfd):
     faults.add("PUT", rf"^{b}/out2/_tmp/_part-00001\.parquet\.", None)
     report = run_generate(**_kwargs(s3, "out2", io_retries=1))
     assert report["complete"] is False
-    assert report["shards"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0}
+    assert report["shards"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0, "stale": 0}
     [failed] = report["failed_shards"]
     assert failed["output"] == "part-00001.parquet"
     assert f"write s3://{b}/out2/part-00001.parquet (temp file _tmp/_part-00001.parquet." in failed["error"]

@@ -7,7 +7,6 @@ import re
 
 import jsonschema
 import pytest
-import torch
 from conftest import random_model
 
 from model import Engine, PersimmonConfig, PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
