@@ -71,12 +71,12 @@ def check_model(config: PipelineConfig) -> dict:
 
 IDENTITY_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                   SAFE_INDEX, BIN_INDEX)
-EDGE_BYTES = 1 << 20  # of a pickle .bin (no header to read): its first and last MiB
+EDGE_BYTES = 1 << 20  # of each weight file's data: its first and last MiB
 
 
 def model_identity(config: PipelineConfig) -> str:
     """A hash of what makes the model the model: config.json, the tokenizer files, and each
-    weight file's size and header (safetensors) or first and last MiB (pickle .bin) - not every
+    weight file's size, header (safetensors) and first and last MiB of weights - not every
     weight byte. Recorded in each output's footer: a rerun whose model changed is refused, and
     the node model cache keeps one copy per identity (weights changed in place are fetched
     again)."""
@@ -92,12 +92,17 @@ def model_identity(config: PipelineConfig) -> str:
         def _read(part=part):
             with part.fs.open_input_file(part.path) as f:
                 size = f.size()
+                start = 0
+                header = b""
                 if name.endswith(".safetensors") and size >= 8:
                     (n,) = struct.unpack("<Q", f.read_at(8, 0))
-                    return size, f.read_at(min(n, MAX_HEADER, size - 8), 8)
-                head = f.read_at(min(EDGE_BYTES, size), 0)
-                tail = f.read_at(min(EDGE_BYTES, size), max(0, size - EDGE_BYTES))
-                return size, head + tail
+                    header = f.read_at(min(n, MAX_HEADER, size - 8), 8)
+                    start = min(size, 8 + n)
+                # samples of the weights themselves: retrained weights of the same shapes
+                # differ here, a header alone would not tell
+                head = f.read_at(min(EDGE_BYTES, size - start), start)
+                tail = f.read_at(min(EDGE_BYTES, size - start), max(start, size - EDGE_BYTES))
+                return size, header + head + tail
         try:
             size, data = retry(_read, f"read {part.uri}", part.retries)
         except OSError as e:

@@ -412,3 +412,39 @@ def test_config_values_are_typed_strictly(tmp_path, key, value, kind, capsys):
     job.write_text(f"task: generate\ninput: in\noutput: out\nmodel: m\n{key}: {json.dumps(value)}\n")
     assert main(["generate", "--config", str(job)]) == 2
     assert f"{key}: expected {kind}" in capsys.readouterr().err
+
+
+def test_binary_ids_are_compared_exactly(tmp_path):
+    """b"a" and b"a\\x00" are different ids; a repeated b"a" is a duplicate (pandas crashed here)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    ids = [b"a", b"a\x00", b"a", b"\x00", b"a\x00\x00", None]
+    pq.write_table(pa.table({"id": pa.array(ids, pa.binary()), "prompt": ["p"] * 6}), src / "part-0.parquet")
+    plan = make_plan(cfg(input=str(src), output=str(tmp_path / "out")).validate())
+    assert plan.ids["duplicate_rows"] == 1 and plan.ids["null_ids"] == 1 and plan.ids["duplicate_ids"] == 1
+    errors = dict(plan.units[0].row_errors)
+    assert set(errors) == {2, 5} and errors[2].startswith("duplicate_id: id b'a' already appeared at part-0.parquet row 0")
+
+
+def test_markers_and_hidden_files_are_never_inputs_and_input_inside_output_is_refused(tmp_path):
+    src = tmp_path / "in"
+    write_shards(str(src), shards=2, rows=3)
+    for junk in ("_SUCCESS", ".part-00000.parquet.crc", "_tmp/part-9.parquet", ".hidden/part-8.parquet"):
+        (src / junk).parent.mkdir(parents=True, exist_ok=True)
+        (src / junk).write_bytes(b"not parquet")
+    for pattern in (str(src), str(src / "*"), str(src / "**")):
+        plan = make_plan(cfg(input=pattern, output=str(tmp_path / "out"), check_duplicate_ids=False).validate())
+        assert [os.path.basename(u.input_uri) for u in plan.units] == ["part-00000.parquet", "part-00001.parquet"]
+        assert not plan.bad_shards
+    with pytest.raises(ConfigError, match="is inside the output directory"):
+        make_plan(cfg(input=str(src), output=str(tmp_path)).validate())
+
+
+def test_credentials_in_urls_are_refused_and_masked(capsys):
+    for flag in ("--input", "--output", "--model"):
+        argv = ["generate", "--input", "in", "--output", "out", "--model", "m"]
+        argv[argv.index(flag) + 1] = "s3://AKIAEXAMPLE:wJalrXUtnFEMIsecret@bucket/path"
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "carries credentials" in err and "s3://***@bucket/path" in err
+        assert "wJalrXUtnFEMIsecret" not in err and "AKIAEXAMPLE" not in err
