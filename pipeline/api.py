@@ -30,6 +30,7 @@ from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
 from .runner import ShardRunner
 from .stages import STAGES
+from .lease import Lease
 from .storage import ensure_dir, list_parquet, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -191,16 +192,63 @@ def filesystem(config: PipelineConfig, uri: str):
 
 
 # ---- the exactly-once run -----------------------------------------------------------------
+class Interrupted(Exception):
+    """SIGTERM / SIGINT while units run: stop admitting work (see `_stop_signals`)."""
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM and SIGINT end a run cleanly: while units run the signal interrupts the wait for
+    results (in-flight units are abandoned: their temp files are ignored, the rerun redoes
+    them); the report is written with complete: false. Yields a dict whose "signal" names the
+    signal received, if any, and whose "install" (re)installs the handlers: `ray.init` sets its
+    own SIGTERM handler (exit at once), so the run installs them again after it. Only the main
+    thread can own signal handlers; elsewhere (a notebook's worker thread) this does nothing."""
+    import signal
+    import threading
+
+    state = {"signal": None, "in_loop": False, "install": lambda: None}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        state["signal"] = signal.Signals(signum).name
+        if state["in_loop"]:
+            raise Interrupted(state["signal"])
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def install():
+        for sig in saved:
+            signal.signal(sig, handler)
+
+    state["install"] = install
+    install()
+    try:
+        yield state
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 def run(config: PipelineConfig) -> dict:
     """Run `config.task` over all inputs, commit one output per unit, write and return the
-    run report. Safe to rerun: committed units are skipped (`resume`, on by default)."""
-    import ray
-    import ray.data
-
+    run report. Safe to rerun: committed units are skipped (`resume`, on by default). One run
+    per output at a time (`pipeline.lease`); SIGTERM / SIGINT stop it with a report."""
     t_start, started_at = time.perf_counter(), time.time()
     config = load_attachments(config.with_env().validate())
     check_model(config)
     config = dataclasses.replace(config, model_identity=model_identity(config))
+    run_id = uuid.uuid4().hex[:12]
+    with _stop_signals() as stop, Lease(resolve(config.output, config), run_id):
+        return _run_planned(config, run_id, stop, t_start, started_at)
+
+
+def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float, started_at: float) -> dict:
+    import ray
+    import ray.data
+
     plan = make_plan(config)
     todo = plan.todo
     say = _printer(config)
@@ -212,9 +260,9 @@ def run(config: PipelineConfig) -> dict:
 
     results: dict[str, dict] = {}
     crash, attempts, stuck = None, None, []
-    run_id = uuid.uuid4().hex[:12]
-    if todo:
+    if todo and not stop["signal"]:
         started_here = init_ray(config)
+        stop["install"]()  # after ray.init, which sets a SIGTERM handler of its own
         _check_resources(config, started_here)
         tracker = start_tracker(run_id)
         # A unit whose task still fails after max_task_retries (its replica keeps dying) must not
@@ -226,19 +274,33 @@ def run(config: PipelineConfig) -> dict:
                                                      "progress": tracker, "run_id": run_id},
                               batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))
         with Watchdog(tracker, config.batch_timeout_s, say) as watchdog:
+            rows = iter(ds.iter_rows())
             try:
-                for row in ds.iter_rows():
-                    st = json.loads(row["stats"])
-                    name = st["output"].rsplit("/", 1)[-1]
-                    results[name] = st
-                    say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
+                stop["in_loop"] = True
+                if not stop["signal"]:
+                    for row in rows:
+                        st = json.loads(row["stats"])
+                        name = st["output"].rsplit("/", 1)[-1]
+                        results[name] = st
+                        say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
+            except Interrupted:
+                pass  # reported below
             except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
                 crash = f"{type(e).__name__}: {e}"
                 log.error("the run stopped: %s", crash)
+            finally:
+                stop["in_loop"] = False
+                if hasattr(rows, "close"):
+                    rows.close()  # stops Ray Data's execution: replicas are released
         attempts, stuck = watchdog.attempts(), watchdog.events
         ray.kill(tracker)
+    if stop["signal"]:
+        crash = (f"interrupted by {stop['signal']}: no new units were started and units in flight were "
+                 "abandoned (their partial files are ignored); rerun the same command to finish")
+        say(crash)
     report = build_report(config, plan, results, crash, started_at, time.perf_counter() - t_start,
                           run_id=run_id, attempts=attempts, stuck=stuck)
+    report["interrupted"] = stop["signal"]
     write_bytes_atomic(plan.output.join(REPORT_NAME), json.dumps(report, indent=2).encode())
     if report["complete"]:
         _clean_tmp(plan)

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, PipelineConfig, mask_uri
 
 GENERATE_ONLY = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex"}
 LABEL_ONLY = {"choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin"}
@@ -185,12 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         report = run(config)
-    except (ConfigError, InputError, ModelError, FileNotFoundError) as e:
-        print(f"persimmon-batch: error: {e}", file=sys.stderr)
+    except (ConfigError, InputError, ModelError, OSError) as e:  # bad config / input / model, or a store
+        # that cannot be reached: nothing was computed; one line, no traceback
+        print(f"persimmon-batch: error: {mask_uri(str(e))}", file=sys.stderr)
         return 2
     if args.print_report:
         print(json.dumps(report, indent=2))
     print(summary(report))
+    if report.get("interrupted") == "SIGINT":
+        return 130
     return 0 if report["complete"] else 1
 
 

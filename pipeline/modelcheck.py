@@ -12,8 +12,9 @@ config.json describes, built on the meta device (no memory):
     tensors missing, unexpected or of the wrong shape       -> ModelError (lists them)
     a truncated or corrupt .safetensors file                 -> ModelError
 
-Pickle (`pytorch_model*.bin`) checkpoints have no cheap header; their shapes are checked when
-the replicas load them (with `torch.load(weights_only=True)`: no code runs from the file).
+Pickle (`pytorch_model*.bin`) checkpoints have no cheap header: local ones are opened
+memory-mapped with `torch.load(weights_only=True)` (no code runs from the file, tensors are not
+read); remote ones are checked when the replicas load them.
 """
 
 from __future__ import annotations
@@ -66,7 +67,29 @@ def check_model(config: PipelineConfig) -> dict:
         for name in files:
             shapes.update(read_safetensors_shapes(loc.join(name)))
         _compare(loc, mcfg, arch, shapes)
+    elif files and loc.is_local:
+        shapes = {}
+        for name in files:
+            shapes.update(_pickle_shapes(loc.join(name)))
+        _compare(loc, mcfg, arch, shapes)
     return mcfg.to_dict()
+
+
+def _pickle_shapes(loc: Location) -> dict[str, tuple]:
+    """Shapes from a local pickle checkpoint, opened as the replicas will open it
+    (`torch.load(weights_only=True)`, memory-mapped: tensors are not read). A legacy file that
+    needs arbitrary code to load is refused here, once, instead of in every replica."""
+    import torch
+
+    try:
+        state = torch.load(loc.path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError: not loadable safely
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model weights {loc.uri} cannot be loaded with torch.load(weights_only=True) "
+                         f"({first}); convert them to safetensors") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"model weights {loc.uri} hold a {type(state).__name__}, not a state dict")
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
 IDENTITY_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

@@ -111,3 +111,104 @@ def test_adding_a_partition_keeps_output_names_and_resumes(ray_local, tmp_path):
     assert report["complete"] and report["shards"]["skipped"] == 1 and report["shards"]["done"] == 1
     assert outputs(out) == ["date=2024-01-01__part-0.parquet", "date=2024-01-02__part-0.parquet"]
     assert_exactly_once(read_output(str(out))["id"].to_pylist(), list(range(9)))
+
+
+def _driver(tmp_path, args: dict):
+    """The CLI as a separate process attached to this module's Ray, as a user runs it."""
+    import subprocess
+    import sys
+
+    import ray
+
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    cmd = [sys.executable, "-m", "pipeline.cli", "generate", "--ray-address", f"127.0.0.1:{port}"]
+    cmd += [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": repo, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    log = open(tmp_path / "driver.log", "wb")
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT), tmp_path / "driver.log"
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 1), ("SIGINT", 130)])
+def test_signal_stops_the_driver_with_a_report_and_the_rerun_finishes(ray_local, tmp_path, sig, code):
+    import json
+    import signal
+    import time
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    for k in range(6):
+        write(str(src / f"part-{k:05d}.parquet"), list(range(40 * k, 40 * k + 40)))
+    args = dict(input=str(src), output=str(out), model=tiny_model("causal"), replicas=1, max_new_tokens=12,
+                batch_size=4)
+    driver, log = _driver(tmp_path, args)
+    try:
+        deadline = time.time() + 120
+        while not (out.exists() and outputs(out)):  # stop it once work is under way
+            assert driver.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.05)
+        driver.send_signal(getattr(signal, sig))
+        assert driver.wait(timeout=60) == code, log.read_text(errors="replace")[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    report = json.loads((out / "_run_report.json").read_text())
+    assert report["complete"] is False and report["interrupted"] == sig
+    assert report["error"].startswith(f"interrupted by {sig}")
+    assert report["shards"]["done"] < 6 and not (out / "_lease.json").exists()
+    final = run_generate(**{k: v for k, v in args.items()})
+    assert final["complete"]
+    assert_exactly_once(read_output(str(out))["id"].to_pylist(), list(range(240)))
+
+
+def test_a_second_run_on_a_leased_output_is_refused(tmp_path, capsys):
+    import json
+    import socket
+    import time
+
+    write(str(tmp_path / "in" / "part-00000.parquet"), [1, 2])
+    (tmp_path / "out").mkdir()
+    lease = {"run_id": "abc123", "host": socket.gethostname(), "pid": 4242, "started_at": time.time() - 5,
+             "heartbeat_at": time.time(), "expires_after_s": 60}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps(lease))
+    argv = ["generate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
+            tiny_model("causal"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "in use by run abc123" in err and "pid 4242" in err
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == "abc123"  # untouched
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".parquet")]
+
+
+def test_a_stale_lease_is_taken_over(ray_local, tmp_path, caplog):
+    import json
+    import time
+
+    write(str(tmp_path / "in" / "part-00000.parquet"), [1, 2])
+    (tmp_path / "out").mkdir()
+    dead = {"run_id": "gone42", "host": "elsewhere", "pid": 1, "started_at": time.time() - 900,
+            "heartbeat_at": time.time() - 600, "expires_after_s": 60}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps(dead))
+    with caplog.at_level("WARNING"):
+        report = run_generate(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model("causal"),
+                              replicas=1, max_new_tokens=2)
+    assert report["complete"] and "taking over the lease of run gone42" in caplog.text
+    assert not (tmp_path / "out" / "_lease.json").exists()
+
+
+def test_a_pickle_checkpoint_that_needs_code_is_refused_on_the_driver(tmp_path, capsys):
+    import argparse
+
+    import torch
+
+    model = tmp_path / "legacy"
+    shutil.copytree(tiny_model("causal"), model)
+    from safetensors.torch import load_file
+
+    state = load_file(str(model / "model.safetensors"))
+    os.remove(model / "model.safetensors")
+    torch.save({**state, "args": argparse.Namespace(lr=1.0)}, model / "pytorch_model.bin")  # not allow-listed
+    write(str(tmp_path / "in" / "part-00000.parquet"), [1])
+    argv = ["generate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(model)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights_only=True" in err[0] and "convert them to safetensors" in err[0]
