@@ -484,9 +484,14 @@ class Engine:
         whatever else passes through the cache. Returns the number of tokens pinned."""
         self._require_causal("pin_prefix")
         ids = self._encode(prefix)
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"the prefix has {len(ids)} tokens; rows start with it, so it must be shorter than "
+                             f"max_seq_len={self.max_seq_len} (use fewer or shorter examples, or a larger max_seq_len)")
         seq = Sequence(-1, ids, score_from=len(ids) - 1, cacheable_tokens=self._cacheable(ids))
         if not self.scheduler.add(seq):
-            raise ValueError(f"the prefix does not fit the KV cache: {seq.error}")
+            raise ValueError(f"the prefix has {len(ids)} tokens, more than the whole KV cache holds "
+                             f"({self.scheduler.blocks.capacity * self.scheduler.bs} tokens): use fewer examples or "
+                             "give the engine more KV memory")
         for _ in self._drive(lambda chunks: None):
             pass
         hashes = seq.block_hashes(min(len(ids), seq.cacheable_tokens) // self.scheduler.bs, self.scheduler.bs)

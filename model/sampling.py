@@ -73,6 +73,9 @@ class SamplingParams:
         given = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"SamplingParams: give one of json_schema, regex, choice, not {given}")
+        if given and self.stop:
+            raise ValueError(f"SamplingParams: stop strings would cut a {given[0]} completion mid-structure; "
+                             "the grammar decides where it ends")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError(f"SamplingParams.choice must be a non-empty list of non-empty strings, got {self.choice!r}")
         if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
@@ -113,10 +116,14 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
         off = torch.tensor([not 0 < k < V for k in ks], device=logits.device)[:, None]
         logits = logits.masked_fill((logits < threshold) & ~off, float("-inf"))
     if any(p < 1.0 for p in ps):
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        p_t = torch.tensor(ps, dtype=probs.dtype, device=logits.device)[:, None]
-        drop = (probs.cumsum(-1) - probs >= p_t) & (p_t < 1.0)  # keep the smallest set reaching top_p
+        # as transformers' TopPLogitsWarper, so ties at the boundary fall the same way: ascending
+        # order, drop the tokens whose cumulative mass (from the bottom) stays within 1 - top_p,
+        # always keep the most likely one
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        p_t = torch.tensor(ps, dtype=cum.dtype, device=logits.device)[:, None]
+        drop = (cum <= 1 - p_t) & (p_t < 1.0)
+        drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits[0] if squeeze else logits
 

@@ -104,17 +104,34 @@ class Constraints:
         self.vocab_size = vocab_size
         self.lltok = ll.LLTokenizer(ll.TokenizerWrapper(_TokenizerAdapter(tokenizer, vocab_size, eos_id)),
                                     n_vocab=vocab_size)
-        self._grammars: dict[str, str] = {}
+        self._grammars: dict[str, tuple[str, str]] = {}  # constraint -> (error or '', grammar)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-grammar")
         self._lock = threading.Lock()
+
+    def _grammar(self, params) -> str:
+        """The compiled, validated grammar of a row's constraint, cached: rows of one job share
+        a schema, and compiling a large one costs tens of milliseconds."""
+        key = json.dumps([params.json_schema, params.regex, params.choice], sort_keys=True)
+        with self._lock:
+            found = self._grammars.get(key)
+        if found is None:
+            ll = _llguidance()
+            grammar = grammar_of(params)
+            error = ll.LLMatcher.validate_grammar(grammar, self.lltok)
+            found = ("", grammar) if not error or error.startswith("WARNING") else (error, grammar)
+            with self._lock:
+                if len(self._grammars) > 256:
+                    self._grammars.clear()
+                self._grammars[key] = found
+        error, grammar = found
+        if error:
+            raise ValueError(f"invalid grammar: {error}")
+        return grammar
 
     def matcher(self, params):
         """A fresh matcher for a row, or raise ValueError naming what is wrong with the grammar."""
         ll = _llguidance()
-        grammar = grammar_of(params)
-        error = ll.LLMatcher.validate_grammar(grammar, self.lltok)
-        if error and not error.startswith("WARNING"):
-            raise ValueError(f"invalid grammar: {error}")
+        grammar = self._grammar(params)
         m = ll.LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
             raise ValueError(f"invalid grammar: {m.get_error()}")

@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 
 from .config import PipelineConfig
-from .attachments import load_attachments
+from .attachments import check_prefix_length, load_attachments
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
@@ -239,6 +239,7 @@ def run(config: PipelineConfig) -> dict:
     t_start, started_at = time.perf_counter(), time.time()
     config = load_attachments(config.with_env().validate())
     check_model(config)
+    check_prefix_length(config)
     config = dataclasses.replace(config, model_identity=model_identity(config))
     run_id = uuid.uuid4().hex[:12]
     with _stop_signals() as stop, Lease(resolve(config.output, config), run_id):
@@ -387,7 +388,9 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
             "storage_redos": sum(st.get("io_retries", 0) for st in results.values()),
         },
         "engine": _engine_report(ran),
-        **({"labels": _label_report(config, committed)} if config.task == "label" else {}),
+        **({"labels": _label_report(config, {n: st for n, st in by_name.items()
+                                             if st.get("status") in ("done", "skipped")}, plan)}
+           if config.task == "label" else {}),
         "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
                    "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards),
                    "stale": len(plan.stale)},
@@ -405,13 +408,24 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
     }
 
 
-def _label_report(config: PipelineConfig, committed: list[dict]) -> dict:
-    """How the labels came out over every committed output, and how many are close calls."""
+def _label_report(config: PipelineConfig, committed: dict[str, dict], plan: Plan) -> dict:
+    """How the labels came out over every committed output, and how many are close calls
+    (counted again from the file's margins where it was written with another --low-margin)."""
+    import pyarrow.parquet as pq
+
     counts: Counter = Counter()
-    for st in committed:
+    low = 0
+    for name, st in committed.items():
         counts.update(st.get("label_counts") or {})
+        if st.get("low_margin") == config.low_margin:
+            low += st.get("low_margin_rows", 0)
+            continue
+        loc = plan.output.join(name)
+        with loc.fs.open_input_file(loc.path) as f:
+            margins = pq.read_table(f, columns=["margin"])["margin"].to_pylist()
+        low += sum(1 for m in margins if m is not None and m < config.low_margin)
     return {"histogram": {c: counts.get(c, 0) for c in config.choices},
-            "low_margin_rows": sum(st.get("low_margin_rows", 0) for st in committed),
+            "low_margin_rows": low,
             "low_margin": config.low_margin, "calibrated": config.calibrate, "choice_score": config.choice_score}
 
 

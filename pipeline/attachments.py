@@ -48,7 +48,7 @@ def _read_text(config: PipelineConfig, field: str, source) -> tuple[str, str]:
     loc = resolve(str(source), config)
     try:
         with loc.fs.open_input_file(loc.path) as f:
-            return f.read().decode("utf-8"), loc.uri
+            return f.read().decode("utf-8-sig"), loc.uri  # a BOM is not part of the JSON
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{field}: cannot read {loc.uri}: {e}") from None
 
@@ -88,7 +88,7 @@ def load_examples(config: PipelineConfig) -> PipelineConfig:
     else:
         text, where = _read_text(config, "examples", source)
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and friends
             if not line.strip():
                 continue
             try:
@@ -121,3 +121,23 @@ def render_prefix(config: PipelineConfig) -> str:
     answer = "label" if config.task == "label" else "completion"
     return "".join(config.template.format(prompt=ex["prompt"]) + sep + ex[answer] + EXAMPLE_SEPARATOR
                    for ex in config.examples)
+
+
+def check_prefix_length(config: PipelineConfig) -> None:
+    """Few-shot examples that leave no room for the rows are exit 2 on the driver, for a local
+    model whose tokenizer can be read here (for a remote one the replicas say so)."""
+    prefix = render_prefix(config)
+    if not prefix:
+        return
+    from .storage import resolve
+
+    loc = resolve(config.model, config)
+    if not loc.is_local:
+        return
+    from model import PersimmonConfig, PersimmonTokenizer
+
+    limit = config.max_seq_len or PersimmonConfig.from_pretrained(loc.path).max_position_embeddings
+    n = len(PersimmonTokenizer.from_pretrained(loc.path).encode(prefix))
+    if n >= limit:
+        raise ConfigError(f"examples: the rendered few-shot prefix has {n} tokens; every row starts with it, so it "
+                          f"must be shorter than max_seq_len={limit}: use fewer or shorter examples")

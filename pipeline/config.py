@@ -83,9 +83,9 @@ class PipelineConfig:
                            "are counted in the run report (where to review).")
     examples: Any = _f(None, "Few-shot examples: a JSONL file (local or object store) of {prompt, "
                        "label} rows (label task) or {prompt, completion} rows (generate). Each is "
-                       "rendered through the prompt template, followed by the separator and its "
-                       "answer and a blank line; the result prefixes every row, computed once per "
-                       "replica and reused.")
+                       "rendered through the prompt template, then the choice separator (label) or "
+                       "a space (generate), its answer and a blank line; the result prefixes every "
+                       "row, computed once per replica and reused.")
     # ---- generation ------------------------------------------------------------------------
     max_new_tokens: int = _f(64, "generate: maximum tokens generated per row.")
     temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")
@@ -274,6 +274,9 @@ class PipelineConfig:
             bad(structured[0], "constrains generation: it applies to the generate task only")
         if len(structured) > 1:
             bad(structured[0], f"give one of --json-schema, --regex, --choices, not {structured}")
+        if structured and self.stop:
+            bad("stop", "stop strings would end a constrained completion mid-structure; the grammar "
+                "decides where it ends")
         if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
             bad("regex", f"must be a non-empty string, got {self.regex!r}")
         if self.examples is not None and self.task == "classify":
@@ -325,8 +328,12 @@ class PipelineConfig:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif want is float:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif want is list:
+            elif want is list:  # every list field is a list of strings
                 ok = isinstance(value, (list, tuple))
+                bad_items = [x for x in value if not isinstance(x, str)] if ok else []
+                if bad_items:
+                    raise ConfigError(f"{f.name}: every item must be a string, got {type(bad_items[0]).__name__} "
+                                      f"{bad_items[0]!r:.60} (quote it in YAML: yes / no / numbers are not strings there)")
             else:
                 ok = isinstance(value, want)
             if not ok:

@@ -3,8 +3,8 @@
 A run takes the lease before it plans (an --overwrite plan deletes outputs), renews it every
 HEARTBEAT_S while it works, and deletes it when it ends. A second run on the same output finds
 a live lease and stops with exit 2 naming the holder (host, pid, run id, since when). A lease
-whose heartbeat is older than EXPIRY_S belongs to a run that died (SIGKILL, lost machine): the
-next run takes it over with a warning.
+whose heartbeat is older than EXPIRY_S, or whose process on this same host is gone, belongs to a
+run that died (SIGKILL, lost machine): the next run takes it over with a warning.
 
 Taking it is atomic where the store allows: locally an O_EXCL create, then an atomic replace to
 take over a stale one. Object stores have no create-if-absent through pyarrow: there the lease
@@ -30,6 +30,19 @@ HEARTBEAT_S = 10.0
 EXPIRY_S = 60.0
 
 
+def _dead_here(holder: dict) -> bool:
+    """The holder ran on this host and its process no longer exists (killed, crashed)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
 class Lease:
     def __init__(self, output: Location, run_id: str):
         self.loc = output.join(LEASE_NAME)
@@ -51,14 +64,15 @@ class Lease:
         holder = self._holder() if exists(self.loc) else None
         if holder is not None and holder.get("run_id") != self.run_id:
             age = time.time() - float(holder.get("heartbeat_at", 0))
-            if age < float(holder.get("expires_after_s", EXPIRY_S)):
+            if age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder):
                 raise ConfigError(
                     f"output {mask_uri(self.loc.parent.uri)} is in use by run {holder.get('run_id')} "
                     f"(host {holder.get('host')}, pid {holder.get('pid')}, started "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started_at', 0)))}, "
                     f"alive {age:.0f} s ago); wait for it to finish, or remove {LEASE_NAME} if you are sure it is gone")
-            log.warning("taking over the lease of run %s on %s: no heartbeat for %.0f s (the run died)",
-                        holder.get("run_id"), mask_uri(self.loc.parent.uri), age)
+            log.warning("taking over the lease of run %s on %s: %s", holder.get("run_id"),
+                        mask_uri(self.loc.parent.uri), "its process on this host is gone" if _dead_here(holder)
+                        else f"no heartbeat for {age:.0f} s (the run died)")
         if self.loc.is_local and holder is None:
             os.makedirs(os.path.dirname(self.loc.path), exist_ok=True)
             try:

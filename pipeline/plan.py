@@ -35,13 +35,21 @@ log = logging.getLogger(__name__)
 STATS_KEY = b"persimmon_batch"
 REPORT_NAME = "_run_report.json"
 # config fields that change what a row's result is: outputs written under other values are stale
-RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
-                 "chat_template", "choices", "max_new_tokens", "temperature", "top_k", "top_p",
-                 "stop", "seed", "truncate", "max_seq_len", "check_duplicate_ids", "choice_separator",
-                 "choice_score", "calibrate", "content_free_inputs", "examples", "json_schema", "regex",
-                 "dtype", "model_identity")
+COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
+                        "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "model_identity")
+TASK_RESULT_FIELDS = {
+    "generate": ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema",
+                 "regex", "choices", "examples"),
+    "label": ("choices", "choice_separator", "choice_score", "calibrate", "examples"),
+    "classify": (),
+}
 # recorded only by newer versions: an older footer without them is taken as matching (unverifiable)
 LEGACY_UNRECORDED = ("model_identity",)
+
+
+def result_fields(config: PipelineConfig) -> tuple[str, ...]:
+    fields = COMMON_RESULT_FIELDS + TASK_RESULT_FIELDS[config.task]
+    return fields + (("content_free_inputs",) if config.task == "label" and config.calibrate else ())
 
 
 class InputError(ValueError):
@@ -88,14 +96,18 @@ def result_config(config: PipelineConfig) -> dict:
     """The settings a row's result depends on, and the output columns, as recorded in every
     committed file's footer."""
     public = config.public_dict()
-    return {**{k: public[k] for k in RESULT_FIELDS}, "columns": list(output_columns(config.task))}
+    return {**{k: public[k] for k in result_fields(config)}, "columns": list(output_columns(config.task))}
 
 
-def _recorded(got: dict, key: str):
+def _recorded(got: dict, key: str, file_columns: list | None = None, config: PipelineConfig | None = None):
     """A footer's value for `key`; a setting added after the file was written reads as the
-    default it then had implicitly (so older outputs of the same work still resume)."""
+    default it then had implicitly (so older outputs of the same work still resume), and the
+    output columns of an older file are read off its schema."""
     if key in got:
         return got[key]
+    if key == "columns" and file_columns is not None and config is not None:
+        kept = {config.id_column, *config.keep_columns}
+        return [c for c in file_columns if c not in kept]
     f = next((f for f in dataclasses.fields(PipelineConfig) if f.name == key), None)
     if f is None:
         return None
@@ -167,6 +179,7 @@ def read_unit_stats(loc: Location) -> dict | None:
         stats = json.loads(raw) if raw else None
         if stats is None or stats.get("rows_out") != meta.num_rows:
             return None
+        stats["_file_columns"] = meta.schema.to_arrow_schema().names  # read here, never stored
         return stats
     except Exception as e:  # noqa: BLE001 - anything unreadable is simply not done
         log.warning("ignoring unreadable output %s (%s); it will be recomputed", loc.uri, e)
@@ -324,10 +337,11 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
         if st is None:
             continue
         got = st.get("result_config", {})
-        diff = sorted(k for k in want if _recorded(got, k) != want[k]
+        cols = st.get("_file_columns")
+        diff = sorted(k for k in want if _recorded(got, k, cols, config) != want[k]
                       and not (k in LEGACY_UNRECORDED and k not in got))
         if diff:
-            shown = ", ".join(f"{k}={_recorded(got, k)!r:.80} (now {want[k]!r:.80})" for k in diff)
+            shown = ", ".join(f"{k}={_recorded(got, k, cols, config)!r:.80} (now {want[k]!r:.80})" for k in diff)
             why = (" - the model's config, tokenizer or weights changed" if "model_identity" in diff else "")
             raise ConfigError(f"{mask_uri(out.join(name).uri)} was written with different settings: {shown}{why}; "
                               "use --overwrite to recompute, or a new output directory")

@@ -189,7 +189,8 @@ class ShardRunner:
                     "row_groups": unit.row_groups, "result_config": self.result_config,
                     "input_fingerprint": unit.fingerprint,
                     "run_id": self.run_id, "engine": self.stage.engine_stats(),
-                    **({"label_counts": dict(labels), "low_margin_rows": low_margin} if cfg.task == "label" else {}),
+                    **({"label_counts": dict(labels), "low_margin_rows": low_margin, "low_margin": cfg.low_margin}
+                       if cfg.task == "label" else {}),
                 }
                 with naming(writing):
                     writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})

@@ -284,13 +284,19 @@ def softmax(xs: list[float]) -> list[float]:
     return [x / total for x in e]
 
 
-def calibrated(probs: list[float], p_cf: list[float] | None) -> list[float]:
-    """Contextual calibration: probs / p_cf, renormalised (unchanged without p_cf)."""
-    if p_cf is None:
-        return probs
-    q = [p / c for p, c in zip(probs, p_cf)]
-    total = sum(q)
-    return [x / total for x in q]
+def log_softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    lse = m + math.log(sum(math.exp(x - m) for x in xs))
+    return [x - lse for x in xs]
+
+
+def calibrated(scores: list[float], log_p_cf: list[float] | None) -> list[float]:
+    """softmax(scores), or with contextual calibration softmax(scores) / p_cf renormalised,
+    computed in log space as softmax(scores - log p_cf): a content-free probability too small
+    for a float neither divides by zero nor loses the ratio."""
+    if log_p_cf is None:
+        return softmax(scores)
+    return softmax([s - c for s, c in zip(scores, log_p_cf)])
 
 
 class LabelStage(_Stage):
@@ -302,15 +308,19 @@ class LabelStage(_Stage):
 
     def __init__(self, config: PipelineConfig, engine=None):
         super().__init__(config, engine)
-        self.p_cf = self._on_torch_thread(self._content_free_probs) if self.config.calibrate else None
+        self.log_p_cf = self._on_torch_thread(self._content_free_log_probs) if self.config.calibrate else None
+
+    @property
+    def p_cf(self) -> list[float] | None:
+        return None if self.log_p_cf is None else [math.exp(x) for x in self.log_p_cf]
 
     def _score(self, texts):
         cfg = self.config
         return self.engine.score_choices(texts, list(cfg.choices), normalize=cfg.choice_score,
                                          separator=cfg.choice_separator)
 
-    def _content_free_probs(self) -> list[float]:
-        """p_cf: the mean over content-free inputs of softmax(choice scores)."""
+    def _content_free_log_probs(self) -> list[float]:
+        """log p_cf: log of the mean over content-free inputs of softmax(choice scores)."""
         cfg = self.config
         texts = [self.prefix + cfg.template.format(prompt=x) for x in cfg.content_free_inputs]
         texts = [t for t in texts if t.strip()]
@@ -318,10 +328,15 @@ class LabelStage(_Stage):
         for text, res in zip(texts, self._score(texts)):
             if res.error is not None:
                 raise RuntimeError(f"calibration: content-free prompt {text!r} failed: {res.error}")
-            dists.append(softmax(res.scores))
+            dists.append(log_softmax(res.scores))
         if not dists:
             raise RuntimeError("calibration: every content-free input renders to an empty prompt")
-        return [sum(d[k] for d in dists) / len(dists) for k in range(len(cfg.choices))]
+        out = []
+        for k in range(len(cfg.choices)):  # log of a mean of probabilities, without leaving log space
+            column = [d[k] for d in dists]
+            m = max(column)
+            out.append(m + math.log(sum(math.exp(x - m) for x in column) / len(column)))
+        return out
 
     def _run(self, texts, ids):
         out = []
@@ -329,7 +344,7 @@ class LabelStage(_Stage):
             if c.error is not None:
                 out.append({"error": engine_error(c.error)})
                 continue
-            probs = calibrated(softmax(c.scores), self.p_cf)
+            probs = calibrated(c.scores, self.log_p_cf)
             order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
             out.append({"label": self.config.choices[order[0]], "scores": [float(x) for x in c.scores],
                         "probs": probs, "margin": probs[order[0]] - (probs[order[1]] if len(order) > 1 else 0.0)})

@@ -11,7 +11,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import LABELS, PROMPTS, tiny_model, write_shards
+from pipeline_fixtures import LABELS, PROMPTS, read_output, tiny_model, write_shards
 
 from model import ChoiceScores, Classification, Completion, Engine, SamplingParams
 from pipeline import ClassifyStage, ConfigError, GenerateStage, InputError, LabelStage, PipelineConfig
@@ -448,3 +448,77 @@ def test_credentials_in_urls_are_refused_and_masked(capsys):
         err = capsys.readouterr().err
         assert "carries credentials" in err and "s3://***@bucket/path" in err
         assert "wJalrXUtnFEMIsecret" not in err and "AKIAEXAMPLE" not in err
+
+
+def test_label_review_findings(tmp_path, capsys):
+    """Found in review: unquoted YAML yes/no choices, calibration underflow, a few-shot prefix
+    longer than the context, JSONL with U+2028 / a BOM, --stop with a grammar, settings that do
+    not affect a task's results refusing its resume, a --low-margin changed on resume."""
+    from pipeline.attachments import check_prefix_length, load_examples
+    from pipeline.stages import calibrated
+
+    job = tmp_path / "job.yaml"
+    job.write_text("task: label\ninput: in\noutput: out\nmodel: m\nchoices: [yes, no]\n")
+    assert main(["label", "--config", str(job)]) == 2
+    assert "choices: every item must be a string, got bool True" in capsys.readouterr().err
+    # calibration in log space: a content-free probability of 1e-400 (0.0 as a float) is no division by zero
+    probs = calibrated([-1.0, -900.0], [0.0, -921.0])
+    assert all(math.isfinite(p) for p in probs) and probs[1] == pytest.approx(1 / (1 + math.exp(-1.0 + 900 - 921)))
+    # examples: a JSON string holding U+2028, and a UTF-8 BOM, are fine
+    ex = tmp_path / "ex.jsonl"
+    ex.write_bytes('\ufeff{"prompt": "a\u2028b", "label": "yes"}\n{"prompt": "c", "label": "no"}\n'.encode())
+    loaded = load_examples(cfg(task="label", choices=["yes", "no"], examples=str(ex)).validate())
+    assert [e["prompt"] for e in loaded.examples] == ["a\u2028b", "c"]
+    # a prefix longer than the context: exit 2 on the driver, a clear error in the engine
+    ex.write_text("".join(f'{{"prompt": "{"word " * 40}", "label": "yes"}}\n' for _ in range(10)))
+    long = load_examples(cfg(task="label", choices=["yes", "no"], examples=str(ex), model=tiny_model("causal"),
+                             max_seq_len=128).validate())
+    with pytest.raises(ConfigError, match="few-shot prefix has .* tokens"):
+        check_prefix_length(long)
+    engine = Engine.from_pretrained(tiny_model("causal"), max_seq_len=128, device="cpu")
+    with pytest.raises(ValueError, match="must be shorter than max_seq_len=128"):
+        engine.pin_prefix("word " * 400)
+    # a stop string would cut structured output mid-way
+    with pytest.raises(ConfigError, match="stop"):
+        cfg(json_schema={"type": "object"}, stop=['"']).validate()
+    with pytest.raises(ValueError, match="stop strings"):
+        SamplingParams(regex="a+", stop=["b"])
+
+
+def test_resume_checks_only_what_the_task_depends_on(tmp_path):
+    """A label rerun with other --stop or (without --calibrate) other content-free inputs resumes;
+    another --choice-score is refused; an older footer without `columns` resumes; a rerun with
+    another --low-margin counts its close calls again from the files."""
+    import dataclasses
+
+    src = tmp_path / "in"
+    write_shards(str(src), shards=2, rows=4)
+    base = cfg(task="label", choices=["yes", "no"], input=str(src), output=str(tmp_path / "out"),
+               low_margin=0.9).validate()
+    plan = make_plan(base)
+    runner = ShardRunner(base, plan.schema, engine=FakeEngine())
+    for unit in plan.units:
+        assert runner.run_unit(unit)["status"] == "done"
+    for change in (dict(stop=["x"]), dict(content_free_inputs=["none"]), dict(max_new_tokens=9)):
+        assert len(make_plan(dataclasses.replace(base, **change)).done) == 2, change
+    with pytest.raises(ConfigError, match="choice_score='sum' \\(now 'mean'\\)"):
+        make_plan(dataclasses.replace(base, choice_score="mean"))
+    with pytest.raises(ConfigError, match="calibrate=False \\(now True\\)"):
+        make_plan(dataclasses.replace(base, calibrate=True))
+    # an output written before footers recorded `columns`
+    path = tmp_path / "out" / "part-00000.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"])
+    del meta["result_config"]["columns"]
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata({"persimmon_batch": json.dumps(meta)})
+    again = make_plan(base)
+    assert len(again.done) == 2
+    from pipeline.api import build_report
+
+    margins = read_output(str(tmp_path / "out"))["margin"].to_pylist()  # all 0.462 with the echo engine
+    assert sum(m < 0.9 for m in margins) == 8 and sum(m < 0.3 for m in margins) == 0
+    assert build_report(base, again, {}, None, 0.0, 1.0)["labels"]["low_margin_rows"] == 8
+    report = build_report(dataclasses.replace(base, low_margin=0.3), again, {}, None, 0.0, 1.0)
+    assert report["labels"]["low_margin_rows"] == 0 and report["labels"]["low_margin"] == 0.3
