@@ -50,6 +50,7 @@ class Lease:
         self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made_dir: str | None = None
 
     def _body(self) -> bytes:
         return json.dumps({**self.record, "heartbeat_at": time.time(), "expires_after_s": EXPIRY_S}).encode()
@@ -74,7 +75,10 @@ class Lease:
                         mask_uri(self.loc.parent.uri), "its process on this host is gone" if _dead_here(holder)
                         else f"no heartbeat for {age:.0f} s (the run died)")
         if self.loc.is_local and holder is None:
-            os.makedirs(os.path.dirname(self.loc.path), exist_ok=True)
+            directory = os.path.dirname(self.loc.path)
+            if not os.path.isdir(directory):  # made for the lease: removed again if the run leaves it empty
+                os.makedirs(directory)
+                self._made_dir = directory
             try:
                 fd = os.open(self.loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:  # another run got there between our check and our create
@@ -107,6 +111,8 @@ class Lease:
             holder = self._holder()
             if holder is not None and holder.get("run_id") == self.run_id:
                 self.loc.fs.delete_file(self.loc.path)
+            if self._made_dir is not None and not os.listdir(self._made_dir):
+                os.rmdir(self._made_dir)  # a run that failed before writing anything leaves nothing
         except Exception as e:  # noqa: BLE001 - an expired lease is taken over anyway
             log.warning("could not remove the lease %s: %s", mask_uri(self.loc.uri), e)
 

@@ -232,3 +232,53 @@ def test_rng_state_pickled_under_numpy_1_names_loads(files, source, tmp_path):
             dst.writestr(info.filename, data)
     convert_adept_checkpoint(old, vocab, tmp_path / "out", dtype="float32")
     assert torch.equal(logits(load_pretrained(tmp_path / "out"), ids()), logits(source, ids()))
+
+
+# The key names of adept-inference's model_optim_rng.pt, written out as they appear in the
+# Adept release (nested "model" dict; the encoder's keys are dotted strings), each with the
+# transformers parameter it must become. Independent of the converter's own rename rules.
+ADEPT_TOP = [
+    (("language_model", "embedding", "word_embeddings", "weight"), "model.embed_tokens.weight"),
+    (("language_model", "encoder", "final_layernorm.weight"), "model.final_layernorm.weight"),
+    (("language_model", "encoder", "final_layernorm.bias"), "model.final_layernorm.bias"),
+    (("word_embeddings_for_head", "weight"), "lm_head.weight"),
+]
+ADEPT_LAYER = [  # language_model.encoder."layers.{i}.<name>" -> model.layers.{i}.<hf name>
+    ("input_layernorm.weight", "input_layernorm.weight"), ("input_layernorm.bias", "input_layernorm.bias"),
+    ("self_attention.query_key_value.weight", "self_attn.query_key_value.weight"),
+    ("self_attention.query_key_value.bias", "self_attn.query_key_value.bias"),
+    ("self_attention.q_layernorm.weight", "self_attn.q_layernorm.weight"),
+    ("self_attention.q_layernorm.bias", "self_attn.q_layernorm.bias"),
+    ("self_attention.k_layernorm.weight", "self_attn.k_layernorm.weight"),
+    ("self_attention.k_layernorm.bias", "self_attn.k_layernorm.bias"),
+    ("self_attention.dense.weight", "self_attn.dense.weight"), ("self_attention.dense.bias", "self_attn.dense.bias"),
+    ("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
+    ("post_attention_layernorm.bias", "post_attention_layernorm.bias"),
+    ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.weight"), ("mlp.dense_h_to_4h.bias", "mlp.dense_h_to_4h.bias"),
+    ("mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.weight"), ("mlp.dense_4h_to_h.bias", "mlp.dense_4h_to_h.bias"),
+]
+
+
+def test_real_adept_key_names_map_to_transformers_names(source, files, tmp_path):
+    """A checkpoint built from the literal Adept key names above (random tensors of the right
+    shapes) converts so that each tensor lands at the transformers name the table gives."""
+    _, vocab = files
+    shapes = {k: tuple(v.shape) for k, v in source.state_dict().items()}
+    g = torch.Generator().manual_seed(11)
+    tree, expected = {}, {}
+    entries = list(ADEPT_TOP) + [(("language_model", "encoder", f"layers.{i}.{adept}"), f"model.layers.{i}.{hf}")
+                                 for i in range(source.config.num_hidden_layers) for adept, hf in ADEPT_LAYER]
+    for path, hf_name in entries:
+        tensor = torch.randn(shapes[hf_name], generator=g)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = tensor
+        expected[hf_name] = tensor
+    assert set(expected) == set(shapes)  # the table covers every parameter of the model
+    ckpt = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": tree, "iteration": 1, "args": adept_args(source.config)}, ckpt)
+    convert_adept_checkpoint(str(ckpt), vocab, tmp_path / "out", dtype="float32")
+    state = load_pretrained(tmp_path / "out").state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name

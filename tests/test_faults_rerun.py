@@ -167,14 +167,14 @@ def test_a_second_run_on_a_leased_output_is_refused(tmp_path, capsys):
 
     write(str(tmp_path / "in" / "part-00000.parquet"), [1, 2])
     (tmp_path / "out").mkdir()
-    lease = {"run_id": "abc123", "host": socket.gethostname(), "pid": 4242, "started_at": time.time() - 5,
+    lease = {"run_id": "abc123", "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time() - 5,
              "heartbeat_at": time.time(), "expires_after_s": 60}
     (tmp_path / "out" / "_lease.json").write_text(json.dumps(lease))
     argv = ["generate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
             tiny_model("causal"), "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "in use by run abc123" in err and "pid 4242" in err
+    assert "in use by run abc123" in err and f"pid {os.getpid()}" in err
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == "abc123"  # untouched
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".parquet")]
 

@@ -110,13 +110,42 @@ def test_persistent_errors_name_the_uri_and_a_rerun_finishes(s3, capfd):
     _assert_no_secrets(s3, capfd.readouterr())
 
 
+def test_a_read_failing_inside_a_replica_redoes_its_unit(s3, monkeypatch):
+    """The fault is injected only once planning is over, so it can only hit a replica reading
+    its unit: the unit is redone (a storage redo) and every row still lands once."""
+    import pipeline.api as api
+
+    faults, b = s3["faults"], s3["bucket"]
+    faults.clear()
+    planned = api.make_plan
+
+    def plan_then_break_reads(config):
+        plan = planned(config)
+        faults.add("GET", rf"^{b}/in/part-00003\.parquet$", 4)  # the client's 3 tries + 1 of ours
+        return plan
+
+    monkeypatch.setattr(api, "make_plan", plan_then_break_reads)
+    report = run_generate(**_kwargs(s3, "out3"))
+    assert report["complete"] and [r["left"] for r in faults.rules] == [0]
+    [redo] = report["retried_shards"]
+    assert redo["output"] == "part-00003.parquet" and redo["why"][0].startswith("io_error: OSError: read s3://")
+    assert report["this_run"]["storage_redos"] == 1
+    assert_exactly_once(_ids(s3, "out3"), all_prompts(SHARDS, ROWS)[0])
+
+
 def test_credentials_are_not_in_ray_logs(s3):
+    """A job runs here first; the log files scanned include its replicas' own (named by pid),
+    so the scan looks where the credentials would have been used."""
     import ray
 
+    report = run_generate(**_kwargs(s3, "out4"))
+    assert report["complete"]
+    pids = {str(r["pid"]) for r in report["engine"]["replicas"]}
     logs = glob.glob(os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "**", "*"),
                      recursive=True)
     files = [p for p in logs if os.path.isfile(p)]
-    assert len(files) > 5
+    replica_logs = [p for p in files if any(p.endswith((f"-{pid}.out", f"-{pid}.err")) for pid in pids)]
+    assert pids and len(replica_logs) >= len(pids), (pids, [os.path.basename(p) for p in files][:20])
     leaks = Counter()
     for path in files:
         data = open(path, "rb").read()

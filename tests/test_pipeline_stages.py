@@ -522,3 +522,24 @@ def test_resume_checks_only_what_the_task_depends_on(tmp_path):
     assert build_report(base, again, {}, None, 0.0, 1.0)["labels"]["low_margin_rows"] == 8
     report = build_report(dataclasses.replace(base, low_margin=0.3), again, {}, None, 0.0, 1.0)
     assert report["labels"]["low_margin_rows"] == 0 and report["labels"]["low_margin"] == 0.3
+
+
+def test_no_check_duplicate_ids_runs_every_row(tmp_path):
+    """README: --no-check-duplicate-ids skips the id check: repeated and null ids are run like
+    any row (one output row each) and the report says the ids were not checked."""
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": pa.array([1, 2, 1, None], pa.int64()), "prompt": ["a", "b", "c", "d"]}),
+                   src / "part-0.parquet")
+    checked = make_plan(cfg(input=str(src), output=str(tmp_path / "o1")).validate())
+    assert sorted(i for i, _ in checked.units[0].row_errors) == [2, 3]
+    config = cfg(input=str(src), output=str(tmp_path / "o2"), check_duplicate_ids=False).validate()
+    plan = make_plan(config)
+    assert plan.units[0].row_errors == [] and not plan.ids
+    ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])
+    out = pq.read_table(tmp_path / "o2" / "part-0.parquet")
+    assert out["id"].to_pylist() == [1, 2, 1, None] and out["error"].null_count == 4
+    assert out["completion"].to_pylist() == ["a", "b", "c", "d"]  # the echo engine reverses one letter
+    from pipeline.api import build_report
+
+    assert build_report(config, make_plan(config), {}, None, 0.0, 1.0)["ids"] == {"checked": False}
