@@ -242,7 +242,8 @@ def run(config: PipelineConfig) -> dict:
     check_prefix_length(config)
     config = dataclasses.replace(config, model_identity=model_identity(config))
     run_id = uuid.uuid4().hex[:12]
-    with _stop_signals() as stop, Lease(resolve(config.output, config), run_id):
+    with _stop_signals() as stop, Lease(resolve(config.output, config), run_id) as lease:
+        stop["lease"] = lease
         return _run_planned(config, run_id, stop, t_start, started_at)
 
 
@@ -284,6 +285,10 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
                         name = st["output"].rsplit("/", 1)[-1]
                         results[name] = st
                         say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
+                        lease = stop.get("lease")
+                        if lease is not None and lease.lost:
+                            raise RuntimeError(f"lost the output's lease ({lease.lost}): stopped so that two runs "
+                                               "do not write the same output")
             except Interrupted:
                 pass  # reported below
             except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
@@ -299,6 +304,8 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
         crash = (f"interrupted by {stop['signal']}: no new units were started and units in flight were "
                  "abandoned (their partial files are ignored); rerun the same command to finish")
         say(crash)
+    if crash:  # units whose result never reached the driver may still have committed: count them
+        _committed_meanwhile(config, plan, results, run_id)
     report = build_report(config, plan, results, crash, started_at, time.perf_counter() - t_start,
                           run_id=run_id, attempts=attempts, stuck=stuck)
     report["interrupted"] = stop["signal"]
@@ -306,6 +313,27 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
     if report["complete"]:
         _clean_tmp(plan)
     return report
+
+
+def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_id: str) -> None:
+    """After a crash or a signal: a unit with no result may have been committed by its replica
+    anyway (it finished while the driver stopped). Read the footers: one written by this run,
+    for this input and these settings, is done."""
+    from .plan import read_unit_stats, result_config
+    from .storage import exists
+
+    want = result_config(config)
+    for unit in plan.todo:
+        if unit.output_name in results:
+            continue
+        final = plan.output.join(unit.output_name)
+        try:
+            st = read_unit_stats(final) if exists(final) else None
+        except Exception:  # noqa: BLE001 - unknown stays unknown: reported failed, redone on rerun
+            st = None
+        if st and st.get("run_id") == run_id and st.get("input_fingerprint") == unit.fingerprint \
+                and st.get("result_config") == want:
+            results[unit.output_name] = {**st, "status": "done", "output": final.uri}
 
 
 def _unit_line(st: dict) -> str:

@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         report = run(config)
-    except (ConfigError, InputError, ModelError, OSError) as e:  # bad config / input / model, or a store
-        # that cannot be reached: nothing was computed; one line, no traceback
+    except (ConfigError, InputError, ModelError, OSError, ValueError) as e:  # bad config / input / model, or
+        # a store that cannot be reached (pyarrow raises ValueError subclasses for bad URIs): nothing was
+        # computed; one line, no traceback
         print(f"persimmon-batch: error: {mask_uri(str(e))}", file=sys.stderr)
         return 2
     if args.print_report:

@@ -20,7 +20,9 @@ from typing import Any
 
 TASKS = ("generate", "classify", "label")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# user:secret@ after a scheme; the secret may hold "/" or "@" (AWS secret keys have "/"), so
+# everything up to the last "@" of the URL goes
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s@/]*:[^\s]*@")
 ENV_S3_ENDPOINT = ("PERSIMMON_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
@@ -125,8 +127,9 @@ class PipelineConfig:
                            type=float)
     memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV "
                                 "cache and activations when --kv-cache-gib is unset.")
-    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
-                    "bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 for GPU replicas, i.e. "
+                    "--num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.",
+                    choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or cuda.",
                      choices=("auto", "cpu", "cuda"))
     rows_per_task: int = _f(0, "Split input files into tasks of about this many rows at "
@@ -211,6 +214,15 @@ class PipelineConfig:
         if not 1 <= lo <= hi:
             raise ConfigError(f"replicas: expected N or MIN,MAX with 1 <= MIN <= MAX, got {self.replicas!r}")
         return lo, hi
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The dtype replicas run in: --dtype, or for auto bfloat16 on GPU replicas
+        (num_gpus_per_replica > 0 or device cuda) and float32 on CPU ones. Decided from the
+        config alone, so it is known (and recorded) before any replica starts."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.num_gpus_per_replica > 0 or self.device == "cuda" else "float32"
 
     @property
     def template(self) -> str:

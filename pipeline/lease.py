@@ -6,10 +6,12 @@ a live lease and stops with exit 2 naming the holder (host, pid, run id, since w
 whose heartbeat is older than EXPIRY_S, or whose process on this same host is gone, belongs to a
 run that died (SIGKILL, lost machine): the next run takes it over with a warning.
 
-Taking it is atomic where the store allows: locally an O_EXCL create, then an atomic replace to
-take over a stale one. Object stores have no create-if-absent through pyarrow: there the lease
-is written, then read back after a pause, and the later writer wins the race; two runs started
-within a second of each other on S3 can both pass, any later one is refused.
+Taking it is atomic where the store allows: locally the lease is written whole to a temp file
+and hard-linked into place (create-if-absent), and a stale one is first renamed away (only one
+run can). Object stores have no create-if-absent through pyarrow: there the lease is written,
+then read back after a pause, and the later writer wins; two runs started within a second of
+each other on S3 can both pass, any later one is refused. A run renews the lease only while it
+is still its own; if another run took it over, the run stops (`lost`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 
 from .config import ConfigError, mask_uri
-from .storage import Location, exists, read_bytes, write_bytes_atomic
+from .storage import Location, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_lease.json"
@@ -51,54 +53,91 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._made_dir: str | None = None
+        self.lost: str | None = None  # why, once another run took the lease over
 
     def _body(self) -> bytes:
         return json.dumps({**self.record, "heartbeat_at": time.time(), "expires_after_s": EXPIRY_S}).encode()
 
     def _holder(self) -> dict | None:
+        """The lease on file: a dict, None when there is none, or {"corrupt": reason} when a file
+        is there but unreadable (a run killed while writing it)."""
         try:
-            return json.loads(read_bytes(self.loc))
-        except (FileNotFoundError, ValueError):
+            raw = read_bytes(self.loc)
+        except FileNotFoundError:
             return None
+        try:
+            holder = json.loads(raw)
+            if not isinstance(holder, dict):
+                raise ValueError(f"a JSON {type(holder).__name__}, not an object")
+            float(holder.get("heartbeat_at", 0))
+            float(holder.get("expires_after_s", EXPIRY_S))
+            return holder
+        except (ValueError, TypeError) as e:
+            return {"corrupt": str(e) or "empty"}
 
     def acquire(self) -> "Lease":
-        holder = self._holder() if exists(self.loc) else None
-        if holder is not None and holder.get("run_id") != self.run_id:
-            age = time.time() - float(holder.get("heartbeat_at", 0))
-            if age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder):
-                raise ConfigError(
-                    f"output {mask_uri(self.loc.parent.uri)} is in use by run {holder.get('run_id')} "
-                    f"(host {holder.get('host')}, pid {holder.get('pid')}, started "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started_at', 0)))}, "
-                    f"alive {age:.0f} s ago); wait for it to finish, or remove {LEASE_NAME} if you are sure it is gone")
-            log.warning("taking over the lease of run %s on %s: %s", holder.get("run_id"),
-                        mask_uri(self.loc.parent.uri), "its process on this host is gone" if _dead_here(holder)
-                        else f"no heartbeat for {age:.0f} s (the run died)")
-        if self.loc.is_local and holder is None:
+        directory = os.path.dirname(self.loc.path)
+        if self.loc.is_local and os.path.exists(directory) and not os.path.isdir(directory):
+            raise ConfigError(f"output {mask_uri(self.loc.parent.uri)} is a file, not a directory")
+        for _ in range(20):
+            holder = self._holder()
+            if holder is not None and "corrupt" not in holder and holder.get("run_id") != self.run_id:
+                age = time.time() - float(holder.get("heartbeat_at", 0))
+                if age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder):
+                    raise ConfigError(
+                        f"output {mask_uri(self.loc.parent.uri)} is in use by run {holder.get('run_id')} "
+                        f"(host {holder.get('host')}, pid {holder.get('pid')}, started "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started_at', 0)))}, "
+                        f"alive {age:.0f} s ago); wait for it to finish, or remove {LEASE_NAME} if you are sure "
+                        "it is gone")
+            if holder is not None:
+                why = (f"its file is unreadable ({holder['corrupt']})" if "corrupt" in holder
+                       else "its process on this host is gone" if _dead_here(holder)
+                       else f"no heartbeat for {time.time() - float(holder.get('heartbeat_at', 0)):.0f} s (the run died)")
+                log.warning("taking over the lease of run %s on %s: %s", holder.get("run_id"),
+                            mask_uri(self.loc.parent.uri), why)
+            if self._take(holder is not None):
+                self._thread = threading.Thread(target=self._beat, name="persimmon-lease", daemon=True)
+                self._thread.start()
+                return self
+        raise ConfigError(f"could not take the lease {mask_uri(self.loc.uri)}: other runs keep taking it")
+
+    def _take(self, replacing: bool) -> bool:
+        """Write our lease; True if it is ours afterwards."""
+        if self.loc.is_local:
             directory = os.path.dirname(self.loc.path)
             if not os.path.isdir(directory):  # made for the lease: removed again if the run leaves it empty
-                os.makedirs(directory)
+                os.makedirs(directory, exist_ok=True)
                 self._made_dir = directory
-            try:
-                fd = os.open(self.loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:  # another run got there between our check and our create
-                return self.acquire()
-            with os.fdopen(fd, "wb") as f:
+            if replacing:  # only one run can move the old lease away; the others see ours next
+                try:
+                    os.rename(self.loc.path, f"{self.loc.path}.old-{self.run_id}")
+                except FileNotFoundError:
+                    return False
+                os.unlink(f"{self.loc.path}.old-{self.run_id}")
+            tmp = f"{self.loc.path}.new-{self.run_id}"
+            with open(tmp, "wb") as f:
                 f.write(self._body())
-        else:
-            write_bytes_atomic(self.loc, self._body())
-            if not self.loc.is_local:
-                time.sleep(1.0)  # let a concurrent writer land, then see who won
-            current = self._holder()
-            if current is None or current.get("run_id") != self.run_id:
-                return self.acquire()  # someone else won: report them (or take over again)
-        self._thread = threading.Thread(target=self._beat, name="persimmon-lease", daemon=True)
-        self._thread.start()
-        return self
+            try:
+                os.link(tmp, self.loc.path)  # create-if-absent, with its whole content at once
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        write_bytes_atomic(self.loc, self._body())
+        time.sleep(1.0)  # object stores: let a concurrent writer land, then see who won
+        current = self._holder()
+        return current is not None and current.get("run_id") == self.run_id
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
+                holder = self._holder()
+                if holder is None or holder.get("run_id") != self.run_id:
+                    self.lost = f"run {holder.get('run_id') if holder else '?'} took the lease over"
+                    log.error("lost the lease on %s: %s; stopping", mask_uri(self.loc.parent.uri), self.lost)
+                    return
                 write_bytes_atomic(self.loc, self._body())
             except Exception as e:  # noqa: BLE001 - a missed heartbeat only shortens the lease
                 log.warning("could not renew the lease %s: %s", mask_uri(self.loc.uri), e)

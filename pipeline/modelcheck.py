@@ -94,13 +94,13 @@ def _pickle_shapes(loc: Location) -> dict[str, tuple]:
 
 IDENTITY_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                   SAFE_INDEX, BIN_INDEX)
-EDGE_BYTES = 1 << 20  # of each weight file's data: its first and last MiB
+SAMPLES, SAMPLE_BYTES = 64, 64 << 10  # windows of each weight file's data hashed (4 MiB a file at most)
 
 
 def model_identity(config: PipelineConfig) -> str:
     """A hash of what makes the model the model: config.json, the tokenizer files, and each
-    weight file's size, header (safetensors) and first and last MiB of weights - not every
-    weight byte. Recorded in each output's footer: a rerun whose model changed is refused, and
+    weight file's size, header (safetensors) and 64 windows of 64 KiB spread evenly over its
+    weights (every layer of an 8B checkpoint is sampled) - not every weight byte. Recorded in each output's footer: a rerun whose model changed is refused, and
     the node model cache keeps one copy per identity (weights changed in place are fetched
     again)."""
     loc = resolve(config.model, config)
@@ -121,11 +121,12 @@ def model_identity(config: PipelineConfig) -> str:
                     (n,) = struct.unpack("<Q", f.read_at(8, 0))
                     header = f.read_at(min(n, MAX_HEADER, size - 8), 8)
                     start = min(size, 8 + n)
-                # samples of the weights themselves: retrained weights of the same shapes
-                # differ here, a header alone would not tell
-                head = f.read_at(min(EDGE_BYTES, size - start), start)
-                tail = f.read_at(min(EDGE_BYTES, size - start), max(start, size - EDGE_BYTES))
-                return size, header + head + tail
+                # samples of the weights themselves, spread over the whole file: retrained
+                # weights of the same shapes differ there (any layer), a header alone would not
+                span = size - start
+                width = min(SAMPLE_BYTES, span)
+                offsets = sorted({start + (span - width) * k // max(1, SAMPLES - 1) for k in range(SAMPLES)})
+                return size, header + b"".join(f.read_at(width, o) for o in offsets)
         try:
             size, data = retry(_read, f"read {part.uri}", part.retries)
         except OSError as e:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from .config import ConfigError, PipelineConfig, mask_uri, output_columns
 from .stages import output_schema
-from .storage import Location, inside, list_inputs, resolve, retry
+from .storage import Location, inside, list_inputs, place, resolve, retry
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Plan:
 def result_config(config: PipelineConfig) -> dict:
     """The settings a row's result depends on, and the output columns, as recorded in every
     committed file's footer."""
-    public = config.public_dict()
+    public = {**config.public_dict(), "dtype": config.resolved_dtype}  # what replicas run in, not "auto"
     return {**{k: public[k] for k in result_fields(config)}, "columns": list(output_columns(config.task))}
 
 
@@ -135,14 +135,23 @@ def _inspect(loc: Location, config: PipelineConfig):
     return meta, None
 
 
-def input_fingerprint(meta, size: int | None, row_groups: list[int]) -> dict:
-    """What a unit's input *is*, not only its name: the file's size, a hash of its Parquet
-    footer (schema, row counts, every column chunk's offsets, sizes and statistics: a rewrite
-    with other rows changes it), and the unit's row groups and rows."""
+def input_fingerprint(meta, listed, row_groups: list[int]) -> dict:
+    """What a unit's input *is*, not only its name: the file's size and modification time
+    (any rewrite changes it: an edited prompt of the same length, swapped rows), a hash of its
+    Parquet footer, and the unit's row groups and rows. The rows the plan marks as duplicate
+    or null ids are added later (`_seal`): they depend on the other files."""
     footer = json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()
     rows = sum(meta.row_group(g).num_rows for g in row_groups)
-    return {"size": size, "footer_sha256": hashlib.sha256(footer).hexdigest()[:32], "row_groups": row_groups,
-            "rows": rows}
+    return {"size": listed.size, "mtime_ns": listed.mtime_ns, "footer_sha256": hashlib.sha256(footer).hexdigest()[:32],
+            "row_groups": row_groups, "rows": rows}
+
+
+def _seal(units: list) -> None:
+    """Put each unit's planned row errors (duplicate / null ids, found across all files) into
+    its fingerprint: a file added earlier in input order that now claims some of a unit's ids
+    makes that unit stale, so its output is redone with those rows marked."""
+    for u in units:
+        u.fingerprint["row_errors_sha256"] = hashlib.sha256(json.dumps(sorted(u.row_errors)).encode()).hexdigest()[:32]
 
 
 def _split(meta, rows_per_task: int) -> list[list[int]]:
@@ -196,13 +205,13 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
     out = resolve(config.output, config)
     for item in (config.input if isinstance(config.input, (list, tuple)) else [config.input]):
         loc = resolve(item, config)
-        if loc.scheme == out.scheme and inside(loc.uri, out.uri):
+        if inside(place(loc), place(out)):
             raise ConfigError(f"input {mask_uri(loc.uri)} is inside the output directory {mask_uri(out.uri)}: "
                               "outputs would be read as inputs; use separate directories")
     listed = list_inputs(config.input, config, exclude=out)  # an output inside an input tree is skipped
     files = [f.loc for f in listed]
     names = {f.loc.uri: f.name for f in listed}
-    sizes = {f.loc.uri: f.size for f in listed}
+    listed_by_uri = {f.loc.uri: f for f in listed}
     with ThreadPoolExecutor(min(threads, len(files))) as pool:
         inspected = list(pool.map(lambda loc: _inspect(loc, config), files))
 
@@ -228,7 +237,7 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
             name = f"{stem}.parquet" if len(groups) == 1 else f"{stem}.rg{g[0]:05d}-{g[-1]:05d}.parquet"
             rows = sum(meta.row_group(i).num_rows for i in g)
             file_units.append(Unit(loc.uri, loc.path, g, rows, name, first_row=first,
-                                   fingerprint=input_fingerprint(meta, sizes[loc.uri], g)))
+                                   fingerprint=input_fingerprint(meta, listed_by_uri[loc.uri], g)))
             first += rows
         units += file_units
         good.append((loc, names[loc.uri], file_units))
@@ -244,6 +253,7 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
     plan = Plan(units=units, schema=schema, bad_shards=bad, output=out)
     if config.check_duplicate_ids:
         plan.ids = flag_ids(config, good, threads)
+    _seal(units)
     _find_done(config, plan)
     return plan
 
@@ -339,7 +349,9 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
         got = st.get("result_config", {})
         cols = st.get("_file_columns")
         diff = sorted(k for k in want if _recorded(got, k, cols, config) != want[k]
-                      and not (k in LEGACY_UNRECORDED and k not in got))
+                      and not (k in LEGACY_UNRECORDED and k not in got)
+                      # the model's identity, when recorded, says more than how its path was spelled
+                      and not (k == "model" and "model_identity" in got))
         if diff:
             shown = ", ".join(f"{k}={_recorded(got, k, cols, config)!r:.80} (now {want[k]!r:.80})" for k in diff)
             why = (" - the model's config, tokenizer or weights changed" if "model_identity" in diff else "")

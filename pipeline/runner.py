@@ -106,7 +106,8 @@ class ShardRunner:
             existing = read_unit_stats(final) if exists(final) else None
         except Exception as e:  # noqa: BLE001 - storage down: report, go on
             return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-        if existing is not None and existing.get("input_fingerprint") == unit.fingerprint:
+        if existing is not None and existing.get("input_fingerprint") == unit.fingerprint \
+                and existing.get("result_config") == self.result_config:
             return {**existing, **base, "status": "skipped"}  # committed by an earlier attempt (`run_id` says whose)
         retries = self.config.io_retries
         for n in range(retries + 1):

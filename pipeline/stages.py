@@ -84,8 +84,8 @@ def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
 
 def load_engine(config: PipelineConfig):
     """Engine.from_pretrained for this replica: model fetched to the node cache if remote,
-    device CUDA when this actor was given a GPU (torch sees one), else CPU; KV cache from
-    --kv-cache-gib or this replica's share of the device's memory."""
+    device CUDA when this actor was given a GPU (and torch sees one), else CPU; dtype as the
+    config resolves it; KV cache from --kv-cache-gib or this replica's share of the device."""
     import torch
 
     from model import Engine
@@ -93,8 +93,9 @@ def load_engine(config: PipelineConfig):
     from .storage import local_model_dir
 
     device = None if config.device == "auto" else config.device
-    on_gpu = device == "cuda" or (device is None and torch.cuda.is_available())
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    on_gpu = device == "cuda" or (device is None and config.num_gpus_per_replica > 0 and torch.cuda.is_available())
+    device = device or ("cuda" if on_gpu else "cpu")  # a CPU replica never takes a GPU it was not given
+    dtype = config.resolved_dtype  # decided from the config, recorded with every output
     if not on_gpu and torch.get_num_threads() > max(1, int(config.num_cpus_per_replica)):
         torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))  # share cores with other replicas
     path = local_model_dir(config.model, config)

@@ -14,11 +14,11 @@ Paths returned with a filesystem are that filesystem's own paths (`bucket/key` f
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import logging
 import os
 import random
+import re
 import time
 import uuid
 import dataclasses
@@ -111,11 +111,12 @@ def _is_hidden(path: str) -> bool:
 @dataclass(frozen=True)
 class InputFile:
     """A listed input file: where it is, its name relative to the input it came from (a
-    directory, a glob's fixed prefix, or just its file name), and its size."""
+    directory, a glob's fixed prefix, or just its file name), its size and modification time."""
 
     loc: Location
     name: str
     size: int | None
+    mtime_ns: int | None = None
 
 
 def inside(uri: str, directory_uri: str) -> bool:
@@ -124,42 +125,85 @@ def inside(uri: str, directory_uri: str) -> bool:
     return uri == d or uri.startswith(d + "/")
 
 
+def place(loc: Location) -> str:
+    """Where a location really is, for comparing two of them: local paths with symlinks
+    resolved, s3a:// spelled s3://."""
+    if loc.is_local:
+        return "file://" + os.path.realpath(loc.path)
+    scheme = "s3" if loc.scheme == "s3a" else loc.scheme
+    return f"{scheme}://{loc.path.rstrip('/')}"
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A path glob as a regex, the way shells and pathlib read it: `*` and `?` stay within one
+    path component, `**/` matches zero or more directories, `[...]` is a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFile]:
     """Expand directories, globs and lists into Parquet files, sorted by URI, no duplicates.
 
     Directories are listed recursively; names starting with `_` or `.` (markers such as
     _SUCCESS, temp files, .crc files) are ignored in directories and globs alike, and so are
-    non-`.parquet` files inside directories. Files under `exclude` (the run's output directory,
-    when it sits inside an input tree) are never inputs. A path that matches nothing is an
+    non-`.parquet` files inside directories. A path that exists is taken as it is even if its
+    name has glob characters. Files under `exclude` (the run's output directory, when it sits
+    inside an input tree, symlinks resolved) are never inputs. A path that matches nothing is an
     error naming it. Each file's name is relative to the input item it came from, so it does not
     change when other partitions appear or disappear.
     """
     items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     found: dict[str, InputFile] = {}
+    skip = place(exclude) if exclude is not None else None
     for item in items:
         loc = resolve(item, config)
         matches: list[InputFile] = []
-        if any(c in loc.path for c in "*?["):
+        info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
+        if info.type == pafs.FileType.NotFound and any(c in loc.path for c in "*?["):
             base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
             base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
+            pattern = glob_regex(loc.path)
             infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
             for info in infos:
                 rel = info.path[len(base.rstrip("/")) + 1:]
-                if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path, loc.path) and not _is_hidden(rel):
-                    matches.append(InputFile(_child(loc, base, base_uri, info.path), rel, info.size))
-        else:
-            info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
-            if info.type == pafs.FileType.File:
-                matches.append(InputFile(loc, loc.path.rsplit("/", 1)[-1], info.size))
-            elif info.type == pafs.FileType.Directory:
-                infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
-                              f"list {loc.uri}", loc.retries)
-                for info in infos:
-                    rel = info.path[len(loc.path.rstrip("/")) + 1:]
-                    if info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _is_hidden(rel):
-                        matches.append(InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size))
-        if exclude is not None:
-            matches = [m for m in matches if not (m.loc.scheme == exclude.scheme and inside(m.loc.uri, exclude.uri))]
+                if info.type == pafs.FileType.File and pattern.match(info.path) and not _is_hidden(rel):
+                    matches.append(InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns))
+        elif info.type == pafs.FileType.File:
+            matches.append(InputFile(loc, loc.path.rsplit("/", 1)[-1], info.size, info.mtime_ns))
+        elif info.type == pafs.FileType.Directory:
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
+                          f"list {loc.uri}", loc.retries)
+            for info in infos:
+                rel = info.path[len(loc.path.rstrip("/")) + 1:]
+                if info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _is_hidden(rel):
+                    matches.append(InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns))
+        if skip is not None:
+            matches = [m for m in matches if not inside(place(m.loc), skip)]
         if not matches:
             raise FileNotFoundError(f"input {item!r} matches no Parquet files")
         for m in matches:

@@ -96,8 +96,9 @@ def test_a_model_changed_in_place_is_refused_unless_overwrite(ray_local, tmp_pat
     err = capsys.readouterr().err
     assert "model_identity" in err and "weights changed" in err and "--overwrite" in err
     assert main(argv + ["--overwrite"]) == 0
-    assert main(argv + ["--dtype", "bfloat16"]) == 2  # dtype is a result-affecting setting too
-    assert "dtype='auto' (now 'bfloat16')" in capsys.readouterr().err
+    assert main(argv + ["--dtype", "float32"]) == 0  # what auto means on CPU replicas: the same run
+    assert main(argv + ["--dtype", "bfloat16"]) == 2  # another dtype: a result-affecting setting
+    assert "dtype='float32' (now 'bfloat16')" in capsys.readouterr().err
 
 
 def test_adding_a_partition_keeps_output_names_and_resumes(ray_local, tmp_path):

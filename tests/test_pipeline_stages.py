@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -543,3 +544,117 @@ def test_no_check_duplicate_ids_runs_every_row(tmp_path):
     from pipeline.api import build_report
 
     assert build_report(config, make_plan(config), {}, None, 0.0, 1.0)["ids"] == {"checked": False}
+
+
+def test_rerun_review_findings(tmp_path, monkeypatch, caplog):
+    """Found in review: same-size rewrites, ids claimed by an added file, outputs reached through
+    a symlink, glob semantics, a runner skipping an output of other settings, corrupt and lost
+    leases, secrets holding '/', an output path that is a file, directories named with '['."""
+    import dataclasses
+    import time
+
+    from pipeline import lease as lease_mod
+    from pipeline.storage import glob_regex
+
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": [0, 1], "prompt": ["ab", "cd"]}), src / "b.parquet")
+    config = cfg(input=str(src), output=str(tmp_path / "out")).validate()
+    plan = make_plan(config)
+    runner = ShardRunner(config, plan.schema, engine=FakeEngine())
+    assert runner.run_unit(plan.units[0])["status"] == "done"
+    # the same bytes count, other rows (swapped): stale, not skipped
+    time.sleep(0.01)
+    pq.write_table(pa.table({"id": [0, 1], "prompt": ["cd", "ab"]}), src / "b.parquet")
+    again = make_plan(config)
+    assert [s["output"] for s in again.stale] == ["b.parquet"] and not again.done
+    assert runner.run_unit(again.units[0])["status"] == "done"
+    # a file added before it in input order claims id 1: b's unit is stale, its id 1 row gets the error
+    pq.write_table(pa.table({"id": [1], "prompt": ["zz"]}), src / "a.parquet")
+    grown = make_plan(config)
+    assert [s["output"] for s in grown.stale] == ["b.parquet"]
+    for unit in grown.todo:
+        runner.run_unit(unit)
+    b = pq.read_table(tmp_path / "out" / "b.parquet").to_pylist()
+    assert b[1]["error"].startswith("duplicate_id: id 1 already appeared at a.parquet row 0")
+    # a runner never skips an output written with other settings (a late replica of another run)
+    other = ShardRunner(dataclasses.replace(config, max_new_tokens=9), plan.schema, engine=FakeEngine())
+    assert other.run_unit(grown.units[1])["status"] == "done"
+    # output inside the input tree through a symlink: still excluded
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    via_link = make_plan(cfg(input=str(src), output=str(tmp_path / "link" / "out"), check_duplicate_ids=False).validate())
+    via_link_runner = ShardRunner(via_link_cfg := cfg(input=str(src), output=str(tmp_path / "link" / "out"),
+                                                      check_duplicate_ids=False).validate(),
+                                  via_link.schema, engine=FakeEngine())
+    for unit in via_link.units:
+        via_link_runner.run_unit(unit)
+    assert sorted(u.output_name for u in make_plan(via_link_cfg).units) == ["a.parquet", "b.parquet"]
+    # globs as shells read them
+    r = glob_regex("/d/**/*.parquet")
+    assert r.match("/d/top.parquet") and r.match("/d/x/y.parquet") and not glob_regex("/d/*.parquet").match("/d/x/y.parquet")
+    # a directory whose name has glob characters is taken as it is
+    odd = tmp_path / "run[1]"
+    odd.mkdir()
+    pq.write_table(pa.table({"id": [5], "prompt": ["x"]}), odd / "p.parquet")
+    assert [u.output_name for u in make_plan(cfg(input=str(odd), output=str(tmp_path / "o9")).validate()).units] == \
+        ["p.parquet"]
+    # leases: a corrupt file is taken over; a run whose lease was taken over notices
+    out = resolve_local(tmp_path / "leased")
+    os.makedirs(tmp_path / "leased")
+    (tmp_path / "leased" / "_lease.json").write_text("")
+    with caplog.at_level("WARNING"):
+        held = lease_mod.Lease(out, "runA").acquire()
+    assert "unreadable" in caplog.text
+    monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.05)
+    held.release()
+    held = lease_mod.Lease(out, "runA").acquire()
+    (tmp_path / "leased" / "_lease.json").write_text(json.dumps({"run_id": "runB", "heartbeat_at": time.time()}))
+    deadline = time.time() + 5
+    while held.lost is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert held.lost and "runB" in held.lost
+    held.release()
+    # an output path that is a file
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        lease_mod.Lease(resolve_local(tmp_path / "afile"), "r").acquire()
+    # a secret with '/' (AWS secret keys have them) is refused and masked
+    with pytest.raises(ConfigError) as e:
+        cfg(input="s3://AKIAXX:abc/def+ghi@bucket/in").validate()
+    assert "s3://***@bucket/in" in str(e.value) and "def+ghi" not in str(e.value)
+
+
+def resolve_local(path):
+    from pipeline.storage import resolve
+
+    return resolve(str(path), cfg())
+
+
+def test_model_identity_sees_a_layer_retrained_in_the_middle(tmp_path):
+    """Weights changed in one middle layer only (a partial fine-tune: embeddings and head
+    frozen) change the model's identity; a copy of the same files does not."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    from model.tiny import build_tiny_checkpoint
+    from pipeline.modelcheck import model_identity
+
+    big = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4)
+    path = build_tiny_checkpoint(str(tmp_path / "m"), config_overrides=big)
+    assert os.path.getsize(os.path.join(path, "model.safetensors")) > 8e6  # windows do not cover it all
+    before = model_identity(cfg(model=path))
+    shutil.copytree(path, tmp_path / "copy")
+    assert model_identity(cfg(model=str(tmp_path / "copy"))) == before
+    # rewrite one middle tensor's bytes in place: same size, same header, only its data changes
+    file = os.path.join(path, "model.safetensors")
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    begin, end = header["model.layers.4.mlp.dense_h_to_4h.weight"]["data_offsets"]
+    weights = load_file(file)["model.layers.4.mlp.dense_h_to_4h.weight"] * 1.01
+    with open(file, "r+b") as f:
+        f.seek(8 + n + begin)
+        f.write(weights.numpy().tobytes())
+    assert load_file(file)["model.layers.4.mlp.dense_h_to_4h.weight"].equal(weights)
+    assert model_identity(cfg(model=path)) != before
