@@ -305,10 +305,11 @@ def test_example_job_configs_validate(path):
     import yaml
 
     raw = yaml.safe_load(open(path))
-    task = raw.get("task") or os.path.basename(path).split("_")[0]
-    args = build_parser().parse_args([task, "--config", path])
-    config = config_from_args(args)
-    assert config.task == task
+    named = os.path.basename(path).split("_")[0]  # label_reviews_8b.yaml is a label job
+    args = build_parser().parse_args([named, "--config", path])
+    config = config_from_args(args)  # validates every field, strictly typed
+    assert raw["task"] == config.task == named
+    assert config.model_identity is None and config.dtype == "bfloat16"  # shipped for GPUs
 
 
 def test_summary_mentions_failures():
