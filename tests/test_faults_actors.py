@@ -200,7 +200,7 @@ def test_shard_that_kills_its_replica_every_time_fails_alone(deaths):
     assert report["rows_in"] == sum(DEATH_SIZES) and report["rows_written"] == sum(DEATH_SIZES) - 64
     assert report["rows_retried"] == 160 + 64  # each shard run twice, counted once per extra attempt
     assert "part-00002.parquet" not in deaths["files"]
-    assert deaths["wall"] < 120
+    assert deaths["wall"] < 240  # generous: the run ended, it did not retry forever
 
 
 def test_rerun_after_a_failed_shard_completes_it_and_skips_the_rest(deaths):

@@ -95,7 +95,8 @@ def test_bad_models_fail_fast_on_the_driver(tmp_path, no_ray):
         with pytest.raises(ModelError) as e:
             run_generate(input=inputs, output=str(out), model=model_dir, max_new_tokens=2)
         assert message in str(e.value), (model_dir, str(e.value))
-        assert time.perf_counter() - t0 < 5, "model checks must be cheap (headers only)"
+        # before any replica starts (those take tens of seconds here); generous for a loaded machine
+        assert time.perf_counter() - t0 < 20, "model checks must fail on the driver, before Ray starts"
     wider_error = None
     try:
         run_generate(input=inputs, output=str(out), model=wider)
