@@ -298,6 +298,9 @@ def test_driver_sigkill_mid_run_then_rerun_resumes_exactly_once(ray_local, tmp_p
     assert all(before[name] == state for name, state in at_kill.items())
     assert 2 <= len(before) < n_shards, f"the kill came too late to test anything: {sorted(before)}"
     assert not (out / "_run_report.json").exists()
+    # what a killed replica leaves behind, whether or not this kill left one: ignored, then removed
+    (out / "_tmp").mkdir(exist_ok=True)
+    (out / "_tmp" / "_part-00007.parquet.deadbeef").write_bytes(b"half a parquet file")
 
     report = run_generate(**args)
     assert report["complete"], report

@@ -13,6 +13,7 @@ the data and model the output claims.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -96,6 +97,12 @@ def test_a_model_changed_in_place_is_refused_unless_overwrite(ray_local, tmp_pat
     err = capsys.readouterr().err
     assert "model_identity" in err and "weights changed" in err and "--overwrite" in err
     assert main(argv + ["--overwrite"]) == 0
+    footer = json.loads(pq.ParquetFile(tmp_path / "out" / "part-00000.parquet").metadata.metadata[b"persimmon_batch"])
+    from pipeline import PipelineConfig
+    from pipeline.modelcheck import model_identity
+
+    now = model_identity(PipelineConfig(input="-", output="-", model=str(model)))
+    assert footer["result_config"]["model_identity"] == now  # recomputed with the new weights
     assert main(argv + ["--dtype", "float32"]) == 0  # what auto means on CPU replicas: the same run
     assert main(argv + ["--dtype", "bfloat16"]) == 2  # another dtype: a result-affecting setting
     assert "dtype='float32' (now 'bfloat16')" in capsys.readouterr().err
