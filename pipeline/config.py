@@ -48,11 +48,16 @@ class PipelineConfig:
     task: str = _f("generate", "generate: complete each prompt; classify: sequence-classification "
                    "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM "
                    "by scoring --choices.", choices=TASKS, cli=False)
-    input: Any = _f(None, "Input Parquet: a local path, file://, s3:// (or gs://, abfs:// with their "
-                    "fsspec package) directory, glob (*.parquet) or comma-separated list of files.",
-                    required=True)
-    output: str = _f(None, "Output directory URI. One Parquet file per input shard (or per "
+    input: Any = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// (or gs://, "
+                    "abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated "
+                    "list of files.", required=True)
+    output: str = _f(None, "Output directory URI. One output file per input file (or per "
                      "--rows-per-task slice) plus _run_report.json.", required=True)
+    input_format: str = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / .json / .ndjson, "
+                           "also .gz / .zst; .csv), parquet, jsonl or csv.",
+                           choices=("auto", "parquet", "jsonl", "csv"))
+    output_format: str = _f("parquet", "Output format: parquet, or jsonl (one JSON object per row; "
+                            "statistics in _stats/).", choices=("parquet", "jsonl"))
     model: str = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
                     "tokenizer.model): a local directory or an object-store URI, downloaded once "
                     "per node into --model-cache-dir.", required=True)
@@ -313,6 +318,10 @@ class PipelineConfig:
                      "io_retries"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.input_format not in ("auto", "parquet", "jsonl", "csv"):
+            bad("input_format", f"must be auto, parquet, jsonl or csv, got {self.input_format!r}")
+        if self.output_format not in ("parquet", "jsonl"):
+            bad("output_format", f"must be parquet or jsonl, got {self.output_format!r}")
         if self.on_bad_shard not in ("error", "skip"):
             bad("on_bad_shard", f"must be 'error' or 'skip', got {self.on_bad_shard!r}")
         if self.truncate not in (None, "left"):

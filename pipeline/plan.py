@@ -1,15 +1,16 @@
 """Planning on the driver, before any model work: list inputs, check them, name the outputs.
 
-Each input file becomes one work unit (or several, split at row-group boundaries with
-`rows_per_task`). A unit's output name is derived from its input file only, so a rerun plans the
-same names and can skip the units whose output is already committed:
+Each input file becomes one work unit (or several with `rows_per_task`: Parquet row groups, or
+row ranges of JSONL / CSV files; `pipeline.formats`). A unit's output name is derived from its
+input file only, so a rerun plans the same names and can skip the units already committed:
 
     in/part-00003.parquet               -> out/part-00003.parquet
-    in/2024/01/a.parquet                -> out/2024__01__a.parquet   (path below the common root)
+    in/2024/01/a.jsonl.gz               -> out/2024__01__a.parquet   (path below the input directory)
     big.parquet, rows_per_task=1000     -> out/big.rg00000-00003.parquet, ...
+    big.csv, rows_per_task=1000         -> out/big.rows000000000-000000999.parquet, ...
 
-Every committed output file carries its unit's statistics in its Parquet footer
-(`persimmon_batch` key), so the run report of a resumed run still counts rows, errors and
+Every committed output carries its unit's statistics (Parquet: in its footer, `persimmon_batch`
+key; JSONL: in a sidecar), so the run report of a resumed run still counts rows, errors and
 tokens of units finished by earlier runs, from a footer read instead of a recompute.
 """
 
@@ -24,15 +25,14 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from .config import ConfigError, PipelineConfig, mask_uri, output_columns
 from .stages import output_schema
+from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
 from .storage import Location, inside, list_inputs, place, resolve, retry
 
 log = logging.getLogger(__name__)
 
-STATS_KEY = b"persimmon_batch"
 REPORT_NAME = "_run_report.json"
 # config fields that change what a row's result is: outputs written under other values are stale
 COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
@@ -62,12 +62,17 @@ class Unit:
 
     input_uri: str
     input_path: str
-    row_groups: list[int]
+    row_groups: list[int] | None                          # Parquet; None: a row range of a JSONL / CSV file
     num_rows: int
     output_name: str
     first_row: int = 0                                    # of the unit in its file
     row_errors: list = field(default_factory=list)        # [[row in unit, error]]: not run
     fingerprint: dict = field(default_factory=dict)       # what the input is (see input_fingerprint)
+    input_format: str = "parquet"
+
+    @property
+    def split(self) -> Split:
+        return Split(self.row_groups, self.first_row, self.num_rows)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -114,36 +119,14 @@ def _recorded(got: dict, key: str, file_columns: list | None = None, config: Pip
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def _inspect(loc: Location, config: PipelineConfig):
-    """(metadata, problem) for one input file; problem is None when it is usable."""
-    def _open():
-        with loc.fs.open_input_file(loc.path) as f:
-            return pq.ParquetFile(f).metadata
-
-    try:
-        meta = retry(_open, f"read footer of {loc.uri}", loc.retries)
-    except FileNotFoundError:
-        return None, "file vanished"
-    except Exception as e:  # noqa: BLE001 - truncated / not Parquet / storage error
-        return None, f"unreadable Parquet ({type(e).__name__}: {e})"
-    names = meta.schema.to_arrow_schema().names
-    missing = [c for c in (config.id_column, config.prompt_column, *config.keep_columns) if c not in names]
-    if missing:
-        return meta, f"missing column(s) {missing}; it has {names}"
-    if meta.num_rows == 0:
-        return meta, "empty (0 rows)"
-    return meta, None
-
-
-def input_fingerprint(meta, listed, row_groups: list[int]) -> dict:
+def input_fingerprint(digest: str, listed, split: Split) -> dict:
     """What a unit's input *is*, not only its name: the file's size and modification time
-    (any rewrite changes it: an edited prompt of the same length, swapped rows), a hash of its
-    Parquet footer, and the unit's row groups and rows. The rows the plan marks as duplicate
-    or null ids are added later (`_seal`): they depend on the other files."""
-    footer = json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()
-    rows = sum(meta.row_group(g).num_rows for g in row_groups)
-    return {"size": listed.size, "mtime_ns": listed.mtime_ns, "footer_sha256": hashlib.sha256(footer).hexdigest()[:32],
-            "row_groups": row_groups, "rows": rows}
+    (any rewrite changes it: an edited prompt of the same length, swapped rows), its content
+    digest (Parquet: a hash of the footer; JSONL / CSV: of the bytes), and the unit's row groups
+    or row range. The rows the plan marks as duplicate or null ids are added later (`_seal`):
+    they depend on the other files."""
+    return {"size": listed.size, "mtime_ns": listed.mtime_ns, "footer_sha256": digest,
+            "row_groups": split.row_groups, "first_row": split.first_row, "rows": split.num_rows}
 
 
 def _seal(units: list) -> None:
@@ -154,42 +137,18 @@ def _seal(units: list) -> None:
         u.fingerprint["row_errors_sha256"] = hashlib.sha256(json.dumps(sorted(u.row_errors)).encode()).hexdigest()[:32]
 
 
-def _split(meta, rows_per_task: int) -> list[list[int]]:
-    groups = list(range(meta.num_row_groups))
-    if rows_per_task <= 0 or meta.num_rows <= rows_per_task:
-        return [groups]
-    out, cur, n = [], [], 0
-    for g in groups:
-        rows = meta.row_group(g).num_rows
-        if cur and n + rows > rows_per_task:
-            out.append(cur)
-            cur, n = [], 0
-        cur.append(g)
-        n += rows
-    return out + [cur] if cur else out
-
-
 def _output_stem(rel: str) -> str:
-    """Output name (without .parquet) of an input named `rel` relative to its input item:
-    partition directories become part of the name (a=1/x.parquet -> a=1__x)."""
-    rel = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
-    return rel.replace("/", "__")
+    """Output name (without extension) of an input named `rel` relative to its input item:
+    partition directories become part of the name (a=1/x.jsonl.gz -> a=1__x)."""
+    return strip_suffix(rel).replace("/", "__")
 
 
 def read_unit_stats(loc: Location) -> dict | None:
-    """Stats stored in a committed output's footer, or None if it is not a valid output."""
+    """Stats of a committed output (Parquet footer, or a JSONL file's sidecar), or None if it
+    is not a complete, valid output."""
+    fmt = OUTPUT_FORMATS["jsonl" if loc.path.endswith(".jsonl") else "parquet"]
     try:
-        def _open():
-            with loc.fs.open_input_file(loc.path) as f:
-                return pq.ParquetFile(f).metadata
-
-        meta = retry(_open, f"read footer of {loc.uri}", loc.retries)
-        raw = (meta.metadata or {}).get(STATS_KEY)
-        stats = json.loads(raw) if raw else None
-        if stats is None or stats.get("rows_out") != meta.num_rows:
-            return None
-        stats["_file_columns"] = meta.schema.to_arrow_schema().names  # read here, never stored
-        return stats
+        return fmt.read_stats(loc)
     except Exception as e:  # noqa: BLE001 - anything unreadable is simply not done
         log.warning("ignoring unreadable output %s (%s); it will be recomputed", loc.uri, e)
         return None
@@ -210,37 +169,37 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
                               "outputs would be read as inputs; use separate directories")
     listed = list_inputs(config.input, config, exclude=out)  # an output inside an input tree is skipped
     files = [f.loc for f in listed]
-    names = {f.loc.uri: f.name for f in listed}
-    listed_by_uri = {f.loc.uri: f for f in listed}
+    formats = {f.loc.uri: input_format(f.loc.path, config.input_format) for f in listed}
     with ThreadPoolExecutor(min(threads, len(files))) as pool:
-        inspected = list(pool.map(lambda loc: _inspect(loc, config), files))
+        inspected = list(pool.map(lambda loc: formats[loc.uri].inspect(loc, config), files))
 
+    extension = OUTPUT_FORMATS[config.output_format].extension
     units, bad, good, schema, schema_from = [], [], [], None, None
-    for loc, (meta, problem) in zip(files, inspected):
+    for listed_file, found in zip(listed, inspected):
+        loc, problem = listed_file.loc, found.problem
         if problem is None:
-            file_schema = meta.schema.to_arrow_schema()
             if schema is None:
-                schema, schema_from = output_schema(config, file_schema), loc.uri
+                schema, schema_from = output_schema(config, found.schema), loc.uri
             else:
                 for col in (config.id_column, *config.keep_columns):
-                    if file_schema.field(col).type != schema.field(col).type:
-                        problem = (f"column {col!r} is {file_schema.field(col).type} here but "
-                                   f"{schema.field(col).type} in {schema_from}")
+                    here, there = found.schema.field(col).type, schema.field(col).type
+                    if here != there and not pa.types.is_null(here):
+                        if pa.types.is_null(there):  # a column of nulls so far: this file says what it is
+                            schema = schema.set(schema.get_field_index(col), pa.field(col, here))
+                            continue
+                        problem = f"column {col!r} is {here} here but {there} in {schema_from}"
                         break
         if problem is not None:
-            bad.append({"input": loc.uri, "error": problem, "rows": meta.num_rows if meta else None})
+            bad.append({"input": loc.uri, "error": problem, "rows": found.num_rows if found.schema else None})
             continue
-        stem = _output_stem(names[loc.uri])
-        groups = _split(meta, config.rows_per_task)
-        file_units, first = [], 0
-        for g in groups:
-            name = f"{stem}.parquet" if len(groups) == 1 else f"{stem}.rg{g[0]:05d}-{g[-1]:05d}.parquet"
-            rows = sum(meta.row_group(i).num_rows for i in g)
-            file_units.append(Unit(loc.uri, loc.path, g, rows, name, first_row=first,
-                                   fingerprint=input_fingerprint(meta, listed_by_uri[loc.uri], g)))
-            first += rows
+        stem = _output_stem(listed_file.name)
+        fmt = formats[loc.uri]
+        file_units = [Unit(loc.uri, loc.path, sp.row_groups, sp.num_rows,
+                           fmt.split_name(stem, sp, len(found.splits)) + extension, first_row=sp.first_row,
+                           fingerprint=input_fingerprint(found.digest, listed_file, sp), input_format=fmt.name)
+                      for sp in found.splits]
         units += file_units
-        good.append((loc, names[loc.uri], file_units))
+        good.append((loc, listed_file.name, file_units))
 
     if bad and config.on_bad_shard == "error":
         lines = "\n".join(f"  {b['input']}: {b['error']}" for b in bad[:20])
@@ -277,14 +236,13 @@ def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]
         return summary
 
     def _read(loc: Location):
-        def _open():
-            with loc.fs.open_input_file(loc.path) as f:
-                return pq.ParquetFile(f).read(columns=[config.id_column]).column(0)
-        return retry(_open, f"read ids of {loc.uri}", loc.retries)
+        fmt = input_format(loc.path, config.input_format)
+        return fmt.read_ids(loc, config), fmt.id_type(loc, config)
 
     with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-        columns = list(pool.map(lambda item: _read(item[0]), files))
-    kind = columns[0].type
+        read = list(pool.map(lambda item: _read(item[0]), files))
+    columns = [ids for ids, _ in read]
+    kind = read[0][1]
     if pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
         raise ConfigError(f"id column {config.id_column!r} has type {kind}; ids must be scalars "
                           "(numbers, strings or bytes)")
@@ -293,7 +251,7 @@ def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]
     first_at: dict = {}
     repeated: set = set()
     for k, (col, (loc, _, units)) in enumerate(zip(columns, files)):
-        for row, value in enumerate(col.to_pylist()):
+        for row, value in enumerate(col):
             if value is None or (isinstance(value, float) and value != value):  # null or NaN
                 message = "invalid_id: the id is null, so the row cannot be matched to its result"
                 summary["null_ids"] += 1
@@ -324,11 +282,11 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
     infos = retry(lambda: out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True)),
                   f"list {out.uri}", out.retries)
     existing = {i.base_name for i in infos if i.type == pafs.FileType.File
-                and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))}
+                and i.base_name.endswith((".parquet", ".jsonl")) and not i.base_name.startswith(("_", "."))}
     planned = {u.output_name for u in plan.units}
     stray = sorted(existing - planned)
     if stray:
-        raise ConfigError(f"output {out.uri} holds {len(stray)} Parquet file(s) this run would not "
+        raise ConfigError(f"output {out.uri} holds {len(stray)} output file(s) this run would not "
                           f"write (e.g. {stray[:3]}): it belongs to another input or --rows-per-task; "
                           f"use a new output directory")
     committed = sorted(existing & planned)
@@ -338,6 +296,12 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
     if config.overwrite:
         for name in committed:
             retry(lambda name=name: out.fs.delete_file(out.join(name).path), f"delete {out.join(name).uri}", out.retries)
+            side = OUTPUT_FORMATS[config.output_format].sidecar(out.join(name))
+            if side is not None:
+                try:
+                    out.fs.delete_file(side.path)
+                except (FileNotFoundError, OSError):
+                    pass
         return
     with ThreadPoolExecutor(16) as pool:
         stats = list(pool.map(lambda n: read_unit_stats(out.join(n)), committed))

@@ -40,13 +40,14 @@ import uuid
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .config import PipelineConfig
-from .plan import STATS_KEY, Unit, read_unit_stats, result_config
+from .formats import INPUT_FORMATS, OUTPUT_FORMATS, SAMPLING_COLUMNS
+from .plan import Unit, read_unit_stats, result_config
 from .progress import Attempts
 from .stages import STAGES, error_kind
-from .storage import Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient
+from .storage import (Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient,
+                      write_bytes_atomic)
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 30.0
@@ -134,10 +135,12 @@ class ShardRunner:
         cfg = self.config
         fs = final.fs
         src = resolve(unit.input_uri, cfg)
+        reader = INPUT_FORMATS[unit.input_format]
+        writer_format = OUTPUT_FORMATS[cfg.output_format]
         tmp = temp_sibling(final)
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
-        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns]))
+        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns, *SAMPLING_COLUMNS]))
         preset = sorted((int(i), msg) for i, msg in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
@@ -145,26 +148,28 @@ class ShardRunner:
         kinds: Counter = Counter()
         labels: Counter = Counter()
         last_log = t0
+        sidecar = None
         try:
             with contextlib.ExitStack() as stack:
                 with naming(f"read {src.uri}"):
-                    reader = pq.ParquetFile(stack.enter_context(src.fs.open_input_file(src.path)))
-                    batches = reader.iter_batches(batch_size=cfg.batch_size,
-                                                  row_groups=unit.row_groups, columns=columns)
+                    batches = reader.batches(src, unit.split, cfg, columns)
                 with naming(writing):
                     f_out = fs.open_output_stream(tmp.path)
                     stack.callback(_close_quietly, f_out)  # on errors only: closed below on success
-                    writer = pq.ParquetWriter(f_out, self.schema)
+                    writer = writer_format.open(f_out, self.schema)
                     stack.callback(_close_quietly, writer)
                 while True:
                     with naming(f"read {src.uri}"):
-                        rb = next(batches, None)
-                    if rb is None:
+                        item = next(batches, None)
+                    if item is None:
                         break
-                    lo, hi = bisect.bisect_left(preset_rows, rows), bisect.bisect_left(preset_rows, rows + rb.num_rows)
-                    out = self.stage(rb, {i - rows: msg for i, msg in preset[lo:hi]}).cast(self.schema)
+                    batch, read_errors = item
+                    lo, hi = bisect.bisect_left(preset_rows, rows), bisect.bisect_left(preset_rows, rows + batch.num_rows)
+                    # a line that could not be read says why; the plan's id checks come second
+                    row_errors = {**{i - rows: msg for i, msg in preset[lo:hi]}, **read_errors}
+                    out = self.stage(batch, row_errors).cast(self.schema)
                     with naming(writing):
-                        writer.write_table(out)
+                        writer.write(out)
                     rows += out.num_rows
                     errs = [e for e in out["error"].to_pylist() if e is not None]
                     errors += len(errs)
@@ -180,7 +185,7 @@ class ShardRunner:
                         last_log = time.perf_counter()
                         print(f"[persimmon-batch] {unit.output_name}: {rows}/{unit.num_rows} rows", flush=True)
                 if rows != unit.num_rows:
-                    raise RuntimeError(f"read {rows} rows from {unit.input_uri}, footer says {unit.num_rows}")
+                    raise RuntimeError(f"read {rows} rows from {unit.input_uri}, the plan counted {unit.num_rows}")
                 stats = {
                     "rows_out": rows, "rows_error": errors, "errors_by_kind": dict(kinds),
                     "tokens_prompt": tok_in, "tokens_generated": tok_out,
@@ -194,9 +199,12 @@ class ShardRunner:
                        if cfg.task == "label" else {}),
                 }
                 with naming(writing):
-                    writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
-                    writer.close()
+                    side_bytes = writer.finish(stats)
                     f_out.close()
+                    if side_bytes is not None:  # formats without a footer: statistics in a sidecar
+                        sidecar = writer_format.sidecar(final)
+                        ensure_dir(sidecar.parent)
+                        write_bytes_atomic(sidecar, side_bytes)  # before the data: see formats.JsonlOutput
             self.attempts.beat(attempt, rows)
             commit(tmp, final)
         except BaseException:

@@ -167,16 +167,21 @@ def glob_regex(pattern: str) -> re.Pattern:
 
 
 def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFile]:
-    """Expand directories, globs and lists into Parquet files, sorted by URI, no duplicates.
+    """Expand directories, globs and lists into input files, sorted by URI, no duplicates.
 
     Directories are listed recursively; names starting with `_` or `.` (markers such as
-    _SUCCESS, temp files, .crc files) are ignored in directories and globs alike, and so are
-    non-`.parquet` files inside directories. A path that exists is taken as it is even if its
-    name has glob characters. Files under `exclude` (the run's output directory, when it sits
+    _SUCCESS, temp files, .crc files) are ignored in directories and globs alike; inside
+    directories, only files named as a data format (or as --input-format) are taken, while a glob
+    takes what it matches. A path that exists is taken as it is even if its name has glob
+    characters. Files under `exclude` (the run's output directory, when it sits
     inside an input tree, symlinks resolved) are never inputs. A path that matches nothing is an
     error naming it. Each file's name is relative to the input item it came from, so it does not
     change when other partitions appear or disappear.
     """
+    from .formats import DATA_SUFFIXES, INPUT_FORMATS
+
+    forced = getattr(config, "input_format", "auto")
+    suffixes = INPUT_FORMATS[forced].suffixes if forced not in (None, "auto") else DATA_SUFFIXES
     items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     found: dict[str, InputFile] = {}
     skip = place(exclude) if exclude is not None else None
@@ -200,12 +205,12 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFi
                           f"list {loc.uri}", loc.retries)
             for info in infos:
                 rel = info.path[len(loc.path.rstrip("/")) + 1:]
-                if info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _is_hidden(rel):
+                if info.type == pafs.FileType.File and info.path.endswith(suffixes) and not _is_hidden(rel):
                     matches.append(InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns))
         if skip is not None:
             matches = [m for m in matches if not inside(place(m.loc), skip)]
         if not matches:
-            raise FileNotFoundError(f"input {item!r} matches no Parquet files")
+            raise FileNotFoundError(f"input {item!r} matches no input files ({', '.join(suffixes[:4])}, ...)")
         for m in matches:
             found.setdefault(m.loc.uri, m)
     return [found[k] for k in sorted(found)]
@@ -321,8 +326,8 @@ def write_bytes_atomic(final: Location, data: bytes) -> None:
 
 
 def read_bytes(loc: Location) -> bytes:
-    def _read():
-        with loc.fs.open_input_stream(loc.path) as f:
+    def _read():  # the stored bytes: no decompression guessed from the name
+        with loc.fs.open_input_stream(loc.path, compression=None) as f:
             return f.read()
 
     return retry(_read, f"read {loc.uri}", loc.retries)

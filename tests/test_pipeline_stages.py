@@ -214,7 +214,7 @@ def test_plan_names_splits_and_bad_shards(tmp_path):
     assert len(plan.units) == 2 and len(plan.bad_shards) == 2
     globbed = make_plan(cfg(input=f"file://{tmp_path}/in/part-0000[01].parquet", output=str(tmp_path / "o2")))
     assert [u.output_name for u in globbed.units] == ["part-00000.parquet", "part-00001.parquet"]
-    with pytest.raises(FileNotFoundError, match="matches no Parquet"):
+    with pytest.raises(FileNotFoundError, match="matches no input files"):
         make_plan(cfg(input=str(tmp_path / "nothing"), output=str(tmp_path / "out")))
 
 

@@ -1,0 +1,192 @@
+"""Input and output formats other than Parquet: JSONL (plain or compressed) and CSV in, JSONL out.
+
+Reading is checked line by line against what the file says (bad lines become error rows with their
+line number, never dropped), and the end-to-end runs against the bare engine on the same prompts;
+a JSONL output resumes and goes stale like a Parquet one."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pipeline_fixtures import local_ray, tiny_model
+
+from model import Engine, SamplingParams
+from pipeline import PipelineConfig, run_generate
+from pipeline.formats import INPUT_FORMATS, input_format, strip_suffix
+from pipeline.storage import list_inputs, resolve
+
+
+def config(**kw) -> PipelineConfig:
+    return PipelineConfig(input="-", output="-", model="-", **kw)
+
+
+def read_all(path: str, cfg: PipelineConfig, forced: str | None = None):
+    """Every row of a file through its format, with the per-row errors keyed by row number."""
+    loc = resolve(path, cfg)
+    fmt = input_format(path, forced)
+    found = fmt.inspect(loc, cfg)
+    assert found.problem is None, found.problem
+    rows, errors = [], {}
+    columns = [cfg.id_column, cfg.prompt_column, *cfg.keep_columns]
+    for split in found.splits:
+        for table, errs in fmt.batches(loc, split, cfg, columns):
+            errors.update({len(rows) + k: v for k, v in errs.items()})
+            rows.extend(table.to_pylist())
+    assert len(rows) == found.num_rows
+    return rows, errors
+
+
+JSONL_LINES = [
+    '{"id": 1, "prompt": "first", "meta": "a"}',
+    '{"id": 2, "prompt": "has\\u2028a line separator", "meta": "b"}',  # not a line break in JSONL
+    "",  # blank lines are skipped, not rows
+    "{not json",
+    "[1, 2]",
+    '{"id": "x", "prompt": "id of another type"}',
+    '{"id": 5, "prompt": "no meta"}',
+]
+
+
+def test_jsonl_rows_and_bad_lines_with_their_numbers(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(JSONL_LINES) + "\n")
+    rows, errors = read_all(str(path), config(keep_columns=["meta"]))
+    assert [r["id"] for r in rows] == [1, 2, None, None, None, 5]
+    assert rows[1]["prompt"] == "has\u2028a line separator"
+    assert rows[5]["meta"] is None and rows[0]["meta"] == "a"
+    assert sorted(errors) == [2, 3, 4]
+    assert errors[2].startswith("invalid_line: line 4 is not JSON")
+    assert errors[3].startswith("invalid_line: line 5 holds a JSON list")
+    assert errors[4].startswith("invalid_id: id 'x' is a str")
+
+
+def test_compressed_jsonl_reads_the_same_rows(tmp_path):
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    text = "\n".join(JSONL_LINES) + "\n"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    cfg = config(keep_columns=["meta"])
+    assert read_all(str(packed), cfg) == read_all(str(plain), cfg)
+
+
+def test_jsonl_string_ids_and_row_splits(tmp_path):
+    path = tmp_path / "s.ndjson"
+    path.write_text("".join(json.dumps({"id": f"doc-{i}", "prompt": f"p{i}"}) + "\n" for i in range(7)))
+    cfg = config(rows_per_task=3)
+    found = INPUT_FORMATS["jsonl"].inspect(resolve(str(path), cfg), cfg)
+    assert [(s.first_row, s.num_rows) for s in found.splits] == [(0, 3), (3, 3), (6, 1)]
+    rows, errors = read_all(str(path), cfg)
+    assert [r["id"] for r in rows] == [f"doc-{i}" for i in range(7)] and errors == {}
+
+
+def test_csv_quotes_newlines_and_a_malformed_row(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('id,prompt,meta\n1,"a, b",x\n2,"two\nlines",y\n3,broken,z,extra\n4,0042,\n5,,w\n')
+    rows, errors = read_all(str(path), config(keep_columns=["meta"]))
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[1]["prompt"] == "a, b" and by_id[2]["prompt"] == "two\nlines"
+    assert by_id[4]["prompt"] == "0042" and by_id[4]["meta"] == ""  # prompts stay text, empty stays ""
+    assert by_id[5]["prompt"] == ""
+    assert len(rows) == 5 and rows[-1]["id"] is None  # the malformed row: last, with its line
+    assert list(errors.values()) == [errors[4]] and errors[4].startswith("invalid_row: line 4")
+
+
+def test_missing_columns_and_empty_files_are_named(tmp_path):
+    (tmp_path / "nocol.jsonl").write_text('{"id": 1, "text": "hi"}\n')
+    (tmp_path / "empty.csv").write_text("id,prompt\n")
+    cfg = config()
+    problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "nocol.jsonl"), cfg), cfg).problem
+    assert "no row has column(s) ['prompt']" in problem
+    assert INPUT_FORMATS["csv"].inspect(resolve(str(tmp_path / "empty.csv"), cfg), cfg).problem == "empty (0 rows)"
+    (tmp_path / "latin1.jsonl").write_bytes('{"id": 1, "prompt": "caf\xe9"}\n'.encode("latin-1"))
+    problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "latin1.jsonl"), cfg), cfg).problem
+    assert problem.startswith("unreadable jsonl (UnicodeDecodeError")
+
+
+def test_listing_picks_data_files_by_extension_or_forced_format(tmp_path):
+    for name in ("a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv", "notes.txt", "README"):
+        (tmp_path / name).write_text("")
+    names = lambda files: sorted(os.path.basename(f.loc.path) for f in files)  # noqa: E731
+    assert names(list_inputs(str(tmp_path), config())) == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
+    assert names(list_inputs(str(tmp_path), config(input_format="jsonl"))) == ["b.jsonl", "c.jsonl.gz"]
+    assert names(list_inputs(str(tmp_path / "*.txt"), config(input_format="jsonl"))) == ["notes.txt"]  # a glob: as said
+    with pytest.raises(FileNotFoundError, match="matches no input files"):
+        list_inputs(str(tmp_path / "*.tsv"), config())
+    assert input_format("x.data", "csv").name == "csv" and input_format("y.json.zst").name == "jsonl"
+    assert strip_suffix("part-1.jsonl.gz") == "part-1" and strip_suffix("p.csv") == "p"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    with local_ray():
+        yield
+
+
+def _engine_texts(prompts: list[str], tokens: int) -> list[str]:
+    engine = Engine.from_pretrained(tiny_model("causal"), device="cpu")
+    return [c.text for c in engine.generate(prompts, SamplingParams(max_new_tokens=tokens))]
+
+
+def read_jsonl_dir(out) -> list[dict]:
+    return [json.loads(line) for f in sorted(os.listdir(out)) if f.endswith(".jsonl")
+            for line in open(os.path.join(out, f))]
+
+
+@pytest.mark.ray
+def test_jsonl_in_jsonl_out_matches_engine_resumes_and_goes_stale(ray_local, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    prompts = [f"The river runs past stone number {i}." for i in range(9)]
+    lines = [json.dumps({"id": i, "prompt": p, "meta": f"m{i}"}) for i, p in enumerate(prompts)]
+    (src / "a.jsonl").write_text("\n".join(lines[:5] + ["{broken"]) + "\n")
+    (src / "b.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines[5:]) + "\n").encode()))
+    args = dict(input=str(src), output=str(out), model=tiny_model("causal"), replicas=1, max_new_tokens=4,
+                keep_columns=["meta"], output_format="jsonl")
+    report = run_generate(**args)
+    assert report["complete"] and report["rows_in"] == report["rows_written"] == 10
+    assert sorted(os.listdir(out)) == ["_run_report.json", "_stats", "a.jsonl", "b.jsonl"]
+    rows = read_jsonl_dir(out)
+    good = {r["id"]: r for r in rows if r["error"] is None}
+    assert sorted(good) == list(range(9)) and [good[i]["meta"] for i in range(9)] == [f"m{i}" for i in range(9)]
+    assert [good[i]["completion"] for i in range(9)] == _engine_texts(prompts, 4)
+    (bad,) = [r for r in rows if r["error"] is not None]
+    assert bad["id"] is None and bad["error"].startswith("invalid_line: line 6")
+    assert report["errors_by_kind"] == {"invalid_line": 1}
+
+    before = os.stat(out / "a.jsonl").st_mtime_ns
+    again = run_generate(**args)
+    assert again["complete"] and again["shards"]["skipped"] == 2 and again["shards"]["done"] == 0
+    assert os.stat(out / "a.jsonl").st_mtime_ns == before
+
+    (src / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps({"id": 50, "prompt": "new row", "meta": "n"}) + "\n").encode()))
+    third = run_generate(**args)
+    assert third["shards"]["stale"] == 1 and third["shards"]["done"] == 1
+    assert sorted(r["id"] for r in read_jsonl_dir(out) if r["id"] is not None) == [0, 1, 2, 3, 4, 50]
+
+    with open(out / "a.jsonl", "a") as f:  # a data file that no longer matches its statistics
+        f.write('{"id": 999}\n')
+    fourth = run_generate(**args)
+    assert fourth["complete"] and fourth["shards"]["done"] == 1  # recomputed, not trusted
+    assert sorted(r["id"] for r in read_jsonl_dir(out) if r["id"] is not None) == [0, 1, 2, 3, 4, 50]
+
+
+@pytest.mark.ray
+def test_csv_in_parquet_out_split_by_rows(ray_local, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    prompts = [f"Name a colour, number {i}" for i in range(7)]
+    body = "".join(f'{i},"{p}"\n' for i, p in enumerate(prompts))
+    (src / "rows.csv").write_text("id,prompt\n" + body)
+    report = run_generate(input=str(src), output=str(out), model=tiny_model("causal"), replicas=1,
+                          max_new_tokens=3, rows_per_task=3)
+    assert report["complete"] and report["shards"]["total"] == 3
+    files = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
+    assert len(files) == 3 and all(f.startswith("rows") for f in files)
+    table = pa.concat_tables([pq.read_table(out / f) for f in files]).sort_by("id")
+    assert table["id"].to_pylist() == list(range(7))
+    assert table["completion"].to_pylist() == _engine_texts(prompts, 3)
