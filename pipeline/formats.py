@@ -31,11 +31,10 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
 from .storage import Location, read_bytes, retry
 
 STATS_KEY = b"persimmon_batch"
-# optional per-row columns that override the run's sampling settings (generate)
-SAMPLING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
 
 
 @dataclass
@@ -178,7 +177,7 @@ class _RowsInput(InputFormat):
 
     def _load(self, loc: Location, config) -> tuple[pa.Table, dict[int, str], str]:
         """(table of the file's rows, {row: error} for rows that could not be read, sha256)."""
-        key = (loc.uri, config.id_column, config.prompt_column, tuple(config.keep_columns))
+        key = (loc.uri, config.task, config.id_column, config.prompt_column, tuple(config.keep_columns))
         hit = self._cache.get(key)
         raw = _open_text(loc)
         digest = hashlib.sha256(raw).hexdigest()[:32]
@@ -279,9 +278,29 @@ class JsonlInput(_RowsInput):
                 ids[i] = None
         columns = {config.id_column: pa.array(ids, pa.int64() if kind is int else pa.string())}
         for name in wanted:
-            if name != config.id_column:
-                columns[name] = _column([r.get(name) for r in rows], name)
+            if name == config.id_column:
+                continue
+            values = [r.get(name) for r in rows]
+            if config.task == "generate" and name in SAMPLING_COLUMNS and name not in (
+                    config.prompt_column, *config.keep_columns):
+                values = self._settings(name, values, errors)
+            columns[name] = _column(values, name)
         return pa.table(columns), errors
+
+
+    @staticmethod
+    def _settings(name: str, values: list, errors: dict[int, str]) -> list:
+        """A per-row setting column in one type: each value checked as the stage will (JSON rows
+        may mix types, and one odd row must not turn the whole column into text)."""
+        out = []
+        for i, v in enumerate(values):
+            try:
+                v = coerce(name, v)
+            except SettingError as e:
+                errors.setdefault(i, f"invalid_sampling: {e}")
+                v = None
+            out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
+        return out
 
 
 class CsvInput(_RowsInput):

@@ -42,7 +42,8 @@ from collections import Counter
 import pyarrow as pa
 
 from .config import PipelineConfig
-from .formats import INPUT_FORMATS, OUTPUT_FORMATS, SAMPLING_COLUMNS
+from .formats import INPUT_FORMATS, OUTPUT_FORMATS
+from .row_settings import SAMPLING_COLUMNS
 from .plan import Unit, read_unit_stats, result_config
 from .progress import Attempts
 from .stages import STAGES, error_kind

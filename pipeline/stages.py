@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from .config import PipelineConfig, output_columns
 from .attachments import render_prefix
+from .row_settings import SAMPLING_COLUMNS, row_overrides
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ def row_seed(base: int | None, row_id: Any) -> int | None:
 
 
 class _Stage:
-    """Shared column plumbing. Subclasses implement `_run(texts, ids) -> list[dict]`.
+    """Shared column plumbing. Subclasses implement `_run(texts, ids, rows) -> list[dict]`, where
+    `rows` holds what `_prepare` made of each row's own settings (generate: its SamplingParams).
 
     All torch work (loading the model, every engine call) runs on one thread the stage owns.
     Ray Data builds the class on the actor's main thread but calls it from a worker thread;
@@ -207,13 +209,17 @@ class _Stage:
             table = as_table(batch)
             prompts = [check_prompt(v) for v in column_values(table[cfg.prompt_column])]
         ids = table[cfg.id_column].to_pylist()
+        prepared = self._prepare(batch, names, ids)
+        for i, (_, err) in enumerate(prepared):
+            if err is not None and prompts[i][1] is None:
+                prompts[i] = (None, err)
         for i, err in (row_errors or {}).items():
             prompts[i] = (None, err)
         results: list[dict] = [{"error": err} for _, err in prompts]
         ok = [i for i, (text, _) in enumerate(prompts) if text is not None]
         if ok:
             texts = [self.prefix + cfg.template.format(prompt=prompts[i][0]) for i in ok]
-            for i, res in zip(ok, self._safe_run(texts, [ids[i] for i in ok])):
+            for i, res in zip(ok, self._safe_run(texts, [ids[i] for i in ok], [prepared[i][0] for i in ok])):
                 results[i] = res
         arrays = {cfg.id_column: table[cfg.id_column]}
         for col in cfg.keep_columns:
@@ -222,11 +228,16 @@ class _Stage:
             arrays[col] = pa.array([r.get(col) for r in results], type=RESULT_TYPES[col])
         return pa.table(arrays)
 
-    def _safe_run(self, texts: list[str], ids: list) -> list[dict]:
+    def _prepare(self, batch, names: list[str], ids: list) -> list[tuple[Any, str | None]]:
+        """Per row: (what `_run` needs beyond its text, or an error that keeps it from running).
+        Tasks without per-row settings need nothing."""
+        return [(None, None)] * len(ids)
+
+    def _safe_run(self, texts: list[str], ids: list, rows: list) -> list[dict]:
         """One engine call for the batch; if it raises, retry row by row so one poisoned row
         only fails itself."""
         try:
-            out = self._on_torch_thread(self._run, texts, ids)
+            out = self._on_torch_thread(self._run, texts, ids, rows)
             if len(out) != len(texts):
                 raise RuntimeError(f"engine returned {len(out)} results for {len(texts)} rows")
             return out
@@ -234,7 +245,7 @@ class _Stage:
             if len(texts) == 1:
                 return [{"error": f"engine_error: {type(e).__name__}: {e}"}]
             log.warning("engine call on %d rows raised %r; retrying rows one by one", len(texts), e)
-            return [self._safe_run([t], [i])[0] for t, i in zip(texts, ids)]
+            return [self._safe_run([t], [i], [r])[0] for t, i, r in zip(texts, ids, rows)]
 
 
 class GenerateStage(_Stage):
@@ -242,23 +253,43 @@ class GenerateStage(_Stage):
 
     task = "generate"
 
-    def _run(self, texts, ids):
+    def _prepare(self, batch, names, ids):
+        """Each row's SamplingParams: the run's settings, overridden by the row's own columns
+        (pipeline/row_settings.py); a value the engine would refuse is the row's error."""
         from model import SamplingParams
 
         cfg = self.config
-        structure = {"json_schema": cfg.json_schema, "regex": cfg.regex, "choice": list(cfg.choices) or None}
-        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_k=cfg.top_k, top_p=cfg.top_p, stop=list(cfg.stop),
-                                 seed=row_seed(cfg.seed, i), truncate=cfg.truncate, **structure) for i in ids]
+        present = [c for c in SAMPLING_COLUMNS if c in names]
+        table = None if isinstance(batch, dict) else as_table(batch)
+        columns = {c: column_values(batch[c] if table is None else table[c]) for c in present}
         out = []
-        for c in self.engine.generate(texts, params):
+        for row_id, (own, err) in zip(ids, row_overrides(columns, len(ids))):
+            if err is not None:
+                out.append((None, err))
+                continue
+            settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, stop=list(cfg.stop), seed=row_seed(cfg.seed, row_id),
+                            truncate=cfg.truncate, json_schema=cfg.json_schema, regex=cfg.regex,
+                            choice=list(cfg.choices) or None)
+            if "json_schema" in own:  # a row's schema replaces the run's constraint, whichever it is
+                settings.update(regex=None, choice=None)
+            settings.update(own)
+            try:
+                out.append((SamplingParams(**settings), None))
+            except ValueError as e:
+                out.append((None, "invalid_sampling: " + str(e).replace("SamplingParams.", "")))
+        return out
+
+    def _run(self, texts, ids, rows):
+        out = []
+        for c, p in zip(self.engine.generate(texts, rows), rows):
             if c.error is not None:
                 out.append({"finish_reason": "error", "error": engine_error(c.error),
                             "num_prompt_tokens": c.num_prompt_tokens or None})
                 continue
             row = {"completion": c.text, "finish_reason": c.finish_reason, "num_prompt_tokens": c.num_prompt_tokens,
                    "num_generated_tokens": c.num_generated_tokens}
-            if cfg.json_schema is not None and c.finish_reason == "stop":
+            if p.json_schema is not None and c.finish_reason == "stop":
                 try:
                     row["parsed"] = json.dumps(json.loads(c.text), ensure_ascii=False)
                 except ValueError as e:  # the grammar guarantees JSON; report rather than crash if not
@@ -272,7 +303,7 @@ class ClassifyStage(_Stage):
 
     task = "classify"
 
-    def _run(self, texts, ids):
+    def _run(self, texts, ids, rows):
         return [{"error": engine_error(c.error)} if c.error is not None else
                 {"label": c.label, "score": float(c.score), "probs": [float(p) for p in c.probs]}
                 for c in self.engine.classify(texts)]
@@ -339,7 +370,7 @@ class LabelStage(_Stage):
             out.append(m + math.log(sum(math.exp(x - m) for x in column) / len(column)))
         return out
 
-    def _run(self, texts, ids):
+    def _run(self, texts, ids, rows):
         out = []
         for c in self._score(texts):
             if c.error is not None:

@@ -1,0 +1,101 @@
+"""Per-row sampling settings: optional input columns that override the run's defaults row by row.
+
+A `generate` input may carry any of these columns; a row's non-null value replaces the run's
+setting for that row only (null or an empty cell keeps the run's value):
+
+    max_new_tokens  integer >= 1
+    temperature     number >= 0 (0 = greedy)
+    top_p           number in (0, 1]
+    top_k           integer >= 0 (0 = off)
+    stop            a string, or a list of strings (replaces the run's stop strings)
+    seed            integer: the row's own seed, used as given (without it a sampled row's seed
+                    derives from --seed and the row id)
+    json_schema     a JSON schema (object, or its JSON text): the row's completion must match it
+
+Values are checked per row: a bad one (a negative temperature, top_k 2.5, a stop that is a
+number) is that row's `error` ("invalid_sampling: ..."), and its neighbours run. Numbers may be
+given as text (CSV cells are text): "0.7" is 0.7. Integral floats are integers (16.0 is 16:
+Parquet columns holding nulls and pandas exports turn integers into floats).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+SAMPLING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "json_schema")
+_INTEGERS = ("max_new_tokens", "top_k", "seed")
+_NUMBERS = ("temperature", "top_p")
+
+
+class SettingError(ValueError):
+    pass
+
+
+def _number(name: str, value: Any) -> int | float:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise SettingError(f"{name} {value!r:.40} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingError(f"{name} must be a number, got a {type(value).__name__} ({value!r:.40})")
+    if not math.isfinite(value):
+        raise SettingError(f"{name} must be finite, got {value!r}")
+    if name in _INTEGERS:
+        if value != int(value):
+            raise SettingError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+        if name == "seed" and not 0 <= value < 1 << 63:
+            raise SettingError(f"seed must be in [0, 2**63), got {value}")
+    return value
+
+
+def coerce(name: str, value: Any) -> Any:
+    """The value of one per-row setting in the type the engine takes, or None to keep the run's
+    value. Raises SettingError for a value of the wrong kind."""
+    if value is None or (isinstance(value, str) and not value.strip() and name != "stop"):
+        return None
+    if isinstance(value, float) and math.isnan(value) and name != "stop":
+        return None  # pandas' missing value
+    if name in _INTEGERS or name in _NUMBERS:
+        return _number(name, value)
+    if name == "stop":
+        if isinstance(value, str):
+            return [value] if value else None
+        if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
+            return list(value)
+        raise SettingError(f"stop must be a string or a list of strings, got {value!r:.60}")
+    if name == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise SettingError(f"json_schema is not JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise SettingError(f"json_schema must be a JSON object, got a {type(value).__name__}")
+        return value
+    raise KeyError(name)
+
+
+def row_overrides(columns: dict[str, list], n: int) -> list[tuple[dict, str | None]]:
+    """For each of `n` rows, (its overrides {setting: value}, error or None), from the batch's
+    per-row setting columns ({name: values})."""
+    out: list[tuple[dict, str | None]] = []
+    for i in range(n):
+        settings, error = {}, None
+        for name, values in columns.items():
+            try:
+                value = coerce(name, values[i])
+            except SettingError as e:
+                error = f"invalid_sampling: {e}"
+                break
+            if value is not None:
+                settings[name] = value
+        out.append((settings, error))
+    return out

@@ -1,0 +1,144 @@
+"""Per-row sampling settings (pipeline/row_settings.py): input columns that override the run's
+generate settings row by row. Each row is checked against `Engine.generate` called directly
+with that row's settings spelled out; bad values fail only their own row."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jsonschema
+import pyarrow as pa
+import pytest
+from pipeline_fixtures import PROMPTS, tiny_model
+
+from model import Engine, SamplingParams
+from pipeline import GenerateStage, PipelineConfig
+from pipeline.formats import CsvInput, JsonlInput
+from pipeline.row_settings import SettingError, coerce
+from pipeline.stages import row_seed
+
+
+def cfg(**kw) -> PipelineConfig:
+    base = dict(task="generate", input="in", output="out", model=tiny_model("causal"), max_new_tokens=4,
+                batch_size=8)
+    return PipelineConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained(tiny_model("causal"), max_batch_size=8, dtype="float32", device="cpu")
+
+
+def direct(engine, prompt: str, **params):
+    return engine.generate([prompt], SamplingParams(**params))[0]
+
+
+def test_coerce_rules():
+    assert coerce("temperature", "0.7") == 0.7  # CSV cells are text
+    assert coerce("max_new_tokens", 16.0) == 16 and isinstance(coerce("max_new_tokens", 16.0), int)
+    assert coerce("top_k", " 3 ") == 3
+    assert coerce("stop", "\n") == ["\n"] and coerce("stop", ["a", "b"]) == ["a", "b"]
+    assert coerce("json_schema", '{"type": "integer"}') == {"type": "integer"}
+    for name in ("temperature", "max_new_tokens", "seed"):
+        assert coerce(name, None) is None and coerce(name, "") is None and coerce(name, math.nan) is None
+    for name, value, words in (("top_k", 2.5, "integer"), ("temperature", True, "number"),
+                               ("temperature", "hot", "not a number"), ("seed", -1, "[0, 2**63)"),
+                               ("temperature", math.inf, "finite"), ("stop", 5, "string"),
+                               ("stop", ["a", 1], "list of strings"), ("json_schema", "{", "not JSON"),
+                               ("json_schema", "[1]", "JSON object")):
+        with pytest.raises(SettingError, match=words.replace("*", r"\*").replace("[", r"\[").replace(")", r"\)")):
+            coerce(name, value)
+
+
+def test_rows_override_the_run_settings_and_bad_values_fail_only_their_row(engine):
+    prompts = PROMPTS[:8]
+    batch = {
+        "id": list(range(8)),
+        "prompt": prompts,
+        "max_new_tokens": [2, None, 7, None, None, 3, None, 5],
+        "temperature": [None, None, None, 0.9, -1, None, "0.8", None],
+        "top_k": [None, None, None, None, None, 2.5, 5, None],
+        "seed": [None, None, None, 7, None, None, None, None],
+        "stop": [None, None, None, None, None, None, None, "e"],
+    }
+    rows = GenerateStage(cfg(seed=123), engine=engine)(batch).to_pylist()
+    want = {
+        0: dict(max_new_tokens=2),
+        1: dict(max_new_tokens=4),
+        2: dict(max_new_tokens=7),
+        3: dict(max_new_tokens=4, temperature=0.9, seed=7),  # the row's seed, as given
+        6: dict(max_new_tokens=4, temperature=0.8, top_k=5, seed=row_seed(123, 6)),  # seed derived from --seed
+        7: dict(max_new_tokens=5, stop=["e"]),
+    }
+    for i, params in want.items():
+        ref = direct(engine, prompts[i], **params)
+        assert (rows[i]["completion"], rows[i]["finish_reason"], rows[i]["num_generated_tokens"]) == \
+            (ref.text, ref.finish_reason, ref.num_generated_tokens), (i, params)
+        assert rows[i]["error"] is None
+    assert rows[0]["num_generated_tokens"] == 2 and rows[2]["num_generated_tokens"] <= 7
+    assert rows[4]["error"] == "invalid_sampling: temperature must be a number >= 0, got -1"
+    assert rows[5]["error"] == "invalid_sampling: top_k must be an integer, got 2.5"
+    assert rows[4]["completion"] is None and rows[4]["id"] == 4 and rows[5]["id"] == 5
+    # the sampled row really sampled: another seed gives another text for at least one of a few seeds
+    others = {direct(engine, prompts[3], max_new_tokens=4, temperature=0.9, seed=s).text for s in range(8, 14)}
+    assert others - {rows[3]["completion"]}
+
+
+def test_jsonl_rows_with_mixed_types_keep_their_neighbours(engine, tmp_path):
+    lines = [{"id": 1, "prompt": PROMPTS[0], "temperature": 0},
+             {"id": 2, "prompt": PROMPTS[1], "temperature": "0.5", "seed": 3},
+             {"id": 3, "prompt": PROMPTS[2], "temperature": "hot"},
+             {"id": 4, "prompt": PROMPTS[3], "max_new_tokens": 2, "stop": ["zz", "q"]},
+             {"id": 5, "prompt": PROMPTS[4], "stop": 9}]
+    raw = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    table, errors = JsonlInput()._parse(raw, cfg())
+    assert errors == {2: "invalid_sampling: temperature 'hot' is not a number",
+                      4: "invalid_sampling: stop must be a string or a list of strings, got 9"}
+    assert table["temperature"].to_pylist() == [0, 0.5, None, None, None]
+    rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
+    ref = [direct(engine, PROMPTS[0], max_new_tokens=4), direct(engine, PROMPTS[1], max_new_tokens=4,
+                                                                 temperature=0.5, seed=3),
+           None, direct(engine, PROMPTS[3], max_new_tokens=2, stop=["zz", "q"]), None]
+    for r, c in zip(rows, ref):
+        if c is None:
+            assert r["error"].startswith("invalid_sampling: ") and r["completion"] is None
+        else:
+            assert (r["completion"], r["error"]) == (c.text, None)
+
+
+def test_csv_settings_are_text_and_parse_per_row(engine):
+    raw = (b"id,prompt,max_new_tokens,top_p\n"
+           b"1,\"" + PROMPTS[0].encode() + b"\",3,\n"
+           b"2,\"" + PROMPTS[1].encode() + b"\",,0\n"
+           b"3,\"" + PROMPTS[2].encode() + b"\",,\n")
+    table, errors = CsvInput()._parse(raw, cfg())
+    rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
+    assert rows[0]["completion"] == direct(engine, PROMPTS[0], max_new_tokens=3).text
+    assert rows[1]["error"] == "invalid_sampling: top_p must be a number in (0, 1], got 0"
+    assert rows[2]["completion"] == direct(engine, PROMPTS[2], max_new_tokens=4).text
+
+
+def test_a_row_schema_constrains_only_that_row(engine):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    batch = pa.table({"id": [1, 2, 3], "prompt": PROMPTS[:3],
+                      "json_schema": [json.dumps(schema), None, "not json"]})
+    rows = GenerateStage(cfg(max_new_tokens=24), engine=engine)(batch).to_pylist()
+    ref = direct(engine, PROMPTS[0], max_new_tokens=24, json_schema=schema)
+    assert rows[0]["completion"] == ref.text
+    if rows[0]["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(rows[0]["parsed"]), schema)
+    else:  # cut off by max_new_tokens: unparsed, and said so
+        assert rows[0]["parsed"] is None
+    assert rows[1]["completion"] == direct(engine, PROMPTS[1], max_new_tokens=24).text
+    assert rows[1]["parsed"] is None
+    assert rows[2]["error"].startswith("invalid_sampling: json_schema is not JSON")
+
+
+def test_other_tasks_ignore_setting_columns(engine):
+    from pipeline import LabelStage
+
+    batch = {"id": [1, 2], "prompt": PROMPTS[:2], "temperature": [-5, "hot"]}
+    rows = LabelStage(cfg(task="label", choices=["yes", "no"]), engine=engine)(batch).to_pylist()
+    assert all(r["error"] is None and r["label"] in ("yes", "no") for r in rows)
