@@ -20,6 +20,8 @@ from typing import Any
 
 TASKS = ("generate", "classify", "label")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
+INPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "csv", "openai-batch")
+OUTPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "openai-batch")
 # user:secret@ after a scheme; the secret may hold "/" or "@" (AWS secret keys have "/"), so
 # everything up to the last "@" of the URL goes
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s@/]*:[^\s]*@")
@@ -54,10 +56,12 @@ class PipelineConfig:
     output: str = _f(None, "Output directory URI. One output file per input file (or per "
                      "--rows-per-task slice) plus _run_report.json.", required=True)
     input_format: str = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / .json / .ndjson, "
-                           "also .gz / .zst; .csv), parquet, jsonl or csv.",
-                           choices=("auto", "parquet", "jsonl", "csv"))
-    output_format: str = _f("parquet", "Output format: parquet, or jsonl (one JSON object per row; "
-                            "statistics in _stats/).", choices=("parquet", "jsonl"))
+                           "also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI Batch API "
+                           "request lines: custom_id, url, body; generate only).",
+                           choices=INPUT_FORMAT_NAMES)
+    output_format: str = _f("auto", "Output format: parquet, jsonl (one JSON object per row; statistics in "
+                            "_stats/) or openai-batch (OpenAI Batch API output lines). auto = openai-batch "
+                            "for openai-batch input, else parquet.", choices=OUTPUT_FORMAT_NAMES)
     model: str = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
                     "tokenizer.model): a local directory or an object-store URI, downloaded once "
                     "per node into --model-cache-dir.", required=True)
@@ -207,6 +211,10 @@ class PipelineConfig:
         self.replicas = str(self.replicas)
         if self.truncate in ("", "none", "None"):
             self.truncate = None
+        if self.output_format == "auto":
+            self.output_format = "openai-batch" if self.input_format == "openai-batch" else "parquet"
+        if self.input_format == "openai-batch" and "url" not in self.keep_columns:
+            self.keep_columns = [*self.keep_columns, "url"]  # the answer's shape follows the request's endpoint
 
     @property
     def replica_range(self) -> tuple[int, int]:
@@ -318,10 +326,18 @@ class PipelineConfig:
                      "io_retries"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.input_format not in ("auto", "parquet", "jsonl", "csv"):
-            bad("input_format", f"must be auto, parquet, jsonl or csv, got {self.input_format!r}")
-        if self.output_format not in ("parquet", "jsonl"):
-            bad("output_format", f"must be parquet or jsonl, got {self.output_format!r}")
+        if self.input_format not in INPUT_FORMAT_NAMES:
+            bad("input_format", f"must be one of {', '.join(INPUT_FORMAT_NAMES)}, got {self.input_format!r}")
+        if self.output_format not in OUTPUT_FORMAT_NAMES:
+            bad("output_format", f"must be one of {', '.join(OUTPUT_FORMAT_NAMES)}, got {self.output_format!r}")
+        if "openai-batch" in (self.input_format, self.output_format):
+            if self.task != "generate":
+                bad("input_format", "openai-batch files hold completion requests: task generate only")
+            if self.input_format != "openai-batch":
+                bad("output_format", "openai-batch output answers openai-batch input (--input-format openai-batch)")
+            if self.prompt_template != "{prompt}" or self.chat_template or self.examples is not None:
+                bad("prompt_template", "with openai-batch input each request's messages make the prompt; "
+                    "--prompt-template, --chat-template and --examples do not apply")
         if self.on_bad_shard not in ("error", "skip"):
             bad("on_bad_shard", f"must be 'error' or 'skip', got {self.on_bad_shard!r}")
         if self.truncate not in (None, "left"):

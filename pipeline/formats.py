@@ -31,6 +31,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import openai_batch
 from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
 from .storage import Location, read_bytes, retry
 
@@ -81,6 +82,7 @@ def _missing(config, names) -> list[str]:
 class InputFormat:
     name = ""
     suffixes: tuple[str, ...] = ()
+    by_extension = True  # chosen for these suffixes under --input-format auto
 
     def inspect(self, loc: Location, config) -> Inspected:
         raise NotImplementedError
@@ -238,7 +240,7 @@ class JsonlInput(_RowsInput):
                 ".ndjson.zst", ".jsonl.bz2", ".json.bz2")
 
     def _objects(self, raw: bytes, config) -> Iterator[tuple[int, dict | None, str | None]]:
-        """(line number, object or None, error) for each non-empty line."""
+        """(line number, row or None, error) for each non-empty line."""
         text = raw.decode("utf-8-sig", errors="strict")
         for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and friends
             if not line.strip():
@@ -251,20 +253,20 @@ class JsonlInput(_RowsInput):
             if not isinstance(obj, dict):
                 yield n, None, f"invalid_line: line {n} holds a JSON {type(obj).__name__}, not an object"
                 continue
-            yield n, self.row(obj, config), None
+            row, err = self.row(obj, config)
+            yield n, row, None if err is None else f"{err} (line {n})"
 
-    def row(self, obj: dict, config) -> dict:
-        """The pipeline's columns of one JSON object (formats built on JSONL override this)."""
-        return obj
+    def row(self, obj: dict, config) -> tuple[dict, str | None]:
+        """The pipeline's columns of one JSON object and the row's error (formats built on
+        JSONL override this)."""
+        return obj, None
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
         rows, errors = [], {}
-        for n, obj, err in self._objects(raw, config):
+        for n, row, err in self._objects(raw, config):
             if err is not None:
                 errors[len(rows)] = err
-                rows.append({})
-            else:
-                rows.append(obj)
+            rows.append(row if row is not None else {})
         wanted = [config.id_column, config.prompt_column, *config.keep_columns, *SAMPLING_COLUMNS]
         wanted = [c for c in dict.fromkeys(wanted) if any(c in r for r in rows)]  # absent everywhere: named
         if config.id_column not in wanted:
@@ -303,6 +305,15 @@ class JsonlInput(_RowsInput):
         return out
 
 
+class OpenAIBatchInput(JsonlInput):
+    """OpenAI Batch API request files (pipeline/openai_batch.py): JSONL whose lines are requests."""
+
+    name, by_extension = "openai-batch", False
+
+    def row(self, obj, config):
+        return openai_batch.request_row(obj, config.id_column, config.prompt_column)
+
+
 class CsvInput(_RowsInput):
     name = "csv"
     suffixes = (".csv", ".csv.gz", ".csv.zst", ".csv.bz2")
@@ -331,15 +342,15 @@ class CsvInput(_RowsInput):
         return table, errors
 
 
-INPUT_FORMATS = {f.name: f for f in (ParquetInput(), JsonlInput(), CsvInput())}
-DATA_SUFFIXES = tuple(s for f in INPUT_FORMATS.values() for s in f.suffixes)
+INPUT_FORMATS = {f.name: f for f in (ParquetInput(), JsonlInput(), CsvInput(), OpenAIBatchInput())}
+DATA_SUFFIXES = tuple(dict.fromkeys(s for f in INPUT_FORMATS.values() for s in f.suffixes))
 
 
 def input_format(path: str, forced: str | None = None) -> InputFormat:
     if forced and forced != "auto":
         return INPUT_FORMATS[forced]
     for fmt in INPUT_FORMATS.values():
-        if path.endswith(fmt.suffixes):
+        if fmt.by_extension and path.endswith(fmt.suffixes):
             return fmt
     return INPUT_FORMATS["parquet"]
 
@@ -355,7 +366,7 @@ def strip_suffix(name: str) -> str:
 class OutputFormat:
     name, extension = "", ""
 
-    def open(self, stream, schema: pa.Schema):
+    def open(self, stream, schema: pa.Schema, config):
         raise NotImplementedError
 
     def read_stats(self, loc: Location) -> dict | None:
@@ -384,7 +395,7 @@ class ParquetOutput(OutputFormat):
         def close(self) -> None:
             self.writer.close()
 
-    def open(self, stream, schema):
+    def open(self, stream, schema, config):
         return self.Writer(stream, schema)
 
     def read_stats(self, loc: Location) -> dict | None:
@@ -405,11 +416,12 @@ class JsonlOutput(OutputFormat):
     name, extension = "jsonl", ".jsonl"
 
     class Writer:
-        def __init__(self, stream, schema):
+        def __init__(self, stream, schema, line=None):
             self.stream, self.schema, self.size = stream, schema, 0
+            self.line = line or (lambda row: row)  # output row -> the JSON object written
 
         def write(self, table: pa.Table) -> None:
-            data = "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+            data = "".join(json.dumps(self.line(row), ensure_ascii=False, default=_json_default) + "\n"
                            for row in table.to_pylist()).encode()
             self.stream.write(data)
             self.size += len(data)
@@ -420,7 +432,7 @@ class JsonlOutput(OutputFormat):
         def close(self) -> None:
             pass
 
-    def open(self, stream, schema):
+    def open(self, stream, schema, config):
         return self.Writer(stream, schema)
 
     def sidecar(self, final: Location) -> Location:
@@ -439,10 +451,32 @@ class JsonlOutput(OutputFormat):
         return stats
 
 
+class OpenAIBatchOutput(JsonlOutput):
+    """OpenAI Batch API output lines (pipeline/openai_batch.py), committed as JSONL is."""
+
+    name = "openai-batch"
+
+    def open(self, stream, schema, config):
+        import time
+
+        model, created = model_name(config.model), int(time.time())
+        return self.Writer(stream, schema,
+                           lambda row: openai_batch.response_line(row, config.id_column, model, created))
+
+
+def model_name(model: str) -> str:
+    """How answers name the model: a hub id as given, else the checkpoint directory's name."""
+    import os
+
+    text = str(model).rstrip("/")
+    local = os.path.exists(os.path.expanduser(text))
+    return text.rsplit("/", 1)[-1] if "://" in text or local else text
+
+
 def _json_default(value):
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return str(value)
 
 
-OUTPUT_FORMATS = {f.name: f for f in (ParquetOutput(), JsonlOutput())}
+OUTPUT_FORMATS = {f.name: f for f in (ParquetOutput(), JsonlOutput(), OpenAIBatchOutput())}

@@ -157,7 +157,7 @@ class ShardRunner:
                 with naming(writing):
                     f_out = fs.open_output_stream(tmp.path)
                     stack.callback(_close_quietly, f_out)  # on errors only: closed below on success
-                    writer = writer_format.open(f_out, self.schema)
+                    writer = writer_format.open(f_out, self.schema, cfg)
                     stack.callback(_close_quietly, writer)
                 while True:
                     with naming(f"read {src.uri}"):

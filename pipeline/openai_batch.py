@@ -1,0 +1,174 @@
+"""The OpenAI Batch API file format, in and out, so tooling written for OpenAI's batch files reads
+and writes ours.
+
+An input line is one request:
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 16}}
+
+`request_row` turns it into the pipeline's columns: the id (custom_id), the prompt, the `url`
+(kept, so the answer takes the endpoint's shape) and the per-row settings of
+pipeline/row_settings.py:
+
+- chat messages are rendered in Persimmon's chat format, `human: {user}\\n\\nadept: {assistant}\\n\\n`
+  per exchange, ending `human: {last user message}\\n\\nadept:`. System (or developer) messages
+  may only come first; their text goes before the first turn, followed by a blank line (the chat
+  model was not trained with a system role). Content is a string or a list of text parts.
+- `/v1/completions` takes `prompt` (one string) as it is.
+- `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed` and
+  `response_format` (`json_object`, or `json_schema` with its `schema`) become the row's settings;
+  a field left out takes the run's setting (greedy unless --temperature), not OpenAI's default.
+  `model` is ignored: the run's model answers. A request that asks for what this engine does not
+  do (`n` > 1, tools, logprobs, streaming, penalties) is that row's error, not silently changed.
+
+`response_line` turns an output row into an output line: `{"id", "custom_id", "response":
+{"status_code": 200, "request_id", "body": <chat.completion or text_completion>}, "error": null}`,
+or for a failed row `{"id", "custom_id", "response": null, "error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+_UNSUPPORTED = {  # body field -> the values that are fine (the default meaning)
+    "n": (None, 1), "stream": (None, False), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+}
+
+
+class RequestError(ValueError):
+    """A request this pipeline cannot serve; its message is the row's error."""
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(f"{where}: only text content is supported, got a {kind!r} part")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"{where}: content must be a string or a list of text parts")
+
+
+def render_chat(messages: Any) -> str:
+    """Chat messages -> one Persimmon chat prompt (see the module docstring)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("body.messages must be a non-empty list")
+    system, turns = [], []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{k}] is not an object")
+        role, text = m.get("role"), _text(m.get("content"), f"messages[{k}]")
+        if role in ("system", "developer"):
+            if turns:
+                raise RequestError(f"messages[{k}]: a {role} message may only come before the conversation")
+            system.append(text)
+        elif role in ("user", "assistant"):
+            want = "user" if len(turns) % 2 == 0 else "assistant"
+            if role != want:
+                raise RequestError(f"messages[{k}]: expected a {want} message (turns alternate, starting "
+                                   f"with the user), got {role}")
+            turns.append(text)
+        else:
+            raise RequestError(f"messages[{k}]: unsupported role {role!r}")
+    if len(turns) % 2 == 0:
+        raise RequestError("the last message must be the user's")
+    out = "".join(s + "\n\n" for s in system)
+    for k in range(0, len(turns) - 1, 2):
+        out += f"human: {turns[k]}\n\nadept: {turns[k + 1]}\n\n"
+    return out + f"human: {turns[-1]}\n\nadept:"
+
+
+def _schema(response_format: Any) -> dict | None:
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise RequestError("response_format json_schema needs json_schema.schema (an object)")
+        return spec["schema"]
+    raise RequestError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
+
+
+def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, str | None]:
+    """One request line -> (the row's columns, its error or None). The row keeps its custom_id
+    even when the request is bad, so its answer can say which request failed."""
+    custom_id = obj.get("custom_id")
+    row: dict = {id_column: custom_id, "url": obj.get("url")}
+    try:
+        if not isinstance(custom_id, str) or not custom_id:
+            raise RequestError("custom_id must be a non-empty string")
+        if obj.get("method", "POST") != "POST":
+            raise RequestError(f"method must be POST, got {obj.get('method')!r}")
+        url, body = obj.get("url"), obj.get("body")
+        if url not in (CHAT, COMPLETIONS):
+            raise RequestError(f"url must be {CHAT} or {COMPLETIONS}, got {url!r}")
+        if not isinstance(body, dict):
+            raise RequestError("body must be an object")
+        for name, fine in _UNSUPPORTED.items():
+            if name in body and body[name] not in fine:
+                raise RequestError(f"body.{name}={body[name]!r:.40} is not supported")
+        if url == CHAT:
+            prompt = render_chat(body.get("messages"))
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise RequestError("body.prompt must be one string (send one request per prompt)")
+        row[prompt_column] = prompt
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        settings = {"max_new_tokens": limit, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                    "stop": body.get("stop"), "seed": body.get("seed"),
+                    "json_schema": _schema(body.get("response_format"))}
+        row.update({k: v for k, v in settings.items() if v is not None})
+    except RequestError as e:
+        return row, f"invalid_request: {e}"
+    return row, None
+
+
+def _short_hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def _finish_reason(ours: str | None) -> str:
+    return "length" if ours == "length" else "stop"
+
+
+def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
+    """One output row -> one line of an OpenAI batch output file. Ids are derived from the
+    custom_id and the model, so a rerun writes the same ids."""
+    custom_id = row.get(id_column)
+    key = _short_hash(str(custom_id), model)
+    line = {"id": f"batch_req_{key}", "custom_id": custom_id}
+    error = row.get("error")
+    if error is not None:
+        code, _, message = error.partition(": ")
+        return {**line, "response": None, "error": {"code": code if message else "error", "message": message or error}}
+    usage = {"prompt_tokens": row.get("num_prompt_tokens") or 0,
+             "completion_tokens": row.get("num_generated_tokens") or 0}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    reason = _finish_reason(row.get("finish_reason"))
+    if row.get("url") == COMPLETIONS:
+        body = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": row.get("completion") or "", "logprobs": None,
+                             "finish_reason": reason}], "usage": usage}
+    else:
+        body = {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": row.get("completion") or "",
+                                                     "refusal": None},
+                             "logprobs": None, "finish_reason": reason}], "usage": usage}
+    return {**line, "response": {"status_code": 200, "request_id": f"req_{key}", "body": body}, "error": None}
