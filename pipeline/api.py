@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 
 from .config import PipelineConfig
+from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, make_plan
@@ -107,7 +108,7 @@ def _data_context(config: PipelineConfig, **extra):
 
     ctx = ray.data.DataContext.get_current()
     values = {
-        "enable_progress_bars": bool(config.progress),
+        "enable_progress_bars": bool(config.progress and config.verbose),
         # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
         # are an error after the timeout instead of a silent hang, and work spreads over all.
         "wait_for_min_actors_s": config.replica_start_timeout_s or -1,
@@ -242,7 +243,7 @@ def run(config: PipelineConfig) -> dict:
     check_prefix_length(config)
     config = dataclasses.replace(config, model_identity=model_identity(config))
     run_id = uuid.uuid4().hex[:12]
-    with _stop_signals() as stop, Lease(resolve(config.output, config), run_id) as lease:
+    with _stop_signals() as stop, Lease(resolve(config.output, config), run_id) as lease, quiet_ray(config.verbose):
         stop["lease"] = lease
         return _run_planned(config, run_id, stop, t_start, started_at)
 
@@ -253,7 +254,8 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
 
     plan = make_plan(config)
     todo = plan.todo
-    say = _printer(config)
+    console = Console(enabled=bool(config.progress))
+    say = console.say
     say(f"{len(plan.units)} unit(s) from {len({u.input_uri for u in plan.units})} input file(s): "
         f"{len(plan.done)} already committed, {len(todo)} to run"
         + (f" ({len(plan.stale)} of them stale: their input changed)" if plan.stale else "")
@@ -275,7 +277,8 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
                               fn_constructor_kwargs={"config": config, "schema": plan.schema,
                                                      "progress": tracker, "run_id": run_id},
                               batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))
-        with Watchdog(tracker, config.batch_timeout_s, say) as watchdog:
+        console.start(sum(u.num_rows for u in todo))
+        with Watchdog(tracker, config.batch_timeout_s, say) as watchdog, console.live(tracker):
             rows = iter(ds.iter_rows())
             try:
                 stop["in_loop"] = True
@@ -284,6 +287,7 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
                         st = json.loads(row["stats"])
                         name = st["output"].rsplit("/", 1)[-1]
                         results[name] = st
+                        console.unit_done(st)
                         say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
                         lease = stop.get("lease")
                         if lease is not None and lease.lost:
@@ -341,13 +345,6 @@ def _unit_line(st: dict) -> str:
         return st.get("error", "")
     tokens = f"{st.get('tokens_generated', 0)} tokens, " if st.get("tokens_generated") else ""
     return f"{st.get('rows_out')} rows, {st.get('rows_error')} with error, {tokens}{st.get('seconds', 0):.1f} s"
-
-
-def _printer(config):
-    def say(msg):
-        if config.progress:
-            print(f"[persimmon-batch] {msg}", file=sys.stderr, flush=True)
-    return say
 
 
 def _clean_tmp(plan: Plan) -> None:

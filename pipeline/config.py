@@ -192,7 +192,9 @@ class PipelineConfig:
                           "`ray job submit` job runs on; else start a local Ray).")
     num_cpus: Any = _f(None, "Local Ray only: logical CPUs to start it with (default: "
                        "max(8, 2 x cores), leaving Ray Data headroom on small machines).", type=int)
-    progress: bool = _f(True, "Print a line per finished task and Ray Data's progress bars.")
+    progress: bool = _f(True, "Print a line per finished unit and a live progress line (rows, rows/s, "
+                        "tokens/s, ETA, replicas busy, errors); every 30 s when stderr is not a terminal.")
+    verbose: bool = _f(False, "Also show Ray's own INFO logs and Ray Data's progress bars (hidden by default).")
     model_identity: Any = _f(None, "Set by the driver: a hash of the model's config, tokenizer and weight "
                              "headers, recorded with every output (a changed model is not resumed).",
                              cli=False)

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "_run_report.json"
 # config fields that change what a row's result is: outputs written under other values are stale
 COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
-                        "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "model_identity")
+                        "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "model_identity",
+                        "output_format")
 TASK_RESULT_FIELDS = {
     "generate": ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema",
                  "regex", "choices", "examples"),
@@ -44,7 +45,7 @@ TASK_RESULT_FIELDS = {
     "classify": (),
 }
 # recorded only by newer versions: an older footer without them is taken as matching (unverifiable)
-LEGACY_UNRECORDED = ("model_identity",)
+LEGACY_UNRECORDED = ("model_identity", "output_format")
 
 
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:

@@ -49,10 +49,16 @@ class ProgressTracker:
         if actor is not None:
             self.handles[attempt_id] = actor
 
-    def beat(self, attempt_id: str, rows_done: int) -> None:
+    def beat(self, attempt_id: str, rows_done: int, tokens: int = 0, errors: int = 0) -> None:
         a = self.attempts.get(attempt_id)
         if a is not None and a["state"] == "running":
-            a.update(last=time.monotonic(), rows_done=rows_done)
+            a.update(last=time.monotonic(), rows_done=rows_done, tokens=tokens, errors=errors)
+
+    def running(self) -> list[dict]:
+        """The attempts in flight: unit, actor, rows done, tokens generated, row errors so far."""
+        return [{"unit": a["unit"], "actor_id": a.get("actor_id"), "rows_done": a["rows_done"],
+                 "tokens": a.get("tokens", 0), "errors": a.get("errors", 0)}
+                for a in self.attempts.values() if a["state"] == "running"]
 
     def end(self, attempt_id: str, state: str, error: str | None = None) -> None:
         a = self.attempts.get(attempt_id)
@@ -125,8 +131,8 @@ class Attempts:
         self._call("start", attempt_id, {"unit": unit_name, "rows": rows, **self.where}, self.actor)
         return attempt_id
 
-    def beat(self, attempt_id: str, rows_done: int) -> None:
-        self._call("beat", attempt_id, rows_done)
+    def beat(self, attempt_id: str, rows_done: int, tokens: int = 0, errors: int = 0) -> None:
+        self._call("beat", attempt_id, rows_done, tokens, errors)
 
     def end(self, attempt_id: str, state: str, error: str | None = None) -> None:
         self._call("end", attempt_id, state, error)

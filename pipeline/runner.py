@@ -45,13 +45,13 @@ from .config import PipelineConfig
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .row_settings import SAMPLING_COLUMNS
 from .plan import Unit, read_unit_stats, result_config
+from .metrics import ReplicaMetrics
 from .progress import Attempts
 from .stages import STAGES, error_kind
 from .storage import (Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient,
                       write_bytes_atomic)
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 30.0
 
 
 def _where() -> dict:
@@ -93,6 +93,7 @@ class ShardRunner:
         self.result_config = result_config(config)
         self.run_id = run_id or uuid.uuid4().hex
         self.attempts = Attempts(progress, self.where)
+        self.metrics = ReplicaMetrics(config.task)
 
     def __call__(self, batch) -> dict:
         units = batch["unit"]
@@ -148,7 +149,6 @@ class ShardRunner:
         rows = errors = tok_in = tok_out = low_margin = 0
         kinds: Counter = Counter()
         labels: Counter = Counter()
-        last_log = t0
         sidecar = None
         try:
             with contextlib.ExitStack() as stack:
@@ -168,6 +168,7 @@ class ShardRunner:
                     lo, hi = bisect.bisect_left(preset_rows, rows), bisect.bisect_left(preset_rows, rows + batch.num_rows)
                     # a line that could not be read says why; the plan's id checks come second
                     row_errors = {**{i - rows: msg for i, msg in preset[lo:hi]}, **read_errors}
+                    t_batch = time.perf_counter()
                     out = self.stage(batch, row_errors).cast(self.schema)
                     with naming(writing):
                         writer.write(out)
@@ -178,13 +179,13 @@ class ShardRunner:
                     if cfg.task == "label":
                         labels.update(x for x in out["label"].to_pylist() if x is not None)
                         low_margin += sum(1 for m in out["margin"].to_pylist() if m is not None and m < cfg.low_margin)
+                    batch_tokens = 0
                     if "num_prompt_tokens" in out.column_names:
                         tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
-                        tok_out += sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
-                    self.attempts.beat(attempt, rows)
-                    if cfg.progress and time.perf_counter() - last_log > PROGRESS_EVERY_S:
-                        last_log = time.perf_counter()
-                        print(f"[persimmon-batch] {unit.output_name}: {rows}/{unit.num_rows} rows", flush=True)
+                        batch_tokens = sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
+                        tok_out += batch_tokens
+                    self.attempts.beat(attempt, rows, tok_out, errors)
+                    self.metrics.batch(out.num_rows, batch_tokens, errs, time.perf_counter() - t_batch)
                 if rows != unit.num_rows:
                     raise RuntimeError(f"read {rows} rows from {unit.input_uri}, the plan counted {unit.num_rows}")
                 stats = {
@@ -206,7 +207,7 @@ class ShardRunner:
                         sidecar = writer_format.sidecar(final)
                         ensure_dir(sidecar.parent)
                         write_bytes_atomic(sidecar, side_bytes)  # before the data: see formats.JsonlOutput
-            self.attempts.beat(attempt, rows)
+            self.attempts.beat(attempt, rows, tok_out, errors)
             commit(tmp, final)
         except BaseException:
             try:

@@ -1,0 +1,164 @@
+"""What a user sees while a run goes: our own lines, one live progress line, Ray's logs kept quiet.
+
+    [persimmon-batch] 12 unit(s) from 3 input file(s): 0 already committed, 12 to run
+    [persimmon-batch] [1/12] done    part-0.rows000000000-000000999: 1000 rows, 0 with error, ...
+    [persimmon-batch] rows 1,412/12,000 (12%) | 48.1 rows/s | 1,530 tok/s | ETA 3m40s | 2 replicas busy | 0 errors
+
+On a terminal the progress line is redrawn in place every second (unit lines print above it);
+otherwise (a log file, `ray job logs`) it is printed every 30 s. Counts come from the units
+committed so far plus the heartbeats of units in flight (pipeline.progress), so they move
+during a long unit, not only when it commits. Ray's INFO logs and Ray Data's progress bars are
+hidden unless --verbose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+import threading
+import time
+
+PREFIX = "[persimmon-batch] "
+
+
+def _count(n: float) -> str:
+    return f"{int(round(n)):,}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def progress_text(rows: int, total: int, tokens: int, errors: int, busy: int, elapsed: float) -> str:
+    """The progress line's text (no prefix)."""
+    pct = f" ({100 * rows / total:.0f}%)" if total else ""
+    rate = rows / elapsed if elapsed > 0 else 0.0
+    eta = _duration((total - rows) / rate) if rate > 0 and total > rows else ("-" if rows < total else "0s")
+    return (f"rows {_count(rows)}/{_count(total)}{pct} | {rate:.1f} rows/s | {_count(tokens / elapsed if elapsed > 0 else 0)} "
+            f"tok/s | ETA {eta} | {busy} replica{'s' if busy != 1 else ''} busy | {_count(errors)} error"
+            f"{'s' if errors != 1 else ''}")
+
+
+class Console:
+    """Prints our lines, and the live progress line while `live()` runs.
+
+    `unit_done(stats)` feeds it every unit result the driver receives; `tracker` (the run's
+    ProgressTracker actor) gives the rows, tokens and errors of units in flight."""
+
+    def __init__(self, enabled: bool = True, stream=None, interval: float | None = None, clock=time.monotonic):
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if interval is not None else (1.0 if self.tty else 30.0)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._drawn = False  # a progress line is on screen (terminal only)
+        self.total = self.rows = self.tokens = self.errors = 0
+        self.t0 = clock()
+        self._live: list[dict] = []
+
+    # ---- lines ------------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._drawn:
+                self.stream.write("\r\x1b[K")  # clear the progress line, print above it
+            self.stream.write(PREFIX + msg + "\n")
+            if self._drawn:
+                self.stream.write(PREFIX + self.text())
+            self.stream.flush()
+
+    # ---- counts -----------------------------------------------------------------------------
+    def start(self, total_rows: int) -> None:
+        self.total, self.t0 = total_rows, self.clock()
+
+    def unit_done(self, st: dict) -> None:
+        with self._lock:
+            if st.get("status") in ("done", "skipped"):
+                self.rows += st.get("rows_out") or 0
+                self.tokens += st.get("tokens_generated") or 0
+                self.errors += st.get("rows_error") or 0
+            self._live = [a for a in self._live if a.get("unit") != st.get("output", "").rsplit("/", 1)[-1]]
+
+    def text(self) -> str:
+        live = self._live
+        return progress_text(self.rows + sum(a.get("rows_done", 0) for a in live), self.total,
+                             self.tokens + sum(a.get("tokens", 0) for a in live),
+                             self.errors + sum(a.get("errors", 0) for a in live),
+                             len({a.get("actor_id") for a in live}), self.clock() - self.t0)
+
+    def draw(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self.tty:
+                self.stream.write("\r\x1b[K" + PREFIX + self.text() + ("\n" if final else ""))
+                self._drawn = not final
+            else:
+                self.stream.write(PREFIX + self.text() + "\n")
+            self.stream.flush()
+
+    @contextlib.contextmanager
+    def live(self, tracker):
+        """Redraw the progress line every `interval` seconds until the block ends, then once more."""
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(self.interval):
+                self._poll(tracker)
+                self.draw()
+
+        thread = threading.Thread(target=loop, name="persimmon-batch-progress", daemon=True)
+        if self.enabled:
+            thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            if thread.is_alive():
+                thread.join(timeout=15)
+            if self.enabled:
+                self._live = []
+                self.draw(final=True)
+
+    def _poll(self, tracker) -> None:
+        if tracker is None:
+            return
+        try:
+            import ray
+
+            live = ray.get(tracker.running.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress is advisory
+            return
+        with self._lock:
+            self._live = live
+
+
+@contextlib.contextmanager
+def quiet_ray(verbose: bool):
+    """For the block, unless `verbose`: Ray's driver logs at WARNING, and Ray Data's console
+    handler at WARNING (its log file, ray-data.log in the session's logs, keeps everything)."""
+    if verbose:
+        yield
+        return
+    importlib.import_module("ray.data")  # sets up Ray Data's logging handlers
+
+    ray_logger = logging.getLogger("ray")
+    console = [h for h in logging.getLogger("ray.data").handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = ray_logger.level, [h.level for h in console]
+    ray_logger.setLevel(logging.WARNING)
+    for h in console:
+        h.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ray_logger.setLevel(saved[0])
+        for h, level in zip(console, saved[1]):
+            h.setLevel(level)
