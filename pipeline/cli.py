@@ -14,16 +14,11 @@ import sys
 from dataclasses import MISSING, fields
 
 from .config import ConfigError, PipelineConfig, mask_uri
+from .tasks import TASK_NAMES, TASK_SETTINGS, TASKS
 
-GENERATE_ONLY = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex"}
-LABEL_ONLY = {"choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin"}
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
-DESCRIPTIONS = {
-    "generate": "Complete every prompt with a causal Persimmon checkpoint.",
-    "classify": "Classify every text with a PersimmonForSequenceClassification checkpoint.",
-    "label": "Zero-shot labeling with a causal checkpoint: pick the --choices option with the "
-             "highest log-likelihood after the (templated) prompt.",
-}
+IO_FIELDS = ("input", "output", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
+             "chat_template", "examples", "input_format", "output_format")
 EPILOG = ("Every input file becomes one output file with the same name, committed atomically; "
           "rerunning the same command resumes (finished files are skipped). "
           "_run_report.json in the output directory has row, error and token counts.")
@@ -43,22 +38,18 @@ def _default_text(f) -> str:
 def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
     groups = {
         "io": parser.add_argument_group("input, output, model"),
-        "gen": parser.add_argument_group("generation"),
-        "label": parser.add_argument_group("labeling"),
+        "task": parser.add_argument_group({"generate": "generation", "label": "labeling"}.get(task, task)),
         "engine": parser.add_argument_group("engine and memory (see `persimmon-batch capacity`)"),
         "run": parser.add_argument_group("replicas, resources, resume, storage, Ray"),
     }
+    own = TASKS[task].settings
     for f in fields(PipelineConfig):
         meta = f.metadata
-        if meta.get("cli") is False or (f.name in GENERATE_ONLY and task != "generate") \
-                or (f.name in LABEL_ONLY and task != "label") or (f.name == "choices" and task == "classify"):
+        if meta.get("cli") is False or (f.name in TASK_SETTINGS and f.name not in own):
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = meta["help"].replace("%", "%%") + _default_text(f)
-        group = groups["io"] if f.name in ("input", "output", "model", "id_column", "prompt_column",
-                                           "keep_columns", "prompt_template", "chat_template", "examples") \
-            else groups["label"] if f.name in LABEL_ONLY or (f.name == "choices" and task == "label") \
-            else groups["gen"] if f.name in GENERATE_ONLY or f.name == "choices" \
+        group = groups["io"] if f.name in IO_FIELDS else groups["task"] if f.name in own \
             else groups["engine"] if f.name in ENGINE_FIELDS else groups["run"]
         kwargs: dict = {"dest": f.name, "default": None, "help": help_text}
         ftype = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
@@ -78,11 +69,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persimmon-batch",
-        description="Batch inference with Persimmon on Ray Data: Parquet shards in, Parquet out.",
+        description="Batch inference with Persimmon on Ray Data: Parquet, JSONL, CSV or OpenAI batch files "
+                    "in; Parquet, JSONL or OpenAI batch files out.",
         epilog="Start with `persimmon-batch demo`. Every command takes --help.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,classify,label,capacity,demo}")
-    for task in ("generate", "classify", "label"):
-        p = sub.add_parser(task, help=DESCRIPTIONS[task], description=DESCRIPTIONS[task], epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(TASK_NAMES) + ",capacity,demo}")
+    for task in TASK_NAMES:
+        text = TASKS[task].description
+        p = sub.add_parser(task, help=text, description=text, epilog=EPILOG)
         p.add_argument("--config", metavar="FILE.yaml",
                        help="YAML file with any of the options below (flags override it).")
         p.add_argument("--print-report", action="store_true", help="Print the full run report JSON at the end.")

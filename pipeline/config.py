@@ -18,7 +18,8 @@ import string
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-TASKS = ("generate", "classify", "label")
+from .tasks import TASK_NAMES, TASKS
+
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
 INPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "csv", "openai-batch")
 OUTPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "openai-batch")
@@ -49,7 +50,7 @@ class PipelineConfig:
     # ---- what to run ----------------------------------------------------------------------
     task: str = _f("generate", "generate: complete each prompt; classify: sequence-classification "
                    "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM "
-                   "by scoring --choices.", choices=TASKS, cli=False)
+                   "by scoring --choices.", choices=TASK_NAMES, cli=False)
     input: Any = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// (or gs://, "
                     "abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated "
                     "list of files.", required=True)
@@ -258,7 +259,7 @@ class PipelineConfig:
                     bad(name, f"{mask_uri(item)} carries credentials in the URL; give them through the "
                         "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the node's role instead")
         if self.task not in TASKS:
-            bad("task", f"must be one of {TASKS}, got {self.task!r}")
+            bad("task", f"must be one of {TASK_NAMES}, got {self.task!r}")
         for name in ("input", "output", "model"):
             if not getattr(self, name):
                 bad(name, "is required")
@@ -445,11 +446,7 @@ class PipelineConfig:
 
 def output_columns(task: str) -> tuple[str, ...]:
     """The columns each task adds to its output rows (besides the id and kept columns)."""
-    return {
-        "generate": ("completion", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "parsed", "error"),
-        "classify": ("label", "score", "probs", "error"),
-        "label": ("label", "scores", "probs", "margin", "error"),
-    }[task]
+    return TASKS[task].column_names
 
 
 def _as_list(value, strip=True) -> list:

@@ -26,6 +26,7 @@ import struct
 
 from .config import PipelineConfig
 from .storage import Location, read_bytes, resolve, retry
+from .tasks import TASKS
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -56,11 +57,10 @@ def check_model(config: PipelineConfig) -> dict:
     if "tokenizer.model" not in names:
         raise ModelError(f"model {loc.uri} has no tokenizer.model")
     arch = (mcfg.architectures or ["PersimmonForCausalLM"])[0]
-    if config.task == "classify" and arch != "PersimmonForSequenceClassification":
-        raise ModelError(f"classify needs a PersimmonForSequenceClassification checkpoint; "
-                         f"{loc.uri} is {arch} (use `label` for zero-shot labeling with a causal LM)")
-    if config.task in ("generate", "label") and arch != "PersimmonForCausalLM":
-        raise ModelError(f"{config.task} needs a PersimmonForCausalLM checkpoint; {loc.uri} is {arch}")
+    task = TASKS[config.task]
+    if arch != task.architecture:
+        raise ModelError(f"{task.name} needs a {task.architecture} checkpoint; {loc.uri} is {arch}"
+                         + task.wrong_architecture_hint)
     files = _weight_files(loc, names)
     if files and files[0].endswith(".safetensors"):
         shapes: dict[str, tuple] = {}

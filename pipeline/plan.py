@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .config import ConfigError, PipelineConfig, mask_uri, output_columns
+from .tasks import TASKS
 from .stages import output_schema
 from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
 from .storage import Location, inside, list_inputs, place, resolve, retry
@@ -38,18 +39,12 @@ REPORT_NAME = "_run_report.json"
 COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
                         "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "model_identity",
                         "output_format")
-TASK_RESULT_FIELDS = {
-    "generate": ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema",
-                 "regex", "choices", "examples"),
-    "label": ("choices", "choice_separator", "choice_score", "calibrate", "examples"),
-    "classify": (),
-}
 # recorded only by newer versions: an older footer without them is taken as matching (unverifiable)
 LEGACY_UNRECORDED = ("model_identity", "output_format")
 
 
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:
-    fields = COMMON_RESULT_FIELDS + TASK_RESULT_FIELDS[config.task]
+    fields = COMMON_RESULT_FIELDS + TASKS[config.task].result_settings
     return fields + (("content_free_inputs",) if config.task == "label" and config.calibrate else ())
 
 

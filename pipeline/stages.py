@@ -27,18 +27,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import PipelineConfig, output_columns
+from .config import PipelineConfig
+from .tasks import TASKS
 from .attachments import render_prefix
 from .row_settings import SAMPLING_COLUMNS, row_overrides
 
 log = logging.getLogger(__name__)
 
-RESULT_TYPES = {
-    "completion": pa.string(), "finish_reason": pa.string(),
-    "num_prompt_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
-    "label": pa.string(), "score": pa.float64(), "probs": pa.list_(pa.float64()),
-    "scores": pa.list_(pa.float64()), "margin": pa.float64(), "parsed": pa.string(), "error": pa.string(),
-}
 
 
 def error_kind(message: str | None) -> str | None:
@@ -183,7 +178,7 @@ class _Stage:
         if self.prefix and hasattr(self.engine, "pin_prefix"):
             self._on_torch_thread(self.engine.pin_prefix, self.prefix)  # computed once, kept
         self.load_seconds = time.perf_counter() - t0
-        self.columns = output_columns(self.task)
+        self.columns = TASKS[self.task].columns
 
     def _on_torch_thread(self, fn, *args):
         return self._torch_thread.submit(fn, *args).result()
@@ -224,8 +219,8 @@ class _Stage:
         arrays = {cfg.id_column: table[cfg.id_column]}
         for col in cfg.keep_columns:
             arrays[col] = table[col]
-        for col in self.columns:
-            arrays[col] = pa.array([r.get(col) for r in results], type=RESULT_TYPES[col])
+        for col, kind in self.columns:
+            arrays[col] = pa.array([r.get(col) for r in results], type=kind)
         return pa.table(arrays)
 
     def _prepare(self, batch, names: list[str], ids: list) -> list[tuple[Any, str | None]]:
@@ -383,12 +378,12 @@ class LabelStage(_Stage):
         return out
 
 
-STAGES = {"generate": GenerateStage, "classify": ClassifyStage, "label": LabelStage}
+STAGES = {name: task.stage_class() for name, task in TASKS.items()}
 
 
 def output_schema(config: PipelineConfig, input_schema: pa.Schema) -> pa.Schema:
     """The schema every output file of this run has: id, kept columns, task columns."""
     fields = [input_schema.field(config.id_column)]
     fields += [input_schema.field(c) for c in config.keep_columns]
-    fields += [pa.field(c, RESULT_TYPES[c]) for c in output_columns(config.task)]
+    fields += [pa.field(c, kind) for c, kind in TASKS[config.task].columns]
     return pa.schema(fields)

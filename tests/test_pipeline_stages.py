@@ -659,3 +659,22 @@ def test_model_identity_sees_a_layer_retrained_in_the_middle(tmp_path):
         f.write(weights.numpy().tobytes())
     assert load_file(file)["model.layers.4.mlp.dense_h_to_4h.weight"].equal(weights)
     assert model_identity(cfg(model=path)) != before
+
+
+def test_each_task_is_declared_once_and_everything_reads_the_declaration():
+    from pipeline.plan import result_fields
+    from pipeline.stages import STAGES
+    from pipeline.tasks import TASK_SETTINGS, TASKS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for name, task in TASKS.items():
+        kw = {"choices": ["yes", "no"]} if name == "label" else {}
+        stage = STAGES[name](cfg(task=name, **kw), engine=FakeEngine())
+        out = stage({"id": [1, 2], "prompt": ["a", "b"]})
+        assert out.schema.names == ["id", *task.column_names]
+        assert [out.schema.field(c).type for c in task.column_names] == [t for _, t in task.columns]
+        flags = {a.dest for a in sub[name]._actions}
+        assert set(task.settings) <= flags and not (TASK_SETTINGS - set(task.settings)) & flags, name
+        assert set(task.result_settings) <= set(result_fields(cfg(task=name, **kw)))
+        assert sub[name].description == task.description
