@@ -37,6 +37,19 @@ LOGITS_ROWS = 64  # rows of scoring logits [rows, vocab] computed at once
 log = logging.getLogger(__name__)
 
 
+class RowError(ValueError):
+    """Why the engine cannot run one row: `kind` (empty_prompt, invalid_prompt, prompt_too_long,
+    invalid_choice, ...) and the message. Results carry both, as `error_kind` and `error`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _kind(e: Exception, default: str) -> str:
+    return getattr(e, "kind", default)
+
+
 @dataclass
 class Completion:
     text: str = ""
@@ -46,6 +59,7 @@ class Completion:
     num_generated_tokens: int = 0
     logprobs: list[float] | None = None
     error: str | None = None
+    error_kind: str | None = None  # why, as one word (RowError kinds, kv_cache_too_small, grammar_error)
 
 
 @dataclass
@@ -54,6 +68,7 @@ class Classification:
     score: float | None = None  # probability of `label` (the value itself for regression)
     probs: list[float] | None = None
     error: str | None = None
+    error_kind: str | None = None  # why, as one word (RowError kinds, kv_cache_too_small, grammar_error)
 
 
 @dataclass
@@ -62,6 +77,7 @@ class ChoiceScores:
     scores: list[float] | None = None  # log-likelihood of each choice (sum or mean), in `choices` order
     num_tokens: list[int] | None = None  # continuation tokens of each choice
     error: str | None = None
+    error_kind: str | None = None  # why, as one word (RowError kinds, kv_cache_too_small, grammar_error)
 
 
 def token_budget_packs(items: list, size, budget: int):
@@ -179,16 +195,17 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass token-id lists")
             if not prompt.strip():
-                raise ValueError("empty prompt")
+                raise RowError("empty_prompt", "empty prompt")
             return self.tokenizer.encode(prompt, add_bos=add_bos)
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                             for t in prompt):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise RowError("invalid_prompt", "a prompt must be a string or a list of token ids, got "
+                           f"{type(prompt).__name__}")
         if not prompt:
-            raise ValueError("empty prompt")
+            raise RowError("empty_prompt", "empty prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+            raise RowError("invalid_prompt", f"token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
         return list(prompt)
 
     def _decode(self, ids: list[int]) -> str:
@@ -274,7 +291,8 @@ class Engine:
         masked = apply_masks(logits[rows], bitmask)
         for k, s in enumerate(constrained):
             if bitmask[k].count_nonzero() == 0:
-                s.finish_reason, s.error = "error", f"grammar_error: no token is allowed ({s.constraint.get_error() or 'dead end'})"
+                s.finish_reason, s.error_kind = "error", "grammar_error"
+                s.error = f"no token is allowed ({s.constraint.get_error() or 'dead end'})"
                 masked[k] = logits[rows[k]]  # sample anything: the row is ended with the error
         logits[rows] = masked
         return logits
@@ -287,7 +305,7 @@ class Engine:
             if tok in s.stop_ids and m.is_accepting():
                 continue  # EOS after a complete structure: the scheduler stops the row
             if not m.consume_token(tok):
-                s.finish_reason, s.error = "error", f"grammar_error: {m.get_error()}"
+                s.finish_reason, s.error_kind, s.error = "error", "grammar_error", m.get_error()
             elif m.is_stopped():
                 s.grammar_done = True
 
@@ -320,7 +338,7 @@ class Engine:
                 try:
                     ids = self._fit_prompt(self._encode(prompt), p)
                 except ValueError as e:
-                    results[i] = Completion(error=str(e), finish_reason="error",
+                    results[i] = Completion(error=str(e), error_kind=_kind(e, "invalid_prompt"), finish_reason="error",
                                             num_prompt_tokens=len(prompt) if isinstance(prompt, list) else 0)
                     continue
                 seq = Sequence(i, ids, p, self._stop_ids(p), cacheable_tokens=self._cacheable(ids))
@@ -329,10 +347,11 @@ class Engine:
                     try:
                         self._constrain(seq)
                     except ValueError as e:
-                        results[i] = Completion(error=str(e), finish_reason="error", num_prompt_tokens=len(ids))
+                        results[i] = Completion(error=str(e), error_kind=_kind(e, "invalid_prompt"), finish_reason="error", num_prompt_tokens=len(ids))
                         continue
                 if not self.scheduler.add(seq):
-                    results[i] = Completion(error=seq.error, finish_reason="error", num_prompt_tokens=len(ids))
+                    results[i] = Completion(error=seq.error, error_kind=seq.error_kind, finish_reason="error",
+                                            num_prompt_tokens=len(ids))
         except BaseException:
             self.scheduler.abort_all()  # nothing half-queued may leak into the next call
             raise
@@ -348,14 +367,15 @@ class Engine:
         if len(ids) <= room:
             return ids
         if p.truncate != "left":
-            raise ValueError(f"prompt has {len(ids)} tokens, more than the {room} this engine's "
+            raise RowError("prompt_too_long", f"prompt has {len(ids)} tokens, more than the {room} this engine's "
                              f"max_seq_len={self.max_seq_len} allows (use truncate='left')")
         keep = max(self.max_seq_len - p.max_new_tokens, self.max_seq_len // 2, 1)
         return ids[-min(keep, room):]
 
     def _completion(self, seq: Sequence) -> Completion:
         if seq.finish_reason == "error":
-            return Completion(error=seq.error, finish_reason="error", num_prompt_tokens=len(seq.prompt),
+            return Completion(error=seq.error, error_kind=seq.error_kind, finish_reason="error",
+                              num_prompt_tokens=len(seq.prompt),
                               token_ids=list(seq.output), num_generated_tokens=len(seq.output))
         ids = seq.output
         body = ids[:-1] if seq.finish_reason == "stop" and ids and ids[-1] in seq.stop_ids else ids
@@ -398,7 +418,7 @@ class Engine:
             try:
                 context, continuations = self._continuations(prompt, choices, separator, add_bos)
             except ValueError as e:
-                results[i] = ChoiceScores(error=str(e))
+                results[i] = ChoiceScores(error=str(e), error_kind=_kind(e, "invalid_prompt"))
                 continue
             scores[i], lengths[i] = [0.0] * len(choices), [len(c) for c in continuations]
             for k, cont in enumerate(continuations):
@@ -413,7 +433,7 @@ class Engine:
         for seq in rows.values():
             if not self.scheduler.add(seq):
                 for i, _, _ in seq.payload:
-                    results[i] = ChoiceScores(error=seq.error)
+                    results[i] = ChoiceScores(error=seq.error, error_kind=seq.error_kind)
                     scores.pop(i, None)
 
         def on_scores(chunks):  # [(row, hidden [n, C] of its positions from max(score_from, computed))]
@@ -451,7 +471,7 @@ class Engine:
         """(context tokens, [continuation tokens per choice]) for one prompt (see score_choices)."""
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise ValueError("empty prompt")
+                raise RowError("empty_prompt", "empty prompt")
             stripped = prompt.rstrip()
             tail = prompt[len(stripped):]  # trailing whitespace belongs to the continuation
             context = self._encode(stripped, add_bos=add_bos)
@@ -463,18 +483,18 @@ class Engine:
                 cont = list(c)
                 bad = [t for t in cont if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
                 if bad:
-                    raise ValueError(f"choice {c!r}: token ids outside the vocabulary: {bad[:5]}")
+                    raise RowError("invalid_choice", f"choice {c!r}: token ids outside the vocabulary: {bad[:5]}")
             elif stripped is None:
-                raise ValueError("text choices need text prompts (the continuation is found in the text)")
+                raise RowError("invalid_prompt", "text choices need text prompts (the continuation is found in the text)")
             else:
                 # as lm-evaluation-harness: what the whole text has beyond the prompt's token count
                 cont = self.tokenizer.encode(stripped + tail + separator + c, add_bos=add_bos)[len(context):]
             if not cont:
-                raise ValueError(f"choice {c!r} adds no tokens after the prompt")
+                raise RowError("invalid_choice", f"choice {c!r} adds no tokens after the prompt")
             continuations.append(cont)
         longest = max(len(c) for c in continuations)
         if len(context) + longest > self.max_seq_len:
-            raise ValueError(f"prompt has {len(context)} tokens; with the longest choice ({longest}) it "
+            raise RowError("prompt_too_long", f"prompt has {len(context)} tokens; with the longest choice ({longest}) it "
                              f"exceeds max_seq_len={self.max_seq_len}")
         return context, continuations
 
@@ -514,11 +534,11 @@ class Engine:
             try:
                 ids = self._encode(text, add_bos=add_bos)
                 if len(ids) > self.config.max_position_embeddings:
-                    raise ValueError(f"text has {len(ids)} tokens, more than max_position_embeddings="
+                    raise RowError("prompt_too_long", f"text has {len(ids)} tokens, more than max_position_embeddings="
                                      f"{self.config.max_position_embeddings}")
                 encoded.append((i, ids))
             except ValueError as e:
-                results[i] = Classification(error=str(e))
+                results[i] = Classification(error=str(e), error_kind=_kind(e, "invalid_prompt"))
         for pack in token_budget_packs(encoded, lambda item: len(item[1]), self.prefill_token_budget):
             logits = self.runner.classify([row for _, row in pack]).float()
             for (i, _), row in zip(pack, logits):

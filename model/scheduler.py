@@ -165,6 +165,7 @@ class Sequence:
     admitted: int = -1  # admission order (preemption takes the largest)
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
+    error_kind: str | None = None  # why it failed, as one word
     text: str | None = None  # the text up to a stop string, when one ended the row
     detok: Detokenizer | None = None
     cacheable_tokens: int = 1 << 62  # only blocks ending at or before this are shared
@@ -258,8 +259,8 @@ class Scheduler:
             len(seq.prompt) + seq.params.max_new_tokens, self.max_seq_len)
         need = cdiv(longest, self.bs)
         if need > self.blocks.capacity:
-            seq.finish_reason, seq.error = "error", (
-                f"kv_cache_too_small: this row needs up to {longest} tokens of KV cache ({len(seq.prompt)} prompt"
+            seq.finish_reason, seq.error_kind, seq.error = "error", "kv_cache_too_small", (
+                f"this row needs up to {longest} tokens of KV cache ({len(seq.prompt)} prompt"
                 + ("" if seq.params is None else f" + {seq.params.max_new_tokens} max_new_tokens")
                 + f") but the whole pool holds {self.blocks.capacity * self.bs} tokens: lower max_new_tokens, "
                 "or give the engine more KV memory (kv_cache_gib / memory_fraction)")

@@ -44,18 +44,9 @@ def error_kind(message: str | None) -> str | None:
     return head if re.fullmatch(r"[a-z][a-z0-9_]{0,39}", head) else "other"
 
 
-def engine_error(message: str) -> str:
-    """Prefix an engine's per-row error with its kind, so every `error` reads 'kind: detail'."""
-    if re.match(r"[a-z][a-z0-9_]{0,39}: ", message):  # already 'kind: detail'
-        return message
-    low = message.lower()
-    if "empty" in low:
-        kind = "empty_prompt"
-    elif "tokens" in low and any(w in low for w in ("more than", "exceed", "too long")):
-        kind = "prompt_too_long"
-    else:
-        kind = "engine_error"
-    return f"{kind}: {message}"
+def engine_error(result) -> str:
+    """An engine result's per-row error as 'kind: detail' (the engine says the kind)."""
+    return f"{result.error_kind or 'engine_error'}: {result.error}"
 
 
 def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
@@ -279,7 +270,7 @@ class GenerateStage(_Stage):
         out = []
         for c, p in zip(self.engine.generate(texts, rows), rows):
             if c.error is not None:
-                out.append({"finish_reason": "error", "error": engine_error(c.error),
+                out.append({"finish_reason": "error", "error": engine_error(c),
                             "num_prompt_tokens": c.num_prompt_tokens or None})
                 continue
             row = {"completion": c.text, "finish_reason": c.finish_reason, "num_prompt_tokens": c.num_prompt_tokens,
@@ -299,7 +290,7 @@ class ClassifyStage(_Stage):
     task = "classify"
 
     def _run(self, texts, ids, rows):
-        return [{"error": engine_error(c.error)} if c.error is not None else
+        return [{"error": engine_error(c)} if c.error is not None else
                 {"label": c.label, "score": float(c.score), "probs": [float(p) for p in c.probs]}
                 for c in self.engine.classify(texts)]
 
@@ -369,7 +360,7 @@ class LabelStage(_Stage):
         out = []
         for c in self._score(texts):
             if c.error is not None:
-                out.append({"error": engine_error(c.error)})
+                out.append({"error": engine_error(c)})
                 continue
             probs = calibrated(c.scores, self.log_p_cf)
             order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)

@@ -224,6 +224,8 @@ def test_bad_rows_get_errors_and_neighbours_unaffected(lm, tokenizer):
     assert "empty" in mixed[0].error and "empty" in mixed[2].error
     assert "max_seq_len" in mixed[3].error and "truncate" in mixed[3].error
     assert "vocabulary" in mixed[6].error
+    assert [m.error_kind for m in mixed] == ["empty_prompt", None, "empty_prompt", "prompt_too_long", "empty_prompt",
+                                             None, "invalid_prompt"]
     assert mixed[1].token_ids == alone[0].token_ids and mixed[5].token_ids == alone[1].token_ids
     assert mixed[1].error is None
     truncated = engine.generate([long_prompt], SamplingParams(max_new_tokens=6, ignore_eos=True,
@@ -476,7 +478,7 @@ def test_row_too_long_for_the_whole_pool_gets_an_error_and_neighbours_finish(lm,
                                      SamplingParams(max_new_tokens=20, ignore_eos=True),  # 50 tokens > 40
                                      SamplingParams(max_new_tokens=8, ignore_eos=True)])
     assert outs[1].finish_reason == "error"
-    assert "kv_cache_too_small" in outs[1].error and "50 tokens" in outs[1].error and "40 tokens" in outs[1].error
+    assert outs[1].error_kind == "kv_cache_too_small" and "50 tokens" in outs[1].error and "40 tokens" in outs[1].error
     assert outs[0].token_ids == hf_greedy(hf_lm, prompts[0], 8) and outs[2].token_ids == hf_greedy(hf_lm, prompts[2], 8)
 
 

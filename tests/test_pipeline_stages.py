@@ -37,7 +37,8 @@ class FakeEngine:
         out = []
         for p in prompts:
             if "TOO LONG" in p:
-                out.append(Completion(error="prompt has 900 tokens, more than the 511 this engine allows"))
+                out.append(Completion(error="prompt has 900 tokens, more than the 511 this engine allows",
+                                      error_kind="prompt_too_long"))
             else:
                 out.append(Completion(text=p[::-1], finish_reason="length", num_prompt_tokens=len(p),
                                       num_generated_tokens=3))

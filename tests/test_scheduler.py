@@ -117,7 +117,7 @@ def test_outputs_equal_reference_under_memory_pressure(num_blocks, bs, max_rows,
             assert s.output == reference(s.prompt, s.params.max_new_tokens) and s.finish_reason == "length"
         else:  # only rows that cannot fit the empty pool are refused, with the numbers
             assert cdiv(len(s.prompt) + s.params.max_new_tokens, bs) > num_blocks
-            assert s.finish_reason == "error" and "kv_cache_too_small" in s.error and str(num_blocks * bs) in s.error
+            assert s.finish_reason == "error" and s.error_kind == "kv_cache_too_small" and str(num_blocks * bs) in s.error
     st = sched.stats()
     assert st["rows_in_flight_peak"] <= max_rows
     assert st["kv_tokens_peak"] <= num_blocks * bs
