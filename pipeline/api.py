@@ -25,6 +25,7 @@ from collections import Counter
 
 from .config import ConfigError, PipelineConfig
 from .attachments import check_prefix_length, load_attachments
+from .hub import pin
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
@@ -162,6 +163,7 @@ def build_dataset(config: PipelineConfig, ds=None):
 
     config = load_attachments(config.with_env().validate())
     _check_shared_stores(config)
+    config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)
     init_ray(config)
     with _data_context(config):
@@ -254,6 +256,7 @@ def run(config: PipelineConfig) -> dict:
     t_start, started_at = time.perf_counter(), time.time()
     config = load_attachments(config.with_env().validate())
     _check_shared_stores(config)
+    config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)
     check_prefix_length(config)
     config = dataclasses.replace(config, model_identity=model_identity(config))

@@ -347,19 +347,32 @@ def read_bytes(loc: Location) -> bytes:
     return retry(_read, f"read {loc.uri}", loc.retries)
 
 
-# ---- model directory: local as is, remote downloaded once per node --------------------------
+# ---- model directory: local as is, hub snapshot, remote downloaded once per node -------------
 MODEL_FILES_SUFFIXES = (".json", ".safetensors", ".model", ".bin", ".txt")
+
+
+def model_location(model: str, config) -> Location:
+    """Where the checkpoint `model` (the config's) is read: a Hugging Face hub id from its
+    snapshot in this node's HF cache (fetched if missing, at the commit the driver pinned:
+    `pipeline.hub`), anything else as `resolve`."""
+    from .hub import hub_model, snapshot
+
+    hub = hub_model(model, getattr(config, "model_commit", None))
+    if hub is None:
+        return resolve(model, config)
+    return Location(pafs.LocalFileSystem(), snapshot(hub, model), hub.uri, "file", _retries(config))
 
 
 def local_model_dir(model_uri: str, config) -> str:
     """A local directory holding the checkpoint.
 
-    Local paths are returned unchanged. A remote directory is downloaded into
+    Local paths are returned unchanged, hub ids as their snapshot in the node's HF cache
+    (`model_location`). A remote directory is downloaded into
     `<model_cache_dir>/<sha1(uri, model identity)[:16]>` under a file lock, so when several replicas on one node
     start together one downloads and the others wait; a `.complete` marker written last makes
     a half-finished download (killed process) be redone, never used.
     """
-    loc = resolve(model_uri, config)
+    loc = model_location(model_uri, config)
     if loc.is_local:
         return loc.path
     from filelock import FileLock
