@@ -21,6 +21,7 @@ model is a hub id.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -88,12 +89,16 @@ def snapshot(hub: HubModel, model: str | None = None) -> str:
         from filelock import FileLock
         from huggingface_hub import constants
     except ImportError:
-        raise ModelError(f"model {model!r} is not a local directory, and reading it from the Hugging Face "
-                         "hub needs huggingface_hub: pip install 'persimmon-batch[hub]'") from None
+        raise ModelError(f"{_head(model)} needs huggingface_hub: pip install 'persimmon-batch[hub]'") from None
     cache = os.path.expanduser(constants.HF_HUB_CACHE)
-    os.makedirs(os.path.join(cache, ".locks"), exist_ok=True)
+    locks = os.path.join(cache, ".locks")
+    with contextlib.suppress(OSError):
+        os.makedirs(locks, exist_ok=True)
     folder = "models--" + hub.repo_id.replace("/", "--")
-    with FileLock(os.path.join(cache, ".locks", f"persimmon-batch--{folder}.lock")):
+    # a read-only shared cache is only read: nothing to serialise
+    lock = FileLock(os.path.join(locks, f"persimmon-batch--{folder}.lock")) if os.access(locks, os.W_OK) \
+        else contextlib.nullcontext()
+    with lock:
         try:
             path = huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision,
                                                      allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS)
@@ -110,8 +115,7 @@ def _explain(error: Exception, hub: HubModel, model: str, cache: str, constants)
     """What went wrong fetching a hub model, and what to do about it."""
     from huggingface_hub import errors
 
-    head = (f"model {model!r}" if model.startswith(PREFIX) else
-            f"model {model!r} is not a local directory, and as a Hugging Face hub id it")
+    head = _head(model)
     revision = hub.revision or "main"
     if isinstance(error, errors.GatedRepoError):
         return (f"{head} is gated: accept its terms on https://huggingface.co/{hub.repo_id} and give a token "
@@ -131,3 +135,9 @@ def _explain(error: Exception, hub: HubModel, model: str, cache: str, constants)
                 "or HF_ENDPOINT")
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{head} could not be fetched: {type(error).__name__}: {first}"
+
+
+def _head(model: str) -> str:
+    """How messages name the model: a bare owner/name also says why it was taken for a hub id."""
+    return (f"model {model!r}" if model.startswith(PREFIX) else
+            f"model {model!r} is not a local directory, and as a Hugging Face hub id it")

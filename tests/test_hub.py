@@ -272,9 +272,11 @@ def test_hub_answers_become_clear_errors(tmp_path, monkeypatch):
 def test_missing_huggingface_hub_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
-    with pytest.raises(ModelError, match=r"'owner/tiny' is not a local directory, and reading it from the Hugging "
-                                         r"Face hub needs huggingface_hub: pip install 'persimmon-batch\[hub\]'"):
+    with pytest.raises(ModelError, match=r"'owner/tiny' is not a local directory, and as a Hugging Face hub id it "
+                                         r"needs huggingface_hub: pip install 'persimmon-batch\[hub\]'"):
         check_model(cfg("owner/tiny"))
+    with pytest.raises(ModelError, match=r"^model 'hf://owner/tiny' needs huggingface_hub: pip install"):
+        check_model(cfg("hf://owner/tiny"))
 
 
 # ---- a full run ----------------------------------------------------------------------------
