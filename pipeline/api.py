@@ -23,9 +23,10 @@ import time
 import uuid
 from collections import Counter
 
-from .config import PipelineConfig
+from .config import ConfigError, PipelineConfig
 from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
+from .hub import pin
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, make_plan
 from .progress import Watchdog, start_tracker, summarize
@@ -162,6 +163,8 @@ def build_dataset(config: PipelineConfig, ds=None):
     import ray.data
 
     config = load_attachments(config.with_env().validate())
+    _check_shared_stores(config)
+    config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)
     init_ray(config)
     with _data_context(config):
@@ -184,6 +187,20 @@ def _avoid_fsspec_http_race() -> None:
 
     if importlib.util.find_spec("aiohttp") is None:
         sys.modules.setdefault("fsspec.implementations.http", None)
+
+
+def _check_shared_stores(config: PipelineConfig) -> None:
+    """Replicas run in other Ray processes: a store private to this process cannot work there."""
+    from urllib.parse import urlparse
+
+    for name in ("input", "output", "model"):
+        value = getattr(config, name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and urlparse(item).scheme == "memory":
+                raise ConfigError(f"{name}: {item} is fsspec's in-memory store, private to this process; Ray "
+                                  "replicas run in other processes and would find it empty. Use a store every "
+                                  "node reaches (s3://, gs://, abfs://, a shared disk); memory:// works only "
+                                  "with pipeline.runner.ShardRunner called in this process")
 
 
 def filesystem(config: PipelineConfig, uri: str):
@@ -239,6 +256,8 @@ def run(config: PipelineConfig) -> dict:
     per output at a time (`pipeline.lease`); SIGTERM / SIGINT stop it with a report."""
     t_start, started_at = time.perf_counter(), time.time()
     config = load_attachments(config.with_env().validate())
+    _check_shared_stores(config)
+    config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)
     check_prefix_length(config)
     config = dataclasses.replace(config, model_identity=model_identity(config))

@@ -129,9 +129,9 @@ def check_prefix_length(config: PipelineConfig) -> None:
     prefix = render_prefix(config)
     if not prefix:
         return
-    from .storage import resolve
+    from .storage import model_location
 
-    loc = resolve(config.model, config)
+    loc = model_location(config.model, config)
     if not loc.is_local:
         return
     from model import PersimmonConfig, PersimmonTokenizer

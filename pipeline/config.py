@@ -64,8 +64,10 @@ class PipelineConfig:
                             "_stats/) or openai-batch (OpenAI Batch API output lines). auto = openai-batch "
                             "for openai-batch input, else parquet.", choices=OUTPUT_FORMAT_NAMES)
     model: str = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
-                    "tokenizer.model): a local directory or an object-store URI, downloaded once "
-                    "per node into --model-cache-dir.", required=True)
+                    "tokenizer.model): a local directory, an object-store URI (downloaded once "
+                    "per node into --model-cache-dir) or a Hugging Face hub id: owner/name[@revision] "
+                    "when no such local path exists, or hf://owner/name[@revision] (fetched once per "
+                    "node into its HF cache; needs the `hub` extra).", required=True)
     # ---- columns ----------------------------------------------------------------------------
     id_column: str = _f("id", "Input column with a unique row id, copied to the output.")
     prompt_column: str = _f("prompt", "Input column with the prompt (or text to classify).")
@@ -199,6 +201,8 @@ class PipelineConfig:
     model_identity: Any = _f(None, "Set by the driver: a hash of the model's config, tokenizer and weight "
                              "headers, recorded with every output (a changed model is not resumed).",
                              cli=False)
+    model_commit: Any = _f(None, "Set by the driver for a Hugging Face hub model: the commit its revision "
+                           "resolved to, so every replica loads the snapshot the driver checked.", cli=False)
 
     # --------------------------------------------------------------------------------------
     def __post_init__(self):

@@ -15,6 +15,9 @@ config.json describes, built on the meta device (no memory):
 Pickle (`pytorch_model*.bin`) checkpoints have no cheap header: local ones are opened
 memory-mapped with `torch.load(weights_only=True)` (no code runs from the file, tensors are not
 read); remote ones are checked when the replicas load them.
+
+A Hugging Face hub id is checked, and fingerprinted, in its snapshot in this node's HF cache
+(`storage.model_location`, `pipeline.hub`): the files the replicas will load.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import struct
 
 from .config import PipelineConfig
-from .storage import Location, read_bytes, resolve, retry
+from .storage import Location, model_location, read_bytes, retry
 from .tasks import TASKS
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -43,7 +46,7 @@ def check_model(config: PipelineConfig) -> dict:
     """Validate the checkpoint at `config.model` for `config.task`; return its config dict."""
     from model import PersimmonConfig
 
-    loc = resolve(config.model, config)
+    loc = model_location(config.model, config)
     names = _list(loc)
     if "config.json" not in names:
         raise ModelError(f"model {loc.uri} has no config.json")
@@ -103,7 +106,7 @@ def model_identity(config: PipelineConfig) -> str:
     weights (every layer of an 8B checkpoint is sampled) - not every weight byte. Recorded in each output's footer: a rerun whose model changed is refused, and
     the node model cache keeps one copy per identity (weights changed in place are fetched
     again)."""
-    loc = resolve(config.model, config)
+    loc = model_location(config.model, config)
     names = _list(loc)
     h = hashlib.sha256()
     for name in IDENTITY_FILES:

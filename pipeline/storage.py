@@ -8,7 +8,10 @@ S3-compatible endpoint as the driver:
 - `s3://` -> `S3FileSystem(endpoint_override=..., scheme="http"|"https", ...)`;
 - anything else fsspec knows (`gs://`, `abfs://`, ...) -> fsspec wrapped in `PyFileSystem`.
 
-Paths returned with a filesystem are that filesystem's own paths (`bucket/key` for S3).
+Paths returned with a filesystem are that filesystem's own paths (`bucket/key` for S3; for an
+fsspec store as its `_strip_protocol` spells them: `bucket/key` for gs://, `/dir/key` for
+memory://). fsspec's memory:// store lives in one process: fine for tests driving
+`ShardRunner` in-process, refused by `pipeline.run` (its replicas are other processes).
 """
 
 from __future__ import annotations
@@ -75,16 +78,20 @@ def filesystem_for(scheme: str, config) -> pafs.FileSystem:
                                 else f"https://{config.s3_endpoint}")
             kwargs.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
         return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+    return pafs.PyFileSystem(pafs.FSSpecHandler(_fsspec(scheme)))
+
+
+def _fsspec(scheme: str):
+    """The fsspec filesystem for a scheme, or a ValueError saying which package to install."""
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec is a dependency
         raise ValueError(f"no filesystem for {scheme}:// (install fsspec)") from None
     try:
-        fs = fsspec.filesystem(scheme)
+        return fsspec.filesystem(scheme)
     except (ImportError, ValueError) as e:
         raise ValueError(f"no filesystem for {scheme}://: {e} (install its fsspec package, "
                          f"e.g. gcsfs for gs://, adlfs for abfs://)") from None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def resolve(uri: str, config) -> Location:
@@ -96,7 +103,10 @@ def resolve(uri: str, config) -> Location:
         path = os.path.abspath(os.path.expanduser(path))
         return Location(pafs.LocalFileSystem(), path, path, "file", _retries(config))
     scheme = parsed.scheme
-    path = (parsed.netloc + parsed.path).rstrip("/") if parsed.netloc else parsed.path
+    if scheme in ("s3", "s3a"):
+        path = (parsed.netloc + parsed.path).rstrip("/")
+    else:  # the path as the fsspec filesystem spells it (memory://a/b is "/a/b", gs://b/k is "b/k")
+        path = _fsspec(scheme)._strip_protocol(uri).rstrip("/") or "/"
     return Location(filesystem_for(scheme, config), path, uri.rstrip("/"), scheme, _retries(config))
 
 
@@ -300,8 +310,12 @@ def ensure_dir(loc: Location) -> None:
 def commit(tmp: Location, final: Location) -> None:
     """Make a fully written temp file visible under its final name, atomically.
 
-    Local: rename. S3: server-side copy (the object appears complete or not at all), then
-    delete the temp object. Other stores: the filesystem's move.
+    Local: rename. Other stores: the store's copy, then delete the temp object. On object stores
+    (S3, and through fsspec gs://, abfs://, ...) the copy is server-side: the object appears
+    complete or not at all. On an fsspec filesystem whose copy is not atomic (ftp://, sftp://,
+    ...), a reader may briefly see a partial file under the final name; the pipeline never takes
+    one as committed (a Parquet output needs its footer's row count, a JSONL output the sidecar
+    naming its size), so resume stays exactly-once there too.
     """
     if tmp.is_local:
         os.replace(tmp.path, final.path)
@@ -333,19 +347,32 @@ def read_bytes(loc: Location) -> bytes:
     return retry(_read, f"read {loc.uri}", loc.retries)
 
 
-# ---- model directory: local as is, remote downloaded once per node --------------------------
+# ---- model directory: local as is, hub snapshot, remote downloaded once per node -------------
 MODEL_FILES_SUFFIXES = (".json", ".safetensors", ".model", ".bin", ".txt")
+
+
+def model_location(model: str, config) -> Location:
+    """Where the checkpoint `model` (the config's) is read: a Hugging Face hub id from its
+    snapshot in this node's HF cache (fetched if missing, at the commit the driver pinned:
+    `pipeline.hub`), anything else as `resolve`."""
+    from .hub import hub_model, snapshot
+
+    hub = hub_model(model, getattr(config, "model_commit", None))
+    if hub is None:
+        return resolve(model, config)
+    return Location(pafs.LocalFileSystem(), snapshot(hub, model), hub.uri, "file", _retries(config))
 
 
 def local_model_dir(model_uri: str, config) -> str:
     """A local directory holding the checkpoint.
 
-    Local paths are returned unchanged. A remote directory is downloaded into
+    Local paths are returned unchanged, hub ids as their snapshot in the node's HF cache
+    (`model_location`). A remote directory is downloaded into
     `<model_cache_dir>/<sha1(uri, model identity)[:16]>` under a file lock, so when several replicas on one node
     start together one downloads and the others wait; a `.complete` marker written last makes
     a half-finished download (killed process) be redone, never used.
     """
-    loc = resolve(model_uri, config)
+    loc = model_location(model_uri, config)
     if loc.is_local:
         return loc.path
     from filelock import FileLock

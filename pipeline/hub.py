@@ -1,0 +1,143 @@
+"""Models named by their Hugging Face hub id, fetched into the node's Hugging Face cache.
+
+`--model` is a hub id when it is written `hf://owner/name[@revision]`, or `owner/name[@revision]`
+with no scheme, in the hub's id syntax (letters, digits, `-`, `_`, `.`; no leading `.`, `/` or
+`~`) and naming no local file or directory. A local directory of that relative name wins: write
+`hf://owner/name` to mean the hub anyway, `./owner/name` to mean a local directory. The revision
+is a branch, tag or commit (default `main`).
+
+The driver resolves the id once (`pin`): the snapshot is fetched (or found in the cache) and its
+commit is recorded in the config (`model_commit`), so every replica loads exactly the snapshot the
+driver checked and fingerprinted, even if the branch moves meanwhile. Each node fetches into its
+own Hugging Face cache (`HF_HUB_CACHE` / `HF_HOME`, `~/.cache/huggingface/hub` by default) with
+`huggingface_hub.snapshot_download`, holding a file lock so that replicas starting together on
+one node fetch once. Only what the engine reads is fetched: config.json, the tokenizer files and
+the safetensors weights with their index; the pickle weights (`pytorch_model*.bin`) only when the
+repository has no safetensors. `HF_HUB_OFFLINE=1` reads the cache only.
+
+huggingface_hub is optional (`pip install 'persimmon-batch[hub]'`); it is imported only when a
+model is a hub id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+
+from .modelcheck import ModelError
+
+PREFIX = "hf://"
+# what the engine and the driver's checks read (model/checkpoint.py, model/tokenizer.py)
+CONFIG_AND_TOKENIZER = ["config.json", "tokenizer.model", "adept_vocab.model", "tokenizer_config.json",
+                        "special_tokens_map.json"]
+SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
+PICKLES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"   # the hub's rule: no leading / trailing . or -
+_ID = re.compile(rf"({_NAME})/({_NAME})(?:@(\S+))?")
+
+
+@dataclass(frozen=True)
+class HubModel:
+    repo_id: str               # owner/name
+    revision: str | None       # branch, tag or commit; None = main
+
+    @property
+    def uri(self) -> str:
+        return PREFIX + self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def hub_model(model: str, commit: str | None = None) -> HubModel | None:
+    """The hub model `model` names (see the module docstring for the rule), or None for a local
+    path or a URI. `commit` (the driver's `pin`) makes it a hub id whatever this process's working
+    directory holds, at that commit."""
+    model = os.fspath(model)
+    explicit = model.startswith(PREFIX)
+    text = model[len(PREFIX):] if explicit else model
+    if not explicit and commit is None:
+        if "://" in model or model.startswith(("/", ".", "~")) or os.path.lexists(os.path.expanduser(model)):
+            return None
+    m = _ID.fullmatch(text)
+    repo = text.split("@")[0]
+    valid = m is not None and max(len(m.group(1)), len(m.group(2))) <= 96 and ".." not in repo and "--" not in repo
+    if not valid:
+        if explicit or commit is not None:
+            raise ModelError(f"model {model!r}: not a Hugging Face hub id; write hf://owner/name or "
+                             "hf://owner/name@revision")
+        return None
+    return HubModel(f"{m.group(1)}/{m.group(2)}", commit or m.group(3))
+
+
+def pin(config):
+    """`config` with the hub model's commit recorded (`model_commit`), resolved here, once, on
+    the driver; unchanged for other models."""
+    hub = hub_model(config.model, getattr(config, "model_commit", None))
+    if hub is None:
+        return config
+    return dataclasses.replace(config, model_commit=os.path.basename(snapshot(hub, config.model)))
+
+
+def snapshot(hub: HubModel, model: str | None = None) -> str:
+    """The local snapshot directory of `hub` in this node's Hugging Face cache, fetched if
+    missing (one process per node at a time). `model` is the value as the user gave it, for
+    messages. Raises ModelError saying what to do when it cannot be had."""
+    model = model or hub.uri
+    try:
+        import huggingface_hub
+        from filelock import FileLock
+        from huggingface_hub import constants
+    except ImportError:
+        raise ModelError(f"{_head(model)} needs huggingface_hub: pip install 'persimmon-batch[hub]'") from None
+    cache = os.path.expanduser(constants.HF_HUB_CACHE)
+    locks = os.path.join(cache, ".locks")
+    with contextlib.suppress(OSError):
+        os.makedirs(locks, exist_ok=True)
+    folder = "models--" + hub.repo_id.replace("/", "--")
+    # a read-only shared cache is only read: nothing to serialise
+    lock = FileLock(os.path.join(locks, f"persimmon-batch--{folder}.lock")) if os.access(locks, os.W_OK) \
+        else contextlib.nullcontext()
+    with lock:
+        try:
+            path = huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision,
+                                                     allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS)
+            if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+                # no safetensors at this commit: the pickle weights, loaded with weights_only=True
+                path = huggingface_hub.snapshot_download(hub.repo_id, revision=os.path.basename(path),
+                                                         allow_patterns=CONFIG_AND_TOKENIZER + PICKLES)
+        except Exception as e:  # noqa: BLE001 - huggingface_hub's errors, named for the user below
+            raise ModelError(_explain(e, hub, model, cache, constants)) from None
+    return path
+
+
+def _explain(error: Exception, hub: HubModel, model: str, cache: str, constants) -> str:
+    """What went wrong fetching a hub model, and what to do about it."""
+    from huggingface_hub import errors
+
+    head = _head(model)
+    revision = hub.revision or "main"
+    if isinstance(error, errors.GatedRepoError):
+        return (f"{head} is gated: accept its terms on https://huggingface.co/{hub.repo_id} and give a token "
+                "(HF_TOKEN on every node, or `hf auth login`)")
+    if isinstance(error, errors.RepositoryNotFoundError):
+        return (f"{head} names no repository on the hub (or a private one: give a token with HF_TOKEN on every "
+                "node, or `hf auth login`); check the spelling")
+    if isinstance(error, errors.RevisionNotFoundError):
+        return f"{head} has no revision {revision!r} (a branch, tag or commit of {hub.repo_id})"
+    if isinstance(error, errors.LocalEntryNotFoundError):
+        if constants.HF_HUB_OFFLINE:
+            return (f"{head} is not in this node's Hugging Face cache ({cache}) at revision {revision!r}, and "
+                    f"HF_HUB_OFFLINE is set: fetch it first on every node (`hf download {hub.repo_id}`), "
+                    "point HF_HUB_CACHE at a cache that holds it, or unset HF_HUB_OFFLINE")
+        return (f"{head} could not be fetched from the hub and is not in this node's cache ({cache}): "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; check the network "
+                "or HF_ENDPOINT")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{head} could not be fetched: {type(error).__name__}: {first}"
+
+
+def _head(model: str) -> str:
+    """How messages name the model: a bare owner/name also says why it was taken for a hub id."""
+    return (f"model {model!r}" if model.startswith(PREFIX) else
+            f"model {model!r} is not a local directory, and as a Hugging Face hub id it")
