@@ -21,7 +21,6 @@ import os
 import sys
 import time
 import uuid
-from collections import Counter
 
 from .config import ConfigError, PipelineConfig
 from .console import Console, quiet_ray
@@ -29,7 +28,8 @@ from .attachments import check_prefix_length, load_attachments
 from .hub import pin
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, make_plan
-from .progress import Watchdog, start_tracker, summarize
+from .progress import Watchdog, start_tracker
+from .report import UnitStats, build_report, unit_line
 from .runner import ShardRunner
 from .stages import STAGES
 from .lease import Lease
@@ -307,7 +307,7 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
                         name = st["output"].rsplit("/", 1)[-1]
                         results[name] = st
                         console.unit_done(st)
-                        say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + _unit_line(st))
+                        say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + unit_line(UnitStats.from_dict(st)))
                         lease = stop.get("lease")
                         if lease is not None and lease.lost:
                             raise RuntimeError(f"lost the output's lease ({lease.lost}): stopped so that two runs "
@@ -359,165 +359,12 @@ def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_
             results[unit.output_name] = {**st, "status": "done", "output": final.uri}
 
 
-def _unit_line(st: dict) -> str:
-    if st["status"] == "failed":
-        return st.get("error", "")
-    tokens = f"{st.get('tokens_generated', 0)} tokens, " if st.get("tokens_generated") else ""
-    return f"{st.get('rows_out')} rows, {st.get('rows_error')} with error, {tokens}{st.get('seconds', 0):.1f} s"
-
-
 def _clean_tmp(plan: Plan) -> None:
     tmp = plan.output.join("_tmp")
     try:
         plan.output.fs.delete_dir(tmp.path)
     except (FileNotFoundError, OSError):
         pass
-
-
-def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str | None,
-                 started_at: float, wall: float, run_id: str | None = None,
-                 attempts: list[dict] | None = None, stuck: list[dict] | None = None) -> dict:
-    """The `_run_report.json` content. Totals cover every committed output (this run's and
-    earlier runs'); `this_run` covers work done now. `attempts` and `stuck` come from the
-    run's progress tracker (retries, stuck replicas)."""
-    by_name: dict[str, dict] = {}
-    for name, st in plan.done.items():
-        by_name[name] = {**st, "status": "skipped"}
-    for name, st in results.items():
-        if st.get("status") == "skipped" and run_id and st.get("run_id") == run_id:
-            st = {**st, "status": "done"}  # committed by an attempt of this run that then died
-        by_name[name] = st
-    retries = summarize(attempts, {u.output_name: u.num_rows for u in plan.units})
-    failed = [{"input": u.input_uri, "output": u.output_name,
-               "error": by_name.get(u.output_name, {}).get("error") or crash
-               or _lost_error(config, retries["retried"].get(u.output_name), attempts, u.output_name)}
-              for u in plan.units if by_name.get(u.output_name, {}).get("status") not in ("done", "skipped")]
-    committed = [st for st in by_name.values() if st.get("status") in ("done", "skipped")]
-    ran = [st for st in by_name.values() if st.get("status") == "done"]
-    kinds: Counter = Counter()
-    for st in committed:
-        kinds.update(st.get("errors_by_kind") or {})
-    rows_in = sum(u.num_rows for u in plan.units) + sum(b["rows"] or 0 for b in plan.bad_shards)
-    rows_written = sum(st.get("rows_out", 0) for st in committed)
-    tokens_now = sum(st.get("tokens_generated", 0) for st in ran)
-    first_start = min((st["started_at"] for st in ran if st.get("started_at")), default=None)
-    created = [st["replica_created_at"] for st in ran if st.get("replica_created_at")]
-    complete = (not failed and rows_written == rows_in
-                and all(b["rows"] == 0 for b in plan.bad_shards))
-    nodes = Counter(st.get("node_id") for st in ran)
-    inputs = {u.output_name: u.input_uri for u in plan.units}
-    return {
-        "task": config.task,
-        "complete": complete,
-        "output": plan.output.uri,
-        "rows_in": rows_in,
-        "rows_written": rows_written,
-        "rows_with_error": sum(st.get("rows_error", 0) for st in committed),
-        "errors_by_kind": dict(kinds),
-        "rows_retried": retries["rows_retried"],
-        "ids": plan.ids or {"checked": False},
-        "tokens_prompt": sum(st.get("tokens_prompt", 0) for st in committed),
-        "tokens_generated": sum(st.get("tokens_generated", 0) for st in committed),
-        "wall_time_s": round(wall, 3),
-        "tokens_per_s": round(tokens_now / wall, 2) if wall > 0 else None,
-        "this_run": {
-            "run_id": run_id,
-            "rows_processed": sum(st.get("rows_out", 0) for st in ran),
-            "tokens_generated": tokens_now,
-            "startup_s": round(first_start - started_at, 3) if first_start else None,
-            "replica_start_s": round(min(created) - started_at, 3) if created else None,
-            "model_load_s": max((st.get("load_seconds", 0) for st in ran), default=None),
-            "replicas": len({st.get("actor_id") for st in ran}),
-            "units_per_node": {str(k): v for k, v in nodes.items()},
-            "storage_redos": sum(st.get("io_retries", 0) for st in results.values()),
-        },
-        "engine": _engine_report(ran),
-        **({"labels": _label_report(config, {n: st for n, st in by_name.items()
-                                             if st.get("status") in ("done", "skipped")}, plan)}
-           if config.task == "label" else {}),
-        "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
-                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards),
-                   "stale": len(plan.stale)},
-        "stale_shards": plan.stale,
-        "failed_shards": failed,
-        "retried_shards": [{"output": k, "input": inputs.get(k), **v} for k, v in retries["retried"].items()],
-        "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
-                           for ev in stuck or []],
-        "bad_shards": plan.bad_shards,
-        "error": crash,
-        "config": config.public_dict(),
-        "started_at": started_at,
-        "finished_at": time.time(),
-        "versions": _versions(),
-    }
-
-
-def _label_report(config: PipelineConfig, committed: dict[str, dict], plan: Plan) -> dict:
-    """How the labels came out over every committed output, and how many are close calls
-    (counted again from the file's margins where it was written with another --low-margin)."""
-    import pyarrow.parquet as pq
-
-    counts: Counter = Counter()
-    low = 0
-    for name, st in committed.items():
-        counts.update(st.get("label_counts") or {})
-        if st.get("low_margin") == config.low_margin:
-            low += st.get("low_margin_rows", 0)
-            continue
-        loc = plan.output.join(name)
-        with loc.fs.open_input_file(loc.path) as f:
-            margins = pq.read_table(f, columns=["margin"])["margin"].to_pylist()
-        low += sum(1 for m in margins if m is not None and m < config.low_margin)
-    return {"histogram": {c: counts.get(c, 0) for c in config.choices},
-            "low_margin_rows": low,
-            "low_margin": config.low_margin, "calibrated": config.calibrate, "choice_score": config.choice_score}
-
-
-def _engine_report(ran: list[dict]) -> dict:
-    """Each replica's engine sizing and counters (its latest unit's snapshot: counters add up
-    over a replica's life) and the totals a user sizes the next job with."""
-    latest: dict = {}
-    for st in ran:
-        eng = st.get("engine")
-        key = (st.get("node_id"), st.get("actor_id"), st.get("pid"))
-        if eng and (key not in latest or st.get("finished_at", 0) >= latest[key][0]):
-            latest[key] = (st.get("finished_at", 0), {"node_id": key[0], "actor_id": key[1], "pid": key[2], **eng})
-    replicas = [v for _, v in latest.values()]
-    if not replicas:
-        return {"replicas": []}
-    return {
-        "replicas": replicas,
-        "preemptions": sum(r.get("preemptions", 0) for r in replicas),
-        "kv_tokens_capacity": min((r["kv_tokens_capacity"] for r in replicas if "kv_tokens_capacity" in r), default=None),
-        "kv_tokens_peak": max((r["kv_tokens_peak"] for r in replicas if "kv_tokens_peak" in r), default=None),
-        "rows_in_flight_peak": max((r["rows_in_flight_peak"] for r in replicas if "rows_in_flight_peak" in r),
-                                   default=None),
-    }
-
-
-def _lost_error(config: PipelineConfig, retried: dict | None, attempts: list | None, unit: str) -> str:
-    """Why a unit has no result although its task was scheduled: its replica kept dying."""
-    tries = [a for a in attempts or [] if a.get("unit") == unit]
-    stuck = [a for a in tries if a.get("state") == "stuck"]
-    given_up = f"gave up after max_task_retries={config.max_task_retries}"
-    if stuck:
-        return (f"stuck: no batch finished within batch_timeout_s={config.batch_timeout_s:g} on "
-                f"{len(stuck)} of {len(tries)} attempt(s); each stuck replica was killed and restarted; "
-                f"{given_up}")
-    if tries:
-        return (f"replica_died: its replica died during all {len(tries)} attempt(s) (OOM, segfault, "
-                f"killed or node lost; see the Ray logs); {given_up}")
-    return f"no result: the task never ran to completion ({given_up}; see the Ray logs)"
-
-
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for mod in ("ray", "pyarrow", "torch"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    return out
 
 
 def _with(config, task, overrides) -> PipelineConfig:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import free_port, tiny_model, write_shards
 
-from pipeline import PipelineConfig, run_generate
+from pipeline import run_generate
 from pipeline.console import Console, progress_text
 
 
@@ -124,10 +124,13 @@ def _scrape(body: str) -> dict:
     return out
 
 
-def test_report_line_unchanged_by_console():
+def test_unit_line_from_typed_stats():
     # the per-unit line format is part of what users grep in logs
-    from pipeline.api import _unit_line
+    from pipeline.report import UnitStats, unit_line
 
-    assert _unit_line({"status": "done", "rows_out": 5, "rows_error": 1, "tokens_generated": 9, "seconds": 1.25}) == \
-        "5 rows, 1 with error, 9 tokens, 1.2 s"
-    assert _unit_line({"status": "failed", "error": "OSError: gone"}) == "OSError: gone"
+    st = UnitStats.from_dict({"status": "done", "rows_out": 5, "rows_error": 1, "tokens_generated": 9,
+                              "seconds": 1.25, "input_fingerprint": {"size": 3}})
+    assert unit_line(st) == "5 rows, 1 with error, 9 tokens, 1.2 s"
+    assert st.extra == {"input_fingerprint": {"size": 3}} and st.committed
+    assert unit_line(UnitStats.from_dict({"status": "failed", "error": "OSError: gone"})) == "OSError: gone"
+    assert not UnitStats.from_dict({"status": "failed"}).committed

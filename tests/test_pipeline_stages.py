@@ -526,6 +526,16 @@ def test_resume_checks_only_what_the_task_depends_on(tmp_path):
     report = build_report(dataclasses.replace(base, low_margin=0.3), again, {}, None, 0.0, 1.0)
     assert report["labels"]["low_margin_rows"] == 0 and report["labels"]["low_margin"] == 0.3
 
+    # the same with JSONL outputs: margins are counted again from the JSON lines
+    as_jsonl = dataclasses.replace(base, output=str(tmp_path / "out_jsonl"), output_format="jsonl").validate()
+    plan = make_plan(as_jsonl)
+    runner = ShardRunner(as_jsonl, plan.schema, engine=FakeEngine())
+    assert [runner.run_unit(u)["status"] for u in plan.units] == ["done", "done"]
+    again = make_plan(dataclasses.replace(as_jsonl, low_margin=0.5))
+    assert len(again.done) == 2
+    assert build_report(dataclasses.replace(as_jsonl, low_margin=0.5), again, {}, None, 0.0, 1.0)["labels"][
+        "low_margin_rows"] == 8  # 0.462 < 0.5 on every row
+
 
 def test_no_check_duplicate_ids_runs_every_row(tmp_path):
     """README: --no-check-duplicate-ids skips the id check: repeated and null ids are run like

@@ -1,0 +1,220 @@
+"""The run report (`_run_report.json`), built from typed unit statistics.
+
+Every unit ends as one `UnitStats`: written by its replica (`pipeline.runner`) into the output's
+footer or sidecar and sent to the driver, or read back from an output committed by an earlier
+run. `build_report` adds them up: totals over every committed output, `this_run` over the work
+done now, plus failures, retries, stuck replicas, engine sizing and (label) the label histogram.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .config import PipelineConfig
+from .plan import Plan
+from .progress import summarize
+
+
+@dataclass
+class UnitStats:
+    """What one unit came to. `status`: done (committed now), skipped (committed earlier) or failed."""
+
+    status: str = "failed"
+    input: str = ""
+    output: str = ""
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_error: int = 0
+    errors_by_kind: dict = field(default_factory=dict)
+    tokens_prompt: int = 0
+    tokens_generated: int = 0
+    seconds: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    load_seconds: float | None = None
+    replica_created_at: float | None = None
+    io_retries: int = 0
+    error: str | None = None
+    run_id: str | None = None
+    node_id: str | None = None
+    actor_id: str | None = None
+    pid: int | None = None
+    engine: dict | None = None
+    label_counts: dict = field(default_factory=dict)
+    low_margin_rows: int = 0
+    low_margin: float | None = None
+    extra: dict = field(default_factory=dict)  # the rest of the footer (fingerprints, settings), kept as read
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UnitStats":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names and v is not None}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+    @property
+    def committed(self) -> bool:
+        return self.status in ("done", "skipped")
+
+
+def unit_line(st: UnitStats) -> str:
+    """The driver's one-line summary of a finished unit."""
+    if st.status == "failed":
+        return st.error or ""
+    tokens = f"{st.tokens_generated} tokens, " if st.tokens_generated else ""
+    return f"{st.rows_out} rows, {st.rows_error} with error, {tokens}{st.seconds:.1f} s"
+
+
+def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str | None,
+                 started_at: float, wall: float, run_id: str | None = None,
+                 attempts: list[dict] | None = None, stuck: list[dict] | None = None) -> dict:
+    """The `_run_report.json` content. Totals cover every committed output (this run's and
+    earlier runs'); `this_run` covers work done now. `results` maps output names to the stats
+    the replicas sent; `attempts` and `stuck` come from the run's progress tracker."""
+    units: dict[str, UnitStats] = {name: dataclasses.replace(UnitStats.from_dict(st), status="skipped")
+                                   for name, st in plan.done.items()}
+    received = {name: raw if isinstance(raw, UnitStats) else UnitStats.from_dict(raw) for name, raw in results.items()}
+    for name, st in received.items():
+        if st.status == "skipped" and run_id and st.run_id == run_id:
+            st = dataclasses.replace(st, status="done")  # committed by an attempt of this run that then died
+        units[name] = st
+    retries = summarize(attempts, {u.output_name: u.num_rows for u in plan.units})
+    failed = [{"input": u.input_uri, "output": u.output_name,
+               "error": (units[u.output_name].error if u.output_name in units else None) or crash
+               or _lost_error(config, attempts, u.output_name)}
+              for u in plan.units if not (u.output_name in units and units[u.output_name].committed)]
+    committed = [st for st in units.values() if st.committed]
+    ran = [st for st in units.values() if st.status == "done"]
+    kinds: Counter = Counter()
+    for st in committed:
+        kinds.update(st.errors_by_kind)
+    rows_in = sum(u.num_rows for u in plan.units) + sum(b["rows"] or 0 for b in plan.bad_shards)
+    rows_written = sum(st.rows_out for st in committed)
+    tokens_now = sum(st.tokens_generated for st in ran)
+    first_start = min((st.started_at for st in ran if st.started_at), default=None)
+    created = [st.replica_created_at for st in ran if st.replica_created_at]
+    complete = not failed and rows_written == rows_in and all(b["rows"] == 0 for b in plan.bad_shards)
+    inputs = {u.output_name: u.input_uri for u in plan.units}
+    return {
+        "task": config.task,
+        "complete": complete,
+        "output": plan.output.uri,
+        "rows_in": rows_in,
+        "rows_written": rows_written,
+        "rows_with_error": sum(st.rows_error for st in committed),
+        "errors_by_kind": dict(kinds),
+        "rows_retried": retries["rows_retried"],
+        "ids": plan.ids or {"checked": False},
+        "tokens_prompt": sum(st.tokens_prompt for st in committed),
+        "tokens_generated": sum(st.tokens_generated for st in committed),
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(tokens_now / wall, 2) if wall > 0 else None,
+        "this_run": {
+            "run_id": run_id,
+            "rows_processed": sum(st.rows_out for st in ran),
+            "tokens_generated": tokens_now,
+            "startup_s": round(first_start - started_at, 3) if first_start else None,
+            "replica_start_s": round(min(created) - started_at, 3) if created else None,
+            "model_load_s": max((st.load_seconds or 0 for st in ran), default=None),
+            "replicas": len({st.actor_id for st in ran}),
+            "units_per_node": {str(k): v for k, v in Counter(st.node_id for st in ran).items()},
+            "storage_redos": sum(st.io_retries for st in received.values()),
+        },
+        "engine": engine_report(ran),
+        **({"labels": label_report(config, {n: st for n, st in units.items() if st.committed}, plan)}
+           if config.task == "label" else {}),
+        "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
+                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards),
+                   "stale": len(plan.stale)},
+        "stale_shards": plan.stale,
+        "failed_shards": failed,
+        "retried_shards": [{"output": k, "input": inputs.get(k), **v} for k, v in retries["retried"].items()],
+        "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
+                           for ev in stuck or []],
+        "bad_shards": plan.bad_shards,
+        "error": crash,
+        "config": config.public_dict(),
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "versions": _versions(),
+    }
+
+
+def label_report(config: PipelineConfig, committed: dict[str, UnitStats], plan: Plan) -> dict:
+    """How the labels came out over every committed output, and how many are close calls
+    (counted again from the file's margins where it was written with another --low-margin)."""
+    counts: Counter = Counter()
+    low = 0
+    for name, st in committed.items():
+        counts.update(st.label_counts)
+        if st.low_margin == config.low_margin:
+            low += st.low_margin_rows
+            continue
+        low += sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin)
+    return {"histogram": {c: counts.get(c, 0) for c in config.choices},
+            "low_margin_rows": low,
+            "low_margin": config.low_margin, "calibrated": config.calibrate, "choice_score": config.choice_score}
+
+
+def _margins(loc) -> list:
+    """The `margin` column of a committed label output, Parquet or JSONL."""
+    if loc.path.endswith(".jsonl"):
+        with loc.fs.open_input_stream(loc.path) as f:
+            return [json.loads(line).get("margin") for line in f.read().decode().splitlines() if line.strip()]
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(loc.path) as f:
+        return pq.read_table(f, columns=["margin"])["margin"].to_pylist()
+
+
+def engine_report(ran: list[UnitStats]) -> dict:
+    """Each replica's engine sizing and counters (its latest unit's snapshot: counters add up
+    over a replica's life) and the totals a user sizes the next job with."""
+    latest: dict = {}
+    for st in ran:
+        key = (st.node_id, st.actor_id, st.pid)
+        if st.engine and (key not in latest or (st.finished_at or 0) >= latest[key][0]):
+            latest[key] = (st.finished_at or 0, {"node_id": key[0], "actor_id": key[1], "pid": key[2], **st.engine})
+    replicas = [v for _, v in latest.values()]
+    if not replicas:
+        return {"replicas": []}
+
+    def pick(fn, name):
+        return fn((r[name] for r in replicas if name in r), default=None)
+
+    return {
+        "replicas": replicas,
+        "preemptions": sum(r.get("preemptions", 0) for r in replicas),
+        "kv_tokens_capacity": pick(min, "kv_tokens_capacity"),
+        "kv_tokens_peak": pick(max, "kv_tokens_peak"),
+        "rows_in_flight_peak": pick(max, "rows_in_flight_peak"),
+    }
+
+
+def _lost_error(config: PipelineConfig, attempts: list | None, unit: str) -> str:
+    """Why a unit has no result although its task was scheduled: its replica kept dying."""
+    tries = [a for a in attempts or [] if a.get("unit") == unit]
+    stuck = [a for a in tries if a.get("state") == "stuck"]
+    given_up = f"gave up after max_task_retries={config.max_task_retries}"
+    if stuck:
+        return (f"stuck: no batch finished within batch_timeout_s={config.batch_timeout_s:g} on "
+                f"{len(stuck)} of {len(tries)} attempt(s); each stuck replica was killed and restarted; "
+                f"{given_up}")
+    if tries:
+        return (f"replica_died: its replica died during all {len(tries)} attempt(s) (OOM, segfault, "
+                f"killed or node lost; see the Ray logs); {given_up}")
+    return f"no result: the task never ran to completion ({given_up}; see the Ray logs)"
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for mod in ("ray", "pyarrow", "torch"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return out
