@@ -132,12 +132,12 @@ def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
     if config.num_gpus_per_replica:
         kwargs["num_gpus"] = config.num_gpus_per_replica
     with warnings.catch_warnings():
-        # max_task_retries can only go through **ray_remote_args, deprecated without a
+        # Ray's max_task_retries can only go through **ray_remote_args, deprecated without a
         # replacement in Ray 2.60 (RAY.md); without it a batch that kills its actor every
         # time would be retried forever.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         return ds.map_batches(fn, num_cpus=config.num_cpus_per_replica,
-                              max_task_retries=config.max_task_retries, **kwargs)
+                              max_task_retries=config.max_unit_retries, **kwargs)
 
 
 def _check_resources(config: PipelineConfig, started_here: bool) -> None:
@@ -288,7 +288,7 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
         stop["install"]()  # after ray.init, which sets a SIGTERM handler of its own
         _check_resources(config, started_here)
         tracker = start_tracker(run_id)
-        # A unit whose task still fails after max_task_retries (its replica keeps dying) must not
+        # A unit whose task still fails after max_unit_retries (its replica keeps dying) must not
         # stop the other units: its stats row is then missing and the report lists it as failed.
         with _data_context(config, max_errored_blocks=-1):
             ds = ray.data.from_items([{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo))

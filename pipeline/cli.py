@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from .config import ConfigError, PipelineConfig, mask_uri
+from .config import RENAMED, ConfigError, PipelineConfig, mask_uri
 from .tasks import TASK_NAMES, TASK_SETTINGS, TASKS
 
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
@@ -63,7 +63,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
             if "choices" in meta:
                 kwargs["choices"] = [c for c in meta["choices"] if c is not None]
             kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(f.name)
-        group.add_argument(flag, **kwargs)
+        old = ["--" + o.replace("_", "-") for o, new in RENAMED.items() if new == f.name]  # still accepted
+        group.add_argument(flag, *old, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,12 +120,12 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 def summary(report: dict) -> str:
-    s, t = report["shards"], report["this_run"]
+    s, t = report["units"], report["this_run"]
     lines = [
         f"persimmon-batch {report['task']}: {'complete' if report['complete'] else 'INCOMPLETE'}",
         f"  rows    {report['rows_in']} in, {report['rows_written']} written, "
         f"{report['rows_with_error']} with error" + (f" {report['errors_by_kind']}" if report["errors_by_kind"] else ""),
-        f"  shards  {s['done']} done, {s['skipped']} already committed, {s['failed']} failed, {s['bad']} bad",
+        f"  units   {s['done']} done, {s['skipped']} already committed, {s['failed']} failed, {s['bad']} bad",
         *_fault_lines(report),
         f"  time    {report['wall_time_s']:.1f} s wall, startup {t['startup_s'] or 0:.1f} s"
         + (f", {t['tokens_generated']} tokens generated ({report['tokens_per_s']} tok/s)"
@@ -136,7 +137,7 @@ def summary(report: dict) -> str:
         hist = ", ".join(f"{k} {v}" for k, v in lab["histogram"].items())
         lines.insert(3, f"  labels  {hist}; {lab['low_margin_rows']} row(s) with margin < {lab['low_margin']:g}"
                         + (" (calibrated)" if lab["calibrated"] else ""))
-    for item in (report["failed_shards"] + report["bad_shards"])[:10]:
+    for item in (report["failed_units"] + report["bad_shards"])[:10]:
         lines.append(f"  ! {item['input']}: {item['error']}")
     return "\n".join(lines)
 
@@ -150,7 +151,7 @@ def _fault_lines(report: dict) -> list[str]:
                      f"those rows have error set")
     if report.get("rows_retried"):
         lines.append(f"  retried {report['rows_retried']} row(s) run again in "
-                     f"{len(report.get('retried_shards') or [])} shard(s) after a replica died or stalled")
+                     f"{len(report.get('retried_units') or [])} shard(s) after a replica died or stalled")
     for ev in (report.get("stuck_replicas") or [])[:5]:
         lines.append(f"  ! stuck replica {ev['actor_id']} (pid {ev['pid']}) on {ev['unit']}: no batch for "
                      f"{ev['silent_s']} s; killed and restarted")

@@ -15,11 +15,15 @@ import math
 import os
 import re
 import string
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .tasks import TASK_NAMES, TASKS
 
+# old config keys still read (with a warning): one name, "unit", for the piece of work that is
+# committed, retried and resumed as a whole
+RENAMED = {"rows_per_task": "rows_per_unit", "max_task_retries": "max_unit_retries"}
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
 INPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "csv", "openai-batch")
 OUTPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "openai-batch")
@@ -55,7 +59,7 @@ class PipelineConfig:
                     "abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated "
                     "list of files.", required=True)
     output: str = _f(None, "Output directory URI. One output file per input file (or per "
-                     "--rows-per-task slice) plus _run_report.json.", required=True)
+                     "--rows-per-unit slice) plus _run_report.json.", required=True)
     input_format: str = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / .json / .ndjson, "
                            "also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI Batch API "
                            "request lines: custom_id, url, body; generate only).",
@@ -144,19 +148,19 @@ class PipelineConfig:
                     choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or cuda.",
                      choices=("auto", "cpu", "cuda"))
-    rows_per_task: int = _f(0, "Split input files into tasks of about this many rows at "
-                            "row-group boundaries (the unit of retry and resume); 0 = one task "
-                            "per file.")
+    rows_per_unit: int = _f(0, "Split input files into units of about this many rows (Parquet: at "
+                            "row-group boundaries). A unit is what is committed, retried and "
+                            "resumed as a whole, and gets its own output file; 0 = one unit per file.")
     replica_start_timeout_s: int = _f(900, "Wait this long for the minimum number of replicas to "
                                       "be up (placed and model loaded) before any work is sent; "
                                       "then fail with a clear error instead of hanging when they "
                                       "cannot be placed. Leave room for the autoscaler to add GPU "
                                       "nodes. 0 = wait forever.")
-    max_task_retries: int = _f(3, "Times a task is retried after its replica dies (OOM, "
+    max_unit_retries: int = _f(3, "Times a unit is retried after its replica dies (OOM, "
                                "segfault, lost node, killed as stuck) before it is reported failed.")
     batch_timeout_s: float = _f(900.0, "Fail fast instead of hanging: a replica that finishes no "
                                 "batch (--batch-size rows) for this long is reported as stuck "
-                                "and restarted, and its task retried (up to --max-task-retries, "
+                                "and restarted, and its unit retried (up to --max-unit-retries, "
                                 "then reported failed). 0 = never.")
     io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): "
                          "each failed storage call (list, read, write, commit) is retried this "
@@ -329,7 +333,7 @@ class PipelineConfig:
             bad("num_gpus_per_replica", "resources must be >= 0")
         if self.num_gpus_per_replica > 1 and self.num_gpus_per_replica != int(self.num_gpus_per_replica):
             bad("num_gpus_per_replica", "above 1 it must be a whole number")
-        for name in ("rows_per_task", "max_task_retries", "replica_start_timeout_s", "batch_timeout_s",
+        for name in ("rows_per_unit", "max_unit_retries", "replica_start_timeout_s", "batch_timeout_s",
                      "io_retries"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
@@ -427,6 +431,12 @@ class PipelineConfig:
     def from_dict(cls, raw: dict, **overrides) -> "PipelineConfig":
         raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
         raw = {k.replace("-", "_"): v for k, v in raw.items()}
+        for old, new in RENAMED.items():
+            if old in raw:
+                if new in raw:
+                    raise ConfigError(f"give {new} only ({old} is its old name)")
+                warnings.warn(f"config key {old} is now {new}", DeprecationWarning, stacklevel=2)
+                raw[new] = raw.pop(old)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -2,7 +2,7 @@
 how an output file is written and recognised as committed.
 
 Inputs (by extension, or `--input-format`):
-- Parquet (`.parquet`): read column-wise; units are row groups (`--rows-per-task`).
+- Parquet (`.parquet`): read column-wise; units are row groups (`--rows-per-unit`).
 - JSONL (`.jsonl`, `.json` with one object per line, also `.gz` / `.zst` compressed): read line
   by line, because pyarrow's JSON reader rejects a whole block for one bad line. A line that is
   not a JSON object becomes a row with `error` = `invalid_line: line N ...` (id null); empty
@@ -69,10 +69,10 @@ def _open_text(loc: Location) -> bytes:
         return f.read()
 
 
-def _row_splits(num_rows: int, rows_per_task: int) -> list[Split]:
-    if rows_per_task <= 0 or num_rows <= rows_per_task:
+def _row_splits(num_rows: int, rows_per_unit: int) -> list[Split]:
+    if rows_per_unit <= 0 or num_rows <= rows_per_unit:
         return [Split(None, 0, num_rows)]
-    return [Split(None, a, min(rows_per_task, num_rows - a)) for a in range(0, num_rows, rows_per_task)]
+    return [Split(None, a, min(rows_per_unit, num_rows - a)) for a in range(0, num_rows, rows_per_unit)]
 
 
 def _missing(config, names) -> list[str]:
@@ -129,16 +129,16 @@ class ParquetInput(InputFormat):
         elif meta.num_rows == 0:
             found.problem = "empty (0 rows)"
         else:
-            found.splits = self._splits(meta, config.rows_per_task)
+            found.splits = self._splits(meta, config.rows_per_unit)
         return found
 
     @staticmethod
-    def _splits(meta, rows_per_task: int) -> list[Split]:
+    def _splits(meta, rows_per_unit: int) -> list[Split]:
         groups = list(range(meta.num_row_groups))
         chunks, cur, n = [], [], 0
         for g in groups:
             rows = meta.row_group(g).num_rows
-            if cur and rows_per_task > 0 and n + rows > rows_per_task:
+            if cur and rows_per_unit > 0 and n + rows > rows_per_unit:
                 chunks.append(cur)
                 cur, n = [], 0
             cur.append(g)
@@ -207,7 +207,7 @@ class _RowsInput(InputFormat):
         elif table.num_rows == 0:
             found.problem = "empty (0 rows)"
         else:
-            found.splits = _row_splits(table.num_rows, config.rows_per_task)
+            found.splits = _row_splits(table.num_rows, config.rows_per_unit)
         return found
 
     def read_ids(self, loc: Location, config) -> list:

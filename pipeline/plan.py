@@ -1,13 +1,13 @@
 """Planning on the driver, before any model work: list inputs, check them, name the outputs.
 
-Each input file becomes one work unit (or several with `rows_per_task`: Parquet row groups, or
+Each input file becomes one work unit (or several with `rows_per_unit`: Parquet row groups, or
 row ranges of JSONL / CSV files; `pipeline.formats`). A unit's output name is derived from its
 input file only, so a rerun plans the same names and can skip the units already committed:
 
     in/part-00003.parquet               -> out/part-00003.parquet
     in/2024/01/a.jsonl.gz               -> out/2024__01__a.parquet   (path below the input directory)
-    big.parquet, rows_per_task=1000     -> out/big.rg00000-00003.parquet, ...
-    big.csv, rows_per_task=1000         -> out/big.rows000000000-000000999.parquet, ...
+    big.parquet, rows_per_unit=1000     -> out/big.rg00000-00003.parquet, ...
+    big.csv, rows_per_unit=1000         -> out/big.rows000000000-000000999.parquet, ...
 
 Every committed output carries its unit's statistics (Parquet: in its footer, `persimmon_batch`
 key; JSONL: in a sidecar), so the run report of a resumed run still counts rows, errors and
@@ -283,7 +283,7 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
     stray = sorted(existing - planned)
     if stray:
         raise ConfigError(f"output {out.uri} holds {len(stray)} output file(s) this run would not "
-                          f"write (e.g. {stray[:3]}): it belongs to another input or --rows-per-task; "
+                          f"write (e.g. {stray[:3]}): it belongs to another input or --rows-per-unit; "
                           f"use a new output directory")
     committed = sorted(existing & planned)
     if committed and not config.resume and not config.overwrite:

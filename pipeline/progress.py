@@ -10,7 +10,7 @@ batch. From that record the driver learns
 - which replicas are stuck: `Watchdog`, a driver thread, asks the tracker every few seconds
   for attempts with no heartbeat for `batch_timeout_s`. Such a replica is reported and killed
   with `ray.kill(no_restart=False)`: Ray restarts it and retries the unit, up to
-  `max_task_retries`, after which the unit is reported failed. A run never hangs on a wedged
+  `max_unit_retries`, after which the unit is reported failed. A run never hangs on a wedged
   replica (a deadlocked kernel, a frozen process, a storage call that never returns).
 
 The tracker measures time with its own clock only, so clock skew between nodes is harmless.

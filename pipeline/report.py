@@ -127,12 +127,12 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "engine": engine_report(ran),
         **({"labels": label_report(config, {n: st for n, st in units.items() if st.committed}, plan)}
            if config.task == "label" else {}),
-        "shards": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
+        "units": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
                    "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards),
                    "stale": len(plan.stale)},
-        "stale_shards": plan.stale,
-        "failed_shards": failed,
-        "retried_shards": [{"output": k, "input": inputs.get(k), **v} for k, v in retries["retried"].items()],
+        "stale_units": plan.stale,
+        "failed_units": failed,
+        "retried_units": [{"output": k, "input": inputs.get(k), **v} for k, v in retries["retried"].items()],
         "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
                            for ev in stuck or []],
         "bad_shards": plan.bad_shards,
@@ -199,7 +199,7 @@ def _lost_error(config: PipelineConfig, attempts: list | None, unit: str) -> str
     """Why a unit has no result although its task was scheduled: its replica kept dying."""
     tries = [a for a in attempts or [] if a.get("unit") == unit]
     stuck = [a for a in tries if a.get("state") == "stuck"]
-    given_up = f"gave up after max_task_retries={config.max_task_retries}"
+    given_up = f"gave up after max_unit_retries={config.max_unit_retries}"
     if stuck:
         return (f"stuck: no batch finished within batch_timeout_s={config.batch_timeout_s:g} on "
                 f"{len(stuck)} of {len(tries)} attempt(s); each stuck replica was killed and restarted; "

@@ -24,7 +24,7 @@ What can go wrong inside a unit, and what happens:
   `io_retries` times with backoff, then reported failed with the URI in the message;
 - the replica dies (OOM, segfault, killed) or is killed as stuck by the driver's watchdog
   (`pipeline.progress`): Ray restarts the actor and re-runs the unit, up to
-  `max_task_retries`; each attempt is recorded with the run's ProgressTracker, which is how
+  `max_unit_retries`; each attempt is recorded with the run's ProgressTracker, which is how
   the run report counts `rows_retried` and names stuck replicas.
 """
 

@@ -4,7 +4,7 @@ The tests hurt real processes of one local Ray (started once for the module):
 - SIGKILL a replica in the middle of a shard: Ray restarts it, the shard is redone, every id
   lands exactly once and the report counts the rows run again;
 - SIGKILL the replica of one shard on every attempt (an OOM or segfault on that data): after
-  max_task_retries the shard is reported failed while the others finish; a rerun completes it;
+  max_unit_retries the shard is reported failed while the others finish; a rerun completes it;
 - SIGSTOP a replica (a wedged kernel or a hung call): the watchdog reports it after
   batch_timeout_s, kills it, and the shard is retried; a shard that hangs every time is
   reported failed instead of hanging the run;
@@ -147,7 +147,7 @@ def deaths(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("deaths")
     shards = write_sized_shards(str(root / "in"), DEATH_SIZES)
     kwargs = dict(input=str(root / "in"), output=str(root / "out"), model=tiny_model("causal"),
-                  replicas=2, batch_size=8, max_num_seqs=4, max_new_tokens=12, max_task_retries=1,
+                  replicas=2, batch_size=8, max_num_seqs=4, max_new_tokens=12, max_unit_retries=1,
                   kv_cache_gib=TINY_KV_GIB, temperature=0.9, top_p=0.95, seed=SEED)  # sampled: a redo must draw the same
     rules = {"part-00001.parquet": (signal.SIGKILL, {1}, 8),      # after its first batch
              "part-00002.parquet": (signal.SIGKILL, None, 0)}     # as soon as it starts, always
@@ -166,7 +166,7 @@ def test_replica_killed_mid_shard_is_restarted_and_the_shard_redone(deaths):
     assert eng["kv_tokens_capacity"] == 10 * 16 and eng["kv_tokens_peak"] >= 0.75 * 10 * 16, eng
     assert eng["rows_in_flight_peak"] >= 2, eng
     assert [h[:2] for h in deaths["hits"] if h[0] == "part-00001.parquet"] == [("part-00001.parquet", 1)]
-    retried = {r["output"]: r for r in report["retried_shards"]}
+    retried = {r["output"]: r for r in report["retried_units"]}
     assert retried["part-00001.parquet"]["attempts"] == 2 and retried["part-00001.parquet"]["rows"] == 160
     assert retried["part-00001.parquet"]["why"][0].startswith("replica died after ")
     table = read_output(deaths["root"] / "out")
@@ -190,13 +190,13 @@ def test_replica_killed_mid_shard_is_restarted_and_the_shard_redone(deaths):
 def test_shard_that_kills_its_replica_every_time_fails_alone(deaths):
     report, shards = deaths["report"], deaths["shards"]
     assert [h[:2] for h in deaths["hits"] if h[0] == "part-00002.parquet"] == \
-        [("part-00002.parquet", 1), ("part-00002.parquet", 2)]  # max_task_retries=1: two attempts
+        [("part-00002.parquet", 1), ("part-00002.parquet", 2)]  # max_unit_retries=1: two attempts
     assert report["complete"] is False and report["error"] is None
-    assert report["shards"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0, "stale": 0}
-    [failed] = report["failed_shards"]
+    assert report["units"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0, "stale": 0}
+    [failed] = report["failed_units"]
     assert failed["output"] == "part-00002.parquet" and failed["input"].endswith("in/part-00002.parquet")
     assert failed["error"].startswith("replica_died: its replica died during all 2 attempt(s)")
-    assert "max_task_retries=1" in failed["error"]
+    assert "max_unit_retries=1" in failed["error"]
     assert report["rows_in"] == sum(DEATH_SIZES) and report["rows_written"] == sum(DEATH_SIZES) - 64
     assert report["rows_retried"] == 160 + 64  # each shard run twice, counted once per extra attempt
     assert "part-00002.parquet" not in deaths["files"]
@@ -206,7 +206,7 @@ def test_shard_that_kills_its_replica_every_time_fails_alone(deaths):
 def test_rerun_after_a_failed_shard_completes_it_and_skips_the_rest(deaths):
     out = deaths["root"] / "out"
     report = run_generate(**deaths["kwargs"])
-    assert report["complete"] and report["shards"]["done"] == 1 and report["shards"]["skipped"] == 3
+    assert report["complete"] and report["units"]["done"] == 1 and report["units"]["skipped"] == 3
     assert report["this_run"]["rows_processed"] == 64 and report["rows_retried"] == 0
     after = file_state(out)
     assert {k: v for k, v in after.items() if k != "part-00002.parquet"} == deaths["files"]  # untouched
@@ -220,14 +220,14 @@ def test_stuck_replica_is_reported_killed_and_retried(ray_local, tmp_path):
     """SIGSTOP = a replica that stops making progress without dying. With batch_timeout_s=3 (a
     batch of 2 rows takes ~0.1 s, so a loaded machine does not reach it by accident) the
     watchdog kills it and Ray retries the shard; a shard that hangs on every attempt is
-    reported failed (stuck) after max_task_retries, and the run ends instead of hanging."""
+    reported failed (stuck) after max_unit_retries, and the run ends instead of hanging."""
     shards = write_sized_shards(str(tmp_path / "in"), [6, 160, 64, 6])
     rules = {"part-00001.parquet": (signal.SIGSTOP, {1}, 8),
              "part-00002.parquet": (signal.SIGSTOP, None, 0)}
     t0 = time.perf_counter()
     with ReplicaFaults(rules) as faults:
         report = run_generate(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model("causal"),
-                              replicas=2, batch_size=2, max_new_tokens=12, max_task_retries=1, batch_timeout_s=3)
+                              replicas=2, batch_size=2, max_new_tokens=12, max_unit_retries=1, batch_timeout_s=3)
     wall = time.perf_counter() - t0
     hits = faults.hits
     assert sorted(h[:2] for h in hits) == [("part-00001.parquet", 1), ("part-00002.parquet", 1),
@@ -235,11 +235,11 @@ def test_stuck_replica_is_reported_killed_and_retried(ray_local, tmp_path):
     stuck = report["stuck_replicas"]
     assert sorted((s["unit"], s["pid"]) for s in stuck) == sorted((h[0], h[2]) for h in hits)
     assert all(s["silent_s"] >= 3 for s in stuck), stuck
-    assert report["shards"]["done"] == 3 and report["shards"]["failed"] == 1
-    [failed] = report["failed_shards"]
+    assert report["units"]["done"] == 3 and report["units"]["failed"] == 1
+    [failed] = report["failed_units"]
     assert failed["output"] == "part-00002.parquet"
     assert failed["error"].startswith("stuck: no batch finished within batch_timeout_s=3 on 2 of 2 attempt(s)")
-    retried = {r["output"]: r for r in report["retried_shards"]}
+    retried = {r["output"]: r for r in report["retried_units"]}
     assert retried["part-00001.parquet"]["attempts"] == 2 and "stuck" in retried["part-00001.parquet"]["why"][0]
     assert report["rows_retried"] == 160 + 64
     text = summary(report)  # what the CLI prints at the end
@@ -304,7 +304,7 @@ def test_driver_sigkill_mid_run_then_rerun_resumes_exactly_once(ray_local, tmp_p
 
     report = run_generate(**args)
     assert report["complete"], report
-    assert report["shards"]["skipped"] == len(before) and report["shards"]["done"] == n_shards - len(before)
+    assert report["units"]["skipped"] == len(before) and report["units"]["done"] == n_shards - len(before)
     assert report["this_run"]["rows_processed"] == rows * (n_shards - len(before))
     after = file_state(out)
     assert {name: after[name] for name in before} == before  # finished shards not recomputed

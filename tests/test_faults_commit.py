@@ -85,10 +85,10 @@ def test_a_replica_that_dies_after_committing_is_counted_once(dying_ray, tmp_pat
                                  "prompt": [f"{PROMPTS[i % len(PROMPTS)]} #{i}" for i in ids[k]]}),
                        src / f"part-{k:05d}.parquet")
     report = run_generate(input=str(src), output=str(out), model=tiny_model("causal"), replicas=1,
-                          max_new_tokens=4, max_task_retries=2)
+                          max_new_tokens=4, max_unit_retries=2)
     assert dying_ray.exists()  # the replica really died after committing part-00001
     assert report["complete"], report
-    assert report["shards"] == {"total": 3, "done": 3, "skipped": 0, "failed": 0, "bad": 0, "stale": 0}
+    assert report["units"] == {"total": 3, "done": 3, "skipped": 0, "failed": 0, "bad": 0, "stale": 0}
     assert_exactly_once(read_output(str(out))["id"].to_pylist(), [i for v in ids.values() for i in v])
     footer = json.loads(pq.ParquetFile(out / "part-00001.parquet").metadata.metadata[b"persimmon_batch"])
     assert footer["run_id"] == report["this_run"]["run_id"]
@@ -99,5 +99,5 @@ def test_a_replica_that_dies_after_committing_is_counted_once(dying_ray, tmp_pat
     digest = hashlib.sha256((out / "part-00001.parquet").read_bytes()).hexdigest()
     again = run_generate(input=str(src), output=str(out), model=tiny_model("causal"), replicas=1,
                          max_new_tokens=4)
-    assert again["complete"] and again["shards"]["skipped"] == 3
+    assert again["complete"] and again["units"]["skipped"] == 3
     assert hashlib.sha256((out / "part-00001.parquet").read_bytes()).hexdigest() == digest

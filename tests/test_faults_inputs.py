@@ -176,7 +176,7 @@ def test_skipped_bad_files_are_listed_and_the_rest_is_exact(ray_local, tmp_path)
     rows = {os.path.basename(b["input"]): b["rows"] for b in report["bad_shards"]}
     assert rows["bad-no-prompt.parquet"] == 2 and rows["bad-empty.parquet"] == 0
     assert rows["bad-truncated.parquet"] is None  # unknown: the footer is gone
-    assert report["shards"] == {"total": 6, "done": 2, "skipped": 0, "failed": 0, "bad": 4, "stale": 0}
+    assert report["units"] == {"total": 6, "done": 2, "skipped": 0, "failed": 0, "bad": 4, "stale": 0}
     # rows of skipped files are not in the output: the run is not complete
     assert report["rows_in"] == 10 and report["rows_written"] == 8 and report["complete"] is False
 
@@ -254,7 +254,7 @@ def test_bad_rows_end_to_end(ray_local, tmp_path):
 
     assert report["complete"] is True  # the empty file holds no rows: nothing is missing
     assert report["rows_in"] == report["rows_written"] == len(expected)
-    assert report["shards"]["bad"] == 1 and report["bad_shards"][0]["input"].endswith("d-empty.parquet")
+    assert report["units"]["bad"] == 1 and report["bad_shards"][0]["input"].endswith("d-empty.parquet")
     kinds = {}
     for kind in expected.values():
         if kind:
@@ -263,7 +263,7 @@ def test_bad_rows_end_to_end(ray_local, tmp_path):
     ids = report["ids"]
     assert (ids["duplicate_rows"], ids["duplicate_ids"], ids["null_ids"]) == (3, 2, 1)
     assert {e["id"] for e in ids["examples"]} == {"0", "3"}
-    assert report["rows_retried"] == 0 and report["shards"]["failed"] == 0
+    assert report["rows_retried"] == 0 and report["units"]["failed"] == 0
 
 
 def test_lone_surrogates_from_python_fail_only_their_row():
@@ -282,7 +282,7 @@ def test_lone_surrogates_from_python_fail_only_their_row():
 
 
 def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
-    """Files split into several units (rows_per_task) and record batches smaller than a unit:
+    """Files split into several units (rows_per_unit) and record batches smaller than a unit:
     the flagged rows are exactly the later occurrences, wherever they fall. No Ray: the shard
     runner is called directly."""
     from pipeline.plan import make_plan
@@ -296,7 +296,7 @@ def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
         pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "prompt": [f"p{i}" for i in ids]}),
                        inputs / name, row_group_size=3)
     config = PipelineConfig(task="generate", input=str(inputs), output=str(tmp_path / "out"),
-                            model=tiny_model("causal"), max_new_tokens=2, batch_size=1, rows_per_task=3)
+                            model=tiny_model("causal"), max_new_tokens=2, batch_size=1, rows_per_unit=3)
     plan = make_plan(config)
     assert len(plan.units) == 8 and plan.ids["duplicate_rows"] == 3 and plan.ids["duplicate_ids"] == 2
     runner = ShardRunner(config, plan.schema,

@@ -52,9 +52,9 @@ def test_output_inside_the_input_tree_is_never_read_as_input(ray_local, tmp_path
     out = src / "labels"  # inside the input directory
     args = dict(input=str(src), output=str(out), model=tiny_model("causal"), replicas=1, max_new_tokens=3)
     first = run_generate(**args)
-    assert first["complete"] and first["shards"]["total"] == 2
+    assert first["complete"] and first["units"]["total"] == 2
     again = run_generate(**args)  # the outputs now sit in the input tree: not inputs
-    assert again["complete"] and again["shards"] == {"total": 2, "done": 0, "skipped": 2, "failed": 0, "bad": 0,
+    assert again["complete"] and again["units"] == {"total": 2, "done": 0, "skipped": 2, "failed": 0, "bad": 0,
                                                      "stale": 0}
     assert outputs(out) == ["part-00000.parquet", "part-00001.parquet"]
     assert_exactly_once(read_output(str(out))["id"].to_pylist(), list(range(12)))
@@ -69,8 +69,8 @@ def test_input_replaced_between_runs_is_recomputed_and_reported_stale(ray_local,
     untouched = {f: os.stat(out / f).st_mtime_ns for f in ("part-00000.parquet", "part-00002.parquet")}
     write(str(src / "part-00001.parquet"), [100, 101, 102])  # same name, other rows
     report = run_generate(**args)
-    assert report["complete"] and report["shards"]["stale"] == 1 and report["shards"]["done"] == 1
-    assert [s["output"] for s in report["stale_shards"]] == ["part-00001.parquet"]
+    assert report["complete"] and report["units"]["stale"] == 1 and report["units"]["done"] == 1
+    assert [s["output"] for s in report["stale_units"]] == ["part-00001.parquet"]
     table = read_output(str(out))
     assert_exactly_once(table["id"].to_pylist(), [0, 1, 2, 3, 4, 100, 101, 102, 20, 21, 22, 23, 24])
     assert {f: os.stat(out / f).st_mtime_ns for f in untouched} == untouched  # the others were skipped
@@ -116,7 +116,7 @@ def test_adding_a_partition_keeps_output_names_and_resumes(ray_local, tmp_path):
     assert outputs(out) == ["date=2024-01-01__part-0.parquet"]
     write(str(src / "date=2024-01-02" / "part-0.parquet"), list(range(5, 9)))
     report = run_generate(**args)
-    assert report["complete"] and report["shards"]["skipped"] == 1 and report["shards"]["done"] == 1
+    assert report["complete"] and report["units"]["skipped"] == 1 and report["units"]["done"] == 1
     assert outputs(out) == ["date=2024-01-01__part-0.parquet", "date=2024-01-02__part-0.parquet"]
     assert_exactly_once(read_output(str(out))["id"].to_pylist(), list(range(9)))
 
@@ -162,7 +162,7 @@ def test_signal_stops_the_driver_with_a_report_and_the_rerun_finishes(ray_local,
     report = json.loads((out / "_run_report.json").read_text())
     assert report["complete"] is False and report["interrupted"] == sig
     assert report["error"].startswith(f"interrupted by {sig}")
-    assert report["shards"]["done"] < 6 and not (out / "_lease.json").exists()
+    assert report["units"]["done"] < 6 and not (out / "_lease.json").exists()
     final = run_generate(**{k: v for k, v in args.items()})
     assert final["complete"]
     assert_exactly_once(read_output(str(out))["id"].to_pylist(), list(range(240)))

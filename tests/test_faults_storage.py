@@ -64,9 +64,9 @@ def test_transient_errors_are_retried_with_backoff(s3, capfd):
     assert report["complete"], report
     assert [r["left"] for r in faults.rules] == [0, 0, 0, 0]  # every injected fault was hit
     assert_exactly_once(_ids(s3, "out"), all_prompts(SHARDS, ROWS)[0])
-    assert report["this_run"]["storage_redos"] == 1 and report["shards"]["failed"] == 0
+    assert report["this_run"]["storage_redos"] == 1 and report["units"]["failed"] == 0
     assert report["rows_retried"] == ROWS  # part-00002 ran twice
-    [redo] = report["retried_shards"]
+    [redo] = report["retried_units"]
     assert redo["output"] == "part-00002.parquet" and redo["why"][0].startswith("io_error: OSError: write s3://")
     copies = [t for t, *_ in faults.hits("COPY", r"out/part-00003\.parquet$")]
     assert len(copies) == 5  # 3 by the client, then our retry: 1 more failure, 1 success
@@ -92,8 +92,8 @@ def test_persistent_errors_name_the_uri_and_a_rerun_finishes(s3, capfd):
     faults.add("PUT", rf"^{b}/out2/_tmp/_part-00001\.parquet\.", None)
     report = run_generate(**_kwargs(s3, "out2", io_retries=1))
     assert report["complete"] is False
-    assert report["shards"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0, "stale": 0}
-    [failed] = report["failed_shards"]
+    assert report["units"] == {"total": 4, "done": 3, "skipped": 0, "failed": 1, "bad": 0, "stale": 0}
+    [failed] = report["failed_units"]
     assert failed["output"] == "part-00001.parquet"
     assert f"write s3://{b}/out2/part-00001.parquet (temp file _tmp/_part-00001.parquet." in failed["error"]
     assert failed["error"].endswith("(gave up after 2 attempts)")
@@ -103,7 +103,7 @@ def test_persistent_errors_name_the_uri_and_a_rerun_finishes(s3, capfd):
 
     faults.clear()  # the store recovers: the rerun does only the failed shard
     report = run_generate(**_kwargs(s3, "out2"))
-    assert report["complete"] and report["shards"]["done"] == 1 and report["shards"]["skipped"] == 3
+    assert report["complete"] and report["units"]["done"] == 1 and report["units"]["skipped"] == 3
     assert_exactly_once(_ids(s3, "out2"), expected)
     names = [i.path for i in s3["fs"].get_file_info(pafs.FileSelector(f"{b}/out2", recursive=True))]
     assert not [n for n in names if "/_tmp/" in n], names  # temp objects cleaned up
@@ -127,7 +127,7 @@ def test_a_read_failing_inside_a_replica_redoes_its_unit(s3, monkeypatch):
     monkeypatch.setattr(api, "make_plan", plan_then_break_reads)
     report = run_generate(**_kwargs(s3, "out3"))
     assert report["complete"] and [r["left"] for r in faults.rules] == [0]
-    [redo] = report["retried_shards"]
+    [redo] = report["retried_units"]
     assert redo["output"] == "part-00003.parquet" and redo["why"][0].startswith("io_error: OSError: read s3://")
     assert report["this_run"]["storage_redos"] == 1
     assert_exactly_once(_ids(s3, "out3"), all_prompts(SHARDS, ROWS)[0])

@@ -77,7 +77,7 @@ def test_compressed_jsonl_reads_the_same_rows(tmp_path):
 def test_jsonl_string_ids_and_row_splits(tmp_path):
     path = tmp_path / "s.ndjson"
     path.write_text("".join(json.dumps({"id": f"doc-{i}", "prompt": f"p{i}"}) + "\n" for i in range(7)))
-    cfg = config(rows_per_task=3)
+    cfg = config(rows_per_unit=3)
     found = INPUT_FORMATS["jsonl"].inspect(resolve(str(path), cfg), cfg)
     assert [(s.first_row, s.num_rows) for s in found.splits] == [(0, 3), (3, 3), (6, 1)]
     rows, errors = read_all(str(path), cfg)
@@ -160,18 +160,18 @@ def test_jsonl_in_jsonl_out_matches_engine_resumes_and_goes_stale(ray_local, tmp
 
     before = os.stat(out / "a.jsonl").st_mtime_ns
     again = run_generate(**args)
-    assert again["complete"] and again["shards"]["skipped"] == 2 and again["shards"]["done"] == 0
+    assert again["complete"] and again["units"]["skipped"] == 2 and again["units"]["done"] == 0
     assert os.stat(out / "a.jsonl").st_mtime_ns == before
 
     (src / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps({"id": 50, "prompt": "new row", "meta": "n"}) + "\n").encode()))
     third = run_generate(**args)
-    assert third["shards"]["stale"] == 1 and third["shards"]["done"] == 1
+    assert third["units"]["stale"] == 1 and third["units"]["done"] == 1
     assert sorted(r["id"] for r in read_jsonl_dir(out) if r["id"] is not None) == [0, 1, 2, 3, 4, 50]
 
     with open(out / "a.jsonl", "a") as f:  # a data file that no longer matches its statistics
         f.write('{"id": 999}\n')
     fourth = run_generate(**args)
-    assert fourth["complete"] and fourth["shards"]["done"] == 1  # recomputed, not trusted
+    assert fourth["complete"] and fourth["units"]["done"] == 1  # recomputed, not trusted
     assert sorted(r["id"] for r in read_jsonl_dir(out) if r["id"] is not None) == [0, 1, 2, 3, 4, 50]
 
 
@@ -183,8 +183,8 @@ def test_csv_in_parquet_out_split_by_rows(ray_local, tmp_path):
     body = "".join(f'{i},"{p}"\n' for i, p in enumerate(prompts))
     (src / "rows.csv").write_text("id,prompt\n" + body)
     report = run_generate(input=str(src), output=str(out), model=tiny_model("causal"), replicas=1,
-                          max_new_tokens=3, rows_per_task=3)
-    assert report["complete"] and report["shards"]["total"] == 3
+                          max_new_tokens=3, rows_per_unit=3)
+    assert report["complete"] and report["units"]["total"] == 3
     files = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
     assert len(files) == 3 and all(f.startswith("rows") for f in files)
     table = pa.concat_tables([pq.read_table(out / f) for f in files]).sort_by("id")

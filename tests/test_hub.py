@@ -287,13 +287,13 @@ def test_pipeline_run_with_a_hub_id_equals_the_local_dir(cache, tmp_path, monkey
     with local_ray():  # started after `cache` set HF_HUB_*: its replicas see the same offline cache
         report = run_generate(input=str(tmp_path / "in"), output=out, model="owner/tiny", replicas=1,
                               max_new_tokens=6, batch_size=4, progress=False)
-        assert report["complete"] and report["shards"]["done"] == 2, report
+        assert report["complete"] and report["units"]["done"] == 2, report
         assert report["config"]["model"] == "owner/tiny" and report["config"]["model_commit"] == MAIN
         assert report["config"]["model_identity"] == model_identity(cfg(tiny_model("causal")))
         # the same output spelled as the local directory: the same model, so nothing to redo
         again = run_generate(input=str(tmp_path / "in"), output=out, model=tiny_model("causal"), replicas=1,
                              max_new_tokens=6, batch_size=4, progress=False)
-        assert again["complete"] and again["shards"]["skipped"] == 2 and again["shards"]["done"] == 0
+        assert again["complete"] and again["units"]["skipped"] == 2 and again["units"]["done"] == 0
     table = read_output(out).sort_by("id")
     ids, prompts = all_prompts(2, 4)
     assert table["id"].to_pylist() == ids

@@ -134,7 +134,7 @@ def test_openai_batch_file_round_trip(ray_local, tmp_path):
     assert report["errors_by_kind"] == {"invalid_request": 1, "invalid_sampling": 1, "invalid_line": 1}
 
     again = run_generate(**args)  # resumes: the committed file is kept
-    assert again["complete"] and again["shards"]["skipped"] == 1 and again["shards"]["done"] == 0
+    assert again["complete"] and again["units"]["skipped"] == 1 and again["units"]["done"] == 0
 
 
 def test_openai_batch_options_are_checked():

@@ -67,6 +67,6 @@ def test_unplaceable_replicas_fail_fast_instead_of_hanging(cluster, deadline, tm
     write_shards(str(tmp_path / "in"), shards=3, rows=2)  # 3 units, 3 one-GPU replicas, 2 GPUs
     report = run_generate(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model("causal"),
                           replicas=3, num_gpus_per_replica=1, max_new_tokens=2, replica_start_timeout_s=8)
-    assert not report["complete"] and report["shards"]["failed"] == 3
+    assert not report["complete"] and report["units"]["failed"] == 3
     assert "Timed out while starting actors" in report["error"]
     assert report["rows_written"] == 0

@@ -55,7 +55,7 @@ def test_generate_end_to_end_matches_engine(ray_local, inputs, tmp_path):
     table = read_output(out).sort_by("id")
     assert_exactly_once(table, ids + bad["id"].to_pylist())
     assert report["rows_in"] == report["rows_written"] == len(ids) + 5
-    assert report["this_run"]["replicas"] == 2 and report["shards"]["done"] == SHARDS + 1
+    assert report["this_run"]["replicas"] == 2 and report["units"]["done"] == SHARDS + 1
     run = report["this_run"]  # startup: a replica process is up, loads its model, starts the first unit
     assert 0 < run["replica_start_s"] < run["startup_s"] and run["model_load_s"] > 0
     assert report["errors_by_kind"] == {"invalid_prompt": 1, "empty_prompt": 1, "prompt_too_long": 1}
@@ -118,14 +118,14 @@ def test_resume_recomputes_only_missing_shards_via_cli(ray_local, inputs, tmp_pa
     os.remove(os.path.join(out, files[1]))  # as if the run died before committing this shard
     assert main(args) == 0
     report = json.load(open(os.path.join(out, "_run_report.json")))
-    assert report["complete"] and report["shards"]["done"] == 1 and report["shards"]["skipped"] == SHARDS - 1
+    assert report["complete"] and report["units"]["done"] == 1 and report["units"]["skipped"] == SHARDS - 1
     assert report["this_run"]["rows_processed"] == ROWS and report["rows_written"] == SHARDS * ROWS
     for f in files:
         if f != files[1]:
             assert os.stat(os.path.join(out, f)).st_mtime_ns == mtimes[f]  # not recomputed
     assert_exactly_once(read_output(out), all_prompts(SHARDS, ROWS)[0])
     assert main(args) == 0  # nothing left to do: no actors started
-    assert json.load(open(os.path.join(out, "_run_report.json")))["shards"]["skipped"] == SHARDS
+    assert json.load(open(os.path.join(out, "_run_report.json")))["units"]["skipped"] == SHARDS
 
 
 def test_build_dataset_composes(ray_local, inputs, tmp_path):

@@ -45,7 +45,7 @@ def test_generate_on_s3_exactly_once_and_resume(s3, tmp_path):
                   replicas=2, max_new_tokens=5, batch_size=4, model_cache_dir=cache)
     report = run_generate(**kwargs)
     assert report["complete"], report
-    assert report["this_run"]["replicas"] == 2 and report["shards"]["done"] == SHARDS
+    assert report["this_run"]["replicas"] == 2 and report["units"]["done"] == SHARDS
 
     ids, prompts = all_prompts(SHARDS, ROWS)
     table = read_output(f"{b}/out", fs=fs).sort_by("id")
@@ -66,7 +66,7 @@ def test_generate_on_s3_exactly_once_and_resume(s3, tmp_path):
     # resume: drop one committed object, rerun, only that shard is recomputed
     fs.delete_file(f"{b}/out/part-00002.parquet")
     report = run_generate(**kwargs)
-    assert report["complete"] and report["shards"]["done"] == 1 and report["shards"]["skipped"] == SHARDS - 1
+    assert report["complete"] and report["units"]["done"] == 1 and report["units"]["skipped"] == SHARDS - 1
     table = read_output(f"{b}/out", fs=fs)
     assert Counter(table["id"].to_pylist()) == Counter(ids)
     names = [i.base_name for i in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(f"{b}/out", recursive=True))]

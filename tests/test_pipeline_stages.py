@@ -201,7 +201,7 @@ def test_plan_names_splits_and_bad_shards(tmp_path):
     write_shards(str(tmp_path / "in"), shards=2, rows=10, row_group_size=3)
     plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
     assert [u.output_name for u in plan.units] == ["part-00000.parquet", "part-00001.parquet"]
-    plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_task=6))
+    plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_unit=6))
     assert [u.output_name for u in plan.units][:2] == ["part-00000.rg00000-00001.parquet",
                                                        "part-00000.rg00002-00003.parquet"]
     assert sum(u.num_rows for u in plan.units) == 20
@@ -316,9 +316,9 @@ def test_example_job_configs_validate(path):
 def test_summary_mentions_failures():
     report = {"task": "generate", "complete": False, "rows_in": 3, "rows_written": 2, "rows_with_error": 1,
               "errors_by_kind": {"empty_prompt": 1}, "wall_time_s": 1.0, "tokens_per_s": 2.0,
-              "shards": {"done": 1, "skipped": 0, "failed": 1, "bad": 0},
+              "units": {"done": 1, "skipped": 0, "failed": 1, "bad": 0},
               "this_run": {"startup_s": 0.5, "tokens_generated": 2}, "output": "o",
-              "failed_shards": [{"input": "in/x.parquet", "error": "OSError: nope"}], "bad_shards": []}
+              "failed_units": [{"input": "in/x.parquet", "error": "OSError: nope"}], "bad_shards": []}
     text = summary(report)
     assert "INCOMPLETE" in text and "in/x.parquet" in text and "empty_prompt" in text
 
@@ -689,3 +689,15 @@ def test_each_task_is_declared_once_and_everything_reads_the_declaration():
         assert set(task.settings) <= flags and not (TASK_SETTINGS - set(task.settings)) & flags, name
         assert set(task.result_settings) <= set(result_fields(cfg(task=name, **kw)))
         assert sub[name].description == task.description
+
+
+def test_old_names_of_unit_settings_still_read():
+    with pytest.warns(DeprecationWarning, match="rows_per_task is now rows_per_unit"):
+        c = PipelineConfig.from_dict({"task": "generate", "input": "i", "output": "o", "model": "m",
+                                      "rows_per_task": 50, "max-task-retries": 1})
+    assert (c.rows_per_unit, c.max_unit_retries) == (50, 1)
+    with pytest.raises(ConfigError, match="give rows_per_unit only"):
+        PipelineConfig.from_dict({"rows_per_task": 5, "rows_per_unit": 6})
+    args = build_parser().parse_args(["generate", "--input", "i", "--output", "o", "--model", "m",
+                                      "--rows-per-task", "7"])
+    assert config_from_args(args).rows_per_unit == 7
