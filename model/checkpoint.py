@@ -35,26 +35,46 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return DTYPES[str(dtype)]
 
 
+def pick_weight_files(names, read_index) -> list[str]:
+    """The weight files of a checkpoint directory holding the files `names`, in a fixed order:
+    a safetensors index's files, else model.safetensors, else the same for pickle `.bin`.
+    `read_index(name)` returns an index file's bytes. Used for local directories (here) and
+    for object-store directories on the driver (pipeline.modelcheck), so both pick alike."""
+    names = set(names)
+    for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
+        if index in names:
+            try:
+                files = sorted(set(json.loads(read_index(index))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index} is not a valid weight index ({e})") from None
+            outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]
+            if outside:
+                raise ValueError(f"{index} names files outside the checkpoint dir: {outside[:5]}")
+            missing = [f for f in files if f not in names]
+            if missing:
+                raise FileNotFoundError(f"{index} lists missing weight files: {missing[:5]}")
+            return files
+        if single in names:
+            return [single]
+    raise FileNotFoundError(f"no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+
+
 def weight_files(path: str) -> list[str]:
-    """The weight files of an HF checkpoint directory, in a fixed order."""
+    """The weight files of a local HF checkpoint directory, in a fixed order."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
-        if os.path.isfile(os.path.join(path, index)):
-            with open(os.path.join(path, index), encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-            for name in files:
-                if os.path.basename(name) != name:
-                    raise ValueError(f"{index} names a file outside the checkpoint dir: {name!r}")
-            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-            if missing:
-                raise FileNotFoundError(f"{index} in {path} lists missing shards: {missing}")
-            return [os.path.join(path, f) for f in files]
-        if os.path.isfile(os.path.join(path, single)):
-            return [os.path.join(path, single)]
-    raise FileNotFoundError(
-        f"no weights in {path!r}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+
+    def read_index(name):
+        with open(os.path.join(path, name), "rb") as f:
+            return f.read()
+
+    try:
+        files = pick_weight_files(os.listdir(path), read_index)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return [os.path.join(path, f) for f in files]
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -63,29 +83,60 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "F8_E5M2": torch.float8_e5m2}
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def safetensors_header(file_size: int, read_at) -> tuple[int, dict]:
+    """(data start, {tensor name: (dtype name, shape, begin, end)}) of a .safetensors file of
+    `file_size` bytes, `read_at(nbytes, offset) -> bytes` reading it. Every tensor's byte range
+    is checked against its dtype and shape and against the file's size, so a truncated file
+    fails here and not halfway through a load. Raises ValueError."""
+    import struct
+
+    head = read_at(8, 0) if file_size >= 8 else b""
+    (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+    if not 0 < n <= min(file_size - 8, SAFETENSORS_MAX_HEADER):
+        raise ValueError(f"not a safetensors file (header length {n}; truncated or another format)")
+    try:
+        header = json.loads(read_at(n, 8))
+        header.pop("__metadata__", None)
+        out = {}
+        for name, info in header.items():
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has unsupported dtype {dtype}")
+            count = 1
+            for d in shape:
+                count *= d
+            if begin < 0 or end - begin != count * SAFETENSORS_DTYPES[dtype].itemsize:
+                raise ValueError(f"tensor {name}: byte range {begin}..{end} does not hold {dtype}{list(shape)}")
+            if 8 + n + end > file_size:
+                raise ValueError(f"tensor {name} ends at byte {8 + n + end} but the file has {file_size} bytes "
+                                 "(truncated?)")
+            out[name] = (dtype, shape, begin, end)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"malformed safetensors header ({type(e).__name__}: {e})") from None
+    return 8 + n, out
+
+
 def iter_safetensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Read a .safetensors file tensor by tensor with plain reads into fresh CPU tensors.
 
     No mmap: pages of the file never count against the process, and only the tensor being
     yielded is held, so a load peaks at one model plus one tensor."""
-    import struct
-
     size = os.path.getsize(file)
     with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if not 0 < n <= min(size - 8, 100_000_000):
-            raise ValueError(f"{file}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        base = 8 + n
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - begin != nbytes or base + end > size:
-                raise ValueError(f"{file}: tensor {name} has inconsistent offsets (truncated file?)")
+        def read_at(nbytes, offset):
+            f.seek(offset)
+            return f.read(nbytes)
+
+        try:
+            base, header = safetensors_header(size, read_at)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        for name, (dtype, shape, begin, end) in sorted(header.items(), key=lambda kv: kv[1][2]):
+            tensor = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
+            nbytes = end - begin
             if nbytes:
                 f.seek(base + begin)
                 buf = tensor.reshape(-1).view(torch.uint8).numpy()  # writable view of the tensor's bytes

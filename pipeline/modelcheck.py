@@ -31,12 +31,6 @@ from .config import PipelineConfig
 from .storage import Location, model_location, read_bytes, retry
 from .tasks import TASKS
 
-SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-MAX_HEADER = 100_000_000
-
 
 class ModelError(ValueError):
     """A model directory that cannot be loaded; raised on the driver before any actor starts."""
@@ -95,8 +89,9 @@ def _pickle_shapes(loc: Location) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
+# (the weight indexes: model.checkpoint's SAFE_INDEX and BIN_INDEX; `import pipeline` stays torch-free)
 IDENTITY_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                  SAFE_INDEX, BIN_INDEX)
+                  "model.safetensors.index.json", "pytorch_model.bin.index.json")
 SAMPLES, SAMPLE_BYTES = 64, 64 << 10  # windows of each weight file's data hashed (4 MiB a file at most)
 
 
@@ -106,6 +101,8 @@ def model_identity(config: PipelineConfig) -> str:
     weights (every layer of an 8B checkpoint is sampled) - not every weight byte. Recorded in each output's footer: a rerun whose model changed is refused, and
     the node model cache keeps one copy per identity (weights changed in place are fetched
     again)."""
+    from model.checkpoint import SAFETENSORS_MAX_HEADER
+
     loc = model_location(config.model, config)
     names = _list(loc)
     h = hashlib.sha256()
@@ -122,7 +119,7 @@ def model_identity(config: PipelineConfig) -> str:
                 header = b""
                 if name.endswith(".safetensors") and size >= 8:
                     (n,) = struct.unpack("<Q", f.read_at(8, 0))
-                    header = f.read_at(min(n, MAX_HEADER, size - 8), 8)
+                    header = f.read_at(min(n, SAFETENSORS_MAX_HEADER, size - 8), 8)
                     start = min(size, 8 + n)
                 # samples of the weights themselves, spread over the whole file: retrained
                 # weights of the same shapes differ there (any layer), a header alone would not
@@ -157,67 +154,31 @@ def _list(loc: Location) -> set[str]:
 
 
 def _weight_files(loc: Location, names: set[str]) -> list[str]:
-    """Weight file names, as the engine's loader picks them (index first, then single)."""
-    for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
-        if index in names:
-            try:
-                weight_map = json.loads(read_bytes(loc.join(index)))["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-                raise ModelError(f"model {loc.uri}: {index} is not a valid weight index ({e})") from None
-            outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]
-            if outside:
-                raise ModelError(f"model {loc.uri}: {index} names files outside the model dir: {outside[:5]}")
-            missing = [f for f in files if f not in names]
-            if missing:
-                raise ModelError(f"model {loc.uri}: {index} lists missing weight files: {missing[:5]}")
-            return files
-        if single in names:
-            return [single]
-    raise ModelError(f"model {loc.uri} has no weights ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
+    """Weight file names, picked as the engine's loader picks them (model.checkpoint)."""
+    from model.checkpoint import pick_weight_files
+
+    try:
+        return pick_weight_files(names, lambda index: read_bytes(loc.join(index)))
+    except (ValueError, OSError) as e:
+        raise ModelError(f"model {loc.uri}: {e}") from None
 
 
 def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
-    """{tensor name: shape} from a .safetensors header, checking that every tensor's byte range
-    fits its dtype and shape and lies inside the file (a truncated download fails here)."""
+    """{tensor name: shape} from a .safetensors header, checked as the loader checks it
+    (model.checkpoint.safetensors_header): a truncated download fails here, on the driver."""
+    from model.checkpoint import safetensors_header
+
     def _read():
         with loc.fs.open_input_file(loc.path) as f:
-            size = f.size()
-            head = f.read_at(8, 0) if size >= 8 else b""
-            if len(head) < 8:
-                return size, None
-            (n,) = struct.unpack("<Q", head)
-            if not 0 < n <= min(size - 8, MAX_HEADER):
-                return size, None
-            return size, (n, f.read_at(n, 8))
+            return safetensors_header(f.size(), f.read_at)
 
     try:
-        size, found = retry(_read, f"read {loc.uri}", loc.retries)
+        _, header = retry(_read, f"read {loc.uri}", loc.retries)
+    except ValueError as e:
+        raise ModelError(f"model weights {loc.uri}: {e}") from None
     except OSError as e:
         raise ModelError(f"model weights {loc.uri}: {e}") from None
-    if found is None:
-        raise ModelError(f"{loc.uri} is not a safetensors file (bad header length; truncated or not safetensors)")
-    n, raw = found
-    try:
-        header = json.loads(raw)
-        header.pop("__metadata__", None)
-        shapes = {}
-        for name, info in header.items():
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            if dtype not in DTYPE_BYTES:
-                raise ValueError(f"tensor {name} has unsupported dtype {dtype}")
-            count = 1
-            for d in shape:
-                count *= d
-            if end - begin != count * DTYPE_BYTES[dtype] or begin < 0:
-                raise ValueError(f"tensor {name}: byte range {begin}..{end} does not hold {dtype}{list(shape)}")
-            if 8 + n + end > size:
-                raise ValueError(f"tensor {name} ends at byte {8 + n + end} but the file has {size} "
-                                 f"bytes (truncated?)")
-            shapes[name] = shape
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{loc.uri} is not a valid safetensors file: {e}") from None
-    return shapes
+    return {name: shape for name, (_, shape, _, _) in header.items()}
 
 
 def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:

@@ -267,7 +267,7 @@ def test_index_naming_a_missing_shard(causal, tmp_path):
     causal.save_pretrained(tmp_path, max_shard_size="100KB")
     os.remove(tmp_path / "model-00002-of-{:05d}.safetensors".format(
         len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")])))
-    with pytest.raises(FileNotFoundError, match="missing shards"):
+    with pytest.raises(FileNotFoundError, match="lists missing weight files"):
         load_pretrained(tmp_path)
 
 

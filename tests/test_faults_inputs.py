@@ -86,9 +86,9 @@ def test_bad_models_fail_fast_on_the_driver(tmp_path, no_ray):
         (wider, "weights do not match config.json (PersimmonForCausalLM): wrong shape"),
         (deeper, "missing 16: ['model.layers.2."),  # 16 tensors per layer
         (truncated, "(truncated?)"),
-        (garbage, "is not a safetensors file"),
+        (garbage, "not a safetensors file"),
         (no_tokenizer, "has no tokenizer.model"),
-        (escaping, "names files outside the model dir: ['../outside.safetensors']"),
+        (escaping, "names files outside the checkpoint dir: ['../outside.safetensors']"),
     ]
     for model_dir, message in cases:
         t0 = time.perf_counter()
