@@ -66,7 +66,36 @@ RAY_INFO_MARKERS = ("streaming_executor.py", "logging_progress.py", "Running Dat
 
 
 @pytest.mark.ray
-def test_run_prints_ours_hides_ray_info_unless_verbose_and_exports_metrics(tmp_path, capfd):
+def test_cli_prints_ours_and_hides_ray_info_unless_verbose(tmp_path):
+    """Two real CLI runs in their own processes (stderr as a user sees it, not a terminal)."""
+    import subprocess
+    import sys
+
+    write_shards(str(tmp_path / "in"), shards=2, rows=6)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": repo}
+
+    def cli(out, *extra):
+        cmd = [sys.executable, "-m", "pipeline.cli", "generate", "--input", str(tmp_path / "in"), "--output",
+               str(tmp_path / out), "--model", tiny_model("causal"), "--replicas", "1", "--max-new-tokens", "3",
+               *extra]
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    err = cli("out")
+    assert not [m for m in RAY_INFO_MARKERS if m in err], err
+    assert "[persimmon-batch] [2/2] done" in err
+    last = [line for line in err.splitlines() if line.startswith("[persimmon-batch] rows ")][-1]
+    assert last.startswith("[persimmon-batch] rows 12/12 (100%)") and last.endswith("0 errors")
+    verbose = cli("out_verbose", "--verbose")
+    assert [m for m in RAY_INFO_MARKERS if m in verbose]  # the same run, verbose: Ray Data's lines are there
+    quiet = cli("out_quiet", "--quiet")
+    assert "[persimmon-batch] rows " not in quiet and "[2/2] done" not in quiet
+
+
+@pytest.mark.ray
+def test_replicas_export_ray_metrics(tmp_path):
     import ray
 
     from pipeline.api import _loopback_only
@@ -81,18 +110,8 @@ def test_run_prints_ours_hides_ray_info_unless_verbose_and_exports_metrics(tmp_p
     try:
         write_shards(str(tmp_path / "in"), shards=2, rows=6)
         args = dict(input=str(tmp_path / "in"), model=tiny_model("causal"), replicas=1, max_new_tokens=3)
-        capfd.readouterr()
-        report = run_generate(output=str(tmp_path / "out"), **args)
-        err = capfd.readouterr().err
-        assert report["complete"]
-        assert not [m for m in RAY_INFO_MARKERS if m in err], err
-        assert "[persimmon-batch] [2/2] done" in err
-        last = [line for line in err.splitlines() if line.startswith("[persimmon-batch] rows ")][-1]
-        assert last.startswith("[persimmon-batch] rows 12/12 (100%)") and last.endswith("0 errors")
-
-        run_generate(output=str(tmp_path / "out_verbose"), verbose=True, **args)
-        assert any(m in capfd.readouterr().err for m in RAY_INFO_MARKERS)
-
+        assert run_generate(output=str(tmp_path / "out"), **args)["complete"]
+        assert run_generate(output=str(tmp_path / "out2"), **args)["complete"]
         table = pa.concat_tables([pq.read_table(tmp_path / "out" / f) for f in os.listdir(tmp_path / "out")
                                   if f.endswith(".parquet")])
         want_rows, want_tokens = 2 * table.num_rows, 2 * sum(table["num_generated_tokens"].to_pylist())
