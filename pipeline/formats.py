@@ -16,7 +16,7 @@ each unit's fingerprint, so any edit is seen.
 Outputs (`--output-format`):
 - Parquet (default): the unit's statistics live in the file's footer.
 - JSONL: one JSON object per row; the statistics live in a sidecar `_stats/<name>.json`
-  committed just before the data file, and a file counts as committed only when the sidecar
+  committed just after the data file, and a file counts as committed only when the sidecar
   names its exact size.
 """
 
@@ -201,9 +201,11 @@ class _RowsInput(InputFormat):
         except Exception as e:  # noqa: BLE001 - undecodable, not the format at all
             return Inspected(problem=f"unreadable {self.name} ({type(e).__name__}: {e})")
         found = Inspected(num_rows=table.num_rows, schema=table.schema, digest=digest)
-        missing = _missing(config, table.schema.names) if table.num_rows > len(errors) else []
+        absent = set(json.loads((table.schema.metadata or {}).get(b"absent", b"[]")))
+        names = [n for n in table.schema.names if n not in absent]
+        missing = _missing(config, names) if table.num_rows > len(errors) else []
         if missing:
-            found.problem = f"no row has column(s) {missing}; they have {table.schema.names}"
+            found.problem = f"no row has column(s) {missing}; they have {names}"
         elif table.num_rows == 0:
             found.problem = "empty (0 rows)"
         else:
@@ -227,22 +229,31 @@ class _RowsInput(InputFormat):
 
 
 def _column(values: list, name: str) -> pa.Array:
-    """An Arrow column from JSON values; mixed types fall back to their JSON text."""
+    """An Arrow column from JSON values. Objects and arrays are kept as their JSON text (so files
+    whose objects have other keys still share a schema); mixed types fall back to JSON text for
+    the values that are not strings, and strings stay as they are."""
+    if any(isinstance(v, (dict, list)) for v in values):
+        values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
 class JsonlInput(_RowsInput):
     name = "jsonl"
-    suffixes = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".jsonl.zst", ".json.zst",
-                ".ndjson.zst", ".jsonl.bz2", ".json.bz2")
+    suffixes = tuple(base + codec for base in (".jsonl", ".ndjson", ".json") for codec in ("", ".gz", ".zst", ".bz2"))
 
     def _objects(self, raw: bytes, config) -> Iterator[tuple[int, dict | None, str | None]]:
-        """(line number, row or None, error) for each non-empty line."""
-        text = raw.decode("utf-8-sig", errors="strict")
-        for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and friends
+        """(line number, row or None, error) for each non-empty line. Lines are split on
+        newline bytes only (JSON strings may hold U+2028 and friends) and decoded one by one, so
+        a line that is not UTF-8 is that row's error, not the file's."""
+        for n, chunk in enumerate(raw.split(b"\n"), 1):
+            try:
+                line = chunk.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, f"invalid_line: line {n} is not UTF-8 (byte 0x{chunk[e.start]:02x} at column {e.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:
@@ -251,7 +262,8 @@ class JsonlInput(_RowsInput):
                 yield n, None, f"invalid_line: line {n} is not JSON ({e.msg} at column {e.colno})"
                 continue
             if not isinstance(obj, dict):
-                yield n, None, f"invalid_line: line {n} holds a JSON {type(obj).__name__}, not an object"
+                kind = {type(None): "null", bool: "boolean", list: "array", str: "string"}.get(type(obj), "number")
+                yield n, None, f"invalid_line: line {n} holds a JSON {kind}, not an object"
                 continue
             row, err = self.row(obj, config)
             yield n, row, None if err is None else f"{err} (line {n})"
@@ -261,34 +273,50 @@ class JsonlInput(_RowsInput):
         JSONL override this)."""
         return obj, None
 
+    id_kinds: tuple = (int, str)  # the JSON types an id may have (openai-batch: custom_id is a string)
+
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
-        rows, errors = [], {}
+        rows, errors, lines = [], {}, []
         for n, row, err in self._objects(raw, config):
             if err is not None:
                 errors[len(rows)] = err
             rows.append(row if row is not None else {})
-        wanted = [config.id_column, config.prompt_column, *config.keep_columns, *SAMPLING_COLUMNS]
-        wanted = [c for c in dict.fromkeys(wanted) if any(c in r for r in rows)]  # absent everywhere: named
-        if config.id_column not in wanted:
-            return pa.table({c: _column([r.get(c) for r in rows], c) for c in wanted}), errors
+            lines.append(n)
+        required = [config.id_column, config.prompt_column, *config.keep_columns]
+        wanted = [c for c in dict.fromkeys([*required, *SAMPLING_COLUMNS]) if any(c in r for r in rows)]
+        if not rows:
+            return pa.table({c: pa.array([], pa.string()) for c in wanted}), errors
+        # the id, prompt and kept columns are always there (nulls where absent), so the table has
+        # one row per line even when no line is readable; which were absent is noted for inspect()
+        present = set(wanted)
         ids = [r.get(config.id_column) for r in rows]
-        kind = next((type(v) for v in ids if v is not None), None)
+        kind = next((type(v) for v in ids if v is not None and type(v) in self.id_kinds), None)
         for i, v in enumerate(ids):
-            if v is not None and (type(v) is not kind or kind not in (int, str)):
+            bad = v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63))
+            if bad:
                 errors.setdefault(i, f"invalid_id: id {v!r:.40} is a {type(v).__name__}; ids must all be integers "
-                                     "or all strings (the first row's decides)")
+                                     f"(within int64) or all strings (line {lines[i]})")
                 ids[i] = None
-        columns = {config.id_column: pa.array(ids, pa.int64() if kind is int else pa.string())}
-        for name in wanted:
+        columns = {config.id_column: pa.nulls(len(ids)) if kind is None else  # no valid id: the type is open
+                   pa.array(ids, pa.int64() if kind is int else pa.string())}
+        for name in dict.fromkeys([*required, *wanted]):
             if name == config.id_column:
                 continue
             values = [r.get(name) for r in rows]
+            if name == config.prompt_column:
+                for i, v in enumerate(values):
+                    if v is not None and not isinstance(v, str):
+                        errors.setdefault(i, f"invalid_prompt: expected a string, got a {type(v).__name__} "
+                                             f"(line {lines[i]})")
+                        values[i] = None
+                columns[name] = pa.array(values, pa.string())
+                continue
             if config.task == "generate" and name in SAMPLING_COLUMNS and name not in (
                     config.prompt_column, *config.keep_columns):
                 values = self._settings(name, values, errors)
-            columns[name] = _column(values, name)
-        return pa.table(columns), errors
-
+            columns[name] = _column(values, name) if name in present else pa.nulls(len(rows))
+        absent = [c for c in required if c not in present]
+        return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent)}), errors
 
     @staticmethod
     def _settings(name: str, values: list, errors: dict[int, str]) -> list:
@@ -309,6 +337,7 @@ class OpenAIBatchInput(JsonlInput):
     """OpenAI Batch API request files (pipeline/openai_batch.py): JSONL whose lines are requests."""
 
     name, by_extension = "openai-batch", False
+    id_kinds = (str,)
 
     def row(self, obj, config):
         return openai_batch.request_row(obj, config.id_column, config.prompt_column)
@@ -327,17 +356,28 @@ class CsvInput(_RowsInput):
             bad.append((row.number, row.text))
             return "skip"
 
-        strings = {c: pa.string() for c in (config.prompt_column, *config.keep_columns)}
+        # CSV has no types: ids stay text ("001" and "1" are different rows), as do prompts, kept
+        # columns and per-row settings (parsed per row by the stage)
+        strings = {c: pa.string() for c in (config.id_column, config.prompt_column, *config.keep_columns,
+                                            *SAMPLING_COLUMNS)}
         table = pcsv.read_csv(io.BytesIO(raw), read_options=pcsv.ReadOptions(use_threads=False),  # line numbers
                               parse_options=pcsv.ParseOptions(invalid_row_handler=handler, newlines_in_values=True),
                               convert_options=pcsv.ConvertOptions(column_types=strings, strings_can_be_null=False))
+        names = table.schema.names
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise ValueError(f"the header names column(s) {twice} more than once")
+        if config.id_column in names:  # an empty id cell is a missing id, not the id ""
+            ids = table[config.id_column]
+            table = table.set_column(names.index(config.id_column), config.id_column,
+                                     pa.array([v or None for v in ids.to_pylist()], pa.string()))
         errors = {}
         if bad:  # malformed rows: after the good ones, id null, the line in the error
             n = table.num_rows
             empty = pa.table({name: pa.nulls(len(bad), table.schema.field(name).type) for name in table.schema.names})
             table = pa.concat_tables([table, empty])
             for k, (line, text) in enumerate(bad):
-                errors[n + k] = (f"invalid_row: line {line if line is not None else '?'} does not parse as CSV "
+                errors[n + k] = (f"invalid_row: record {line if line is not None else '?'} does not parse as CSV "
                                  f"({text[:60]!r})")
         return table, errors
 

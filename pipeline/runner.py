@@ -203,12 +203,16 @@ class ShardRunner:
                 with naming(writing):
                     side_bytes = writer.finish(stats)
                     f_out.close()
-                    if side_bytes is not None:  # formats without a footer: statistics in a sidecar
-                        sidecar = writer_format.sidecar(final)
-                        ensure_dir(sidecar.parent)
-                        write_bytes_atomic(sidecar, side_bytes)  # before the data: see formats.JsonlOutput
             self.attempts.beat(attempt, rows, tok_out, errors)
             commit(tmp, final)
+            if side_bytes is not None:  # formats without a footer: statistics in a sidecar, written
+                # after the data, so a sidecar never describes data that is not there yet (an old
+                # file of the same size); until it lands, the old sidecar's fingerprint (or none)
+                # leaves the new data file uncommitted, and a rerun redoes it
+                with naming(writing):
+                    sidecar = writer_format.sidecar(final)
+                    ensure_dir(sidecar.parent)
+                    write_bytes_atomic(sidecar, side_bytes)
         except BaseException:
             try:
                 tmp.fs.delete_file(tmp.path)

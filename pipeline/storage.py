@@ -179,7 +179,8 @@ def glob_regex(pattern: str) -> re.Pattern:
 def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFile]:
     """Expand directories, globs and lists into input files, sorted by URI, no duplicates.
 
-    Directories are listed recursively; names starting with `_` or `.` (markers such as
+    Directories are listed recursively (under --input-format auto, see `directory_inputs` for
+    which data files they contribute); names starting with `_` or `.` (markers such as
     _SUCCESS, temp files, .crc files) are ignored in directories and globs alike; inside
     directories, only files named as a data format (or as --input-format) are taken, while a glob
     takes what it matches. A path that exists is taken as it is even if its name has glob
@@ -217,6 +218,8 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFi
                 rel = info.path[len(loc.path.rstrip("/")) + 1:]
                 if info.type == pafs.FileType.File and info.path.endswith(suffixes) and not _is_hidden(rel):
                     matches.append(InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns))
+            if forced in (None, "auto"):
+                matches = directory_inputs(matches)
         if skip is not None:
             matches = [m for m in matches if not inside(place(m.loc), skip)]
         if not matches:
@@ -224,6 +227,18 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFi
         for m in matches:
             found.setdefault(m.loc.uri, m)
     return [found[k] for k in sorted(found)]
+
+
+def directory_inputs(files: list[InputFile]) -> list[InputFile]:
+    """What a directory contributes under --input-format auto: its data files, except plain
+    `.json` ones, which are as often metadata (`dataset_info.json` beside a Parquet dataset) as
+    data; those are read when named, matched by a glob, or with --input-format jsonl. Skipping
+    them is said in the log, never silent."""
+    skipped = [f for f in files if re.search(r"\.json(\.(gz|zst|bz2))?$", f.loc.path)]
+    if skipped:
+        log.warning("%d .json file(s) in the input directory are not read as data (e.g. %s); name them, "
+                    "use a glob, or --input-format jsonl to include them", len(skipped), skipped[0].name)
+    return [f for f in files if f not in skipped]
 
 
 def list_parquet(inputs, config, exclude: Location | None = None) -> list[Location]:

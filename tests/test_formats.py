@@ -61,7 +61,7 @@ def test_jsonl_rows_and_bad_lines_with_their_numbers(tmp_path):
     assert rows[5]["meta"] is None and rows[0]["meta"] == "a"
     assert sorted(errors) == [2, 3, 4]
     assert errors[2].startswith("invalid_line: line 4 is not JSON")
-    assert errors[3].startswith("invalid_line: line 5 holds a JSON list")
+    assert errors[3].startswith("invalid_line: line 5 holds a JSON array")
     assert errors[4].startswith("invalid_id: id 'x' is a str")
 
 
@@ -88,12 +88,18 @@ def test_csv_quotes_newlines_and_a_malformed_row(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text('id,prompt,meta\n1,"a, b",x\n2,"two\nlines",y\n3,broken,z,extra\n4,0042,\n5,,w\n')
     rows, errors = read_all(str(path), config(keep_columns=["meta"]))
-    by_id = {r["id"]: r for r in rows}
-    assert by_id[1]["prompt"] == "a, b" and by_id[2]["prompt"] == "two\nlines"
-    assert by_id[4]["prompt"] == "0042" and by_id[4]["meta"] == ""  # prompts stay text, empty stays ""
-    assert by_id[5]["prompt"] == ""
-    assert len(rows) == 5 and rows[-1]["id"] is None  # the malformed row: last, with its line
-    assert list(errors.values()) == [errors[4]] and errors[4].startswith("invalid_row: line 4")
+    by_id = {r["id"]: r for r in rows}  # CSV ids are text: "001" and "1" stay two ids
+    assert by_id["1"]["prompt"] == "a, b" and by_id["2"]["prompt"] == "two\nlines"
+    assert by_id["4"]["prompt"] == "0042" and by_id["4"]["meta"] == ""  # prompts stay text, empty stays ""
+    assert by_id["5"]["prompt"] == ""
+    assert len(rows) == 5 and rows[-1]["id"] is None  # the malformed row: last, with its record number
+    assert list(errors.values()) == [errors[4]] and errors[4].startswith("invalid_row: record 4")
+    (tmp_path / "ids.csv").write_text('id,prompt\n001,a\n1,b\n,c\n')
+    rows, _ = read_all(str(tmp_path / "ids.csv"), config())
+    assert [r["id"] for r in rows] == ["001", "1", None]  # an empty id cell is a missing id
+    (tmp_path / "twice.csv").write_text('id,prompt,prompt\n1,a,b\n')
+    problem = INPUT_FORMATS["csv"].inspect(resolve(str(tmp_path / "twice.csv"), config()), config()).problem
+    assert "names column(s) ['prompt'] more than once" in problem
 
 
 def test_missing_columns_and_empty_files_are_named(tmp_path):
@@ -103,17 +109,23 @@ def test_missing_columns_and_empty_files_are_named(tmp_path):
     problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "nocol.jsonl"), cfg), cfg).problem
     assert "no row has column(s) ['prompt']" in problem
     assert INPUT_FORMATS["csv"].inspect(resolve(str(tmp_path / "empty.csv"), cfg), cfg).problem == "empty (0 rows)"
-    (tmp_path / "latin1.jsonl").write_bytes('{"id": 1, "prompt": "caf\xe9"}\n'.encode("latin-1"))
-    problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "latin1.jsonl"), cfg), cfg).problem
-    assert problem.startswith("unreadable jsonl (UnicodeDecodeError")
+    (tmp_path / "latin1.jsonl").write_bytes(('{"id": 1, "prompt": "caf\xe9"}\n{"id": 2, "prompt": "ok"}\n')
+                                            .encode("latin-1"))
+    rows, errors = read_all(str(tmp_path / "latin1.jsonl"), cfg)  # the line is an error row, not the file
+    assert errors == {0: "invalid_line: line 1 is not UTF-8 (byte 0xe9 at column 25)"}
+    assert [r["id"] for r in rows] == [None, 2] and rows[1]["prompt"] == "ok"
 
 
-def test_listing_picks_data_files_by_extension_or_forced_format(tmp_path):
-    for name in ("a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv", "notes.txt", "README"):
+def test_listing_picks_data_files_by_extension_or_forced_format(tmp_path, caplog):
+    for name in ("a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv", "info.json", "notes.txt", "README"):
         (tmp_path / name).write_text("")
     names = lambda files: sorted(os.path.basename(f.loc.path) for f in files)  # noqa: E731
-    assert names(list_inputs(str(tmp_path), config())) == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
-    assert names(list_inputs(str(tmp_path), config(input_format="jsonl"))) == ["b.jsonl", "c.jsonl.gz"]
+    # a plain .json file in a directory is as often metadata as data: read only when named (with a warning)
+    with caplog.at_level("WARNING"):
+        assert names(list_inputs(str(tmp_path), config())) == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
+    assert "1 .json file(s) in the input directory are not read as data (e.g. info.json)" in caplog.text
+    assert names(list_inputs(str(tmp_path / "*.json"), config())) == ["info.json"]
+    assert names(list_inputs(str(tmp_path), config(input_format="jsonl"))) == ["b.jsonl", "c.jsonl.gz", "info.json"]
     assert names(list_inputs(str(tmp_path / "*.txt"), config(input_format="jsonl"))) == ["notes.txt"]  # a glob: as said
     with pytest.raises(FileNotFoundError, match="matches no input files"):
         list_inputs(str(tmp_path / "*.tsv"), config())
@@ -188,5 +200,5 @@ def test_csv_in_parquet_out_split_by_rows(ray_local, tmp_path):
     files = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
     assert len(files) == 3 and all(f.startswith("rows") for f in files)
     table = pa.concat_tables([pq.read_table(out / f) for f in files]).sort_by("id")
-    assert table["id"].to_pylist() == list(range(7))
+    assert table["id"].to_pylist() == [str(i) for i in range(7)]  # CSV ids are text
     assert table["completion"].to_pylist() == _engine_texts(prompts, 3)
