@@ -202,3 +202,107 @@ def test_csv_in_parquet_out_split_by_rows(ray_local, tmp_path):
     table = pa.concat_tables([pq.read_table(out / f) for f in files]).sort_by("id")
     assert table["id"].to_pylist() == [str(i) for i in range(7)]  # CSV ids are text
     assert table["completion"].to_pylist() == _engine_texts(prompts, 3)
+
+
+# ---- what a user tried to break (in process: plan, ShardRunner, report; the real tiny engine) ----
+@pytest.fixture(scope="module")
+def tiny_engine():
+    return Engine.from_pretrained(tiny_model("causal"), max_batch_size=8, dtype="float32", device="cpu")
+
+
+def _run_in_process(src, out, engine, **kw):
+    from pipeline.plan import make_plan
+    from pipeline.report import build_report
+    from pipeline.runner import ShardRunner
+
+    cfg = PipelineConfig(task="generate", input=str(src), output=str(out), model=tiny_model("causal"),
+                         max_new_tokens=3, **kw).validate()
+    plan = make_plan(cfg)
+    os.makedirs(out, exist_ok=True)
+    runner = ShardRunner(cfg, plan.schema, engine=engine)
+    results = {u.output_name: runner.run_unit(u) for u in plan.todo}
+    return plan, build_report(cfg, plan, results, None, 0.0, 1.0)
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_one_odd_line_changes_no_other_line(tmp_path, tiny_engine):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text("\n".join([
+        json.dumps({"id": 1, "prompt": "hello", "meta": "m1"}),
+        json.dumps({"id": 2, "prompt": 42, "meta": {"k": [1, 2]}}),  # not a string: its own error
+        json.dumps({"id": 99999999999999999999, "prompt": "too big an id"}),
+        json.dumps({"id": 4, "prompt": "world", "meta": "m4"}),
+    ]) + "\n")
+    (src / "b.jsonl").write_text(json.dumps({"id": 5, "prompt": "x", "meta": {"k": 1, "other": True}}) + "\n")
+    _, report = _run_in_process(src, tmp_path / "out", tiny_engine, keep_columns=["meta"], output_format="jsonl")
+    rows = {r["id"]: r for f in ("a.jsonl", "b.jsonl") for r in _jsonl(tmp_path / "out" / f)}
+    texts = [c.text for c in tiny_engine.generate(["hello", "world"], SamplingParams(max_new_tokens=3))]
+    assert (rows[1]["completion"], rows[4]["completion"]) == tuple(texts)  # not run on '"hello"'
+    assert rows[1]["meta"] == "m1" and rows[5]["meta"] == '{"k": 1, "other": true}'  # objects as JSON text
+    assert rows[2]["error"] == "invalid_prompt: expected a string, got a int (line 2)"
+    assert rows[None]["error"].startswith("invalid_id: id 99999999999999999999 is a int") and "(line 3)" in rows[None]["error"]
+    assert report["complete"] and report["rows_written"] == 5 and report["rows_with_error"] == 2
+
+
+def test_files_of_only_bad_lines_give_one_error_row_each(tmp_path, tiny_engine):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "garbage.jsonl").write_text("garbage\n{oops\n")
+    (src / "good.jsonl").write_text(json.dumps({"id": 1, "prompt": "fine"}) + "\n")
+    _, report = _run_in_process(src, tmp_path / "out", tiny_engine, output_format="jsonl")
+    bad = _jsonl(tmp_path / "out" / "garbage.jsonl")
+    assert [r["error"].split(" (")[0][:26] for r in bad] == ["invalid_line: line 1 is no", "invalid_line: line 2 is no"]
+    assert report["complete"] and report["rows_in"] == report["rows_written"] == 3
+
+    requests = tmp_path / "req"
+    requests.mkdir()
+    (requests / "all_bad.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"custom_id": 7, "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}},
+        {"custom_id": "q1", "url": "/v1/embeddings", "body": {}},
+        {"custom_id": "q2", "url": "/v1/completions"}]) + "\n")
+    (requests / "fine.jsonl").write_text(json.dumps(
+        {"custom_id": "q3", "url": "/v1/completions", "body": {"prompt": "Once"}}) + "\n")
+    _, report = _run_in_process(requests, tmp_path / "out_req", tiny_engine, input_format="openai-batch")
+    lines = _jsonl(tmp_path / "out_req" / "all_bad.jsonl") + _jsonl(tmp_path / "out_req" / "fine.jsonl")
+    assert [x["custom_id"] for x in lines] == [None, "q1", "q2", "q3"]  # a non-string custom_id: that row only
+    assert [x["error"]["code"] for x in lines[:3]] == ["invalid_request"] * 3 and lines[3]["error"] is None
+    assert report["complete"] and report["rows_written"] == 4
+
+
+def test_a_kill_between_data_and_statistics_never_passes_old_results_as_new(tmp_path, tiny_engine, monkeypatch):
+    import pipeline.runner as runner_module
+
+    src = tmp_path / "in"
+    src.mkdir()
+
+    def write(p1, p2):
+        (src / "a.jsonl").write_text(json.dumps({"id": "a", "prompt": p1}) + "\n" +
+                                     json.dumps({"id": "b", "prompt": p2}) + "\n")
+
+    write("hello world", "good bye")
+    _run_in_process(src, tmp_path / "out", tiny_engine, output_format="jsonl")
+    write("good bye", "hello world")  # swapped: the output has the same size
+    real_side, real_commit, done = runner_module.write_bytes_atomic, runner_module.commit, []
+
+    def second_write_dies(what, fn, *args):  # whichever of data and statistics lands second is killed
+        if done:
+            raise KeyboardInterrupt(f"killed between the two writes, before the {what}")
+        done.append(what)
+        return fn(*args)
+
+    monkeypatch.setattr(runner_module, "write_bytes_atomic", lambda loc, data: second_write_dies(
+        "statistics", real_side, loc, data) if "/_stats/" in loc.path else real_side(loc, data))
+    monkeypatch.setattr(runner_module, "commit", lambda tmp, final: second_write_dies("data", real_commit, tmp, final))
+    with pytest.raises(KeyboardInterrupt):
+        _run_in_process(src, tmp_path / "out", tiny_engine, output_format="jsonl")
+    monkeypatch.setattr(runner_module, "write_bytes_atomic", real_side)
+    monkeypatch.setattr(runner_module, "commit", real_commit)
+    plan, report = _run_in_process(src, tmp_path / "out", tiny_engine, output_format="jsonl")
+    assert not plan.done  # the old statistics do not describe the new input: redone
+    got = {r["id"]: r["completion"] for r in _jsonl(tmp_path / "out" / "a.jsonl")}
+    want = [c.text for c in tiny_engine.generate(["good bye", "hello world"], SamplingParams(max_new_tokens=3))]
+    assert [got["a"], got["b"]] == want
