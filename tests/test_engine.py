@@ -213,6 +213,21 @@ def test_stop_strings_trim_text(lm, tokenizer):
     assert len(out.token_ids) < len(full.token_ids)
 
 
+def test_a_stop_token_ends_the_row_but_its_text_is_not_in_the_completion(lm, tokenizer):
+    """The stop token is the last of token_ids, but the text is what the tokens before it decode to."""
+    engine = Engine(lm, tokenizer, max_batch_size=2, max_seq_len=64)
+    prompt = "The cat reads a book."
+    full = engine.generate([prompt], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    ids = full.token_ids
+    text = [tokenizer.decode(ids[:n], skip_special_tokens=True) for n in range(len(ids) + 1)]
+    # a token that first appears after the start and adds visible text of its own
+    k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k] and text[k + 1].startswith(text[k])
+             and text[k + 1][len(text[k]):].strip() and "\ufffd" not in text[k + 1][len(text[k]):])
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=20, ignore_eos=True, stop_token_ids=[ids[k]]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == ids[:k + 1]
+    assert out.text == text[k] and out.text != text[k + 1]
+
+
 def test_bad_rows_get_errors_and_neighbours_unaffected(lm, tokenizer):
     engine = Engine(lm, tokenizer, max_batch_size=2, max_seq_len=24)
     good = ["The cat reads.", "A dog runs home."]
@@ -600,3 +615,16 @@ def test_truncate_left_keeps_at_least_half_the_context(lm):
     assert out.num_prompt_tokens == 32 and out.finish_reason == "length" and out.num_generated_tokens == 32
     short = engine.generate([long], SamplingParams(max_new_tokens=8, truncate="left", ignore_eos=True))[0]
     assert short.num_prompt_tokens == 56 and short.num_generated_tokens == 8
+
+
+def test_truncate_left_keeps_the_tail_and_equals_transformers_on_it(lm, hf_lm):
+    """truncate='left' keeps the prompt's last tokens: the completion is transformers' greedy
+    continuation of those tokens alone (the 56 of a 64-token max_seq_len less 8 new ones, and
+    at least half of max_seq_len when max_new_tokens is large)."""
+    engine = Engine(lm, None, max_batch_size=2, max_seq_len=64)
+    long = prompts_of([100], seed=4)[0]
+    short = engine.generate([long], SamplingParams(max_new_tokens=8, truncate="left", ignore_eos=True))[0]
+    assert short.num_prompt_tokens == 56 and short.token_ids == hf_greedy(hf_lm, long[-56:], 8)
+    assert short.token_ids != hf_greedy(hf_lm, long[:56], 8)  # the head would continue otherwise
+    half = engine.generate([long], SamplingParams(max_new_tokens=1000, truncate="left", ignore_eos=True))[0]
+    assert half.num_prompt_tokens == 32 and half.token_ids == hf_greedy(hf_lm, long[-32:], 32)

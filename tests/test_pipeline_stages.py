@@ -261,6 +261,50 @@ def test_partial_output_is_not_treated_as_done(tmp_path):
     assert stats["status"] == "done" and pq.read_table(tmp_path / "out" / "part-00000.parquet").num_rows == 3
 
 
+def test_an_output_whose_footer_stats_do_not_describe_it_is_not_done(tmp_path):
+    """Rows deleted from a committed output by a tool that copies the footer's key-value metadata
+    along: the stats still say rows_out=3 over 2 rows. Such a file is not a committed output
+    (its rows and stats disagree), and the rerun redoes it."""
+    write_shards(str(tmp_path / "in"), shards=1, rows=3)
+    config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    plan = make_plan(config)
+    assert ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])["status"] == "done"
+    path = tmp_path / "out" / "part-00000.parquet"
+    table, footer = pq.read_table(path), pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"]
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table.slice(0, 2))
+        writer.add_key_value_metadata({b"persimmon_batch": footer})
+    assert json.loads(pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"])["rows_out"] == 3
+    again = make_plan(config)
+    assert again.done == {} and [u.output_name for u in again.todo] == ["part-00000.parquet"]
+    stats = ShardRunner(config, again.schema, engine=FakeEngine()).run_unit(again.todo[0])
+    assert stats["status"] == "done" and pq.read_table(path).num_rows == 3
+
+
+def test_input_rewritten_with_the_same_size_and_mtime_is_stale(tmp_path):
+    """A file copied over with its size and modification time kept (cp -p, rsync -t of another
+    version: one prompt edited to one of the same length) is told apart by its content hash."""
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = [json.dumps({"id": i, "prompt": f"prompt number {i}"}) for i in range(4)]
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    config = cfg(input=str(src), output=str(tmp_path / "out"))
+    plan = make_plan(config)
+    runner = ShardRunner(config, plan.schema, engine=FakeEngine())
+    assert runner.run_unit(plan.units[0])["status"] == "done"
+    assert list(make_plan(config).done) == ["a.parquet"]
+    before = os.stat(src / "a.jsonl")
+    lines[2] = lines[2].replace("number 2", "number 7")
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    os.utime(src / "a.jsonl", ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(src / "a.jsonl")
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = make_plan(config)
+    assert again.done == {} and [s["output"] for s in again.stale] == ["a.parquet"]
+    assert runner.run_unit(again.todo[0])["status"] == "done"
+    assert "7 rebmun" in pq.read_table(tmp_path / "out" / "a.parquet")["completion"].to_pylist()[2]
+
+
 def test_failed_unit_is_reported_not_raised(tmp_path):
     paths = write_shards(str(tmp_path / "in"), shards=1, rows=3)
     config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
@@ -535,6 +579,25 @@ def test_resume_checks_only_what_the_task_depends_on(tmp_path):
     assert len(again.done) == 2
     assert build_report(dataclasses.replace(as_jsonl, low_margin=0.5), again, {}, None, 0.0, 1.0)["labels"][
         "low_margin_rows"] == 8  # 0.462 < 0.5 on every row
+
+
+@pytest.mark.parametrize("change", [dict(max_new_tokens=5), dict(temperature=0.9), dict(top_k=40), dict(top_p=0.8),
+                                    dict(stop=["."]), dict(seed=2), dict(truncate=None)],
+                         ids=lambda c: next(iter(c)))
+def test_a_generate_rerun_with_other_sampling_settings_is_refused(tmp_path, change):
+    """Every sampling setting changes what a generate row's result is: a rerun with another
+    value would mix two runs' rows in one output directory, so it is refused by name."""
+    import dataclasses
+
+    write_shards(str(tmp_path / "in"), shards=1, rows=3)
+    base = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), temperature=0.7, top_k=20,
+               top_p=0.95, seed=1, truncate="left").validate()
+    plan = make_plan(base)
+    assert ShardRunner(base, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])["status"] == "done"
+    assert len(make_plan(base).done) == 1
+    (name,) = change
+    with pytest.raises(ConfigError, match=f"different settings: {name}="):
+        make_plan(dataclasses.replace(base, **change))
 
 
 def test_no_check_duplicate_ids_runs_every_row(tmp_path):

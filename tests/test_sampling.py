@@ -80,6 +80,37 @@ def test_seeded_draws_follow_the_filtered_distribution():
         assert 0.5 * (empirical - wrong).abs().sum().item() > 0.1
 
 
+def test_one_seed_draws_fresh_randomness_at_every_step():
+    """A row's n-th token uses its own uniform number: 4000 draws of one seed at steps 0..3999
+    on fixed logits follow the filtered distribution like 4000 seeds do (same TV bound of 0.05,
+    same justification as above). A sampler that reused one number for every step of a row
+    would draw a single token 4000 times (TV close to 1)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, generator=g) * 2.0
+    n = 4000
+    target = hf_filter(logits, 0.9, 20, 0.95).softmax(-1)
+    params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=5)] * n
+    tokens, _ = Sampler()(logits.expand(n, -1).clone(), params, [5] * n, list(range(n)))
+    empirical = torch.bincount(torch.tensor(tokens), minlength=64).float() / n
+    assert 0.5 * (empirical - target).abs().sum().item() < 0.05
+
+
+def test_engine_row_samples_a_new_token_each_step():
+    """With the LM head zeroed every logit is 0, so each sampled token is uniform over the 512
+    ids whatever the context. 300 tokens of one seeded row then hold about
+    512 * (1 - (511/512)**300) = 227 distinct ids (standard deviation about 7); fewer than 150
+    means the row's steps do not draw fresh randomness (an engine that passed the same step
+    to the sampler every time would repeat its first token 300 times)."""
+    lm = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(initializer_range=0.3))
+    with torch.no_grad():
+        lm.lm_head.weight.zero_()
+    engine = Engine(lm, None, max_batch_size=1, max_seq_len=320)
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=300, temperature=1.0, seed=11,
+                                                      ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 300
+    assert len(set(out.token_ids)) > 150, len(set(out.token_ids))
+
+
 def test_seeds_are_per_row_and_survive_batch_mates_slots_and_preemption():
     lm = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(initializer_range=0.3))
     g = torch.Generator().manual_seed(3)

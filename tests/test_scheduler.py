@@ -253,11 +253,31 @@ def test_stop_ids_max_seq_len_and_stop_strings():
     words = {t: f"w{t} " for t in range(60)}
     decode = lambda ids: "".join(words[t] for t in ids)  # noqa: E731
     text_sched, runner3 = make(100, 4, decode=decode)
-    target = decode(free)[len(decode(free[:3])):][:4]  # straddles tokens 3 and 4
+    target = decode(free)[len(decode(free[:3])):][:4]  # token 3's text, found when token 3 arrives
     row = Sequence(2, prompt, Params(12, stop=[target]))
     text_sched.add(row)
     drive(text_sched, runner3)
     assert row.finish_reason == "stop" and row.text == decode(free)[:decode(free).find(target)]
+
+
+def test_a_stop_string_straddling_two_tokens_stops_the_row():
+    """The stop string starts inside the previous token's text and ends inside the new one's:
+    it is looked for from before where the new text begins, not only in the new text."""
+    words = {t: f"w{t} " for t in range(60)}
+    decode = lambda ids: "".join(words[t] for t in ids)  # noqa: E731
+    prompt = [9, 9, 9]
+    free = reference(prompt, 12)
+    assert free[3:5] == [31, 15]  # hand-checked: tokens 3 and 4 read "w31 w15 "
+    text = decode(free)
+    cut = len(decode(free[:3])) + 2
+    target = text[cut:cut + 4]
+    assert target == "1 w1" and text.find(target) == cut  # first seen half in token 3, half in token 4
+    sched, runner = make(100, 4, decode=decode)
+    row = Sequence(0, prompt, Params(12, stop=[target]))
+    sched.add(row)
+    drive(sched, runner)
+    assert row.finish_reason == "stop" and row.output == free[:5]
+    assert row.text == "w6 w5 w10 w3"
 
 
 def test_detokenizer_equals_full_decode_and_waits_inside_a_character():
