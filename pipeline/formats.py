@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -461,8 +462,8 @@ class JsonlOutput(OutputFormat):
             self.line = line or (lambda row: row)  # output row -> the JSON object written
 
         def write(self, table: pa.Table) -> None:
-            data = "".join(json.dumps(self.line(row), ensure_ascii=False, default=_json_default) + "\n"
-                           for row in table.to_pylist()).encode()
+            data = "".join(json.dumps(_finite(self.line(row)), ensure_ascii=False, default=_json_default,
+                                      allow_nan=False) + "\n" for row in table.to_pylist()).encode()
             self.stream.write(data)
             self.size += len(data)
 
@@ -514,9 +515,20 @@ def model_name(model: str) -> str:
 
 
 def _json_default(value):
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
+    if isinstance(value, bytes):  # distinct bytes stay distinct: undecodable ones as \xNN
+        return value.decode("utf-8", errors="backslashreplace")
     return str(value)
+
+
+def _finite(value):
+    """NaN and infinities as null: JSON has no such numbers, and strict readers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 OUTPUT_FORMATS = {f.name: f for f in (ParquetOutput(), JsonlOutput(), OpenAIBatchOutput())}

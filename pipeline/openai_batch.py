@@ -66,7 +66,10 @@ def render_chat(messages: Any) -> str:
     for k, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RequestError(f"messages[{k}] is not an object")
-        role, text = m.get("role"), _text(m.get("content"), f"messages[{k}]")
+        role, content = m.get("role"), m.get("content")
+        if role == "assistant" and content is None:  # allowed by the API (a turn that only called tools)
+            content = ""
+        text = _text(content, f"messages[{k}]")
         if role in ("system", "developer"):
             if turns:
                 raise RequestError(f"messages[{k}]: a {role} message may only come before the conversation")

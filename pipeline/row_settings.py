@@ -69,7 +69,7 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             return [value] if value else None
         if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
-            return list(value)
+            return list(value) or None  # an empty list is "none given" (Parquet's natural empty value)
         raise SettingError(f"stop must be a string or a list of strings, got {value!r:.60}")
     if name == "json_schema":
         if isinstance(value, str):

@@ -306,3 +306,24 @@ def test_a_kill_between_data_and_statistics_never_passes_old_results_as_new(tmp_
     got = {r["id"]: r["completion"] for r in _jsonl(tmp_path / "out" / "a.jsonl")}
     want = [c.text for c in tiny_engine.generate(["good bye", "hello world"], SamplingParams(max_new_tokens=3))]
     assert [got["a"], got["b"]] == want
+
+
+def test_jsonl_output_is_strict_json_and_keeps_bytes_apart():
+    from pipeline.formats import OUTPUT_FORMATS
+
+    class Sink:
+        def __init__(self):
+            self.data = b""
+
+        def write(self, b):
+            self.data += b
+
+    sink = Sink()
+    table = pa.table({"id": [b"\xff\x01", b"\xfe\x01"], "score": [float("nan"), float("inf")],
+                      "probs": [[0.5, float("-inf")], None]})
+    writer = OUTPUT_FORMATS["jsonl"].open(sink, table.schema, config())
+    writer.write(table)
+    lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+             for x in sink.data.decode().splitlines()]
+    assert [x["score"] for x in lines] == [None, None] and lines[0]["probs"] == [0.5, None]
+    assert lines[0]["id"] != lines[1]["id"] and lines[0]["id"] == "\\xff\x01"

@@ -39,6 +39,7 @@ def test_coerce_rules():
     assert coerce("max_new_tokens", 16.0) == 16 and isinstance(coerce("max_new_tokens", 16.0), int)
     assert coerce("top_k", " 3 ") == 3
     assert coerce("stop", "\n") == ["\n"] and coerce("stop", ["a", "b"]) == ["a", "b"]
+    assert coerce("stop", []) is None  # empty keeps the run's stop strings, as null does
     assert coerce("json_schema", '{"type": "integer"}') == {"type": "integer"}
     for name in ("temperature", "max_new_tokens", "seed"):
         assert coerce(name, None) is None and coerce(name, "") is None and coerce(name, math.nan) is None
