@@ -50,6 +50,8 @@ def pick_weight_files(names, read_index) -> list[str]:
             outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]
             if outside:
                 raise ValueError(f"{index} names files outside the checkpoint dir: {outside[:5]}")
+            if not files:
+                raise ValueError(f"{index} names no weight files (empty weight_map)")
             missing = [f for f in files if f not in names]
             if missing:
                 raise FileNotFoundError(f"{index} lists missing weight files: {missing[:5]}")
@@ -105,6 +107,8 @@ def safetensors_header(file_size: int, read_at) -> tuple[int, dict]:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             if dtype not in SAFETENSORS_DTYPES:
                 raise ValueError(f"tensor {name} has unsupported dtype {dtype}")
+            if not all(type(d) is int and d >= 0 for d in shape) or not all(type(o) is int for o in (begin, end)):
+                raise ValueError(f"tensor {name}: shape {list(shape)} / offsets {[begin, end]} are not non-negative integers")
             count = 1
             for d in shape:
                 count *= d

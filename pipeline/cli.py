@@ -35,6 +35,15 @@ def _default_text(f) -> str:
     return f" (default: {default})"
 
 
+class _Renamed(argparse.Action):
+    """An old flag name: sets the new option, says so on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"persimmon-batch: {option_string} is now {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
     groups = {
         "io": parser.add_argument_group("input, output, model"),
@@ -63,8 +72,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
             if "choices" in meta:
                 kwargs["choices"] = [c for c in meta["choices"] if c is not None]
             kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(f.name)
-        old = ["--" + o.replace("_", "-") for o, new in RENAMED.items() if new == f.name]  # still accepted
-        group.add_argument(flag, *old, **kwargs)
+        group.add_argument(flag, **kwargs)
+        for old in (o for o, new in RENAMED.items() if new == f.name):  # still accepted, not shown, warned
+            group.add_argument("--" + old.replace("_", "-"), dest=f.name, type=kwargs.get("type"),
+                               action=_Renamed, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +162,7 @@ def _fault_lines(report: dict) -> list[str]:
                      f"those rows have error set")
     if report.get("rows_retried"):
         lines.append(f"  retried {report['rows_retried']} row(s) run again in "
-                     f"{len(report.get('retried_units') or [])} shard(s) after a replica died or stalled")
+                     f"{len(report.get('retried_units') or [])} unit(s) after a replica died or stalled")
     for ev in (report.get("stuck_replicas") or [])[:5]:
         lines.append(f"  ! stuck replica {ev['actor_id']} (pid {ev['pid']}) on {ev['unit']}: no batch for "
                      f"{ev['silent_s']} s; killed and restarted")

@@ -24,6 +24,9 @@ from .tasks import TASK_NAMES, TASKS
 # old config keys still read (with a warning): one name, "unit", for the piece of work that is
 # committed, retried and resumed as a whole
 RENAMED = {"rows_per_task": "rows_per_unit", "max_task_retries": "max_unit_retries"}
+# set by the driver (pipeline.api.run), never taken from a user: a report's config pasted back
+# must not pin another commit, directory or identity
+DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
 INPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "csv", "openai-batch")
 OUTPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "openai-batch")
@@ -164,14 +167,14 @@ class PipelineConfig:
                                 "then reported failed). 0 = never.")
     io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): "
                          "each failed storage call (list, read, write, commit) is retried this "
-                         "many times (on top of the S3 client's 3 quick attempts), and a task "
+                         "many times (on top of the S3 client's 3 quick attempts), and a unit "
                          "whose input read or output write fails mid-stream is redone this many "
                          "times. Errors that persist name the URI.")
     # ---- resume and bad input -------------------------------------------------------------
-    resume: bool = _f(True, "Skip tasks whose output file is already committed (safe to rerun "
+    resume: bool = _f(True, "Skip units whose output file is already committed (safe to rerun "
                       "after a crash). --no-resume with existing output is an error unless "
                       "--overwrite.")
-    overwrite: bool = _f(False, "Delete committed outputs of this run's tasks and recompute them.")
+    overwrite: bool = _f(False, "Delete committed outputs of this run's units and recompute them.")
     check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: "
                                    "a row whose id already appeared earlier (in input order) and a "
                                    "row with a null id get `error` set (kinds duplicate_id, "
@@ -207,6 +210,8 @@ class PipelineConfig:
                              cli=False)
     model_commit: Any = _f(None, "Set by the driver for a Hugging Face hub model: the commit its revision "
                            "resolved to, so every replica loads the snapshot the driver checked.", cli=False)
+    model_dir: Any = _f(None, "Set by the driver for a local model: its absolute path, so every replica "
+                        "loads the directory the driver checked, whatever its working directory.", cli=False)
 
     # --------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -215,7 +220,8 @@ class PipelineConfig:
         if isinstance(self.content_free_inputs, str):  # comma-separated; empty items are kept
             self.content_free_inputs = [x.strip() for x in self.content_free_inputs.split(",")]
         self.stop = _as_list(self.stop, strip=False)
-        if isinstance(self.input, str) and "," in self.input and "*" not in self.input:
+        if isinstance(self.input, str) and "," in self.input and "*" not in self.input \
+                and not _USERINFO.search(self.input):  # a secret may hold ",": refused whole by validate
             self.input = _as_list(self.input)
         if isinstance(self.replicas, (list, tuple)):
             self.replicas = ",".join(str(r) for r in self.replicas)
@@ -420,7 +426,9 @@ class PipelineConfig:
             value = getattr(self, f.name)
             if isinstance(value, str):  # credentials inside a URL (scheme://user:pass@host)
                 value = _USERINFO.sub(r"\1***@", value)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            elif isinstance(value, (list, tuple)):
+                value = [_USERINFO.sub(r"\1***@", v) if isinstance(v, str) else v for v in value]
+            out[f.name] = value
         return out
 
     def __repr__(self) -> str:  # never show secrets
@@ -429,14 +437,20 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, **overrides) -> "PipelineConfig":
-        raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
-        raw = {k.replace("-", "_"): v for k, v in raw.items()}
-        for old, new in RENAMED.items():
-            if old in raw:
-                if new in raw:
-                    raise ConfigError(f"give {new} only ({old} is its old name)")
-                warnings.warn(f"config key {old} is now {new}", DeprecationWarning, stacklevel=2)
-                raw[new] = raw.pop(old)
+        def renamed(d):
+            d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
+            for old, new in RENAMED.items():
+                if old in d:
+                    if new in d:
+                        raise ConfigError(f"give {new} only ({old} is its old name)")
+                    warnings.warn(f"config key {old} is now {new}", FutureWarning, stacklevel=3)
+                    d[new] = d.pop(old)
+            return d
+
+        raw = {**renamed(raw), **renamed({k: v for k, v in overrides.items() if v is not None})}
+        given = [k for k in DRIVER_FIELDS if raw.get(k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: set by the driver for each run, not an option; remove it")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -71,11 +71,15 @@ def hub_model(model: str, commit: str | None = None) -> HubModel | None:
 
 
 def pin(config):
-    """`config` with the hub model's commit recorded (`model_commit`), resolved here, once, on
-    the driver; unchanged for other models."""
+    """`config` with the model fixed here, once, on the driver: a hub model's commit
+    (`model_commit`), a local directory's absolute path (`model_dir`); URIs unchanged."""
     hub = hub_model(config.model, getattr(config, "model_commit", None))
     if hub is None:
-        return config
+        if "://" in os.fspath(config.model):
+            return config
+        # a local directory, maybe relative: every replica loads the one the driver checked (in
+        # another working directory the same text could name another directory, or a hub id)
+        return dataclasses.replace(config, model_dir=os.path.abspath(os.path.expanduser(config.model)))
     return dataclasses.replace(config, model_commit=os.path.basename(snapshot(hub, config.model)))
 
 

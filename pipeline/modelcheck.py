@@ -59,7 +59,7 @@ def check_model(config: PipelineConfig) -> dict:
         raise ModelError(f"{task.name} needs a {task.architecture} checkpoint; {loc.uri} is {arch}"
                          + task.wrong_architecture_hint)
     files = _weight_files(loc, names)
-    if files and files[0].endswith(".safetensors"):
+    if files[0].endswith(".safetensors"):
         shapes: dict[str, tuple] = {}
         for name in files:
             shapes.update(read_safetensors_shapes(loc.join(name)))

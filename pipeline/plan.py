@@ -318,7 +318,11 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
             raise ConfigError(f"{mask_uri(out.join(name).uri)} was written with different settings: {shown}{why}; "
                               "use --overwrite to recompute, or a new output directory")
         unit = units_by_name[name]
-        if st.get("input_fingerprint") != unit.fingerprint:  # same name, other data: redo it
+        was = st.get("input_fingerprint")
+        now = unit.fingerprint
+        if isinstance(was, dict) and "first_row" not in was and unit.row_groups is not None:
+            now = {k: v for k, v in now.items() if k != "first_row"}  # recorded before JSONL/CSV units existed
+        if was != now:  # same name, other data: redo it
             plan.stale.append({"output": name, "input": mask_uri(unit.input_uri),
                                "was": st.get("input_fingerprint"), "now": unit.fingerprint})
             continue

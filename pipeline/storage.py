@@ -78,7 +78,31 @@ def filesystem_for(scheme: str, config) -> pafs.FileSystem:
                                 else f"https://{config.s3_endpoint}")
             kwargs.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
         return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
-    return pafs.PyFileSystem(pafs.FSSpecHandler(_fsspec(scheme)))
+    return pafs.PyFileSystem(_LiteralHandler(_fsspec(scheme)))
+
+
+class _LiteralHandler(pafs.FSSpecHandler):
+    """pyarrow's fsspec handler, except that a path is always a path: fsspec's `copy` and `rm`
+    expand glob characters (`a[1].parquet`, `out?/x`), which copied a temp file into a directory
+    named like the output, or deleted another file."""
+
+    def copy_file(self, src, dest):
+        self.fs.cp_file(src, dest)
+
+    def delete_file(self, path):
+        if not self.fs.isfile(path):
+            raise FileNotFoundError(path)
+        self.fs.rm_file(path)
+
+    def delete_dir(self, path):
+        if not self.fs.exists(path):
+            raise FileNotFoundError(path)
+        for name in sorted(self.fs.find(path), reverse=True):  # find takes the path literally
+            self.fs.rm_file(name)
+        try:
+            self.fs.rmdir(path)
+        except (OSError, NotImplementedError):  # object stores have no directories to remove
+            pass
 
 
 def _fsspec(scheme: str):
@@ -99,12 +123,19 @@ def resolve(uri: str, config) -> Location:
     uri = os.fspath(uri)
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
-        path = parsed.path if parsed.scheme == "file" else uri
+        path = uri
+        if parsed.scheme == "file" and uri.startswith("file://"):  # the rest as it is: '#', '?' are path
+            host, _, rest = uri[len("file://"):].partition("/")
+            if host not in ("", "localhost"):
+                raise ValueError(f"{uri}: a file:// URL names a path on this machine: file:///abs/path")
+            path = "/" + rest
+        elif parsed.scheme == "file":  # file:/abs/path
+            path = uri[len("file:"):]
         path = os.path.abspath(os.path.expanduser(path))
         return Location(pafs.LocalFileSystem(), path, path, "file", _retries(config))
     scheme = parsed.scheme
     if scheme in ("s3", "s3a"):
-        path = (parsed.netloc + parsed.path).rstrip("/")
+        path = uri.split("://", 1)[1].rstrip("/")  # keys may hold '#' and '?'
     else:  # the path as the fsspec filesystem spells it (memory://a/b is "/a/b", gs://b/k is "b/k")
         path = _fsspec(scheme)._strip_protocol(uri).rstrip("/") or "/"
     return Location(filesystem_for(scheme, config), path, uri.rstrip("/"), scheme, _retries(config))
@@ -202,7 +233,11 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> list[InputFi
         info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
         if info.type == pafs.FileType.NotFound and any(c in loc.path for c in "*?["):
             base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
-            base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
+            if loc.uri.endswith(loc.path) and not loc.uri[: len(loc.uri) - len(loc.path)].endswith(":/"):
+                # the URI spells the path as the filesystem does
+                base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
+            else:  # fsspec stores may spell it otherwise (memory://x is the path /x)
+                base_uri = f"{loc.scheme}://{base.lstrip('/')}"
             pattern = glob_regex(loc.path)
             infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
             for info in infos:
@@ -248,7 +283,8 @@ def list_parquet(inputs, config, exclude: Location | None = None) -> list[Locati
 
 def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
     rel = path[len(base_path.rstrip("/")):].lstrip("/")
-    return parent.at(path, base_uri.rstrip("/") + "/" + rel)
+    prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
+    return parent.at(path, prefix + rel)
 
 
 class StorageError(OSError):
@@ -336,6 +372,8 @@ def commit(tmp: Location, final: Location) -> None:
         os.replace(tmp.path, final.path)
         return
     retry(lambda: tmp.fs.copy_file(tmp.path, final.path), f"commit {final.uri}", final.retries)
+    if tmp.fs.get_file_info(final.path).type != pafs.FileType.File:  # a store that put it elsewhere
+        raise StorageError(f"commit {final.uri}: the copy did not create that file")
     try:
         tmp.fs.delete_file(tmp.path)
     except OSError as e:  # a leftover temp object is harmless: it is hidden and never read
@@ -372,6 +410,8 @@ def model_location(model: str, config) -> Location:
     `pipeline.hub`), anything else as `resolve`."""
     from .hub import hub_model, snapshot
 
+    if getattr(config, "model_dir", None):  # the driver's decision (pipeline.hub.pin)
+        return resolve(config.model_dir, config)
     hub = hub_model(model, getattr(config, "model_commit", None))
     if hub is None:
         return resolve(model, config)

@@ -342,3 +342,21 @@ def test_save_pretrained_records_architecture_and_dtype(tmp_path):
     config = PersimmonConfig.from_pretrained(tmp_path)
     assert config.architectures == ["PersimmonForSequenceClassification"]
     assert config.torch_dtype == "bfloat16"
+
+
+def test_headers_and_indexes_the_loader_could_not_use_are_refused(tmp_path):
+    from model.checkpoint import pick_weight_files, safetensors_header
+
+    with pytest.raises(ValueError, match="names no weight files"):
+        pick_weight_files({"model.safetensors.index.json"}, lambda name: b'{"weight_map": {}}')
+
+    def header(entries: dict) -> tuple[int, callable]:
+        raw = json.dumps(entries).encode()
+        blob = len(raw).to_bytes(8, "little") + raw + bytes(64)
+        return len(blob), lambda n, at: blob[at:at + n]
+
+    size, read = header({"w": {"dtype": "F32", "shape": [2.0, 2.0], "data_offsets": [0, 16]}})
+    with pytest.raises(ValueError, match="not non-negative integers"):
+        safetensors_header(size, read)
+    size, read = header({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})
+    assert safetensors_header(size, read)[1] == {"w": ("F32", (2, 2), 0, 16)}

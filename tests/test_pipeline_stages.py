@@ -755,7 +755,7 @@ def test_each_task_is_declared_once_and_everything_reads_the_declaration():
 
 
 def test_old_names_of_unit_settings_still_read():
-    with pytest.warns(DeprecationWarning, match="rows_per_task is now rows_per_unit"):
+    with pytest.warns(FutureWarning, match="rows_per_task is now rows_per_unit"):
         c = PipelineConfig.from_dict({"task": "generate", "input": "i", "output": "o", "model": "m",
                                       "rows_per_task": 50, "max-task-retries": 1})
     assert (c.rows_per_unit, c.max_unit_retries) == (50, 1)
@@ -764,3 +764,52 @@ def test_old_names_of_unit_settings_still_read():
     args = build_parser().parse_args(["generate", "--input", "i", "--output", "o", "--model", "m",
                                       "--rows-per-task", "7"])
     assert config_from_args(args).rows_per_unit == 7
+
+
+def test_a_relative_model_dir_is_fixed_on_the_driver(tmp_path, monkeypatch):
+    from pipeline.hub import pin
+    from pipeline.storage import model_location
+
+    (tmp_path / "owner").mkdir()
+    shutil.copytree(tiny_model("causal"), tmp_path / "owner" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    pinned = pin(cfg(model="owner/tiny"))  # a local directory here (it looks like a hub id too)
+    assert pinned.model_dir == str(tmp_path / "owner" / "tiny") and pinned.model_commit is None
+    monkeypatch.chdir("/")  # a replica elsewhere loads the same directory, never a hub snapshot
+    assert model_location(pinned.model, pinned).path == str(tmp_path / "owner" / "tiny")
+    with pytest.raises(ConfigError, match="model_dir: set by the driver"):
+        PipelineConfig.from_dict({**pinned.public_dict()})  # a report's config pasted back
+
+
+def test_renamed_yaml_keys_yield_to_flags_and_secrets_in_lists_are_masked(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("input: in\noutput: out\nmodel: m\nrows_per_task: 2\n")
+    with pytest.warns(FutureWarning, match="rows_per_task is now rows_per_unit"):
+        args = build_parser().parse_args(["generate", "--config", str(path), "--rows-per-unit", "5"])
+        assert config_from_args(args).rows_per_unit == 5  # the flag wins, as for every option
+    secret = PipelineConfig(task="generate", input=["s3://AKIA:topse,cret@b/x.parquet", "s3://b/y.parquet"],
+                            output="o", model="m")
+    assert "topse" not in repr(secret) and "topse" not in json.dumps(secret.public_dict())
+    one = PipelineConfig(task="generate", input="s3://AKIA:topse,cret@b/x.parquet", output="o", model="m")
+    with pytest.raises(ConfigError, match="carries credentials"):  # refused whole, not split at its comma
+        one.validate()
+
+
+def test_outputs_from_before_row_range_units_still_resume(tmp_path):
+    """Footers written before JSONL/CSV units recorded no `first_row` in their fingerprint."""
+    write_shards(str(tmp_path / "in"), shards=2, rows=4)
+    base = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out")).validate()
+    plan = make_plan(base)
+    runner = ShardRunner(base, plan.schema, engine=FakeEngine())
+    assert [runner.run_unit(u)["status"] for u in plan.units] == ["done", "done"]
+    path = tmp_path / "out" / "part-00000.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"])
+    del meta["input_fingerprint"]["first_row"]
+    for key in ("output_format",):
+        meta["result_config"].pop(key, None)
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata({"persimmon_batch": json.dumps(meta)})
+    again = make_plan(base)
+    assert len(again.done) == 2 and not again.stale

@@ -142,3 +142,39 @@ def test_credentials_in_fsspec_urls_are_refused_and_masked(url, capsys):
         assert "carries credentials" in err and url.split("://")[0] + "://***@" in err
         assert "s3cretKEY" not in err and "user:" not in err and "account:" not in err
     assert "s3cretKEY" not in repr(PipelineConfig(input=url, output="out", model="m"))
+
+
+def _run_units(cfg) -> dict:
+    plan = make_plan(cfg)
+    runner = ShardRunner(cfg, plan.schema, engine=EchoEngine())
+    return {u.output_name: runner.run_unit(u)["status"] for u in plan.todo}
+
+
+def test_glob_characters_in_fsspec_names_are_literal(root):
+    """fsspec's own copy and rm expand glob characters; commits and cleanups must not."""
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MEM))
+    table = shard_tables(1, 3)[0]
+    for name in ("p*.parquet", "ü?é[x].parquet"):
+        with fs.open_output_stream(f"/{root}/in/{name}") as f:
+            pq.write_table(table, f)
+    cfg = config(root, output=f"memory://{root}/out?", keep_columns=[])
+    assert _run_units(cfg) == {"p*.parquet": "done", "ü?é[x].parquet": "done"}
+    for name in ("p*.parquet", "ü?é[x].parquet"):  # a file under its own name, not a directory
+        assert MEM.isfile(f"/{root}/out?/{name}"), MEM.find(f"/{root}")
+        with MEM.open(f"/{root}/out?/{name}", "rb") as f:
+            assert pq.read_table(f).num_rows == 3
+    assert len(make_plan(cfg).done) == 2  # and a rerun finds them committed
+
+
+def test_a_glob_at_the_root_of_a_store_names_its_files(root):
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MEM))
+    name = f"{root}-top.parquet"
+    with fs.open_output_stream(f"/{name}") as f:
+        pq.write_table(shard_tables(1, 2)[0], f)
+    try:
+        from pipeline.storage import list_inputs
+
+        (found,) = list_inputs(f"memory://{root}-top.parq*", config(root))
+        assert found.loc.uri == f"memory://{name}" and found.name == name
+    finally:
+        MEM.rm_file(f"/{name}")
