@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .tasks import TASK_NAMES, TASKS
 
 # old config keys still read (with a warning): one name, "unit", for the piece of work that is
@@ -28,8 +29,8 @@ RENAMED = {"rows_per_task": "rows_per_unit", "max_task_retries": "max_unit_retri
 # must not pin another commit, directory or identity
 DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
-INPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "csv", "openai-batch")
-OUTPUT_FORMAT_NAMES = ("auto", "parquet", "jsonl", "openai-batch")
+INPUT_FORMAT_NAMES = ("auto", *INPUT_FORMATS)  # each format is one class in pipeline/formats.py
+OUTPUT_FORMAT_NAMES = ("auto", *OUTPUT_FORMATS)
 # user:secret@ after a scheme; the secret may hold "/" or "@" (AWS secret keys have "/"), so
 # everything up to the last "@" of the URL goes
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s@/]*:[^\s]*@")
