@@ -314,13 +314,15 @@ class JsonlInput(_RowsInput):
                 continue
             if config.task == "generate" and name in SAMPLING_COLUMNS and name not in (
                     config.prompt_column, *config.keep_columns):
-                values = self._settings(name, values, errors)
+                values = self._settings(name, values, errors, lines)
             columns[name] = _column(values, name) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]
         return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent)}), errors
 
-    @staticmethod
-    def _settings(name: str, values: list, errors: dict[int, str]) -> list:
+    def _setting_error(self, message: str) -> str:
+        return message
+
+    def _settings(self, name: str, values: list, errors: dict[int, str], lines: list[int]) -> list:
         """A per-row setting column in one type: each value checked as the stage will (JSON rows
         may mix types, and one odd row must not turn the whole column into text)."""
         out = []
@@ -328,7 +330,7 @@ class JsonlInput(_RowsInput):
             try:
                 v = coerce(name, v)
             except SettingError as e:
-                errors.setdefault(i, f"invalid_sampling: {e}")
+                errors.setdefault(i, f"invalid_sampling: {self._setting_error(str(e))} (line {lines[i]})")
                 v = None
             out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
         return out
@@ -342,6 +344,9 @@ class OpenAIBatchInput(JsonlInput):
 
     def row(self, obj, config):
         return openai_batch.request_row(obj, config.id_column, config.prompt_column)
+
+    def _setting_error(self, message: str) -> str:
+        return openai_batch.request_error(message)
 
 
 class CsvInput(_RowsInput):

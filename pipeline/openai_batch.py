@@ -147,6 +147,17 @@ def _short_hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
+# our per-row setting names -> the request fields they came from, for error messages
+FIELD_NAMES = {"max_new_tokens": "max_tokens", "json_schema": "response_format"}
+
+
+def request_error(message: str) -> str:
+    """A per-row setting error in the request's own terms (max_tokens, not max_new_tokens)."""
+    for ours, theirs in FIELD_NAMES.items():
+        message = message.replace(ours, theirs)
+    return message
+
+
 def _finish_reason(ours: str | None) -> str:
     return "length" if ours == "length" else "stop"
 
@@ -154,10 +165,10 @@ def _finish_reason(ours: str | None) -> str:
 def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
     """One output row -> one line of an OpenAI batch output file. Ids are derived from the
     custom_id and the model, so a rerun writes the same ids."""
-    custom_id = row.get(id_column)
-    key = _short_hash(str(custom_id), model)
+    custom_id, error = row.get(id_column), row.get("error")
+    # a failed row's error names its line, so unreadable lines (custom_id null) get distinct ids too
+    key = _short_hash(str(custom_id), model) if error is None else _short_hash(str(custom_id), error, model)
     line = {"id": f"batch_req_{key}", "custom_id": custom_id}
-    error = row.get("error")
     if error is not None:
         code, _, message = error.partition(": ")
         return {**line, "response": None, "error": {"code": code if message else "error", "message": message or error}}

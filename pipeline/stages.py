@@ -263,8 +263,15 @@ class GenerateStage(_Stage):
             try:
                 out.append((SamplingParams(**settings), None))
             except ValueError as e:
-                out.append((None, "invalid_sampling: " + str(e).replace("SamplingParams.", "")))
+                out.append((None, self._setting_error(str(e).replace("SamplingParams.", ""))))
         return out
+
+    def _setting_error(self, message: str) -> str:
+        if self.config.input_format == "openai-batch":  # say it in the request's terms
+            from .openai_batch import request_error
+
+            message = request_error(message)
+        return "invalid_sampling: " + message
 
     def _run(self, texts, ids, rows):
         out = []

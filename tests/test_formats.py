@@ -263,14 +263,19 @@ def test_files_of_only_bad_lines_give_one_error_row_each(tmp_path, tiny_engine):
     (requests / "all_bad.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"custom_id": 7, "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}},
         {"custom_id": "q1", "url": "/v1/embeddings", "body": {}},
-        {"custom_id": "q2", "url": "/v1/completions"}]) + "\n")
+        {"custom_id": "q2", "url": "/v1/completions"},
+        {"custom_id": "q4", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": "many"}},
+        {"custom_id": "q5", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": 0}}]) + "\n")
     (requests / "fine.jsonl").write_text(json.dumps(
         {"custom_id": "q3", "url": "/v1/completions", "body": {"prompt": "Once"}}) + "\n")
     _, report = _run_in_process(requests, tmp_path / "out_req", tiny_engine, input_format="openai-batch")
     lines = _jsonl(tmp_path / "out_req" / "all_bad.jsonl") + _jsonl(tmp_path / "out_req" / "fine.jsonl")
-    assert [x["custom_id"] for x in lines] == [None, "q1", "q2", "q3"]  # a non-string custom_id: that row only
-    assert [x["error"]["code"] for x in lines[:3]] == ["invalid_request"] * 3 and lines[3]["error"] is None
-    assert report["complete"] and report["rows_written"] == 4
+    assert [x["custom_id"] for x in lines] == [None, "q1", "q2", "q4", "q5", "q3"]  # non-string custom_id: that row
+    assert [x["error"]["code"] for x in lines[:3]] == ["invalid_request"] * 3 and lines[5]["error"] is None
+    # setting errors in the request's terms
+    assert lines[3]["error"] == {"code": "invalid_sampling", "message": "max_tokens 'many' is not a number (line 4)"}
+    assert lines[4]["error"] == {"code": "invalid_sampling", "message": "max_tokens must be an integer >= 1, got 0"}
+    assert report["complete"] and report["rows_written"] == 6
 
 
 def test_a_kill_between_data_and_statistics_never_passes_old_results_as_new(tmp_path, tiny_engine, monkeypatch):

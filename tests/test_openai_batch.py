@@ -75,6 +75,9 @@ def test_response_lines_parse_with_openai_types():
     bad = response_line({"id": "r", "error": "invalid_request: url must be ..."}, "id", "m", 1)
     assert bad["response"] is None and bad["error"] == {"code": "invalid_request", "message": "url must be ..."}
     assert response_line(ok, "id", "m", 5)["id"] == response_line(ok, "id", "m", 9)["id"]  # stable across reruns
+    unreadable = [response_line({"id": None, "error": f"invalid_line: line {n} is not JSON"}, "id", "m", 1)["id"]
+                  for n in (3, 4)]
+    assert unreadable[0] != unreadable[1]  # lines without a custom_id still get distinct ids
 
 
 @pytest.fixture(scope="module")

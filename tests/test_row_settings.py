@@ -94,8 +94,8 @@ def test_jsonl_rows_with_mixed_types_keep_their_neighbours(engine, tmp_path):
              {"id": 5, "prompt": PROMPTS[4], "stop": 9}]
     raw = "".join(json.dumps(x) + "\n" for x in lines).encode()
     table, errors = JsonlInput()._parse(raw, cfg())
-    assert errors == {2: "invalid_sampling: temperature 'hot' is not a number",
-                      4: "invalid_sampling: stop must be a string or a list of strings, got 9"}
+    assert errors == {2: "invalid_sampling: temperature 'hot' is not a number (line 3)",
+                      4: "invalid_sampling: stop must be a string or a list of strings, got 9 (line 5)"}
     assert table["temperature"].to_pylist() == [0, 0.5, None, None, None]
     rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
     ref = [direct(engine, PROMPTS[0], max_new_tokens=4), direct(engine, PROMPTS[1], max_new_tokens=4,
