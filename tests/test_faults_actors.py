@@ -243,7 +243,7 @@ def test_stuck_replica_is_reported_killed_and_retried(ray_local, tmp_path):
     assert retried["part-00001.parquet"]["attempts"] == 2 and "stuck" in retried["part-00001.parquet"]["why"][0]
     assert report["rows_retried"] == 160 + 64
     text = summary(report)  # what the CLI prints at the end
-    assert "INCOMPLETE" in text and "224 row(s) run again in 2 shard(s)" in text
+    assert "INCOMPLETE" in text and "224 row(s) run again in 2 unit(s)" in text
     assert text.count("! stuck replica") == 3 and "part-00002.parquet: stuck: no batch finished" in text
     table = read_output(tmp_path / "out")
     assert_exactly_once(table["id"].to_pylist(),
