@@ -29,8 +29,8 @@ HEADS = {"PersimmonForCausalLM": "causal", "PersimmonForSequenceClassification":
 def add_parser(sub) -> None:
     p = sub.add_parser("capacity", help="Will a model fit a GPU, and how many rows run at once? (config.json only)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Checkpoint directory or object-store URI holding config.json, or "
-                   f"one of {sorted(PRESETS)} (default: the --config job's model).")
+    p.add_argument("--model", help="Checkpoint directory, object-store URI or Hugging Face hub id (only its "
+                   f"config.json is fetched), or one of {sorted(PRESETS)} (default: the --config job's model).")
     p.add_argument("--config", metavar="JOB.yaml", help="A job config: its model and engine settings are used.")
     gpu = p.add_mutually_exclusive_group(required=True)
     gpu.add_argument("--gpu", choices=sorted(capacity.GPU_MEMORY_GIB),
@@ -56,7 +56,13 @@ def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
     """(config, architecture) of a checkpoint from its config.json."""
     if model in PRESETS:
         return PersimmonConfig(), PRESETS[model]
-    if "://" in model and not model.startswith("file://"):
+    from .hub import config_file, hub_model
+
+    hub = hub_model(model)
+    if hub is not None:  # a hub id: its config.json only, never the weights
+        with open(config_file(hub, model), encoding="utf-8") as f:
+            cfg = PersimmonConfig.from_dict(json.load(f))
+    elif "://" in model and not model.startswith("file://"):
         from pipeline.config import PipelineConfig
 
         from .storage import resolve

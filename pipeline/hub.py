@@ -115,6 +115,21 @@ def snapshot(hub: HubModel, model: str | None = None) -> str:
     return path
 
 
+def config_file(hub: HubModel, model: str | None = None) -> str:
+    """The local path of `hub`'s config.json alone (fetched into the HF cache if missing): for
+    sizing a model (`persimmon-batch capacity`) without downloading its weights."""
+    model = model or hub.uri
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise ModelError(f"{_head(model)} needs huggingface_hub: pip install 'persimmon-batch[hub]'") from None
+    try:
+        return huggingface_hub.hf_hub_download(hub.repo_id, "config.json", revision=hub.revision)
+    except Exception as e:  # noqa: BLE001 - named for the user by _explain
+        raise ModelError(_explain(e, hub, model, os.path.expanduser(constants.HF_HUB_CACHE), constants)) from None
+
+
 def _explain(error: Exception, hub: HubModel, model: str, cache: str, constants) -> str:
     """What went wrong fetching a hub model, and what to do about it."""
     from huggingface_hub import errors

@@ -299,3 +299,25 @@ def test_pipeline_run_with_a_hub_id_equals_the_local_dir(cache, tmp_path, monkey
     assert table["id"].to_pylist() == ids
     engine = Engine.from_pretrained(tiny_model("causal"), max_batch_size=4, dtype="float32", device="cpu")
     assert table["completion"].to_pylist() == [c.text for c in engine.generate(prompts, SamplingParams(max_new_tokens=6))]
+
+
+def test_capacity_sizes_a_hub_id_from_its_config_alone(cache, tmp_path, capsys, monkeypatch):
+    import pipeline.hub
+    from pipeline.cli import main
+
+    def no_weights(*a, **k):
+        raise AssertionError("capacity must not fetch a snapshot (weights)")
+
+    monkeypatch.setattr(pipeline.hub, "snapshot", no_weights)
+    def sized(model):
+        assert main(["capacity", "--model", model, "--gpu-memory-gib", "2", "--prompt-tokens", "100",
+                     "--new-tokens", "50", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    local = sized(tiny_model("causal"))
+    for spelling in ("owner/tiny", "hf://owner/tiny@main"):
+        got = sized(spelling)
+        assert {k: got[k] for k in ("weights_bytes", "kv_bytes_per_token", "kv_tokens")} == \
+            {k: local[k] for k in ("weights_bytes", "kv_bytes_per_token", "kv_tokens")}
+    assert main(["capacity", "--model", "owner/absent", "--gpu-memory-gib", "2"]) == 2
+    assert "is not in this node's Hugging Face cache" in capsys.readouterr().err
