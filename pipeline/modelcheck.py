@@ -160,7 +160,12 @@ def _weight_files(loc: Location, names: set[str]) -> list[str]:
     try:
         return pick_weight_files(names, lambda index: read_bytes(loc.join(index)))
     except (ValueError, OSError) as e:
-        raise ModelError(f"model {loc.uri}: {e}") from None
+        hint = ""
+        if loc.uri.startswith("hf://"):  # a snapshot in the node's HF cache, maybe fetched in part
+            repo = loc.uri[len("hf://"):].split("@")[0]
+            hint = (f" (its snapshot in the Hugging Face cache at {loc.path} is incomplete: fetch it again with "
+                    f"`hf download {repo}`, or delete it from the cache)")
+        raise ModelError(f"model {loc.uri}: {e}{hint}") from None
 
 
 def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:

@@ -321,3 +321,18 @@ def test_capacity_sizes_a_hub_id_from_its_config_alone(cache, tmp_path, capsys, 
             {k: local[k] for k in ("weights_bytes", "kv_bytes_per_token", "kv_tokens")}
     assert main(["capacity", "--model", "owner/absent", "--gpu-memory-gib", "2"]) == 2
     assert "is not in this node's Hugging Face cache" in capsys.readouterr().err
+
+
+def test_a_snapshot_without_weights_says_how_to_fix_it(cache, tmp_path):
+    from pipeline.hub import pin
+    from pipeline.modelcheck import check_model
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(tiny_model("causal")):
+        if not name.endswith((".safetensors", ".bin", ".json")) or name == "config.json":
+            shutil.copy(os.path.join(tiny_model("causal"), name), bare / name)
+    lay_out(cache, "owner/bare", str(bare), MAIN)
+    with pytest.raises(ModelError, match=r"no weights.*snapshot in the Hugging Face cache .* is incomplete: "
+                                         r"fetch it again with `hf download owner/bare`"):
+        check_model(pin(cfg("owner/bare")))
