@@ -35,6 +35,7 @@ CONFIG_AND_TOKENIZER = ["config.json", "tokenizer.model", "adept_vocab.model", "
                         "special_tokens_map.json"]
 SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 PICKLES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+TOP_LEVEL_ONLY = ["*/*"]  # ignore subfolders (original/, onnx/): the engine reads the top level only
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"   # the hub's rule: no leading / trailing . or -
 _ID = re.compile(rf"({_NAME})/({_NAME})(?:@(\S+))?")
 
@@ -105,11 +106,13 @@ def snapshot(hub: HubModel, model: str | None = None) -> str:
     with lock:
         try:
             path = huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision,
-                                                     allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS)
+                                                     allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS,
+                                                     ignore_patterns=TOP_LEVEL_ONLY)
             if not any(name.endswith(".safetensors") for name in os.listdir(path)):
                 # no safetensors at this commit: the pickle weights, loaded with weights_only=True
                 path = huggingface_hub.snapshot_download(hub.repo_id, revision=os.path.basename(path),
-                                                         allow_patterns=CONFIG_AND_TOKENIZER + PICKLES)
+                                                         allow_patterns=CONFIG_AND_TOKENIZER + PICKLES,
+                                                         ignore_patterns=TOP_LEVEL_ONLY)
         except Exception as e:  # noqa: BLE001 - huggingface_hub's errors, named for the user below
             raise ModelError(_explain(e, hub, model, cache, constants)) from None
     return path

@@ -26,7 +26,7 @@ from pipeline_fixtures import PROMPTS, all_prompts, local_ray, read_output, tiny
 from model import Engine, SamplingParams
 from pipeline import ModelError, PipelineConfig, check_model, run, run_generate
 from pipeline.cli import main
-from pipeline.hub import CONFIG_AND_TOKENIZER, PICKLES, SAFETENSORS, HubModel, hub_model, pin, snapshot
+from pipeline.hub import CONFIG_AND_TOKENIZER, PICKLES, SAFETENSORS, TOP_LEVEL_ONLY, HubModel, hub_model, pin, snapshot
 from pipeline.modelcheck import model_identity
 from pipeline.storage import local_model_dir
 
@@ -167,12 +167,15 @@ def test_fetches_what_the_engine_reads():
     repo = [".gitattributes", "README.md", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
             "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
             "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "special_tokens_map.json",
-            "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tf_model.h5", "flax_model.msgpack"]
-    first = set(filter_repo_objects(repo, allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS))
+            "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tf_model.h5", "flax_model.msgpack",
+            "original/consolidated.safetensors", "onnx/model.safetensors", "onnx/config.json"]
+    first = set(filter_repo_objects(repo, allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS,
+                                    ignore_patterns=TOP_LEVEL_ONLY))
     assert first == {"config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                      "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.model",
                      "tokenizer_config.json"}
-    fallback = set(filter_repo_objects(repo, allow_patterns=CONFIG_AND_TOKENIZER + PICKLES))
+    fallback = set(filter_repo_objects(repo, allow_patterns=CONFIG_AND_TOKENIZER + PICKLES,
+                                       ignore_patterns=TOP_LEVEL_ONLY))
     assert fallback - first == {"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
                                 "pytorch_model.bin.index.json"}
 
