@@ -32,7 +32,7 @@ import pytest
 from pipeline_fixtures import local_ray, PROMPTS, assert_exactly_once, read_output, tiny_model
 
 from model import Engine, SamplingParams
-from pipeline import PipelineConfig, init_ray, run_generate
+from pipeline import run_generate
 from pipeline.cli import summary
 from pipeline.stages import row_seed
 
@@ -188,7 +188,7 @@ def test_replica_killed_mid_shard_is_restarted_and_the_shard_redone(deaths):
 
 
 def test_shard_that_kills_its_replica_every_time_fails_alone(deaths):
-    report, shards = deaths["report"], deaths["shards"]
+    report = deaths["report"]
     assert [h[:2] for h in deaths["hits"] if h[0] == "part-00002.parquet"] == \
         [("part-00002.parquet", 1), ("part-00002.parquet", 2)]  # max_unit_retries=1: two attempts
     assert report["complete"] is False and report["error"] is None

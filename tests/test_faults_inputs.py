@@ -24,7 +24,7 @@ import pytest
 from pipeline_fixtures import local_ray, assert_exactly_once, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
-from pipeline import InputError, ModelError, PipelineConfig, init_ray, run_classify, run_generate
+from pipeline import InputError, ModelError, PipelineConfig, run_classify, run_generate
 from pipeline.cli import main
 from pipeline.stages import GenerateStage, error_kind
 
@@ -163,6 +163,7 @@ def ray_local():
         yield
 
 
+@pytest.mark.ray
 def test_skipped_bad_files_are_listed_and_the_rest_is_exact(ray_local, tmp_path):
     inputs = str(tmp_path / "in")
     bad = _bad_files(inputs)
@@ -217,6 +218,7 @@ def _odd_rows() -> tuple[pa.Table, pa.Table, dict]:
     return table(a, "a"), table(b, "b"), expected
 
 
+@pytest.mark.ray
 def test_bad_rows_end_to_end(ray_local, tmp_path):
     """Every awkward row gets exactly one output row with the right error kind; good rows in
     between are computed as if alone; duplicate and null ids are counted in the report."""

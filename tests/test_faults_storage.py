@@ -25,7 +25,7 @@ import pytest
 from pipeline_fixtures import (local_ray, patched_env, all_prompts, assert_exactly_once, moto_s3, read_output, s3_filesystem,
                                tiny_model, write_shards)
 
-from pipeline import InputError, PipelineConfig, init_ray, run_generate
+from pipeline import InputError, run_generate
 
 pytestmark = pytest.mark.ray
 SHARDS, ROWS = 4, 4

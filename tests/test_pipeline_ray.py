@@ -14,7 +14,7 @@ import pytest
 from pipeline_fixtures import local_ray, all_prompts, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
-from pipeline import PipelineConfig, build_dataset, init_ray, run, run_classify, run_generate, run_label
+from pipeline import PipelineConfig, build_dataset, run_classify, run_generate, run_label
 from pipeline.cli import main
 
 pytestmark = pytest.mark.ray

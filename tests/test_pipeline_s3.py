@@ -15,7 +15,7 @@ from pipeline_fixtures import (local_ray, patched_env, all_prompts, moto_s3, rea
                                write_shards)
 
 from model import Engine, SamplingParams
-from pipeline import PipelineConfig, init_ray, run_generate
+from pipeline import run_generate
 
 pytestmark = pytest.mark.ray
 SHARDS, ROWS = 4, 4
