@@ -7,6 +7,15 @@ import torch
 
 from model import PersimmonConfig
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray for the test module that asks for it (pipeline_fixtures.local_ray)."""
+    from pipeline_fixtures import local_ray
+
+    with local_ray():
+        yield
+
+
 # Keep CPU thread use predictable on small CI boxes.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

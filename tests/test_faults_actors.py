@@ -29,7 +29,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import local_ray, PROMPTS, assert_exactly_once, read_output, tiny_model
+from pipeline_fixtures import PROMPTS, assert_exactly_once, read_output, tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import run_generate
@@ -40,12 +40,6 @@ pytestmark = pytest.mark.ray
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACKER_PREFIX = "persimmon-batch-progress-"
 TINY_KV_GIB = 12 * 16 * 1024 / 2**30  # 12 blocks of 16 tokens of the tiny model's fp32 KV (2 reserved)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray():
-        yield
 
 
 def write_sized_shards(directory, sizes: list[int]) -> dict[str, list[int]]:

@@ -18,7 +18,7 @@ import textwrap
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import PROMPTS, assert_exactly_once, local_ray, read_output, tiny_model
+from pipeline_fixtures import PROMPTS, assert_exactly_once, local_ray, patched_env, read_output, tiny_model
 
 from pipeline import run_generate
 
@@ -61,18 +61,10 @@ def dying_ray(tmp_path_factory):
     hook = tmp_path_factory.mktemp("hook")
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     marker = hook / "died"
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PB_DIE_AFTER_COMMIT", "PB_DIE_MARKER")}
-    os.environ.update(PYTHONPATH=os.pathsep.join([str(hook), REPO, saved["PYTHONPATH"] or ""]),
-                      PB_DIE_AFTER_COMMIT="part-00001.parquet", PB_DIE_MARKER=str(marker))
-    try:
+    path = os.pathsep.join([str(hook), REPO, os.environ.get("PYTHONPATH", "")])
+    with patched_env(PYTHONPATH=path, PB_DIE_AFTER_COMMIT="part-00001.parquet", PB_DIE_MARKER=str(marker)):
         with local_ray():  # workers inherit this environment
             yield marker
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_a_replica_that_dies_after_committing_is_counted_once(dying_ray, tmp_path):

@@ -21,7 +21,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import local_ray, assert_exactly_once, read_output, tiny_model, write_shards
+from pipeline_fixtures import assert_exactly_once, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
 from pipeline import InputError, ModelError, PipelineConfig, run_classify, run_generate
@@ -157,12 +157,6 @@ def test_bad_input_files_are_named_before_any_model_work(tmp_path, capsys, no_ra
 
 
 # ---- runs on local Ray -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray():
-        yield
-
-
 @pytest.mark.ray
 def test_skipped_bad_files_are_listed_and_the_rest_is_exact(ray_local, tmp_path):
     inputs = str(tmp_path / "in")

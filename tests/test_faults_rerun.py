@@ -20,19 +20,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import PROMPTS, assert_exactly_once, local_ray, read_output, tiny_model
+from pipeline_fixtures import PROMPTS, assert_exactly_once, read_output, tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import run_generate
 from pipeline.cli import main
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray():
-        yield
 
 
 def write(path, ids):

@@ -13,7 +13,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import local_ray, tiny_model
+from pipeline_fixtures import tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, run_generate
@@ -131,12 +131,6 @@ def test_listing_picks_data_files_by_extension_or_forced_format(tmp_path, caplog
         list_inputs(str(tmp_path / "*.tsv"), config())
     assert input_format("x.data", "csv").name == "csv" and input_format("y.json.zst").name == "jsonl"
     assert strip_suffix("part-1.jsonl.gz") == "part-1" and strip_suffix("p.csv") == "p"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray():
-        yield
 
 
 def _engine_texts(prompts: list[str], tokens: int) -> list[str]:

@@ -11,7 +11,7 @@ import json
 import os
 
 import pytest
-from pipeline_fixtures import local_ray, tiny_model
+from pipeline_fixtures import tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import ConfigError, PipelineConfig, run_generate
@@ -78,12 +78,6 @@ def test_response_lines_parse_with_openai_types():
     unreadable = [response_line({"id": None, "error": f"invalid_line: line {n} is not JSON"}, "id", "m", 1)["id"]
                   for n in (3, 4)]
     assert unreadable[0] != unreadable[1]  # lines without a custom_id still get distinct ids
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray():
-        yield
 
 
 @pytest.mark.ray

@@ -11,7 +11,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import local_ray, all_prompts, read_output, tiny_model, write_shards
+from pipeline_fixtures import all_prompts, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, build_dataset, run_classify, run_generate, run_label
@@ -19,12 +19,6 @@ from pipeline.cli import main
 
 pytestmark = pytest.mark.ray
 SHARDS, ROWS = 4, 5
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import os
 from collections import Counter
 
 import pytest
-from pipeline_fixtures import (local_ray, patched_env, all_prompts, moto_s3, read_output, s3_filesystem, tiny_model, upload_dir,
+from pipeline_fixtures import (patched_env, all_prompts, moto_s3, read_output, s3_filesystem, tiny_model, upload_dir,
                                write_shards)
 
 from model import Engine, SamplingParams
@@ -19,12 +19,6 @@ from pipeline import run_generate
 
 pytestmark = pytest.mark.ray
 SHARDS, ROWS = 4, 4
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray():
-        yield
 
 
 @pytest.fixture(scope="module")
