@@ -40,19 +40,17 @@ class ReplicaMetrics:
         except Exception as e:  # noqa: BLE001 - metrics are advisory: never fail a replica for them
             log.warning("Ray metrics unavailable (%s); going on without them", e)
 
-    def batch(self, rows: int, tokens: int, errors: list[str], seconds: float) -> None:
-        """Record one batch: its rows, generated tokens, error messages and duration."""
+    def batch(self, rows: int, tokens: int, errors_by_kind: Counter, seconds: float) -> None:
+        """Record one batch: its rows, generated tokens, row errors by kind and duration."""
         if not self.enabled:
             return
-        from .stages import error_kind
-
         try:
             tags = {"task": self.task}
             if rows:
                 self.rows.inc(rows, tags=tags)
             if tokens:
                 self.tokens.inc(tokens, tags=tags)
-            for kind, n in Counter(error_kind(e) for e in errors).items():
+            for kind, n in errors_by_kind.items():
                 self.errors.inc(n, tags={"task": self.task, "kind": kind})
             self.seconds.observe(seconds, tags=tags)
         except Exception as e:  # noqa: BLE001

@@ -149,7 +149,6 @@ class ShardRunner:
         rows = errors = tok_in = tok_out = low_margin = 0
         kinds: Counter = Counter()
         labels: Counter = Counter()
-        sidecar = None
         try:
             with contextlib.ExitStack() as stack:
                 with naming(f"read {src.uri}"):
@@ -173,9 +172,9 @@ class ShardRunner:
                     with naming(writing):
                         writer.write(out)
                     rows += out.num_rows
-                    errs = [e for e in out["error"].to_pylist() if e is not None]
-                    errors += len(errs)
-                    kinds.update(error_kind(e) for e in errs)
+                    batch_kinds = Counter(error_kind(e) for e in out["error"].to_pylist() if e is not None)
+                    errors += sum(batch_kinds.values())
+                    kinds.update(batch_kinds)
                     if cfg.task == "label":
                         labels.update(x for x in out["label"].to_pylist() if x is not None)
                         low_margin += sum(1 for m in out["margin"].to_pylist() if m is not None and m < cfg.low_margin)
@@ -185,7 +184,7 @@ class ShardRunner:
                         batch_tokens = sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
                         tok_out += batch_tokens
                     self.attempts.beat(attempt, rows, tok_out, errors)
-                    self.metrics.batch(out.num_rows, batch_tokens, errs, time.perf_counter() - t_batch)
+                    self.metrics.batch(out.num_rows, batch_tokens, batch_kinds, time.perf_counter() - t_batch)
                 if rows != unit.num_rows:
                     raise RuntimeError(f"read {rows} rows from {unit.input_uri}, the plan counted {unit.num_rows}")
                 stats = {

@@ -159,6 +159,7 @@ class _Stage:
     regions: the replica then ran ~25% slower with cores idle (measured on 2 cores)."""
 
     task: str = ""
+    row_columns: tuple[str, ...] = ()  # input columns a row may set for itself (read by `_prepare`)
 
     def __init__(self, config: PipelineConfig, engine=None):
         self.config = config.validate()
@@ -195,7 +196,9 @@ class _Stage:
             table = as_table(batch)
             prompts = [check_prompt(v) for v in column_values(table[cfg.prompt_column])]
         ids = table[cfg.id_column].to_pylist()
-        prepared = self._prepare(batch, names, ids)
+        own = {c: column_values(batch[c] if isinstance(batch, dict) else table[c])
+               for c in self.row_columns if c in names}
+        prepared = self._prepare(own, ids)
         for i, (_, err) in enumerate(prepared):
             if err is not None and prompts[i][1] is None:
                 prompts[i] = (None, err)
@@ -214,9 +217,10 @@ class _Stage:
             arrays[col] = pa.array([r.get(col) for r in results], type=kind)
         return pa.table(arrays)
 
-    def _prepare(self, batch, names: list[str], ids: list) -> list[tuple[Any, str | None]]:
-        """Per row: (what `_run` needs beyond its text, or an error that keeps it from running).
-        Tasks without per-row settings need nothing."""
+    def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, str | None]]:
+        """Per row: (what `_run` needs beyond its text, or an error that keeps it from running),
+        from the values of the batch's `row_columns` (`own`). Tasks without per-row settings
+        need nothing."""
         return [(None, None)] * len(ids)
 
     def _safe_run(self, texts: list[str], ids: list, rows: list) -> list[dict]:
@@ -238,18 +242,16 @@ class GenerateStage(_Stage):
     """Prompt -> completion, finish_reason, token counts, error."""
 
     task = "generate"
+    row_columns = SAMPLING_COLUMNS
 
-    def _prepare(self, batch, names, ids):
+    def _prepare(self, own, ids):
         """Each row's SamplingParams: the run's settings, overridden by the row's own columns
         (pipeline/row_settings.py); a value the engine would refuse is the row's error."""
         from model import SamplingParams
 
         cfg = self.config
-        present = [c for c in SAMPLING_COLUMNS if c in names]
-        table = None if isinstance(batch, dict) else as_table(batch)
-        columns = {c: column_values(batch[c] if table is None else table[c]) for c in present}
         out = []
-        for row_id, (own, err) in zip(ids, row_overrides(columns, len(ids))):
+        for row_id, (settings_of_row, err) in zip(ids, row_overrides(own, len(ids))):
             if err is not None:
                 out.append((None, err))
                 continue
@@ -257,9 +259,9 @@ class GenerateStage(_Stage):
                             top_p=cfg.top_p, stop=list(cfg.stop), seed=row_seed(cfg.seed, row_id),
                             truncate=cfg.truncate, json_schema=cfg.json_schema, regex=cfg.regex,
                             choice=list(cfg.choices) or None)
-            if "json_schema" in own:  # a row's schema replaces the run's constraint, whichever it is
+            if "json_schema" in settings_of_row:  # a row's schema replaces the run's constraint, whichever
                 settings.update(regex=None, choice=None)
-            settings.update(own)
+            settings.update(settings_of_row)
             try:
                 out.append((SamplingParams(**settings), None))
             except ValueError as e:
