@@ -168,7 +168,7 @@ def test_node_lost_mid_unit_the_run_goes_on_and_completes(cluster, workers, tmp_
     assert_exactly_once(read_output(str(tmp_path / "out"))["id"].to_pylist(), all_prompts(shards, rows)[0])
     assert report["rows_written"] == report["rows_in"] == shards * rows
     # the unit the lost node held is counted as retried because of it
-    assert report["nodes_lost"]["nodes"] == [lost_node]
+    assert report["nodes_lost"]["nodes"] == [lost_node], (report["nodes_lost"], report["replicas"], report["retried_units"])
     assert report["nodes_lost"]["units_retried"] == 1 and report["nodes_lost"]["rows_retried"] == rows
     retried = {r["output"]: r for r in report["retried_units"]}
     assert retried[lost_unit]["node_lost"] == 1 and retried[lost_unit]["attempts"] >= 2
