@@ -116,6 +116,13 @@ def _data_context(config: PipelineConfig, **extra):
         # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
         # are an error after the timeout instead of a silent hang, and work spreads over all.
         "wait_for_min_actors_s": config.replica_start_timeout_s or -1,
+        # A MIN,MAX pool grows when its utilization (tasks in flight / task slots) reaches the
+        # upscaling threshold: Ray's default 1.75 needs 2 tasks queued per actor, and the run
+        # gives each replica one unit at a time (`_compute`), so the pool would never grow.
+        # Grow when every replica is busy; shrink only once all units are handed out (a
+        # replica is expensive to start: it loads the model).
+        "autoscaling_config": dataclasses.replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0,
+                                                  actor_pool_util_downscaling_threshold=0.0),
         **extra,
     }
     saved = {k: getattr(ctx, k) for k in values}

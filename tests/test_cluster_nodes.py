@@ -190,44 +190,80 @@ def test_node_lost_mid_unit_the_run_goes_on_and_completes(cluster, workers, tmp_
 
 
 # ---- a node added mid-run -------------------------------------------------------------------------
+class InThread:
+    """Run `fn(**kwargs)` in a thread (Ray nodes can only be added from the main thread, which
+    the test keeps for that); `result()` waits and returns what it returned, or raises."""
+
+    def __init__(self, fn, **kwargs):
+        self.value, self.error = None, None
+
+        def target():
+            try:
+                self.value = fn(**kwargs)
+            except BaseException as e:  # noqa: BLE001 - re-raised in result()
+                self.error = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _tracker_attempts(known: set) -> list[dict]:
+    import ray
+
+    names = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX) and n not in known]
+    if not names:
+        return []
+    try:
+        return ray.get(ray.get_actor(names[0]).snapshot.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - not up yet, or the run is over
+        return []
+
+
+def _wait_for(what, run: InThread, timeout_s: float = 300):
+    """Poll `what()` until it returns something truthy; fail if the run ends first."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        found = what()
+        if found:
+            return found
+        if not run.thread.is_alive():
+            run.result()
+            raise AssertionError("the run ended before the awaited moment")
+        time.sleep(0.05)
+    raise AssertionError(f"not seen in {timeout_s} s")
+
+
 def test_node_added_mid_run_the_pool_grows_onto_it(cluster, workers, tmp_path):
     import ray
 
     shards, rows = 8, 8
     first = workers(num_cpus=2, num_gpus=1)
     write_shards(str(tmp_path / "in"), shards=shards, rows=rows)
-    added: dict = {}
-
-    def add_node_while_busy(a):
-        """Hold the only replica mid-unit, add a GPU node, and let it go once a replica on the
-        new node has taken a unit (or after 300 s, for the test to fail rather than hang)."""
-        os.kill(a["pid"], signal.SIGSTOP)
-        try:
-            node = workers(num_cpus=2, num_gpus=1)
-            added["node_id"] = node.node_id
-            tracker = ray.get_actor(next(n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)))
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 300:
-                if _attempts_on(ray.get(tracker.snapshot.remote(), timeout=30), node.node_id):
-                    added["took_work"] = True
-                    break
-                time.sleep(0.1)
-        finally:
-            os.kill(a["pid"], signal.SIGCONT)
-        return a
-
-    when = lambda a: a["state"] == "running" and a["node_id"] == first.node_id and a["rows_done"] >= 2  # noqa: E731
-    with OnAttempt(when, add_node_while_busy) as grow:
-        report = run_generate(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model("causal"),
-                              replicas="1,2", **GPU_REPLICAS)
-    assert not grow.error, grow.error
-    assert grow.fired and added.get("took_work"), added
+    known = {n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)}
+    run = InThread(run_generate, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                   model=tiny_model("causal"), replicas="1,2", **GPU_REPLICAS)
+    # the only replica mid-unit: hold it there, so that what is left waits for a second one
+    busy = _wait_for(lambda: [a for a in _tracker_attempts(known) if a["state"] == "running"
+                              and a["node_id"] == first.node_id and a["rows_done"] >= 2], run)[0]
+    os.kill(busy["pid"], signal.SIGSTOP)
+    try:
+        second = workers(num_cpus=2, num_gpus=1)  # a GPU node joins: the pool may grow onto it
+        _wait_for(lambda: _attempts_on(_tracker_attempts(known), second.node_id), run)
+    finally:
+        os.kill(busy["pid"], signal.SIGCONT)
+    report = run.result()
 
     assert report["complete"], report
     assert_exactly_once(read_output(str(tmp_path / "out"))["id"].to_pylist(), all_prompts(shards, rows)[0])
     per_node = report["this_run"]["units_per_node"]
-    assert set(per_node) == {first.node_id, added["node_id"]} and sum(per_node.values()) == shards, per_node
-    done_by_node = {}
+    assert set(per_node) == {first.node_id, second.node_id} and sum(per_node.values()) == shards, per_node
+    done_by_node: dict = {}
     for r in report["replicas"]:
         done_by_node[r["node_id"]] = done_by_node.get(r["node_id"], 0) + r["units"]
         assert r["ended"] == "finished", r
