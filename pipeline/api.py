@@ -26,6 +26,7 @@ from collections import Counter
 from .config import ConfigError, PipelineConfig
 from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
+from .autoscale import ReplicaDemand
 from .hub import pin
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, make_plan
@@ -84,15 +85,21 @@ def _loopback_only():
             os.environ[env_key] = saved_env
 
 
-def _compute(config: PipelineConfig, max_units: int | None = None, min_replicas: int | None = None):
-    import ray.data
-
+def _pool_size(config: PipelineConfig, max_units: int | None = None, min_replicas: int | None = None) -> tuple[int, int]:
+    """(MIN, MAX) replicas of the pool for `max_units` units."""
     lo, hi = config.replica_range
     if min_replicas is not None:  # a retry round: go on with what the cluster still has
         lo = min(lo, min_replicas)
     if max_units is not None:  # never start replicas that would have nothing to do
         hi = max(1, min(hi, max_units))
         lo = min(lo, hi)
+    return lo, hi
+
+
+def _compute(config: PipelineConfig, max_units: int | None = None, min_replicas: int | None = None):
+    import ray.data
+
+    lo, hi = _pool_size(config, max_units, min_replicas)
     # One unit at a time per actor: units are long, queueing one behind a busy actor would
     # leave other actors idle.
     per_actor = 1 if max_units is not None else None
@@ -338,6 +345,7 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
     import ray.data
 
     say = console.say
+    min_replicas = 1 if round_ else None
     # A unit whose task still fails after max_unit_retries (its replica keeps dying) must not
     # stop the other units: its stats row is then missing, and `_given_up` decides about it.
     with _data_context(config, max_errored_blocks=-1):
@@ -346,31 +354,33 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
                           fn_constructor_kwargs={"config": config, "schema": plan.schema,
                                                  "progress": tracker, "run_id": run_id},
                           batch_size=1, batch_format="pyarrow",
-                          compute=_compute(config, len(units), min_replicas=1 if round_ else None))
-    rows = iter(ds.iter_rows())
+                          compute=_compute(config, len(units), min_replicas))
     crash = None
-    try:
-        stop["in_loop"] = True
-        if not stop["signal"]:
-            for row in rows:
-                st = json.loads(row["stats"])
-                name = st["output"].rsplit("/", 1)[-1]
-                results[name] = st
-                console.unit_done(st)
-                say(f"[{len(results)}/{len(plan.todo)}] {st['status']:7s} {name}: " + unit_line(UnitStats.from_dict(st)))
-                lease = stop.get("lease")
-                if lease is not None and lease.lost:
-                    raise RuntimeError(f"lost the output's lease ({lease.lost}): stopped so that two runs "
-                                       "do not write the same output")
-    except Interrupted:
-        pass  # reported by the caller
-    except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
-        crash = f"{type(e).__name__}: {e}"
-        log.error("the run stopped: %s", crash)
-    finally:
-        stop["in_loop"] = False
-        if hasattr(rows, "close"):
-            rows.close()  # stops Ray Data's execution: replicas are released
+    # a MIN,MAX pool: the autoscaler adds nodes for MAX replicas, and may take them back after
+    with ReplicaDemand(config, *_pool_size(config, len(units), min_replicas), run_id):
+        rows = iter(ds.iter_rows())
+        try:
+            stop["in_loop"] = True
+            if not stop["signal"]:
+                for row in rows:
+                    st = json.loads(row["stats"])
+                    name = st["output"].rsplit("/", 1)[-1]
+                    results[name] = st
+                    console.unit_done(st)
+                    say(f"[{len(results)}/{len(plan.todo)}] {st['status']:7s} {name}: " + unit_line(UnitStats.from_dict(st)))
+                    lease = stop.get("lease")
+                    if lease is not None and lease.lost:
+                        raise RuntimeError(f"lost the output's lease ({lease.lost}): stopped so that two runs "
+                                           "do not write the same output")
+        except Interrupted:
+            pass  # reported by the caller
+        except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
+            crash = f"{type(e).__name__}: {e}"
+            log.error("the run stopped: %s", crash)
+        finally:
+            stop["in_loop"] = False
+            if hasattr(rows, "close"):
+                rows.close()  # stops Ray Data's execution: replicas are released
     return crash
 
 
