@@ -87,8 +87,9 @@ def deadline():
 
 
 class OnAttempt:
-    """Watch the run's progress tracker from a thread; the first time `when(attempt)` holds for
-    an attempt, call `then(attempt)` (once). Records what `then` returned, or its error."""
+    """Watch the run's progress tracker from a thread; when `when(attempt)` holds for an
+    attempt, call `then(attempt)`: a result other than None ends the watch (recorded in
+    `fired`), None means "not this one" and the watch goes on. Errors are recorded too."""
 
     def __init__(self, when, then):
         import ray
@@ -108,27 +109,38 @@ class OnAttempt:
         self._done.set()
         self._thread.join(timeout=240)
 
-    def _loop(self):
-        import ray
+    def snapshot(self) -> list[dict]:
+        return _tracker_attempts(self._known)
 
-        tracker = None
+    def _loop(self):
+        passed = set()
         while not self._done.is_set() and not self.fired and not self.error:
-            try:
-                if tracker is None:
-                    new = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)
-                           and n not in self._known]
-                    tracker = ray.get_actor(new[0]) if new else None
-                attempts = ray.get(tracker.snapshot.remote(), timeout=30) if tracker is not None else []
-            except Exception:  # noqa: BLE001 - the tracker may not be there yet, or be gone
-                attempts = []
-            for a in attempts:
-                if self.when(a):
-                    try:
-                        self.fired.append(self.then(a))
-                    except Exception as e:  # noqa: BLE001 - reported by the test
-                        self.error.append(e)
+            for a in self.snapshot():
+                if a["attempt"] in passed or not self.when(a):
+                    continue
+                passed.add(a["attempt"])
+                try:
+                    result = self.then(a)
+                except Exception as e:  # noqa: BLE001 - reported by the test
+                    self.error.append(e)
+                    break
+                if result is not None:
+                    self.fired.append(result)
                     break
             time.sleep(0.05)
+
+
+def _tracker_attempts(known: set) -> list[dict]:
+    """The attempts of the run whose tracker is not in `known` (empty until it is up)."""
+    import ray
+
+    names = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX) and n not in known]
+    if not names:
+        return []
+    try:
+        return ray.get(ray.get_actor(names[0]).snapshot.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - not up yet, or the run is over
+        return []
 
 
 def _kill(pid: int, sig) -> None:
@@ -144,16 +156,22 @@ def _attempts_on(tracker_attempts, node_id):
 
 # ---- a node lost mid-unit ------------------------------------------------------------------------
 def test_node_lost_mid_unit_the_run_goes_on_and_completes(cluster, workers, tmp_path):
-    shards, rows = 10, 8
+    shards, rows = 10, 12
     nodes = {n.node_id: n for n in (workers(num_cpus=2, num_gpus=1), workers(num_cpus=2, num_gpus=1))}
     write_shards(str(tmp_path / "in"), shards=shards, rows=rows)
 
     def spot_loss(a):
-        """Freeze the replica mid-unit, take its node away, then its frozen process."""
+        """Freeze the replica; if its unit is still uncommitted (the freeze came before the
+        commit: no output file, the attempt still open), take its node away, then its frozen
+        process. Else let it go on and wait for another attempt."""
         os.kill(a["pid"], signal.SIGSTOP)
+        now = {b["attempt"]: b for b in loss.snapshot()}.get(a["attempt"], {})
+        if now.get("state") != "running" or (tmp_path / "out" / a["unit"]).exists():
+            os.kill(a["pid"], signal.SIGCONT)
+            return None
         cluster.remove_node(nodes[a["node_id"]], allow_graceful=False)
         _kill(a["pid"], signal.SIGKILL)
-        return a
+        return now
 
     when = lambda a: a["state"] == "running" and a["node_id"] in nodes and a["rows_done"] >= 2  # noqa: E731
     with OnAttempt(when, spot_loss) as loss:
@@ -174,7 +192,7 @@ def test_node_lost_mid_unit_the_run_goes_on_and_completes(cluster, workers, tmp_
     assert retried[lost_unit]["node_lost"] == 1 and retried[lost_unit]["attempts"] >= 2
     [why] = retried[lost_unit]["why"]
     cut_at = int(re.match(r"node lost: its node died after (\d+) rows", why).group(1))
-    assert hit["rows_done"] <= cut_at < rows, why  # mid-unit: frozen after the rows it had, before the last
+    assert hit["rows_done"] <= cut_at <= rows, why  # frozen after the rows it had done, before its commit
     assert report["rows_retried"] >= rows
     # per replica: the one on the lost node ended with it, mid-unit; the survivor finished
     replicas = report["replicas"]
@@ -211,18 +229,6 @@ class InThread:
         if self.error is not None:
             raise self.error
         return self.value
-
-
-def _tracker_attempts(known: set) -> list[dict]:
-    import ray
-
-    names = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX) and n not in known]
-    if not names:
-        return []
-    try:
-        return ray.get(ray.get_actor(names[0]).snapshot.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - not up yet, or the run is over
-        return []
 
 
 def _wait_for(what, run: InThread, timeout_s: float = 300):
