@@ -113,7 +113,9 @@ class Engine:
         prefix_caching: share the KV blocks of identical leading tokens between rows and calls.
         decode_mode: "dynamic" (CPU default), "static" (fixed shapes, eager) or "cuda_graph"
             (CUDA default).
-        packed_cpu_linears: oneDNN-packed Linear weights on CPU (default on).
+        packed_cpu_linears: oneDNN-packed Linear weights on CPU. None (default): where this CPU
+            supports them for the dtype (model.runner.cpu_packing_unsupported), else F.linear;
+            True where unsupported is a ValueError saying why.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 256, max_seq_len: int | None = None,
