@@ -57,7 +57,7 @@ class Inspected:
 
 
 def _compression(path: str) -> str | None:
-    return {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(path.rsplit(".", 1)[-1])
+    return {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(path.rsplit(".", 1)[-1].lower())
 
 
 def _open_text(loc: Location) -> bytes:
@@ -396,14 +396,15 @@ def input_format(path: str, forced: str | None = None) -> InputFormat:
     if forced and forced != "auto":
         return INPUT_FORMATS[forced]
     for fmt in INPUT_FORMATS.values():
-        if fmt.by_extension and path.endswith(fmt.suffixes):
+        if fmt.by_extension and path.lower().endswith(fmt.suffixes):  # FEB.CSV is a CSV file
             return fmt
     return INPUT_FORMATS["parquet"]
 
 
 def strip_suffix(name: str) -> str:
+    """The name without its data-format extension, matched in any case (`MAR.Parquet` -> `MAR`)."""
     for suffix in sorted(DATA_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
