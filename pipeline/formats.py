@@ -22,10 +22,12 @@ Outputs (`--output-format`):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -245,29 +247,47 @@ class JsonlInput(_RowsInput):
     name = "jsonl"
     suffixes = tuple(base + codec for base in (".jsonl", ".ndjson", ".json") for codec in ("", ".gz", ".zst", ".bz2"))
 
-    def _objects(self, raw: bytes, config) -> Iterator[tuple[int, dict | None, str | None]]:
-        """(line number, row or None, error) for each non-empty line. Lines are split on
-        newline bytes only (JSON strings may hold U+2028 and friends) and decoded one by one, so
-        a line that is not UTF-8 is that row's error, not the file's."""
+    def _records(self, raw: bytes) -> Iterator[tuple[str, object, str | None]]:
+        """(where, JSON value, error) for each record: each non-empty line, or each element when
+        the whole file is one JSON array (the usual ".json export"). Lines are split on newline
+        bytes only (JSON strings may hold U+2028 and friends) and decoded one by one, so a line
+        that is not UTF-8 is that row's error, not the file's."""
+        elements = _json_array(raw)
+        if elements is not None:
+            yield from ((f"element {n}", value, None) for n, value in enumerate(elements, 1))
+            return
         for n, chunk in enumerate(raw.split(b"\n"), 1):
             try:
                 line = chunk.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield n, None, f"invalid_line: line {n} is not UTF-8 (byte 0x{chunk[e.start]:02x} at column {e.start + 1})"
+                yield f"line {n}", None, (f"invalid_line: line {n} is not UTF-8 "
+                                          f"(byte 0x{chunk[e.start]:02x} at column {e.start + 1})")
                 continue
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield f"line {n}", json.loads(line), None
             except json.JSONDecodeError as e:
-                yield n, None, f"invalid_line: line {n} is not JSON ({e.msg} at column {e.colno})"
+                yield f"line {n}", None, f"invalid_line: line {n} is not JSON ({e.msg} at column {e.colno})"
+
+    def _objects(self, raw: bytes, config) -> Iterator[tuple[str, dict | None, str | None]]:
+        """(where, row or None, error) for each record: a record that is not a JSON object, or
+        whose text cannot be stored (a lone surrogate), is that row's error."""
+        surrogates = _SURROGATE_ESCAPE.search(raw) is not None  # only then look for them row by row
+        for where, obj, err in self._records(raw):
+            if err is not None:
+                yield where, None, err
                 continue
             if not isinstance(obj, dict):
                 kind = {type(None): "null", bool: "boolean", list: "array", str: "string"}.get(type(obj), "number")
-                yield n, None, f"invalid_line: line {n} holds a JSON {kind}, not an object"
+                what = "invalid_line: line" if where.startswith("line") else "invalid_row: element"
+                yield where, None, f"{what} {where.split()[1]} holds a JSON {kind}, not an object"
                 continue
             row, err = self.row(obj, config)
-            yield n, row, None if err is None else f"{err} (line {n})"
+            if surrogates:
+                dropped = _drop_surrogates(row, config)
+                err = err or dropped
+            yield where, row, None if err is None else f"{err} ({where})"
 
     def row(self, obj: dict, config) -> tuple[dict, str | None]:
         """The pipeline's columns of one JSON object and the row's error (formats built on
@@ -278,15 +298,15 @@ class JsonlInput(_RowsInput):
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
         rows, errors, lines = [], {}, []
-        for n, row, err in self._objects(raw, config):
+        for where, row, err in self._objects(raw, config):
             if err is not None:
                 errors[len(rows)] = err
             rows.append(row if row is not None else {})
-            lines.append(n)
+            lines.append(where)
         required = [config.id_column, config.prompt_column, *config.keep_columns]
         wanted = [c for c in dict.fromkeys([*required, *SAMPLING_COLUMNS]) if any(c in r for r in rows)]
-        if not rows:
-            return pa.table({c: pa.array([], pa.string()) for c in wanted}), errors
+        if not rows:  # an empty file has the columns, of no type yet, and 0 rows
+            return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), errors
         # the id, prompt and kept columns are always there (nulls where absent), so the table has
         # one row per line even when no line is readable; which were absent is noted for inspect()
         present = set(wanted)
@@ -296,7 +316,7 @@ class JsonlInput(_RowsInput):
             bad = v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63))
             if bad:
                 errors.setdefault(i, f"invalid_id: id {v!r:.40} is a {type(v).__name__}; ids must all be integers "
-                                     f"(within int64) or all strings (line {lines[i]})")
+                                     f"(within int64) or all strings ({lines[i]})")
                 ids[i] = None
         columns = {config.id_column: pa.nulls(len(ids)) if kind is None else  # no valid id: the type is open
                    pa.array(ids, pa.int64() if kind is int else pa.string())}
@@ -308,7 +328,7 @@ class JsonlInput(_RowsInput):
                 for i, v in enumerate(values):
                     if v is not None and not isinstance(v, str):
                         errors.setdefault(i, f"invalid_prompt: expected a string, got a {type(v).__name__} "
-                                             f"(line {lines[i]})")
+                                             f"({lines[i]})")
                         values[i] = None
                 columns[name] = pa.array(values, pa.string())
                 continue
@@ -322,7 +342,7 @@ class JsonlInput(_RowsInput):
     def _setting_error(self, message: str) -> str:
         return message
 
-    def _settings(self, name: str, values: list, errors: dict[int, str], lines: list[int]) -> list:
+    def _settings(self, name: str, values: list, errors: dict[int, str], lines: list[str]) -> list:
         """A per-row setting column in one type: each value checked as the stage will (JSON rows
         may mix types, and one odd row must not turn the whole column into text)."""
         out = []
@@ -330,10 +350,78 @@ class JsonlInput(_RowsInput):
             try:
                 v = coerce(name, v)
             except SettingError as e:
-                errors.setdefault(i, f"invalid_sampling: {self._setting_error(str(e))} (line {lines[i]})")
+                errors.setdefault(i, f"invalid_sampling: {self._setting_error(str(e))} ({lines[i]})")
                 v = None
             out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
         return out
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the JSON escape of a UTF-16 surrogate
+
+
+def _lone_surrogate(value) -> str | None:
+    """Where the first lone surrogate of a JSON value is (half of a UTF-16 pair, as JavaScript
+    writes a string cut mid-emoji; no UTF-8 text can hold it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"U+{ord(value[e.start]):04X} at position {e.start}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item)
+        if found:
+            return found
+    return None
+
+
+def _drop_surrogates(row: dict, config) -> str | None:
+    """Clear the values of `row` that hold a lone surrogate; the row's error, or None if none
+    did. In the prompt it is the row's `invalid_prompt` (as for any prompt that is not text)."""
+    error = None
+    for name, value in row.items():
+        found = _lone_surrogate(value)
+        if found is None:
+            continue
+        row[name] = None
+        if error is None:
+            error = (f"invalid_prompt: lone surrogate {found}" if name == config.prompt_column else
+                     f"invalid_id: the id holds a lone surrogate {found}" if name == config.id_column else
+                     f"invalid_line: column {name!r} holds a lone surrogate {found}, which is not text")
+    return error
+
+
+def _json_array(raw: bytes) -> list | None:
+    """The elements when the whole file is one JSON array (a ".json export"), else None (JSONL).
+    A file that starts a JSON array over several lines but does not parse, or that holds one
+    JSON object spread over several lines, is not JSONL either: ValueError says so."""
+    text = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not text.startswith((b"[", b"{")):
+        return None
+    first = text.split(b"\n", 1)[0]
+    try:
+        json.loads(first)
+        first_parses = True
+    except ValueError:
+        first_parses = False
+    if text.startswith(b"{") and first_parses:
+        return None  # JSONL: its first line is an object
+    try:
+        document = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        if first_parses:
+            return None  # JSONL whose first line happens to be an array
+        if text.startswith(b"["):
+            raise ValueError(f"it starts a JSON array that does not parse ({e}); a .json file holds one JSON "
+                             "array of objects, a .jsonl file one object per line") from None
+        return None  # JSONL with a bad first line: that line is its row's error
+    if isinstance(document, list):
+        return document
+    lines = text.count(b"\n") + 1
+    raise ValueError(f"it holds one JSON object over {lines} lines; give one object per line (JSONL) or a JSON "
+                     "array of objects")
 
 
 class OpenAIBatchInput(JsonlInput):
@@ -354,38 +442,103 @@ class CsvInput(_RowsInput):
     suffixes = (".csv", ".csv.gz", ".csv.zst", ".csv.bz2")
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
+        """Every column as text (CSV has no types: ids stay text, "001" and "1" are two rows, as do
+        prompts, kept columns and per-row settings, parsed per row by the stage). A record that
+        does not parse is an error row after the good ones. A record whose quote is left open
+        (`_open_quotes`) is one error row, and the lines after it are parsed on their own, so
+        it never swallows its neighbours."""
         import pyarrow.csv as pcsv
 
-        bad: list[tuple[int | None, str]] = []
-
-        def handler(row):
-            bad.append((row.number, row.text))
-            return "skip"
-
-        # CSV has no types: ids stay text ("001" and "1" are different rows), as do prompts, kept
-        # columns and per-row settings (parsed per row by the stage)
-        strings = {c: pa.string() for c in (config.id_column, config.prompt_column, *config.keep_columns,
-                                            *SAMPLING_COLUMNS)}
-        table = pcsv.read_csv(io.BytesIO(raw), read_options=pcsv.ReadOptions(use_threads=False),  # line numbers
-                              parse_options=pcsv.ParseOptions(invalid_row_handler=handler, newlines_in_values=True),
-                              convert_options=pcsv.ConvertOptions(column_types=strings, strings_can_be_null=False))
-        names = table.schema.names
+        required = [config.id_column, config.prompt_column, *config.keep_columns]
+        if not raw.lstrip(b"\xef\xbb\xbf \t\r\n"):  # no header either: the columns, no rows
+            return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
+        open_quotes = _open_quotes(raw)
+        if open_quotes and open_quotes[0][0] == 0:
+            raise ValueError("the header opens a quoted field that is never closed")
+        header_end = raw.find(b"\n", len(raw) - len(raw.lstrip(b"\r\n"))) + 1 or len(raw)
+        names = pcsv.open_csv(io.BytesIO(raw[:header_end])).schema.names
         twice = sorted({c for c in names if names.count(c) > 1})
         if twice:
             raise ValueError(f"the header names column(s) {twice} more than once")
+        options = dict(read_options=pcsv.ReadOptions(use_threads=False),  # record numbers in order
+                       convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in names},
+                                                           strings_can_be_null=False))
+        tables, bad, records, at = [], [], 1, header_end  # records so far, the header's included
+        for start, end, why in [*open_quotes, (len(raw), len(raw), None)]:
+            segment = raw[at:start]
+            if segment.strip():
+                rejected: list = []
+
+                def handler(row, rejected=rejected):
+                    rejected.append(row)
+                    return "skip"
+
+                table = pcsv.read_csv(io.BytesIO(raw[:header_end] + segment), **options, parse_options=pcsv.ParseOptions(
+                    invalid_row_handler=handler, newlines_in_values=True))
+                for row in rejected:  # numbered within the segment, whose record 1 is the header
+                    number = records + row.number - 1 if row.number is not None else "?"
+                    bad.append((number, f"invalid_row: record {number} does not parse as CSV ({row.text[:60]!r})"))
+                tables.append(table)
+                records += table.num_rows + len(rejected)
+            if why is not None:
+                records += 1
+                line = raw.count(b"\n", 0, start) + 1
+                text = raw[start:end].decode("utf-8", "replace").rstrip("\r\n")
+                bad.append((records, f"invalid_row: record {records} (line {line}) {why} ({text[:60]!r}); the "
+                                     "lines after it are read as rows of their own"))
+            at = end
+        table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in names})
         if config.id_column in names:  # an empty id cell is a missing id, not the id ""
             ids = table[config.id_column]
             table = table.set_column(names.index(config.id_column), config.id_column,
                                      pa.array([v or None for v in ids.to_pylist()], pa.string()))
         errors = {}
-        if bad:  # malformed rows: after the good ones, id null, the line in the error
+        if bad:  # malformed records: after the good rows, in file order, id null
             n = table.num_rows
-            empty = pa.table({name: pa.nulls(len(bad), table.schema.field(name).type) for name in table.schema.names})
-            table = pa.concat_tables([table, empty])
-            for k, (line, text) in enumerate(bad):
-                errors[n + k] = (f"invalid_row: record {line if line is not None else '?'} does not parse as CSV "
-                                 f"({text[:60]!r})")
+            table = pa.concat_tables([table, pa.table({c: pa.nulls(len(bad), pa.string()) for c in names})])
+            in_order = sorted(bad, key=lambda b: b[0] if isinstance(b[0], int) else 0)
+            errors = {n + k: message for k, (_, message) in enumerate(in_order)}
         return table, errors
+
+
+def _open_quotes(raw: bytes) -> list[tuple[int, int, str]]:
+    """The records of a CSV text whose quoted field is left open: [(start, end, why)], from the
+    record's start to the end of the line the quote opened on.
+
+    A quote left open (a naive export of a text that starts with `"`) makes a parser read every
+    following line into that field, until a later quote closes it or the file ends. Both are
+    invalid CSV, so neither flags a well-formed file: a quoted field may hold line breaks, but
+    it must close, and its closing quote must end the field (be followed by a comma, a line
+    break or the end). A one-line field closed mid-field (`"ab"cd`) is left to the parser,
+    which reads it leniently as `abcd`. Only quotes are visited, so a file costs one pass of
+    `re.finditer`."""
+    quotes = [m.start() for m in re.finditer(b'"', raw)]
+    found, record, i = [], 3 if raw.startswith(b"\xef\xbb\xbf") else 0, 0
+    scanned = record  # everything before this is outside quotes and seen
+    while i < len(quotes):
+        p = quotes[i]
+        newline = raw.rfind(b"\n", scanned, p)
+        if newline != -1:
+            record = newline + 1
+        if p != record and raw[p - 1:p] != b",":  # a quote inside an unquoted field is a character
+            i, scanned = i + 1, p + 1
+            continue
+        j = i + 1
+        while j + 1 < len(quotes) and quotes[j + 1] == quotes[j] + 1:  # "" is a quote inside the field
+            j += 2
+        eol = raw.find(b"\n", p) + 1 or len(raw)
+        if j >= len(quotes):
+            why = "opens a quoted field that never closes"
+        else:
+            q = quotes[j]
+            if raw[q + 1:q + 2] in (b"", b",", b"\r", b"\n") or raw.find(b"\n", p, q) == -1:
+                i, scanned = j + 1, q + 1
+                continue
+            closes_at = raw.count(b"\n", 0, q) + 1
+            why = f"opens a quoted field that closes only at line {closes_at}, in the middle of a field"
+        found.append((record, eol, why))
+        i, scanned, record = bisect.bisect_left(quotes, eol), eol, eol
+    return found
 
 
 INPUT_FORMATS = {f.name: f for f in (ParquetInput(), JsonlInput(), CsvInput(), OpenAIBatchInput())}

@@ -68,3 +68,116 @@ def test_extensions_match_in_any_case_and_left_out_files_are_named(tmp_path, cap
     assert sum(u.num_rows for u in plan.units) == 7
     rows, _ = read_all(tmp_path / "x.JSONL.GZ", config())  # decompressed by its upper-case suffix
     assert rows == [{"id": "7", "prompt": "g"}]
+
+
+# ---- text ----------------------------------------------------------------------------------------
+def test_a_lone_surrogate_fails_its_row_and_its_neighbours_are_read(tmp_path):
+    """`"\\ud83d"` (half an emoji, as JavaScript writes a string cut mid-pair) is valid JSON but no
+    UTF-8 text: it is its row's invalid_prompt (or invalid_id, or an invalid_line for another
+    column); the rows around it are read, and a whole emoji escaped as a pair is ordinary text."""
+    lines = ['{"id": 1, "prompt": "fine"}',
+             '{"id": 2, "prompt": "cut \\ud83d here"}',
+             '{"id": 3, "prompt": "a whole emoji \\ud83d\\ude00"}',
+             '{"id": 4, "prompt": "kept column", "meta": ["ok", "\\udc00"]}',
+             '{"id": "\\ud800", "prompt": "surrogate id"}',
+             '{"id": 6, "prompt": "last"}']
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    rows, errors = read_all(tmp_path / "s.jsonl", config(keep_columns=["meta"]))
+    assert [r["id"] for r in rows] == [1, 2, 3, 4, None, 6]
+    assert rows[2]["prompt"] == "a whole emoji \U0001F600" and rows[5]["prompt"] == "last"
+    assert errors == {1: "invalid_prompt: lone surrogate U+D83D at position 4 (line 2)",
+                      3: "invalid_line: column 'meta' holds a lone surrogate U+DC00 at position 0, which is not text "
+                         "(line 4)",
+                      4: "invalid_id: the id holds a lone surrogate U+D800 at position 0 (line 5)"}
+
+
+def test_jsonl_outputs_are_read_back_split_on_newlines_only(tmp_path):
+    """U+2028, U+2029, \\x1c-\\x1e and \\x85 are line breaks to str.splitlines() but ordinary
+    characters inside JSON strings: a label rerun that re-reads a JSONL output's margins must
+    not split there."""
+    from pipeline.report import _margins
+
+    odd = "a\u2028b\u2029c\x1cd\x1de\x1ef\x85g\x0bh\x0ci"
+    path = tmp_path / "o.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "note": odd, "margin": m}, ensure_ascii=False) + "\n"
+                            for i, m in enumerate([0.5, 0.01])), encoding="utf-8")
+    assert _margins(resolve(str(path), config())) == [0.5, 0.01]
+
+
+def test_a_bom_at_the_start_of_a_jsonl_input_is_not_part_of_the_first_row(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "first"}\n{"id": 2, "prompt": "second"}\n')
+    rows, errors = read_all(tmp_path / "bom.jsonl", config())
+    assert rows == [{"id": 1, "prompt": "first"}, {"id": 2, "prompt": "second"}] and errors == {}
+
+
+def test_a_csv_quote_left_open_is_one_error_row_and_never_swallows_its_neighbours(tmp_path):
+    """A naive export of a text that starts with `"` opens a quote it never closes: a CSV parser
+    reads every following line into that field, until a later quote closes it (7 data lines
+    were 4 rows, no error) or the file ends. The record is its own invalid_row and each line
+    after it a row: every data line is one row."""
+    later_quote = ('id,prompt,meta\n1,a,x\n2,"open quote,y\n3,c,z\n4,"quoted",w\n5,e,v\n6,"multi\nline",u\n'
+                   '7,g,t\n')
+    (tmp_path / "later.csv").write_text(later_quote)
+    rows, errors = read_all(tmp_path / "later.csv", config(keep_columns=["meta"]))
+    assert [r["id"] for r in rows] == ["1", "3", "4", "5", "6", "7", None]
+    assert rows[2]["prompt"] == "quoted" and rows[4]["prompt"] == "multi\nline"
+    assert list(errors) == [6] and errors[6].startswith(
+        "invalid_row: record 3 (line 3) opens a quoted field that closes only at line 5, in the middle of a field "
+        "('2,\"open quote,y')")
+
+    (tmp_path / "eof.csv").write_text('id,prompt\n1,a\n2,"never closed\n3,c\n4,broken,extra\n5,e\n')
+    rows, errors = read_all(tmp_path / "eof.csv", config())
+    assert [r["id"] for r in rows] == ["1", "3", "5", None, None]
+    assert errors[3].startswith("invalid_row: record 3 (line 3) opens a quoted field that never closes")
+    assert errors[4] == "invalid_row: record 5 does not parse as CSV ('4,broken,extra')"  # numbered in the file
+
+    # well-formed quoting is untouched: line breaks, escaped quotes, empty and quote-only fields
+    (tmp_path / "ok.csv").write_text('id,prompt\r\n1,"say ""hi""\r\nthere"\r\n2,""\r\n3,""""\r\n4,5" tall\r\n')
+    rows, errors = read_all(tmp_path / "ok.csv", config())
+    assert [r["prompt"] for r in rows] == ['say "hi"\r\nthere', "", '"', '5" tall'] and errors == {}
+
+
+# ---- JSON arrays and empty files -----------------------------------------------------------------
+def test_a_json_array_of_objects_is_read_as_rows(tmp_path):
+    """The usual "JSON export": one array of objects, pretty-printed. Each element is a row; an
+    element that is not an object is that row's error. A broken array, or one object over many
+    lines, is a bad file naming the fix, not one invalid_line per line."""
+    records = [{"id": i, "prompt": f"prompt {i}"} for i in range(10)]
+    (tmp_path / "export.json").write_text(json.dumps(records[:5] + [7] + records[5:], indent=2))
+    rows, errors = read_all(tmp_path / "export.json", config())
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, None, 5, 6, 7, 8, 9]
+    assert errors == {5: "invalid_row: element 6 holds a JSON number, not an object"}
+    (tmp_path / "one-line.json").write_text(json.dumps(records[:2]))
+    assert [r["id"] for r in read_all(tmp_path / "one-line.json", config())[0]] == [0, 1]
+
+    cfg = config()
+    (tmp_path / "cut.json").write_text(json.dumps(records, indent=2)[:-40])
+    problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "cut.json"), cfg), cfg).problem
+    assert "starts a JSON array that does not parse" in problem
+    (tmp_path / "object.json").write_text(json.dumps({"data": records}, indent=2))
+    problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "object.json"), cfg), cfg).problem
+    assert "holds one JSON object over" in problem and "one object per line" in problem
+    # JSONL whose lines are arrays is still JSONL: each line one (bad) row
+    (tmp_path / "arrays.jsonl").write_text('[1, 2]\n{"id": 1, "prompt": "x"}\n')
+    rows, errors = read_all(tmp_path / "arrays.jsonl", cfg)
+    assert [r["id"] for r in rows] == [None, 1] and errors[0].startswith("invalid_line: line 1 holds a JSON array")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty.jsonl", b""), ("blank.jsonl", b"\n \n"), ("array.json", b"[]"), ("empty.csv", b""),
+    ("header.csv", b"id,prompt\n"), ("empty.parquet", None)])
+def test_an_empty_input_of_any_format_is_0_rows(tmp_path, name, content):
+    """An empty file is a bad input named before any model work, with 0 rows: skipped with
+    --on-bad-shard skip, it leaves nothing missing (before, an empty .jsonl had an unknown
+    row count, so the run said incomplete)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": pa.array([1, 2]), "prompt": ["a", "b"]}), src / "a.parquet")
+    if content is None:
+        pq.write_table(pa.table({"id": pa.array([], pa.int64()), "prompt": pa.array([], pa.string())}), src / name)
+    else:
+        (src / name).write_bytes(content)
+    plan = make_plan(config(input=[str(src / "a.parquet"), str(src / name)], output=str(tmp_path / "out"),
+                            on_bad_shard="skip"))
+    assert [(os.path.basename(b["input"]), b["error"], b["rows"]) for b in plan.bad_shards] == \
+        [(name, "empty (0 rows)", 0)]
