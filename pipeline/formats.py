@@ -22,6 +22,7 @@ Outputs (`--output-format`):
 
 from __future__ import annotations
 
+import base64
 import bisect
 import hashlib
 import io
@@ -673,9 +674,16 @@ def model_name(model: str) -> str:
     return text.rsplit("/", 1)[-1] if "://" in text or local else text
 
 
+BYTES_MARKER = "base64:"  # how JSON output writes a binary value (JSON has no bytes)
+
+
 def _json_default(value):
-    if isinstance(value, bytes):  # distinct bytes stay distinct: undecodable ones as \xNN
-        return value.decode("utf-8", errors="backslashreplace")
+    """JSON for what JSON has no type for. Bytes (a Parquet `binary` id or kept column) are
+    written losslessly as `"base64:" + base64(value)`, every value of the column alike, so two
+    distinct ids stay two ids (`b"\\xff"` and `b"\\\\xff"` were both "\\xff" when undecodable
+    bytes were backslash-escaped). Anything else as its text."""
+    if isinstance(value, (bytes, bytearray)):
+        return BYTES_MARKER + base64.b64encode(value).decode("ascii")
     return str(value)
 
 

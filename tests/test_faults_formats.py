@@ -181,3 +181,80 @@ def test_an_empty_input_of_any_format_is_0_rows(tmp_path, name, content):
                             on_bad_shard="skip"))
     assert [(os.path.basename(b["input"]), b["error"], b["rows"]) for b in plan.bad_shards] == \
         [(name, "empty (0 rows)", 0)]
+
+
+# ---- ids keep their identity in every output format -----------------------------------------------
+class EchoEngine:
+    """Completion = the prompt reversed; no model."""
+
+    def generate(self, prompts, params):
+        from model import Completion
+
+        return [Completion(text=p[::-1], finish_reason="stop", num_prompt_tokens=1, num_generated_tokens=1)
+                for p in prompts]
+
+
+def _run_units(cfg: PipelineConfig):
+    from pipeline.runner import ShardRunner
+
+    plan = make_plan(cfg)
+    runner = ShardRunner(cfg, plan.schema, engine=EchoEngine())
+    assert all(runner.run_unit(u)["status"] == "done" for u in plan.todo)
+    return plan
+
+
+def _jsonl_rows(directory) -> list[dict]:
+    return [json.loads(line) for name in sorted(os.listdir(directory)) if name.endswith(".jsonl")
+            for line in (directory / name).read_bytes().split(b"\n") if line]
+
+
+BINARY_IDS = [b"\xff", b"\\xff", b"a", b"a\x00", b"", b"\xed\xa0\x80"]
+STRING_IDS = ["a\nb", "a\\nb", "a\u2028b", "caf\u00e9", "cafe\u0301", "a b", "a", "a\x00"]
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "jsonl"])
+def test_distinct_binary_ids_stay_distinct_in_every_output_format(tmp_path, output_format):
+    """b"\\xff" and b"\\\\xff" are two ids; in JSONL both became the string "\\\\xff". JSON output
+    now writes bytes as "base64:..." (lossless, documented); Parquet keeps them as binary."""
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": pa.array(BINARY_IDS, pa.binary()),
+                             "prompt": [f"prompt {i}" for i in range(len(BINARY_IDS))]}), src / "b.parquet")
+    out = tmp_path / "out"
+    _run_units(config(task="generate", input=str(src), output=str(out), output_format=output_format))
+    if output_format == "parquet":
+        ids = pq.read_table(out / "b.parquet")["id"].to_pylist()
+    else:
+        import base64
+
+        written = [row["id"] for row in _jsonl_rows(out)]
+        assert all(i.startswith("base64:") for i in written)
+        ids = [base64.b64decode(i[len("base64:"):]) for i in written]
+    assert ids == BINARY_IDS  # every id, each once, as it was
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "jsonl", "openai-batch"])
+def test_distinct_string_ids_stay_distinct_in_every_output_format(tmp_path, output_format):
+    """Ids that differ only by a newline, its escape, U+2028, Unicode normalisation or a NUL
+    are distinct in every output, and an openai-batch answer's own `id` is distinct per request."""
+    src = tmp_path / "in"
+    src.mkdir()
+    if output_format == "openai-batch":
+        lines = [{"custom_id": i, "method": "POST", "url": "/v1/completions", "body": {"prompt": f"p{k}"}}
+                 for k, i in enumerate(STRING_IDS)]
+        (src / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        cfg = config(task="generate", input=str(src), output=str(tmp_path / "out"), input_format="openai-batch")
+    else:
+        (src / "r.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"p{k}"}) + "\n"
+                                             for k, i in enumerate(STRING_IDS)))
+        cfg = config(task="generate", input=str(src), output=str(tmp_path / "out"), output_format=output_format)
+    _run_units(cfg)
+    out = tmp_path / "out"
+    if output_format == "parquet":
+        assert pq.read_table(out / "r.parquet")["id"].to_pylist() == STRING_IDS
+        return
+    rows = _jsonl_rows(out)
+    key = "custom_id" if output_format == "openai-batch" else "id"
+    assert [r[key] for r in rows] == STRING_IDS
+    if output_format == "openai-batch":
+        assert len({r["id"] for r in rows}) == len(STRING_IDS) and all(r["error"] is None for r in rows)

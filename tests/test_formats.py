@@ -325,4 +325,4 @@ def test_jsonl_output_is_strict_json_and_keeps_bytes_apart():
     lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
              for x in sink.data.decode().splitlines()]
     assert [x["score"] for x in lines] == [None, None] and lines[0]["probs"] == [0.5, None]
-    assert lines[0]["id"] != lines[1]["id"] and lines[0]["id"] == "\\xff\x01"
+    assert lines[0]["id"] != lines[1]["id"] and lines[0]["id"] == "base64:/wE="
