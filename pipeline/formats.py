@@ -27,6 +27,7 @@ import bisect
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,8 +38,9 @@ import pyarrow.parquet as pq
 
 from . import openai_batch
 from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
-from .storage import Location, read_bytes, retry
+from .storage import Location, commit, ensure_dir, read_bytes, retry, temp_sibling
 
+log = logging.getLogger(__name__)
 STATS_KEY = b"persimmon_batch"
 
 
@@ -577,19 +579,79 @@ class OutputFormat:
     def sidecar(self, final: Location) -> Location | None:
         return None
 
+    def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
+        """Make a committed output's column types those of `schema`, if only a column of no type
+        (all null) differs; True if it was rewritten. Formats without types have nothing to do."""
+        return False
+
+
+class _Checksummed:
+    """A write-only stream that passes bytes on and hashes them: the checksum of a file's data,
+    recorded with its statistics, so a committed output whose bytes were damaged later (zeroed
+    pages under an intact footer, a truncated copy) is recomputed, never skipped as done."""
+
+    def __init__(self, stream):
+        self.stream, self.sha256, self.size, self.closed = stream, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        self.stream.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:  # the runner closes the real stream once the file is complete
+        self.closed = True
+
+
+def _data_sha256(loc: Location, end: int) -> str:
+    """The sha256 of a file's first `end` bytes, read in 16 MiB pieces (no decoding)."""
+    def _read():
+        h = hashlib.sha256()
+        with loc.fs.open_input_stream(loc.path, compression=None) as f:
+            left = end
+            while left > 0:
+                chunk = f.read(min(left, 16 << 20))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+        return h.hexdigest()
+    return retry(_read, f"read {loc.uri}", loc.retries)
+
+
+def _damaged(loc: Location, stats: dict, end: int) -> bool:
+    """Whether a committed output's data no longer has the checksum written with it (outputs
+    from before checksums have none and are taken as they are)."""
+    want = stats.get("data_sha256")
+    if want is None or _data_sha256(loc, end) == want:
+        return False
+    log.warning("output %s is damaged (its data does not match the checksum written with it); it will be "
+                "recomputed", loc.uri)
+    return True
+
 
 class ParquetOutput(OutputFormat):
     name, extension = "parquet", ".parquet"
 
     class Writer:
         def __init__(self, stream, schema):
-            self.writer = pq.ParquetWriter(stream, schema)
+            self.sink = _Checksummed(stream)
+            self.writer = pq.ParquetWriter(self.sink, schema)
 
         def write(self, table: pa.Table) -> None:
             self.writer.write_table(table)
 
         def finish(self, stats: dict) -> bytes | None:
-            self.writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
+            # every row group is written by now: the footer, written on close, comes after the data
+            footer = {**stats, "data_sha256": self.sink.sha256.hexdigest()}
+            self.writer.add_key_value_metadata({STATS_KEY: json.dumps(footer)})
             self.writer.close()
             return None
 
@@ -600,17 +662,51 @@ class ParquetOutput(OutputFormat):
         return self.Writer(stream, schema)
 
     def read_stats(self, loc: Location) -> dict | None:
+        """The footer's statistics, if the footer counts the rows they say and the data before
+        the footer has the checksum written with them. Checking the checksum reads the whole
+        file once, undecoded: a rerun reads its committed outputs (small beside the compute
+        they stand for) so that it never takes damaged data as done."""
         def _open():
             with loc.fs.open_input_file(loc.path) as f:
-                return pq.ParquetFile(f).metadata
+                size = f.size()
+                footer_size = int.from_bytes(f.read_at(8, size - 8)[:4], "little") if size >= 8 else 0
+                return pq.ParquetFile(f).metadata, size - 8 - footer_size
 
-        meta = retry(_open, f"read footer of {loc.uri}", loc.retries)
+        meta, data_end = retry(_open, f"read footer of {loc.uri}", loc.retries)
         raw = (meta.metadata or {}).get(STATS_KEY)
         stats = json.loads(raw) if raw else None
-        if stats is None or stats.get("rows_out") != meta.num_rows:
+        if stats is None or stats.get("rows_out") != meta.num_rows or _damaged(loc, stats, data_end):
             return None
-        stats["_file_columns"] = meta.schema.to_arrow_schema().names  # read here, never stored
+        schema = meta.schema.to_arrow_schema()
+        stats["_file_columns"] = schema.names  # read here, never stored
+        stats["_file_types"] = {f.name: str(f.type) for f in schema}
         return stats
+
+    def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
+        """A kept column that no row of an input had is written with no type (null); when a
+        later input (a partition added) gives it values, the directory would no longer read as
+        one dataset ("Unsupported cast from string to null"). Such an output is rewritten with
+        the column typed, its rows and statistics as they were: nothing is recomputed."""
+        types = stats.get("_file_types") or {}
+        differ = [f.name for f in schema if types.get(f.name) != str(f.type)]
+        if not differ or any(types.get(name) != "null" for name in differ):
+            return False  # the same types, or differences the resume checks judge
+
+        def _read():
+            with loc.fs.open_input_file(loc.path) as f:
+                return pq.read_table(f)
+
+        table = retry(_read, f"read {loc.uri}", loc.retries).cast(schema)
+        footer = {k: v for k, v in stats.items() if not k.startswith("_") and k != "data_sha256"}
+        tmp = temp_sibling(loc)
+        ensure_dir(tmp.parent)
+        with loc.fs.open_output_stream(tmp.path) as stream:
+            writer = self.Writer(stream, schema)
+            writer.write(table)
+            writer.finish(footer)
+        commit(tmp, loc)
+        log.info("typed column(s) %s of %s as later inputs give them", differ, loc.uri)
+        return True
 
 
 class JsonlOutput(OutputFormat):
@@ -618,17 +714,16 @@ class JsonlOutput(OutputFormat):
 
     class Writer:
         def __init__(self, stream, schema, line=None):
-            self.stream, self.schema, self.size = stream, schema, 0
+            self.sink, self.schema = _Checksummed(stream), schema
             self.line = line or (lambda row: row)  # output row -> the JSON object written
 
         def write(self, table: pa.Table) -> None:
-            data = "".join(json.dumps(_finite(self.line(row)), ensure_ascii=False, default=_json_default,
-                                      allow_nan=False) + "\n" for row in table.to_pylist()).encode()
-            self.stream.write(data)
-            self.size += len(data)
+            self.sink.write("".join(json.dumps(_finite(self.line(row)), ensure_ascii=False, default=_json_default,
+                                               allow_nan=False) + "\n" for row in table.to_pylist()).encode())
 
         def finish(self, stats: dict) -> bytes:
-            return json.dumps({**stats, "data_bytes": self.size, "columns": self.schema.names}).encode()
+            return json.dumps({**stats, "data_bytes": self.sink.size, "data_sha256": self.sink.sha256.hexdigest(),
+                               "columns": self.schema.names}).encode()
 
         def close(self) -> None:
             pass
@@ -640,13 +735,14 @@ class JsonlOutput(OutputFormat):
         return final.parent.join("_stats", final.path.rsplit("/", 1)[-1] + ".json")
 
     def read_stats(self, loc: Location) -> dict | None:
+        """The sidecar's statistics, if it names the data file's exact size and checksum."""
         side = self.sidecar(loc)
         try:
             stats = json.loads(read_bytes(side))
             size = loc.fs.get_file_info(loc.path).size
         except (FileNotFoundError, ValueError):
             return None
-        if not isinstance(stats, dict) or stats.get("data_bytes") != size:
+        if not isinstance(stats, dict) or stats.get("data_bytes") != size or _damaged(loc, stats, size):
             return None  # the data file is not the one the sidecar describes
         stats["_file_columns"] = stats.get("columns")
         return stats

@@ -327,3 +327,5 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
                                "was": st.get("input_fingerprint"), "now": unit.fingerprint})
             continue
         plan.done[name] = st
+        # a column of no type in it that later inputs typed: rewritten typed, so all read as one dataset
+        OUTPUT_FORMATS[config.output_format].conform(out.join(name), st, plan.schema)

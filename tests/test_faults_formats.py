@@ -258,3 +258,74 @@ def test_distinct_string_ids_stay_distinct_in_every_output_format(tmp_path, outp
     assert [r[key] for r in rows] == STRING_IDS
     if output_format == "openai-batch":
         assert len({r["id"] for r in rows}) == len(STRING_IDS) and all(r["error"] is None for r in rows)
+
+
+# ---- committed outputs ---------------------------------------------------------------------------
+def _zero_data(path) -> None:
+    """Zero a Parquet file's data pages, keeping its footer (and so its statistics) intact."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[4: len(data) - 8 - footer] = bytes(len(data) - 12 - footer)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "jsonl"])
+def test_a_committed_output_whose_data_was_damaged_is_recomputed(tmp_path, caplog, output_format):
+    """Zeroed data pages under an intact footer ("Corrupt snappy" on read), or a JSONL output
+    overwritten with bytes of the same size: the checksum written with the output no longer
+    matches, so the rerun does not skip it as committed but computes it again."""
+    from pipeline.runner import ShardRunner
+
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": list(range(50)), "prompt": [f"prompt number {i} " * 5 for i in range(50)]}),
+                   src / "a.parquet")
+    cfg = config(task="generate", input=str(src), output=str(tmp_path / "out"), output_format=output_format)
+    _run_units(cfg)
+    out = tmp_path / "out" / f"a.{output_format}"
+    good = out.read_bytes()
+    assert list(make_plan(cfg).done) == [out.name]
+    if output_format == "parquet":
+        _zero_data(out)
+        with pytest.raises(Exception):
+            pq.read_table(out)
+    else:
+        out.write_bytes(good.replace(b"prompt", b"PROMPT"))  # the same size: the old check passed it
+    with caplog.at_level(logging.WARNING, logger="pipeline.formats"):
+        plan = make_plan(cfg)
+    assert plan.done == {} and [u.output_name for u in plan.todo] == [out.name]
+    assert f"output {out} is damaged" in caplog.text
+    stats = ShardRunner(cfg, plan.schema, engine=EchoEngine()).run_unit(plan.todo[0])
+    assert stats["status"] == "done"  # recomputed: the same rows as before the damage
+    if output_format == "parquet":
+        assert pq.read_table(out).equals(pq.read_table(io.BytesIO(good)))
+    else:
+        assert out.read_bytes() == good
+
+
+def test_a_kept_column_of_nulls_typed_by_a_later_partition_keeps_one_dataset(tmp_path):
+    """The first run's file had the kept column all null (no type); a partition added later has
+    strings in it. The committed output is rewritten with the column typed (its rows and
+    statistics unchanged, nothing recomputed), so the directory reads as one dataset."""
+    import pyarrow.dataset as ds
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "day=1").mkdir(parents=True)
+    (src / "day=1" / "a.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"p{i}", "meta": None}) + "\n"
+                                                   for i in range(3)))
+    cfg = config(task="generate", input=str(src), output=str(out), keep_columns=["meta"])
+    _run_units(cfg)
+    first = pq.ParquetFile(out / "day=1__a.parquet")
+    assert first.schema_arrow.field("meta").type == pa.null()
+    (src / "day=2").mkdir()
+    (src / "day=2" / "b.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"p{i}", "meta": f"m{i}"}) + "\n"
+                                                   for i in range(3, 6)))
+    plan = _run_units(cfg)
+    assert list(plan.done) == ["day=1__a.parquet"]  # committed before: not computed again
+    table = ds.dataset(out, format="parquet").to_table()
+    assert sorted(table["id"].to_pylist()) == list(range(6)) and table.schema.field("meta").type == pa.string()
+    rewritten = pq.ParquetFile(out / "day=1__a.parquet")
+    footer = lambda f: json.loads(f.metadata.metadata[b"persimmon_batch"])  # noqa: E731
+    assert {k: v for k, v in footer(rewritten).items() if k != "data_sha256"} == \
+        {k: v for k, v in footer(first).items() if k != "data_sha256"}
+    assert list(make_plan(cfg).done) == ["day=1__a.parquet", "day=2__b.parquet"]  # and it is still committed
