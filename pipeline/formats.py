@@ -122,13 +122,13 @@ class ParquetInput(InputFormat):
     def inspect(self, loc: Location, config) -> Inspected:
         try:
             meta = self._meta(loc)
+            digest = self._digest(loc, meta, config)
         except FileNotFoundError:
             return Inspected(problem="file vanished")
         except Exception as e:  # noqa: BLE001 - truncated / not Parquet / storage error
             return Inspected(problem=f"unreadable Parquet ({type(e).__name__}: {e})")
         schema = meta.schema.to_arrow_schema()
-        footer = json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()
-        found = Inspected(num_rows=meta.num_rows, schema=schema, digest=hashlib.sha256(footer).hexdigest()[:32])
+        found = Inspected(num_rows=meta.num_rows, schema=schema, digest=digest)
         missing = _missing(config, schema.names)
         if missing:
             found.problem = f"missing column(s) {missing}; it has {schema.names}"
@@ -137,6 +137,29 @@ class ParquetInput(InputFormat):
         else:
             found.splits = self._splits(meta, config.rows_per_unit)
         return found
+
+    def _digest(self, loc: Location, meta, config) -> str:
+        """What the file's content is, as far as a cheap read can tell: a hash of its footer
+        (schema, row groups, and each column chunk's statistics, sizes and offsets) and of the
+        stored bytes of its id column (every row group's chunk of it). Statistics (min, max,
+        nulls) are the same whatever order the rows are in, so a rewrite that reorders rows
+        within a row group at the same size, its mtime kept (cp -p, rsync -t), is seen by its
+        ids having moved; the id column is what the duplicate-id check reads anyway. Not seen:
+        other columns' values changed with the same compressed sizes and statistics."""
+        h = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
+        leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        if config.id_column in leaves:
+            k = leaves.index(config.id_column)
+            chunks = [meta.row_group(g).column(k) for g in range(meta.num_row_groups)]
+            spans = [(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset,
+                      c.total_compressed_size) for c in chunks]
+
+            def _read():
+                with loc.fs.open_input_file(loc.path) as f:
+                    return [f.read_at(size, start) for start, size in spans]
+            for data in retry(_read, f"read ids of {loc.uri}", loc.retries):
+                h.update(data)
+        return h.hexdigest()[:32]
 
     @staticmethod
     def _splits(meta, rows_per_unit: int) -> list[Split]:
