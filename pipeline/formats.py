@@ -1,23 +1,26 @@
 """File formats, one class each: how an input file is checked, split into units and read, and
 how an output file is written and recognised as committed.
 
-Inputs (by extension, or `--input-format`):
+Inputs (by extension in any case, or `--input-format`):
 - Parquet (`.parquet`): read column-wise; units are row groups (`--rows-per-unit`).
 - JSONL (`.jsonl`, `.json` with one object per line, also `.gz` / `.zst` compressed): read line
   by line, because pyarrow's JSON reader rejects a whole block for one bad line. A line that is
   not a JSON object becomes a row with `error` = `invalid_line: line N ...` (id null); empty
-  lines are not rows. Ids keep their JSON type (the first row's decides; another type is that
-  row's `invalid_id` error).
+  lines are not rows; a lone surrogate (`"\\ud83d"`) is its row's error. A file that is one JSON
+  array is read as rows, one per element. Ids keep their JSON type (the first row's decides;
+  another type is that row's `invalid_id` error).
 - CSV (`.csv`, also compressed): pyarrow's reader with an `invalid_row_handler`; a malformed row
-  becomes a row with `error` = `invalid_row: line N ...` after the good rows of its unit.
+  becomes a row with `error` = `invalid_row: record N ...` after the good rows of its unit, and
+  so does a record whose quote is left open (`_open_quotes`), the lines after it read as rows.
 JSONL and CSV units are row ranges. Their content hash (sha256 of the file's bytes) is part of
-each unit's fingerprint, so any edit is seen.
+each unit's fingerprint, so any edit is seen; Parquet's is its footer and id column
+(`ParquetInput._digest`).
 
 Outputs (`--output-format`):
-- Parquet (default): the unit's statistics live in the file's footer.
-- JSONL: one JSON object per row; the statistics live in a sidecar `_stats/<name>.json`
-  committed just after the data file, and a file counts as committed only when the sidecar
-  names its exact size.
+- Parquet (default): the unit's statistics and the sha256 of the data live in the file's footer.
+- JSONL: one JSON object per row, bytes as "base64:..."; the statistics live in a sidecar
+  `_stats/<name>.json` committed just after the data file, and a file counts as committed only
+  when the sidecar names its exact size and sha256.
 """
 
 from __future__ import annotations
