@@ -481,17 +481,16 @@ class CsvInput(_RowsInput):
         required = [config.id_column, config.prompt_column, *config.keep_columns]
         if not raw.lstrip(b"\xef\xbb\xbf \t\r\n"):  # no header either: the columns, no rows
             return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
-        open_quotes = _open_quotes(raw)
-        if open_quotes and open_quotes[0][0] == 0:
-            raise ValueError("the header opens a quoted field that is never closed")
         header_end = raw.find(b"\n", len(raw) - len(raw.lstrip(b"\r\n"))) + 1 or len(raw)
+        open_quotes = _open_quotes(raw)
+        if open_quotes and open_quotes[0][0] < header_end:
+            raise ValueError("the header opens a quoted field that is never closed")
         names = pcsv.open_csv(io.BytesIO(raw[:header_end])).schema.names
         twice = sorted({c for c in names if names.count(c) > 1})
         if twice:
             raise ValueError(f"the header names column(s) {twice} more than once")
-        options = dict(read_options=pcsv.ReadOptions(use_threads=False),  # record numbers in order
-                       convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in names},
-                                                           strings_can_be_null=False))
+        read = pcsv.ReadOptions(use_threads=False)  # record numbers in order
+        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in names}, strings_can_be_null=False)
         tables, bad, records, at = [], [], 1, header_end  # records so far, the header's included
         for start, end, why in [*open_quotes, (len(raw), len(raw), None)]:
             segment = raw[at:start]
@@ -502,8 +501,9 @@ class CsvInput(_RowsInput):
                     rejected.append(row)
                     return "skip"
 
-                table = pcsv.read_csv(io.BytesIO(raw[:header_end] + segment), **options, parse_options=pcsv.ParseOptions(
-                    invalid_row_handler=handler, newlines_in_values=True))
+                parse = pcsv.ParseOptions(invalid_row_handler=handler, newlines_in_values=True)
+                table = pcsv.read_csv(io.BytesIO(raw[:header_end] + segment), read_options=read, parse_options=parse,
+                                      convert_options=convert)
                 for row in rejected:  # numbered within the segment, whose record 1 is the header
                     number = records + row.number - 1 if row.number is not None else "?"
                     bad.append((number, f"invalid_row: record {number} does not parse as CSV ({row.text[:60]!r})"))

@@ -119,8 +119,8 @@ def input_fingerprint(digest: str, listed, split: Split) -> dict:
     """What a unit's input *is*, not only its name: the file's size and modification time
     (a rewrite changes the mtime unless it is kept: cp -p, rsync -t), its content digest
     (Parquet: a hash of the footer and the id column's bytes, `ParquetInput._digest`; JSONL /
-    CSV: of all the bytes), and the unit's row groups or row range. The rows the plan marks as duplicate or null ids are added later (`_seal`):
-    they depend on the other files."""
+    CSV: of all the bytes), and the unit's row groups or row range. The rows the plan marks as
+    duplicate or null ids are added later (`_seal`): they depend on the other files."""
     return {"size": listed.size, "mtime_ns": listed.mtime_ns, "footer_sha256": digest,
             "row_groups": split.row_groups, "first_row": split.first_row, "rows": split.num_rows}
 

@@ -270,9 +270,9 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
                 listed = InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns)
                 (matches if info.path.lower().endswith(suffixes) else others).append(listed)
             if forced in (None, "auto"):
-                taken = directory_inputs(matches)
-                others += [m for m in matches if m not in taken]
-                matches = taken
+                taken = {m.loc.uri for m in directory_inputs(matches)}
+                others += [m for m in matches if m.loc.uri not in taken]
+                matches = [m for m in matches if m.loc.uri in taken]
         if skip is not None:
             matches = [m for m in matches if not inside(place(m.loc), skip)]
             others = [m for m in others if not inside(place(m.loc), skip)]
@@ -285,12 +285,15 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
     left = [left_out[k] for k in sorted(left_out) if k not in found]  # another item may name it
     if left:
         json_note = ("; plain .json files are read when named, globbed or with --input-format jsonl"
-                     if any(re.search(r"\.json(\.(gz|zst|bz2))?$", f.loc.path, re.I) for f in left) else "")
-        read = sorted({s for s in suffixes if s.count(".") == 1 and (s != ".json" or forced not in (None, "auto"))})
+                     if any(_PLAIN_JSON.search(f.loc.path) for f in left) else "")
+        read = sorted({s for s in suffixes if s.count(".") == 1 and not (s == ".json" and forced in (None, "auto"))})
         log.warning("%d file(s) in the input directory are not read as data (%s%s): data files end in %s "
                     "(any case, also compressed); name a file or use a glob to read it%s", len(left),
                     ", ".join(f.name for f in left[:5]), ", ..." if len(left) > 5 else "", ", ".join(read), json_note)
     return Listing([found[k] for k in sorted(found)], [f.loc.uri for f in left])
+
+
+_PLAIN_JSON = re.compile(r"\.json(\.(gz|zst|bz2))?$", re.I)
 
 
 def directory_inputs(files: list[InputFile]) -> list[InputFile]:
@@ -298,7 +301,7 @@ def directory_inputs(files: list[InputFile]) -> list[InputFile]:
     `.json` ones, which are as often metadata (`dataset_info.json` beside a Parquet dataset) as
     data; those are read when named, matched by a glob, or with --input-format jsonl (the
     listing names them as left out, never silently)."""
-    return [f for f in files if not re.search(r"\.json(\.(gz|zst|bz2))?$", f.loc.path, re.I)]
+    return [f for f in files if not _PLAIN_JSON.search(f.loc.path)]
 
 
 def list_parquet(inputs, config, exclude: Location | None = None) -> list[Location]:
