@@ -426,7 +426,7 @@ def _json_array(raw: bytes) -> list | None:
     """The elements when the whole file is one JSON array (a ".json export"), else None (JSONL).
     A file that starts a JSON array over several lines but does not parse, or that holds one
     JSON object spread over several lines, is not JSONL either: ValueError says so."""
-    text = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
+    text = raw.removeprefix(b"\xef\xbb\xbf").lstrip()
     if not text.startswith((b"[", b"{")):
         return None
     first = text.split(b"\n", 1)[0]
@@ -479,44 +479,33 @@ class CsvInput(_RowsInput):
         import pyarrow.csv as pcsv
 
         required = [config.id_column, config.prompt_column, *config.keep_columns]
-        if not raw.lstrip(b"\xef\xbb\xbf \t\r\n"):  # no header either: the columns, no rows
+        if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either: the columns, no rows
             return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
         header_end = raw.find(b"\n", len(raw) - len(raw.lstrip(b"\r\n"))) + 1 or len(raw)
-        open_quotes = _open_quotes(raw)
-        if open_quotes and open_quotes[0][0] < header_end:
-            raise ValueError("the header opens a quoted field that is never closed")
         names = pcsv.open_csv(io.BytesIO(raw[:header_end])).schema.names
         twice = sorted({c for c in names if names.count(c) > 1})
         if twice:
             raise ValueError(f"the header names column(s) {twice} more than once")
-        read = pcsv.ReadOptions(use_threads=False)  # record numbers in order
-        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in names}, strings_can_be_null=False)
-        tables, bad, records, at = [], [], 1, header_end  # records so far, the header's included
-        for start, end, why in [*open_quotes, (len(raw), len(raw), None)]:
-            segment = raw[at:start]
-            if segment.strip():
-                rejected: list = []
-
-                def handler(row, rejected=rejected):
-                    rejected.append(row)
-                    return "skip"
-
-                parse = pcsv.ParseOptions(invalid_row_handler=handler, newlines_in_values=True)
-                table = pcsv.read_csv(io.BytesIO(raw[:header_end] + segment), read_options=read, parse_options=parse,
-                                      convert_options=convert)
-                for row in rejected:  # numbered within the segment, whose record 1 is the header
-                    number = records + row.number - 1 if row.number is not None else "?"
-                    bad.append((number, f"invalid_row: record {number} does not parse as CSV ({row.text[:60]!r})"))
-                tables.append(table)
-                records += table.num_rows + len(rejected)
-            if why is not None:
-                records += 1
-                line = raw.count(b"\n", 0, start) + 1
-                text = raw[start:end].decode("utf-8", "replace").rstrip("\r\n")
-                bad.append((records, f"invalid_row: record {records} (line {line}) {why} ({text[:60]!r}); the "
-                                     "lines after it are read as rows of their own"))
-            at = end
-        table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in names})
+        table, rejected = _csv_records(raw, names)
+        # a quote left open swallows line breaks: only a file with a value across lines can hold one
+        open_quotes = _open_quotes(raw) if _spans_lines(table, rejected) else []
+        if open_quotes and open_quotes[0][0] < header_end:
+            raise ValueError("the header opens a quoted field that is never closed")
+        bad = [(row.number, row.text) for row in rejected]  # (record number, text), the header is record 1
+        if open_quotes:  # each stretch between such records on its own, numbered as in the file
+            tables, bad, records, at = [], [], 1, header_end
+            for start, end, why in [*open_quotes, (len(raw), len(raw), None)]:
+                if raw[at:start].strip():
+                    part, rejected = _csv_records(raw[:header_end] + raw[at:start], names)
+                    bad += [(records + row.number - 1, row.text) for row in rejected]
+                    tables.append(part)
+                    records += part.num_rows + len(rejected)
+                if why is not None:
+                    records += 1
+                    bad.append((records, f"(line {_line_of(raw, start)}) {why}",
+                                raw[start:end].decode("utf-8", "replace").rstrip()))
+                at = end
+            table = pa.concat_tables(tables) if tables else table.slice(0, 0)
         if config.id_column in names:  # an empty id cell is a missing id, not the id ""
             ids = table[config.id_column]
             table = table.set_column(names.index(config.id_column), config.id_column,
@@ -525,9 +514,41 @@ class CsvInput(_RowsInput):
         if bad:  # malformed records: after the good rows, in file order, id null
             n = table.num_rows
             table = pa.concat_tables([table, pa.table({c: pa.nulls(len(bad), pa.string()) for c in names})])
-            in_order = sorted(bad, key=lambda b: b[0] if isinstance(b[0], int) else 0)
-            errors = {n + k: message for k, (_, message) in enumerate(in_order)}
+            for k, (number, *why, text) in enumerate(sorted(bad, key=lambda b: b[0] or 0)):
+                record = f"invalid_row: record {number if number is not None else '?'}"
+                errors[n + k] = (f"{record} {why[0]} ({text[:60]!r}); the lines after it are read as rows of their own"
+                                 if why else f"{record} does not parse as CSV ({text[:60]!r})")
         return table, errors
+
+
+def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
+    """The records of CSV text as a table of text columns, and pyarrow's rows it could not
+    parse (each with its record number, the header being record 1, and its text)."""
+    import pyarrow.csv as pcsv
+
+    rejected: list = []
+
+    def handler(row):
+        rejected.append(row)
+        return "skip"
+
+    table = pcsv.read_csv(io.BytesIO(data), read_options=pcsv.ReadOptions(use_threads=False),  # numbers in order
+                          parse_options=pcsv.ParseOptions(invalid_row_handler=handler, newlines_in_values=True),
+                          convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in names},
+                                                              strings_can_be_null=False))
+    return table, rejected
+
+
+def _spans_lines(table: pa.Table, rejected: list) -> bool:
+    """Whether any value, or any record that did not parse, holds a line break."""
+    import pyarrow.compute as pc
+
+    return any("\n" in row.text or "\r" in row.text for row in rejected) or any(
+        pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in table.columns)
+
+
+def _line_of(raw: bytes, at: int) -> int:
+    return raw.count(b"\n", 0, at) + 1
 
 
 def _open_quotes(raw: bytes) -> list[tuple[int, int, str]]:
@@ -539,34 +560,27 @@ def _open_quotes(raw: bytes) -> list[tuple[int, int, str]]:
     invalid CSV, so neither flags a well-formed file: a quoted field may hold line breaks, but
     it must close, and its closing quote must end the field (be followed by a comma, a line
     break or the end). A one-line field closed mid-field (`"ab"cd`) is left to the parser,
-    which reads it leniently as `abcd`. Only quotes are visited, so a file costs one pass of
-    `re.finditer`."""
-    quotes = [m.start() for m in re.finditer(b'"', raw)]
-    found, record, i = [], 3 if raw.startswith(b"\xef\xbb\xbf") else 0, 0
-    scanned = record  # everything before this is outside quotes and seen
-    while i < len(quotes):
-        p = quotes[i]
-        newline = raw.rfind(b"\n", scanned, p)
+    which reads it leniently as `abcd`. The scan jumps from quote to quote (`bytes.find`)."""
+    found = []
+    record = at = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # at: what is before it is seen, outside quotes
+    while (p := raw.find(b'"', at)) != -1:
+        newline = raw.rfind(b"\n", at, p)
         if newline != -1:
             record = newline + 1
         if p != record and raw[p - 1:p] != b",":  # a quote inside an unquoted field is a character
-            i, scanned = i + 1, p + 1
+            at = p + 1
             continue
-        j = i + 1
-        while j + 1 < len(quotes) and quotes[j + 1] == quotes[j] + 1:  # "" is a quote inside the field
-            j += 2
-        eol = raw.find(b"\n", p) + 1 or len(raw)
-        if j >= len(quotes):
-            why = "opens a quoted field that never closes"
-        else:
-            q = quotes[j]
-            if raw[q + 1:q + 2] in (b"", b",", b"\r", b"\n") or raw.find(b"\n", p, q) == -1:
-                i, scanned = j + 1, q + 1
-                continue
-            closes_at = raw.count(b"\n", 0, q) + 1
-            why = f"opens a quoted field that closes only at line {closes_at}, in the middle of a field"
-        found.append((record, eol, why))
-        i, scanned, record = bisect.bisect_left(quotes, eol), eol, eol
+        q = p + 1
+        while (q := raw.find(b'"', q)) != -1 and raw[q + 1:q + 2] == b'"':  # "" is a quote inside the field
+            q += 2
+        if q != -1 and (raw[q + 1:q + 2] in (b"", b",", b"\r", b"\n") or raw.find(b"\n", p, q) == -1):
+            at = q + 1  # closed where a field ends, or on its own line
+            continue
+        why = ("opens a quoted field that never closes" if q == -1 else
+               f"opens a quoted field that closes only at line {_line_of(raw, q)}, mid-field")
+        end = raw.find(b"\n", p) + 1 or len(raw)
+        found.append((record, end, why))
+        record = at = end
     return found
 
 

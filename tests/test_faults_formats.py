@@ -122,7 +122,7 @@ def test_a_csv_quote_left_open_is_one_error_row_and_never_swallows_its_neighbour
     assert [r["id"] for r in rows] == ["1", "3", "4", "5", "6", "7", None]
     assert rows[2]["prompt"] == "quoted" and rows[4]["prompt"] == "multi\nline"
     assert list(errors) == [6] and errors[6].startswith(
-        "invalid_row: record 3 (line 3) opens a quoted field that closes only at line 5, in the middle of a field "
+        "invalid_row: record 3 (line 3) opens a quoted field that closes only at line 5, mid-field "
         "('2,\"open quote,y')")
 
     (tmp_path / "eof.csv").write_text('id,prompt\n1,a\n2,"never closed\n3,c\n4,broken,extra\n5,e\n')
