@@ -309,8 +309,8 @@ class JsonlInput(_RowsInput):
                 continue
             if not isinstance(obj, dict):
                 kind = {type(None): "null", bool: "boolean", list: "array", str: "string"}.get(type(obj), "number")
-                what = "invalid_line: line" if where.startswith("line") else "invalid_row: element"
-                yield where, None, f"{what} {where.split()[1]} holds a JSON {kind}, not an object"
+                error_kind = "invalid_line" if where.startswith("line") else "invalid_row"  # a line / an element
+                yield where, None, f"{error_kind}: {where} holds a JSON {kind}, not an object"
                 continue
             row, err = self.row(obj, config)
             if surrogates:
