@@ -26,7 +26,6 @@ Outputs (`--output-format`):
 from __future__ import annotations
 
 import base64
-import bisect
 import hashlib
 import io
 import json

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PipelineConfig
-from pipeline.formats import INPUT_FORMATS, OUTPUT_FORMATS, input_format, strip_suffix
+from pipeline.formats import INPUT_FORMATS, input_format, strip_suffix
 from pipeline.plan import make_plan
 from pipeline.storage import list_inputs, resolve
 
