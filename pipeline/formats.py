@@ -649,6 +649,9 @@ class _Checksummed:
         self.closed = True
 
 
+WHOLE_READ_BYTES = 4 << 20  # an output up to this size is read in one call, footer and data at once
+
+
 def _data_sha256(loc: Location, end: int) -> str:
     """The sha256 of a file's first `end` bytes, read in 16 MiB pieces (no decoding)."""
     def _read():
@@ -665,11 +668,15 @@ def _data_sha256(loc: Location, end: int) -> str:
     return retry(_read, f"read {loc.uri}", loc.retries)
 
 
-def _damaged(loc: Location, stats: dict, end: int) -> bool:
-    """Whether a committed output's data no longer has the checksum written with it (outputs
-    from before checksums have none and are taken as they are)."""
+def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) -> bool:
+    """Whether a committed output's first `end` bytes (its data) no longer have the checksum
+    written with them; `data`: the file's bytes when already read. Outputs from before
+    checksums have none and are taken as they are."""
     want = stats.get("data_sha256")
-    if want is None or _data_sha256(loc, end) == want:
+    if want is None:
+        return False
+    got = hashlib.sha256(memoryview(data)[:end]).hexdigest() if data is not None else _data_sha256(loc, end)
+    if got == want:
         return False
     log.warning("output %s is damaged (its data does not match the checksum written with it); it will be "
                 "recomputed", loc.uri)
@@ -703,18 +710,22 @@ class ParquetOutput(OutputFormat):
     def read_stats(self, loc: Location) -> dict | None:
         """The footer's statistics, if the footer counts the rows they say and the data before
         the footer has the checksum written with them. Checking the checksum reads the whole
-        file once, undecoded: a rerun reads its committed outputs (small beside the compute
-        they stand for) so that it never takes damaged data as done."""
+        file once, undecoded (a small one in the same read as its footer): a rerun reads its
+        committed outputs, small beside the compute they stand for, so that it never takes
+        damaged data as done."""
         def _open():
             with loc.fs.open_input_file(loc.path) as f:
                 size = f.size()
-                footer_size = int.from_bytes(f.read_at(8, size - 8)[:4], "little") if size >= 8 else 0
-                return pq.ParquetFile(f).metadata, size - 8 - footer_size
+                if size > WHOLE_READ_BYTES:
+                    return pq.ParquetFile(f).metadata, size, None
+                data = f.read_at(size, 0)
+                return pq.ParquetFile(pa.BufferReader(data)).metadata, size, data
 
-        meta, data_end = retry(_open, f"read footer of {loc.uri}", loc.retries)
+        meta, size, data = retry(_open, f"read footer of {loc.uri}", loc.retries)
         raw = (meta.metadata or {}).get(STATS_KEY)
         stats = json.loads(raw) if raw else None
-        if stats is None or stats.get("rows_out") != meta.num_rows or _damaged(loc, stats, data_end):
+        data_end = size - 8 - meta.serialized_size  # the footer, its length and "PAR1" follow the data
+        if stats is None or stats.get("rows_out") != meta.num_rows or _damaged(loc, stats, data_end, data):
             return None
         schema = meta.schema.to_arrow_schema()
         stats["_file_columns"] = schema.names  # read here, never stored
