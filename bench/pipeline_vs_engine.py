@@ -21,6 +21,11 @@ uses one replica given every core, so both have the same compute. Prints one JSO
                     scheduling, writing and committing, once replicas are up (target <= 15 %)
 - overhead_incl_startup_pct   (pipeline_wall_s - model_load_s) / engine_s - 1: also counts the
                     fixed cost of planning and starting the replica process
+- replica_*_s       (per run) the replica's time by part, summed over units: its engine calls,
+                    reading input, writing output, the rest (the stage's conversions, heartbeats);
+                    between_units_s: time between one unit's end and the next one's start
+- engine_in_replica_pct   replica_engine_s / engine_s - 1: the same engine work, slower or not
+                    inside the replica (threads, other processes on the cores)
 - outputs_match     pipeline completions == engine completions
 Top-level timings and percentages are medians over --repeats runs (each run's numbers in `runs`).
 """
@@ -113,15 +118,24 @@ def main() -> None:
         report = run_generate(config)
         wall = time.perf_counter() - t
         _, engine_next = bare_engine()
+        engine_s = (engine_prev + engine_next) / 2
         out = pq.read_table(out_dir).sort_by("id")
         units = [json.loads(pq.ParquetFile(os.path.join(out_dir, f)).metadata.metadata[b"persimmon_batch"])
                  for f in sorted(os.listdir(out_dir)) if f.endswith(".parquet")]
-        engine_s = (engine_prev + engine_next) / 2
         startup_s, load_s = report["this_run"]["startup_s"], report["this_run"]["model_load_s"]
         runs.append({
             "engine_s": round(engine_s, 3), "pipeline_wall_s": round(wall, 3), "startup_s": startup_s,
             "model_load_s": load_s, "replica_start_s": report["this_run"]["replica_start_s"],
             "processing_s": round(max(u["finished_at"] for u in units) - min(u["started_at"] for u in units), 3),
+            # the replica's time by part, summed over its units: engine calls, reading, writing
+            "replica_engine_s": round(sum(u["engine_seconds"] for u in units), 3),
+            "replica_read_s": round(sum(u["read_seconds"] for u in units), 3),
+            "replica_write_s": round(sum(u["write_seconds"] for u in units), 3),
+            "replica_other_s": round(sum(u["seconds"] - u["engine_seconds"] - u["read_seconds"] - u["write_seconds"]
+                                         for u in units), 3),
+            "between_units_s": round(max(u["finished_at"] for u in units) - min(u["started_at"] for u in units)
+                                     - sum(u["seconds"] for u in units), 3),
+            "engine_in_replica_pct": round(100 * (sum(u["engine_seconds"] for u in units) / engine_s - 1), 1),
             "overhead_pct": round(100 * ((wall - startup_s) / engine_s - 1), 1),
             "overhead_incl_startup_pct": round(100 * ((wall - load_s) / engine_s - 1), 1),
             "outputs_match": out["completion"].to_pylist() == [c.text for c in direct],
@@ -143,6 +157,7 @@ def main() -> None:
         "engine_s": median("engine_s"), "pipeline_wall_s": median("pipeline_wall_s"),
         "startup_s": median("startup_s"), "model_load_s": median("model_load_s"),
         "overhead_pct": median("overhead_pct"), "overhead_incl_startup_pct": median("overhead_incl_startup_pct"),
+        "engine_in_replica_pct": median("engine_in_replica_pct"),
         "outputs_match": all(r["outputs_match"] for r in runs), "complete": all(r["complete"] for r in runs),
         "runs": runs,
     }))

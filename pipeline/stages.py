@@ -170,6 +170,7 @@ class _Stage:
         if self.prefix and hasattr(self.engine, "pin_prefix"):
             self._on_torch_thread(self.engine.pin_prefix, self.prefix)  # computed once, kept
         self.load_seconds = time.perf_counter() - t0
+        self.engine_seconds = 0.0  # inside engine calls, summed (the run report's time breakdown)
         self.columns = TASKS[self.task].columns
 
     def _on_torch_thread(self, fn, *args):
@@ -227,7 +228,11 @@ class _Stage:
         """One engine call for the batch; if it raises, retry row by row so one poisoned row
         only fails itself."""
         try:
-            out = self._on_torch_thread(self._run, texts, ids, rows)
+            t0 = time.perf_counter()
+            try:
+                out = self._on_torch_thread(self._run, texts, ids, rows)
+            finally:
+                self.engine_seconds += time.perf_counter() - t0
             if len(out) != len(texts):
                 raise RuntimeError(f"engine returned {len(out)} results for {len(texts)} rows")
             return out
