@@ -30,6 +30,7 @@ from .config import ConfigError, PipelineConfig, mask_uri, output_columns
 from .tasks import TASKS
 from .stages import output_schema
 from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
+from .ids import InputChanged, flag_ids
 from .storage import Location, inside, list_inputs, place, resolve, retry
 
 log = logging.getLogger(__name__)
@@ -207,65 +208,13 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
 
     plan = Plan(units=units, schema=schema, bad_shards=bad, output=out)
     if config.check_duplicate_ids:
-        plan.ids = flag_ids(config, good, threads)
+        try:
+            plan.ids = flag_ids(config, good, threads)
+        except InputChanged as e:
+            raise InputError(str(e)) from None
     _seal(units)
     _find_done(config, plan)
     return plan
-
-
-def _short(value, limit: int = 60) -> str:
-    import numpy as np
-
-    text = repr(value.item() if isinstance(value, np.generic) else value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]]], threads: int = 16) -> dict:
-    """Find null ids and ids seen earlier in input order (files sorted, rows in order); put
-    their errors in the units' `row_errors` so those rows get an `error` instead of a result.
-    The first occurrence of an id is the one that is run. Returns the report's id summary.
-
-    Reads only the id column of each file; all ids are held in driver memory at once.
-    """
-    summary = {"checked": True, "duplicate_rows": 0, "duplicate_ids": 0, "null_ids": 0, "examples": []}
-    if not files:
-        return summary
-
-    def _read(loc: Location):
-        fmt = input_format(loc.path, config.input_format)
-        return fmt.read_ids(loc, config), fmt.id_type(loc, config)
-
-    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-        read = list(pool.map(lambda item: _read(item[0]), files))
-    columns = [ids for ids, _ in read]
-    kind = read[0][1]
-    if pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
-        raise ConfigError(f"id column {config.id_column!r} has type {kind}; ids must be scalars "
-                          "(numbers, strings or bytes)")
-    # exact comparison of the Python values: bytes with trailing NULs, big ints, any Arrow
-    # scalar type (pandas coerced some of these, or crashed on them)
-    first_at: dict = {}
-    repeated: set = set()
-    for k, (col, (loc, _, units)) in enumerate(zip(columns, files)):
-        for row, value in enumerate(col):
-            if value is None or (isinstance(value, float) and value != value):  # null or NaN
-                message = "invalid_id: the id is null, so the row cannot be matched to its result"
-                summary["null_ids"] += 1
-            elif value not in first_at:
-                first_at[value] = (k, row)
-                continue
-            else:
-                fk, frow = first_at[value]
-                repeated.add(value)
-                message = f"duplicate_id: id {_short(value)} already appeared at {files[fk][1]} row {frow}"
-                summary["duplicate_rows"] += 1
-                if len(summary["examples"]) < 10:
-                    summary["examples"].append({"id": _short(value), "first": f"{files[fk][0].uri} row {frow}",
-                                                "again": f"{loc.uri} row {row}"})
-            unit = next(u for u in units if u.first_row <= row < u.first_row + u.num_rows)
-            unit.row_errors.append([row - unit.first_row, message])
-    summary["duplicate_ids"] = len(repeated)
-    return summary
 
 
 def _find_done(config: PipelineConfig, plan: Plan) -> None:
