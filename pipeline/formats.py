@@ -161,7 +161,8 @@ class ParquetInput(InputFormat):
         with f:
             reader = retry(lambda: pq.ParquetFile(f), what, loc.retries)
             for g in range(reader.metadata.num_row_groups):
-                ids = retry(lambda g=g: reader.read_row_group(g, columns=[config.id_column]), what, loc.retries)
+                ids = retry(lambda g=g: reader.read_row_group(g, columns=[config.id_column], use_threads=False),
+                            what, loc.retries)
                 for start in range(0, ids.num_rows, ID_CHUNK_ROWS):
                     yield ids.column(0).slice(start, ID_CHUNK_ROWS).combine_chunks()
 

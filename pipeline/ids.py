@@ -40,7 +40,7 @@ from .formats import input_format
 
 PARTITION_ROWS = 1 << 20
 MAX_PARTITIONS = 256                # spill files open at once
-FLUSH_ROWS = 1 << 16                # ids a partition gathers in memory before they go to its file
+FLUSH_ROWS = 1 << 16                # most ids a partition gathers in memory before they go to its file
 HASH_BYTES = 1 << 22                # id bytes hashed at a time (hashing takes ~24 bytes per byte)
 NULL_ID = "invalid_id: the id is null, so the row cannot be matched to its result"
 
@@ -66,12 +66,14 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
         def read(k: int) -> None:
             loc, row = files[k][0], 0
             for ids in input_format(loc.path, config.input_format).read_ids(loc, config):
-                ids = _comparable(config, ids)
-                null = pc.is_null(ids, nan_is_null=True).to_numpy(zero_copy_only=False)
-                flagged[k] += [[row + int(r), NULL_ID] for r in np.flatnonzero(null)]
-                valid = np.flatnonzero(~null)
-                partitions.add(ids.take(pa.array(valid)) if len(valid) < len(ids) else ids, starts[k] + row + valid)
-                row += len(ids)
+                n = len(ids)
+                ids, here = _comparable(config, ids), starts[k] + row + np.arange(n)
+                if ids.null_count or pa.types.is_floating(ids.type):  # a null or a NaN is no id
+                    null = pc.is_null(ids, nan_is_null=True).to_numpy(zero_copy_only=False)
+                    flagged[k] += [[row + int(r), NULL_ID] for r in np.flatnonzero(null)]
+                    ids, here = ids.filter(pa.array(~null)), here[~null]
+                partitions.add(ids, here)
+                row += n
             if row != sizes[k]:
                 raise InputChanged(f"{loc.uri} has {row} rows now but had {sizes[k]} when it was listed: it changed "
                                    "while the run was planned; plan again once it is written")
@@ -168,6 +170,7 @@ class _Partitions:
 
     def __init__(self, parts: int):
         self.parts = parts
+        self.flush_rows = max(1, min(FLUSH_ROWS, PARTITION_ROWS // parts))  # all waiting: ~PARTITION_ROWS ids
         self.pending: list[list[pa.RecordBatch]] = [[] for _ in range(parts)]
         self.pending_rows = [0] * parts
         self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
@@ -204,7 +207,7 @@ class _Partitions:
             for p, part_ids, part_places in pieces:
                 self.pending[p].append(pa.record_batch([part_ids, pa.array(part_places)], names=["id", "place"]))
                 self.pending_rows[p] += len(part_ids)
-                if self.dir is not None and self.pending_rows[p] >= FLUSH_ROWS:
+                if self.dir is not None and self.pending_rows[p] >= self.flush_rows:
                     self._flush(p)
 
     def _flush(self, p: int) -> None:
