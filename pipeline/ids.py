@@ -105,11 +105,12 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
                 summary["examples"].append({"id": _short(v), "first": f"{files[fk][0].uri} row {frow}",
                                             "again": f"{files[k][0].uri} row {row}"})
         summary["duplicate_rows"] = len(place)
-    for (_, _, units), errors in zip(files, flagged):
+    for k, (_, _, units) in enumerate(files):
         firsts_of = [u.first_row for u in units]  # a file's units, in row order
-        for row, message in sorted(errors):
+        for row, message in sorted(flagged[k]):
             unit = units[bisect.bisect_right(firsts_of, row) - 1]
             unit.row_errors.append([row - unit.first_row, message])
+        flagged[k] = None  # its errors live on in the units only
     return summary
 
 
