@@ -254,3 +254,23 @@ def test_a_run_prints_the_plan_summary_first(tmp_path, engine, capsys):
     assert said[:len(expected)] == expected
     assert expected[0] == "3 unit(s) from 3 input file(s), 12 rows: 3 already committed, 0 to run (0 rows)"
     assert describe(_checked(config), make_plan(_checked(config)))["already_committed"] == 3
+
+
+def test_committed_outputs_are_checked_from_their_footers_alone(tmp_path, engine):
+    """Resume reads each committed output's footer, never its rows: outputs whose data pages
+    are overwritten with garbage (footer intact) still count as committed."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_shards(str(src), shards=3, rows=400)
+    config = PipelineConfig(task="generate", input=str(src), output=str(out), model=tiny_model("causal"),
+                            max_new_tokens=1, batch_size=64)
+    commit(config, engine)
+    for name in os.listdir(out):
+        if name.endswith(".parquet"):
+            data = bytearray((out / name).read_bytes())
+            footer = int.from_bytes(data[-8:-4], "little") + 8  # footer, its length, "PAR1"
+            data[4:len(data) - footer] = b"\xff" * (len(data) - footer - 4)
+            (out / name).write_bytes(bytes(data))
+            with pytest.raises(OSError):
+                pq.read_table(out / name)  # the rows are gone
+    plan = dry_run(config)
+    assert (plan["already_committed"], plan["to_run"], plan["stale"]) == (3, 0, [])
