@@ -19,6 +19,7 @@ row. Percentiles are nearest-rank: each is the token count of some row.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -34,6 +35,7 @@ from .stages import build_prompt, column_values
 from .storage import model_location, read_bytes, resolve
 
 SAMPLE_ROWS = 2000
+READ_ROWS = 1 << 16  # rows per read of a unit's prompts
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 
 
@@ -99,6 +101,7 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
     tokenizer, max_positions = load_tokenizer(config)
     measure = Measure(config, tokenizer, max_positions)
     prefix = render_prefix(config)
+    reading = dataclasses.replace(config, batch_size=READ_ROWS)  # few, large reads: only prompts are read
 
     def one_unit(k: int) -> tuple[Counter, int, int, int]:
         """(token counts, rows read, rows not run, rows over the limit) of unit k's picked rows."""
@@ -107,7 +110,7 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
         lengths, read, not_run, over = Counter(), 0, 0, 0
         start = 0
         for batch, read_errors in INPUT_FORMATS[unit.input_format].batches(
-                resolve(unit.input_uri, config), unit.split, config, [config.prompt_column]):
+                resolve(unit.input_uri, config), unit.split, reading, [config.prompt_column]):
             n, prompts = batch.num_rows, batch[config.prompt_column]
             if rows is None:
                 here = np.arange(n)
