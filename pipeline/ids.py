@@ -41,7 +41,7 @@ from .formats import input_format
 PARTITION_ROWS = 1 << 20
 MAX_PARTITIONS = 256                # spill files open at once
 FLUSH_ROWS = 1 << 16                # most ids a partition gathers in memory before they go to its file
-HASH_BYTES = 1 << 22                # id bytes hashed at a time (hashing takes ~24 bytes per byte)
+HASH_BYTES = 1 << 20                # id bytes hashed at a time (hashing takes ~32 bytes per byte)
 NULL_ID = "invalid_id: the id is null, so the row cannot be matched to its result"
 
 
@@ -53,59 +53,28 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
     """Find null ids and ids seen earlier in input order in `files` ([(Location, name, units)]
     in input order); put their errors in the units' `row_errors`, so those rows get an `error`
     instead of a result. Returns the run report's id summary."""
-    partition_rows = partition_rows or PARTITION_ROWS
     summary = {"checked": True, "duplicate_rows": 0, "duplicate_ids": 0, "null_ids": 0, "examples": []}
     if not files:
         return summary
     sizes = [sum(u.num_rows for u in units) for _, _, units in files]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # each file's first place
-    parts = min(MAX_PARTITIONS, max(1, -(-int(starts[-1]) // partition_rows)))
+    parts = min(MAX_PARTITIONS, max(1, -(-int(starts[-1]) // (partition_rows or PARTITION_ROWS))))
     flagged: list[list] = [[] for _ in files]  # per file: [row, message], errors only
-
     with _Partitions(parts) as partitions:
-        def read(k: int) -> None:
-            loc, row = files[k][0], 0
-            for ids in input_format(loc.path, config.input_format).read_ids(loc, config):
-                n = len(ids)
-                ids, here = _comparable(config, ids), starts[k] + row + np.arange(n)
-                if ids.null_count or pa.types.is_floating(ids.type):  # a null or a NaN is no id
-                    null = pc.is_null(ids, nan_is_null=True).to_numpy(zero_copy_only=False)
-                    flagged[k] += [[row + int(r), NULL_ID] for r in np.flatnonzero(null)]
-                    ids, here = ids.filter(pa.array(~null)), here[~null]
-                partitions.add(ids, here)
-                row += n
-            if row != sizes[k]:
-                raise InputChanged(f"{loc.uri} has {row} rows now but had {sizes[k]} when it was listed: it changed "
-                                   "while the run was planned; plan again once it is written")
-
         with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-            list(pool.map(read, range(len(files))))
+            list(pool.map(lambda k: _read(config, files[k][0], sizes[k], starts[k], partitions, flagged[k]),
+                          range(len(files))))
         pa.default_memory_pool().release_unused()  # what the readers' threads cached (~200 MB for 30M ids)
         summary["null_ids"] = sum(len(errors) for errors in flagged)
-        places, firsts, values = [], [], []
-        for p in range(parts):
-            table = partitions.take(p)
-            if table is None:
-                continue
-            rows, first, distinct = _repeats(table)
-            summary["duplicate_ids"] += distinct
-            places.append(table.column("place").to_numpy()[rows])
-            firsts.append(first)
-            values.append(table.column("id").combine_chunks().take(pa.array(rows)))
-
-    if places:
-        place, first = np.concatenate(places), np.concatenate(firsts)
-        order = np.argsort(place, kind="stable")  # input order
-        place, first = place[order], first[order]
-        value = _python(pa.concat_arrays(values).take(pa.array(order)))
-        k_of, fk_of = _file_index(starts, place), _file_index(starts, first)
-        for at, was, k, fk, v in zip(place.tolist(), first.tolist(), k_of.tolist(), fk_of.tolist(), value):
-            row, frow = at - int(starts[k]), was - int(starts[fk])
-            flagged[k].append([row, f"duplicate_id: id {_short(v)} already appeared at {files[fk][1]} row {frow}"])
-            if len(summary["examples"]) < 10:
-                summary["examples"].append({"id": _short(v), "first": f"{files[fk][0].uri} row {frow}",
-                                            "again": f"{files[k][0].uri} row {row}"})
-        summary["duplicate_rows"] = len(place)
+        place, first, value, summary["duplicate_ids"] = _duplicates(partitions)
+    k_of, fk_of = _file_index(starts, place), _file_index(starts, first)
+    for at, was, k, fk, v in zip(place.tolist(), first.tolist(), k_of.tolist(), fk_of.tolist(), value):
+        row, frow = at - int(starts[k]), was - int(starts[fk])
+        flagged[k].append([row, f"duplicate_id: id {_short(v)} already appeared at {files[fk][1]} row {frow}"])
+        if len(summary["examples"]) < 10:
+            summary["examples"].append({"id": _short(v), "first": f"{files[fk][0].uri} row {frow}",
+                                        "again": f"{files[k][0].uri} row {row}"})
+    summary["duplicate_rows"] = len(place)
     for k, (_, _, units) in enumerate(files):
         firsts_of = [u.first_row for u in units]  # a file's units, in row order
         for row, message in sorted(flagged[k]):
@@ -113,6 +82,43 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
             unit.row_errors.append([row - unit.first_row, message])
         flagged[k] = None  # its errors live on in the units only
     return summary
+
+
+def _read(config: PipelineConfig, loc, size: int, start: int, partitions: "_Partitions", flagged: list) -> None:
+    """One file's ids into the partitions, each with its place in input order (`start` + row);
+    its null ids into `flagged`."""
+    row = 0
+    for ids in input_format(loc.path, config.input_format).read_ids(loc, config):
+        n = len(ids)
+        ids, here = _comparable(config, ids), start + row + np.arange(n)
+        if ids.null_count or pa.types.is_floating(ids.type):  # a null or a NaN is no id
+            null = pc.is_null(ids, nan_is_null=True).to_numpy(zero_copy_only=False)
+            flagged.extend([row + int(r), NULL_ID] for r in np.flatnonzero(null))
+            ids, here = ids.filter(pa.array(~null)), here[~null]
+        partitions.add(ids, here)
+        row += n
+    if row != size:
+        raise InputChanged(f"{loc.uri} has {row} rows now but had {size} when it was listed: it changed while "
+                           "the run was planned; plan again once it is written")
+
+
+def _duplicates(partitions: "_Partitions") -> tuple[np.ndarray, np.ndarray, list, int]:
+    """Every later occurrence of an id, in input order: (its place, the first occurrence's
+    place, the id as a Python value), and how many distinct ids repeat; a partition at a time."""
+    places, firsts, values, distinct = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [], 0
+    for p in range(partitions.parts):
+        table = partitions.take(p)
+        if table is None:
+            continue
+        rows, first, repeated = _repeats(table)
+        distinct += repeated
+        places.append(table.column("place").to_numpy()[rows])
+        firsts.append(first)
+        values.append(table.column("id").combine_chunks().take(pa.array(rows)))
+    place, first = np.concatenate(places), np.concatenate(firsts)
+    order = np.argsort(place, kind="stable")
+    value = _python(pa.concat_arrays(values).take(pa.array(order))) if values else []
+    return place[order], first[order], value, distinct
 
 
 def _comparable(config: PipelineConfig, ids: pa.Array) -> pa.Array:
