@@ -88,50 +88,16 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
     """Token statistics of the prompts of the plan's units (see the module doc)."""
     t0 = time.perf_counter()
     units = plan.units
-    sizes = np.array([u.num_rows for u in units], np.int64)
-    total = int(sizes.sum())
+    total = sum(u.num_rows for u in units)
     exact = sample_rows <= 0 or sample_rows >= total
-    if exact:
-        picks = {k: None for k in range(len(units))}  # every row
-    else:
-        chosen = np.sort(np.random.default_rng(seed).choice(total, size=sample_rows, replace=False))
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        owner = np.searchsorted(starts, chosen, side="right") - 1
-        picks = {int(k): chosen[owner == k] - starts[k] for k in np.unique(owner)}
+    picks = {k: None for k in range(len(units))} if exact else _sample(units, sample_rows, seed)
     tokenizer, max_positions = load_tokenizer(config)
     measure = Measure(config, tokenizer, max_positions)
     prefix = render_prefix(config)
-    reading = dataclasses.replace(config, batch_size=READ_ROWS)  # few, large reads: only prompts are read
-
-    def one_unit(k: int) -> tuple[Counter, int, int, int]:
-        """(token counts, rows read, rows not run, rows over the limit) of unit k's picked rows."""
-        unit, rows = units[k], picks[k]  # rows: the picked rows of the unit, sorted (None: all)
-        planned = {int(row) for row, _ in unit.row_errors}
-        lengths, read, not_run, over = Counter(), 0, 0, 0
-        start = 0
-        for batch, read_errors in INPUT_FORMATS[unit.input_format].batches(
-                resolve(unit.input_uri, config), unit.split, reading, [config.prompt_column]):
-            n, prompts = batch.num_rows, batch[config.prompt_column]
-            if rows is None:
-                here = np.arange(n)
-            else:  # only the picked rows become Python values
-                here = rows[np.searchsorted(rows, start):np.searchsorted(rows, start + n)] - start
-                prompts = prompts.take(here)
-            for i, value in zip(here.tolist(), column_values(prompts)):
-                read += 1
-                text, _ = build_prompt(config, prefix, value)
-                if text is None or start + i in planned or i in read_errors:
-                    not_run += 1
-                    continue
-                tokens, too_long = measure(text)
-                lengths[tokens] += 1
-                over += too_long
-            start += n
-        return lengths, read, not_run, over
-
     lengths, read, not_run, over = Counter(), 0, 0, 0
     with ThreadPoolExecutor(max(1, min(threads, len(picks)))) as pool:
-        for unit_lengths, unit_read, unit_not_run, unit_over in pool.map(one_unit, picks):
+        for unit_lengths, unit_read, unit_not_run, unit_over in pool.map(
+                lambda k: _measure_unit(config, units[k], picks[k], prefix, measure), picks):
             lengths.update(unit_lengths)
             read, not_run, over = read + unit_read, not_run + unit_not_run, over + unit_over
     return {
@@ -142,6 +108,45 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
         "rows_over_limit_read": over,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _sample(units: list, size: int, seed: int) -> dict[int, np.ndarray]:
+    """`size` rows drawn uniformly from all units' rows: {unit index: its rows, sorted}."""
+    sizes = np.array([u.num_rows for u in units], np.int64)
+    chosen = np.sort(np.random.default_rng(seed).choice(int(sizes.sum()), size=size, replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    owner = np.searchsorted(starts, chosen, side="right") - 1
+    bounds = np.searchsorted(owner, np.arange(len(units) + 1))  # owner is sorted
+    return {k: chosen[bounds[k]:bounds[k + 1]] - starts[k] for k in range(len(units)) if bounds[k + 1] > bounds[k]}
+
+
+def _measure_unit(config: PipelineConfig, unit, rows: np.ndarray | None, prefix: str,
+                  measure: Measure) -> tuple[Counter, int, int, int]:
+    """(token counts, rows read, rows not run, rows over the limit) of a unit's `rows` (sorted;
+    None: all of them), read a few large batches at a time, only its prompts."""
+    planned = {int(row) for row, _ in unit.row_errors}
+    lengths, read, not_run, over = Counter(), 0, 0, 0
+    start = 0
+    reading = dataclasses.replace(config, batch_size=READ_ROWS)
+    for batch, read_errors in INPUT_FORMATS[unit.input_format].batches(
+            resolve(unit.input_uri, config), unit.split, reading, [config.prompt_column]):
+        n, prompts = batch.num_rows, batch[config.prompt_column]
+        if rows is None:
+            here = np.arange(n)
+        else:  # only the picked rows become Python values
+            here = rows[np.searchsorted(rows, start):np.searchsorted(rows, start + n)] - start
+            prompts = prompts.take(here)
+        for i, value in zip(here.tolist(), column_values(prompts)):
+            read += 1
+            text, _ = build_prompt(config, prefix, value)
+            if text is None or start + i in planned or i in read_errors:
+                not_run += 1
+                continue
+            tokens, too_long = measure(text)
+            lengths[tokens] += 1
+            over += too_long
+        start += n
+    return lengths, read, not_run, over
 
 
 def percentiles(lengths: Counter) -> dict | None:
