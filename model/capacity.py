@@ -77,6 +77,12 @@ def kv_bytes_per_token(config, dtype) -> int:
     return 2 * config.num_hidden_layers * config.hidden_size * dtype_bytes(dtype)
 
 
+def pool_tokens(kv_bytes: int, per_token: int, block_size: int = 16) -> int:
+    """Tokens a KV pool of `kv_bytes` holds for rows: whole blocks, less the two the runner
+    reserves (the null and scratch blocks). The engine's default block is 16 tokens."""
+    return max(0, kv_bytes // (per_token * block_size) - RESERVED_BLOCKS) * block_size
+
+
 def activation_bytes(config, dtype, max_tokens: int, max_rows: int, head: str = "causal") -> int:
     """Scratch memory of the largest forward the runner runs: `max_tokens` tokens in one
     forward (the prefill token budget plus one decode token per row) and, for a causal LM, the
@@ -181,7 +187,7 @@ def plan(config, *, device_memory_gib: float, dtype="bfloat16", memory_fraction:
         kv = kv_budget_bytes(total=total, free_after_load=total - weights - CUDA_CONTEXT_BYTES,
                              weights=weights, headroom=headroom, memory_fraction=memory_fraction, share=share)
     # the engine's pool: whole blocks, two of them reserved (the null and scratch blocks)
-    kv_tokens = max(0, kv // (per_token * block_size) - RESERVED_BLOCKS) * block_size if causal else 0
+    kv_tokens = pool_tokens(kv, per_token, block_size) if causal else 0
     row = math.ceil((prompt_tokens + new_tokens) / block_size) * block_size
     rows = min(max_batch_size, kv_tokens // row) if causal else max_batch_size
     reason = ""

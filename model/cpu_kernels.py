@@ -6,9 +6,13 @@ about twice the attention itself on CPU). It is optional: without a C compiler, 
 PERSIMMON_CPU_KERNELS=0, or if the build fails, `paged_attention_kernel()` returns None and the
 model uses the gather + SDPA path, which gives the same results (both are tested).
 
-The shared library is cached under $PERSIMMON_KERNEL_CACHE (default ~/.cache/persimmon-batch),
-keyed by the source, the compiler flags and this CPU's feature flags (it is built with
--march=native), and written atomically so concurrent replicas on one node can race safely.
+It is built for the CPU at hand (`-march=native`: AVX-512 where there is AVX-512, AVX2 + FMA on
+most other x86-64, NEON/SVE on Arm); PERSIMMON_KERNEL_MARCH names another target (e.g.
+`x86-64-v3`, AVX2 + FMA, to test what an AVX2-only CPU runs). A compiler that rejects the
+target gets a second try without any -march (portable code, still correct). The shared library
+is cached under $PERSIMMON_KERNEL_CACHE (default ~/.cache/persimmon-batch), keyed by the source,
+the compiler flags and this CPU's feature flags, and written atomically so concurrent replicas on
+one node can race safely.
 torch is imported first, so the kernel's OpenMP calls land in the OpenMP runtime torch already
 loaded and its threads are torch's threads.
 """
@@ -30,7 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "paged_attention.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
@@ -57,10 +61,27 @@ def _compiler() -> str | None:
     return None
 
 
+def _target_flags() -> list[list[str]]:
+    """-march choices to try in order: the one asked for (native by default), then none."""
+    march = os.environ.get("PERSIMMON_KERNEL_MARCH", "native").strip()
+    return [[f"-march={march}"], []] if march else [[]]
+
+
 def _build(cc: str) -> str:
+    last: subprocess.CalledProcessError | None = None
+    for target in _target_flags():
+        try:
+            return _build_with(cc, FLAGS + target)
+        except subprocess.CalledProcessError as e:
+            last = e
+            log.info("building the CPU kernel with %s failed; trying the next target", target or "no -march")
+    raise last
+
+
+def _build_with(cc: str, flags: list[str]) -> str:
     with open(SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + cc.encode() + _cpu_flags().encode()
+    key = hashlib.sha256(source + " ".join(flags).encode() + cc.encode() + _cpu_flags().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     cache = os.environ.get("PERSIMMON_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                        "persimmon-batch")
@@ -71,7 +92,7 @@ def _build(cc: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE, "-lm"], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *flags, "-o", tmp, SOURCE, "-lm"], check=True, capture_output=True, timeout=120)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o755 & ~umask)  # a cache shared between users must stay loadable

@@ -113,7 +113,9 @@ class Engine:
         prefix_caching: share the KV blocks of identical leading tokens between rows and calls.
         decode_mode: "dynamic" (CPU default), "static" (fixed shapes, eager) or "cuda_graph"
             (CUDA default).
-        packed_cpu_linears: oneDNN-packed Linear weights on CPU (default on).
+        packed_cpu_linears: oneDNN-packed Linear weights on CPU. None (default): where this CPU
+            supports them for the dtype (model.runner.cpu_packing_unsupported), else F.linear;
+            True where unsupported is a ValueError saying why.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 256, max_seq_len: int | None = None,
@@ -283,21 +285,24 @@ class Engine:
     def _apply_masks(self, logits, seqs, constrained, bitmask):
         """Disallowed tokens of constrained rows to -inf. A row whose grammar allows nothing
         (an error state) is ended with an error instead of sampling from an empty set."""
-        from .structured import apply_masks
+        from .structured import apply_masks, error_text
 
         where = {id(s): r for r, s in enumerate(seqs)}
         rows = torch.tensor([where[id(s)] for s in constrained], device=logits.device)
         logits = logits.float()
         masked = apply_masks(logits[rows], bitmask)
         for k, s in enumerate(constrained):
-            if bitmask[k].count_nonzero() == 0:
+            # an error state allows only EOS: a row that "stopped" there would not match
+            if bitmask[k].count_nonzero() == 0 or s.constraint.is_error():
                 s.finish_reason, s.error_kind = "error", "grammar_error"
-                s.error = f"no token is allowed ({s.constraint.get_error() or 'dead end'})"
+                s.error = f"no text can continue the constraint here ({error_text(s.constraint)})"
                 masked[k] = logits[rows[k]]  # sample anything: the row is ended with the error
         logits[rows] = masked
         return logits
 
     def _advance_grammars(self, seqs, tokens) -> None:
+        from .structured import error_text
+
         for s, tok in zip(seqs, tokens):
             m = s.constraint
             if m is None or s.finish_reason:
@@ -305,7 +310,7 @@ class Engine:
             if tok in s.stop_ids and m.is_accepting():
                 continue  # EOS after a complete structure: the scheduler stops the row
             if not m.consume_token(tok):
-                s.finish_reason, s.error_kind, s.error = "error", "grammar_error", m.get_error()
+                s.finish_reason, s.error_kind, s.error = "error", "grammar_error", error_text(m)
             elif m.is_stopped():
                 s.grammar_done = True
 
@@ -346,8 +351,8 @@ class Engine:
                 if p.constrained:
                     try:
                         self._constrain(seq)
-                    except ValueError as e:
-                        results[i] = Completion(error=str(e), error_kind=_kind(e, "invalid_prompt"), finish_reason="error", num_prompt_tokens=len(ids))
+                    except ValueError as e:  # the row's own schema / regex: a setting, not its prompt
+                        results[i] = Completion(error=str(e), error_kind=_kind(e, "invalid_sampling"), finish_reason="error", num_prompt_tokens=len(ids))
                         continue
                 if not self.scheduler.add(seq):
                     results[i] = Completion(error=seq.error, error_kind=seq.error_kind, finish_reason="error",

@@ -10,9 +10,12 @@ and runs every forward the engine makes.
   block-table width are padded to buckets, block tables and context lengths are graph inputs,
   padded rows read the null block and write the scratch block. `decode_mode="static"` is the
   same fixed-shape step run eagerly (how it is tested on CPU).
-- On CPU, every Linear runs through oneDNN with its weight packed once into oneDNN's blocked
-  layout, in place: the packed tensor replaces the plain one, so the weights are in memory
-  once. `state_dict()` unpacks on the fly; casting or moving the model unpacks first.
+- On x86 CPUs whose oneDNN build can run the dtype (`cpu_packing_unsupported`), every Linear
+  runs through oneDNN with its weight packed once into oneDNN's blocked layout, in place: the
+  packed tensor replaces the plain one, so the weights are in memory once. `state_dict()`
+  unpacks on the fly; casting or moving the model unpacks first. Elsewhere (bf16 without
+  AVX-512 or AVX-NE-CONVERT, fp16 without AVX512-FP16, non-x86 CPUs, PERSIMMON_PACKED_LINEARS=0)
+  the plain `F.linear` path runs, with the same results.
 - The KV pool is sized once, from `kv_cache_gib` or the memory budget (model/capacity.py),
   never from max_batch_size x max_seq_len (that product only caps it: no row could use more).
 """
@@ -20,6 +23,8 @@ and runs every forward the engine makes.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 
 import torch
 from torch import nn
@@ -68,6 +73,31 @@ def _unpack_linear(module) -> None:
     handle = module.__dict__.pop("_dense_state_hook", None)
     if handle is not None:
         handle.remove()
+
+
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def cpu_packing_unsupported(dtype: torch.dtype) -> str | None:
+    """Why oneDNN weight packing cannot run `dtype` Linears on this CPU, or None when it can.
+
+    torch is asked, not /proc/cpuinfo: its oneDNN checks honour ONEDNN_MAX_CPU_ISA, so
+    `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` makes an AVX-512 machine behave as an
+    AVX2-only one (how CI proves the fallback). Packing is used on x86 only, where it is
+    tested; other CPUs run plain F.linear (their torch builds pick their own GEMM)."""
+    if os.environ.get("PERSIMMON_PACKED_LINEARS", "1") == "0":
+        return "turned off by PERSIMMON_PACKED_LINEARS=0"
+    if platform.machine().lower() not in _X86:
+        return f"oneDNN weight packing is used on x86 CPUs only (this is {platform.machine()})"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN's bf16 matmul needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which this CPU lacks"
+    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return "oneDNN's fp16 matmul needs AVX512-FP16 or AVX-NE-CONVERT, which this CPU lacks"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"no oneDNN packing for {dtype}"
+    return None
 
 
 def pack_cpu_linears(model) -> None:
@@ -130,8 +160,13 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.max_batch_size, self.max_seq_len, self.block_size = max_batch_size, max_seq_len, block_size
         self.prefill_token_budget = prefill_token_budget
+        why_not = cpu_packing_unsupported(self.dtype) if self.device.type == "cpu" else "not on a CPU"
         if packed_cpu_linears is None:
-            packed_cpu_linears = self.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            packed_cpu_linears = why_not is None
+            if why_not and self.device.type == "cpu":
+                log.info("Linear layers run plain F.linear: %s", why_not)
+        elif packed_cpu_linears and why_not:
+            raise ValueError(f"packed_cpu_linears=True, but {why_not}; leave it None (automatic) or False")
         if packed_cpu_linears:
             pack_cpu_linears(model)
         self.packed = packed_cpu_linears

@@ -84,15 +84,51 @@ def grammar_of(params) -> str | None:
 
 
 def check_grammar(json_schema=None, regex=None, choice=None) -> str:
-    """'' if llguidance can compile the constraint, else its error (no tokenizer needed)."""
+    """'' if llguidance can compile the constraint and some text matches it, else why not (no
+    model tokenizer needed). A regex that matches nothing (`[^\\s\\S]`, `[a&&b]`) compiles, but
+    a row under it could only end at once with an empty "stop" that does not match it."""
     from .sampling import SamplingParams
 
     try:
         grammar = grammar_of(SamplingParams(json_schema=json_schema, regex=regex, choice=choice))
     except ValueError as e:
         return str(e)
-    error = _llguidance().LLMatcher.validate_grammar(grammar)
-    return "" if not error or error.startswith("WARNING") else error
+    ll = _llguidance()
+    error = ll.LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        return error
+    matcher = ll.LLMatcher(_byte_tokenizer(), grammar, log_level=0)
+    mask = torch.zeros(((256 + 1 + 31) // 32,), dtype=torch.int32)
+    matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
+    return f"no text matches it ({error_text(matcher)})" if matcher.is_error() else ""
+
+
+def error_text(matcher) -> str:
+    """A matcher's error in one line (llguidance appends its whole parser state)."""
+    lines = (matcher.get_error() or "").strip().splitlines()
+    return lines[0] if lines else matcher.stop_reason()
+
+
+class _ByteVocabulary:
+    """The 256 bytes and an EOS: enough for llguidance to tell whether a constraint admits any
+    text at all, without the model's tokenizer."""
+
+    tokens = [bytes([b]) for b in range(256)] + [b"\xff<eos>"]
+    eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+
+    def __call__(self, text) -> list[int]:
+        return list(text.encode("utf-8") if isinstance(text, str) else text)
+
+
+_BYTE_TOKENIZER = None
+
+
+def _byte_tokenizer():
+    global _BYTE_TOKENIZER
+    if _BYTE_TOKENIZER is None:
+        ll = _llguidance()
+        _BYTE_TOKENIZER = ll.LLTokenizer(ll.TokenizerWrapper(_ByteVocabulary()), n_vocab=257)
+    return _BYTE_TOKENIZER
 
 
 class Constraints:
@@ -134,7 +170,7 @@ class Constraints:
         grammar = self._grammar(params)
         m = ll.LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
-            raise ValueError(f"invalid grammar: {m.get_error()}")
+            raise ValueError(f"invalid grammar: {error_text(m)}")
         return m
 
     def masks_async(self, matchers: list) -> Future:

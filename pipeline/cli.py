@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from .config import RENAMED, ConfigError, PipelineConfig, mask_uri
+from .config import RENAMED, ConfigError, PipelineConfig, mask_uri, read_yaml
 from .tasks import TASK_NAMES, TASK_SETTINGS, TASKS
 
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
@@ -143,13 +143,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     flags = {f.name: getattr(args, f.name) for f in fields(PipelineConfig) if getattr(args, f.name, None) is not None}
     raw = {}
     if args.config:
-        import yaml
-
-        with open(args.config, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of options")
-        raw = {k.replace("-", "_"): v for k, v in raw.items()}
+        raw = {k.replace("-", "_"): v for k, v in read_yaml(args.config).items()}
         if raw.get("task", task) != task:
             raise ConfigError(f"{args.config} is for task {raw['task']!r}, not {task!r}")
     if getattr(args, "quiet", False):

@@ -294,6 +294,11 @@ class PipelineConfig:
             bad("prompt_template", f"is not a valid format string: {e}")
         if names != {"prompt"}:
             bad("prompt_template", f"must contain {{prompt}} and no other field, got fields {sorted(names)}")
+        try:  # a format spec or conversion that a text prompt cannot take ({prompt:d}, {prompt!z})
+            self.template.format(prompt="text")
+        except (ValueError, TypeError) as e:
+            bad("prompt_template", f"{self.prompt_template!r} cannot be filled with a text prompt ({e}); "
+                "write {prompt} without a format spec")
         if self.task == "label" and len(self.choices) < 2:
             bad("choices", "label needs at least two choices, e.g. --choices positive,negative")
         if len(set(self.choices)) != len(self.choices):
@@ -464,13 +469,27 @@ class PipelineConfig:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "PipelineConfig":
-        import yaml
+        return cls.from_dict(read_yaml(path), **overrides)
 
+
+def read_yaml(path: str) -> dict:
+    """A YAML config file's mapping of keys. A syntax error (tab indentation, an unclosed
+    bracket) is a ConfigError naming the file, line and column, in one line."""
+    import yaml
+
+    try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        return cls.from_dict(raw, **overrides)
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got a YAML {type(raw).__name__}")
+    return raw
 
 
 def output_columns(task: str) -> tuple[str, ...]:

@@ -1,31 +1,37 @@
 """File formats, one class each: how an input file is checked, split into units and read, and
 how an output file is written and recognised as committed.
 
-Inputs (by extension, or `--input-format`):
+Inputs (by extension in any case, or `--input-format`):
 - Parquet (`.parquet`): read column-wise; units are row groups (`--rows-per-unit`).
 - JSONL (`.jsonl`, `.json` with one object per line, also `.gz` / `.zst` compressed): read line
   by line, because pyarrow's JSON reader rejects a whole block for one bad line. A line that is
   not a JSON object becomes a row with `error` = `invalid_line: line N ...` (id null); empty
-  lines are not rows. Ids keep their JSON type (the first row's decides; another type is that
-  row's `invalid_id` error).
+  lines are not rows; a lone surrogate (`"\\ud83d"`) is its row's error. A file that is one JSON
+  array is read as rows, one per element. Ids keep their JSON type (the first row's decides;
+  another type is that row's `invalid_id` error).
 - CSV (`.csv`, also compressed): pyarrow's reader with an `invalid_row_handler`; a malformed row
-  becomes a row with `error` = `invalid_row: line N ...` after the good rows of its unit.
+  becomes a row with `error` = `invalid_row: record N ...` after the good rows of its unit, and
+  so does a record whose quote is left open (`_open_quotes`), the lines after it read as rows.
 JSONL and CSV units are row ranges. Their content hash (sha256 of the file's bytes) is part of
-each unit's fingerprint, so any edit is seen.
+each unit's fingerprint, so any edit is seen; Parquet's is its footer and id column
+(`ParquetInput._digest`).
 
 Outputs (`--output-format`):
-- Parquet (default): the unit's statistics live in the file's footer.
-- JSONL: one JSON object per row; the statistics live in a sidecar `_stats/<name>.json`
-  committed just after the data file, and a file counts as committed only when the sidecar
-  names its exact size.
+- Parquet (default): the unit's statistics and the sha256 of the data live in the file's footer.
+- JSONL: one JSON object per row, bytes as "base64:..."; the statistics live in a sidecar
+  `_stats/<name>.json` committed just after the data file, and a file counts as committed only
+  when the sidecar names its exact size and sha256.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
+import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -34,8 +40,9 @@ import pyarrow.parquet as pq
 
 from . import openai_batch
 from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
-from .storage import Location, read_bytes, retry
+from .storage import Location, commit, ensure_dir, read_bytes, retry, temp_sibling
 
+log = logging.getLogger(__name__)
 STATS_KEY = b"persimmon_batch"
 ID_CHUNK_ROWS = 1 << 18  # ids handed to the duplicate check at a time (see read_ids)
 
@@ -58,7 +65,7 @@ class Inspected:
 
 
 def _compression(path: str) -> str | None:
-    return {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(path.rsplit(".", 1)[-1])
+    return {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(path.rsplit(".", 1)[-1].lower())
 
 
 def _open_text(loc: Location) -> bytes:
@@ -119,13 +126,13 @@ class ParquetInput(InputFormat):
     def inspect(self, loc: Location, config) -> Inspected:
         try:
             meta = self._meta(loc)
+            digest = self._digest(loc, meta, config)
         except FileNotFoundError:
             return Inspected(problem="file vanished")
         except Exception as e:  # noqa: BLE001 - truncated / not Parquet / storage error
             return Inspected(problem=f"unreadable Parquet ({type(e).__name__}: {e})")
         schema = meta.schema.to_arrow_schema()
-        footer = json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()
-        found = Inspected(num_rows=meta.num_rows, schema=schema, digest=hashlib.sha256(footer).hexdigest()[:32])
+        found = Inspected(num_rows=meta.num_rows, schema=schema, digest=digest)
         missing = _missing(config, schema.names)
         if missing:
             found.problem = f"missing column(s) {missing}; it has {schema.names}"
@@ -134,6 +141,29 @@ class ParquetInput(InputFormat):
         else:
             found.splits = self._splits(meta, config.rows_per_unit)
         return found
+
+    def _digest(self, loc: Location, meta, config) -> str:
+        """What the file's content is, as far as a cheap read can tell: a hash of its footer
+        (schema, row groups, and each column chunk's statistics, sizes and offsets) and of the
+        stored bytes of its id column (every row group's chunk of it). Statistics (min, max,
+        nulls) are the same whatever order the rows are in, so a rewrite that reorders rows
+        within a row group at the same size, its mtime kept (cp -p, rsync -t), is seen by its
+        ids having moved; the id column is what the duplicate-id check reads anyway. Not seen:
+        other columns' values changed with the same compressed sizes and statistics."""
+        h = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
+        leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        if config.id_column in leaves:
+            k = leaves.index(config.id_column)
+            chunks = [meta.row_group(g).column(k) for g in range(meta.num_row_groups)]
+            spans = [(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset,
+                      c.total_compressed_size) for c in chunks]
+
+            def _read():
+                with loc.fs.open_input_file(loc.path) as f:
+                    return [f.read_at(size, start) for start, size in spans]
+            for data in retry(_read, f"read ids of {loc.uri}", loc.retries):
+                h.update(data)
+        return h.hexdigest()[:32]
 
     @staticmethod
     def _splits(meta, rows_per_unit: int) -> list[Split]:
@@ -248,29 +278,47 @@ class JsonlInput(_RowsInput):
     name = "jsonl"
     suffixes = tuple(base + codec for base in (".jsonl", ".ndjson", ".json") for codec in ("", ".gz", ".zst", ".bz2"))
 
-    def _objects(self, raw: bytes, config) -> Iterator[tuple[int, dict | None, str | None]]:
-        """(line number, row or None, error) for each non-empty line. Lines are split on
-        newline bytes only (JSON strings may hold U+2028 and friends) and decoded one by one, so
-        a line that is not UTF-8 is that row's error, not the file's."""
+    def _records(self, raw: bytes) -> Iterator[tuple[str, object, str | None]]:
+        """(where, JSON value, error) for each record: each non-empty line, or each element when
+        the whole file is one JSON array (the usual ".json export"). Lines are split on newline
+        bytes only (JSON strings may hold U+2028 and friends) and decoded one by one, so a line
+        that is not UTF-8 is that row's error, not the file's."""
+        elements = _json_array(raw)
+        if elements is not None:
+            yield from ((f"element {n}", value, None) for n, value in enumerate(elements, 1))
+            return
         for n, chunk in enumerate(raw.split(b"\n"), 1):
             try:
                 line = chunk.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield n, None, f"invalid_line: line {n} is not UTF-8 (byte 0x{chunk[e.start]:02x} at column {e.start + 1})"
+                yield f"line {n}", None, (f"invalid_line: line {n} is not UTF-8 "
+                                          f"(byte 0x{chunk[e.start]:02x} at column {e.start + 1})")
                 continue
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield f"line {n}", json.loads(line), None
             except json.JSONDecodeError as e:
-                yield n, None, f"invalid_line: line {n} is not JSON ({e.msg} at column {e.colno})"
+                yield f"line {n}", None, f"invalid_line: line {n} is not JSON ({e.msg} at column {e.colno})"
+
+    def _objects(self, raw: bytes, config) -> Iterator[tuple[str, dict | None, str | None]]:
+        """(where, row or None, error) for each record: a record that is not a JSON object, or
+        whose text cannot be stored (a lone surrogate), is that row's error."""
+        surrogates = _SURROGATE_ESCAPE.search(raw) is not None  # only then look for them row by row
+        for where, obj, err in self._records(raw):
+            if err is not None:
+                yield where, None, err
                 continue
             if not isinstance(obj, dict):
                 kind = {type(None): "null", bool: "boolean", list: "array", str: "string"}.get(type(obj), "number")
-                yield n, None, f"invalid_line: line {n} holds a JSON {kind}, not an object"
+                error_kind = "invalid_line" if where.startswith("line") else "invalid_row"  # a line / an element
+                yield where, None, f"{error_kind}: {where} holds a JSON {kind}, not an object"
                 continue
             row, err = self.row(obj, config)
-            yield n, row, None if err is None else f"{err} (line {n})"
+            if surrogates:
+                dropped = _drop_surrogates(row, config)
+                err = err or dropped
+            yield where, row, None if err is None else f"{err} ({where})"
 
     def row(self, obj: dict, config) -> tuple[dict, str | None]:
         """The pipeline's columns of one JSON object and the row's error (formats built on
@@ -281,15 +329,15 @@ class JsonlInput(_RowsInput):
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
         rows, errors, lines = [], {}, []
-        for n, row, err in self._objects(raw, config):
+        for where, row, err in self._objects(raw, config):
             if err is not None:
                 errors[len(rows)] = err
             rows.append(row if row is not None else {})
-            lines.append(n)
+            lines.append(where)
         required = [config.id_column, config.prompt_column, *config.keep_columns]
         wanted = [c for c in dict.fromkeys([*required, *SAMPLING_COLUMNS]) if any(c in r for r in rows)]
-        if not rows:
-            return pa.table({c: pa.array([], pa.string()) for c in wanted}), errors
+        if not rows:  # an empty file has the columns, of no type yet, and 0 rows
+            return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), errors
         # the id, prompt and kept columns are always there (nulls where absent), so the table has
         # one row per line even when no line is readable; which were absent is noted for inspect()
         present = set(wanted)
@@ -299,7 +347,7 @@ class JsonlInput(_RowsInput):
             bad = v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63))
             if bad:
                 errors.setdefault(i, f"invalid_id: id {v!r:.40} is a {type(v).__name__}; ids must all be integers "
-                                     f"(within int64) or all strings (line {lines[i]})")
+                                     f"(within int64) or all strings ({lines[i]})")
                 ids[i] = None
         columns = {config.id_column: pa.nulls(len(ids)) if kind is None else  # no valid id: the type is open
                    pa.array(ids, pa.int64() if kind is int else pa.string())}
@@ -311,7 +359,7 @@ class JsonlInput(_RowsInput):
                 for i, v in enumerate(values):
                     if v is not None and not isinstance(v, str):
                         errors.setdefault(i, f"invalid_prompt: expected a string, got a {type(v).__name__} "
-                                             f"(line {lines[i]})")
+                                             f"({lines[i]})")
                         values[i] = None
                 columns[name] = pa.array(values, pa.string())
                 continue
@@ -325,7 +373,7 @@ class JsonlInput(_RowsInput):
     def _setting_error(self, message: str) -> str:
         return message
 
-    def _settings(self, name: str, values: list, errors: dict[int, str], lines: list[int]) -> list:
+    def _settings(self, name: str, values: list, errors: dict[int, str], lines: list[str]) -> list:
         """A per-row setting column in one type: each value checked as the stage will (JSON rows
         may mix types, and one odd row must not turn the whole column into text)."""
         out = []
@@ -333,10 +381,78 @@ class JsonlInput(_RowsInput):
             try:
                 v = coerce(name, v)
             except SettingError as e:
-                errors.setdefault(i, f"invalid_sampling: {self._setting_error(str(e))} (line {lines[i]})")
+                errors.setdefault(i, f"invalid_sampling: {self._setting_error(str(e))} ({lines[i]})")
                 v = None
             out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
         return out
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the JSON escape of a UTF-16 surrogate
+
+
+def _lone_surrogate(value) -> str | None:
+    """Where the first lone surrogate of a JSON value is (half of a UTF-16 pair, as JavaScript
+    writes a string cut mid-emoji; no UTF-8 text can hold it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"U+{ord(value[e.start]):04X} at position {e.start}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item)
+        if found:
+            return found
+    return None
+
+
+def _drop_surrogates(row: dict, config) -> str | None:
+    """Clear the values of `row` that hold a lone surrogate; the row's error, or None if none
+    did. In the prompt it is the row's `invalid_prompt` (as for any prompt that is not text)."""
+    error = None
+    for name, value in row.items():
+        found = _lone_surrogate(value)
+        if found is None:
+            continue
+        row[name] = None
+        if error is None:
+            error = (f"invalid_prompt: lone surrogate {found}" if name == config.prompt_column else
+                     f"invalid_id: the id holds a lone surrogate {found}" if name == config.id_column else
+                     f"invalid_line: column {name!r} holds a lone surrogate {found}, which is not text")
+    return error
+
+
+def _json_array(raw: bytes) -> list | None:
+    """The elements when the whole file is one JSON array (a ".json export"), else None (JSONL).
+    A file that starts a JSON array over several lines but does not parse, or that holds one
+    JSON object spread over several lines, is not JSONL either: ValueError says so."""
+    text = raw.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not text.startswith((b"[", b"{")):
+        return None
+    first = text.split(b"\n", 1)[0]
+    try:
+        json.loads(first)
+        first_parses = True
+    except ValueError:
+        first_parses = False
+    if text.startswith(b"{") and first_parses:
+        return None  # JSONL: its first line is an object
+    try:
+        document = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        if first_parses:
+            return None  # JSONL whose first line happens to be an array
+        if text.startswith(b"["):
+            raise ValueError(f"it starts a JSON array that does not parse ({e}); a .json file holds one JSON "
+                             "array of objects, a .jsonl file one object per line") from None
+        return None  # JSONL with a bad first line: that line is its row's error
+    if isinstance(document, list):
+        return document
+    lines = text.count(b"\n") + 1
+    raise ValueError(f"it holds one JSON object over {lines} lines; give one object per line (JSONL) or a JSON "
+                     "array of objects")
 
 
 class OpenAIBatchInput(JsonlInput):
@@ -357,38 +473,117 @@ class CsvInput(_RowsInput):
     suffixes = (".csv", ".csv.gz", ".csv.zst", ".csv.bz2")
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
+        """Every column as text (CSV has no types: ids stay text, "001" and "1" are two rows, as do
+        prompts, kept columns and per-row settings, parsed per row by the stage). A record that
+        does not parse is an error row after the good ones. A record whose quote is left open
+        (`_open_quotes`) is one error row, and the lines after it are parsed on their own, so
+        it never swallows its neighbours."""
         import pyarrow.csv as pcsv
 
-        bad: list[tuple[int | None, str]] = []
-
-        def handler(row):
-            bad.append((row.number, row.text))
-            return "skip"
-
-        # CSV has no types: ids stay text ("001" and "1" are different rows), as do prompts, kept
-        # columns and per-row settings (parsed per row by the stage)
-        strings = {c: pa.string() for c in (config.id_column, config.prompt_column, *config.keep_columns,
-                                            *SAMPLING_COLUMNS)}
-        table = pcsv.read_csv(io.BytesIO(raw), read_options=pcsv.ReadOptions(use_threads=False),  # line numbers
-                              parse_options=pcsv.ParseOptions(invalid_row_handler=handler, newlines_in_values=True),
-                              convert_options=pcsv.ConvertOptions(column_types=strings, strings_can_be_null=False))
-        names = table.schema.names
+        required = [config.id_column, config.prompt_column, *config.keep_columns]
+        if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either: the columns, no rows
+            return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
+        header_end = raw.find(b"\n", len(raw) - len(raw.lstrip(b"\r\n"))) + 1 or len(raw)
+        names = pcsv.open_csv(io.BytesIO(raw[:header_end])).schema.names
         twice = sorted({c for c in names if names.count(c) > 1})
         if twice:
             raise ValueError(f"the header names column(s) {twice} more than once")
+        table, rejected = _csv_records(raw, names)
+        # a quote left open swallows line breaks: only a file with a value across lines can hold one
+        open_quotes = _open_quotes(raw) if _spans_lines(table, rejected) else []
+        if open_quotes and open_quotes[0][0] < header_end:
+            raise ValueError("the header opens a quoted field that is never closed")
+        bad = [(row.number, row.text) for row in rejected]  # (record number, text), the header is record 1
+        if open_quotes:  # each stretch between such records on its own, numbered as in the file
+            tables, bad, records, at = [], [], 1, header_end
+            for start, end, why in [*open_quotes, (len(raw), len(raw), None)]:
+                if raw[at:start].strip():
+                    part, rejected = _csv_records(raw[:header_end] + raw[at:start], names)
+                    bad += [(records + row.number - 1, row.text) for row in rejected]
+                    tables.append(part)
+                    records += part.num_rows + len(rejected)
+                if why is not None:
+                    records += 1
+                    bad.append((records, f"(line {_line_of(raw, start)}) {why}",
+                                raw[start:end].decode("utf-8", "replace").rstrip()))
+                at = end
+            table = pa.concat_tables(tables) if tables else table.slice(0, 0)
         if config.id_column in names:  # an empty id cell is a missing id, not the id ""
             ids = table[config.id_column]
             table = table.set_column(names.index(config.id_column), config.id_column,
                                      pa.array([v or None for v in ids.to_pylist()], pa.string()))
         errors = {}
-        if bad:  # malformed rows: after the good ones, id null, the line in the error
+        if bad:  # malformed records: after the good rows, in file order, id null
             n = table.num_rows
-            empty = pa.table({name: pa.nulls(len(bad), table.schema.field(name).type) for name in table.schema.names})
-            table = pa.concat_tables([table, empty])
-            for k, (line, text) in enumerate(bad):
-                errors[n + k] = (f"invalid_row: record {line if line is not None else '?'} does not parse as CSV "
-                                 f"({text[:60]!r})")
+            table = pa.concat_tables([table, pa.table({c: pa.nulls(len(bad), pa.string()) for c in names})])
+            for k, (number, *why, text) in enumerate(sorted(bad, key=lambda b: b[0] or 0)):
+                record = f"invalid_row: record {number if number is not None else '?'}"
+                errors[n + k] = (f"{record} {why[0]} ({text[:60]!r}); the lines after it are read as rows of their own"
+                                 if why else f"{record} does not parse as CSV ({text[:60]!r})")
         return table, errors
+
+
+def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
+    """The records of CSV text as a table of text columns, and pyarrow's rows it could not
+    parse (each with its record number, the header being record 1, and its text)."""
+    import pyarrow.csv as pcsv
+
+    rejected: list = []
+
+    def handler(row):
+        rejected.append(row)
+        return "skip"
+
+    table = pcsv.read_csv(io.BytesIO(data), read_options=pcsv.ReadOptions(use_threads=False),  # numbers in order
+                          parse_options=pcsv.ParseOptions(invalid_row_handler=handler, newlines_in_values=True),
+                          convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in names},
+                                                              strings_can_be_null=False))
+    return table, rejected
+
+
+def _spans_lines(table: pa.Table, rejected: list) -> bool:
+    """Whether any value, or any record that did not parse, holds a line break."""
+    import pyarrow.compute as pc
+
+    return any("\n" in row.text or "\r" in row.text for row in rejected) or any(
+        pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in table.columns)
+
+
+def _line_of(raw: bytes, at: int) -> int:
+    return raw.count(b"\n", 0, at) + 1
+
+
+def _open_quotes(raw: bytes) -> list[tuple[int, int, str]]:
+    """The records of a CSV text whose quoted field is left open: [(start, end, why)], from the
+    record's start to the end of the line the quote opened on.
+
+    A quote left open (a naive export of a text that starts with `"`) makes a parser read every
+    following line into that field, until a later quote closes it or the file ends. Both are
+    invalid CSV, so neither flags a well-formed file: a quoted field may hold line breaks, but
+    it must close, and its closing quote must end the field (be followed by a comma, a line
+    break or the end). A one-line field closed mid-field (`"ab"cd`) is left to the parser,
+    which reads it leniently as `abcd`. The scan jumps from quote to quote (`bytes.find`)."""
+    found = []
+    record = at = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # at: what is before it is seen, outside quotes
+    while (p := raw.find(b'"', at)) != -1:
+        newline = raw.rfind(b"\n", at, p)
+        if newline != -1:
+            record = newline + 1
+        if p != record and raw[p - 1:p] != b",":  # a quote inside an unquoted field is a character
+            at = p + 1
+            continue
+        q = p + 1
+        while (q := raw.find(b'"', q)) != -1 and raw[q + 1:q + 2] == b'"':  # "" is a quote inside the field
+            q += 2
+        if q != -1 and (raw[q + 1:q + 2] in (b"", b",", b"\r", b"\n") or raw.find(b"\n", p, q) == -1):
+            at = q + 1  # closed where a field ends, or on its own line
+            continue
+        why = ("opens a quoted field that never closes" if q == -1 else
+               f"opens a quoted field that closes only at line {_line_of(raw, q)}, mid-field")
+        end = raw.find(b"\n", p) + 1 or len(raw)
+        found.append((record, end, why))
+        record = at = end
+    return found
 
 
 INPUT_FORMATS = {f.name: f for f in (ParquetInput(), JsonlInput(), CsvInput(), OpenAIBatchInput())}
@@ -399,14 +594,15 @@ def input_format(path: str, forced: str | None = None) -> InputFormat:
     if forced and forced != "auto":
         return INPUT_FORMATS[forced]
     for fmt in INPUT_FORMATS.values():
-        if fmt.by_extension and path.endswith(fmt.suffixes):
+        if fmt.by_extension and path.lower().endswith(fmt.suffixes):  # FEB.CSV is a CSV file
             return fmt
     return INPUT_FORMATS["parquet"]
 
 
 def strip_suffix(name: str) -> str:
+    """The name without its data-format extension, matched in any case (`MAR.Parquet` -> `MAR`)."""
     for suffix in sorted(DATA_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
@@ -425,19 +621,86 @@ class OutputFormat:
     def sidecar(self, final: Location) -> Location | None:
         return None
 
+    def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
+        """Make a committed output's column types those of `schema`, if only a column of no type
+        (all null) differs; True if it was rewritten. Formats without types have nothing to do."""
+        return False
+
+
+class _Checksummed:
+    """A write-only stream that passes bytes on and hashes them: the checksum of a file's data,
+    recorded with its statistics, so a committed output whose bytes were damaged later (zeroed
+    pages under an intact footer, a truncated copy) is recomputed, never skipped as done."""
+
+    def __init__(self, stream):
+        self.stream, self.sha256, self.size, self.closed = stream, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        self.stream.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:  # the runner closes the real stream once the file is complete
+        self.closed = True
+
+
+WHOLE_READ_BYTES = 4 << 20  # an output up to this size is read in one call, footer and data at once
+
+
+def _data_sha256(loc: Location, end: int) -> str:
+    """The sha256 of a file's first `end` bytes, read in 16 MiB pieces (no decoding)."""
+    def _read():
+        h = hashlib.sha256()
+        with loc.fs.open_input_stream(loc.path, compression=None) as f:
+            left = end
+            while left > 0:
+                chunk = f.read(min(left, 16 << 20))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+        return h.hexdigest()
+    return retry(_read, f"read {loc.uri}", loc.retries)
+
+
+def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) -> bool:
+    """Whether a committed output's first `end` bytes (its data) no longer have the checksum
+    written with them; `data`: the file's bytes when already read. Outputs from before
+    checksums have none and are taken as they are."""
+    want = stats.get("data_sha256")
+    if want is None:
+        return False
+    got = hashlib.sha256(memoryview(data)[:end]).hexdigest() if data is not None else _data_sha256(loc, end)
+    if got == want:
+        return False
+    log.warning("output %s is damaged (its data does not match the checksum written with it); it will be "
+                "recomputed", loc.uri)
+    return True
+
 
 class ParquetOutput(OutputFormat):
     name, extension = "parquet", ".parquet"
 
     class Writer:
         def __init__(self, stream, schema):
-            self.writer = pq.ParquetWriter(stream, schema)
+            self.sink = _Checksummed(stream)
+            self.writer = pq.ParquetWriter(self.sink, schema)
 
         def write(self, table: pa.Table) -> None:
             self.writer.write_table(table)
 
         def finish(self, stats: dict) -> bytes | None:
-            self.writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
+            # every row group is written by now: the footer, written on close, comes after the data
+            footer = {**stats, "data_sha256": self.sink.sha256.hexdigest()}
+            self.writer.add_key_value_metadata({STATS_KEY: json.dumps(footer)})
             self.writer.close()
             return None
 
@@ -448,17 +711,55 @@ class ParquetOutput(OutputFormat):
         return self.Writer(stream, schema)
 
     def read_stats(self, loc: Location) -> dict | None:
+        """The footer's statistics, if the footer counts the rows they say and the data before
+        the footer has the checksum written with them. Checking the checksum reads the whole
+        file once, undecoded (a small one in the same read as its footer): a rerun reads its
+        committed outputs, small beside the compute they stand for, so that it never takes
+        damaged data as done."""
         def _open():
             with loc.fs.open_input_file(loc.path) as f:
-                return pq.ParquetFile(f).metadata
+                size = f.size()
+                if size > WHOLE_READ_BYTES:
+                    return pq.ParquetFile(f).metadata, size, None
+                data = f.read_at(size, 0)
+                return pq.ParquetFile(pa.BufferReader(data)).metadata, size, data
 
-        meta = retry(_open, f"read footer of {loc.uri}", loc.retries)
+        meta, size, data = retry(_open, f"read footer of {loc.uri}", loc.retries)
         raw = (meta.metadata or {}).get(STATS_KEY)
         stats = json.loads(raw) if raw else None
-        if stats is None or stats.get("rows_out") != meta.num_rows:
+        data_end = size - 8 - meta.serialized_size  # the footer, its length and "PAR1" follow the data
+        if stats is None or stats.get("rows_out") != meta.num_rows or _damaged(loc, stats, data_end, data):
             return None
-        stats["_file_columns"] = meta.schema.to_arrow_schema().names  # read here, never stored
+        schema = meta.schema.to_arrow_schema()
+        stats["_file_columns"] = schema.names  # read here, never stored
+        stats["_file_types"] = {f.name: str(f.type) for f in schema}
         return stats
+
+    def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
+        """A kept column that no row of an input had is written with no type (null); when a
+        later input (a partition added) gives it values, the directory would no longer read as
+        one dataset ("Unsupported cast from string to null"). Such an output is rewritten with
+        the column typed, its rows and statistics as they were: nothing is recomputed."""
+        types = stats.get("_file_types") or {}
+        differ = [f.name for f in schema if types.get(f.name) != str(f.type)]
+        if not differ or any(types.get(name) != "null" for name in differ):
+            return False  # the same types, or differences the resume checks judge
+
+        def _read():
+            with loc.fs.open_input_file(loc.path) as f:
+                return pq.read_table(f)
+
+        table = retry(_read, f"read {loc.uri}", loc.retries).cast(schema)
+        footer = {k: v for k, v in stats.items() if not k.startswith("_") and k != "data_sha256"}
+        tmp = temp_sibling(loc)
+        ensure_dir(tmp.parent)
+        with loc.fs.open_output_stream(tmp.path) as stream:
+            writer = self.Writer(stream, schema)
+            writer.write(table)
+            writer.finish(footer)
+        commit(tmp, loc)
+        log.info("typed column(s) %s of %s as later inputs give them", differ, loc.uri)
+        return True
 
 
 class JsonlOutput(OutputFormat):
@@ -466,17 +767,16 @@ class JsonlOutput(OutputFormat):
 
     class Writer:
         def __init__(self, stream, schema, line=None):
-            self.stream, self.schema, self.size = stream, schema, 0
+            self.sink, self.schema = _Checksummed(stream), schema
             self.line = line or (lambda row: row)  # output row -> the JSON object written
 
         def write(self, table: pa.Table) -> None:
-            data = "".join(json.dumps(_finite(self.line(row)), ensure_ascii=False, default=_json_default,
-                                      allow_nan=False) + "\n" for row in table.to_pylist()).encode()
-            self.stream.write(data)
-            self.size += len(data)
+            self.sink.write("".join(json.dumps(_finite(self.line(row)), ensure_ascii=False, default=_json_default,
+                                               allow_nan=False) + "\n" for row in table.to_pylist()).encode())
 
         def finish(self, stats: dict) -> bytes:
-            return json.dumps({**stats, "data_bytes": self.size, "columns": self.schema.names}).encode()
+            return json.dumps({**stats, "data_bytes": self.sink.size, "data_sha256": self.sink.sha256.hexdigest(),
+                               "columns": self.schema.names}).encode()
 
         def close(self) -> None:
             pass
@@ -488,13 +788,14 @@ class JsonlOutput(OutputFormat):
         return final.parent.join("_stats", final.path.rsplit("/", 1)[-1] + ".json")
 
     def read_stats(self, loc: Location) -> dict | None:
+        """The sidecar's statistics, if it names the data file's exact size and checksum."""
         side = self.sidecar(loc)
         try:
             stats = json.loads(read_bytes(side))
             size = loc.fs.get_file_info(loc.path).size
         except (FileNotFoundError, ValueError):
             return None
-        if not isinstance(stats, dict) or stats.get("data_bytes") != size:
+        if not isinstance(stats, dict) or stats.get("data_bytes") != size or _damaged(loc, stats, size):
             return None  # the data file is not the one the sidecar describes
         stats["_file_columns"] = stats.get("columns")
         return stats
@@ -522,9 +823,16 @@ def model_name(model: str) -> str:
     return text.rsplit("/", 1)[-1] if "://" in text or local else text
 
 
+BYTES_MARKER = "base64:"  # how JSON output writes a binary value (JSON has no bytes)
+
+
 def _json_default(value):
-    if isinstance(value, bytes):  # distinct bytes stay distinct: undecodable ones as \xNN
-        return value.decode("utf-8", errors="backslashreplace")
+    """JSON for what JSON has no type for. Bytes (a Parquet `binary` id or kept column) are
+    written losslessly as `"base64:" + base64(value)`, every value of the column alike, so two
+    distinct ids stay two ids (`b"\\xff"` and `b"\\\\xff"` were both "\\xff" when undecodable
+    bytes were backslash-escaped). Anything else as its text."""
+    if isinstance(value, (bytes, bytearray)):
+        return BYTES_MARKER + base64.b64encode(value).decode("ascii")
     return str(value)
 
 

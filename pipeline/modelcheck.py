@@ -7,6 +7,8 @@ reads on object stores), then compares every tensor name and shape with the mode
 config.json describes, built on the meta device (no memory):
 
     missing dir / config.json / weights / tokenizer.model   -> ModelError
+    a tokenizer.model that does not load or encode           -> ModelError
+    --kv-cache-gib too small for one row of max_seq_len      -> ConfigError (names both fixes)
     config.json that does not validate                      -> ModelError (names the field)
     head that does not fit the task                         -> ModelError
     tensors missing, unexpected or of the wrong shape       -> ModelError (lists them)
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
+import tempfile
 
-from .config import PipelineConfig
+from .config import ConfigError, PipelineConfig
 from .storage import Location, model_location, read_bytes, retry
-from .tasks import TASKS
+from .tasks import CAUSAL, TASKS
 
 
 class ModelError(ValueError):
@@ -58,6 +62,9 @@ def check_model(config: PipelineConfig) -> dict:
     if arch != task.architecture:
         raise ModelError(f"{task.name} needs a {task.architecture} checkpoint; {loc.uri} is {arch}"
                          + task.wrong_architecture_hint)
+    _check_tokenizer(loc, names, mcfg)
+    if arch == CAUSAL:
+        check_kv_pool(config, mcfg)
     files = _weight_files(loc, names)
     if files[0].endswith(".safetensors"):
         shapes: dict[str, tuple] = {}
@@ -70,6 +77,60 @@ def check_model(config: PipelineConfig) -> dict:
             shapes.update(_pickle_shapes(loc.join(name)))
         _compare(loc, mcfg, arch, shapes)
     return mcfg.to_dict()
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TEST_TEXT = "Persimmons ripen in autumn: 3 of them, please."
+
+
+def _check_tokenizer(loc: Location, names: set[str], mcfg) -> None:
+    """The tokenizer loads and encodes a test sentence, as each replica's will: a truncated or
+    corrupt tokenizer.model fails here, once, instead of in every replica's constructor. Its
+    pieces must fit the embedding (config.json's vocab_size). Remote tokenizer files (a few MB)
+    are fetched to a temp directory for this."""
+    from model import PersimmonTokenizer
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as scratch:
+            directory = loc.path if loc.is_local else scratch
+            if not loc.is_local:
+                for name in TOKENIZER_FILES:
+                    if name in names:
+                        with open(os.path.join(scratch, name), "wb") as f:
+                            f.write(read_bytes(loc.join(name)))
+            tokenizer = PersimmonTokenizer.from_pretrained(directory)
+            if not tokenizer.encode(TEST_TEXT, add_bos=False):
+                raise ValueError("it encodes a test sentence to no tokens")
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError for a corrupt file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model {loc.uri}: its tokenizer cannot be used ({first}); put the model's own "
+                         "tokenizer.model (and tokenizer_config.json) in the directory") from None
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ModelError(f"model {loc.uri}: tokenizer.model has {tokenizer.vocab_size} pieces, more than "
+                         f"config.json's vocab_size={mcfg.vocab_size}: it is another model's tokenizer")
+
+
+def check_kv_pool(config: PipelineConfig, mcfg) -> None:
+    """With --kv-cache-gib, the pool must hold one row of max_seq_len tokens (whole blocks, less
+    the runner's reserved ones: model/capacity.py), or no full-length row could ever run and a
+    pool below the runner's minimum would kill every replica in its constructor. Without it
+    the pool is sized on each replica from its device's memory, which the driver cannot see."""
+    if config.kv_cache_gib is None:
+        return
+    from model import capacity
+
+    dtype = config.resolved_dtype
+    per_token = capacity.kv_bytes_per_token(mcfg, dtype)
+    longest = config.max_seq_len or mcfg.max_position_embeddings
+    holds = capacity.pool_tokens(int(config.kv_cache_gib * capacity.GIB), per_token)
+    if holds < longest:
+        block = 16  # the engine's kv_block_size, which the pipeline keeps
+        need = (-(-longest // block) + capacity.RESERVED_BLOCKS) * block * per_token / capacity.GIB
+        fixes = f"use --kv-cache-gib {math.ceil(need * 1000) / 1000:g} or more" + (
+            f", or --max-seq-len {holds} or less" if holds >= 2 else "")
+        raise ConfigError(f"kv_cache_gib: {config.kv_cache_gib:g} GiB of KV cache holds {holds} tokens "
+                          f"({per_token / 1024:g} KiB a token in {dtype}), fewer than one row of "
+                          f"max_seq_len={longest}: {fixes}")
 
 
 def _pickle_shapes(loc: Location) -> dict[str, tuple]:

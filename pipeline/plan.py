@@ -121,10 +121,10 @@ def _recorded(got: dict, key: str, file_columns: list | None = None, config: Pip
 
 def input_fingerprint(digest: str, listed, split: Split) -> dict:
     """What a unit's input *is*, not only its name: the file's size and modification time
-    (any rewrite changes it: an edited prompt of the same length, swapped rows), its content
-    digest (Parquet: a hash of the footer; JSONL / CSV: of the bytes), and the unit's row groups
-    or row range. The rows the plan marks as duplicate or null ids are added later (`_seal`):
-    they depend on the other files."""
+    (a rewrite changes the mtime unless it is kept: cp -p, rsync -t), its content digest
+    (Parquet: a hash of the footer and the id column's bytes, `ParquetInput._digest`; JSONL /
+    CSV: of all the bytes), and the unit's row groups or row range. The rows the plan marks as
+    duplicate or null ids are added later (`_seal`): they depend on the other files."""
     return {"size": listed.size, "mtime_ns": listed.mtime_ns, "footer_sha256": digest,
             "row_groups": split.row_groups, "first_row": split.first_row, "rows": split.num_rows}
 
@@ -333,3 +333,6 @@ def _find_done(config: PipelineConfig, plan: Plan, write: bool = True) -> None:
                                "was": st.get("input_fingerprint"), "now": unit.fingerprint})
             continue
         plan.done[name] = st
+        # a column of no type in it that later inputs typed: rewritten typed, so all read as one dataset
+        if write:
+            OUTPUT_FORMATS[config.output_format].conform(out.join(name), st, plan.schema)

@@ -164,7 +164,8 @@ def _margins(loc) -> list:
     """The `margin` column of a committed label output, Parquet or JSONL."""
     if loc.path.endswith(".jsonl"):
         with loc.fs.open_input_stream(loc.path) as f:
-            return [json.loads(line).get("margin") for line in f.read().decode().splitlines() if line.strip()]
+            lines = f.read().split(b"\n")  # not splitlines(): U+2028 and friends are text inside JSON strings
+            return [json.loads(line).get("margin") for line in lines if line.strip()]
     import pyarrow.parquet as pq
 
     with loc.fs.open_input_file(loc.path) as f:

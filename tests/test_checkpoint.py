@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from tolerances import assert_forward_close
 from conftest import random_model
 
 from model import (
@@ -19,7 +20,6 @@ from model import (
 )
 from model.checkpoint import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, save_state_dict
 
-TOL = 1e-4
 
 # adept/persimmon-8b-base config.json as released (transformers 4.34 style, unused keys included)
 HUB_CONFIG = {
@@ -198,7 +198,7 @@ def test_scaled_rope_config_cross_loads_with_transformers(tmp_path, scaling):
     model.save_pretrained(tmp_path / "ours")
     hf = transformers.PersimmonForCausalLM.from_pretrained(tmp_path / "ours")
     x = ids(2, 40)  # past max_position_embeddings: dynamic NTK rescales
-    assert (logits(model, x) - logits(hf, x)).abs().max().item() <= TOL
+    assert_forward_close(logits(model, x), logits(hf, x), model.config)
     hf.save_pretrained(tmp_path / "hf")  # 5.x-style config with rope_parameters
     ours = load_pretrained(tmp_path / "hf")
     assert ours.config.rope_type == config.rope_type and ours.config.rope_factor == config.rope_factor
@@ -232,7 +232,7 @@ def test_released_config_scaled_down_loads_in_eval_mode(tmp_path):
     assert torch.equal(first, logits(model, x))
     import transformers
     hf = transformers.PersimmonForCausalLM.from_pretrained(tmp_path)
-    assert (first - logits(hf, x)).abs().max().item() <= TOL
+    assert_forward_close(first, logits(hf, x), loaded.config)
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_ours_to_transformers_causal(causal, tmp_path):
     for name, tensor in causal.state_dict().items():
         assert torch.equal(hf.state_dict()[name], tensor), name
     x = ids()
-    assert (logits(causal, x) - logits(hf, x)).abs().max().item() <= TOL
+    assert_forward_close(logits(causal, x), logits(hf, x), causal.config)
 
 
 def test_ours_to_transformers_sequence_classification(tmp_path):
@@ -311,7 +311,7 @@ def test_ours_to_transformers_sequence_classification(tmp_path):
     assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"} and hf.config.pad_token_id == 0
     x = ids(3, 9)
     x[1, 6:] = 0  # right padding
-    assert (logits(model, x) - logits(hf, x)).abs().max().item() <= TOL
+    assert_forward_close(logits(model, x), logits(hf, x), model.config)
     # and back: the architecture recorded in config.json picks our class
     ours = load_pretrained(tmp_path)
     assert type(ours) is PersimmonForSequenceClassification and ours.config.num_labels == 3
@@ -333,7 +333,7 @@ def test_transformers_to_ours_causal(tmp_path, tied):
     for name, tensor in ours.state_dict().items():
         assert torch.equal(hf.state_dict()[name], tensor), name
     x = ids()
-    assert (logits(ours, x) - logits(hf, x)).abs().max().item() <= TOL
+    assert_forward_close(logits(ours, x), logits(hf, x), ours.config)
 
 
 def test_save_pretrained_records_architecture_and_dtype(tmp_path):

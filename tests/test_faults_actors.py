@@ -142,7 +142,8 @@ def deaths(ray_local, tmp_path_factory):
     shards = write_sized_shards(str(root / "in"), DEATH_SIZES)
     kwargs = dict(input=str(root / "in"), output=str(root / "out"), model=tiny_model("causal"),
                   replicas=2, batch_size=8, max_num_seqs=4, max_new_tokens=12, max_unit_retries=1,
-                  kv_cache_gib=TINY_KV_GIB, temperature=0.9, top_p=0.95, seed=SEED)  # sampled: a redo must draw the same
+                  kv_cache_gib=TINY_KV_GIB, max_seq_len=160,  # the pool holds one row of 160 tokens
+                  temperature=0.9, top_p=0.95, seed=SEED)  # sampled: a redo must draw the same
     rules = {"part-00001.parquet": (signal.SIGKILL, {1}, 8),      # after its first batch
              "part-00002.parquet": (signal.SIGKILL, None, 0)}     # as soon as it starts, always
     t0 = time.perf_counter()

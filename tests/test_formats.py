@@ -123,7 +123,7 @@ def test_listing_picks_data_files_by_extension_or_forced_format(tmp_path, caplog
     # a plain .json file in a directory is as often metadata as data: read only when named (with a warning)
     with caplog.at_level("WARNING"):
         assert names(list_inputs(str(tmp_path), config())) == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
-    assert "1 .json file(s) in the input directory are not read as data (e.g. info.json)" in caplog.text
+    assert "3 file(s) in the input directory are not read as data (README, info.json, notes.txt)" in caplog.text
     assert names(list_inputs(str(tmp_path / "*.json"), config())) == ["info.json"]
     assert names(list_inputs(str(tmp_path), config(input_format="jsonl"))) == ["b.jsonl", "c.jsonl.gz", "info.json"]
     assert names(list_inputs(str(tmp_path / "*.txt"), config(input_format="jsonl"))) == ["notes.txt"]  # a glob: as said
@@ -325,4 +325,4 @@ def test_jsonl_output_is_strict_json_and_keeps_bytes_apart():
     lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
              for x in sink.data.decode().splitlines()]
     assert [x["score"] for x in lines] == [None, None] and lines[0]["probs"] == [0.5, None]
-    assert lines[0]["id"] != lines[1]["id"] and lines[0]["id"] == "\\xff\x01"
+    assert lines[0]["id"] != lines[1]["id"] and lines[0]["id"] == "base64:/wE="

@@ -256,21 +256,27 @@ def test_a_run_prints_the_plan_summary_first(tmp_path, engine, capsys):
     assert describe(_checked(config), make_plan(_checked(config)))["already_committed"] == 3
 
 
-def test_committed_outputs_are_checked_from_their_footers_alone(tmp_path, engine):
-    """Resume reads each committed output's footer, never its rows: outputs whose data pages
-    are overwritten with garbage (footer intact) still count as committed."""
+def test_committed_outputs_are_checked_without_decoding_a_row(tmp_path, engine, monkeypatch):
+    """Resume reads what each committed output's footer says (and the checksum of its bytes),
+    never its rows: with every way of decoding Parquet rows refused, a plan still finds all
+    three outputs committed."""
+    from pipeline.plan import read_unit_stats
+    from pipeline.storage import resolve
+
     src, out = tmp_path / "in", tmp_path / "out"
     write_shards(str(src), shards=3, rows=400)
     config = PipelineConfig(task="generate", input=str(src), output=str(out), model=tiny_model("causal"),
                             max_new_tokens=1, batch_size=64)
     commit(config, engine)
-    for name in os.listdir(out):
-        if name.endswith(".parquet"):
-            data = bytearray((out / name).read_bytes())
-            footer = int.from_bytes(data[-8:-4], "little") + 8  # footer, its length, "PAR1"
-            data[4:len(data) - footer] = b"\xff" * (len(data) - footer - 4)
-            (out / name).write_bytes(bytes(data))
-            with pytest.raises(OSError):
-                pq.read_table(out / name)  # the rows are gone
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a committed output's rows were decoded")
+
+    with monkeypatch.context() as m:
+        for name in ("read", "read_row_group", "read_row_groups", "iter_batches"):
+            m.setattr(pq.ParquetFile, name, refuse)
+        m.setattr(pq, "read_table", refuse)
+        stats = [read_unit_stats(resolve(str(out / f"part-{k:05d}.parquet"), config)) for k in range(3)]
+    assert [st["rows_out"] for st in stats] == [400, 400, 400]
     plan = dry_run(config)
     assert (plan["already_committed"], plan["to_run"], plan["stale"]) == (3, 0, [])
