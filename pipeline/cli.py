@@ -213,7 +213,7 @@ def plan_main(args: argparse.Namespace) -> int:
     print(f"persimmon-batch plan {config.task}: nothing written, no replica started")
     print("\n".join("  " + line for line in summary_lines(plan)))
     print(f"  output  {plan['output']}")
-    print(f"  took    " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
+    print("  took    " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
           + f", prompts {plan['prompt_tokens']['seconds']:.1f} s")
     return 0
 
