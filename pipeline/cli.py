@@ -121,9 +121,10 @@ def _add_plan_parser(sub) -> None:
     from .prompt_stats import SAMPLE_ROWS
 
     plan = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP,
-                          epilog="e.g. persimmon-batch plan generate --input data/ --output out/ --model DIR. "
-                                 "Exit status: 0 when the run could start; 2 for a bad config, input or model, "
-                                 "as the task command would exit.")
+                          epilog="e.g. persimmon-batch plan generate --input data/ --output out/ --model DIR "
+                                 "(also: plan --task generate ..., or plan --config FILE.yaml when the file names "
+                                 "its task). Exit status: 0 when the run could start; 2 for a bad config, input or "
+                                 "model, as the task command would exit.")
     tasks = plan.add_subparsers(dest="task", required=True, metavar="{" + ",".join(TASK_NAMES) + "}")
     for task in TASK_NAMES:
         text = f"Check `persimmon-batch {task}` without running it, with the same flags: {PLAN_WHAT}"
@@ -218,7 +219,29 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_first(argv: list[str]) -> list[str]:
+    """`plan --task T ...`, and `plan --config F.yaml ...` whose file names its task, read as
+    `plan T ...` (each task has its own flags, so the task comes first)."""
+    if len(argv) < 2 or argv[0] != "plan" or argv[1] in (*TASK_NAMES, "-h", "--help"):
+        return argv
+    rest = argv[1:]
+    for i, arg in enumerate(rest):
+        if arg == "--task" and i + 1 < len(rest):
+            return ["plan", rest[i + 1], *rest[:i], *rest[i + 2:]]
+        if arg.startswith("--task="):
+            return ["plan", arg.split("=", 1)[1], *rest[:i], *rest[i + 1:]]
+    path = next((rest[i + 1] for i, arg in enumerate(rest[:-1]) if arg == "--config"), None)
+    task = read_yaml(path).get("task") if path else None
+    return ["plan", task, *rest] if task in TASK_NAMES else argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = _task_first(argv)
+    except ConfigError as e:
+        print(f"persimmon-batch plan: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if args.command == "plan":
         return plan_main(args)

@@ -280,3 +280,19 @@ def test_committed_outputs_are_checked_without_decoding_a_row(tmp_path, engine, 
     assert [st["rows_out"] for st in stats] == [400, 400, 400]
     plan = dry_run(config)
     assert (plan["already_committed"], plan["to_run"], plan["stale"]) == (3, 0, [])
+
+
+def test_the_task_may_follow_as_a_flag_or_come_from_the_config_file(tmp_path, capsys):
+    src = tmp_path / "in"
+    write_shards(str(src), shards=1, rows=3)
+    (tmp_path / "label.yaml").write_text(f"task: label\ninput: {src}\noutput: {tmp_path / 'out'}\n"
+                                         f"model: {tiny_model('causal')}\nchoices: [positive, negative]\n")
+    common = ["--input", str(src), "--output", str(tmp_path / "out"), "--model", tiny_model("causal"), "--json"]
+    assert main(["plan", "--task", "generate", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "generate"
+    assert main(["plan", *common, "--task=generate"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "generate"
+    assert main(["plan", "--config", str(tmp_path / "label.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "label"
+    assert main(["plan", "generate", "--config", str(tmp_path / "label.yaml")]) == 2  # as `generate --config` says
+    assert "is for task 'label', not 'generate'" in capsys.readouterr().err
