@@ -21,15 +21,17 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 
 from .config import ConfigError, PipelineConfig
 from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
+from .autoscale import ReplicaDemand
 from .hub import pin
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, describe, make_plan, summary_lines
 from .prompt_stats import SAMPLE_ROWS, prompt_stats
-from .progress import Watchdog, start_tracker
+from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
 from .report import UnitStats, build_report, unit_line
 from .runner import ShardRunner
 from .stages import STAGES
@@ -84,13 +86,21 @@ def _loopback_only():
             os.environ[env_key] = saved_env
 
 
-def _compute(config: PipelineConfig, max_units: int | None = None):
-    import ray.data
-
+def _pool_size(config: PipelineConfig, max_units: int | None = None, min_replicas: int | None = None) -> tuple[int, int]:
+    """(MIN, MAX) replicas of the pool for `max_units` units."""
     lo, hi = config.replica_range
+    if min_replicas is not None:  # a retry round: go on with what the cluster still has
+        lo = min(lo, min_replicas)
     if max_units is not None:  # never start replicas that would have nothing to do
         hi = max(1, min(hi, max_units))
         lo = min(lo, hi)
+    return lo, hi
+
+
+def _compute(config: PipelineConfig, max_units: int | None = None, min_replicas: int | None = None):
+    import ray.data
+
+    lo, hi = _pool_size(config, max_units, min_replicas)
     # One unit at a time per actor: units are long, queueing one behind a busy actor would
     # leave other actors idle.
     per_actor = 1 if max_units is not None else None
@@ -114,6 +124,13 @@ def _data_context(config: PipelineConfig, **extra):
         # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
         # are an error after the timeout instead of a silent hang, and work spreads over all.
         "wait_for_min_actors_s": config.replica_start_timeout_s or -1,
+        # A MIN,MAX pool grows when its utilization (tasks in flight / task slots) reaches the
+        # upscaling threshold: Ray's default 1.75 needs 2 tasks queued per actor, and the run
+        # gives each replica one unit at a time (`_compute`), so the pool would never grow.
+        # Grow when every replica is busy; shrink only once all units are handed out (a
+        # replica is expensive to start: it loads the model).
+        "autoscaling_config": dataclasses.replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0,
+                                                  actor_pool_util_downscaling_threshold=0.0),
         **extra,
     }
     saved = {k: getattr(ctx, k) for k in values}
@@ -289,7 +306,6 @@ def run(config: PipelineConfig) -> dict:
 
 def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float, started_at: float) -> dict:
     import ray
-    import ray.data
 
     plan = make_plan(config)
     todo = plan.todo
@@ -300,46 +316,27 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
     ensure_dir(plan.output)
 
     results: dict[str, dict] = {}
-    crash, attempts, stuck = None, None, []
+    crash, attempts, stuck, dead = None, None, [], set()
     if todo and not stop["signal"]:
         started_here = init_ray(config)
         stop["install"]()  # after ray.init, which sets a SIGTERM handler of its own
         _check_resources(config, started_here)
         tracker = start_tracker(run_id)
-        # A unit whose task still fails after max_unit_retries (its replica keeps dying) must not
-        # stop the other units: its stats row is then missing and the report lists it as failed.
-        with _data_context(config, max_errored_blocks=-1):
-            ds = ray.data.from_items([{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo))
-            ds = _map_batches(ds, ShardRunner, config,
-                              fn_constructor_kwargs={"config": config, "schema": plan.schema,
-                                                     "progress": tracker, "run_id": run_id},
-                              batch_size=1, batch_format="pyarrow", compute=_compute(config, len(todo)))
         console.start(sum(u.num_rows for u in todo))
         with Watchdog(tracker, config.batch_timeout_s, say) as watchdog, console.live(tracker):
-            rows = iter(ds.iter_rows())
-            try:
-                stop["in_loop"] = True
-                if not stop["signal"]:
-                    for row in rows:
-                        st = json.loads(row["stats"])
-                        name = st["output"].rsplit("/", 1)[-1]
-                        results[name] = st
-                        console.unit_done(st)
-                        say(f"[{len(results)}/{len(todo)}] {st['status']:7s} {name}: " + unit_line(UnitStats.from_dict(st)))
-                        lease = stop.get("lease")
-                        if lease is not None and lease.lost:
-                            raise RuntimeError(f"lost the output's lease ({lease.lost}): stopped so that two runs "
-                                               "do not write the same output")
-            except Interrupted:
-                pass  # reported below
-            except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
-                crash = f"{type(e).__name__}: {e}"
-                log.error("the run stopped: %s", crash)
-            finally:
-                stop["in_loop"] = False
-                if hasattr(rows, "close"):
-                    rows.close()  # stops Ray Data's execution: replicas are released
-        attempts, stuck = watchdog.attempts(), watchdog.events
+            units, round_ = todo, 0
+            while units:
+                crash = _run_units(config, plan, units, round_, tracker, run_id, stop, results, console)
+                if crash or stop["signal"] or round_ >= config.max_unit_retries:
+                    break
+                units = _given_up(config, plan, results, run_id, watchdog.attempts())
+                round_ += 1
+                if units:
+                    say(f"{len(units)} unit(s) came back without a result (Ray gave up on their tasks, e.g. "
+                        f"their replica's node was lost); running them again: {', '.join(u.output_name for u in units)}")
+            attempts, stuck = watchdog.attempts(), watchdog.events
+        # tells node losses from replica deaths: is the node of each cut-short attempt still there?
+        dead = dead_nodes({a.get("node_id") for a in attempts or [] if a["state"] in INTERRUPTED})
         ray.kill(tracker)
     if stop["signal"]:
         crash = (f"interrupted by {stop['signal']}: no new units were started and units in flight were "
@@ -348,12 +345,81 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
     if crash:  # units whose result never reached the driver may still have committed: count them
         _committed_meanwhile(config, plan, results, run_id)
     report = build_report(config, plan, results, crash, started_at, time.perf_counter() - t_start,
-                          run_id=run_id, attempts=attempts, stuck=stuck)
+                          run_id=run_id, attempts=attempts, stuck=stuck, dead=dead)
     report["interrupted"] = stop["signal"]
     write_bytes_atomic(plan.output.join(REPORT_NAME), json.dumps(report, indent=2).encode())
     if report["complete"]:
         _clean_tmp(plan)
     return report
+
+
+def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tracker, run_id: str, stop: dict,
+               results: dict, console: Console) -> str | None:
+    """Run `units` on a replica pool, collecting each unit's statistics into `results` as it
+    comes back; returns why the run stopped early (None when Ray Data finished the Dataset).
+
+    Round 0 is the run; a later round re-runs units that came back with no result, on a pool
+    whose minimum is one replica, so that it starts on what is left of the cluster."""
+    import ray.data
+
+    say = console.say
+    min_replicas = 1 if round_ else None
+    # A unit whose task still fails after max_unit_retries (its replica keeps dying) must not
+    # stop the other units: its stats row is then missing, and `_given_up` decides about it.
+    with _data_context(config, max_errored_blocks=-1):
+        ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
+        ds = _map_batches(ds, ShardRunner, config,
+                          fn_constructor_kwargs={"config": config, "schema": plan.schema,
+                                                 "progress": tracker, "run_id": run_id},
+                          batch_size=1, batch_format="pyarrow",
+                          compute=_compute(config, len(units), min_replicas))
+    crash = None
+    # a MIN,MAX pool: the autoscaler adds nodes for MAX replicas, and may take them back after
+    with ReplicaDemand(config, *_pool_size(config, len(units), min_replicas), run_id):
+        rows = iter(ds.iter_rows())
+        try:
+            stop["in_loop"] = True
+            if not stop["signal"]:
+                for row in rows:
+                    st = json.loads(row["stats"])
+                    name = st["output"].rsplit("/", 1)[-1]
+                    results[name] = st
+                    console.unit_done(st)
+                    say(f"[{len(results)}/{len(plan.todo)}] {st['status']:7s} {name}: " + unit_line(UnitStats.from_dict(st)))
+                    lease = stop.get("lease")
+                    if lease is not None and lease.lost:
+                        raise RuntimeError(f"lost the output's lease ({lease.lost}): stopped so that two runs "
+                                           "do not write the same output")
+        except Interrupted:
+            pass  # reported by the caller
+        except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
+            crash = f"{type(e).__name__}: {e}"
+            log.error("the run stopped: %s", crash)
+        finally:
+            stop["in_loop"] = False
+            if hasattr(rows, "close"):
+                rows.close()  # stops Ray Data's execution: replicas are released
+    return crash
+
+
+def _given_up(config: PipelineConfig, plan: Plan, results: dict, run_id: str, attempts: list[dict] | None) -> list:
+    """The units to run again after Ray Data finished the Dataset without their result.
+
+    Ray Data drops a block whose task failed for good (`max_errored_blocks=-1`), and Ray gives
+    up on an actor task for more reasons than the unit's own fault: each time its actor is
+    restarted or unreachable (its node lost, a restart that cannot be placed while the cluster
+    shrinks) counts against the task's retries, though the unit may never have started. So a
+    unit with no result is first looked up in the output (its replica may have committed it
+    before the result was lost), then run again unless it already had `max_unit_retries` + 1
+    attempts (a unit that kills its replica every time stays failed). Without the tracker's
+    attempts nothing is rerun: the units are reported failed and a rerun of the command
+    finishes them."""
+    missing = [u for u in plan.todo if u.output_name not in results]
+    if not missing or attempts is None:
+        return []
+    _committed_meanwhile(config, plan, results, run_id)
+    tries = Counter(a["unit"] for a in attempts)
+    return [u for u in missing if u.output_name not in results and tries[u.output_name] <= config.max_unit_retries]
 
 
 def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_id: str) -> None:

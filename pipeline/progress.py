@@ -14,7 +14,13 @@ batch. From that record the driver learns
   replica (a deadlocked kernel, a frozen process, a storage call that never returns).
 
 The tracker measures time with its own clock only, so clock skew between nodes is harmless.
-Heartbeats are fire-and-forget calls; if the tracker is gone the run goes on without them.
+It runs on the driver's node: an actor on a worker node would die with that node (a lost spot
+instance), and with it the record of every attempt. Heartbeats are fire-and-forget calls; if
+the tracker is gone the run goes on without them.
+
+At the end of the run the driver asks Ray which nodes are dead (`dead_nodes`): an attempt that
+ended without a result on a dead node lost its node, not just its process, and `summarize` and
+the report's per-replica table (`pipeline.report.replica_report`) say so.
 """
 
 from __future__ import annotations
@@ -90,8 +96,11 @@ class ProgressTracker:
         return events
 
     def snapshot(self) -> list[dict]:
+        """Every attempt so far; `seconds` is how long it ran (to its end, or to its last
+        heartbeat while open)."""
         now = time.monotonic()
-        return [{"attempt": k, **self._public(a), "silent_s": round(now - a["last"], 2)}
+        return [{"attempt": k, **self._public(a), "silent_s": round(now - a["last"], 2),
+                 "seconds": round((a["ended"] if "ended" in a else a["last"]) - a["started"], 3)}
                 for k, a in self.attempts.items()]
 
     @staticmethod
@@ -148,11 +157,44 @@ class Attempts:
 
 
 def start_tracker(run_id: str):
-    """The run's tracker actor (no CPU), named `persimmon-batch-progress-<run_id>`."""
+    """The run's tracker actor (no CPU), named `persimmon-batch-progress-<run_id>`, on the
+    driver's node: a node that dies takes its actors with it, and the driver's node is the one
+    whose death ends the run anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    cls = ray.remote(num_cpus=0, max_restarts=0)(ProgressTracker)
+    return cls.options(name=f"persimmon-batch-progress-{run_id}", scheduling_strategy=here).remote()
+
+
+def dead_nodes(suspects: set[str] = frozenset(), probe_timeout_s: float = 3.0) -> set[str]:
+    """Ids of the Ray nodes that are dead now (removed, lost, scaled down).
+
+    The GCS declares a node dead only after its health checks have failed for a while (about
+    15-30 s by default), so a run that ends soon after a node vanished still sees it alive. A
+    `suspect` (a node where an attempt ended without a result) that the GCS lists as alive is
+    therefore asked directly: a raylet that does not accept a connection within
+    `probe_timeout_s` is dead. Empty when the GCS cannot say."""
+    import socket
+
     import ray
 
-    cls = ray.remote(num_cpus=0, max_restarts=0)(ProgressTracker)
-    return cls.options(name=f"persimmon-batch-progress-{run_id}").remote()
+    try:
+        nodes = ray.nodes()
+    except Exception as e:  # noqa: BLE001 - advisory: losses are then reported as deaths
+        log.warning("could not list Ray's nodes (%s); node losses are reported as replica deaths", e)
+        return set()
+    dead = {n["NodeID"] for n in nodes if not n.get("Alive")}
+    for n in nodes:
+        if n["NodeID"] in suspects and n["NodeID"] not in dead:
+            try:
+                socket.create_connection((n["NodeManagerAddress"], n["NodeManagerPort"]), timeout=probe_timeout_s).close()
+            except OSError:
+                dead.add(n["NodeID"])
+            except Exception:  # noqa: BLE001 - no address to ask: trust the GCS
+                pass
+    return dead
 
 
 class Watchdog:
@@ -204,9 +246,13 @@ class Watchdog:
             return None
 
 
-def summarize(attempts: list[dict] | None, rows_by_unit: dict[str, int]) -> dict:
-    """Per unit: attempts, rows run again, why. `rows_retried` counts every row of a unit for
-    each attempt after the first (the unit is the retry granularity)."""
+INTERRUPTED = ("lost", "running", "stuck")  # attempt states that ended without a result
+
+
+def summarize(attempts: list[dict] | None, rows_by_unit: dict[str, int], dead: set[str] = frozenset()) -> dict:
+    """Per unit: attempts, rows run again, why (`dead`: ids of dead nodes). `rows_retried`
+    counts every row of a unit for each attempt after the first (the unit is the retry
+    granularity); `node_lost` counts the attempts that were cut short by their node's death."""
     if attempts is None:
         return {"rows_retried": None, "retried": {}}
     by_unit: dict[str, list[dict]] = {}
@@ -218,13 +264,21 @@ def summarize(attempts: list[dict] | None, rows_by_unit: dict[str, int]) -> dict
             n = rows_by_unit.get(unit, tries[0].get("rows", 0))
             rows += n * (len(tries) - 1)
             retried[unit] = {"attempts": len(tries), "rows": n,
-                             "why": [_why(a) for a in tries if a["state"] != "done"]}
+                             "node_lost": sum(1 for a in tries if node_lost(a, dead)),
+                             "why": [_why(a, dead) for a in tries if a["state"] != "done"]}
     return {"rows_retried": rows, "retried": retried}
 
 
-def _why(a: dict) -> str:
+def node_lost(a: dict, dead: set[str]) -> bool:
+    """Did this attempt end without a result because its node died?"""
+    return a["state"] in ("lost", "running") and a.get("node_id") in dead
+
+
+def _why(a: dict, dead: set[str] = frozenset()) -> str:
     state = a["state"]
     where = f"actor {a.get('actor_id')} pid {a.get('pid')} on node {a.get('node_id')}"
+    if node_lost(a, dead):
+        return f"node lost: its node died after {a.get('rows_done', 0)} rows ({where})"
     if state == "stuck":
         return f"stuck: {a.get('error')} ({where}); killed and restarted"
     if state in ("lost", "running"):

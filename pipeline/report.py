@@ -3,7 +3,8 @@
 Every unit ends as one `UnitStats`: written by its replica (`pipeline.runner`) into the output's
 footer or sidecar and sent to the driver, or read back from an output committed by an earlier
 run. `build_report` adds them up: totals over every committed output, `this_run` over the work
-done now, plus failures, retries, stuck replicas, engine sizing and (label) the label histogram.
+done now, plus failures, retries, stuck replicas, what each replica did and how it ended,
+engine sizing and (label) the label histogram.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .config import PipelineConfig
 from .plan import Plan
-from .progress import summarize
+from .progress import INTERRUPTED, node_lost, summarize
 
 
 @dataclass
@@ -71,10 +72,13 @@ def unit_line(st: UnitStats) -> str:
 
 def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str | None,
                  started_at: float, wall: float, run_id: str | None = None,
-                 attempts: list[dict] | None = None, stuck: list[dict] | None = None) -> dict:
+                 attempts: list[dict] | None = None, stuck: list[dict] | None = None,
+                 dead: set[str] | None = None) -> dict:
     """The `_run_report.json` content. Totals cover every committed output (this run's and
     earlier runs'); `this_run` covers work done now. `results` maps output names to the stats
-    the replicas sent; `attempts` and `stuck` come from the run's progress tracker."""
+    the replicas sent; `attempts` and `stuck` come from the run's progress tracker, `dead`
+    (ids of Ray nodes dead at the end of the run) tells node losses from replica deaths."""
+    dead = dead or set()
     units: dict[str, UnitStats] = {name: dataclasses.replace(UnitStats.from_dict(st), status="skipped")
                                    for name, st in plan.done.items()}
     received = {name: raw if isinstance(raw, UnitStats) else UnitStats.from_dict(raw) for name, raw in results.items()}
@@ -82,7 +86,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         if st.status == "skipped" and run_id and st.run_id == run_id:
             st = dataclasses.replace(st, status="done")  # committed by an attempt of this run that then died
         units[name] = st
-    retries = summarize(attempts, {u.output_name: u.num_rows for u in plan.units})
+    retries = summarize(attempts, {u.output_name: u.num_rows for u in plan.units}, dead)
     failed = [{"input": u.input_uri, "output": u.output_name,
                "error": (units[u.output_name].error if u.output_name in units else None) or crash
                or _lost_error(config, attempts, u.output_name)}
@@ -133,6 +137,8 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "stale_units": plan.stale,
         "failed_units": failed,
         "retried_units": [{"output": k, "input": inputs.get(k), **v} for k, v in retries["retried"].items()],
+        "replicas": replica_report(attempts, ran, dead),
+        "nodes_lost": nodes_lost_report(attempts, retries["retried"], dead),
         "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
                            for ev in stuck or []],
         "bad_shards": plan.bad_shards,
@@ -142,6 +148,64 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "finished_at": time.time(),
         "versions": _versions(),
     }
+
+
+def replica_report(attempts: list[dict] | None, ran: list[UnitStats], dead: set[str]) -> list[dict]:
+    """One entry per replica process of this run (a restarted actor is a new process): where it
+    ran, what it committed (units, rows, tokens generated, seconds working on them), the units
+    it was working on when it ended without a result (`units_interrupted`, `rows_interrupted`:
+    rows it had done of them), and how it `ended`:
+
+    - `finished`: it was alive and had no unit open when the run ended (released by the pool,
+      or its node scaled down afterwards);
+    - `died`: its process ended mid-unit (OOM, segfault, killed, killed as stuck) or was
+      replaced by a restart, on a node that is still alive; `stuck` says if the watchdog did it;
+    - `node_lost`: the same, on a node that is dead now (a lost spot instance, a removed node).
+
+    From the progress tracker's attempts; without them (tracker unavailable) from the
+    committed units' statistics, with `ended` null."""
+    if attempts is None:
+        by: dict[tuple, dict] = {}
+        for st in ran:
+            r = by.setdefault((st.node_id, st.actor_id, st.pid), _replica(st.node_id, st.actor_id, st.pid))
+            r.update(units=r["units"] + 1, rows=r["rows"] + st.rows_out, tokens=r["tokens"] + st.tokens_generated,
+                     seconds=round(r["seconds"] + st.seconds, 3), ended=None)
+        return list(by.values())
+    by = {}
+    first: dict[tuple, float] = {}  # replica -> when it opened its first attempt
+    last: dict[tuple, dict] = {}  # replica -> its latest attempt
+    for a in sorted(attempts, key=lambda a: a.get("started_at", 0)):
+        key = (a.get("node_id"), a.get("actor_id"), a.get("pid"))
+        r = by.setdefault(key, _replica(*key))
+        first.setdefault(key, a.get("started_at", 0))
+        last[key] = a
+        r["seconds"] = round(r["seconds"] + a.get("seconds", 0.0), 3)
+        if a["state"] == "done":
+            r.update(units=r["units"] + 1, rows=r["rows"] + a.get("rows_done", 0),
+                     tokens=r["tokens"] + a.get("tokens", 0))
+        elif a["state"] in INTERRUPTED:
+            r.update(units_interrupted=r["units_interrupted"] + 1,
+                     rows_interrupted=r["rows_interrupted"] + a.get("rows_done", 0),
+                     stuck=r["stuck"] or a["state"] == "stuck")
+    for key, r in by.items():
+        cut = last[key]["state"] in INTERRUPTED
+        restarted = any(other[1] == key[1] and other != key and first[other] > first[key]
+                        for other in by)  # its actor has a later process: this one ended
+        r["ended"] = ("node_lost" if key[0] in dead else "died") if cut or restarted else "finished"
+    return sorted(by.values(), key=lambda r: (str(r["node_id"]), str(r["actor_id"]), r["pid"] or 0))
+
+
+def _replica(node_id, actor_id, pid) -> dict:
+    return {"node_id": node_id, "actor_id": actor_id, "pid": pid, "units": 0, "rows": 0, "tokens": 0,
+            "seconds": 0.0, "units_interrupted": 0, "rows_interrupted": 0, "stuck": False, "ended": None}
+
+
+def nodes_lost_report(attempts: list[dict] | None, retried: dict, dead: set[str]) -> dict:
+    """The nodes that died under this run's replicas, and the units run again because of it."""
+    lost = sorted({a.get("node_id") for a in attempts or [] if node_lost(a, dead)})
+    units = [name for name, r in retried.items() if r.get("node_lost")]
+    return {"nodes": lost, "units_retried": len(units),
+            "rows_retried": sum(retried[name]["rows"] * retried[name]["node_lost"] for name in units)}
 
 
 def label_report(config: PipelineConfig, committed: dict[str, UnitStats], plan: Plan) -> dict:

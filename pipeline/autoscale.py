@@ -1,0 +1,140 @@
+"""Tell the Ray cluster autoscaler how many replicas a MIN,MAX pool wants.
+
+Ray Data grows an actor pool only within the resources the cluster has now: with the replicas'
+GPUs all taken it adds no actor, so no actor waits for a GPU, so the autoscaler sees no demand
+and adds no node - a GPU pool on an autoscaling cluster stays at MIN (users of Ray Data LLM
+hit this as ray #59144). A fixed pool does not have the problem: all its actors are created at
+once and wait for nodes.
+
+`ReplicaDemand` closes the loop while a pool runs on a cluster with an autoscaler. Requests go
+through Ray Data's autoscaling coordinator, which merges the requests of everything on the
+cluster and sends them to the autoscaler (a direct `ray.autoscaler.sdk.request_resources`
+would be overwritten by its next merge). The coordinator also *reserves* existing resources
+for each request, and a Dataset only uses what is not reserved by others, so the request must
+not outlive its purpose:
+
+- when the cluster cannot hold MAX replicas (one bundle of `num_cpus_per_replica` CPUs and
+  `num_gpus_per_replica` GPUs each), ask for MAX bundles: the autoscaler starts nodes;
+- as soon as a node joins, withdraw the request: the Dataset sees the new resources with every
+  replica busy and grows the pool onto them (see `_data_context` in `pipeline.api`);
+- ask again once the pool has taken everything and MAX is still out of reach; stop when the
+  cluster holds MAX replicas, when a request went unanswered for `WAIT_S` (the autoscaler is
+  at its limits), and when the pool ends, so idle nodes are given back.
+
+Without an autoscaler (a fixed cluster, local Ray) nothing is requested.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+from .config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaDemand:
+    """Context manager: while the block runs, have the autoscaler add nodes until the cluster
+    holds `replicas` replicas (nothing to do when `replicas` is not above `min_replicas`: the
+    pool starts those itself and they wait for nodes)."""
+
+    EXPIRE_S = 60.0  # a request not renewed (the driver died) lapses by itself after this
+    POLL_S = 1.0
+    WAIT_S = 600.0  # a request that brought no node in this long is given up
+
+    def __init__(self, config: PipelineConfig, min_replicas: int, replicas: int, run_id: str):
+        bundle = {"CPU": float(config.num_cpus_per_replica), "GPU": float(config.num_gpus_per_replica)}
+        self.bundle = {k: v for k, v in bundle.items() if v}
+        self.replicas = replicas if replicas > min_replicas and self.bundle else 0
+        self.requester = f"persimmon-batch-{run_id}"
+        self._coordinator = None
+        self._asked_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="persimmon-batch-demand", daemon=True)
+
+    def __enter__(self):
+        if self.replicas and _has_autoscaler():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self._withdraw()
+
+    def _loop(self):
+        import ray
+
+        held = -1  # replicas the cluster could hold when nodes were last asked for
+        last_renewed = 0.0
+        while not self._stop.is_set():
+            try:
+                total, free = self._fits(ray.cluster_resources()), self._fits(ray.available_resources())
+            except Exception as e:  # noqa: BLE001 - the GCS is busy: ask again next time
+                log.debug("cluster resources unavailable: %s", e)
+                total = free = None
+            now = time.monotonic()
+            if total is None:
+                pass
+            elif total >= self.replicas:
+                self._withdraw()
+                return  # room for every replica: the pool grows by itself from here
+            elif self._asked_at is not None:
+                if total > held:
+                    self._withdraw()  # a node joined: hand it to the pool
+                elif now - self._asked_at > self.WAIT_S:
+                    log.warning("asked the autoscaler for room for %d replica(s) %.0f s ago and got no node; "
+                                "going on with %d", self.replicas, self.WAIT_S, total)
+                    self._withdraw()
+                    return
+                elif now - last_renewed > self.EXPIRE_S / 3:
+                    self._ask()
+                    last_renewed = now
+            elif free == 0:  # the pool has taken every replica's room there is: ask for more
+                held = total
+                self._ask()
+                self._asked_at = last_renewed = now
+            self._stop.wait(self.POLL_S)
+
+    def _fits(self, resources: dict) -> int:
+        """How many replica bundles these resources hold (by totals, not node by node)."""
+        return min(math.floor(resources.get(k, 0.0) / v + 1e-9) for k, v in self.bundle.items())
+
+    def _ask(self) -> None:
+        try:
+            if self._coordinator is None:
+                from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+
+                self._coordinator = get_or_create_autoscaling_coordinator()
+            self._coordinator.request_resources.remote(requester_id=self.requester, resources=[self.bundle] * self.replicas,
+                                                       expire_after_s=self.EXPIRE_S)
+        except Exception as e:  # noqa: BLE001 - private Ray Data API: the pool still runs at MIN
+            log.warning("could not ask the autoscaler for %d replica(s) (%s: %s); the pool grows only onto nodes "
+                        "that join by themselves", self.replicas, type(e).__name__, e)
+            self._stop.set()
+
+    def _withdraw(self) -> None:
+        """Cancel the request, and have the coordinator look at the cluster again now: it does
+        so every 20 s by itself, and until then a Dataset does not see the nodes that joined."""
+        if self._coordinator is not None and self._asked_at is not None:
+            try:
+                self._coordinator.cancel_request.remote(self.requester)
+                self._coordinator.get_reserved_resources.remote(self.requester, recompute=True)
+            except Exception as e:  # noqa: BLE001 - the request lapses after EXPIRE_S anyway
+                log.warning("could not withdraw the autoscaler request (%s); it lapses in %.0f s", e, self.EXPIRE_S)
+        self._asked_at = None
+
+
+def _has_autoscaler() -> bool:
+    """Does the cluster run Ray's autoscaler (its monitor publishes a status)?"""
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        return _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
+    except Exception:  # noqa: BLE001 - cannot tell: do not reserve anything
+        return False
