@@ -29,7 +29,8 @@ from .attachments import check_prefix_length, load_attachments
 from .autoscale import ReplicaDemand
 from .hub import pin
 from .modelcheck import ModelError, check_model, model_identity
-from .plan import REPORT_NAME, Plan, make_plan
+from .plan import REPORT_NAME, Plan, describe, make_plan, summary_lines
+from .prompt_stats import SAMPLE_ROWS, prompt_stats
 from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
 from .report import UnitStats, build_report, unit_line
 from .runner import ShardRunner
@@ -267,17 +268,36 @@ def _stop_signals():
             signal.signal(sig, old)
 
 
-def run(config: PipelineConfig) -> dict:
-    """Run `config.task` over all inputs, commit one output per unit, write and return the
-    run report. Safe to rerun: committed units are skipped (`resume`, on by default). One run
-    per output at a time (`pipeline.lease`); SIGTERM / SIGINT stop it with a report."""
-    t_start, started_at = time.perf_counter(), time.time()
+def _checked(config: PipelineConfig) -> PipelineConfig:
+    """The config as a run uses it, after every check that needs no input file: settings,
+    attachments read in, stores every replica reaches, the model (a hub id pinned to a commit;
+    its files checked on the driver) and its identity."""
     config = load_attachments(config.with_env().validate())
     _check_shared_stores(config)
     config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)
     check_prefix_length(config)
-    config = dataclasses.replace(config, model_identity=model_identity(config))
+    return dataclasses.replace(config, model_identity=model_identity(config))
+
+
+def dry_run(config: PipelineConfig, sample_rows: int = SAMPLE_ROWS) -> dict:
+    """What `run(config)` would do, without doing it (`persimmon-batch plan`): every check a run
+    makes before its first replica starts (config, model, attachments, inputs, duplicate ids,
+    the output directory, what is committed or stale), then the plan's numbers and the prompt
+    lengths of `sample_rows` rows (0: every row). Writes nothing (no lease, no output directory,
+    --overwrite deletes nothing) and starts no Ray. Returns `plan.describe`'s dict."""
+    config = _checked(config)
+    plan = make_plan(config, write=False)
+    holder = Lease(plan.output, run_id="plan").live_holder()
+    return describe(config, plan, prompt_stats(config, plan, sample_rows), holder)
+
+
+def run(config: PipelineConfig) -> dict:
+    """Run `config.task` over all inputs, commit one output per unit, write and return the
+    run report. Safe to rerun: committed units are skipped (`resume`, on by default). One run
+    per output at a time (`pipeline.lease`); SIGTERM / SIGINT stop it with a report."""
+    t_start, started_at = time.perf_counter(), time.time()
+    config = _checked(config)
     run_id = uuid.uuid4().hex[:12]
     with _stop_signals() as stop, Lease(resolve(config.output, config), run_id) as lease, quiet_ray(config.verbose):
         stop["lease"] = lease
@@ -291,10 +311,8 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float
     todo = plan.todo
     console = Console(enabled=bool(config.progress))
     say = console.say
-    say(f"{len(plan.units)} unit(s) from {len({u.input_uri for u in plan.units})} input file(s): "
-        f"{len(plan.done)} already committed, {len(todo)} to run"
-        + (f" ({len(plan.stale)} of them stale: their input changed)" if plan.stale else "")
-        + (f", {len(plan.bad_shards)} bad file(s) skipped" if plan.bad_shards else ""))
+    for line in summary_lines(describe(config, plan)):  # as `persimmon-batch plan`, less prompt lengths
+        say(line)
     ensure_dir(plan.output)
 
     results: dict[str, dict] = {}

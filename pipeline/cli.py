@@ -1,9 +1,12 @@
-"""`persimmon-batch generate|classify|label|demo`: the command line over `pipeline.api`.
+"""`persimmon-batch generate|classify|label|plan|capacity|demo`: the command line over `pipeline.api`.
 
 Flags are generated from `PipelineConfig`'s fields and their help texts; `--config FILE.yaml`
 supplies any of them (same names, underscores or dashes), flags given on the command line win.
 Exit status: 0 when the run report says complete, 1 when rows are missing or failed, 2 for a
 bad config, input or model (nothing was computed).
+
+`persimmon-batch plan <task> <the task's flags>` checks that run without running it
+(`pipeline.api.dry_run`): exit 0 when it could start, 2 where the task command would exit 2.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from .tasks import TASK_NAMES, TASK_SETTINGS, TASKS
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
 IO_FIELDS = ("input", "output", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
              "chat_template", "examples", "input_format", "output_format")
+PLAN_WHAT = ("lists the inputs, makes the units, runs every check the run makes before it starts (bad files, "
+             "duplicate and null ids, the output directory, what is already committed or stale, the model and "
+             "attachments) and measures prompt lengths in the model's tokens. Writes nothing and starts no Ray.")
+PLAN_HELP = "Check a run without running it, with the task command's flags: " + PLAN_WHAT
 EPILOG = ("Every input file becomes one output file with the same name, committed atomically; "
           "rerunning the same command resumes (finished files are skipped). "
           "_run_report.json in the output directory has row, error and token counts.")
@@ -84,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch inference with Persimmon on Ray Data: Parquet, JSONL, CSV or OpenAI batch files "
                     "in; Parquet, JSONL or OpenAI batch files out.",
         epilog="Start with `persimmon-batch demo`. Every command takes --help.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(TASK_NAMES) + ",capacity,demo}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{" + ",".join(TASK_NAMES) + ",plan,capacity,demo}")
     for task in TASK_NAMES:
         text = TASKS[task].description
         p = sub.add_parser(task, help=text, description=text, epilog=EPILOG)
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--print-report", action="store_true", help="Print the full run report JSON at the end.")
         p.add_argument("--quiet", action="store_true", help="Only the final summary (no progress).")
         _add_config_flags(p, task)
+    _add_plan_parser(sub)
     from .capacity import add_parser as add_capacity
 
     add_capacity(sub)
@@ -108,15 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_plan_parser(sub) -> None:
+    from .prompt_stats import SAMPLE_ROWS
+
+    plan = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP,
+                          epilog="e.g. persimmon-batch plan generate --input data/ --output out/ --model DIR "
+                                 "(also: plan --task generate ..., or plan --config FILE.yaml when the file names "
+                                 "its task). Exit status: 0 when the run could start; 2 for a bad config, input or "
+                                 "model, as the task command would exit.")
+    tasks = plan.add_subparsers(dest="task", required=True, metavar="{" + ",".join(TASK_NAMES) + "}")
+    for task in TASK_NAMES:
+        text = f"Check `persimmon-batch {task}` without running it, with the same flags: {PLAN_WHAT}"
+        p = tasks.add_parser(task, help=f"plan `persimmon-batch {task}`", description=text)
+        p.add_argument("--config", metavar="FILE.yaml",
+                       help="YAML file with any of the options below (flags override it).")
+        p.add_argument("--json", action="store_true", help="Print the plan as JSON instead of text.")
+        p.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, metavar="N",
+                       help=f"Measure prompt lengths (p50/p90/p99/max tokens, rows over --max-seq-len) on N rows "
+                            f"drawn at random, the same rows each time (default: {SAMPLE_ROWS}); 0 = every row, "
+                            "exact but slower (each prompt is tokenized).")
+        _add_config_flags(p, task)
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    task = args.command
+    task = args.task if args.command == "plan" else args.command
     flags = {f.name: getattr(args, f.name) for f in fields(PipelineConfig) if getattr(args, f.name, None) is not None}
     raw = {}
     if args.config:
         raw = {k.replace("-", "_"): v for k, v in read_yaml(args.config).items()}
         if raw.get("task", task) != task:
             raise ConfigError(f"{args.config} is for task {raw['task']!r}, not {task!r}")
-    if args.quiet:
+    if getattr(args, "quiet", False):
         flags["progress"] = False
     for key in ("prompt_template", "choice_separator"):  # let shell users write \n for a newline
         if key in flags:
@@ -163,8 +194,57 @@ def _fault_lines(report: dict) -> list[str]:
     return lines
 
 
+def plan_main(args: argparse.Namespace) -> int:
+    """`persimmon-batch plan <task> ...`: print the plan (text or --json); 0, or 2 as the run would."""
+    from .api import ModelError, dry_run
+    from .plan import InputError, summary_lines
+
+    try:
+        if args.sample_rows < 0:
+            raise ConfigError(f"--sample-rows: must be >= 0 (0 = every row), got {args.sample_rows}")
+        config = config_from_args(args)
+        plan = dry_run(config, sample_rows=args.sample_rows)
+    except (ConfigError, InputError, ModelError, OSError, ValueError) as e:
+        print(f"persimmon-batch plan: error: {mask_uri(str(e))}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    took = plan["seconds"]
+    print(f"persimmon-batch plan {config.task}: nothing written, no replica started")
+    print("\n".join("  " + line for line in summary_lines(plan)))
+    print(f"  output  {plan['output']}")
+    print("  took    " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
+          + f", prompts {plan['prompt_tokens']['seconds']:.1f} s")
+    return 0
+
+
+def _task_first(argv: list[str]) -> list[str]:
+    """`plan --task T ...`, and `plan --config F.yaml ...` whose file names its task, read as
+    `plan T ...` (each task has its own flags, so the task comes first)."""
+    if len(argv) < 2 or argv[0] != "plan" or argv[1] in (*TASK_NAMES, "-h", "--help"):
+        return argv
+    rest = argv[1:]
+    for i, arg in enumerate(rest):
+        if arg == "--task" and i + 1 < len(rest):
+            return ["plan", rest[i + 1], *rest[:i], *rest[i + 2:]]
+        if arg.startswith("--task="):
+            return ["plan", arg.split("=", 1)[1], *rest[:i], *rest[i + 1:]]
+    path = next((rest[i + 1] for i, arg in enumerate(rest[:-1]) if arg == "--config"), None)
+    task = read_yaml(path).get("task") if path else None
+    return ["plan", task, *rest] if task in TASK_NAMES else argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = _task_first(argv)
+    except ConfigError as e:
+        print(f"persimmon-batch plan: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        return plan_main(args)
     if args.command == "capacity":
         from .capacity import run as run_capacity
 

@@ -180,8 +180,8 @@ class PipelineConfig:
                                    "a row whose id already appeared earlier (in input order) and a "
                                    "row with a null id get `error` set (kinds duplicate_id, "
                                    "invalid_id) instead of a result, and the run report counts "
-                                   "them. Holds all ids in driver memory; --no-check-duplicate-ids "
-                                   "skips it.")
+                                   "them. Driver memory follows the files and the flagged rows, not "
+                                   "the row count; --no-check-duplicate-ids skips the check.")
     on_bad_shard: str = _f("error", "An unreadable input file, one missing a column, or an empty "
                            "one: 'error' stops before any model work; 'skip' leaves it out and "
                            "lists it in the run report.", choices=("error", "skip"))

@@ -1,6 +1,6 @@
 """What a user sees while a run goes: our own lines, one live progress line, Ray's logs kept quiet.
 
-    [persimmon-batch] 12 unit(s) from 3 input file(s): 0 already committed, 12 to run
+    [persimmon-batch] 12 unit(s) from 3 input file(s), 12,000 rows: 0 already committed, 12 to run (12,000 rows)
     [persimmon-batch] [1/12] done    part-0.rows000000000-000000999: 1000 rows, 0 with error, ...
     [persimmon-batch] rows 1,412/12,000 (12%) | 48.1 rows/s | 1,530 tok/s | ETA 3m40s | 2 replicas busy | 0 errors
 

@@ -44,6 +44,7 @@ from .storage import Location, commit, ensure_dir, read_bytes, retry, temp_sibli
 
 log = logging.getLogger(__name__)
 STATS_KEY = b"persimmon_batch"
+ID_CHUNK_ROWS = 1 << 18  # ids handed to the duplicate check at a time (see read_ids)
 
 
 @dataclass
@@ -95,8 +96,9 @@ class InputFormat:
     def inspect(self, loc: Location, config) -> Inspected:
         raise NotImplementedError
 
-    def read_ids(self, loc: Location, config) -> list:
-        """The id of every row, in order (None where a row has none)."""
+    def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
+        """The id of every row, in order, as Arrow arrays of at most `ID_CHUNK_ROWS` rows (null
+        where a row has none): a large file's ids are never all in memory as Python objects."""
         raise NotImplementedError
 
     def batches(self, loc: Location, split: Split, config, columns: list[str]) -> Iterator[tuple[pa.Table, dict]]:
@@ -182,14 +184,17 @@ class ParquetInput(InputFormat):
             first += rows
         return out
 
-    def read_ids(self, loc: Location, config) -> list:
-        def _open():
-            with loc.fs.open_input_file(loc.path) as f:
-                return pq.ParquetFile(f).read(columns=[config.id_column]).column(0)
-        return retry(_open, f"read ids of {loc.uri}", loc.retries).to_pylist()
-
-    def id_type(self, loc: Location, config) -> pa.DataType:
-        return self._meta(loc).schema.to_arrow_schema().field(config.id_column).type
+    def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
+        """The id column, a row group at a time (each read retried on its own)."""
+        what = f"read ids of {loc.uri}"
+        f = retry(lambda: loc.fs.open_input_file(loc.path), what, loc.retries)
+        with f:
+            reader = retry(lambda: pq.ParquetFile(f), what, loc.retries)
+            for g in range(reader.metadata.num_row_groups):
+                ids = retry(lambda g=g: reader.read_row_group(g, columns=[config.id_column], use_threads=False),
+                            what, loc.retries)
+                for start in range(0, ids.num_rows, ID_CHUNK_ROWS):
+                    yield ids.column(0).slice(start, ID_CHUNK_ROWS).combine_chunks()
 
     def batches(self, loc, split, config, columns):
         f = loc.fs.open_input_file(loc.path)
@@ -243,12 +248,10 @@ class _RowsInput(InputFormat):
             found.splits = _row_splits(table.num_rows, config.rows_per_unit)
         return found
 
-    def read_ids(self, loc: Location, config) -> list:
-        table, _, _ = self._load(loc, config)
-        return table.column(config.id_column).to_pylist()
-
-    def id_type(self, loc: Location, config) -> pa.DataType:
-        return self._load(loc, config)[0].schema.field(config.id_column).type
+    def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
+        ids = self._load(loc, config)[0].column(config.id_column)
+        for start in range(0, len(ids), ID_CHUNK_ROWS):
+            yield ids.slice(start, ID_CHUNK_ROWS).combine_chunks()
 
     def batches(self, loc, split, config, columns):
         table, errors, _ = self._load(loc, config)

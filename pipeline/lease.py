@@ -75,21 +75,33 @@ class Lease:
         except (ValueError, TypeError) as e:
             return {"corrupt": str(e) or "empty"}
 
+    def _alive(self, holder: dict | None) -> bool:
+        """`holder` is another run's lease, its heartbeat not expired and its process not gone."""
+        if holder is None or "corrupt" in holder or holder.get("run_id") == self.run_id:
+            return False
+        age = time.time() - float(holder.get("heartbeat_at", 0))
+        return age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder)
+
+    def live_holder(self) -> dict | None:
+        """The lease of another live run (what `acquire` refuses), or None; read only, for
+        `persimmon-batch plan`."""
+        holder = self._holder()
+        return holder if self._alive(holder) else None
+
     def acquire(self) -> "Lease":
         directory = os.path.dirname(self.loc.path)
         if self.loc.is_local and os.path.exists(directory) and not os.path.isdir(directory):
             raise ConfigError(f"output {mask_uri(self.loc.parent.uri)} is a file, not a directory")
         for _ in range(20):
             holder = self._holder()
-            if holder is not None and "corrupt" not in holder and holder.get("run_id") != self.run_id:
+            if self._alive(holder):
                 age = time.time() - float(holder.get("heartbeat_at", 0))
-                if age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder):
-                    raise ConfigError(
-                        f"output {mask_uri(self.loc.parent.uri)} is in use by run {holder.get('run_id')} "
-                        f"(host {holder.get('host')}, pid {holder.get('pid')}, started "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started_at', 0)))}, "
-                        f"alive {age:.0f} s ago); wait for it to finish, or remove {LEASE_NAME} if you are sure "
-                        "it is gone")
+                raise ConfigError(
+                    f"output {mask_uri(self.loc.parent.uri)} is in use by run {holder.get('run_id')} "
+                    f"(host {holder.get('host')}, pid {holder.get('pid')}, started "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started_at', 0)))}, "
+                    f"alive {age:.0f} s ago); wait for it to finish, or remove {LEASE_NAME} if you are sure "
+                    "it is gone")
             if holder is not None:
                 why = (f"its file is unreadable ({holder['corrupt']})" if "corrupt" in holder
                        else "its process on this host is gone" if _dead_here(holder)

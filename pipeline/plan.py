@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +31,7 @@ from .config import ConfigError, PipelineConfig, mask_uri, output_columns
 from .tasks import TASKS
 from .stages import output_schema
 from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
+from .ids import InputChanged, flag_ids
 from .storage import Location, inside, list_inputs, place, resolve, retry
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class Plan:
     bad_shards: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
     output: Location | None = None
     ids: dict = field(default_factory=dict)               # duplicate / null id summary
+    overwritten: list[str] = field(default_factory=list)  # committed outputs deleted (or to delete) for --overwrite
+    seconds: dict = field(default_factory=dict)           # time spent by each planning step
 
     @property
     def todo(self) -> list[Unit]:
@@ -150,13 +154,15 @@ def read_unit_stats(loc: Location) -> dict | None:
         return None
 
 
-def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
+def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> Plan:
     """List and check the inputs, name the outputs, find units already committed.
 
     Raises InputError (naming the files) for bad input files unless on_bad_shard='skip', and
     ConfigError when the output directory holds files this plan would not write or outputs
-    written with a different result config.
+    written with a different result config. With `write=False` (`persimmon-batch plan`) nothing
+    is changed: --overwrite only lists the committed outputs it would delete.
     """
+    t0 = time.perf_counter()
     out = resolve(config.output, config)
     for item in (config.input if isinstance(config.input, (list, tuple)) else [config.input]):
         loc = resolve(item, config)
@@ -164,10 +170,12 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
             raise ConfigError(f"input {mask_uri(loc.uri)} is inside the output directory {mask_uri(out.uri)}: "
                               "outputs would be read as inputs; use separate directories")
     listed = list_inputs(config.input, config, exclude=out)  # an output inside an input tree is skipped
+    seconds = {"list": time.perf_counter() - t0}
     files = [f.loc for f in listed]
     formats = {f.loc.uri: input_format(f.loc.path, config.input_format) for f in listed}
     with ThreadPoolExecutor(min(threads, len(files))) as pool:
         inspected = list(pool.map(lambda loc: formats[loc.uri].inspect(loc, config), files))
+    seconds["inspect"] = time.perf_counter() - t0 - seconds["list"]
 
     extension = OUTPUT_FORMATS[config.output_format].extension
     units, bad, good, schema, schema_from = [], [], [], None, None
@@ -205,70 +213,67 @@ def make_plan(config: PipelineConfig, threads: int = 16) -> Plan:
     if len(set(names)) != len(names):
         raise ConfigError("inputs map to clashing output names; give inputs from one directory tree")
 
-    plan = Plan(units=units, schema=schema, bad_shards=bad, output=out)
+    plan = Plan(units=units, schema=schema, bad_shards=bad, output=out, seconds=seconds)
+    t1 = time.perf_counter()
     if config.check_duplicate_ids:
-        plan.ids = flag_ids(config, good, threads)
+        try:
+            plan.ids = flag_ids(config, good, threads)
+        except InputChanged as e:
+            raise InputError(str(e)) from None
     _seal(units)
-    _find_done(config, plan)
+    t2 = time.perf_counter()
+    _find_done(config, plan, write)
+    seconds.update(ids=t2 - t1, committed=time.perf_counter() - t2)
+    plan.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return plan
 
 
-def _short(value, limit: int = 60) -> str:
-    import numpy as np
-
-    text = repr(value.item() if isinstance(value, np.generic) else value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def flag_ids(config: PipelineConfig, files: list[tuple[Location, str, list[Unit]]], threads: int = 16) -> dict:
-    """Find null ids and ids seen earlier in input order (files sorted, rows in order); put
-    their errors in the units' `row_errors` so those rows get an `error` instead of a result.
-    The first occurrence of an id is the one that is run. Returns the report's id summary.
-
-    Reads only the id column of each file; all ids are held in driver memory at once.
-    """
-    summary = {"checked": True, "duplicate_rows": 0, "duplicate_ids": 0, "null_ids": 0, "examples": []}
-    if not files:
-        return summary
-
-    def _read(loc: Location):
-        fmt = input_format(loc.path, config.input_format)
-        return fmt.read_ids(loc, config), fmt.id_type(loc, config)
-
-    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-        read = list(pool.map(lambda item: _read(item[0]), files))
-    columns = [ids for ids, _ in read]
-    kind = read[0][1]
-    if pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
-        raise ConfigError(f"id column {config.id_column!r} has type {kind}; ids must be scalars "
-                          "(numbers, strings or bytes)")
-    # exact comparison of the Python values: bytes with trailing NULs, big ints, any Arrow
-    # scalar type (pandas coerced some of these, or crashed on them)
-    first_at: dict = {}
-    repeated: set = set()
-    for k, (col, (loc, _, units)) in enumerate(zip(columns, files)):
-        for row, value in enumerate(col):
-            if value is None or (isinstance(value, float) and value != value):  # null or NaN
-                message = "invalid_id: the id is null, so the row cannot be matched to its result"
-                summary["null_ids"] += 1
-            elif value not in first_at:
-                first_at[value] = (k, row)
-                continue
-            else:
-                fk, frow = first_at[value]
-                repeated.add(value)
-                message = f"duplicate_id: id {_short(value)} already appeared at {files[fk][1]} row {frow}"
-                summary["duplicate_rows"] += 1
-                if len(summary["examples"]) < 10:
-                    summary["examples"].append({"id": _short(value), "first": f"{files[fk][0].uri} row {frow}",
-                                                "again": f"{loc.uri} row {row}"})
-            unit = next(u for u in units if u.first_row <= row < u.first_row + u.num_rows)
-            unit.row_errors.append([row - unit.first_row, message])
-    summary["duplicate_ids"] = len(repeated)
-    return summary
+def describe(config: PipelineConfig, plan: Plan, prompts: dict | None = None, in_use_by: dict | None = None) -> dict:
+    """The plan in numbers: what `persimmon-batch plan --json` prints, and (as `summary_lines`)
+    what a run says before it starts."""
+    todo = plan.todo
+    return {
+        "task": config.task, "output": mask_uri(plan.output.uri),
+        "input_files": len({u.input_uri for u in plan.units}), "rows": sum(u.num_rows for u in plan.units),
+        "units": len(plan.units), "already_committed": len(plan.done), "to_run": len(todo),
+        "rows_to_run": sum(u.num_rows for u in todo),
+        "stale": [s["output"] for s in plan.stale], "overwrite": plan.overwritten,
+        "bad_files": [{**b, "input": mask_uri(b["input"])} for b in plan.bad_shards],
+        "ids": plan.ids or {"checked": False},
+        "prompt_tokens": prompts,
+        "output_in_use_by": in_use_by,
+        "seconds": plan.seconds,
+    }
 
 
-def _find_done(config: PipelineConfig, plan: Plan) -> None:
+def summary_lines(d: dict) -> list[str]:
+    """The plan summary (see `describe`), a line per topic; prompt lengths only when measured."""
+    from .prompt_stats import prompt_lines
+
+    lines = [f"{d['units']} unit(s) from {d['input_files']} input file(s), {d['rows']:,} rows: "
+             f"{d['already_committed']} already committed, {d['to_run']} to run ({d['rows_to_run']:,} rows)"
+             + (f", {len(d['stale'])} of them stale (their input changed)" if d["stale"] else "")
+             + (f"; {len(d['bad_files'])} bad file(s) skipped" if d["bad_files"] else "")]
+    lines += [f"! {b['input']}: {b['error']}" for b in d["bad_files"][:10]]
+    if d["overwrite"]:
+        lines.append(f"--overwrite: {len(d['overwrite'])} committed output(s) are recomputed")
+    ids = d["ids"]
+    if ids.get("duplicate_rows") or ids.get("null_ids"):
+        example = ids["examples"][0] if ids["examples"] else None
+        lines.append(f"ids: {ids['duplicate_rows']:,} row(s) repeat an earlier id ({ids['duplicate_ids']:,} distinct), "
+                     f"{ids['null_ids']:,} null: those rows get error set"
+                     + (f" (e.g. id {example['id']} at {example['first']}, again at {example['again']})"
+                        if example else ""))
+    if d["prompt_tokens"]:
+        lines += prompt_lines(d["prompt_tokens"])
+    holder = d["output_in_use_by"]
+    if holder:
+        lines.append(f"! output in use by run {holder.get('run_id')} (host {holder.get('host')}, pid "
+                     f"{holder.get('pid')}): a run started now would be refused until it ends")
+    return lines
+
+
+def _find_done(config: PipelineConfig, plan: Plan, write: bool = True) -> None:
     out = plan.output
     info = retry(lambda: out.fs.get_file_info(out.path), f"stat {out.uri}", out.retries)
     if info.type == pafs.FileType.File:
@@ -290,7 +295,8 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
         raise ConfigError(f"output {out.uri} already holds {len(committed)} committed file(s); "
                           f"use --resume to finish the run or --overwrite to recompute")
     if config.overwrite:
-        for name in committed:
+        plan.overwritten = committed
+        for name in committed if write else ():
             retry(lambda name=name: out.fs.delete_file(out.join(name).path), f"delete {out.join(name).uri}", out.retries)
             side = OUTPUT_FORMATS[config.output_format].sidecar(out.join(name))
             if side is not None:
@@ -328,4 +334,5 @@ def _find_done(config: PipelineConfig, plan: Plan) -> None:
             continue
         plan.done[name] = st
         # a column of no type in it that later inputs typed: rewritten typed, so all read as one dataset
-        OUTPUT_FORMATS[config.output_format].conform(out.join(name), st, plan.schema)
+        if write:
+            OUTPUT_FORMATS[config.output_format].conform(out.join(name), st, plan.schema)

@@ -140,6 +140,14 @@ def check_prompt(value) -> tuple[str | None, str | None]:
     return value, None
 
 
+def build_prompt(config: PipelineConfig, prefix: str, value) -> tuple[str | None, str | None]:
+    """(the text the engine gets for a row's prompt value, None), or (None, the row's error): the
+    value checked (`check_prompt`), then the few-shot prefix and the prompt template (chat
+    wrapper included). `persimmon-batch plan` measures prompts with this too."""
+    text, error = check_prompt(value)
+    return (None, error) if text is None else (prefix + config.template.format(prompt=text), None)
+
+
 def row_seed(base: int | None, row_id: Any) -> int | None:
     """A per-row seed from the base seed and the row id: stable across retries and batching."""
     if base is None:
@@ -191,11 +199,11 @@ class _Stage:
             if col not in names:
                 raise KeyError(f"batch has no column {col!r} (columns: {names})")
         if isinstance(batch, dict):  # prompts may be of mixed Python types: check them unconverted
-            prompts = [check_prompt(v) for v in _pylist(batch[cfg.prompt_column])]
+            prompts = [build_prompt(cfg, self.prefix, v) for v in _pylist(batch[cfg.prompt_column])]
             table = as_table({k: batch[k] for k in (cfg.id_column, *cfg.keep_columns)})
         else:
             table = as_table(batch)
-            prompts = [check_prompt(v) for v in column_values(table[cfg.prompt_column])]
+            prompts = [build_prompt(cfg, self.prefix, v) for v in column_values(table[cfg.prompt_column])]
         ids = table[cfg.id_column].to_pylist()
         own = {c: column_values(batch[c] if isinstance(batch, dict) else table[c])
                for c in self.row_columns if c in names}
@@ -208,7 +216,7 @@ class _Stage:
         results: list[dict] = [{"error": err} for _, err in prompts]
         ok = [i for i, (text, _) in enumerate(prompts) if text is not None]
         if ok:
-            texts = [self.prefix + cfg.template.format(prompt=prompts[i][0]) for i in ok]
+            texts = [prompts[i][0] for i in ok]
             for i, res in zip(ok, self._safe_run(texts, [ids[i] for i in ok], [prepared[i][0] for i in ok])):
                 results[i] = res
         arrays = {cfg.id_column: table[cfg.id_column]}

@@ -1,0 +1,180 @@
+"""Prompt lengths for `persimmon-batch plan`: the rows' prompts in the model's tokens, and how
+many rows the engine would refuse as too long, before anything runs.
+
+Each row's text is built by the stage's own code (`stages.build_prompt`: the prompt checked,
+then the few-shot prefix, the prompt template and the chat wrapper) and tokenized with the
+model's tokenizer the way the engine does (`model/engine.py`, BOS first):
+
+    generate   the prompt's tokens; too long when more than max_seq_len - 1 (no room for one new
+               token): `prompt_too_long`, or cut to fit with --truncate left
+    label      the prompt's tokens (trailing whitespace goes to the choices); too long when they
+               and the longest choice's continuation exceed max_seq_len
+    classify   the text's tokens; too long past the model's max_position_embeddings
+
+Rows the run would not send to the engine (a duplicate or null id, a line that cannot be read,
+an unusable prompt) are counted apart. By default a uniform random sample of rows (seeded: the
+same input gives the same numbers), read unit by unit; `sample_rows=0` reads and tokenizes every
+row. Percentiles are nearest-rank: each is the token count of some row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .attachments import render_prefix
+from .config import PipelineConfig
+from .formats import INPUT_FORMATS
+from .stages import build_prompt, column_values
+from .storage import model_location, read_bytes, resolve
+
+SAMPLE_ROWS = 2000
+READ_ROWS = 1 << 16  # rows per read of a unit's prompts
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+
+
+def load_tokenizer(config: PipelineConfig):
+    """(the model's tokenizer, its max_position_embeddings), read from the checkpoint the
+    replicas load; a remote one's few small files are copied to a temp dir first."""
+    from model import PersimmonConfig, PersimmonTokenizer
+
+    loc = model_location(config.model, config)
+    if loc.is_local:
+        return PersimmonTokenizer.from_pretrained(loc.path), PersimmonConfig.from_pretrained(loc.path).max_position_embeddings
+    with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as tmp:
+        for name in TOKENIZER_FILES:
+            try:
+                data = read_bytes(loc.join(name))
+            except FileNotFoundError:
+                continue  # the optional ones; check_model has made sure of tokenizer.model and config.json
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        return PersimmonTokenizer.from_pretrained(tmp), PersimmonConfig.from_pretrained(tmp).max_position_embeddings
+
+
+class Measure:
+    """One row's text -> (its prompt tokens as the engine counts them, whether the engine would
+    refuse it as too long), for the config's task (see the module doc)."""
+
+    def __init__(self, config: PipelineConfig, tokenizer, max_position_embeddings: int):
+        self.config, self.tokenizer = config, tokenizer
+        if config.task == "classify":
+            self.limit, self.limit_name = max_position_embeddings, "max_position_embeddings"
+        else:
+            self.limit, self.limit_name = config.max_seq_len or max_position_embeddings, "max_seq_len"
+        self.action = ("cut to fit (--truncate left)" if config.task == "generate" and config.truncate == "left"
+                       else "prompt_too_long")
+
+    def __call__(self, text: str) -> tuple[int, bool]:
+        encode = self.tokenizer.encode
+        if self.config.task == "label":
+            stripped = text.rstrip()
+            n = len(encode(stripped, add_bos=True))
+            tail, sep = text[len(stripped):], self.config.choice_separator
+            longest = max(len(encode(stripped + tail + sep + c, add_bos=True)) - n for c in self.config.choices)
+            return n, n + longest > self.limit
+        n = len(encode(text, add_bos=True))
+        return n, n > (self.limit if self.config.task == "classify" else self.limit - 1)
+
+
+def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, threads: int = 8,
+                 seed: int = 0) -> dict:
+    """Token statistics of the prompts of the plan's units (see the module doc)."""
+    t0 = time.perf_counter()
+    units = plan.units
+    total = sum(u.num_rows for u in units)
+    exact = sample_rows <= 0 or sample_rows >= total
+    picks = {k: None for k in range(len(units))} if exact else _sample(units, sample_rows, seed)
+    tokenizer, max_positions = load_tokenizer(config)
+    measure = Measure(config, tokenizer, max_positions)
+    prefix = render_prefix(config)
+    lengths, read, not_run, over = Counter(), 0, 0, 0
+    with ThreadPoolExecutor(max(1, min(threads, len(picks)))) as pool:
+        for unit_lengths, unit_read, unit_not_run, unit_over in pool.map(
+                lambda k: _measure_unit(config, units[k], picks[k], prefix, measure), picks):
+            lengths.update(unit_lengths)
+            read, not_run, over = read + unit_read, not_run + unit_not_run, over + unit_over
+    return {
+        "rows": total, "rows_read": read, "exact": exact, "rows_not_run": not_run,
+        "tokens": percentiles(lengths),
+        "limit": {"name": measure.limit_name, "tokens": measure.limit, "over": measure.action},
+        "rows_over_limit": over if exact else round(over * total / read) if read else 0,
+        "rows_over_limit_read": over,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _sample(units: list, size: int, seed: int) -> dict[int, np.ndarray]:
+    """`size` rows drawn uniformly from all units' rows: {unit index: its rows, sorted}."""
+    sizes = np.array([u.num_rows for u in units], np.int64)
+    chosen = np.sort(np.random.default_rng(seed).choice(int(sizes.sum()), size=size, replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    owner = np.searchsorted(starts, chosen, side="right") - 1
+    bounds = np.searchsorted(owner, np.arange(len(units) + 1))  # owner is sorted
+    return {k: chosen[bounds[k]:bounds[k + 1]] - starts[k] for k in range(len(units)) if bounds[k + 1] > bounds[k]}
+
+
+def _measure_unit(config: PipelineConfig, unit, rows: np.ndarray | None, prefix: str,
+                  measure: Measure) -> tuple[Counter, int, int, int]:
+    """(token counts, rows read, rows not run, rows over the limit) of a unit's `rows` (sorted;
+    None: all of them), read a few large batches at a time, only its prompts."""
+    planned = {int(row) for row, _ in unit.row_errors}
+    lengths, read, not_run, over = Counter(), 0, 0, 0
+    start = 0
+    reading = dataclasses.replace(config, batch_size=READ_ROWS)
+    for batch, read_errors in INPUT_FORMATS[unit.input_format].batches(
+            resolve(unit.input_uri, config), unit.split, reading, [config.prompt_column]):
+        n, prompts = batch.num_rows, batch[config.prompt_column]
+        if rows is None:
+            here = np.arange(n)
+        else:  # only the picked rows become Python values
+            here = rows[np.searchsorted(rows, start):np.searchsorted(rows, start + n)] - start
+            prompts = prompts.take(here)
+        for i, value in zip(here.tolist(), column_values(prompts)):
+            read += 1
+            text, _ = build_prompt(config, prefix, value)
+            if text is None or start + i in planned or i in read_errors:
+                not_run += 1
+                continue
+            tokens, too_long = measure(text)
+            lengths[tokens] += 1
+            over += too_long
+        start += n
+    return lengths, read, not_run, over
+
+
+def percentiles(lengths: Counter) -> dict | None:
+    """Nearest-rank p50 / p90 / p99 and the max of a {token count: rows} histogram."""
+    if not lengths:
+        return None
+    values = np.array(sorted(lengths), np.int64)
+    cumulative = np.cumsum([lengths[v] for v in values])
+    n = int(cumulative[-1])
+
+    def rank(p: float) -> int:
+        return int(values[np.searchsorted(cumulative, max(1, int(np.ceil(p * n))))])
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": int(values[-1])}
+
+
+def prompt_lines(stats: dict) -> list[str]:
+    """The plan summary's lines about prompt lengths."""
+    read = f"{stats['rows_read']:,}"
+    where = (f"all {read} rows" if stats["exact"] else
+             f"a sample of {read} of {stats['rows']:,} rows; --sample-rows 0 for all")
+    t, limit = stats["tokens"], stats["limit"]
+    if t is None:
+        return [f"prompts: no row to measure ({where})"]
+    over = stats["rows_over_limit"]
+    over_text = (f"{over:,} row(s)" if stats["exact"] else
+                 f"~{over:,} row(s) ({stats['rows_over_limit_read']} in the sample)")
+    return [f"prompts: p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']} tokens ({where}"
+            + (f"; {stats['rows_not_run']} not run: id or prompt errors" if stats["rows_not_run"] else "") + ")",
+            f"prompts over {limit['name']} {limit['tokens']}: {over_text}"
+            + (f", {limit['over']}" if over else "")]
