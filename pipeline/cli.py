@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import MISSING, fields
 
 from .config import RENAMED, ConfigError, PipelineConfig, mask_uri, read_yaml
@@ -188,6 +189,16 @@ def _fault_lines(report: dict) -> list[str]:
     if report.get("rows_retried"):
         lines.append(f"  retried {report['rows_retried']} row(s) run again in "
                      f"{len(report.get('retried_units') or [])} unit(s) after a replica died or stalled")
+    lost = report.get("nodes_lost") or {}
+    if lost.get("nodes"):
+        lines.append(f"  nodes   {len(lost['nodes'])} lost mid-run ({', '.join(n[:12] for n in lost['nodes'][:3])}); "
+                     f"{lost['units_retried']} unit(s), {lost['rows_retried']} row(s) run again elsewhere")
+    replicas = report.get("replicas") or []
+    if replicas:
+        ended = Counter(r.get("ended") or "unknown" for r in replicas)
+        nodes = len({r.get("node_id") for r in replicas})
+        lines.append(f"  replicas {len(replicas)} on {nodes} node(s): "
+                     + ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in sorted(ended.items())))
     for ev in (report.get("stuck_replicas") or [])[:5]:
         lines.append(f"  ! stuck replica {ev['actor_id']} (pid {ev['pid']}) on {ev['unit']}: no batch for "
                      f"{ev['silent_s']} s; killed and restarted")

@@ -366,6 +366,13 @@ def test_summary_mentions_failures():
               "failed_units": [{"input": "in/x.parquet", "error": "OSError: nope"}], "bad_shards": []}
     text = summary(report)
     assert "INCOMPLETE" in text and "in/x.parquet" in text and "empty_prompt" in text
+    # a lost node and how each replica ended (pipeline/report.py) reach the console too
+    report["nodes_lost"] = {"nodes": ["a1b2c3d4e5f6a7b8"], "units_retried": 2, "rows_retried": 40}
+    report["replicas"] = [{"node_id": "n1", "ended": "finished"}, {"node_id": "a1b2c3d4e5f6a7b8", "ended": "node_lost"},
+                          {"node_id": "n1", "ended": "finished"}]
+    text = summary(report)
+    assert "1 lost mid-run (a1b2c3d4e5f6); 2 unit(s), 40 row(s) run again elsewhere" in text
+    assert "replicas 3 on 2 node(s): 2 finished, 1 node lost" in text
 
 
 def test_label_calibration_and_few_shot_with_the_real_tiny_engine(tmp_path):
