@@ -31,9 +31,11 @@ from .hub import pin
 from .modelcheck import ModelError, check_model, model_identity
 from .plan import REPORT_NAME, Plan, describe, make_plan, summary_lines
 from .prompt_stats import SAMPLE_ROWS, prompt_stats
+from .placement import check_device, check_room, local_resources
 from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
-from .report import UnitStats, build_report, unit_line
+from .report import UnitStats, build_report, one_line, unit_line
 from .runner import ShardRunner
+from .signals import StopSignals
 from .stages import STAGES
 from .lease import Lease
 from .storage import ensure_dir, list_parquet, resolve, write_bytes_atomic
@@ -44,15 +46,17 @@ log = logging.getLogger(__name__)
 # ---- Ray ------------------------------------------------------------------------------------
 def init_ray(config: PipelineConfig) -> bool:
     """Connect to Ray if not connected: `ray_address`, else RAY_ADDRESS (set inside
-    `ray job submit` jobs), else start a local single-node Ray on 127.0.0.1 with no dashboard.
-    Returns True when this call started or joined Ray."""
+    `ray job submit` jobs), else start a local single-node Ray on 127.0.0.1 with no dashboard,
+    with `placement.local_resources` (the GPUs torch sees). The replicas' own output (their
+    warnings, the traceback of one that cannot start) stays in their log files in Ray's session
+    logs unless `verbose`. Returns True when this call started or joined Ray."""
     import ray
 
     if ray.is_initialized():
         return False
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=config.verbose)
         return True
     # A private single-node cluster for this process, on loopback only. Ray binds to the
     # machine's address unless multi-node support is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
@@ -61,10 +65,10 @@ def init_ray(config: PipelineConfig) -> bool:
     # only write ~/.ray/auth_token, which later local heads then insist on (RAY.md): off
     # unless the user set RAY_AUTH_MODE.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cores = os.cpu_count() or 1
+    resources = local_resources(config)
     with _loopback_only():
-        ray.init(address="local", num_cpus=config.num_cpus or max(8, 2 * cores), include_dashboard=False,
-                 configure_logging=True, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=resources["CPU"], num_gpus=resources["GPU"], include_dashboard=False,
+                 configure_logging=True, logging_level=logging.WARNING, log_to_driver=config.verbose)
     return True
 
 
@@ -158,18 +162,6 @@ def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
                               max_task_retries=config.max_unit_retries, **kwargs)
 
 
-def _check_resources(config: PipelineConfig, started_here: bool) -> None:
-    import ray
-
-    need = config.num_gpus_per_replica
-    have = ray.cluster_resources().get("GPU", 0)
-    if need and have < need:
-        msg = f"num_gpus_per_replica={need} but the Ray cluster has {have} GPU(s)"
-        if started_here and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
-            raise RuntimeError(msg + " (local Ray); use --num-gpus-per-replica 0 for CPU")
-        log.warning("%s; waiting for the autoscaler to add GPU nodes", msg)
-
-
 # ---- the composable Dataset -------------------------------------------------------------------
 def build_dataset(config: PipelineConfig, ds=None):
     """Lazy `ray.data.Dataset` of results: `read_parquet(input) -> map_batches(stage)`.
@@ -184,6 +176,7 @@ def build_dataset(config: PipelineConfig, ds=None):
     _check_shared_stores(config)
     config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)
+    check_device(config)
     init_ray(config)
     with _data_context(config):
         if ds is None:
@@ -228,46 +221,6 @@ def filesystem(config: PipelineConfig, uri: str):
 
 
 # ---- the exactly-once run -----------------------------------------------------------------
-class Interrupted(Exception):
-    """SIGTERM / SIGINT while units run: stop admitting work (see `_stop_signals`)."""
-
-
-@contextlib.contextmanager
-def _stop_signals():
-    """SIGTERM and SIGINT end a run cleanly: while units run the signal interrupts the wait for
-    results (in-flight units are abandoned: their temp files are ignored, the rerun redoes
-    them); the report is written with complete: false. Yields a dict whose "signal" names the
-    signal received, if any, and whose "install" (re)installs the handlers: `ray.init` sets its
-    own SIGTERM handler (exit at once), so the run installs them again after it. Only the main
-    thread can own signal handlers; elsewhere (a notebook's worker thread) this does nothing."""
-    import signal
-    import threading
-
-    state = {"signal": None, "in_loop": False, "install": lambda: None}
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def handler(signum, frame):
-        state["signal"] = signal.Signals(signum).name
-        if state["in_loop"]:
-            raise Interrupted(state["signal"])
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def install():
-        for sig in saved:
-            signal.signal(sig, handler)
-
-    state["install"] = install
-    install()
-    try:
-        yield state
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
-
-
 def _checked(config: PipelineConfig) -> PipelineConfig:
     """The config as a run uses it, after every check that needs no input file: settings,
     attachments read in, stores every replica reaches, the model (a hub id pinned to a commit;
@@ -277,6 +230,7 @@ def _checked(config: PipelineConfig) -> PipelineConfig:
     config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)
     check_prefix_length(config)
+    check_device(config)
     return dataclasses.replace(config, model_identity=model_identity(config))
 
 
@@ -299,70 +253,96 @@ def run(config: PipelineConfig) -> dict:
     t_start, started_at = time.perf_counter(), time.time()
     config = _checked(config)
     run_id = uuid.uuid4().hex[:12]
-    with _stop_signals() as stop, Lease(resolve(config.output, config), run_id) as lease, quiet_ray(config.verbose):
-        stop["lease"] = lease
+    with StopSignals() as stop, Lease(resolve(config.output, config), run_id) as lease, quiet_ray(config.verbose):
+        stop.lease = lease
         return _run_planned(config, run_id, stop, t_start, started_at)
 
 
-def _run_planned(config: PipelineConfig, run_id: str, stop: dict, t_start: float, started_at: float) -> dict:
-    import ray
-
-    plan = make_plan(config)
-    todo = plan.todo
+def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start: float, started_at: float) -> dict:
     console = Console(enabled=bool(config.progress))
     say = console.say
-    for line in summary_lines(describe(config, plan)):  # as `persimmon-batch plan`, less prompt lengths
-        say(line)
-    ensure_dir(plan.output)
-
+    plan = stop.call("planning", make_plan, config)
     results: dict[str, dict] = {}
     crash, attempts, stuck, dead = None, None, [], set()
-    if todo and not stop["signal"]:
-        started_here = init_ray(config)
-        stop["install"]()  # after ray.init, which sets a SIGTERM handler of its own
-        _check_resources(config, started_here)
-        tracker = start_tracker(run_id)
-        console.start(sum(u.num_rows for u in todo))
-        with Watchdog(tracker, config.batch_timeout_s, say) as watchdog, console.live(tracker):
-            units, round_ = todo, 0
-            while units:
-                crash = _run_units(config, plan, units, round_, tracker, run_id, stop, results, console)
-                if crash or stop["signal"] or round_ >= config.max_unit_retries:
-                    break
-                units = _given_up(config, plan, results, run_id, watchdog.attempts())
-                round_ += 1
-                if units:
-                    say(f"{len(units)} unit(s) came back without a result (Ray gave up on their tasks, e.g. "
-                        f"their replica's node was lost); running them again: {', '.join(u.output_name for u in units)}")
-            attempts, stuck = watchdog.attempts(), watchdog.events
-        # tells node losses from replica deaths: is the node of each cut-short attempt still there?
-        dead = dead_nodes({a.get("node_id") for a in attempts or [] if a["state"] in INTERRUPTED})
-        ray.kill(tracker)
-    if stop["signal"]:
-        crash = (f"interrupted by {stop['signal']}: no new units were started and units in flight were "
-                 "abandoned (their partial files are ignored); rerun the same command to finish")
+    if plan is not None:
+        for line in summary_lines(describe(config, plan)):  # as `persimmon-batch plan`, less prompt lengths
+            say(line)
+        ensure_dir(plan.output)
+        if plan.todo and not stop.signal:
+            crash, attempts, stuck, dead = _run_on_ray(config, plan, run_id, stop, results, console)
+    if stop.signal:
+        crash = _interrupted(stop)
         say(crash)
+    planned = plan is not None
+    if not planned:  # stopped while listing the inputs: nothing was run, nothing is counted
+        plan = Plan(units=[], schema=None, output=resolve(config.output, config))
     if crash:  # units whose result never reached the driver may still have committed: count them
         _committed_meanwhile(config, plan, results, run_id)
     report = build_report(config, plan, results, crash, started_at, time.perf_counter() - t_start,
-                          run_id=run_id, attempts=attempts, stuck=stuck, dead=dead)
-    report["interrupted"] = stop["signal"]
+                          run_id=run_id, attempts=attempts, stuck=stuck, dead=dead, planned=planned)
+    report["interrupted"] = stop.signal
     write_bytes_atomic(plan.output.join(REPORT_NAME), json.dumps(report, indent=2).encode())
     if report["complete"]:
         _clean_tmp(plan)
     return report
 
 
-def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tracker, run_id: str, stop: dict,
-               results: dict, console: Console) -> str | None:
+def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSignals, results: dict,
+                console: Console) -> tuple:
+    """Start or join Ray, check there is room for the replica pool, then run the plan's units in
+    rounds until each has a result or has had its attempts. Returns (why the run stopped early
+    or None, the tracker's attempts, stuck replicas, ids of dead nodes)."""
+    import ray
+
+    replicas = _pool_size(config, len(plan.todo))[0]
+    if not ray.is_initialized():
+        check_room(config, replicas)  # local Ray: before it starts (a cluster: once joined, below)
+    stop.call("starting Ray", init_ray, config)
+    if stop.signal:
+        return None, None, [], set()
+    check_room(config, replicas)
+    say = console.say
+    crash = None
+    tracker = start_tracker(run_id)
+    console.start(sum(u.num_rows for u in plan.todo))
+    with Watchdog(tracker, config.batch_timeout_s, say) as watchdog, console.live(tracker):
+        units, round_ = plan.todo, 0
+        while units:
+            crash = _run_units(config, plan, units, round_, tracker, run_id, stop, results, console)
+            if crash or stop.signal or round_ >= config.max_unit_retries:
+                break
+            units = _given_up(config, plan, results, run_id, watchdog.attempts())
+            round_ += 1
+            if units:
+                say(f"{len(units)} unit(s) came back without a result (Ray gave up on their tasks, e.g. "
+                    f"their replica's node was lost); running them again: {', '.join(u.output_name for u in units)}")
+        attempts, stuck = watchdog.attempts(), watchdog.events
+    # tells node losses from replica deaths: is the node of each cut-short attempt still there?
+    dead = dead_nodes({a.get("node_id") for a in attempts or [] if a["state"] in INTERRUPTED})
+    ray.kill(tracker)
+    return crash, attempts, stuck, dead
+
+
+def _interrupted(stop: StopSignals) -> str:
+    """Why the run stopped, for a signal received in `stop.phase`."""
+    if stop.phase in ("planning", "starting Ray"):
+        what = "no unit was started"
+    else:
+        what = "no new units were started and units in flight were abandoned (their partial files are ignored)"
+    return (f"interrupted by {stop.signal}" + (f" while {stop.phase}" if stop.phase else "")
+            + f": {what}; rerun the same command to finish")
+
+
+def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tracker, run_id: str,
+               stop: StopSignals, results: dict, console: Console) -> str | None:
     """Run `units` on a replica pool, collecting each unit's statistics into `results` as it
-    comes back; returns why the run stopped early (None when Ray Data finished the Dataset).
+    comes back; returns why the run stopped early (None when Ray Data finished the Dataset, or
+    a signal stopped it: `stop.signal` says so).
 
     Round 0 is the run; a later round re-runs units that came back with no result, on a pool
     whose minimum is one replica, so that it starts on what is left of the cluster."""
     import ray.data
 
-    say = console.say
     min_replicas = 1 if round_ else None
     # A unit whose task still fails after max_unit_retries (its replica keeps dying) must not
     # stop the other units: its stats row is then missing, and `_given_up` decides about it.
@@ -378,28 +358,32 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
     with ReplicaDemand(config, *_pool_size(config, len(units), min_replicas), run_id):
         rows = iter(ds.iter_rows())
         try:
-            stop["in_loop"] = True
-            if not stop["signal"]:
-                for row in rows:
-                    st = json.loads(row["stats"])
-                    name = st["output"].rsplit("/", 1)[-1]
-                    results[name] = st
-                    console.unit_done(st)
-                    say(f"[{len(results)}/{len(plan.todo)}] {st['status']:7s} {name}: " + unit_line(UnitStats.from_dict(st)))
-                    lease = stop.get("lease")
-                    if lease is not None and lease.lost:
-                        raise RuntimeError(f"lost the output's lease ({lease.lost}): stopped so that two runs "
-                                           "do not write the same output")
-        except Interrupted:
-            pass  # reported by the caller
-        except Exception as e:  # noqa: BLE001 - e.g. retries exhausted; report what is left
-            crash = f"{type(e).__name__}: {e}"
-            log.error("the run stopped: %s", crash)
+            crash = stop.call("running units", _collect, rows, plan, results, console, stop.lease)
+        except Exception as e:  # noqa: BLE001 - e.g. retries exhausted, a pool never placed: report what is left
+            crash = one_line(f"{type(e).__name__}: {e}")
         finally:
-            stop["in_loop"] = False
             if hasattr(rows, "close"):
                 rows.close()  # stops Ray Data's execution: replicas are released
+    if crash:
+        log.error("the run stopped: %s", crash)
     return crash
+
+
+def _collect(rows, plan: Plan, results: dict, console: Console, lease) -> str | None:
+    """Take each unit's statistics as its replica sends them. Returns why the run must stop
+    before the end (None: every unit came back): a replica that could not start (all load the
+    same model with the same settings, so the others would fail alike), or a lost lease."""
+    for row in rows:
+        st = json.loads(row["stats"])
+        if st.get("replica_start_failed"):
+            return st["error"]
+        name = st["output"].rsplit("/", 1)[-1]
+        results[name] = st
+        console.unit_done(st)
+        console.say(f"[{len(results)}/{len(plan.todo)}] {st['status']:7s} {name}: " + unit_line(UnitStats.from_dict(st)))
+        if lease is not None and lease.lost:
+            return f"lost the output's lease ({lease.lost}): stopped so that two runs do not write the same output"
+    return None
 
 
 def _given_up(config: PipelineConfig, plan: Plan, results: dict, run_id: str, attempts: list[dict] | None) -> list:

@@ -174,7 +174,10 @@ def summary(report: dict) -> str:
         hist = ", ".join(f"{k} {v}" for k, v in lab["histogram"].items())
         lines.insert(3, f"  labels  {hist}; {lab['low_margin_rows']} row(s) with margin < {lab['low_margin']:g}"
                         + (" (calibrated)" if lab["calibrated"] else ""))
-    for item in (report["failed_units"] + report["bad_shards"])[:10]:
+    stopped = report.get("error")  # why the run stopped early: every unit it left undone says the same
+    if stopped:
+        lines.append(f"  ! {stopped}")
+    for item in [i for i in report["failed_units"] + report["bad_shards"] if i["error"] != stopped][:10]:
         lines.append(f"  ! {item['input']}: {item['error']}")
     return "\n".join(lines)
 

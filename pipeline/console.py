@@ -140,10 +140,20 @@ class Console:
             self._live = live
 
 
+# Ray Data loggers whose console lines a run says better itself: the full stack trace of an
+# error that ends the Dataset (the run reports it in one line) and "Progress bars disabled".
+HUSHED = ("ray.data.exceptions", "ray.data._internal.progress")
+
+
+def _not_hushed(record: logging.LogRecord) -> bool:
+    return not record.name.startswith(HUSHED)
+
+
 @contextlib.contextmanager
 def quiet_ray(verbose: bool):
     """For the block, unless `verbose`: Ray's driver logs at WARNING, and Ray Data's console
-    handler at WARNING (its log file, ray-data.log in the session's logs, keeps everything)."""
+    handler at WARNING less the `HUSHED` loggers (its log file, ray-data.log in the session's
+    logs, keeps everything)."""
     if verbose:
         yield
         return
@@ -156,9 +166,11 @@ def quiet_ray(verbose: bool):
     ray_logger.setLevel(logging.WARNING)
     for h in console:
         h.setLevel(logging.WARNING)
+        h.addFilter(_not_hushed)
     try:
         yield
     finally:
         ray_logger.setLevel(saved[0])
         for h, level in zip(console, saved[1]):
             h.setLevel(level)
+            h.removeFilter(_not_hushed)

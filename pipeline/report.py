@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -62,6 +63,19 @@ class UnitStats:
         return self.status in ("done", "skipped")
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def one_line(text: str | None) -> str | None:
+    """An error as the report and the console show it: plain text (no ANSI colour escapes,
+    which Ray puts in its exceptions' messages), its first non-empty line only (the rest of a
+    Ray error is a traceback, which belongs in the logs)."""
+    if text is None:
+        return None
+    lines = [line.strip() for line in ANSI_ESCAPE.sub("", text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
 def unit_line(st: UnitStats) -> str:
     """The driver's one-line summary of a finished unit."""
     if st.status == "failed":
@@ -73,11 +87,13 @@ def unit_line(st: UnitStats) -> str:
 def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str | None,
                  started_at: float, wall: float, run_id: str | None = None,
                  attempts: list[dict] | None = None, stuck: list[dict] | None = None,
-                 dead: set[str] | None = None) -> dict:
+                 dead: set[str] | None = None, planned: bool = True) -> dict:
     """The `_run_report.json` content. Totals cover every committed output (this run's and
     earlier runs'); `this_run` covers work done now. `results` maps output names to the stats
     the replicas sent; `attempts` and `stuck` come from the run's progress tracker, `dead`
-    (ids of Ray nodes dead at the end of the run) tells node losses from replica deaths."""
+    (ids of Ray nodes dead at the end of the run) tells node losses from replica deaths. A run
+    stopped before its plan was made (`planned` False, an empty `plan`) is never complete.
+    Errors are plain one-line text (`one_line`)."""
     dead = dead or set()
     units: dict[str, UnitStats] = {name: dataclasses.replace(UnitStats.from_dict(st), status="skipped")
                                    for name, st in plan.done.items()}
@@ -88,8 +104,8 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         units[name] = st
     retries = summarize(attempts, {u.output_name: u.num_rows for u in plan.units}, dead)
     failed = [{"input": u.input_uri, "output": u.output_name,
-               "error": (units[u.output_name].error if u.output_name in units else None) or crash
-               or _lost_error(config, attempts, u.output_name)}
+               "error": one_line((units[u.output_name].error if u.output_name in units else None) or crash
+                                 or _lost_error(config, attempts, u.output_name))}
               for u in plan.units if not (u.output_name in units and units[u.output_name].committed)]
     committed = [st for st in units.values() if st.committed]
     ran = [st for st in units.values() if st.status == "done"]
@@ -101,7 +117,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
     tokens_now = sum(st.tokens_generated for st in ran)
     first_start = min((st.started_at for st in ran if st.started_at), default=None)
     created = [st.replica_created_at for st in ran if st.replica_created_at]
-    complete = not failed and rows_written == rows_in and all(b["rows"] == 0 for b in plan.bad_shards)
+    complete = planned and not failed and rows_written == rows_in and all(b["rows"] == 0 for b in plan.bad_shards)
     inputs = {u.output_name: u.input_uri for u in plan.units}
     return {
         "task": config.task,
@@ -142,7 +158,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
                            for ev in stuck or []],
         "bad_shards": plan.bad_shards,
-        "error": crash,
+        "error": one_line(crash),
         "config": config.public_dict(),
         "started_at": started_at,
         "finished_at": time.time(),

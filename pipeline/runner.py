@@ -17,7 +17,12 @@ retries a unit after an actor died after committing it: every row lands exactly 
 for a unit are deterministic (greedy, or seeded per row id), so a retried unit writes the same
 rows. The footer of each output holds the unit's statistics for the run report.
 
-What can go wrong inside a unit, and what happens:
+What can go wrong in a replica, and what happens:
+- it cannot start (the model does not load there, no CUDA on its node, no room for its KV
+  cache): the constructor does not raise, which would have Ray print the traceback of every
+  replica and retry; the traceback goes to the replica's log, and the replica answers each unit
+  with one line, `replica_start_failed: <exception type>: <message> (traceback in <its log>)`,
+  on which the driver stops the run (every replica loads the same model with the same settings);
 - a bad row: the stage returns it with `error` set (never raises); rows the plan flagged
   (duplicate or null ids) get their error without being run;
 - a storage error mid-stream (read or write): the unit is redone from its start, up to
@@ -47,6 +52,7 @@ from .row_settings import SAMPLING_COLUMNS
 from .plan import Unit, read_unit_stats, result_config
 from .metrics import ReplicaMetrics
 from .progress import Attempts
+from .report import one_line
 from .stages import STAGES, error_kind
 from .storage import (Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient,
                       write_bytes_atomic)
@@ -64,6 +70,22 @@ def _where() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return {"node_id": None, "actor_id": None, "pid": os.getpid()}
+
+
+def _start_error(e: Exception) -> str:
+    """Log why this replica cannot start, with the traceback, to its log file; return it as one
+    line naming that file (and the node's address: the file is on that node)."""
+    log.error("this replica cannot start", exc_info=e)
+    where = ""
+    try:
+        import ray
+        from ray._private.worker import global_worker
+
+        if ray.is_initialized() and global_worker.get_err_file_path():
+            where = f" (traceback in {global_worker.get_err_file_path()} on {ray.util.get_node_ip_address()})"
+    except Exception:  # noqa: BLE001 - private API: the message goes without the path
+        pass
+    return f"replica_start_failed: {type(e).__name__}: {one_line(str(e))}{where}"
 
 
 def _close_quietly(stream) -> None:
@@ -87,9 +109,13 @@ class ShardRunner:
         self.created_at = time.time()  # the replica process is up (before the model loads)
         self.config = config
         self.schema = schema
-        self.stage = STAGES[config.task](config, engine=engine)
-        self.output = resolve(config.output, config)
         self.where = _where()
+        self.start_error: str | None = None
+        try:
+            self.stage = STAGES[config.task](config, engine=engine)
+        except Exception as e:  # noqa: BLE001 - told to the driver with each unit, in one line
+            self.stage, self.start_error = None, _start_error(e)
+        self.output = resolve(config.output, config)
         self.result_config = result_config(config)
         self.run_id = run_id or uuid.uuid4().hex
         self.attempts = Attempts(progress, self.where)
@@ -105,6 +131,8 @@ class ShardRunner:
         unit (up to `io_retries` times, with backoff); other errors fail it at once."""
         final = self.output.join(unit.output_name)
         base = {"input": unit.input_uri, "output": final.uri, "rows_in": unit.num_rows, **self.where}
+        if self.start_error is not None:  # no engine here: nothing can run
+            return {**base, "status": "failed", "error": self.start_error, "replica_start_failed": True}
         try:
             existing = read_unit_stats(final) if exists(final) else None
         except Exception as e:  # noqa: BLE001 - storage down: report, go on

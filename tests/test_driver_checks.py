@@ -115,3 +115,41 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys, no_ray
     assert main(["generate", "--config", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path} {where}" in err and "not valid YAML" in err, err
+
+
+# ---- where the replicas run: local Ray is this machine, known before Ray starts -----------------
+def _without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check has nothing to refuse here")
+
+
+def test_device_cuda_without_cuda_on_local_ray_fails_before_ray_starts(tmp_path, capsys, no_ray):
+    _without_cuda()
+    err = _fails_on_the_driver(tmp_path, capsys, "--device", "cuda")
+    assert err.startswith("persimmon-batch: error: device: cuda, but torch ") and "sees no CUDA device" in err
+    assert err.endswith("use --device auto or cpu, or --ray-address of a cluster with GPU nodes")
+
+
+def test_gpu_replicas_on_local_ray_without_a_gpu_fail_before_ray_starts(tmp_path, capsys, no_ray):
+    """It was an uncaught RuntimeError once local Ray was up: a traceback, exit 1, no report."""
+    _without_cuda()
+    err = _fails_on_the_driver(tmp_path, capsys, "--num-gpus-per-replica", "1")
+    assert err == ("persimmon-batch: error: num_gpus_per_replica: 1 replica(s) of 1 CPU + 1 GPU each need 1 GPU(s), "
+                   "but this machine has 0 that torch can use, and local Ray runs every replica here; use "
+                   "--num-gpus-per-replica 0 for CPU replicas, or --ray-address of a cluster with GPU nodes")
+
+
+def test_more_replicas_than_local_cpus_fail_before_ray_starts(tmp_path, capsys, no_ray):
+    """10 one-CPU replicas on a local Ray of 8 CPUs: the pool would have waited
+    --replica-start-timeout-s (900 s) for CPUs no node can bring."""
+    write_shards(str(tmp_path / "in"), shards=10, rows=1)  # 10 units: the pool's size is not capped below 10
+    err = _fails_on_the_driver(tmp_path, capsys, "--replicas", "10", "--num-cpus", "8")
+    assert err == ("persimmon-batch: error: replicas: 10 replica(s) of 1 CPU each need 10 CPUs, but local Ray has 8 "
+                   "(--num-cpus) and no node can join it, so the pool would wait --replica-start-timeout-s=900 s "
+                   "for nothing; use --replicas 8 or fewer, --num-cpus 10 or a smaller --num-cpus-per-replica")
+    from pipeline.placement import check_room, fits
+
+    check_room(PipelineConfig(input="-", output="-", model="-", replicas="10", num_cpus=8), 8)  # 8 fit
+    assert fits([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0}], {"CPU": 2.0, "GPU": 0.5}) == 2  # node by node

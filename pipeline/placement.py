@@ -1,0 +1,134 @@
+"""Can the replicas run where they will go? Checked on the driver before any replica starts.
+
+On local Ray (no --ray-address, no RAY_ADDRESS: a Ray on this machine that nothing joins) the
+driver knows everything the replicas will find, so a pool that can never start is a config
+error (exit 2, one line naming the fix), found before Ray starts:
+
+    --device cuda, and torch on this machine sees no CUDA device
+    --num-gpus-per-replica > 0, and this machine has fewer GPUs than the pool needs
+    --replicas N x --num-cpus-per-replica, more than the local Ray's CPUs (--num-cpus)
+
+On a cluster the driver cannot see the nodes that will run replicas: an autoscaler may add
+nodes, and nodes may join. There the pool waits for room (Ray Data's wait, up to
+--replica-start-timeout-s) and the driver says what it waits for. A replica that then cannot
+start (no CUDA on its node, a model it cannot load) stops the run in one line (`pipeline.runner`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from .config import ConfigError, PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def local_ray(config: PipelineConfig) -> bool:
+    """Does the run use a Ray on this machine only? Yes without ray_address and RAY_ADDRESS,
+    unless this process is already connected to a Ray it did not start itself (a cluster
+    joined with `ray.init(address=...)`)."""
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):
+        return False
+    import ray
+
+    if not ray.is_initialized():
+        return True  # `init_ray` starts one here
+    try:
+        return bool(ray._private.worker._global_node.is_head())  # this process started the head
+    except Exception:  # noqa: BLE001 - private API: a Ray we cannot place is a cluster, where we wait
+        return False
+
+
+def local_gpus() -> int:
+    """The GPUs a local Ray gets: those torch sees (the replicas run on this machine's torch;
+    a GPU it cannot use is no GPU to them)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_resources(config: PipelineConfig) -> dict[str, float]:
+    """What `init_ray` starts a local Ray with: --num-cpus logical CPUs (default: 8, or twice
+    the cores, whichever is more: Ray Data's helpers need CPUs beside the replicas) and
+    `local_gpus()`."""
+    return {"CPU": float(config.num_cpus or max(8, 2 * (os.cpu_count() or 1))), "GPU": float(local_gpus())}
+
+
+def check_device(config: PipelineConfig) -> None:
+    """--device cuda needs CUDA where the replicas run; on local Ray that is this machine."""
+    if config.device != "cuda" or not local_ray(config):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"device: cuda, but torch {torch.__version__} ({build}) sees no CUDA device on this "
+                          "machine, where local Ray runs the replicas; use --device auto or cpu, or --ray-address "
+                          "of a cluster with GPU nodes")
+
+
+def replica_bundle(config: PipelineConfig) -> dict[str, float]:
+    """The resources Ray reserves for one replica."""
+    bundle = {"CPU": float(config.num_cpus_per_replica), "GPU": float(config.num_gpus_per_replica)}
+    return {k: v for k, v in bundle.items() if v}
+
+
+def fits(nodes: list[dict], bundle: dict[str, float]) -> float:
+    """How many replicas the nodes hold, one bundle each, node by node (a replica's CPUs and
+    GPUs come from one node)."""
+    if not bundle:
+        return math.inf
+    return sum(min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()) for node in nodes)
+
+
+def check_room(config: PipelineConfig, replicas: int) -> None:
+    """Is there room for the pool's first `replicas` replicas? On local Ray, before it starts
+    (`local_resources`) or once connected: a ConfigError naming the fix when there is not. On a
+    cluster, once connected: a warning saying what the pool waits for."""
+    import ray
+
+    local = local_ray(config)
+    if ray.is_initialized():
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    elif local:
+        nodes = [local_resources(config)]
+    else:
+        return  # a cluster not joined yet: checked once connected
+    if not local and config.device == "cuda" and not any(n.get("GPU") for n in nodes):
+        log.warning("--device cuda: the Ray cluster reports no GPU; the driver cannot see whether the nodes "
+                    "that will run replicas have CUDA (a replica that cannot start stops the run)")
+    bundle = replica_bundle(config)
+    room = fits(nodes, bundle)
+    if room >= replicas:
+        return
+    pool = f"{replicas} replica(s) of {_amounts(bundle)} each"
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
+    if not local:
+        log.warning("waiting up to %s s (--replica-start-timeout-s) for room for %s: the Ray cluster holds %d "
+                    "of them now (%s in all); an autoscaler or nodes that join can add the rest",
+                    config.replica_start_timeout_s, pool, room, _amounts(total))
+        return
+    lo, hi = config.replica_range
+    fewer = f"--replicas {room}" + (f",{max(room, hi)}" if lo != hi else " or fewer")
+    gpus = config.num_gpus_per_replica
+    if gpus and fits(nodes, {"GPU": gpus}) < replicas:
+        fix = ("use --num-gpus-per-replica 0 for CPU replicas" if not total["GPU"]
+               else f"use {fewer}, or a --num-gpus-per-replica below 1 (replicas share a GPU)")
+        raise ConfigError(f"num_gpus_per_replica: {pool} need {_amount(replicas * gpus)} GPU(s), but this machine "
+                          f"has {_amount(total['GPU'])} that torch can use, and local Ray runs every replica here; "
+                          f"{fix}, or --ray-address of a cluster with GPU nodes")
+    cpus = replicas * config.num_cpus_per_replica
+    fix = (f"use {fewer}, " if room else "use ") + f"--num-cpus {_amount(math.ceil(cpus))} or a smaller --num-cpus-per-replica"
+    raise ConfigError(f"replicas: {pool} need {_amount(cpus)} CPUs, but local Ray has {_amount(total.get('CPU', 0.0))} "
+                      f"(--num-cpus) and no node can join it, so the pool would wait "
+                      f"--replica-start-timeout-s={config.replica_start_timeout_s} s for nothing; {fix}")
+
+
+def _amount(v: float) -> str:
+    return f"{v:g}"
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    return " + ".join(f"{_amount(v)} {k}" for k, v in resources.items()) or "no resources"
