@@ -242,6 +242,8 @@ def dry_run(config: PipelineConfig, sample_rows: int = SAMPLE_ROWS) -> dict:
     --overwrite deletes nothing) and starts no Ray. Returns `plan.describe`'s dict."""
     config = _checked(config)
     plan = make_plan(config, write=False)
+    if plan.todo:  # a pool local Ray cannot hold: refused as `run` refuses it, before Ray starts
+        check_room(config, _pool_size(config, len(plan.todo))[0])
     holder = Lease(plan.output, run_id="plan").live_holder()
     return describe(config, plan, prompt_stats(config, plan, sample_rows), holder)
 

@@ -128,9 +128,10 @@ def assert_exactly_once(ids_out, ids_in) -> None:
 class S3Faults:
     """WSGI middleware in front of moto: answer chosen requests with an S3 error, as a flaky
     or broken object store would. A rule is (METHOD, key regex, times): the first `times`
-    matching requests fail (None = every one). METHOD is GET, PUT, HEAD, DELETE, POST or COPY
-    (a PUT with x-amz-copy-source). Keys are `bucket/key`. Every request is logged as
-    (time, method, key, status) so tests can check that retries happened and backed off."""
+    matching requests fail (None = every one), or with `delay_s` are held that long and then
+    answered normally (a slow store). METHOD is GET, PUT, HEAD, DELETE, POST or COPY (a PUT with
+    x-amz-copy-source). Keys are `bucket/key`. Every request is logged as (time, method, key,
+    status) when it arrives, so tests can check that retries happened and backed off."""
 
     BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected fault'
             '</Message><Resource>/{key}</Resource><RequestId>fault</RequestId></Error>')
@@ -141,10 +142,12 @@ class S3Faults:
         self.log: list[tuple] = []
         self.lock = threading.Lock()
 
-    def add(self, method: str, key_regex: str, times: int | None, status: int = 503, code: str = "SlowDown"):
+    def add(self, method: str, key_regex: str, times: int | None, status: int = 503, code: str = "SlowDown",
+            delay_s: float | None = None):
         with self.lock:
             self.rules.append({"method": method, "key": re.compile(key_regex), "left": times,
-                               "status": status, "code": code, "hits": 0})
+                               "status": 200 if delay_s is not None else status, "code": code, "hits": 0,
+                               "delay_s": delay_s})
 
     def clear(self):
         with self.lock:
@@ -170,6 +173,9 @@ class S3Faults:
                     fail = rule
                     break
             self.log.append((time.monotonic(), method, key, fail["status"] if fail else 200))
+        if fail is not None and fail["delay_s"] is not None:
+            time.sleep(fail["delay_s"])
+            fail = None
         if fail is None:
             return self.app(environ, start_response)
         length = int(environ.get("CONTENT_LENGTH") or 0)

@@ -149,6 +149,9 @@ def test_more_replicas_than_local_cpus_fail_before_ray_starts(tmp_path, capsys, 
     assert err == ("persimmon-batch: error: replicas: 10 replica(s) of 1 CPU each need 10 CPUs, but local Ray has 8 "
                    "(--num-cpus) and no node can join it, so the pool would wait --replica-start-timeout-s=900 s "
                    "for nothing; use --replicas 8 or fewer, --num-cpus 10 or a smaller --num-cpus-per-replica")
+    plan = ["plan", "generate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
+            tiny_model("causal"), "--replicas", "10", "--num-cpus", "8"]
+    assert main(plan) == 2 and err.split("error: ", 1)[1] in capsys.readouterr().err  # as the run refuses it
     from pipeline.placement import check_room, fits
 
     check_room(PipelineConfig(input="-", output="-", model="-", replicas="10", num_cpus=8), 8)  # 8 fit

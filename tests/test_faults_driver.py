@@ -1,0 +1,159 @@
+"""Fault injection, part 6: the driver stopped in any phase, and replicas that cannot start.
+
+Each case runs the CLI as a user does, in its own process:
+- SIGTERM while the driver plans (its input on a slow object store: moto holding each read of an
+  input file for a second) and while Ray Data waits for a replica pool the cluster cannot place
+  (it would wait --replica-start-timeout-s, 900 s): the driver exits 1 within seconds, with
+  `_run_report.json` saying `complete: false` and `interrupted`, and its lease released;
+- a setting every replica's constructor fails on (a KV cache no replica has room for: the
+  driver cannot know the device memory of the nodes): the run stops after the first failure
+  with one line and exit 1, its report's errors plain one-line text naming the replica's log,
+  which holds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from pipeline_fixtures import moto_s3, s3_filesystem, tiny_model, write_shards
+
+pytestmark = pytest.mark.ray
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _driver(tmp_path, *args: str, env: dict | None = None):
+    """`persimmon-batch generate ARGS` in its own process; its stderr goes to a file."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "generate", "--model", tiny_model("causal"), "--max-new-tokens", "2",
+           *args]
+    # single-node Ray on loopback: without this the driver swaps 127.0.0.1 for the host's address
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": REPO, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    err = tmp_path / "driver.err"
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    return proc, err
+
+
+def _wait_for(proc, err, ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, err.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, err.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+
+
+def _stop(proc, err, sig=signal.SIGTERM) -> tuple[int, float]:
+    """Send `sig`; (exit code, seconds until the process ended)."""
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, time.monotonic() - t0
+
+
+def _interrupted_report(out, sig: str, phase: str) -> dict:
+    report = json.loads((out / "_run_report.json").read_text())
+    assert report["complete"] is False and report["interrupted"] == sig
+    assert report["error"].startswith(f"interrupted by {sig} while {phase}: "), report["error"]
+    assert report["rows_written"] == 0 and report["units"]["done"] == 0
+    assert not (out / "_lease.json").exists()  # released: a rerun starts at once
+    return report
+
+
+def test_sigterm_while_planning_stops_the_driver_at_once(tmp_path):
+    """40 input files, each read held for 1 s by the store: planning would take several
+    seconds; the signal comes with the first read. Reads in flight finish, the rest are never
+    made, and nothing else is started (no Ray)."""
+    with moto_s3() as s3:
+        b = s3["bucket"]
+        write_shards(f"{b}/in", shards=40, rows=1, fs=s3_filesystem(s3))
+        s3["faults"].add("GET", rf"^{b}/in/part-", None, delay_s=1.0)
+        out = tmp_path / "out"
+        proc, err = _driver(tmp_path, "--input", f"s3://{b}/in/", "--output", str(out), "--s3-endpoint",
+                            s3["endpoint"], env={k: s3[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+        _wait_for(proc, err, lambda: s3["faults"].hits("GET", rf"^{b}/in/part-"))
+        code, seconds = _stop(proc, err)
+        reads = len(s3["faults"].hits("GET", rf"^{b}/in/part-"))
+    text = err.read_text(errors="replace")
+    assert code == 1 and seconds < 15, (code, seconds, text[-3000:])
+    report = _interrupted_report(out, "SIGTERM", "planning")
+    assert report["error"] == ("interrupted by SIGTERM while planning: no unit was started; rerun the same "
+                               "command to finish")
+    assert reads < 40, reads  # the plan was cut short: not every input file was read
+    assert "Traceback" not in text and "Started a local Ray" not in text, text
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_local):
+    import ray
+
+    return "127.0.0.1:" + ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+
+
+def _foreign_actors_alive() -> list:
+    """Actors of other jobs (the driver's) that are not dead yet."""
+    import ray
+
+    me = ray.get_runtime_context().get_job_id()
+    return [a["ActorClassName"] for a in ray._private.state.actors().values()
+            if a["JobID"] != me and a["State"] != "DEAD" and not a["IsDetached"]]
+
+
+def test_sigterm_while_waiting_for_a_pool_the_cluster_cannot_place(ray_address, tmp_path):
+    """A replica of 16 CPUs on a cluster of 8: joined by address, where an autoscaler or new
+    nodes could bring room, so the driver says what it waits for and waits. SIGTERM ends the
+    wait (Ray Data's ray.get, up to 900 s) at once."""
+    write_shards(str(tmp_path / "in"), shards=2, rows=2)
+    out = tmp_path / "out"
+    proc, err = _driver(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out), "--ray-address", ray_address,
+                        "--num-cpus-per-replica", "16")
+    _wait_for(proc, err, lambda: "waiting up to" in err.read_text(errors="replace"))
+    time.sleep(1.0)  # into Ray Data's wait for the pool
+    code, seconds = _stop(proc, err)
+    text = err.read_text(errors="replace")
+    assert code == 1 and seconds < 20, (code, seconds, text[-3000:])
+    assert ("waiting up to 900 s (--replica-start-timeout-s) for room for 1 replica(s) of 16 CPU each: the Ray "
+            "cluster holds 0 of them now (8 CPU in all); an autoscaler or nodes that join can add the rest") in text
+    _interrupted_report(out, "SIGTERM", "running units")
+    assert "Traceback" not in text, text
+    deadline = time.monotonic() + 30  # the pending replicas and the tracker go with their driver
+    while _foreign_actors_alive():
+        assert time.monotonic() < deadline, _foreign_actors_alive()
+        time.sleep(0.2)
+
+
+def test_a_replica_that_cannot_start_stops_the_run_in_one_line(ray_address, tmp_path):
+    """--memory-fraction 1e-9: no replica has room for a KV cache of one block. Ray used to
+    print the constructor's traceback for every replica (400-500 lines), and the report's
+    failed units carried it with ANSI colour escapes."""
+    write_shards(str(tmp_path / "in"), shards=3, rows=2)
+    out = tmp_path / "out"
+    proc, err = _driver(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out), "--ray-address", ray_address,
+                        "--replicas", "2", "--memory-fraction", "1e-9")
+    code = proc.wait(timeout=240)
+    text = err.read_text(errors="replace")
+    assert code == 1, text[-3000:]
+    assert "Traceback" not in text and len(text.splitlines()) <= 6, text
+    stopped = [line for line in text.splitlines() if line.startswith("the run stopped: ")]
+    assert len(stopped) == 1 and stopped[0].startswith(
+        "the run stopped: replica_start_failed: ValueError: no room for a KV cache (memory_fraction=1e-09"), text
+
+    report = json.loads((out / "_run_report.json").read_text())
+    assert report["complete"] is False and report["rows_written"] == 0 and report["units"]["failed"] == 3
+    error = report["error"]
+    assert stopped[0] == f"the run stopped: {error}"
+    assert [u["error"] for u in report["failed_units"]] == [error] * 3
+    assert "\n" not in error and "\x1b" not in error
+    log = error.rsplit(" (traceback in ", 1)[1].split(" on ", 1)[0]  # the replica's log, on this machine
+    logged = open(log, errors="replace").read()
+    assert "Traceback (most recent call last)" in logged and "ValueError: no room for a KV cache" in logged
