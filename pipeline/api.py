@@ -299,7 +299,7 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
     replicas = _pool_size(config, len(plan.todo))[0]
     if not ray.is_initialized():
         check_room(config, replicas)  # local Ray: before it starts (a cluster: once joined, below)
-    stop.call("starting Ray", init_ray, config)
+    stop.call("starting Ray", init_ray, config, at_once=False)
     if stop.signal:
         return None, None, [], set()
     check_room(config, replicas)

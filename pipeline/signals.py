@@ -2,9 +2,12 @@
 
 The run owns both signals from the moment it holds its output's lease until it returns:
 
-- while it plans, starts Ray, waits for its replica pool or collects the replicas' results
+- while it plans, waits for its replica pool or collects the replicas' results
   (`StopSignals.call`), the signal raises `Interrupted` at once: the phase is abandoned
   (units in flight too: their partial files are ignored, a rerun redoes them);
+- while it starts Ray (seconds) the signal is acted on as `ray.init` returns: ray.init starts
+  processes, and a signal that comes as one is forked runs in the fork hooks, where an exception
+  is printed and lost (and logging's lock left taken);
 - anywhere else (short steps: counting what was committed, writing the report, releasing the
   lease) it is only recorded, and the run skips what is left of its work.
 
@@ -74,10 +77,17 @@ class StopSignals:
             self.phase = self._armed
             raise Interrupted(self.signal)
 
-    def call(self, phase: str, fn, *args, **kwargs):
+    def call(self, phase: str, fn, *args, at_once: bool = True, **kwargs):
         """`fn(*args, **kwargs)`, stopped at once by a signal: returns its result, or None when a
-        signal came before or during it (`signal` and `phase` then say which and where)."""
+        signal came before or during it (`signal` and `phase` then say which and where). With
+        `at_once=False` a signal lets `fn` finish first (its result is then dropped)."""
         if self.signal is not None:
+            self.phase = self.phase or phase
+            return None
+        if not at_once:
+            result = fn(*args, **kwargs)
+            if self.signal is None:
+                return result
             self.phase = self.phase or phase
             return None
         try:

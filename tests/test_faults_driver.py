@@ -2,9 +2,10 @@
 
 Each case runs the CLI as a user does, in its own process:
 - SIGTERM while the driver plans (its input on a slow object store: moto holding each read of an
-  input file for a second) and while Ray Data waits for a replica pool the cluster cannot place
-  (it would wait --replica-start-timeout-s, 900 s): the driver exits 1 within seconds, with
-  `_run_report.json` saying `complete: false` and `interrupted`, and its lease released;
+  input file for a second), while it starts its local Ray, and while Ray Data waits for a
+  replica pool the cluster cannot place (it would wait --replica-start-timeout-s, 900 s): the
+  driver exits 1 within seconds, with `_run_report.json` saying `complete: false` and
+  `interrupted` (and the phase), its lease released, no Ray process or replica left behind;
 - a setting every replica's constructor fails on (a KV cache no replica has room for: the
   driver cannot know the device memory of the nodes): the run stops after the first failure
   with one line and exit 1, its report's errors plain one-line text naming the replica's log,
@@ -71,12 +72,12 @@ def _interrupted_report(out, sig: str, phase: str) -> dict:
 
 
 def test_sigterm_while_planning_stops_the_driver_at_once(tmp_path):
-    """40 input files, each read held for 1 s by the store: planning would take several
-    seconds; the signal comes with the first read. Reads in flight finish, the rest are never
-    made, and nothing else is started (no Ray)."""
+    """64 input files, each read held for 1 s by the store: planning takes about 25 s here;
+    the signal comes with the first read. The reads in flight finish, the rest are never made,
+    and nothing else is started (no Ray)."""
     with moto_s3() as s3:
         b = s3["bucket"]
-        write_shards(f"{b}/in", shards=40, rows=1, fs=s3_filesystem(s3))
+        write_shards(f"{b}/in", shards=64, rows=1, fs=s3_filesystem(s3))
         s3["faults"].add("GET", rf"^{b}/in/part-", None, delay_s=1.0)
         out = tmp_path / "out"
         proc, err = _driver(tmp_path, "--input", f"s3://{b}/in/", "--output", str(out), "--s3-endpoint",
@@ -85,12 +86,47 @@ def test_sigterm_while_planning_stops_the_driver_at_once(tmp_path):
         code, seconds = _stop(proc, err)
         reads = len(s3["faults"].hits("GET", rf"^{b}/in/part-"))
     text = err.read_text(errors="replace")
-    assert code == 1 and seconds < 15, (code, seconds, text[-3000:])
+    assert code == 1 and seconds < 12, (code, seconds, text[-3000:])
     report = _interrupted_report(out, "SIGTERM", "planning")
     assert report["error"] == ("interrupted by SIGTERM while planning: no unit was started; rerun the same "
                                "command to finish")
-    assert reads < 40, reads  # the plan was cut short: not every input file was read
+    assert reads < 64, reads  # the plan was cut short: not every input file was read
     assert "Traceback" not in text and "Started a local Ray" not in text, text
+
+
+def _processes_of_session(pid: int) -> list[str]:
+    """Processes of the Ray session a driver with this pid started (its session directory,
+    on every Ray process's command line, ends with the driver's pid)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.isdigit() and f"_{pid}/" in cmdline and "session_" in cmdline:
+            found.append(cmdline[:120])
+    return found
+
+
+def test_sigterm_while_starting_local_ray_stops_it_and_leaves_no_ray_behind(tmp_path):
+    """SIGTERM as the driver starts its local Ray (seconds on a small machine): ray.init used to
+    install Ray's own handler, which exits at once with no report and the lease left behind.
+    The run keeps its handler, acts on the signal as ray.init returns, and the Ray processes
+    started so far end with the driver."""
+    write_shards(str(tmp_path / "in"), shards=2, rows=2)
+    out = tmp_path / "out"
+    proc, err = _driver(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out))
+    _wait_for(proc, err, lambda: "unit(s) from" in err.read_text(errors="replace"))  # planned: Ray starts next
+    code, seconds = _stop(proc, err)
+    text = err.read_text(errors="replace")
+    assert code == 1 and seconds < 20, (code, seconds, text[-3000:])
+    _interrupted_report(out, "SIGTERM", "starting Ray")
+    assert "Traceback" not in text, text
+    deadline = time.monotonic() + 30
+    while _processes_of_session(proc.pid):
+        assert time.monotonic() < deadline, _processes_of_session(proc.pid)
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
