@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 from .config import ConfigError, PipelineConfig
 
@@ -31,14 +32,20 @@ def local_ray(config: PipelineConfig) -> bool:
     joined with `ray.init(address=...)`)."""
     if config.ray_address or os.environ.get("RAY_ADDRESS"):
         return False
-    import ray
-
-    if not ray.is_initialized():
+    if not _connected():
         return True  # `init_ray` starts one here
     try:
+        import ray
+
         return bool(ray._private.worker._global_node.is_head())  # this process started the head
     except Exception:  # noqa: BLE001 - private API: a Ray we cannot place is a cluster, where we wait
         return False
+
+
+def _connected() -> bool:
+    """Is this process connected to Ray? Asked without importing Ray (`plan` never does)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def local_gpus() -> int:
@@ -87,10 +94,10 @@ def check_room(config: PipelineConfig, replicas: int) -> None:
     """Is there room for the pool's first `replicas` replicas? On local Ray, before it starts
     (`local_resources`) or once connected: a ConfigError naming the fix when there is not. On a
     cluster, once connected: a warning saying what the pool waits for."""
-    import ray
-
     local = local_ray(config)
-    if ray.is_initialized():
+    if _connected():
+        import ray
+
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     elif local:
         nodes = [local_resources(config)]
