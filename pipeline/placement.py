@@ -123,8 +123,8 @@ def check_room(config: PipelineConfig, replicas: int) -> None:
     if gpus and fits(nodes, {"GPU": gpus}) < replicas:
         fix = ("use --num-gpus-per-replica 0 for CPU replicas" if not total["GPU"]
                else f"use {fewer}, or a --num-gpus-per-replica below 1 (replicas share a GPU)")
-        raise ConfigError(f"num_gpus_per_replica: {pool} need {_amount(replicas * gpus)} GPU(s), but this machine "
-                          f"has {_amount(total['GPU'])} that torch can use, and local Ray runs every replica here; "
+        raise ConfigError(f"num_gpus_per_replica: {pool} need {_amount(replicas * gpus)} GPU(s), but local Ray has "
+                          f"{_amount(total['GPU'])} (the GPUs torch sees on this machine) and no node can join it; "
                           f"{fix}, or --ray-address of a cluster with GPU nodes")
     cpus = replicas * config.num_cpus_per_replica
     fix = (f"use {fewer}, " if room else "use ") + f"--num-cpus {_amount(math.ceil(cpus))} or a smaller --num-cpus-per-replica"

@@ -137,7 +137,7 @@ def test_gpu_replicas_on_local_ray_without_a_gpu_fail_before_ray_starts(tmp_path
     _without_cuda()
     err = _fails_on_the_driver(tmp_path, capsys, "--num-gpus-per-replica", "1")
     assert err == ("persimmon-batch: error: num_gpus_per_replica: 1 replica(s) of 1 CPU + 1 GPU each need 1 GPU(s), "
-                   "but this machine has 0 that torch can use, and local Ray runs every replica here; use "
+                   "but local Ray has 0 (the GPUs torch sees on this machine) and no node can join it; use "
                    "--num-gpus-per-replica 0 for CPU replicas, or --ray-address of a cluster with GPU nodes")
 
 

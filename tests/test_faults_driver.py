@@ -193,3 +193,16 @@ def test_a_replica_that_cannot_start_stops_the_run_in_one_line(ray_address, tmp_
     log = error.rsplit(" (traceback in ", 1)[1].split(" on ", 1)[0]  # the replica's log, on this machine
     logged = open(log, errors="replace").read()
     assert "Traceback (most recent call last)" in logged and "ValueError: no room for a KV cache" in logged
+
+
+def test_errors_in_the_report_are_one_plain_line():
+    """What Ray puts in the message of an actor that died in its constructor: colour escapes, then
+    the traceback. The report keeps the first line, as plain text."""
+    from pipeline.report import one_line
+
+    ray_text = ("ActorDiedError: The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker("
+                "MapBatches(ShardRunner)).__init__()\x1b[39m (pid=1, ip=127.0.0.1)\n           ^^^^^^^^^\n"
+                "  File \"x.py\", line 1, in __init__\nValueError: boom")
+    assert one_line(ray_text) == ("ActorDiedError: The actor died because of an error raised in its creation task, "
+                                  "ray::MapWorker(MapBatches(ShardRunner)).__init__() (pid=1, ip=127.0.0.1)")
+    assert one_line("\n  plain  \n") == "plain" and one_line(None) is None
