@@ -345,8 +345,10 @@ def test_remote_model_is_fetched_once_per_node_and_shared_by_its_replicas(cluste
     assert_exactly_once(ids, all_prompts(shards, rows)[0])
     assert {r["node_id"] for r in report["replicas"]} <= set(homes), report["replicas"]
     # four replicas loaded the model (the pool starts once all four are up, and a replica
-    # loads its model in its constructor), two on each node ...
-    assert sorted(_replica_actors_per_node(homes).values()) == [2, 2]
+    # loads its model in its constructor), at least two on each node (a replica restarted on a
+    # loaded machine, or a second round's pool, loads it again: from the node's cache) ...
+    per_node = _replica_actors_per_node(homes)
+    assert len(per_node) == 2 and min(per_node.values()) >= 2, per_node
     # ... and the weights crossed the network once per node, into that node's own cache
     assert downloads == len(homes), requests.log
     for node_id, home in homes.items():
