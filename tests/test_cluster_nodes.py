@@ -24,7 +24,7 @@ import threading
 import time
 
 import pytest
-from pipeline_fixtures import (all_prompts, assert_exactly_once, moto_s3, patched_env, read_output, s3_filesystem,
+from pipeline_fixtures import (all_prompts, assert_exactly_once, loopback_cluster, moto_s3, patched_env, read_output, s3_filesystem,
                                tiny_model, upload_dir, write_shards)
 
 from pipeline import run_generate
@@ -39,21 +39,8 @@ GPU_REPLICAS = dict(num_gpus_per_replica=1, dtype="float32", max_new_tokens=8, b
 @pytest.fixture(scope="module")
 def cluster():
     """A head node (the driver's: no GPU, so no replica lands there); tests add workers."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    with _loopback_only():  # every node and the driver on 127.0.0.1, nothing on other interfaces
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                          "include_dashboard": False})
-        ray.init(address=c.address)
-    try:
+    with loopback_cluster() as (c, _):
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture
