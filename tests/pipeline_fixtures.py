@@ -237,3 +237,47 @@ def upload_dir(local_dir: str, fs, dest: str) -> None:
     for name in os.listdir(local_dir):
         with open(os.path.join(local_dir, name), "rb") as src, fs.open_output_stream(f"{dest}/{name}") as out:
             out.write(src.read())
+
+
+def read_all(path, cfg, forced: str | None = None):
+    """Every row of an input file through its format (`forced`: --input-format), with the
+    per-row errors keyed by row number."""
+    from pipeline.formats import input_format
+    from pipeline.storage import resolve
+
+    loc = resolve(str(path), cfg)
+    fmt = input_format(str(path), forced if forced is not None else cfg.input_format)
+    found = fmt.inspect(loc, cfg)
+    assert found.problem is None, found.problem
+    rows, errors = [], {}
+    columns = [cfg.id_column, cfg.prompt_column, *cfg.keep_columns]
+    for split in found.splits:
+        for table, errs in fmt.batches(loc, split, cfg, columns):
+            errors.update({len(rows) + k: v for k, v in errs.items()})
+            rows.extend(table.to_pylist())
+    assert len(rows) == found.num_rows
+    return rows, errors
+
+
+@contextlib.contextmanager
+def loopback_cluster(head_cpus: int = 1, workers: list[dict] | None = None):
+    """A multi-node `ray.cluster_utils.Cluster` (each node its own raylet and object store, all
+    on 127.0.0.1) with the driver connected; yields (cluster, worker nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.api import _loopback_only
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    with _loopback_only():  # every node and the driver on 127.0.0.1, nothing on other interfaces
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "node_ip_address": "127.0.0.1",
+                                                          "include_dashboard": False})
+        nodes = [c.add_node(node_ip_address="127.0.0.1", **w) for w in workers or []]
+        ray.init(address=c.address)
+    try:
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()

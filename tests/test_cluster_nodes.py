@@ -24,7 +24,7 @@ import threading
 import time
 
 import pytest
-from pipeline_fixtures import (all_prompts, assert_exactly_once, moto_s3, patched_env, read_output, s3_filesystem,
+from pipeline_fixtures import (all_prompts, assert_exactly_once, loopback_cluster, moto_s3, patched_env, read_output, s3_filesystem,
                                tiny_model, upload_dir, write_shards)
 
 from pipeline import run_generate
@@ -39,21 +39,8 @@ GPU_REPLICAS = dict(num_gpus_per_replica=1, dtype="float32", max_new_tokens=8, b
 @pytest.fixture(scope="module")
 def cluster():
     """A head node (the driver's: no GPU, so no replica lands there); tests add workers."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    with _loopback_only():  # every node and the driver on 127.0.0.1, nothing on other interfaces
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                          "include_dashboard": False})
-        ray.init(address=c.address)
-    try:
+    with loopback_cluster() as (c, _):
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture
@@ -345,8 +332,10 @@ def test_remote_model_is_fetched_once_per_node_and_shared_by_its_replicas(cluste
     assert_exactly_once(ids, all_prompts(shards, rows)[0])
     assert {r["node_id"] for r in report["replicas"]} <= set(homes), report["replicas"]
     # four replicas loaded the model (the pool starts once all four are up, and a replica
-    # loads its model in its constructor), two on each node ...
-    assert sorted(_replica_actors_per_node(homes).values()) == [2, 2]
+    # loads its model in its constructor), at least two on each node (a replica restarted on a
+    # loaded machine, or a second round's pool, loads it again: from the node's cache) ...
+    per_node = _replica_actors_per_node(homes)
+    assert len(per_node) == 2 and min(per_node.values()) >= 2, per_node
     # ... and the weights crossed the network once per node, into that node's own cache
     assert downloads == len(homes), requests.log
     for node_id, home in homes.items():

@@ -15,6 +15,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pipeline_fixtures import read_all
 
 from pipeline import PipelineConfig
 from pipeline.formats import INPUT_FORMATS, input_format, strip_suffix
@@ -24,22 +25,6 @@ from pipeline.storage import list_inputs, resolve
 
 def config(**kw) -> PipelineConfig:
     return PipelineConfig(**{"input": "-", "output": "-", "model": "-", **kw})
-
-
-def read_all(path, cfg: PipelineConfig):
-    """Every row of a file through its format, and the per-row errors keyed by row number."""
-    loc = resolve(str(path), cfg)
-    fmt = input_format(str(path), cfg.input_format)
-    found = fmt.inspect(loc, cfg)
-    assert found.problem is None, found.problem
-    rows, errors = [], {}
-    columns = [cfg.id_column, cfg.prompt_column, *cfg.keep_columns]
-    for split in found.splits:
-        for table, errs in fmt.batches(loc, split, cfg, columns):
-            errors.update({len(rows) + k: v for k, v in errs.items()})
-            rows.extend(table.to_pylist())
-    assert len(rows) == found.num_rows
-    return rows, errors
 
 
 # ---- input discovery ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import tiny_model
+from pipeline_fixtures import read_all, tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, run_generate
@@ -23,22 +23,6 @@ from pipeline.storage import list_inputs, resolve
 
 def config(**kw) -> PipelineConfig:
     return PipelineConfig(input="-", output="-", model="-", **kw)
-
-
-def read_all(path: str, cfg: PipelineConfig, forced: str | None = None):
-    """Every row of a file through its format, with the per-row errors keyed by row number."""
-    loc = resolve(path, cfg)
-    fmt = input_format(path, forced)
-    found = fmt.inspect(loc, cfg)
-    assert found.problem is None, found.problem
-    rows, errors = [], {}
-    columns = [cfg.id_column, cfg.prompt_column, *cfg.keep_columns]
-    for split in found.splits:
-        for table, errs in fmt.batches(loc, split, cfg, columns):
-            errors.update({len(rows) + k: v for k, v in errs.items()})
-            rows.extend(table.to_pylist())
-    assert len(rows) == found.num_rows
-    return rows, errors
 
 
 JSONL_LINES = [

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from collections import Counter
 
 import pytest
-from pipeline_fixtures import all_prompts, read_output, tiny_model, write_shards
+from pipeline_fixtures import all_prompts, loopback_cluster, read_output, tiny_model, write_shards
 
 from pipeline import run_generate
-from pipeline.api import _loopback_only
 
 pytestmark = pytest.mark.ray
 SHARDS, ROWS = 4, 3
@@ -19,22 +17,9 @@ SHARDS, ROWS = 4, 3
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    with _loopback_only():  # every node and the driver on 127.0.0.1, nothing on other interfaces
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                          "include_dashboard": False})
-        workers = [c.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
-        ray.init(address=c.address)
-    try:
+    """A CPU head and two worker nodes advertising one (fake) GPU each."""
+    with loopback_cluster(workers=[{"num_cpus": 2, "num_gpus": 1}] * 2) as (c, workers):
         yield c, {w.node_id for w in workers}
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture
