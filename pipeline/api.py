@@ -273,7 +273,7 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start
         if plan.todo and not stop.signal:
             crash, attempts, stuck, dead = _run_on_ray(config, plan, run_id, stop, results, console)
     if stop.signal:
-        crash = _interrupted(stop)
+        crash = _interrupted(stop, started=bool(results or attempts))
         say(crash)
     planned = plan is not None
     if not planned:  # stopped while listing the inputs: nothing was run, nothing is counted
@@ -325,12 +325,12 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
     return crash, attempts, stuck, dead
 
 
-def _interrupted(stop: StopSignals) -> str:
-    """Why the run stopped, for a signal received in `stop.phase`."""
-    if stop.phase in ("planning", "starting Ray"):
-        what = "no unit was started"
-    else:
+def _interrupted(stop: StopSignals, started: bool) -> str:
+    """Why the run stopped, for a signal received in `stop.phase`; `started`: units had begun."""
+    if started:
         what = "no new units were started and units in flight were abandoned (their partial files are ignored)"
+    else:
+        what = "no unit was started"
     return (f"interrupted by {stop.signal}" + (f" while {stop.phase}" if stop.phase else "")
             + f": {what}; rerun the same command to finish")
 
@@ -360,7 +360,7 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
     with ReplicaDemand(config, *_pool_size(config, len(units), min_replicas), run_id):
         rows = iter(ds.iter_rows())
         try:
-            crash = stop.call("running units", _collect, rows, plan, results, console, stop.lease)
+            crash = stop.call("running replicas", _collect, rows, plan, results, console, stop.lease)
         except Exception as e:  # noqa: BLE001 - e.g. retries exhausted, a pool never placed: report what is left
             crash = one_line(f"{type(e).__name__}: {e}")
         finally:

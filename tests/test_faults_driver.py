@@ -160,7 +160,9 @@ def test_sigterm_while_waiting_for_a_pool_the_cluster_cannot_place(ray_address, 
     assert code == 1 and seconds < 20, (code, seconds, text[-3000:])
     assert ("waiting up to 900 s (--replica-start-timeout-s) for room for 1 replica(s) of 16 CPU each: the Ray "
             "cluster holds 0 of them now (8 CPU in all); an autoscaler or nodes that join can add the rest") in text
-    _interrupted_report(out, "SIGTERM", "running units")
+    report = _interrupted_report(out, "SIGTERM", "running replicas")
+    assert report["error"] == ("interrupted by SIGTERM while running replicas: no unit was started; rerun the same "
+                               "command to finish")
     assert "Traceback" not in text, text
     deadline = time.monotonic() + 30  # the pending replicas and the tracker go with their driver
     while _foreign_actors_alive():
