@@ -69,6 +69,30 @@ def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
     return min(1.0, max(1.0, config.num_cpus_per_replica) / max(1.0, node_cpus))
 
 
+def normal_priority() -> str | None:
+    """Give the calling thread (the stage's torch thread, before it starts any OpenMP threads,
+    which inherit it) the normal CPU priority; returns what was done, or None.
+
+    Ray starts worker processes at nice 15 (RAY_worker_niceness), so a CPU replica loses its
+    cores to anything at normal priority on the node: the driver's Ray Data loop, the raylet,
+    the dashboard. An OpenMP team is only as fast as its slowest thread, so every preempted
+    thread stalls the whole forward. Lowering a nice value needs CAP_SYS_NICE (root in most
+    containers); without it the replica keeps Ray's priority and says so once."""
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux, this thread's nice value
+    except (AttributeError, OSError):
+        return None
+    if now <= 0:
+        return None
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError as e:
+        log.info("replica left at nice %d (Ray's worker niceness; %s): start Ray with RAY_worker_niceness=0 "
+                 "on CPU nodes to give replicas their cores", now, e.strerror)
+        return None
+    return f"nice {now} -> 0"
+
+
 def load_engine(config: PipelineConfig):
     """Engine.from_pretrained for this replica: model fetched to the node cache if remote,
     device CUDA when this actor was given a GPU (and torch sees one), else CPU; dtype as the
@@ -82,6 +106,7 @@ def load_engine(config: PipelineConfig):
     device = None if config.device == "auto" else config.device
     on_gpu = device == "cuda" or (device is None and config.num_gpus_per_replica > 0 and torch.cuda.is_available())
     device = device or ("cuda" if on_gpu else "cpu")  # a CPU replica never takes a GPU it was not given
+    normal_priority()
     dtype = config.resolved_dtype  # decided from the config, recorded with every output
     if not on_gpu and torch.get_num_threads() > max(1, int(config.num_cpus_per_replica)):
         torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))  # share cores with other replicas
