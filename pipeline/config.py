@@ -483,6 +483,30 @@ class PipelineConfig:
         return cls.from_dict(read_yaml(path), **overrides)
 
 
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
+        last value silently (`input: a` then `input: b` would read b)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first on line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def read_yaml(path: str) -> dict:
     """A YAML config file's mapping of keys. A syntax error (tab indentation, an unclosed
     bracket) is a ConfigError naming the file, line and column, in one line."""
@@ -490,12 +514,16 @@ def read_yaml(path: str) -> dict:
 
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
