@@ -141,6 +141,24 @@ def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, capsys, no_ray,
     assert len(err.splitlines()) == 1 and argv[-1] in err, err
 
 
+@pytest.mark.parametrize("command", ["generate", "plan"])
+def test_ctrl_c_before_the_run_owns_the_signals_is_one_line_and_130(tmp_path, capsys, no_ray, monkeypatch, command):
+    """Ctrl-C in the first second (imports, the model check: before the lease) printed a Python
+    traceback and died of SIGINT."""
+    import pipeline.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.api, "check_model", interrupted)
+    write_shards(str(tmp_path / "in"), shards=1, rows=1)
+    argv = [*(["plan"] if command == "plan" else []), "generate", "--input", str(tmp_path / "in"), "--output",
+            str(tmp_path / "out"), "--model", tiny_model("causal")]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "persimmon-batch: interrupted before anything was started"
+    assert not (tmp_path / "out").exists()
+
+
 # ---- where the replicas run: local Ray is this machine, known before Ray starts -----------------
 def _without_cuda():
     import torch
