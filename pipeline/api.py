@@ -300,6 +300,7 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
     if not ray.is_initialized():
         check_room(config, replicas)  # local Ray: before it starts (a cluster: once joined, below)
     stop.call("starting Ray", init_ray, config, at_once=False)
+    stop.reown()  # Ray's core worker put its C++ SIGTERM handler over ours (pipeline/signals.py)
     if stop.signal:
         return None, None, [], set()
     check_room(config, replicas)

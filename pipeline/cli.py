@@ -251,6 +251,15 @@ def _task_first(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a run owns the signals (imports, the model check): no
+        # lease was taken and nothing written, so one line and 130, not a traceback
+        print("persimmon-batch: interrupted before anything was started", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         argv = _task_first(argv)

@@ -29,6 +29,10 @@ RENAMED = {"rows_per_task": "rows_per_unit", "max_task_retries": "max_unit_retri
 # must not pin another commit, directory or identity
 DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
+# the engine's own bounds (model/engine.py, Engine.__init__): a value past them would pass here and
+# fail in every replica's constructor, so they are refused on the driver
+MAX_SEQ_LEN = 1 << 24
+MAX_NUM_SEQS = 1 << 20
 INPUT_FORMAT_NAMES = ("auto", *INPUT_FORMATS)  # each format is one class in pipeline/formats.py
 OUTPUT_FORMAT_NAMES = ("auto", *OUTPUT_FORMATS)
 # user:secret@ after a scheme; the secret may hold "/" or "@" (AWS secret keys have "/"), so
@@ -332,17 +336,24 @@ class PipelineConfig:
         for name in ("batch_size", "max_new_tokens", "max_num_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
-            bad("max_seq_len", f"must be an integer >= 2, got {self.max_seq_len!r}")
+        if self.max_num_seqs > MAX_NUM_SEQS:  # the engine's own limits: refused here, not in every replica
+            bad("max_num_seqs", f"must be at most {MAX_NUM_SEQS}, got {self.max_num_seqs}")
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or not 2 <= self.max_seq_len <= MAX_SEQ_LEN):
+            bad("max_seq_len", f"must be an integer in [2, {MAX_SEQ_LEN}], got {self.max_seq_len!r}")
         if self.kv_cache_gib is not None and not (isinstance(self.kv_cache_gib, (int, float))
                                                   and math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
             bad("kv_cache_gib", f"must be a number of GiB > 0, got {self.kv_cache_gib!r}")
         if not isinstance(self.memory_fraction, (int, float)) or not 0 < self.memory_fraction <= 1:
             bad("memory_fraction", f"must be in (0, 1], got {self.memory_fraction!r}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            bad("temperature", "need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-        if self.num_gpus_per_replica < 0 or self.num_cpus_per_replica < 0:
-            bad("num_gpus_per_replica", "resources must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            bad("temperature", "need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0, got "
+                f"temperature={self.temperature!r}, top_p={self.top_p!r}, top_k={self.top_k!r}")
+        for name in ("num_gpus_per_replica", "num_cpus_per_replica"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                bad(name, f"resources must be a finite number >= 0, got {value!r}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            bad("num_cpus", f"must be a positive integer (logical CPUs of the local Ray), got {self.num_cpus!r}")
         if self.num_gpus_per_replica > 1 and self.num_gpus_per_replica != int(self.num_gpus_per_replica):
             bad("num_gpus_per_replica", "above 1 it must be a whole number")
         for name in ("rows_per_unit", "max_unit_retries", "replica_start_timeout_s", "batch_timeout_s",
@@ -472,6 +483,30 @@ class PipelineConfig:
         return cls.from_dict(read_yaml(path), **overrides)
 
 
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
+        last value silently (`input: a` then `input: b` would read b)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first on line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def read_yaml(path: str) -> dict:
     """A YAML config file's mapping of keys. A syntax error (tab indentation, an unclosed
     bracket) is a ConfigError naming the file, line and column, in one line."""
@@ -479,12 +514,16 @@ def read_yaml(path: str) -> dict:
 
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -22,6 +22,14 @@ SIGTERM handler with its own (exit at once, no report): while a run owns the sig
 setter does nothing. A local Ray's processes are still stopped when the process exits (Ray's
 atexit hook, and they share the driver's fate).
 
+Ray's core worker (started in this process by `ray.init`) installs abseil's failure signal
+handler for SIGTERM in C++, over ours: it prints "*** SIGTERM received ..." with a stack, arms a
+3-second `alarm` that aborts the process (SIGABRT) and only then chains to our handler (ray
+#64830). A local Ray's shutdown takes longer than 3 s, so every SIGTERM while the run used
+Ray ended in SIGABRT instead of exit 1, and a slower report or lease release would have been
+cut short. So the run takes SIGTERM back once Ray is up (`reown`), and a signal that still
+found abseil's handler (one that came while Ray started) cancels its abort fuse.
+
 Only the main thread can own signal handlers; elsewhere (a notebook's worker thread) nothing is
 installed and the run cannot be interrupted this way.
 """
@@ -69,7 +77,14 @@ class StopSignals:
 
             ray_utils.set_sigterm_handler = self._ray_setter
 
+    def reown(self) -> None:
+        """Take SIGTERM / SIGINT back from whatever was installed over our handler since
+        `__enter__` (Ray's C++ failure signal handler, see the module docstring)."""
+        for sig in self._saved:
+            signal.signal(sig, self._handler)
+
     def _handler(self, signum, frame) -> None:
+        _cancel_abort_fuse()
         if self.signal is not None:
             return  # the run is stopping already: a second signal does not cut that short
         self.signal = signal.Signals(signum).name
@@ -110,3 +125,12 @@ class StopSignals:
             return
         self._ray_setter = ray_utils.set_sigterm_handler
         ray_utils.set_sigterm_handler = lambda handler: None
+
+
+def _cancel_abort_fuse() -> None:
+    """abseil's failure signal handler, run before ours, arms `alarm(3)` with a SIGALRM handler
+    that aborts: cancel it. Only when SIGALRM's handler is not Python's (`getsignal` is None for
+    a handler installed from C), so an alarm of the program's own is left alone."""
+    if hasattr(signal, "SIGALRM") and signal.getsignal(signal.SIGALRM) is None:
+        signal.alarm(0)
+

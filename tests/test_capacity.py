@@ -99,3 +99,28 @@ def test_capacity_cli_says_when_it_does_not_fit(eight_b_dirs, capsys):
     assert out["weights_bytes"] == 18_794_350_592 and out["kv_bytes_per_token"] == 589_824
     assert cli(["capacity", "--model", "/no/such/dir", "--gpu", "L40S"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_the_readmes_capacity_numbers_are_what_capacity_says(eight_b_dirs, capsys):
+    """The README's example output and its table of GPUs were written before the sampler's
+    estimate changed (activations 1.81 -> 1.62 GiB) and went on showing the old KV caches."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+
+    def planned(gpu):
+        assert cli(["capacity", "--model", eight_b_dirs["causal"], "--gpu", gpu, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    out = planned("L40S")
+    example = re.search(r"activations ([\d.]+) GiB.*?KV cache ([\d.]+) GiB = (\d+) tokens", readme, re.S)
+    assert example, "the README's capacity example"
+    assert float(example[1]) == round(out["activation_bytes"] / 2**30, 2)
+    assert float(example[2]) == round(out["kv_cache_bytes"] / 2**30, 2) and int(example[3]) == out["kv_tokens"]
+    rows = re.findall(r"^\| ([A-Z0-9/ -]+?) \(([\d.]+)\) \| ([\d.]+) GiB \| ~([\d.]+)k", readme, re.M)
+    assert len(rows) == 4, rows
+    for names, _, gib, ktokens in rows:
+        for gpu in names.split(" / "):
+            out = planned(gpu)
+            assert float(gib) == round(out["kv_cache_bytes"] / 2**30, 1), (gpu, gib, out["kv_cache_bytes"] / 2**30)
+            assert float(ktokens) == round(out["kv_tokens"] / 1000, 1), (gpu, ktokens, out["kv_tokens"])
+

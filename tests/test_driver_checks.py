@@ -117,6 +117,48 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys, no_ray
     assert len(err.splitlines()) == 1 and f"{path} {where}" in err and "not valid YAML" in err, err
 
 
+@pytest.mark.parametrize("text, where", [("input: in\noutput: out\ninput: other\n", "line 3 column 1"),
+                                         ("input: in\nstop: {a: 1, a: 2}\n", "line 2 column 14")])
+def test_a_yaml_key_given_twice_is_refused_not_silently_the_last(tmp_path, capsys, no_ray, text, where):
+    """PyYAML keeps the last of two equal keys: `input:` twice would run on the second input."""
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    assert main(["generate", "--config", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path} {where}" in err and "appears twice" in err, err
+
+
+@pytest.mark.parametrize("argv", [["plan", "--config", "{missing}"], ["plan", "generate", "--config", "{missing}"],
+                                  ["generate", "--config", "{missing}"], ["generate", "--config", "{binary}"]])
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, capsys, no_ray, argv):
+    """`plan --config missing.yaml` raised FileNotFoundError with a traceback; a file that is not UTF-8
+    gave a message without the file's name."""
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe input: x")
+    paths = {"missing": str(tmp_path / "missing.yaml"), "binary": str(tmp_path / "binary.yaml")}
+    argv = [a.format(**paths) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and argv[-1] in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "plan"])
+def test_ctrl_c_before_the_run_owns_the_signals_is_one_line_and_130(tmp_path, capsys, no_ray, monkeypatch, command):
+    """Ctrl-C in the first second (imports, the model check: before the lease) printed a Python
+    traceback and died of SIGINT."""
+    import pipeline.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.api, "check_model", interrupted)
+    write_shards(str(tmp_path / "in"), shards=1, rows=1)
+    argv = [*(["plan"] if command == "plan" else []), "generate", "--input", str(tmp_path / "in"), "--output",
+            str(tmp_path / "out"), "--model", tiny_model("causal")]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "persimmon-batch: interrupted before anything was started"
+    assert not (tmp_path / "out").exists()
+
+
 # ---- where the replicas run: local Ray is this machine, known before Ray starts -----------------
 def _without_cuda():
     import torch

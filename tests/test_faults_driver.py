@@ -129,6 +129,30 @@ def test_sigterm_while_starting_local_ray_stops_it_and_leaves_no_ray_behind(tmp_
         time.sleep(0.2)
 
 
+def test_sigterm_while_running_on_local_ray_exits_1_not_sigabrt(tmp_path):
+    """The common case: the driver's own local Ray, SIGTERM once units are committing. Ray's core
+    worker puts abseil's failure signal handler on SIGTERM in C++, which printed "*** SIGTERM
+    received ..." and armed a 3-second alarm that aborted the driver (exit -6, SIGABRT) while it
+    shut its local Ray down, every time on a 2-core machine (ray #64830)."""
+    write_shards(str(tmp_path / "in"), shards=8, rows=4)
+    out = tmp_path / "out"
+    proc, err = _driver(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out), "--replicas", "1",
+                        "--num-cpus", "2", "--batch-size", "1", "--max-new-tokens", "200")
+    _wait_for(proc, err, lambda: out.exists() and any(f.endswith(".parquet") for f in os.listdir(out)), timeout=300)
+    code, seconds = _stop(proc, err)
+    text = err.read_text(errors="replace")
+    assert code == 1 and seconds < 30, (code, seconds, text[-3000:])
+    assert "SIGTERM received" not in text, text[-3000:]
+    report = json.loads((out / "_run_report.json").read_text())
+    assert report["complete"] is False and report["interrupted"] == "SIGTERM"
+    assert report["error"].startswith("interrupted by SIGTERM while running replicas: ")
+    assert not (out / "_lease.json").exists()
+    deadline = time.monotonic() + 30
+    while _processes_of_session(proc.pid):
+        assert time.monotonic() < deadline, _processes_of_session(proc.pid)
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def ray_address(ray_local):
     import ray

@@ -80,6 +80,47 @@ def test_config_validation_names_the_field():
     assert cfg(chat_template=True, prompt_template="Q: {prompt}").template == "human: Q: {prompt}\n\nadept:"
 
 
+@pytest.mark.parametrize("field,value", [
+    ("temperature", float("nan")),       # every row would be invalid_sampling, the run "complete"
+    ("temperature", float("inf")),
+    ("num_cpus_per_replica", float("inf")),  # an OverflowError traceback in the placement check
+    ("num_cpus_per_replica", float("nan")),
+    ("num_gpus_per_replica", float("inf")),
+    ("num_gpus_per_replica", float("nan")),
+    ("num_cpus", 0),                     # 0 silently meant the default, -3 gave "use --replicas -3"
+    ("num_cpus", -3),
+    ("max_seq_len", (1 << 24) + 1),      # past the engine's bounds: failed in every replica's constructor
+    ("max_num_seqs", (1 << 20) + 1),
+])
+def test_config_refuses_what_every_replica_would_refuse(field, value):
+    """Values the engine or the placement check cannot take are refused on the driver, naming the
+    field (exit 2), not found by each replica or as a traceback."""
+    with pytest.raises(ConfigError, match=field):
+        cfg(**{field: value}).validate()
+
+
+def test_config_engine_bounds_are_the_engines():
+    cfg(max_seq_len=1 << 24, max_num_seqs=1 << 20, num_cpus=1).validate()
+    from model import Engine
+
+    for kw in ({"max_seq_len": (1 << 24) + 1}, {"max_batch_size": (1 << 20) + 1}):
+        with pytest.raises(ValueError, match="must be an integer in"):
+            Engine(FakeModelForBounds(), **kw)
+
+
+class FakeModelForBounds:
+    """Just enough of a model for Engine's argument checks, which run first."""
+
+    class config:
+        max_position_embeddings = 512
+
+    def eval(self):
+        return self
+
+    def modules(self):
+        return iter(())
+
+
 def test_secrets_never_in_public_dict_or_repr(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value")
