@@ -9,7 +9,7 @@ from .modeling import (
     PersimmonForTokenClassification,
     PersimmonModel,
 )
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 from .tokenizer import PersimmonTokenizer, chat_prompt
 
 __all__ = [

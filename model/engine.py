@@ -30,7 +30,8 @@ from .checkpoint import load_pretrained, resolve_dtype
 from .config import PersimmonConfig
 from .modeling import PersimmonForCausalLM, PersimmonForSequenceClassification
 from .runner import ModelRunner, unpack_cpu_linears
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
+from .sampling_params import SamplingParams
 from .scheduler import BlockManager, Scheduler, Sequence
 
 LOGITS_ROWS = 64  # rows of scoring logits [rows, vocab] computed at once
@@ -251,8 +252,8 @@ class Engine:
                 if not step.items:
                     raise RuntimeError("scheduler made no progress (a bug): "
                                        f"{len(sched.waiting)} waiting, {len(sched.running)} running")
-                constrained = [i.seq for i in step.items if i.sample and i.seq.constraint is not None]
-                masks = self._constraints.masks_async([s.constraint for s in constrained]) if constrained else None
+                constrained = [i.seq for i in step.items if i.sample and i.seq.grammar is not None]
+                masks = self._constraints.masks_async([s.grammar for s in constrained]) if constrained else None
                 hidden = runner.execute(step)  # the grammar masks are filled meanwhile
                 sampling, scoring, at = [], [], 0
                 for item in step.items:
@@ -271,7 +272,7 @@ class Engine:
                     logits = runner.lm_head(hidden[torch.tensor([i for _, i in sampling], device=hidden.device)])
                     if masks is not None:
                         logits = self._apply_masks(logits, seqs, constrained, masks.result())
-                    tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [s.payload for s in seqs],
+                    tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [s.seed for s in seqs],
                                                     [len(s.output) for s in seqs],
                                                     want_logprobs=any(s.params.logprobs for s in seqs))
                     if constrained:
@@ -293,9 +294,9 @@ class Engine:
         masked = apply_masks(logits[rows], bitmask)
         for k, s in enumerate(constrained):
             # an error state allows only EOS: a row that "stopped" there would not match
-            if bitmask[k].count_nonzero() == 0 or s.constraint.is_error():
+            if bitmask[k].count_nonzero() == 0 or s.grammar.is_error():
                 s.finish_reason, s.error_kind = "error", "grammar_error"
-                s.error = f"no text can continue the constraint here ({error_text(s.constraint)})"
+                s.error = f"no text can continue the constraint here ({error_text(s.grammar)})"
                 masked[k] = logits[rows[k]]  # sample anything: the row is ended with the error
         logits[rows] = masked
         return logits
@@ -304,7 +305,7 @@ class Engine:
         from .structured import error_text
 
         for s, tok in zip(seqs, tokens):
-            m = s.constraint
+            m = s.grammar
             if m is None or s.finish_reason:
                 continue
             if tok in s.stop_ids and m.is_accepting():
@@ -323,7 +324,7 @@ class Engine:
 
             eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.config.eos_ids()[0]
             self._constraints = Constraints(self.tokenizer, self.config.vocab_size, eos)
-        seq.constraint = self._constraints.matcher(seq.params)
+        seq.grammar = self._constraints.matcher(seq.params)
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -347,7 +348,7 @@ class Engine:
                                             num_prompt_tokens=len(prompt) if isinstance(prompt, list) else 0)
                     continue
                 seq = Sequence(i, ids, p, self._stop_ids(p), cacheable_tokens=self._cacheable(ids))
-                seq.payload = p.seed if p.seed is not None else random.getrandbits(62)  # the sampler's seed
+                seq.seed = p.seed if p.seed is not None else random.getrandbits(62)
                 if p.constrained:
                     try:
                         self._constrain(seq)
@@ -433,11 +434,10 @@ class Engine:
                 if seq is None:
                     seq = rows[key] = Sequence(len(rows), list(tokens), score_from=len(context) - 1,
                                                cacheable_tokens=self._cacheable(context))
-                    seq.payload = []
-                seq.payload.append((i, k, cont))  # (prompt, choice, the tokens its positions predict)
+                seq.targets.append((i, k, cont))  # (prompt, choice, the tokens its positions predict)
         for seq in rows.values():
             if not self.scheduler.add(seq):
-                for i, _, _ in seq.payload:
+                for i, _, _ in seq.targets:
                     results[i] = ChoiceScores(error=seq.error, error_kind=seq.error_kind)
                     scores.pop(i, None)
 
@@ -445,7 +445,7 @@ class Engine:
             picks, hidden, at = [], [], 0
             for seq, h in chunks:
                 start = max(seq.score_from, seq.num_computed)  # num_computed: before this step
-                for i, k, cont in seq.payload:
+                for i, k, cont in seq.targets:
                     for j in range(h.shape[0]):
                         t = start + j - seq.score_from  # this position predicts continuation token t
                         if t < len(cont) and i in scores:

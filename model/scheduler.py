@@ -28,7 +28,12 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 NULL_BLOCK, SCRATCH_BLOCK = 0, 1
 RESERVED_BLOCKS = 2
@@ -154,7 +159,7 @@ class Sequence:
     samples nothing: the runner returns hidden states from position `score_from` on."""
     index: int
     prompt: list[int]
-    params: object = None  # SamplingParams (max_new_tokens, stop, ...); None for scoring rows
+    params: SamplingParams | None = None  # None for scoring rows
     stop_ids: frozenset = frozenset()
     score_from: int | None = None
     output: list[int] = field(default_factory=list)
@@ -172,8 +177,9 @@ class Sequence:
     hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, computed lazily
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
     cache_hit_tokens: int = 0
-    payload: object = None  # the caller's (the engine keeps a row's seed or scoring targets here)
-    constraint: object = None  # the caller's grammar state (model/structured.py), opaque here
+    seed: int = 0  # the sampler's randomness for this row (model/sampling.py)
+    targets: list[tuple[int, int, list[int]]] = field(default_factory=list)  # scoring: (prompt, choice, its tokens)
+    grammar: LLMatcher | None = None  # the grammar state of a structured row (model/structured.py)
     grammar_done: bool = False  # set by the caller: the grammar is complete, the row stops
 
     @property

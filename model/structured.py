@@ -23,6 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .sampling_params import SamplingParams
+
 
 def _llguidance():
     try:
@@ -87,8 +89,6 @@ def check_grammar(json_schema=None, regex=None, choice=None) -> str:
     """'' if llguidance can compile the constraint and some text matches it, else why not (no
     model tokenizer needed). A regex that matches nothing (`[^\\s\\S]`, `[a&&b]`) compiles, but
     a row under it could only end at once with an empty "stop" that does not match it."""
-    from .sampling import SamplingParams
-
     try:
         grammar = grammar_of(SamplingParams(json_schema=json_schema, regex=regex, choice=choice))
     except ValueError as e:

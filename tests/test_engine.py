@@ -633,7 +633,9 @@ def test_argument_checks(lm):
         with pytest.raises(ValueError, match=match):
             Engine(lm, None, **kwargs)
     for kwargs, match in [(dict(stop=[1]), "stop"), (dict(top_k=True), "top_k"), (dict(temperature="0.5"), "temperature"),
-                          (dict(temperature=float("inf")), "temperature"), (dict(stop_token_ids=5), "stop_token_ids")]:
+                          (dict(temperature=float("inf")), "temperature"), (dict(stop_token_ids=5), "stop_token_ids"),
+                          (dict(json_schema=5), "json_schema must be a dict or JSON text, got 5"),
+                          (dict(truncate="right"), "truncate"), (dict(choice=[""]), "choice")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
     # temperatures too small for fp32 logits / T act as greedy instead of overflowing
