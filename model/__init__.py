@@ -2,13 +2,14 @@
 
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import PersimmonConfig
-from .engine import ChoiceScores, Classification, Completion, Engine
+from .engine import Engine
 from .modeling import (
     PersimmonForCausalLM,
     PersimmonForSequenceClassification,
     PersimmonForTokenClassification,
     PersimmonModel,
 )
+from .outputs import ChoiceScores, Classification, Completion
 from .sampling_params import SamplingParams
 from .tokenizer import PersimmonTokenizer, chat_prompt
 
