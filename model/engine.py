@@ -322,31 +322,3 @@ class Engine:
     # ---- scoring and classification: model/scoring.py ---------------------------------------
     score_choices = scoring.score_choices
     classify = scoring.classify
-
-
-def generate_tensor(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False,
-                    temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, seed=None):
-    """transformers-style `generate` on the engine: [B, T] (left- or right-padded with a mask) in,
-    [B, T + new] out, rows that stop early padded with pad_token_id (eos when unset)."""
-    cfg = model.config
-    eos = cfg.eos_ids() if eos_token_id is None else (
-        list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                         else (eos[0] if eos else 0))
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                            top_k=top_k or 0, top_p=top_p or 1.0, stop_token_ids=eos, ignore_eos=True,
-                            seed=seed)
-    engine = Engine(model, None, max_batch_size=input_ids.shape[0],
-                    max_seq_len=input_ids.shape[1] + max_new_tokens)
-    completions = engine.generate(prompts, params)
-    for c in completions:
-        if c.error:
-            raise ValueError(c.error)
-    new = max(len(c.token_ids) for c in completions)
-    out = torch.full((input_ids.shape[0], new), pad, dtype=input_ids.dtype)
-    for row, c in enumerate(completions):
-        out[row, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=input_ids.dtype)
-    return torch.cat([input_ids, out.to(input_ids.device)], dim=1)

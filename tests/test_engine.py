@@ -4,6 +4,7 @@ stop conditions, continuous batching over the paged KV cache, preemption and per
 import pytest
 import torch
 from conftest import hf_twin, random_model
+from hf_compat import generate_tensor
 
 from model import (
     Engine,
@@ -105,11 +106,11 @@ def test_model_generate_equals_transformers_tensor(lm, hf_lm):
     eos = ref_free[1, T + 3].item()
     ref = hf_lm.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                          eos_token_id=eos, pad_token_id=0)
-    ours = lm.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    ours = generate_tensor(lm, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     assert ours.dtype == torch.long
     assert torch.equal(ours, ref)
-    assert torch.equal(lm.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
-                                   eos_token_id=[]), ref_free)
+    assert torch.equal(generate_tensor(lm, ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
+                                       eos_token_id=[]), ref_free)
 
 
 def test_shared_prefix_is_prefilled_once_and_reused_across_calls(lm, hf_lm, attention_path):
