@@ -32,7 +32,8 @@ from .checkpoint import load_pretrained, resolve_dtype
 from .config import PersimmonConfig
 from .modeling import PersimmonForCausalLM
 from .outputs import Completion, OutputProcessor, RowError, error_kind
-from .runner import ModelRunner, unpack_cpu_linears
+from .cpu_packing import unpack_cpu_linears
+from .model_runner import ModelRunner
 from .sampling import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import BlockManager, Scheduler, Sequence
@@ -61,7 +62,7 @@ class Engine:
         decode_mode: "dynamic" (CPU default), "static" (fixed shapes, eager) or "cuda_graph"
             (CUDA default).
         packed_cpu_linears: oneDNN-packed Linear weights on CPU. None (default): where this CPU
-            supports them for the dtype (model.runner.cpu_packing_unsupported), else F.linear;
+            supports them for the dtype (model.cpu_packing.cpu_packing_unsupported), else F.linear;
             True where unsupported is a ValueError saying why.
     """
 

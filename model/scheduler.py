@@ -1,6 +1,6 @@
 """The scheduler: which rows run in the next forward, and where their KV cache lives. No torch.
 
-vLLM in miniature, the deciding part: the model runner computes (model/runner.py) and the
+vLLM in miniature, the deciding part: the model runner computes (model/model_runner.py) and the
 sampler picks tokens (model/sampling.py). Everything here is plain Python, unit-tested with a
 fake runner (tests/test_scheduler.py).
 

@@ -15,7 +15,8 @@ from model import (
     SamplingParams,
 )
 from model import cpu_kernels
-from model.runner import ModelRunner, cpu_packing_unsupported
+from model.cpu_packing import cpu_packing_unsupported
+from model.model_runner import ModelRunner
 from model.tiny_tokenizer import train_tiny_tokenizer
 from tolerances import accumulation_tol, approx_forward, assert_forward_close, forward_tol, no_less_precise
 
@@ -471,7 +472,7 @@ def test_packed_cpu_linears_in_place_match_plain_and_follow_casts():
 def test_packing_is_asked_of_torch_and_refused_clearly_where_unsupported(monkeypatch):
     """The packed path runs only where torch's oneDNN says it can; elsewhere F.linear, and an
     explicit request names the reason instead of oneDNN's error from deep in a forward."""
-    from model import runner as runner_module
+    from model import cpu_packing
 
     monkeypatch.delenv("PERSIMMON_PACKED_LINEARS", raising=False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
@@ -481,11 +482,11 @@ def test_packing_is_asked_of_torch_and_refused_clearly_where_unsupported(monkeyp
     with pytest.raises(ValueError, match="packed_cpu_linears=True, but oneDNN's bf16"):
         Engine(model, None, max_batch_size=2, max_seq_len=32, dtype="bfloat16", packed_cpu_linears=True)
     engine = Engine(model, None, max_batch_size=2, max_seq_len=32, dtype="bfloat16")
-    assert not engine.runner.packed and not runner_module.is_packed(model)
+    assert not engine.runner.packed and not cpu_packing.is_packed(model)
     assert len(engine.generate(prompts_of([5]), SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids) == 3
     monkeypatch.setenv("PERSIMMON_PACKED_LINEARS", "0")
     assert "PERSIMMON_PACKED_LINEARS" in cpu_packing_unsupported(torch.float32)
-    monkeypatch.setattr(runner_module.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu_packing.platform, "machine", lambda: "aarch64")
     monkeypatch.delenv("PERSIMMON_PACKED_LINEARS")
     assert "x86" in cpu_packing_unsupported(torch.float32)
 
