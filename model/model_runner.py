@@ -22,8 +22,8 @@ import logging
 
 import torch
 
-from . import capacity, cpu_kernels
-from .attention import AttentionMetadata, PagedKVCache
+from . import capacity
+from .attention import AttentionMetadata, PagedKVCache, attention_backend
 from .cpu_packing import cpu_packing_unsupported, pack_cpu_linears
 from .modeling import PersimmonForCausalLM
 from .scheduler import RESERVED_BLOCKS, SCRATCH_BLOCK, ScheduledStep, cdiv
@@ -70,7 +70,7 @@ class ModelRunner:
                                             device=self.device)
             self._table_owner: list = [None] * max_batch_size
             self._table_len = [0] * max_batch_size
-        self.use_kernel = self.device.type == "cpu" and cpu_kernels.available(self.dtype)
+        self.attn = attention_backend(self.device, self.dtype, block_size, capacity.GATHER_TOKENS)
         on_cuda = self.device.type == "cuda"
         decode_mode = decode_mode or ("cuda_graph" if on_cuda else "dynamic")
         if decode_mode not in DECODE_MODES:
@@ -160,10 +160,8 @@ class ModelRunner:
         positions = torch.repeat_interleave(ends - lengths, lengths) + offsets
         slots = self.block_tables[token_rows, positions // self.block_size] * self.block_size \
             + positions % self.block_size
-        meta = AttentionMetadata(positions=positions, spans=spans, context_lens=ctx, slot_mapping=slots,
-                                 block_tables=self.block_tables, seq_rows=rows, token_rows=token_rows,
-                                 rope_lens=self._rope_lens(items, lengths, positions) if self.dynamic_rope else None,
-                                 use_kernel=self.use_kernel)
+        rope_lens = self._rope_lens(items, lengths, positions) if self.dynamic_rope else None
+        meta = self.attn.metadata(positions, spans, ctx, rows, token_rows, self.block_tables, slots, rope_lens)
         hidden = self.model.model(torch.tensor(ids, device=dev), attn_metadata=meta, kv_cache=self.kv_cache)
         return hidden[torch.tensor(outputs, dtype=torch.long, device=dev)]
 
@@ -186,10 +184,10 @@ class ModelRunner:
             spans.append((n, n + length))
             n += length
         positions = torch.cat([torch.arange(length, device=dev) for length in lengths])
-        meta = AttentionMetadata(positions=positions, spans=spans, context_lens=lengths,
-                                 rope_lens=torch.repeat_interleave(torch.tensor(lengths, device=dev),
-                                                                   torch.tensor(lengths, device=dev))
-                                 if self.dynamic_rope else None)
+        rope_lens = None
+        if self.dynamic_rope:
+            rope_lens = torch.repeat_interleave(torch.tensor(lengths, device=dev), torch.tensor(lengths, device=dev))
+        meta = AttentionMetadata(positions, fresh=spans, rope_lens=rope_lens)  # nothing cached
         ids = torch.tensor([t for r in rows for t in r], device=dev)
         hidden = self.model.model(ids, attn_metadata=meta)
         return hidden[torch.tensor([b - 1 for _, b in spans], device=dev)]
@@ -227,8 +225,7 @@ class ModelRunner:
         return out[:B]
 
     def _static_step(self, ids, positions, slots, tables, lens) -> torch.Tensor:
-        meta = AttentionMetadata(positions=positions, spans=None, context_lens=None, slot_mapping=slots,
-                                 block_tables=tables, static=True, static_lens=lens)
+        meta = self.attn.static_metadata(positions, slots, tables, lens)
         return self.model.model(ids, attn_metadata=meta, kv_cache=self.kv_cache)
 
     def _graph(self, Bb: int, nb: int):
@@ -256,5 +253,5 @@ class ModelRunner:
     def info(self) -> dict:
         return {"kv_cache_bytes": self.kv_cache.nbytes if self.kv_cache is not None else 0,
                 "kv_blocks": self.num_blocks, "decode_mode": self.decode_mode,
-                "cpu_attention_kernel": self.use_kernel, "packed_cpu_linears": self.packed,
+                "attention_backend": self.attn.name, "packed_cpu_linears": self.packed,
                 "cuda_graphs": len(self._graphs)}
