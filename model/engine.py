@@ -30,14 +30,15 @@ import torch
 from . import scoring
 from .checkpoint import load_pretrained, resolve_dtype
 from .config import PersimmonConfig
-from .modeling import PersimmonForCausalLM
-from .outputs import Completion, OutputProcessor, RowError, error_kind
 from .cpu_packing import unpack_cpu_linears
 from .model_runner import ModelRunner
+from .modeling import PersimmonForCausalLM
+from .outputs import Completion, OutputProcessor, RowError, error_kind
 from .sampling import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import BlockManager, Scheduler, Sequence
 from .structured import Grammars
+from .tokenizer import PersimmonTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,6 @@ class Engine:
     def from_pretrained(cls, path, *, dtype=None, device=None, **kwargs) -> "Engine":
         """Load model (the class config.json names) and tokenizer from an HF-layout directory.
         device None = CUDA when available, else CPU. kwargs go to Engine()."""
-        from .tokenizer import PersimmonTokenizer
-
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_pretrained(path, dtype=dtype, device=device)

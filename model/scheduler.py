@@ -19,7 +19,9 @@ fake runner (tests/test_scheduler.py).
   token of headroom) are free, rows in flight < max_rows and the step's prefill token budget
   lasts. Long prompts are prefilled in chunks across steps. Rows whose tokens start with a block
   that another row admitted in the same step is about to compute wait one step, then reuse it.
-  `update()` appends sampled tokens and checks stop conditions incrementally.
+  `update()` appends the sampled tokens and ends rows at a stop id or a length limit;
+  `finish()` ends a row for a reason found after it (stop strings, grammars: the engine's
+  output step). Text never comes here.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .sampling_params import SamplingParams
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
-NULL_BLOCK, SCRATCH_BLOCK = 0, 1
+SCRATCH_BLOCK = 1  # block 0 is the null block
 RESERVED_BLOCKS = 2
 # Admission holds back growth_ratio x (the running rows' remaining new tokens): the fraction of
 # max_new_tokens that finished rows actually generated (a running mean, then a moving average),
@@ -153,7 +155,6 @@ class Sequence:
     cacheable_tokens: int = 1 << 62  # only blocks ending at or before this are shared
     hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, computed lazily
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
-    cache_hit_tokens: int = 0
     seed: int = 0  # the sampler's randomness for this row (model/sampling.py)
     targets: list[tuple[int, int, list[int]]] = field(default_factory=list)  # scoring: (prompt, choice, its tokens)
     grammar: LLMatcher | None = None  # the grammar state of a structured row (model/structured.py)
@@ -209,8 +210,7 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_rows: int, max_seq_len: int, prefill_token_budget: int,
-                 chunked_prefill: bool = True,
-                 watermark: float = 0.01, reserve_growth: bool = True):
+                 chunked_prefill: bool = True, watermark: float = 0.01, reserve_growth: bool = True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if prefill_token_budget < 1:
@@ -342,7 +342,7 @@ class Scheduler:
             return "full"
         self.blocks.hit_tokens += n_hit * self.bs
         seq.blocks = hit + got
-        seq.num_computed = seq.cache_hit_tokens = n_hit * self.bs
+        seq.num_computed = n_hit * self.bs
         seq.num_registered = n_hit
         seq.row = self.free_rows.pop()
         seq.admitted = self._admissions
