@@ -60,8 +60,8 @@ def child(dtypes: list[str], repeats: int, prompts_n: int, new_tokens: int) -> d
     import torch
 
     from model import PersimmonConfig, PersimmonForCausalLM, cpu_kernels
-    from model.engine import Engine
     from model.cpu_packing import cpu_packing_unsupported
+    from model.engine import Engine
     from model.sampling_params import SamplingParams
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -10,6 +10,7 @@ keeps plain `F.linear`, with the same results.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .modeling import PersimmonMLP
 
+log = logging.getLogger(__name__)
 
 def _packed_forward(module, activation="none"):
     out_features = module.out_features
@@ -77,12 +79,21 @@ def cpu_packing_unsupported(dtype: torch.dtype) -> str | None:
     return None
 
 
-def pack_cpu_linears(model) -> None:
-    """Run every Linear through oneDNN with its weight packed once (1.1-1.3x faster small-batch
-    matmuls on CPU); the MLP's ReLU is fused into its first matmul and squared in place
-    (bit-identical; saves two passes over [tokens, intermediate]). The plain weight is dropped
-    (an empty placeholder keeps the parameter's dtype and device), unless it is shared with
-    another module (tied embeddings)."""
+def pack_cpu_linears(model, wanted: bool | None = None) -> bool:
+    """Run every Linear through oneDNN with its weight packed once, where `wanted` (None: where
+    this CPU supports it for the model's dtype; True where it does not is a ValueError saying
+    why). Returns whether it did. The MLP's ReLU is fused into its first matmul and squared in
+    place (bit-identical; saves two passes over [tokens, intermediate]). The plain weight is
+    dropped (an empty placeholder keeps the parameter's dtype and device), unless it is shared
+    with another module (tied embeddings)."""
+    param = next(model.parameters())
+    why_not = cpu_packing_unsupported(param.dtype) if param.device.type == "cpu" else "not on a CPU"
+    if wanted and why_not:
+        raise ValueError(f"packed_cpu_linears=True, but {why_not}; leave it None (automatic) or False")
+    if wanted is None and why_not and param.device.type == "cpu":
+        log.info("Linear layers run plain F.linear: %s", why_not)
+    if wanted is False or why_not:
+        return False
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -103,6 +114,7 @@ def pack_cpu_linears(model) -> None:
                 def mlp_forward(x, up_relu=up_relu, down=down):
                     return down(up_relu(x).square_())  # relu(x W1 + b1)^2 W2 + b2
                 module.forward = mlp_forward
+    return True
 
 
 def unpack_cpu_linears(model) -> None:

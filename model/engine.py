@@ -270,7 +270,8 @@ class Engine:
             try:
                 self._grammars().start(seq)
             except ValueError as e:  # the row's own schema / regex: a setting, not its prompt
-                return Completion(error=str(e), error_kind=error_kind(e, "invalid_sampling"), num_prompt_tokens=len(ids))
+                return Completion(error=str(e), error_kind=error_kind(e, "invalid_sampling"),
+                                  num_prompt_tokens=len(ids))
         if not self.scheduler.add(seq):
             return Completion(error=seq.error, error_kind=seq.error_kind, num_prompt_tokens=len(ids))
         self.outputs.add(seq)
@@ -317,7 +318,6 @@ class Engine:
         blocks = self.scheduler.blocks.lookup(hashes)  # a reference each: never evicted
         self._pinned.extend(blocks)
         return len(blocks) * self.scheduler.bs
-
 
     # ---- scoring and classification: model/scoring.py ---------------------------------------
     score_choices = scoring.score_choices

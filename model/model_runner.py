@@ -18,17 +18,14 @@ and runs every forward the engine makes.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from . import capacity
 from .attention import AttentionMetadata, PagedKVCache, attention_backend
-from .cpu_packing import cpu_packing_unsupported, pack_cpu_linears
+from .cpu_packing import pack_cpu_linears
 from .modeling import PersimmonForCausalLM
 from .scheduler import RESERVED_BLOCKS, SCRATCH_BLOCK, ScheduledStep, cdiv
 
-log = logging.getLogger(__name__)
 DECODE_MODES = ("dynamic", "static", "cuda_graph")
 MAX_GRAPHS = 48  # captured (batch bucket, table width) pairs; beyond this, static steps run eagerly
 
@@ -49,16 +46,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.max_batch_size, self.max_seq_len, self.block_size = max_batch_size, max_seq_len, block_size
         self.prefill_token_budget = prefill_token_budget
-        why_not = cpu_packing_unsupported(self.dtype) if self.device.type == "cpu" else "not on a CPU"
-        if packed_cpu_linears is None:
-            packed_cpu_linears = why_not is None
-            if why_not and self.device.type == "cpu":
-                log.info("Linear layers run plain F.linear: %s", why_not)
-        elif packed_cpu_linears and why_not:
-            raise ValueError(f"packed_cpu_linears=True, but {why_not}; leave it None (automatic) or False")
-        if packed_cpu_linears:
-            pack_cpu_linears(model)
-        self.packed = packed_cpu_linears
+        self.packed = pack_cpu_linears(model, packed_cpu_linears)
         self.dynamic_rope = self.config.rope_type == "dynamic"
         self.kv_cache: PagedKVCache | None = None
         self.num_blocks = 0
@@ -112,7 +100,6 @@ class ModelRunner:
         if blocks < RESERVED_BLOCKS + 1:
             raise ValueError(f"no room for a KV cache ({how}): it needs {RESERVED_BLOCKS + 1} blocks of {bs} tokens, "
                              f"{(RESERVED_BLOCKS + 1) * per_block / 2**10:.0f} KiB; {advice}")
-        self.kv_budget_note = how
         return int(blocks)
 
     # ---- block tables ----------------------------------------------------------------------

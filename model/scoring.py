@@ -138,7 +138,8 @@ def classify(self, texts, add_bos: bool = True) -> list[Classification]:
         try:
             ids = self._encode(text, add_bos=add_bos)
             if len(ids) > limit:
-                raise RowError("prompt_too_long", f"text has {len(ids)} tokens, more than max_position_embeddings={limit}")
+                raise RowError("prompt_too_long",
+                               f"text has {len(ids)} tokens, more than max_position_embeddings={limit}")
             encoded.append((i, ids))
         except ValueError as e:
             results[i] = Classification(error=str(e), error_kind=error_kind(e, "invalid_prompt"))

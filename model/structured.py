@@ -198,7 +198,8 @@ class Grammars:
         for k, r in enumerate(rows):
             s = seqs[r]
             if bitmask[k].count_nonzero() == 0 or s.grammar.is_error():
-                s.error_kind, s.error = "grammar_error", f"no text can continue the constraint here ({error_text(s.grammar)})"
+                s.error_kind = "grammar_error"
+                s.error = f"no text can continue the constraint here ({error_text(s.grammar)})"
                 masked[k] = logits[r]
                 dead.append(s)
         logits[index] = masked

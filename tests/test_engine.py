@@ -640,6 +640,11 @@ def test_argument_checks(lm):
                           (dict(truncate="right"), "truncate"), (dict(choice=[""]), "choice")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
+    # one setting alone, as the pipeline checks a row's own value: normalized, or the same message
+    assert SamplingParams.check("stop", "end") == ["end"] and SamplingParams.check("stop", ("a", "")) == ["a"]
+    assert SamplingParams.check("stop_token_ids", (3, 4)) == [3, 4] and SamplingParams.check("seed", None) is None
+    with pytest.raises(ValueError, match=r"^SamplingParams\.top_p must be a number in \(0, 1\], got 0$"):
+        SamplingParams.check("top_p", 0)
     # temperatures too small for fp32 logits / T act as greedy instead of overflowing
     prompt = prompts_of([6])[0]
     greedy = Engine(lm, None, max_batch_size=1, max_seq_len=32).generate([prompt], SamplingParams(max_new_tokens=6))

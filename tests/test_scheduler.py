@@ -4,13 +4,18 @@ what it reads back through the table, so a wrong, stale or freed block changes t
 Every row's output must equal the reference computed from its prompt alone, whatever the pool
 size, block size, preemptions and prefix sharing."""
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
 from model.outputs import Detokenizer, OutputProcessor
 from model.sampling_params import SamplingParams as Params
 from model.scheduler import RESERVED_BLOCKS, BlockManager, Scheduler, Sequence, cdiv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def next_token(tokens) -> int:
@@ -281,6 +286,13 @@ def test_a_stop_string_straddling_two_tokens_stops_the_row():
     drive(sched, runner, outputs)
     assert row.finish_reason == "stop" and row.output == free[:5]
     assert outputs.completion(row).text == "w6 w5 w10 w3"
+
+
+def test_scheduler_and_sampling_params_import_without_torch():
+    """The scheduler, SamplingParams, the memory arithmetic and the tokenizer need no torch."""
+    code = ("import sys; import model.scheduler, model.sampling_params, model.capacity, model.tokenizer; "
+            "from model import SamplingParams, PersimmonConfig; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_detokenizer_equals_full_decode_and_waits_inside_a_character():
