@@ -60,9 +60,9 @@ def child(dtypes: list[str], repeats: int, prompts_n: int, new_tokens: int) -> d
     import torch
 
     from model import PersimmonConfig, PersimmonForCausalLM, cpu_kernels
+    from model.cpu_packing import cpu_packing_unsupported
     from model.engine import Engine
-    from model.runner import cpu_packing_unsupported
-    from model.sampling import SamplingParams
+    from model.sampling_params import SamplingParams
 
     torch.set_num_threads(os.cpu_count() or 1)
     g = torch.Generator().manual_seed(0)
@@ -97,7 +97,7 @@ def child(dtypes: list[str], repeats: int, prompts_n: int, new_tokens: int) -> d
                 kernel(use_kernel)
                 engine = Engine(model, None, max_batch_size=prompts_n, max_seq_len=96 + new_tokens,
                                 packed_cpu_linears=packed, kv_cache_gib=0.5)
-                assert engine.runner.use_kernel == use_kernel and engine.runner.packed == packed
+                assert (engine.runner.attn.name == "cpu_kernel") == use_kernel and engine.runner.packed == packed
                 engine.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
                 t0 = time.perf_counter()
                 done = engine.generate(prompts, params)

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import PersimmonConfig, PersimmonForCausalLM  # noqa: E402
 from model.engine import Engine  # noqa: E402
-from model.sampling import SamplingParams  # noqa: E402
+from model.sampling_params import SamplingParams  # noqa: E402
 
 BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                     num_attention_heads=16, max_position_embeddings=2048, pad_token_id=0)

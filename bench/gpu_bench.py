@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import Engine, PersimmonConfig, PersimmonForCausalLM, SamplingParams, capacity  # noqa: E402
+from model import Engine, PersimmonConfig, PersimmonForCausalLM, SamplingParams, capacity, save_pretrained  # noqa: E402
 from model.scheduler import Sequence  # noqa: E402
 
 
@@ -53,9 +53,7 @@ def decode_step_ms(engine, rows: int, prompt_len: int, dev, repeats=20) -> float
     sched, runner = engine.scheduler, engine.runner
     params = SamplingParams(max_new_tokens=engine.max_seq_len, ignore_eos=True)
     for i in range(rows):
-        seq = Sequence(10**6 + i, [5 + (i + j) % 1000 for j in range(prompt_len)], params)
-        seq.payload = 0
-        sched.add(seq)
+        sched.add(Sequence(10**6 + i, [5 + (i + j) % 1000 for j in range(prompt_len)], params))
     try:
         while True:
             step = sched.schedule()
@@ -203,7 +201,7 @@ def pipeline_run(model, args, cfg) -> dict:
         from model.tiny_tokenizer import train_tiny_tokenizer
 
         model_dir = os.path.join(work, "model")
-        model.save_pretrained(model_dir)
+        save_pretrained(model, model_dir)
         train_tiny_tokenizer(model_dir)  # a few hundred pieces: ids well inside the vocabulary
         os.makedirs(os.path.join(work, "in"))
         g = torch.Generator().manual_seed(1)

@@ -85,14 +85,14 @@ def main():
     setup_s = time.perf_counter() - t0
 
     mask_times = []
-    pool_fill = engine._constraints._fill
+    pool_fill = engine.grammars._fill
 
     def timed_fill(matchers):
         t = time.perf_counter()
         out = pool_fill(matchers)
         mask_times.append(time.perf_counter() - t)
         return out
-    engine._constraints._fill = timed_fill
+    engine.grammars._fill = timed_fill
 
     runs = {"free": [], "json": []}
     valid = finished = 0

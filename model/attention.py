@@ -8,17 +8,21 @@ BlockManager, so memory follows the tokens actually held, never rows x max_seq_l
 Block 0 is the null block: always zero, the padding of block tables.
 
 One forward of the engine runs N tokens of several sequences side by side (packed, no
-padding), described by an `AttentionMetadata`: each sequence's span of the N tokens and how
-many keys its last token sees (`context_lens`; cached + new). Per layer, `paged_attention`
-writes the new keys and values into the pool, then:
-- a sequence with nothing cached yet (a prompt's first prefill) attends causally to its own
-  fresh keys with SDPA, no cache read;
-- a sequence with cached keys (decode, a prompt after a shared prefix, a preempted row being
-  recomputed) attends over its blocks: on CPU with the native kernel (model/cpu_kernels.py)
-  read in place for short query runs, otherwise by gathering its blocks and calling SDPA
-  with a position mask, in chunks of rows whose gathered size stays under GATHER_TOKENS.
-`static` metadata (fixed shapes, what CUDA graphs replay) takes the gather path with tensors
-only: block tables and context lengths are graph inputs, padded rows read the null block.
+padding), described by an `AttentionMetadata` that the model runner builds once per forward
+through the backend it picked; the layers only read it. Per layer, `paged_attention` writes the
+new keys and values into the pool, then:
+- a sequence with nothing cached yet (a prompt's first prefill, classification) attends
+  causally to its own fresh keys with SDPA, no cache read;
+- sequences with cached keys (decode, a prompt after a shared prefix, a preempted row being
+  recomputed) run the work their backend planned:
+  - `TorchBackend`, the reference on any device: each row's blocks are gathered and attended
+    with SDPA under a position mask, in groups of rows whose gathered keys stay under
+    `gather_tokens`;
+  - `CpuKernelBackend`: rows with short query runs read the pool in place with the C kernel
+    (model/cpu_kernels.py), the others as above;
+  - CUDA: the slot for a fused paged-attention kernel; until one is written, `TorchBackend`.
+A fixed-shape decode step (what CUDA graphs replay) is gather groups built from tensors only:
+block tables and context lengths are graph inputs, padded rows read the null block.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .capacity import GATHER_TOKENS
 
 KERNEL_MAX_QUERY = 16  # cached sequences with longer query runs use SDPA (GEMM-shaped) instead
 
@@ -79,35 +82,13 @@ class PagedKVCache:
         return out
 
 
-@dataclass
-class AttentionMetadata:
-    """How the N tokens of one engine forward map onto sequences and the KV pool.
-
-    Sequence i owns tokens spans[i] = (a, b) of the N, at positions context_lens[i] - (b - a)
-    ... context_lens[i] - 1; positions are also given per token. With `slot_mapping` None nothing
-    is cached (classification: packed rows attending to themselves only).
-    """
-    positions: torch.Tensor  # [N] long
-    spans: list  # [(a, b)] per sequence
-    context_lens: list  # per sequence: keys its last token sees, cached + new
-    slot_mapping: torch.Tensor | None = None  # [N] long: pool slot of each token's k/v
-    block_tables: torch.Tensor | None = None  # [R, max_blocks] long (static: [S, nb], one row per sequence)
-    seq_rows: list | None = None  # per sequence: its row in block_tables
-    token_rows: torch.Tensor | None = None  # [N] long: each token's row in block_tables (CPU kernel)
-    rope_lens: torch.Tensor | None = None  # [N] dynamic NTK: the sequence length each token's rotary uses
-    use_kernel: bool = False  # CPU paged-attention kernel for cached sequences with short query runs
-    static: bool = False  # fixed-shape decode (one token per sequence): see static_lens
-    static_lens: torch.Tensor | None = None  # [S] long context lengths, static mode
-    _plan: object = field(default=None, repr=False)  # built by the first layer, reused by the rest
-
-
 def _causal_sdpa(q, k, v, scale):  # q, k, v [T, H, D] of one sequence -> [T, H, D]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          is_causal=True, scale=scale)
     return out.transpose(0, 1)
 
 
-def _gathered_attention(q, cache, layer, tables, query_pos, scale):
+def gathered_attention(q, cache, layer, tables, query_pos, scale):
     """q [R, T, H, D], tables [R, nb], query_pos [R, T]: each query sees the keys of its row's
     blocks at positions <= its own. Returns [R, T, H, D]."""
     k, v = cache.gather(layer, tables)  # [R, nb * bs, H, D]
@@ -119,52 +100,124 @@ def _gathered_attention(q, cache, layer, tables, query_pos, scale):
 
 
 @dataclass
-class _Plan:
-    """Which attention path each sequence of a forward takes; built once, used by every layer."""
-    fresh: list  # spans with nothing cached
-    kernel: tuple | None  # (token index, table rows [n], positions [n]) for the CPU kernel
-    gather: list  # (tables [R, nb], token index [R, T], positions [R, T], valid [R, T] or None)
+class Gather:
+    """Rows that gather their blocks: query tokens idx [R, T] at positions pos [R, T] see the keys
+    of tables [R, nb] up to their own position. Shorter rows repeat their last query (`valid`
+    marks the real ones; None: one query per row)."""
+    tables: torch.Tensor
+    idx: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor | None = None
 
-
-def _make_plan(meta: AttentionMetadata, block_size: int, device) -> _Plan:
-    fresh, kernel_seqs, gather_seqs = [], [], []
-    for i, ((a, b), n) in enumerate(zip(meta.spans, meta.context_lens)):
-        if n == b - a:
-            fresh.append((a, b))
-        elif meta.use_kernel and b - a <= KERNEL_MAX_QUERY:
-            kernel_seqs.append(i)
+    def __call__(self, q, cache, layer, scale, out):
+        res = gathered_attention(q[self.idx], cache, layer, self.tables, self.pos, scale)  # [R, T, H, D]
+        if self.valid is None:
+            out.index_copy_(0, self.idx[:, 0], res[:, 0])
         else:
-            gather_seqs.append(i)
-    kernel = None
-    if kernel_seqs:
-        idx = _token_index(meta.spans, kernel_seqs, device)
-        kernel = (idx, meta.token_rows[idx], meta.positions[idx])
-    gather = []
-    group: list[int] = []
-    widest = 0
-    for i in gather_seqs + [None]:  # consecutive rows while their gathered keys fit GATHER_TOKENS
-        nb = 0 if i is None else -(-meta.context_lens[i] // block_size)
-        if group and (i is None or (len(group) + 1) * max(widest, nb) * block_size > GATHER_TOKENS):
-            gather.append(_gather_group(meta, group, widest, device))
-            group, widest = [], 0
-        if i is not None:
-            group.append(i)
-            widest = max(widest, nb)
-    return _Plan(fresh, kernel, gather)
+            out[self.idx[self.valid]] = res[self.valid]
 
 
-def _gather_group(meta, group, nb, device):
-    rows = torch.tensor([meta.seq_rows[i] for i in group], device=device)
-    tables = meta.block_tables.index_select(0, rows)[:, :nb]
-    lengths = [meta.spans[i][1] - meta.spans[i][0] for i in group]
-    if max(lengths) == 1:  # decode: one query per row, no padding
-        idx = torch.tensor([meta.spans[i][0] for i in group], device=device)[:, None]
-        return tables, idx, meta.positions[idx], None
-    T = max(lengths)
-    idx = torch.tensor([[a + min(t, b - a - 1) for t in range(T)] for a, b in (meta.spans[i] for i in group)],
-                       device=device)  # padding repeats a row's last query; its output is dropped
-    valid = torch.tensor([[t < n for t in range(T)] for n in lengths], device=device)
-    return tables, idx, meta.positions[idx], valid
+@dataclass
+class KernelRun:
+    """Tokens idx that read the pool in place (CPU kernel): each sees its row's blocks
+    (tables[rows]) up to its position pos."""
+    idx: slice | torch.Tensor
+    rows: torch.Tensor
+    pos: torch.Tensor
+    tables: torch.Tensor
+
+    def __call__(self, q, cache, layer, scale, out):
+        out[self.idx] = cpu_kernels.paged_attention(q[self.idx], cache.k[layer], cache.v[layer], self.tables,
+                                                    self.rows, self.pos, cache.block_size, scale)
+
+
+@dataclass
+class AttentionMetadata:
+    """How the N tokens of one engine forward map onto sequences and the KV pool. Built by the
+    model runner before the forward; layers only read it."""
+    positions: torch.Tensor  # [N] long
+    fresh: list[tuple[int, int]]  # token spans of sequences with nothing cached: causal within each
+    cached: list[Gather | KernelRun] = field(default_factory=list)  # the sequences that read cached keys
+    slot_mapping: torch.Tensor | None = None  # [N] pool slot of each token's k/v; None: nothing is cached
+    rope_lens: torch.Tensor | None = None  # [N] dynamic NTK: the sequence length each token's rotary uses
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: PagedKVCache | None,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q, k, v [N, H, D] (rotary applied) -> attention output [N, H, D]."""
+    if meta.slot_mapping is not None:
+        cache.write(layer, meta.slot_mapping, k, v)
+    if not meta.cached and len(meta.fresh) == 1:
+        return _causal_sdpa(q, k, v, scale)  # one sequence, nothing cached
+    out = torch.empty_like(q)
+    for a, b in meta.fresh:
+        out[a:b] = _causal_sdpa(q[a:b], k[a:b], v[a:b], scale)
+    for work in meta.cached:
+        work(q, cache, layer, scale, out)
+    return out
+
+
+class TorchBackend:
+    """Attention over cached keys by gather + SDPA (the reference; runs on any device)."""
+
+    name = "torch"
+
+    def __init__(self, block_size: int, gather_tokens: int):
+        self.block_size, self.gather_tokens = block_size, gather_tokens
+
+    def metadata(self, positions, spans, context_lens, rows, token_rows, block_tables, slot_mapping,
+                 rope_lens=None) -> AttentionMetadata:
+        """Sequence i has tokens spans[i] = (a, b) of the N, sees context_lens[i] keys (cached +
+        new) and owns rows[i] of block_tables; token_rows [N] is each token's row."""
+        fresh = [i for i, ((a, b), n) in enumerate(zip(spans, context_lens)) if n == b - a]
+        cached = [i for i, ((a, b), n) in enumerate(zip(spans, context_lens)) if n != b - a]
+        work = self._plan(cached, positions, spans, context_lens, rows, token_rows, block_tables)
+        return AttentionMetadata(positions, [spans[i] for i in fresh], work, slot_mapping, rope_lens)
+
+    def _plan(self, seqs, positions, spans, context_lens, rows, token_rows, block_tables) -> list:
+        """Gather groups of consecutive sequences while their gathered keys fit gather_tokens."""
+        work, group, widest, device = [], [], 0, positions.device
+        for i in seqs + [None]:
+            nb = 0 if i is None else -(-context_lens[i] // self.block_size)
+            if group and (i is None or (len(group) + 1) * max(widest, nb) * self.block_size > self.gather_tokens):
+                tables = block_tables.index_select(0, torch.tensor([rows[g] for g in group], device=device))[:, :widest]
+                lengths = [spans[g][1] - spans[g][0] for g in group]
+                T = max(lengths)  # padding repeats a row's last query; its output is dropped
+                idx = torch.tensor([[a + min(t, b - a - 1) for t in range(T)] for a, b in (spans[g] for g in group)],
+                                   device=device)
+                valid = None if T == 1 else torch.tensor([[t < n for t in range(T)] for n in lengths], device=device)
+                work.append(Gather(tables, idx, positions[idx], valid))
+                group, widest = [], 0
+            if i is not None:
+                group.append(i)
+                widest = max(widest, nb)
+        return work
+
+    def static_metadata(self, positions, slot_mapping, tables, lens) -> AttentionMetadata:
+        """Fixed shapes: S sequences of one query token each, tables [S, nb], context lengths
+        lens [S]; tensor ops only, no host sync, so a CUDA graph can replay it."""
+        S, nb = tables.shape
+        chunk = max(1, self.gather_tokens // (nb * self.block_size))
+        idx = torch.arange(S, device=tables.device)[:, None]
+        work = [Gather(tables[a:a + chunk], idx[a:a + chunk], (lens[a:a + chunk] - 1)[:, None])
+                for a in range(0, S, chunk)]
+        return AttentionMetadata(positions, [], work, slot_mapping)
+
+
+class CpuKernelBackend(TorchBackend):
+    """Sequences with short query runs read the pool in place through the C kernel; the rest
+    gather as in TorchBackend."""
+
+    name = "cpu_kernel"
+
+    def _plan(self, seqs, positions, spans, context_lens, rows, token_rows, block_tables) -> list:
+        short = [i for i in seqs if spans[i][1] - spans[i][0] <= KERNEL_MAX_QUERY]
+        long = [i for i in seqs if spans[i][1] - spans[i][0] > KERNEL_MAX_QUERY]
+        work = super()._plan(long, positions, spans, context_lens, rows, token_rows, block_tables)
+        if short:
+            idx = _token_index(spans, short, positions.device)
+            work.insert(0, KernelRun(idx, token_rows[idx], positions[idx], block_tables))
+        return work
 
 
 def _token_index(spans, seqs, device):
@@ -175,44 +228,12 @@ def _token_index(spans, seqs, device):
     return torch.cat([torch.arange(*spans[i], device=device) for i in seqs])
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: PagedKVCache | None,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q, k, v [N, H, D] (rotary applied) -> attention output [N, H, D]."""
-    if cache is not None and meta.slot_mapping is not None:
-        cache.write(layer, meta.slot_mapping, k, v)
-    if meta.static:
-        return _static_decode(q, cache, layer, meta, scale)
-    if meta._plan is None:
-        meta._plan = _make_plan(meta, cache.block_size if cache is not None else 1, q.device)
-    plan = meta._plan
-    if not plan.kernel and not plan.gather and len(plan.fresh) == 1:
-        return _causal_sdpa(q, k, v, scale)  # one sequence, nothing cached
-    out = torch.empty_like(q)
-    for a, b in plan.fresh:
-        out[a:b] = _causal_sdpa(q[a:b], k[a:b], v[a:b], scale)
-    if plan.kernel is not None:
-        idx, rows, pos = plan.kernel
-        out[idx] = cpu_kernels.paged_attention(q[idx], cache.k[layer], cache.v[layer], meta.block_tables, rows, pos,
-                                               cache.block_size, scale)
-    for tables, idx, pos, valid in plan.gather:
-        res = _gathered_attention(q[idx], cache, layer, tables, pos, scale)  # [R, T, H, D]
-        if valid is None:
-            out.index_copy_(0, idx[:, 0], res[:, 0])
-        else:
-            out[idx[valid]] = res[valid]
-    return out
-
-
-def _static_decode(q, cache, layer, meta, scale):
-    """Fixed shapes: S sequences, one query token each, block tables [S, nb]; tensor ops only,
-    no host sync, so a CUDA graph can replay it. Rows in chunks that keep each gather under
-    GATHER_TOKENS."""
-    S, nb = meta.block_tables.shape
-    chunk = max(1, GATHER_TOKENS // (nb * cache.block_size))
-    outs = []
-    for a in range(0, S, chunk):
-        b = min(S, a + chunk)
-        res = _gathered_attention(q[a:b, None], cache, layer, meta.block_tables[a:b],
-                                  (meta.static_lens[a:b] - 1)[:, None], scale)
-        outs.append(res[:, 0])
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+def attention_backend(device: torch.device, dtype: torch.dtype, block_size: int, gather_tokens: int) -> TorchBackend:
+    """The model runner's pick: on CPU the C kernel where it builds for this dtype; on CUDA, the
+    slot for a fused paged-attention kernel (reading blocks in place, as the CPU one does);
+    elsewhere and until then, gather + SDPA."""
+    if device.type == "cuda":
+        return TorchBackend(block_size, gather_tokens)  # the slot: a fused paged kernel's backend goes here
+    if device.type == "cpu" and cpu_kernels.available(dtype):
+        return CpuKernelBackend(block_size, gather_tokens)
+    return TorchBackend(block_size, gather_tokens)

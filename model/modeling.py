@@ -171,15 +171,6 @@ class PersimmonPreTrainedModel(nn.Module):
         if head is not None and self.config.tie_word_embeddings:
             head.weight = self.model.embed_tokens.weight
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
-        from .checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, model_class=cls)
-
-    def save_pretrained(self, path, max_shard_size="5GB"):
-        from .checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_size=max_shard_size)
-
 
 class PersimmonModel(PersimmonPreTrainedModel):
     def __init__(self, config: PersimmonConfig):
@@ -233,16 +224,6 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device),
                                    ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
-
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False,
-                 temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
-                 seed=None):
-        """transformers-style generate: LongTensor [B, prompt_len + new], runs on the engine."""
-        from .engine import generate_tensor
-        return generate_tensor(self, input_ids, attention_mask=attention_mask,
-                               max_new_tokens=max_new_tokens, do_sample=do_sample,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:

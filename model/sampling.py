@@ -1,4 +1,4 @@
-"""Sampling parameters and the batched sampler: temperature 0 is greedy; top-k / top-p per row.
+"""The batched sampler: temperature 0 is greedy; top-k / top-p per row (model/sampling_params.py).
 
 One sampler call handles every row of a step at once (per-row temperature, top-k and top-p as
 tensors). Randomness is counter-based: a sampled row's n-th token uses one uniform number
@@ -11,86 +11,13 @@ travels with it.
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass, field
 
 import torch
 
+from .sampling_params import SamplingParams
 
-MIN_TEMPERATURE = 1e-5
+
 SAMPLE_ROWS = 32  # sampled rows filtered at once: bounds the sampler's [rows, vocab] temporaries
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    stop: list[str] = field(default_factory=list)  # stop strings, trimmed from the text
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False  # keep going past the model's eos token
-    seed: int | None = None
-    logprobs: bool = False  # return the log-probability of each generated token
-    truncate: str | None = None  # None: over-long prompts are an error; "left": keep the tail
-    # structured output (one at a time): the completion must match (model/structured.py)
-    json_schema: dict | str | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
-
-    def __post_init__(self):
-        def bad(name, want):
-            raise ValueError(f"SamplingParams.{name} must be {want}, got {getattr(self, name)!r}")
-
-        def number(value):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) for x in self.stop):
-            bad("stop", "a string or a list of strings")
-        self.stop = [x for x in self.stop if x]
-        ids = self.stop_token_ids or []
-        if not isinstance(ids, (list, tuple, set, frozenset)) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                                        and t >= 0 for t in ids):
-            bad("stop_token_ids", "a list of token ids")
-        self.stop_token_ids = list(ids)
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            bad("max_new_tokens", "an integer >= 1")
-        if not number(self.temperature) or self.temperature < 0:
-            bad("temperature", "a number >= 0")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            bad("top_k", "an integer >= 0")
-        if not number(self.top_p) or not 0 < self.top_p <= 1:
-            bad("top_p", "a number in (0, 1]")
-        for name in ("ignore_eos", "logprobs"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "True or False")
-        if self.truncate not in (None, "left"):
-            raise ValueError(f"SamplingParams.truncate must be None or 'left', got {self.truncate!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
-        given = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"SamplingParams: give one of json_schema, regex, choice, not {given}")
-        if given and self.stop:
-            raise ValueError(f"SamplingParams: stop strings would cut a {given[0]} completion mid-structure; "
-                             "the grammar decides where it ends")
-        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
-            raise ValueError(f"SamplingParams.choice must be a non-empty list of non-empty strings, got {self.choice!r}")
-        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
-            raise ValueError(f"SamplingParams.regex must be a non-empty string, got {self.regex!r}")
-        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
-            raise ValueError(f"SamplingParams.json_schema must be a dict or JSON text, got {type(self.json_schema).__name__}")
-
-    @property
-    def constrained(self) -> bool:
-        return self.json_schema is not None or self.regex is not None or self.choice is not None
-
-    @property
-    def greedy(self) -> bool:
-        """Temperatures below MIN_TEMPERATURE (where fp32 logits / T overflow) act as 0."""
-        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def uniform(seed: int, step: int) -> float:

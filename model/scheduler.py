@@ -1,6 +1,6 @@
 """The scheduler: which rows run in the next forward, and where their KV cache lives. No torch.
 
-vLLM in miniature, the deciding part: the model runner computes (model/runner.py) and the
+vLLM in miniature, the deciding part: the model runner computes (model/model_runner.py) and the
 sampler picks tokens (model/sampling.py). Everything here is plain Python, unit-tested with a
 fake runner (tests/test_scheduler.py).
 
@@ -19,7 +19,9 @@ fake runner (tests/test_scheduler.py).
   token of headroom) are free, rows in flight < max_rows and the step's prefill token budget
   lasts. Long prompts are prefilled in chunks across steps. Rows whose tokens start with a block
   that another row admitted in the same step is about to compute wait one step, then reuse it.
-  `update()` appends sampled tokens and checks stop conditions incrementally.
+  `update()` appends the sampled tokens and ends rows at a stop id or a length limit;
+  `finish()` ends a row for a reason found after it (stop strings, grammars: the engine's
+  output step). Text never comes here.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
-NULL_BLOCK, SCRATCH_BLOCK = 0, 1
+from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
+SCRATCH_BLOCK = 1  # block 0 is the null block
 RESERVED_BLOCKS = 2
 # Admission holds back growth_ratio x (the running rows' remaining new tokens): the fraction of
 # max_new_tokens that finished rows actually generated (a running mean, then a moving average),
@@ -126,27 +133,6 @@ class BlockManager:
         return fresh
 
 
-class Detokenizer:
-    """The text of a growing list of token ids, decoding a short window per new token (as vLLM
-    does): the text of tokens[prefix:] minus the text of tokens[prefix:read] is what the new
-    tokens added; a window that ends inside a UTF-8 character (U+FFFD at the end) waits for the
-    next token."""
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode, self.text, self.prefix, self.read = decode, "", 0, 0
-
-    def add(self, tokens: list[int]) -> str:
-        """`tokens` is the whole output so far; returns the text its newest tokens added."""
-        before = self.decode(tokens[self.prefix:self.read])
-        after = self.decode(tokens[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            delta = after[len(before):]
-            self.text += delta
-            self.prefix, self.read = self.read, len(tokens)
-            return delta
-        return ""
-
-
 @dataclass(eq=False)
 class Sequence:
     """One row's state. `prompt` is what it was given; `output` what was sampled so far (the last
@@ -154,7 +140,7 @@ class Sequence:
     samples nothing: the runner returns hidden states from position `score_from` on."""
     index: int
     prompt: list[int]
-    params: object = None  # SamplingParams (max_new_tokens, stop, ...); None for scoring rows
+    params: SamplingParams | None = None  # None for scoring rows
     stop_ids: frozenset = frozenset()
     score_from: int | None = None
     output: list[int] = field(default_factory=list)
@@ -166,15 +152,12 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
     error_kind: str | None = None  # why it failed, as one word
-    text: str | None = None  # the text up to a stop string, when one ended the row
-    detok: Detokenizer | None = None
     cacheable_tokens: int = 1 << 62  # only blocks ending at or before this are shared
     hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, computed lazily
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
-    cache_hit_tokens: int = 0
-    payload: object = None  # the caller's (the engine keeps a row's seed or scoring targets here)
-    constraint: object = None  # the caller's grammar state (model/structured.py), opaque here
-    grammar_done: bool = False  # set by the caller: the grammar is complete, the row stops
+    seed: int = 0  # the sampler's randomness for this row (model/sampling.py)
+    targets: list[tuple[int, int, list[int]]] = field(default_factory=list)  # scoring: (prompt, choice, its tokens)
+    grammar: LLMatcher | None = None  # the grammar state of a structured row (model/structured.py)
 
     @property
     def num_tokens(self) -> int:
@@ -227,8 +210,7 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_rows: int, max_seq_len: int, prefill_token_budget: int,
-                 chunked_prefill: bool = True, decode: Callable[[list[int]], str] | None = None,
-                 watermark: float = 0.01, reserve_growth: bool = True):
+                 chunked_prefill: bool = True, watermark: float = 0.01, reserve_growth: bool = True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if prefill_token_budget < 1:
@@ -236,7 +218,6 @@ class Scheduler:
         self.blocks, self.bs = blocks, blocks.block_size
         self.max_rows, self.max_seq_len = max_rows, max_seq_len
         self.prefill_token_budget, self.chunked_prefill = prefill_token_budget, chunked_prefill
-        self.decode = decode
         self.watermark = max(1, int(watermark * blocks.capacity))
         self.reserve_growth = reserve_growth
         self.growth_ratio, self._observed = GROWTH_PRIOR, 0
@@ -265,8 +246,6 @@ class Scheduler:
                 + f") but the whole pool holds {self.blocks.capacity * self.bs} tokens: lower max_new_tokens, "
                 "or give the engine more KV memory (kv_cache_gib / memory_fraction)")
             return False
-        if seq.detok is None and self.decode is not None and seq.params is not None and seq.params.stop:
-            seq.detok = Detokenizer(self.decode)
         self.waiting.append(seq)
         return True
 
@@ -363,7 +342,7 @@ class Scheduler:
             return "full"
         self.blocks.hit_tokens += n_hit * self.bs
         seq.blocks = hit + got
-        seq.num_computed = seq.cache_hit_tokens = n_hit * self.bs
+        seq.num_computed = n_hit * self.bs
         seq.num_registered = n_hit
         seq.row = self.free_rows.pop()
         seq.admitted = self._admissions
@@ -399,7 +378,8 @@ class Scheduler:
     # ---- after the forward -----------------------------------------------------------------
     def update(self, step: ScheduledStep, sampled: list[int], logprobs: list[float] | None = None) -> list[Sequence]:
         """Record the step: tokens sampled for the items with `sample` (in order). Returns the rows
-        that finished (their blocks and table rows are released)."""
+        that finished by a stop id or a length limit (their blocks and table rows are released);
+        stop strings and grammars are the caller's (`finish`)."""
         finished = []
         k = 0
         for item in step.items:
@@ -410,20 +390,37 @@ class Scheduler:
             else:
                 self.prefill_tokens += item.num_tokens
             self._register_blocks(seq)
+            reason = None
             if item.sample:
                 seq.output.append(sampled[k])
                 if logprobs is not None:
                     seq.logprobs.append(logprobs[k])
                 k += 1
-                self._check_stop(seq)
+                if seq.output[-1] in seq.stop_ids:
+                    reason = "stop"
+                elif len(seq.output) >= seq.params.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+                    reason = "length"
             elif seq.score_from is not None and seq.num_computed == seq.num_tokens:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                self._finish(seq)
+                reason = "length"
+            if reason and self.finish(seq, reason):
                 finished.append(seq)
         if k != len(sampled):
             raise ValueError(f"{len(sampled)} sampled tokens for {k} sampling rows")
         return finished
+
+    def finish(self, seq: Sequence, reason: str) -> bool:
+        """End a row ("stop" | "length" | "error"), releasing its blocks and table row; a row
+        already finished takes the later reason. True if it was still unfinished."""
+        first = seq.finish_reason is None
+        if first and seq.params is not None and reason in ("stop", "length"):
+            self._learn_growth(seq)
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.release(seq.blocks)
+            self.free_rows.append(seq.row)
+        seq.blocks, seq.row = [], -1
+        return first
 
     def _register_blocks(self, seq: Sequence) -> None:
         full = min(seq.num_computed, seq.cacheable_tokens) // self.bs
@@ -432,31 +429,6 @@ class Scheduler:
             for i in range(seq.num_registered, full):
                 self.blocks.register(seq.blocks[i], hashes[i])
             seq.num_registered = full
-
-    def _check_stop(self, seq: Sequence) -> None:
-        if seq.finish_reason:  # ended by the caller (e.g. a grammar error)
-            return
-        p, token = seq.params, seq.output[-1]
-        if token in seq.stop_ids or seq.grammar_done:
-            seq.finish_reason = "stop"
-        elif seq.detok is not None and self._hit_stop_string(seq):
-            seq.finish_reason = "stop"
-        elif len(seq.output) >= p.max_new_tokens or seq.num_tokens >= self.max_seq_len:
-            seq.finish_reason = "length"
-
-    @staticmethod
-    def _hit_stop_string(seq: Sequence) -> bool:
-        delta = seq.detok.add(seq.output)
-        if not delta:
-            return False
-        text = seq.detok.text
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(0, len(text) - len(delta) - longest + 1)  # a stop string may straddle the old text
-        hits = [i for i in (text.find(s, start) for s in seq.params.stop) if i >= 0]
-        if hits:
-            seq.text = text[:min(hits)]
-            return True
-        return False
 
     def _learn_growth(self, seq: Sequence) -> None:
         """Fold a finished row's share of its allowed new tokens into growth_ratio."""
@@ -467,20 +439,11 @@ class Scheduler:
         weight = max(GROWTH_MIN_WEIGHT, 1.0 / (self._observed + 1))  # the prior counts as one row
         self.growth_ratio += weight * (min(1.0, len(seq.output) / allowed) - self.growth_ratio)
 
-    def _finish(self, seq: Sequence) -> None:
-        if seq.params is not None and seq.finish_reason in ("stop", "length"):
-            self._learn_growth(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-            self.blocks.release(seq.blocks)
-            self.free_rows.append(seq.row)
-        seq.blocks, seq.row = [], -1
-
     def abort_all(self) -> list[Sequence]:
         """Drop every queued and running row (after an exception): their blocks are released."""
         dropped = list(self.running) + list(self.waiting)
         for seq in list(self.running):
-            self._finish(seq)
+            self.finish(seq, "error")
         self.waiting.clear()
         return dropped
 

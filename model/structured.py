@@ -23,6 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .sampling_params import SamplingParams
+from .scheduler import Sequence
+
 
 def _llguidance():
     try:
@@ -87,8 +90,6 @@ def check_grammar(json_schema=None, regex=None, choice=None) -> str:
     """'' if llguidance can compile the constraint and some text matches it, else why not (no
     model tokenizer needed). A regex that matches nothing (`[^\\s\\S]`, `[a&&b]`) compiles, but
     a row under it could only end at once with an empty "stop" that does not match it."""
-    from .sampling import SamplingParams
-
     try:
         grammar = grammar_of(SamplingParams(json_schema=json_schema, regex=regex, choice=choice))
     except ValueError as e:
@@ -131,9 +132,10 @@ def _byte_tokenizer():
     return _BYTE_TOKENIZER
 
 
-class Constraints:
+class Grammars:
     """Per engine: the llguidance tokenizer (built once: ~1 s for a 262k vocabulary), compiled
-    grammars, and the helper thread that fills masks while the forward runs."""
+    grammars, and the helper thread that fills masks while the forward runs. A structured row
+    holds its matcher in `seq.grammar`."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_id: int):
         ll = _llguidance()
@@ -144,7 +146,7 @@ class Constraints:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-grammar")
         self._lock = threading.Lock()
 
-    def _grammar(self, params) -> str:
+    def _grammar(self, params: SamplingParams) -> str:
         """The compiled, validated grammar of a row's constraint, cached: rows of one job share
         a schema, and compiling a large one costs tens of milliseconds."""
         key = json.dumps([params.json_schema, params.regex, params.choice], sort_keys=True)
@@ -164,18 +166,17 @@ class Constraints:
             raise ValueError(f"invalid grammar: {error}")
         return grammar
 
-    def matcher(self, params):
-        """A fresh matcher for a row, or raise ValueError naming what is wrong with the grammar."""
-        ll = _llguidance()
-        grammar = self._grammar(params)
-        m = ll.LLMatcher(self.lltok, grammar, log_level=0)
+    def start(self, seq: Sequence) -> None:
+        """Give a row its fresh matcher, or raise ValueError naming what is wrong with the grammar."""
+        m = _llguidance().LLMatcher(self.lltok, self._grammar(seq.params), log_level=0)
         if m.is_error():
             raise ValueError(f"invalid grammar: {error_text(m)}")
-        return m
+        seq.grammar = m
 
-    def masks_async(self, matchers: list) -> Future:
-        """Start filling the next-token masks of `matchers` (their order = the bitmask's rows)."""
-        return self._pool.submit(self._fill, matchers)
+    def masks_async(self, seqs: list[Sequence]) -> Future | None:
+        """Start filling the next-token masks of the structured rows of `seqs` (in order)."""
+        matchers = [s.grammar for s in seqs if s.grammar is not None]
+        return self._pool.submit(self._fill, matchers) if matchers else None
 
     def _fill(self, matchers: list) -> torch.Tensor:
         bitmask = torch.zeros((len(matchers), (self.vocab_size + 31) // 32), dtype=torch.int32)
@@ -183,6 +184,42 @@ class Constraints:
             row = bitmask[i]
             m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)  # drops the GIL
         return bitmask
+
+    @staticmethod
+    def apply(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor):
+        """(logits [R, V] of `seqs` with the tokens their grammars disallow at -inf, the rows to
+        end with an error). A row whose grammar allows nothing (an error state allows only EOS,
+        and a row "stopped" there would not match) samples unmasked and is ended."""
+        rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
+        logits = logits.float()
+        index = torch.tensor(rows, device=logits.device)
+        masked = apply_masks(logits[index], bitmask)
+        dead = []
+        for k, r in enumerate(rows):
+            s = seqs[r]
+            if bitmask[k].count_nonzero() == 0 or s.grammar.is_error():
+                s.error_kind = "grammar_error"
+                s.error = f"no text can continue the constraint here ({error_text(s.grammar)})"
+                masked[k] = logits[r]
+                dead.append(s)
+        logits[index] = masked
+        return logits, dead
+
+    @staticmethod
+    def advance(seqs: list[Sequence], dead: list[Sequence]) -> list[tuple[Sequence, str]]:
+        """Feed each structured row (but the `dead`) its newest token. Returns the rows it ends:
+        (row, "error") when the token breaks the grammar, (row, "stop") when it completes it."""
+        ended = []
+        for s in seqs:
+            m, token = s.grammar, s.output[-1]
+            if m is None or s in dead or token in s.stop_ids and m.is_accepting():
+                continue  # EOS after a complete structure: the scheduler stopped the row
+            if not m.consume_token(token):
+                s.error_kind, s.error = "grammar_error", error_text(m)
+                ended.append((s, "error"))
+            elif m.is_stopped():
+                ended.append((s, "stop"))
+        return ended
 
 
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

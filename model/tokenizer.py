@@ -2,7 +2,7 @@
 
 Persimmon ships ``tokenizer.model``, a sentencepiece Unigram model with byte fallback
 (``<unk>`` = 0, ``|ENDOFTEXT|`` = 71013 used as BOS, EOS and pad in the released files). This
-module needs only ``sentencepiece`` and ``torch``; transformers is never imported.
+module needs only ``sentencepiece``; transformers is never imported.
 
 Rules this wrapper keeps:
 
@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import sentencepiece as spm
-import torch
 
 ENDOFTEXT = "|ENDOFTEXT|"
 MODEL_FILE = "tokenizer.model"
@@ -74,7 +73,7 @@ class PersimmonTokenizer:
     Args:
         model_file: path of the sentencepiece model (``tokenizer.model``).
         bos_token, eos_token, pad_token: piece names; ``None`` applies the defaults above.
-        add_bos_token: whether ``encode`` / ``batch_encode`` prepend BOS when ``add_bos`` is not given.
+        add_bos_token: whether ``encode`` prepends BOS when ``add_bos`` is not given.
     """
 
     def __init__(
@@ -219,89 +218,6 @@ class PersimmonTokenizer:
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self._bos_prefix(add_bos) + self._sp.encode(text)
 
-    def batch_encode(
-        self,
-        texts: Sequence[str] | str,
-        padding_side: str = "left",
-        max_length: int | None = None,
-        truncation: bool | str = False,
-        add_bos: bool | None = None,
-        return_tensors: str | None = "pt",
-        padding: str = "longest",
-    ) -> dict:
-        """Encode a batch into a padded ``input_ids`` / ``attention_mask`` pair.
-
-        Args:
-            texts: the prompts (a single str is a batch of one).
-            padding_side: ``"left"`` (the default, for generation) or ``"right"``; pads use
-                :attr:`pad_token_id`, with mask 0.
-            max_length: longest allowed row, BOS included. Longer rows raise ``ValueError``
-                unless ``truncation`` is set.
-            truncation: ``False``; ``"left"`` drops tokens from the start (keeps the last ones);
-                ``"right"`` (or ``True``) drops them from the end. BOS is always kept.
-            add_bos: prepend BOS; ``None`` follows :attr:`add_bos_token`.
-            return_tensors: ``"pt"`` for ``torch.long`` tensors of shape ``[B, T]``, ``None`` for
-                lists of lists.
-            padding: ``"longest"`` pads to the longest row; ``"max_length"`` to ``max_length``.
-
-        Returns:
-            ``{"input_ids": ..., "attention_mask": ...}``.
-        """
-        if isinstance(texts, str):
-            texts = [texts]
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if truncation is True:
-            truncation = "right"
-        if truncation not in (False, None, "left", "right"):
-            raise ValueError(f"truncation must be False, True, 'left' or 'right', got {truncation!r}")
-        if padding not in ("longest", "max_length"):
-            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        if (truncation or padding == "max_length") and max_length is None:
-            raise ValueError("truncation and padding='max_length' need max_length")
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("batch_encode expects a sequence of str")
-
-        prefix = self._bos_prefix(add_bos)
-        if max_length is not None and max_length < len(prefix):
-            raise ValueError(f"max_length={max_length} leaves no room for BOS")
-        rows = []
-        for ids in self._sp.encode(list(texts)):
-            if max_length is not None and len(prefix) + len(ids) > max_length:
-                if not truncation:
-                    raise ValueError(
-                        f"a text encodes to {len(prefix) + len(ids)} tokens > max_length={max_length};"
-                        " pass truncation='left' or 'right'"
-                    )
-                keep = max_length - len(prefix)
-                ids = ids[len(ids) - keep :] if truncation == "left" else ids[:keep]
-            rows.append(prefix + ids)
-
-        width = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
-        if any(len(r) < width for r in rows) and self._pad_id is None:
-            raise ValueError("padding needed but the tokenizer has no pad (nor EOS) token")
-        input_ids, attention_mask = [], []
-        for row in rows:
-            n_pad = width - len(row)
-            pads, ones, zeros = [self._pad_id] * n_pad, [1] * len(row), [0] * n_pad
-            if padding_side == "left":
-                input_ids.append(pads + row)
-                attention_mask.append(zeros + ones)
-            else:
-                input_ids.append(row + pads)
-                attention_mask.append(ones + zeros)
-        if return_tensors == "pt":
-            shape = (len(rows), width)  # [B, T], also for an empty batch
-            input_ids = torch.tensor(input_ids, dtype=torch.long).reshape(shape)
-            attention_mask = torch.tensor(attention_mask, dtype=torch.long).reshape(shape)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    __call__ = batch_encode
-
     # ---------------------------------------------------------------- decoding
 
     def _clean_ids(self, ids) -> list[int]:
@@ -309,7 +225,7 @@ class PersimmonTokenizer:
             ids = ids.tolist()
         ids = list(ids)
         if not all(isinstance(i, int) for i in ids):
-            raise TypeError("decode expects a flat sequence of ints (use batch_decode for a batch)")
+            raise TypeError("decode expects a flat sequence of ints")
         if any(i < 0 for i in ids):
             raise ValueError(f"negative token id in {ids}")
         # The model's embedding may be larger than the tokenizer (tiny preset: 512 vs 320):
@@ -346,12 +262,6 @@ class PersimmonTokenizer:
             p.piece if p.id in special and self._sp.is_control(p.id) else p.surface
             for p in self._sp.decode_ids_as_proto(ids).pieces
         )
-
-    def batch_decode(self, batch, skip_special_tokens: bool = True) -> list[str]:
-        """``decode`` each row of a list of lists or a ``[B, T]`` tensor (pads go with the special ids)."""
-        if hasattr(batch, "tolist"):
-            batch = batch.tolist()
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
 
     # ---------------------------------------------------------------- chat and saving
 

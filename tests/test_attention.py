@@ -82,13 +82,13 @@ def test_cpu_kernel_strided_queries_and_many_threads():
 
 
 def test_gather_path_equals_reference():
-    from model.attention import _gathered_attention
+    from model.attention import gathered_attention
 
     lengths = [3, 17, 40]
     cache, tables = scattered_pool(torch.float32, lengths)
     q = torch.randn(3, 2, 4, 16)  # [R, T, H, D]: two query tokens per row
     pos = torch.tensor([[1, 2], [15, 16], [38, 39]])
-    out = _gathered_attention(q, cache, 0, tables, pos, 0.25)
+    out = gathered_attention(q, cache, 0, tables, pos, 0.25)
     for r in range(3):
         for t in range(2):
             ref = reference(q[r, t], cache, tables, r, int(pos[r, t]), 0.25)

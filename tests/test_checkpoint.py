@@ -80,7 +80,7 @@ def causal():
 
 # ---- layouts --------------------------------------------------------------------------------
 def test_single_safetensors_round_trip(causal, tmp_path):
-    causal.save_pretrained(tmp_path)
+    save_pretrained(causal, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", SAFE_SINGLE]
     loaded = load_pretrained(tmp_path)
     assert type(loaded) is PersimmonForCausalLM and not loaded.training
@@ -90,14 +90,14 @@ def test_single_safetensors_round_trip(causal, tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_weight_files_get_the_same_mode_as_config(causal, tmp_path):
-    causal.save_pretrained(tmp_path, max_shard_size="100KB")
+    save_pretrained(causal, tmp_path, max_shard_size="100KB")
     mode = os.stat(tmp_path / "config.json").st_mode & 0o777
     for name in os.listdir(tmp_path):
         assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
 
 
 def test_sharded_safetensors_round_trip(causal, tmp_path):
-    causal.save_pretrained(tmp_path, max_shard_size="100KB")
+    save_pretrained(causal, tmp_path, max_shard_size="100KB")
     shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
     assert len(shards) > 2 and SAFE_SINGLE not in shards
     with open(tmp_path / SAFE_INDEX) as f:
@@ -117,12 +117,12 @@ def test_pytorch_bin_round_trip(causal, tmp_path, num_shards):
 
 
 def test_bfloat16_target_dtype(causal, tmp_path):
-    causal.save_pretrained(tmp_path)  # fp32 on disk
+    save_pretrained(causal, tmp_path)  # fp32 on disk
     loaded = load_pretrained(tmp_path, dtype="bfloat16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert torch.equal(loaded.lm_head.weight, causal.lm_head.weight.to(torch.bfloat16))
     # a bf16 checkpoint loads as bf16 by default (config torch_dtype)
-    loaded.save_pretrained(tmp_path / "bf16")
+    save_pretrained(loaded, tmp_path / "bf16")
     assert PersimmonConfig.from_pretrained(tmp_path / "bf16").torch_dtype == "bfloat16"
     again = load_pretrained(tmp_path / "bf16")
     assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
@@ -132,7 +132,7 @@ def test_bfloat16_target_dtype(causal, tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_meta_device_load_leaves_no_meta_tensors(tmp_path, tied):
     model = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(tie_word_embeddings=tied))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     loaded = load_pretrained(tmp_path)
     tensors = list(loaded.parameters()) + list(loaded.buffers())
     assert tensors and not any(t.is_meta for t in tensors)
@@ -143,7 +143,7 @@ def test_meta_device_load_leaves_no_meta_tensors(tmp_path, tied):
 def test_tied_embeddings_round_trip(tmp_path):
     model = random_model(PersimmonForCausalLM, PersimmonConfig.tiny(tie_word_embeddings=True))
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     from safetensors import safe_open
     with safe_open(str(tmp_path / SAFE_SINGLE), framework="pt") as f:
         assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
@@ -153,7 +153,7 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 
 def test_bare_backbone_from_causal_checkpoint(causal, tmp_path):
-    causal.save_pretrained(tmp_path)
+    save_pretrained(causal, tmp_path)
     bare = load_pretrained(tmp_path, model_class=PersimmonModel)
     assert type(bare) is PersimmonModel
     assert torch.equal(bare.embed_tokens.weight, causal.model.embed_tokens.weight)
@@ -195,7 +195,7 @@ def test_scaled_rope_config_cross_loads_with_transformers(tmp_path, scaling):
 
     config = PersimmonConfig.tiny(rope_scaling=scaling, max_position_embeddings=16)
     model = random_model(PersimmonForCausalLM, config)
-    model.save_pretrained(tmp_path / "ours")
+    save_pretrained(model, tmp_path / "ours")
     hf = transformers.PersimmonForCausalLM.from_pretrained(tmp_path / "ours")
     x = ids(2, 40)  # past max_position_embeddings: dynamic NTK rescales
     assert_forward_close(logits(model, x), logits(hf, x), model.config)
@@ -264,7 +264,7 @@ def test_missing_directory_config_or_weights(causal, tmp_path):
 
 
 def test_index_naming_a_missing_shard(causal, tmp_path):
-    causal.save_pretrained(tmp_path, max_shard_size="100KB")
+    save_pretrained(causal, tmp_path, max_shard_size="100KB")
     os.remove(tmp_path / "model-00002-of-{:05d}.safetensors".format(
         len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")])))
     with pytest.raises(FileNotFoundError, match="lists missing weight files"):
@@ -292,7 +292,7 @@ def test_invalid_config_values_name_the_field(tmp_path, overrides, field):
 def test_ours_to_transformers_causal(causal, tmp_path):
     import transformers
 
-    causal.save_pretrained(tmp_path)
+    save_pretrained(causal, tmp_path)
     hf = transformers.PersimmonForCausalLM.from_pretrained(tmp_path)
     assert not hf.training
     for name, tensor in causal.state_dict().items():
@@ -306,7 +306,7 @@ def test_ours_to_transformers_sequence_classification(tmp_path):
 
     config = PersimmonConfig.tiny(pad_token_id=0, id2label={0: "neg", 1: "neutral", 2: "pos"})
     model = random_model(PersimmonForSequenceClassification, config)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = transformers.PersimmonForSequenceClassification.from_pretrained(tmp_path)
     assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"} and hf.config.pad_token_id == 0
     x = ids(3, 9)

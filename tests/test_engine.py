@@ -4,6 +4,7 @@ stop conditions, continuous batching over the paged KV cache, preemption and per
 import pytest
 import torch
 from conftest import hf_twin, random_model
+from hf_compat import generate_tensor
 
 from model import (
     Engine,
@@ -14,7 +15,8 @@ from model import (
     SamplingParams,
 )
 from model import cpu_kernels
-from model.runner import ModelRunner, cpu_packing_unsupported
+from model.cpu_packing import cpu_packing_unsupported
+from model.model_runner import ModelRunner
 from model.tiny_tokenizer import train_tiny_tokenizer
 from tolerances import accumulation_tol, approx_forward, assert_forward_close, forward_tol, no_less_precise
 
@@ -73,7 +75,7 @@ def test_greedy_tokens_identical_to_transformers_across_row_refills(lm, hf_lm, b
     prompts = prompts_of([5, 31, 2, 17, 9, 40, 3, 12, 25])
     news = [24, 7, 30, 12, 18, 5, 26, 9, 14]
     engine = Engine(lm, None, max_batch_size=3, max_seq_len=80, kv_block_size=block_size)
-    assert engine.runner.use_kernel == (attention_path == "cpu-kernel")
+    assert engine.stats()["attention_backend"] == ("cpu_kernel" if attention_path == "cpu-kernel" else "torch")
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
     outs = engine.generate(prompts, params)
     assert len({tuple(o.token_ids) for o in outs}) > 5  # the model emits varied outputs
@@ -105,11 +107,11 @@ def test_model_generate_equals_transformers_tensor(lm, hf_lm):
     eos = ref_free[1, T + 3].item()
     ref = hf_lm.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                          eos_token_id=eos, pad_token_id=0)
-    ours = lm.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    ours = generate_tensor(lm, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     assert ours.dtype == torch.long
     assert torch.equal(ours, ref)
-    assert torch.equal(lm.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
-                                   eos_token_id=[]), ref_free)
+    assert torch.equal(generate_tensor(lm, ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
+                                       eos_token_id=[]), ref_free)
 
 
 def test_shared_prefix_is_prefilled_once_and_reused_across_calls(lm, hf_lm, attention_path):
@@ -470,7 +472,7 @@ def test_packed_cpu_linears_in_place_match_plain_and_follow_casts():
 def test_packing_is_asked_of_torch_and_refused_clearly_where_unsupported(monkeypatch):
     """The packed path runs only where torch's oneDNN says it can; elsewhere F.linear, and an
     explicit request names the reason instead of oneDNN's error from deep in a forward."""
-    from model import runner as runner_module
+    from model import cpu_packing
 
     monkeypatch.delenv("PERSIMMON_PACKED_LINEARS", raising=False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
@@ -480,11 +482,11 @@ def test_packing_is_asked_of_torch_and_refused_clearly_where_unsupported(monkeyp
     with pytest.raises(ValueError, match="packed_cpu_linears=True, but oneDNN's bf16"):
         Engine(model, None, max_batch_size=2, max_seq_len=32, dtype="bfloat16", packed_cpu_linears=True)
     engine = Engine(model, None, max_batch_size=2, max_seq_len=32, dtype="bfloat16")
-    assert not engine.runner.packed and not runner_module.is_packed(model)
+    assert not engine.runner.packed and not cpu_packing.is_packed(model)
     assert len(engine.generate(prompts_of([5]), SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids) == 3
     monkeypatch.setenv("PERSIMMON_PACKED_LINEARS", "0")
     assert "PERSIMMON_PACKED_LINEARS" in cpu_packing_unsupported(torch.float32)
-    monkeypatch.setattr(runner_module.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu_packing.platform, "machine", lambda: "aarch64")
     monkeypatch.delenv("PERSIMMON_PACKED_LINEARS")
     assert "x86" in cpu_packing_unsupported(torch.float32)
 
@@ -633,9 +635,16 @@ def test_argument_checks(lm):
         with pytest.raises(ValueError, match=match):
             Engine(lm, None, **kwargs)
     for kwargs, match in [(dict(stop=[1]), "stop"), (dict(top_k=True), "top_k"), (dict(temperature="0.5"), "temperature"),
-                          (dict(temperature=float("inf")), "temperature"), (dict(stop_token_ids=5), "stop_token_ids")]:
+                          (dict(temperature=float("inf")), "temperature"), (dict(stop_token_ids=5), "stop_token_ids"),
+                          (dict(json_schema=5), "json_schema must be a dict or JSON text, got 5"),
+                          (dict(truncate="right"), "truncate"), (dict(choice=[""]), "choice")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
+    # one setting alone, as the pipeline checks a row's own value: normalized, or the same message
+    assert SamplingParams.check("stop", "end") == ["end"] and SamplingParams.check("stop", ("a", "")) == ["a"]
+    assert SamplingParams.check("stop_token_ids", (3, 4)) == [3, 4] and SamplingParams.check("seed", None) is None
+    with pytest.raises(ValueError, match=r"^SamplingParams\.top_p must be a number in \(0, 1\], got 0$"):
+        SamplingParams.check("top_p", 0)
     # temperatures too small for fp32 logits / T act as greedy instead of overflowing
     prompt = prompts_of([6])[0]
     greedy = Engine(lm, None, max_batch_size=1, max_seq_len=32).generate([prompt], SamplingParams(max_new_tokens=6))

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from model import PersimmonConfig, PersimmonForCausalLM
+from model import PersimmonConfig, PersimmonForCausalLM, save_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ PROBE = textwrap.dedent("""
     import tempfile  # warm up: load a tiny checkpoint first, so code pages and lazy inits are in
     with tempfile.TemporaryDirectory() as warm:
         tiny = model.PersimmonForCausalLM(model.PersimmonConfig.tiny()).to(getattr(torch, {dtype!r}))
-        tiny.save_pretrained(warm)
+        model.save_pretrained(tiny, warm)
         model.load_pretrained(warm, dtype={dtype!r})
         del tiny
     with open("/proc/self/clear_refs", "w") as f:
@@ -50,7 +50,7 @@ def test_load_peak_memory_is_about_one_model(tmp_path, source, target, layout):
     with torch.device("meta"):
         model = PersimmonForCausalLM(config)
     model = model.to_empty(device="cpu").init_weights(torch.Generator().manual_seed(0)).to(getattr(torch, source))
-    model.save_pretrained(tmp_path, max_shard_size="20MB" if layout == "sharded" else "5GB")
+    save_pretrained(model, tmp_path, max_shard_size="20MB" if layout == "sharded" else "5GB")
     del model
     code = PROBE.format(root=ROOT, path=str(tmp_path), dtype=target)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -99,7 +99,7 @@ def test_engine_holds_weights_once_and_kv_by_budget(tmp_path):
                                   num_attention_heads=8, max_position_embeddings=16384)
     with torch.device("meta"):
         model = PersimmonForCausalLM(config)
-    model.to_empty(device="cpu").init_weights(torch.Generator().manual_seed(0)).save_pretrained(tmp_path)
+    save_pretrained(model.to_empty(device="cpu").init_weights(torch.Generator().manual_seed(0)), tmp_path)
     del model
     kv_gib = 0.125
     code = ENGINE_PROBE.format(root=ROOT, path=str(tmp_path), kv_gib=kv_gib)

@@ -201,8 +201,9 @@ def test_dropout_off_in_eval_and_training_mode_differs():
 
 
 def engine_metadata(seqs, block_tables, block_size, use_kernel):
-    """AttentionMetadata for sequences given as (row in block_tables, first position, n new tokens)."""
-    from model.attention import AttentionMetadata
+    """AttentionMetadata for sequences given as (row in block_tables, first position, n new tokens),
+    built as the model runner builds it, by the CPU-kernel or the torch backend."""
+    from model.attention import CpuKernelBackend, TorchBackend
 
     positions, spans, ctx, rows, n = [], [], [], [], 0
     for row, start, count in seqs:
@@ -214,8 +215,8 @@ def engine_metadata(seqs, block_tables, block_size, use_kernel):
     positions = torch.tensor(positions)
     token_rows = torch.repeat_interleave(torch.tensor(rows), torch.tensor([c for _, _, c in seqs]))
     slots = block_tables[token_rows, positions // block_size] * block_size + positions % block_size
-    return AttentionMetadata(positions=positions, spans=spans, context_lens=ctx, slot_mapping=slots,
-                             block_tables=block_tables, seq_rows=rows, token_rows=token_rows, use_kernel=use_kernel)
+    backend = (CpuKernelBackend if use_kernel else TorchBackend)(block_size, gather_tokens=32768)
+    return backend.metadata(positions, spans, ctx, rows, token_rows, block_tables, slots)
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu-kernel", "gather-sdpa"])
@@ -269,7 +270,7 @@ def test_packed_rows_without_cache_equal_separate_forwards():
     rows = [ids(1, n, seed=n)[0] for n in (5, 11, 3)]
     ends = [5, 16, 19]
     meta = AttentionMetadata(positions=torch.cat([torch.arange(len(r)) for r in rows]),
-                             spans=list(zip([0] + ends[:-1], ends)), context_lens=[5, 11, 3])
+                             fresh=list(zip([0] + ends[:-1], ends)))
     with torch.no_grad():
         out = ours.lm_head(ours.model(torch.cat(rows), attn_metadata=meta))
         for r, a, b in zip(rows, [0] + ends[:-1], ends):

@@ -4,18 +4,18 @@ what it reads back through the table, so a wrong, stale or freed block changes t
 Every row's output must equal the reference computed from its prompt alone, whatever the pool
 size, block size, preemptions and prefix sharing."""
 
+import os
 import random
-from dataclasses import dataclass, field
+import subprocess
+import sys
 
 import pytest
 
-from model.scheduler import RESERVED_BLOCKS, BlockManager, Detokenizer, Scheduler, Sequence, cdiv
+from model.outputs import Detokenizer, OutputProcessor
+from model.sampling_params import SamplingParams as Params
+from model.scheduler import RESERVED_BLOCKS, BlockManager, Scheduler, Sequence, cdiv
 
-
-@dataclass
-class Params:  # the fields the scheduler reads from SamplingParams
-    max_new_tokens: int = 8
-    stop: list = field(default_factory=list)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def next_token(tokens) -> int:
@@ -71,7 +71,8 @@ class FakeRunner:
         return sampled, scored
 
 
-def drive(sched, runner, max_steps=20000):
+def drive(sched, runner, outputs=None, max_steps=20000):
+    """Step until done; with `outputs` (an OutputProcessor) its output step ends rows at stop strings."""
     finished = []
     for _ in range(max_steps):
         if not sched.has_work():
@@ -80,6 +81,9 @@ def drive(sched, runner, max_steps=20000):
         assert step.items, "no progress"
         sampled, _ = runner.execute(step)
         finished += sched.update(step, sampled)
+        if outputs is not None:
+            hits = outputs.stop_strings([i.seq for i in step.items if i.sample])
+            finished += [s for s in hits if sched.finish(s, "stop")]
     raise AssertionError("did not finish")
 
 
@@ -252,12 +256,14 @@ def test_stop_ids_max_seq_len_and_stop_strings():
     # stop strings: checked on the text the new tokens added, through the detokenizer
     words = {t: f"w{t} " for t in range(60)}
     decode = lambda ids: "".join(words[t] for t in ids)  # noqa: E731
-    text_sched, runner3 = make(100, 4, decode=decode)
+    text_sched, runner3 = make(100, 4)
+    outputs = OutputProcessor(decode)
     target = decode(free)[len(decode(free[:3])):][:4]  # token 3's text, found when token 3 arrives
     row = Sequence(2, prompt, Params(12, stop=[target]))
     text_sched.add(row)
-    drive(text_sched, runner3)
-    assert row.finish_reason == "stop" and row.text == decode(free)[:decode(free).find(target)]
+    outputs.add(row)
+    assert drive(text_sched, runner3, outputs) == [row]
+    assert row.finish_reason == "stop" and outputs.completion(row).text == decode(free)[:decode(free).find(target)]
 
 
 def test_a_stop_string_straddling_two_tokens_stops_the_row():
@@ -272,12 +278,21 @@ def test_a_stop_string_straddling_two_tokens_stops_the_row():
     cut = len(decode(free[:3])) + 2
     target = text[cut:cut + 4]
     assert target == "1 w1" and text.find(target) == cut  # first seen half in token 3, half in token 4
-    sched, runner = make(100, 4, decode=decode)
+    sched, runner = make(100, 4)
+    outputs = OutputProcessor(decode)
     row = Sequence(0, prompt, Params(12, stop=[target]))
     sched.add(row)
-    drive(sched, runner)
+    outputs.add(row)
+    drive(sched, runner, outputs)
     assert row.finish_reason == "stop" and row.output == free[:5]
-    assert row.text == "w6 w5 w10 w3"
+    assert outputs.completion(row).text == "w6 w5 w10 w3"
+
+
+def test_scheduler_and_sampling_params_import_without_torch():
+    """The scheduler, SamplingParams, the memory arithmetic and the tokenizer need no torch."""
+    code = ("import sys; import model.scheduler, model.sampling_params, model.capacity, model.tokenizer; "
+            "from model import SamplingParams, PersimmonConfig; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_detokenizer_equals_full_decode_and_waits_inside_a_character():

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from hf_compat import batch_encode
 from tolerances import assert_forward_close
 
 from model import PersimmonConfig, PersimmonForCausalLM, PersimmonForSequenceClassification, load_pretrained
@@ -64,7 +65,7 @@ def test_sequence_classification_variant(tmp_path):
     assert type(model) is PersimmonForSequenceClassification
     assert model.config.num_labels == 3 and model.config.label2id == {"neg": 0, "pos": 1, "mixed": 2}
     tok = PersimmonTokenizer.from_pretrained(path)
-    batch = tok.batch_encode(["good", "a much longer and worse sentence"])
+    batch = batch_encode(tok, ["good", "a much longer and worse sentence"])
     ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
     assert (mask == 0).any()  # left padding with the |ENDOFTEXT| pad id
     import transformers

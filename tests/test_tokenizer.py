@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sentencepiece as spm
 import torch
+from hf_compat import batch_decode, batch_encode
 
 from model.tiny_tokenizer import tiny_corpus, train_tiny_tokenizer
 from model.tokenizer import ENDOFTEXT, PersimmonTokenizer, chat_prompt
@@ -227,9 +228,9 @@ def test_decode_out_of_range_and_bad_ids(tok, sp):
 def test_batch_decode(tok):
     texts = ["short", "a somewhat longer text 🙂"]
     for side in ("left", "right"):
-        batch = tok(texts, padding_side=side)
-        assert tok.batch_decode(batch["input_ids"]) == texts
-        assert tok.batch_decode(batch["input_ids"].tolist()) == texts
+        batch = batch_encode(tok, texts, padding_side=side)
+        assert batch_decode(tok, batch["input_ids"]) == texts
+        assert batch_decode(tok, batch["input_ids"].tolist()) == texts
 
 
 def test_pickle_round_trip(tok):
@@ -251,7 +252,7 @@ BATCH = ["hi", "the cat reads a long letter", "", "日本 🙂"]
 def test_padding_exact(tok, side):
     rows = [tok.encode(t) for t in BATCH]
     width = max(map(len, rows))
-    out = tok(BATCH, padding_side=side)
+    out = batch_encode(tok, BATCH, padding_side=side)
     ids, mask = out["input_ids"], out["attention_mask"]
     assert ids.dtype == mask.dtype == torch.long
     assert ids.shape == mask.shape == (len(BATCH), width)
@@ -267,18 +268,18 @@ def test_padding_exact(tok, side):
     assert mask.sum(1).tolist() == [len(r) for r in rows]
 
 
-def test_batch_encode_equals_call_and_lists(tok):
-    as_lists = tok.batch_encode(BATCH, padding_side="right", return_tensors=None, add_bos=False)
-    as_tensors = tok(BATCH, padding_side="right", add_bos=False)
+def test_batch_encode_lists_equal_tensors(tok):
+    as_lists = batch_encode(tok, BATCH, padding_side="right", return_tensors=None, add_bos=False)
+    as_tensors = batch_encode(tok, BATCH, padding_side="right", add_bos=False)
     assert as_lists["input_ids"] == as_tensors["input_ids"].tolist()
     assert as_lists["attention_mask"] == as_tensors["attention_mask"].tolist()
     assert as_lists["input_ids"][0][: len(tok.encode("hi", add_bos=False))] == tok.encode("hi", add_bos=False)
 
 
 def test_single_string_and_empty_batch(tok):
-    single = tok("hello")
+    single = batch_encode(tok, "hello")
     assert single["input_ids"].tolist() == [tok.encode("hello")]
-    empty = tok([])
+    empty = batch_encode(tok, [])
     assert empty["input_ids"].shape == empty["attention_mask"].shape == (0, 0)
 
 
@@ -287,22 +288,22 @@ def test_truncation_left_and_right_keep_bos(tok):
     body = tok.encode(text, add_bos=False)
     bos = tok.bos_token_id
     assert len(body) > 6
-    left = tok([text, "hi"], max_length=6, truncation="left", padding_side="right")
-    right = tok([text, "hi"], max_length=6, truncation="right", padding_side="right")
+    left = batch_encode(tok, [text, "hi"], max_length=6, truncation="left", padding_side="right")
+    right = batch_encode(tok, [text, "hi"], max_length=6, truncation="right", padding_side="right")
     assert left["input_ids"][0].tolist() == [bos] + body[-5:]
     assert right["input_ids"][0].tolist() == [bos] + body[:5]
-    assert tok(text, max_length=6, truncation=True)["input_ids"][0].tolist() == [bos] + body[:5]
+    assert batch_encode(tok, text, max_length=6, truncation=True)["input_ids"][0].tolist() == [bos] + body[:5]
     short = tok.encode("hi")
     assert left["input_ids"][1].tolist() == short + [tok.pad_token_id] * (6 - len(short))
     assert left["input_ids"].shape == (2, 6)
-    no_bos = tok(text, max_length=4, truncation="left", add_bos=False)
+    no_bos = batch_encode(tok, text, max_length=4, truncation="left", add_bos=False)
     assert no_bos["input_ids"][0].tolist() == body[-4:]
     # A row already within max_length is untouched.
-    assert tok("hi", max_length=50, truncation="left")["input_ids"][0].tolist() == short
+    assert batch_encode(tok, "hi", max_length=50, truncation="left")["input_ids"][0].tolist() == short
 
 
 def test_pad_to_max_length(tok):
-    out = tok(["hi"], max_length=8, padding="max_length", padding_side="left")
+    out = batch_encode(tok, ["hi"], max_length=8, padding="max_length", padding_side="left")
     row = tok.encode("hi")
     assert out["input_ids"][0].tolist() == [tok.pad_token_id] * (8 - len(row)) + row
     assert out["attention_mask"][0].tolist() == [0] * (8 - len(row)) + [1] * len(row)
@@ -323,7 +324,7 @@ def test_pad_to_max_length(tok):
 )
 def test_batch_encode_bad_options(tok, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        tok(["the cat reads a long letter", "hi"], **kwargs)
+        batch_encode(tok, ["the cat reads a long letter", "hi"], **kwargs)
 
 
 # ------------------------------------------------------------------ chat template

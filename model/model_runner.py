@@ -10,140 +10,26 @@ and runs every forward the engine makes.
   block-table width are padded to buckets, block tables and context lengths are graph inputs,
   padded rows read the null block and write the scratch block. `decode_mode="static"` is the
   same fixed-shape step run eagerly (how it is tested on CPU).
-- On x86 CPUs whose oneDNN build can run the dtype (`cpu_packing_unsupported`), every Linear
-  runs through oneDNN with its weight packed once into oneDNN's blocked layout, in place: the
-  packed tensor replaces the plain one, so the weights are in memory once. `state_dict()`
-  unpacks on the fly; casting or moving the model unpacks first. Elsewhere (bf16 without
-  AVX-512 or AVX-NE-CONVERT, fp16 without AVX512-FP16, non-x86 CPUs, PERSIMMON_PACKED_LINEARS=0)
-  the plain `F.linear` path runs, with the same results.
+- On CPUs where oneDNN runs the dtype, every Linear runs with its weight packed in place
+  (model/cpu_packing.py).
 - The KV pool is sized once, from `kv_cache_gib` or the memory budget (model/capacity.py),
   never from max_batch_size x max_seq_len (that product only caps it: no row could use more).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import platform
-
 import torch
-from torch import nn
 
-from . import capacity, cpu_kernels
-from .attention import AttentionMetadata, PagedKVCache
-from .modeling import PersimmonForCausalLM, PersimmonMLP
+from . import capacity
+from .attention import AttentionMetadata, PagedKVCache, attention_backend
+from .cpu_packing import pack_cpu_linears
+from .modeling import PersimmonForCausalLM
 from .scheduler import RESERVED_BLOCKS, SCRATCH_BLOCK, ScheduledStep, cdiv
 
-log = logging.getLogger(__name__)
 DECODE_MODES = ("dynamic", "static", "cuda_graph")
 MAX_GRAPHS = 48  # captured (batch bucket, table width) pairs; beyond this, static steps run eagerly
 
 
-# ---------------------------------------------------------------------------------------------
-# CPU weight packing, in place
-# ---------------------------------------------------------------------------------------------
-def _packed_forward(module, activation="none"):
-    out_features = module.out_features
-
-    def forward(x):
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), module._packed_weight, module.bias,
-                                               activation, [], "")
-        return y.view(*x.shape[:-1], out_features)
-    return forward
-
-
-def _dense_state(module, state_dict, prefix, local_metadata):
-    if hasattr(module, "_packed_weight"):
-        state_dict[prefix + "weight"] = module._packed_weight.to_dense()
-
-
-def _unpack_then_apply(module):
-    def apply(fn, recurse=True):
-        _unpack_linear(module)
-        return type(module)._apply(module, fn, recurse)
-    return apply
-
-
-def _unpack_linear(module) -> None:
-    packed = module.__dict__.pop("_packed_weight", None)
-    if packed is not None and module.weight.numel() == 0:
-        module.weight.data = packed.to_dense()
-    for name in ("forward", "_apply"):
-        module.__dict__.pop(name, None)
-    handle = module.__dict__.pop("_dense_state_hook", None)
-    if handle is not None:
-        handle.remove()
-
-
-_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
-
-
-def cpu_packing_unsupported(dtype: torch.dtype) -> str | None:
-    """Why oneDNN weight packing cannot run `dtype` Linears on this CPU, or None when it can.
-
-    torch is asked, not /proc/cpuinfo: its oneDNN checks honour ONEDNN_MAX_CPU_ISA, so
-    `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` makes an AVX-512 machine behave as an
-    AVX2-only one (how CI proves the fallback). Packing is used on x86 only, where it is
-    tested; other CPUs run plain F.linear (their torch builds pick their own GEMM)."""
-    if os.environ.get("PERSIMMON_PACKED_LINEARS", "1") == "0":
-        return "turned off by PERSIMMON_PACKED_LINEARS=0"
-    if platform.machine().lower() not in _X86:
-        return f"oneDNN weight packing is used on x86 CPUs only (this is {platform.machine()})"
-    if not torch.backends.mkldnn.is_available():
-        return "this torch build has no oneDNN (mkldnn)"
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "oneDNN's bf16 matmul needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which this CPU lacks"
-    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return "oneDNN's fp16 matmul needs AVX512-FP16 or AVX-NE-CONVERT, which this CPU lacks"
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"no oneDNN packing for {dtype}"
-    return None
-
-
-def pack_cpu_linears(model) -> None:
-    """Run every Linear through oneDNN with its weight packed once (1.1-1.3x faster small-batch
-    matmuls on CPU); the MLP's ReLU is fused into its first matmul and squared in place
-    (bit-identical; saves two passes over [tokens, intermediate]). The plain weight is dropped
-    (an empty placeholder keeps the parameter's dtype and device), unless it is shared with
-    another module (tied embeddings)."""
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and "_packed_weight" not in module.__dict__:
-                weight = module.weight
-                module._packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
-                if counts.get(id(weight), 0) == 1:
-                    weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
-                module.forward = _packed_forward(module)
-                module._apply = _unpack_then_apply(module)
-                module._dense_state_hook = module._register_state_dict_hook(_dense_state)
-        for module in model.modules():
-            if isinstance(module, PersimmonMLP):
-                up_relu, down = _packed_forward(module.dense_h_to_4h, "relu"), module.dense_4h_to_h
-
-                def mlp_forward(x, up_relu=up_relu, down=down):
-                    return down(up_relu(x).square_())  # relu(x W1 + b1)^2 W2 + b2
-                module.forward = mlp_forward
-
-
-def unpack_cpu_linears(model) -> None:
-    """Undo pack_cpu_linears: plain weights back, plain forwards."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            _unpack_linear(module)
-        elif isinstance(module, PersimmonMLP):
-            module.__dict__.pop("forward", None)
-
-
-def is_packed(model) -> bool:
-    return any("_packed_weight" in m.__dict__ for m in model.modules())
-
-
-# ---------------------------------------------------------------------------------------------
-# The runner
-# ---------------------------------------------------------------------------------------------
 def _bucket(n: int, cap: int) -> int:
     b = 1
     while b < n:
@@ -160,16 +46,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.max_batch_size, self.max_seq_len, self.block_size = max_batch_size, max_seq_len, block_size
         self.prefill_token_budget = prefill_token_budget
-        why_not = cpu_packing_unsupported(self.dtype) if self.device.type == "cpu" else "not on a CPU"
-        if packed_cpu_linears is None:
-            packed_cpu_linears = why_not is None
-            if why_not and self.device.type == "cpu":
-                log.info("Linear layers run plain F.linear: %s", why_not)
-        elif packed_cpu_linears and why_not:
-            raise ValueError(f"packed_cpu_linears=True, but {why_not}; leave it None (automatic) or False")
-        if packed_cpu_linears:
-            pack_cpu_linears(model)
-        self.packed = packed_cpu_linears
+        self.packed = pack_cpu_linears(model, packed_cpu_linears)
         self.dynamic_rope = self.config.rope_type == "dynamic"
         self.kv_cache: PagedKVCache | None = None
         self.num_blocks = 0
@@ -181,7 +58,7 @@ class ModelRunner:
                                             device=self.device)
             self._table_owner: list = [None] * max_batch_size
             self._table_len = [0] * max_batch_size
-        self.use_kernel = self.device.type == "cpu" and cpu_kernels.available(self.dtype)
+        self.attn = attention_backend(self.device, self.dtype, block_size, capacity.GATHER_TOKENS)
         on_cuda = self.device.type == "cuda"
         decode_mode = decode_mode or ("cuda_graph" if on_cuda else "dynamic")
         if decode_mode not in DECODE_MODES:
@@ -223,7 +100,6 @@ class ModelRunner:
         if blocks < RESERVED_BLOCKS + 1:
             raise ValueError(f"no room for a KV cache ({how}): it needs {RESERVED_BLOCKS + 1} blocks of {bs} tokens, "
                              f"{(RESERVED_BLOCKS + 1) * per_block / 2**10:.0f} KiB; {advice}")
-        self.kv_budget_note = how
         return int(blocks)
 
     # ---- block tables ----------------------------------------------------------------------
@@ -271,10 +147,8 @@ class ModelRunner:
         positions = torch.repeat_interleave(ends - lengths, lengths) + offsets
         slots = self.block_tables[token_rows, positions // self.block_size] * self.block_size \
             + positions % self.block_size
-        meta = AttentionMetadata(positions=positions, spans=spans, context_lens=ctx, slot_mapping=slots,
-                                 block_tables=self.block_tables, seq_rows=rows, token_rows=token_rows,
-                                 rope_lens=self._rope_lens(items, lengths, positions) if self.dynamic_rope else None,
-                                 use_kernel=self.use_kernel)
+        rope_lens = self._rope_lens(items, lengths, positions) if self.dynamic_rope else None
+        meta = self.attn.metadata(positions, spans, ctx, rows, token_rows, self.block_tables, slots, rope_lens)
         hidden = self.model.model(torch.tensor(ids, device=dev), attn_metadata=meta, kv_cache=self.kv_cache)
         return hidden[torch.tensor(outputs, dtype=torch.long, device=dev)]
 
@@ -297,10 +171,10 @@ class ModelRunner:
             spans.append((n, n + length))
             n += length
         positions = torch.cat([torch.arange(length, device=dev) for length in lengths])
-        meta = AttentionMetadata(positions=positions, spans=spans, context_lens=lengths,
-                                 rope_lens=torch.repeat_interleave(torch.tensor(lengths, device=dev),
-                                                                   torch.tensor(lengths, device=dev))
-                                 if self.dynamic_rope else None)
+        rope_lens = None
+        if self.dynamic_rope:
+            rope_lens = torch.repeat_interleave(torch.tensor(lengths, device=dev), torch.tensor(lengths, device=dev))
+        meta = AttentionMetadata(positions, fresh=spans, rope_lens=rope_lens)  # nothing cached
         ids = torch.tensor([t for r in rows for t in r], device=dev)
         hidden = self.model.model(ids, attn_metadata=meta)
         return hidden[torch.tensor([b - 1 for _, b in spans], device=dev)]
@@ -338,8 +212,7 @@ class ModelRunner:
         return out[:B]
 
     def _static_step(self, ids, positions, slots, tables, lens) -> torch.Tensor:
-        meta = AttentionMetadata(positions=positions, spans=None, context_lens=None, slot_mapping=slots,
-                                 block_tables=tables, static=True, static_lens=lens)
+        meta = self.attn.static_metadata(positions, slots, tables, lens)
         return self.model.model(ids, attn_metadata=meta, kv_cache=self.kv_cache)
 
     def _graph(self, Bb: int, nb: int):
@@ -367,5 +240,5 @@ class ModelRunner:
     def info(self) -> dict:
         return {"kv_cache_bytes": self.kv_cache.nbytes if self.kv_cache is not None else 0,
                 "kv_blocks": self.num_blocks, "decode_mode": self.decode_mode,
-                "cpu_attention_kernel": self.use_kernel, "packed_cpu_linears": self.packed,
+                "attention_backend": self.attn.name, "packed_cpu_linears": self.packed,
                 "cuda_graphs": len(self._graphs)}

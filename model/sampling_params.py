@@ -1,0 +1,93 @@
+"""A row's sampling settings, checked here and nowhere else. No torch: the scheduler and the
+pipeline's settings read it.
+
+Every field's rule is one entry of `RULES`; `SamplingParams.check(name, value)` applies one
+(the pipeline's per-row columns and run settings use it), and building a SamplingParams applies
+them all plus the rules between fields. Adding a setting: a field, its rule, its use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+MIN_TEMPERATURE = 1e-5  # below this, fp32 logits / T overflow: such rows are greedy
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+RULES = {  # field: (is it valid, what it must be)
+    "max_new_tokens": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "top_k": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "stop": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a string or a list of strings"),
+    "stop_token_ids": (lambda v: isinstance(v, list) and all(_int(t) and t >= 0 for t in v), "a list of token ids"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "True or False"),
+    "seed": (lambda v: v is None or _int(v), "an integer or None"),
+    "logprobs": (lambda v: isinstance(v, bool), "True or False"),
+    "truncate": (lambda v: v in (None, "left"), "None or 'left'"),
+    "json_schema": (lambda v: v is None or isinstance(v, (dict, str)), "a dict or JSON text"),
+    "regex": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty string"),
+    "choice": (lambda v: v is None or (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)),
+               "a non-empty list of non-empty strings"),
+}
+CONSTRAINTS = ("json_schema", "regex", "choice")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop: list[str] = field(default_factory=list)  # stop strings, trimmed from the text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past the model's eos token
+    seed: int | None = None
+    logprobs: bool = False  # return the log-probability of each generated token
+    truncate: str | None = None  # None: over-long prompts are an error; "left": keep the tail
+    # structured output (one at a time): the completion must match (model/structured.py)
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, self.check(f.name, getattr(self, f.name)))
+        given = [name for name in CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams: give one of json_schema, regex, choice, not {given}")
+        if given and self.stop:
+            raise ValueError(f"SamplingParams: stop strings would cut a {given[0]} completion mid-structure; "
+                             "the grammar decides where it ends")
+
+    @staticmethod
+    def check(name: str, value):
+        """`value` as field `name` holds it (a stop string becomes a list, empty ones dropped),
+        or ValueError('SamplingParams.<name> must be ..., got ...')."""
+        if name == "stop" and isinstance(value, str):
+            value = [value]
+        if name in ("stop", "stop_token_ids", "choice") and isinstance(value, (tuple, set, frozenset)):
+            value = list(value)
+        if name == "stop_token_ids" and value is None:
+            value = []
+        valid, want = RULES[name]
+        if not valid(value):
+            raise ValueError(f"SamplingParams.{name} must be {want}, got {value!r}")
+        return [s for s in value if s] if name == "stop" else value
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, name) is not None for name in CONSTRAINTS)
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below MIN_TEMPERATURE (where fp32 logits / T overflow) act as 0."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
