@@ -178,7 +178,7 @@ class PipelineConfig:
     overwrite: bool = _f(False, "Delete committed outputs of this run's units and recompute them.")
     check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: "
                                    "a row whose id already appeared earlier (in input order) and a "
-                                   "row with a null id get `error` set (kinds duplicate_id, "
+                                   "row with a null id get an error (error_kind duplicate_id, "
                                    "invalid_id) instead of a result, and the run report counts "
                                    "them. Driver memory follows the files and the flagged rows, not "
                                    "the row count; --no-check-duplicate-ids skips the check.")

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 from .config import ConfigError, PipelineConfig, mask_uri, output_columns
 from .tasks import TASKS
 from .stages import output_schema
+from .errors import RowError
 from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
 from .ids import InputChanged, flag_ids
 from .storage import Location, inside, list_inputs, place, resolve, retry
@@ -64,7 +65,7 @@ class Unit:
     num_rows: int
     output_name: str
     first_row: int = 0                                    # of the unit in its file
-    row_errors: list = field(default_factory=list)        # [[row in unit, error]]: not run
+    row_errors: list = field(default_factory=list)        # [[row in unit, RowError]]: not run
     fingerprint: dict = field(default_factory=dict)       # what the input is (see input_fingerprint)
     input_format: str = "parquet"
 
@@ -77,7 +78,9 @@ class Unit:
 
     @classmethod
     def from_json(cls, text: str) -> "Unit":
-        return cls(**json.loads(text))
+        unit = cls(**json.loads(text))
+        unit.row_errors = [[row, RowError(*error)] for row, error in unit.row_errors]
+        return unit
 
 
 @dataclass

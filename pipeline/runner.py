@@ -23,7 +23,7 @@ What can go wrong in a replica, and what happens:
   replica and retry; the traceback goes to the replica's log, and the replica answers each unit
   with one line, `replica_start_failed: <exception type>: <message> (traceback in <its log>)`,
   on which the driver stops the run (every replica loads the same model with the same settings);
-- a bad row: the stage returns it with `error` set (never raises); rows the plan flagged
+- a bad row: the stage returns it with `error_kind` and `error` set (never raises); rows the plan flagged
   (duplicate or null ids) get their error without being run;
 - a storage error mid-stream (read or write): the unit is redone from its start, up to
   `io_retries` times with backoff, then reported failed with the URI in the message;
@@ -53,7 +53,7 @@ from .plan import Unit, read_unit_stats, result_config
 from .metrics import ReplicaMetrics
 from .progress import Attempts
 from .report import one_line
-from .stages import STAGES, error_kind
+from .stages import STAGES
 from .storage import (Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient,
                       write_bytes_atomic)
 
@@ -171,7 +171,7 @@ class ShardRunner:
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
         columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns, *SAMPLING_COLUMNS]))
-        preset = sorted((int(i), msg) for i, msg in unit.row_errors)
+        preset = sorted((int(i), error) for i, error in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
         engine_before = self.stage.engine_seconds
@@ -198,7 +198,7 @@ class ShardRunner:
                     batch, read_errors = item
                     lo, hi = bisect.bisect_left(preset_rows, rows), bisect.bisect_left(preset_rows, rows + batch.num_rows)
                     # a line that could not be read says why; the plan's id checks come second
-                    row_errors = {**{i - rows: msg for i, msg in preset[lo:hi]}, **read_errors}
+                    row_errors = {**{i - rows: error for i, error in preset[lo:hi]}, **read_errors}
                     t_batch = time.perf_counter()
                     out = self.stage(batch, row_errors).cast(self.schema)
                     t_write = time.perf_counter()
@@ -206,7 +206,7 @@ class ShardRunner:
                         writer.write(out)
                     write_s += time.perf_counter() - t_write
                     rows += out.num_rows
-                    batch_kinds = Counter(error_kind(e) for e in out["error"].to_pylist() if e is not None)
+                    batch_kinds = Counter(k for k in out["error_kind"].to_pylist() if k is not None)
                     errors += sum(batch_kinds.values())
                     kinds.update(batch_kinds)
                     if cfg.task == "label":

@@ -2,8 +2,8 @@
 
 A stage only converts columns: input rows -> prompts -> one engine call -> output columns.
 It never raises for bad input: a row that cannot be processed (null, non-string, blank
-prompt, undecodable bytes, an engine error) comes back with `error` set and its id kept, and
-its neighbours are unaffected. Call a stage on a hand-built batch without Ray:
+prompt, undecodable bytes, an engine error) comes back with `error_kind` and `error` set and
+its id kept, and its neighbours are unaffected. Call a stage on a hand-built batch without Ray:
 
     stage = GenerateStage(PipelineConfig(task="generate", ...), engine=my_engine)
     out = stage({"id": [1, 2], "prompt": ["a", "b"]})        # -> pyarrow.Table
@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,23 +29,21 @@ import pyarrow as pa
 from .config import PipelineConfig
 from .tasks import TASKS
 from .attachments import render_prefix
+from .errors import RowError
 from .row_settings import SAMPLING_COLUMNS, row_overrides
 
 log = logging.getLogger(__name__)
 
 
 
-def error_kind(message: str | None) -> str | None:
-    """The kind of an error message, for counting: its text before the first ':'."""
-    if message is None:
-        return None
-    head = message.split(":", 1)[0].strip()
-    return head if re.fullmatch(r"[a-z][a-z0-9_]{0,39}", head) else "other"
+def failed(error: RowError) -> dict:
+    """The result columns of a row that failed."""
+    return {"error_kind": error.kind, "error": error.message}
 
 
-def engine_error(result) -> str:
-    """An engine result's per-row error as 'kind: detail' (the engine says the kind)."""
-    return f"{result.error_kind or 'engine_error'}: {result.error}"
+def engine_error(result) -> dict:
+    """The result columns of an engine result's per-row error (the engine says its kind)."""
+    return failed(RowError(result.error_kind or "engine_error", result.error))
 
 
 def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
@@ -145,27 +142,27 @@ def column_values(column) -> list:
     return column.to_pylist()
 
 
-def check_prompt(value) -> tuple[str | None, str | None]:
-    """(text, None) for a usable prompt, else (None, error message)."""
+def check_prompt(value) -> tuple[str | None, RowError | None]:
+    """(text, None) for a usable prompt, else (None, the row's error)."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, f"invalid_prompt: not valid UTF-8 ({e.reason} at byte {e.start})"
+            return None, RowError("invalid_prompt", f"not valid UTF-8 ({e.reason} at byte {e.start})")
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
-        return None, "invalid_prompt: null"
+        return None, RowError("invalid_prompt", "null")
     if not isinstance(value, str):
-        return None, f"invalid_prompt: expected a string, got {type(value).__name__}"
+        return None, RowError("invalid_prompt", f"expected a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate (Python API input; Arrow strings have none)
-        return None, f"invalid_prompt: lone surrogate U+{ord(value[e.start]):04X} at position {e.start}"
+        return None, RowError("invalid_prompt", f"lone surrogate U+{ord(value[e.start]):04X} at position {e.start}")
     if not value.strip():
-        return None, "empty_prompt: prompt is empty or whitespace only"
+        return None, RowError("empty_prompt", "prompt is empty or whitespace only")
     return value, None
 
 
-def build_prompt(config: PipelineConfig, prefix: str, value) -> tuple[str | None, str | None]:
+def build_prompt(config: PipelineConfig, prefix: str, value) -> tuple[str | None, RowError | None]:
     """(the text the engine gets for a row's prompt value, None), or (None, the row's error): the
     value checked (`check_prompt`), then the few-shot prefix and the prompt template (chat
     wrapper included). `persimmon-batch plan` measures prompts with this too."""
@@ -215,7 +212,7 @@ class _Stage:
         stats = getattr(self.engine, "stats", None)
         return stats() if callable(stats) else None
 
-    def __call__(self, batch, row_errors: dict[int, str] | None = None) -> pa.Table:
+    def __call__(self, batch, row_errors: dict[int, RowError] | None = None) -> pa.Table:
         """Results for every row of `batch`, in order. `row_errors` ({row index: error}) marks
         rows that get that error without being run (duplicate or null ids found by the plan)."""
         cfg = self.config
@@ -238,7 +235,7 @@ class _Stage:
                 prompts[i] = (None, err)
         for i, err in (row_errors or {}).items():
             prompts[i] = (None, err)
-        results: list[dict] = [{"error": err} for _, err in prompts]
+        results: list[dict] = [{} if err is None else failed(err) for _, err in prompts]
         ok = [i for i, (text, _) in enumerate(prompts) if text is not None]
         if ok:
             texts = [prompts[i][0] for i in ok]
@@ -251,7 +248,7 @@ class _Stage:
             arrays[col] = pa.array([r.get(col) for r in results], type=kind)
         return pa.table(arrays)
 
-    def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, str | None]]:
+    def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, RowError | None]]:
         """Per row: (what `_run` needs beyond its text, or an error that keeps it from running),
         from the values of the batch's `row_columns` (`own`). Tasks without per-row settings
         need nothing."""
@@ -271,7 +268,7 @@ class _Stage:
             return out
         except Exception as e:  # noqa: BLE001 - isolate below; never fail the batch
             if len(texts) == 1:
-                return [{"error": f"engine_error: {type(e).__name__}: {e}"}]
+                return [failed(RowError("engine_error", f"{type(e).__name__}: {e}"))]
             log.warning("engine call on %d rows raised %r; retrying rows one by one", len(texts), e)
             return [self._safe_run([t], [i], [r])[0] for t, i, r in zip(texts, ids, rows)]
 
@@ -306,19 +303,18 @@ class GenerateStage(_Stage):
                 out.append((None, self._setting_error(str(e).replace("SamplingParams.", ""))))
         return out
 
-    def _setting_error(self, message: str) -> str:
+    def _setting_error(self, message: str) -> RowError:
         if self.config.input_format == "openai-batch":  # say it in the request's terms
             from .openai_batch import request_error
 
             message = request_error(message)
-        return "invalid_sampling: " + message
+        return RowError("invalid_sampling", message)
 
     def _run(self, texts, ids, rows):
         out = []
         for c, p in zip(self.engine.generate(texts, rows), rows):
             if c.error is not None:
-                out.append({"finish_reason": "error", "error": engine_error(c),
-                            "num_prompt_tokens": c.num_prompt_tokens or None})
+                out.append({"finish_reason": "error", **engine_error(c), "num_prompt_tokens": c.num_prompt_tokens or None})
                 continue
             row = {"completion": c.text, "finish_reason": c.finish_reason, "num_prompt_tokens": c.num_prompt_tokens,
                    "num_generated_tokens": c.num_generated_tokens}
@@ -326,7 +322,7 @@ class GenerateStage(_Stage):
                 try:
                     row["parsed"] = json.dumps(json.loads(c.text), ensure_ascii=False)
                 except ValueError as e:  # the grammar guarantees JSON; report rather than crash if not
-                    row["error"] = f"invalid_json: {e}"
+                    row.update(failed(RowError("invalid_json", str(e))))
             out.append(row)
         return out
 
@@ -337,7 +333,7 @@ class ClassifyStage(_Stage):
     task = "classify"
 
     def _run(self, texts, ids, rows):
-        return [{"error": engine_error(c)} if c.error is not None else
+        return [engine_error(c) if c.error is not None else
                 {"label": c.label, "score": float(c.score), "probs": [float(p) for p in c.probs]}
                 for c in self.engine.classify(texts)]
 
@@ -407,7 +403,7 @@ class LabelStage(_Stage):
         out = []
         for c in self._score(texts):
             if c.error is not None:
-                out.append({"error": engine_error(c)})
+                out.append(engine_error(c))
                 continue
             probs = calibrated(c.scores, self.log_p_cf)
             order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)

@@ -22,7 +22,7 @@ class Task:
     name: str
     description: str                      # the subcommand's help
     architecture: str                     # the checkpoint class it runs on
-    columns: tuple[tuple[str, pa.DataType], ...]  # output columns it adds, in order ("error" last)
+    columns: tuple[tuple[str, pa.DataType], ...]  # output columns it adds, in order ("error_kind", "error" last)
     settings: tuple[str, ...]             # config fields that only this task (and others listing them) takes
     result_settings: tuple[str, ...]      # config fields its rows' results depend on (besides the common ones)
     stage: str                            # "module:Class" of its stage, imported when needed
@@ -41,7 +41,7 @@ class Task:
 
 
 _GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex")
-_ERROR = ("error", pa.string())
+_ERROR = (("error_kind", pa.string()), ("error", pa.string()))
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task(
@@ -49,7 +49,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
         description="Complete every prompt with a causal Persimmon checkpoint.",
         architecture=CAUSAL,
         columns=(("completion", pa.string()), ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()),
-                 ("num_generated_tokens", pa.int32()), ("parsed", pa.string()), _ERROR),
+                 ("num_generated_tokens", pa.int32()), ("parsed", pa.string()), *_ERROR),
         settings=(*_GENERATION, "choices", "examples"),
         result_settings=(*_GENERATION, "choices", "examples"),
         stage="pipeline.stages:GenerateStage",
@@ -58,7 +58,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
         name="classify",
         description="Classify every text with a PersimmonForSequenceClassification checkpoint.",
         architecture=CLASSIFIER,
-        columns=(("label", pa.string()), ("score", pa.float64()), ("probs", pa.list_(pa.float64())), _ERROR),
+        columns=(("label", pa.string()), ("score", pa.float64()), ("probs", pa.list_(pa.float64())), *_ERROR),
         settings=(),
         result_settings=(),
         stage="pipeline.stages:ClassifyStage",
@@ -70,7 +70,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                     "highest log-likelihood after the (templated) prompt.",
         architecture=CAUSAL,
         columns=(("label", pa.string()), ("scores", pa.list_(pa.float64())), ("probs", pa.list_(pa.float64())),
-                 ("margin", pa.float64()), _ERROR),
+                 ("margin", pa.float64()), *_ERROR),
         settings=("choices", "choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin",
                   "examples"),
         result_settings=("choices", "choice_separator", "choice_score", "calibrate", "examples"),

@@ -70,10 +70,10 @@ def test_a_lone_surrogate_fails_its_row_and_its_neighbours_are_read(tmp_path):
     rows, errors = read_all(tmp_path / "s.jsonl", config(keep_columns=["meta"]))
     assert [r["id"] for r in rows] == [1, 2, 3, 4, None, 6]
     assert rows[2]["prompt"] == "a whole emoji \U0001F600" and rows[5]["prompt"] == "last"
-    assert errors == {1: "invalid_prompt: lone surrogate U+D83D at position 4 (line 2)",
-                      3: "invalid_line: column 'meta' holds a lone surrogate U+DC00 at position 0, which is not text "
-                         "(line 4)",
-                      4: "invalid_id: the id holds a lone surrogate U+D800 at position 0 (line 5)"}
+    assert errors == {1: ("invalid_prompt", "lone surrogate U+D83D at position 4 (line 2)"),
+                      3: ("invalid_line", "column 'meta' holds a lone surrogate U+DC00 at position 0, which is not "
+                                          "text (line 4)"),
+                      4: ("invalid_id", "the id holds a lone surrogate U+D800 at position 0 (line 5)")}
 
 
 def test_jsonl_outputs_are_read_back_split_on_newlines_only(tmp_path):
@@ -106,15 +106,15 @@ def test_a_csv_quote_left_open_is_one_error_row_and_never_swallows_its_neighbour
     rows, errors = read_all(tmp_path / "later.csv", config(keep_columns=["meta"]))
     assert [r["id"] for r in rows] == ["1", "3", "4", "5", "6", "7", None]
     assert rows[2]["prompt"] == "quoted" and rows[4]["prompt"] == "multi\nline"
-    assert list(errors) == [6] and errors[6].startswith(
+    assert list(errors) == [6] and str(errors[6]).startswith(
         "invalid_row: record 3 (line 3) opens a quoted field that closes only at line 5, mid-field "
         "('2,\"open quote,y')")
 
     (tmp_path / "eof.csv").write_text('id,prompt\n1,a\n2,"never closed\n3,c\n4,broken,extra\n5,e\n')
     rows, errors = read_all(tmp_path / "eof.csv", config())
     assert [r["id"] for r in rows] == ["1", "3", "5", None, None]
-    assert errors[3].startswith("invalid_row: record 3 (line 3) opens a quoted field that never closes")
-    assert errors[4] == "invalid_row: record 5 does not parse as CSV ('4,broken,extra')"  # numbered in the file
+    assert str(errors[3]).startswith("invalid_row: record 3 (line 3) opens a quoted field that never closes")
+    assert errors[4] == ("invalid_row", "record 5 does not parse as CSV ('4,broken,extra')")  # numbered in the file
 
     # well-formed quoting is untouched: line breaks, escaped quotes, empty and quote-only fields
     (tmp_path / "ok.csv").write_text('id,prompt\r\n1,"say ""hi""\r\nthere"\r\n2,""\r\n3,""""\r\n4,5" tall\r\n')
@@ -131,7 +131,7 @@ def test_a_json_array_of_objects_is_read_as_rows(tmp_path):
     (tmp_path / "export.json").write_text(json.dumps(records[:5] + [7] + records[5:], indent=2))
     rows, errors = read_all(tmp_path / "export.json", config())
     assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, None, 5, 6, 7, 8, 9]
-    assert errors == {5: "invalid_row: element 6 holds a JSON number, not an object"}
+    assert errors == {5: ("invalid_row", "element 6 holds a JSON number, not an object")}
     (tmp_path / "one-line.json").write_text(json.dumps(records[:2]))
     assert [r["id"] for r in read_all(tmp_path / "one-line.json", config())[0]] == [0, 1]
 
@@ -145,7 +145,7 @@ def test_a_json_array_of_objects_is_read_as_rows(tmp_path):
     # JSONL whose lines are arrays is still JSONL: each line one (bad) row
     (tmp_path / "arrays.jsonl").write_text('[1, 2]\n{"id": 1, "prompt": "x"}\n')
     rows, errors = read_all(tmp_path / "arrays.jsonl", cfg)
-    assert [r["id"] for r in rows] == [None, 1] and errors[0].startswith("invalid_line: line 1 holds a JSON array")
+    assert [r["id"] for r in rows] == [None, 1] and str(errors[0]).startswith("invalid_line: line 1 holds a JSON array")
 
 
 @pytest.mark.parametrize("name, content", [

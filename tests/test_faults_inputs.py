@@ -21,12 +21,12 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import assert_exactly_once, read_output, tiny_model, write_shards
+from pipeline_fixtures import assert_exactly_once, error_of, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
 from pipeline import InputError, ModelError, PipelineConfig, run_classify, run_generate
 from pipeline.cli import main
-from pipeline.stages import GenerateStage, error_kind
+from pipeline.stages import GenerateStage
 
 
 @pytest.fixture
@@ -234,10 +234,10 @@ def test_bad_rows_end_to_end(ray_local, tmp_path):
     assert_exactly_once(table["id"].to_pylist(), ids_in)  # duplicates and the null id kept
     assert_exactly_once(table["key"].to_pylist(), list(expected))  # one output row per input row
     rows = {r["key"]: r for r in table.to_pylist()}
-    assert {k: error_kind(r["error"]) for k, r in rows.items()} == expected
-    assert rows["a10"]["error"] == "duplicate_id: id 3 already appeared at a.parquet row 3"
-    assert rows["b0"]["error"] == "duplicate_id: id 0 already appeared at a.parquet row 0"
-    assert rows["c0"]["error"] == "invalid_prompt: expected a string, got int"
+    assert {k: r["error_kind"] for k, r in rows.items()} == expected
+    assert error_of(rows["a10"]) == ("duplicate_id", "id 3 already appeared at a.parquet row 3")
+    assert error_of(rows["b0"]) == ("duplicate_id", "id 0 already appeared at a.parquet row 0")
+    assert error_of(rows["c0"]) == ("invalid_prompt", "expected a string, got int")
     assert "not valid UTF-8" in rows["a8"]["error"] and "not valid UTF-8" in rows["a9"]["error"]
 
     ok = [k for k, kind in expected.items() if kind is None]
@@ -271,8 +271,8 @@ def test_lone_surrogates_from_python_fail_only_their_row():
     prompts = ["fine before", "a\ud800b", "fine after", "\udfff"]
     rows = GenerateStage(config, engine=engine)({"id": [1, 2, 3, 4], "prompt": prompts}).to_pylist()
     assert [r["id"] for r in rows] == [1, 2, 3, 4]
-    assert rows[1]["error"] == "invalid_prompt: lone surrogate U+D800 at position 1"
-    assert rows[3]["error"] == "invalid_prompt: lone surrogate U+DFFF at position 0"
+    assert error_of(rows[1]) == ("invalid_prompt", "lone surrogate U+D800 at position 1")
+    assert error_of(rows[3]) == ("invalid_prompt", "lone surrogate U+DFFF at position 0")
     direct = engine.generate(["fine before", "fine after"], SamplingParams(max_new_tokens=3))
     assert [rows[0]["completion"], rows[2]["completion"]] == [c.text for c in direct]
 
@@ -301,9 +301,9 @@ def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
     table = pq.read_table(tmp_path / "out")  # every unit's file
     assert_exactly_once(table["id"].to_pylist(), first + second)
     flagged = pq.read_table(tmp_path / "out", filters=[("error", "!=", "")])
-    got = sorted(zip(flagged["id"].to_pylist(), flagged["error"].to_pylist()))
-    assert got == [(2, "duplicate_id: id 2 already appeared at part-0.parquet row 2"),
-                   (9, "duplicate_id: id 9 already appeared at part-0.parquet row 9"),
-                   (9, "duplicate_id: id 9 already appeared at part-0.parquet row 9")]
+    got = sorted((row["id"], error_of(row)) for row in flagged.to_pylist())
+    assert got == [(2, ("duplicate_id", "id 2 already appeared at part-0.parquet row 2")),
+                   (9, ("duplicate_id", "id 9 already appeared at part-0.parquet row 9")),
+                   (9, ("duplicate_id", "id 9 already appeared at part-0.parquet row 9"))]
     out1 = pq.read_table(tmp_path / "out" / "part-1.rg00002-00002.parquet")  # rows 6-8 of part-1
     assert out1["id"].to_pylist() == [9, 9, 15] and out1["error"].null_count == 1

@@ -31,7 +31,6 @@ from pipeline.cli import main
 from pipeline.plan import describe, make_plan, summary_lines
 from pipeline.prompt_stats import percentiles
 from pipeline.runner import ShardRunner
-from pipeline.stages import error_kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,7 +172,7 @@ def test_prompt_statistics_are_what_the_engine_counts(tmp_path, task):
     assert stats["exact"] and stats["rows_read"] == n and stats["rows_not_run"] == 2  # the null prompt, the repeat
 
     commit(short, Engine.from_pretrained(tiny_model("causal"), max_seq_len=limit, max_batch_size=8, device="cpu"))
-    kinds = Counter(error_kind(e) for e in read_output(str(tmp_path / "short"))["error"].to_pylist())
+    kinds = Counter(read_output(str(tmp_path / "short"))["error_kind"].to_pylist())
     assert stats["rows_over_limit"] == kinds["prompt_too_long"] > 3
     assert stats["limit"] == {"name": "max_seq_len", "tokens": limit, "over": "prompt_too_long"}
     if task == "generate":
@@ -195,7 +194,7 @@ def test_classify_counts_rows_past_the_models_positions(tmp_path):
     stats = dry_run(config, sample_rows=0)["prompt_tokens"]
     assert stats["limit"]["name"] == "max_position_embeddings"  # classify ignores max_seq_len, as the engine does
     commit(config, Engine.from_pretrained(tiny_model("sequence_classification"), device="cpu"))
-    kinds = Counter(error_kind(e) for e in read_output(str(tmp_path / "out"))["error"].to_pylist())
+    kinds = Counter(read_output(str(tmp_path / "out"))["error_kind"].to_pylist())
     assert stats["rows_over_limit"] == kinds["prompt_too_long"] == 1
 
 
