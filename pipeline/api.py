@@ -6,7 +6,7 @@
     ds = build_dataset(PipelineConfig(task="classify", input=..., output=..., model=...))
     ds.filter(lambda r: r["score"] > 0.9).write_parquet(...)   # compose with your own steps
 
-`run*` is the exactly-once, resumable path (see `pipeline.runner`); `build_dataset` is plain
+`run*` is the exactly-once, resumable path (see `pipeline.unit_runner`); `build_dataset` is plain
 `read_parquet -> map_batches(stage)` for composition, with Ray Data's usual at-least-once
 semantics for whatever you write from it.
 """
@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 
-from .config import ConfigError, PipelineConfig
+from .settings import ConfigError, PipelineConfig
 from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
 from .autoscale import ReplicaDemand
@@ -34,7 +34,7 @@ from .prompt_stats import SAMPLE_ROWS, prompt_stats
 from .placement import check_device, check_room, local_resources
 from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
 from .report import UnitStats, build_report, one_line, unit_line
-from .runner import ShardRunner
+from .unit_runner import UnitRunner
 from .signals import StopSignals
 from .stages import STAGES
 from .lease import Lease
@@ -211,7 +211,7 @@ def _check_shared_stores(config: PipelineConfig) -> None:
                 raise ConfigError(f"{name}: {item} is fsspec's in-memory store, private to this process; Ray "
                                   "replicas run in other processes and would find it empty. Use a store every "
                                   "node reaches (s3://, gs://, abfs://, a shared disk); memory:// works only "
-                                  "with pipeline.runner.ShardRunner called in this process")
+                                  "with pipeline.unit_runner.UnitRunner called in this process")
 
 
 def filesystem(config: PipelineConfig, uri: str):
@@ -350,7 +350,7 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
     # stop the other units: its stats row is then missing, and `_given_up` decides about it.
     with _data_context(config, max_errored_blocks=-1):
         ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
-        ds = _map_batches(ds, ShardRunner, config,
+        ds = _map_batches(ds, UnitRunner, config,
                           fn_constructor_kwargs={"config": config, "schema": plan.schema,
                                                  "progress": tracker, "run_id": run_id},
                           batch_size=1, batch_format="pyarrow",

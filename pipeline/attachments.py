@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 
-from .config import ConfigError, PipelineConfig
+from .settings import ConfigError, PipelineConfig
 
 EXAMPLE_SEPARATOR = "\n\n"
 

@@ -18,7 +18,7 @@ import sys
 from collections import Counter
 from dataclasses import MISSING, fields
 
-from .config import RENAMED, ConfigError, PipelineConfig, mask_uri, read_yaml
+from .settings import ConfigError, PipelineConfig, mask_uri, read_yaml
 from .tasks import TASK_NAMES, TASK_SETTINGS, TASKS
 
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
@@ -42,15 +42,6 @@ def _default_text(f) -> str:
     if isinstance(default, str) and not default.strip():
         default = repr(default)
     return f" (default: {default})"
-
-
-class _Renamed(argparse.Action):
-    """An old flag name: sets the new option, says so on stderr."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        new = "--" + self.dest.replace("_", "-")
-        print(f"persimmon-batch: {option_string} is now {new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
@@ -82,9 +73,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
                 kwargs["choices"] = [c for c in meta["choices"] if c is not None]
             kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(f.name)
         group.add_argument(flag, **kwargs)
-        for old in (o for o, new in RENAMED.items() if new == f.name):  # still accepted, not shown, warned
-            group.add_argument("--" + old.replace("_", "-"), dest=f.name, type=kwargs.get("type"),
-                               action=_Renamed, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,17 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="Only the final summary (no progress).")
         _add_config_flags(p, task)
     _add_plan_parser(sub)
-    from .capacity import add_parser as add_capacity
+    from .capacity_cli import add_parser as add_capacity
 
     add_capacity(sub)
-    demo = sub.add_parser("demo", help="Build a tiny random model and sample shards in a temp dir and "
+    demo = sub.add_parser("demo", help="Build a tiny random model and sample input files in a temp dir and "
                           "run generate, label and classify on local Ray (about a minute on 2 CPUs).",
                           description="End-to-end demo on local Ray with the embedded tiny model. "
                           "Its weights are random, so texts are noise: it shows the plumbing.")
     demo.add_argument("--dir", help="Work directory (default: a new temp dir, deleted afterwards).")
     demo.add_argument("--tasks", default="generate,label,classify", help="Comma-separated tasks to run.")
-    demo.add_argument("--shards", type=int, default=4, help="Input shards to write.")
-    demo.add_argument("--rows", type=int, default=8, help="Rows per shard.")
+    demo.add_argument("--files", type=int, default=4, help="Input files to write.")
+    demo.add_argument("--rows", type=int, default=8, help="Rows per input file.")
     demo.add_argument("--replicas", default="2", help="Replicas (N or MIN,MAX).")
     return parser
 
@@ -178,7 +166,7 @@ def summary(report: dict) -> str:
     stopped = report.get("error")  # why the run stopped early: every unit it left undone says the same
     if stopped:
         lines.append(f"  ! {stopped}")
-    for item in [i for i in report["failed_units"] + report["bad_shards"] if i["error"] != stopped][:10]:
+    for item in [i for i in report["failed_units"] + report["bad_inputs"] if i["error"] != stopped][:10]:
         lines.append(f"  ! {item['input']}: {item['error']}")
     return "\n".join(lines)
 
@@ -261,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return plan_main(args)
     if args.command == "capacity":
-        from .capacity import run as run_capacity
+        from .capacity_cli import run as run_capacity
 
         try:
             return run_capacity(args)
@@ -271,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(directory=args.dir, tasks=args.tasks.split(","), shards=args.shards,
+        return run_demo(directory=args.dir, tasks=args.tasks.split(","), files=args.files,
                         rows=args.rows, replicas=args.replicas)
     from .api import ModelError, run
     from .plan import InputError

@@ -675,11 +675,8 @@ def _data_sha256(loc: Location, end: int) -> str:
 
 def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) -> bool:
     """Whether a committed output's first `end` bytes (its data) no longer have the checksum
-    written with them; `data`: the file's bytes when already read. Outputs from before
-    checksums have none and are taken as they are."""
+    written with them (or have none); `data`: the file's bytes when already read."""
     want = stats.get("data_sha256")
-    if want is None:
-        return False
     got = hashlib.sha256(memoryview(data)[:end]).hexdigest() if data is not None else _data_sha256(loc, end)
     if got == want:
         return False
@@ -733,7 +730,6 @@ class ParquetOutput(OutputFormat):
         if stats is None or stats.get("rows_out") != meta.num_rows or _damaged(loc, stats, data_end, data):
             return None
         schema = meta.schema.to_arrow_schema()
-        stats["_file_columns"] = schema.names  # read here, never stored
         stats["_file_types"] = {f.name: str(f.type) for f in schema}
         return stats
 
@@ -799,7 +795,6 @@ class JsonlOutput(OutputFormat):
             return None
         if not isinstance(stats, dict) or stats.get("data_bytes") != size or _damaged(loc, stats, size):
             return None  # the data file is not the one the sidecar describes
-        stats["_file_columns"] = stats.get("columns")
         return stats
 
 

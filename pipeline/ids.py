@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import ConfigError, PipelineConfig
+from .settings import ConfigError, PipelineConfig
 from .errors import RowError
 from .formats import input_format
 

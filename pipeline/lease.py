@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 
-from .config import ConfigError, mask_uri
+from .settings import ConfigError, mask_uri
 from .storage import Location, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import os
 import struct
 import tempfile
 
-from .config import ConfigError, PipelineConfig
+from .settings import ConfigError, PipelineConfig
 from .storage import Location, model_location, read_bytes, retry
 from .tasks import CAUSAL, TASKS
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .config import ConfigError, PipelineConfig, mask_uri, output_columns
+from .settings import ConfigError, PipelineConfig, mask_uri, output_columns
 from .tasks import TASKS
 from .stages import output_schema
 from .errors import RowError
@@ -42,8 +42,6 @@ REPORT_NAME = "_run_report.json"
 COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
                         "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "model_identity",
                         "output_format")
-# recorded only by newer versions: an older footer without them is taken as matching (unverifiable)
-LEGACY_UNRECORDED = ("model_identity", "output_format")
 
 
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:
@@ -89,7 +87,7 @@ class Plan:
     schema: pa.Schema | None                       # the output schema of every file
     done: dict[str, dict] = field(default_factory=dict)   # output_name -> stats from its footer
     stale: list = field(default_factory=list)             # committed outputs whose input has changed
-    bad_shards: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
+    bad_inputs: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
     output: Location | None = None
     ids: dict = field(default_factory=dict)               # duplicate / null id summary
     overwritten: list[str] = field(default_factory=list)  # committed outputs deleted (or to delete) for --overwrite
@@ -105,21 +103,6 @@ def result_config(config: PipelineConfig) -> dict:
     committed file's footer."""
     public = {**config.public_dict(), "dtype": config.resolved_dtype}  # what replicas run in, not "auto"
     return {**{k: public[k] for k in result_fields(config)}, "columns": list(output_columns(config.task))}
-
-
-def _recorded(got: dict, key: str, file_columns: list | None = None, config: PipelineConfig | None = None):
-    """A footer's value for `key`; a setting added after the file was written reads as the
-    default it then had implicitly (so older outputs of the same work still resume), and the
-    output columns of an older file are read off its schema."""
-    if key in got:
-        return got[key]
-    if key == "columns" and file_columns is not None and config is not None:
-        kept = {config.id_column, *config.keep_columns}
-        return [c for c in file_columns if c not in kept]
-    f = next((f for f in dataclasses.fields(PipelineConfig) if f.name == key), None)
-    if f is None:
-        return None
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def input_fingerprint(digest: str, listed, split: Split) -> dict:
@@ -160,7 +143,7 @@ def read_unit_stats(loc: Location) -> dict | None:
 def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> Plan:
     """List and check the inputs, name the outputs, find units already committed.
 
-    Raises InputError (naming the files) for bad input files unless on_bad_shard='skip', and
+    Raises InputError (naming the files) for bad input files unless on_bad_input='skip', and
     ConfigError when the output directory holds files this plan would not write or outputs
     written with a different result config. With `write=False` (`persimmon-batch plan`) nothing
     is changed: --overwrite only lists the committed outputs it would delete.
@@ -208,15 +191,15 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
         units += file_units
         good.append((loc, listed_file.name, file_units))
 
-    if bad and config.on_bad_shard == "error":
+    if bad and config.on_bad_input == "error":
         lines = "\n".join(f"  {b['input']}: {b['error']}" for b in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise InputError(f"{len(bad)} bad input file(s) (use --on-bad-shard=skip to leave them out):\n{lines}{more}")
+        raise InputError(f"{len(bad)} bad input file(s) (use --on-bad-input=skip to leave them out):\n{lines}{more}")
     names = [u.output_name for u in units]
     if len(set(names)) != len(names):
         raise ConfigError("inputs map to clashing output names; give inputs from one directory tree")
 
-    plan = Plan(units=units, schema=schema, bad_shards=bad, output=out, seconds=seconds)
+    plan = Plan(units=units, schema=schema, bad_inputs=bad, output=out, seconds=seconds)
     t1 = time.perf_counter()
     if config.check_duplicate_ids:
         try:
@@ -241,7 +224,7 @@ def describe(config: PipelineConfig, plan: Plan, prompts: dict | None = None, in
         "units": len(plan.units), "already_committed": len(plan.done), "to_run": len(todo),
         "rows_to_run": sum(u.num_rows for u in todo),
         "stale": [s["output"] for s in plan.stale], "overwrite": plan.overwritten,
-        "bad_files": [{**b, "input": mask_uri(b["input"])} for b in plan.bad_shards],
+        "bad_files": [{**b, "input": mask_uri(b["input"])} for b in plan.bad_inputs],
         "ids": plan.ids or {"checked": False},
         "prompt_tokens": prompts,
         "output_in_use_by": in_use_by,
@@ -316,22 +299,16 @@ def _find_done(config: PipelineConfig, plan: Plan, write: bool = True) -> None:
         if st is None:
             continue
         got = st.get("result_config", {})
-        cols = st.get("_file_columns")
-        diff = sorted(k for k in want if _recorded(got, k, cols, config) != want[k]
-                      and not (k in LEGACY_UNRECORDED and k not in got)
+        diff = sorted(k for k in want if got.get(k) != want[k]
                       # the model's identity, when recorded, says more than how its path was spelled
-                      and not (k == "model" and "model_identity" in got))
+                      and not (k == "model" and got.get("model_identity") is not None))
         if diff:
-            shown = ", ".join(f"{k}={_recorded(got, k, cols, config)!r:.80} (now {want[k]!r:.80})" for k in diff)
+            shown = ", ".join(f"{k}={got.get(k)!r:.80} (now {want[k]!r:.80})" for k in diff)
             why = (" - the model's config, tokenizer or weights changed" if "model_identity" in diff else "")
             raise ConfigError(f"{mask_uri(out.join(name).uri)} was written with different settings: {shown}{why}; "
                               "use --overwrite to recompute, or a new output directory")
         unit = units_by_name[name]
-        was = st.get("input_fingerprint")
-        now = unit.fingerprint
-        if isinstance(was, dict) and "first_row" not in was and unit.row_groups is not None:
-            now = {k: v for k, v in now.items() if k != "first_row"}  # recorded before JSONL/CSV units existed
-        if was != now:  # same name, other data: redo it
+        if st.get("input_fingerprint") != unit.fingerprint:  # same name, other data: redo it
             plan.stale.append({"output": name, "input": mask_uri(unit.input_uri),
                                "was": st.get("input_fingerprint"), "now": unit.fingerprint})
             continue

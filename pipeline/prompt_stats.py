@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .attachments import render_prefix
-from .config import PipelineConfig
+from .settings import PipelineConfig
 from .formats import INPUT_FORMATS
 from .stages import build_prompt, column_values
 from .storage import model_location, read_bytes, resolve

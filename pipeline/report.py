@@ -1,6 +1,6 @@
 """The run report (`_run_report.json`), built from typed unit statistics.
 
-Every unit ends as one `UnitStats`: written by its replica (`pipeline.runner`) into the output's
+Every unit ends as one `UnitStats`: written by its replica (`pipeline.unit_runner`) into the output's
 footer or sidecar and sent to the driver, or read back from an output committed by an earlier
 run. `build_report` adds them up: totals over every committed output, `this_run` over the work
 done now, plus failures, retries, stuck replicas, what each replica did and how it ended,
@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .config import PipelineConfig
+from .settings import PipelineConfig
 from .plan import Plan
 from .progress import INTERRUPTED, node_lost, summarize
 
@@ -112,12 +112,12 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
     kinds: Counter = Counter()
     for st in committed:
         kinds.update(st.errors_by_kind)
-    rows_in = sum(u.num_rows for u in plan.units) + sum(b["rows"] or 0 for b in plan.bad_shards)
+    rows_in = sum(u.num_rows for u in plan.units) + sum(b["rows"] or 0 for b in plan.bad_inputs)
     rows_written = sum(st.rows_out for st in committed)
     tokens_now = sum(st.tokens_generated for st in ran)
     first_start = min((st.started_at for st in ran if st.started_at), default=None)
     created = [st.replica_created_at for st in ran if st.replica_created_at]
-    complete = planned and not failed and rows_written == rows_in and all(b["rows"] == 0 for b in plan.bad_shards)
+    complete = planned and not failed and rows_written == rows_in and all(b["rows"] == 0 for b in plan.bad_inputs)
     inputs = {u.output_name: u.input_uri for u in plan.units}
     return {
         "task": config.task,
@@ -147,8 +147,8 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "engine": engine_report(ran),
         **({"labels": label_report(config, {n: st for n, st in units.items() if st.committed}, plan)}
            if config.task == "label" else {}),
-        "units": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
-                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards),
+        "units": {"total": len(plan.units) + len(plan.bad_inputs), "done": len(ran),
+                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_inputs),
                    "stale": len(plan.stale)},
         "stale_units": plan.stale,
         "failed_units": failed,
@@ -157,7 +157,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "nodes_lost": nodes_lost_report(attempts, retries["retried"], dead),
         "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
                            for ev in stuck or []],
-        "bad_shards": plan.bad_shards,
+        "bad_inputs": plan.bad_inputs,
         "error": one_line(crash),
         "config": config.public_dict(),
         "started_at": started_at,

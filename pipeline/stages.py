@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import PipelineConfig
+from .settings import PipelineConfig
 from .tasks import TASKS
 from .attachments import render_prefix
 from .errors import RowError

@@ -11,7 +11,7 @@ S3-compatible endpoint as the driver:
 Paths returned with a filesystem are that filesystem's own paths (`bucket/key` for S3; for an
 fsspec store as its `_strip_protocol` spells them: `bucket/key` for gs://, `/dir/key` for
 memory://). fsspec's memory:// store lives in one process: fine for tests driving
-`ShardRunner` in-process, refused by `pipeline.run` (its replicas are other processes).
+`UnitRunner` in-process, refused by `pipeline.run` (its replicas are other processes).
 """
 
 from __future__ import annotations

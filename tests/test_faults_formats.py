@@ -153,7 +153,7 @@ def test_a_json_array_of_objects_is_read_as_rows(tmp_path):
     ("header.csv", b"id,prompt\n"), ("empty.parquet", None)])
 def test_an_empty_input_of_any_format_is_0_rows(tmp_path, name, content):
     """An empty file is a bad input named before any model work, with 0 rows: skipped with
-    --on-bad-shard skip, it leaves nothing missing (before, an empty .jsonl had an unknown
+    --on-bad-input skip, it leaves nothing missing (before, an empty .jsonl had an unknown
     row count, so the run said incomplete)."""
     src = tmp_path / "in"
     src.mkdir()
@@ -163,8 +163,8 @@ def test_an_empty_input_of_any_format_is_0_rows(tmp_path, name, content):
     else:
         (src / name).write_bytes(content)
     plan = make_plan(config(input=[str(src / "a.parquet"), str(src / name)], output=str(tmp_path / "out"),
-                            on_bad_shard="skip"))
-    assert [(os.path.basename(b["input"]), b["error"], b["rows"]) for b in plan.bad_shards] == \
+                            on_bad_input="skip"))
+    assert [(os.path.basename(b["input"]), b["error"], b["rows"]) for b in plan.bad_inputs] == \
         [(name, "empty (0 rows)", 0)]
 
 
@@ -180,10 +180,10 @@ class EchoEngine:
 
 
 def _run_units(cfg: PipelineConfig):
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     plan = make_plan(cfg)
-    runner = ShardRunner(cfg, plan.schema, engine=EchoEngine())
+    runner = UnitRunner(cfg, plan.schema, engine=EchoEngine())
     assert all(runner.run_unit(u)["status"] == "done" for u in plan.todo)
     return plan
 
@@ -262,7 +262,7 @@ def test_a_committed_output_whose_data_was_damaged_is_recomputed(tmp_path, caplo
     matches, so the rerun does not skip it as committed but computes it again. (A small
     Parquet output is read in one call with its footer, a large one streamed: both checked.)"""
     from pipeline import formats
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     if not whole_read:
         monkeypatch.setattr(formats, "WHOLE_READ_BYTES", 0)
@@ -286,7 +286,7 @@ def test_a_committed_output_whose_data_was_damaged_is_recomputed(tmp_path, caplo
         plan = make_plan(cfg)
     assert plan.done == {} and [u.output_name for u in plan.todo] == [out.name]
     assert f"output {out} is damaged" in caplog.text
-    stats = ShardRunner(cfg, plan.schema, engine=EchoEngine()).run_unit(plan.todo[0])
+    stats = UnitRunner(cfg, plan.schema, engine=EchoEngine()).run_unit(plan.todo[0])
     assert stats["status"] == "done"  # recomputed: the same rows as before the damage
     if output_format == "parquet":
         assert pq.read_table(out).equals(pq.read_table(io.BytesIO(good)))

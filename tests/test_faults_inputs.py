@@ -3,7 +3,7 @@
 - A bad model (missing dir, config.json that does not validate, weights that do not match it,
   a truncated weight file) fails on the driver with a clear message before Ray even starts.
 - Bad input files (truncated, not Parquet, no prompt column, empty) are named before any
-  model work, or skipped with on_bad_shard=skip and listed in the run report.
+  model work, or skipped with on_bad_input=skip and listed in the run report.
 - Bad rows (null / empty / whitespace / non-string / over-long prompts, odd unicode, invalid
   UTF-8, duplicate and null ids) each come back as one output row with `error` set while their
   neighbours get the same results as calling the engine directly.
@@ -145,7 +145,7 @@ def test_bad_input_files_are_named_before_any_model_work(tmp_path, capsys, no_ra
     with pytest.raises(InputError) as e:
         run_generate(input=inputs, output=str(tmp_path / "out"), model=tiny_model("causal"))
     message = str(e.value)
-    assert message.startswith("4 bad input file(s) (use --on-bad-shard=skip")
+    assert message.startswith("4 bad input file(s) (use --on-bad-input=skip")
     for name, reason in bad.items():
         line = next(line for line in message.splitlines() if name in line)
         assert os.path.join(inputs, name) in line and reason in line, line
@@ -163,12 +163,12 @@ def test_skipped_bad_files_are_listed_and_the_rest_is_exact(ray_local, tmp_path)
     bad = _bad_files(inputs)
     out = str(tmp_path / "out")
     report = run_generate(input=inputs, output=out, model=tiny_model("causal"), replicas=2,
-                          max_new_tokens=3, batch_size=4, on_bad_shard="skip")
+                          max_new_tokens=3, batch_size=4, on_bad_input="skip")
     assert_exactly_once(read_output(out)["id"].to_pylist(), list(range(8)))
-    assert sorted(os.path.basename(b["input"]) for b in report["bad_shards"]) == sorted(bad)
-    for b in report["bad_shards"]:
+    assert sorted(os.path.basename(b["input"]) for b in report["bad_inputs"]) == sorted(bad)
+    for b in report["bad_inputs"]:
         assert bad[os.path.basename(b["input"])] in b["error"]
-    rows = {os.path.basename(b["input"]): b["rows"] for b in report["bad_shards"]}
+    rows = {os.path.basename(b["input"]): b["rows"] for b in report["bad_inputs"]}
     assert rows["bad-no-prompt.parquet"] == 2 and rows["bad-empty.parquet"] == 0
     assert rows["bad-truncated.parquet"] is None  # unknown: the footer is gone
     assert report["units"] == {"total": 6, "done": 2, "skipped": 0, "failed": 0, "bad": 4, "stale": 0}
@@ -227,7 +227,7 @@ def test_bad_rows_end_to_end(ray_local, tmp_path):
     expected.update({"c0": "invalid_prompt", "c1": "invalid_prompt"})
     out = str(tmp_path / "out")
     report = run_generate(input=str(inputs), output=out, model=tiny_model("causal"), replicas=2,
-                          max_new_tokens=4, batch_size=2, keep_columns=["key"], on_bad_shard="skip")
+                          max_new_tokens=4, batch_size=2, keep_columns=["key"], on_bad_input="skip")
 
     table = read_output(out)
     ids_in = a["id"].to_pylist() + b["id"].to_pylist() + [20, 21]
@@ -250,7 +250,7 @@ def test_bad_rows_end_to_end(ray_local, tmp_path):
 
     assert report["complete"] is True  # the empty file holds no rows: nothing is missing
     assert report["rows_in"] == report["rows_written"] == len(expected)
-    assert report["units"]["bad"] == 1 and report["bad_shards"][0]["input"].endswith("d-empty.parquet")
+    assert report["units"]["bad"] == 1 and report["bad_inputs"][0]["input"].endswith("d-empty.parquet")
     kinds = {}
     for kind in expected.values():
         if kind:
@@ -282,7 +282,7 @@ def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
     the flagged rows are exactly the later occurrences, wherever they fall. No Ray: the shard
     runner is called directly."""
     from pipeline.plan import make_plan
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -295,7 +295,7 @@ def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
                             model=tiny_model("causal"), max_new_tokens=2, batch_size=1, rows_per_unit=3)
     plan = make_plan(config)
     assert len(plan.units) == 8 and plan.ids["duplicate_rows"] == 3 and plan.ids["duplicate_ids"] == 2
-    runner = ShardRunner(config, plan.schema,
+    runner = UnitRunner(config, plan.schema,
                          engine=Engine.from_pretrained(tiny_model("causal"), max_batch_size=1, device="cpu"))
     assert all(runner.run_unit(u)["status"] == "done" for u in plan.units)
     table = pq.read_table(tmp_path / "out")  # every unit's file

@@ -182,7 +182,7 @@ def test_csv_in_parquet_out_split_by_rows(ray_local, tmp_path):
     assert table["completion"].to_pylist() == _engine_texts(prompts, 3)
 
 
-# ---- what a user tried to break (in process: plan, ShardRunner, report; the real tiny engine) ----
+# ---- what a user tried to break (in process: plan, UnitRunner, report; the real tiny engine) ----
 @pytest.fixture(scope="module")
 def tiny_engine():
     return Engine.from_pretrained(tiny_model("causal"), max_batch_size=8, dtype="float32", device="cpu")
@@ -191,13 +191,13 @@ def tiny_engine():
 def _run_in_process(src, out, engine, **kw):
     from pipeline.plan import make_plan
     from pipeline.report import build_report
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     cfg = PipelineConfig(task="generate", input=str(src), output=str(out), model=tiny_model("causal"),
                          max_new_tokens=3, **kw).validate()
     plan = make_plan(cfg)
     os.makedirs(out, exist_ok=True)
-    runner = ShardRunner(cfg, plan.schema, engine=engine)
+    runner = UnitRunner(cfg, plan.schema, engine=engine)
     results = {u.output_name: runner.run_unit(u) for u in plan.todo}
     return plan, build_report(cfg, plan, results, None, 0.0, 1.0)
 
@@ -259,7 +259,7 @@ def test_files_of_only_bad_lines_give_one_error_row_each(tmp_path, tiny_engine):
 
 
 def test_a_kill_between_data_and_statistics_never_passes_old_results_as_new(tmp_path, tiny_engine, monkeypatch):
-    import pipeline.runner as runner_module
+    import pipeline.unit_runner as runner_module
 
     src = tmp_path / "in"
     src.mkdir()

@@ -133,7 +133,7 @@ def test_build_dataset_composes(ray_local, inputs, tmp_path):
 
 
 def test_demo_command(ray_local, tmp_path, capsys):
-    assert main(["demo", "--dir", str(tmp_path), "--tasks", "generate,label", "--shards", "4", "--rows", "3"]) == 0
+    assert main(["demo", "--dir", str(tmp_path), "--tasks", "generate,label", "--files", "4", "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "persimmon-batch generate: complete" in out and "persimmon-batch label: complete" in out
     assert "all rows accounted for" in out

@@ -190,7 +190,7 @@ def test_a_file_that_changes_while_planned_is_an_input_error(tmp_path, monkeypat
 
 
 def test_ids_that_are_not_scalars_are_a_config_error(tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.settings import ConfigError
 
     write_parquet(tmp_path / "in", [[[1], [2]]], pa.list_(pa.int64()))
     with pytest.raises(ConfigError, match="ids must be scalars"):

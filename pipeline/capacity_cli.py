@@ -63,7 +63,7 @@ def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
         with open(config_file(hub, model), encoding="utf-8") as f:
             cfg = PersimmonConfig.from_dict(json.load(f))
     elif "://" in model and not model.startswith("file://"):
-        from pipeline.config import PipelineConfig
+        from pipeline.settings import PipelineConfig
 
         from .storage import resolve
 
@@ -101,7 +101,7 @@ def run(args) -> int:
     _check_args(args)
     job = None
     if args.config:
-        from .config import PipelineConfig
+        from .settings import PipelineConfig
 
         job = PipelineConfig.from_yaml(args.config)
     model = args.model or (job.model if job else None)

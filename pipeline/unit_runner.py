@@ -1,4 +1,4 @@
-"""ShardRunner: the Ray actor class that turns work units into committed output files.
+"""UnitRunner: the Ray actor class that turns work units into committed output files.
 
 Why per-unit commit and not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer
 names files after the write's random uuid and its blocks, which are not the input files
@@ -7,7 +7,7 @@ crash leaves half-written runs. Ray Data's own row checkpointing (`CheckpointCon
 and hung on small machines. Here the *input file* (or a row-group slice of it) is the unit of
 work, retry and resume, and Ray Data still does the scheduling:
 
-    from_items(units) -> map_batches(ShardRunner, ActorPoolStrategy(min, max), num_gpus=g)
+    from_items(units) -> map_batches(UnitRunner, ActorPoolStrategy(min, max), num_gpus=g)
 
 Each call streams its unit with `ParquetFile.iter_batches`, runs the stage batch by batch,
 writes Parquet to a temp name under `<output>/_tmp/` and commits it atomically under a name
@@ -46,7 +46,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from .config import PipelineConfig
+from .settings import PipelineConfig
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .row_settings import SAMPLING_COLUMNS
 from .plan import Unit, read_unit_stats, result_config
@@ -96,7 +96,7 @@ def _close_quietly(stream) -> None:
         pass
 
 
-class ShardRunner:
+class UnitRunner:
     """Callable class for `map_batches`: one batch = rows with a JSON `unit` column.
 
     Returns one row per unit with a JSON `stats` column (status done / skipped / failed).

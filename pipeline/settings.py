@@ -15,16 +15,12 @@ import math
 import os
 import re
 import string
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .tasks import TASK_NAMES, TASKS
 
-# old config keys still read (with a warning): one name, "unit", for the piece of work that is
-# committed, retried and resumed as a whole
-RENAMED = {"rows_per_task": "rows_per_unit", "max_task_retries": "max_unit_retries"}
 # set by the driver (pipeline.api.run), never taken from a user: a report's config pasted back
 # must not pin another commit, directory or identity
 DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
@@ -182,7 +178,7 @@ class PipelineConfig:
                                    "invalid_id) instead of a result, and the run report counts "
                                    "them. Driver memory follows the files and the flagged rows, not "
                                    "the row count; --no-check-duplicate-ids skips the check.")
-    on_bad_shard: str = _f("error", "An unreadable input file, one missing a column, or an empty "
+    on_bad_input: str = _f("error", "An unreadable input file, one missing a column, or an empty "
                            "one: 'error' stops before any model work; 'skip' leaves it out and "
                            "lists it in the run report.", choices=("error", "skip"))
     # ---- storage ---------------------------------------------------------------------------
@@ -361,8 +357,8 @@ class PipelineConfig:
             if self.prompt_template != "{prompt}" or self.chat_template or self.examples is not None:
                 bad("prompt_template", "with openai-batch input each request's messages make the prompt; "
                     "--prompt-template, --chat-template and --examples do not apply")
-        if self.on_bad_shard not in ("error", "skip"):
-            bad("on_bad_shard", f"must be 'error' or 'skip', got {self.on_bad_shard!r}")
+        if self.on_bad_input not in ("error", "skip"):
+            bad("on_bad_input", f"must be 'error' or 'skip', got {self.on_bad_input!r}")
         if self.truncate not in (None, "left"):
             bad("truncate", f"must be unset or 'left', got {self.truncate!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -443,17 +439,10 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, **overrides) -> "PipelineConfig":
-        def renamed(d):
-            d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
-            for old, new in RENAMED.items():
-                if old in d:
-                    if new in d:
-                        raise ConfigError(f"give {new} only ({old} is its old name)")
-                    warnings.warn(f"config key {old} is now {new}", FutureWarning, stacklevel=3)
-                    d[new] = d.pop(old)
-            return d
+        def keys(d):
+            return {k.replace("-", "_"): v for k, v in (d or {}).items()}
 
-        raw = {**renamed(raw), **renamed({k: v for k, v in overrides.items() if v is not None})}
+        raw = {**keys(raw), **keys({k: v for k, v in overrides.items() if v is not None})}
         given = [k for k in DRIVER_FIELDS if raw.get(k) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: set by the driver for each run, not an option; remove it")
