@@ -36,7 +36,7 @@ from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
 from .report import UnitStats, build_report, one_line, unit_line
 from .unit_runner import UnitRunner
 from .signals import StopSignals
-from .stages import STAGES
+from .stages import TASKS
 from .lease import Lease
 from .storage import ensure_dir, list_parquet, resolve, write_bytes_atomic
 
@@ -184,7 +184,7 @@ def build_dataset(config: PipelineConfig, ds=None):
             files = list_parquet(config.input, config)
             columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
             ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs).select_columns(columns)
-        return _map_batches(ds, STAGES[config.task], config, fn_constructor_kwargs={"config": config},
+        return _map_batches(ds, TASKS[config.task], config, fn_constructor_kwargs={"config": config},
                             batch_format="pyarrow", batch_size=config.batch_size,
                             compute=_compute(config))
 

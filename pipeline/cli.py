@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import MISSING, fields
 
 from .settings import ConfigError, PipelineConfig, mask_uri, read_yaml
-from .tasks import TASK_NAMES, TASK_SETTINGS, TASKS
+from .stages import TASK_NAMES, TASK_SETTINGS, TASKS
 
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
 IO_FIELDS = ("input", "output", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
@@ -47,7 +47,7 @@ def _default_text(f) -> str:
 def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
     groups = {
         "io": parser.add_argument_group("input, output, model"),
-        "task": parser.add_argument_group({"generate": "generation", "label": "labeling"}.get(task, task)),
+        "task": parser.add_argument_group(TASKS[task].flag_group),
         "engine": parser.add_argument_group("engine and memory (see `persimmon-batch capacity`)"),
         "run": parser.add_argument_group("replicas, resources, resume, storage, Ray"),
     }
@@ -155,7 +155,7 @@ def summary(report: dict) -> str:
         *_fault_lines(report),
         f"  time    {report['wall_time_s']:.1f} s wall, startup {t['startup_s'] or 0:.1f} s"
         + (f", {t['tokens_generated']} tokens generated ({report['tokens_per_s']} tok/s)"
-           if report["task"] == "generate" else ""),
+           if TASKS[report["task"]].generates else ""),
         f"  output  {report['output']}  (report: _run_report.json)",
     ]
     if report.get("labels"):

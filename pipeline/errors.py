@@ -1,9 +1,14 @@
-"""A row's error as data: its kind and its message travel apart from where they are found to
-the output's `error_kind` and `error` columns, so nothing reads a kind back out of a message."""
+"""The pipeline's errors: a config value that cannot work (`ConfigError`), and a row's error as
+data (`RowError`): its kind and its message travel apart from where they are found to the
+output's `error_kind` and `error` columns, so nothing reads a kind back out of a message."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
 
 
 class RowError(NamedTuple):

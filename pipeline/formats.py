@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from . import openai_batch
 from .errors import RowError
 from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
+from .stages import TASKS
 from .storage import Location, commit, ensure_dir, read_bytes, retry, temp_sibling
 
 log = logging.getLogger(__name__)
@@ -364,8 +365,7 @@ class JsonlInput(_RowsInput):
                         values[i] = None
                 columns[name] = pa.array(values, pa.string())
                 continue
-            if config.task == "generate" and name in SAMPLING_COLUMNS and name not in (
-                    config.prompt_column, *config.keep_columns):
+            if name in TASKS[config.task].row_columns and name not in (config.prompt_column, *config.keep_columns):
                 values = self._settings(name, values, errors, lines)
             columns[name] = _column(values, name) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]

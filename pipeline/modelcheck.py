@@ -33,7 +33,7 @@ import tempfile
 
 from .settings import ConfigError, PipelineConfig
 from .storage import Location, model_location, read_bytes, retry
-from .tasks import CAUSAL, TASKS
+from .stages import CAUSAL, TASKS
 
 
 class ModelError(ValueError):

@@ -16,7 +16,6 @@ tokens of units finished by earlier runs, from a footer read instead of a recomp
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,8 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .settings import ConfigError, PipelineConfig, mask_uri, output_columns
-from .tasks import TASKS
-from .stages import output_schema
+from .stages import TASKS, output_schema
 from .errors import RowError
 from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
 from .ids import InputChanged, flag_ids
@@ -45,8 +43,7 @@ COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_col
 
 
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:
-    fields = COMMON_RESULT_FIELDS + TASKS[config.task].result_settings
-    return fields + (("content_free_inputs",) if config.task == "label" and config.calibrate else ())
+    return COMMON_RESULT_FIELDS + TASKS[config.task].result_fields(config)
 
 
 class InputError(ValueError):

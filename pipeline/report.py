@@ -10,7 +10,6 @@ engine sizing and (label) the label histogram.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from .settings import PipelineConfig
 from .plan import Plan
 from .progress import INTERRUPTED, node_lost, summarize
+from .stages import TASKS
 
 
 @dataclass
@@ -145,8 +145,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
             "storage_redos": sum(st.io_retries for st in received.values()),
         },
         "engine": engine_report(ran),
-        **({"labels": label_report(config, {n: st for n, st in units.items() if st.committed}, plan)}
-           if config.task == "label" else {}),
+        **TASKS[config.task].report(config, {n: st for n, st in units.items() if st.committed}, plan),
         "units": {"total": len(plan.units) + len(plan.bad_inputs), "done": len(ran),
                    "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_inputs),
                    "stale": len(plan.stale)},
@@ -222,34 +221,6 @@ def nodes_lost_report(attempts: list[dict] | None, retried: dict, dead: set[str]
     units = [name for name, r in retried.items() if r.get("node_lost")]
     return {"nodes": lost, "units_retried": len(units),
             "rows_retried": sum(retried[name]["rows"] * retried[name]["node_lost"] for name in units)}
-
-
-def label_report(config: PipelineConfig, committed: dict[str, UnitStats], plan: Plan) -> dict:
-    """How the labels came out over every committed output, and how many are close calls
-    (counted again from the file's margins where it was written with another --low-margin)."""
-    counts: Counter = Counter()
-    low = 0
-    for name, st in committed.items():
-        counts.update(st.label_counts)
-        if st.low_margin == config.low_margin:
-            low += st.low_margin_rows
-            continue
-        low += sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin)
-    return {"histogram": {c: counts.get(c, 0) for c in config.choices},
-            "low_margin_rows": low,
-            "low_margin": config.low_margin, "calibrated": config.calibrate, "choice_score": config.choice_score}
-
-
-def _margins(loc) -> list:
-    """The `margin` column of a committed label output, Parquet or JSONL."""
-    if loc.path.endswith(".jsonl"):
-        with loc.fs.open_input_stream(loc.path) as f:
-            lines = f.read().split(b"\n")  # not splitlines(): U+2028 and friends are text inside JSON strings
-            return [json.loads(line).get("margin") for line in lines if line.strip()]
-    import pyarrow.parquet as pq
-
-    with loc.fs.open_input_file(loc.path) as f:
-        return pq.read_table(f, columns=["margin"])["margin"].to_pylist()
 
 
 def engine_report(ran: list[UnitStats]) -> dict:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
-from .tasks import TASK_NAMES, TASKS
+from .errors import ConfigError
+from .stages import TASK_NAMES, TASKS
 
 # set by the driver (pipeline.api.run), never taken from a user: a report's config pasted back
 # must not pin another commit, directory or identity
@@ -36,10 +37,6 @@ ENV_S3_ENDPOINT = ("PERSIMMON_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT
 def mask_uri(text: str) -> str:
     """`text` with the user-info of every URL in it (scheme://user:secret@) replaced by ***."""
     return _USERINFO.sub(r"\1***@", text)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
 
 
 def _f(default, help, **meta):
@@ -295,36 +292,17 @@ class PipelineConfig:
         except (ValueError, TypeError) as e:
             bad("prompt_template", f"{self.prompt_template!r} cannot be filled with a text prompt ({e}); "
                 "write {prompt} without a format spec")
-        if self.task == "label" and len(self.choices) < 2:
-            bad("choices", "label needs at least two choices, e.g. --choices positive,negative")
         if len(set(self.choices)) != len(self.choices):
             bad("choices", f"has duplicates: {self.choices}")
         if self.choice_score not in ("sum", "mean"):
             bad("choice_score", f"must be 'sum' or 'mean', got {self.choice_score!r}")
         if not isinstance(self.choice_separator, str):
             bad("choice_separator", f"must be a string, got {self.choice_separator!r}")
-        if self.calibrate and self.task != "label":
-            bad("calibrate", "applies to the label task only")
-        if self.calibrate and not any(isinstance(x, str) and self.template.format(prompt=x).strip()
-                                      for x in self.content_free_inputs or []):
-            bad("content_free_inputs", "--calibrate needs a content-free input that the template turns "
-                "into a non-empty prompt")
         if not isinstance(self.low_margin, (int, float)) or not 0 <= self.low_margin <= 1:
             bad("low_margin", f"must be in [0, 1], got {self.low_margin!r}")
-        structured = [n for n in ("json_schema", "regex") if getattr(self, n) is not None]
-        if self.task == "generate" and self.choices:
-            structured.append("choices")
-        if structured and self.task != "generate":
-            bad(structured[0], "constrains generation: it applies to the generate task only")
-        if len(structured) > 1:
-            bad(structured[0], f"give one of --json-schema, --regex, --choices, not {structured}")
-        if structured and self.stop:
-            bad("stop", "stop strings would end a constrained completion mid-structure; the grammar "
-                "decides where it ends")
         if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
             bad("regex", f"must be a non-empty string, got {self.regex!r}")
-        if self.examples is not None and self.task == "classify":
-            bad("examples", "few-shot examples apply to generate and label, not classify")
+        TASKS[self.task].check(self)
         for name in ("batch_size", "max_new_tokens", "max_num_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
@@ -350,7 +328,7 @@ class PipelineConfig:
         if self.output_format not in OUTPUT_FORMAT_NAMES:
             bad("output_format", f"must be one of {', '.join(OUTPUT_FORMAT_NAMES)}, got {self.output_format!r}")
         if "openai-batch" in (self.input_format, self.output_format):
-            if self.task != "generate":
+            if not TASKS[self.task].generates:
                 bad("input_format", "openai-batch files hold completion requests: task generate only")
             if self.input_format != "openai-batch":
                 bad("output_format", "openai-batch output answers openai-batch input (--input-format openai-batch)")
@@ -483,7 +461,7 @@ def read_yaml(path: str) -> dict:
 
 def output_columns(task: str) -> tuple[str, ...]:
     """The columns each task adds to its output rows (besides the id and kept columns)."""
-    return TASKS[task].column_names
+    return tuple(name for name, _ in TASKS[task].columns)
 
 
 def _as_list(value, strip=True) -> list:

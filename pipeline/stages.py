@@ -1,6 +1,11 @@
-"""Stage classes: one callable per task, built once per Ray actor, holding one `Engine`.
+"""The tasks, one class each: its declaration (what the CLI says about it, the checkpoint it
+needs, the settings it takes and its results depend on, its output columns), its config checks,
+how its rows are run and what its report adds. Everything else reads these classes (`TASKS`):
+the CLI, the config checks, the driver's model check, the resume check, the output schema, the
+plan's prompt lengths and the run report. Adding a task is one class here.
 
-A stage only converts columns: input rows -> prompts -> one engine call -> output columns.
+A task's instance is its stage, a callable built once per Ray actor holding one `Engine`. A
+stage only converts columns: input rows -> prompts -> one engine call -> output columns.
 It never raises for bad input: a row that cannot be processed (null, non-string, blank
 prompt, undecodable bytes, an engine error) comes back with `error_kind` and `error` set and
 its id kept, and its neighbours are unaffected. Call a stage on a hand-built batch without Ray:
@@ -21,18 +26,22 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .settings import PipelineConfig
-from .tasks import TASKS
-from .attachments import render_prefix
-from .errors import RowError
+from .errors import ConfigError, RowError
 from .row_settings import SAMPLING_COLUMNS, row_overrides
 
+if TYPE_CHECKING:
+    from .settings import PipelineConfig
+
 log = logging.getLogger(__name__)
+CAUSAL, CLASSIFIER = "PersimmonForCausalLM", "PersimmonForSequenceClassification"
+ERROR_COLUMNS = (("error_kind", pa.string()), ("error", pa.string()))
+EXAMPLE_SEPARATOR = "\n\n"  # after each few-shot example
 
 
 
@@ -178,9 +187,11 @@ def row_seed(base: int | None, row_id: Any) -> int | None:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-class _Stage:
-    """Shared column plumbing. Subclasses implement `_run(texts, ids, rows) -> list[dict]`, where
-    `rows` holds what `_prepare` made of each row's own settings (generate: its SamplingParams).
+class Stage:
+    """A task: its declaration and checks (class attributes and classmethods, read on the driver),
+    and as an instance its stage. Subclasses implement `_run(texts, ids, rows) -> list[dict]`,
+    where `rows` holds what `_prepare` made of each row's own settings (generate: its
+    SamplingParams).
 
     All torch work (loading the model, every engine call) runs on one thread the stage owns.
     Ray Data builds the class on the actor's main thread but calls it from a worker thread;
@@ -188,20 +199,89 @@ class _Stage:
     replica OpenMP counts more threads than cores and stops spinning between parallel
     regions: the replica then ran ~25% slower with cores idle (measured on 2 cores)."""
 
-    task: str = ""
-    row_columns: tuple[str, ...] = ()  # input columns a row may set for itself (read by `_prepare`)
+    name: str = ""
+    description: str = ""                 # the subcommand's help
+    flag_group: str = ""                  # the heading of its own flags in --help
+    architecture: str = CAUSAL            # the checkpoint class it runs on
+    wrong_architecture_hint: str = ""
+    columns: tuple[tuple[str, pa.DataType], ...] = ERROR_COLUMNS  # output columns it adds, in order
+    settings: tuple[str, ...] = ()        # config fields that only this task (and others listing them) takes
+    result_settings: tuple[str, ...] = ()  # config fields its rows' results depend on (besides the common ones)
+    row_columns: tuple[str, ...] = ()     # input columns a row may set for itself (read by `_prepare`)
+    generates = False                     # it generates tokens (the summary gives tokens/s)
+    example_answer = "completion"         # the answer field of its few-shot examples
+    # settings of other tasks that would change nothing here: refused rather than ignored
+    OTHERS_ONLY = {"calibrate": "applies to the label task only",
+                   "json_schema": "constrains generation: it applies to the generate task only",
+                   "regex": "constrains generation: it applies to the generate task only",
+                   "examples": "few-shot examples apply to generate and label, not {task}"}
 
+    # ---- the declaration, read on the driver ----------------------------------------------
+    @classmethod
+    def check(cls, config: PipelineConfig) -> None:
+        """Raise ConfigError naming the field for a setting this task cannot work with."""
+        for name, why in cls.OTHERS_ONLY.items():
+            value = getattr(config, name)
+            if name not in cls.settings and value not in (None, False):
+                raise ConfigError(f"{name}: {why.format(task=cls.name)}")
+
+    @classmethod
+    def result_fields(cls, config: PipelineConfig) -> tuple[str, ...]:
+        """The config fields its rows' results depend on, besides the common ones."""
+        return cls.result_settings
+
+    @classmethod
+    def example_separator(cls, config: PipelineConfig) -> str:
+        """Between a few-shot example's prompt and its answer."""
+        return " "
+
+    @classmethod
+    def check_example(cls, config: PipelineConfig, row: dict, where: str) -> None:
+        """Raise ConfigError for a few-shot example row this task cannot use."""
+
+    @classmethod
+    def render_prefix(cls, config: PipelineConfig) -> str:
+        """The text every row's prompt is appended to: the few-shot examples ('' without)."""
+        if not config.examples:
+            return ""
+        if isinstance(config.examples, str):
+            raise ConfigError("examples must be loaded on the driver first (pipeline.attachments.load_examples)")
+        return "".join(config.template.format(prompt=ex["prompt"]) + cls.example_separator(config)
+                       + ex[cls.example_answer] + EXAMPLE_SEPARATOR for ex in config.examples)
+
+    @classmethod
+    def prompt_limit(cls, config: PipelineConfig, max_positions: int) -> tuple[str, int, str]:
+        """(the limit's name, its tokens, what the run does with a prompt over it), for `plan`."""
+        return "max_seq_len", config.max_seq_len or max_positions, "prompt_too_long"
+
+    @classmethod
+    def prompt_tokens(cls, config: PipelineConfig, encode, text: str, limit: int) -> tuple[int, bool]:
+        """A row's text -> (its prompt tokens as the engine counts them, BOS first; whether the
+        engine would refuse it as too long): no room for one new token."""
+        n = len(encode(text, add_bos=True))
+        return n, n > limit - 1
+
+    @classmethod
+    def capacity_new_tokens(cls, config: PipelineConfig) -> int:
+        """Tokens a row generates, for `persimmon-batch capacity --config JOB.yaml`."""
+        return 256
+
+    @classmethod
+    def report(cls, config: PipelineConfig, committed: dict, plan) -> dict:
+        """What this task adds to the run report, from the committed units' statistics."""
+        return {}
+
+    # ---- the stage ------------------------------------------------------------------------
     def __init__(self, config: PipelineConfig, engine=None):
         self.config = config.validate()
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-engine")
         t0 = time.perf_counter()
         self.engine = engine if engine is not None else self._on_torch_thread(load_engine, config)
-        self.prefix = render_prefix(self.config)  # few-shot examples: every row starts with them
+        self.prefix = self.render_prefix(self.config)  # few-shot examples: every row starts with them
         if self.prefix and hasattr(self.engine, "pin_prefix"):
             self._on_torch_thread(self.engine.pin_prefix, self.prefix)  # computed once, kept
         self.load_seconds = time.perf_counter() - t0
         self.engine_seconds = 0.0  # inside engine calls, summed (the run report's time breakdown)
-        self.columns = TASKS[self.task].columns
 
     def _on_torch_thread(self, fn, *args):
         return self._torch_thread.submit(fn, *args).result()
@@ -248,6 +328,9 @@ class _Stage:
             arrays[col] = pa.array([r.get(col) for r in results], type=kind)
         return pa.table(arrays)
 
+    def tally(self, totals: dict, out: pa.Table) -> None:
+        """Add what this task's report counts in a batch of results to a unit's `totals`."""
+
     def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, RowError | None]]:
         """Per row: (what `_run` needs beyond its text, or an error that keeps it from running),
         from the values of the batch's `row_columns` (`own`). Tasks without per-row settings
@@ -273,11 +356,39 @@ class _Stage:
             return [self._safe_run([t], [i], [r])[0] for t, i, r in zip(texts, ids, rows)]
 
 
-class GenerateStage(_Stage):
+_GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex")
+
+
+class GenerateStage(Stage):
     """Prompt -> completion, finish_reason, token counts, error."""
 
-    task = "generate"
+    name, flag_group = "generate", "generation"
+    description = "Complete every prompt with a causal Persimmon checkpoint."
+    columns = (("completion", pa.string()), ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()),
+               ("num_generated_tokens", pa.int32()), ("parsed", pa.string()), *ERROR_COLUMNS)
+    settings = result_settings = (*_GENERATION, "choices", "examples")
     row_columns = SAMPLING_COLUMNS
+    generates = True
+
+    @classmethod
+    def check(cls, config):
+        super().check(config)
+        constraints = [n for n in ("json_schema", "regex") if getattr(config, n) is not None]
+        constraints += ["choices"] if config.choices else []
+        if len(constraints) > 1:
+            raise ConfigError(f"{constraints[0]}: give one of --json-schema, --regex, --choices, not {constraints}")
+        if constraints and config.stop:
+            raise ConfigError("stop: stop strings would end a constrained completion mid-structure; the grammar "
+                              "decides where it ends")
+
+    @classmethod
+    def prompt_limit(cls, config, max_positions):
+        name, tokens, over = super().prompt_limit(config, max_positions)
+        return name, tokens, "cut to fit (--truncate left)" if config.truncate == "left" else over
+
+    @classmethod
+    def capacity_new_tokens(cls, config):
+        return config.max_new_tokens
 
     def _prepare(self, own, ids):
         """Each row's SamplingParams: the run's settings, overridden by the row's own columns
@@ -327,10 +438,23 @@ class GenerateStage(_Stage):
         return out
 
 
-class ClassifyStage(_Stage):
+class ClassifyStage(Stage):
     """Text -> label, score, probs (a sequence-classification checkpoint)."""
 
-    task = "classify"
+    name = flag_group = "classify"
+    description = "Classify every text with a PersimmonForSequenceClassification checkpoint."
+    architecture = CLASSIFIER
+    wrong_architecture_hint = " (use `label` for zero-shot labeling with a causal LM)"
+    columns = (("label", pa.string()), ("score", pa.float64()), ("probs", pa.list_(pa.float64())), *ERROR_COLUMNS)
+
+    @classmethod
+    def prompt_limit(cls, config, max_positions):
+        return "max_position_embeddings", max_positions, "prompt_too_long"
+
+    @classmethod
+    def prompt_tokens(cls, config, encode, text, limit):
+        n = len(encode(text, add_bos=True))
+        return n, n > limit
 
     def _run(self, texts, ids, rows):
         return [engine_error(c) if c.error is not None else
@@ -360,12 +484,81 @@ def calibrated(scores: list[float], log_p_cf: list[float] | None) -> list[float]
     return softmax([s - c for s, c in zip(scores, log_p_cf)])
 
 
-class LabelStage(_Stage):
+class LabelStage(Stage):
     """Zero-shot (or few-shot) labeling with a causal LM: each choice scored as the prompt's
     continuation; label = the most probable choice (calibrated with --calibrate), margin = its
     probability minus the runner-up's."""
 
-    task = "label"
+    name, flag_group = "label", "labeling"
+    description = ("Zero-shot labeling with a causal checkpoint: pick the --choices option with the "
+                   "highest log-likelihood after the (templated) prompt.")
+    columns = (("label", pa.string()), ("scores", pa.list_(pa.float64())), ("probs", pa.list_(pa.float64())),
+               ("margin", pa.float64()), *ERROR_COLUMNS)
+    settings = ("choices", "choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin",
+                "examples")
+    result_settings = ("choices", "choice_separator", "choice_score", "calibrate", "examples")
+    example_answer = "label"
+
+    @classmethod
+    def check(cls, config):
+        super().check(config)
+        if len(config.choices) < 2:
+            raise ConfigError("choices: label needs at least two choices, e.g. --choices positive,negative")
+        if config.calibrate and not any(isinstance(x, str) and config.template.format(prompt=x).strip()
+                                        for x in config.content_free_inputs or []):
+            raise ConfigError("content_free_inputs: --calibrate needs a content-free input that the template "
+                              "turns into a non-empty prompt")
+
+    @classmethod
+    def result_fields(cls, config):
+        return cls.result_settings + (("content_free_inputs",) if config.calibrate else ())
+
+    @classmethod
+    def example_separator(cls, config):
+        return config.choice_separator
+
+    @classmethod
+    def check_example(cls, config, row, where):
+        if row["label"] not in config.choices:
+            raise ConfigError(f"examples: {where} has label {row['label']!r}, not one of the choices {config.choices}")
+
+    @classmethod
+    def prompt_tokens(cls, config, encode, text, limit):
+        """The prompt's tokens (trailing whitespace goes to the choices); too long when they and
+        the longest choice's continuation exceed the limit."""
+        stripped = text.rstrip()
+        n = len(encode(stripped, add_bos=True))
+        tail, sep = text[len(stripped):], config.choice_separator
+        longest = max(len(encode(stripped + tail + sep + c, add_bos=True)) - n for c in config.choices)
+        return n, n + longest > limit
+
+    @classmethod
+    def capacity_new_tokens(cls, config):
+        return 8
+
+    @classmethod
+    def report(cls, config, committed, plan):
+        """The label histogram over every committed output, and how many are close calls
+        (counted again from the file's margins where it was written with another --low-margin)."""
+        counts: Counter = Counter()
+        low = 0
+        for name, st in committed.items():
+            counts.update(st.label_counts)
+            if st.low_margin == config.low_margin:
+                low += st.low_margin_rows
+                continue
+            low += sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin)
+        return {"labels": {"histogram": {c: counts.get(c, 0) for c in config.choices}, "low_margin_rows": low,
+                           "low_margin": config.low_margin, "calibrated": config.calibrate,
+                           "choice_score": config.choice_score}}
+
+    def tally(self, totals, out):
+        counts = totals.setdefault("label_counts", {})
+        for label in out["label"].to_pylist():
+            if label is not None:
+                counts[label] = counts.get(label, 0) + 1
+        low = sum(1 for m in out["margin"].to_pylist() if m is not None and m < self.config.low_margin)
+        totals.update(low_margin_rows=totals.get("low_margin_rows", 0) + low, low_margin=self.config.low_margin)
 
     def __init__(self, config: PipelineConfig, engine=None):
         super().__init__(config, engine)
@@ -412,7 +605,22 @@ class LabelStage(_Stage):
         return out
 
 
-STAGES = {name: task.stage_class() for name, task in TASKS.items()}
+def _margins(loc) -> list:
+    """The `margin` column of a committed label output, Parquet or JSONL."""
+    if loc.path.endswith(".jsonl"):
+        with loc.fs.open_input_stream(loc.path) as f:
+            lines = f.read().split(b"\n")  # not splitlines(): U+2028 and friends are text inside JSON strings
+            return [json.loads(line).get("margin") for line in lines if line.strip()]
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(loc.path) as f:
+        return pq.read_table(f, columns=["margin"])["margin"].to_pylist()
+
+
+TASKS: dict[str, type[Stage]] = {t.name: t for t in (GenerateStage, ClassifyStage, LabelStage)}
+TASK_NAMES = tuple(TASKS)
+# config fields some task owns: the CLI shows each only on the subcommands of the tasks that list it
+TASK_SETTINGS = frozenset(s for t in TASKS.values() for s in t.settings)
 
 
 def output_schema(config: PipelineConfig, input_schema: pa.Schema) -> pa.Schema:

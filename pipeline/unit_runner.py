@@ -48,12 +48,11 @@ import pyarrow as pa
 
 from .settings import PipelineConfig
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
-from .row_settings import SAMPLING_COLUMNS
 from .plan import Unit, read_unit_stats, result_config
 from .metrics import ReplicaMetrics
 from .progress import Attempts
 from .report import one_line
-from .stages import STAGES
+from .stages import TASKS
 from .storage import (Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient,
                       write_bytes_atomic)
 
@@ -112,7 +111,7 @@ class UnitRunner:
         self.where = _where()
         self.start_error: str | None = None
         try:
-            self.stage = STAGES[config.task](config, engine=engine)
+            self.stage = TASKS[config.task](config, engine=engine)
         except Exception as e:  # noqa: BLE001 - told to the driver with each unit, in one line
             self.stage, self.start_error = None, _start_error(e)
         self.output = resolve(config.output, config)
@@ -170,15 +169,16 @@ class UnitRunner:
         tmp = temp_sibling(final)
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
-        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns, *SAMPLING_COLUMNS]))
+        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns,
+                                      *TASKS[cfg.task].row_columns]))
         preset = sorted((int(i), error) for i, error in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
         engine_before = self.stage.engine_seconds
         read_s = write_s = 0.0
-        rows = errors = tok_in = tok_out = low_margin = 0
+        rows = errors = tok_in = tok_out = 0
         kinds: Counter = Counter()
-        labels: Counter = Counter()
+        task_totals: dict = {}  # what the task's report adds (label: the label histogram)
         try:
             with contextlib.ExitStack() as stack:
                 with naming(f"read {src.uri}"):
@@ -209,9 +209,7 @@ class UnitRunner:
                     batch_kinds = Counter(k for k in out["error_kind"].to_pylist() if k is not None)
                     errors += sum(batch_kinds.values())
                     kinds.update(batch_kinds)
-                    if cfg.task == "label":
-                        labels.update(x for x in out["label"].to_pylist() if x is not None)
-                        low_margin += sum(1 for m in out["margin"].to_pylist() if m is not None and m < cfg.low_margin)
+                    self.stage.tally(task_totals, out)
                     batch_tokens = 0
                     if "num_prompt_tokens" in out.column_names:
                         tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
@@ -233,9 +231,7 @@ class UnitRunner:
                     "replica_created_at": self.created_at,
                     "row_groups": unit.row_groups, "result_config": self.result_config,
                     "input_fingerprint": unit.fingerprint,
-                    "run_id": self.run_id, "engine": self.stage.engine_stats(),
-                    **({"label_counts": dict(labels), "low_margin_rows": low_margin, "low_margin": cfg.low_margin}
-                       if cfg.task == "label" else {}),
+                    "run_id": self.run_id, "engine": self.stage.engine_stats(), **task_totals,
                 }
                 with naming(writing):
                     side_bytes = writer.finish(stats)

@@ -80,7 +80,7 @@ def test_jsonl_outputs_are_read_back_split_on_newlines_only(tmp_path):
     """U+2028, U+2029, \\x1c-\\x1e and \\x85 are line breaks to str.splitlines() but ordinary
     characters inside JSON strings: a label rerun that re-reads a JSONL output's margins must
     not split there."""
-    from pipeline.report import _margins
+    from pipeline.stages import _margins
 
     odd = "a\u2028b\u2029c\x1cd\x1de\x1ef\x85g\x0bh\x0ci"
     path = tmp_path / "o.jsonl"

@@ -734,17 +734,16 @@ def test_model_identity_sees_a_layer_retrained_in_the_middle(tmp_path):
 
 def test_each_task_is_declared_once_and_everything_reads_the_declaration():
     from pipeline.plan import result_fields
-    from pipeline.stages import STAGES
-    from pipeline.tasks import TASK_SETTINGS, TASKS
+    from pipeline.stages import TASK_SETTINGS, TASKS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     for name, task in TASKS.items():
         kw = {"choices": ["yes", "no"]} if name == "label" else {}
-        stage = STAGES[name](cfg(task=name, **kw), engine=FakeEngine())
+        stage = task(cfg(task=name, **kw), engine=FakeEngine())
         out = stage({"id": [1, 2], "prompt": ["a", "b"]})
-        assert out.schema.names == ["id", *task.column_names]
-        assert [out.schema.field(c).type for c in task.column_names] == [t for _, t in task.columns]
+        assert out.schema.names == ["id", *(c for c, _ in task.columns)]
+        assert [out.schema.field(c).type for c, _ in task.columns] == [t for _, t in task.columns]
         flags = {a.dest for a in sub[name]._actions}
         assert set(task.settings) <= flags and not (TASK_SETTINGS - set(task.settings)) & flags, name
         assert set(task.result_settings) <= set(result_fields(cfg(task=name, **kw)))
