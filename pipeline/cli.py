@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from dataclasses import MISSING, fields
+from typing import Literal, Union, get_args, get_origin
 
 from .settings import ConfigError, PipelineConfig, mask_uri, read_yaml
 from .stages import TASK_NAMES, TASK_SETTINGS, TASKS
@@ -34,7 +34,7 @@ EPILOG = ("Every input file becomes one output file with the same name, committe
 
 
 def _default_text(f) -> str:
-    default = f.default if f.default is not MISSING else f.default_factory()
+    default = f.get_default(call_default_factory=True)
     if default in (None, [], ""):
         return ""
     if isinstance(default, list):
@@ -52,27 +52,25 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
         "run": parser.add_argument_group("replicas, resources, resume, storage, Ray"),
     }
     own = TASKS[task].settings
-    for f in fields(PipelineConfig):
-        meta = f.metadata
-        if meta.get("cli") is False or (f.name in TASK_SETTINGS and f.name not in own):
+    for name, f in PipelineConfig.__pydantic_fields__.items():
+        if (f.json_schema_extra or {}).get("cli") is False or (name in TASK_SETTINGS and name not in own):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = meta["help"].replace("%", "%%") + _default_text(f)
-        group = groups["io"] if f.name in IO_FIELDS else groups["task"] if f.name in own \
-            else groups["engine"] if f.name in ENGINE_FIELDS else groups["run"]
-        kwargs: dict = {"dest": f.name, "default": None, "help": help_text}
-        ftype = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
-                                                        "str": str, "list": list}.get(str(f.type), None)
-        ftype = meta.get("type", ftype)
-        if ftype is bool:
+        help_text = f.description.replace("%", "%%") + _default_text(f)
+        group = groups["io"] if name in IO_FIELDS else groups["task"] if name in own \
+            else groups["engine"] if name in ENGINE_FIELDS else groups["run"]
+        kwargs: dict = {"dest": name, "default": None, "help": help_text}
+        kind = f.annotation
+        if get_origin(kind) is Union:  # Optional[X], or one of several types: its first
+            kind = next(t for t in get_args(kind) if t is not type(None))
+        if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if ftype in (int, float):
-                kwargs["type"] = ftype
-            if "choices" in meta:
-                kwargs["choices"] = [c for c in meta["choices"] if c is not None]
-            kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(f.name)
-        group.add_argument(flag, **kwargs)
+            if kind in (int, float):
+                kwargs["type"] = kind
+            if get_origin(kind) is Literal:
+                kwargs["choices"] = list(get_args(kind))
+            kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(name)
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +129,8 @@ def _add_plan_parser(sub) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     task = args.task if args.command == "plan" else args.command
-    flags = {f.name: getattr(args, f.name) for f in fields(PipelineConfig) if getattr(args, f.name, None) is not None}
+    flags = {name: getattr(args, name) for name in PipelineConfig.__pydantic_fields__
+             if getattr(args, name, None) is not None}
     raw = {}
     if args.config:
         raw = {k.replace("-", "_"): v for k, v in read_yaml(args.config).items()}

@@ -35,6 +35,18 @@ class SettingError(ValueError):
     pass
 
 
+def sampling_params(**settings):
+    """The engine's `SamplingParams` for these settings (the run's, overridden by a row's own):
+    the one place where sampling settings are checked, for the run's config and for each row.
+    A setting it refuses is a SettingError naming it (`temperature must be a number >= 0, got -1`)."""
+    from model import SamplingParams
+
+    try:
+        return SamplingParams(**settings)
+    except ValueError as e:
+        raise SettingError(str(e).replace("SamplingParams.", "")) from None
+
+
 def _number(name: str, value: Any) -> int | float:
     if isinstance(value, str):
         text = value.strip()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from .errors import ConfigError, RowError
-from .row_settings import SAMPLING_COLUMNS, row_overrides
+from .row_settings import SAMPLING_COLUMNS, SettingError, row_overrides, sampling_params
 
 if TYPE_CHECKING:
     from .settings import PipelineConfig
@@ -371,17 +371,6 @@ class GenerateStage(Stage):
     generates = True
 
     @classmethod
-    def check(cls, config):
-        super().check(config)
-        constraints = [n for n in ("json_schema", "regex") if getattr(config, n) is not None]
-        constraints += ["choices"] if config.choices else []
-        if len(constraints) > 1:
-            raise ConfigError(f"{constraints[0]}: give one of --json-schema, --regex, --choices, not {constraints}")
-        if constraints and config.stop:
-            raise ConfigError("stop: stop strings would end a constrained completion mid-structure; the grammar "
-                              "decides where it ends")
-
-    @classmethod
     def prompt_limit(cls, config, max_positions):
         name, tokens, over = super().prompt_limit(config, max_positions)
         return name, tokens, "cut to fit (--truncate left)" if config.truncate == "left" else over
@@ -393,25 +382,20 @@ class GenerateStage(Stage):
     def _prepare(self, own, ids):
         """Each row's SamplingParams: the run's settings, overridden by the row's own columns
         (pipeline/row_settings.py); a value the engine would refuse is the row's error."""
-        from model import SamplingParams
-
         cfg = self.config
         out = []
         for row_id, (settings_of_row, err) in zip(ids, row_overrides(own, len(ids))):
             if err is not None:
                 out.append((None, err))
                 continue
-            settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, stop=list(cfg.stop), seed=row_seed(cfg.seed, row_id),
-                            truncate=cfg.truncate, json_schema=cfg.json_schema, regex=cfg.regex,
-                            choice=list(cfg.choices) or None)
+            settings = cfg.sampling(seed=row_seed(cfg.seed, row_id))
             if "json_schema" in settings_of_row:  # a row's schema replaces the run's constraint, whichever
                 settings.update(regex=None, choice=None)
             settings.update(settings_of_row)
             try:
-                out.append((SamplingParams(**settings), None))
-            except ValueError as e:
-                out.append((None, self._setting_error(str(e).replace("SamplingParams.", ""))))
+                out.append((sampling_params(**settings), None))
+            except SettingError as e:
+                out.append((None, self._setting_error(str(e))))
         return out
 
     def _setting_error(self, message: str) -> RowError:

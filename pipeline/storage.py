@@ -61,14 +61,19 @@ class Location:
         return self.scheme == "file"
 
 
+def _secret(value) -> str | None:
+    """A credential's text (the config holds credentials as pydantic SecretStr)."""
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
 def filesystem_for(scheme: str, config) -> pafs.FileSystem:
     """Build the filesystem for a URI scheme from the config's storage settings."""
     if scheme == "file":
         return pafs.LocalFileSystem()
     if scheme in ("s3", "s3a"):
         kwargs = dict(region=config.s3_region or "us-east-1",
-                      access_key=config.s3_access_key_id, secret_key=config.s3_secret_access_key,
-                      session_token=config.s3_session_token,
+                      access_key=_secret(config.s3_access_key_id), secret_key=_secret(config.s3_secret_access_key),
+                      session_token=_secret(config.s3_session_token),
                       # quick retries of throttling / 5xx in the SDK; `retry` below adds
                       # slower ones on top (config.io_retries)
                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),

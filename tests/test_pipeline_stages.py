@@ -85,7 +85,7 @@ def test_secrets_never_in_public_dict_or_repr(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value")
     monkeypatch.setenv("PERSIMMON_S3_ENDPOINT", "http://127.0.0.1:9")
     c = cfg().with_env()
-    assert c.s3_secret_access_key == "super-secret-value" and c.s3_endpoint == "http://127.0.0.1:9"
+    assert c.s3_secret_access_key.get_secret_value() == "super-secret-value" and c.s3_endpoint == "http://127.0.0.1:9"
     text = repr(c) + json.dumps(c.public_dict())
     assert "super-secret-value" not in text and "AKIAEXAMPLE" not in text
     assert "s3_endpoint" in c.public_dict()
