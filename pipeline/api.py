@@ -285,6 +285,8 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start
     report["interrupted"] = stop.signal
     write_bytes_atomic(plan.output.join(REPORT_NAME), json.dumps(report, indent=2).encode())
     if report["complete"]:
+        if stop.lease is not None:
+            stop.lease.stop_renewing()  # else a heartbeat could make _tmp/ again as it is removed
         _clean_tmp(plan)
     return report
 
