@@ -2,10 +2,10 @@
 committed output file per unit of work (an input file, or a slice of one) out, plus
 `_run_report.json`. See `pipeline.unit_runner` for the exactly-once design."""
 
-from .api import (ModelError, build_dataset, build_report, check_model, dry_run, filesystem, init_ray, run,
+from .api import (build_dataset, build_report, check_model, dry_run, filesystem, init_ray, run,
                   run_classify, run_generate, run_label)
-from .settings import ConfigError, PipelineConfig
-from .plan import InputError
+from .errors import ConfigError, InputError, ModelError
+from .settings import PipelineConfig
 from .stages import ClassifyStage, GenerateStage, LabelStage
 
 __all__ = [

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from typing import Literal, Union, get_args, get_origin
 
-from .settings import ConfigError, PipelineConfig, mask_uri, read_yaml
+from .errors import ConfigError, InputError, ModelError
+from .report import summary
+from .settings import PipelineConfig, mask_uri, read_yaml
 from .stages import TASK_NAMES, TASK_SETTINGS, TASKS
 
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
@@ -144,62 +145,10 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig.from_dict({**raw, "task": task}, **flags).validate()
 
 
-def summary(report: dict) -> str:
-    s, t = report["units"], report["this_run"]
-    lines = [
-        f"persimmon-batch {report['task']}: {'complete' if report['complete'] else 'INCOMPLETE'}",
-        f"  rows    {report['rows_in']} in, {report['rows_written']} written, "
-        f"{report['rows_with_error']} with error" + (f" {report['errors_by_kind']}" if report["errors_by_kind"] else ""),
-        f"  units   {s['done']} done, {s['skipped']} already committed, {s['failed']} failed, {s['bad']} bad",
-        *_fault_lines(report),
-        f"  time    {report['wall_time_s']:.1f} s wall, startup {t['startup_s'] or 0:.1f} s"
-        + (f", {t['tokens_generated']} tokens generated ({report['tokens_per_s']} tok/s)"
-           if TASKS[report["task"]].generates else ""),
-        f"  output  {report['output']}  (report: _run_report.json)",
-    ]
-    if report.get("labels"):
-        lab = report["labels"]
-        hist = ", ".join(f"{k} {v}" for k, v in lab["histogram"].items())
-        lines.insert(3, f"  labels  {hist}; {lab['low_margin_rows']} row(s) with margin < {lab['low_margin']:g}"
-                        + (" (calibrated)" if lab["calibrated"] else ""))
-    stopped = report.get("error")  # why the run stopped early: every unit it left undone says the same
-    if stopped:
-        lines.append(f"  ! {stopped}")
-    for item in [i for i in report["failed_units"] + report["bad_inputs"] if i["error"] != stopped][:10]:
-        lines.append(f"  ! {item['input']}: {item['error']}")
-    return "\n".join(lines)
-
-
-def _fault_lines(report: dict) -> list[str]:
-    lines = []
-    ids = report.get("ids") or {}
-    if ids.get("duplicate_rows") or ids.get("null_ids"):
-        lines.append(f"  ids     {ids.get('duplicate_rows', 0)} row(s) repeat an earlier id "
-                     f"({ids.get('duplicate_ids', 0)} distinct), {ids.get('null_ids', 0)} null: "
-                     f"those rows have error set")
-    if report.get("rows_retried"):
-        lines.append(f"  retried {report['rows_retried']} row(s) run again in "
-                     f"{len(report.get('retried_units') or [])} unit(s) after a replica died or stalled")
-    lost = report.get("nodes_lost") or {}
-    if lost.get("nodes"):
-        lines.append(f"  nodes   {len(lost['nodes'])} lost mid-run ({', '.join(n[:12] for n in lost['nodes'][:3])}); "
-                     f"{lost['units_retried']} unit(s), {lost['rows_retried']} row(s) run again elsewhere")
-    replicas = report.get("replicas") or []
-    if replicas:
-        ended = Counter(r.get("ended") or "unknown" for r in replicas)
-        nodes = len({r.get("node_id") for r in replicas})
-        lines.append(f"  replicas {len(replicas)} on {nodes} node(s): "
-                     + ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in sorted(ended.items())))
-    for ev in (report.get("stuck_replicas") or [])[:5]:
-        lines.append(f"  ! stuck replica {ev['actor_id']} (pid {ev['pid']}) on {ev['unit']}: no batch for "
-                     f"{ev['silent_s']} s; killed and restarted")
-    return lines
-
-
 def plan_main(args: argparse.Namespace) -> int:
     """`persimmon-batch plan <task> ...`: print the plan (text or --json); 0, or 2 as the run would."""
-    from .api import ModelError, dry_run
-    from .plan import InputError, summary_lines
+    from .api import dry_run
+    from .plan import summary_lines
 
     try:
         if args.sample_rows < 0:
@@ -260,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(directory=args.dir, tasks=args.tasks.split(","), files=args.files,
                         rows=args.rows, replicas=args.replicas)
-    from .api import ModelError, run
-    from .plan import InputError
+    from .api import run
 
     try:
         config = config_from_args(args)

@@ -54,7 +54,7 @@ def run_demo(directory: str | None = None, tasks=("generate", "label", "classify
     from model.tiny import build_tiny_checkpoint
 
     from .api import run
-    from .cli import summary
+    from .report import summary
     from .settings import PipelineConfig
 
     t0 = time.perf_counter()

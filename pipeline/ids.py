@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .settings import ConfigError, PipelineConfig
-from .errors import RowError
+from .errors import ConfigError, RowError
+from .settings import PipelineConfig
 from .formats import input_format
 
 PARTITION_ROWS = 1 << 20

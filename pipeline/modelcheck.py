@@ -31,13 +31,10 @@ import os
 import struct
 import tempfile
 
-from .settings import ConfigError, PipelineConfig
+from .errors import ConfigError, ModelError
+from .settings import PipelineConfig
 from .storage import Location, model_location, read_bytes, retry
 from .stages import CAUSAL, TASKS
-
-
-class ModelError(ValueError):
-    """A model directory that cannot be loaded; raised on the driver before any actor starts."""
 
 
 def check_model(config: PipelineConfig) -> dict:

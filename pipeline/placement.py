@@ -21,7 +21,8 @@ import math
 import os
 import sys
 
-from .settings import ConfigError, PipelineConfig
+from .errors import ConfigError
+from .settings import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,12 +27,12 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .settings import ConfigError, PipelineConfig, mask_uri, output_columns
+from .errors import ConfigError, InputError, RowError
+from .settings import PipelineConfig, mask_uri, output_columns
 from .stages import TASKS, output_schema
-from .errors import RowError
-from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
+from .formats import DATA_SUFFIXES, INPUT_FORMATS, OUTPUT_FORMATS, Split, input_format, strip_suffix
 from .ids import InputChanged, flag_ids
-from .storage import Location, inside, list_inputs, place, resolve, retry
+from .storage import Location, glob_regex, inside, place, resolve, retry
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,125 @@ COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_col
                         "output_format")
 
 
+# ---- listing the inputs ------------------------------------------------------------------
+def _is_hidden(path: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A listed input file: where it is, its name relative to the input it came from (a
+    directory, a glob's fixed prefix, or just its file name), its size and modification time."""
+
+    loc: Location
+    name: str
+    size: int | None
+    mtime_ns: int | None = None
+
+
+class Listing(list):
+    """The input files `list_inputs` found (a list of InputFile), and `left_out`: the URIs of
+    files in the listed directories that are not read (not named as a data format, or plain
+    `.json` beside data), so a summary can name them."""
+
+    def __init__(self, files=(), left_out=()):
+        super().__init__(files)
+        self.left_out: list[str] = list(left_out)
+
+
+def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
+    """Expand directories, globs and lists into input files, sorted by URI, no duplicates.
+
+    Directories are listed recursively (under --input-format auto, see `directory_inputs` for
+    which data files they contribute); names starting with `_` or `.` (markers such as
+    _SUCCESS, temp files, .crc files) are ignored in directories and globs alike; inside
+    directories, only files named as a data format (or as --input-format) are taken, extensions
+    in any case (`FEB.CSV`), while a glob takes what it matches. Every other file of a listed
+    directory is left out with a warning naming it, and listed in the result's `left_out`:
+    a file is never skipped silently. A path that exists is taken as it is even if its name
+    has glob characters. Files under `exclude` (the run's output directory, when it sits
+    inside an input tree, symlinks resolved) are never inputs. A path that matches nothing is an
+    error naming it. Each file's name is relative to the input item it came from, so it does not
+    change when other partitions appear or disappear.
+    """
+    forced = getattr(config, "input_format", "auto")
+    suffixes = INPUT_FORMATS[forced].suffixes if forced not in (None, "auto") else DATA_SUFFIXES
+    items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    found: dict[str, InputFile] = {}
+    left_out: dict[str, InputFile] = {}
+    skip = place(exclude) if exclude is not None else None
+    for item in items:
+        loc = resolve(item, config)
+        matches: list[InputFile] = []
+        others: list[InputFile] = []
+        info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
+        if info.type == pafs.FileType.NotFound and any(c in loc.path for c in "*?["):
+            base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
+            if loc.uri.endswith(loc.path) and not loc.uri[: len(loc.uri) - len(loc.path)].endswith(":/"):
+                # the URI spells the path as the filesystem does
+                base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
+            else:  # fsspec stores may spell it otherwise (memory://x is the path /x)
+                base_uri = f"{loc.scheme}://{base.lstrip('/')}"
+            pattern = glob_regex(loc.path)
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
+            for info in infos:
+                rel = info.path[len(base.rstrip("/")) + 1:]
+                if info.type == pafs.FileType.File and pattern.match(info.path) and not _is_hidden(rel):
+                    matches.append(InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns))
+        elif info.type == pafs.FileType.File:
+            matches.append(InputFile(loc, loc.path.rsplit("/", 1)[-1], info.size, info.mtime_ns))
+        elif info.type == pafs.FileType.Directory:
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
+                          f"list {loc.uri}", loc.retries)
+            for info in infos:
+                rel = info.path[len(loc.path.rstrip("/")) + 1:]
+                if info.type != pafs.FileType.File or _is_hidden(rel):
+                    continue
+                listed = InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns)
+                (matches if info.path.lower().endswith(suffixes) else others).append(listed)
+            if forced in (None, "auto"):
+                taken = {m.loc.uri for m in directory_inputs(matches)}
+                others += [m for m in matches if m.loc.uri not in taken]
+                matches = [m for m in matches if m.loc.uri in taken]
+        if skip is not None:
+            matches = [m for m in matches if not inside(place(m.loc), skip)]
+            others = [m for m in others if not inside(place(m.loc), skip)]
+        if not matches:
+            raise FileNotFoundError(f"input {item!r} matches no input files ({', '.join(suffixes[:4])}, ...)")
+        for m in matches:
+            found.setdefault(m.loc.uri, m)
+        for m in others:
+            left_out.setdefault(m.loc.uri, m)
+    left = [left_out[k] for k in sorted(left_out) if k not in found]  # another item may name it
+    if left:
+        json_note = ("; plain .json files are read when named, globbed or with --input-format jsonl"
+                     if any(_PLAIN_JSON.search(f.loc.path) for f in left) else "")
+        read = sorted({s for s in suffixes if s.count(".") == 1 and not (s == ".json" and forced in (None, "auto"))})
+        log.warning("%d file(s) in the input directory are not read as data (%s%s): data files end in %s "
+                    "(any case, also compressed); name a file or use a glob to read it%s", len(left),
+                    ", ".join(f.name for f in left[:5]), ", ..." if len(left) > 5 else "", ", ".join(read), json_note)
+    return Listing([found[k] for k in sorted(found)], [f.loc.uri for f in left])
+
+
+_PLAIN_JSON = re.compile(r"\.json(\.(gz|zst|bz2))?$", re.I)
+
+
+def directory_inputs(files: list[InputFile]) -> list[InputFile]:
+    """What a directory contributes under --input-format auto: its data files, except plain
+    `.json` ones, which are as often metadata (`dataset_info.json` beside a Parquet dataset) as
+    data; those are read when named, matched by a glob, or with --input-format jsonl (the
+    listing names them as left out, never silently)."""
+    return [f for f in files if not _PLAIN_JSON.search(f.loc.path)]
+
+
+def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
+    rel = path[len(base_path.rstrip("/")):].lstrip("/")
+    prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
+    return parent.at(path, prefix + rel)
+
+
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:
     return COMMON_RESULT_FIELDS + TASKS[config.task].result_fields(config)
-
-
-class InputError(ValueError):
-    """Input files that cannot be processed; the message names them."""
 
 
 @dataclass

@@ -53,7 +53,7 @@ from .metrics import ReplicaMetrics
 from .progress import Attempts
 from .report import one_line
 from .stages import TASKS
-from .storage import (Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient,
+from .storage import (Location, commit, ensure_dir, exists, naming, resolve, retry, temp_sibling, transient,
                       write_bytes_atomic)
 
 log = logging.getLogger(__name__)
@@ -139,26 +139,26 @@ class UnitRunner:
         if existing is not None and existing.get("input_fingerprint") == unit.fingerprint \
                 and existing.get("result_config") == self.result_config:
             return {**existing, **base, "status": "skipped"}  # committed by an earlier attempt (`run_id` says whose)
-        retries = self.config.io_retries
-        for n in range(retries + 1):
+        tries = 0
+
+        def run_once() -> dict:
+            nonlocal tries
+            tries += 1
             attempt = self.attempts.start(unit.output_name, unit.num_rows)
             try:
                 stats = self._process(unit, final, attempt)
-            except Exception as e:  # noqa: BLE001 - storage failure, corrupt data: report, go on
-                error = f"{type(e).__name__}: {e}"
-                self.attempts.end(attempt, "io_error" if transient(e) else "failed", error)
-                if transient(e) and n < retries:
-                    delay = backoff(n)
-                    log.warning("unit %s: %s; redoing it in %.1f s (%d/%d)", unit.output_name, error, delay,
-                                n + 1, retries)
-                    time.sleep(delay)
-                    continue
-                log.error("unit %s failed: %s", unit.output_name, error)
-                if transient(e):
-                    error += f" (gave up after {retries + 1} attempts)"
-                return {**base, "status": "failed", "error": error, "io_retries": n}
+            except Exception as e:
+                self.attempts.end(attempt, "io_error" if transient(e) else "failed", f"{type(e).__name__}: {e}")
+                raise
             self.attempts.end(attempt, "done")
-            return {**stats, **base, "status": "done", "io_retries": n}
+            return stats
+
+        try:  # a storage error mid-stream redoes the unit from its start, as any storage call is redone
+            stats = retry(run_once, f"unit {unit.output_name}", self.config.io_retries)
+        except Exception as e:  # noqa: BLE001 - storage failure, corrupt data: report, go on
+            log.error("unit %s failed: %s", unit.output_name, e)
+            return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "io_retries": tries - 1}
+        return {**stats, **base, "status": "done", "io_retries": tries - 1}
 
     def _process(self, unit: Unit, final: Location, attempt: str) -> dict:
         cfg = self.config

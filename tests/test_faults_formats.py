@@ -20,7 +20,8 @@ from pipeline_fixtures import read_all
 from pipeline import PipelineConfig
 from pipeline.formats import INPUT_FORMATS, input_format, strip_suffix
 from pipeline.plan import make_plan
-from pipeline.storage import list_inputs, resolve
+from pipeline.plan import list_inputs
+from pipeline.storage import resolve
 
 
 def config(**kw) -> PipelineConfig:

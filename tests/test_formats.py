@@ -18,7 +18,8 @@ from pipeline_fixtures import error_of, read_all, tiny_model
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, run_generate
 from pipeline.formats import INPUT_FORMATS, input_format, strip_suffix
-from pipeline.storage import list_inputs, resolve
+from pipeline.plan import list_inputs
+from pipeline.storage import resolve
 
 
 def config(**kw) -> PipelineConfig:

@@ -172,7 +172,7 @@ def test_a_glob_at_the_root_of_a_store_names_its_files(root):
     with fs.open_output_stream(f"/{name}") as f:
         pq.write_table(shard_tables(1, 2)[0], f)
     try:
-        from pipeline.storage import list_inputs
+        from pipeline.plan import list_inputs
 
         (found,) = list_inputs(f"memory://{root}-top.parq*", config(root))
         assert found.loc.uri == f"memory://{name}" and found.name == name
