@@ -175,11 +175,7 @@ def build_dataset(config: PipelineConfig, ds=None):
     """
     import ray.data
 
-    config = load_attachments(config.with_env().validate())
-    _check_shared_stores(config)
-    config = pin(config)  # a hub id: resolved here, once; replicas load this commit
-    check_model(config)
-    check_device(config)
+    config = _checked(config)  # what a run checks before it reads an input file
     init_ray(config)
     with _data_context(config):
         if ds is not None:
