@@ -13,7 +13,7 @@ marker is there:
   "row-000001234" or int64; prompts cycled from a few short ones), with `--duplicates` ids
   planted again in later files. The plan must name exactly those.
 - resume: `--committed` one-row input files and their committed outputs, written by the
-  product's own `ShardRunner` with the tiny model's engine (footers with the unit's statistics,
+  product's own `UnitRunner` with the tiny model's engine (footers with the unit's statistics,
   input fingerprint and result config, as a real run writes them; a few minutes, once).
 
 Each case runs `persimmon-batch plan generate ... --json` in a fresh child process (its prompt
@@ -109,7 +109,7 @@ def make_rows_input(cache: str, rows: int, files: int, ids: str, duplicates: int
 
 
 def make_resume_input(cache: str, committed: int, model: str) -> tuple[str, str]:
-    """`committed` one-row inputs and their outputs committed by ShardRunner; (input, output)."""
+    """`committed` one-row inputs and their outputs committed by UnitRunner; (input, output)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -125,13 +125,13 @@ def make_resume_input(cache: str, committed: int, model: str) -> tuple[str, str]
     from pipeline import PipelineConfig
     from pipeline.api import _checked
     from pipeline.plan import make_plan
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
     from pipeline.storage import ensure_dir
 
     config = _checked(PipelineConfig(task="generate", input=src, output=out, model=model, max_new_tokens=1))
     plan = make_plan(config)
     ensure_dir(plan.output)
-    runner = ShardRunner(config, plan.schema, engine=Engine.from_pretrained(model, max_batch_size=1, device="cpu"))
+    runner = UnitRunner(config, plan.schema, engine=Engine.from_pretrained(model, max_batch_size=1, device="cpu"))
     for unit in plan.todo:
         if runner.run_unit(unit)["status"] != "done":
             raise RuntimeError(f"could not commit {unit.output_name}")

@@ -1,10 +1,11 @@
-"""Ray Data batch inference for Persimmon: Parquet shards in, one committed Parquet file per
-shard out, plus `_run_report.json`. See `pipeline.runner` for the exactly-once design."""
+"""Ray Data batch inference for Persimmon: Parquet, JSONL, CSV or OpenAI batch files in, one
+committed output file per unit of work (an input file, or a slice of one) out, plus
+`_run_report.json`. See `pipeline.unit_runner` for the exactly-once design."""
 
-from .api import (ModelError, build_dataset, build_report, check_model, dry_run, filesystem, init_ray, run,
+from .api import (build_dataset, build_report, check_model, dry_run, filesystem, init_ray, run,
                   run_classify, run_generate, run_label)
-from .config import ConfigError, PipelineConfig
-from .plan import InputError
+from .errors import ConfigError, InputError, ModelError
+from .settings import PipelineConfig
 from .stages import ClassifyStage, GenerateStage, LabelStage
 
 __all__ = [

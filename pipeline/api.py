@@ -6,9 +6,9 @@
     ds = build_dataset(PipelineConfig(task="classify", input=..., output=..., model=...))
     ds.filter(lambda r: r["score"] > 0.9).write_parquet(...)   # compose with your own steps
 
-`run*` is the exactly-once, resumable path (see `pipeline.runner`); `build_dataset` is plain
-`read_parquet -> map_batches(stage)` for composition, with Ray Data's usual at-least-once
-semantics for whatever you write from it.
+`run*` is the exactly-once, resumable path (see `pipeline.unit_runner`); `build_dataset` is plain
+`input files -> map_batches(read each file, run the stage)` for composition, with Ray Data's
+usual at-least-once semantics for whatever you write from it.
 """
 
 from __future__ import annotations
@@ -18,27 +18,28 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from collections import Counter
 
-from .config import ConfigError, PipelineConfig
+from .settings import PipelineConfig
 from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
 from .autoscale import ReplicaDemand
 from .hub import pin
-from .modelcheck import ModelError, check_model, model_identity
-from .plan import REPORT_NAME, Plan, describe, make_plan, summary_lines
+from .errors import ConfigError, InputError
+from .modelcheck import check_model, model_identity
+from .plan import REPORT_NAME, Plan, describe, list_inputs, make_plan, summary_lines
 from .prompt_stats import SAMPLE_ROWS, prompt_stats
 from .placement import check_device, check_room, local_resources
 from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
 from .report import UnitStats, build_report, one_line, unit_line
-from .runner import ShardRunner
+from .unit_runner import UnitRunner
 from .signals import StopSignals
-from .stages import STAGES
+from .stages import TASKS
 from .lease import Lease
-from .storage import ensure_dir, list_parquet, resolve, write_bytes_atomic
+from .formats import input_format
+from .storage import ensure_dir, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,9 @@ def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
 
 # ---- the composable Dataset -------------------------------------------------------------------
 def build_dataset(config: PipelineConfig, ds=None):
-    """Lazy `ray.data.Dataset` of results: `read_parquet(input) -> map_batches(stage)`.
+    """Lazy `ray.data.Dataset` of results: the input files, in any format a run reads (Parquet,
+    JSONL, CSV, OpenAI batch), each read through its format by a replica and run through the
+    task's stage (`FileStage`); a row that cannot be read is a result row with its error.
 
     Pass `ds` to run the stage on your own Dataset (it needs the id and prompt columns).
     Nothing runs until you consume it (`write_parquet`, `iter_batches`, `take`, ...); write it
@@ -172,32 +175,39 @@ def build_dataset(config: PipelineConfig, ds=None):
     """
     import ray.data
 
-    config = load_attachments(config.with_env().validate())
-    _check_shared_stores(config)
-    config = pin(config)  # a hub id: resolved here, once; replicas load this commit
-    check_model(config)
-    check_device(config)
+    config = _checked(config)  # what a run checks before it reads an input file
     init_ray(config)
     with _data_context(config):
-        if ds is None:
-            _avoid_fsspec_http_race()
-            files = list_parquet(config.input, config)
-            columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
-            ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs).select_columns(columns)
-        return _map_batches(ds, STAGES[config.task], config, fn_constructor_kwargs={"config": config},
-                            batch_format="pyarrow", batch_size=config.batch_size,
-                            compute=_compute(config))
+        if ds is not None:
+            return _map_batches(ds, TASKS[config.task], config, fn_constructor_kwargs={"config": config},
+                                batch_format="pyarrow", batch_size=config.batch_size, compute=_compute(config))
+        files = [f.loc.uri for f in list_inputs(config.input, config)]
+        ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
+        return _map_batches(ds, FileStage, config, fn_constructor_kwargs={"config": config}, batch_size=1,
+                            batch_format="pyarrow", compute=_compute(config))
 
 
-def _avoid_fsspec_http_race() -> None:
-    """Ray Data resolves input paths in a thread pool, each probing
-    `fsspec.implementations.http`. Without aiohttp that import fails, and a thread can see
-    another's half-imported module and raise an ImportError Ray does not catch (seen with Ray
-    2.60 + fsspec 2026.9). Marking the module absent makes every probe fail cleanly."""
-    import importlib.util
+class FileStage:
+    """`build_dataset`'s replica: input file URIs in, the task's results for each file's rows
+    out, a batch (`--batch-size` rows) at a time. The file is read as a run reads it (its
+    format; rows that cannot be read come out with their error); a bad file (not its format,
+    no prompt column, empty) fails the Dataset with a message naming it."""
 
-    if importlib.util.find_spec("aiohttp") is None:
-        sys.modules.setdefault("fsspec.implementations.http", None)
+    def __init__(self, config: PipelineConfig):
+        self.config, self.stage = config, TASKS[config.task](config)
+        self.columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
+                                           *self.stage.row_columns]))
+
+    def __call__(self, batch):
+        for uri in batch["uri"].to_pylist():
+            loc = resolve(uri, self.config)
+            fmt = input_format(loc.path, self.config.input_format)
+            found = fmt.inspect(loc, self.config)
+            if found.problem is not None:
+                raise InputError(f"{uri}: {found.problem}")
+            for split in found.splits:
+                for table, read_errors in fmt.batches(loc, split, self.config, self.columns):
+                    yield self.stage(table, read_errors)
 
 
 def _check_shared_stores(config: PipelineConfig) -> None:
@@ -211,7 +221,7 @@ def _check_shared_stores(config: PipelineConfig) -> None:
                 raise ConfigError(f"{name}: {item} is fsspec's in-memory store, private to this process; Ray "
                                   "replicas run in other processes and would find it empty. Use a store every "
                                   "node reaches (s3://, gs://, abfs://, a shared disk); memory:// works only "
-                                  "with pipeline.runner.ShardRunner called in this process")
+                                  "with pipeline.unit_runner.UnitRunner called in this process")
 
 
 def filesystem(config: PipelineConfig, uri: str):
@@ -285,6 +295,8 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start
     report["interrupted"] = stop.signal
     write_bytes_atomic(plan.output.join(REPORT_NAME), json.dumps(report, indent=2).encode())
     if report["complete"]:
+        if stop.lease is not None:
+            stop.lease.stop_renewing()  # else a heartbeat could make _tmp/ again as it is removed
         _clean_tmp(plan)
     return report
 
@@ -351,7 +363,7 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
     # stop the other units: its stats row is then missing, and `_given_up` decides about it.
     with _data_context(config, max_errored_blocks=-1):
         ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
-        ds = _map_batches(ds, ShardRunner, config,
+        ds = _map_batches(ds, UnitRunner, config,
                           fn_constructor_kwargs={"config": config, "schema": plan.schema,
                                                  "progress": tracker, "run_id": run_id},
                           batch_size=1, batch_format="pyarrow",

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import json
 
-from .config import ConfigError, PipelineConfig
-
-EXAMPLE_SEPARATOR = "\n\n"
+from .errors import ConfigError
+from .settings import PipelineConfig
+from .stages import TASKS
 
 
 def load_attachments(config: PipelineConfig) -> PipelineConfig:
     """The config with its examples file and JSON schema file read in (see the module doc), and
     a --regex or generate --choices constraint checked."""
     config = load_json_schema(load_examples(config))
-    if config.task == "generate" and (config.regex is not None or config.choices):
+    if TASKS[config.task].generates and (config.regex is not None or config.choices):  # choices constrain generation
         from model.structured import check_grammar
 
         field = "regex" if config.regex is not None else "choices"
@@ -97,36 +97,23 @@ def load_examples(config: PipelineConfig) -> PipelineConfig:
                 raise ConfigError(f"examples: {where} line {n} is not JSON: {e}") from None
     if rows is None:
         return config
-    answer = "label" if config.task == "label" else "completion"
+    task = TASKS[config.task]
+    answer = task.example_answer
     if not rows:
         raise ConfigError(f"examples: {where} has no rows")
     clean = []
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(answer), str):
             raise ConfigError(f"examples: {where} row {n} needs string fields 'prompt' and '{answer}', got {row!r:.200}")
-        if config.task == "label" and row["label"] not in config.choices:
-            raise ConfigError(f"examples: {where} row {n} has label {row['label']!r}, not one of the choices "
-                              f"{config.choices}")
+        task.check_example(config, row, f"{where} row {n}")
         clean.append({"prompt": row["prompt"], answer: row[answer]})
     return dataclasses.replace(config, examples=clean)
-
-
-def render_prefix(config: PipelineConfig) -> str:
-    """The text every row's prompt is appended to ('' without examples)."""
-    if not config.examples:
-        return ""
-    if isinstance(config.examples, str):
-        raise ConfigError("examples must be loaded on the driver first (pipeline.attachments.load_examples)")
-    sep = config.choice_separator if config.task == "label" else " "
-    answer = "label" if config.task == "label" else "completion"
-    return "".join(config.template.format(prompt=ex["prompt"]) + sep + ex[answer] + EXAMPLE_SEPARATOR
-                   for ex in config.examples)
 
 
 def check_prefix_length(config: PipelineConfig) -> None:
     """Few-shot examples that leave no room for the rows are exit 2 on the driver, for a local
     model whose tokenizer can be read here (for a remote one the replicas say so)."""
-    prefix = render_prefix(config)
+    prefix = TASKS[config.task].render_prefix(config)
     if not prefix:
         return
     from .storage import model_location

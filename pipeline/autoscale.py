@@ -31,7 +31,7 @@ import math
 import threading
 import time
 
-from .config import PipelineConfig
+from .settings import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
-from dataclasses import MISSING, fields
+from typing import Literal, Union, get_args, get_origin
 
-from .config import RENAMED, ConfigError, PipelineConfig, mask_uri, read_yaml
-from .tasks import TASK_NAMES, TASK_SETTINGS, TASKS
+from .errors import ConfigError, InputError, ModelError
+from .report import summary
+from .settings import PipelineConfig, mask_uri, read_yaml
+from .stages import TASK_NAMES, TASK_SETTINGS, TASKS
 
 ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
 IO_FIELDS = ("input", "output", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
@@ -34,7 +35,7 @@ EPILOG = ("Every input file becomes one output file with the same name, committe
 
 
 def _default_text(f) -> str:
-    default = f.default if f.default is not MISSING else f.default_factory()
+    default = f.get_default(call_default_factory=True)
     if default in (None, [], ""):
         return ""
     if isinstance(default, list):
@@ -44,47 +45,33 @@ def _default_text(f) -> str:
     return f" (default: {default})"
 
 
-class _Renamed(argparse.Action):
-    """An old flag name: sets the new option, says so on stderr."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        new = "--" + self.dest.replace("_", "-")
-        print(f"persimmon-batch: {option_string} is now {new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
     groups = {
         "io": parser.add_argument_group("input, output, model"),
-        "task": parser.add_argument_group({"generate": "generation", "label": "labeling"}.get(task, task)),
+        "task": parser.add_argument_group(TASKS[task].flag_group),
         "engine": parser.add_argument_group("engine and memory (see `persimmon-batch capacity`)"),
         "run": parser.add_argument_group("replicas, resources, resume, storage, Ray"),
     }
     own = TASKS[task].settings
-    for f in fields(PipelineConfig):
-        meta = f.metadata
-        if meta.get("cli") is False or (f.name in TASK_SETTINGS and f.name not in own):
+    for name, f in PipelineConfig.__pydantic_fields__.items():
+        if (f.json_schema_extra or {}).get("cli") is False or (name in TASK_SETTINGS and name not in own):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = meta["help"].replace("%", "%%") + _default_text(f)
-        group = groups["io"] if f.name in IO_FIELDS else groups["task"] if f.name in own \
-            else groups["engine"] if f.name in ENGINE_FIELDS else groups["run"]
-        kwargs: dict = {"dest": f.name, "default": None, "help": help_text}
-        ftype = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
-                                                        "str": str, "list": list}.get(str(f.type), None)
-        ftype = meta.get("type", ftype)
-        if ftype is bool:
+        help_text = f.description.replace("%", "%%") + _default_text(f)
+        group = groups["io"] if name in IO_FIELDS else groups["task"] if name in own \
+            else groups["engine"] if name in ENGINE_FIELDS else groups["run"]
+        kwargs: dict = {"dest": name, "default": None, "help": help_text}
+        kind = f.annotation
+        if get_origin(kind) is Union:  # Optional[X], or one of several types: its first
+            kind = next(t for t in get_args(kind) if t is not type(None))
+        if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if ftype in (int, float):
-                kwargs["type"] = ftype
-            if "choices" in meta:
-                kwargs["choices"] = [c for c in meta["choices"] if c is not None]
-            kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(f.name)
-        group.add_argument(flag, **kwargs)
-        for old in (o for o, new in RENAMED.items() if new == f.name):  # still accepted, not shown, warned
-            group.add_argument("--" + old.replace("_", "-"), dest=f.name, type=kwargs.get("type"),
-                               action=_Renamed, help=argparse.SUPPRESS)
+            if kind in (int, float):
+                kwargs["type"] = kind
+            if get_origin(kind) is Literal:
+                kwargs["choices"] = list(get_args(kind))
+            kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(name)
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,17 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="Only the final summary (no progress).")
         _add_config_flags(p, task)
     _add_plan_parser(sub)
-    from .capacity import add_parser as add_capacity
+    from .capacity_cli import add_parser as add_capacity
 
     add_capacity(sub)
-    demo = sub.add_parser("demo", help="Build a tiny random model and sample shards in a temp dir and "
+    demo = sub.add_parser("demo", help="Build a tiny random model and sample input files in a temp dir and "
                           "run generate, label and classify on local Ray (about a minute on 2 CPUs).",
                           description="End-to-end demo on local Ray with the embedded tiny model. "
                           "Its weights are random, so texts are noise: it shows the plumbing.")
     demo.add_argument("--dir", help="Work directory (default: a new temp dir, deleted afterwards).")
     demo.add_argument("--tasks", default="generate,label,classify", help="Comma-separated tasks to run.")
-    demo.add_argument("--shards", type=int, default=4, help="Input shards to write.")
-    demo.add_argument("--rows", type=int, default=8, help="Rows per shard.")
+    demo.add_argument("--files", type=int, default=4, help="Input files to write.")
+    demo.add_argument("--rows", type=int, default=8, help="Rows per input file.")
     demo.add_argument("--replicas", default="2", help="Replicas (N or MIN,MAX).")
     return parser
 
@@ -143,7 +130,8 @@ def _add_plan_parser(sub) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     task = args.task if args.command == "plan" else args.command
-    flags = {f.name: getattr(args, f.name) for f in fields(PipelineConfig) if getattr(args, f.name, None) is not None}
+    flags = {name: getattr(args, name) for name in PipelineConfig.__pydantic_fields__
+             if getattr(args, name, None) is not None}
     raw = {}
     if args.config:
         raw = {k.replace("-", "_"): v for k, v in read_yaml(args.config).items()}
@@ -157,62 +145,10 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig.from_dict({**raw, "task": task}, **flags).validate()
 
 
-def summary(report: dict) -> str:
-    s, t = report["units"], report["this_run"]
-    lines = [
-        f"persimmon-batch {report['task']}: {'complete' if report['complete'] else 'INCOMPLETE'}",
-        f"  rows    {report['rows_in']} in, {report['rows_written']} written, "
-        f"{report['rows_with_error']} with error" + (f" {report['errors_by_kind']}" if report["errors_by_kind"] else ""),
-        f"  units   {s['done']} done, {s['skipped']} already committed, {s['failed']} failed, {s['bad']} bad",
-        *_fault_lines(report),
-        f"  time    {report['wall_time_s']:.1f} s wall, startup {t['startup_s'] or 0:.1f} s"
-        + (f", {t['tokens_generated']} tokens generated ({report['tokens_per_s']} tok/s)"
-           if report["task"] == "generate" else ""),
-        f"  output  {report['output']}  (report: _run_report.json)",
-    ]
-    if report.get("labels"):
-        lab = report["labels"]
-        hist = ", ".join(f"{k} {v}" for k, v in lab["histogram"].items())
-        lines.insert(3, f"  labels  {hist}; {lab['low_margin_rows']} row(s) with margin < {lab['low_margin']:g}"
-                        + (" (calibrated)" if lab["calibrated"] else ""))
-    stopped = report.get("error")  # why the run stopped early: every unit it left undone says the same
-    if stopped:
-        lines.append(f"  ! {stopped}")
-    for item in [i for i in report["failed_units"] + report["bad_shards"] if i["error"] != stopped][:10]:
-        lines.append(f"  ! {item['input']}: {item['error']}")
-    return "\n".join(lines)
-
-
-def _fault_lines(report: dict) -> list[str]:
-    lines = []
-    ids = report.get("ids") or {}
-    if ids.get("duplicate_rows") or ids.get("null_ids"):
-        lines.append(f"  ids     {ids.get('duplicate_rows', 0)} row(s) repeat an earlier id "
-                     f"({ids.get('duplicate_ids', 0)} distinct), {ids.get('null_ids', 0)} null: "
-                     f"those rows have error set")
-    if report.get("rows_retried"):
-        lines.append(f"  retried {report['rows_retried']} row(s) run again in "
-                     f"{len(report.get('retried_units') or [])} unit(s) after a replica died or stalled")
-    lost = report.get("nodes_lost") or {}
-    if lost.get("nodes"):
-        lines.append(f"  nodes   {len(lost['nodes'])} lost mid-run ({', '.join(n[:12] for n in lost['nodes'][:3])}); "
-                     f"{lost['units_retried']} unit(s), {lost['rows_retried']} row(s) run again elsewhere")
-    replicas = report.get("replicas") or []
-    if replicas:
-        ended = Counter(r.get("ended") or "unknown" for r in replicas)
-        nodes = len({r.get("node_id") for r in replicas})
-        lines.append(f"  replicas {len(replicas)} on {nodes} node(s): "
-                     + ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in sorted(ended.items())))
-    for ev in (report.get("stuck_replicas") or [])[:5]:
-        lines.append(f"  ! stuck replica {ev['actor_id']} (pid {ev['pid']}) on {ev['unit']}: no batch for "
-                     f"{ev['silent_s']} s; killed and restarted")
-    return lines
-
-
 def plan_main(args: argparse.Namespace) -> int:
     """`persimmon-batch plan <task> ...`: print the plan (text or --json); 0, or 2 as the run would."""
-    from .api import ModelError, dry_run
-    from .plan import InputError, summary_lines
+    from .api import dry_run
+    from .plan import summary_lines
 
     try:
         if args.sample_rows < 0:
@@ -270,7 +206,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return plan_main(args)
     if args.command == "capacity":
-        from .capacity import run as run_capacity
+        from .capacity_cli import run as run_capacity
 
         try:
             return run_capacity(args)
@@ -280,10 +216,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(directory=args.dir, tasks=args.tasks.split(","), shards=args.shards,
+        return run_demo(directory=args.dir, tasks=args.tasks.split(","), files=args.files,
                         rows=args.rows, replicas=args.replicas)
-    from .api import ModelError, run
-    from .plan import InputError
+    from .api import run
 
     try:
         config = config_from_args(args)

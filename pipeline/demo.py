@@ -1,8 +1,8 @@
 """`persimmon-batch demo`: the whole pipeline on local Ray with the embedded tiny model.
 
-Builds a tiny random Persimmon (causal, and a 2-label classifier), writes a few Parquet shards
+Builds a tiny random Persimmon (causal, and a 2-label classifier), writes a few Parquet files
 of prompts, then runs `generate`, `label` and `classify` exactly as on a cluster: a pool of
-model replicas, one committed output file per input shard, `_run_report.json`. The weights are
+model replicas, one committed output file per input file, `_run_report.json`. The weights are
 random, so the texts are noise; the row accounting is what to look at.
 """
 
@@ -29,33 +29,33 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def write_sample_shards(directory: str, shards: int = 4, rows: int = 8) -> list[str]:
-    """`shards` Parquet files of `rows` rows each: id (int64), prompt, source."""
+def write_sample_files(directory: str, files: int = 4, rows: int = 8) -> list[str]:
+    """`files` Parquet files of `rows` rows each: id (int64), prompt, source."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for s in range(shards):
+    for s in range(files):
         ids = list(range(s * rows, (s + 1) * rows))
         table = pa.table({"id": pa.array(ids, pa.int64()),
                           "prompt": [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in ids],
-                          "source": [f"shard-{s}"] * rows})
+                          "source": [f"file-{s}"] * rows})
         path = os.path.join(directory, f"part-{s:05d}.parquet")
         pq.write_table(table, path)
         paths.append(path)
     return paths
 
 
-def run_demo(directory: str | None = None, tasks=("generate", "label", "classify"), shards: int = 4,
+def run_demo(directory: str | None = None, tasks=("generate", "label", "classify"), files: int = 4,
              rows: int = 8, replicas: str = "2") -> int:
     import pyarrow.parquet as pq
 
     from model.tiny import build_tiny_checkpoint
 
     from .api import run
-    from .cli import summary
-    from .config import PipelineConfig
+    from .report import summary
+    from .settings import PipelineConfig
 
     t0 = time.perf_counter()
     own_dir = directory is None
@@ -70,8 +70,8 @@ def run_demo(directory: str | None = None, tasks=("generate", "label", "classify
             build_tiny_checkpoint(classifier, task="sequence_classification", seed=0,
                                   id2label={0: "negative", 1: "positive"})
         inputs = os.path.join(root, "input")
-        write_sample_shards(inputs, shards, rows)
-        print(f"built tiny models and {shards} shards x {rows} rows in {time.perf_counter() - t0:.1f} s\n")
+        write_sample_files(inputs, files, rows)
+        print(f"built tiny models and {files} input files x {rows} rows in {time.perf_counter() - t0:.1f} s\n")
 
         common = dict(input=inputs, model=causal, replicas=replicas, batch_size=8, keep_columns=["source"])
         configs = {

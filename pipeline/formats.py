@@ -39,7 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import openai_batch
+from .errors import RowError
 from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
+from .stages import TASKS
 from .storage import Location, commit, ensure_dir, read_bytes, retry, temp_sibling
 
 log = logging.getLogger(__name__)
@@ -213,7 +215,7 @@ class _RowsInput(InputFormat):
 
     _cache: dict = {}
 
-    def _load(self, loc: Location, config) -> tuple[pa.Table, dict[int, str], str]:
+    def _load(self, loc: Location, config) -> tuple[pa.Table, dict[int, RowError], str]:
         """(table of the file's rows, {row: error} for rows that could not be read, sha256)."""
         key = (loc.uri, config.task, config.id_column, config.prompt_column, tuple(config.keep_columns))
         hit = self._cache.get(key)
@@ -226,7 +228,7 @@ class _RowsInput(InputFormat):
         self._cache[key] = (table, errors, digest)
         return table, errors, digest
 
-    def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
+    def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
         raise NotImplementedError
 
     def inspect(self, loc: Location, config) -> Inspected:
@@ -278,7 +280,7 @@ class JsonlInput(_RowsInput):
     name = "jsonl"
     suffixes = tuple(base + codec for base in (".jsonl", ".ndjson", ".json") for codec in ("", ".gz", ".zst", ".bz2"))
 
-    def _records(self, raw: bytes) -> Iterator[tuple[str, object, str | None]]:
+    def _records(self, raw: bytes) -> Iterator[tuple[str, object, RowError | None]]:
         """(where, JSON value, error) for each record: each non-empty line, or each element when
         the whole file is one JSON array (the usual ".json export"). Lines are split on newline
         bytes only (JSON strings may hold U+2028 and friends) and decoded one by one, so a line
@@ -291,17 +293,17 @@ class JsonlInput(_RowsInput):
             try:
                 line = chunk.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield f"line {n}", None, (f"invalid_line: line {n} is not UTF-8 "
-                                          f"(byte 0x{chunk[e.start]:02x} at column {e.start + 1})")
+                yield f"line {n}", None, RowError("invalid_line", f"line {n} is not UTF-8 (byte "
+                                                  f"0x{chunk[e.start]:02x} at column {e.start + 1})")
                 continue
             if not line.strip():
                 continue
             try:
                 yield f"line {n}", json.loads(line), None
             except json.JSONDecodeError as e:
-                yield f"line {n}", None, f"invalid_line: line {n} is not JSON ({e.msg} at column {e.colno})"
+                yield f"line {n}", None, RowError("invalid_line", f"line {n} is not JSON ({e.msg} at column {e.colno})")
 
-    def _objects(self, raw: bytes, config) -> Iterator[tuple[str, dict | None, str | None]]:
+    def _objects(self, raw: bytes, config) -> Iterator[tuple[str, dict | None, RowError | None]]:
         """(where, row or None, error) for each record: a record that is not a JSON object, or
         whose text cannot be stored (a lone surrogate), is that row's error."""
         surrogates = _SURROGATE_ESCAPE.search(raw) is not None  # only then look for them row by row
@@ -312,22 +314,22 @@ class JsonlInput(_RowsInput):
             if not isinstance(obj, dict):
                 kind = {type(None): "null", bool: "boolean", list: "array", str: "string"}.get(type(obj), "number")
                 error_kind = "invalid_line" if where.startswith("line") else "invalid_row"  # a line / an element
-                yield where, None, f"{error_kind}: {where} holds a JSON {kind}, not an object"
+                yield where, None, RowError(error_kind, f"{where} holds a JSON {kind}, not an object")
                 continue
             row, err = self.row(obj, config)
             if surrogates:
                 dropped = _drop_surrogates(row, config)
                 err = err or dropped
-            yield where, row, None if err is None else f"{err} ({where})"
+            yield where, row, None if err is None else err.at(where)
 
-    def row(self, obj: dict, config) -> tuple[dict, str | None]:
+    def row(self, obj: dict, config) -> tuple[dict, RowError | None]:
         """The pipeline's columns of one JSON object and the row's error (formats built on
         JSONL override this)."""
         return obj, None
 
     id_kinds: tuple = (int, str)  # the JSON types an id may have (openai-batch: custom_id is a string)
 
-    def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
+    def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
         rows, errors, lines = [], {}, []
         for where, row, err in self._objects(raw, config):
             if err is not None:
@@ -346,8 +348,8 @@ class JsonlInput(_RowsInput):
         for i, v in enumerate(ids):
             bad = v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63))
             if bad:
-                errors.setdefault(i, f"invalid_id: id {v!r:.40} is a {type(v).__name__}; ids must all be integers "
-                                     f"(within int64) or all strings ({lines[i]})")
+                errors.setdefault(i, RowError("invalid_id", f"id {v!r:.40} is a {type(v).__name__}; ids must all be "
+                                              f"integers (within int64) or all strings ({lines[i]})"))
                 ids[i] = None
         columns = {config.id_column: pa.nulls(len(ids)) if kind is None else  # no valid id: the type is open
                    pa.array(ids, pa.int64() if kind is int else pa.string())}
@@ -358,13 +360,12 @@ class JsonlInput(_RowsInput):
             if name == config.prompt_column:
                 for i, v in enumerate(values):
                     if v is not None and not isinstance(v, str):
-                        errors.setdefault(i, f"invalid_prompt: expected a string, got a {type(v).__name__} "
-                                             f"({lines[i]})")
+                        errors.setdefault(i, RowError("invalid_prompt", f"expected a string, got a "
+                                                                        f"{type(v).__name__} ({lines[i]})"))
                         values[i] = None
                 columns[name] = pa.array(values, pa.string())
                 continue
-            if config.task == "generate" and name in SAMPLING_COLUMNS and name not in (
-                    config.prompt_column, *config.keep_columns):
+            if name in TASKS[config.task].row_columns and name not in (config.prompt_column, *config.keep_columns):
                 values = self._settings(name, values, errors, lines)
             columns[name] = _column(values, name) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]
@@ -373,7 +374,7 @@ class JsonlInput(_RowsInput):
     def _setting_error(self, message: str) -> str:
         return message
 
-    def _settings(self, name: str, values: list, errors: dict[int, str], lines: list[str]) -> list:
+    def _settings(self, name: str, values: list, errors: dict[int, RowError], lines: list[str]) -> list:
         """A per-row setting column in one type: each value checked as the stage will (JSON rows
         may mix types, and one odd row must not turn the whole column into text)."""
         out = []
@@ -381,7 +382,7 @@ class JsonlInput(_RowsInput):
             try:
                 v = coerce(name, v)
             except SettingError as e:
-                errors.setdefault(i, f"invalid_sampling: {self._setting_error(str(e))} ({lines[i]})")
+                errors.setdefault(i, RowError("invalid_sampling", self._setting_error(str(e))).at(lines[i]))
                 v = None
             out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
         return out
@@ -408,7 +409,7 @@ def _lone_surrogate(value) -> str | None:
     return None
 
 
-def _drop_surrogates(row: dict, config) -> str | None:
+def _drop_surrogates(row: dict, config) -> RowError | None:
     """Clear the values of `row` that hold a lone surrogate; the row's error, or None if none
     did. In the prompt it is the row's `invalid_prompt` (as for any prompt that is not text)."""
     error = None
@@ -418,9 +419,9 @@ def _drop_surrogates(row: dict, config) -> str | None:
             continue
         row[name] = None
         if error is None:
-            error = (f"invalid_prompt: lone surrogate {found}" if name == config.prompt_column else
-                     f"invalid_id: the id holds a lone surrogate {found}" if name == config.id_column else
-                     f"invalid_line: column {name!r} holds a lone surrogate {found}, which is not text")
+            error = (RowError("invalid_prompt", f"lone surrogate {found}") if name == config.prompt_column else
+                     RowError("invalid_id", f"the id holds a lone surrogate {found}") if name == config.id_column
+                     else RowError("invalid_line", f"column {name!r} holds a lone surrogate {found}, which is not text"))
     return error
 
 
@@ -472,7 +473,7 @@ class CsvInput(_RowsInput):
     name = "csv"
     suffixes = (".csv", ".csv.gz", ".csv.zst", ".csv.bz2")
 
-    def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, str]]:
+    def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
         """Every column as text (CSV has no types: ids stay text, "001" and "1" are two rows, as do
         prompts, kept columns and per-row settings, parsed per row by the stage). A record that
         does not parse is an error row after the good ones. A record whose quote is left open
@@ -517,9 +518,10 @@ class CsvInput(_RowsInput):
             n = table.num_rows
             table = pa.concat_tables([table, pa.table({c: pa.nulls(len(bad), pa.string()) for c in names})])
             for k, (number, *why, text) in enumerate(sorted(bad, key=lambda b: b[0] or 0)):
-                record = f"invalid_row: record {number if number is not None else '?'}"
-                errors[n + k] = (f"{record} {why[0]} ({text[:60]!r}); the lines after it are read as rows of their own"
-                                 if why else f"{record} does not parse as CSV ({text[:60]!r})")
+                record = f"record {number if number is not None else '?'}"
+                errors[n + k] = RowError("invalid_row", f"{record} {why[0]} ({text[:60]!r}); the lines after it are "
+                                         "read as rows of their own" if why else
+                                         f"{record} does not parse as CSV ({text[:60]!r})")
         return table, errors
 
 
@@ -673,11 +675,8 @@ def _data_sha256(loc: Location, end: int) -> str:
 
 def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) -> bool:
     """Whether a committed output's first `end` bytes (its data) no longer have the checksum
-    written with them; `data`: the file's bytes when already read. Outputs from before
-    checksums have none and are taken as they are."""
+    written with them (or have none); `data`: the file's bytes when already read."""
     want = stats.get("data_sha256")
-    if want is None:
-        return False
     got = hashlib.sha256(memoryview(data)[:end]).hexdigest() if data is not None else _data_sha256(loc, end)
     if got == want:
         return False
@@ -731,7 +730,6 @@ class ParquetOutput(OutputFormat):
         if stats is None or stats.get("rows_out") != meta.num_rows or _damaged(loc, stats, data_end, data):
             return None
         schema = meta.schema.to_arrow_schema()
-        stats["_file_columns"] = schema.names  # read here, never stored
         stats["_file_types"] = {f.name: str(f.type) for f in schema}
         return stats
 
@@ -797,7 +795,6 @@ class JsonlOutput(OutputFormat):
             return None
         if not isinstance(stats, dict) or stats.get("data_bytes") != size or _damaged(loc, stats, size):
             return None  # the data file is not the one the sidecar describes
-        stats["_file_columns"] = stats.get("columns")
         return stats
 
 

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .modelcheck import ModelError
+from .errors import ModelError
 
 PREFIX = "hf://"
 # what the engine and the driver's checks read (model/checkpoint.py, model/tokenizer.py)

@@ -3,9 +3,9 @@
 Input order is the files sorted by URI, rows in file order; the first occurrence of an id is the
 one that runs. Every later occurrence gets, instead of a result,
 
-    duplicate_id: id 'x' already appeared at part-00003.parquet row 17
+    error_kind duplicate_id, error "id 'x' already appeared at part-00003.parquet row 17"
 
-and a null (or NaN) id `invalid_id: ...`. Ids are compared exactly, as the Python values they
+and a null (or NaN) id the kind `invalid_id`. Ids are compared exactly, as the Python values they
 are: bytes with trailing NULs are distinct ids, integers beyond int64 (uint64, decimals) are
 themselves, `001` and `1` in a CSV are two ids, 0.0 and -0.0 one.
 
@@ -35,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import ConfigError, PipelineConfig
+from .errors import ConfigError, RowError
+from .settings import PipelineConfig
 from .formats import input_format
 
 PARTITION_ROWS = 1 << 20
@@ -43,7 +44,7 @@ MAX_PARTITIONS = 256                # spill files open at once
 FLUSH_ROWS = 1 << 16                # most ids a partition gathers in memory before they go to its file
 HASH_BYTES = 1 << 17                # id bytes hashed at a time: ~32 bytes of temporaries per byte, in each
                                     # of up to 16 reader threads (1 MiB took 32+ MiB each; 128 KiB is as fast)
-NULL_ID = "invalid_id: the id is null, so the row cannot be matched to its result"
+NULL_ID = RowError("invalid_id", "the id is null, so the row cannot be matched to its result")
 
 
 class InputChanged(ValueError):
@@ -71,7 +72,7 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
     k_of, fk_of = _file_index(starts, place), _file_index(starts, first)
     for at, was, k, fk, v in zip(place.tolist(), first.tolist(), k_of.tolist(), fk_of.tolist(), value):
         row, frow = at - int(starts[k]), was - int(starts[fk])
-        flagged[k].append([row, f"duplicate_id: id {_short(v)} already appeared at {files[fk][1]} row {frow}"])
+        flagged[k].append([row, RowError("duplicate_id", f"id {_short(v)} already appeared at {files[fk][1]} row {frow}")])
         if len(summary["examples"]) < 10:
             summary["examples"].append({"id": _short(v), "first": f"{files[fk][0].uri} row {frow}",
                                         "again": f"{files[k][0].uri} row {row}"})

@@ -23,7 +23,8 @@ import socket
 import threading
 import time
 
-from .config import ConfigError, mask_uri
+from .errors import ConfigError
+from .settings import mask_uri
 from .storage import Location, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,14 @@ class Lease:
             except Exception as e:  # noqa: BLE001 - a missed heartbeat only shortens the lease
                 log.warning("could not renew the lease %s: %s", mask_uri(self.loc.uri), e)
 
-    def release(self) -> None:
+    def stop_renewing(self) -> None:
+        """No more heartbeats (each writes a temp file under the output's _tmp/)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def release(self) -> None:
+        self.stop_renewing()
         try:
             holder = self._holder()
             if holder is not None and holder.get("run_id") == self.run_id:

@@ -31,13 +31,10 @@ import os
 import struct
 import tempfile
 
-from .config import ConfigError, PipelineConfig
+from .errors import ConfigError, ModelError
+from .settings import PipelineConfig
 from .storage import Location, model_location, read_bytes, retry
-from .tasks import CAUSAL, TASKS
-
-
-class ModelError(ValueError):
-    """A model directory that cannot be loaded; raised on the driver before any actor starts."""
+from .stages import CAUSAL, TASKS
 
 
 def check_model(config: PipelineConfig) -> dict:

@@ -23,13 +23,16 @@ pipeline/row_settings.py:
 
 `response_line` turns an output row into an output line: `{"id", "custom_id", "response":
 {"status_code": 200, "request_id", "body": <chat.completion or text_completion>}, "error": null}`,
-or for a failed row `{"id", "custom_id", "response": null, "error": {"code", "message"}}`.
+or for a failed row `{"id", "custom_id", "response": null, "error": {"code", "message"}}`: the
+row's `error_kind` and `error`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
+
+from .errors import RowError
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 _UNSUPPORTED = {  # body field -> the values that are fine (the default meaning)
@@ -106,7 +109,7 @@ def _schema(response_format: Any) -> dict | None:
     raise RequestError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
 
 
-def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, str | None]:
+def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, RowError | None]:
     """One request line -> (the row's columns, its error or None). The row keeps its custom_id
     even when the request is bad, so its answer can say which request failed."""
     custom_id = obj.get("custom_id")
@@ -139,7 +142,7 @@ def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, st
                     "json_schema": _schema(body.get("response_format"))}
         row.update({k: v for k, v in settings.items() if v is not None})
     except RequestError as e:
-        return row, f"invalid_request: {e}"
+        return row, RowError("invalid_request", str(e))
     return row, None
 
 
@@ -170,8 +173,7 @@ def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
     key = _short_hash(str(custom_id), model) if error is None else _short_hash(str(custom_id), error, model)
     line = {"id": f"batch_req_{key}", "custom_id": custom_id}
     if error is not None:
-        code, _, message = error.partition(": ")
-        return {**line, "response": None, "error": {"code": code if message else "error", "message": message or error}}
+        return {**line, "response": None, "error": {"code": row.get("error_kind"), "message": error}}
     usage = {"prompt_tokens": row.get("num_prompt_tokens") or 0,
              "completion_tokens": row.get("num_generated_tokens") or 0}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

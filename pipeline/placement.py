@@ -11,7 +11,7 @@ error (exit 2, one line naming the fix), found before Ray starts:
 On a cluster the driver cannot see the nodes that will run replicas: an autoscaler may add
 nodes, and nodes may join. There the pool waits for room (Ray Data's wait, up to
 --replica-start-timeout-s) and the driver says what it waits for. A replica that then cannot
-start (no CUDA on its node, a model it cannot load) stops the run in one line (`pipeline.runner`).
+start (no CUDA on its node, a model it cannot load) stops the run in one line (`pipeline.unit_runner`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import math
 import os
 import sys
 
-from .config import ConfigError, PipelineConfig
+from .errors import ConfigError
+from .settings import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ tokens of units finished by earlier runs, from a footer read instead of a recomp
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,12 +27,12 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .config import ConfigError, PipelineConfig, mask_uri, output_columns
-from .tasks import TASKS
-from .stages import output_schema
-from .formats import OUTPUT_FORMATS, Split, input_format, strip_suffix
+from .errors import ConfigError, InputError, RowError
+from .settings import PipelineConfig, mask_uri, output_columns
+from .stages import TASKS, output_schema
+from .formats import DATA_SUFFIXES, INPUT_FORMATS, OUTPUT_FORMATS, Split, input_format, strip_suffix
 from .ids import InputChanged, flag_ids
-from .storage import Location, inside, list_inputs, place, resolve, retry
+from .storage import Location, glob_regex, inside, place, resolve, retry
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,127 @@ REPORT_NAME = "_run_report.json"
 COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
                         "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "model_identity",
                         "output_format")
-# recorded only by newer versions: an older footer without them is taken as matching (unverifiable)
-LEGACY_UNRECORDED = ("model_identity", "output_format")
+
+
+# ---- listing the inputs ------------------------------------------------------------------
+def _is_hidden(path: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A listed input file: where it is, its name relative to the input it came from (a
+    directory, a glob's fixed prefix, or just its file name), its size and modification time."""
+
+    loc: Location
+    name: str
+    size: int | None
+    mtime_ns: int | None = None
+
+
+class Listing(list):
+    """The input files `list_inputs` found (a list of InputFile), and `left_out`: the URIs of
+    files in the listed directories that are not read (not named as a data format, or plain
+    `.json` beside data), so a summary can name them."""
+
+    def __init__(self, files=(), left_out=()):
+        super().__init__(files)
+        self.left_out: list[str] = list(left_out)
+
+
+def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
+    """Expand directories, globs and lists into input files, sorted by URI, no duplicates.
+
+    Directories are listed recursively (under --input-format auto, see `directory_inputs` for
+    which data files they contribute); names starting with `_` or `.` (markers such as
+    _SUCCESS, temp files, .crc files) are ignored in directories and globs alike; inside
+    directories, only files named as a data format (or as --input-format) are taken, extensions
+    in any case (`FEB.CSV`), while a glob takes what it matches. Every other file of a listed
+    directory is left out with a warning naming it, and listed in the result's `left_out`:
+    a file is never skipped silently. A path that exists is taken as it is even if its name
+    has glob characters. Files under `exclude` (the run's output directory, when it sits
+    inside an input tree, symlinks resolved) are never inputs. A path that matches nothing is an
+    error naming it. Each file's name is relative to the input item it came from, so it does not
+    change when other partitions appear or disappear.
+    """
+    forced = getattr(config, "input_format", "auto")
+    suffixes = INPUT_FORMATS[forced].suffixes if forced not in (None, "auto") else DATA_SUFFIXES
+    items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    found: dict[str, InputFile] = {}
+    left_out: dict[str, InputFile] = {}
+    skip = place(exclude) if exclude is not None else None
+    for item in items:
+        loc = resolve(item, config)
+        matches: list[InputFile] = []
+        others: list[InputFile] = []
+        info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
+        if info.type == pafs.FileType.NotFound and any(c in loc.path for c in "*?["):
+            base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
+            if loc.uri.endswith(loc.path) and not loc.uri[: len(loc.uri) - len(loc.path)].endswith(":/"):
+                # the URI spells the path as the filesystem does
+                base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
+            else:  # fsspec stores may spell it otherwise (memory://x is the path /x)
+                base_uri = f"{loc.scheme}://{base.lstrip('/')}"
+            pattern = glob_regex(loc.path)
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
+            for info in infos:
+                rel = info.path[len(base.rstrip("/")) + 1:]
+                if info.type == pafs.FileType.File and pattern.match(info.path) and not _is_hidden(rel):
+                    matches.append(InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns))
+        elif info.type == pafs.FileType.File:
+            matches.append(InputFile(loc, loc.path.rsplit("/", 1)[-1], info.size, info.mtime_ns))
+        elif info.type == pafs.FileType.Directory:
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
+                          f"list {loc.uri}", loc.retries)
+            for info in infos:
+                rel = info.path[len(loc.path.rstrip("/")) + 1:]
+                if info.type != pafs.FileType.File or _is_hidden(rel):
+                    continue
+                listed = InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns)
+                (matches if info.path.lower().endswith(suffixes) else others).append(listed)
+            if forced in (None, "auto"):
+                taken = {m.loc.uri for m in directory_inputs(matches)}
+                others += [m for m in matches if m.loc.uri not in taken]
+                matches = [m for m in matches if m.loc.uri in taken]
+        if skip is not None:
+            matches = [m for m in matches if not inside(place(m.loc), skip)]
+            others = [m for m in others if not inside(place(m.loc), skip)]
+        if not matches:
+            raise FileNotFoundError(f"input {item!r} matches no input files ({', '.join(suffixes[:4])}, ...)")
+        for m in matches:
+            found.setdefault(m.loc.uri, m)
+        for m in others:
+            left_out.setdefault(m.loc.uri, m)
+    left = [left_out[k] for k in sorted(left_out) if k not in found]  # another item may name it
+    if left:
+        json_note = ("; plain .json files are read when named, globbed or with --input-format jsonl"
+                     if any(_PLAIN_JSON.search(f.loc.path) for f in left) else "")
+        read = sorted({s for s in suffixes if s.count(".") == 1 and not (s == ".json" and forced in (None, "auto"))})
+        log.warning("%d file(s) in the input directory are not read as data (%s%s): data files end in %s "
+                    "(any case, also compressed); name a file or use a glob to read it%s", len(left),
+                    ", ".join(f.name for f in left[:5]), ", ..." if len(left) > 5 else "", ", ".join(read), json_note)
+    return Listing([found[k] for k in sorted(found)], [f.loc.uri for f in left])
+
+
+_PLAIN_JSON = re.compile(r"\.json(\.(gz|zst|bz2))?$", re.I)
+
+
+def directory_inputs(files: list[InputFile]) -> list[InputFile]:
+    """What a directory contributes under --input-format auto: its data files, except plain
+    `.json` ones, which are as often metadata (`dataset_info.json` beside a Parquet dataset) as
+    data; those are read when named, matched by a glob, or with --input-format jsonl (the
+    listing names them as left out, never silently)."""
+    return [f for f in files if not _PLAIN_JSON.search(f.loc.path)]
+
+
+def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
+    rel = path[len(base_path.rstrip("/")):].lstrip("/")
+    prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
+    return parent.at(path, prefix + rel)
 
 
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:
-    fields = COMMON_RESULT_FIELDS + TASKS[config.task].result_settings
-    return fields + (("content_free_inputs",) if config.task == "label" and config.calibrate else ())
-
-
-class InputError(ValueError):
-    """Input files that cannot be processed; the message names them."""
+    return COMMON_RESULT_FIELDS + TASKS[config.task].result_fields(config)
 
 
 @dataclass
@@ -64,7 +174,7 @@ class Unit:
     num_rows: int
     output_name: str
     first_row: int = 0                                    # of the unit in its file
-    row_errors: list = field(default_factory=list)        # [[row in unit, error]]: not run
+    row_errors: list = field(default_factory=list)        # [[row in unit, RowError]]: not run
     fingerprint: dict = field(default_factory=dict)       # what the input is (see input_fingerprint)
     input_format: str = "parquet"
 
@@ -77,7 +187,9 @@ class Unit:
 
     @classmethod
     def from_json(cls, text: str) -> "Unit":
-        return cls(**json.loads(text))
+        unit = cls(**json.loads(text))
+        unit.row_errors = [[row, RowError(*error)] for row, error in unit.row_errors]
+        return unit
 
 
 @dataclass
@@ -86,7 +198,7 @@ class Plan:
     schema: pa.Schema | None                       # the output schema of every file
     done: dict[str, dict] = field(default_factory=dict)   # output_name -> stats from its footer
     stale: list = field(default_factory=list)             # committed outputs whose input has changed
-    bad_shards: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
+    bad_inputs: list[dict] = field(default_factory=list)  # {"input", "error", "rows"}
     output: Location | None = None
     ids: dict = field(default_factory=dict)               # duplicate / null id summary
     overwritten: list[str] = field(default_factory=list)  # committed outputs deleted (or to delete) for --overwrite
@@ -102,21 +214,6 @@ def result_config(config: PipelineConfig) -> dict:
     committed file's footer."""
     public = {**config.public_dict(), "dtype": config.resolved_dtype}  # what replicas run in, not "auto"
     return {**{k: public[k] for k in result_fields(config)}, "columns": list(output_columns(config.task))}
-
-
-def _recorded(got: dict, key: str, file_columns: list | None = None, config: PipelineConfig | None = None):
-    """A footer's value for `key`; a setting added after the file was written reads as the
-    default it then had implicitly (so older outputs of the same work still resume), and the
-    output columns of an older file are read off its schema."""
-    if key in got:
-        return got[key]
-    if key == "columns" and file_columns is not None and config is not None:
-        kept = {config.id_column, *config.keep_columns}
-        return [c for c in file_columns if c not in kept]
-    f = next((f for f in dataclasses.fields(PipelineConfig) if f.name == key), None)
-    if f is None:
-        return None
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def input_fingerprint(digest: str, listed, split: Split) -> dict:
@@ -157,7 +254,7 @@ def read_unit_stats(loc: Location) -> dict | None:
 def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> Plan:
     """List and check the inputs, name the outputs, find units already committed.
 
-    Raises InputError (naming the files) for bad input files unless on_bad_shard='skip', and
+    Raises InputError (naming the files) for bad input files unless on_bad_input='skip', and
     ConfigError when the output directory holds files this plan would not write or outputs
     written with a different result config. With `write=False` (`persimmon-batch plan`) nothing
     is changed: --overwrite only lists the committed outputs it would delete.
@@ -205,15 +302,15 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
         units += file_units
         good.append((loc, listed_file.name, file_units))
 
-    if bad and config.on_bad_shard == "error":
+    if bad and config.on_bad_input == "error":
         lines = "\n".join(f"  {b['input']}: {b['error']}" for b in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise InputError(f"{len(bad)} bad input file(s) (use --on-bad-shard=skip to leave them out):\n{lines}{more}")
+        raise InputError(f"{len(bad)} bad input file(s) (use --on-bad-input=skip to leave them out):\n{lines}{more}")
     names = [u.output_name for u in units]
     if len(set(names)) != len(names):
         raise ConfigError("inputs map to clashing output names; give inputs from one directory tree")
 
-    plan = Plan(units=units, schema=schema, bad_shards=bad, output=out, seconds=seconds)
+    plan = Plan(units=units, schema=schema, bad_inputs=bad, output=out, seconds=seconds)
     t1 = time.perf_counter()
     if config.check_duplicate_ids:
         try:
@@ -238,7 +335,7 @@ def describe(config: PipelineConfig, plan: Plan, prompts: dict | None = None, in
         "units": len(plan.units), "already_committed": len(plan.done), "to_run": len(todo),
         "rows_to_run": sum(u.num_rows for u in todo),
         "stale": [s["output"] for s in plan.stale], "overwrite": plan.overwritten,
-        "bad_files": [{**b, "input": mask_uri(b["input"])} for b in plan.bad_shards],
+        "bad_files": [{**b, "input": mask_uri(b["input"])} for b in plan.bad_inputs],
         "ids": plan.ids or {"checked": False},
         "prompt_tokens": prompts,
         "output_in_use_by": in_use_by,
@@ -313,22 +410,16 @@ def _find_done(config: PipelineConfig, plan: Plan, write: bool = True) -> None:
         if st is None:
             continue
         got = st.get("result_config", {})
-        cols = st.get("_file_columns")
-        diff = sorted(k for k in want if _recorded(got, k, cols, config) != want[k]
-                      and not (k in LEGACY_UNRECORDED and k not in got)
+        diff = sorted(k for k in want if got.get(k) != want[k]
                       # the model's identity, when recorded, says more than how its path was spelled
-                      and not (k == "model" and "model_identity" in got))
+                      and not (k == "model" and got.get("model_identity") is not None))
         if diff:
-            shown = ", ".join(f"{k}={_recorded(got, k, cols, config)!r:.80} (now {want[k]!r:.80})" for k in diff)
+            shown = ", ".join(f"{k}={got.get(k)!r:.80} (now {want[k]!r:.80})" for k in diff)
             why = (" - the model's config, tokenizer or weights changed" if "model_identity" in diff else "")
             raise ConfigError(f"{mask_uri(out.join(name).uri)} was written with different settings: {shown}{why}; "
                               "use --overwrite to recompute, or a new output directory")
         unit = units_by_name[name]
-        was = st.get("input_fingerprint")
-        now = unit.fingerprint
-        if isinstance(was, dict) and "first_row" not in was and unit.row_groups is not None:
-            now = {k: v for k, v in now.items() if k != "first_row"}  # recorded before JSONL/CSV units existed
-        if was != now:  # same name, other data: redo it
+        if st.get("input_fingerprint") != unit.fingerprint:  # same name, other data: redo it
             plan.stale.append({"output": name, "input": mask_uri(unit.input_uri),
                                "was": st.get("input_fingerprint"), "now": unit.fingerprint})
             continue

@@ -28,10 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .attachments import render_prefix
-from .config import PipelineConfig
+from .settings import PipelineConfig
 from .formats import INPUT_FORMATS
-from .stages import build_prompt, column_values
+from .stages import TASKS, build_prompt, column_values
 from .storage import model_location, read_bytes, resolve
 
 SAMPLE_ROWS = 2000
@@ -63,24 +62,11 @@ class Measure:
     refuse it as too long), for the config's task (see the module doc)."""
 
     def __init__(self, config: PipelineConfig, tokenizer, max_position_embeddings: int):
-        self.config, self.tokenizer = config, tokenizer
-        if config.task == "classify":
-            self.limit, self.limit_name = max_position_embeddings, "max_position_embeddings"
-        else:
-            self.limit, self.limit_name = config.max_seq_len or max_position_embeddings, "max_seq_len"
-        self.action = ("cut to fit (--truncate left)" if config.task == "generate" and config.truncate == "left"
-                       else "prompt_too_long")
+        self.config, self.tokenizer, self.task = config, tokenizer, TASKS[config.task]
+        self.limit_name, self.limit, self.action = self.task.prompt_limit(config, max_position_embeddings)
 
     def __call__(self, text: str) -> tuple[int, bool]:
-        encode = self.tokenizer.encode
-        if self.config.task == "label":
-            stripped = text.rstrip()
-            n = len(encode(stripped, add_bos=True))
-            tail, sep = text[len(stripped):], self.config.choice_separator
-            longest = max(len(encode(stripped + tail + sep + c, add_bos=True)) - n for c in self.config.choices)
-            return n, n + longest > self.limit
-        n = len(encode(text, add_bos=True))
-        return n, n > (self.limit if self.config.task == "classify" else self.limit - 1)
+        return self.task.prompt_tokens(self.config, self.tokenizer.encode, text, self.limit)
 
 
 def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, threads: int = 8,
@@ -93,7 +79,7 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
     picks = {k: None for k in range(len(units))} if exact else _sample(units, sample_rows, seed)
     tokenizer, max_positions = load_tokenizer(config)
     measure = Measure(config, tokenizer, max_positions)
-    prefix = render_prefix(config)
+    prefix = TASKS[config.task].render_prefix(config)
     lengths, read, not_run, over = Counter(), 0, 0, 0
     with ThreadPoolExecutor(max(1, min(threads, len(picks)))) as pool:
         for unit_lengths, unit_read, unit_not_run, unit_over in pool.map(

@@ -1,6 +1,6 @@
 """The run report (`_run_report.json`), built from typed unit statistics.
 
-Every unit ends as one `UnitStats`: written by its replica (`pipeline.runner`) into the output's
+Every unit ends as one `UnitStats`: written by its replica (`pipeline.unit_runner`) into the output's
 footer or sidecar and sent to the driver, or read back from an output committed by an earlier
 run. `build_report` adds them up: totals over every committed output, `this_run` over the work
 done now, plus failures, retries, stuck replicas, what each replica did and how it ended,
@@ -10,16 +10,16 @@ engine sizing and (label) the label histogram.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .config import PipelineConfig
+from .settings import PipelineConfig
 from .plan import Plan
 from .progress import INTERRUPTED, node_lost, summarize
+from .stages import TASKS
 
 
 @dataclass
@@ -112,12 +112,12 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
     kinds: Counter = Counter()
     for st in committed:
         kinds.update(st.errors_by_kind)
-    rows_in = sum(u.num_rows for u in plan.units) + sum(b["rows"] or 0 for b in plan.bad_shards)
+    rows_in = sum(u.num_rows for u in plan.units) + sum(b["rows"] or 0 for b in plan.bad_inputs)
     rows_written = sum(st.rows_out for st in committed)
     tokens_now = sum(st.tokens_generated for st in ran)
     first_start = min((st.started_at for st in ran if st.started_at), default=None)
     created = [st.replica_created_at for st in ran if st.replica_created_at]
-    complete = planned and not failed and rows_written == rows_in and all(b["rows"] == 0 for b in plan.bad_shards)
+    complete = planned and not failed and rows_written == rows_in and all(b["rows"] == 0 for b in plan.bad_inputs)
     inputs = {u.output_name: u.input_uri for u in plan.units}
     return {
         "task": config.task,
@@ -145,10 +145,9 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
             "storage_redos": sum(st.io_retries for st in received.values()),
         },
         "engine": engine_report(ran),
-        **({"labels": label_report(config, {n: st for n, st in units.items() if st.committed}, plan)}
-           if config.task == "label" else {}),
-        "units": {"total": len(plan.units) + len(plan.bad_shards), "done": len(ran),
-                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_shards),
+        **TASKS[config.task].report(config, {n: st for n, st in units.items() if st.committed}, plan),
+        "units": {"total": len(plan.units) + len(plan.bad_inputs), "done": len(ran),
+                   "skipped": len(committed) - len(ran), "failed": len(failed), "bad": len(plan.bad_inputs),
                    "stale": len(plan.stale)},
         "stale_units": plan.stale,
         "failed_units": failed,
@@ -157,7 +156,7 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
         "nodes_lost": nodes_lost_report(attempts, retries["retried"], dead),
         "stuck_replicas": [{k: ev.get(k) for k in ("unit", "actor_id", "node_id", "pid", "rows_done", "silent_s")}
                            for ev in stuck or []],
-        "bad_shards": plan.bad_shards,
+        "bad_inputs": plan.bad_inputs,
         "error": one_line(crash),
         "config": config.public_dict(),
         "started_at": started_at,
@@ -224,34 +223,6 @@ def nodes_lost_report(attempts: list[dict] | None, retried: dict, dead: set[str]
             "rows_retried": sum(retried[name]["rows"] * retried[name]["node_lost"] for name in units)}
 
 
-def label_report(config: PipelineConfig, committed: dict[str, UnitStats], plan: Plan) -> dict:
-    """How the labels came out over every committed output, and how many are close calls
-    (counted again from the file's margins where it was written with another --low-margin)."""
-    counts: Counter = Counter()
-    low = 0
-    for name, st in committed.items():
-        counts.update(st.label_counts)
-        if st.low_margin == config.low_margin:
-            low += st.low_margin_rows
-            continue
-        low += sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin)
-    return {"histogram": {c: counts.get(c, 0) for c in config.choices},
-            "low_margin_rows": low,
-            "low_margin": config.low_margin, "calibrated": config.calibrate, "choice_score": config.choice_score}
-
-
-def _margins(loc) -> list:
-    """The `margin` column of a committed label output, Parquet or JSONL."""
-    if loc.path.endswith(".jsonl"):
-        with loc.fs.open_input_stream(loc.path) as f:
-            lines = f.read().split(b"\n")  # not splitlines(): U+2028 and friends are text inside JSON strings
-            return [json.loads(line).get("margin") for line in lines if line.strip()]
-    import pyarrow.parquet as pq
-
-    with loc.fs.open_input_file(loc.path) as f:
-        return pq.read_table(f, columns=["margin"])["margin"].to_pylist()
-
-
 def engine_report(ran: list[UnitStats]) -> dict:
     """Each replica's engine sizing and counters (its latest unit's snapshot: counters add up
     over a replica's life) and the totals a user sizes the next job with."""
@@ -299,3 +270,56 @@ def _versions() -> dict:
         except Exception:  # noqa: BLE001
             pass
     return out
+
+
+def summary(report: dict) -> str:
+    """The run report in a few lines: what the CLI prints at the end of a run."""
+    s, t = report["units"], report["this_run"]
+    lines = [
+        f"persimmon-batch {report['task']}: {'complete' if report['complete'] else 'INCOMPLETE'}",
+        f"  rows    {report['rows_in']} in, {report['rows_written']} written, "
+        f"{report['rows_with_error']} with error" + (f" {report['errors_by_kind']}" if report["errors_by_kind"] else ""),
+        f"  units   {s['done']} done, {s['skipped']} already committed, {s['failed']} failed, {s['bad']} bad",
+        *_fault_lines(report),
+        f"  time    {report['wall_time_s']:.1f} s wall, startup {t['startup_s'] or 0:.1f} s"
+        + (f", {t['tokens_generated']} tokens generated ({report['tokens_per_s']} tok/s)"
+           if TASKS[report["task"]].generates else ""),
+        f"  output  {report['output']}  (report: _run_report.json)",
+    ]
+    if report.get("labels"):
+        lab = report["labels"]
+        hist = ", ".join(f"{k} {v}" for k, v in lab["histogram"].items())
+        lines.insert(3, f"  labels  {hist}; {lab['low_margin_rows']} row(s) with margin < {lab['low_margin']:g}"
+                        + (" (calibrated)" if lab["calibrated"] else ""))
+    stopped = report.get("error")  # why the run stopped early: every unit it left undone says the same
+    if stopped:
+        lines.append(f"  ! {stopped}")
+    for item in [i for i in report["failed_units"] + report["bad_inputs"] if i["error"] != stopped][:10]:
+        lines.append(f"  ! {item['input']}: {item['error']}")
+    return "\n".join(lines)
+
+
+def _fault_lines(report: dict) -> list[str]:
+    lines = []
+    ids = report.get("ids") or {}
+    if ids.get("duplicate_rows") or ids.get("null_ids"):
+        lines.append(f"  ids     {ids.get('duplicate_rows', 0)} row(s) repeat an earlier id "
+                     f"({ids.get('duplicate_ids', 0)} distinct), {ids.get('null_ids', 0)} null: "
+                     f"those rows have error set")
+    if report.get("rows_retried"):
+        lines.append(f"  retried {report['rows_retried']} row(s) run again in "
+                     f"{len(report.get('retried_units') or [])} unit(s) after a replica died or stalled")
+    lost = report.get("nodes_lost") or {}
+    if lost.get("nodes"):
+        lines.append(f"  nodes   {len(lost['nodes'])} lost mid-run ({', '.join(n[:12] for n in lost['nodes'][:3])}); "
+                     f"{lost['units_retried']} unit(s), {lost['rows_retried']} row(s) run again elsewhere")
+    replicas = report.get("replicas") or []
+    if replicas:
+        ended = Counter(r.get("ended") or "unknown" for r in replicas)
+        nodes = len({r.get("node_id") for r in replicas})
+        lines.append(f"  replicas {len(replicas)} on {nodes} node(s): "
+                     + ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in sorted(ended.items())))
+    for ev in (report.get("stuck_replicas") or [])[:5]:
+        lines.append(f"  ! stuck replica {ev['actor_id']} (pid {ev['pid']}) on {ev['unit']}: no batch for "
+                     f"{ev['silent_s']} s; killed and restarted")
+    return lines

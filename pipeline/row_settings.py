@@ -13,7 +13,7 @@ setting for that row only (null or an empty cell keeps the run's value):
     json_schema     a JSON schema (object, or its JSON text): the row's completion must match it
 
 Values are checked per row: a bad one (a negative temperature, top_k 2.5, a stop that is a
-number) is that row's `error` ("invalid_sampling: ..."), and its neighbours run. Numbers may be
+number) is that row's error (`error_kind` invalid_sampling), and its neighbours run. Numbers may be
 given as text (CSV cells are text): "0.7" is 0.7. Integral floats are integers (16.0 is 16:
 Parquet columns holding nulls and pandas exports turn integers into floats).
 """
@@ -24,6 +24,8 @@ import json
 import math
 from typing import Any
 
+from .errors import RowError
+
 SAMPLING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "json_schema")
 _INTEGERS = ("max_new_tokens", "top_k", "seed")
 _NUMBERS = ("temperature", "top_p")
@@ -31,6 +33,18 @@ _NUMBERS = ("temperature", "top_p")
 
 class SettingError(ValueError):
     pass
+
+
+def sampling_params(**settings):
+    """The engine's `SamplingParams` for these settings (the run's, overridden by a row's own):
+    the one place where sampling settings are checked, for the run's config and for each row.
+    A setting it refuses is a SettingError naming it (`temperature must be a number >= 0, got -1`)."""
+    from model import SamplingParams
+
+    try:
+        return SamplingParams(**settings)
+    except ValueError as e:
+        raise SettingError(str(e).replace("SamplingParams.", "")) from None
 
 
 def _number(name: str, value: Any) -> int | float:
@@ -83,17 +97,17 @@ def coerce(name: str, value: Any) -> Any:
     raise KeyError(name)
 
 
-def row_overrides(columns: dict[str, list], n: int) -> list[tuple[dict, str | None]]:
+def row_overrides(columns: dict[str, list], n: int) -> list[tuple[dict, RowError | None]]:
     """For each of `n` rows, (its overrides {setting: value}, error or None), from the batch's
     per-row setting columns ({name: values})."""
-    out: list[tuple[dict, str | None]] = []
+    out: list[tuple[dict, RowError | None]] = []
     for i in range(n):
         settings, error = {}, None
         for name, values in columns.items():
             try:
                 value = coerce(name, values[i])
             except SettingError as e:
-                error = f"invalid_sampling: {e}"
+                error = RowError("invalid_sampling", str(e))
                 break
             if value is not None:
                 settings[name] = value

@@ -1,9 +1,14 @@
-"""Stage classes: one callable per task, built once per Ray actor, holding one `Engine`.
+"""The tasks, one class each: its declaration (what the CLI says about it, the checkpoint it
+needs, the settings it takes and its results depend on, its output columns), its config checks,
+how its rows are run and what its report adds. Everything else reads these classes (`TASKS`):
+the CLI, the config checks, the driver's model check, the resume check, the output schema, the
+plan's prompt lengths and the run report. Adding a task is one class here.
 
-A stage only converts columns: input rows -> prompts -> one engine call -> output columns.
+A task's instance is its stage, a callable built once per Ray actor holding one `Engine`. A
+stage only converts columns: input rows -> prompts -> one engine call -> output columns.
 It never raises for bad input: a row that cannot be processed (null, non-string, blank
-prompt, undecodable bytes, an engine error) comes back with `error` set and its id kept, and
-its neighbours are unaffected. Call a stage on a hand-built batch without Ray:
+prompt, undecodable bytes, an engine error) comes back with `error_kind` and `error` set and
+its id kept, and its neighbours are unaffected. Call a stage on a hand-built batch without Ray:
 
     stage = GenerateStage(PipelineConfig(task="generate", ...), engine=my_engine)
     out = stage({"id": [1, 2], "prompt": ["a", "b"]})        # -> pyarrow.Table
@@ -20,33 +25,34 @@ import json
 import logging
 import math
 import os
-import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .config import PipelineConfig
-from .tasks import TASKS
-from .attachments import render_prefix
-from .row_settings import SAMPLING_COLUMNS, row_overrides
+from .errors import ConfigError, RowError
+from .row_settings import SAMPLING_COLUMNS, SettingError, row_overrides, sampling_params
+
+if TYPE_CHECKING:
+    from .settings import PipelineConfig
 
 log = logging.getLogger(__name__)
+CAUSAL, CLASSIFIER = "PersimmonForCausalLM", "PersimmonForSequenceClassification"
+ERROR_COLUMNS = (("error_kind", pa.string()), ("error", pa.string()))
+EXAMPLE_SEPARATOR = "\n\n"  # after each few-shot example
 
 
 
-def error_kind(message: str | None) -> str | None:
-    """The kind of an error message, for counting: its text before the first ':'."""
-    if message is None:
-        return None
-    head = message.split(":", 1)[0].strip()
-    return head if re.fullmatch(r"[a-z][a-z0-9_]{0,39}", head) else "other"
+def failed(error: RowError) -> dict:
+    """The result columns of a row that failed."""
+    return {"error_kind": error.kind, "error": error.message}
 
 
-def engine_error(result) -> str:
-    """An engine result's per-row error as 'kind: detail' (the engine says the kind)."""
-    return f"{result.error_kind or 'engine_error'}: {result.error}"
+def engine_error(result) -> dict:
+    """The result columns of an engine result's per-row error (the engine says its kind)."""
+    return failed(RowError(result.error_kind or "engine_error", result.error))
 
 
 def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
@@ -145,27 +151,27 @@ def column_values(column) -> list:
     return column.to_pylist()
 
 
-def check_prompt(value) -> tuple[str | None, str | None]:
-    """(text, None) for a usable prompt, else (None, error message)."""
+def check_prompt(value) -> tuple[str | None, RowError | None]:
+    """(text, None) for a usable prompt, else (None, the row's error)."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, f"invalid_prompt: not valid UTF-8 ({e.reason} at byte {e.start})"
+            return None, RowError("invalid_prompt", f"not valid UTF-8 ({e.reason} at byte {e.start})")
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
-        return None, "invalid_prompt: null"
+        return None, RowError("invalid_prompt", "null")
     if not isinstance(value, str):
-        return None, f"invalid_prompt: expected a string, got {type(value).__name__}"
+        return None, RowError("invalid_prompt", f"expected a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate (Python API input; Arrow strings have none)
-        return None, f"invalid_prompt: lone surrogate U+{ord(value[e.start]):04X} at position {e.start}"
+        return None, RowError("invalid_prompt", f"lone surrogate U+{ord(value[e.start]):04X} at position {e.start}")
     if not value.strip():
-        return None, "empty_prompt: prompt is empty or whitespace only"
+        return None, RowError("empty_prompt", "prompt is empty or whitespace only")
     return value, None
 
 
-def build_prompt(config: PipelineConfig, prefix: str, value) -> tuple[str | None, str | None]:
+def build_prompt(config: PipelineConfig, prefix: str, value) -> tuple[str | None, RowError | None]:
     """(the text the engine gets for a row's prompt value, None), or (None, the row's error): the
     value checked (`check_prompt`), then the few-shot prefix and the prompt template (chat
     wrapper included). `persimmon-batch plan` measures prompts with this too."""
@@ -181,9 +187,11 @@ def row_seed(base: int | None, row_id: Any) -> int | None:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-class _Stage:
-    """Shared column plumbing. Subclasses implement `_run(texts, ids, rows) -> list[dict]`, where
-    `rows` holds what `_prepare` made of each row's own settings (generate: its SamplingParams).
+class Stage:
+    """A task: its declaration and checks (class attributes and classmethods, read on the driver),
+    and as an instance its stage. Subclasses implement `_run(texts, ids, rows) -> list[dict]`,
+    where `rows` holds what `_prepare` made of each row's own settings (generate: its
+    SamplingParams).
 
     All torch work (loading the model, every engine call) runs on one thread the stage owns.
     Ray Data builds the class on the actor's main thread but calls it from a worker thread;
@@ -191,20 +199,89 @@ class _Stage:
     replica OpenMP counts more threads than cores and stops spinning between parallel
     regions: the replica then ran ~25% slower with cores idle (measured on 2 cores)."""
 
-    task: str = ""
-    row_columns: tuple[str, ...] = ()  # input columns a row may set for itself (read by `_prepare`)
+    name: str = ""
+    description: str = ""                 # the subcommand's help
+    flag_group: str = ""                  # the heading of its own flags in --help
+    architecture: str = CAUSAL            # the checkpoint class it runs on
+    wrong_architecture_hint: str = ""
+    columns: tuple[tuple[str, pa.DataType], ...] = ERROR_COLUMNS  # output columns it adds, in order
+    settings: tuple[str, ...] = ()        # config fields that only this task (and others listing them) takes
+    result_settings: tuple[str, ...] = ()  # config fields its rows' results depend on (besides the common ones)
+    row_columns: tuple[str, ...] = ()     # input columns a row may set for itself (read by `_prepare`)
+    generates = False                     # it generates tokens (the summary gives tokens/s)
+    example_answer = "completion"         # the answer field of its few-shot examples
+    # settings of other tasks that would change nothing here: refused rather than ignored
+    OTHERS_ONLY = {"calibrate": "applies to the label task only",
+                   "json_schema": "constrains generation: it applies to the generate task only",
+                   "regex": "constrains generation: it applies to the generate task only",
+                   "examples": "few-shot examples apply to generate and label, not {task}"}
 
+    # ---- the declaration, read on the driver ----------------------------------------------
+    @classmethod
+    def check(cls, config: PipelineConfig) -> None:
+        """Raise ConfigError naming the field for a setting this task cannot work with."""
+        for name, why in cls.OTHERS_ONLY.items():
+            value = getattr(config, name)
+            if name not in cls.settings and value not in (None, False):
+                raise ConfigError(f"{name}: {why.format(task=cls.name)}")
+
+    @classmethod
+    def result_fields(cls, config: PipelineConfig) -> tuple[str, ...]:
+        """The config fields its rows' results depend on, besides the common ones."""
+        return cls.result_settings
+
+    @classmethod
+    def example_separator(cls, config: PipelineConfig) -> str:
+        """Between a few-shot example's prompt and its answer."""
+        return " "
+
+    @classmethod
+    def check_example(cls, config: PipelineConfig, row: dict, where: str) -> None:
+        """Raise ConfigError for a few-shot example row this task cannot use."""
+
+    @classmethod
+    def render_prefix(cls, config: PipelineConfig) -> str:
+        """The text every row's prompt is appended to: the few-shot examples ('' without)."""
+        if not config.examples:
+            return ""
+        if isinstance(config.examples, str):
+            raise ConfigError("examples must be loaded on the driver first (pipeline.attachments.load_examples)")
+        return "".join(config.template.format(prompt=ex["prompt"]) + cls.example_separator(config)
+                       + ex[cls.example_answer] + EXAMPLE_SEPARATOR for ex in config.examples)
+
+    @classmethod
+    def prompt_limit(cls, config: PipelineConfig, max_positions: int) -> tuple[str, int, str]:
+        """(the limit's name, its tokens, what the run does with a prompt over it), for `plan`."""
+        return "max_seq_len", config.max_seq_len or max_positions, "prompt_too_long"
+
+    @classmethod
+    def prompt_tokens(cls, config: PipelineConfig, encode, text: str, limit: int) -> tuple[int, bool]:
+        """A row's text -> (its prompt tokens as the engine counts them, BOS first; whether the
+        engine would refuse it as too long): no room for one new token."""
+        n = len(encode(text, add_bos=True))
+        return n, n > limit - 1
+
+    @classmethod
+    def capacity_new_tokens(cls, config: PipelineConfig) -> int:
+        """Tokens a row generates, for `persimmon-batch capacity --config JOB.yaml`."""
+        return 256
+
+    @classmethod
+    def report(cls, config: PipelineConfig, committed: dict, plan) -> dict:
+        """What this task adds to the run report, from the committed units' statistics."""
+        return {}
+
+    # ---- the stage ------------------------------------------------------------------------
     def __init__(self, config: PipelineConfig, engine=None):
         self.config = config.validate()
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-engine")
         t0 = time.perf_counter()
         self.engine = engine if engine is not None else self._on_torch_thread(load_engine, config)
-        self.prefix = render_prefix(self.config)  # few-shot examples: every row starts with them
+        self.prefix = self.render_prefix(self.config)  # few-shot examples: every row starts with them
         if self.prefix and hasattr(self.engine, "pin_prefix"):
             self._on_torch_thread(self.engine.pin_prefix, self.prefix)  # computed once, kept
         self.load_seconds = time.perf_counter() - t0
         self.engine_seconds = 0.0  # inside engine calls, summed (the run report's time breakdown)
-        self.columns = TASKS[self.task].columns
 
     def _on_torch_thread(self, fn, *args):
         return self._torch_thread.submit(fn, *args).result()
@@ -215,7 +292,7 @@ class _Stage:
         stats = getattr(self.engine, "stats", None)
         return stats() if callable(stats) else None
 
-    def __call__(self, batch, row_errors: dict[int, str] | None = None) -> pa.Table:
+    def __call__(self, batch, row_errors: dict[int, RowError] | None = None) -> pa.Table:
         """Results for every row of `batch`, in order. `row_errors` ({row index: error}) marks
         rows that get that error without being run (duplicate or null ids found by the plan)."""
         cfg = self.config
@@ -238,7 +315,7 @@ class _Stage:
                 prompts[i] = (None, err)
         for i, err in (row_errors or {}).items():
             prompts[i] = (None, err)
-        results: list[dict] = [{"error": err} for _, err in prompts]
+        results: list[dict] = [{} if err is None else failed(err) for _, err in prompts]
         ok = [i for i, (text, _) in enumerate(prompts) if text is not None]
         if ok:
             texts = [prompts[i][0] for i in ok]
@@ -251,7 +328,10 @@ class _Stage:
             arrays[col] = pa.array([r.get(col) for r in results], type=kind)
         return pa.table(arrays)
 
-    def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, str | None]]:
+    def tally(self, totals: dict, out: pa.Table) -> None:
+        """Add what this task's report counts in a batch of results to a unit's `totals`."""
+
+    def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, RowError | None]]:
         """Per row: (what `_run` needs beyond its text, or an error that keeps it from running),
         from the values of the batch's `row_columns` (`own`). Tasks without per-row settings
         need nothing."""
@@ -271,54 +351,65 @@ class _Stage:
             return out
         except Exception as e:  # noqa: BLE001 - isolate below; never fail the batch
             if len(texts) == 1:
-                return [{"error": f"engine_error: {type(e).__name__}: {e}"}]
+                return [failed(RowError("engine_error", f"{type(e).__name__}: {e}"))]
             log.warning("engine call on %d rows raised %r; retrying rows one by one", len(texts), e)
             return [self._safe_run([t], [i], [r])[0] for t, i, r in zip(texts, ids, rows)]
 
 
-class GenerateStage(_Stage):
+_GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex")
+
+
+class GenerateStage(Stage):
     """Prompt -> completion, finish_reason, token counts, error."""
 
-    task = "generate"
+    name, flag_group = "generate", "generation"
+    description = "Complete every prompt with a causal Persimmon checkpoint."
+    columns = (("completion", pa.string()), ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()),
+               ("num_generated_tokens", pa.int32()), ("parsed", pa.string()), *ERROR_COLUMNS)
+    settings = result_settings = (*_GENERATION, "choices", "examples")
     row_columns = SAMPLING_COLUMNS
+    generates = True
+
+    @classmethod
+    def prompt_limit(cls, config, max_positions):
+        name, tokens, over = super().prompt_limit(config, max_positions)
+        return name, tokens, "cut to fit (--truncate left)" if config.truncate == "left" else over
+
+    @classmethod
+    def capacity_new_tokens(cls, config):
+        return config.max_new_tokens
 
     def _prepare(self, own, ids):
         """Each row's SamplingParams: the run's settings, overridden by the row's own columns
         (pipeline/row_settings.py); a value the engine would refuse is the row's error."""
-        from model import SamplingParams
-
         cfg = self.config
         out = []
         for row_id, (settings_of_row, err) in zip(ids, row_overrides(own, len(ids))):
             if err is not None:
                 out.append((None, err))
                 continue
-            settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, stop=list(cfg.stop), seed=row_seed(cfg.seed, row_id),
-                            truncate=cfg.truncate, json_schema=cfg.json_schema, regex=cfg.regex,
-                            choice=list(cfg.choices) or None)
+            settings = cfg.sampling(seed=row_seed(cfg.seed, row_id))
             if "json_schema" in settings_of_row:  # a row's schema replaces the run's constraint, whichever
                 settings.update(regex=None, choice=None)
             settings.update(settings_of_row)
             try:
-                out.append((SamplingParams(**settings), None))
-            except ValueError as e:
-                out.append((None, self._setting_error(str(e).replace("SamplingParams.", ""))))
+                out.append((sampling_params(**settings), None))
+            except SettingError as e:
+                out.append((None, self._setting_error(str(e))))
         return out
 
-    def _setting_error(self, message: str) -> str:
+    def _setting_error(self, message: str) -> RowError:
         if self.config.input_format == "openai-batch":  # say it in the request's terms
             from .openai_batch import request_error
 
             message = request_error(message)
-        return "invalid_sampling: " + message
+        return RowError("invalid_sampling", message)
 
     def _run(self, texts, ids, rows):
         out = []
         for c, p in zip(self.engine.generate(texts, rows), rows):
             if c.error is not None:
-                out.append({"finish_reason": "error", "error": engine_error(c),
-                            "num_prompt_tokens": c.num_prompt_tokens or None})
+                out.append({"finish_reason": "error", **engine_error(c), "num_prompt_tokens": c.num_prompt_tokens or None})
                 continue
             row = {"completion": c.text, "finish_reason": c.finish_reason, "num_prompt_tokens": c.num_prompt_tokens,
                    "num_generated_tokens": c.num_generated_tokens}
@@ -326,18 +417,31 @@ class GenerateStage(_Stage):
                 try:
                     row["parsed"] = json.dumps(json.loads(c.text), ensure_ascii=False)
                 except ValueError as e:  # the grammar guarantees JSON; report rather than crash if not
-                    row["error"] = f"invalid_json: {e}"
+                    row.update(failed(RowError("invalid_json", str(e))))
             out.append(row)
         return out
 
 
-class ClassifyStage(_Stage):
+class ClassifyStage(Stage):
     """Text -> label, score, probs (a sequence-classification checkpoint)."""
 
-    task = "classify"
+    name = flag_group = "classify"
+    description = "Classify every text with a PersimmonForSequenceClassification checkpoint."
+    architecture = CLASSIFIER
+    wrong_architecture_hint = " (use `label` for zero-shot labeling with a causal LM)"
+    columns = (("label", pa.string()), ("score", pa.float64()), ("probs", pa.list_(pa.float64())), *ERROR_COLUMNS)
+
+    @classmethod
+    def prompt_limit(cls, config, max_positions):
+        return "max_position_embeddings", max_positions, "prompt_too_long"
+
+    @classmethod
+    def prompt_tokens(cls, config, encode, text, limit):
+        n = len(encode(text, add_bos=True))
+        return n, n > limit
 
     def _run(self, texts, ids, rows):
-        return [{"error": engine_error(c)} if c.error is not None else
+        return [engine_error(c) if c.error is not None else
                 {"label": c.label, "score": float(c.score), "probs": [float(p) for p in c.probs]}
                 for c in self.engine.classify(texts)]
 
@@ -364,12 +468,81 @@ def calibrated(scores: list[float], log_p_cf: list[float] | None) -> list[float]
     return softmax([s - c for s, c in zip(scores, log_p_cf)])
 
 
-class LabelStage(_Stage):
+class LabelStage(Stage):
     """Zero-shot (or few-shot) labeling with a causal LM: each choice scored as the prompt's
     continuation; label = the most probable choice (calibrated with --calibrate), margin = its
     probability minus the runner-up's."""
 
-    task = "label"
+    name, flag_group = "label", "labeling"
+    description = ("Zero-shot labeling with a causal checkpoint: pick the --choices option with the "
+                   "highest log-likelihood after the (templated) prompt.")
+    columns = (("label", pa.string()), ("scores", pa.list_(pa.float64())), ("probs", pa.list_(pa.float64())),
+               ("margin", pa.float64()), *ERROR_COLUMNS)
+    settings = ("choices", "choice_separator", "choice_score", "calibrate", "content_free_inputs", "low_margin",
+                "examples")
+    result_settings = ("choices", "choice_separator", "choice_score", "calibrate", "examples")
+    example_answer = "label"
+
+    @classmethod
+    def check(cls, config):
+        super().check(config)
+        if len(config.choices) < 2:
+            raise ConfigError("choices: label needs at least two choices, e.g. --choices positive,negative")
+        if config.calibrate and not any(isinstance(x, str) and config.template.format(prompt=x).strip()
+                                        for x in config.content_free_inputs or []):
+            raise ConfigError("content_free_inputs: --calibrate needs a content-free input that the template "
+                              "turns into a non-empty prompt")
+
+    @classmethod
+    def result_fields(cls, config):
+        return cls.result_settings + (("content_free_inputs",) if config.calibrate else ())
+
+    @classmethod
+    def example_separator(cls, config):
+        return config.choice_separator
+
+    @classmethod
+    def check_example(cls, config, row, where):
+        if row["label"] not in config.choices:
+            raise ConfigError(f"examples: {where} has label {row['label']!r}, not one of the choices {config.choices}")
+
+    @classmethod
+    def prompt_tokens(cls, config, encode, text, limit):
+        """The prompt's tokens (trailing whitespace goes to the choices); too long when they and
+        the longest choice's continuation exceed the limit."""
+        stripped = text.rstrip()
+        n = len(encode(stripped, add_bos=True))
+        tail, sep = text[len(stripped):], config.choice_separator
+        longest = max(len(encode(stripped + tail + sep + c, add_bos=True)) - n for c in config.choices)
+        return n, n + longest > limit
+
+    @classmethod
+    def capacity_new_tokens(cls, config):
+        return 8
+
+    @classmethod
+    def report(cls, config, committed, plan):
+        """The label histogram over every committed output, and how many are close calls
+        (counted again from the file's margins where it was written with another --low-margin)."""
+        counts: Counter = Counter()
+        low = 0
+        for name, st in committed.items():
+            counts.update(st.label_counts)
+            if st.low_margin == config.low_margin:
+                low += st.low_margin_rows
+                continue
+            low += sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin)
+        return {"labels": {"histogram": {c: counts.get(c, 0) for c in config.choices}, "low_margin_rows": low,
+                           "low_margin": config.low_margin, "calibrated": config.calibrate,
+                           "choice_score": config.choice_score}}
+
+    def tally(self, totals, out):
+        counts = totals.setdefault("label_counts", {})
+        for label in out["label"].to_pylist():
+            if label is not None:
+                counts[label] = counts.get(label, 0) + 1
+        low = sum(1 for m in out["margin"].to_pylist() if m is not None and m < self.config.low_margin)
+        totals.update(low_margin_rows=totals.get("low_margin_rows", 0) + low, low_margin=self.config.low_margin)
 
     def __init__(self, config: PipelineConfig, engine=None):
         super().__init__(config, engine)
@@ -407,7 +580,7 @@ class LabelStage(_Stage):
         out = []
         for c in self._score(texts):
             if c.error is not None:
-                out.append({"error": engine_error(c)})
+                out.append(engine_error(c))
                 continue
             probs = calibrated(c.scores, self.log_p_cf)
             order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
@@ -416,7 +589,22 @@ class LabelStage(_Stage):
         return out
 
 
-STAGES = {name: task.stage_class() for name, task in TASKS.items()}
+def _margins(loc) -> list:
+    """The `margin` column of a committed label output, Parquet or JSONL."""
+    if loc.path.endswith(".jsonl"):
+        with loc.fs.open_input_stream(loc.path) as f:
+            lines = f.read().split(b"\n")  # not splitlines(): U+2028 and friends are text inside JSON strings
+            return [json.loads(line).get("margin") for line in lines if line.strip()]
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(loc.path) as f:
+        return pq.read_table(f, columns=["margin"])["margin"].to_pylist()
+
+
+TASKS: dict[str, type[Stage]] = {t.name: t for t in (GenerateStage, ClassifyStage, LabelStage)}
+TASK_NAMES = tuple(TASKS)
+# config fields some task owns: the CLI shows each only on the subcommands of the tasks that list it
+TASK_SETTINGS = frozenset(s for t in TASKS.values() for s in t.settings)
 
 
 def output_schema(config: PipelineConfig, input_schema: pa.Schema) -> pa.Schema:

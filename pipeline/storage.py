@@ -11,7 +11,7 @@ S3-compatible endpoint as the driver:
 Paths returned with a filesystem are that filesystem's own paths (`bucket/key` for S3; for an
 fsspec store as its `_strip_protocol` spells them: `bucket/key` for gs://, `/dir/key` for
 memory://). fsspec's memory:// store lives in one process: fine for tests driving
-`ShardRunner` in-process, refused by `pipeline.run` (its replicas are other processes).
+`UnitRunner` in-process, refused by `pipeline.run` (its replicas are other processes).
 """
 
 from __future__ import annotations
@@ -61,14 +61,19 @@ class Location:
         return self.scheme == "file"
 
 
+def _secret(value) -> str | None:
+    """A credential's text (the config holds credentials as pydantic SecretStr)."""
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
 def filesystem_for(scheme: str, config) -> pafs.FileSystem:
     """Build the filesystem for a URI scheme from the config's storage settings."""
     if scheme == "file":
         return pafs.LocalFileSystem()
     if scheme in ("s3", "s3a"):
         kwargs = dict(region=config.s3_region or "us-east-1",
-                      access_key=config.s3_access_key_id, secret_key=config.s3_secret_access_key,
-                      session_token=config.s3_session_token,
+                      access_key=_secret(config.s3_access_key_id), secret_key=_secret(config.s3_secret_access_key),
+                      session_token=_secret(config.s3_session_token),
                       # quick retries of throttling / 5xx in the SDK; `retry` below adds
                       # slower ones on top (config.io_retries)
                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
@@ -145,21 +150,6 @@ def _retries(config) -> int:
     return int(getattr(config, "io_retries", 3))
 
 
-def _is_hidden(path: str) -> bool:
-    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """A listed input file: where it is, its name relative to the input it came from (a
-    directory, a glob's fixed prefix, or just its file name), its size and modification time."""
-
-    loc: Location
-    name: str
-    size: int | None
-    mtime_ns: int | None = None
-
-
 def inside(uri: str, directory_uri: str) -> bool:
     """Whether `uri` is `directory_uri` or below it."""
     d = directory_uri.rstrip("/")
@@ -176,152 +166,16 @@ def place(loc: Location) -> str:
 
 
 def glob_regex(pattern: str) -> re.Pattern:
-    """A path glob as a regex, the way shells and pathlib read it: `*` and `?` stay within one
-    path component, `**/` matches zero or more directories, `[...]` is a character class."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:[^/]+/)*")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end == -1:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1:end]
-                out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
-                i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
+    """A path glob as a regex, the way shells and pathlib read it (fsspec's translation): `*`
+    and `?` stay within one path component, `**/` matches zero or more directories, `[...]` is
+    a character class."""
+    from fsspec.utils import glob_translate
 
-
-class Listing(list):
-    """The input files `list_inputs` found (a list of InputFile), and `left_out`: the URIs of
-    files in the listed directories that are not read (not named as a data format, or plain
-    `.json` beside data), so a summary can name them."""
-
-    def __init__(self, files=(), left_out=()):
-        super().__init__(files)
-        self.left_out: list[str] = list(left_out)
-
-
-def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
-    """Expand directories, globs and lists into input files, sorted by URI, no duplicates.
-
-    Directories are listed recursively (under --input-format auto, see `directory_inputs` for
-    which data files they contribute); names starting with `_` or `.` (markers such as
-    _SUCCESS, temp files, .crc files) are ignored in directories and globs alike; inside
-    directories, only files named as a data format (or as --input-format) are taken, extensions
-    in any case (`FEB.CSV`), while a glob takes what it matches. Every other file of a listed
-    directory is left out with a warning naming it, and listed in the result's `left_out`:
-    a file is never skipped silently. A path that exists is taken as it is even if its name
-    has glob characters. Files under `exclude` (the run's output directory, when it sits
-    inside an input tree, symlinks resolved) are never inputs. A path that matches nothing is an
-    error naming it. Each file's name is relative to the input item it came from, so it does not
-    change when other partitions appear or disappear.
-    """
-    from .formats import DATA_SUFFIXES, INPUT_FORMATS
-
-    forced = getattr(config, "input_format", "auto")
-    suffixes = INPUT_FORMATS[forced].suffixes if forced not in (None, "auto") else DATA_SUFFIXES
-    items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    found: dict[str, InputFile] = {}
-    left_out: dict[str, InputFile] = {}
-    skip = place(exclude) if exclude is not None else None
-    for item in items:
-        loc = resolve(item, config)
-        matches: list[InputFile] = []
-        others: list[InputFile] = []
-        info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
-        if info.type == pafs.FileType.NotFound and any(c in loc.path for c in "*?["):
-            base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
-            if loc.uri.endswith(loc.path) and not loc.uri[: len(loc.uri) - len(loc.path)].endswith(":/"):
-                # the URI spells the path as the filesystem does
-                base_uri = loc.uri[: len(loc.uri) - len(loc.path) + len(base)]
-            else:  # fsspec stores may spell it otherwise (memory://x is the path /x)
-                base_uri = f"{loc.scheme}://{base.lstrip('/')}"
-            pattern = glob_regex(loc.path)
-            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
-            for info in infos:
-                rel = info.path[len(base.rstrip("/")) + 1:]
-                if info.type == pafs.FileType.File and pattern.match(info.path) and not _is_hidden(rel):
-                    matches.append(InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns))
-        elif info.type == pafs.FileType.File:
-            matches.append(InputFile(loc, loc.path.rsplit("/", 1)[-1], info.size, info.mtime_ns))
-        elif info.type == pafs.FileType.Directory:
-            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
-                          f"list {loc.uri}", loc.retries)
-            for info in infos:
-                rel = info.path[len(loc.path.rstrip("/")) + 1:]
-                if info.type != pafs.FileType.File or _is_hidden(rel):
-                    continue
-                listed = InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns)
-                (matches if info.path.lower().endswith(suffixes) else others).append(listed)
-            if forced in (None, "auto"):
-                taken = {m.loc.uri for m in directory_inputs(matches)}
-                others += [m for m in matches if m.loc.uri not in taken]
-                matches = [m for m in matches if m.loc.uri in taken]
-        if skip is not None:
-            matches = [m for m in matches if not inside(place(m.loc), skip)]
-            others = [m for m in others if not inside(place(m.loc), skip)]
-        if not matches:
-            raise FileNotFoundError(f"input {item!r} matches no input files ({', '.join(suffixes[:4])}, ...)")
-        for m in matches:
-            found.setdefault(m.loc.uri, m)
-        for m in others:
-            left_out.setdefault(m.loc.uri, m)
-    left = [left_out[k] for k in sorted(left_out) if k not in found]  # another item may name it
-    if left:
-        json_note = ("; plain .json files are read when named, globbed or with --input-format jsonl"
-                     if any(_PLAIN_JSON.search(f.loc.path) for f in left) else "")
-        read = sorted({s for s in suffixes if s.count(".") == 1 and not (s == ".json" and forced in (None, "auto"))})
-        log.warning("%d file(s) in the input directory are not read as data (%s%s): data files end in %s "
-                    "(any case, also compressed); name a file or use a glob to read it%s", len(left),
-                    ", ".join(f.name for f in left[:5]), ", ..." if len(left) > 5 else "", ", ".join(read), json_note)
-    return Listing([found[k] for k in sorted(found)], [f.loc.uri for f in left])
-
-
-_PLAIN_JSON = re.compile(r"\.json(\.(gz|zst|bz2))?$", re.I)
-
-
-def directory_inputs(files: list[InputFile]) -> list[InputFile]:
-    """What a directory contributes under --input-format auto: its data files, except plain
-    `.json` ones, which are as often metadata (`dataset_info.json` beside a Parquet dataset) as
-    data; those are read when named, matched by a glob, or with --input-format jsonl (the
-    listing names them as left out, never silently)."""
-    return [f for f in files if not _PLAIN_JSON.search(f.loc.path)]
-
-
-def list_parquet(inputs, config, exclude: Location | None = None) -> list[Location]:
-    """The input files' Locations (see list_inputs)."""
-    return [f.loc for f in list_inputs(inputs, config, exclude)]
-
-
-def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
-    rel = path[len(base_path.rstrip("/")):].lstrip("/")
-    prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
-    return parent.at(path, prefix + rel)
+    return re.compile(glob_translate(pattern))
 
 
 class StorageError(OSError):
     """A storage call that still failed after its retries; the message names the URI."""
-
-
-def backoff(attempt: int, base_delay: float = 0.5) -> float:
-    """Seconds to wait before retry number `attempt + 1`: exponential, jittered (0.5x-1.5x)."""
-    return base_delay * 2 ** attempt * (0.5 + random.random())
 
 
 def retry(fn, what: str, retries: int = 3, base_delay: float = 0.5):
@@ -329,18 +183,18 @@ def retry(fn, what: str, retries: int = 3, base_delay: float = 0.5):
     exponential backoff (0.5 s, 1 s, 2 s, ... x 0.5-1.5).
 
     The last error is re-raised as StorageError with `what` (which names the URI) in front of
-    it. FileNotFoundError and PermissionError are not retried.
+    it. FileNotFoundError, PermissionError and errors already retried (StorageError) are not
+    retried.
     """
-    attempts = retries + 1
-    for attempt in range(attempts):
+    for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, StorageError):
-            raise
         except OSError as e:
-            if attempt == attempts - 1:
-                raise StorageError(f"{what}: {e} (gave up after {attempts} attempts)") from e
-            delay = backoff(attempt, base_delay)
+            if not transient(e):
+                raise
+            if attempt == retries:
+                raise StorageError(f"{what}: {e} (gave up after {retries + 1} attempts)") from e
+            delay = base_delay * 2 ** attempt * (0.5 + random.random())
             log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
             time.sleep(delay)
 

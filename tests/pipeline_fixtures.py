@@ -119,6 +119,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def error_of(row: dict):
+    """An output row's error as (error_kind, error) (a RowError), or None for a row with a result."""
+    from pipeline.errors import RowError
+
+    return None if row["error"] is None else RowError(row["error_kind"], row["error"])
+
+
 def assert_exactly_once(ids_out, ids_in) -> None:
     """Every input id appears in the output as often as in the input (once, for unique ids)."""
     got, want = Counter(ids_out), Counter(ids_in)

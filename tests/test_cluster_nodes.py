@@ -295,14 +295,14 @@ def _whole_reads(log, key: str, size: int) -> int:
 
 
 def _replica_actors_per_node(nodes) -> dict:
-    """How many replica actors (Ray Data's workers around ShardRunner) were placed on each of
+    """How many replica actors (Ray Data's workers around UnitRunner) were placed on each of
     `nodes`, from the GCS actor table (dead actors stay listed)."""
     import ray
 
     per_node: dict = {}
     for a in ray._private.state.actors().values():
         node = (a.get("Address") or {}).get("NodeID")
-        if "ShardRunner" in a.get("ActorClassName", "") and node in nodes:
+        if "UnitRunner" in a.get("ActorClassName", "") and node in nodes:
             per_node[node] = per_node.get(node, 0) + 1
     return per_node
 

@@ -11,7 +11,7 @@ import os
 import shutil
 
 import pytest
-from pipeline_fixtures import tiny_model, write_shards
+from pipeline_fixtures import error_of, tiny_model, write_shards
 
 from model import Engine, SamplingParams
 from model.structured import check_grammar
@@ -77,7 +77,7 @@ def test_a_rows_own_json_schema_that_cannot_compile_is_invalid_sampling():
     stage = GenerateStage(config, engine=Engine.from_pretrained(tiny_model("causal"), device="cpu"))
     out = stage({"id": [1, 2], "prompt": ["a", "b"],
                  "json_schema": ['{"type": "string", "minLength": 3, "maxLength": 1}', None]}).to_pylist()
-    assert out[0]["error"].startswith("invalid_sampling: invalid grammar: Unsatisfiable schema: minLength (3)")
+    assert str(error_of(out[0])).startswith("invalid_sampling: invalid grammar: Unsatisfiable schema: minLength (3)")
     assert out[1]["error"] is None and out[1]["finish_reason"] in ("stop", "length")
 
 

@@ -4,7 +4,7 @@ committed by this run, for this input and these settings, and skips it: the unit
 once, as done, and its file is not written twice.
 
 The death is deterministic: this module's Ray workers start with a `sitecustomize` (first on
-their PYTHONPATH) that wraps `pipeline.runner.commit` so the first commit of the chosen unit
+their PYTHONPATH) that wraps `pipeline.unit_runner.commit` so the first commit of the chosen unit
 ends the process (os._exit) once the file is in place. No hook exists in the product code.
 """
 
@@ -32,7 +32,7 @@ SITECUSTOMIZE = textwrap.dedent('''
 
     class _Wrap(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "pipeline.runner" or not TARGET:
+            if name != "pipeline.unit_runner" or not TARGET:
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)

@@ -227,8 +227,8 @@ def test_errors_in_the_report_are_one_plain_line():
     from pipeline.report import one_line
 
     ray_text = ("ActorDiedError: The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker("
-                "MapBatches(ShardRunner)).__init__()\x1b[39m (pid=1, ip=127.0.0.1)\n           ^^^^^^^^^\n"
+                "MapBatches(UnitRunner)).__init__()\x1b[39m (pid=1, ip=127.0.0.1)\n           ^^^^^^^^^\n"
                 "  File \"x.py\", line 1, in __init__\nValueError: boom")
     assert one_line(ray_text) == ("ActorDiedError: The actor died because of an error raised in its creation task, "
-                                  "ray::MapWorker(MapBatches(ShardRunner)).__init__() (pid=1, ip=127.0.0.1)")
+                                  "ray::MapWorker(MapBatches(UnitRunner)).__init__() (pid=1, ip=127.0.0.1)")
     assert one_line("\n  plain  \n") == "plain" and one_line(None) is None

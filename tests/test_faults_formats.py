@@ -20,7 +20,8 @@ from pipeline_fixtures import read_all
 from pipeline import PipelineConfig
 from pipeline.formats import INPUT_FORMATS, input_format, strip_suffix
 from pipeline.plan import make_plan
-from pipeline.storage import list_inputs, resolve
+from pipeline.plan import list_inputs
+from pipeline.storage import resolve
 
 
 def config(**kw) -> PipelineConfig:
@@ -70,17 +71,17 @@ def test_a_lone_surrogate_fails_its_row_and_its_neighbours_are_read(tmp_path):
     rows, errors = read_all(tmp_path / "s.jsonl", config(keep_columns=["meta"]))
     assert [r["id"] for r in rows] == [1, 2, 3, 4, None, 6]
     assert rows[2]["prompt"] == "a whole emoji \U0001F600" and rows[5]["prompt"] == "last"
-    assert errors == {1: "invalid_prompt: lone surrogate U+D83D at position 4 (line 2)",
-                      3: "invalid_line: column 'meta' holds a lone surrogate U+DC00 at position 0, which is not text "
-                         "(line 4)",
-                      4: "invalid_id: the id holds a lone surrogate U+D800 at position 0 (line 5)"}
+    assert errors == {1: ("invalid_prompt", "lone surrogate U+D83D at position 4 (line 2)"),
+                      3: ("invalid_line", "column 'meta' holds a lone surrogate U+DC00 at position 0, which is not "
+                                          "text (line 4)"),
+                      4: ("invalid_id", "the id holds a lone surrogate U+D800 at position 0 (line 5)")}
 
 
 def test_jsonl_outputs_are_read_back_split_on_newlines_only(tmp_path):
     """U+2028, U+2029, \\x1c-\\x1e and \\x85 are line breaks to str.splitlines() but ordinary
     characters inside JSON strings: a label rerun that re-reads a JSONL output's margins must
     not split there."""
-    from pipeline.report import _margins
+    from pipeline.stages import _margins
 
     odd = "a\u2028b\u2029c\x1cd\x1de\x1ef\x85g\x0bh\x0ci"
     path = tmp_path / "o.jsonl"
@@ -106,15 +107,15 @@ def test_a_csv_quote_left_open_is_one_error_row_and_never_swallows_its_neighbour
     rows, errors = read_all(tmp_path / "later.csv", config(keep_columns=["meta"]))
     assert [r["id"] for r in rows] == ["1", "3", "4", "5", "6", "7", None]
     assert rows[2]["prompt"] == "quoted" and rows[4]["prompt"] == "multi\nline"
-    assert list(errors) == [6] and errors[6].startswith(
+    assert list(errors) == [6] and str(errors[6]).startswith(
         "invalid_row: record 3 (line 3) opens a quoted field that closes only at line 5, mid-field "
         "('2,\"open quote,y')")
 
     (tmp_path / "eof.csv").write_text('id,prompt\n1,a\n2,"never closed\n3,c\n4,broken,extra\n5,e\n')
     rows, errors = read_all(tmp_path / "eof.csv", config())
     assert [r["id"] for r in rows] == ["1", "3", "5", None, None]
-    assert errors[3].startswith("invalid_row: record 3 (line 3) opens a quoted field that never closes")
-    assert errors[4] == "invalid_row: record 5 does not parse as CSV ('4,broken,extra')"  # numbered in the file
+    assert str(errors[3]).startswith("invalid_row: record 3 (line 3) opens a quoted field that never closes")
+    assert errors[4] == ("invalid_row", "record 5 does not parse as CSV ('4,broken,extra')")  # numbered in the file
 
     # well-formed quoting is untouched: line breaks, escaped quotes, empty and quote-only fields
     (tmp_path / "ok.csv").write_text('id,prompt\r\n1,"say ""hi""\r\nthere"\r\n2,""\r\n3,""""\r\n4,5" tall\r\n')
@@ -131,7 +132,7 @@ def test_a_json_array_of_objects_is_read_as_rows(tmp_path):
     (tmp_path / "export.json").write_text(json.dumps(records[:5] + [7] + records[5:], indent=2))
     rows, errors = read_all(tmp_path / "export.json", config())
     assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, None, 5, 6, 7, 8, 9]
-    assert errors == {5: "invalid_row: element 6 holds a JSON number, not an object"}
+    assert errors == {5: ("invalid_row", "element 6 holds a JSON number, not an object")}
     (tmp_path / "one-line.json").write_text(json.dumps(records[:2]))
     assert [r["id"] for r in read_all(tmp_path / "one-line.json", config())[0]] == [0, 1]
 
@@ -145,7 +146,7 @@ def test_a_json_array_of_objects_is_read_as_rows(tmp_path):
     # JSONL whose lines are arrays is still JSONL: each line one (bad) row
     (tmp_path / "arrays.jsonl").write_text('[1, 2]\n{"id": 1, "prompt": "x"}\n')
     rows, errors = read_all(tmp_path / "arrays.jsonl", cfg)
-    assert [r["id"] for r in rows] == [None, 1] and errors[0].startswith("invalid_line: line 1 holds a JSON array")
+    assert [r["id"] for r in rows] == [None, 1] and str(errors[0]).startswith("invalid_line: line 1 holds a JSON array")
 
 
 @pytest.mark.parametrize("name, content", [
@@ -153,7 +154,7 @@ def test_a_json_array_of_objects_is_read_as_rows(tmp_path):
     ("header.csv", b"id,prompt\n"), ("empty.parquet", None)])
 def test_an_empty_input_of_any_format_is_0_rows(tmp_path, name, content):
     """An empty file is a bad input named before any model work, with 0 rows: skipped with
-    --on-bad-shard skip, it leaves nothing missing (before, an empty .jsonl had an unknown
+    --on-bad-input skip, it leaves nothing missing (before, an empty .jsonl had an unknown
     row count, so the run said incomplete)."""
     src = tmp_path / "in"
     src.mkdir()
@@ -163,8 +164,8 @@ def test_an_empty_input_of_any_format_is_0_rows(tmp_path, name, content):
     else:
         (src / name).write_bytes(content)
     plan = make_plan(config(input=[str(src / "a.parquet"), str(src / name)], output=str(tmp_path / "out"),
-                            on_bad_shard="skip"))
-    assert [(os.path.basename(b["input"]), b["error"], b["rows"]) for b in plan.bad_shards] == \
+                            on_bad_input="skip"))
+    assert [(os.path.basename(b["input"]), b["error"], b["rows"]) for b in plan.bad_inputs] == \
         [(name, "empty (0 rows)", 0)]
 
 
@@ -180,10 +181,10 @@ class EchoEngine:
 
 
 def _run_units(cfg: PipelineConfig):
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     plan = make_plan(cfg)
-    runner = ShardRunner(cfg, plan.schema, engine=EchoEngine())
+    runner = UnitRunner(cfg, plan.schema, engine=EchoEngine())
     assert all(runner.run_unit(u)["status"] == "done" for u in plan.todo)
     return plan
 
@@ -262,7 +263,7 @@ def test_a_committed_output_whose_data_was_damaged_is_recomputed(tmp_path, caplo
     matches, so the rerun does not skip it as committed but computes it again. (A small
     Parquet output is read in one call with its footer, a large one streamed: both checked.)"""
     from pipeline import formats
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     if not whole_read:
         monkeypatch.setattr(formats, "WHOLE_READ_BYTES", 0)
@@ -286,7 +287,7 @@ def test_a_committed_output_whose_data_was_damaged_is_recomputed(tmp_path, caplo
         plan = make_plan(cfg)
     assert plan.done == {} and [u.output_name for u in plan.todo] == [out.name]
     assert f"output {out} is damaged" in caplog.text
-    stats = ShardRunner(cfg, plan.schema, engine=EchoEngine()).run_unit(plan.todo[0])
+    stats = UnitRunner(cfg, plan.schema, engine=EchoEngine()).run_unit(plan.todo[0])
     assert stats["status"] == "done"  # recomputed: the same rows as before the damage
     if output_format == "parquet":
         assert pq.read_table(out).equals(pq.read_table(io.BytesIO(good)))

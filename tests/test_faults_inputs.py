@@ -3,7 +3,7 @@
 - A bad model (missing dir, config.json that does not validate, weights that do not match it,
   a truncated weight file) fails on the driver with a clear message before Ray even starts.
 - Bad input files (truncated, not Parquet, no prompt column, empty) are named before any
-  model work, or skipped with on_bad_shard=skip and listed in the run report.
+  model work, or skipped with on_bad_input=skip and listed in the run report.
 - Bad rows (null / empty / whitespace / non-string / over-long prompts, odd unicode, invalid
   UTF-8, duplicate and null ids) each come back as one output row with `error` set while their
   neighbours get the same results as calling the engine directly.
@@ -21,12 +21,12 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import assert_exactly_once, read_output, tiny_model, write_shards
+from pipeline_fixtures import assert_exactly_once, error_of, read_output, tiny_model, write_shards
 
 from model import Engine, SamplingParams
 from pipeline import InputError, ModelError, PipelineConfig, run_classify, run_generate
 from pipeline.cli import main
-from pipeline.stages import GenerateStage, error_kind
+from pipeline.stages import GenerateStage
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_bad_input_files_are_named_before_any_model_work(tmp_path, capsys, no_ra
     with pytest.raises(InputError) as e:
         run_generate(input=inputs, output=str(tmp_path / "out"), model=tiny_model("causal"))
     message = str(e.value)
-    assert message.startswith("4 bad input file(s) (use --on-bad-shard=skip")
+    assert message.startswith("4 bad input file(s) (use --on-bad-input=skip")
     for name, reason in bad.items():
         line = next(line for line in message.splitlines() if name in line)
         assert os.path.join(inputs, name) in line and reason in line, line
@@ -163,12 +163,12 @@ def test_skipped_bad_files_are_listed_and_the_rest_is_exact(ray_local, tmp_path)
     bad = _bad_files(inputs)
     out = str(tmp_path / "out")
     report = run_generate(input=inputs, output=out, model=tiny_model("causal"), replicas=2,
-                          max_new_tokens=3, batch_size=4, on_bad_shard="skip")
+                          max_new_tokens=3, batch_size=4, on_bad_input="skip")
     assert_exactly_once(read_output(out)["id"].to_pylist(), list(range(8)))
-    assert sorted(os.path.basename(b["input"]) for b in report["bad_shards"]) == sorted(bad)
-    for b in report["bad_shards"]:
+    assert sorted(os.path.basename(b["input"]) for b in report["bad_inputs"]) == sorted(bad)
+    for b in report["bad_inputs"]:
         assert bad[os.path.basename(b["input"])] in b["error"]
-    rows = {os.path.basename(b["input"]): b["rows"] for b in report["bad_shards"]}
+    rows = {os.path.basename(b["input"]): b["rows"] for b in report["bad_inputs"]}
     assert rows["bad-no-prompt.parquet"] == 2 and rows["bad-empty.parquet"] == 0
     assert rows["bad-truncated.parquet"] is None  # unknown: the footer is gone
     assert report["units"] == {"total": 6, "done": 2, "skipped": 0, "failed": 0, "bad": 4, "stale": 0}
@@ -227,17 +227,17 @@ def test_bad_rows_end_to_end(ray_local, tmp_path):
     expected.update({"c0": "invalid_prompt", "c1": "invalid_prompt"})
     out = str(tmp_path / "out")
     report = run_generate(input=str(inputs), output=out, model=tiny_model("causal"), replicas=2,
-                          max_new_tokens=4, batch_size=2, keep_columns=["key"], on_bad_shard="skip")
+                          max_new_tokens=4, batch_size=2, keep_columns=["key"], on_bad_input="skip")
 
     table = read_output(out)
     ids_in = a["id"].to_pylist() + b["id"].to_pylist() + [20, 21]
     assert_exactly_once(table["id"].to_pylist(), ids_in)  # duplicates and the null id kept
     assert_exactly_once(table["key"].to_pylist(), list(expected))  # one output row per input row
     rows = {r["key"]: r for r in table.to_pylist()}
-    assert {k: error_kind(r["error"]) for k, r in rows.items()} == expected
-    assert rows["a10"]["error"] == "duplicate_id: id 3 already appeared at a.parquet row 3"
-    assert rows["b0"]["error"] == "duplicate_id: id 0 already appeared at a.parquet row 0"
-    assert rows["c0"]["error"] == "invalid_prompt: expected a string, got int"
+    assert {k: r["error_kind"] for k, r in rows.items()} == expected
+    assert error_of(rows["a10"]) == ("duplicate_id", "id 3 already appeared at a.parquet row 3")
+    assert error_of(rows["b0"]) == ("duplicate_id", "id 0 already appeared at a.parquet row 0")
+    assert error_of(rows["c0"]) == ("invalid_prompt", "expected a string, got int")
     assert "not valid UTF-8" in rows["a8"]["error"] and "not valid UTF-8" in rows["a9"]["error"]
 
     ok = [k for k, kind in expected.items() if kind is None]
@@ -250,7 +250,7 @@ def test_bad_rows_end_to_end(ray_local, tmp_path):
 
     assert report["complete"] is True  # the empty file holds no rows: nothing is missing
     assert report["rows_in"] == report["rows_written"] == len(expected)
-    assert report["units"]["bad"] == 1 and report["bad_shards"][0]["input"].endswith("d-empty.parquet")
+    assert report["units"]["bad"] == 1 and report["bad_inputs"][0]["input"].endswith("d-empty.parquet")
     kinds = {}
     for kind in expected.values():
         if kind:
@@ -271,8 +271,8 @@ def test_lone_surrogates_from_python_fail_only_their_row():
     prompts = ["fine before", "a\ud800b", "fine after", "\udfff"]
     rows = GenerateStage(config, engine=engine)({"id": [1, 2, 3, 4], "prompt": prompts}).to_pylist()
     assert [r["id"] for r in rows] == [1, 2, 3, 4]
-    assert rows[1]["error"] == "invalid_prompt: lone surrogate U+D800 at position 1"
-    assert rows[3]["error"] == "invalid_prompt: lone surrogate U+DFFF at position 0"
+    assert error_of(rows[1]) == ("invalid_prompt", "lone surrogate U+D800 at position 1")
+    assert error_of(rows[3]) == ("invalid_prompt", "lone surrogate U+DFFF at position 0")
     direct = engine.generate(["fine before", "fine after"], SamplingParams(max_new_tokens=3))
     assert [rows[0]["completion"], rows[2]["completion"]] == [c.text for c in direct]
 
@@ -282,7 +282,7 @@ def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
     the flagged rows are exactly the later occurrences, wherever they fall. No Ray: the shard
     runner is called directly."""
     from pipeline.plan import make_plan
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -295,15 +295,15 @@ def test_duplicate_ids_land_on_the_right_rows_of_split_units(tmp_path):
                             model=tiny_model("causal"), max_new_tokens=2, batch_size=1, rows_per_unit=3)
     plan = make_plan(config)
     assert len(plan.units) == 8 and plan.ids["duplicate_rows"] == 3 and plan.ids["duplicate_ids"] == 2
-    runner = ShardRunner(config, plan.schema,
+    runner = UnitRunner(config, plan.schema,
                          engine=Engine.from_pretrained(tiny_model("causal"), max_batch_size=1, device="cpu"))
     assert all(runner.run_unit(u)["status"] == "done" for u in plan.units)
     table = pq.read_table(tmp_path / "out")  # every unit's file
     assert_exactly_once(table["id"].to_pylist(), first + second)
     flagged = pq.read_table(tmp_path / "out", filters=[("error", "!=", "")])
-    got = sorted(zip(flagged["id"].to_pylist(), flagged["error"].to_pylist()))
-    assert got == [(2, "duplicate_id: id 2 already appeared at part-0.parquet row 2"),
-                   (9, "duplicate_id: id 9 already appeared at part-0.parquet row 9"),
-                   (9, "duplicate_id: id 9 already appeared at part-0.parquet row 9")]
+    got = sorted((row["id"], error_of(row)) for row in flagged.to_pylist())
+    assert got == [(2, ("duplicate_id", "id 2 already appeared at part-0.parquet row 2")),
+                   (9, ("duplicate_id", "id 9 already appeared at part-0.parquet row 9")),
+                   (9, ("duplicate_id", "id 9 already appeared at part-0.parquet row 9"))]
     out1 = pq.read_table(tmp_path / "out" / "part-1.rg00002-00002.parquet")  # rows 6-8 of part-1
     assert out1["id"].to_pylist() == [9, 9, 15] and out1["error"].null_count == 1

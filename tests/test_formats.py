@@ -13,12 +13,13 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import read_all, tiny_model
+from pipeline_fixtures import error_of, read_all, tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import PipelineConfig, run_generate
 from pipeline.formats import INPUT_FORMATS, input_format, strip_suffix
-from pipeline.storage import list_inputs, resolve
+from pipeline.plan import list_inputs
+from pipeline.storage import resolve
 
 
 def config(**kw) -> PipelineConfig:
@@ -44,9 +45,9 @@ def test_jsonl_rows_and_bad_lines_with_their_numbers(tmp_path):
     assert rows[1]["prompt"] == "has\u2028a line separator"
     assert rows[5]["meta"] is None and rows[0]["meta"] == "a"
     assert sorted(errors) == [2, 3, 4]
-    assert errors[2].startswith("invalid_line: line 4 is not JSON")
-    assert errors[3].startswith("invalid_line: line 5 holds a JSON array")
-    assert errors[4].startswith("invalid_id: id 'x' is a str")
+    assert str(errors[2]).startswith("invalid_line: line 4 is not JSON")
+    assert str(errors[3]).startswith("invalid_line: line 5 holds a JSON array")
+    assert str(errors[4]).startswith("invalid_id: id 'x' is a str")
 
 
 def test_compressed_jsonl_reads_the_same_rows(tmp_path):
@@ -77,7 +78,7 @@ def test_csv_quotes_newlines_and_a_malformed_row(tmp_path):
     assert by_id["4"]["prompt"] == "0042" and by_id["4"]["meta"] == ""  # prompts stay text, empty stays ""
     assert by_id["5"]["prompt"] == ""
     assert len(rows) == 5 and rows[-1]["id"] is None  # the malformed row: last, with its record number
-    assert list(errors.values()) == [errors[4]] and errors[4].startswith("invalid_row: record 4")
+    assert list(errors.values()) == [errors[4]] and str(errors[4]).startswith("invalid_row: record 4")
     (tmp_path / "ids.csv").write_text('id,prompt\n001,a\n1,b\n,c\n')
     rows, _ = read_all(str(tmp_path / "ids.csv"), config())
     assert [r["id"] for r in rows] == ["001", "1", None]  # an empty id cell is a missing id
@@ -96,7 +97,7 @@ def test_missing_columns_and_empty_files_are_named(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(('{"id": 1, "prompt": "caf\xe9"}\n{"id": 2, "prompt": "ok"}\n')
                                             .encode("latin-1"))
     rows, errors = read_all(str(tmp_path / "latin1.jsonl"), cfg)  # the line is an error row, not the file
-    assert errors == {0: "invalid_line: line 1 is not UTF-8 (byte 0xe9 at column 25)"}
+    assert errors == {0: ("invalid_line", "line 1 is not UTF-8 (byte 0xe9 at column 25)")}
     assert [r["id"] for r in rows] == [None, 2] and rows[1]["prompt"] == "ok"
 
 
@@ -145,7 +146,7 @@ def test_jsonl_in_jsonl_out_matches_engine_resumes_and_goes_stale(ray_local, tmp
     assert sorted(good) == list(range(9)) and [good[i]["meta"] for i in range(9)] == [f"m{i}" for i in range(9)]
     assert [good[i]["completion"] for i in range(9)] == _engine_texts(prompts, 4)
     (bad,) = [r for r in rows if r["error"] is not None]
-    assert bad["id"] is None and bad["error"].startswith("invalid_line: line 6")
+    assert bad["id"] is None and str(error_of(bad)).startswith("invalid_line: line 6")
     assert report["errors_by_kind"] == {"invalid_line": 1}
 
     before = os.stat(out / "a.jsonl").st_mtime_ns
@@ -182,7 +183,7 @@ def test_csv_in_parquet_out_split_by_rows(ray_local, tmp_path):
     assert table["completion"].to_pylist() == _engine_texts(prompts, 3)
 
 
-# ---- what a user tried to break (in process: plan, ShardRunner, report; the real tiny engine) ----
+# ---- what a user tried to break (in process: plan, UnitRunner, report; the real tiny engine) ----
 @pytest.fixture(scope="module")
 def tiny_engine():
     return Engine.from_pretrained(tiny_model("causal"), max_batch_size=8, dtype="float32", device="cpu")
@@ -191,13 +192,13 @@ def tiny_engine():
 def _run_in_process(src, out, engine, **kw):
     from pipeline.plan import make_plan
     from pipeline.report import build_report
-    from pipeline.runner import ShardRunner
+    from pipeline.unit_runner import UnitRunner
 
     cfg = PipelineConfig(task="generate", input=str(src), output=str(out), model=tiny_model("causal"),
                          max_new_tokens=3, **kw).validate()
     plan = make_plan(cfg)
     os.makedirs(out, exist_ok=True)
-    runner = ShardRunner(cfg, plan.schema, engine=engine)
+    runner = UnitRunner(cfg, plan.schema, engine=engine)
     results = {u.output_name: runner.run_unit(u) for u in plan.todo}
     return plan, build_report(cfg, plan, results, None, 0.0, 1.0)
 
@@ -221,8 +222,9 @@ def test_one_odd_line_changes_no_other_line(tmp_path, tiny_engine):
     texts = [c.text for c in tiny_engine.generate(["hello", "world"], SamplingParams(max_new_tokens=3))]
     assert (rows[1]["completion"], rows[4]["completion"]) == tuple(texts)  # not run on '"hello"'
     assert rows[1]["meta"] == "m1" and rows[5]["meta"] == '{"k": 1, "other": true}'  # objects as JSON text
-    assert rows[2]["error"] == "invalid_prompt: expected a string, got a int (line 2)"
-    assert rows[None]["error"].startswith("invalid_id: id 99999999999999999999 is a int") and "(line 3)" in rows[None]["error"]
+    assert error_of(rows[2]) == ("invalid_prompt", "expected a string, got a int (line 2)")
+    assert str(error_of(rows[None])).startswith("invalid_id: id 99999999999999999999 is a int")
+    assert "(line 3)" in rows[None]["error"]
     assert report["complete"] and report["rows_written"] == 5 and report["rows_with_error"] == 2
 
 
@@ -233,7 +235,8 @@ def test_files_of_only_bad_lines_give_one_error_row_each(tmp_path, tiny_engine):
     (src / "good.jsonl").write_text(json.dumps({"id": 1, "prompt": "fine"}) + "\n")
     _, report = _run_in_process(src, tmp_path / "out", tiny_engine, output_format="jsonl")
     bad = _jsonl(tmp_path / "out" / "garbage.jsonl")
-    assert [r["error"].split(" (")[0][:26] for r in bad] == ["invalid_line: line 1 is no", "invalid_line: line 2 is no"]
+    assert [(r["error_kind"], r["error"].split(" (")[0][:12]) for r in bad] == [("invalid_line", "line 1 is no"),
+                                                                               ("invalid_line", "line 2 is no")]
     assert report["complete"] and report["rows_in"] == report["rows_written"] == 3
 
     requests = tmp_path / "req"
@@ -257,7 +260,7 @@ def test_files_of_only_bad_lines_give_one_error_row_each(tmp_path, tiny_engine):
 
 
 def test_a_kill_between_data_and_statistics_never_passes_old_results_as_new(tmp_path, tiny_engine, monkeypatch):
-    import pipeline.runner as runner_module
+    import pipeline.unit_runner as runner_module
 
     src = tmp_path / "in"
     src.mkdir()

@@ -21,7 +21,7 @@ from model import Completion, Engine
 from pipeline import ConfigError, LabelStage, PipelineConfig
 from pipeline.plan import make_plan
 from pipeline.report import build_report
-from pipeline.runner import ShardRunner
+from pipeline.unit_runner import UnitRunner
 
 
 def cfg(**kw) -> PipelineConfig:
@@ -91,7 +91,7 @@ def test_a_changed_tokenizer_is_refused_on_rerun(tmp_path):
 
     first = config()
     plan = make_plan(first)
-    assert ShardRunner(first, plan.schema, engine=EchoEngine()).run_unit(plan.units[0])["status"] == "done"
+    assert UnitRunner(first, plan.schema, engine=EchoEngine()).run_unit(plan.units[0])["status"] == "done"
     assert list(make_plan(config()).done) == ["a.parquet"]  # the same model: resumed
     data = (model / "tokenizer.model").read_bytes()
     (model / "tokenizer.model").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
@@ -152,7 +152,7 @@ def test_the_row_error_metric_counts_rows_not_batches(tmp_path):
                    tmp_path / "a.parquet")
     config = cfg(input=str(tmp_path / "a.parquet"), output=str(tmp_path / "out"), batch_size=4)
     plan = make_plan(config)
-    runner = ShardRunner(config, plan.schema, engine=EchoEngine())
+    runner = UnitRunner(config, plan.schema, engine=EchoEngine())
     seen = []
     runner.metrics.batch = lambda rows, tokens, kinds, seconds: seen.append((rows, dict(kinds)))
     assert runner.run_unit(plan.units[0])["rows_error"] == 3
@@ -168,10 +168,10 @@ def test_rows_with_error_over_a_resumed_run_counts_every_committed_row(tmp_path)
     pq.write_table(pa.table({"id": [3, 4, 5], "prompt": ["fine", "", "good"]}), src / "b.parquet")
     config = cfg(input=str(src), output=str(tmp_path / "out"))
     plan = make_plan(config)
-    assert ShardRunner(config, plan.schema, engine=EchoEngine()).run_unit(plan.units[0])["rows_error"] == 2
+    assert UnitRunner(config, plan.schema, engine=EchoEngine()).run_unit(plan.units[0])["rows_error"] == 2
     rerun = make_plan(config)
     assert list(rerun.done) == ["a.parquet"]
-    stats = ShardRunner(config, rerun.schema, engine=EchoEngine()).run_unit(rerun.todo[0])
+    stats = UnitRunner(config, rerun.schema, engine=EchoEngine()).run_unit(rerun.todo[0])
     report = build_report(config, rerun, {"b.parquet": stats}, None, time.time(), 1.0)
     assert report["complete"] and report["rows_written"] == 6
     assert report["rows_with_error"] == 3 and report["errors_by_kind"] == {"empty_prompt": 3}

@@ -24,7 +24,7 @@ def test_demo_runs_with_transformers_unimportable(tmp_path):
     assert probe.returncode != 0 and "blocked for this test" in probe.stderr  # the stub really is in the way
     code = ("import sys; import model, pipeline; assert 'transformers' not in sys.modules; "
             "from pipeline.cli import main; "
-            "sys.exit(main(['demo', '--dir', sys.argv[1], '--shards', '2', '--rows', '4', '--replicas', '1']))")
+            "sys.exit(main(['demo', '--dir', sys.argv[1], '--files', '2', '--rows', '4', '--replicas', '1']))")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "demo")], env=env, cwd=str(tmp_path),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -58,7 +58,7 @@ def test_request_fields_and_refusals():
                        ({"custom_id": "c", "url": CHAT, "body": {"messages": [user("x")],
                                                                 "response_format": {"type": "json_schema"}}}, "schema")):
         row, err = request_row(req, "id", "prompt")
-        assert err is not None and err.startswith("invalid_request: ") and words in err, (req, err)
+        assert err is not None and err.kind == "invalid_request" and words in err.message, (req, err)
         assert row["id"] == req.get("custom_id")  # a bad request keeps its custom_id
 
 
@@ -72,10 +72,11 @@ def test_response_lines_parse_with_openai_types():
     text = response_line({**ok, "url": COMPLETIONS, "finish_reason": "length"}, "id", "m", 1)
     parsed = openai_types.Completion.model_validate(text["response"]["body"])
     assert parsed.choices[0].text == "fine" and parsed.choices[0].finish_reason == "length"
-    bad = response_line({"id": "r", "error": "invalid_request: url must be ..."}, "id", "m", 1)
+    bad = response_line({"id": "r", "error_kind": "invalid_request", "error": "url must be ..."}, "id", "m", 1)
     assert bad["response"] is None and bad["error"] == {"code": "invalid_request", "message": "url must be ..."}
     assert response_line(ok, "id", "m", 5)["id"] == response_line(ok, "id", "m", 9)["id"]  # stable across reruns
-    unreadable = [response_line({"id": None, "error": f"invalid_line: line {n} is not JSON"}, "id", "m", 1)["id"]
+    unreadable = [response_line({"id": None, "error_kind": "invalid_line", "error": f"line {n} is not JSON"}, "id", "m",
+                                1)["id"]
                   for n in (3, 4)]
     assert unreadable[0] != unreadable[1]  # lines without a custom_id still get distinct ids
 

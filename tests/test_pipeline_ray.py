@@ -132,8 +132,24 @@ def test_build_dataset_composes(ray_local, inputs, tmp_path):
     assert all(r["completion"] is not None and r["finish_reason"] in ("stop", "length") for r in rows)
 
 
+def test_build_dataset_reads_every_input_format(ray_local, tmp_path):
+    """JSONL and CSV inputs (read_parquet cannot read them) give one result row per input row,
+    a line that is not JSON its error row, as `run` reads them."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text('{"id": "j1", "prompt": "hello"}\nnot json\n{"id": "j2", "prompt": "world"}\n')
+    (src / "b.csv").write_text("id,prompt\nc1,first\nc2,second\n")
+    config = PipelineConfig(task="generate", input=str(src), output=str(tmp_path / "unused"),
+                            model=tiny_model("causal"), replicas=1, max_new_tokens=3, batch_size=2)
+    rows = {r["id"]: r for r in build_dataset(config).take_all()}
+    assert sorted(rows, key=str) == sorted(["j1", "j2", "c1", "c2", None], key=str)
+    assert all(rows[i]["completion"] is not None and rows[i]["error"] is None for i in ("j1", "j2", "c1", "c2"))
+    assert (rows[None]["error_kind"], rows[None]["error"]) == ("invalid_line", "line 2 is not JSON (Expecting "
+                                                                               "value at column 1)")
+
+
 def test_demo_command(ray_local, tmp_path, capsys):
-    assert main(["demo", "--dir", str(tmp_path), "--tasks", "generate,label", "--shards", "4", "--rows", "3"]) == 0
+    assert main(["demo", "--dir", str(tmp_path), "--tasks", "generate,label", "--files", "4", "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "persimmon-batch generate: complete" in out and "persimmon-batch label: complete" in out
     assert "all rows accounted for" in out

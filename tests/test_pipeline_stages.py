@@ -12,15 +12,15 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import LABELS, PROMPTS, read_output, tiny_model, write_shards
+from pipeline_fixtures import LABELS, PROMPTS, error_of, read_output, tiny_model, write_shards
 from tolerances import approx_forward
 
 from model import ChoiceScores, Classification, Completion, Engine, SamplingParams
 from pipeline import ClassifyStage, ConfigError, GenerateStage, InputError, LabelStage, PipelineConfig
 from pipeline.cli import build_parser, config_from_args, main, summary
 from pipeline.plan import make_plan
-from pipeline.runner import ShardRunner
-from pipeline.stages import error_kind, row_seed
+from pipeline.unit_runner import UnitRunner
+from pipeline.stages import row_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,17 +126,14 @@ def test_secrets_never_in_public_dict_or_repr(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value")
     monkeypatch.setenv("PERSIMMON_S3_ENDPOINT", "http://127.0.0.1:9")
     c = cfg().with_env()
-    assert c.s3_secret_access_key == "super-secret-value" and c.s3_endpoint == "http://127.0.0.1:9"
+    assert c.s3_secret_access_key.get_secret_value() == "super-secret-value" and c.s3_endpoint == "http://127.0.0.1:9"
     text = repr(c) + json.dumps(c.public_dict())
     assert "super-secret-value" not in text and "AKIAEXAMPLE" not in text
     assert "s3_endpoint" in c.public_dict()
     assert cfg(s3_endpoint="http://user:pw@127.0.0.1:9").public_dict()["s3_endpoint"] == "http://***@127.0.0.1:9"
 
 
-def test_error_kinds_and_row_seeds():
-    assert error_kind("empty_prompt: blank") == "empty_prompt"
-    assert error_kind("Weird thing happened") == "other"
-    assert error_kind(None) is None
+def test_row_seeds():
     assert row_seed(None, 1) is None
     assert row_seed(7, 1) == row_seed(7, 1) != row_seed(7, 2)
 
@@ -153,7 +150,7 @@ def test_generate_stage_bad_rows_are_isolated():
     assert [r["meta"] for r in rows] == list("abcdefg")
     assert rows[0]["completion"] == "olleh" and rows[0]["error"] is None
     assert rows[6]["completion"] == "dlrow" and rows[6]["error"] is None
-    kinds = [error_kind(r["error"]) for r in rows]
+    kinds = [r["error_kind"] for r in rows]
     assert kinds == [None, "invalid_prompt", "empty_prompt", "invalid_prompt", "invalid_prompt",
                      "prompt_too_long", None]
     assert all(r["completion"] is None for r in rows[1:6])
@@ -165,7 +162,7 @@ def test_engine_exception_fails_only_the_poisoned_row():
     stage = GenerateStage(cfg(), engine=FakeEngine())
     rows = stage(pa.table({"id": [1, 2, 3], "prompt": ["a", "BOOM", "c"]})).to_pylist()
     assert [r["completion"] for r in rows] == ["a", None, "c"]
-    assert rows[1]["error"].startswith("engine_error: RuntimeError: kaboom")
+    assert rows[1]["error_kind"] == "engine_error" and rows[1]["error"].startswith("RuntimeError: kaboom")
 
 
 def test_invalid_utf8_in_a_string_column_fails_one_row():
@@ -188,7 +185,7 @@ def test_template_and_label_and_classify_stages():
     assert row["probs"] == pytest.approx([1 - p_no, p_no]) and row["margin"] == pytest.approx(2 * p_no - 1)
     cls = ClassifyStage(cfg(task="classify"), engine=engine)
     assert cls({"id": [1], "prompt": ["x"]}).to_pylist() == [
-        {"id": 1, "label": "positive", "score": 0.75, "probs": [0.25, 0.75], "error": None}]
+        {"id": 1, "label": "positive", "score": 0.75, "probs": [0.25, 0.75], "error_kind": None, "error": None}]
 
 
 def test_model_load_and_every_engine_call_run_on_one_thread(monkeypatch):
@@ -253,8 +250,8 @@ def test_plan_names_splits_and_bad_shards(tmp_path):
         make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
     assert "part-00002.parquet" in str(e.value) and "part-00003.parquet" in str(e.value)
     assert "missing column(s) ['prompt']" in str(e.value)
-    plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), on_bad_shard="skip"))
-    assert len(plan.units) == 2 and len(plan.bad_shards) == 2
+    plan = make_plan(cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), on_bad_input="skip"))
+    assert len(plan.units) == 2 and len(plan.bad_inputs) == 2
     globbed = make_plan(cfg(input=f"file://{tmp_path}/in/part-0000[01].parquet", output=str(tmp_path / "o2")))
     assert [u.output_name for u in globbed.units] == ["part-00000.parquet", "part-00001.parquet"]
     with pytest.raises(FileNotFoundError, match="matches no input files"):
@@ -266,7 +263,7 @@ def test_shard_runner_commits_once_and_resume_plan_skips(tmp_path):
     config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), keep_columns=["meta"])
     plan = make_plan(config)
     engine = FakeEngine()
-    runner = ShardRunner(config, plan.schema, engine=engine)
+    runner = UnitRunner(config, plan.schema, engine=engine)
     first = [runner.run_unit(u) for u in plan.units[:2]]
     assert [s["status"] for s in first] == ["done", "done"] and first[0]["rows_out"] == 7
     assert not glob.glob(str(tmp_path / "out" / "_tmp" / "*"))  # temp files committed away
@@ -279,7 +276,7 @@ def test_shard_runner_commits_once_and_resume_plan_skips(tmp_path):
     assert plan2.done["part-00000.parquet"]["rows_out"] == 7
     table = pq.read_table(tmp_path / "out" / "part-00001.parquet")
     assert table.column_names == ["id", "meta", *("completion finish_reason num_prompt_tokens "
-                                                   "num_generated_tokens parsed error").split()]
+                                                   "num_generated_tokens parsed error_kind error").split()]
     assert table["id"].to_pylist() == list(range(7, 14))
 
     with pytest.raises(ConfigError, match="different settings"):
@@ -299,7 +296,7 @@ def test_partial_output_is_not_treated_as_done(tmp_path):
     (tmp_path / "out" / "part-00000.parquet").write_bytes(b"PAR1 truncated garbage")
     plan = make_plan(config)
     assert plan.done == {} and len(plan.todo) == 1
-    stats = ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.todo[0])
+    stats = UnitRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.todo[0])
     assert stats["status"] == "done" and pq.read_table(tmp_path / "out" / "part-00000.parquet").num_rows == 3
 
 
@@ -310,7 +307,7 @@ def test_an_output_whose_footer_stats_do_not_describe_it_is_not_done(tmp_path):
     write_shards(str(tmp_path / "in"), shards=1, rows=3)
     config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     plan = make_plan(config)
-    assert ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])["status"] == "done"
+    assert UnitRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])["status"] == "done"
     path = tmp_path / "out" / "part-00000.parquet"
     table, footer = pq.read_table(path), pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"]
     with pq.ParquetWriter(path, table.schema) as writer:
@@ -319,7 +316,7 @@ def test_an_output_whose_footer_stats_do_not_describe_it_is_not_done(tmp_path):
     assert json.loads(pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"])["rows_out"] == 3
     again = make_plan(config)
     assert again.done == {} and [u.output_name for u in again.todo] == ["part-00000.parquet"]
-    stats = ShardRunner(config, again.schema, engine=FakeEngine()).run_unit(again.todo[0])
+    stats = UnitRunner(config, again.schema, engine=FakeEngine()).run_unit(again.todo[0])
     assert stats["status"] == "done" and pq.read_table(path).num_rows == 3
 
 
@@ -332,7 +329,7 @@ def test_input_rewritten_with_the_same_size_and_mtime_is_stale(tmp_path):
     (src / "a.jsonl").write_text("\n".join(lines) + "\n")
     config = cfg(input=str(src), output=str(tmp_path / "out"))
     plan = make_plan(config)
-    runner = ShardRunner(config, plan.schema, engine=FakeEngine())
+    runner = UnitRunner(config, plan.schema, engine=FakeEngine())
     assert runner.run_unit(plan.units[0])["status"] == "done"
     assert list(make_plan(config).done) == ["a.parquet"]
     before = os.stat(src / "a.jsonl")
@@ -352,7 +349,7 @@ def test_failed_unit_is_reported_not_raised(tmp_path):
     config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     plan = make_plan(config)
     os.remove(paths[0])
-    stats = ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])
+    stats = UnitRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])
     assert stats["status"] == "failed" and "part-00000.parquet" in stats["error"]
     assert not os.path.exists(tmp_path / "out" / "part-00000.parquet")
 
@@ -404,7 +401,7 @@ def test_summary_mentions_failures():
               "errors_by_kind": {"empty_prompt": 1}, "wall_time_s": 1.0, "tokens_per_s": 2.0,
               "units": {"done": 1, "skipped": 0, "failed": 1, "bad": 0},
               "this_run": {"startup_s": 0.5, "tokens_generated": 2}, "output": "o",
-              "failed_units": [{"input": "in/x.parquet", "error": "OSError: nope"}], "bad_shards": []}
+              "failed_units": [{"input": "in/x.parquet", "error": "OSError: nope"}], "bad_inputs": []}
     text = summary(report)
     assert "INCOMPLETE" in text and "in/x.parquet" in text and "empty_prompt" in text
     # a lost node and how each replica ended (pipeline/report.py) reach the console too
@@ -519,7 +516,7 @@ def test_binary_ids_are_compared_exactly(tmp_path):
     plan = make_plan(cfg(input=str(src), output=str(tmp_path / "out")).validate())
     assert plan.ids["duplicate_rows"] == 1 and plan.ids["null_ids"] == 1 and plan.ids["duplicate_ids"] == 1
     errors = dict(plan.units[0].row_errors)
-    assert set(errors) == {2, 5} and errors[2].startswith("duplicate_id: id b'a' already appeared at part-0.parquet row 0")
+    assert set(errors) == {2, 5} and str(errors[2]).startswith("duplicate_id: id b'a' already appeared at part-0.parquet row 0")
 
 
 def test_markers_and_hidden_files_are_never_inputs_and_input_inside_output_is_refused(tmp_path):
@@ -531,7 +528,7 @@ def test_markers_and_hidden_files_are_never_inputs_and_input_inside_output_is_re
     for pattern in (str(src), str(src / "*"), str(src / "**")):
         plan = make_plan(cfg(input=pattern, output=str(tmp_path / "out"), check_duplicate_ids=False).validate())
         assert [os.path.basename(u.input_uri) for u in plan.units] == ["part-00000.parquet", "part-00001.parquet"]
-        assert not plan.bad_shards
+        assert not plan.bad_inputs
     with pytest.raises(ConfigError, match="is inside the output directory"):
         make_plan(cfg(input=str(src), output=str(tmp_path)).validate())
 
@@ -583,7 +580,7 @@ def test_label_review_findings(tmp_path, capsys):
 
 def test_resume_checks_only_what_the_task_depends_on(tmp_path):
     """A label rerun with other --stop or (without --calibrate) other content-free inputs resumes;
-    another --choice-score is refused; an older footer without `columns` resumes; a rerun with
+    another --choice-score is refused; a rerun with
     another --low-margin counts its close calls again from the files."""
     import dataclasses
 
@@ -592,7 +589,7 @@ def test_resume_checks_only_what_the_task_depends_on(tmp_path):
     base = cfg(task="label", choices=["yes", "no"], input=str(src), output=str(tmp_path / "out"),
                low_margin=0.9).validate()
     plan = make_plan(base)
-    runner = ShardRunner(base, plan.schema, engine=FakeEngine())
+    runner = UnitRunner(base, plan.schema, engine=FakeEngine())
     for unit in plan.units:
         assert runner.run_unit(unit)["status"] == "done"
     for change in (dict(stop=["x"]), dict(content_free_inputs=["none"]), dict(max_new_tokens=9)):
@@ -601,14 +598,6 @@ def test_resume_checks_only_what_the_task_depends_on(tmp_path):
         make_plan(dataclasses.replace(base, choice_score="mean"))
     with pytest.raises(ConfigError, match="calibrate=False \\(now True\\)"):
         make_plan(dataclasses.replace(base, calibrate=True))
-    # an output written before footers recorded `columns`
-    path = tmp_path / "out" / "part-00000.parquet"
-    table = pq.read_table(path)
-    meta = json.loads(pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"])
-    del meta["result_config"]["columns"]
-    with pq.ParquetWriter(path, table.schema) as writer:
-        writer.write_table(table)
-        writer.add_key_value_metadata({"persimmon_batch": json.dumps(meta)})
     again = make_plan(base)
     assert len(again.done) == 2
     from pipeline.api import build_report
@@ -622,7 +611,7 @@ def test_resume_checks_only_what_the_task_depends_on(tmp_path):
     # the same with JSONL outputs: margins are counted again from the JSON lines
     as_jsonl = dataclasses.replace(base, output=str(tmp_path / "out_jsonl"), output_format="jsonl").validate()
     plan = make_plan(as_jsonl)
-    runner = ShardRunner(as_jsonl, plan.schema, engine=FakeEngine())
+    runner = UnitRunner(as_jsonl, plan.schema, engine=FakeEngine())
     assert [runner.run_unit(u)["status"] for u in plan.units] == ["done", "done"]
     again = make_plan(dataclasses.replace(as_jsonl, low_margin=0.5))
     assert len(again.done) == 2
@@ -642,7 +631,7 @@ def test_a_generate_rerun_with_other_sampling_settings_is_refused(tmp_path, chan
     base = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), temperature=0.7, top_k=20,
                top_p=0.95, seed=1, truncate="left").validate()
     plan = make_plan(base)
-    assert ShardRunner(base, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])["status"] == "done"
+    assert UnitRunner(base, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])["status"] == "done"
     assert len(make_plan(base).done) == 1
     (name,) = change
     with pytest.raises(ConfigError, match=f"different settings: {name}="):
@@ -661,7 +650,7 @@ def test_no_check_duplicate_ids_runs_every_row(tmp_path):
     config = cfg(input=str(src), output=str(tmp_path / "o2"), check_duplicate_ids=False).validate()
     plan = make_plan(config)
     assert plan.units[0].row_errors == [] and not plan.ids
-    ShardRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])
+    UnitRunner(config, plan.schema, engine=FakeEngine()).run_unit(plan.units[0])
     out = pq.read_table(tmp_path / "o2" / "part-0.parquet")
     assert out["id"].to_pylist() == [1, 2, 1, None] and out["error"].null_count == 4
     assert out["completion"].to_pylist() == ["a", "b", "c", "d"]  # the echo engine reverses one letter
@@ -685,7 +674,7 @@ def test_rerun_review_findings(tmp_path, monkeypatch, caplog):
     pq.write_table(pa.table({"id": [0, 1], "prompt": ["ab", "cd"]}), src / "b.parquet")
     config = cfg(input=str(src), output=str(tmp_path / "out")).validate()
     plan = make_plan(config)
-    runner = ShardRunner(config, plan.schema, engine=FakeEngine())
+    runner = UnitRunner(config, plan.schema, engine=FakeEngine())
     assert runner.run_unit(plan.units[0])["status"] == "done"
     # the same bytes count, other rows (swapped): stale, not skipped
     time.sleep(0.01)
@@ -700,14 +689,14 @@ def test_rerun_review_findings(tmp_path, monkeypatch, caplog):
     for unit in grown.todo:
         runner.run_unit(unit)
     b = pq.read_table(tmp_path / "out" / "b.parquet").to_pylist()
-    assert b[1]["error"].startswith("duplicate_id: id 1 already appeared at a.parquet row 0")
+    assert error_of(b[1]) == ("duplicate_id", "id 1 already appeared at a.parquet row 0")
     # a runner never skips an output written with other settings (a late replica of another run)
-    other = ShardRunner(dataclasses.replace(config, max_new_tokens=9), plan.schema, engine=FakeEngine())
+    other = UnitRunner(dataclasses.replace(config, max_new_tokens=9), plan.schema, engine=FakeEngine())
     assert other.run_unit(grown.units[1])["status"] == "done"
     # output inside the input tree through a symlink: still excluded
     (tmp_path / "link").symlink_to(src, target_is_directory=True)
     via_link = make_plan(cfg(input=str(src), output=str(tmp_path / "link" / "out"), check_duplicate_ids=False).validate())
-    via_link_runner = ShardRunner(via_link_cfg := cfg(input=str(src), output=str(tmp_path / "link" / "out"),
+    via_link_runner = UnitRunner(via_link_cfg := cfg(input=str(src), output=str(tmp_path / "link" / "out"),
                                                       check_duplicate_ids=False).validate(),
                                   via_link.schema, engine=FakeEngine())
     for unit in via_link.units:
@@ -786,33 +775,20 @@ def test_model_identity_sees_a_layer_retrained_in_the_middle(tmp_path):
 
 def test_each_task_is_declared_once_and_everything_reads_the_declaration():
     from pipeline.plan import result_fields
-    from pipeline.stages import STAGES
-    from pipeline.tasks import TASK_SETTINGS, TASKS
+    from pipeline.stages import TASK_SETTINGS, TASKS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     for name, task in TASKS.items():
         kw = {"choices": ["yes", "no"]} if name == "label" else {}
-        stage = STAGES[name](cfg(task=name, **kw), engine=FakeEngine())
+        stage = task(cfg(task=name, **kw), engine=FakeEngine())
         out = stage({"id": [1, 2], "prompt": ["a", "b"]})
-        assert out.schema.names == ["id", *task.column_names]
-        assert [out.schema.field(c).type for c in task.column_names] == [t for _, t in task.columns]
+        assert out.schema.names == ["id", *(c for c, _ in task.columns)]
+        assert [out.schema.field(c).type for c, _ in task.columns] == [t for _, t in task.columns]
         flags = {a.dest for a in sub[name]._actions}
         assert set(task.settings) <= flags and not (TASK_SETTINGS - set(task.settings)) & flags, name
         assert set(task.result_settings) <= set(result_fields(cfg(task=name, **kw)))
         assert sub[name].description == task.description
-
-
-def test_old_names_of_unit_settings_still_read():
-    with pytest.warns(FutureWarning, match="rows_per_task is now rows_per_unit"):
-        c = PipelineConfig.from_dict({"task": "generate", "input": "i", "output": "o", "model": "m",
-                                      "rows_per_task": 50, "max-task-retries": 1})
-    assert (c.rows_per_unit, c.max_unit_retries) == (50, 1)
-    with pytest.raises(ConfigError, match="give rows_per_unit only"):
-        PipelineConfig.from_dict({"rows_per_task": 5, "rows_per_unit": 6})
-    args = build_parser().parse_args(["generate", "--input", "i", "--output", "o", "--model", "m",
-                                      "--rows-per-task", "7"])
-    assert config_from_args(args).rows_per_unit == 7
 
 
 def test_a_relative_model_dir_is_fixed_on_the_driver(tmp_path, monkeypatch):
@@ -830,35 +806,14 @@ def test_a_relative_model_dir_is_fixed_on_the_driver(tmp_path, monkeypatch):
         PipelineConfig.from_dict({**pinned.public_dict()})  # a report's config pasted back
 
 
-def test_renamed_yaml_keys_yield_to_flags_and_secrets_in_lists_are_masked(tmp_path):
-    path = tmp_path / "old.yaml"
-    path.write_text("input: in\noutput: out\nmodel: m\nrows_per_task: 2\n")
-    with pytest.warns(FutureWarning, match="rows_per_task is now rows_per_unit"):
-        args = build_parser().parse_args(["generate", "--config", str(path), "--rows-per-unit", "5"])
-        assert config_from_args(args).rows_per_unit == 5  # the flag wins, as for every option
+def test_yaml_keys_yield_to_flags_and_secrets_in_lists_are_masked(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: in\noutput: out\nmodel: m\nrows_per_unit: 2\n")
+    args = build_parser().parse_args(["generate", "--config", str(path), "--rows-per-unit", "5"])
+    assert config_from_args(args).rows_per_unit == 5  # the flag wins, as for every option
     secret = PipelineConfig(task="generate", input=["s3://AKIA:topse,cret@b/x.parquet", "s3://b/y.parquet"],
                             output="o", model="m")
     assert "topse" not in repr(secret) and "topse" not in json.dumps(secret.public_dict())
     one = PipelineConfig(task="generate", input="s3://AKIA:topse,cret@b/x.parquet", output="o", model="m")
     with pytest.raises(ConfigError, match="carries credentials"):  # refused whole, not split at its comma
         one.validate()
-
-
-def test_outputs_from_before_row_range_units_still_resume(tmp_path):
-    """Footers written before JSONL/CSV units recorded no `first_row` in their fingerprint."""
-    write_shards(str(tmp_path / "in"), shards=2, rows=4)
-    base = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out")).validate()
-    plan = make_plan(base)
-    runner = ShardRunner(base, plan.schema, engine=FakeEngine())
-    assert [runner.run_unit(u)["status"] for u in plan.units] == ["done", "done"]
-    path = tmp_path / "out" / "part-00000.parquet"
-    table = pq.read_table(path)
-    meta = json.loads(pq.ParquetFile(path).metadata.metadata[b"persimmon_batch"])
-    del meta["input_fingerprint"]["first_row"]
-    for key in ("output_format",):
-        meta["result_config"].pop(key, None)
-    with pq.ParquetWriter(path, table.schema) as writer:
-        writer.write_table(table)
-        writer.add_key_value_metadata({"persimmon_batch": json.dumps(meta)})
-    again = make_plan(base)
-    assert len(again.done) == 2 and not again.stale

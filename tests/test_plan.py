@@ -4,7 +4,7 @@ match what the run then does.
 - The plan's rows, units, committed / stale / overwritten outputs and ids are those the run uses.
 - Nothing is written and Ray is never imported; exit 2 where the task command would exit 2.
 - Prompt-token statistics against the run itself: the tiny model's engine, called through the
-  real ShardRunner in this process, reports each row's prompt tokens and refuses the rows the
+  real UnitRunner in this process, reports each row's prompt tokens and refuses the rows the
   plan counts as too long (generate, label, classify; few-shot prefix and chat template on).
 - A run whose units are all committed prints the plan's summary lines first.
 """
@@ -30,8 +30,7 @@ from pipeline.api import _checked
 from pipeline.cli import main
 from pipeline.plan import describe, make_plan, summary_lines
 from pipeline.prompt_stats import percentiles
-from pipeline.runner import ShardRunner
-from pipeline.stages import error_kind
+from pipeline.unit_runner import UnitRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +46,7 @@ def commit(config: PipelineConfig, engine, units=None) -> None:
     config = _checked(config)
     plan = make_plan(config)
     os.makedirs(config.output, exist_ok=True)
-    runner = ShardRunner(config, plan.schema, engine=engine)
+    runner = UnitRunner(config, plan.schema, engine=engine)
     for unit in plan.todo if units is None else [u for u in plan.todo if u.output_name in units]:
         assert runner.run_unit(unit)["status"] == "done"
 
@@ -115,7 +114,7 @@ def test_plan_exits_2_where_the_run_would_and_never_imports_ray(tmp_path):
     assert bad_model.returncode == 2 and "does not exist" in bad_model.stderr
     classifier = plan("--input", str(src / "part-00000.parquet"), "--model", tiny_model("causal"), "--top-p", "2")
     assert classifier.returncode == 2 and "top_p" in classifier.stderr
-    ok = plan("--input", str(src), "--model", tiny_model("causal"), "--on-bad-shard", "skip")
+    ok = plan("--input", str(src), "--model", tiny_model("causal"), "--on-bad-input", "skip")
     assert ok.returncode == 0, ok.stderr
     assert "6 rows: 0 already committed, 2 to run (6 rows); 1 bad file(s) skipped" in ok.stdout
     assert f"! {src}/bad.parquet: unreadable Parquet" in ok.stdout
@@ -173,7 +172,7 @@ def test_prompt_statistics_are_what_the_engine_counts(tmp_path, task):
     assert stats["exact"] and stats["rows_read"] == n and stats["rows_not_run"] == 2  # the null prompt, the repeat
 
     commit(short, Engine.from_pretrained(tiny_model("causal"), max_seq_len=limit, max_batch_size=8, device="cpu"))
-    kinds = Counter(error_kind(e) for e in read_output(str(tmp_path / "short"))["error"].to_pylist())
+    kinds = Counter(read_output(str(tmp_path / "short"))["error_kind"].to_pylist())
     assert stats["rows_over_limit"] == kinds["prompt_too_long"] > 3
     assert stats["limit"] == {"name": "max_seq_len", "tokens": limit, "over": "prompt_too_long"}
     if task == "generate":
@@ -195,7 +194,7 @@ def test_classify_counts_rows_past_the_models_positions(tmp_path):
     stats = dry_run(config, sample_rows=0)["prompt_tokens"]
     assert stats["limit"]["name"] == "max_position_embeddings"  # classify ignores max_seq_len, as the engine does
     commit(config, Engine.from_pretrained(tiny_model("sequence_classification"), device="cpu"))
-    kinds = Counter(error_kind(e) for e in read_output(str(tmp_path / "out"))["error"].to_pylist())
+    kinds = Counter(read_output(str(tmp_path / "out"))["error_kind"].to_pylist())
     assert stats["rows_over_limit"] == kinds["prompt_too_long"] == 1
 
 

@@ -41,8 +41,8 @@ def reference(files: list[tuple[str, str, list]]) -> tuple[dict[str, list], dict
             else:
                 furi, fname, frow = first_at[value]
                 repeated.add(value)
-                errors[name].append([row, f"duplicate_id: id {ids_mod._short(value)} already appeared at {fname} "
-                                          f"row {frow}"])
+                errors[name].append([row, ("duplicate_id", f"id {ids_mod._short(value)} already appeared at {fname} "
+                                                           f"row {frow}")])
                 summary["duplicate_rows"] += 1
                 if len(summary["examples"]) < 10:
                     summary["examples"].append({"id": ids_mod._short(value), "first": f"{furi} row {frow}",
@@ -163,8 +163,8 @@ def test_jsonl_and_csv_ids_keep_their_exact_semantics(tmp_path):
         plan = make_plan(cfg)
         assert planned_errors(plan) == {n: e for n, e in want_errors.items() if e}
     assert planned_errors(plan) == {"c.csv": [[2, ids_mod.NULL_ID],
-                                              [3, "duplicate_id: id '001' already appeared at c.csv row 0"]],
-                                    "d.csv": [[0, "duplicate_id: id '1' already appeared at c.csv row 1"]]}
+                                              [3, ("duplicate_id", "id '001' already appeared at c.csv row 0")]],
+                                    "d.csv": [[0, ("duplicate_id", "id '1' already appeared at c.csv row 1")]]}
 
 
 def test_a_file_that_changes_while_planned_is_an_input_error(tmp_path, monkeypatch):
@@ -190,7 +190,7 @@ def test_a_file_that_changes_while_planned_is_an_input_error(tmp_path, monkeypat
 
 
 def test_ids_that_are_not_scalars_are_a_config_error(tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.settings import ConfigError
 
     write_parquet(tmp_path / "in", [[[1], [2]]], pa.list_(pa.int64()))
     with pytest.raises(ConfigError, match="ids must be scalars"):

@@ -10,7 +10,7 @@ import math
 import jsonschema
 import pyarrow as pa
 import pytest
-from pipeline_fixtures import PROMPTS, tiny_model
+from pipeline_fixtures import PROMPTS, error_of, tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import GenerateStage, PipelineConfig
@@ -78,8 +78,8 @@ def test_rows_override_the_run_settings_and_bad_values_fail_only_their_row(engin
             (ref.text, ref.finish_reason, ref.num_generated_tokens), (i, params)
         assert rows[i]["error"] is None
     assert rows[0]["num_generated_tokens"] == 2 and rows[2]["num_generated_tokens"] <= 7
-    assert rows[4]["error"] == "invalid_sampling: temperature must be a number >= 0, got -1"
-    assert rows[5]["error"] == "invalid_sampling: top_k must be an integer, got 2.5"
+    assert error_of(rows[4]) == ("invalid_sampling", "temperature must be a number >= 0, got -1")
+    assert error_of(rows[5]) == ("invalid_sampling", "top_k must be an integer, got 2.5")
     assert rows[4]["completion"] is None and rows[4]["id"] == 4 and rows[5]["id"] == 5
     # the sampled row really sampled: another seed gives another text for at least one of a few seeds
     others = {direct(engine, prompts[3], max_new_tokens=4, temperature=0.9, seed=s).text for s in range(8, 14)}
@@ -94,8 +94,8 @@ def test_jsonl_rows_with_mixed_types_keep_their_neighbours(engine, tmp_path):
              {"id": 5, "prompt": PROMPTS[4], "stop": 9}]
     raw = "".join(json.dumps(x) + "\n" for x in lines).encode()
     table, errors = JsonlInput()._parse(raw, cfg())
-    assert errors == {2: "invalid_sampling: temperature 'hot' is not a number (line 3)",
-                      4: "invalid_sampling: stop must be a string or a list of strings, got 9 (line 5)"}
+    assert errors == {2: ("invalid_sampling", "temperature 'hot' is not a number (line 3)"),
+                      4: ("invalid_sampling", "stop must be a string or a list of strings, got 9 (line 5)")}
     assert table["temperature"].to_pylist() == [0, 0.5, None, None, None]
     rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
     ref = [direct(engine, PROMPTS[0], max_new_tokens=4), direct(engine, PROMPTS[1], max_new_tokens=4,
@@ -103,7 +103,7 @@ def test_jsonl_rows_with_mixed_types_keep_their_neighbours(engine, tmp_path):
            None, direct(engine, PROMPTS[3], max_new_tokens=2, stop=["zz", "q"]), None]
     for r, c in zip(rows, ref):
         if c is None:
-            assert r["error"].startswith("invalid_sampling: ") and r["completion"] is None
+            assert r["error_kind"] == "invalid_sampling" and r["completion"] is None
         else:
             assert (r["completion"], r["error"]) == (c.text, None)
 
@@ -116,7 +116,7 @@ def test_csv_settings_are_text_and_parse_per_row(engine):
     table, errors = CsvInput()._parse(raw, cfg())
     rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
     assert rows[0]["completion"] == direct(engine, PROMPTS[0], max_new_tokens=3).text
-    assert rows[1]["error"] == "invalid_sampling: top_p must be a number in (0, 1], got 0"
+    assert error_of(rows[1]) == ("invalid_sampling", "top_p must be a number in (0, 1], got 0")
     assert rows[2]["completion"] == direct(engine, PROMPTS[2], max_new_tokens=4).text
 
 
@@ -134,7 +134,7 @@ def test_a_row_schema_constrains_only_that_row(engine):
         assert rows[0]["parsed"] is None
     assert rows[1]["completion"] == direct(engine, PROMPTS[1], max_new_tokens=24).text
     assert rows[1]["parsed"] is None
-    assert rows[2]["error"].startswith("invalid_sampling: json_schema is not JSON")
+    assert str(error_of(rows[2])).startswith("invalid_sampling: json_schema is not JSON")
 
 
 def test_other_tasks_ignore_setting_columns(engine):

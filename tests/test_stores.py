@@ -2,7 +2,7 @@
 committing each unit exactly once, resume, the output lease, and credentials in fsspec URLs.
 
 memory:// lives in one process, so Ray replicas (other processes) cannot see it: these tests
-drive `make_plan` and `ShardRunner` in this process with an echo engine, as the replicas would;
+drive `make_plan` and `UnitRunner` in this process with an echo engine, as the replicas would;
 `run` refuses memory:// with a message saying so.
 """
 
@@ -24,7 +24,7 @@ from pipeline import ConfigError, PipelineConfig, run
 from pipeline.cli import main
 from pipeline.lease import LEASE_NAME, Lease
 from pipeline.plan import make_plan
-from pipeline.runner import ShardRunner
+from pipeline.unit_runner import UnitRunner
 from pipeline.storage import resolve
 
 MEM = fsspec.filesystem("memory")
@@ -88,7 +88,7 @@ def test_memory_store_commits_each_unit_once_and_resumes(root, output_format):
         plan = make_plan(cfg)
         assert sorted(u.output_name for u in plan.units) == names and not plan.done
         engine = EchoEngine()
-        runner = ShardRunner(cfg, plan.schema, engine=engine)
+        runner = UnitRunner(cfg, plan.schema, engine=engine)
         first = {u.output_name: runner.run_unit(u) for u in plan.units if u.output_name != names[0]}
         assert [s["status"] for s in first.values()] == ["done", "done"], first
         assert files(root, "out") == sorted([LEASE_NAME, *names[1:]] + (
@@ -146,7 +146,7 @@ def test_credentials_in_fsspec_urls_are_refused_and_masked(url, capsys):
 
 def _run_units(cfg) -> dict:
     plan = make_plan(cfg)
-    runner = ShardRunner(cfg, plan.schema, engine=EchoEngine())
+    runner = UnitRunner(cfg, plan.schema, engine=EchoEngine())
     return {u.output_name: runner.run_unit(u)["status"] for u in plan.todo}
 
 
@@ -172,7 +172,7 @@ def test_a_glob_at_the_root_of_a_store_names_its_files(root):
     with fs.open_output_stream(f"/{name}") as f:
         pq.write_table(shard_tables(1, 2)[0], f)
     try:
-        from pipeline.storage import list_inputs
+        from pipeline.plan import list_inputs
 
         (found,) = list_inputs(f"memory://{root}-top.parq*", config(root))
         assert found.loc.uri == f"memory://{name}" and found.name == name

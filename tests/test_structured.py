@@ -108,7 +108,7 @@ def test_pipeline_generate_with_a_schema_file_fills_parsed(tmp_path):
 
     from pipeline import PipelineConfig
     from pipeline.attachments import load_attachments
-    from pipeline.config import ConfigError
+    from pipeline.settings import ConfigError
     from pipeline.stages import GenerateStage
 
     schema_file = tmp_path / "schema.json"

@@ -1,30 +1,39 @@
 """One config object for every way of running the pipeline: CLI flags, YAML files, Python.
 
-Every field carries its help text (`metadata["help"]`); the CLI builds its flags from these
+`PipelineConfig` is a pydantic dataclass: each setting is declared once, with its type, its
+constraints and its help text (`Field(description=...)`). The CLI builds its flags from these
 fields, so `persimmon-batch <task> --help`, the YAML keys of `jobs/configs/*.yaml` and the
-keyword arguments of `PipelineConfig(...)` are the same names with the same meaning.
+keyword arguments of `PipelineConfig(...)` are the same names with the same meaning and the
+same checks. Types are strict (a quoted "false" is not a boolean, "64" is not a number); an
+unknown key is refused with the closest known one. Every refusal is a `ConfigError` naming the
+field. Settings that depend on each other (and on the task) are checked by `validate()`; the
+sampling settings by the engine's own `SamplingParams` (`row_settings.sampling_params`), as
+each row's own settings are.
 
-Fields marked `secret` (object-store credentials) are never printed, logged or written to the
-run report: see `PipelineConfig.public_dict()`.
+Object-store credentials are `SecretStr`: never printed, logged or written to the run report
+(`PipelineConfig.public_dict()`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import os
 import re
 import string
-import warnings
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import fields
+from typing import Literal, Optional, Union, get_args
 
+from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+from .errors import ConfigError
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
-from .tasks import TASK_NAMES, TASKS
+from .row_settings import SettingError, sampling_params
+from .stages import TASK_NAMES, TASKS
 
-# old config keys still read (with a warning): one name, "unit", for the piece of work that is
-# committed, retried and resumed as a whole
-RENAMED = {"rows_per_task": "rows_per_unit", "max_task_retries": "max_unit_retries"}
 # set by the driver (pipeline.api.run), never taken from a user: a report's config pasted back
 # must not pin another commit, directory or identity
 DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
@@ -46,68 +55,110 @@ def mask_uri(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
+def _f(default, help, cli: bool = True, **constraints):
+    """A setting's default, help text (its flag's --help and its YAML key's meaning) and
+    constraints; `cli=False`: no flag (set in YAML or Python, or by the driver)."""
+    extra = None if cli else {"cli": False}
+    if isinstance(default, list):
+        return Field(default_factory=lambda: list(default), description=help, json_schema_extra=extra, **constraints)
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
-def _f(default, help, **meta):
-    """A dataclass field with its help text (and optional CLI metadata)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+def _config_errors(cls):
+    """Construction (also `dataclasses.replace`) raises ConfigError naming the field, not
+    pydantic's ValidationError."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as e:
+            raise _config_error(e, {f.name for f in fields(cls)}) from None
+
+    cls.__init__ = __init__
+    return cls
 
 
-@dataclass
+_KINDS = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
+          "string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _config_error(e: ValidationError, known: set[str]) -> ConfigError:
+    """The first problem pydantic found, as one line naming the field."""
+    err = e.errors()[0]
+    name, value, kind, ctx = str(err["loc"][0]) if err["loc"] else "config", err["input"], err["type"], err.get("ctx", {})
+    if kind == "unexpected_keyword_argument":
+        match = difflib.get_close_matches(name, known, 1)
+        return ConfigError(f"unknown config keys: {name}" + (f" (did you mean {match[0]}?)" if match else ""))
+    if len(err["loc"]) > 1 and isinstance(err["loc"][1], int):  # an item of a list of strings
+        return ConfigError(f"{name}: every item must be a string, got {type(value).__name__} {value!r:.60} "
+                           "(quote it in YAML: yes / no / numbers are not strings there)")
+    if kind in _KINDS:
+        return ConfigError(f"{name}: expected {_KINDS[kind]}, got {type(value).__name__} {value!r:.80}"
+                           + (" (quoted in YAML?)" if isinstance(value, str) else ""))
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return ConfigError(f"{name}: must be {_BOUNDS[kind]} {bound}, got {value!r}")
+    if kind == "literal_error":
+        return ConfigError(f"{name}: must be one of {ctx['expected']}, got {value!r}")
+    if kind == "finite_number":
+        return ConfigError(f"{name}: must be a finite number, got {value!r}")
+    return ConfigError(f"{name}: {err['msg']}, got {value!r:.80}")
+
+
+@_config_errors
+@dataclass(config=ConfigDict(strict=True, extra="forbid"), repr=False)
 class PipelineConfig:
     # ---- what to run ----------------------------------------------------------------------
-    task: str = _f("generate", "generate: complete each prompt; classify: sequence-classification "
+    task: Literal[TASK_NAMES] = _f("generate", "generate: complete each prompt; classify: sequence-classification "
                    "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM "
-                   "by scoring --choices.", choices=TASK_NAMES, cli=False)
-    input: Any = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// (or gs://, "
+                   "by scoring --choices.", cli=False)
+    input: Union[str, list[str], None] = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// (or gs://, "
                     "abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated "
-                    "list of files.", required=True)
-    output: str = _f(None, "Output directory URI. One output file per input file (or per "
-                     "--rows-per-unit slice) plus _run_report.json.", required=True)
-    input_format: str = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / .json / .ndjson, "
+                    "list of files.")
+    output: Optional[str] = _f(None, "Output directory URI. One output file per input file (or per "
+                     "--rows-per-unit slice) plus _run_report.json.")
+    input_format: Literal[INPUT_FORMAT_NAMES] = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / .json / .ndjson, "
                            "also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI Batch API "
-                           "request lines: custom_id, url, body; generate only).",
-                           choices=INPUT_FORMAT_NAMES)
-    output_format: str = _f("auto", "Output format: parquet, jsonl (one JSON object per row; statistics in "
+                           "request lines: custom_id, url, body; generate only).")
+    output_format: Literal[OUTPUT_FORMAT_NAMES] = _f("auto", "Output format: parquet, jsonl (one JSON object per row; statistics in "
                             "_stats/) or openai-batch (OpenAI Batch API output lines). auto = openai-batch "
-                            "for openai-batch input, else parquet.", choices=OUTPUT_FORMAT_NAMES)
-    model: str = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
+                            "for openai-batch input, else parquet.")
+    model: Optional[str] = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
                     "tokenizer.model): a local directory, an object-store URI (downloaded once "
                     "per node into --model-cache-dir) or a Hugging Face hub id: owner/name[@revision] "
                     "when no such local path exists, or hf://owner/name[@revision] (fetched once per "
-                    "node into its HF cache; needs the `hub` extra).", required=True)
+                    "node into its HF cache; needs the `hub` extra).")
     # ---- columns ----------------------------------------------------------------------------
     id_column: str = _f("id", "Input column with a unique row id, copied to the output.")
     prompt_column: str = _f("prompt", "Input column with the prompt (or text to classify).")
-    keep_columns: list = _f([], "Extra input columns copied unchanged to the output (comma-separated).")
+    keep_columns: list[str] = _f([], "Extra input columns copied unchanged to the output (comma-separated).")
     prompt_template: str = _f("{prompt}", "Python format string applied to each prompt; must "
                               "contain {prompt}. For `label`, e.g. 'Review: {prompt}\\nSentiment:' "
                               "(on the command line \\n is a newline).")
     chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as "
                              "'human: {prompt}\\n\\nadept:' for Persimmon-8B-chat.")
-    choices: list = _f([], "label task: the candidate labels (comma-separated). Each row gets the "
+    choices: list[str] = _f([], "label task: the candidate labels (comma-separated). Each row gets the "
                        "choice with the highest log-likelihood after the prompt (calibrated with "
                        "--calibrate). generate: the completion is constrained to be one of them.")
     choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's "
                                "tokens are those the text prompt + separator + choice adds after the "
                                "prompt's own tokens (as lm-evaluation-harness).")
-    choice_score: str = _f("sum", "label task: 'sum' = total log-likelihood of a choice's tokens; "
+    choice_score: Literal["sum", "mean"] = _f("sum", "label task: 'sum' = total log-likelihood of a choice's tokens; "
                            "'mean' = per token, so multi-token labels are not penalised for their "
-                           "length.", choices=("sum", "mean"))
+                           "length.")
     calibrate: bool = _f(False, "label task: contextual calibration (Zhao et al. 2021): score the "
                          "template filled with each --content-free-inputs once, average their "
                          "probabilities over the choices into p_cf, and report probs "
                          "proportional to softmax(scores) / p_cf (the label follows them).")
-    content_free_inputs: list = _f(["N/A", "", "[MASK]"], "label task, --calibrate: inputs that carry "
+    content_free_inputs: list[str] = _f(["N/A", "", "[MASK]"], "label task, --calibrate: inputs that carry "
                                    "no content, each put through the prompt template "
                                    "(comma-separated; an empty item is the empty string).")
     low_margin: float = _f(0.1, "label task: rows whose top-1 minus top-2 probability is below this "
-                           "are counted in the run report (where to review).")
-    examples: Any = _f(None, "Few-shot examples: a JSONL file (local or object store) of {prompt, "
+                           "are counted in the run report (where to review).", ge=0, le=1)
+    examples: Union[str, list[dict], None] = _f(None, "Few-shot examples: a JSONL file (local or object store) of {prompt, "
                        "label} rows (label task) or {prompt, completion} rows (generate). Each is "
                        "rendered through the prompt template, then the choice separator (label) or "
                        "a space (generate), its answer and a blank line; the result prefixes every "
@@ -117,64 +168,61 @@ class PipelineConfig:
     temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")
     top_k: int = _f(0, "generate: keep the k most likely tokens when sampling; 0 = off.")
     top_p: float = _f(1.0, "generate: nucleus sampling mass; 1.0 = off.")
-    stop: list = _f([], "generate: stop strings (comma-separated); not included in the output.")
-    json_schema: Any = _f(None, "generate: a JSON schema file (local or object store; or the schema "
+    stop: list[str] = _f([], "generate: stop strings (comma-separated); not included in the output.")
+    json_schema: Union[str, dict, None] = _f(None, "generate: a JSON schema file (local or object store; or the schema "
                           "itself as a dict in YAML / Python): every completion is JSON matching it "
                           "(constrained decoding with llguidance). The `parsed` column holds the JSON "
                           "of rows that finished (null when cut off by --max-new-tokens).")
-    regex: Any = _f(None, "generate: every completion matches this regular expression (constrained "
+    regex: Optional[str] = _f(None, "generate: every completion matches this regular expression (constrained "
                     "decoding).")
-    seed: Any = _f(None, "generate: base seed for sampling. Each row uses a seed derived from "
-                   "this and its id, so retried or resumed rows give the same text.", type=int)
-    truncate: Any = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
-                       "last tokens that fit.", choices=(None, "left"))
-    max_seq_len: Any = _f(None, "Cap on prompt + generated tokens per row (default: the model's "
+    seed: Optional[int] = _f(None, "generate: base seed for sampling. Each row uses a seed derived from "
+                   "this and its id, so retried or resumed rows give the same text.")
+    truncate: Optional[Literal["left"]] = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
+                       "last tokens that fit.")
+    max_seq_len: Optional[int] = _f(None, "Cap on prompt + generated tokens per row (default: the model's "
                           "max_position_embeddings, 16384 for Persimmon-8B). A cap only: KV memory is "
-                          "sized by --kv-cache-gib / --memory-fraction, not by this.", type=int)
+                          "sized by --kv-cache-gib / --memory-fraction, not by this.", ge=2)
     # ---- replicas and resources ------------------------------------------------------------
-    replicas: Any = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to "
+    replicas: str = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to "
                        "autoscale between MIN and MAX.")
     num_gpus_per_replica: float = _f(0.0, "GPUs per replica; fractional values pack several "
-                                     "replicas on one GPU (e.g. 0.5). 0 = CPU.")
-    num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.")
+                                     "replicas on one GPU (e.g. 0.5). 0 = CPU.", ge=0)
+    num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.", ge=0)
     batch_size: int = _f(256, "Rows per engine call: a replica reads this many input rows at a time "
                          "and hands them to its engine at once (the unit of progress and of "
                          "--batch-timeout-s). Costs no KV memory by itself: the engine runs up to "
-                         "--max-num-seqs of them at a time, as many as its KV cache holds.")
+                         "--max-num-seqs of them at a time, as many as its KV cache holds.", ge=1)
     max_num_seqs: int = _f(256, "Most rows in flight in one replica's engine (the engine's "
                            "max_batch_size). A cap, not a reservation: how many rows actually run at "
-                           "once is decided by the KV cache (rows of short prompts fit many more).")
-    kv_cache_gib: Any = _f(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the device "
+                           "once is decided by the KV cache (rows of short prompts fit many more).", ge=1)
+    kv_cache_gib: Optional[float] = _f(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the device "
                            "memory free after the weights load (a replica with "
                            "--num-gpus-per-replica < 1, or a CPU replica, counts only its share of "
-                           "the device), less activation headroom. See `persimmon-batch capacity`.",
-                           type=float)
+                           "the device), less activation headroom. See `persimmon-batch capacity`.", gt=0, allow_inf_nan=False)
     memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV "
-                                "cache and activations when --kv-cache-gib is unset.")
-    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 for GPU replicas, i.e. "
-                    "--num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.",
-                    choices=("auto", "float32", "bfloat16", "float16"))
-    device: str = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or cuda.",
-                     choices=("auto", "cpu", "cuda"))
+                                "cache and activations when --kv-cache-gib is unset.", gt=0, le=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype: auto (bfloat16 for GPU replicas, i.e. "
+                    "--num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or cuda.")
     rows_per_unit: int = _f(0, "Split input files into units of about this many rows (Parquet: at "
                             "row-group boundaries). A unit is what is committed, retried and "
-                            "resumed as a whole, and gets its own output file; 0 = one unit per file.")
+                            "resumed as a whole, and gets its own output file; 0 = one unit per file.", ge=0)
     replica_start_timeout_s: int = _f(900, "Wait this long for the minimum number of replicas to "
                                       "be up (placed and model loaded) before any work is sent; "
                                       "then fail with a clear error instead of hanging when they "
                                       "cannot be placed. Leave room for the autoscaler to add GPU "
-                                      "nodes. 0 = wait forever.")
+                                      "nodes. 0 = wait forever.", ge=0)
     max_unit_retries: int = _f(3, "Times a unit is retried after its replica dies (OOM, "
-                               "segfault, lost node, killed as stuck) before it is reported failed.")
+                               "segfault, lost node, killed as stuck) before it is reported failed.", ge=0)
     batch_timeout_s: float = _f(900.0, "Fail fast instead of hanging: a replica that finishes no "
                                 "batch (--batch-size rows) for this long is reported as stuck "
                                 "and restarted, and its unit retried (up to --max-unit-retries, "
-                                "then reported failed). 0 = never.")
+                                "then reported failed). 0 = never.", ge=0)
     io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): "
                          "each failed storage call (list, read, write, commit) is retried this "
                          "many times (on top of the S3 client's 3 quick attempts), and a unit "
                          "whose input read or output write fails mid-stream is redone this many "
-                         "times. Errors that persist name the URI.")
+                         "times. Errors that persist name the URI.", ge=0)
     # ---- resume and bad input -------------------------------------------------------------
     resume: bool = _f(True, "Skip units whose output file is already committed (safe to rerun "
                       "after a crash). --no-resume with existing output is an error unless "
@@ -182,57 +230,73 @@ class PipelineConfig:
     overwrite: bool = _f(False, "Delete committed outputs of this run's units and recompute them.")
     check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: "
                                    "a row whose id already appeared earlier (in input order) and a "
-                                   "row with a null id get `error` set (kinds duplicate_id, "
+                                   "row with a null id get an error (error_kind duplicate_id, "
                                    "invalid_id) instead of a result, and the run report counts "
                                    "them. Driver memory follows the files and the flagged rows, not "
                                    "the row count; --no-check-duplicate-ids skips the check.")
-    on_bad_shard: str = _f("error", "An unreadable input file, one missing a column, or an empty "
+    on_bad_input: Literal["error", "skip"] = _f("error", "An unreadable input file, one missing a column, or an empty "
                            "one: 'error' stops before any model work; 'skip' leaves it out and "
-                           "lists it in the run report.", choices=("error", "skip"))
+                           "lists it in the run report.")
     # ---- storage ---------------------------------------------------------------------------
-    s3_endpoint: Any = _f(None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO "
+    s3_endpoint: Optional[str] = _f(None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO "
                           "(env PERSIMMON_S3_ENDPOINT or AWS_ENDPOINT_URL). Unset = AWS.")
-    s3_region: Any = _f(None, "S3 region (env AWS_REGION / AWS_DEFAULT_REGION).")
-    s3_access_key_id: Any = _f(None, "S3 access key; read from AWS_ACCESS_KEY_ID when unset. "
-                               "Unset everywhere = each node's default chain (instance role).",
-                               secret=True, cli=False)
-    s3_secret_access_key: Any = _f(None, "S3 secret key (env AWS_SECRET_ACCESS_KEY).",
-                                   secret=True, cli=False)
-    s3_session_token: Any = _f(None, "S3 session token (env AWS_SESSION_TOKEN).",
-                               secret=True, cli=False)
+    s3_region: Optional[str] = _f(None, "S3 region (env AWS_REGION / AWS_DEFAULT_REGION).")
+    s3_access_key_id: Optional[SecretStr] = _f(None, "S3 access key; read from AWS_ACCESS_KEY_ID when unset. "
+                               "Unset everywhere = each node's default chain (instance role).", cli=False)
+    s3_secret_access_key: Optional[SecretStr] = _f(None, "S3 secret key (env AWS_SECRET_ACCESS_KEY).", cli=False)
+    s3_session_token: Optional[SecretStr] = _f(None, "S3 session token (env AWS_SESSION_TOKEN).", cli=False)
     model_cache_dir: str = _f("~/.cache/persimmon-batch/models", "Per-node local cache for "
                               "models read from object storage.")
     # ---- Ray -------------------------------------------------------------------------------
-    ray_address: Any = _f(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a "
+    ray_address: Optional[str] = _f(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a "
                           "`ray job submit` job runs on; else start a local Ray).")
-    num_cpus: Any = _f(None, "Local Ray only: logical CPUs to start it with (default: "
-                       "max(8, 2 x cores), leaving Ray Data headroom on small machines).", type=int)
+    num_cpus: Optional[int] = _f(None, "Local Ray only: logical CPUs to start it with (default: "
+                       "max(8, 2 x cores), leaving Ray Data headroom on small machines).")
     progress: bool = _f(True, "Print a line per finished unit and a live progress line (rows, rows/s, "
                         "tokens/s, ETA, replicas busy, errors); every 30 s when stderr is not a terminal.")
     verbose: bool = _f(False, "Also show Ray's own INFO logs and Ray Data's progress bars (hidden by default).")
-    model_identity: Any = _f(None, "Set by the driver: a hash of the model's config, tokenizer and weight "
+    model_identity: Optional[str] = _f(None, "Set by the driver: a hash of the model's config, tokenizer and weight "
                              "headers, recorded with every output (a changed model is not resumed).",
                              cli=False)
-    model_commit: Any = _f(None, "Set by the driver for a Hugging Face hub model: the commit its revision "
+    model_commit: Optional[str] = _f(None, "Set by the driver for a Hugging Face hub model: the commit its revision "
                            "resolved to, so every replica loads the snapshot the driver checked.", cli=False)
-    model_dir: Any = _f(None, "Set by the driver for a local model: its absolute path, so every replica "
+    model_dir: Optional[str] = _f(None, "Set by the driver for a local model: its absolute path, so every replica "
                         "loads the directory the driver checked, whatever its working directory.", cli=False)
 
-    # --------------------------------------------------------------------------------------
+    # ---- values as flags and YAML give them ----------------------------------------------
+    @field_validator("keep_columns", "choices", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return _as_list(value)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, value):  # a stop string may be a space
+        return _as_list(value, strip=False)
+
+    @field_validator("content_free_inputs", mode="before")
+    @classmethod
+    def _content_free(cls, value):  # comma-separated; empty items are kept
+        return [x.strip() for x in value.split(",")] if isinstance(value, str) else value
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _inputs(cls, value):  # a secret may hold ",": refused whole by validate
+        if isinstance(value, str) and "," in value and "*" not in value and not _USERINFO.search(value):
+            return _as_list(value)
+        return value
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value):  # 4, [2, 8], "2,8"
+        return ",".join(str(r) for r in value) if isinstance(value, (list, tuple)) else str(value)
+
+    @field_validator("truncate", mode="before")
+    @classmethod
+    def _truncate(cls, value):
+        return None if value in ("", "none", "None") else value
+
     def __post_init__(self):
-        self.keep_columns = _as_list(self.keep_columns)
-        self.choices = _as_list(self.choices)
-        if isinstance(self.content_free_inputs, str):  # comma-separated; empty items are kept
-            self.content_free_inputs = [x.strip() for x in self.content_free_inputs.split(",")]
-        self.stop = _as_list(self.stop, strip=False)
-        if isinstance(self.input, str) and "," in self.input and "*" not in self.input \
-                and not _USERINFO.search(self.input):  # a secret may hold ",": refused whole by validate
-            self.input = _as_list(self.input)
-        if isinstance(self.replicas, (list, tuple)):
-            self.replicas = ",".join(str(r) for r in self.replicas)
-        self.replicas = str(self.replicas)
-        if self.truncate in ("", "none", "None"):
-            self.truncate = None
         if self.output_format == "auto":
             self.output_format = "openai-batch" if self.input_format == "openai-batch" else "parquet"
         if self.input_format == "openai-batch" and "url" not in self.keep_columns:
@@ -269,7 +333,6 @@ class PipelineConfig:
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
 
-        self._check_types()
         for name in ("input", "output", "model", "s3_endpoint", "ray_address", "examples", "json_schema",
                      "model_cache_dir"):
             value = getattr(self, name)
@@ -303,115 +366,49 @@ class PipelineConfig:
         except (ValueError, TypeError) as e:
             bad("prompt_template", f"{self.prompt_template!r} cannot be filled with a text prompt ({e}); "
                 "write {prompt} without a format spec")
-        if self.task == "label" and len(self.choices) < 2:
-            bad("choices", "label needs at least two choices, e.g. --choices positive,negative")
         if len(set(self.choices)) != len(self.choices):
             bad("choices", f"has duplicates: {self.choices}")
         if self.choice_score not in ("sum", "mean"):
             bad("choice_score", f"must be 'sum' or 'mean', got {self.choice_score!r}")
         if not isinstance(self.choice_separator, str):
             bad("choice_separator", f"must be a string, got {self.choice_separator!r}")
-        if self.calibrate and self.task != "label":
-            bad("calibrate", "applies to the label task only")
-        if self.calibrate and not any(isinstance(x, str) and self.template.format(prompt=x).strip()
-                                      for x in self.content_free_inputs or []):
-            bad("content_free_inputs", "--calibrate needs a content-free input that the template turns "
-                "into a non-empty prompt")
         if not isinstance(self.low_margin, (int, float)) or not 0 <= self.low_margin <= 1:
             bad("low_margin", f"must be in [0, 1], got {self.low_margin!r}")
-        structured = [n for n in ("json_schema", "regex") if getattr(self, n) is not None]
-        if self.task == "generate" and self.choices:
-            structured.append("choices")
-        if structured and self.task != "generate":
-            bad(structured[0], "constrains generation: it applies to the generate task only")
-        if len(structured) > 1:
-            bad(structured[0], f"give one of --json-schema, --regex, --choices, not {structured}")
-        if structured and self.stop:
-            bad("stop", "stop strings would end a constrained completion mid-structure; the grammar "
-                "decides where it ends")
-        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
-            bad("regex", f"must be a non-empty string, got {self.regex!r}")
-        if self.examples is not None and self.task == "classify":
-            bad("examples", "few-shot examples apply to generate and label, not classify")
-        for name in ("batch_size", "max_new_tokens", "max_num_seqs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        TASKS[self.task].check(self)
+        try:  # the sampling settings: checked by the engine's own rules, as each row's are
+            sampling_params(**self.sampling())
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
         if self.max_num_seqs > MAX_NUM_SEQS:  # the engine's own limits: refused here, not in every replica
             bad("max_num_seqs", f"must be at most {MAX_NUM_SEQS}, got {self.max_num_seqs}")
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or not 2 <= self.max_seq_len <= MAX_SEQ_LEN):
-            bad("max_seq_len", f"must be an integer in [2, {MAX_SEQ_LEN}], got {self.max_seq_len!r}")
-        if self.kv_cache_gib is not None and not (isinstance(self.kv_cache_gib, (int, float))
-                                                  and math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
-            bad("kv_cache_gib", f"must be a number of GiB > 0, got {self.kv_cache_gib!r}")
-        if not isinstance(self.memory_fraction, (int, float)) or not 0 < self.memory_fraction <= 1:
-            bad("memory_fraction", f"must be in (0, 1], got {self.memory_fraction!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            bad("temperature", "need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0, got "
-                f"temperature={self.temperature!r}, top_p={self.top_p!r}, top_k={self.top_k!r}")
+        if self.max_seq_len is not None and self.max_seq_len > MAX_SEQ_LEN:
+            bad("max_seq_len", f"must be at most {MAX_SEQ_LEN}, got {self.max_seq_len}")
         for name in ("num_gpus_per_replica", "num_cpus_per_replica"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                bad(name, f"resources must be a finite number >= 0, got {value!r}")
+            if not math.isfinite(getattr(self, name)):
+                bad(name, f"resources must be a finite number >= 0, got {getattr(self, name)!r}")
         if self.num_cpus is not None and self.num_cpus < 1:
             bad("num_cpus", f"must be a positive integer (logical CPUs of the local Ray), got {self.num_cpus!r}")
         if self.num_gpus_per_replica > 1 and self.num_gpus_per_replica != int(self.num_gpus_per_replica):
             bad("num_gpus_per_replica", "above 1 it must be a whole number")
-        for name in ("rows_per_unit", "max_unit_retries", "replica_start_timeout_s", "batch_timeout_s",
-                     "io_retries"):
-            if getattr(self, name) < 0:
-                bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.input_format not in INPUT_FORMAT_NAMES:
-            bad("input_format", f"must be one of {', '.join(INPUT_FORMAT_NAMES)}, got {self.input_format!r}")
-        if self.output_format not in OUTPUT_FORMAT_NAMES:
-            bad("output_format", f"must be one of {', '.join(OUTPUT_FORMAT_NAMES)}, got {self.output_format!r}")
         if "openai-batch" in (self.input_format, self.output_format):
-            if self.task != "generate":
+            if not TASKS[self.task].generates:
                 bad("input_format", "openai-batch files hold completion requests: task generate only")
             if self.input_format != "openai-batch":
                 bad("output_format", "openai-batch output answers openai-batch input (--input-format openai-batch)")
             if self.prompt_template != "{prompt}" or self.chat_template or self.examples is not None:
                 bad("prompt_template", "with openai-batch input each request's messages make the prompt; "
                     "--prompt-template, --chat-template and --examples do not apply")
-        if self.on_bad_shard not in ("error", "skip"):
-            bad("on_bad_shard", f"must be 'error' or 'skip', got {self.on_bad_shard!r}")
-        if self.truncate not in (None, "left"):
-            bad("truncate", f"must be unset or 'left', got {self.truncate!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            bad("dtype", f"unknown dtype {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
         self.replica_range  # noqa: B018  (raises on a bad value)
         return self
 
-    def _check_types(self) -> None:
-        """Every value of the type its field declares, from YAML and Python alike: a quoted
-        "false" is not a boolean (it would be truthy), "64" is not a number. None is allowed
-        where the field has no value by default."""
-        names = {"bool": bool, "int": int, "float": float, "str": str, "list": list}
-        for f in fields(self):
-            want = f.metadata.get("type") or names.get(str(f.type))
-            value = getattr(self, f.name)
-            if want is None or value is None:
-                continue
-            if want is bool:
-                ok = isinstance(value, bool)
-            elif want is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif want is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif want is list:  # every list field is a list of strings
-                ok = isinstance(value, (list, tuple))
-                bad_items = [x for x in value if not isinstance(x, str)] if ok else []
-                if bad_items:
-                    raise ConfigError(f"{f.name}: every item must be a string, got {type(bad_items[0]).__name__} "
-                                      f"{bad_items[0]!r:.60} (quote it in YAML: yes / no / numbers are not strings there)")
-            else:
-                ok = isinstance(value, want)
-            if not ok:
-                kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                        list: "a list"}[want]
-                raise ConfigError(f"{f.name}: expected {kind}, got {type(value).__name__} {value!r:.80}"
-                                  + (" (quoted in YAML?)" if isinstance(value, str) else ""))
+    def sampling(self, seed: int | None = None) -> dict:
+        """The run's sampling settings as `SamplingParams` takes them, with `seed` (a row's):
+        what a row gets unless its own columns say otherwise. --choices constrain what a
+        generating task writes."""
+        choice = list(self.choices) if self.choices and TASKS[self.task].generates else None
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, stop=list(self.stop), seed=seed, truncate=self.truncate,
+                    json_schema=self.json_schema, regex=self.regex, choice=choice)
 
     # ---- environment, serialisation ------------------------------------------------------
     def with_env(self) -> "PipelineConfig":
@@ -438,7 +435,7 @@ class PipelineConfig:
         """Every field except secrets: what the run report and logs show."""
         out = {}
         for f in fields(self):
-            if f.metadata.get("secret"):
+            if f.name in SECRET_FIELDS:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, str):  # credentials inside a URL (scheme://user:pass@host)
@@ -454,25 +451,16 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, **overrides) -> "PipelineConfig":
-        def renamed(d):
-            d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
-            for old, new in RENAMED.items():
-                if old in d:
-                    if new in d:
-                        raise ConfigError(f"give {new} only ({old} is its old name)")
-                    warnings.warn(f"config key {old} is now {new}", FutureWarning, stacklevel=3)
-                    d[new] = d.pop(old)
-            return d
+        def keys(d):
+            return {k.replace("-", "_"): v for k, v in (d or {}).items()}
 
-        raw = {**renamed(raw), **renamed({k: v for k, v in overrides.items() if v is not None})}
+        raw = {**keys(raw), **keys({k: v for k, v in overrides.items() if v is not None})}
         given = [k for k in DRIVER_FIELDS if raw.get(k) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: set by the driver for each run, not an option; remove it")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            import difflib
-
             hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u
                      for u in unknown]
             raise ConfigError(f"unknown config keys: {', '.join(hints)}")
@@ -507,6 +495,10 @@ def _unique_key_loader():
     return Loader
 
 
+SECRET_FIELDS = frozenset(name for name, f in PipelineConfig.__pydantic_fields__.items()
+                          if SecretStr in get_args(f.annotation))
+
+
 def read_yaml(path: str) -> dict:
     """A YAML config file's mapping of keys. A syntax error (tab indentation, an unclosed
     bracket) is a ConfigError naming the file, line and column, in one line."""
@@ -533,7 +525,7 @@ def read_yaml(path: str) -> dict:
 
 def output_columns(task: str) -> tuple[str, ...]:
     """The columns each task adds to its output rows (besides the id and kept columns)."""
-    return TASKS[task].column_names
+    return tuple(name for name, _ in TASKS[task].columns)
 
 
 def _as_list(value, strip=True) -> list:

@@ -21,6 +21,8 @@ import os
 from model import capacity
 from model.config import PersimmonConfig
 
+from .stages import TASKS
+
 # Released checkpoints whose config.json is PersimmonConfig's defaults: sized without a download.
 PRESETS = {"adept/persimmon-8b-base": "PersimmonForCausalLM", "adept/persimmon-8b-chat": "PersimmonForCausalLM"}
 HEADS = {"PersimmonForCausalLM": "causal", "PersimmonForSequenceClassification": "sequence_classification"}
@@ -63,7 +65,7 @@ def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
         with open(config_file(hub, model), encoding="utf-8") as f:
             cfg = PersimmonConfig.from_dict(json.load(f))
     elif "://" in model and not model.startswith("file://"):
-        from pipeline.config import PipelineConfig
+        from pipeline.settings import PipelineConfig
 
         from .storage import resolve
 
@@ -101,7 +103,7 @@ def run(args) -> int:
     _check_args(args)
     job = None
     if args.config:
-        from .config import PipelineConfig
+        from .settings import PipelineConfig
 
         job = PipelineConfig.from_yaml(args.config)
     model = args.model or (job.model if job else None)
@@ -116,9 +118,8 @@ def run(args) -> int:
                                           else default))
     dtype = pick(args.dtype, "dtype", "bfloat16")
     dtype = "bfloat16" if dtype == "auto" else dtype
-    default_new = 8 if job is not None and job.task == "label" else 256
     new = args.new_tokens if args.new_tokens is not None else (
-        job.max_new_tokens if job is not None and job.task == "generate" else default_new)
+        TASKS[job.task].capacity_new_tokens(job) if job is not None else 256)
     max_seq_len = pick(None, "max_seq_len", cfg.max_position_embeddings)
     prompt = args.prompt_tokens if args.prompt_tokens is not None else (
         max(1, max_seq_len - new) if job is not None else 512)

@@ -1,4 +1,4 @@
-"""ShardRunner: the Ray actor class that turns work units into committed output files.
+"""UnitRunner: the Ray actor class that turns work units into committed output files.
 
 Why per-unit commit and not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer
 names files after the write's random uuid and its blocks, which are not the input files
@@ -7,7 +7,7 @@ crash leaves half-written runs. Ray Data's own row checkpointing (`CheckpointCon
 and hung on small machines. Here the *input file* (or a row-group slice of it) is the unit of
 work, retry and resume, and Ray Data still does the scheduling:
 
-    from_items(units) -> map_batches(ShardRunner, ActorPoolStrategy(min, max), num_gpus=g)
+    from_items(units) -> map_batches(UnitRunner, ActorPoolStrategy(min, max), num_gpus=g)
 
 Each call streams its unit with `ParquetFile.iter_batches`, runs the stage batch by batch,
 writes Parquet to a temp name under `<output>/_tmp/` and commits it atomically under a name
@@ -23,7 +23,7 @@ What can go wrong in a replica, and what happens:
   replica and retry; the traceback goes to the replica's log, and the replica answers each unit
   with one line, `replica_start_failed: <exception type>: <message> (traceback in <its log>)`,
   on which the driver stops the run (every replica loads the same model with the same settings);
-- a bad row: the stage returns it with `error` set (never raises); rows the plan flagged
+- a bad row: the stage returns it with `error_kind` and `error` set (never raises); rows the plan flagged
   (duplicate or null ids) get their error without being run;
 - a storage error mid-stream (read or write): the unit is redone from its start, up to
   `io_retries` times with backoff, then reported failed with the URI in the message;
@@ -46,15 +46,14 @@ from collections import Counter
 
 import pyarrow as pa
 
-from .config import PipelineConfig
+from .settings import PipelineConfig
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
-from .row_settings import SAMPLING_COLUMNS
 from .plan import Unit, read_unit_stats, result_config
 from .metrics import ReplicaMetrics
 from .progress import Attempts
 from .report import one_line
-from .stages import STAGES, error_kind
-from .storage import (Location, backoff, commit, ensure_dir, exists, naming, resolve, temp_sibling, transient,
+from .stages import TASKS
+from .storage import (Location, commit, ensure_dir, exists, naming, resolve, retry, temp_sibling, transient,
                       write_bytes_atomic)
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ def _close_quietly(stream) -> None:
         pass
 
 
-class ShardRunner:
+class UnitRunner:
     """Callable class for `map_batches`: one batch = rows with a JSON `unit` column.
 
     Returns one row per unit with a JSON `stats` column (status done / skipped / failed).
@@ -112,7 +111,7 @@ class ShardRunner:
         self.where = _where()
         self.start_error: str | None = None
         try:
-            self.stage = STAGES[config.task](config, engine=engine)
+            self.stage = TASKS[config.task](config, engine=engine)
         except Exception as e:  # noqa: BLE001 - told to the driver with each unit, in one line
             self.stage, self.start_error = None, _start_error(e)
         self.output = resolve(config.output, config)
@@ -140,26 +139,26 @@ class ShardRunner:
         if existing is not None and existing.get("input_fingerprint") == unit.fingerprint \
                 and existing.get("result_config") == self.result_config:
             return {**existing, **base, "status": "skipped"}  # committed by an earlier attempt (`run_id` says whose)
-        retries = self.config.io_retries
-        for n in range(retries + 1):
+        tries = 0
+
+        def run_once() -> dict:
+            nonlocal tries
+            tries += 1
             attempt = self.attempts.start(unit.output_name, unit.num_rows)
             try:
                 stats = self._process(unit, final, attempt)
-            except Exception as e:  # noqa: BLE001 - storage failure, corrupt data: report, go on
-                error = f"{type(e).__name__}: {e}"
-                self.attempts.end(attempt, "io_error" if transient(e) else "failed", error)
-                if transient(e) and n < retries:
-                    delay = backoff(n)
-                    log.warning("unit %s: %s; redoing it in %.1f s (%d/%d)", unit.output_name, error, delay,
-                                n + 1, retries)
-                    time.sleep(delay)
-                    continue
-                log.error("unit %s failed: %s", unit.output_name, error)
-                if transient(e):
-                    error += f" (gave up after {retries + 1} attempts)"
-                return {**base, "status": "failed", "error": error, "io_retries": n}
+            except Exception as e:
+                self.attempts.end(attempt, "io_error" if transient(e) else "failed", f"{type(e).__name__}: {e}")
+                raise
             self.attempts.end(attempt, "done")
-            return {**stats, **base, "status": "done", "io_retries": n}
+            return stats
+
+        try:  # a storage error mid-stream redoes the unit from its start, as any storage call is redone
+            stats = retry(run_once, f"unit {unit.output_name}", self.config.io_retries)
+        except Exception as e:  # noqa: BLE001 - storage failure, corrupt data: report, go on
+            log.error("unit %s failed: %s", unit.output_name, e)
+            return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "io_retries": tries - 1}
+        return {**stats, **base, "status": "done", "io_retries": tries - 1}
 
     def _process(self, unit: Unit, final: Location, attempt: str) -> dict:
         cfg = self.config
@@ -170,15 +169,16 @@ class ShardRunner:
         tmp = temp_sibling(final)
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
-        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns, *SAMPLING_COLUMNS]))
-        preset = sorted((int(i), msg) for i, msg in unit.row_errors)
+        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns,
+                                      *TASKS[cfg.task].row_columns]))
+        preset = sorted((int(i), error) for i, error in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
         engine_before = self.stage.engine_seconds
         read_s = write_s = 0.0
-        rows = errors = tok_in = tok_out = low_margin = 0
+        rows = errors = tok_in = tok_out = 0
         kinds: Counter = Counter()
-        labels: Counter = Counter()
+        task_totals: dict = {}  # what the task's report adds (label: the label histogram)
         try:
             with contextlib.ExitStack() as stack:
                 with naming(f"read {src.uri}"):
@@ -198,7 +198,7 @@ class ShardRunner:
                     batch, read_errors = item
                     lo, hi = bisect.bisect_left(preset_rows, rows), bisect.bisect_left(preset_rows, rows + batch.num_rows)
                     # a line that could not be read says why; the plan's id checks come second
-                    row_errors = {**{i - rows: msg for i, msg in preset[lo:hi]}, **read_errors}
+                    row_errors = {**{i - rows: error for i, error in preset[lo:hi]}, **read_errors}
                     t_batch = time.perf_counter()
                     out = self.stage(batch, row_errors).cast(self.schema)
                     t_write = time.perf_counter()
@@ -206,12 +206,10 @@ class ShardRunner:
                         writer.write(out)
                     write_s += time.perf_counter() - t_write
                     rows += out.num_rows
-                    batch_kinds = Counter(error_kind(e) for e in out["error"].to_pylist() if e is not None)
+                    batch_kinds = Counter(k for k in out["error_kind"].to_pylist() if k is not None)
                     errors += sum(batch_kinds.values())
                     kinds.update(batch_kinds)
-                    if cfg.task == "label":
-                        labels.update(x for x in out["label"].to_pylist() if x is not None)
-                        low_margin += sum(1 for m in out["margin"].to_pylist() if m is not None and m < cfg.low_margin)
+                    self.stage.tally(task_totals, out)
                     batch_tokens = 0
                     if "num_prompt_tokens" in out.column_names:
                         tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
@@ -233,9 +231,7 @@ class ShardRunner:
                     "replica_created_at": self.created_at,
                     "row_groups": unit.row_groups, "result_config": self.result_config,
                     "input_fingerprint": unit.fingerprint,
-                    "run_id": self.run_id, "engine": self.stage.engine_stats(),
-                    **({"label_counts": dict(labels), "low_margin_rows": low_margin, "low_margin": cfg.low_margin}
-                       if cfg.task == "label" else {}),
+                    "run_id": self.run_id, "engine": self.stage.engine_stats(), **task_totals,
                 }
                 with naming(writing):
                     side_bytes = writer.finish(stats)
