@@ -41,6 +41,9 @@ class ProgressTracker:
     the watchdog)."""
 
     def __init__(self):
+        from .priority import normal_priority
+
+        normal_priority()  # heartbeats answered late would read as stuck replicas on a busy node
         self.attempts: dict[str, dict] = {}
         self.handles: dict[str, object] = {}
 

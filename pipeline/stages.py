@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from .errors import ConfigError, RowError
+from .priority import normal_priority
 from .row_settings import SAMPLING_COLUMNS, SettingError, row_overrides, sampling_params
 
 if TYPE_CHECKING:
@@ -73,30 +74,6 @@ def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
     except Exception:  # noqa: BLE001 - outside Ray, or an old GCS: the machine's CPUs
         pass
     return min(1.0, max(1.0, config.num_cpus_per_replica) / max(1.0, node_cpus))
-
-
-def normal_priority() -> str | None:
-    """Give the calling thread (the stage's torch thread, before it starts any OpenMP threads,
-    which inherit it) the normal CPU priority; returns what was done, or None.
-
-    Ray starts worker processes at nice 15 (RAY_worker_niceness), so a CPU replica loses its
-    cores to anything at normal priority on the node: the driver's Ray Data loop, the raylet,
-    the dashboard. An OpenMP team is only as fast as its slowest thread, so every preempted
-    thread stalls the whole forward. Lowering a nice value needs CAP_SYS_NICE (root in most
-    containers); without it the replica keeps Ray's priority and says so once."""
-    try:
-        now = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux, this thread's nice value
-    except (AttributeError, OSError):
-        return None
-    if now <= 0:
-        return None
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except OSError as e:
-        log.info("replica left at nice %d (Ray's worker niceness; %s): start Ray with RAY_worker_niceness=0 "
-                 "on CPU nodes to give replicas their cores", now, e.strerror)
-        return None
-    return f"nice {now} -> 0"
 
 
 def load_engine(config: PipelineConfig):

@@ -1,0 +1,50 @@
+"""CPU priority of the run's Ray processes.
+
+Ray starts its worker processes at nice 15 (RAY_worker_niceness). The run's own actors (the
+replicas and the progress tracker) take the normal priority back where the node allows it, so
+that neither the model's threads nor the heartbeats that prove a replica alive wait behind
+everything else on a busy node."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def normal_priority() -> str | None:
+    """Give every thread of this replica process the normal CPU priority (the stage's torch
+    thread, before it starts any OpenMP threads, which inherit it, and Ray's own threads);
+    returns what was done, or None.
+
+    Ray starts worker processes at nice 15 (RAY_worker_niceness), so a CPU replica loses its
+    cores to anything at normal priority on the node: the driver's Ray Data loop, the raylet,
+    the dashboard. An OpenMP team is only as fast as its slowest thread, so every preempted
+    thread stalls the whole forward. All threads, not only the compute one: Ray's I/O threads
+    left at nice 15 beside compute threads at nice 0 starve on a busy node, and the replica's
+    task results and progress beats then wait for the unit to end. Lowering a nice value needs
+    CAP_SYS_NICE (root in most containers); without it the replica keeps Ray's priority and
+    says so once."""
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux, this thread's nice value
+    except (AttributeError, OSError):
+        return None
+    if now <= 0:
+        return None
+    try:  # on Linux a nice value is per thread: each one of /proc/self/task, this one first
+        threads = [0] + sorted(int(t) for t in os.listdir("/proc/self/task"))
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > 0:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+        except OSError as e:
+            if tid == 0:
+                log.info("Ray worker left at nice %d (Ray's worker niceness; %s): start Ray with RAY_worker_niceness=0 "
+                         "on CPU nodes to give the run's actors their cores", now, e.strerror)
+                return None
+    return f"nice {now} -> 0, {len(threads) - 1} thread(s)"
