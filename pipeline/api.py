@@ -379,9 +379,26 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
         finally:
             if hasattr(rows, "close"):
                 rows.close()  # stops Ray Data's execution: replicas are released
+            _end_round(tracker)
     if crash:
         log.error("the run stopped: %s", crash)
     return crash
+
+
+def _end_round(tracker) -> None:
+    """Release what the round's pool left behind (see ProgressTracker.end_round)."""
+    import ray
+
+    if tracker is None:
+        return
+
+    try:
+        killed = ray.get(tracker.end_round.remote(), timeout=60)
+    except Exception as e:  # noqa: BLE001 - the tracker died with its node: nothing is held
+        log.info("could not end the round on the progress tracker: %s", e)
+        return
+    if killed:
+        log.info("round over: %d replica(s) that died mid-unit released for good", killed)
 
 
 def _collect(rows, plan: Plan, results: dict, console: Console, lease) -> str | None:

@@ -75,6 +75,26 @@ class ProgressTracker:
             a.update(state=state, ended=time.monotonic(), error=error)
         self.handles.pop(attempt_id, None)
 
+    def end_round(self) -> int:
+        """A pool is done (Ray Data released it): an attempt still open belongs to a replica
+        that died mid-unit and that only the handle kept here holds on to. It is marked lost
+        and its actor killed for good; left alone, Ray would restart it and it could take the
+        place (a GPU) that the next round's pool needs. Returns how many were killed."""
+        import ray
+
+        now, killed = time.monotonic(), 0
+        for key, a in self.attempts.items():
+            if a["state"] == "running":
+                a.update(state="lost", ended=now)
+            handle = self.handles.pop(key, None)
+            if handle is not None:
+                try:
+                    ray.kill(handle, no_restart=True)
+                    killed += 1
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        return killed
+
     def check(self, timeout_s: float) -> list[dict]:
         """Kill the replicas of running attempts silent for more than `timeout_s`; return them."""
         import ray
