@@ -288,3 +288,78 @@ def loopback_cluster(head_cpus: int = 1, workers: list[dict] | None = None):
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+# ---- watching a run's progress tracker (fault tests) ---------------------------------------------
+TRACKER_PREFIX = "persimmon-batch-progress-"  # pipeline.progress.start_tracker names the actor so
+
+
+def known_trackers() -> set[str]:
+    """Names of the progress trackers alive now (earlier runs'), to tell the next run's apart."""
+    import ray
+
+    return {n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)}
+
+
+def tracker_attempts(known: set[str]) -> list[dict]:
+    """The attempts of the run whose tracker is not in `known` (empty until it is up)."""
+    import ray
+
+    names = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX) and n not in known]
+    if not names:
+        return []
+    try:
+        return ray.get(ray.get_actor(names[0]).snapshot.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - not up yet, or the run is over
+        return []
+
+
+class TrackerWatch:
+    """A thread that polls the next run's progress tracker while the block runs: subclasses
+    say what to do with each snapshot (`on_snapshot`, True to stop watching)."""
+
+    interval_s = 0.02
+    join_s = 10.0
+
+    def __init__(self):
+        self._known = known_trackers()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(timeout=self.join_s)
+
+    def snapshot(self) -> list[dict]:
+        return tracker_attempts(self._known)
+
+    def on_snapshot(self, attempts: list[dict]) -> bool:
+        raise NotImplementedError
+
+    def _loop(self):
+        while not self._done.is_set():
+            if self.on_snapshot(self.snapshot()):
+                return
+            time.sleep(self.interval_s)
+
+
+@contextlib.contextmanager
+def alarm(seconds: int, message: str):
+    """Fail with TimeoutError(message) if the block runs longer than `seconds` (a replica that
+    cannot be placed waits silently; a test must fail instead of hanging)."""
+    import signal
+
+    def _raise(*_):
+        raise TimeoutError(message)
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

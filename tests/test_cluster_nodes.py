@@ -24,14 +24,13 @@ import threading
 import time
 
 import pytest
-from pipeline_fixtures import (all_prompts, assert_exactly_once, loopback_cluster, moto_s3, patched_env, read_output, s3_filesystem,
-                               tiny_model, upload_dir, write_shards)
+from pipeline_fixtures import (TrackerWatch, alarm, all_prompts, assert_exactly_once, known_trackers, loopback_cluster, moto_s3,
+                               patched_env, read_output, s3_filesystem, tiny_model, tracker_attempts, upload_dir, write_shards)
 
 from pipeline import run_generate
 from pipeline.api import _loopback_only
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-TRACKER_PREFIX = "persimmon-batch-progress-"
 GPU_REPLICAS = dict(num_gpus_per_replica=1, dtype="float32", max_new_tokens=8, batch_size=2,
                     replica_start_timeout_s=240)
 
@@ -62,72 +61,38 @@ def workers(cluster):
 
 @pytest.fixture(autouse=True)
 def deadline():
-    """A replica that cannot be placed waits silently: fail instead of hanging."""
-    def _raise(*_):
-        raise TimeoutError("the test did not finish in 420 s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(420)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with alarm(420, "the test did not finish in 420 s (replicas not placed?)"):
+        yield
 
 
-class OnAttempt:
+class OnAttempt(TrackerWatch):
     """Watch the run's progress tracker from a thread; when `when(attempt)` holds for an
     attempt, call `then(attempt)`: a result other than None ends the watch (recorded in
     `fired`), None means "not this one" and the watch goes on. Errors are recorded too."""
 
-    def __init__(self, when, then):
-        import ray
+    interval_s, join_s = 0.05, 240.0
 
+    def __init__(self, when, then):
+        super().__init__()
         self.when, self.then = when, then
         self.fired: list = []
         self.error: list = []
-        self._known = {n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)}
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._passed: set = set()
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join(timeout=240)
-
-    def snapshot(self) -> list[dict]:
-        return _tracker_attempts(self._known)
-
-    def _loop(self):
-        passed = set()
-        while not self._done.is_set() and not self.fired and not self.error:
-            for a in self.snapshot():
-                if a["attempt"] in passed or not self.when(a):
-                    continue
-                passed.add(a["attempt"])
-                try:
-                    result = self.then(a)
-                except Exception as e:  # noqa: BLE001 - reported by the test
-                    self.error.append(e)
-                    break
-                if result is not None:
-                    self.fired.append(result)
-                    break
-            time.sleep(0.05)
-
-
-def _tracker_attempts(known: set) -> list[dict]:
-    """The attempts of the run whose tracker is not in `known` (empty until it is up)."""
-    import ray
-
-    names = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX) and n not in known]
-    if not names:
-        return []
-    try:
-        return ray.get(ray.get_actor(names[0]).snapshot.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - not up yet, or the run is over
-        return []
+    def on_snapshot(self, attempts: list[dict]) -> bool:
+        for a in attempts:
+            if a["attempt"] in self._passed or not self.when(a):
+                continue
+            self._passed.add(a["attempt"])
+            try:
+                result = self.then(a)
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                self.error.append(e)
+                return True
+            if result is not None:
+                self.fired.append(result)
+                return True
+        return False
 
 
 def _kill(pid: int, sig) -> None:
@@ -234,21 +199,19 @@ def _wait_for(what, run: InThread, timeout_s: float = 300):
 
 
 def test_node_added_mid_run_the_pool_grows_onto_it(cluster, workers, tmp_path):
-    import ray
-
     shards, rows = 8, 40  # 20 batches a unit: the replica is caught mid-unit however fast the machine
     first = workers(num_cpus=2, num_gpus=1)
     write_shards(str(tmp_path / "in"), shards=shards, rows=rows)
-    known = {n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)}
+    known = known_trackers()
     run = InThread(run_generate, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                    model=tiny_model("causal"), replicas="1,2", **GPU_REPLICAS)
     # the only replica mid-unit: hold it there, so that what is left waits for a second one
-    busy = _wait_for(lambda: [a for a in _tracker_attempts(known) if a["state"] == "running"
+    busy = _wait_for(lambda: [a for a in tracker_attempts(known) if a["state"] == "running"
                               and a["node_id"] == first.node_id and 2 <= a["rows_done"] <= rows - 10], run)[0]
     os.kill(busy["pid"], signal.SIGSTOP)
     try:
         second = workers(num_cpus=2, num_gpus=1)  # a GPU node joins: the pool may grow onto it
-        _wait_for(lambda: _attempts_on(_tracker_attempts(known), second.node_id), run)
+        _wait_for(lambda: _attempts_on(tracker_attempts(known), second.node_id), run)
     finally:
         os.kill(busy["pid"], signal.SIGCONT)
     report = run.result()

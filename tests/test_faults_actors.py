@@ -23,13 +23,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import PROMPTS, assert_exactly_once, read_output, tiny_model
+from pipeline_fixtures import PROMPTS, TrackerWatch, assert_exactly_once, read_output, tiny_model
 
 from model import Engine, SamplingParams
 from pipeline import run_generate
@@ -38,7 +37,6 @@ from pipeline.stages import row_seed
 
 pytestmark = pytest.mark.ray
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRACKER_PREFIX = "persimmon-batch-progress-"
 TINY_KV_GIB = 12 * 16 * 1024 / 2**30  # 12 blocks of 16 tokens of the tiny model's fp32 KV (2 reserved)
 
 
@@ -60,7 +58,7 @@ def prompt_of(i: int) -> str:
     return f"{PROMPTS[i % len(PROMPTS)]} ({i})"
 
 
-class ReplicaFaults:
+class ReplicaFaults(TrackerWatch):
     """Send a signal to the replica process working on a chosen unit, as the run goes.
 
     rules: unit name -> (signal, attempts to hit: a set of attempt numbers or None for every
@@ -68,22 +66,14 @@ class ReplicaFaults:
     its name) every 20 ms; records every hit as (unit, attempt number, pid, signal)."""
 
     def __init__(self, rules: dict):
-        import ray
-
+        super().__init__()
         self.rules = rules
         self.hits: list[tuple] = []
         self.stopped: list[int] = []
-        self._known = {n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)}
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
+        self._acted: set = set()
 
     def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join(timeout=10)
+        super().__exit__(*exc)
         for pid in self.stopped:  # never leave a frozen process behind
             for sig in (signal.SIGKILL, signal.SIGCONT):
                 try:
@@ -91,34 +81,22 @@ class ReplicaFaults:
                 except ProcessLookupError:
                     pass
 
-    def _loop(self):
-        import ray
-
-        tracker, acted = None, set()
-        while not self._done.is_set():
-            try:
-                if tracker is None:
-                    names = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)]
-                    new = [n for n in names if n not in self._known]
-                    if new:
-                        tracker = ray.get_actor(new[0])
-                if tracker is not None:
-                    attempts = ray.get(tracker.snapshot.remote(), timeout=10)
-                    for a in attempts:
-                        if a["attempt"] in acted or a["state"] != "running" or a["unit"] not in self.rules:
-                            continue
-                        sig, which, after_rows = self.rules[a["unit"]]
-                        number = 1 + sum(1 for b in attempts if b["unit"] == a["unit"]
-                                         and b["started_at"] < a["started_at"])
-                        if (which is None or number in which) and a["rows_done"] >= after_rows:
-                            acted.add(a["attempt"])
-                            os.kill(a["pid"], sig)
-                            if sig == signal.SIGSTOP:
-                                self.stopped.append(a["pid"])
-                            self.hits.append((a["unit"], number, a["pid"], sig))
-            except Exception:  # noqa: BLE001 - the tracker may be gone at the end of a run
-                pass
-            time.sleep(0.02)
+    def on_snapshot(self, attempts: list[dict]) -> bool:
+        for a in attempts:
+            if a["attempt"] in self._acted or a["state"] != "running" or a["unit"] not in self.rules:
+                continue
+            sig, which, after_rows = self.rules[a["unit"]]
+            number = 1 + sum(1 for b in attempts if b["unit"] == a["unit"] and b["started_at"] < a["started_at"])
+            if (which is None or number in which) and a["rows_done"] >= after_rows:
+                self._acted.add(a["attempt"])
+                try:
+                    os.kill(a["pid"], sig)
+                except ProcessLookupError:
+                    continue
+                if sig == signal.SIGSTOP:
+                    self.stopped.append(a["pid"])
+                self.hits.append((a["unit"], number, a["pid"], sig))
+        return False
 
 
 def file_state(directory) -> dict[str, tuple]:

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import signal
 from collections import Counter
 
 import pytest
-from pipeline_fixtures import all_prompts, loopback_cluster, read_output, tiny_model, write_shards
+from pipeline_fixtures import alarm, all_prompts, loopback_cluster, read_output, tiny_model, write_shards
 
 from pipeline import run_generate
 
@@ -24,15 +23,8 @@ def cluster():
 
 @pytest.fixture
 def deadline():
-    """An actor that cannot be placed waits silently: fail instead of hanging."""
-    def _raise(*_):
-        raise TimeoutError("pipeline did not finish in 240 s (replicas not placed?)")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(240)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with alarm(240, "pipeline did not finish in 240 s (replicas not placed?)"):
+        yield
 
 
 def test_gpu_replicas_spread_over_nodes(cluster, deadline, tmp_path):
