@@ -14,6 +14,7 @@ usual at-least-once semantics for whatever you write from it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import dataclasses
 import json
 import logging
@@ -379,6 +380,8 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
         finally:
             if hasattr(rows, "close"):
                 rows.close()  # stops Ray Data's execution: replicas are released
+            del rows, ds
+            gc.collect()  # the executor's handles sit in reference cycles
             _end_round(tracker)
     if crash:
         log.error("the run stopped: %s", crash)
@@ -398,7 +401,7 @@ def _end_round(tracker) -> None:
         log.info("could not end the round on the progress tracker: %s", e)
         return
     if killed:
-        log.info("round over: %d replica(s) that died mid-unit released for good", killed)
+        log.info("round over: its %d replica(s) stopped", killed)
 
 
 def _collect(rows, plan: Plan, results: dict, console: Console, lease) -> str | None:

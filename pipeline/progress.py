@@ -45,7 +45,8 @@ class ProgressTracker:
 
         normal_priority()  # heartbeats answered late would read as stuck replicas on a busy node
         self.attempts: dict[str, dict] = {}
-        self.handles: dict[str, object] = {}
+        self.handles: dict[str, object] = {}  # open attempt -> its replica actor (the watchdog kills it)
+        self.pool: dict[str, object] = {}  # actor id -> handle, of every replica of the current round
 
     def start(self, attempt_id: str, info: dict, actor=None) -> None:
         now = time.monotonic()
@@ -57,6 +58,7 @@ class ProgressTracker:
                                      "rows_done": 0, "started_at": time.time()}
         if actor is not None:
             self.handles[attempt_id] = actor
+            self.pool[info.get("actor_id") or attempt_id] = actor
 
     def beat(self, attempt_id: str, rows_done: int, tokens: int = 0, errors: int = 0) -> None:
         a = self.attempts.get(attempt_id)
@@ -76,23 +78,24 @@ class ProgressTracker:
         self.handles.pop(attempt_id, None)
 
     def end_round(self) -> int:
-        """A pool is done (Ray Data released it): an attempt still open belongs to a replica
-        that died mid-unit and that only the handle kept here holds on to. It is marked lost
-        and its actor killed for good; left alone, Ray would restart it and it could take the
-        place (a GPU) that the next round's pool needs. Returns how many were killed."""
+        """A pool is done (Ray Data stopped it and dropped its handles): kill its replicas for
+        good. Ray Data lets reference counting end them, which can lag (handles held in reference
+        cycles until a garbage collection, and the handles kept here), and a replica that died
+        mid-unit is still being restarted by Ray meanwhile: either could take the place (a GPU)
+        that the next round's pool needs. Attempts keep their state (a replica's own `end` may
+        still be on its way); one left open reads as lost, as at the end of a run. Returns how
+        many replicas were killed."""
         import ray
 
-        now, killed = time.monotonic(), 0
-        for key, a in self.attempts.items():
-            if a["state"] == "running":
-                a.update(state="lost", ended=now)
-            handle = self.handles.pop(key, None)
-            if handle is not None:
-                try:
-                    ray.kill(handle, no_restart=True)
-                    killed += 1
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+        killed = 0
+        for handle in self.pool.values():
+            try:
+                ray.kill(handle, no_restart=True)
+                killed += 1
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.handles.clear()
+        self.pool.clear()
         return killed
 
     def check(self, timeout_s: float) -> list[dict]:
