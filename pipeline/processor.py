@@ -39,6 +39,7 @@ again; for exactly-once, resumable output files use `pipeline.run`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import pyarrow as pa
@@ -88,7 +89,9 @@ class Processor:
 
         # A Dataset derived from another shares its DataContext, taken when the first was made
         # (Ray 2.60, RAY.md): the pool's settings go on a copy's, so the caller's `ds` keeps its own.
-        ds = ray.data.Dataset.copy(ds, _deep_copy=True)
+        with warnings.catch_warnings():  # deep-copying a DataContext sets its deprecated fields too
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ray.data.Dataset.copy(ds, _deep_copy=True)
         for key, value in _context_values(self.config, ds.context).items():
             setattr(ds.context, key, value)
         return _map_batches(ds, cls, self.config, fn_constructor_kwargs={"config": self.config, **kwargs},
