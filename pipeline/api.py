@@ -1,14 +1,11 @@
-"""Python API: run a task end to end (`run`, `run_generate`, ...) or get a lazy Dataset.
+"""Python API: run a task end to end (`run`, `run_generate`, ...), the exactly-once, resumable
+path (see `pipeline.unit_runner`):
 
-    from pipeline import PipelineConfig, run_generate, build_dataset
+    from pipeline import run_generate
     report = run_generate(input="s3://b/prompts/", output="s3://b/out/", model="/models/p8b")
 
-    ds = build_dataset(PipelineConfig(task="classify", input=..., output=..., model=...))
-    ds.filter(lambda r: r["score"] > 0.9).write_parquet(...)   # compose with your own steps
-
-`run*` is the exactly-once, resumable path (see `pipeline.unit_runner`); `build_dataset` is plain
-`input files -> map_batches(read each file, run the stage)` for composition, with Ray Data's
-usual at-least-once semantics for whatever you write from it.
+The lazy Datasets to compose with your own steps (`build_processor`, `build_dataset`) are in
+`pipeline.processor`; they share this module's driver checks (`_checked`), Ray and replica pool.
 """
 
 from __future__ import annotations
@@ -28,18 +25,16 @@ from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
 from .autoscale import ReplicaDemand
 from .hub import pin
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .modelcheck import check_model, model_identity
-from .plan import REPORT_NAME, Plan, describe, list_inputs, make_plan, summary_lines
+from .plan import REPORT_NAME, Plan, describe, make_plan, summary_lines
 from .prompt_stats import SAMPLE_ROWS, prompt_stats
 from .placement import check_device, check_room, local_resources
 from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
 from .report import UnitStats, build_report, one_line, unit_line
 from .unit_runner import UnitRunner
 from .signals import StopSignals
-from .stages import TASKS
 from .lease import Lease
-from .formats import input_format
 from .storage import ensure_dir, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -115,17 +110,9 @@ def _compute(config: PipelineConfig, max_units: int | None = None, min_replicas:
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=per_actor)
 
 
-@contextlib.contextmanager
-def _data_context(config: PipelineConfig, **extra):
-    """DataContext settings for the Datasets created inside the block only.
-
-    Ray Data snapshots the context when a Dataset is created (RAY.md), so the values are set
-    for that moment and then restored: the user's own Datasets keep their settings.
-    """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    values = {
+def _context_values(config: PipelineConfig, ctx, **extra) -> dict:
+    """The DataContext settings of a replica pool, over those of `ctx`."""
+    return {
         "enable_progress_bars": bool(config.progress and config.verbose),
         # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
         # are an error after the timeout instead of a silent hang, and work spreads over all.
@@ -139,6 +126,19 @@ def _data_context(config: PipelineConfig, **extra):
                                                   actor_pool_util_downscaling_threshold=0.0),
         **extra,
     }
+
+
+@contextlib.contextmanager
+def _data_context(config: PipelineConfig, **extra):
+    """DataContext settings for the Datasets created inside the block only.
+
+    Ray Data snapshots the context when a Dataset is created (RAY.md), so the values are set
+    for that moment and then restored: the user's own Datasets keep their settings.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    values = _context_values(config, ctx, **extra)
     saved = {k: getattr(ctx, k) for k in values}
     for k, v in values.items():
         setattr(ctx, k, v)
@@ -164,53 +164,6 @@ def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
                               max_task_retries=config.max_unit_retries, **kwargs)
 
 
-# ---- the composable Dataset -------------------------------------------------------------------
-def build_dataset(config: PipelineConfig, ds=None):
-    """Lazy `ray.data.Dataset` of results: the input files, in any format a run reads (Parquet,
-    JSONL, CSV, OpenAI batch), each read through its format by a replica and run through the
-    task's stage (`FileStage`); a row that cannot be read is a result row with its error.
-
-    Pass `ds` to run the stage on your own Dataset (it needs the id and prompt columns).
-    Nothing runs until you consume it (`write_parquet`, `iter_batches`, `take`, ...); write it
-    with `filesystem=pipeline.filesystem(config, uri)` for object stores with an endpoint.
-    """
-    import ray.data
-
-    config = _checked(config)  # what a run checks before it reads an input file
-    init_ray(config)
-    with _data_context(config):
-        if ds is not None:
-            return _map_batches(ds, TASKS[config.task], config, fn_constructor_kwargs={"config": config},
-                                batch_format="pyarrow", batch_size=config.batch_size, compute=_compute(config))
-        files = [f.loc.uri for f in list_inputs(config.input, config)]
-        ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
-        return _map_batches(ds, FileStage, config, fn_constructor_kwargs={"config": config}, batch_size=1,
-                            batch_format="pyarrow", compute=_compute(config))
-
-
-class FileStage:
-    """`build_dataset`'s replica: input file URIs in, the task's results for each file's rows
-    out, a batch (`--batch-size` rows) at a time. The file is read as a run reads it (its
-    format; rows that cannot be read come out with their error); a bad file (not its format,
-    no prompt column, empty) fails the Dataset with a message naming it."""
-
-    def __init__(self, config: PipelineConfig):
-        self.config, self.stage = config, TASKS[config.task](config)
-        self.columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
-                                           *self.stage.row_columns]))
-
-    def __call__(self, batch):
-        for uri in batch["uri"].to_pylist():
-            loc = resolve(uri, self.config)
-            fmt = input_format(loc.path, self.config.input_format)
-            found = fmt.inspect(loc, self.config)
-            if found.problem is not None:
-                raise InputError(f"{uri}: {found.problem}")
-            for split in found.splits:
-                for table, read_errors in fmt.batches(loc, split, self.config, self.columns):
-                    yield self.stage(table, read_errors)
-
-
 def _check_shared_stores(config: PipelineConfig) -> None:
     """Replicas run in other Ray processes: a store private to this process cannot work there."""
     from urllib.parse import urlparse
@@ -232,11 +185,12 @@ def filesystem(config: PipelineConfig, uri: str):
 
 
 # ---- the exactly-once run -----------------------------------------------------------------
-def _checked(config: PipelineConfig) -> PipelineConfig:
+def _checked(config: PipelineConfig, run: bool = True) -> PipelineConfig:
     """The config as a run uses it, after every check that needs no input file: settings,
     attachments read in, stores every replica reaches, the model (a hub id pinned to a commit;
-    its files checked on the driver) and its identity."""
-    config = load_attachments(config.with_env().validate())
+    its files checked on the driver) and its identity. `run=False`: a processor's (no input or
+    output files)."""
+    config = load_attachments(config.with_env().validate(run=run))
     _check_shared_stores(config)
     config = pin(config)  # a hub id: resolved here, once; replicas load this commit
     check_model(config)

@@ -37,6 +37,10 @@ from .stages import TASK_NAMES, TASKS
 # set by the driver (pipeline.api.run), never taken from a user: a report's config pasted back
 # must not pin another commit, directory or identity
 DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
+# where a run's rows come from and go, and how its files are committed, resumed and watched: a
+# processor (pipeline.build_processor) is handed a Dataset and returns one, so it takes none of them
+RUN_FIELDS = ("input", "output", "input_format", "output_format", "rows_per_unit", "resume", "overwrite",
+              "check_duplicate_ids", "on_bad_input", "batch_timeout_s")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
 # the engine's own bounds (model/engine.py, Engine.__init__): a value past them would pass here and
 # fail in every replica's constructor, so they are refused on the driver
@@ -328,8 +332,10 @@ class PipelineConfig:
         """The full prompt template: --prompt-template, then the chat wrapper if asked."""
         return CHAT_TEMPLATE.replace("{prompt}", self.prompt_template) if self.chat_template else self.prompt_template
 
-    def validate(self) -> "PipelineConfig":
-        """Raise ConfigError naming the field for anything that cannot work. Returns self."""
+    def validate(self, run: bool = True) -> "PipelineConfig":
+        """Raise ConfigError naming the field for anything that cannot work. Returns self.
+        `run=False`: the settings of a processor or a stage, which read no input files and write
+        no output (input and output may be unset)."""
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
 
@@ -342,7 +348,7 @@ class PipelineConfig:
                         "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the node's role instead")
         if self.task not in TASKS:
             bad("task", f"must be one of {TASK_NAMES}, got {self.task!r}")
-        for name in ("input", "output", "model"):
+        for name in ("input", "output", "model") if run else ("model",):
             if not getattr(self, name):
                 bad(name, "is required")
         if not self.id_column or not self.prompt_column:
@@ -465,6 +471,16 @@ class PipelineConfig:
                      for u in unknown]
             raise ConfigError(f"unknown config keys: {', '.join(hints)}")
         return cls(**raw)
+
+    @classmethod
+    def for_processor(cls, task: str, **settings) -> "PipelineConfig":
+        """The config of a processor (`pipeline.build_processor`): the same fields, less
+        RUN_FIELDS (refused naming the field: a processor is given its Dataset and returns one)."""
+        given = [k for k in RUN_FIELDS if settings.get(k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: a processor runs on the Dataset it is given and returns one; "
+                              "files in and out are settings of a run (pipeline.run, persimmon-batch)")
+        return cls.from_dict({**settings, "task": task})
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "PipelineConfig":

@@ -250,7 +250,7 @@ class Stage:
 
     # ---- the stage ------------------------------------------------------------------------
     def __init__(self, config: PipelineConfig, engine=None):
-        self.config = config.validate()
+        self.config = config.validate(run=False)  # a stage reads no files: where they are is the run's
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-engine")
         t0 = time.perf_counter()
         self.engine = engine if engine is not None else self._on_torch_thread(load_engine, config)

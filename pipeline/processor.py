@@ -1,0 +1,196 @@
+"""Lazy Datasets of results to compose with your own Ray Data steps: `build_processor` runs a
+task on any `ray.data.Dataset` (Ray Data LLM's `build_processor` for Persimmon), `build_dataset`
+on the input files a run reads.
+
+    processor = build_processor("generate", model="/models/p8b", replicas=2, max_new_tokens=64,
+                                preprocess=lambda row: {"id": row["idx"], "prompt": row["text"]},
+                                postprocess=lambda row: {**row, "words": len((row["completion"] or "").split())})
+    ds = processor(ray.data.read_json("s3://b/questions/"))    # lazy: nothing has run yet
+    ds.filter(lambda r: r["error"] is None).write_parquet("s3://b/answers/")
+
+The settings are a run's (`PipelineConfig`, the same names as the CLI's flags), less the files a
+run reads and writes (`settings.RUN_FIELDS`). The pipeline a processor adds to `ds`:
+
+    ds -> map_batches(ReplicaStage, ActorPoolStrategy(--replicas), num_gpus / num_cpus per replica)
+       -> map(postprocess)
+
+What can go wrong, and what happens:
+- a setting, the model or an attachment that cannot work: `build_processor` raises
+  (ConfigError, ModelError) on the driver, having checked what a run checks before its first
+  replica; it starts or joins Ray but no replica;
+- a row that `preprocess` raises on, or returns something other than a dict for: a result row
+  with `error_kind` preprocess_error (its id kept when the source row has one);
+- a row whose prompt cannot be run (null, not a string, blank, too long for the model, a bad
+  per-row sampling column): a result row with its error, as in a run (invalid_prompt,
+  empty_prompt, prompt_too_long, invalid_sampling, ...); its neighbours run;
+- rows with no prompt column at all (after preprocess): the Dataset fails with a ValueError
+  naming the column, a program's mistake rather than a row's;
+- a replica that cannot start (the model does not load there): the Dataset fails, as Ray Data
+  fails a pool whose actors cannot start; one that cannot be placed: after
+  --replica-start-timeout-s;
+- `postprocess` raising: the Dataset fails, as in any `Dataset.map`; the rows it gets carry
+  their errors as data (test `row["error"]` rather than raise).
+
+Result rows: the id (null for rows without one), the `keep_columns`, then the task's result
+columns (`TASKS[task].columns`), as a run writes them. Ray Data's semantics apply: a batch is
+re-run after its replica dies (up to --max-unit-retries), and each consumption runs the model
+again; for exactly-once, resumable output files use `pipeline.run`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+
+import pyarrow as pa
+
+from .api import _checked, _compute, _context_values, _map_batches, init_ray
+from .errors import ConfigError, InputError, RowError
+from .formats import input_format
+from .plan import list_inputs
+from .report import one_line
+from .settings import PipelineConfig
+from .stages import TASKS, column_values
+from .storage import resolve
+
+Row = dict
+RowFn = Callable[[Row], Row]
+
+
+def build_processor(task: str, model: str | None = None, preprocess: RowFn | None = None,
+                    postprocess: RowFn | None = None, **settings) -> Processor:
+    """A processor for `task` (generate, classify, label: `stages.TASKS`): `processor(ds)` is
+    the lazy Dataset of `ds`'s results. `settings` are `PipelineConfig` fields (the CLI's flags:
+    replicas, num_gpus_per_replica, batch_size, max_new_tokens, prompt_column, ...), less
+    `RUN_FIELDS`. `preprocess(row) -> row` makes each input row into one with the prompt column
+    (and optionally the id, keep_columns and per-row sampling columns); `postprocess(row) -> row`
+    maps each result row."""
+    return Processor(PipelineConfig.for_processor(task, model=model, **settings), preprocess, postprocess)
+
+
+class Processor:
+    """`processor(ds) -> ds` for a checked config (see the module doc); reusable on any number of
+    Datasets, each getting its own replica pool when consumed."""
+
+    def __init__(self, config: PipelineConfig, preprocess: RowFn | None = None, postprocess: RowFn | None = None):
+        self.config = _checked(config, run=False)
+        self.preprocess, self.postprocess = preprocess, postprocess
+        init_ray(self.config)
+
+    def __call__(self, ds):
+        out = self.on_replicas(ds, ReplicaStage, self.config.batch_size, preprocess=self.preprocess)
+        return out if self.postprocess is None else out.map(self.postprocess)
+
+    def on_replicas(self, ds, cls, batch_size: int, **kwargs):
+        """`ds.map_batches(cls(config, **kwargs))` on this config's replica pool: its size, its
+        resources and retries, and its DataContext settings (`api._context_values`: wait for the
+        minimum pool, then fail rather than hang; grow when every replica is busy)."""
+        import ray.data
+
+        # A Dataset derived from another shares its DataContext, taken when the first was made
+        # (Ray 2.60, RAY.md): the pool's settings go on a copy's, so the caller's `ds` keeps its own.
+        with warnings.catch_warnings():  # deep-copying a DataContext sets its deprecated fields too
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ray.data.Dataset.copy(ds, _deep_copy=True)
+        for key, value in _context_values(self.config, ds.context).items():
+            setattr(ds.context, key, value)
+        return _map_batches(ds, cls, self.config, fn_constructor_kwargs={"config": self.config, **kwargs},
+                            batch_format="pyarrow", batch_size=batch_size, compute=_compute(self.config))
+
+
+class ReplicaStage:
+    """A processor's replica: the task's stage (`stages.TASKS`, one engine) behind `preprocess`.
+    Each batch: rows -> preprocess, row by row -> the stage -> a `pyarrow.Table` of results.
+    Without preprocess the batch goes to the stage as it is, as a run's batches do. Call it on a
+    hand-built `pyarrow.Table` without Ray (`engine=` a test double or an Engine)."""
+
+    def __init__(self, config: PipelineConfig, preprocess: RowFn | None = None, engine=None):
+        self.config, self.preprocess = config, preprocess
+        self.stage = TASKS[config.task](config, engine=engine)
+
+    def __call__(self, batch) -> pa.Table:
+        cfg = self.config
+        if self.preprocess is None:
+            self._require(batch.column_names, "the Dataset's rows")
+            if cfg.id_column not in batch.column_names:
+                batch = batch.append_column(cfg.id_column, pa.nulls(batch.num_rows))
+            return self.stage(batch)
+        columns, row_errors = self._preprocessed(batch)
+        return self.stage(columns, row_errors)
+
+    def _preprocessed(self, batch: pa.Table) -> tuple[dict[str, list], dict[int, RowError]]:
+        """The batch through `preprocess`: the columns the stage reads ({name: values}; a row
+        without one has None there) and the rows preprocess failed ({row index: error})."""
+        cfg = self.config
+        names = batch.column_names
+        rows = [dict(zip(names, values)) for values in zip(*(column_values(batch[c]) for c in names))]
+        made, errors = [], {}
+        for i, row in enumerate(rows):
+            try:
+                new = self.preprocess(row)
+                if not isinstance(new, Mapping):
+                    raise TypeError(f"preprocess returned a {type(new).__name__}, not a row (a dict)")
+            except Exception as e:  # noqa: BLE001 - the row's error, never the Dataset's
+                errors[i] = RowError("preprocess_error", one_line(f"{type(e).__name__}: {e}"))
+                new = {cfg.id_column: row.get(cfg.id_column)}
+            made.append(new)
+        keys = {k for i, r in enumerate(made) if i not in errors for k in r}
+        if len(errors) < len(made):
+            self._require(keys, "preprocess's rows")
+        wanted = dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns])
+        wanted.update((c, None) for c in self.stage.row_columns if c in keys)
+        return {c: [r.get(c) for r in made] for c in wanted}, errors
+
+    def _require(self, columns, what: str) -> None:
+        cfg = self.config
+        for col in (cfg.prompt_column, *cfg.keep_columns):
+            if col not in columns:
+                hint = ("set prompt_column= to the column that holds it, or make it with preprocess="
+                        if col == cfg.prompt_column else "keep_columns names columns every row has")
+                raise ValueError(f"{what} have no {col!r} column (they have {sorted(columns)}): {hint}")
+
+
+# ---- the input files as a Dataset ------------------------------------------------------------
+def build_dataset(config: PipelineConfig, ds=None):
+    """Lazy `ray.data.Dataset` of results: the input files, in any format a run reads (Parquet,
+    JSONL, CSV, OpenAI batch), each read through its format by a replica and run through the
+    task's stage (`FileStage`); a row that cannot be read is a result row with its error.
+
+    Pass `ds` to run the task on your own Dataset instead: `Processor(config)(ds)`.
+    Nothing runs until you consume it (`write_parquet`, `iter_batches`, `take`, ...); write it
+    with `filesystem=pipeline.filesystem(config, uri)` for object stores with an endpoint.
+    """
+    import ray.data
+
+    processor = Processor(config)
+    if ds is not None:
+        return processor(ds)
+    config = processor.config
+    if not config.input:
+        raise ConfigError("input: is required (or pass ds=, a Dataset of rows)")
+    files = [f.loc.uri for f in list_inputs(config.input, config)]
+    ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
+    return processor.on_replicas(ds, FileStage, batch_size=1)
+
+
+class FileStage:
+    """`build_dataset`'s replica: input file URIs in, the task's results for each file's rows
+    out, a batch (`--batch-size` rows) at a time. The file is read as a run reads it (its
+    format; rows that cannot be read come out with their error); a bad file (not its format,
+    no prompt column, empty) fails the Dataset with a message naming it."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config, self.stage = config, TASKS[config.task](config)
+        self.columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
+                                           *self.stage.row_columns]))
+
+    def __call__(self, batch):
+        for uri in batch["uri"].to_pylist():
+            loc = resolve(uri, self.config)
+            fmt = input_format(loc.path, self.config.input_format)
+            found = fmt.inspect(loc, self.config)
+            if found.problem is not None:
+                raise InputError(f"{uri}: {found.problem}")
+            for split in found.splits:
+                for table, read_errors in fmt.batches(loc, split, self.config, self.columns):
+                    yield self.stage(table, read_errors)
