@@ -8,7 +8,9 @@ plus choice scoring and classification. vLLM in miniature, each step in four par
   runs the step as one packed forward, returning hidden states only where a token is sampled
   or scored;
 - the sampler (model/sampling.py) turns the step's logits into tokens, all rows at once, under
-  each structured row's grammar mask (model/structured.py);
+  each structured row's grammar mask (model/structured.py); rows that ask for log-probabilities
+  get them from the raw logits (model/logprobs.py), prompt tokens' from the hidden states the
+  runner returns for them;
 - the output step (model/outputs.py) ends rows at stop strings and builds the results.
 
 `generate` loops schedule -> execute -> sample -> update -> output until every row is done.
