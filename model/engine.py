@@ -8,7 +8,9 @@ plus choice scoring and classification. vLLM in miniature, each step in four par
   runs the step as one packed forward, returning hidden states only where a token is sampled
   or scored;
 - the sampler (model/sampling.py) turns the step's logits into tokens, all rows at once, under
-  each structured row's grammar mask (model/structured.py);
+  each structured row's grammar mask (model/structured.py); rows that ask for log-probabilities
+  get them from the raw logits (model/logprobs.py), prompt tokens' from the hidden states the
+  runner returns for them;
 - the output step (model/outputs.py) ends rows at stop strings and builds the results.
 
 `generate` loops schedule -> execute -> sample -> update -> output until every row is done.
@@ -31,6 +33,7 @@ from . import scoring
 from .checkpoint import load_pretrained, resolve_dtype
 from .config import PersimmonConfig
 from .cpu_packing import unpack_cpu_linears
+from .logprobs import sampled_logprobs, target_logprobs
 from .model_runner import ModelRunner
 from .modeling import PersimmonForCausalLM
 from .outputs import Completion, OutputProcessor, RowError, error_kind
@@ -112,7 +115,8 @@ class Engine:
                                        prefill_token_budget=prefill_token_budget,
                                        chunked_prefill=self.config.rope_type != "dynamic")
         self.sampler = Sampler()
-        self.outputs = OutputProcessor(tokenizer.decode if tokenizer is not None else None)
+        self.outputs = OutputProcessor(tokenizer.decode if tokenizer is not None else None,
+                                       tokenizer.token_text if tokenizer is not None else None)
         self.grammars: Grammars | None = None  # built on the first structured row (~1 s for 262k tokens)
         self._pinned: list[int] = []  # KV blocks held by pin_prefix
 
@@ -202,26 +206,34 @@ class Engine:
         sampling = [item.seq for item in step.items if item.sample]
         masks = self.grammars.masks_async(sampling) if self.grammars is not None else None
         hidden = self.runner.execute(step)  # the grammar masks are filled meanwhile
-        scoring_rows, sample_at, at = [], [], 0
+        scoring_rows, prompt_rows, sample_at, at = [], [], [], 0
         for item in step.items:
             if item.outputs_from is not None:
-                n = item.start + item.num_tokens - item.outputs_from
-                scoring_rows.append((item.seq, hidden[at:at + n]))
-                at += n
+                end = item.start + item.num_tokens
+                if item.seq.score_from is not None:
+                    scoring_rows.append((item.seq, hidden[at:at + end - item.outputs_from]))
+                else:  # prompt log-probabilities: the positions that predict a prompt token
+                    prompt_rows.append((item.seq, at, item.outputs_from, min(end, len(item.seq.prompt) - 1)))
+                at += end - item.outputs_from
+                if item.sample:  # the last of them is the sampled position
+                    sample_at.append(at - 1)
             elif item.sample:
                 sample_at.append(at)
                 at += 1
         if scoring_rows:
             on_hidden(scoring_rows)
+        if prompt_rows:
+            self._prompt_logprobs(hidden, prompt_rows)
         tokens, logprobs, ended = [], None, []  # ended: (row, reason) the output step ends
         if sampling:
             logits = self.runner.lm_head(hidden[torch.tensor(sample_at, device=hidden.device)])
+            raw = logits  # the model's own distribution: grammar masks and the sampler make new tensors
             if masks is not None:
                 logits, dead = self.grammars.apply(logits, sampling, masks.result())
                 ended = [(s, "error") for s in dead]
-            tokens, logprobs = self.sampler(logits, [s.params for s in sampling], [s.seed for s in sampling],
-                                            [len(s.output) for s in sampling],
-                                            want_logprobs=any(s.params.logprobs for s in sampling))
+            tokens = self.sampler(logits, [s.params for s in sampling], [s.seed for s in sampling],
+                                  [len(s.output) for s in sampling])
+            logprobs = self._sampled_logprobs(raw, sampling, tokens)
         finished = self.scheduler.update(step, tokens, logprobs)
         if masks is not None:
             ended += self.grammars.advance(sampling, dead=[s for s, _ in ended])
@@ -230,6 +242,36 @@ class Engine:
             if self.scheduler.finish(seq, reason):
                 finished.append(seq)
         return finished
+
+    @staticmethod
+    def _sampled_logprobs(raw: torch.Tensor, sampling: list[Sequence], tokens: list[int]) -> list | None:
+        """Per sampling row: (logprob, top ids, top logprobs) of its new token from the raw logits
+        where its params ask for them, else None; None when no row asks."""
+        rows = [i for i, s in enumerate(sampling) if s.params.logprobs is not None]
+        if not rows:
+            return None
+        out: list = [None] * len(sampling)
+        found = sampled_logprobs(raw, rows, [tokens[i] for i in rows], [sampling[i].params.logprobs for i in rows])
+        for i, record in zip(rows, found):
+            out[i] = record
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list) -> None:
+        """Record the prompt log-probabilities of this step's positions [start, stop) of each
+        row: position p's hidden state at `at + p - start` predicts prompt token p + 1."""
+        index, targets, spans = [], [], []
+        for seq, at, start, stop in prompt_rows:
+            n = max(0, stop - start)
+            index += range(at, at + n)
+            targets += seq.prompt[start + 1:start + 1 + n]
+            spans.append((seq, n))
+        if not index:
+            return
+        values = target_logprobs(self.runner.lm_head, hidden[torch.tensor(index, device=hidden.device)], targets)
+        k = 0
+        for seq, n in spans:
+            seq.prompt_logprobs += values[k:k + n]
+            k += n
 
     def _abort(self) -> None:
         """Drop every queued row (after an exception): nothing half-done leaks into the next call."""

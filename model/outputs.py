@@ -28,13 +28,26 @@ def error_kind(e: Exception, default: str) -> str:
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (raw: before temperature, top-k / top-p and
+    grammar masks; None for a prompt's first token, which nothing predicts), its text
+    (`PersimmonTokenizer.token_text`; "" without a tokenizer) and, for a generated token, the
+    most likely alternatives at its position (most likely first; `logprobs` of them)."""
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
 class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "error"  # "stop" | "length" | "error"
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
-    logprobs: list[float] | None = None
+    logprobs: list[TokenLogprob] | None = None  # per generated token, with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, with SamplingParams.prompt_logprobs
     error: str | None = None
     error_kind: str | None = None
 
@@ -79,10 +92,11 @@ class Detokenizer:
 
 class OutputProcessor:
     """The output step (module docstring). Without `decode` (no tokenizer) texts are empty and
-    stop strings are not looked for."""
+    stop strings are not looked for; `token_text` names single tokens in log-probabilities."""
 
-    def __init__(self, decode: Callable[[list[int]], str] | None):
+    def __init__(self, decode: Callable[[list[int]], str] | None, token_text: Callable[[int], str] | None = None):
         self.decode = decode
+        self.token_text = token_text or (lambda token_id: "")
         self.detok: dict[Sequence, Detokenizer] = {}  # rows with stop strings
         self.cut: dict[Sequence, str] = {}  # a row's text up to the stop string that ended it
 
@@ -119,7 +133,18 @@ class OutputProcessor:
         if seq.finish_reason == "stop" and ids and ids[-1] in seq.stop_ids:
             ids = ids[:-1]
         text = cut if cut is not None else self.decode(ids) if self.decode is not None else ""
-        return Completion(**done, text=text, logprobs=list(seq.logprobs) if seq.params.logprobs else None)
+        return Completion(**done, text=text, **self.logprobs(seq))
+
+    def logprobs(self, seq: Sequence) -> dict:
+        """The Completion fields of the log-probabilities a row asked for."""
+        out, name = {}, self.token_text
+        if seq.params.logprobs is not None:
+            out["logprobs"] = [TokenLogprob(t, name(t), lp, [TokenLogprob(i, name(i), v) for i, v in zip(ids, values)])
+                               for t, (lp, ids, values) in zip(seq.output, seq.logprobs)]
+        if seq.params.prompt_logprobs:
+            values = [None, *seq.prompt_logprobs]
+            out["prompt_logprobs"] = [TokenLogprob(t, name(t), v) for t, v in zip(seq.prompt, values)]
+        return out
 
     def clear(self) -> None:
         self.detok.clear()

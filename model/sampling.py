@@ -56,10 +56,11 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
 
 
 class Sampler:
-    """logits [B, V] + each row's params, seed and step -> one token per row (+ its logprob)."""
+    """logits [B, V] + each row's params, seed and step -> one token per row. Log-probabilities
+    come from the raw logits, not from here (model/logprobs.py)."""
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
-                 want_logprobs: bool = False):
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                 steps: list[int]) -> list[int]:
         logits = logits.float()
         tokens = logits.argmax(-1)  # greedy rows; sampled rows are overwritten below
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -71,7 +72,4 @@ class Sampler:
             u = torch.tensor([uniform(seeds[i], steps[i]) for i in rows], dtype=cdf.dtype, device=cdf.device)
             picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
             tokens[rows] = picked.clamp(max=logits.shape[-1] - 1)
-        logprobs = None
-        if want_logprobs:
-            logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()
-        return tokens.tolist(), logprobs
+        return tokens.tolist()

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 MIN_TEMPERATURE = 1e-5  # below this, fp32 logits / T overflow: such rows are greedy
+MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's top_logprobs limit)
 
 
 def _int(v) -> bool:
@@ -31,7 +32,9 @@ RULES = {  # field: (is it valid, what it must be)
     "stop_token_ids": (lambda v: isinstance(v, list) and all(_int(t) and t >= 0 for t in v), "a list of token ids"),
     "ignore_eos": (lambda v: isinstance(v, bool), "True or False"),
     "seed": (lambda v: v is None or _int(v), "an integer or None"),
-    "logprobs": (lambda v: isinstance(v, bool), "True or False"),
+    "logprobs": (lambda v: v is None or (_int(v) and 0 <= v <= MAX_LOGPROBS),
+                 f"None or an integer in [0, {MAX_LOGPROBS}] (top alternatives per token)"),
+    "prompt_logprobs": (lambda v: isinstance(v, bool), "True or False"),
     "truncate": (lambda v: v in (None, "left"), "None or 'left'"),
     "json_schema": (lambda v: v is None or isinstance(v, (dict, str)), "a dict or JSON text"),
     "regex": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty string"),
@@ -51,7 +54,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past the model's eos token
     seed: int | None = None
-    logprobs: bool = False  # return the log-probability of each generated token
+    # each generated token's log-probability and this many top alternatives (None = off), from
+    # the model's own distribution: before temperature, top-k / top-p and grammar masks
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # each prompt token's log-probability given the tokens before it
     truncate: str | None = None  # None: over-long prompts are an error; "left": keep the tail
     # structured output (one at a time): the completion must match (model/structured.py)
     json_schema: dict | str | None = None

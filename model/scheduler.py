@@ -144,7 +144,9 @@ class Sequence:
     stop_ids: frozenset = frozenset()
     score_from: int | None = None
     output: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    # per output token with params.logprobs set: (its log-probability, top ids, their log-probabilities)
+    logprobs: list[tuple[float, list[int], list[float]]] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1, 2, ... so far
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     row: int = -1
@@ -181,6 +183,18 @@ class Sequence:
         return self.hashes[:n_blocks]
 
     @property
+    def hidden_from(self) -> int | None:
+        """The first position whose hidden state a step returns besides the sampled one (None:
+        only that): a scoring row's score_from; for a row asking for prompt log-probabilities,
+        the position that predicts its first prompt token without one yet. Blocks before it may
+        come from the prefix cache, none after: cached tokens have no hidden state."""
+        if self.score_from is not None:
+            return self.score_from
+        if self.params is not None and self.params.prompt_logprobs and len(self.prompt_logprobs) < len(self.prompt) - 1:
+            return len(self.prompt_logprobs)
+        return None
+
+    @property
     def prefilled(self) -> bool:
         """All known tokens but the newest sampled one have keys: it is decoding."""
         return self.num_computed >= self.num_tokens - 1 and bool(self.output)
@@ -192,7 +206,7 @@ class StepItem:
     start: int  # first position fed (= tokens already cached)
     num_tokens: int
     sample: bool  # a token is sampled from the last position
-    outputs_from: int | None  # absolute position from which hidden states are returned (None: none)
+    outputs_from: int | None  # absolute position from which hidden states are returned (None: only a sampled one)
     decode: bool = False  # a decoding row's one token (else a prefill chunk or a scoring row)
 
 
@@ -323,7 +337,7 @@ class Scheduler:
         """'ok' (admitted: blocks and a row taken), 'defer' (its first block to compute is being
         computed by another row this step: wait one step and share it) or 'full' (not now)."""
         total = seq.num_tokens
-        limit = total - 1 if seq.score_from is None else min(total - 1, seq.score_from)
+        limit = total - 1 if seq.hidden_from is None else min(total - 1, seq.hidden_from)
         n_cacheable = min(limit, seq.cacheable_tokens) // self.bs if self.blocks.prefix_caching else 0
         hashes = seq.block_hashes(n_cacheable, self.bs) if n_cacheable else []
         n_hit = 0
@@ -357,9 +371,9 @@ class Scheduler:
         n = min(remaining, budget) if self.chunked_prefill else remaining
         end = seq.num_computed + n
         sample = end == seq.num_tokens and seq.score_from is None
-        outputs = None
-        if seq.score_from is not None and end > seq.score_from:
-            outputs = max(seq.score_from, seq.num_computed)
+        outputs, wanted = None, seq.hidden_from
+        if wanted is not None and end > wanted:
+            outputs = max(wanted, seq.num_computed)
         step.items.append(StepItem(seq, seq.num_computed, n, sample, outputs))
         step.num_prefill_tokens += n
         return n
@@ -376,8 +390,9 @@ class Scheduler:
         self.preemptions += 1
 
     # ---- after the forward -----------------------------------------------------------------
-    def update(self, step: ScheduledStep, sampled: list[int], logprobs: list[float] | None = None) -> list[Sequence]:
-        """Record the step: tokens sampled for the items with `sample` (in order). Returns the rows
+    def update(self, step: ScheduledStep, sampled: list[int], logprobs: list | None = None) -> list[Sequence]:
+        """Record the step: tokens sampled for the items with `sample` (in order), and for rows
+        asking for them their log-probabilities (`logprobs`, aligned, None elsewhere). Returns the rows
         that finished by a stop id or a length limit (their blocks and table rows are released);
         stop strings and grammars are the caller's (`finish`)."""
         finished = []
@@ -393,7 +408,7 @@ class Scheduler:
             reason = None
             if item.sample:
                 seq.output.append(sampled[k])
-                if logprobs is not None:
+                if logprobs is not None and logprobs[k] is not None:
                     seq.logprobs.append(logprobs[k])
                 k += 1
                 if seq.output[-1] in seq.stop_ids:

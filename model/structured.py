@@ -191,7 +191,7 @@ class Grammars:
         end with an error). A row whose grammar allows nothing (an error state allows only EOS,
         and a row "stopped" there would not match) samples unmasked and is ended."""
         rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
-        logits = logits.float()
+        logits = logits.to(torch.float32, copy=True)  # the caller's raw logits stay raw (log-probabilities)
         index = torch.tensor(rows, device=logits.device)
         masked = apply_masks(logits[index], bitmask)
         dead = []

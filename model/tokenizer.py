@@ -183,6 +183,22 @@ class PersimmonTokenizer:
             raise IndexError(f"token id {token_id} out of range [0, {self.vocab_size})")
         return self._sp.id_to_piece(token_id)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, as log-probabilities name it: the piece with '▁' as a space;
+        a byte-fallback piece that is not a whole UTF-8 character (half an emoji) as
+        OpenAI writes such tokens, ``"bytes:\\xe2"``; special and control pieces by name
+        (``"|ENDOFTEXT|"``); "" for ids past the tokenizer's vocabulary (the tiny model's
+        embedding is larger than its tokenizer)."""
+        if not 0 <= token_id < self.vocab_size:
+            return ""
+        piece = self._sp.id_to_piece(token_id)
+        if self._sp.is_byte(token_id):
+            value = int(piece[3:5], 16)
+            return chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"
+        if token_id in self.special_token_ids or self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
+            return piece
+        return piece.replace("\u2581", " ")
+
     def _token_name(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._sp.id_to_piece(token_id)
 

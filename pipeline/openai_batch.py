@@ -18,13 +18,19 @@ pipeline/row_settings.py:
 - `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed` and
   `response_format` (`json_object`, or `json_schema` with its `schema`) become the row's settings;
   a field left out takes the run's setting (greedy unless --temperature), not OpenAI's default.
+  Log-probabilities: chat `logprobs: true` with `top_logprobs: N` (0-20), completions
+  `logprobs: N`, become the row's `logprobs` setting (N alternatives per token).
   `model` is ignored: the run's model answers. A request that asks for what this engine does not
-  do (`n` > 1, tools, logprobs, streaming, penalties) is that row's error, not silently changed.
+  do (`n` > 1, tools, streaming, penalties, `echo`) is that row's error, not silently changed.
 
 `response_line` turns an output row into an output line: `{"id", "custom_id", "response":
 {"status_code": 200, "request_id", "body": <chat.completion or text_completion>}, "error": null}`,
 or for a failed row `{"id", "custom_id", "response": null, "error": {"code", "message"}}`: the
-row's `error_kind` and `error`.
+row's `error_kind` and `error`. A row with log-probabilities answers in the endpoint's shape:
+chat `choices[0].logprobs.content = [{token, logprob, bytes, top_logprobs: [{token, logprob,
+bytes}]}]`; completions `choices[0].logprobs = {tokens, token_logprobs, top_logprobs: [{token:
+logprob}], text_offset}` (offsets from the start of the completion). A token that is part of a
+UTF-8 character is written as OpenAI writes it, `"bytes:\\xe2"`, its `bytes` the raw byte.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from .errors import RowError
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 _UNSUPPORTED = {  # body field -> the values that are fine (the default meaning)
-    "n": (None, 1), "stream": (None, False), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "n": (None, 1), "stream": (None, False),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
@@ -140,10 +146,58 @@ def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, Ro
         settings = {"max_new_tokens": limit, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
                     "stop": body.get("stop"), "seed": body.get("seed"),
                     "json_schema": _schema(body.get("response_format"))}
+        settings["logprobs"] = _logprobs(url, body)
         row.update({k: v for k, v in settings.items() if v is not None})
     except RequestError as e:
         return row, RowError("invalid_request", str(e))
     return row, None
+
+
+def _logprobs(url: str, body: dict) -> int | None:
+    """The row's `logprobs` setting (top alternatives per token, None = off) from a request:
+    chat `logprobs: true` + `top_logprobs`, completions `logprobs: N` (checked as a setting)."""
+    if url == COMPLETIONS:
+        if "top_logprobs" in body:
+            raise RequestError("body.top_logprobs belongs to chat completions; /v1/completions takes logprobs: N")
+        return body.get("logprobs")
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted not in (None, True, False):
+        raise RequestError(f"body.logprobs must be true or false, got {wanted!r:.40}")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise RequestError(f"body.top_logprobs must be an integer in [0, 20], got {top!r:.40}")
+    if top and not wanted:
+        raise RequestError("body.top_logprobs needs body.logprobs: true")
+    return (top or 0) if wanted else None
+
+
+def token_bytes(token: str) -> list[int]:
+    """The UTF-8 bytes of a token's text; `"bytes:\\xe2\\x82"` (part of a character) are those bytes."""
+    if token.startswith("bytes:\\x"):
+        return [int(h[:2], 16) for h in token[len("bytes:"):].split("\\x")[1:]]
+    return list(token.encode("utf-8"))
+
+
+def _chat_logprobs(tokens: list[dict] | None) -> dict | None:
+    if tokens is None:
+        return None
+
+    def one(t):
+        return {"token": t["token"], "logprob": t["logprob"], "bytes": token_bytes(t["token"])}
+
+    return {"content": [{**one(t), "top_logprobs": [one(a) for a in t["top"] or []]} for t in tokens],
+            "refusal": None}
+
+
+def _completion_logprobs(tokens: list[dict] | None) -> dict | None:
+    if tokens is None:
+        return None
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t["token"])
+    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in t["top"] or []} for t in tokens],
+            "text_offset": offsets}
 
 
 def _short_hash(*parts: str) -> str:
@@ -180,11 +234,13 @@ def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
     reason = _finish_reason(row.get("finish_reason"))
     if row.get("url") == COMPLETIONS:
         body = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": row.get("completion") or "", "logprobs": None,
+                "choices": [{"index": 0, "text": row.get("completion") or "",
+                             "logprobs": _completion_logprobs(row.get("logprobs")),
                              "finish_reason": reason}], "usage": usage}
     else:
         body = {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": row.get("completion") or "",
                                                      "refusal": None},
-                             "logprobs": None, "finish_reason": reason}], "usage": usage}
+                             "logprobs": _chat_logprobs(row.get("logprobs")), "finish_reason": reason}],
+                "usage": usage}
     return {**line, "response": {"status_code": 200, "request_id": f"req_{key}", "body": body}, "error": None}

@@ -11,6 +11,9 @@ setting for that row only (null or an empty cell keeps the run's value):
     seed            integer: the row's own seed, used as given (without it a sampled row's seed
                     derives from --seed and the row id)
     json_schema     a JSON schema (object, or its JSON text): the row's completion must match it
+    logprobs        integer in [0, 20]: the row's generated tokens get log-probabilities and this
+                    many top alternatives each (the `logprobs` output column)
+    prompt_logprobs true / false: the row's prompt tokens get log-probabilities
 
 Values are checked per row: a bad one (a negative temperature, top_k 2.5, a stop that is a
 number) is that row's error (`error_kind` invalid_sampling), and its neighbours run. Numbers may be
@@ -26,8 +29,9 @@ from typing import Any
 
 from .errors import RowError
 
-SAMPLING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "json_schema")
-_INTEGERS = ("max_new_tokens", "top_k", "seed")
+SAMPLING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "json_schema", "logprobs",
+                    "prompt_logprobs")
+_INTEGERS = ("max_new_tokens", "top_k", "seed", "logprobs")
 _NUMBERS = ("temperature", "top_p")
 
 
@@ -85,6 +89,12 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
             return list(value) or None  # an empty list is "none given" (Parquet's natural empty value)
         raise SettingError(f"stop must be a string or a list of strings, got {value!r:.60}")
+    if name == "prompt_logprobs":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"  # a CSV cell
+        if not isinstance(value, bool):
+            raise SettingError(f"prompt_logprobs must be true or false, got {value!r:.40}")
+        return value
     if name == "json_schema":
         if isinstance(value, str):
             try:

@@ -179,6 +179,14 @@ class PipelineConfig:
                           "of rows that finished (null when cut off by --max-new-tokens).")
     regex: Optional[str] = _f(None, "generate: every completion matches this regular expression (constrained "
                     "decoding).")
+    logprobs: Optional[int] = _f(None, "generate: add a `logprobs` column: each generated token's id, text and "
+                       "log-probability, with this many most likely alternatives (0-20). Log-probabilities "
+                       "are the model's own (log_softmax of its logits, before temperature, top-k / top-p "
+                       "and any grammar), as vLLM reports by default. Unset = no log-probabilities.",
+                       ge=0, le=20)
+    prompt_logprobs: bool = _f(False, "generate: add a `prompt_logprobs` column: each prompt token's id, text "
+                               "and log-probability given the tokens before it (null for the first). Such "
+                               "rows compute their whole prompt: the prefix cache keeps no hidden states.")
     seed: Optional[int] = _f(None, "generate: base seed for sampling. Each row uses a seed derived from "
                    "this and its id, so retried or resumed rows give the same text.")
     truncate: Optional[Literal["left"]] = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
@@ -401,6 +409,9 @@ class PipelineConfig:
                 bad("input_format", "openai-batch files hold completion requests: task generate only")
             if self.input_format != "openai-batch":
                 bad("output_format", "openai-batch output answers openai-batch input (--input-format openai-batch)")
+            if self.prompt_logprobs and self.output_format == "openai-batch":
+                bad("prompt_logprobs", "OpenAI batch answers have no place for prompt log-probabilities; "
+                    "use --output-format jsonl")
             if self.prompt_template != "{prompt}" or self.chat_template or self.examples is not None:
                 bad("prompt_template", "with openai-batch input each request's messages make the prompt; "
                     "--prompt-template, --chat-template and --examples do not apply")
@@ -414,7 +425,8 @@ class PipelineConfig:
         choice = list(self.choices) if self.choices and TASKS[self.task].generates else None
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                     top_p=self.top_p, stop=list(self.stop), seed=seed, truncate=self.truncate,
-                    json_schema=self.json_schema, regex=self.regex, choice=choice)
+                    json_schema=self.json_schema, regex=self.regex, choice=choice, logprobs=self.logprobs,
+                    prompt_logprobs=self.prompt_logprobs)
 
     # ---- environment, serialisation ------------------------------------------------------
     def with_env(self) -> "PipelineConfig":

@@ -333,16 +333,34 @@ class Stage:
             return [self._safe_run([t], [i], [r])[0] for t, i, r in zip(texts, ids, rows)]
 
 
-_GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex")
+_GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex",
+               "logprobs", "prompt_logprobs")
+# a token's log-probability (model/outputs.py TokenLogprob): a prompt token, or an alternative
+TOKEN_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64())])
+# a generated token: its own log-probability and its top alternatives
+SAMPLED_LOGPROB = pa.struct([*TOKEN_LOGPROB, ("top", pa.list_(TOKEN_LOGPROB))])
+
+
+def token_logprobs(tokens, top: bool) -> list[dict] | None:
+    """A Completion's `logprobs` (with each token's `top` alternatives) or `prompt_logprobs`
+    (without) as the output columns hold them."""
+    if tokens is None:
+        return None
+
+    def one(t):
+        return {"token_id": t.token_id, "token": t.token, "logprob": t.logprob}
+
+    return [{**one(t), "top": [one(a) for a in t.top]} if top else one(t) for t in tokens]
 
 
 class GenerateStage(Stage):
-    """Prompt -> completion, finish_reason, token counts, error."""
+    """Prompt -> completion, finish_reason, token counts, log-probabilities when asked, error."""
 
     name, flag_group = "generate", "generation"
     description = "Complete every prompt with a causal Persimmon checkpoint."
     columns = (("completion", pa.string()), ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()),
-               ("num_generated_tokens", pa.int32()), ("parsed", pa.string()), *ERROR_COLUMNS)
+               ("num_generated_tokens", pa.int32()), ("parsed", pa.string()),
+               ("logprobs", pa.list_(SAMPLED_LOGPROB)), ("prompt_logprobs", pa.list_(TOKEN_LOGPROB)), *ERROR_COLUMNS)
     settings = result_settings = (*_GENERATION, "choices", "examples")
     row_columns = SAMPLING_COLUMNS
     generates = True
@@ -389,7 +407,8 @@ class GenerateStage(Stage):
                 out.append({"finish_reason": "error", **engine_error(c), "num_prompt_tokens": c.num_prompt_tokens or None})
                 continue
             row = {"completion": c.text, "finish_reason": c.finish_reason, "num_prompt_tokens": c.num_prompt_tokens,
-                   "num_generated_tokens": c.num_generated_tokens}
+                   "num_generated_tokens": c.num_generated_tokens, "logprobs": token_logprobs(c.logprobs, top=True),
+                   "prompt_logprobs": token_logprobs(c.prompt_logprobs, top=False)}
             if p.json_schema is not None and c.finish_reason == "stop":
                 try:
                     row["parsed"] = json.dumps(json.loads(c.text), ensure_ascii=False)

@@ -141,11 +141,11 @@ def test_shared_prefix_is_prefilled_once_and_reused_across_calls(lm, hf_lm, atte
 def test_logprobs_match_transformers_scores(lm, hf_lm):
     prompt = prompts_of([7])[0]
     out = Engine(lm, None, max_batch_size=2, max_seq_len=32).generate(
-        [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True))[0]
+        [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=0))[0]
     ref = hf_lm.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None,
                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     expected = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(ref.logits, out.token_ids)]
-    assert out.logprobs == approx_forward(expected, lm.config, keys=len(prompt) + 5)
+    assert [t.logprob for t in out.logprobs] == approx_forward(expected, lm.config, keys=len(prompt) + 5)
 
 
 def test_seeded_sampling_reproducible_across_batch_compositions(lm):
@@ -327,7 +327,7 @@ def test_16_bit_engine_equals_transformers_in_the_same_dtype(dtype, packed):
     assert next(hf.parameters()).dtype == dtype
     prompts = prompts_of([6, 15, 9, 21])
     engine = Engine(model, None, max_batch_size=4, max_seq_len=48, packed_cpu_linears=packed)
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=True))
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0))
     assert next(model.parameters()).dtype == dtype
     if packed is False:
         assert not engine.runner.packed and "forward" not in model.lm_head.__dict__
@@ -340,7 +340,7 @@ def test_16_bit_engine_equals_transformers_in_the_same_dtype(dtype, packed):
             logp32 = exact(torch.tensor([seq])).logits[0].log_softmax(-1)
         for j, tok in enumerate(o.token_ids):
             row = logp[len(p) - 1 + j]
-            ours.append(o.logprobs[j])
+            ours.append(o.logprobs[j].logprob)
             theirs.append(row[tok].item())
             truth.append(logp32[len(p) - 1 + j, tok].item())
             top2 = row.topk(2).values

@@ -53,7 +53,11 @@ def test_request_fields_and_refusals():
                        ({"custom_id": "c", "url": "/v1/embeddings", "body": {}}, "url must be"),
                        ({"custom_id": "c", "method": "GET", "url": CHAT, "body": {}}, "method must be POST"),
                        ({"custom_id": "c", "url": CHAT, "body": {"messages": [user("x")], "n": 2}}, "body.n=2"),
-                       ({"custom_id": "c", "url": CHAT, "body": {"messages": [user("x")], "logprobs": True}}, "logprobs"),
+                       ({"custom_id": "c", "url": CHAT, "body": {"messages": [user("x")], "top_logprobs": 2}},
+                        "needs body.logprobs: true"),
+                       ({"custom_id": "c", "url": CHAT, "body": {"messages": [user("x")], "logprobs": True,
+                                                                "top_logprobs": 21}}, "top_logprobs must be"),
+                       ({"custom_id": "c", "url": COMPLETIONS, "body": {"prompt": "a", "echo": True}}, "echo"),
                        ({"custom_id": "c", "url": COMPLETIONS, "body": {"prompt": ["a", "b"]}}, "one string"),
                        ({"custom_id": "c", "url": CHAT, "body": {"messages": [user("x")],
                                                                 "response_format": {"type": "json_schema"}}}, "schema")):

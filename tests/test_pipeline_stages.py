@@ -276,7 +276,8 @@ def test_shard_runner_commits_once_and_resume_plan_skips(tmp_path):
     assert plan2.done["part-00000.parquet"]["rows_out"] == 7
     table = pq.read_table(tmp_path / "out" / "part-00001.parquet")
     assert table.column_names == ["id", "meta", *("completion finish_reason num_prompt_tokens "
-                                                   "num_generated_tokens parsed error_kind error").split()]
+                                                   "num_generated_tokens parsed logprobs prompt_logprobs error_kind "
+                                                   "error").split()]
     assert table["id"].to_pylist() == list(range(7, 14))
 
     with pytest.raises(ConfigError, match="different settings"):
@@ -620,7 +621,8 @@ def test_resume_checks_only_what_the_task_depends_on(tmp_path):
 
 
 @pytest.mark.parametrize("change", [dict(max_new_tokens=5), dict(temperature=0.9), dict(top_k=40), dict(top_p=0.8),
-                                    dict(stop=["."]), dict(seed=2), dict(truncate=None)],
+                                    dict(stop=["."]), dict(seed=2), dict(truncate=None), dict(logprobs=2),
+                                    dict(prompt_logprobs=True)],
                          ids=lambda c: next(iter(c)))
 def test_a_generate_rerun_with_other_sampling_settings_is_refused(tmp_path, change):
     """Every sampling setting changes what a generate row's result is: a rerun with another

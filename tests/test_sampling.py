@@ -71,7 +71,7 @@ def test_seeded_draws_follow_the_filtered_distribution():
     for temperature, top_k, top_p in ((0.8, 10, 1.0), (1.3, 0, 0.7), (1.0, 20, 0.9)):
         target = hf_filter(logits, temperature, top_k, top_p).softmax(-1)
         params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s) for s in range(n)]
-        tokens, _ = Sampler()(logits.expand(n, -1).clone(), params, list(range(n)), [0] * n)
+        tokens = Sampler()(logits.expand(n, -1).clone(), params, list(range(n)), [0] * n)
         empirical = torch.bincount(torch.tensor(tokens), minlength=64).float() / n
         tv = 0.5 * (empirical - target).abs().sum().item()
         assert tv < 0.05, (temperature, top_k, top_p, tv)
@@ -90,7 +90,7 @@ def test_one_seed_draws_fresh_randomness_at_every_step():
     n = 4000
     target = hf_filter(logits, 0.9, 20, 0.95).softmax(-1)
     params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=5)] * n
-    tokens, _ = Sampler()(logits.expand(n, -1).clone(), params, [5] * n, list(range(n)))
+    tokens = Sampler()(logits.expand(n, -1).clone(), params, [5] * n, list(range(n)))
     empirical = torch.bincount(torch.tensor(tokens), minlength=64).float() / n
     assert 0.5 * (empirical - target).abs().sum().item() < 0.05
 
