@@ -3,13 +3,13 @@ committed output file per unit of work (an input file, or a slice of one) out, p
 `_run_report.json`. See `pipeline.unit_runner` for the exactly-once design."""
 
 from .api import (build_dataset, build_report, check_model, dry_run, filesystem, init_ray, run,
-                  run_classify, run_generate, run_label)
+                  run_classify, run_generate, run_label, run_score)
 from .errors import ConfigError, InputError, ModelError
 from .settings import PipelineConfig
-from .stages import ClassifyStage, GenerateStage, LabelStage
+from .stages import ClassifyStage, GenerateStage, LabelStage, ScoreStage
 
 __all__ = [
     "ClassifyStage", "ConfigError", "GenerateStage", "InputError", "LabelStage", "ModelError",
-    "PipelineConfig", "build_dataset", "build_report", "check_model", "dry_run", "filesystem", "init_ray",
-    "run", "run_classify", "run_generate", "run_label",
+    "PipelineConfig", "ScoreStage", "build_dataset", "build_report", "check_model", "dry_run", "filesystem", "init_ray",
+    "run", "run_classify", "run_generate", "run_label", "run_score",
 ]

@@ -196,7 +196,7 @@ class FileStage:
     def __init__(self, config: PipelineConfig):
         self.config, self.stage = config, TASKS[config.task](config)
         self.columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
-                                           *self.stage.row_columns]))
+                                           *self.stage.input_columns(config)]))
 
     def __call__(self, batch):
         for uri in batch["uri"].to_pylist():
@@ -491,3 +491,8 @@ def run_classify(config: PipelineConfig | dict | None = None, **overrides) -> di
 def run_label(config: PipelineConfig | dict | None = None, **overrides) -> dict:
     """`run` with task='label' (zero-shot labeling with a causal LM and `choices`)."""
     return run(_with(config, "label", overrides))
+
+
+def run_score(config: PipelineConfig | dict | None = None, **overrides) -> dict:
+    """`run` with task='score' (each text's log-likelihood and perplexity under a causal LM)."""
+    return run(_with(config, "score", overrides))

@@ -146,3 +146,67 @@ def test_bad_rows_get_errors_and_neighbours_are_scored(lm, tokenizer):
         engine.score(TEXTS, stride=0)
     with pytest.raises(ValueError, match="prefixes"):
         engine.score(TEXTS, score_after=["a"])
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+def score_config(**kw):
+    from pipeline import PipelineConfig
+
+    return PipelineConfig(task="score", input="in/", output="out/", model=tiny_model("causal"), **kw)
+
+
+def test_score_stage_on_a_hand_built_batch():
+    from pipeline import ConfigError, ScoreStage
+
+    engine = Engine.from_pretrained(tiny_model("causal"), max_batch_size=4, dtype="float32", device="cpu")
+    stage = ScoreStage(score_config(score_after="question"), engine=engine)
+    batch = {"id": [1, 2, 3, 4, 5], "prompt": [" blue light.", "", " blue light.", " blue light.", None],
+             "question": ["Why is the sky blue?", "Q", None, 7, "Q"]}
+    out = stage(batch).to_pylist()
+    assert [r["id"] for r in out] == [1, 2, 3, 4, 5]
+    assert [r["error_kind"] for r in out] == [None, "empty_prompt", None, "invalid_prefix", "invalid_prompt"]
+    direct = engine.score([" blue light.", " blue light."], score_after=["Why is the sky blue?", None])
+    for row, res in zip((out[0], out[2]), direct):
+        assert row["num_tokens"] == res.num_tokens and row["logprob"] == pytest.approx(res.logprob, abs=1e-4)
+        assert row["perplexity"] == pytest.approx(math.exp(-row["mean_logprob"]), rel=1e-12)
+    assert stage(pa.table({"id": [1], "prompt": ["x y z"]})).schema.field("num_tokens").type == pa.int64()
+    # a --score-after that names no column of the batch is the prefix text itself
+    literal = ScoreStage(score_config(score_after="Why is the sky blue?"), engine=engine)({"id": [1], "prompt": [" blue light."]})
+    assert literal["logprob"].to_pylist()[0] == pytest.approx(out[0]["logprob"], abs=1e-4)
+    with pytest.raises(ConfigError, match="score_stride"):
+        score_config(score_stride=10, score_rolling=False).validate()
+    with pytest.raises(ConfigError, match="score_after"):
+        score_config(score_after="prompt").validate()
+    with pytest.raises(ConfigError, match="score_after: applies to the score task only"):
+        score_config(score_after="x").__class__(task="label", input="i", output="o", model="m", choices=["a", "b"],
+                                               score_after="x").validate()
+
+
+@pytest.mark.ray
+def test_score_end_to_end_via_cli_every_row_once(ray_local, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    inputs = tmp_path / "in"
+    write_shards(str(inputs), shards=2, rows=4)
+    long_text = " ".join(PROMPTS * 30)  # past the tiny model's 512 positions: scored in windows
+    bad = pa.table({"id": pa.array([100, 101, 102, 103], pa.int64()), "prompt": ["fine text", None, "  ", long_text],
+                    "meta": list("abcd")})
+    pq.write_table(bad, str(inputs / "part-00009.parquet"))
+    out = str(tmp_path / "out")
+    assert main(["score", "--input", str(inputs), "--output", out, "--model", tiny_model("causal"), "--replicas", "1",
+                 "--batch-size", "3", "--keep-columns", "meta", "--quiet"]) == 0
+    table = read_output(out).sort_by("id")
+    ids_in = [i for s in range(2) for i in range(s * 4, s * 4 + 4)] + [100, 101, 102, 103]
+    assert_exactly_once(table["id"].to_pylist(), ids_in)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert {i: rows[i]["error_kind"] for i in (101, 102)} == {101: "invalid_prompt", 102: "empty_prompt"}
+    engine = Engine.from_pretrained(tiny_model("causal"), max_batch_size=4, dtype="float32", device="cpu")
+    prompts = [r["prompt"] for r in pq.read_table(str(inputs / "part-00000.parquet")).to_pylist()]
+    for i, res in enumerate(engine.score(prompts + ["fine text", long_text])):
+        row = rows[[0, 1, 2, 3, 100, 103][i]]
+        assert row["error"] is None and row["num_tokens"] == res.num_tokens
+        assert close(row["logprob"], res.logprob, engine.config, 512, res.num_tokens)
+    assert rows[103]["num_tokens"] > 512
+
