@@ -10,6 +10,7 @@ _HOMES = {
     "CheckpointError": "checkpoint", "load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
     "PersimmonConfig": "config", "Engine": "engine", "SamplingParams": "sampling_params",
     "ChoiceScores": "outputs", "Classification": "outputs", "Completion": "outputs",
+    "TextScore": "outputs",
     "PersimmonForCausalLM": "modeling", "PersimmonForSequenceClassification": "modeling",
     "PersimmonForTokenClassification": "modeling", "PersimmonModel": "modeling",
     "PersimmonTokenizer": "tokenizer", "chat_prompt": "tokenizer",

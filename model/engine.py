@@ -14,7 +14,7 @@ plus choice scoring and classification. vLLM in miniature, each step in four par
 - the output step (model/outputs.py) ends rows at stop strings and builds the results.
 
 `generate` loops schedule -> execute -> sample -> update -> output until every row is done.
-`score_choices` and `classify` (model/scoring.py) sample nothing. Memory: the KV pool is a
+`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. Memory: the KV pool is a
 budget (`kv_cache_gib`, or `memory_fraction` of what is free after the weights load, times
 `memory_share` when replicas share a device); `max_batch_size` only caps rows in flight and
 `max_seq_len` only caps a row's length: neither costs memory.
@@ -363,4 +363,5 @@ class Engine:
 
     # ---- scoring and classification: model/scoring.py ---------------------------------------
     score_choices = scoring.score_choices
+    score = scoring.score
     classify = scoring.classify

@@ -70,6 +70,19 @@ class ChoiceScores:
     error_kind: str | None = None
 
 
+@dataclass
+class TextScore:
+    """A text's log-likelihood (`Engine.score`): `logprob` sums the log-probabilities of the
+    `num_tokens` scored tokens; `mean_logprob` = logprob / num_tokens; `perplexity` =
+    exp(-mean_logprob)."""
+    logprob: float | None = None
+    num_tokens: int | None = None
+    mean_logprob: float | None = None
+    perplexity: float | None = None
+    error: str | None = None
+    error_kind: str | None = None
+
+
 class Detokenizer:
     """The text of a growing list of token ids, decoding a short window per new token: the text
     of tokens[prefix:] minus the text of tokens[prefix:read] is what the new tokens added; a

@@ -1,22 +1,89 @@
-"""The engine's forwards that sample nothing: zero-shot labeling by choice scores, and
-classification. Each function here is an `Engine` method (model/engine.py binds it), so `self`
-is the engine.
+"""The engine's forwards that sample nothing: zero-shot labeling by choice scores, text
+log-likelihoods, and classification. Each function here is an `Engine` method (model/engine.py
+binds it), so `self` is the engine.
 
 - `score_choices`: each (prompt, choice) pair is one scoring row through the scheduler, computed
   up to the choice's last token but one, the LM head applied only where a choice token is
   predicted; the rows of a prompt share its full KV blocks through the prefix cache.
+- `score`: each text (or each window of a text longer than the context) is one scoring row of
+  the same kind; rows that start alike (a shared `score_after` prefix) share KV blocks.
 - `classify`: whole rows packed side by side with no cache, the head on each row's last token.
+
+Both scorers go through `_run_scoring`: the head runs on a chunk of positions at a time
+([chunk, vocab] logits, never [rows, positions, vocab]) and only the log-probability of each
+position's target token is kept.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+
 import torch
 
 from .modeling import PersimmonForSequenceClassification
-from .outputs import ChoiceScores, Classification, RowError, error_kind
+from .outputs import ChoiceScores, Classification, RowError, TextScore, error_kind
 from .scheduler import Sequence
 
-LOGITS_ROWS = 64  # rows of scoring logits [rows, vocab] computed at once
+LOGITS_ROWS = 64  # rows of scoring logits [rows, vocab] computed at once (at least)
+
+
+def _add_target(self, rows: dict, tokens: list[int], score_from: int, target: tuple) -> None:
+    """Queue `target` = (owner, k, its tokens) on the scoring row that feeds `tokens` and is
+    scored from position `score_from` (position score_from predicts target token 0). Rows with
+    the same tokens and start are one row: computed once, however many targets read it."""
+    key = (tuple(tokens), score_from)
+    if key not in rows:
+        rows[key] = Sequence(len(rows), list(tokens), score_from=score_from,
+                             cacheable_tokens=self._cacheable(tokens))
+    rows[key].targets.append(target)
+
+
+def _run_scoring(self, rows: dict) -> tuple[dict, dict]:
+    """Run the scoring rows through the scheduler to their end. Returns ({(owner, k): sum of the
+    log-probabilities of its target tokens}, {owner: a row of it that could not be queued, with
+    its error}); an owner with a failed row is not summed."""
+    sums: dict = defaultdict(float)
+    failed: dict = {}
+    for seq in rows.values():
+        if not self.scheduler.add(seq):
+            for owner, _, _ in seq.targets:
+                failed.setdefault(owner, seq)
+    chunk = max(LOGITS_ROWS, min(self.max_batch_size, 256))  # within capacity.activation_bytes' head rows
+
+    def on_hidden(chunks):  # [(row, hidden [n, C] of its positions from max(score_from, computed))]
+        at_rows, tokens, owners, keys, at = [], [], [], {}, 0
+        for seq, h in chunks:
+            offset = max(seq.score_from, seq.num_computed) - seq.score_from  # num_computed: before this step
+            for owner, k, cont in seq.targets:
+                if owner in failed:
+                    continue
+                n = min(h.shape[0], len(cont) - offset)  # position offset + j predicts cont[offset + j]
+                if n > 0:
+                    at_rows.extend(range(at, at + n))
+                    tokens.extend(cont[offset:offset + n])
+                    owners.extend([keys.setdefault((owner, k), len(keys))] * n)
+            at += h.shape[0]
+        if not at_rows:
+            return
+        hidden = torch.cat([h for _, h in chunks])
+        dev = hidden.device
+        unique, inverse = torch.unique(torch.tensor(at_rows, device=dev), return_inverse=True)
+        tokens_t, values = torch.tensor(tokens, device=dev), torch.empty(len(tokens), device=dev)
+        for a in range(0, unique.shape[0], chunk):
+            logits = self.runner.lm_head(hidden[unique[a:a + chunk]]).float()  # [n, V]
+            lse = logits.logsumexp(-1)
+            sel = ((inverse >= a) & (inverse < a + chunk)).nonzero().squeeze(1)
+            r = inverse[sel] - a
+            values[sel] = logits[r, tokens_t[sel]] - lse[r]
+        totals = torch.zeros(len(keys), dtype=torch.float64, device=dev)
+        totals.index_add_(0, torch.tensor(owners, device=dev), values.double())
+        for key, value in zip(keys, totals.tolist()):
+            sums[key] += value
+
+    for _ in self._run(on_hidden):
+        pass
+    return sums, failed
 
 
 @torch.inference_mode()
@@ -45,44 +112,23 @@ def score_choices(self, prompts, choices: list, *, normalize: str = "sum", separ
     for i, prompt in enumerate(prompts):
         try:
             context, continuations = _continuations(self, prompt, choices, separator, add_bos)
+            longest = max(len(c) for c in continuations)
+            if len(context) + longest > self.max_seq_len:
+                raise RowError("prompt_too_long", f"prompt has {len(context)} tokens; with the longest choice "
+                               f"({longest}) it exceeds max_seq_len={self.max_seq_len}")
         except ValueError as e:
             results[i] = ChoiceScores(error=str(e), error_kind=error_kind(e, "invalid_prompt"))
             continue
         scores[i], lengths[i] = [0.0] * len(choices), [len(c) for c in continuations]
-        for k, cont in enumerate(continuations):
-            key = (tuple(context + cont[:-1]), len(context))  # the same tokens scored from elsewhere: another row
-            if key not in rows:
-                rows[key] = Sequence(len(rows), list(key[0]), score_from=len(context) - 1,
-                                     cacheable_tokens=self._cacheable(context))
-            rows[key].targets.append((i, k, cont))
-    for seq in rows.values():
-        if not self.scheduler.add(seq):
-            for i, _, _ in seq.targets:
-                results[i] = ChoiceScores(error=seq.error, error_kind=seq.error_kind)
-                scores.pop(i, None)
-
-    def on_hidden(chunks):  # [(row, hidden [n, C] of its positions from max(score_from, computed))]
-        picks, at = [], 0  # (hidden row, token it should predict, prompt, choice)
-        for seq, h in chunks:
-            start = max(seq.score_from, seq.num_computed)  # num_computed: before this step
-            for i, k, cont in seq.targets:
-                for j in range(h.shape[0]):
-                    t = start + j - seq.score_from  # this position predicts continuation token t
-                    if t < len(cont) and i in scores:
-                        picks.append((at + j, cont[t], i, k))
-            at += h.shape[0]
-        hidden = torch.cat([h for _, h in chunks])
-        for a in range(0, hidden.shape[0], LOGITS_ROWS):
-            chunk = [p for p in picks if a <= p[0] < a + LOGITS_ROWS]
-            if chunk:
-                lp = self.runner.lm_head(hidden[a:a + LOGITS_ROWS]).float().log_softmax(-1)  # [n, V]
-                at_rows = torch.tensor([p[0] - a for p in chunk], device=lp.device)
-                tokens = torch.tensor([p[1] for p in chunk], device=lp.device)
-                for (_, _, i, k), value in zip(chunk, lp[at_rows, tokens].tolist()):
-                    scores[i][k] += value
-
-    for _ in self._run(on_hidden):
-        pass
+        for k, cont in enumerate(continuations):  # the same tokens scored from elsewhere: another row
+            _add_target(self, rows, context + cont[:-1], len(context) - 1, (i, k, cont))
+    sums, failed = _run_scoring(self, rows)
+    for i, seq in failed.items():
+        results[i] = ChoiceScores(error=seq.error, error_kind=seq.error_kind)
+        scores.pop(i, None)
+    for i, s in scores.items():
+        for k in range(len(choices)):
+            s[k] = sums[(i, k)]
     labels = [c if isinstance(c, str) else str(c) for c in choices]
     for i, s in scores.items():
         if normalize == "mean":
@@ -116,11 +162,112 @@ def _continuations(self, prompt, choices, separator: str, add_bos: bool):
         if not cont:
             raise RowError("invalid_choice", f"choice {c!r} adds no tokens after the prompt")
         continuations.append(cont)
-    longest = max(len(c) for c in continuations)
-    if len(context) + longest > self.max_seq_len:
-        raise RowError("prompt_too_long", f"prompt has {len(context)} tokens; with the longest choice ({longest}) it "
-                       f"exceeds max_seq_len={self.max_seq_len}")
     return context, continuations
+
+
+@torch.inference_mode()
+def score(self, texts, *, score_after=None, add_bos: bool = True, rolling: bool = True,
+          stride: int | None = None) -> list[TextScore]:
+    """Log-likelihood of each text under the causal LM (perplexity filtering).
+
+    What is scored: the text's tokens, BOS first (`add_bos`). Every token after BOS is scored:
+    the first given BOS alone, each next one given every token before it, so `logprob` =
+    sum_j log p(t_j | BOS, t_1 .. t_j-1) over the text's `num_tokens` tokens (BOS is not
+    counted); `mean_logprob` = logprob / num_tokens and `perplexity` = exp(-mean_logprob), as
+    transformers' `loss` on the same ids gives (loss = -mean_logprob). Without BOS the first
+    token has no context and is not scored.
+
+    score_after: a prefix (a string for every text, or one per text, None or blank = none).
+    The model reads the prefix, then the text, and only the tokens the text adds are scored:
+    log p(text | prefix), the prefix's tokens being context. They are found as
+    lm-evaluation-harness finds a continuation: the tokens of `prefix + text` after the
+    prefix's own tokens (whitespace at the end of the prefix moves to the text); no separator
+    is added. Rows sharing a prefix share its KV blocks.
+
+    Texts longer than the context (W = max_seq_len positions) are scored in rolling windows
+    when `rolling`, as lm-evaluation-harness's loglikelihood_rolling does: the first window is
+    the first W tokens (BOS included) and scores every token it predicts; each next window
+    holds the W tokens before the end of the next `stride` tokens and scores those only (a
+    window starts at position 0, without BOS). So every token is scored exactly once, each with
+    at least W - stride tokens of left context (the tokens of the first window with all of
+    theirs). `stride` defaults to W // 2; stride = W is lm-evaluation-harness's default (no
+    overlap). Without `rolling` such a text is the row's `prompt_too_long` error.
+
+    Bad rows (empty text, a text that adds no tokens after its prefix, too long without
+    rolling, more than the whole KV pool) get `error` and `error_kind`; neighbours are
+    unaffected. Never builds [rows, positions, vocab] logits."""
+    self._require_causal("score")
+    window = self.max_seq_len
+    stride = window // 2 if stride is None else stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window:
+        raise ValueError(f"stride must be an integer in [1, max_seq_len={window}], got {stride!r}")
+    if score_after is None or isinstance(score_after, str):
+        score_after = [score_after] * len(texts)
+    score_after = list(score_after)
+    if len(score_after) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(score_after)} score_after prefixes")
+    results: list[TextScore | None] = [None] * len(texts)
+    counts: dict[int, int] = {}
+    rows: dict[tuple, Sequence] = {}
+    for i, (text, prefix) in enumerate(zip(texts, score_after)):
+        try:
+            tokens, first = _scored_tokens(self, text, prefix, add_bos)
+            n = len(tokens) - first  # tokens scored
+            if not rolling and len(tokens) - 1 > window:
+                raise RowError("prompt_too_long", f"text has {len(tokens)} tokens (BOS and prefix included): more "
+                               f"than max_seq_len={window} + 1; score it with rolling windows")
+        except ValueError as e:
+            results[i] = TextScore(error=str(e), error_kind=error_kind(e, "invalid_prompt"))
+            continue
+        counts[i] = n
+        for a, e, done in rolling_windows(len(tokens), first, window, stride):
+            # feeds tokens[a:e]; position done - a predicts tokens[done + 1], ..., e - 1 predicts tokens[e]
+            _add_target(self, rows, tokens[a:e], done - a, (i, 0, tokens[done + 1:e + 1]))
+    sums, failed = _run_scoring(self, rows)
+    for i, seq in failed.items():
+        results[i] = TextScore(error=seq.error, error_kind=seq.error_kind)
+    for i, n in counts.items():
+        if i not in failed:
+            logprob = sums[(i, 0)]
+            mean = logprob / n
+            perplexity = math.exp(-mean) if -mean < 709 else math.inf  # exp overflows a float past ~709
+            results[i] = TextScore(logprob=logprob, num_tokens=n, mean_logprob=mean, perplexity=perplexity)
+    return results
+
+
+def _scored_tokens(self, text, prefix, add_bos: bool) -> tuple[list[int], int]:
+    """(the tokens the model reads, the index of the first scored one) for one row of `score`."""
+    if prefix is None or (isinstance(prefix, str) and not prefix.strip()) or (isinstance(prefix, list) and not prefix):
+        tokens = self._encode(text, add_bos=add_bos)
+        if len(tokens) < 2:
+            raise RowError("empty_prompt", "nothing to score: the text is one token and there is no BOS before it")
+        return tokens, 1
+    if isinstance(text, str) and not text.strip():
+        raise RowError("empty_prompt", "empty text")
+    if isinstance(prefix, str):  # as _continuations: what prefix + text adds after the prefix's tokens
+        if not isinstance(text, str):
+            raise RowError("invalid_prompt", "a text score_after needs a text (the continuation is found in the text)")
+        stripped = prefix.rstrip()
+        context = self._encode(stripped, add_bos=add_bos)
+        cont = self.tokenizer.encode(prefix + text, add_bos=add_bos)[len(context):]
+    else:
+        context, cont = self._encode(prefix, add_bos=add_bos), self._encode(text, add_bos=False)
+    if not cont:
+        raise RowError("empty_prompt", "the text adds no tokens after score_after")
+    return context + cont, len(context)
+
+
+def rolling_windows(num_tokens: int, first: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows that score tokens[first:] of a row of `num_tokens` tokens (see `score`):
+    (a, e, done) = feed tokens[a:e] (at most `window` of them), score tokens done+1 .. e. The
+    first window starts at 0 when its first scored token fits it; each next one scores the next
+    `stride` tokens and ends at the last of them."""
+    last, done, out = num_tokens - 1, first - 1, []
+    while done < last:
+        end = min(last, window) if done < window else min(last, done + stride)
+        out.append((max(0, end - window), end, done))
+        done = end
+    return out
 
 
 @torch.inference_mode()

@@ -3,14 +3,15 @@ committed output file per unit of work (an input file, or a slice of one) out, p
 `_run_report.json`. See `pipeline.unit_runner` for the exactly-once design, and
 `pipeline.processor` for the same tasks on any Ray Dataset (`build_processor`)."""
 
-from .api import build_report, check_model, dry_run, filesystem, init_ray, run, run_classify, run_generate, run_label
+from .api import (build_report, check_model, dry_run, filesystem, init_ray, run, run_classify, run_generate, run_label,
+                  run_score)
 from .processor import Processor, build_dataset, build_processor
 from .errors import ConfigError, InputError, ModelError
 from .settings import PipelineConfig
-from .stages import ClassifyStage, GenerateStage, LabelStage
+from .stages import ClassifyStage, GenerateStage, LabelStage, ScoreStage
 
 __all__ = [
     "ClassifyStage", "ConfigError", "GenerateStage", "InputError", "LabelStage", "ModelError",
-    "PipelineConfig", "Processor", "build_dataset", "build_processor", "build_report", "check_model", "dry_run",
-    "filesystem", "init_ray", "run", "run_classify", "run_generate", "run_label",
+    "PipelineConfig", "Processor", "ScoreStage", "build_dataset", "build_processor", "build_report", "check_model",
+    "dry_run", "filesystem", "init_ray", "run", "run_classify", "run_generate", "run_label", "run_score",
 ]

@@ -448,3 +448,8 @@ def run_classify(config: PipelineConfig | dict | None = None, **overrides) -> di
 def run_label(config: PipelineConfig | dict | None = None, **overrides) -> dict:
     """`run` with task='label' (zero-shot labeling with a causal LM and `choices`)."""
     return run(_with(config, "label", overrides))
+
+
+def run_score(config: PipelineConfig | dict | None = None, **overrides) -> dict:
+    """`run` with task='score' (each text's log-likelihood and perplexity under a causal LM)."""
+    return run(_with(config, "score", overrides))

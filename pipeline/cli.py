@@ -1,4 +1,4 @@
-"""`persimmon-batch generate|classify|label|plan|capacity|demo`: the command line over `pipeline.api`.
+"""`persimmon-batch generate|classify|label|score|plan|capacity|demo`: the command line over `pipeline.api`.
 
 Flags are generated from `PipelineConfig`'s fields and their help texts; `--config FILE.yaml`
 supplies any of them (same names, underscores or dashes), flags given on the command line win.
@@ -70,7 +70,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
                 kwargs["type"] = kind
             if get_origin(kind) is Literal:
                 kwargs["choices"] = list(get_args(kind))
-            kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI"}.get(name)
+            kwargs["metavar"] = {"input": "URI", "output": "URI", "model": "DIR_OR_URI",
+                                  "score_after": "TEXT_OR_COLUMN"}.get(name)
         group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
@@ -139,7 +140,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
             raise ConfigError(f"{args.config} is for task {raw['task']!r}, not {task!r}")
     if getattr(args, "quiet", False):
         flags["progress"] = False
-    for key in ("prompt_template", "choice_separator"):  # let shell users write \n for a newline
+    for key in ("prompt_template", "choice_separator", "score_after"):  # let shell users write \n for a newline
         if key in flags:
             flags[key] = flags[key].replace("\\n", "\n").replace("\\t", "\t")
     return PipelineConfig.from_dict({**raw, "task": task}, **flags).validate()

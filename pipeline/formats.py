@@ -337,7 +337,7 @@ class JsonlInput(_RowsInput):
             rows.append(row if row is not None else {})
             lines.append(where)
         required = [config.id_column, config.prompt_column, *config.keep_columns]
-        wanted = [c for c in dict.fromkeys([*required, *SAMPLING_COLUMNS]) if any(c in r for r in rows)]
+        wanted = [c for c in dict.fromkeys([*required, *SAMPLING_COLUMNS, *TASKS[config.task].input_columns(config)]) if any(c in r for r in rows)]
         if not rows:  # an empty file has the columns, of no type yet, and 0 rows
             return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), errors
         # the id, prompt and kept columns are always there (nulls where absent), so the table has

@@ -138,7 +138,7 @@ class ReplicaStage:
         if len(errors) < len(made):
             self._require(keys, "preprocess's rows")
         wanted = dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns])
-        wanted.update((c, None) for c in self.stage.row_columns if c in keys)
+        wanted.update((c, None) for c in self.stage.input_columns(cfg) if c in keys)
         return {c: [r.get(c) for r in made] for c in wanted}, errors
 
     def _require(self, columns, what: str) -> None:
@@ -182,7 +182,7 @@ class FileStage:
     def __init__(self, config: PipelineConfig):
         self.config, self.stage = config, TASKS[config.task](config)
         self.columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
-                                           *self.stage.row_columns]))
+                                           *self.stage.input_columns(config)]))
 
     def __call__(self, batch):
         for uri in batch["uri"].to_pylist():

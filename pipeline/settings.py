@@ -118,7 +118,7 @@ class PipelineConfig:
     # ---- what to run ----------------------------------------------------------------------
     task: Literal[TASK_NAMES] = _f("generate", "generate: complete each prompt; classify: sequence-classification "
                    "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM "
-                   "by scoring --choices.", cli=False)
+                   "by scoring --choices; score: each text's log-likelihood and perplexity.", cli=False)
     input: Union[str, list[str], None] = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// (or gs://, "
                     "abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated "
                     "list of files.")
@@ -167,6 +167,21 @@ class PipelineConfig:
                        "rendered through the prompt template, then the choice separator (label) or "
                        "a space (generate), its answer and a blank line; the result prefixes every "
                        "row, computed once per replica and reused.")
+    # ---- scoring ---------------------------------------------------------------------------
+    score_after: Optional[str] = _f(None, "score task (TEXT_OR_COLUMN): score each text as the continuation of a "
+                          "prefix: the name of an input column holding each row's prefix (where a file has "
+                          "that column), else the prefix text itself, the same for every row. The model "
+                          "reads prefix + text and only the tokens the text adds are scored: log p(text | "
+                          "prefix). No separator is added; rows sharing a prefix share its KV blocks. A null "
+                          "or blank prefix scores the row unconditionally (on the command line \\n is a "
+                          "newline).")
+    score_rolling: bool = _f(True, "score task: texts longer than --max-seq-len are scored in rolling windows "
+                             "(as lm-evaluation-harness's loglikelihood_rolling: every token exactly once, each "
+                             "with at least max_seq_len - --score-stride tokens of context); "
+                             "--no-score-rolling makes such a row a prompt_too_long error.")
+    score_stride: Optional[int] = _f(None, "score task, rolling windows: the tokens each window after the first "
+                           "scores (the rest of the window is their context). Default: half of --max-seq-len; "
+                           "--max-seq-len itself = no overlap (lm-evaluation-harness's default).", ge=1)
     # ---- generation ------------------------------------------------------------------------
     max_new_tokens: int = _f(64, "generate: maximum tokens generated per row.")
     temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")

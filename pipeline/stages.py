@@ -191,7 +191,9 @@ class Stage:
     OTHERS_ONLY = {"calibrate": "applies to the label task only",
                    "json_schema": "constrains generation: it applies to the generate task only",
                    "regex": "constrains generation: it applies to the generate task only",
-                   "examples": "few-shot examples apply to generate and label, not {task}"}
+                   "examples": "few-shot examples apply to generate and label, not {task}",
+                   "score_after": "applies to the score task only",
+                   "score_stride": "applies to the score task only"}
 
     # ---- the declaration, read on the driver ----------------------------------------------
     @classmethod
@@ -201,6 +203,12 @@ class Stage:
             value = getattr(config, name)
             if name not in cls.settings and value not in (None, False):
                 raise ConfigError(f"{name}: {why.format(task=cls.name)}")
+
+    @classmethod
+    def input_columns(cls, config: PipelineConfig) -> tuple[str, ...]:
+        """Input columns its rows read besides the id, prompt and kept ones (given to `_prepare`
+        where a file has them): by default its `row_columns`."""
+        return cls.row_columns
 
     @classmethod
     def result_fields(cls, config: PipelineConfig) -> tuple[str, ...]:
@@ -285,7 +293,7 @@ class Stage:
             prompts = [build_prompt(cfg, self.prefix, v) for v in column_values(table[cfg.prompt_column])]
         ids = table[cfg.id_column].to_pylist()
         own = {c: column_values(batch[c] if isinstance(batch, dict) else table[c])
-               for c in self.row_columns if c in names}
+               for c in self.input_columns(cfg) if c in names}
         prepared = self._prepare(own, ids)
         for i, (_, err) in enumerate(prepared):
             if err is not None and prompts[i][1] is None:
@@ -585,6 +593,91 @@ class LabelStage(Stage):
         return out
 
 
+class ScoreStage(Stage):
+    """Text -> its log-likelihood under a causal LM (perplexity filtering): logprob (sum over
+    the scored tokens), num_tokens, mean_logprob, perplexity = exp(-mean_logprob); with
+    --score-after only the tokens after the prefix (the row's column, or one text) are scored.
+    What is scored, and the rolling windows of long texts: `Engine.score` (model/scoring.py)."""
+
+    name, flag_group = "score", "scoring"
+    description = ("Score every text's log-likelihood and perplexity with a causal checkpoint (perplexity "
+                   "filtering); --score-after scores only what follows a prefix.")
+    columns = (("logprob", pa.float64()), ("num_tokens", pa.int64()), ("mean_logprob", pa.float64()),
+               ("perplexity", pa.float64()), *ERROR_COLUMNS)
+    settings = result_settings = ("score_after", "score_rolling", "score_stride")
+
+    @classmethod
+    def check(cls, config):
+        super().check(config)
+        if config.score_after in (config.id_column, config.prompt_column):
+            raise ConfigError(f"score_after: {config.score_after!r} is the id or prompt column; name the column "
+                              "holding each row's prefix, or give the prefix text")
+        if config.score_stride is not None:
+            if not config.score_rolling:
+                raise ConfigError("score_stride: applies to rolling windows; drop it or --score-rolling")
+            if config.max_seq_len is not None and config.score_stride > config.max_seq_len:
+                raise ConfigError(f"score_stride: must be at most max_seq_len={config.max_seq_len} (a window's "
+                                  f"length), got {config.score_stride}")
+
+    @classmethod
+    def input_columns(cls, config):
+        return (config.score_after,) if config.score_after else ()
+
+    @classmethod
+    def prompt_limit(cls, config, max_positions):
+        name, tokens, over = super().prompt_limit(config, max_positions)
+        return name, tokens, "scored in rolling windows" if config.score_rolling else over
+
+    @classmethod
+    def prompt_tokens(cls, config, encode, text, limit):
+        """A text of n tokens (BOS first) reads n - 1 positions: too long past the limit, unless
+        rolling windows score it."""
+        n = len(encode(text, add_bos=True))
+        return n, not config.score_rolling and n - 1 > limit
+
+    @classmethod
+    def capacity_new_tokens(cls, config):
+        return 1  # scoring rows generate nothing
+
+    def __init__(self, config: PipelineConfig, engine=None):
+        super().__init__(config, engine)
+        limit = getattr(self.engine, "max_seq_len", None)
+        if self.config.score_stride is not None and limit is not None and self.config.score_stride > limit:
+            raise ConfigError(f"score_stride: must be at most the engine's max_seq_len={limit} (a window's length), "
+                              f"got {self.config.score_stride}")
+
+    def _prepare(self, own, ids):
+        """Each row's prefix: its --score-after column's value where the batch has that column
+        (null or blank: none), else the --score-after text itself (or none)."""
+        name = self.config.score_after
+        if name not in own:
+            return [(name, None)] * len(ids)
+        out = []
+        for value in own[name]:
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    out.append((None, RowError("invalid_prefix", f"score_after column {name!r}: not valid UTF-8 "
+                                               f"({e.reason} at byte {e.start})")))
+                    continue
+            if value is None or (isinstance(value, float) and value != value):
+                out.append((None, None))
+            elif isinstance(value, str):
+                out.append((value, None))
+            else:
+                out.append((None, RowError("invalid_prefix", f"score_after column {name!r}: expected a string, "
+                                           f"got {type(value).__name__}")))
+        return out
+
+    def _run(self, texts, ids, rows):
+        cfg = self.config
+        return [engine_error(r) if r.error is not None else
+                {"logprob": r.logprob, "num_tokens": r.num_tokens, "mean_logprob": r.mean_logprob,
+                 "perplexity": r.perplexity}
+                for r in self.engine.score(texts, score_after=rows, rolling=cfg.score_rolling, stride=cfg.score_stride)]
+
+
 def _margins(loc) -> list:
     """The `margin` column of a committed label output, Parquet or JSONL."""
     if loc.path.endswith(".jsonl"):
@@ -597,7 +690,7 @@ def _margins(loc) -> list:
         return pq.read_table(f, columns=["margin"])["margin"].to_pylist()
 
 
-TASKS: dict[str, type[Stage]] = {t.name: t for t in (GenerateStage, ClassifyStage, LabelStage)}
+TASKS: dict[str, type[Stage]] = {t.name: t for t in (GenerateStage, ClassifyStage, LabelStage, ScoreStage)}
 TASK_NAMES = tuple(TASKS)
 # config fields some task owns: the CLI shows each only on the subcommands of the tasks that list it
 TASK_SETTINGS = frozenset(s for t in TASKS.values() for s in t.settings)
