@@ -134,7 +134,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
              if getattr(args, name, None) is not None}
     raw = {}
     if args.config:
-        raw = {k.replace("-", "_"): v for k, v in read_yaml(args.config).items()}
+        raw = read_yaml(args.config)  # from_dict reads dashes as underscores
         if raw.get("task", task) != task:
             raise ConfigError(f"{args.config} is for task {raw['task']!r}, not {task!r}")
     if getattr(args, "quiet", False):

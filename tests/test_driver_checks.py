@@ -128,6 +128,19 @@ def test_a_yaml_key_given_twice_is_refused_not_silently_the_last(tmp_path, capsy
     assert len(err.splitlines()) == 1 and f"{path} {where}" in err and "appears twice" in err, err
 
 
+@pytest.mark.parametrize("text, err_has", [
+    ("max-new-tokens: 3\nmax_new_tokens: 4\n", "max_new_tokens: given twice, as max-new-tokens and max_new_tokens"),
+    ("1: 2\n", "got int 1"), ("on: 3\n", "got bool True"), ("null: 3\n", "got NoneType None")])
+def test_a_yaml_key_spelled_twice_or_not_a_name_is_one_line(tmp_path, capsys, no_ray, text, err_has):
+    """`max-new-tokens:` and `max_new_tokens:` are one setting: the last silently won. A key YAML
+    reads as a number, bool or null (`on:`) was a traceback (AttributeError on .replace)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    assert main(["generate", "--config", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and err_has in err, err
+
+
 @pytest.mark.parametrize("argv", [["plan", "--config", "{missing}"], ["plan", "generate", "--config", "{missing}"],
                                   ["generate", "--config", "{missing}"], ["generate", "--config", "{binary}"]])
 def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, capsys, no_ray, argv):
