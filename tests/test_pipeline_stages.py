@@ -365,6 +365,19 @@ def test_cli_help_for_every_command(capsys):
     assert "--s3-secret-access-key" not in out
 
 
+@pytest.mark.parametrize("argv", [["generate", "--batch-size", "abc"], ["generate", "--max-new-tokens", "nan"],
+                                  ["plan", "label", "--on-bad-input", "maybe"], ["capacity", "--gpu", "V100"],
+                                  ["generate", "--no-such-flag"]])
+def test_cli_a_flag_argparse_refuses_is_one_line(capsys, argv):
+    """A value of the wrong type printed argparse's usage block first: 45 lines for a task
+    command, the one line naming the flag at the very end."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--input", "i", "--output", "o", "--model", "m"] if argv[0] != "capacity" else argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "error: " in err and "--help" in err, err
+    assert argv[-2] in err if argv[-1] != "--no-such-flag" else "--no-such-flag" in err
+
+
 def test_cli_config_file_and_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("task: label\ninput: s3://b/in/\noutput: s3://b/out/\nmodel: /m\nchoices: [pos, neg]\n"
