@@ -154,6 +154,9 @@ def test_generate_stage_bad_rows_are_isolated():
     assert kinds == [None, "invalid_prompt", "empty_prompt", "invalid_prompt", "invalid_prompt",
                      "prompt_too_long", None]
     assert all(r["completion"] is None for r in rows[1:6])
+    # the message alone says what is wrong: it was "null", which the error column (or a JSON
+    # output's "error": "null") reads as no error at all
+    assert rows[1]["error"] == "prompt is null"
     assert engine.calls == [["hello", "a TOO LONG prompt", "world"]]  # bad rows never reach it
     assert out.schema.field("num_generated_tokens").type == pa.int32()
 
