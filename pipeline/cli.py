@@ -34,6 +34,14 @@ EPILOG = ("Every input file becomes one output file with the same name, committe
           "_run_report.json in the output directory has row, error and token counts.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line naming the flag: by default it prints the usage
+    block first (45 lines for a task command), the message last."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _default_text(f) -> str:
     default = f.get_default(call_default_factory=True)
     if default in (None, [], ""):
@@ -76,7 +84,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(  # subcommands' parsers are of the same class
         prog="persimmon-batch",
         description="Batch inference with Persimmon on Ray Data: Parquet, JSONL, CSV or OpenAI batch files "
                     "in; Parquet, JSONL or OpenAI batch files out.",
@@ -135,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
              if getattr(args, name, None) is not None}
     raw = {}
     if args.config:
-        raw = {k.replace("-", "_"): v for k, v in read_yaml(args.config).items()}
+        raw = read_yaml(args.config)  # from_dict reads dashes as underscores
         if raw.get("task", task) != task:
             raise ConfigError(f"{args.config} is for task {raw['task']!r}, not {task!r}")
     if getattr(args, "quiet", False):

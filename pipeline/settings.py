@@ -485,7 +485,15 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, raw: dict, **overrides) -> "PipelineConfig":
         def keys(d):
-            return {k.replace("-", "_"): v for k, v in (d or {}).items()}
+            out, spelled = {}, {}
+            for k, v in (d or {}).items():
+                if not isinstance(k, str):  # YAML `1:`, `null:`, `on:` (a bool in YAML 1.1)
+                    raise ConfigError(f"config keys are setting names, got {type(k).__name__} {k!r} (quote it in YAML?)")
+                name = k.replace("-", "_")
+                if name in spelled:  # `max-new-tokens:` and `max_new_tokens:` in one file: not silently the last
+                    raise ConfigError(f"{name}: given twice, as {spelled[name]} and {k}; keep one")
+                out[name], spelled[name] = v, k
+            return out
 
         raw = {**keys(raw), **keys({k: v for k, v in overrides.items() if v is not None})}
         given = [k for k in DRIVER_FIELDS if raw.get(k) is not None]

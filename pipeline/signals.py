@@ -27,8 +27,12 @@ handler for SIGTERM in C++, over ours: it prints "*** SIGTERM received ..." with
 3-second `alarm` that aborts the process (SIGABRT) and only then chains to our handler (ray
 #64830). A local Ray's shutdown takes longer than 3 s, so every SIGTERM while the run used
 Ray ended in SIGABRT instead of exit 1, and a slower report or lease release would have been
-cut short. So the run takes SIGTERM back once Ray is up (`reown`), and a signal that still
-found abseil's handler (one that came while Ray started) cancels its abort fuse.
+cut short. So while the run owns the signals the driver's core worker is started without it
+(`RAY_DISABLE_FAILURE_SIGNAL_HANDLER`, as Ray reads it when `ray.init` makes the core worker:
+a signal late in ray.init, while the main thread waits in C, found it and aborted before any
+Python handler could cancel the fuse); the run still takes SIGTERM back once Ray is up
+(`reown`: a driver that joined Ray before the run), and a signal that still found abseil's
+handler cancels its abort fuse as soon as our handler runs.
 
 Only the main thread can own signal handlers; elsewhere (a notebook's worker thread) nothing is
 installed and the run cannot be interrupted this way.
@@ -59,6 +63,7 @@ class StopSignals:
         self._armed: str | None = None  # the phase a signal would stop now
         self._saved: dict = {}
         self._ray_setter = None
+        self._ray_failure_handler = None
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
@@ -76,6 +81,10 @@ class StopSignals:
             import ray._private.utils as ray_utils
 
             ray_utils.set_sigterm_handler = self._ray_setter
+        if self._ray_failure_handler is not None:
+            import ray._private.ray_constants as ray_constants
+
+            ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = self._ray_failure_handler
 
     def reown(self) -> None:
         """Take SIGTERM / SIGINT back from whatever was installed over our handler since
@@ -118,19 +127,24 @@ class StopSignals:
             return None
 
     def _keep_ray_off(self) -> None:
-        """Stop `ray.init` from installing its SIGTERM handler while the run owns the signal."""
+        """Stop `ray.init` from installing its SIGTERM handler while the run owns the signal, and
+        its core worker from installing abseil's failure signal handler (see the module docstring)."""
         try:
+            import ray._private.ray_constants as ray_constants
             import ray._private.utils as ray_utils
         except ImportError:
             return
         self._ray_setter = ray_utils.set_sigterm_handler
         ray_utils.set_sigterm_handler = lambda handler: None
+        self._ray_failure_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read as ray.init makes the core worker
 
 
 def _cancel_abort_fuse() -> None:
     """abseil's failure signal handler, run before ours, arms `alarm(3)` with a SIGALRM handler
-    that aborts: cancel it. Only when SIGALRM's handler is not Python's (`getsignal` is None for
-    a handler installed from C), so an alarm of the program's own is left alone."""
-    if hasattr(signal, "SIGALRM") and signal.getsignal(signal.SIGALRM) is None:
+    that aborts: cancel it. Only when SIGALRM has no Python handler, so an alarm of the program's
+    own is left alone: `getsignal` knows only handlers installed from Python (one installed from
+    C reads as the one Python saw at startup, SIG_DFL, or None), never abseil's."""
+    if hasattr(signal, "SIGALRM") and not callable(signal.getsignal(signal.SIGALRM)):
         signal.alarm(0)
 

@@ -136,7 +136,7 @@ def check_prompt(value) -> tuple[str | None, RowError | None]:
         except UnicodeDecodeError as e:
             return None, RowError("invalid_prompt", f"not valid UTF-8 ({e.reason} at byte {e.start})")
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
-        return None, RowError("invalid_prompt", "null")
+        return None, RowError("invalid_prompt", "prompt is null")
     if not isinstance(value, str):
         return None, RowError("invalid_prompt", f"expected a string, got {type(value).__name__}")
     try:

@@ -183,8 +183,8 @@ def retry(fn, what: str, retries: int = 3, base_delay: float = 0.5):
     exponential backoff (0.5 s, 1 s, 2 s, ... x 0.5-1.5).
 
     The last error is re-raised as StorageError with `what` (which names the URI) in front of
-    it. FileNotFoundError, PermissionError and errors already retried (StorageError) are not
-    retried.
+    it. FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError and errors
+    already retried (StorageError) are not retried.
     """
     for attempt in range(retries + 1):
         try:
@@ -216,9 +216,9 @@ def naming(what: str):
 
 def transient(error: BaseException) -> bool:
     """Worth redoing the whole task: a storage error that was not already retried and is not
-    a missing file or a refused permission."""
+    a missing file, a refused permission or a path through a file (or to a directory)."""
     return isinstance(error, OSError) and not isinstance(
-        error, (FileNotFoundError, PermissionError, StorageError))
+        error, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, StorageError))
 
 
 def exists(loc: Location) -> bool:

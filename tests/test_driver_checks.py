@@ -107,6 +107,21 @@ def test_a_kv_pool_below_one_full_length_row_fails_on_the_driver(tmp_path, capsy
                                kv_cache_gib=34 * 16 * 1024 / 2**30))
 
 
+def test_an_output_under_a_file_fails_at_once_in_one_line(tmp_path, capsys, no_ray):
+    """--output a/b where a is a file: NotADirectoryError was taken for a transient storage
+    error, retried 3 times with backoff (about 4 s, a warning line each) before the same error."""
+    import time
+
+    write_shards(str(tmp_path / "in"), shards=1, rows=2)
+    (tmp_path / "afile").write_text("not a directory")
+    t0 = time.monotonic()
+    code = main(["generate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "afile" / "out"),
+                 "--model", tiny_model("causal"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Not a directory" in err, err
+    assert time.monotonic() - t0 < 3 and "gave up after" not in err, err
+
+
 @pytest.mark.parametrize("text, where", [("input: in\n\tmodel: m\n", "line 2 column 1"),
                                          ("input: [a, b\nmodel: m\n", "line 2 column")])
 def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys, no_ray, text, where):
@@ -126,6 +141,19 @@ def test_a_yaml_key_given_twice_is_refused_not_silently_the_last(tmp_path, capsy
     assert main(["generate", "--config", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path} {where}" in err and "appears twice" in err, err
+
+
+@pytest.mark.parametrize("text, err_has", [
+    ("max-new-tokens: 3\nmax_new_tokens: 4\n", "max_new_tokens: given twice, as max-new-tokens and max_new_tokens"),
+    ("1: 2\n", "got int 1"), ("on: 3\n", "got bool True"), ("null: 3\n", "got NoneType None")])
+def test_a_yaml_key_spelled_twice_or_not_a_name_is_one_line(tmp_path, capsys, no_ray, text, err_has):
+    """`max-new-tokens:` and `max_new_tokens:` are one setting: the last silently won. A key YAML
+    reads as a number, bool or null (`on:`) was a traceback (AttributeError on .replace)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    assert main(["generate", "--config", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and err_has in err, err
 
 
 @pytest.mark.parametrize("argv", [["plan", "--config", "{missing}"], ["plan", "generate", "--config", "{missing}"],

@@ -129,6 +129,28 @@ def test_sigterm_while_starting_local_ray_stops_it_and_leaves_no_ray_behind(tmp_
         time.sleep(0.2)
 
 
+def test_sigterm_late_in_starting_local_ray_exits_1_not_sigabrt(tmp_path):
+    """SIGTERM once the driver's core worker is up (its log file exists) but before ray.init
+    returns: abseil's failure handler, installed by the core worker, armed its 3 s abort alarm
+    while the main thread waited in C (recv), so no Python handler could cancel it: exit 134
+    (SIGABRT), sometimes before the report or the lease release. The driver's core worker now
+    starts without that handler while the run owns the signals."""
+    import glob
+
+    write_shards(str(tmp_path / "in"), shards=2, rows=2)
+    out = tmp_path / "out"
+    proc, err = _driver(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out))
+    core_log = os.environ.get("RAY_TMPDIR", "/tmp") + f"/ray/session_*_{proc.pid}/logs/python-core-driver-*_{proc.pid}.log"
+    _wait_for(proc, err, lambda: glob.glob(core_log), timeout=180)
+    code, seconds = _stop(proc, err)
+    text = err.read_text(errors="replace")
+    assert code == 1 and seconds < 30, (code, seconds, text[-3000:])
+    assert "SIGTERM received" not in text, text[-3000:]
+    report = json.loads((out / "_run_report.json").read_text())
+    assert report["complete"] is False and report["interrupted"] == "SIGTERM"
+    assert not (out / "_lease.json").exists()
+
+
 def test_sigterm_while_running_on_local_ray_exits_1_not_sigabrt(tmp_path):
     """The common case: the driver's own local Ray, SIGTERM once units are committing. Ray's core
     worker puts abseil's failure signal handler on SIGTERM in C++, which printed "*** SIGTERM
@@ -151,6 +173,32 @@ def test_sigterm_while_running_on_local_ray_exits_1_not_sigabrt(tmp_path):
     while _processes_of_session(proc.pid):
         assert time.monotonic() < deadline, _processes_of_session(proc.pid)
         time.sleep(0.2)
+
+
+ABSEIL_FUSE = """
+import ctypes, os, signal, time
+from pipeline.signals import StopSignals
+
+libc = ctypes.CDLL(None)
+with StopSignals() as stop:
+    # what abseil's failure handler (Ray's core worker) does in C before it chains to ours: SIGALRM
+    # aborts, alarm armed; Python's signal.getsignal does not see a handler installed from C
+    libc.signal(signal.SIGALRM, ctypes.cast(libc.abort, ctypes.c_void_p))
+    libc.alarm(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)
+print(stop.signal)
+"""
+
+
+def test_sigterm_that_found_abseils_handler_cancels_its_abort_fuse():
+    """SIGTERM late in ray.init (the core worker is up, the run has not taken SIGTERM back yet):
+    abseil's handler armed its 3 s abort alarm and the driver ended in SIGABRT (exit 134) as it
+    wrote its report, because the fuse was cancelled only when signal.getsignal(SIGALRM) was None,
+    and getsignal only knows handlers installed from Python (it said SIG_DFL)."""
+    proc = subprocess.run([sys.executable, "-c", ABSEIL_FUSE], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "SIGTERM"), (proc.returncode, proc.stderr[-2000:])
 
 
 @pytest.fixture(scope="module")

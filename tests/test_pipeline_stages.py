@@ -154,6 +154,9 @@ def test_generate_stage_bad_rows_are_isolated():
     assert kinds == [None, "invalid_prompt", "empty_prompt", "invalid_prompt", "invalid_prompt",
                      "prompt_too_long", None]
     assert all(r["completion"] is None for r in rows[1:6])
+    # the message alone says what is wrong: it was "null", which the error column (or a JSON
+    # output's "error": "null") reads as no error at all
+    assert rows[1]["error"] == "prompt is null"
     assert engine.calls == [["hello", "a TOO LONG prompt", "world"]]  # bad rows never reach it
     assert out.schema.field("num_generated_tokens").type == pa.int32()
 
@@ -364,6 +367,19 @@ def test_cli_help_for_every_command(capsys):
     out = capsys.readouterr().out
     assert "--max-new-tokens" in out and "--choices" in out and "--s3-endpoint" in out
     assert "--s3-secret-access-key" not in out
+
+
+@pytest.mark.parametrize("argv", [["generate", "--batch-size", "abc"], ["generate", "--max-new-tokens", "nan"],
+                                  ["plan", "label", "--on-bad-input", "maybe"], ["capacity", "--gpu", "V100"],
+                                  ["generate", "--no-such-flag"]])
+def test_cli_a_flag_argparse_refuses_is_one_line(capsys, argv):
+    """A value of the wrong type printed argparse's usage block first: 45 lines for a task
+    command, the one line naming the flag at the very end."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--input", "i", "--output", "o", "--model", "m"] if argv[0] != "capacity" else argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "error: " in err and "--help" in err, err
+    assert argv[-2] in err if argv[-1] != "--no-such-flag" else "--no-such-flag" in err
 
 
 def test_cli_config_file_and_flags(tmp_path):
