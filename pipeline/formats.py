@@ -730,7 +730,8 @@ class ParquetOutput(OutputFormat):
         if stats is None or stats.get("rows_out") != meta.num_rows or _damaged(loc, stats, data_end, data):
             return None
         schema = meta.schema.to_arrow_schema()
-        stats["_file_types"] = {f.name: str(f.type) for f in schema}
+        stats["_file_types"] = {f.name: f.type for f in schema}  # types, not their text: a list reads back
+        # from Parquet with its item named "element", equal as a type but not as a string
         return stats
 
     def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
@@ -739,8 +740,8 @@ class ParquetOutput(OutputFormat):
         one dataset ("Unsupported cast from string to null"). Such an output is rewritten with
         the column typed, its rows and statistics as they were: nothing is recomputed."""
         types = stats.get("_file_types") or {}
-        differ = [f.name for f in schema if types.get(f.name) != str(f.type)]
-        if not differ or any(types.get(name) != "null" for name in differ):
+        differ = [f.name for f in schema if types.get(f.name) != f.type]
+        if not differ or any(types.get(name) is None or not pa.types.is_null(types[name]) for name in differ):
             return False  # the same types, or differences the resume checks judge
 
         def _read():
