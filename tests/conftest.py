@@ -56,3 +56,37 @@ def hf_twin(model, attn_implementation="sdpa"):
 @pytest.fixture
 def tiny_config():
     return PersimmonConfig.tiny()
+
+
+# ---- the lively tiny causal model and its transformers twin (engine, logprobs, score tests) ------
+# a larger init spread makes random models emit varied tokens instead of one repeated id
+LIVELY = dict(initializer_range=0.3)
+
+
+def prompts_of(lengths, seed=0, vocab=512):
+    """Random prompts of token ids (ids 0-2 are special) of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from model import PersimmonForCausalLM
+
+    return random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY))
+
+
+@pytest.fixture(scope="module")
+def hf_lm(lm):
+    return hf_twin(lm)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A tiny sentencepiece tokenizer (byte fallback), trained once per module."""
+    from model import PersimmonTokenizer
+    from model.tiny_tokenizer import train_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    train_tiny_tokenizer(d)
+    return PersimmonTokenizer.from_pretrained(d)

@@ -3,7 +3,7 @@ stop conditions, continuous batching over the paged KV cache, preemption and per
 
 import pytest
 import torch
-from conftest import hf_twin, random_model
+from conftest import LIVELY, hf_twin, prompts_of, random_model
 from hf_compat import generate_tensor
 
 from model import (
@@ -11,40 +11,12 @@ from model import (
     PersimmonConfig,
     PersimmonForCausalLM,
     PersimmonForSequenceClassification,
-    PersimmonTokenizer,
     SamplingParams,
 )
 from model import cpu_kernels
 from model.cpu_packing import cpu_packing_unsupported
 from model.model_runner import ModelRunner
-from model.tiny_tokenizer import train_tiny_tokenizer
 from tolerances import accumulation_tol, approx_forward, assert_forward_close, forward_tol, no_less_precise
-
-# a larger init spread makes random models emit varied tokens instead of one repeated id
-LIVELY = dict(initializer_range=0.3)
-
-
-def prompts_of(lengths, seed=0, vocab=512):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY))
-
-
-@pytest.fixture(scope="module")
-def hf_lm(lm):
-    return hf_twin(lm)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tiny_tokenizer(d)
-    return PersimmonTokenizer.from_pretrained(d)
-
 
 def tiny_pool(blocks: int, block_size: int, config=None) -> float:
     """kv_cache_gib for a pool of exactly `blocks` blocks of the tiny model (2 reserved)."""

@@ -5,30 +5,11 @@ preemption), and that asking for them changes no token."""
 
 import pytest
 import torch
-from conftest import hf_twin, random_model
+from conftest import LIVELY, hf_twin, prompts_of, random_model
 
-from model import Engine, PersimmonConfig, PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
+from model import Engine, PersimmonConfig, PersimmonForCausalLM, SamplingParams
 from model.logprobs import LOGPROB_ROWS, sampled_logprobs
-from model.tiny_tokenizer import train_tiny_tokenizer
 from tolerances import approx_forward
-
-LIVELY = dict(initializer_range=0.3)
-
-
-def prompts_of(lengths, seed=0, vocab=512):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY))
-
-
-@pytest.fixture(scope="module")
-def hf_lm(lm):
-    return hf_twin(lm)
-
 
 def hf_logp(hf_lm, tokens) -> torch.Tensor:
     """transformers' log_softmax over the vocabulary at every position of `tokens` [T, V]."""
@@ -166,13 +147,6 @@ def test_sampled_logprobs_in_chunks_equal_one_pass():
 def test_bad_settings_are_refused(name, value):
     with pytest.raises(ValueError, match=f"{name} must be"):
         SamplingParams(**{name: value})
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tiny_tokenizer(d)
-    return PersimmonTokenizer.from_pretrained(d)
 
 
 def test_token_text_names_each_token(tokenizer):

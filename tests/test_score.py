@@ -10,33 +10,13 @@ import math
 import pyarrow as pa
 import pytest
 import torch
-from conftest import hf_twin, random_model
 from pipeline_fixtures import PROMPTS, assert_exactly_once, read_output, tiny_model, write_shards
 from tolerances import accumulation_tol, forward_terms
 
-from model import Engine, PersimmonConfig, PersimmonForCausalLM, PersimmonTokenizer
-from model.tiny_tokenizer import train_tiny_tokenizer
+from model import Engine
 
-LIVELY = dict(initializer_range=0.3)  # varied next-token distributions, not one repeated id
 TEXTS = ["the cat reads a long letter before lunch.", "Explain why the sky is blue.",
          "I loved this film, the acting was wonderful.", "ok"]
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return random_model(PersimmonForCausalLM, PersimmonConfig.tiny(**LIVELY))
-
-
-@pytest.fixture(scope="module")
-def hf_lm(lm):
-    return hf_twin(lm)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tiny_tokenizer(d)
-    return PersimmonTokenizer.from_pretrained(d)
 
 
 def close(ours: float, expected: float, config, keys: int, terms: int) -> bool:

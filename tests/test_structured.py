@@ -9,22 +9,14 @@ import jsonschema
 import pytest
 from conftest import random_model
 
-from model import Engine, PersimmonConfig, PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
+from model import Engine, PersimmonConfig, PersimmonForCausalLM, SamplingParams
 from model.structured import check_grammar
-from model.tiny_tokenizer import train_tiny_tokenizer
 
 SCHEMA = {"type": "object",
           "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]},
                          "topics": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
                          "score": {"type": "integer", "minimum": 0, "maximum": 100}},
           "required": ["sentiment", "topics", "score"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tiny_tokenizer(d)
-    return PersimmonTokenizer.from_pretrained(d)
 
 
 @pytest.fixture(scope="module")
