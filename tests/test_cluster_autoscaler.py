@@ -28,13 +28,13 @@ import sys
 import time
 
 import pytest
-from pipeline_fixtures import all_prompts, assert_exactly_once, free_port, read_output, tiny_model, write_shards
+from pipeline_fixtures import (all_prompts, assert_exactly_once, free_port, known_trackers, read_output, tiny_model,
+                               tracker_attempts, write_shards)
 
 from pipeline import run_generate
 from pipeline.api import _loopback_only
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-TRACKER_PREFIX = "persimmon-batch-progress-"
 IDLE_TIMEOUT_MIN = 0.5  # long enough for a pool to take a node that joined, short enough to watch it go
 MAX_WORKERS = 2
 
@@ -131,23 +131,14 @@ def _gpu_nodes_alive() -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
 
 
-def _attempts() -> list[dict]:
-    import ray
-
-    names = [n for n in ray.util.list_named_actors() if n.startswith(TRACKER_PREFIX)]
-    try:
-        return ray.get(ray.get_actor(names[0]).snapshot.remote(), timeout=30) if names else []
-    except Exception:  # noqa: BLE001 - not up yet, or the run is over
-        return []
-
-
 def test_autoscaler_adds_nodes_until_the_pool_is_at_max_and_takes_them_back(autoscaling_cluster, tmp_path):
     import threading
 
-    shards, rows = 8, 8
+    shards, rows = 8, 40  # 20 batches a unit: the first replica is caught mid-unit however fast the machine
     assert _gpu_nodes_alive() == []  # min_workers 0: no GPU until a replica asks for one
     write_shards(str(tmp_path / "in"), shards=shards, rows=rows)
     out: dict = {}
+    known = known_trackers()
 
     def run():
         try:
@@ -163,8 +154,8 @@ def test_autoscaler_adds_nodes_until_the_pool_is_at_max_and_takes_them_back(auto
     deadline = time.monotonic() + 420
     try:
         while thread.is_alive() and time.monotonic() < deadline:
-            attempts = [a for a in _attempts() if a["state"] == "running"]
-            if held is None and attempts and attempts[0]["rows_done"] >= 2:
+            attempts = [a for a in tracker_attempts(known) if a["state"] == "running"]
+            if held is None and attempts and 2 <= attempts[0]["rows_done"] <= rows - 10:
                 held = attempts[0]
                 os.kill(held["pid"], signal.SIGSTOP)  # the first replica stays busy: the pool wants a second
             elif held is not None and any(a["node_id"] != held["node_id"] for a in attempts):
