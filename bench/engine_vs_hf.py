@@ -34,6 +34,16 @@ def build(dtype, seed=0):
     return model.to(dtype)
 
 
+def hf_twin(model):
+    """transformers' PersimmonForCausalLM with `model`'s config and weights, in eval mode (same
+    dtype as the weights it is given; imported only when a bench compares against it)."""
+    import transformers
+
+    hf = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**model.config.to_dict()))
+    hf.load_state_dict(model.state_dict())
+    return hf.eval()
+
+
 def make_prompts(n, lo, hi, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
@@ -88,11 +98,7 @@ def main():
     result["engine_warmup_s"] = round(time.perf_counter() - t0, 3)
     hf = None
     if not args.skip_hf:
-        import transformers
-
-        hf = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**model.config.to_dict()))
-        hf.load_state_dict(model.state_dict())
-        hf = hf.to(dtype).eval()
+        hf = hf_twin(model).to(dtype)
         hf.generation_config.eos_token_id = None  # eos ignored: always generate new_tokens
         hf_generate(hf, prompts[:2], 4, 2)  # warm-up
 

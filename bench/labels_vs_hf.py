@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_vs_hf import BENCH_CONFIG, build, median  # noqa: E402
+from engine_vs_hf import BENCH_CONFIG, build, hf_twin, median  # noqa: E402
 from kv_budget import cpu_flags  # noqa: E402
 
 from model import Engine  # noqa: E402
@@ -58,11 +58,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model = build(torch.float32)
-    import transformers
-
-    hf = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**model.config.to_dict()))
-    hf.load_state_dict(model.state_dict())
-    hf.eval()
+    hf = hf_twin(model)
     V = BENCH_CONFIG["vocab_size"]
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(3, V, (args.fewshot_tokens,), generator=g).tolist()

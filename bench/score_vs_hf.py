@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_vs_hf import BENCH_CONFIG, build, median  # noqa: E402
+from engine_vs_hf import BENCH_CONFIG, build, hf_twin, median  # noqa: E402
 from kv_budget import cpu_flags  # noqa: E402
 
 from model import Engine  # noqa: E402
@@ -65,11 +65,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model = build(torch.float32)
-    import transformers
-
-    hf = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**model.config.to_dict()))
-    hf.load_state_dict(model.state_dict())
-    hf.eval()
+    hf = hf_twin(model)
     V = BENCH_CONFIG["vocab_size"]
     g = torch.Generator().manual_seed(0)
 
@@ -97,7 +93,7 @@ def main():
     print(json.dumps({
         "bench": "score_vs_hf", "device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(),
         "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "rows": args.rows, "tokens_per_run": tokens,
+        "transformers": __import__("transformers").__version__, "rows": args.rows, "tokens_per_run": tokens,
         "lengths": [args.min_tokens, args.max_tokens], "hf_batch": args.hf_batch, "warmup_s": round(warmup_s, 2),
         "engine_rows_per_s": round(args.rows / median(eng_s), 2), "hf_rows_per_s": round(args.rows / median(hf_s), 2),
         "engine_tokens_per_s": round(tokens / median(eng_s), 1), "hf_tokens_per_s": round(tokens / median(hf_s), 1),
