@@ -335,7 +335,9 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
             if hasattr(rows, "close"):
                 rows.close()  # stops Ray Data's execution: replicas are released
             del rows, ds
-            gc.collect()  # the executor's handles sit in reference cycles
+            # the executor's handles sit in reference cycles: collected, a replica that never
+            # opened an attempt (end_round kills the others by handle) ends now, not at some later GC
+            gc.collect()
             _end_round(tracker)
     if crash:
         log.error("the run stopped: %s", crash)

@@ -14,9 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def normal_priority() -> str | None:
-    """Give every thread of this replica process the normal CPU priority (the stage's torch
-    thread, before it starts any OpenMP threads, which inherit it, and Ray's own threads);
-    returns what was done, or None.
+    """Give every thread of this process (a replica or the progress tracker) the normal CPU
+    priority: a replica's torch thread, before it starts any OpenMP threads, which inherit it,
+    and Ray's own threads; returns what was done, or None.
 
     Ray starts worker processes at nice 15 (RAY_worker_niceness), so a CPU replica loses its
     cores to anything at normal priority on the node: the driver's Ray Data loop, the raylet,
