@@ -22,7 +22,8 @@ from .report import summary
 from .settings import PipelineConfig, mask_uri, read_yaml
 from .stages import TASK_NAMES, TASK_SETTINGS, TASKS
 
-ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "device"}
+ENGINE_FIELDS = {"batch_size", "max_num_seqs", "max_seq_len", "kv_cache_gib", "memory_fraction", "dtype", "quantization",
+                 "quantize_lm_head", "device"}
 IO_FIELDS = ("input", "output", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
              "chat_template", "examples", "input_format", "output_format")
 PLAN_WHAT = ("lists the inputs, makes the units, runs every check the run makes before it starts (bad files, "

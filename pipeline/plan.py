@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "_run_report.json"
 # config fields that change what a row's result is: outputs written under other values are stale
 COMMON_RESULT_FIELDS = ("task", "model", "id_column", "prompt_column", "keep_columns", "prompt_template",
-                        "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "model_identity",
-                        "output_format")
+                        "chat_template", "max_seq_len", "check_duplicate_ids", "dtype", "quantization",
+                        "quantize_lm_head", "model_identity", "output_format")
 
 
 # ---- listing the inputs ------------------------------------------------------------------
