@@ -68,8 +68,38 @@ def param_count(config, head: str = "causal") -> int:
     return total
 
 
-def weights_bytes(config, dtype, head: str = "causal") -> int:
-    return param_count(config, head) * dtype_bytes(dtype)
+QUANTIZATIONS = ("none", "int8", "fp8")
+# bytes of one per-output-channel scale: int8 keeps its scales in the model dtype (torchao's
+# Int8WeightOnlyConfig), fp8 in float32
+SCALE_BYTES = {"int8": None, "fp8": 4}
+
+
+def quantized_linears(config, head: str = "causal", quantize_lm_head: bool = False) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every linear weight `--quantization` turns into 8 bits:
+    each layer's query_key_value, dense and MLP, and the lm_head with `quantize_lm_head`.
+    Embeddings, norms, biases and a classifier's score head stay in the model dtype."""
+    C, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    shapes = [(3 * C, C), (C, C), (I, C), (C, I)] * L
+    if quantize_lm_head and head == "causal" and not config.tie_word_embeddings:
+        shapes.append((config.vocab_size, C))
+    return shapes
+
+
+def weights_bytes(config, dtype, head: str = "causal", quantization: str = "none",
+                  quantize_lm_head: bool = False) -> int:
+    """Bytes of the weights as loaded: every parameter in `dtype`, except that with int8 / fp8
+    the linear weights of `quantized_linears` take one byte per element plus one scale per
+    output channel. Persimmon-8B, bf16: 17.5 GiB; int8: 10.7 GiB (9.8 GiB with the lm_head)."""
+    it = dtype_bytes(dtype)
+    total = param_count(config, head) * it
+    if quantization == "none":
+        return total
+    if quantization not in SCALE_BYTES:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+    scale = SCALE_BYTES[quantization] or it
+    for out_features, in_features in quantized_linears(config, head, quantize_lm_head):
+        total -= out_features * in_features * (it - 1) - out_features * scale
+    return total
 
 
 def kv_bytes_per_token(config, dtype) -> int:
@@ -164,7 +194,8 @@ class Capacity:
 def plan(config, *, device_memory_gib: float, dtype="bfloat16", memory_fraction: float = 0.9,
          kv_cache_gib: float | None = None, prompt_tokens: int = 512, new_tokens: int = 256,
          max_batch_size: int = 256, prefill_token_budget: int = 4096, block_size: int = 16,
-         head: str = "causal", share: float = 1.0) -> Capacity:
+         head: str = "causal", share: float = 1.0, quantization: str = "none",
+         quantize_lm_head: bool = False) -> Capacity:
     """The numbers `ModelRunner` would arrive at on a device of `device_memory_gib` (GPU:
     CUDA context included), for rows of `prompt_tokens + new_tokens` tokens."""
     for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens),
@@ -174,7 +205,7 @@ def plan(config, *, device_memory_gib: float, dtype="bfloat16", memory_fraction:
     if not device_memory_gib > 0:
         raise ValueError(f"device memory must be > 0 GiB, got {device_memory_gib}")
     total = int(device_memory_gib * GIB)
-    weights = weights_bytes(config, dtype, head)
+    weights = weights_bytes(config, dtype, head, quantization, quantize_lm_head)
     causal = head == "causal"
     per_token = kv_bytes_per_token(config, dtype) if causal else 0
     headroom = activation_bytes(config, dtype, prefill_token_budget + max_batch_size, max_batch_size, head)

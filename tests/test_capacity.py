@@ -124,3 +124,21 @@ def test_the_readmes_capacity_numbers_are_what_capacity_says(eight_b_dirs, capsy
             assert float(gib) == round(out["kv_cache_bytes"] / 2**30, 1), (gpu, gib, out["kv_cache_bytes"] / 2**30)
             assert float(ktokens) == round(out["kv_tokens"] / 1000, 1), (gpu, ktokens, out["kv_tokens"])
 
+
+
+def test_quantized_weights_bytes_by_hand():
+    """Persimmon-8B with int8 linears: each layer's 4 linears (3C*C + C*C + I*C + C*I weights)
+    drop from 2 bytes to 1 and gain one bf16 scale per output channel; fp8 scales are fp32."""
+    cfg = PersimmonConfig()
+    C, I, L, V = 4096, 16384, 36, 262144
+    linear = 3 * C * C + C * C + 2 * I * C
+    outs = 3 * C + C + I + C
+    bf16 = 18_794_350_592
+    assert capacity.weights_bytes(cfg, "bfloat16", quantization="int8") == bf16 - L * linear + L * outs * 2
+    assert capacity.weights_bytes(cfg, "bfloat16", quantization="fp8") == bf16 - L * linear + L * outs * 4
+    assert capacity.weights_bytes(cfg, "bfloat16", quantization="int8", quantize_lm_head=True) == \
+        bf16 - L * linear + L * outs * 2 - V * C + V * 2
+    assert capacity.weights_bytes(cfg, "bfloat16", "sequence_classification", "int8", True) == \
+        capacity.weights_bytes(cfg, "bfloat16", "sequence_classification", "int8")  # no lm_head to quantize
+    with pytest.raises(ValueError, match="quantization"):
+        capacity.weights_bytes(cfg, "bfloat16", quantization="int4")
