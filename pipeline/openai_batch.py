@@ -19,7 +19,9 @@ pipeline/row_settings.py:
   `response_format` (`json_object`, or `json_schema` with its `schema`) become the row's settings;
   a field left out takes the run's setting (greedy unless --temperature), not OpenAI's default.
   Log-probabilities: chat `logprobs: true` with `top_logprobs: N` (0-20), completions
-  `logprobs: N`, become the row's `logprobs` setting (N alternatives per token).
+  `logprobs: N`, become the row's `logprobs` setting (N alternatives per token). vLLM's extra
+  field `prompt_logprobs: 0` (or `true`) asks for the prompt tokens' log-probabilities (the
+  row's `prompt_logprobs` setting); alternatives for prompt tokens (N > 0) are not offered.
   `model` is ignored: the run's model answers. A request that asks for what this engine does not
   do (`n` > 1, tools, streaming, penalties, `echo`) is that row's error, not silently changed.
 
@@ -31,6 +33,10 @@ chat `choices[0].logprobs.content = [{token, logprob, bytes, top_logprobs: [{tok
 bytes}]}]`; completions `choices[0].logprobs = {tokens, token_logprobs, top_logprobs: [{token:
 logprob}], text_offset}` (offsets from the start of the completion). A token that is part of a
 UTF-8 character is written as OpenAI writes it, `"bytes:\\xe2"`, its `bytes` the raw byte.
+Prompt log-probabilities go where vLLM's server puts them, outside OpenAI's schema:
+`choices[0].prompt_logprobs` of a completion, `prompt_logprobs` of a chat completion, a list
+with `null` for the first prompt token and `{"<token id>": {"logprob", "rank", "decoded_token"}}`
+for each later one (`rank` is null: the engine does not rank prompt tokens).
 """
 
 from __future__ import annotations
@@ -147,6 +153,7 @@ def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, Ro
                     "stop": body.get("stop"), "seed": body.get("seed"),
                     "json_schema": _schema(body.get("response_format"))}
         settings["logprobs"] = _logprobs(url, body)
+        settings["prompt_logprobs"] = _prompt_logprobs(body.get("prompt_logprobs"))
         row.update({k: v for k, v in settings.items() if v is not None})
     except RequestError as e:
         return row, RowError("invalid_request", str(e))
@@ -168,6 +175,26 @@ def _logprobs(url: str, body: dict) -> int | None:
     if top and not wanted:
         raise RequestError("body.top_logprobs needs body.logprobs: true")
     return (top or 0) if wanted else None
+
+
+def _prompt_logprobs(value: Any) -> bool | None:
+    """vLLM's `prompt_logprobs` request field: 0 or true asks for them (None = the run's setting)."""
+    if value is None or value is False:
+        return None
+    if value is True or (isinstance(value, int) and value == 0):
+        return True
+    if isinstance(value, int) and 0 < value <= 20:
+        raise RequestError(f"body.prompt_logprobs={value}: alternatives for prompt tokens are not offered; "
+                           "use 0 (each prompt token's own log-probability)")
+    raise RequestError(f"body.prompt_logprobs must be 0 or true, got {value!r:.40}")
+
+
+def _vllm_prompt_logprobs(tokens: list[dict] | None) -> list | None:
+    if tokens is None:
+        return None
+    return [None if t["logprob"] is None else
+            {str(t["token_id"]): {"logprob": t["logprob"], "rank": None, "decoded_token": t["token"]}}
+            for t in tokens]
 
 
 def token_bytes(token: str) -> list[int]:
@@ -237,10 +264,14 @@ def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
                 "choices": [{"index": 0, "text": row.get("completion") or "",
                              "logprobs": _completion_logprobs(row.get("logprobs")),
                              "finish_reason": reason}], "usage": usage}
+        if row.get("prompt_logprobs") is not None:
+            body["choices"][0]["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
     else:
         body = {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": row.get("completion") or "",
                                                      "refusal": None},
                              "logprobs": _chat_logprobs(row.get("logprobs")), "finish_reason": reason}],
                 "usage": usage}
+        if row.get("prompt_logprobs") is not None:
+            body["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
     return {**line, "response": {"status_code": 200, "request_id": f"req_{key}", "body": body}, "error": None}

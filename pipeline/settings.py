@@ -437,9 +437,6 @@ class PipelineConfig:
                 bad("input_format", "openai-batch files hold completion requests: task generate only")
             if self.input_format != "openai-batch":
                 bad("output_format", "openai-batch output answers openai-batch input (--input-format openai-batch)")
-            if self.prompt_logprobs and self.output_format == "openai-batch":
-                bad("prompt_logprobs", "OpenAI batch answers have no place for prompt log-probabilities; "
-                    "use --output-format jsonl")
             if self.prompt_template != "{prompt}" or self.chat_template or self.examples is not None:
                 bad("prompt_template", "with openai-batch input each request's messages make the prompt; "
                     "--prompt-template, --chat-template and --examples do not apply")

@@ -148,6 +148,42 @@ def test_flags_and_their_checks():
     assert config.sampling()["logprobs"] == 5
     with pytest.raises(ConfigError, match="logprobs"):
         cfg(logprobs=21)
-    with pytest.raises(ConfigError, match="prompt_logprobs"):
-        cfg(input_format="openai-batch", prompt_logprobs=True).validate()
+    cfg(input_format="openai-batch", prompt_logprobs=True).validate()  # answered where vLLM puts them
     cfg(input_format="openai-batch", output_format="jsonl", prompt_logprobs=True).validate()
+
+
+def test_openai_prompt_logprobs_where_vllm_puts_them(tmp_path, engine):
+    """vLLM's `prompt_logprobs: 0` request field: the completion's `choices[0].prompt_logprobs`,
+    the chat completion's top-level `prompt_logprobs`, null first, then {token id: {logprob,
+    rank, decoded_token}}; the bodies still parse as OpenAI's types. N > 0 is that row's error."""
+    openai_types = pytest.importorskip("openai.types", reason="the openai package checks output lines")
+    chat = {"custom_id": "c1", "url": CHAT, "body": {"messages": [{"role": "user", "content": "hi"}],
+                                                    "prompt_logprobs": 0, "max_tokens": 3}}
+    text = {"custom_id": "t1", "url": COMPLETIONS, "body": {"prompt": "Once upon a", "prompt_logprobs": True,
+                                                           "max_tokens": 3}}
+    plain = {"custom_id": "p1", "url": COMPLETIONS, "body": {"prompt": "Once upon a", "max_tokens": 3}}
+    top = {"custom_id": "x1", "url": COMPLETIONS, "body": {"prompt": "Once", "prompt_logprobs": 2}}
+    bad = {"custom_id": "x2", "url": COMPLETIONS, "body": {"prompt": "Once", "prompt_logprobs": "yes"}}
+    assert request_row(top, "id", "prompt")[1].message.startswith("body.prompt_logprobs=2: alternatives")
+    assert "must be 0 or true" in request_row(bad, "id", "prompt")[1].message
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (chat, text, plain, top)))
+    config = cfg(input=str(tmp_path / "in"), output=str(tmp_path / "out"), input_format="openai-batch").validate()
+    plan = make_plan(config)
+    assert UnitRunner(config, plan.schema, engine=engine).run_unit(plan.units[0])["status"] == "done"
+    lines = {x["custom_id"]: x for x in map(json.loads, (tmp_path / "out" / "r.jsonl").read_text().splitlines())}
+    ref_chat, ref_text = engine.generate(["human: hi\n\nadept:", "Once upon a"],
+                                         SamplingParams(max_new_tokens=3, prompt_logprobs=True))
+
+    def vllm_shape(completion):
+        return [None] + [{str(t.token_id): {"logprob": t.logprob, "rank": None, "decoded_token": t.token}}
+                         for t in completion.prompt_logprobs[1:]]
+
+    chat_body = lines["c1"]["response"]["body"]
+    openai_types.chat.ChatCompletion.model_validate(chat_body)
+    assert chat_body["prompt_logprobs"] == vllm_shape(ref_chat) and len(chat_body["prompt_logprobs"]) > 3
+    text_body = lines["t1"]["response"]["body"]
+    openai_types.Completion.model_validate(text_body)
+    assert text_body["choices"][0]["prompt_logprobs"] == vllm_shape(ref_text)
+    assert "prompt_logprobs" not in lines["p1"]["response"]["body"]["choices"][0]
+    assert lines["x1"]["error"]["code"] == "invalid_request" and lines["x1"]["response"] is None
