@@ -160,3 +160,24 @@ def test_nothing_starts_before_consumption(ray_local, tmp_path):
     rows = ds.take_all()
     assert sorted(calls.read_text().split("\n")) == ["", "a b c", "d e f"]
     assert [r["id"] for r in rows] == [None, None] and {r["label"] for r in rows} <= {"yes", "no"}
+
+
+@pytest.mark.ray
+def test_score_filtered_by_perplexity_and_joined_back(ray_local, tmp_path, engine):
+    """The README's two compositions on the score task: keep the texts under a perplexity
+    threshold, and join the scores back to the source rows by id (Ray's join uses polars)."""
+    import ray
+
+    pytest.importorskip("polars", reason="Ray Data's Dataset.join needs polars")
+    source = ray.data.from_items([{"id": i, "text": p, "topic": f"t{i % 3}"} for i, p in enumerate(PROMPTS)])
+    scores = build_processor("score", model=tiny_model("causal"), prompt_column="text", batch_size=4)(source)
+    direct = engine.score(PROMPTS)
+    threshold = sorted(r.perplexity for r in direct)[len(PROMPTS) // 2]
+    kept = scores.filter(lambda row: row["error"] is None and row["perplexity"] < threshold).take_all()
+    assert sorted(r["id"] for r in kept) == [i for i, r in enumerate(direct) if r.perplexity < threshold]
+    assert 0 < len(kept) < len(PROMPTS)
+    full = source.join(scores, join_type="inner", num_partitions=2, on=("id",)).take_all()
+    assert sorted((r["id"], r["text"], r["topic"]) for r in full) == \
+        [(i, p, f"t{i % 3}") for i, p in enumerate(PROMPTS)]
+    for r in full:
+        assert r["perplexity"] == pytest.approx(direct[r["id"]].perplexity, rel=1e-6)
