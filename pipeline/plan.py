@@ -203,6 +203,7 @@ class Plan:
     ids: dict = field(default_factory=dict)               # duplicate / null id summary
     overwritten: list[str] = field(default_factory=list)  # committed outputs deleted (or to delete) for --overwrite
     seconds: dict = field(default_factory=dict)           # time spent by each planning step
+    warnings: list[str] = field(default_factory=list)     # the task's doubts about the inputs
 
     @property
     def todo(self) -> list[Unit]:
@@ -275,7 +276,7 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
     seconds["inspect"] = time.perf_counter() - t0 - seconds["list"]
 
     extension = OUTPUT_FORMATS[config.output_format].extension
-    units, bad, good, schema, schema_from = [], [], [], None, None
+    units, bad, good, schema, schema_from, columns = [], [], [], None, None, {}
     for listed_file, found in zip(listed, inspected):
         loc, problem = listed_file.loc, found.problem
         if problem is None:
@@ -293,6 +294,8 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
         if problem is not None:
             bad.append({"input": loc.uri, "error": problem, "rows": found.num_rows if found.schema else None})
             continue
+        absent = set(json.loads((found.schema.metadata or {}).get(b"absent", b"[]")))  # JSONL: keys no row has
+        columns[mask_uri(loc.uri)] = set(found.schema.names) - absent
         stem = _output_stem(listed_file.name)
         fmt = formats[loc.uri]
         file_units = [Unit(loc.uri, loc.path, sp.row_groups, sp.num_rows,
@@ -310,7 +313,10 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
     if len(set(names)) != len(names):
         raise ConfigError("inputs map to clashing output names; give inputs from one directory tree")
 
-    plan = Plan(units=units, schema=schema, bad_inputs=bad, output=out, seconds=seconds)
+    plan = Plan(units=units, schema=schema, bad_inputs=bad, output=out, seconds=seconds,
+                warnings=TASKS[config.task].input_warnings(config, columns))
+    for warning in plan.warnings:
+        log.warning("%s", warning)
     t1 = time.perf_counter()
     if config.check_duplicate_ids:
         try:
@@ -339,6 +345,7 @@ def describe(config: PipelineConfig, plan: Plan, prompts: dict | None = None, in
         "ids": plan.ids or {"checked": False},
         "prompt_tokens": prompts,
         "output_in_use_by": in_use_by,
+        "warnings": plan.warnings,
         "seconds": plan.seconds,
     }
 
@@ -352,6 +359,7 @@ def summary_lines(d: dict) -> list[str]:
              + (f", {len(d['stale'])} of them stale (their input changed)" if d["stale"] else "")
              + (f"; {len(d['bad_files'])} bad file(s) skipped" if d["bad_files"] else "")]
     lines += [f"! {b['input']}: {b['error']}" for b in d["bad_files"][:10]]
+    lines += [f"! {w}" for w in d.get("warnings", ())]
     if d["overwrite"]:
         lines.append(f"--overwrite: {len(d['overwrite'])} committed output(s) are recomputed")
     ids = d["ids"]

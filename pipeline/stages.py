@@ -211,6 +211,12 @@ class Stage:
         return cls.row_columns
 
     @classmethod
+    def input_warnings(cls, config: PipelineConfig, columns: dict[str, set[str]]) -> list[str]:
+        """What the plan should warn about, given each good input file's columns (its URI,
+        credentials masked -> its column names)."""
+        return []
+
+    @classmethod
     def result_fields(cls, config: PipelineConfig) -> tuple[str, ...]:
         """The config fields its rows' results depend on, besides the common ones."""
         return cls.result_settings
@@ -622,6 +628,19 @@ class ScoreStage(Stage):
     @classmethod
     def input_columns(cls, config):
         return (config.score_after,) if config.score_after else ()
+
+    @classmethod
+    def input_warnings(cls, config, columns):
+        """--score-after names a column where a file has it and is the prefix text where it does
+        not: a column in only some files is most likely a mistake in the others."""
+        name = config.score_after
+        having = [uri for uri, names in columns.items() if name in names]
+        if not name or not having or len(having) == len(columns):
+            return []
+        lacking = [uri for uri in columns if uri not in having]
+        return [f"--score-after {name!r} is a column in {len(having)} of {len(columns)} input files; in the "
+                f"other {len(lacking)} (e.g. {lacking[0]}) every text is scored after the literal "
+                f"text {name!r}"]
 
     @classmethod
     def prompt_limit(cls, config, max_positions):

@@ -132,7 +132,7 @@ def test_bad_rows_get_errors_and_neighbours_are_scored(lm, tokenizer):
 def score_config(**kw):
     from pipeline import PipelineConfig
 
-    return PipelineConfig(task="score", input="in/", output="out/", model=tiny_model("causal"), **kw)
+    return PipelineConfig(**{"task": "score", "input": "in/", "output": "out/", "model": tiny_model("causal"), **kw})
 
 
 def test_score_stage_on_a_hand_built_batch():
@@ -190,3 +190,26 @@ def test_score_end_to_end_via_cli_every_row_once(ray_local, tmp_path):
         assert close(row["logprob"], res.logprob, engine.config, 512, res.num_tokens)
     assert rows[103]["num_tokens"] > 512
 
+
+
+def test_plan_warns_when_score_after_is_a_column_in_only_some_files(tmp_path):
+    """--score-after NAME is a column where a file has it and literal prefix text elsewhere; a
+    column in some files but not others is flagged by plan (summary line and --json)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.plan import describe, make_plan, summary_lines
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1], "prompt": [" blue."], "question": ["Why?"]}), tmp_path / "in" / "a.parquet")
+    (tmp_path / "in" / "b.jsonl").write_text('{"id": 2, "prompt": " red."}\n')
+    config = score_config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), score_after="question")
+    plan = make_plan(config.validate(), write=False)
+    assert len(plan.warnings) == 1 and "column in 1 of 2 input files" in plan.warnings[0]
+    assert "b.jsonl" in plan.warnings[0]
+    d = describe(config, plan)
+    assert d["warnings"] == plan.warnings and any(line.startswith("! --score-after") for line in summary_lines(d))
+    # everywhere a column, or nowhere (a literal prefix): nothing to say
+    (tmp_path / "in" / "b.jsonl").write_text('{"id": 2, "prompt": " red.", "question": "Why?"}\n')
+    assert make_plan(config, write=False).warnings == []
+    literal = score_config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), score_after="Q: ")
+    assert make_plan(literal.validate(), write=False).warnings == []
