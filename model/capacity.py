@@ -29,6 +29,9 @@ GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS workspaces, not in the weights (estimate)
 GATHER_TOKENS = 32768  # most keys one attention call gathers at once (bounds its scratch memory)
+# rows of [rows, vocab] temporaries handled at once after the head; they bound that scratch memory
+SAMPLE_ROWS = 32  # the sampler's top-k / top-p filtering (model/sampling.py)
+LOGPROB_ROWS = 64  # log_softmax for token and prompt log-probabilities, scores (model/logprobs.py)
 
 # GPU memory as the driver reports it (total, GiB), for `capacity --gpu NAME` and the config check
 GPU_MEMORY_GIB = {
@@ -122,9 +125,12 @@ def activation_bytes(config, dtype, max_tokens: int, max_rows: int, head: str = 
     per_token = it * (9 * C + I)  # residual, norms, qkv (3C), rotated q/k, attention out; MLP (I)
     if head != "causal":
         return max_tokens * per_token
-    # head output and its fp32 copy for every row; the sampler's sort, softmax and float64 cumsum
-    # for SAMPLE_ROWS rows at a time (values 4 + indices 8 + probs 4 + cdf 8 + masks, ~40 B each)
-    logits = max_rows * V * (it + 4) + min(max_rows, 32) * V * 40
+    # head output and its fp32 copy for every row; then, one after the other, the sampler's sort,
+    # softmax and float64 cumsum for SAMPLE_ROWS rows at a time (values 4 + indices 8 + probs 4 +
+    # cdf 8 + masks, ~40 B each), and log-probabilities for LOGPROB_ROWS rows at a time (prompt
+    # positions included, however few rows: the head in the model dtype, its fp32 copy and
+    # log_softmax, it + 8 B each)
+    logits = max_rows * V * (it + 4) + max(min(max_rows, SAMPLE_ROWS) * V * 40, LOGPROB_ROWS * V * (it + 8))
     gather = GATHER_TOKENS * 2 * C * it  # one layer's gathered K and V (paged attention on GPU)
     return max_tokens * per_token + logits + gather
 

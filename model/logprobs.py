@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-LOGPROB_ROWS = 64  # rows of [rows, vocab] fp32 log-probabilities computed at once
+from .capacity import LOGPROB_ROWS  # rows of [rows, vocab] fp32 log-probabilities computed at once
 
 
 def sampled_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],

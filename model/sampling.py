@@ -14,10 +14,8 @@ import hashlib
 
 import torch
 
+from .capacity import SAMPLE_ROWS  # sampled rows filtered at once: bounds the sampler's [rows, vocab] temporaries
 from .sampling_params import SamplingParams
-
-
-SAMPLE_ROWS = 32  # sampled rows filtered at once: bounds the sampler's [rows, vocab] temporaries
 
 
 def uniform(seed: int, step: int) -> float:
