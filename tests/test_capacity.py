@@ -142,3 +142,42 @@ def test_quantized_weights_bytes_by_hand():
         capacity.weights_bytes(cfg, "bfloat16", "sequence_classification", "int8")  # no lm_head to quantize
     with pytest.raises(ValueError, match="quantization"):
         capacity.weights_bytes(cfg, "bfloat16", quantization="int4")
+
+
+def test_capacity_cli_int8_on_an_l4_by_hand(capsys):
+    """Persimmon-8B int8 on an L4 (22.49 GiB as the driver reports it): the weights drop by one
+    byte per linear weight, and the KV pool gets what is left of 90% of the device after them
+    and the activation headroom, in whole 16-token blocks of 576 KiB tokens, less 2 blocks."""
+    C, I, L, V = 4096, 16384, 36, 262144
+    bf16 = 18_794_350_592
+    int8 = bf16 - L * (3 * C * C + C * C + 2 * I * C) + L * (3 * C + C + I + C) * 2
+    with_head = int8 - V * C + V * 2
+    for flags, weights in (([], int8), (["--quantize-lm-head"], with_head)):
+        assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantization", "int8",
+                    *flags, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["quantization"] == "int8" and out["quantize_lm_head"] == bool(flags)
+        assert out["weights_bytes"] == weights
+        kv = 0.9 * 22.49 * 2**30 - weights - out["activation_bytes"]  # the smaller of the two limits here
+        blocks = int(kv) // (576 * 1024 * 16) - 2
+        assert out["kv_tokens"] == blocks * 16
+        assert out["rows_in_flight"] == min(256, blocks * 16 // (512 + 256))
+    assert round(int8 / 2**30, 1) == 10.8 and round(with_head / 2**30, 1) == 9.8
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantization", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"weights\s+10\.76 GiB \(int8 linears, the rest bfloat16\)", text), text
+
+
+@pytest.mark.parametrize("gpu", ["A10G", "T4", "A100-80GB"])
+def test_fp8_is_refused_on_a_gpu_without_it(gpu, capsys):
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", gpu, "--quantization", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "fp8 weights need a GPU of compute capability 8.9+" in err and f"{gpu} has " in err
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantization", "fp8"]) == 0
+    capsys.readouterr()
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantize-lm-head"]) == 2
+    assert "--quantize-lm-head needs --quantization" in capsys.readouterr().err
+
+
+def test_every_gpu_has_a_compute_capability():
+    assert set(capacity.GPU_COMPUTE_CAPABILITY) == set(capacity.GPU_MEMORY_GIB)
