@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="Checkpoint directory, object-store URI or Hugging Face hub id (only its "
                    f"config.json is fetched), or one of {sorted(PRESETS)} (default: the --config job's model).")
     p.add_argument("--config", metavar="JOB.yaml", help="A job config: its model and engine settings are used.")
+    p.add_argument("--architecture", choices=sorted(HEADS),
+                   help="Size the model as this architecture instead of its config.json's, e.g. a sequence "
+                        "classifier fine-tuned from a preset: --model adept/persimmon-8b-base --architecture "
+                        "PersimmonForSequenceClassification.")
     gpu = p.add_mutually_exclusive_group(required=True)
     gpu.add_argument("--gpu", choices=sorted(capacity.GPU_MEMORY_GIB),
                      help="A GPU by name (its memory as the driver reports it).")
@@ -118,6 +122,7 @@ def run(args) -> int:
     if not model:
         raise ValueError("give --model (or --config with a model)")
     cfg, arch = read_config(model, job)
+    arch = args.architecture or arch
     head = HEADS.get(arch)
     if head is None:
         raise ValueError(f"{model}: architecture {arch} is not one this engine serves ({sorted(HEADS)})")
