@@ -14,7 +14,8 @@ model's tokenizer the way the engine does (`model/engine.py`, BOS first):
 Rows the run would not send to the engine (a duplicate or null id, a line that cannot be read,
 an unusable prompt) are counted apart. By default a uniform random sample of rows (seeded: the
 same input gives the same numbers), read unit by unit; `sample_rows=0` reads and tokenizes every
-row. Percentiles are nearest-rank: each is the token count of some row.
+row. Percentiles are nearest-rank: each is the token count of some row; the mean and the sum of
+the measured rows' tokens feed the cost estimate (`plan --gpu`, pipeline/cost.py).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
     return {
         "rows": total, "rows_read": read, "exact": exact, "rows_not_run": not_run,
         "tokens": percentiles(lengths),
+        "tokens_measured": sum(n * rows for n, rows in lengths.items()),  # all measured rows' prompts together
+        "mean_tokens": (round(sum(n * rows for n, rows in lengths.items()) / sum(lengths.values()), 2)
+                        if lengths else None),
         "limit": {"name": measure.limit_name, "tokens": measure.limit, "over": measure.action},
         "rows_over_limit": over if exact else round(over * total / read) if read else 0,
         "rows_over_limit_read": over,
