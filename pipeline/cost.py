@@ -2,7 +2,9 @@
 an estimate (roofline), not a measurement.
 
 From the plan: the rows to run and their prompt tokens (measured in the model's tokens by
-pipeline/prompt_stats.py, scaled from a sample to all rows to run), and per row the tokens the
+pipeline/prompt_stats.py, scaled from a sample to all rows to run; rows the run would not send
+to the engine left out: id errors, unusable prompts, prompts over the limit that get
+prompt_too_long; prompts cut to fit counted at the limit), and per row the tokens the
 task adds: generate decodes up to max_new_tokens (an upper bound: rows that stop early cost
 less), label scores its choices' tokens (the task's `capacity_new_tokens`, computed in forwards
 without decoding), classify adds none. Per GPU:
@@ -113,15 +115,22 @@ def _work(config, prompts: dict, rows_to_run: int) -> tuple[Work, dict]:
     """The job's Work (rows in flight left at 1) and how its numbers were found."""
     task = TASKS[config.task]
     read = prompts["rows_read"] if prompts else 0
-    run_share = (read - prompts["rows_not_run"]) / read if read else 0.0  # rows that reach the engine
-    rows = round(rows_to_run * run_share)
-    prompt_tokens = round(prompts["tokens_measured"] * rows_to_run / read) if read else 0
+    over, over_tokens = (prompts["rows_over_limit_read"], prompts["tokens_over_limit_read"]) if read else (0, 0)
+    measured_tokens = prompts["tokens_measured"] if read else 0
+    refused = read and prompts["limit"]["over"] == "prompt_too_long"
+    if refused:  # the engine refuses those rows: they cost nothing
+        measured_tokens -= over_tokens
+    elif over:  # cut to fit (or scored in windows): about the limit's tokens each
+        measured_tokens += over * prompts["limit"]["tokens"] - over_tokens
+    engine_rows = read - prompts["rows_not_run"] - (over if refused else 0) if read else 0
+    rows = round(rows_to_run * engine_rows / read) if read else 0
+    prompt_tokens = round(measured_tokens * rows_to_run / read) if read else 0
     causal = task.architecture == "PersimmonForCausalLM"
     per_row = task.capacity_new_tokens(config) if causal else 0
     new, scored = (per_row, 0) if task.generates else (0, per_row)
     return Work(rows=rows, prompt_tokens=prompt_tokens, new_tokens=new, scored_tokens=scored * rows), {
         "rows_to_run": rows_to_run, "rows": rows, "prompt_tokens": prompt_tokens,
-        "mean_prompt_tokens": prompts.get("mean_tokens") if prompts else None,
+        "mean_prompt_tokens": round(prompt_tokens / rows, 2) if rows else None,
         "measured": "all rows" if prompts and prompts["exact"] else f"a sample of {read} rows, scaled",
         "new_tokens_per_row": new, "scored_tokens_per_row": scored,
         "output_tokens": rows * (new or scored),
@@ -208,8 +217,9 @@ def estimate_lines(est: dict) -> list[str]:
                 else "<$0.01")
         kv = f"{g['kv_tokens_needed']:,}/{g['kv_tokens_capacity']:,}"
         mark = "*" if "factor" in g.get("calibration", {}) else " "
+        decode = _duration(g["decode_hours"]) if g["roofline"]["decode_steps"] else "-"
         lines.append(f"  {g['gpu']:<10} {kv:>21} {g['rows_in_flight']:>5} {_duration(g['prefill_hours']):>9} "
-                     f"{_duration(g['decode_hours']):>8}{mark} {g['gpu_hours']:>9.4g} {price:>8} {cost:>9}")
+                     f"{decode:>8}{mark} {g['gpu_hours']:>9.4g} {price:>8} {cost:>9}")
         cal = g.get("calibration")
         if cal and "factor" in cal:
             notes.append(f"  * {g['gpu']} decode calibrated by {cal['source']}: measured {cal['device']} "

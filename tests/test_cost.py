@@ -59,11 +59,18 @@ def test_a_big_decode_batch_turns_compute_bound_and_int8_reads_less():
     assert int8.prefill_s == plain.prefill_s  # weight-only quantization multiplies at the 16-bit peak
 
 
+def measured(rows: int, tokens: int) -> dict:
+    """prompt_stats' numbers for `rows` rows of `tokens` prompt tokens in all, none over the limit."""
+    return {"rows_read": rows, "rows_not_run": 0, "tokens_measured": tokens, "exact": True,
+            "limit": {"name": "max_seq_len", "tokens": 4096, "over": "prompt_too_long"},
+            "rows_over_limit_read": 0, "tokens_over_limit_read": 0}
+
+
 def test_the_estimate_per_gpu_is_hours_times_price():
     """cost.estimate on the 8B config, with the prompt statistics a plan would hand it."""
     config = PipelineConfig(task="generate", input="in", output="out", model="m", max_new_tokens=100,
                             num_gpus_per_replica=1, max_num_seqs=20, batch_size=64)
-    prompts = {"rows_read": 1000, "rows_not_run": 0, "tokens_measured": 300_000, "mean_tokens": 300.0, "exact": True}
+    prompts = measured(1000, 300_000)
     est = estimate(config, PersimmonConfig(), "causal", prompts, 1000, ["L4", "H100-80GB", "A100-80GB"],
                    prices={"L4": 0.5})
     l4, h100, a100 = est["gpus"]
@@ -86,7 +93,7 @@ def test_the_estimate_per_gpu_is_hours_times_price():
 def test_fp8_has_no_estimate_on_a_gpu_without_fp8():
     config = PipelineConfig(task="generate", input="in", output="out", model="m", num_gpus_per_replica=1,
                             quantization="fp8")
-    prompts = {"rows_read": 10, "rows_not_run": 0, "tokens_measured": 1000, "mean_tokens": 100.0, "exact": True}
+    prompts = measured(10, 1000)
     a10g, l4 = estimate(config, PersimmonConfig(), "causal", prompts, 10, ["A10G", "L4"])["gpus"]
     assert not a10g["fits"] and "compute capability 8.9+" in a10g["reason"] and "hours" not in a10g
     assert l4["fits"] and l4["hours"] > 0
@@ -120,6 +127,13 @@ def test_plan_counts_the_tokens_sentencepiece_counts(reviews, tmp_path, capsys):
     assert [g["gpu"] for g in est["gpus"]] == ["L4", "H100-80GB"]
     body, head = roofline.matmul_params(PersimmonConfig.from_pretrained(model))
     assert est["gpus"][0]["roofline"]["prefill_flops"] == 2 * body * by_hand + 2 * head * len(texts)
+
+    limit = sorted(len(sp.encode(t)) + 1 for t in texts)[4]  # max_seq_len: rows past limit - 1 are refused
+    short = plan_json(capsys, "generate", "--input", src, "--output", str(tmp_path / "o3"), "--model", model,
+                      "--max-new-tokens", "1", "--max-seq-len", str(limit), "--sample-rows", "0",
+                      "--gpu", "L4")["estimate"]
+    kept = [len(sp.encode(t)) + 1 for t in texts if len(sp.encode(t)) + 1 <= limit - 1]
+    assert 0 < len(kept) < len(texts) and (short["rows"], short["prompt_tokens"]) == (len(kept), sum(kept))
 
     label = plan_json(capsys, "label", "--input", src, "--output", str(tmp_path / "o2"), "--model", model,
                       "--choices", "yes,no", "--sample-rows", "0", "--gpu", "L4")["estimate"]
@@ -187,7 +201,7 @@ def test_calibration_scales_decode_by_measured_over_roofline(tmp_path):
 
     config = PipelineConfig(task="generate", input="in", output="out", model="m", max_new_tokens=100,
                             num_gpus_per_replica=1, max_num_seqs=64)
-    prompts = {"rows_read": 1000, "rows_not_run": 0, "tokens_measured": 300_000, "mean_tokens": 300.0, "exact": True}
+    prompts = measured(1000, 300_000)
     plain, = estimate(config, PersimmonConfig(), "causal", prompts, 1000, ["H100-80GB"])["gpus"]
     scaled, = estimate(config, PersimmonConfig(), "causal", prompts, 1000, ["H100-80GB"],
                        calibrated={"H100-80GB": cal})["gpus"]
