@@ -11,12 +11,13 @@ hours and dollars (pipeline/cost.py); a GPU benchmark's measured decode steps ca
               2 x matmul params x rows in flight FLOPs / (peak x EFFICIENCY)
 
 "Matmul params" leave out the input embedding: a token's embedding is a row gathered, not a
-matmul (so decode reads all weights but the embedding: 15.5 GiB of Persimmon-8B's 17.5 in
-bf16 (16.6 GB), ~5 ms a step on an H100). The KV cache read per step is each row's average context
-(its prompt + half its new tokens). Not counted: attention's own FLOPs (4 x context x hidden x
-layers per token, ~2% of 16.6 GFLOP at 500 tokens of context), sampling, the scheduler, the
-CPU side of Ray Data. Quantized weights (int8, fp8) are read at one byte but multiplied at the
-16-bit peak (weight-only quantization dequantizes before the matmul).
+matmul. So a decode step reads all weights but the embedding: 15.5 GiB (16.6 GB) of
+Persimmon-8B's 17.5 GiB in bf16, ~5 ms on an H100. The KV cache read per step is each row's
+average context (its prompt + half its new tokens). Not counted: attention's own FLOPs (4 x
+context x hidden x layers per token, ~2% of 16.6 GFLOP at 500 tokens of context), sampling,
+the scheduler, the CPU side of Ray Data, replicas starting. Quantized weights (int8, fp8) are
+read at one byte but multiplied at the 16-bit peak (weight-only quantization dequantizes
+before the matmul).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def decode_step(config, spec: GpuSpec, *, rows: int, context: float, dtype="bflo
     body, head_params = matmul_params(config)
     read = (step_weights_bytes(config, dtype, "causal", quantization, quantize_lm_head, with_head)
             + int(rows * context) * kv_bytes_per_token(config, dtype))
-    flops = 2 * (body + head_params * with_head) * rows
+    flops = 2 * (body + (head_params if with_head else 0)) * rows
     memory_s, compute_s = read / (spec.bandwidth_gbs * 1e9), flops / (spec.peak_flops(dtype) * efficiency)
     return Step(read, flops, max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute")
 

@@ -28,7 +28,8 @@ IO_FIELDS = ("input", "output", "model", "id_column", "prompt_column", "keep_col
              "chat_template", "examples", "input_format", "output_format")
 PLAN_WHAT = ("lists the inputs, makes the units, runs every check the run makes before it starts (bad files, "
              "duplicate and null ids, the output directory, what is already committed or stale, the model and "
-             "attachments) and measures prompt lengths in the model's tokens. Writes nothing and starts no Ray.")
+             "attachments) and measures prompt lengths in the model's tokens; with --gpu, estimates GPU-hours "
+             "and cost per GPU type. Writes nothing and starts no Ray.")
 PLAN_HELP = "Check a run without running it, with the task command's flags: " + PLAN_WHAT
 EPILOG = ("Every input file becomes one output file with the same name, committed atomically; "
           "rerunning the same command resumes (finished files are skipped). "

@@ -185,6 +185,8 @@ def estimate(config, model_config, head: str, prompts: dict | None, rows_to_run:
             decode_s = line.decode_s / factor
             row["calibration"] = {"source": cal.source, "device": cal.device, "dtype": cal.dtype,
                                   "factor": factor, "bench_rows": bench_rows}
+            if config.quantization != "none":
+                row["calibration"]["note"] = f"measured with {cal.dtype} weights, not {config.quantization}"
         elif cal is not None:
             row["calibration"] = {"source": cal.source, "unused": "the task decodes nothing; the benchmark "
                                                                    "measured decode steps only"}
@@ -223,7 +225,8 @@ def estimate_lines(est: dict) -> list[str]:
         cal = g.get("calibration")
         if cal and "factor" in cal:
             notes.append(f"  * {g['gpu']} decode calibrated by {cal['source']}: measured {cal['device']} "
-                         f"({cal['dtype']} weights) at {cal['bench_rows']} rows ran at {cal['factor']:.2f} x roofline")
+                         f"({cal['dtype']} weights) at {cal['bench_rows']} rows ran at {cal['factor']:.2f} x roofline"
+                         + (f" ({cal['note']})" if "note" in cal else ""))
         elif cal:
             notes.append(f"  {g['gpu']}: {cal['source']} not used: {cal['unused']}")
         if g["cost_usd"] is None:
