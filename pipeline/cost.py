@@ -240,4 +240,6 @@ def estimate_lines(est: dict) -> list[str]:
 
 def _duration(hours: float) -> str:
     seconds = hours * 3600
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{hours:.2f} h"
