@@ -29,7 +29,7 @@ import os
 from model import capacity, roofline
 from model.roofline import EFFICIENCY, GPU_SPECS, Work
 
-from .stages import TASKS
+from .stages import CAUSAL, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _work(config, prompts: dict, rows_to_run: int) -> tuple[Work, dict]:
     engine_rows = read - prompts["rows_not_run"] - (over if refused else 0) if read else 0
     rows = round(rows_to_run * engine_rows / read) if read else 0
     prompt_tokens = round(measured_tokens * rows_to_run / read) if read else 0
-    causal = task.architecture == "PersimmonForCausalLM"
+    causal = task.architecture == CAUSAL
     per_row = task.capacity_new_tokens(config) if causal else 0
     new, scored = (per_row, 0) if task.generates else (0, per_row)
     return Work(rows=rows, prompt_tokens=prompt_tokens, new_tokens=new, scored_tokens=scored * rows), {
