@@ -9,7 +9,8 @@ Model: hidden 4096, 64 heads, MLP 16384, vocab 262144 (Persimmon-8B's widths), `
 - per batch size (rows in flight): tokens/s of the engine and of transformers' generate on the
   same prompts, speedup, greedy agreement over the first 32 tokens;
 - decode step time (forward of one decode step, CUDA graph replay vs eager) against the floor
-  of reading the weights once per step at the device's measured copy bandwidth;
+  of reading the weights once per step at the device's measured copy bandwidth; a copy of the
+  JSON under bench/results/ calibrates `persimmon-batch plan --gpu`'s estimate for that GPU;
 - peak memory against kv_cache_gib, and `capacity.plan` vs what the engine actually allocated;
 - with --pipeline, one pipeline run with two replicas at num_gpus_per_replica=0.5.
 """
@@ -95,7 +96,8 @@ def main():
     shape = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, vocab_size=4096) if args.tiny else {}
     cfg = PersimmonConfig(num_hidden_layers=args.layers, max_position_embeddings=4096, pad_token_id=0, **shape)
     out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "dtype": args.dtype, "layers": args.layers, "params_b": round(capacity.param_count(cfg) / 1e9, 3)}
+           "dtype": args.dtype, "layers": args.layers, "params_b": round(capacity.param_count(cfg) / 1e9, 3),
+           "prompt_len": [lo, hi], "new_tokens": args.new_tokens}  # decode_step_ms: rows of ~hi tokens of context
 
     def save():
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:

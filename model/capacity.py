@@ -38,9 +38,27 @@ GPU_MEMORY_GIB = {
     "T4": 14.58, "A10G": 22.49, "L4": 22.49, "L40S": 44.99, "A100-40GB": 39.49, "A100-80GB": 79.15,
     "H100-80GB": 79.11, "H200": 139.8,
 }
+# CUDA compute capability of each GPU above (NVIDIA's CUDA GPUs list): fp8 weights need 8.9+
+GPU_COMPUTE_CAPABILITY = {
+    "T4": (7, 5), "A10G": (8, 6), "L4": (8, 9), "L40S": (8, 9), "A100-40GB": (8, 0), "A100-80GB": (8, 0),
+    "H100-80GB": (9, 0), "H200": (9, 0),
+}
+FP8_MIN_CAPABILITY = (8, 9)
 # AWS instance families -> their GPU (cluster.yaml names instance types)
 AWS_INSTANCE_GPUS = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "g6e": "L40S", "p4d": "A100-40GB",
                      "p4de": "A100-80GB", "p5": "H100-80GB", "p5e": "H200", "p5en": "H200"}
+
+
+def check_quantization(gpu: str, quantization: str) -> None:
+    """Raise ValueError when GPU (a GPU_MEMORY_GIB name) cannot run `quantization`: fp8 weights
+    need compute capability 8.9+ (Ada, Hopper)."""
+    if quantization != "fp8":
+        return
+    have = GPU_COMPUTE_CAPABILITY[gpu]
+    if have < FP8_MIN_CAPABILITY:
+        able = ", ".join(name for name, cc in GPU_COMPUTE_CAPABILITY.items() if cc >= FP8_MIN_CAPABILITY)
+        raise ValueError(f"fp8 weights need a GPU of compute capability {'.'.join(map(str, FP8_MIN_CAPABILITY))}+ "
+                         f"({able}); {gpu} has {'.'.join(map(str, have))}: use --quantization int8 there")
 
 
 def dtype_bytes(dtype) -> int:

@@ -28,7 +28,8 @@ IO_FIELDS = ("input", "output", "model", "id_column", "prompt_column", "keep_col
              "chat_template", "examples", "input_format", "output_format")
 PLAN_WHAT = ("lists the inputs, makes the units, runs every check the run makes before it starts (bad files, "
              "duplicate and null ids, the output directory, what is already committed or stale, the model and "
-             "attachments) and measures prompt lengths in the model's tokens. Writes nothing and starts no Ray.")
+             "attachments) and measures prompt lengths in the model's tokens; with --gpu, estimates GPU-hours "
+             "and cost per GPU type. Writes nothing and starts no Ray.")
 PLAN_HELP = "Check a run without running it, with the task command's flags: " + PLAN_WHAT
 EPILOG = ("Every input file becomes one output file with the same name, committed atomically; "
           "rerunning the same command resumes (finished files are skipped). "
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_plan_parser(sub) -> None:
+    from model.capacity import GPU_MEMORY_GIB
+
+    from .cost import PRICES
     from .prompt_stats import SAMPLE_ROWS
 
     plan = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP,
@@ -136,6 +140,18 @@ def _add_plan_parser(sub) -> None:
                             f"drawn at random, the same rows each time (default: {SAMPLE_ROWS}); 0 = every row, "
                             "exact but slower (each prompt is tokenized).")
         _add_config_flags(p, task)
+        cost = p.add_argument_group("cost estimate (roofline; pipeline/cost.py)")
+        cost.add_argument("--gpu", metavar="GPU[,GPU...]",
+                          help="Estimate the run's GPU-hours and cost on these GPUs (" + ", ".join(GPU_MEMORY_GIB)
+                               + "): KV cache and rows in flight from `capacity`, prefill and decode time from "
+                               "datasheet bandwidth and FLOP/s (a lower bound, not a measurement).")
+        cost.add_argument("--price-per-hour", metavar="GPU=USD[,...]",
+                          help="USD per GPU-hour, overriding the defaults (approximate AWS on-demand list prices "
+                               "of mid-2025 for " + ", ".join(PRICES) + "), e.g. L4=0.80,H100-80GB=4.5.")
+        cost.add_argument("--calibration", metavar="gpu_bench.json", action="append",
+                          help="A bench/gpu_bench.py result: decode time on its GPU is scaled by its measured / "
+                               "roofline decode step (repeat for several GPUs; default: the checkout's "
+                               "bench/results/*.json).")
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -163,8 +179,11 @@ def plan_main(args: argparse.Namespace) -> int:
     try:
         if args.sample_rows < 0:
             raise ConfigError(f"--sample-rows: must be >= 0 (0 = every row), got {args.sample_rows}")
+        gpus = _cost_args(args)
         config = config_from_args(args)
         plan = dry_run(config, sample_rows=args.sample_rows)
+        if gpus:
+            plan["estimate"] = _estimate(args, config, plan, gpus)
     except (ConfigError, InputError, ModelError, OSError, ValueError) as e:
         print(f"persimmon-batch plan: error: {mask_uri(str(e))}", file=sys.stderr)
         return 2
@@ -174,10 +193,38 @@ def plan_main(args: argparse.Namespace) -> int:
     took = plan["seconds"]
     print(f"persimmon-batch plan {config.task}: nothing written, no replica started")
     print("\n".join("  " + line for line in summary_lines(plan)))
+    if "estimate" in plan:
+        from .cost import estimate_lines
+
+        print("\n".join("  " + line for line in estimate_lines(plan["estimate"])))
     print(f"  output  {plan['output']}")
     print("  took    " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
           + f", prompts {plan['prompt_tokens']['seconds']:.1f} s")
     return 0
+
+
+def _cost_args(args: argparse.Namespace) -> list[str]:
+    """The GPUs of `plan --gpu` (none without it); bad names and prices raise ValueError."""
+    from .cost import parse_gpus, parse_prices
+
+    if not args.gpu:
+        for flag in ("price_per_hour", "calibration"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} is for the cost estimate: give --gpu too")
+        return []
+    gpus = parse_gpus(args.gpu)
+    parse_prices(args.price_per_hour, gpus)
+    return gpus
+
+
+def _estimate(args: argparse.Namespace, config: PipelineConfig, plan: dict, gpus: list[str]) -> dict:
+    """`plan --gpu`'s estimate (pipeline/cost.py) for the planned run."""
+    from .capacity_cli import HEADS, read_config
+    from .cost import calibrations, estimate, parse_prices
+
+    model_config, architecture = read_config(config.model, config)
+    return estimate(config, model_config, HEADS[architecture], plan["prompt_tokens"], plan["rows_to_run"], gpus,
+                    parse_prices(args.price_per_hour, gpus), calibrations(args.calibration))
 
 
 def _task_first(argv: list[str]) -> list[str]:

@@ -14,7 +14,8 @@ model's tokenizer the way the engine does (`model/engine.py`, BOS first):
 Rows the run would not send to the engine (a duplicate or null id, a line that cannot be read,
 an unusable prompt) are counted apart. By default a uniform random sample of rows (seeded: the
 same input gives the same numbers), read unit by unit; `sample_rows=0` reads and tokenizes every
-row. Percentiles are nearest-rank: each is the token count of some row.
+row. Percentiles are nearest-rank: each is the token count of some row; the mean and the sum of
+the measured rows' tokens feed the cost estimate (`plan --gpu`, pipeline/cost.py).
 """
 
 from __future__ import annotations
@@ -80,18 +81,24 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
     tokenizer, max_positions = load_tokenizer(config)
     measure = Measure(config, tokenizer, max_positions)
     prefix = TASKS[config.task].render_prefix(config)
-    lengths, read, not_run, over = Counter(), 0, 0, 0
+    lengths, over, read, not_run = Counter(), Counter(), 0, 0
     with ThreadPoolExecutor(max(1, min(threads, len(picks)))) as pool:
-        for unit_lengths, unit_read, unit_not_run, unit_over in pool.map(
+        for unit_lengths, unit_over, unit_read, unit_not_run in pool.map(
                 lambda k: _measure_unit(config, units[k], picks[k], prefix, measure), picks):
             lengths.update(unit_lengths)
-            read, not_run, over = read + unit_read, not_run + unit_not_run, over + unit_over
+            over.update(unit_over)
+            read, not_run = read + unit_read, not_run + unit_not_run
+    over_rows = sum(over.values())
     return {
         "rows": total, "rows_read": read, "exact": exact, "rows_not_run": not_run,
         "tokens": percentiles(lengths),
+        "tokens_measured": sum(n * rows for n, rows in lengths.items()),  # all measured rows' prompts together
+        "mean_tokens": (round(sum(n * rows for n, rows in lengths.items()) / sum(lengths.values()), 2)
+                        if lengths else None),
         "limit": {"name": measure.limit_name, "tokens": measure.limit, "over": measure.action},
-        "rows_over_limit": over if exact else round(over * total / read) if read else 0,
-        "rows_over_limit_read": over,
+        "rows_over_limit": over_rows if exact else round(over_rows * total / read) if read else 0,
+        "rows_over_limit_read": over_rows,
+        "tokens_over_limit_read": sum(n * rows for n, rows in over.items()),  # their prompts' tokens
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -107,11 +114,11 @@ def _sample(units: list, size: int, seed: int) -> dict[int, np.ndarray]:
 
 
 def _measure_unit(config: PipelineConfig, unit, rows: np.ndarray | None, prefix: str,
-                  measure: Measure) -> tuple[Counter, int, int, int]:
-    """(token counts, rows read, rows not run, rows over the limit) of a unit's `rows` (sorted;
-    None: all of them), read a few large batches at a time, only its prompts."""
+                  measure: Measure) -> tuple[Counter, Counter, int, int]:
+    """(token counts, those of the rows over the limit, rows read, rows not run) of a unit's
+    `rows` (sorted; None: all of them), read a few large batches at a time, only its prompts."""
     planned = {int(row) for row, _ in unit.row_errors}
-    lengths, read, not_run, over = Counter(), 0, 0, 0
+    lengths, over, read, not_run = Counter(), Counter(), 0, 0
     start = 0
     reading = dataclasses.replace(config, batch_size=READ_ROWS)
     for batch, read_errors in INPUT_FORMATS[unit.input_format].batches(
@@ -130,9 +137,10 @@ def _measure_unit(config: PipelineConfig, unit, rows: np.ndarray | None, prefix:
                 continue
             tokens, too_long = measure(text)
             lengths[tokens] += 1
-            over += too_long
+            if too_long:
+                over[tokens] += 1
         start += n
-    return lengths, read, not_run, over
+    return lengths, over, read, not_run
 
 
 def percentiles(lengths: Counter) -> dict | None:

@@ -1,6 +1,6 @@
 """Memory arithmetic and `persimmon-batch capacity`: literals for the real 8B, parameter counts
 against the model itself, what the engine admits, and every shipped job config against the GPU
-that cluster.yaml gives it."""
+of the cluster its header names (cluster.yaml, cluster_l4.yaml)."""
 
 import glob
 import json
@@ -13,6 +13,7 @@ import yaml
 
 from model import Engine, PersimmonConfig, PersimmonForCausalLM, PersimmonForSequenceClassification, SamplingParams
 from model import capacity
+from pipeline.capacity_cli import PRESETS
 from pipeline.cli import main as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,11 +55,26 @@ def test_plan_matches_what_the_engine_allocates_and_admits():
     assert engine.stats()["rows_in_flight_peak"] >= planned.rows_in_flight
 
 
-def cluster_gpu() -> str:
-    """The GPU of cluster.yaml's worker node type, from its instance type."""
-    with open(os.path.join(REPO, "cluster.yaml")) as f:
+def header(job: str) -> str:
+    """The comment lines a job config starts with."""
+    lines = []
+    with open(job) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            lines.append(line)
+    return "".join(lines)
+
+
+def cluster_gpu(job: str) -> str:
+    """The GPU of the cluster a job config's header names (`ray up CLUSTER.yaml`): its one worker
+    node type's instance family."""
+    named = re.search(r"ray up (\S+\.yaml)", header(job))
+    assert named, f"{job}: the header must say which cluster it runs on (`ray up CLUSTER.yaml`)"
+    with open(os.path.join(REPO, named[1])) as f:
         cluster = yaml.safe_load(f)
     workers = [t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]]
+    assert len(workers) == 1, f"{named[1]}: one GPU worker type (a replica may land on any of them)"
     family = workers[0]["node_config"]["InstanceType"].split(".")[0]
     return capacity.AWS_INSTANCE_GPUS[family]
 
@@ -72,22 +88,54 @@ def eight_b_dirs(tmp_path_factory):
     return {"causal": str(causal), "classifier": str(classifier)}
 
 
-@pytest.mark.parametrize("job", sorted(glob.glob(os.path.join(REPO, "jobs", "configs", "*.yaml"))),
-                         ids=os.path.basename)
-def test_every_job_config_fits_the_cluster_gpu(job, eight_b_dirs, capsys):
+JOBS = sorted(glob.glob(os.path.join(REPO, "jobs", "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=os.path.basename)
+def test_every_job_config_fits_its_cluster_gpu(job, eight_b_dirs, capsys):
     with open(job) as f:
-        task = yaml.safe_load(f)["task"]
-    gpu = cluster_gpu()
-    assert gpu == "L40S"
-    model = eight_b_dirs["classifier" if task == "classify" else "causal"]
+        raw = yaml.safe_load(f)
+    gpu = cluster_gpu(job)
+    model = eight_b_dirs["classifier" if raw["task"] == "classify" else "causal"]
     code = cli(["capacity", "--config", job, "--model", model, "--gpu", gpu, "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["fits"], out["reason"]
+    assert out["quantization"] == raw.get("quantization", "none")  # sized as the replicas load it
     for key in ("weights_bytes", "kv_bytes_per_token", "kv_tokens", "rows_in_flight"):
         assert isinstance(out[key], int)
-    if task != "classify":  # the worst case (a row of the full max_seq_len) still batches
+    if raw["task"] != "classify":  # the worst case (a row of the full max_seq_len) still batches
         assert out["prompt_tokens"] + out["new_tokens"] == out["max_seq_len"]
         assert out["rows_in_flight"] >= 8, out
+
+
+@pytest.mark.parametrize("job", JOBS, ids=os.path.basename)
+def test_the_capacity_command_in_each_config_header_runs_offline(job, capsys):
+    """The header's `persimmon-batch capacity ...` line names a preset (the job's own model is a
+    placeholder bucket: reading it would go to the network) and the cluster's GPU, and fits."""
+    text = re.sub(r"\\\n#\s*", " ", header(job))
+    command = re.search(r"persimmon-batch (capacity [^`\n]*)", text)
+    assert command, f"{job}: no capacity command in its header"
+    argv = command[1].split()
+    assert argv[argv.index("--model") + 1] in PRESETS
+    assert argv[argv.index("--gpu") + 1] == cluster_gpu(job)
+    assert argv[argv.index("--config") + 1] == os.path.relpath(job, REPO)
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        assert cli(argv) == 0, capsys.readouterr()
+    finally:
+        os.chdir(cwd)
+
+
+def test_the_l4_config_needs_its_int8_weights(eight_b_dirs, capsys):
+    """Without --quantization int8 the L4 label job does not batch: the config check above only
+    passes because the quantization is read from the job."""
+    job = os.path.join(REPO, "jobs", "configs", "label_reviews_8b_l4.yaml")
+    assert cluster_gpu(job) == "L4"
+    cli(["capacity", "--config", job, "--model", eight_b_dirs["causal"], "--gpu", "L4", "--quantization", "none",
+         "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows_in_flight"] < 8
 
 
 def test_capacity_cli_says_when_it_does_not_fit(eight_b_dirs, capsys):
@@ -142,3 +190,42 @@ def test_quantized_weights_bytes_by_hand():
         capacity.weights_bytes(cfg, "bfloat16", "sequence_classification", "int8")  # no lm_head to quantize
     with pytest.raises(ValueError, match="quantization"):
         capacity.weights_bytes(cfg, "bfloat16", quantization="int4")
+
+
+def test_capacity_cli_int8_on_an_l4_by_hand(capsys):
+    """Persimmon-8B int8 on an L4 (22.49 GiB as the driver reports it): the weights drop by one
+    byte per linear weight, and the KV pool gets what is left of 90% of the device after them
+    and the activation headroom, in whole 16-token blocks of 576 KiB tokens, less 2 blocks."""
+    C, I, L, V = 4096, 16384, 36, 262144
+    bf16 = 18_794_350_592
+    int8 = bf16 - L * (3 * C * C + C * C + 2 * I * C) + L * (3 * C + C + I + C) * 2
+    with_head = int8 - V * C + V * 2
+    for flags, weights in (([], int8), (["--quantize-lm-head"], with_head)):
+        assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantization", "int8",
+                    *flags, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["quantization"] == "int8" and out["quantize_lm_head"] == bool(flags)
+        assert out["weights_bytes"] == weights
+        kv = 0.9 * 22.49 * 2**30 - weights - out["activation_bytes"]  # the smaller of the two limits here
+        blocks = int(kv) // (576 * 1024 * 16) - 2
+        assert out["kv_tokens"] == blocks * 16
+        assert out["rows_in_flight"] == min(256, blocks * 16 // (512 + 256))
+    assert round(int8 / 2**30, 1) == 10.8 and round(with_head / 2**30, 1) == 9.8
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantization", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"weights\s+10\.76 GiB \(int8 linears, the rest bfloat16\)", text), text
+
+
+@pytest.mark.parametrize("gpu", ["A10G", "T4", "A100-80GB"])
+def test_fp8_is_refused_on_a_gpu_without_it(gpu, capsys):
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", gpu, "--quantization", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "fp8 weights need a GPU of compute capability 8.9+" in err and f"{gpu} has " in err
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantization", "fp8"]) == 0
+    capsys.readouterr()
+    assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L4", "--quantize-lm-head"]) == 2
+    assert "--quantize-lm-head needs --quantization" in capsys.readouterr().err
+
+
+def test_every_gpu_has_a_compute_capability():
+    assert set(capacity.GPU_COMPUTE_CAPABILITY) == set(capacity.GPU_MEMORY_GIB)

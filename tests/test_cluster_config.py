@@ -1,4 +1,5 @@
-"""cluster.yaml against Ray's own cluster-launcher schema (offline, as `ray up` checks it)."""
+"""cluster.yaml and cluster_l4.yaml against Ray's own cluster-launcher schema (offline, as `ray up`
+checks it), and cluster_l4.yaml the same cluster as cluster.yaml but for its GPU workers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load():
-    with open(os.path.join(REPO, "cluster.yaml")) as f:
+CLUSTERS = ("cluster.yaml", "cluster_l4.yaml")
+
+
+def load(name: str = "cluster.yaml"):
+    with open(os.path.join(REPO, name)) as f:
         return yaml.safe_load(f)
 
 
@@ -24,8 +28,9 @@ def validate(raw: dict) -> dict:
     return cfg
 
 
-def test_cluster_yaml_is_valid_for_ray():
-    cfg = validate(load())
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_cluster_yaml_is_valid_for_ray(name):
+    cfg = validate(load(name))
     head = cfg["available_node_types"][cfg["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0  # no GPU on the head
     gpu = [t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
@@ -43,3 +48,17 @@ def test_schema_catches_a_typo():
     raw["available_node_types"]["gpu_worker"]["max_worker"] = 3  # typo of max_workers
     with pytest.raises(Exception, match="max_worker"):
         validate(raw)
+
+
+def test_the_l4_cluster_differs_only_in_its_workers():
+    """cluster_l4.yaml is cluster.yaml with g6.xlarge workers: head, image, setup and start
+    commands must not drift apart."""
+    main, l4 = load("cluster.yaml"), load("cluster_l4.yaml")
+    assert l4["cluster_name"] != main["cluster_name"]  # two clusters can be up side by side
+    worker = l4["available_node_types"]["gpu_worker"]
+    assert worker["node_config"]["InstanceType"] == "g6.xlarge" and worker["resources"] == {"CPU": 4, "GPU": 1}
+    for cfg in (main, l4):
+        del cfg["cluster_name"]
+        cfg["available_node_types"]["gpu_worker"]["node_config"].pop("InstanceType")
+        cfg["available_node_types"]["gpu_worker"].pop("resources")
+    assert l4 == main

@@ -1,0 +1,218 @@
+"""Roofline time of a batch job on a GPU, from the config and the GPU's datasheet alone: a lower
+bound on what the hardware allows, not a measurement. `persimmon-batch plan --gpu` turns it into
+hours and dollars (pipeline/cost.py); a GPU benchmark's measured decode steps can scale it
+(`Calibration`).
+
+    prefill   2 x matmul params x tokens FLOPs / (peak dense FLOP/s x EFFICIENCY)
+              the prompt's tokens go through the layers; the head runs on each row's last
+              position (and on every scored choice token of a label job)
+    decode    steps = rows x new tokens / rows in flight; each step takes the longer of
+              reading (weights + the rows' KV cache) / memory bandwidth and
+              2 x matmul params x rows in flight FLOPs / (peak x EFFICIENCY)
+
+"Matmul params" leave out the input embedding: a token's embedding is a row gathered, not a
+matmul. So a decode step reads all weights but the embedding: 15.5 GiB (16.6 GB) of
+Persimmon-8B's 17.5 GiB in bf16, ~5 ms on an H100. The KV cache read per step is each row's
+average context (its prompt + half its new tokens). Not counted: attention's own FLOPs (4 x
+context x hidden x layers per token, ~2% of 16.6 GFLOP at 500 tokens of context), sampling,
+the scheduler, the CPU side of Ray Data, replicas starting. Quantized weights (int8, fp8) are
+read at one byte but multiplied at the 16-bit peak (weight-only quantization dequantizes
+before the matmul).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from .capacity import GPU_MEMORY_GIB, dtype_bytes, kv_bytes_per_token, param_count, weights_bytes
+from .config import PersimmonConfig
+
+EFFICIENCY = 0.5  # share of the peak FLOP/s matmuls reach (assumed; a calibration replaces it for decode)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    bandwidth_gbs: float  # memory bandwidth, GB/s (1e9 bytes)
+    tensor_tflops: float  # dense (no sparsity) fp16 / bf16 tensor-core peak, TFLOP/s
+    fp32_tflops: float  # fp32 peak without tensor cores
+    bf16: bool = True  # bf16 tensor cores (Turing has fp16 only)
+
+    def peak_flops(self, dtype: str) -> float:
+        name = str(dtype).removeprefix("torch.")
+        if name == "float32":
+            return self.fp32_tflops * 1e12
+        if name == "bfloat16" and not self.bf16:
+            raise ValueError("no bf16 tensor cores (fp16 only): use --dtype float16")
+        return self.tensor_tflops * 1e12
+
+
+# NVIDIA datasheets (SXM parts where there are two; the sparsity figures halved to dense):
+# T4 (Turing, 2019): 320 GB/s, 65 TFLOPS fp16 mixed precision, 8.1 fp32, no bf16.
+# A10 (the A10G in AWS g5 is its AWS variant; NVIDIA publishes no A10G sheet, so its peak may
+#   be lower than the A10's): 600 GB/s, 125 TFLOPS bf16 (250 sparse), 31.2 fp32.
+# L4: 300 GB/s, 121 TFLOPS bf16 (242 sparse), 30.3 fp32.
+# L40S: 864 GB/s, 362 TFLOPS bf16 (733 sparse), 91.6 fp32.
+# A100 SXM: 1,555 GB/s (40GB) / 2,039 GB/s (80GB), 312 TFLOPS bf16, 19.5 fp32.
+# H100 SXM: 3,350 GB/s, 989 TFLOPS bf16 (1,979 sparse), 67 fp32.
+# H200 SXM: 4,800 GB/s, 989 TFLOPS bf16, 67 fp32.
+GPU_SPECS = {
+    "T4": GpuSpec(320, 65, 8.1, bf16=False),
+    "A10G": GpuSpec(600, 125, 31.2),
+    "L4": GpuSpec(300, 121, 30.3),
+    "L40S": GpuSpec(864, 362, 91.6),
+    "A100-40GB": GpuSpec(1555, 312, 19.5),
+    "A100-80GB": GpuSpec(2039, 312, 19.5),
+    "H100-80GB": GpuSpec(3350, 989, 67),
+    "H200": GpuSpec(4800, 989, 67),
+}
+assert set(GPU_SPECS) == set(GPU_MEMORY_GIB)
+
+
+def matmul_params(config, head: str = "causal") -> tuple[int, int]:
+    """(body, head): parameters every token multiplies through (all but the embedding and the
+    head: the layers and the final norm, whose few non-matmul parameters are counted as if), and
+    the head's (the lm_head, or a classifier's score)."""
+    embedding = config.vocab_size * config.hidden_size
+    head_params = embedding if head == "causal" else config.hidden_size * config.num_labels
+    return param_count(config, "none") - embedding, head_params
+
+
+def step_weights_bytes(config, dtype, head: str = "causal", quantization: str = "none",
+                       quantize_lm_head: bool = False, with_head: bool = True) -> int:
+    """Bytes of weights one decode step reads: all but the input embedding (with tied
+    embeddings the lm_head reads that matrix whole); without the head when `with_head` is
+    False (a benchmark's step that times the layers only)."""
+    embedding = config.vocab_size * config.hidden_size * dtype_bytes(dtype)  # never quantized
+    if not with_head:
+        return weights_bytes(config, dtype, "none", quantization) - embedding
+    total = weights_bytes(config, dtype, head, quantization, quantize_lm_head)
+    return total if config.tie_word_embeddings else total - embedding
+
+
+@dataclass
+class Step:
+    """One decode step of `rows` rows: what it reads and computes, and the time the longer of
+    the two takes."""
+    bytes: int
+    flops: int
+    seconds: float
+    bound: str  # "memory" or "compute"
+
+
+def decode_step(config, spec: GpuSpec, *, rows: int, context: float, dtype="bfloat16", quantization: str = "none",
+                quantize_lm_head: bool = False, efficiency: float = EFFICIENCY, with_head: bool = True) -> Step:
+    """A decode step of `rows` rows with `context` tokens of KV each (see the module doc)."""
+    body, head_params = matmul_params(config)
+    read = (step_weights_bytes(config, dtype, "causal", quantization, quantize_lm_head, with_head)
+            + int(rows * context) * kv_bytes_per_token(config, dtype))
+    flops = 2 * (body + (head_params if with_head else 0)) * rows
+    memory_s, compute_s = read / (spec.bandwidth_gbs * 1e9), flops / (spec.peak_flops(dtype) * efficiency)
+    return Step(read, flops, max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute")
+
+
+@dataclass
+class Work:
+    """What a job asks of the replicas, in tokens."""
+    rows: int
+    prompt_tokens: int  # all rows' prompts together
+    new_tokens: int = 0  # generated per row by decode steps (0: the task decodes nothing)
+    scored_tokens: int = 0  # computed after the prompts without decoding (label: the choices), with the head on each
+    rows_in_flight: int = 1  # decode batch
+
+
+@dataclass
+class Roofline:
+    prefill_flops: int
+    prefill_s: float
+    decode_steps: int
+    decode_step: Step | None
+    decode_s: float
+    efficiency: float
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_s": self.total_s}
+
+
+def roofline(config, spec: GpuSpec, work: Work, *, dtype="bfloat16", head: str = "causal", quantization: str = "none",
+             quantize_lm_head: bool = False, efficiency: float = EFFICIENCY) -> Roofline:
+    """The job's time on one GPU of `spec` (see the module doc)."""
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
+    body, head_params = matmul_params(config, head)
+    flops = 2 * body * (work.prompt_tokens + work.scored_tokens) + 2 * head_params * (work.rows + work.scored_tokens)
+    prefill_s = flops / (spec.peak_flops(dtype) * efficiency)
+    if not work.new_tokens or not work.rows:
+        return Roofline(flops, prefill_s, 0, None, 0.0, efficiency)
+    rows = max(1, min(work.rows_in_flight, work.rows))
+    steps = math.ceil(work.rows * work.new_tokens / rows)
+    context = work.prompt_tokens / work.rows + work.new_tokens / 2
+    step = decode_step(config, spec, rows=rows, context=context, dtype=dtype, quantization=quantization,
+                       quantize_lm_head=quantize_lm_head, efficiency=efficiency)
+    return Roofline(flops, prefill_s, steps, step, steps * step.seconds, efficiency)
+
+
+# ---- calibration by a GPU benchmark --------------------------------------------------------
+# torch.cuda.get_device_name() -> our GPU names (first match wins)
+DEVICE_NAMES = (("H200", "H200"), ("H100 80GB HBM3", "H100-80GB"), ("H100-SXM", "H100-80GB"), ("L40S", "L40S"),
+                ("L4", "L4"), ("A10G", "A10G"), ("A100-SXM4-80GB", "A100-80GB"), ("A100-SXM4-40GB", "A100-40GB"),
+                ("T4", "T4"))
+
+
+def gpu_of_device(name: str) -> str | None:
+    """Our GPU name for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100-80GB"), None for
+    one the table does not hold (a PCIe H100 or A100 has other bandwidth)."""
+    return next((gpu for pattern, gpu in DEVICE_NAMES if pattern in name), None)
+
+
+@dataclass
+class Calibration:
+    """Decode steps a benchmark measured on one GPU, beside their roofline: bench/gpu_bench.py's
+    gpu_bench.json (a Persimmon-width model of a few layers, random bf16 weights; each result's
+    `decode_step_ms` times the layers' forward for `batch` rows of ~prompt_len[1] tokens)."""
+    source: str
+    gpu: str
+    device: str
+    dtype: str
+    points: list  # [(rows, measured seconds, roofline seconds)]
+
+    def factor(self, rows_in_flight: int) -> tuple[float, int]:
+        """(roofline / measured step time, the benchmark's rows it comes from): at the measured
+        batch nearest `rows_in_flight` (by ratio)."""
+        rows, measured, modelled = min(self.points, key=lambda p: abs(math.log(p[0] / max(rows_in_flight, 1))))
+        return modelled / measured, rows
+
+
+def read_calibration(path: str) -> Calibration:
+    """A gpu_bench.json as a Calibration; ValueError naming the file for one that cannot be used."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            bench = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"calibration {path}: cannot read it as JSON ({e})") from None
+    missing = [k for k in ("device", "dtype", "layers", "params_b", "prompt_len", "results") if k not in bench]
+    if missing:
+        raise ValueError(f"calibration {path}: not a bench/gpu_bench.py result (no {', '.join(missing)}; "
+                         "files from before prompt_len was recorded need a rerun)")
+    gpu = gpu_of_device(bench["device"])
+    if gpu is None:
+        raise ValueError(f"calibration {path}: device {bench['device']!r} is none of {sorted(GPU_SPECS)}")
+    config = PersimmonConfig(num_hidden_layers=bench["layers"])
+    if round(param_count(config) / 1e9, 3) != bench["params_b"]:
+        raise ValueError(f"calibration {path}: its model ({bench['params_b']}B parameters) is not Persimmon-8B's "
+                         f"widths with {bench['layers']} layers (a --tiny run?)")
+    context = bench["prompt_len"][1]
+    points = []
+    for result in bench["results"]:
+        if result.get("decode_step_ms"):
+            step = decode_step(config, GPU_SPECS[gpu], rows=result["batch"], context=context, dtype=bench["dtype"],
+                               with_head=False)
+            points.append((result["batch"], result["decode_step_ms"] / 1e3, step.seconds))
+    if not points:
+        raise ValueError(f"calibration {path}: no result with decode_step_ms")
+    return Calibration(path, gpu, bench["device"], bench["dtype"], points)
