@@ -42,7 +42,7 @@ from . import openai_batch
 from .errors import RowError
 from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
 from .stages import TASKS
-from .storage import Location, commit, ensure_dir, read_bytes, retry, temp_sibling
+from .storage import Location, commit, ensure_dir, read_bytes, read_file, retry, temp_sibling
 
 log = logging.getLogger(__name__)
 STATS_KEY = b"persimmon_batch"
@@ -119,15 +119,9 @@ class InputFormat:
 class ParquetInput(InputFormat):
     name, suffixes = "parquet", (".parquet",)
 
-    def _meta(self, loc: Location):
-        def _open():
-            with loc.fs.open_input_file(loc.path) as f:
-                return pq.ParquetFile(f).metadata
-        return retry(_open, f"read footer of {loc.uri}", loc.retries)
-
     def inspect(self, loc: Location, config) -> Inspected:
         try:
-            meta = self._meta(loc)
+            meta = read_file(loc, lambda f: pq.ParquetFile(f).metadata, "read footer of")
             digest = self._digest(loc, meta, config)
         except FileNotFoundError:
             return Inspected(problem="file vanished")
@@ -159,11 +153,7 @@ class ParquetInput(InputFormat):
             chunks = [meta.row_group(g).column(k) for g in range(meta.num_row_groups)]
             spans = [(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset,
                       c.total_compressed_size) for c in chunks]
-
-            def _read():
-                with loc.fs.open_input_file(loc.path) as f:
-                    return [f.read_at(size, start) for start, size in spans]
-            for data in retry(_read, f"read ids of {loc.uri}", loc.retries):
+            for data in read_file(loc, lambda f: [f.read_at(size, start) for start, size in spans], "read ids of"):
                 h.update(data)
         return h.hexdigest()[:32]
 
@@ -715,15 +705,14 @@ class ParquetOutput(OutputFormat):
         file once, undecoded (a small one in the same read as its footer): a rerun reads its
         committed outputs, small beside the compute they stand for, so that it never takes
         damaged data as done."""
-        def _open():
-            with loc.fs.open_input_file(loc.path) as f:
-                size = f.size()
-                if size > WHOLE_READ_BYTES:
-                    return pq.ParquetFile(f).metadata, size, None
-                data = f.read_at(size, 0)
-                return pq.ParquetFile(pa.BufferReader(data)).metadata, size, data
+        def _open(f):
+            size = f.size()
+            if size > WHOLE_READ_BYTES:
+                return pq.ParquetFile(f).metadata, size, None
+            data = f.read_at(size, 0)
+            return pq.ParquetFile(pa.BufferReader(data)).metadata, size, data
 
-        meta, size, data = retry(_open, f"read footer of {loc.uri}", loc.retries)
+        meta, size, data = read_file(loc, _open, "read footer of")
         raw = (meta.metadata or {}).get(STATS_KEY)
         stats = json.loads(raw) if raw else None
         data_end = size - 8 - meta.serialized_size  # the footer, its length and "PAR1" follow the data
@@ -743,12 +732,7 @@ class ParquetOutput(OutputFormat):
         differ = [f.name for f in schema if types.get(f.name) != f.type]
         if not differ or any(types.get(name) is None or not pa.types.is_null(types[name]) for name in differ):
             return False  # the same types, or differences the resume checks judge
-
-        def _read():
-            with loc.fs.open_input_file(loc.path) as f:
-                return pq.read_table(f)
-
-        table = retry(_read, f"read {loc.uri}", loc.retries).cast(schema)
+        table = read_file(loc, pq.read_table).cast(schema)
         footer = {k: v for k, v in stats.items() if not k.startswith("_") and k != "data_sha256"}
         tmp = temp_sibling(loc)
         ensure_dir(tmp.parent)

@@ -274,6 +274,15 @@ def write_bytes_atomic(final: Location, data: bytes) -> None:
     commit(tmp, final)
 
 
+def read_file(loc: Location, fn, what: str = "read"):
+    """`fn(the open random-access file)`, retried (the file reopened each time) as `retry` does."""
+    def _call():
+        with loc.fs.open_input_file(loc.path) as f:
+            return fn(f)
+
+    return retry(_call, f"{what} {loc.uri}", loc.retries)
+
+
 def read_bytes(loc: Location) -> bytes:
     def _read():  # the stored bytes: no decompression guessed from the name
         with loc.fs.open_input_stream(loc.path, compression=None) as f:
