@@ -31,11 +31,15 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from . import openai_batch
@@ -66,14 +70,10 @@ class Inspected:
     problem: str | None = None
 
 
-def _compression(path: str) -> str | None:
-    return {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(path.rsplit(".", 1)[-1].lower())
-
-
 def _open_text(loc: Location) -> bytes:
-    """The file's bytes, decompressed when its name says so."""
+    """The file's bytes, decompressed when its name says so (in any case: `FEB.CSV.GZ`)."""
     raw = read_bytes(loc)
-    codec = _compression(loc.path)
+    codec = {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(loc.path.rsplit(".", 1)[-1].lower())
     if codec is None:
         return raw
     with pa.CompressedInputStream(pa.BufferReader(raw), codec) as f:
@@ -84,6 +84,10 @@ def _row_splits(num_rows: int, rows_per_unit: int) -> list[Split]:
     if rows_per_unit <= 0 or num_rows <= rows_per_unit:
         return [Split(None, 0, num_rows)]
     return [Split(None, a, min(rows_per_unit, num_rows - a)) for a in range(0, num_rows, rows_per_unit)]
+
+
+def _id_chunks(ids: pa.ChunkedArray) -> Iterator[pa.Array]:
+    return (ids.slice(a, ID_CHUNK_ROWS).combine_chunks() for a in range(0, len(ids), ID_CHUNK_ROWS))
 
 
 def _missing(config, names) -> list[str]:
@@ -159,22 +163,16 @@ class ParquetInput(InputFormat):
 
     @staticmethod
     def _splits(meta, rows_per_unit: int) -> list[Split]:
-        groups = list(range(meta.num_row_groups))
-        chunks, cur, n = [], [], 0
-        for g in groups:
-            rows = meta.row_group(g).num_rows
-            if cur and rows_per_unit > 0 and n + rows > rows_per_unit:
-                chunks.append(cur)
-                cur, n = [], 0
-            cur.append(g)
-            n += rows
-        chunks.append(cur)
-        out, first = [], 0
-        for gs in chunks:
-            rows = sum(meta.row_group(g).num_rows for g in gs)
-            out.append(Split(gs, first, rows))
-            first += rows
-        return out
+        """Consecutive row groups, as many as fit `rows_per_unit` rows (at least one each)."""
+        splits = [Split([], 0, 0)]
+        for g in range(meta.num_row_groups):
+            rows, last = meta.row_group(g).num_rows, splits[-1]
+            if last.row_groups and rows_per_unit > 0 and last.num_rows + rows > rows_per_unit:
+                last = Split([], last.first_row + last.num_rows, 0)
+                splits.append(last)
+            last.row_groups.append(g)
+            last.num_rows += rows
+        return splits
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
         """The id column, a row group at a time (each read retried on its own)."""
@@ -185,8 +183,7 @@ class ParquetInput(InputFormat):
             for g in range(reader.metadata.num_row_groups):
                 ids = retry(lambda g=g: reader.read_row_group(g, columns=[config.id_column], use_threads=False),
                             what, loc.retries)
-                for start in range(0, ids.num_rows, ID_CHUNK_ROWS):
-                    yield ids.column(0).slice(start, ID_CHUNK_ROWS).combine_chunks()
+                yield from _id_chunks(ids.column(0))
 
     def batches(self, loc, split, config, columns):
         f = loc.fs.open_input_file(loc.path)
@@ -241,9 +238,7 @@ class _RowsInput(InputFormat):
         return found
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
-        ids = self._load(loc, config)[0].column(config.id_column)
-        for start in range(0, len(ids), ID_CHUNK_ROWS):
-            yield ids.slice(start, ID_CHUNK_ROWS).combine_chunks()
+        yield from _id_chunks(self._load(loc, config)[0].column(config.id_column))
 
     def batches(self, loc, split, config, columns):
         table, errors, _ = self._load(loc, config)
@@ -469,8 +464,6 @@ class CsvInput(_RowsInput):
         does not parse is an error row after the good ones. A record whose quote is left open
         (`_open_quotes`) is one error row, and the lines after it are parsed on their own, so
         it never swallows its neighbours."""
-        import pyarrow.csv as pcsv
-
         required = [config.id_column, config.prompt_column, *config.keep_columns]
         if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either: the columns, no rows
             return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
@@ -518,8 +511,6 @@ class CsvInput(_RowsInput):
 def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
     """The records of CSV text as a table of text columns, and pyarrow's rows it could not
     parse (each with its record number, the header being record 1, and its text)."""
-    import pyarrow.csv as pcsv
-
     rejected: list = []
 
     def handler(row):
@@ -535,8 +526,6 @@ def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
 
 def _spans_lines(table: pa.Table, rejected: list) -> bool:
     """Whether any value, or any record that did not parse, holds a line break."""
-    import pyarrow.compute as pc
-
     return any("\n" in row.text or "\r" in row.text for row in rejected) or any(
         pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in table.columns)
 
@@ -789,8 +778,6 @@ class OpenAIBatchOutput(JsonlOutput):
     name = "openai-batch"
 
     def open(self, stream, schema, config):
-        import time
-
         model, created = model_name(config.model), int(time.time())
         return self.Writer(stream, schema,
                            lambda row: openai_batch.response_line(row, config.id_column, model, created))
@@ -798,8 +785,6 @@ class OpenAIBatchOutput(JsonlOutput):
 
 def model_name(model: str) -> str:
     """How answers name the model: a hub id as given, else the checkpoint directory's name."""
-    import os
-
     text = str(model).rstrip("/")
     local = os.path.exists(os.path.expanduser(text))
     return text.rsplit("/", 1)[-1] if "://" in text or local else text
