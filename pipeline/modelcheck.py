@@ -63,15 +63,12 @@ def check_model(config: PipelineConfig) -> dict:
     if arch == CAUSAL:
         check_kv_pool(config, mcfg)
     files = _weight_files(loc, names)
-    if files[0].endswith(".safetensors"):
+    # pickles have no cheap header: remote ones are checked when the replicas load them
+    read = read_safetensors_shapes if files[0].endswith(".safetensors") else _pickle_shapes if loc.is_local else None
+    if read is not None:
         shapes: dict[str, tuple] = {}
         for name in files:
-            shapes.update(read_safetensors_shapes(loc.join(name)))
-        _compare(loc, mcfg, arch, shapes)
-    elif files and loc.is_local:
-        shapes = {}
-        for name in files:
-            shapes.update(_pickle_shapes(loc.join(name)))
+            shapes.update(read(loc.join(name)))
         _compare(loc, mcfg, arch, shapes)
     return mcfg.to_dict()
 
