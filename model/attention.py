@@ -61,12 +61,6 @@ class PagedKVCache:
         for pool in (self.k, self.v):
             self._blocks_view(pool).index_fill_(1, blocks, 0)
 
-    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy blocks src[i] -> dst[i] in every layer (copy-on-write of a shared partial block)."""
-        for pool in (self.k, self.v):
-            view = self._blocks_view(pool)
-            view[:, dst] = view[:, src]
-
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [N, H, D] into slots slot_mapping [N]."""
         self.k[layer].index_copy_(0, slot_mapping, k)

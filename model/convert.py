@@ -176,12 +176,9 @@ def make_tokenizer(path, bos_eos_id: int | None, endoftext_special: bool) -> Per
 
 def convert_adept_checkpoint(checkpoint, tokenizer, output, dtype="bfloat16", bos_eos_id=None,
                              endoftext_special=True, max_shard_size="5GB", verify=True) -> PersimmonConfig:
-    """Write `output` (config.json, safetensors, tokenizer files) from an adept checkpoint.
-
-    `bos_eos_id` forces BOS = EOS to that id; otherwise `endoftext_special` picks the
-    `|ENDOFTEXT|` piece (as the released checkpoints do) or, when False, sentencepiece's own
-    BOS/EOS. `verify` loads the result back strictly. Returns the written config.
-    """
+    """Write `output` (config.json, safetensors, tokenizer files) from an adept checkpoint; BOS
+    and EOS as `make_tokenizer` picks them; `verify` loads the result back strictly. Returns the
+    written config."""
     output = os.fspath(output)
     if os.path.isdir(output) and os.listdir(output):
         raise FileExistsError(f"output directory {output!r} is not empty; choose a new one")

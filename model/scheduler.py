@@ -239,12 +239,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.free_rows = list(range(max_rows - 1, -1, -1))
-        self._admissions = 0
-        self.preemptions = 0
-        self.rows_in_flight_peak = 0
-        self.steps = 0
-        self.prefill_tokens = 0
-        self.decode_tokens = 0
+        self._admissions = self.preemptions = self.rows_in_flight_peak = 0
+        self.steps = self.prefill_tokens = self.decode_tokens = 0
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> bool:
@@ -340,9 +336,7 @@ class Scheduler:
         limit = total - 1 if seq.hidden_from is None else min(total - 1, seq.hidden_from)
         n_cacheable = min(limit, seq.cacheable_tokens) // self.bs if self.blocks.prefix_caching else 0
         hashes = seq.block_hashes(n_cacheable, self.bs) if n_cacheable else []
-        n_hit = 0
-        while n_hit < len(hashes) and self.blocks.is_cached(hashes[n_hit]):
-            n_hit += 1
+        n_hit = next((k for k, h in enumerate(hashes) if not self.blocks.is_cached(h)), len(hashes))
         if n_hit < len(hashes) and hashes[n_hit] in pending:
             return "defer"
         if not self.chunked_prefill and step.num_prefill_tokens and total - n_hit * self.bs > budget:

@@ -106,7 +106,6 @@ def score_choices(self, prompts, choices: list, *, normalize: str = "sum", separ
     if any(isinstance(c, str) for c in choices) and self.tokenizer is None:
         raise ValueError("this engine has no tokenizer: pass choices as token-id lists")
     results: list[ChoiceScores | None] = [None] * len(prompts)
-    scores: dict[int, list[float]] = {}
     lengths: dict[int, list[int]] = {}
     rows: dict[tuple, Sequence] = {}
     for i, prompt in enumerate(prompts):
@@ -119,22 +118,20 @@ def score_choices(self, prompts, choices: list, *, normalize: str = "sum", separ
         except ValueError as e:
             results[i] = ChoiceScores(error=str(e), error_kind=error_kind(e, "invalid_prompt"))
             continue
-        scores[i], lengths[i] = [0.0] * len(choices), [len(c) for c in continuations]
+        lengths[i] = [len(c) for c in continuations]
         for k, cont in enumerate(continuations):  # the same tokens scored from elsewhere: another row
             _add_target(self, rows, context + cont[:-1], len(context) - 1, (i, k, cont))
     sums, failed = _run_scoring(self, rows)
-    for i, seq in failed.items():
-        results[i] = ChoiceScores(error=seq.error, error_kind=seq.error_kind)
-        scores.pop(i, None)
-    for i, s in scores.items():
-        for k in range(len(choices)):
-            s[k] = sums[(i, k)]
     labels = [c if isinstance(c, str) else str(c) for c in choices]
-    for i, s in scores.items():
+    for i, n in lengths.items():
+        if i in failed:
+            results[i] = ChoiceScores(error=failed[i].error, error_kind=failed[i].error_kind)
+            continue
+        s = [sums[(i, k)] for k in range(len(choices))]
         if normalize == "mean":
-            s = [x / n for x, n in zip(s, lengths[i])]
+            s = [x / m for x, m in zip(s, n)]
         best = max(range(len(s)), key=s.__getitem__)
-        results[i] = ChoiceScores(label=labels[best], scores=s, num_tokens=lengths[i])
+        results[i] = ChoiceScores(label=labels[best], scores=s, num_tokens=n)
     return results
 
 

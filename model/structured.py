@@ -17,6 +17,7 @@ grammar is complete, the mask allows only EOS; a row whose grammar cannot contin
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,15 +122,10 @@ class _ByteVocabulary:
         return list(text.encode("utf-8") if isinstance(text, str) else text)
 
 
-_BYTE_TOKENIZER = None
-
-
+@functools.cache
 def _byte_tokenizer():
-    global _BYTE_TOKENIZER
-    if _BYTE_TOKENIZER is None:
-        ll = _llguidance()
-        _BYTE_TOKENIZER = ll.LLTokenizer(ll.TokenizerWrapper(_ByteVocabulary()), n_vocab=257)
-    return _BYTE_TOKENIZER
+    ll = _llguidance()
+    return ll.LLTokenizer(ll.TokenizerWrapper(_ByteVocabulary()), n_vocab=257)
 
 
 class Grammars:

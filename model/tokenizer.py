@@ -69,21 +69,11 @@ def _read_json(path: str) -> dict:
 
 class PersimmonTokenizer:
     """Sentencepiece-backed tokenizer with Persimmon's special-token rules (see module docstring).
+    Special tokens are piece names (``None``: the defaults above); ``add_bos_token`` is what
+    ``encode`` does when ``add_bos`` is not given."""
 
-    Args:
-        model_file: path of the sentencepiece model (``tokenizer.model``).
-        bos_token, eos_token, pad_token: piece names; ``None`` applies the defaults above.
-        add_bos_token: whether ``encode`` prepends BOS when ``add_bos`` is not given.
-    """
-
-    def __init__(
-        self,
-        model_file: str | os.PathLike,
-        bos_token: str | None = None,
-        eos_token: str | None = None,
-        pad_token: str | None = None,
-        add_bos_token: bool = True,
-    ):
+    def __init__(self, model_file: str | os.PathLike, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, add_bos_token: bool = True):
         model_file = os.fspath(model_file)
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"sentencepiece model not found: {model_file}")
@@ -110,12 +100,9 @@ class PersimmonTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> PersimmonTokenizer:
-        """Load from a checkpoint directory (or a ``.model`` file).
-
-        Reads ``tokenizer.model`` (or ``adept_vocab.model``) and, when present,
-        ``tokenizer_config.json`` then ``special_tokens_map.json`` (the first non-null value of a
-        key wins). Keyword ``overrides`` (``bos_token=...`` etc.) win over both files.
-        """
+        """Load from a checkpoint directory (``tokenizer.model`` or ``adept_vocab.model``) or a
+        ``.model`` file. Special tokens come from ``tokenizer_config.json``, else
+        ``special_tokens_map.json``; keyword ``overrides`` (``bos_token=...``) win over both."""
         path = os.fspath(path)
         if os.path.isfile(path):
             model_file, directory = path, os.path.dirname(path)
@@ -128,7 +115,6 @@ class PersimmonTokenizer:
                 raise FileNotFoundError(f"no {MODEL_FILE} in tokenizer directory {path}")
         else:
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
-
         config = _read_json(os.path.join(directory, CONFIG_FILE))
         special = _read_json(os.path.join(directory, SPECIAL_TOKENS_FILE))
         kwargs = {}
@@ -139,8 +125,6 @@ class PersimmonTokenizer:
             kwargs["add_bos_token"] = bool(config["add_bos_token"])
         kwargs.update(overrides)
         return cls(model_file, **kwargs)
-
-    # ---------------------------------------------------------------- vocabulary
 
     @property
     def vocab_size(self) -> int:
@@ -218,23 +202,17 @@ class PersimmonTokenizer:
     def unk_token(self) -> str:
         return self._sp.id_to_piece(self.unk_token_id)
 
-    # ---------------------------------------------------------------- encoding
-
     def _bos_prefix(self, add_bos: bool | None) -> list[int]:
         if add_bos is None:
             add_bos = self.add_bos_token
         return [self._bos_id] if add_bos and self._bos_id is not None else []
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``: ``sp.encode(text)``, with BOS first if ``add_bos``.
-
-        ``add_bos=None`` follows :attr:`add_bos_token`.
-        """
+        """Token ids of ``text``: ``sp.encode(text)``, with BOS first if ``add_bos`` (``None``:
+        :attr:`add_bos_token`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self._bos_prefix(add_bos) + self._sp.encode(text)
-
-    # ---------------------------------------------------------------- decoding
 
     def _clean_ids(self, ids) -> list[int]:
         if hasattr(ids, "tolist"):  # torch / numpy
@@ -261,37 +239,27 @@ class PersimmonTokenizer:
         return self._fragment_sp.encode(text)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` (a list, tuple or 1-D tensor).
-
-        ``skip_special_tokens=True`` drops the BOS/EOS/pad ids, then decodes with sentencepiece.
-        With ``False`` the special pieces are written out by name (``"|ENDOFTEXT|"``); the
-        rest is still sentencepiece's own decoding.
-        """
-        ids = self._clean_ids(ids)
+        """Text of ``ids`` (a list, tuple or 1-D tensor): sentencepiece's decoding, without the
+        BOS/EOS/pad ids (``skip_special_tokens``) or with them written by name (``"|ENDOFTEXT|"``)."""
+        ids, special = self._clean_ids(ids), self.special_token_ids
         if skip_special_tokens:
-            special = self.special_token_ids
             return self._sp.decode([i for i in ids if i not in special])
         # Sentencepiece renders control pieces as "" and user-defined ones by name; join the
         # per-piece surfaces so that special control pieces can be named too.
-        special = self.special_token_ids
         return "".join(
             p.piece if p.id in special and self._sp.is_control(p.id) else p.surface
             for p in self._sp.decode_ids_as_proto(ids).pieces
         )
-
-    # ---------------------------------------------------------------- chat and saving
 
     def apply_chat_template(self, prompt: str, history: Iterable[tuple[str, str]] | None = None) -> str:
         """The persimmon-8b-chat prompt string; see :func:`chat_prompt`."""
         return chat_prompt(prompt, history)
 
     def tokenizer_config(self) -> dict:
-        """Contents of ``tokenizer_config.json`` as written by :meth:`save_pretrained`.
-
-        No ``tokenizer_class``: transformers v5 maps ``LlamaTokenizer`` to a BPE tokenizer that
+        """Contents of ``tokenizer_config.json`` as written by :meth:`save_pretrained`. No
+        ``tokenizer_class``: transformers v5 maps ``LlamaTokenizer`` to a BPE tokenizer that
         gives wrong ids for this Unigram model, while without a class it builds a generic
-        tokenizer from ``tokenizer.model`` that matches sentencepiece.
-        """
+        tokenizer from ``tokenizer.model`` that matches sentencepiece."""
         return {
             "add_bos_token": self.add_bos_token,
             "add_eos_token": False,
@@ -303,18 +271,15 @@ class PersimmonTokenizer:
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
-
-        :meth:`from_pretrained` on the directory gives back an equal tokenizer. Returns the paths.
-        """
+        """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+        (:meth:`from_pretrained` gives back an equal tokenizer); returns the paths."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         model_path = os.path.join(directory, MODEL_FILE)
         with open(model_path, "wb") as f:
             f.write(self._sp.serialized_model_proto())
         config = self.tokenizer_config()
-        special_keys = ("bos_token", "eos_token", "pad_token", "unk_token")
-        special = {k: config[k] for k in special_keys if config[k] is not None}
+        special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config[k] is not None}
         paths = [model_path]
         for name, data in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, special)):
             paths.append(os.path.join(directory, name))
@@ -324,10 +289,8 @@ class PersimmonTokenizer:
         return tuple(paths)
 
     def __repr__(self) -> str:
-        return (
-            f"PersimmonTokenizer(vocab_size={self.vocab_size}, bos={self._bos_id}, eos={self._eos_id}, "
-            f"pad={self._pad_id}, add_bos_token={self.add_bos_token}, model_file={self.model_file!r})"
-        )
+        return (f"PersimmonTokenizer(vocab_size={self.vocab_size}, bos={self._bos_id}, eos={self._eos_id}, "
+                f"pad={self._pad_id}, add_bos_token={self.add_bos_token}, model_file={self.model_file!r})")
 
 
 def _varint(n: int) -> bytes:

@@ -130,11 +130,8 @@ def _context_values(config: PipelineConfig, ctx, **extra) -> dict:
 
 @contextlib.contextmanager
 def _data_context(config: PipelineConfig, **extra):
-    """DataContext settings for the Datasets created inside the block only.
-
-    Ray Data snapshots the context when a Dataset is created (RAY.md), so the values are set
-    for that moment and then restored: the user's own Datasets keep their settings.
-    """
+    """DataContext settings for the Datasets created inside the block only: Ray Data snapshots
+    the context when a Dataset is created (RAY.md), so the user's own Datasets keep theirs."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -227,19 +224,18 @@ def run(config: PipelineConfig) -> dict:
 
 def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start: float, started_at: float) -> dict:
     console = Console(enabled=bool(config.progress))
-    say = console.say
     plan = stop.call("planning", make_plan, config)
     results: dict[str, dict] = {}
     crash, attempts, stuck, dead = None, None, [], set()
     if plan is not None:
         for line in summary_lines(describe(config, plan)):  # as `persimmon-batch plan`, less prompt lengths
-            say(line)
+            console.say(line)
         ensure_dir(plan.output)
         if plan.todo and not stop.signal:
             crash, attempts, stuck, dead = _run_on_ray(config, plan, run_id, stop, results, console)
     if stop.signal:
         crash = _interrupted(stop, started=bool(results or attempts))
-        say(crash)
+        console.say(crash)
     planned = plan is not None
     if not planned:  # stopped while listing the inputs: nothing was run, nothing is counted
         plan = Plan(units=[], schema=None, output=resolve(config.output, config))
@@ -271,11 +267,10 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
     if stop.signal:
         return None, None, [], set()
     check_room(config, replicas)
-    say = console.say
     crash = None
     tracker = start_tracker(run_id)
     console.start(sum(u.num_rows for u in plan.todo))
-    with Watchdog(tracker, config.batch_timeout_s, say) as watchdog, console.live(tracker):
+    with Watchdog(tracker, config.batch_timeout_s, console.say) as watchdog, console.live(tracker):
         units, round_ = plan.todo, 0
         while units:
             crash = _run_units(config, plan, units, round_, tracker, run_id, stop, results, console)
@@ -284,7 +279,7 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
             units = _given_up(config, plan, results, run_id, watchdog.attempts())
             round_ += 1
             if units:
-                say(f"{len(units)} unit(s) came back without a result (Ray gave up on their tasks, e.g. "
+                console.say(f"{len(units)} unit(s) came back without a result (Ray gave up on their tasks, e.g. "
                     f"their replica's node was lost); running them again: {', '.join(u.output_name for u in units)}")
         attempts, stuck = watchdog.attempts(), watchdog.events
     # tells node losses from replica deaths: is the node of each cut-short attempt still there?
@@ -295,10 +290,8 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
 
 def _interrupted(stop: StopSignals, started: bool) -> str:
     """Why the run stopped, for a signal received in `stop.phase`; `started`: units had begun."""
-    if started:
-        what = "no new units were started and units in flight were abandoned (their partial files are ignored)"
-    else:
-        what = "no unit was started"
+    what = ("no new units were started and units in flight were abandoned (their partial files are ignored)"
+            if started else "no unit was started")
     return (f"interrupted by {stop.signal}" + (f" while {stop.phase}" if stop.phase else "")
             + f": {what}; rerun the same command to finish")
 
@@ -350,7 +343,6 @@ def _end_round(tracker) -> None:
 
     if tracker is None:
         return
-
     try:
         killed = ray.get(tracker.end_round.remote(), timeout=60)
     except Exception as e:  # noqa: BLE001 - the tracker died with its node: nothing is held
@@ -429,12 +421,10 @@ def _clean_tmp(plan: Plan) -> None:
 
 def _with(config, task, overrides) -> PipelineConfig:
     if config is None:
-        config = PipelineConfig(task=task, **overrides)
-    elif isinstance(config, dict):
-        config = PipelineConfig.from_dict({**config, "task": task}, **overrides)
-    else:
-        config = dataclasses.replace(config, task=task, **overrides)
-    return config
+        return PipelineConfig(task=task, **overrides)
+    if isinstance(config, dict):
+        return PipelineConfig.from_dict({**config, "task": task}, **overrides)
+    return dataclasses.replace(config, task=task, **overrides)
 
 
 def run_generate(config: PipelineConfig | dict | None = None, **overrides) -> dict:

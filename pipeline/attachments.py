@@ -20,6 +20,7 @@ an error before any model work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from .errors import ConfigError
@@ -55,8 +56,6 @@ def _read_text(config: PipelineConfig, field: str, source) -> tuple[str, str]:
 
 def load_json_schema(config: PipelineConfig) -> PipelineConfig:
     """The config with `json_schema` as a dict, checked by llguidance's compiler."""
-    import dataclasses
-
     schema = config.json_schema
     if schema is None:
         return config
@@ -80,8 +79,6 @@ def load_json_schema(config: PipelineConfig) -> PipelineConfig:
 def load_examples(config: PipelineConfig) -> PipelineConfig:
     """The config with `examples` read into a list of rows (a path or URI is read here, on the
     driver); every row checked. Raises ConfigError naming the file and line."""
-    import dataclasses
-
     source = config.examples
     if source is None or isinstance(source, list):
         rows, where = source, "examples"

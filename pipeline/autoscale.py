@@ -27,16 +27,16 @@ Without an autoscaler (a fixed cluster, local Ray) nothing is requested.
 from __future__ import annotations
 
 import logging
-import math
-import threading
 import time
 
+from .placement import fits, replica_bundle
+from .progress import DriverThread
 from .settings import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 
-class ReplicaDemand:
+class ReplicaDemand(DriverThread):
     """Context manager: while the block runs, have the autoscaler add nodes until the cluster
     holds `replicas` replicas (nothing to do when `replicas` is not above `min_replicas`: the
     pool starts those itself and they wait for nodes)."""
@@ -46,24 +46,18 @@ class ReplicaDemand:
     WAIT_S = 600.0  # a request that brought no node in this long is given up
 
     def __init__(self, config: PipelineConfig, min_replicas: int, replicas: int, run_id: str):
-        bundle = {"CPU": float(config.num_cpus_per_replica), "GPU": float(config.num_gpus_per_replica)}
-        self.bundle = {k: v for k, v in bundle.items() if v}
+        super().__init__("persimmon-batch-demand")
+        self.bundle = replica_bundle(config)
         self.replicas = replicas if replicas > min_replicas and self.bundle else 0
         self.requester = f"persimmon-batch-{run_id}"
         self._coordinator = None
         self._asked_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="persimmon-batch-demand", daemon=True)
 
-    def __enter__(self):
-        if self.replicas and _has_autoscaler():
-            self._thread.start()
-        return self
+    def _wanted(self) -> bool:
+        return bool(self.replicas) and _has_autoscaler()
 
     def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        super().__exit__(*exc)
         self._withdraw()
 
     def _loop(self):
@@ -73,7 +67,8 @@ class ReplicaDemand:
         last_renewed = 0.0
         while not self._stop.is_set():
             try:
-                total, free = self._fits(ray.cluster_resources()), self._fits(ray.available_resources())
+                # replicas the cluster's totals hold (not node by node), and its free resources
+                total, free = (fits([r], self.bundle) for r in (ray.cluster_resources(), ray.available_resources()))
             except Exception as e:  # noqa: BLE001 - the GCS is busy: ask again next time
                 log.debug("cluster resources unavailable: %s", e)
                 total = free = None
@@ -99,10 +94,6 @@ class ReplicaDemand:
                 self._ask()
                 self._asked_at = last_renewed = now
             self._stop.wait(self.POLL_S)
-
-    def _fits(self, resources: dict) -> int:
-        """How many replica bundles these resources hold (by totals, not node by node)."""
-        return min(math.floor(resources.get(k, 0.0) / v + 1e-9) for k, v in self.bundle.items())
 
     def _ask(self) -> None:
         try:

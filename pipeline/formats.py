@@ -31,18 +31,22 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from . import openai_batch
 from .errors import RowError
 from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
 from .stages import TASKS
-from .storage import Location, commit, ensure_dir, read_bytes, retry, temp_sibling
+from .storage import Location, commit, ensure_dir, read_bytes, read_file, retry, temp_sibling
 
 log = logging.getLogger(__name__)
 STATS_KEY = b"persimmon_batch"
@@ -66,14 +70,10 @@ class Inspected:
     problem: str | None = None
 
 
-def _compression(path: str) -> str | None:
-    return {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(path.rsplit(".", 1)[-1].lower())
-
-
 def _open_text(loc: Location) -> bytes:
-    """The file's bytes, decompressed when its name says so."""
+    """The file's bytes, decompressed when its name says so (in any case: `FEB.CSV.GZ`)."""
     raw = read_bytes(loc)
-    codec = _compression(loc.path)
+    codec = {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(loc.path.rsplit(".", 1)[-1].lower())
     if codec is None:
         return raw
     with pa.CompressedInputStream(pa.BufferReader(raw), codec) as f:
@@ -84,6 +84,10 @@ def _row_splits(num_rows: int, rows_per_unit: int) -> list[Split]:
     if rows_per_unit <= 0 or num_rows <= rows_per_unit:
         return [Split(None, 0, num_rows)]
     return [Split(None, a, min(rows_per_unit, num_rows - a)) for a in range(0, num_rows, rows_per_unit)]
+
+
+def _id_chunks(ids: pa.ChunkedArray) -> Iterator[pa.Array]:
+    return (ids.slice(a, ID_CHUNK_ROWS).combine_chunks() for a in range(0, len(ids), ID_CHUNK_ROWS))
 
 
 def _missing(config, names) -> list[str]:
@@ -119,15 +123,9 @@ class InputFormat:
 class ParquetInput(InputFormat):
     name, suffixes = "parquet", (".parquet",)
 
-    def _meta(self, loc: Location):
-        def _open():
-            with loc.fs.open_input_file(loc.path) as f:
-                return pq.ParquetFile(f).metadata
-        return retry(_open, f"read footer of {loc.uri}", loc.retries)
-
     def inspect(self, loc: Location, config) -> Inspected:
         try:
-            meta = self._meta(loc)
+            meta = read_file(loc, lambda f: pq.ParquetFile(f).metadata, "read footer of")
             digest = self._digest(loc, meta, config)
         except FileNotFoundError:
             return Inspected(problem="file vanished")
@@ -159,32 +157,22 @@ class ParquetInput(InputFormat):
             chunks = [meta.row_group(g).column(k) for g in range(meta.num_row_groups)]
             spans = [(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset,
                       c.total_compressed_size) for c in chunks]
-
-            def _read():
-                with loc.fs.open_input_file(loc.path) as f:
-                    return [f.read_at(size, start) for start, size in spans]
-            for data in retry(_read, f"read ids of {loc.uri}", loc.retries):
+            for data in read_file(loc, lambda f: [f.read_at(size, start) for start, size in spans], "read ids of"):
                 h.update(data)
         return h.hexdigest()[:32]
 
     @staticmethod
     def _splits(meta, rows_per_unit: int) -> list[Split]:
-        groups = list(range(meta.num_row_groups))
-        chunks, cur, n = [], [], 0
-        for g in groups:
-            rows = meta.row_group(g).num_rows
-            if cur and rows_per_unit > 0 and n + rows > rows_per_unit:
-                chunks.append(cur)
-                cur, n = [], 0
-            cur.append(g)
-            n += rows
-        chunks.append(cur)
-        out, first = [], 0
-        for gs in chunks:
-            rows = sum(meta.row_group(g).num_rows for g in gs)
-            out.append(Split(gs, first, rows))
-            first += rows
-        return out
+        """Consecutive row groups, as many as fit `rows_per_unit` rows (at least one each)."""
+        splits = [Split([], 0, 0)]
+        for g in range(meta.num_row_groups):
+            rows, last = meta.row_group(g).num_rows, splits[-1]
+            if last.row_groups and rows_per_unit > 0 and last.num_rows + rows > rows_per_unit:
+                last = Split([], last.first_row + last.num_rows, 0)
+                splits.append(last)
+            last.row_groups.append(g)
+            last.num_rows += rows
+        return splits
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
         """The id column, a row group at a time (each read retried on its own)."""
@@ -195,8 +183,7 @@ class ParquetInput(InputFormat):
             for g in range(reader.metadata.num_row_groups):
                 ids = retry(lambda g=g: reader.read_row_group(g, columns=[config.id_column], use_threads=False),
                             what, loc.retries)
-                for start in range(0, ids.num_rows, ID_CHUNK_ROWS):
-                    yield ids.column(0).slice(start, ID_CHUNK_ROWS).combine_chunks()
+                yield from _id_chunks(ids.column(0))
 
     def batches(self, loc, split, config, columns):
         f = loc.fs.open_input_file(loc.path)
@@ -251,9 +238,7 @@ class _RowsInput(InputFormat):
         return found
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
-        ids = self._load(loc, config)[0].column(config.id_column)
-        for start in range(0, len(ids), ID_CHUNK_ROWS):
-            yield ids.slice(start, ID_CHUNK_ROWS).combine_chunks()
+        yield from _id_chunks(self._load(loc, config)[0].column(config.id_column))
 
     def batches(self, loc, split, config, columns):
         table, errors, _ = self._load(loc, config)
@@ -479,8 +464,6 @@ class CsvInput(_RowsInput):
         does not parse is an error row after the good ones. A record whose quote is left open
         (`_open_quotes`) is one error row, and the lines after it are parsed on their own, so
         it never swallows its neighbours."""
-        import pyarrow.csv as pcsv
-
         required = [config.id_column, config.prompt_column, *config.keep_columns]
         if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either: the columns, no rows
             return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
@@ -528,8 +511,6 @@ class CsvInput(_RowsInput):
 def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
     """The records of CSV text as a table of text columns, and pyarrow's rows it could not
     parse (each with its record number, the header being record 1, and its text)."""
-    import pyarrow.csv as pcsv
-
     rejected: list = []
 
     def handler(row):
@@ -545,8 +526,6 @@ def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
 
 def _spans_lines(table: pa.Table, rejected: list) -> bool:
     """Whether any value, or any record that did not parse, holds a line break."""
-    import pyarrow.compute as pc
-
     return any("\n" in row.text or "\r" in row.text for row in rejected) or any(
         pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in table.columns)
 
@@ -715,15 +694,14 @@ class ParquetOutput(OutputFormat):
         file once, undecoded (a small one in the same read as its footer): a rerun reads its
         committed outputs, small beside the compute they stand for, so that it never takes
         damaged data as done."""
-        def _open():
-            with loc.fs.open_input_file(loc.path) as f:
-                size = f.size()
-                if size > WHOLE_READ_BYTES:
-                    return pq.ParquetFile(f).metadata, size, None
-                data = f.read_at(size, 0)
-                return pq.ParquetFile(pa.BufferReader(data)).metadata, size, data
+        def _open(f):
+            size = f.size()
+            if size > WHOLE_READ_BYTES:
+                return pq.ParquetFile(f).metadata, size, None
+            data = f.read_at(size, 0)
+            return pq.ParquetFile(pa.BufferReader(data)).metadata, size, data
 
-        meta, size, data = retry(_open, f"read footer of {loc.uri}", loc.retries)
+        meta, size, data = read_file(loc, _open, "read footer of")
         raw = (meta.metadata or {}).get(STATS_KEY)
         stats = json.loads(raw) if raw else None
         data_end = size - 8 - meta.serialized_size  # the footer, its length and "PAR1" follow the data
@@ -743,12 +721,7 @@ class ParquetOutput(OutputFormat):
         differ = [f.name for f in schema if types.get(f.name) != f.type]
         if not differ or any(types.get(name) is None or not pa.types.is_null(types[name]) for name in differ):
             return False  # the same types, or differences the resume checks judge
-
-        def _read():
-            with loc.fs.open_input_file(loc.path) as f:
-                return pq.read_table(f)
-
-        table = retry(_read, f"read {loc.uri}", loc.retries).cast(schema)
+        table = read_file(loc, pq.read_table).cast(schema)
         footer = {k: v for k, v in stats.items() if not k.startswith("_") and k != "data_sha256"}
         tmp = temp_sibling(loc)
         ensure_dir(tmp.parent)
@@ -805,8 +778,6 @@ class OpenAIBatchOutput(JsonlOutput):
     name = "openai-batch"
 
     def open(self, stream, schema, config):
-        import time
-
         model, created = model_name(config.model), int(time.time())
         return self.Writer(stream, schema,
                            lambda row: openai_batch.response_line(row, config.id_column, model, created))
@@ -814,8 +785,6 @@ class OpenAIBatchOutput(JsonlOutput):
 
 def model_name(model: str) -> str:
     """How answers name the model: a hub id as given, else the checkpoint directory's name."""
-    import os
-
     text = str(model).rstrip("/")
     local = os.path.exists(os.path.expanduser(text))
     return text.rsplit("/", 1)[-1] if "://" in text or local else text

@@ -33,7 +33,7 @@ import tempfile
 
 from .errors import ConfigError, ModelError
 from .settings import PipelineConfig
-from .storage import Location, model_location, read_bytes, retry
+from .storage import Location, model_location, read_bytes, read_file, retry
 from .stages import CAUSAL, TASKS
 
 
@@ -63,15 +63,12 @@ def check_model(config: PipelineConfig) -> dict:
     if arch == CAUSAL:
         check_kv_pool(config, mcfg)
     files = _weight_files(loc, names)
-    if files[0].endswith(".safetensors"):
+    # pickles have no cheap header: remote ones are checked when the replicas load them
+    read = read_safetensors_shapes if files[0].endswith(".safetensors") else _pickle_shapes if loc.is_local else None
+    if read is not None:
         shapes: dict[str, tuple] = {}
         for name in files:
-            shapes.update(read_safetensors_shapes(loc.join(name)))
-        _compare(loc, mcfg, arch, shapes)
-    elif files and loc.is_local:
-        shapes = {}
-        for name in files:
-            shapes.update(_pickle_shapes(loc.join(name)))
+            shapes.update(read(loc.join(name)))
         _compare(loc, mcfg, arch, shapes)
     return mcfg.to_dict()
 
@@ -170,23 +167,20 @@ def model_identity(config: PipelineConfig) -> str:
     for name in _weight_files(loc, names):
         part = loc.join(name)
 
-        def _read(part=part):
-            with part.fs.open_input_file(part.path) as f:
-                size = f.size()
-                start = 0
-                header = b""
-                if name.endswith(".safetensors") and size >= 8:
-                    (n,) = struct.unpack("<Q", f.read_at(8, 0))
-                    header = f.read_at(min(n, SAFETENSORS_MAX_HEADER, size - 8), 8)
-                    start = min(size, 8 + n)
-                # samples of the weights themselves, spread over the whole file: retrained
-                # weights of the same shapes differ there (any layer), a header alone would not
-                span = size - start
-                width = min(SAMPLE_BYTES, span)
-                offsets = sorted({start + (span - width) * k // max(1, SAMPLES - 1) for k in range(SAMPLES)})
-                return size, header + b"".join(f.read_at(width, o) for o in offsets)
+        def _read(f):
+            size, start, header = f.size(), 0, b""
+            if name.endswith(".safetensors") and size >= 8:
+                (n,) = struct.unpack("<Q", f.read_at(8, 0))
+                header = f.read_at(min(n, SAFETENSORS_MAX_HEADER, size - 8), 8)
+                start = min(size, 8 + n)
+            # samples of the weights themselves, spread over the whole file: retrained
+            # weights of the same shapes differ there (any layer), a header alone would not
+            span = size - start
+            width = min(SAMPLE_BYTES, span)
+            offsets = sorted({start + (span - width) * k // max(1, SAMPLES - 1) for k in range(SAMPLES)})
+            return size, header + b"".join(f.read_at(width, o) for o in offsets)
         try:
-            size, data = retry(_read, f"read {part.uri}", part.retries)
+            size, data = read_file(part, _read)
         except OSError as e:
             raise ModelError(f"model weights {part.uri}: {e}") from None
         h.update(f"{name}\0{size}\0".encode() + data)
@@ -231,15 +225,9 @@ def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
     (model.checkpoint.safetensors_header): a truncated download fails here, on the driver."""
     from model.checkpoint import safetensors_header
 
-    def _read():
-        with loc.fs.open_input_file(loc.path) as f:
-            return safetensors_header(f.size(), f.read_at)
-
     try:
-        _, header = retry(_read, f"read {loc.uri}", loc.retries)
-    except ValueError as e:
-        raise ModelError(f"model weights {loc.uri}: {e}") from None
-    except OSError as e:
+        _, header = read_file(loc, lambda f: safetensors_header(f.size(), f.read_at))
+    except (ValueError, OSError) as e:
         raise ModelError(f"model weights {loc.uri}: {e}") from None
     return {name: shape for name, (_, shape, _, _) in header.items()}
 

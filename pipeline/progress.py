@@ -223,18 +223,19 @@ def dead_nodes(suspects: set[str] = frozenset(), probe_timeout_s: float = 3.0) -
     return dead
 
 
-class Watchdog:
-    """Driver thread: every few seconds, have the tracker kill replicas silent for longer than
-    `timeout_s`, and collect what it killed."""
+class DriverThread:
+    """A daemon thread running `_loop` while a `with` block runs (when `_wanted()`); `_loop`
+    ends once `_stop` is set, at the end of the block."""
 
-    def __init__(self, tracker, timeout_s: float, say=print):
-        self.tracker, self.timeout_s, self.say = tracker, timeout_s, say
-        self.events: list[dict] = []
+    def __init__(self, name: str):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="persimmon-batch-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _wanted(self) -> bool:
+        return True
 
     def __enter__(self):
-        if self.tracker is not None and self.timeout_s:
+        if self._wanted():
             self._thread.start()
         return self
 
@@ -242,6 +243,19 @@ class Watchdog:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+
+
+class Watchdog(DriverThread):
+    """Driver thread: every few seconds, have the tracker kill replicas silent for longer than
+    `timeout_s`, and collect what it killed."""
+
+    def __init__(self, tracker, timeout_s: float, say=print):
+        super().__init__("persimmon-batch-watchdog")
+        self.tracker, self.timeout_s, self.say = tracker, timeout_s, say
+        self.events: list[dict] = []
+
+    def _wanted(self) -> bool:
+        return self.tracker is not None and bool(self.timeout_s)
 
     def _loop(self):
         import ray

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 import uuid
 import dataclasses
@@ -179,13 +180,9 @@ class StorageError(OSError):
 
 
 def retry(fn, what: str, retries: int = 3, base_delay: float = 0.5):
-    """Call fn(), retrying OSErrors (network, throttling) up to `retries` times with jittered
-    exponential backoff (0.5 s, 1 s, 2 s, ... x 0.5-1.5).
-
-    The last error is re-raised as StorageError with `what` (which names the URI) in front of
-    it. FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError and errors
-    already retried (StorageError) are not retried.
-    """
+    """Call fn(), retrying `transient` errors (network, throttling) up to `retries` times with
+    jittered exponential backoff (0.5 s, 1 s, 2 s, ... x 0.5-1.5); the last one is re-raised as
+    StorageError with `what` (which names the URI) in front of it."""
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -274,6 +271,15 @@ def write_bytes_atomic(final: Location, data: bytes) -> None:
     commit(tmp, final)
 
 
+def read_file(loc: Location, fn, what: str = "read"):
+    """`fn(the open random-access file)`, retried (the file reopened each time) as `retry` does."""
+    def _call():
+        with loc.fs.open_input_file(loc.path) as f:
+            return fn(f)
+
+    return retry(_call, f"{what} {loc.uri}", loc.retries)
+
+
 def read_bytes(loc: Location) -> bytes:
     def _read():  # the stored bytes: no decompression guessed from the name
         with loc.fs.open_input_stream(loc.path, compression=None) as f:
@@ -342,8 +348,6 @@ def local_model_dir(model_uri: str, config) -> str:
 
             retry(_download, f"download {loc.uri}/{info.base_name}", loc.retries)
         if os.path.exists(target):  # stale incomplete copy from a killed run
-            import shutil
-
             shutil.rmtree(target)
         os.replace(partial, target)
         with open(marker, "w") as f:
