@@ -21,6 +21,7 @@ checkpoint loader quantizes each linear as soon as its weight and bias are in
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 from torch import nn
@@ -37,9 +38,21 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 # weight once per 4 rows, so it wins while the weight's bytes dominate (measured on AVX-512 and
 # AVX2: 2.6 vs 7 ms at 1 row, even at 8, 3x slower at 64 for a 16384 x 4096 weight)
 INT8_ROWS = 8
-# weight bytes dequantized at a time: a few MiB stay in the CPU's cache; on a GPU, fewer launches
-SLICE_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
+# weight bytes dequantized at a time (in the activation dtype): on CPU into one reused buffer (a
+# fresh one per slice cost more than the matmul: allocation and page faults); on a GPU, few launches
+SLICE_BYTES = {"cpu": 16 << 20, "cuda": 64 << 20}
 QUANTIZE_ELEMENTS = 1 << 20  # weights quantized at a time: 4 MiB fp32 temporaries, fast (cache-sized)
+
+
+_scratch = threading.local()
+
+
+def _cpu_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's buffer for dequantized weight slices, grown as needed (<= SLICE_BYTES)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _torchao_int8():
@@ -150,12 +163,17 @@ class QuantizedLinear(nn.Module):
         operations of torchao's weight-only linear, without a full-precision copy of W."""
         w, N = self.weight_8bit(), self.out_features
         step = max(1, SLICE_BYTES.get(x2.device.type, SLICE_BYTES["cuda"]) // (self.in_features * x2.element_size()))
-        if step >= N:
-            y = x2 @ w.to(x2.dtype).t()
-        else:
-            y = x2.new_empty(x2.shape[0], N)
-            for a in range(0, N, step):
-                y[:, a:a + step] = x2 @ w[a:a + step].to(x2.dtype).t()
+        y = x2.new_empty(x2.shape[0], N) if step < N else None
+        for a in range(0, N, step):
+            part = w[a:a + step]
+            if x2.device.type == "cpu":
+                deq = _cpu_scratch(part.numel(), x2.dtype).view(part.shape).copy_(part)
+            else:  # CUDA's caching allocator makes a fresh slice cheap (and safe in graph capture)
+                deq = part.to(x2.dtype)
+            if y is None:
+                y = x2 @ deq.t()  # [M, N]: the whole weight in one slice
+            else:
+                y[:, a:a + step] = x2 @ deq.t()
         return y.mul_(self.scale)
 
     def extra_repr(self) -> str:
