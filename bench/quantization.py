@@ -15,8 +15,8 @@ Quality (the unquantized model is the reference):
 - labels: bench/labels_vs_hf.py's setup (same model, fp32, a pinned 256-token prefix, 64 rows
   of 16-96 tokens, 3 choices of 1-3 tokens): rows whose best choice agrees, largest score
   difference.
-Speed: decode of the real-width model (its layers: 0.4 G weights; the 32k head is 0.13 G) at 8
-and 64 rows in flight, prompts of 8 tokens, int8 vs bf16 vs fp32: generate(1 + n tokens) less
+Speed: decode of the real-width model (its layers: 0.4 G weights; the 32k head is 0.13 G) at 1,
+8 and 64 rows in flight, prompts of 8 tokens, int8 vs bf16 vs fp32: generate(1 + n tokens) less
 generate(1 token) = n decode steps; tokens/s = rows x n / that time, median of --repeats.
 """
 
@@ -130,7 +130,7 @@ def decode_speed(path: str, repeats: int) -> dict:
         model = load_pretrained(path, dtype=dtype, quantization=quantization, quantize_lm_head=head)
         engine = Engine(model, None, max_batch_size=64, max_seq_len=64, kv_cache_gib=0.5)
         engine.generate(make_prompts(2, 8, 8, 300), SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
-        for rows, steps in ((8, 16), (64, 6)):
+        for rows, steps in ((1, 16), (8, 16), (64, 6)):
             prompts = make_prompts(rows, 8, 8, 300, seed=rows)
             times = []
             for _ in range(repeats):
@@ -145,7 +145,7 @@ def decode_speed(path: str, repeats: int) -> dict:
         out[f"{name}_packed_cpu_linears"] = engine.stats()["packed_cpu_linears"]
         del engine, model
         gc.collect()
-    for rows in (8, 64):
+    for rows in (1, 8, 64):
         out[f"int8_vs_bf16_rows{rows}"] = round(out[f"int8_rows{rows}"]["decode_tokens_per_s"]
                                                / out[f"bf16_rows{rows}"]["decode_tokens_per_s"], 2)
     return out

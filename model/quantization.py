@@ -2,12 +2,13 @@
 
 - int8 (CPU and CUDA): torchao quantizes each weight (symmetric, per output channel:
   `Int8Tensor.from_hp`) and `Int8Linear` runs it. torchao's own int8 linear converts the whole
-  transposed weight to the activation dtype on every call: about 6x slower than a bf16 Linear
-  on CPU. `Int8Linear` gives the same outputs (tests/test_quantization.py) faster: on CPU, for
-  up to INT8_ROWS bf16 rows (decode), torch's int8 weight-only matmul (`_weight_int8pack_mm`,
-  reads one byte per weight: up to 2.5x faster than bf16 for one row); otherwise (prefill,
-  fp32 models, CUDA) the weight is dequantized a slice of rows at a time and multiplied, as torchao
-  does, without ever holding the whole weight in the activation dtype.
+  transposed weight to the activation dtype on every call (6x slower than a bf16 Linear on
+  CPU). `Int8Linear` gives the same outputs (tests/test_quantization.py) faster: on CPU, for up
+  to INT8_ROWS bf16 rows, torch's int8 weight-only matmul (`_weight_int8pack_mm`: one byte read
+  per weight, 1.6x faster than oneDNN's bf16 at one row, slower from 4 rows on an AVX512-BF16
+  CPU); otherwise (prefill, fp32 models, CUDA) the weight is dequantized a slice of rows at a
+  time and multiplied, as torchao does, never holding all of it in the activation dtype. On CPU
+  int8 saves memory; it is faster than bf16 only with a row or two in flight.
 - fp8 (CUDA GPUs of compute capability 8.9+): float8 e4m3 weights with fp32 per-channel scales,
   dequantized slice by slice the same way. Quantized here, without torchao.
 
@@ -34,9 +35,10 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'persimmon-batch[quant]'"
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with fp8 tensor cores
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-# bf16 rows up to which _weight_int8pack_mm beats dequantize-then-matmul on CPU: it streams the
-# weight once per 4 rows, so it wins while the weight's bytes dominate (measured on AVX-512 and
-# AVX2: 2.6 vs 7 ms at 1 row, even at 8, 3x slower at 64 for a 16384 x 4096 weight)
+# bf16 rows up to which _weight_int8pack_mm beats dequantize-then-matmul on CPU: it reads the
+# weight once per 4 rows, so it wins while the weight's bytes dominate. Measured for a 16384 x
+# 4096 weight on 2 AVX-512 cores: 2.7 / 9.5 / 18 ms at 1 / 8 / 16 rows, dequantizing 10 / 12 / 14
+# (oneDNN's packed bf16: 4.3 / 5.3 / 7)
 INT8_ROWS = 8
 # weight bytes dequantized at a time (in the activation dtype): on CPU into one reused buffer (a
 # fresh one per slice cost more than the matmul: allocation and page faults); on a GPU, few launches
