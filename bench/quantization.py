@@ -10,14 +10,15 @@ Quality (the unquantized model is the reference):
   repository's README.md through the tiny tokenizer, its first --positions tokens. Per
   next-token position: top-1 agreement and KL(unquantized || quantized) in nats; bf16's own
   distance from fp32 beside it, for scale.
-- greedy tokens: bench/engine_vs_hf.py's model (vocab 32000, hidden 1024, 8 layers, random)
-  in bf16, 16 prompts of 16-128 tokens, 32 new tokens: int8 engine vs unquantized engine.
+- greedy tokens: bench/engine_vs_hf.py's model (vocab 32000, hidden 1024, 8 layers, random),
+  16 prompts of 16-128 tokens, 32 new tokens: int8 vs bf16 engines, and bf16 vs fp32 for scale.
 - labels: bench/labels_vs_hf.py's setup (same model, fp32, a pinned 256-token prefix, 64 rows
   of 16-96 tokens, 3 choices of 1-3 tokens): rows whose best choice agrees, largest score
   difference.
 Speed: decode of the real-width model (its layers: 0.4 G weights; the 32k head is 0.13 G) at 1,
-8 and 64 rows in flight, prompts of 8 tokens, int8 vs bf16 vs fp32: generate(1 + n tokens) less
-generate(1 token) = n decode steps; tokens/s = rows x n / that time, median of --repeats.
+8 and 64 rows in flight, prompts of 8 tokens: int8 (bf16 and fp32 activations), bf16, fp32.
+generate(1 + n tokens) less generate(1 token) = n decode steps; tokens/s = rows x n / that
+time, median of --repeats.
 """
 
 import argparse
@@ -45,7 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=16384, num_hidden_layers=2,
             num_attention_heads=64, max_position_embeddings=2048)
 VARIANTS = {"bf16": ("bfloat16", "none", False), "int8": ("bfloat16", "int8", False),
-            "int8+lm_head": ("bfloat16", "int8", True), "fp32": ("float32", "none", False)}
+            "int8+lm_head": ("bfloat16", "int8", True), "fp32": ("float32", "none", False),
+            "int8_fp32": ("float32", "int8", False)}  # int8 weights, fp32 activations (CPU replicas' default dtype)
 
 
 def wide_checkpoint(path: str) -> None:
@@ -73,6 +75,8 @@ def logit_quality(path: str, ids: list[int]) -> dict:
     """Top-1 agreement and mean KL against bf16 (and bf16 against fp32), per next-token position."""
     logp = {}
     for name, (dtype, quantization, head) in VARIANTS.items():
+        if name == "int8_fp32":
+            continue
         model = load_pretrained(path, dtype=dtype, quantization=quantization, quantize_lm_head=head)
         with torch.inference_mode():
             logp[name] = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [T, V]
@@ -89,18 +93,25 @@ def logit_quality(path: str, ids: list[int]) -> dict:
 
 
 def greedy_agreement() -> dict:
+    """int8 engine vs bf16 engine, and bf16 vs fp32 beside it: on a random model the top tokens
+    are close calls, so one flipped token sends a row elsewhere; bf16's own flips give the scale."""
     base = build(torch.bfloat16)
-    quant = quantize_model(copy.deepcopy(base), "int8")
     prompts = make_prompts(16, 16, 128, BENCH_CONFIG["vocab_size"])
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
-    ref, got = [[c.token_ids for c in Engine(m, None, max_batch_size=16, max_seq_len=160).generate(prompts, params)]
-                for m in (base, quant)]
-    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(ref, got)]
-    return {"model": "engine_vs_hf bench model, bf16", "prompts": len(prompts), "new_tokens": 32,
-            "identical_sequences": sum(a == b for a, b in zip(ref, got)),
-            "first_token_identical": sum(a[0] == b[0] for a, b in zip(ref, got)),
-            "mean_matching_prefix": round(sum(prefix) / len(prefix), 1), "tokens_identical": round(
-                sum(x == y for a, b in zip(ref, got) for x, y in zip(a, b)) / sum(len(a) for a in ref), 4)}
+
+    def tokens(model):
+        return [c.token_ids for c in Engine(model, None, max_batch_size=16, max_seq_len=160).generate(prompts, params)]
+
+    def compare(ref, got):
+        prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(ref, got)]
+        return {"identical_sequences": sum(a == b for a, b in zip(ref, got)),
+                "first_token_identical": sum(a[0] == b[0] for a, b in zip(ref, got)),
+                "mean_matching_prefix": round(sum(prefix) / len(prefix), 1)}
+    bf16 = tokens(base)
+    out = {"model": "engine_vs_hf bench model", "prompts": len(prompts), "new_tokens": 32,
+           "int8_vs_bf16": compare(bf16, tokens(quantize_model(copy.deepcopy(base), "int8")))}
+    out["bf16_vs_fp32"] = compare(tokens(build(torch.float32)), bf16)
+    return out
 
 
 def label_agreement() -> dict:
@@ -125,7 +136,7 @@ def label_agreement() -> dict:
 
 def decode_speed(path: str, repeats: int) -> dict:
     out = {}
-    for name in ("int8", "bf16", "fp32"):
+    for name in ("int8", "bf16", "int8_fp32", "fp32"):
         dtype, quantization, head = VARIANTS[name]
         model = load_pretrained(path, dtype=dtype, quantization=quantization, quantize_lm_head=head)
         engine = Engine(model, None, max_batch_size=64, max_seq_len=64, kv_cache_gib=0.5)
@@ -146,8 +157,9 @@ def decode_speed(path: str, repeats: int) -> dict:
         del engine, model
         gc.collect()
     for rows in (1, 8, 64):
-        out[f"int8_vs_bf16_rows{rows}"] = round(out[f"int8_rows{rows}"]["decode_tokens_per_s"]
-                                               / out[f"bf16_rows{rows}"]["decode_tokens_per_s"], 2)
+        for quantized, plain in (("int8", "bf16"), ("int8_fp32", "fp32")):
+            out[f"{quantized}_vs_{plain}_rows{rows}"] = round(out[f"{quantized}_rows{rows}"]["decode_tokens_per_s"]
+                                                              / out[f"{plain}_rows{rows}"]["decode_tokens_per_s"], 2)
     return out
 
 

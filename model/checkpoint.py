@@ -3,8 +3,9 @@
 Loading builds the model on the meta device, streams tensors one at a time into the target
 dtype and device, and assigns them, so peak memory is one model plus one tensor. With a
 quantization, each linear is quantized as soon as its weight and bias are in
-(model/quantization.py): the peak is the quantized model plus about one linear in the dtype. Pickle files
-are read with `torch.load(weights_only=True, mmap=True)`: no arbitrary code, no second copy.
+(model/quantization.py): the peak is the quantized model plus about one linear in the dtype.
+Pickle files are read with `torch.load(weights_only=True, mmap=True)`: no arbitrary code, no
+second copy.
 """
 
 from __future__ import annotations

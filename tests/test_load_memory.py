@@ -171,7 +171,8 @@ def test_quantized_load_peaks_below_the_unquantized_weights(tmp_path):
     5.10 GB of weights, 0.81 GB of them in the layers' linears. Loading with int8 quantizes each
     linear as soon as it is in, so the peak is the quantized model (4.70 GB) plus one linear in
     bf16 (the MLP's, 134 MB) and the quantizer's scratch: 0.2 GB below the unquantized weights,
-    which a load that held the layers in bf16 before quantizing them would reach. The unquantized load is measured alike, to show the probe sees every weight byte."""
+    which a load that held the layers in bf16 before quantizing them would reach. The
+    unquantized load is measured alike, to show the probe sees every weight byte."""
     config = PersimmonConfig(vocab_size=262144, hidden_size=4096, intermediate_size=16384, num_hidden_layers=2,
                              num_attention_heads=64)
     write_real_width_checkpoint(str(tmp_path), config)
