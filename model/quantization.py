@@ -296,5 +296,5 @@ class LayerQuantizer:
         first = next(iter(self.modules.values()), None)
         if isinstance(first, Int8Linear) and first.scale.device.type == "cpu" and first.scale.dtype == torch.float32:
             log.warning("int8 weights with float32 activations on CPU dequantize every weight to float32 at each "
-                        "step: 3-7x slower than plain float32 (bench/quantization.py); int8 pays on CPU with "
+                        "step: up to 7x slower than plain float32 (bench/quantization.py); on CPU int8 pays with "
                         "dtype bfloat16, or where memory, not speed, is short")
