@@ -188,7 +188,7 @@ def test_quantized_load_peaks_below_the_unquantized_weights(tmp_path):
     assert plain["weights_bytes"] > 5.0e9 and plain["peak_growth"] >= 0.98 * plain["weights_bytes"], plain
     largest_linear = 2 * 4096 * 16384  # bf16 MLP weight, the one in flight
     # up to 4 live fp32 temporaries of a QUANTIZE_ELEMENTS slice, and 64 MiB of freed slices the
-    # C allocator keeps in its heap (measured: 85-120 MB above the quantized model at the peak)
+    # C allocator keeps in its heap (measured: 85-135 MB above the quantized model at the peak)
     scratch = 4 * 4 * QUANTIZE_ELEMENTS + 64 * 2**20
     bound = int8["weights_bytes"] + largest_linear + scratch
     assert bound < plain["weights_bytes"]  # the arithmetic: the bound itself is below bf16
