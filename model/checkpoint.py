@@ -1,8 +1,11 @@
 """Checkpoint I/O in HF layout: config.json + safetensors (single or sharded) or pickle `.bin`.
 
 Loading builds the model on the meta device, streams tensors one at a time into the target
-dtype and device, and assigns them, so peak memory is one model plus one tensor. Pickle files
-are read with `torch.load(weights_only=True, mmap=True)`: no arbitrary code, no second copy.
+dtype and device, and assigns them, so peak memory is one model plus one tensor. With a
+quantization, each linear is quantized as soon as its weight and bias are in
+(model/quantization.py): the peak is the quantized model plus about one linear in the dtype.
+Pickle files are read with `torch.load(weights_only=True, mmap=True)`: no arbitrary code, no
+second copy.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from .config import PersimmonConfig
 from .modeling import MODEL_CLASSES, PersimmonForCausalLM, PersimmonModel
+from .quantization import LayerQuantizer
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -160,11 +164,15 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             del state
 
 
-def load_pretrained(path, dtype=None, device=None, model_class=None):
+def load_pretrained(path, dtype=None, device=None, model_class=None, quantization: str = "none",
+                    quantize_lm_head: bool = False):
     """Load an HF-layout Persimmon checkpoint directory into our model, in eval mode.
 
     `model_class` defaults to the class named by config.architectures (falling back to the
-    causal LM). `dtype` defaults to the checkpoint's torch_dtype, else float32.
+    causal LM). `dtype` defaults to the checkpoint's torch_dtype, else float32. `quantization`
+    "int8" / "fp8" stores the decoder layers' linears (and the lm_head with `quantize_lm_head`)
+    in 8 bits; where it cannot run (fp8 off a recent GPU, int8 without torchao) it fails before
+    any weight is read.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -179,6 +187,7 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
 
     model, expected, tied = meta_model(model_class, config)
     bare = model_class is PersimmonModel
+    quantizer = LayerQuantizer(model, quantization, quantize_lm_head, device)
 
     state, unexpected, mismatched = {}, [], []
     for name, tensor in iter_tensors(files):
@@ -194,12 +203,14 @@ def load_pretrained(path, dtype=None, device=None, model_class=None):
             continue
         state[name] = tensor.to(device=device, dtype=dtype)  # one cast, straight to the target
         del tensor
-    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
+        quantizer.take(name, state)  # a linear complete in the dtype leaves `state` in 8 bits
+    missing = sorted(set(expected) - set(state) - quantizer.loaded - {m.split(":")[0] for m in mismatched})
     if missing or unexpected or mismatched:
         report = mismatch_report([("missing", missing), ("unexpected", sorted(unexpected)),
                                   ("wrong shape", mismatched)], limit=20)
         raise CheckpointError(f"checkpoint {path} does not match {model_class.__name__}: {report}")
-    model.load_state_dict(state, strict=not tied, assign=True)
+    quantizer.install(model)
+    model.load_state_dict(state, strict=not tied and not quantizer.modules, assign=True)  # all checked above
     model.tie_weights()
     return model.eval()
 

@@ -5,7 +5,8 @@ The packed tensor replaces the plain one, so the weights are in memory once; `st
 unpacks on the fly, and casting or moving the model unpacks first. Used where torch says its
 oneDNN runs the dtype (`cpu_packing_unsupported`); elsewhere (bf16 without AVX-512 or
 AVX-NE-CONVERT, fp16 without AVX512-FP16, non-x86 CPUs, PERSIMMON_PACKED_LINEARS=0) the model
-keeps plain `F.linear`, with the same results.
+keeps plain `F.linear`, with the same results. Quantized linears (model/quantization.py) are
+not `nn.Linear`s: they keep their own 8-bit matmul and are never packed.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def pack_cpu_linears(model, wanted: bool | None = None) -> bool:
                 module.forward = _packed_forward(module)
                 module._apply = _unpack_then_apply(module)
                 module._dense_state_hook = module._register_state_dict_hook(_dense_state)
-        for module in model.modules():
-            if isinstance(module, PersimmonMLP):
+        for module in model.modules():  # quantized MLP linears are not nn.Linear: left unpacked, unfused
+            if isinstance(module, PersimmonMLP) and "_packed_weight" in module.dense_h_to_4h.__dict__:
                 up_relu, down = _packed_forward(module.dense_h_to_4h, "relu"), module.dense_4h_to_h
 
                 def mlp_forward(x, up_relu=up_relu, down=down):

@@ -37,6 +37,7 @@ from .logprobs import sampled_logprobs, target_logprobs
 from .model_runner import ModelRunner
 from .modeling import PersimmonForCausalLM
 from .outputs import Completion, OutputProcessor, RowError, error_kind
+from .quantization import quantization_of
 from .sampling import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import BlockManager, Scheduler, Sequence
@@ -76,6 +77,10 @@ class Engine:
                  prefix_caching: bool = True, decode_mode: str | None = None,
                  packed_cpu_linears: bool | None = None):
         dtype = resolve_dtype(dtype)
+        quantized, _ = quantization_of(model)
+        if quantized != "none" and dtype not in (None, next(model.parameters()).dtype):
+            raise ValueError(f"this model's linears are quantized ({quantized}) from {next(model.parameters()).dtype}: "
+                             f"load it in {dtype} instead of casting it")
         unpack_cpu_linears(model)  # packed weights from an earlier engine would go stale on a cast
         if dtype is not None or device is not None:
             model = model.to(dtype=dtype, device=device)
@@ -121,12 +126,16 @@ class Engine:
         self._pinned: list[int] = []  # KV blocks held by pin_prefix
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, **kwargs) -> "Engine":
+    def from_pretrained(cls, path, *, dtype=None, device=None, quantization: str = "none",
+                        quantize_lm_head: bool = False, **kwargs) -> "Engine":
         """Load model (the class config.json names) and tokenizer from an HF-layout directory.
-        device None = CUDA when available, else CPU. kwargs go to Engine()."""
+        device None = CUDA when available, else CPU. `quantization` "int8" / "fp8" quantizes the
+        decoder layers' linears layer by layer while they load (and the lm_head with
+        `quantize_lm_head`; model/quantization.py). kwargs go to Engine()."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_pretrained(path, dtype=dtype, device=device)
+        model = load_pretrained(path, dtype=dtype, device=device, quantization=quantization,
+                                quantize_lm_head=quantize_lm_head)
         tokenizer = None
         if os.path.isfile(os.path.join(os.fspath(path), "tokenizer.model")):
             tokenizer = PersimmonTokenizer.from_pretrained(path)

@@ -11,7 +11,7 @@ and runs every forward the engine makes.
   padded rows read the null block and write the scratch block. `decode_mode="static"` is the
   same fixed-shape step run eagerly (how it is tested on CPU).
 - On CPUs where oneDNN runs the dtype, every Linear runs with its weight packed in place
-  (model/cpu_packing.py).
+  (model/cpu_packing.py); quantized linears (model/quantization.py) run their own matmul.
 - The KV pool is sized once, from `kv_cache_gib` or the memory budget (model/capacity.py),
   never from max_batch_size x max_seq_len (that product only caps it: no row could use more).
 """
@@ -24,6 +24,7 @@ from . import capacity
 from .attention import AttentionMetadata, PagedKVCache, attention_backend
 from .cpu_packing import pack_cpu_linears
 from .modeling import PersimmonForCausalLM
+from .quantization import quantization_of
 from .scheduler import RESERVED_BLOCKS, SCRATCH_BLOCK, ScheduledStep, cdiv
 
 DECODE_MODES = ("dynamic", "static", "cuda_graph")
@@ -84,7 +85,7 @@ class ModelRunner:
             if self.dynamic_rope:  # whole prompts, never chunked
                 forward_tokens = max(forward_tokens, self.max_seq_len)
             headroom = capacity.activation_bytes(cfg, self.dtype, forward_tokens, self.max_batch_size)
-            weights = capacity.weights_bytes(cfg, self.dtype)
+            weights = capacity.weights_bytes(cfg, self.dtype, "causal", *quantization_of(self.model))
             if self.device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(self.device)
             else:

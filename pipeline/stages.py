@@ -79,7 +79,8 @@ def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
 def load_engine(config: PipelineConfig):
     """Engine.from_pretrained for this replica: model fetched to the node cache if remote,
     device CUDA when this actor was given a GPU (and torch sees one), else CPU; dtype as the
-    config resolves it; KV cache from --kv-cache-gib or this replica's share of the device."""
+    config resolves it, linears quantized by --quantization while they load; KV cache from
+    --kv-cache-gib or this replica's share of the device."""
     import torch
 
     from model import Engine
@@ -95,7 +96,8 @@ def load_engine(config: PipelineConfig):
         torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))  # share cores with other replicas
     path = local_model_dir(config.model, config)
     return Engine.from_pretrained(path, max_batch_size=config.max_num_seqs, max_seq_len=config.max_seq_len,
-                                  dtype=dtype, device=device, kv_cache_gib=config.kv_cache_gib,
+                                  dtype=dtype, device=device, quantization=config.quantization,
+                                  quantize_lm_head=config.quantize_lm_head, kv_cache_gib=config.kv_cache_gib,
                                   memory_fraction=config.memory_fraction,
                                   memory_share=memory_share(config, on_gpu))
 

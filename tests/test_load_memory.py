@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model import PersimmonConfig, PersimmonForCausalLM, save_pretrained
+from model.quantization import QUANTIZE_ELEMENTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,3 +115,81 @@ def test_engine_holds_weights_once_and_kv_by_budget(tmp_path):
     # and oneDNN's per-shape primitives (~100-300 MB here), far below a static reservation
     assert s["kv_tokens_peak"] >= 0.9 * s["kv_tokens_capacity"] and s["preemptions"] > 0, s
     assert s["kv_budget"] < s["peak_growth"] <= s["kv_budget"] + 400e6, s
+
+
+QUANT_PROBE = textwrap.dedent("""
+    import json, sys, tempfile, torch
+    sys.path.insert(0, {root!r})
+    import model
+    from model import capacity
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    with tempfile.TemporaryDirectory() as warm:  # code pages, lazy inits and torchao's import
+        model.save_pretrained(model.PersimmonForCausalLM(model.PersimmonConfig.tiny()).to(torch.bfloat16), warm)
+        model.load_pretrained(warm, quantization={quantization!r})
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    m = model.load_pretrained({path!r}, quantization={quantization!r})
+    peak = status("VmHWM")
+    print(json.dumps({{"peak_growth": peak - before, "rss_growth": status("VmRSS") - before,
+                      "model_bytes": sum(p.numel() * p.element_size() for p in m.parameters()),
+                      "weights_bytes": capacity.weights_bytes(m.config, torch.bfloat16, "causal", {quantization!r})}}))
+""")
+
+
+def write_real_width_checkpoint(path, config) -> None:
+    """config's bf16 checkpoint written one tensor per shard, so the writer never holds more
+    than one tensor. The layers' linears are random (quantization works on real-looking rows);
+    embedding and lm_head are zeros (only their bytes matter here, and zeros are fast)."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        names = {name: tuple(t.shape) for name, t in PersimmonForCausalLM(config).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    files = {}
+    for i, (name, shape) in enumerate(names.items()):
+        t = torch.zeros(shape, dtype=torch.bfloat16)
+        if ".layers." in name and name.endswith(".weight") and len(shape) == 2:
+            t = torch.randn(shape, generator=g).mul_(0.02).to(torch.bfloat16)
+        files[name] = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        save_file({name: t}, os.path.join(path, files[name]), metadata={"format": "pt"})
+        del t
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": files}, f)
+    config.torch_dtype = "bfloat16"
+    config.save_pretrained(path)
+
+
+@pytest.mark.slow
+def test_quantized_load_peaks_below_the_unquantized_weights(tmp_path):
+    """Persimmon-8B's widths (hidden 4096, MLP 16384, 64 heads, 262k vocab), two layers, bf16:
+    5.10 GB of weights, 0.81 GB of them in the layers' linears. Loading with int8 quantizes each
+    linear as soon as it is in, so the peak is the quantized model (4.70 GB) plus one linear in
+    bf16 (the MLP's, 134 MB) and the quantizer's scratch: 0.2 GB below the unquantized weights,
+    which a load that held the layers in bf16 before quantizing them would reach. The
+    unquantized load is measured alike, to show the probe sees every weight byte."""
+    config = PersimmonConfig(vocab_size=262144, hidden_size=4096, intermediate_size=16384, num_hidden_layers=2,
+                             num_attention_heads=64)
+    write_real_width_checkpoint(str(tmp_path), config)
+    runs = {}
+    for quantization in ("none", "int8"):
+        code = QUANT_PROBE.format(root=ROOT, path=str(tmp_path), quantization=quantization)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        runs[quantization] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(runs)  # README numbers: pytest -s
+    plain, int8 = runs["none"], runs["int8"]
+    for run in runs.values():
+        assert run["model_bytes"] == run["weights_bytes"], run  # the bytes capacity sizes the KV pool with
+    assert plain["weights_bytes"] > 5.0e9 and plain["peak_growth"] >= 0.98 * plain["weights_bytes"], plain
+    largest_linear = 2 * 4096 * 16384  # bf16 MLP weight, the one in flight
+    # up to 4 live fp32 temporaries of a QUANTIZE_ELEMENTS slice, and 64 MiB of freed slices the
+    # C allocator keeps in its heap (measured: 85-135 MB above the quantized model at the peak)
+    scratch = 4 * 4 * QUANTIZE_ELEMENTS + 64 * 2**20
+    bound = int8["weights_bytes"] + largest_linear + scratch
+    assert bound < plain["weights_bytes"]  # the arithmetic: the bound itself is below bf16
+    assert int8["peak_growth"] <= bound, int8

@@ -1,0 +1,300 @@
+"""Weight quantization: the decoder layers' linear weights in 8 bits, one scale per output channel.
+
+- int8 (CPU and CUDA): torchao quantizes each weight (symmetric, per output channel:
+  `Int8Tensor.from_hp`) and `Int8Linear` runs it. torchao's own int8 linear converts the whole
+  transposed weight to the activation dtype on every call (6x slower than a bf16 Linear on
+  CPU). `Int8Linear` gives the same outputs (tests/test_quantization.py) faster: on CPU, for up
+  to INT8_ROWS bf16 rows, torch's int8 weight-only matmul (`_weight_int8pack_mm`: one byte read
+  per weight, 1.6x faster than oneDNN's bf16 at one row, slower from 4 rows on an AVX512-BF16
+  CPU); otherwise (prefill, fp32 models, CUDA) the weight is dequantized a slice of rows at a
+  time and multiplied, as torchao does, never holding all of it in the activation dtype. On CPU
+  int8 saves memory; it is faster than bf16 only with a row or two in flight.
+- fp8 (CUDA GPUs of compute capability 8.9+): float8 e4m3 weights with fp32 per-channel scales,
+  dequantized slice by slice the same way. Quantized here, without torchao.
+
+Quantized: each decoder layer's query_key_value, dense, dense_h_to_4h and dense_4h_to_h, and the
+lm_head with `quantize_lm_head` (an untied one; a classifier's score head never). Embeddings,
+norms and biases stay in the model dtype; model/capacity.py counts the same bytes. The
+checkpoint loader quantizes each linear as soon as its weight and bias are in
+(`LayerQuantizer`), so a load peaks at the quantized model plus one linear in the model dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from torch import nn
+
+from .capacity import QUANTIZATIONS
+from .modeling import PersimmonDecoderLayer
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'persimmon-batch[quant]'"
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with fp8 tensor cores
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+# bf16 rows up to which _weight_int8pack_mm beats dequantize-then-matmul on CPU: it reads the
+# weight once per 4 rows, so it wins while the weight's bytes dominate. Measured for a 16384 x
+# 4096 weight on 2 AVX-512 cores: 2.7 / 9.5 / 18 ms at 1 / 8 / 16 rows, dequantizing 10 / 12 / 14
+# (oneDNN's packed bf16: 4.3 / 5.3 / 7)
+INT8_ROWS = 8
+# weight bytes dequantized at a time (in the activation dtype): on CPU into one reused buffer (a
+# fresh one per slice cost more than the matmul: allocation and page faults); on a GPU, few launches
+SLICE_BYTES = {"cpu": 16 << 20, "cuda": 64 << 20}
+QUANTIZE_ELEMENTS = 1 << 20  # weights quantized at a time: 4 MiB fp32 temporaries, fast (cache-sized)
+
+
+_scratch = threading.local()
+
+
+def _cpu_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's buffer for dequantized weight slices, grown as needed (<= SLICE_BYTES)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _torchao_int8():
+    """torchao's Int8Tensor and PerRow, imported on first use (torchao is the optional `quant`
+    extra). Its CUDA extensions fail to load on CPU builds and say so on every import: quieted."""
+    noisy = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8Tensor, PerRow
+    except ImportError as e:
+        raise ImportError(f"quantization='int8' needs torchao, which is not installed ({e}): {INSTALL_HINT}") from None
+    finally:
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
+    return Int8Tensor, PerRow
+
+
+def check_supported(quantization: str, device) -> None:
+    """Raise, before any weight is read, where `quantization` cannot run on `device`: an
+    unknown name, int8 without torchao, fp8 off CUDA or on a GPU older than compute 8.9."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+    if quantization == "int8":
+        _torchao_int8()
+    elif quantization == "fp8":
+        device = torch.device(device)
+        need = f"quantization='fp8' needs a CUDA GPU of compute capability {'.'.join(map(str, FP8_MIN_CAPABILITY))}+ " \
+               "(L4, L40S, H100, H200)"
+        if device.type != "cuda":
+            raise ValueError(f"{need}; the model is on {device.type}: use quantization='int8'")
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < FP8_MIN_CAPABILITY:
+            raise ValueError(f"{need}; {torch.cuda.get_device_name(device)} has compute capability "
+                             f"{capability[0]}.{capability[1]}: use quantization='int8'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizing one weight [out, in]
+# ---------------------------------------------------------------------------------------------
+def _row_slices(rows: int, cols: int, elements: int):
+    step = max(1, elements // max(cols, 1))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [out, in], scale [out] in the weight's dtype), by torchao's per-row symmetric
+    rule; slices of rows at a time (per-row scales: slicing changes nothing), so the scratch
+    stays small even for a 262k-vocab lm_head. torchao multiplies by its fp32 scale cast to the
+    activation dtype, so keeping it in the weight's dtype loses nothing."""
+    Int8Tensor, PerRow = _torchao_int8()
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    for a, b in _row_slices(*weight.shape, QUANTIZE_ELEMENTS):
+        part = Int8Tensor.from_hp(weight[a:b], PerRow())
+        q[a:b], scale[a:b] = part.qdata, part.scale.reshape(-1)
+    return q, scale
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 e4m3 [out, in], fp32 scale [out]): each row scaled so its largest magnitude
+    maps to 448, e4m3's largest finite value."""
+    q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for a, b in _row_slices(*weight.shape, QUANTIZE_ELEMENTS):
+        part = weight[a:b].float()
+        s = part.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX  # [rows]
+        q[a:b], scale[a:b] = (part / s[:, None]).clamp(-FP8_MAX, FP8_MAX), s
+    return q, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers
+# ---------------------------------------------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """y = (x W^T) * scale + b, W [out, in] in 8 bits, one scale per output channel. Weight,
+    scale and bias are frozen parameters, so `parameters()` counts their bytes."""
+
+    kind = ""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None):
+        raise NotImplementedError
+
+    def weight_8bit(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()  # [M, in]
+        y = self.matmul(x2)  # [M, out]
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.dequantized_matmul(x2)
+
+    def dequantized_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x W^T * scale with W dequantized to x's dtype a slice of rows at a time: the order of
+        operations of torchao's weight-only linear, without a full-precision copy of W."""
+        w, N = self.weight_8bit(), self.out_features
+        step = max(1, SLICE_BYTES.get(x2.device.type, SLICE_BYTES["cuda"]) // (self.in_features * x2.element_size()))
+        y = x2.new_empty(x2.shape[0], N) if step < N else None
+        for a in range(0, N, step):
+            part = w[a:a + step]
+            if x2.device.type == "cpu":
+                deq = _cpu_scratch(part.numel(), x2.dtype).view(part.shape).copy_(part)
+            else:  # CUDA's caching allocator makes a fresh slice cheap (and safe in graph capture)
+                deq = part.to(x2.dtype)
+            if y is None:
+                y = x2 @ deq.t()  # [M, N]: the whole weight in one slice
+            else:
+                y[:, a:a + step] = x2 @ deq.t()
+        return y.mul_(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights, scales in the model dtype (torchao's values)."""
+
+    kind = "int8"
+
+    @classmethod
+    def from_weights(cls, weight, bias):
+        return cls(*quantize_int8(weight.detach()), None if bias is None else bias.detach())
+
+    def matmul(self, x2):
+        if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and x2.shape[0] <= INT8_ROWS \
+                and self.in_features % 16 == 0 and self.weight.data_ptr() % 16 == 0:
+            # its x86 kernels step through rows 16 values at a time with aligned vector loads and
+            # check neither: rows of a multiple of 16 values, activations 32-byte aligned
+            if x2.data_ptr() % 64:
+                x2 = x2.clone()  # a few rows; fresh CPU tensors are 64-byte aligned
+            return torch._weight_int8pack_mm(x2, self.weight, self.scale)
+        return self.dequantized_matmul(x2)
+
+
+class Float8Linear(QuantizedLinear):
+    """float8 e4m3 weights, fp32 scales. The weight is stored as its bytes (uint8) so that
+    casting the model (`.to(dtype)` casts floating tensors) cannot turn it into unscaled bf16."""
+
+    kind = "fp8"
+
+    @classmethod
+    def from_weights(cls, weight, bias):
+        q, scale = quantize_fp8(weight.detach())
+        return cls(q.view(torch.uint8), scale, None if bias is None else bias.detach())
+
+    def weight_8bit(self):
+        return self.weight.view(torch.float8_e4m3fn)
+
+
+LAYERS = {cls.kind: cls for cls in (Int8Linear, Float8Linear)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Which linears, and quantizing a model
+# ---------------------------------------------------------------------------------------------
+def linears_to_quantize(model: nn.Module, quantize_lm_head: bool = False) -> list[str]:
+    """Names of the modules `quantization` turns into 8 bits (module docstring). A tied lm_head
+    is the embedding: it stays (with a warning), as capacity.weights_bytes counts it."""
+    names = [f"{prefix}.{leaf}" if prefix else leaf
+             for prefix, layer in model.named_modules() if isinstance(layer, PersimmonDecoderLayer)
+             for leaf in ("self_attn.query_key_value", "self_attn.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")]
+    head = getattr(model, "lm_head", None)
+    if quantize_lm_head and head is not None:
+        if model.config.tie_word_embeddings:
+            log.warning("quantize_lm_head: this model's lm_head is tied to its embedding, which stays in the model "
+                        "dtype; the lm_head is not quantized")
+        else:
+            names.append("lm_head")
+    elif quantize_lm_head:
+        log.info("quantize_lm_head: %s has no lm_head; nothing more to quantize", type(model).__name__)
+    return names
+
+
+def quantize_model(model: nn.Module, quantization: str, quantize_lm_head: bool = False) -> nn.Module:
+    """Quantize a loaded model in place (tests, benchmarks); checkpoints quantize while they load."""
+    if quantize_lm_head and quantization == "none":
+        raise ValueError("quantize_lm_head=True needs quantization='int8' or 'fp8'")
+    if quantization == "none":
+        return model
+    check_supported(quantization, next(model.parameters()).device)
+    with torch.no_grad():
+        for name in linears_to_quantize(model, quantize_lm_head):
+            linear = model.get_submodule(name)
+            if isinstance(linear, nn.Linear):
+                model.set_submodule(name, LAYERS[quantization].from_weights(linear.weight, linear.bias))
+    return model
+
+
+def quantization_of(model: nn.Module) -> tuple[str, bool]:
+    """(quantization, lm_head quantized) of a model, as capacity.weights_bytes takes them."""
+    kinds = {m.kind for m in model.modules() if isinstance(m, QuantizedLinear)}
+    if len(kinds) > 1:
+        raise ValueError(f"a model mixes quantizations {sorted(kinds)}")
+    return (kinds.pop() if kinds else "none"), isinstance(getattr(model, "lm_head", None), QuantizedLinear)
+
+
+class LayerQuantizer:
+    """Quantizes linears while a checkpoint streams in. After each tensor lands in `state`,
+    `take(name, state)`: once a quantized linear's weight (and bias, if it has one) are both
+    there, they leave `state` and become its 8-bit module. `install(model)` puts the modules
+    in place of the meta-device Linears."""
+
+    def __init__(self, model: nn.Module, quantization: str, quantize_lm_head: bool, device):
+        if quantize_lm_head and quantization == "none":
+            raise ValueError("quantize_lm_head=True needs quantization='int8' or 'fp8'")
+        check_supported(quantization, device)
+        self.layer = LAYERS.get(quantization)
+        names = linears_to_quantize(model, quantize_lm_head) if self.layer else []
+        self.targets = {name: model.get_submodule(name).bias is not None for name in names}  # name -> has bias
+        self.modules: dict[str, QuantizedLinear] = {}
+        self.loaded: set[str] = set()  # checkpoint names taken out of `state`
+
+    def take(self, name: str, state: dict) -> None:
+        module, _, _ = name.rpartition(".")
+        if module not in self.targets:
+            return
+        keys = [f"{module}.weight"] + ([f"{module}.bias"] if self.targets[module] else [])
+        if all(k in state for k in keys):
+            tensors = [state.pop(k) for k in keys]
+            self.modules[module] = self.layer.from_weights(tensors[0], tensors[1] if len(tensors) > 1 else None)
+            self.loaded.update(keys)
+
+    def install(self, model: nn.Module) -> None:
+        for name, module in self.modules.items():
+            model.set_submodule(name, module)
+        first = next(iter(self.modules.values()), None)
+        if isinstance(first, Int8Linear) and first.scale.device.type == "cpu" and first.scale.dtype == torch.float32:
+            log.warning("int8 weights with float32 activations on CPU dequantize every weight to float32 at each "
+                        "step: up to 7x slower than plain float32 (bench/quantization.py); on CPU int8 pays with "
+                        "dtype bfloat16, or where memory, not speed, is short")
