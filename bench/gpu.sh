@@ -14,5 +14,5 @@ pip install -q -e ".[test]" > "$OUT/pip.txt" 2>&1 || tail -5 "$OUT/pip.txt"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 timeout 150 python -m pytest -q -m cuda tests/ > "$OUT/cuda_tests.txt" 2>&1; echo "cuda tests rc=$?" >> "$OUT/cuda_tests.txt"
 tail -5 "$OUT/cuda_tests.txt"
-timeout 420 python bench/gpu_bench.py --pipeline --out "$OUT" "$@" 2> "$OUT/gpu_bench.err"; echo "gpu_bench rc=$?"
+timeout 420 python bench/gpu_bench.py --pipeline --quantization int8,fp8 --out "$OUT" "$@" 2> "$OUT/gpu_bench.err"; echo "gpu_bench rc=$?"
 tail -20 "$OUT/gpu_bench.err"

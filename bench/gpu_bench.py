@@ -12,6 +12,8 @@ Model: hidden 4096, 64 heads, MLP 16384, vocab 262144 (Persimmon-8B's widths), `
   of reading the weights once per step at the device's measured copy bandwidth; a copy of the
   JSON under bench/results/ calibrates `persimmon-batch plan --gpu`'s estimate for that GPU;
 - peak memory against kv_cache_gib, and `capacity.plan` vs what the engine actually allocated;
+- with --quantization int8,fp8: per quantization (fp8 only on compute capability 8.9+), the
+  decode step at each batch vs bf16's, and top-1 agreement of next-token logits with bf16;
 - with --pipeline, one pipeline run with two replicas at num_gpus_per_replica=0.5.
 """
 
@@ -86,6 +88,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a small model (dry run on CPU)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--pipeline", action="store_true", help="also one pipeline run with 2 replicas at 0.5 GPU")
+    ap.add_argument("--quantization", default="", help="comma-separated: int8, fp8 (decode step and logits vs bf16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     args = ap.parse_args()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -105,8 +108,11 @@ def main():
 
     bw = copy_bandwidth(dev)
     out["copy_bandwidth_gbs"] = round(bw / 1e9, 1)
-    with torch.device(dev):
-        model = PersimmonForCausalLM(cfg).init_weights(torch.Generator(dev).manual_seed(0)).to(dtype).eval()
+    def build():  # the same weights every time (the engine packs CPU weights in place: no deepcopy)
+        with torch.device(dev):
+            return PersimmonForCausalLM(cfg).init_weights(torch.Generator(dev).manual_seed(0)).to(dtype).eval()
+
+    model = build()
     weights = capacity.weights_bytes(cfg, dtype)
     out["weights_gib"] = round(weights / 2**30, 2)
     floor_ms = weights / bw * 1e3
@@ -186,10 +192,45 @@ def main():
                                  "free_before_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2)}
         del engine
         save()
+    for kind in filter(None, args.quantization.split(",")):
+        out.setdefault("quantized", {})[kind] = quantized_run(build, kind, args, dev, [r["batch"] for r in results],
+                                                              {r["batch"]: r["decode_step_ms"] for r in results})
+        save()
     if args.pipeline:
         out["pipeline"] = pipeline_run(model, args, cfg)
         save()
     print(json.dumps(out))
+
+
+def quantized_run(build, kind: str, args, dev, batches: list[int], base_ms: dict) -> dict:
+    """The bench model with `kind` weights: its decode step per batch against the unquantized
+    one's, and how often its next-token argmax equals the unquantized model's on 8 prompts."""
+    from model.quantization import quantize_model
+
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=g).to(dev)
+    with torch.no_grad():
+        reference = model(ids).logits.argmax(-1)
+    try:
+        quantized = quantize_model(model, kind)
+    except (RuntimeError, ValueError, ImportError) as e:  # fp8 below sm89, torchao missing
+        return {"error": str(e)}
+    with torch.no_grad():
+        agree = (quantized(ids).logits.argmax(-1) == reference).float().mean().item()
+    row = {"top1_agreement_vs_unquantized": round(agree, 4)}
+    lo, hi = map(int, args.prompt_len.split(","))
+    for B in batches:
+        engine = Engine(quantized, None, max_batch_size=max(B, 1), max_seq_len=hi + args.new_tokens + 16,
+                        kv_cache_gib=args.kv_cache_gib)
+        step = decode_step_ms(engine, B, hi, dev)
+        row[f"decode_step_ms_b{B}"] = round(step, 3)
+        row[f"vs_unquantized_b{B}"] = round(base_ms[B] / step, 2)  # > 1: faster
+        del engine
+    del quantized
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def pipeline_run(model, args, cfg) -> dict:

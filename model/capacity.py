@@ -90,8 +90,8 @@ def param_count(config, head: str = "causal") -> int:
 
 
 QUANTIZATIONS = ("none", "int8", "fp8")
-# bytes of one per-output-channel scale: int8 keeps its scales in the model dtype (torchao's
-# Int8WeightOnlyConfig), fp8 in float32
+# bytes of one per-output-channel scale: int8 keeps its scales in the model dtype (torchao computes
+# them in fp32 and casts before the multiply; model/quantization.py stores the cast values), fp8 in float32
 SCALE_BYTES = {"int8": None, "fp8": 4}
 
 
