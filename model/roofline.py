@@ -193,12 +193,16 @@ def read_calibration(path: str) -> Calibration:
     try:
         with open(path, encoding="utf-8") as f:
             bench = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"calibration {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(bench, dict):
+        raise ValueError(f"calibration {path}: not a bench/gpu_bench.py result (a JSON {type(bench).__name__}, "
+                         "not an object)")
     missing = [k for k in ("device", "dtype", "layers", "params_b", "prompt_len", "results") if k not in bench]
     if missing:
         raise ValueError(f"calibration {path}: not a bench/gpu_bench.py result (no {', '.join(missing)}; "
                          "files from before prompt_len was recorded need a rerun)")
+    _check_bench(path, bench)
     gpu = gpu_of_device(bench["device"])
     if gpu is None:
         raise ValueError(f"calibration {path}: device {bench['device']!r} is none of {sorted(GPU_SPECS)}")
@@ -216,3 +220,39 @@ def read_calibration(path: str) -> Calibration:
     if not points:
         raise ValueError(f"calibration {path}: no result with decode_step_ms")
     return Calibration(path, gpu, bench["device"], bench["dtype"], points)
+
+
+def _check_bench(path: str, bench: dict) -> None:
+    """ValueError naming the file and the field for a gpu_bench.json field of the wrong kind (a
+    hand-edited or truncated file), before any arithmetic runs on it."""
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def positive(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    def bad(field: str, want: str, value) -> ValueError:
+        return ValueError(f"calibration {path}: {field} must be {want}, got {value!r:.60}")
+
+    if not isinstance(bench["device"], str):
+        raise bad("device", "a CUDA device name", bench["device"])
+    if bench["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise bad("dtype", "float32, bfloat16 or float16", bench["dtype"])
+    if not positive_int(bench["layers"]):
+        raise bad("layers", "a positive integer", bench["layers"])
+    if not isinstance(bench["params_b"], (int, float)) or isinstance(bench["params_b"], bool):
+        raise bad("params_b", "a number", bench["params_b"])
+    plen = bench["prompt_len"]
+    if not (isinstance(plen, list) and len(plen) == 2 and all(positive_int(v) for v in plen)):
+        raise bad("prompt_len", "[shortest, longest] prompt tokens", plen)
+    if not isinstance(bench["results"], list):
+        raise bad("results", "a list", bench["results"])
+    for k, result in enumerate(bench["results"]):
+        if not isinstance(result, dict):
+            raise bad(f"results[{k}]", "an object", result)
+        if not result.get("decode_step_ms"):  # no decode step timed at this batch
+            continue
+        if not positive_int(result.get("batch")):
+            raise bad(f"results[{k}].batch", "a positive integer (rows per decode step)", result.get("batch"))
+        if not positive(result["decode_step_ms"]):
+            raise bad(f"results[{k}].decode_step_ms", "a number > 0", result["decode_step_ms"])

@@ -87,17 +87,26 @@ def parse_prices(text: str | None, gpus: list[str]) -> dict[str, float]:
             raise ValueError(f"--price-per-hour: {gpu}'s price must be a number > 0 (USD per GPU-hour), got {value}")
         if gpu not in gpus:
             raise ValueError(f"--price-per-hour: {gpu} is not among --gpu {','.join(gpus)}")
+        if gpu in prices:
+            raise ValueError(f"--price-per-hour: {gpu} is priced twice ({prices[gpu]:g} and {value.strip()})")
         prices[gpu] = price
     return prices
 
 
-def calibrations(paths: list[str] | None, results_dir: str = BENCH_RESULTS) -> dict[str, roofline.Calibration]:
-    """{GPU: its Calibration}: from `paths` (errors raised), else every readable JSON under
-    `results_dir` (one that is not a GPU benchmark is skipped with a warning; of two for one GPU,
-    the later name wins)."""
+def calibrations(paths: list[str] | None, results_dir: str = BENCH_RESULTS,
+                 gpus: list[str] | None = None) -> dict[str, roofline.Calibration]:
+    """{GPU: its Calibration}: from `paths` (errors raised, also for two files of one GPU and,
+    given `gpus`, for a file of a GPU not among them: it would calibrate nothing), else every
+    readable JSON under `results_dir` (one that is not a GPU benchmark is skipped with a warning;
+    of two for one GPU, the later name wins)."""
     found: dict[str, roofline.Calibration] = {}
     for path in paths or []:
         cal = roofline.read_calibration(path)
+        if cal.gpu in found:
+            raise ValueError(f"--calibration: {found[cal.gpu].source} and {path} are both for {cal.gpu}; give one")
+        if gpus is not None and cal.gpu not in gpus:
+            raise ValueError(f"--calibration: {path} measured {cal.device} ({cal.gpu}), which is not among "
+                             f"--gpu {','.join(gpus)}")
         found[cal.gpu] = cal
     if paths:
         return found

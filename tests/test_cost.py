@@ -230,3 +230,50 @@ def test_every_gpu_has_a_datasheet_entry_and_the_h100_floor_is_persimmons():
     assert set(roofline.GPU_SPECS) == set(capacity.GPU_MEMORY_GIB)
     step = roofline.decode_step(PersimmonConfig(), roofline.GPU_SPECS["H100-80GB"], rows=1, context=0)
     assert math.isclose(step.seconds * 1e3, 5.0, abs_tol=0.05)  # PERSIMMON.md: ~5 ms from reading the weights
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda b: 5, "a JSON int, not an object"),
+    (lambda b: None, "a JSON NoneType, not an object"),
+    (lambda b: {**b, "device": None}, "device must be a CUDA device name"),
+    (lambda b: {**b, "dtype": "float64"}, "dtype must be float32, bfloat16 or float16"),
+    (lambda b: {**b, "layers": "4"}, "layers must be a positive integer"),
+    (lambda b: {**b, "prompt_len": 256}, "prompt_len must be [shortest, longest]"),
+    (lambda b: {**b, "results": {"a": 1}}, "results must be a list"),
+    (lambda b: {**b, "results": [1]}, "results[0] must be an object"),
+    (lambda b: {**b, "results": [{"decode_step_ms": 1.0}]}, "results[0].batch must be a positive integer"),
+    (lambda b: {**b, "results": [{"batch": 0, "decode_step_ms": 1.0}]}, "results[0].batch must be a positive"),
+    (lambda b: {**b, "results": [{"batch": "8", "decode_step_ms": 1.0}]}, "results[0].batch must be a positive"),
+    (lambda b: {**b, "results": [{"batch": 8, "decode_step_ms": -1.0}]}, "decode_step_ms must be a number > 0"),
+    (lambda b: {**b, "results": [{"batch": 8, "decode_step_ms": float("nan")}]}, "decode_step_ms must be a number"),
+    (lambda b: {**b, "results": [{"batch": 8, "decode_step_ms": "1.0"}]}, "decode_step_ms must be a number > 0"),
+])
+def test_a_malformed_calibration_file_is_refused_naming_it_and_the_field(tmp_path, edit, message):
+    """A hand-edited or truncated gpu_bench.json: a ValueError naming the file and the field,
+    not a TypeError traceback, a 'math domain error' or a negative / NaN decode time."""
+    path = bench_file(tmp_path / "l4.json", device="NVIDIA L4")
+    with open(path) as f:
+        bench = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(bench), f)
+    with pytest.raises(ValueError, match=f"calibration {path}: ") as info:
+        roofline.read_calibration(path)
+    assert message in str(info.value)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="bin.json: cannot read it as JSON"):
+        roofline.read_calibration(str(tmp_path / "bin.json"))
+
+
+def test_a_calibration_that_would_calibrate_nothing_or_twice_is_refused(tmp_path, reviews, capsys):
+    """--calibration for a GPU that is not among --gpu was silently unused, and of two files for
+    one GPU the last silently won; a GPU priced twice likewise."""
+    src, _ = reviews
+    h100, l4 = bench_file(tmp_path / "h100.json"), bench_file(tmp_path / "l4.json", device="NVIDIA L4")
+    l4b = bench_file(tmp_path / "l4b.json", device="NVIDIA L4")
+    base = ["plan", "generate", "--input", src, "--output", str(tmp_path / "o"), "--model", tiny_model("causal")]
+    assert main([*base, "--gpu", "L4,L40S", "--calibration", h100]) == 2
+    assert f"{h100} measured NVIDIA H100 80GB HBM3 (H100-80GB), which is not among --gpu L4,L40S" in capsys.readouterr().err
+    assert main([*base, "--gpu", "L4", "--calibration", l4, "--calibration", l4b]) == 2
+    assert f"{l4} and {l4b} are both for L4" in capsys.readouterr().err
+    assert main([*base, "--gpu", "L4", "--price-per-hour", "L4=1,l4=2"]) == 2
+    assert "L4 is priced twice (1 and 2)" in capsys.readouterr().err
