@@ -5,7 +5,8 @@ hours and dollars (pipeline/cost.py); a GPU benchmark's measured decode steps ca
 
     prefill   2 x matmul params x tokens FLOPs / (peak dense FLOP/s x EFFICIENCY)
               the prompt's tokens go through the layers; the head runs on each row's last
-              position (and on every scored choice token of a label job)
+              position (and on every scored choice token of a label job, on every prompt
+              position of a score job or of prompt log-probabilities)
     decode    steps = rows x new tokens / rows in flight; each step takes the longer of
               reading (weights + the rows' KV cache) / memory bandwidth and
               2 x matmul params x rows in flight FLOPs / (peak x EFFICIENCY)
@@ -120,6 +121,7 @@ class Work:
     new_tokens: int = 0  # generated per row by decode steps (0: the task decodes nothing)
     scored_tokens: int = 0  # computed after the prompts without decoding (label: the choices), with the head on each
     rows_in_flight: int = 1  # decode batch
+    head_tokens: int = 0  # prompt positions besides each row's last that the head runs on (score, prompt logprobs)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def roofline(config, spec: GpuSpec, work: Work, *, dtype="bfloat16", head: str =
     if not 0 < efficiency <= 1:
         raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
     body, head_params = matmul_params(config, head)
-    flops = 2 * body * (work.prompt_tokens + work.scored_tokens) + 2 * head_params * (work.rows + work.scored_tokens)
+    flops = 2 * body * (work.prompt_tokens + work.scored_tokens) + 2 * head_params * (work.rows + work.scored_tokens + work.head_tokens)
     prefill_s = flops / (spec.peak_flops(dtype) * efficiency)
     if not work.new_tokens or not work.rows:
         return Roofline(flops, prefill_s, 0, None, 0.0, efficiency)
