@@ -5,7 +5,8 @@ hours and dollars (pipeline/cost.py); a GPU benchmark's measured decode steps ca
 
     prefill   2 x matmul params x tokens FLOPs / (peak dense FLOP/s x EFFICIENCY)
               the prompt's tokens go through the layers; the head runs on each row's last
-              position (and on every scored choice token of a label job)
+              position (and on every scored choice token of a label job, on every prompt
+              position of a score job or of prompt log-probabilities)
     decode    steps = rows x new tokens / rows in flight; each step takes the longer of
               reading (weights + the rows' KV cache) / memory bandwidth and
               2 x matmul params x rows in flight FLOPs / (peak x EFFICIENCY)
@@ -120,6 +121,7 @@ class Work:
     new_tokens: int = 0  # generated per row by decode steps (0: the task decodes nothing)
     scored_tokens: int = 0  # computed after the prompts without decoding (label: the choices), with the head on each
     rows_in_flight: int = 1  # decode batch
+    head_tokens: int = 0  # prompt positions besides each row's last that the head runs on (score, prompt logprobs)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def roofline(config, spec: GpuSpec, work: Work, *, dtype="bfloat16", head: str =
     if not 0 < efficiency <= 1:
         raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
     body, head_params = matmul_params(config, head)
-    flops = 2 * body * (work.prompt_tokens + work.scored_tokens) + 2 * head_params * (work.rows + work.scored_tokens)
+    flops = 2 * body * (work.prompt_tokens + work.scored_tokens) + 2 * head_params * (work.rows + work.scored_tokens + work.head_tokens)
     prefill_s = flops / (spec.peak_flops(dtype) * efficiency)
     if not work.new_tokens or not work.rows:
         return Roofline(flops, prefill_s, 0, None, 0.0, efficiency)
@@ -193,12 +195,16 @@ def read_calibration(path: str) -> Calibration:
     try:
         with open(path, encoding="utf-8") as f:
             bench = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"calibration {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(bench, dict):
+        raise ValueError(f"calibration {path}: not a bench/gpu_bench.py result (a JSON {type(bench).__name__}, "
+                         "not an object)")
     missing = [k for k in ("device", "dtype", "layers", "params_b", "prompt_len", "results") if k not in bench]
     if missing:
         raise ValueError(f"calibration {path}: not a bench/gpu_bench.py result (no {', '.join(missing)}; "
                          "files from before prompt_len was recorded need a rerun)")
+    _check_bench(path, bench)
     gpu = gpu_of_device(bench["device"])
     if gpu is None:
         raise ValueError(f"calibration {path}: device {bench['device']!r} is none of {sorted(GPU_SPECS)}")
@@ -216,3 +222,39 @@ def read_calibration(path: str) -> Calibration:
     if not points:
         raise ValueError(f"calibration {path}: no result with decode_step_ms")
     return Calibration(path, gpu, bench["device"], bench["dtype"], points)
+
+
+def _check_bench(path: str, bench: dict) -> None:
+    """ValueError naming the file and the field for a gpu_bench.json field of the wrong kind (a
+    hand-edited or truncated file), before any arithmetic runs on it."""
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def positive(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    def bad(field: str, want: str, value) -> ValueError:
+        return ValueError(f"calibration {path}: {field} must be {want}, got {value!r:.60}")
+
+    if not isinstance(bench["device"], str):
+        raise bad("device", "a CUDA device name", bench["device"])
+    if bench["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise bad("dtype", "float32, bfloat16 or float16", bench["dtype"])
+    if not positive_int(bench["layers"]):
+        raise bad("layers", "a positive integer", bench["layers"])
+    if not isinstance(bench["params_b"], (int, float)) or isinstance(bench["params_b"], bool):
+        raise bad("params_b", "a number", bench["params_b"])
+    plen = bench["prompt_len"]
+    if not (isinstance(plen, list) and len(plen) == 2 and all(positive_int(v) for v in plen)):
+        raise bad("prompt_len", "[shortest, longest] prompt tokens", plen)
+    if not isinstance(bench["results"], list):
+        raise bad("results", "a list", bench["results"])
+    for k, result in enumerate(bench["results"]):
+        if not isinstance(result, dict):
+            raise bad(f"results[{k}]", "an object", result)
+        if not result.get("decode_step_ms"):  # no decode step timed at this batch
+            continue
+        if not positive_int(result.get("batch")):
+            raise bad(f"results[{k}].batch", "a positive integer (rows per decode step)", result.get("batch"))
+        if not positive(result["decode_step_ms"]):
+            raise bad(f"results[{k}].decode_step_ms", "a number > 0", result["decode_step_ms"])

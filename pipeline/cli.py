@@ -224,7 +224,7 @@ def _estimate(args: argparse.Namespace, config: PipelineConfig, plan: dict, gpus
 
     model_config, architecture = read_config(config.model, config)
     return estimate(config, model_config, HEADS[architecture], plan["prompt_tokens"], plan["rows_to_run"], gpus,
-                    parse_prices(args.price_per_hour, gpus), calibrations(args.calibration))
+                    parse_prices(args.price_per_hour, gpus), calibrations(args.calibration, gpus=gpus))
 
 
 def _task_first(argv: list[str]) -> list[str]:

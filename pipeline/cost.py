@@ -4,10 +4,12 @@ an estimate (roofline), not a measurement.
 From the plan: the rows to run and their prompt tokens (measured in the model's tokens by
 pipeline/prompt_stats.py, scaled from a sample to all rows to run; rows the run would not send
 to the engine left out: id errors, unusable prompts, prompts over the limit that get
-prompt_too_long; prompts cut to fit counted at the limit), and per row the tokens the
-task adds: generate decodes up to max_new_tokens (an upper bound: rows that stop early cost
-less), label scores its choices' tokens (the task's `capacity_new_tokens`, computed in forwards
-without decoding), classify adds none. Per GPU:
+prompt_too_long; prompts cut to fit counted at the limit; texts a score job reads in rolling
+windows counted with the tokens the windows read again), and per row the tokens the task adds:
+generate decodes up to max_new_tokens (an upper bound: rows that stop early cost less), label
+scores its choices' tokens (the task's `capacity_new_tokens`, computed in forwards without
+decoding), classify and score add none (score runs the head on every prompt position, as
+generate with --prompt-logprobs does). Per GPU:
 
 - the replica's KV pool and the rows of typical length (mean prompt + new tokens) it holds at
   once, from `capacity.plan` with the run's dtype and quantization, against the KV tokens the
@@ -87,17 +89,26 @@ def parse_prices(text: str | None, gpus: list[str]) -> dict[str, float]:
             raise ValueError(f"--price-per-hour: {gpu}'s price must be a number > 0 (USD per GPU-hour), got {value}")
         if gpu not in gpus:
             raise ValueError(f"--price-per-hour: {gpu} is not among --gpu {','.join(gpus)}")
+        if gpu in prices:
+            raise ValueError(f"--price-per-hour: {gpu} is priced twice ({prices[gpu]:g} and {value.strip()})")
         prices[gpu] = price
     return prices
 
 
-def calibrations(paths: list[str] | None, results_dir: str = BENCH_RESULTS) -> dict[str, roofline.Calibration]:
-    """{GPU: its Calibration}: from `paths` (errors raised), else every readable JSON under
-    `results_dir` (one that is not a GPU benchmark is skipped with a warning; of two for one GPU,
-    the later name wins)."""
+def calibrations(paths: list[str] | None, results_dir: str = BENCH_RESULTS,
+                 gpus: list[str] | None = None) -> dict[str, roofline.Calibration]:
+    """{GPU: its Calibration}: from `paths` (errors raised, also for two files of one GPU and,
+    given `gpus`, for a file of a GPU not among them: it would calibrate nothing), else every
+    readable JSON under `results_dir` (one that is not a GPU benchmark is skipped with a warning;
+    of two for one GPU, the later name wins)."""
     found: dict[str, roofline.Calibration] = {}
     for path in paths or []:
         cal = roofline.read_calibration(path)
+        if cal.gpu in found:
+            raise ValueError(f"--calibration: {found[cal.gpu].source} and {path} are both for {cal.gpu}; give one")
+        if gpus is not None and cal.gpu not in gpus:
+            raise ValueError(f"--calibration: {path} measured {cal.device} ({cal.gpu}), which is not among "
+                             f"--gpu {','.join(gpus)}")
         found[cal.gpu] = cal
     if paths:
         return found
@@ -118,22 +129,35 @@ def _work(config, prompts: dict, rows_to_run: int) -> tuple[Work, dict]:
     over, over_tokens = (prompts["rows_over_limit_read"], prompts["tokens_over_limit_read"]) if read else (0, 0)
     measured_tokens = prompts["tokens_measured"] if read else 0
     refused = read and prompts["limit"]["over"] == "prompt_too_long"
+    score = config.task == "score"
+    limit = prompts["limit"]["tokens"] if read else 0
     if refused:  # the engine refuses those rows: they cost nothing
         measured_tokens -= over_tokens
-    elif over:  # cut to fit (or scored in windows): about the limit's tokens each
-        measured_tokens += over * prompts["limit"]["tokens"] - over_tokens
+    scored_positions = measured_tokens  # score: every token is scored once, however many windows read it
+    if over and not refused and score:  # rolling windows of `limit` tokens: each after the first reads
+        # `limit` tokens to score `stride` new ones (model/scoring.py, rolling_windows)
+        stride = config.score_stride or max(1, limit // 2)
+        measured_tokens += round((over_tokens - over * limit) * (limit / stride - 1))
+    elif over and not refused:  # cut to fit: about the limit's tokens each
+        measured_tokens += over * limit - over_tokens
+        scored_positions = measured_tokens
     engine_rows = read - prompts["rows_not_run"] - (over if refused else 0) if read else 0
     rows = round(rows_to_run * engine_rows / read) if read else 0
     prompt_tokens = round(measured_tokens * rows_to_run / read) if read else 0
     causal = task.architecture == CAUSAL
-    per_row = task.capacity_new_tokens(config) if causal else 0
+    per_row = task.capacity_new_tokens(config) if causal and not score else 0  # score decodes and adds nothing
     new, scored = (per_row, 0) if task.generates else (0, per_row)
-    return Work(rows=rows, prompt_tokens=prompt_tokens, new_tokens=new, scored_tokens=scored * rows), {
+    # score, and prompt log-probabilities, run the head on every prompt position (all but the last
+    # predict a token; the last is the row's own head position, as in every task)
+    head = (round(scored_positions * rows_to_run / read) - rows if read else 0) \
+        if score or (task.generates and config.prompt_logprobs) else 0
+    return Work(rows=rows, prompt_tokens=prompt_tokens, new_tokens=new, scored_tokens=scored * rows,
+                head_tokens=max(0, head)), {
         "rows_to_run": rows_to_run, "rows": rows, "prompt_tokens": prompt_tokens,
         "mean_prompt_tokens": round(prompt_tokens / rows, 2) if rows else None,
         "measured": "all rows" if prompts and prompts["exact"] else f"a sample of {read} rows, scaled",
         "new_tokens_per_row": new, "scored_tokens_per_row": scored,
-        "output_tokens": rows * (new or scored),
+        "output_tokens": max(0, head) if score else rows * (new or scored),
     }
 
 
@@ -201,6 +225,7 @@ def estimate_lines(est: dict) -> list[str]:
     """The estimate as `plan` prints it."""
     task_tokens = (f"up to {est['new_tokens_per_row']} new tokens/row, decoded" if est["new_tokens_per_row"] else
                    f"{est['scored_tokens_per_row']} scored tokens/row, no decoding" if est["scored_tokens_per_row"]
+                   else f"{est['output_tokens']:,} prompt tokens scored, no decoding" if est["output_tokens"]
                    else "no new tokens")
     quant = f", {est['quantization']} weights" + (" and lm_head" if est["quantize_lm_head"] else "") \
         if est["quantization"] != "none" else ""

@@ -204,7 +204,8 @@ class _RowsInput(InputFormat):
 
     def _load(self, loc: Location, config) -> tuple[pa.Table, dict[int, RowError], str]:
         """(table of the file's rows, {row: error} for rows that could not be read, sha256)."""
-        key = (loc.uri, config.task, config.id_column, config.prompt_column, tuple(config.keep_columns))
+        key = (loc.uri, config.task, config.id_column, config.prompt_column, tuple(config.keep_columns),
+               TASKS[config.task].input_columns(config))  # the columns _parse reads depend on all of these
         hit = self._cache.get(key)
         raw = _open_text(loc)
         digest = hashlib.sha256(raw).hexdigest()[:32]

@@ -21,7 +21,7 @@ pipeline/row_settings.py:
   Log-probabilities: chat `logprobs: true` with `top_logprobs: N` (0-20), completions
   `logprobs: N`, become the row's `logprobs` setting (N alternatives per token). vLLM's extra
   field `prompt_logprobs: 0` (or `true`) asks for the prompt tokens' log-probabilities (the
-  row's `prompt_logprobs` setting); alternatives for prompt tokens (N > 0) are not offered.
+  row's `prompt_logprobs` setting; `false` turns off the run's --prompt-logprobs); alternatives for prompt tokens (N > 0) are not offered.
   `model` is ignored: the run's model answers. A request that asks for what this engine does not
   do (`n` > 1, tools, streaming, penalties, `echo`) is that row's error, not silently changed.
 
@@ -178,9 +178,10 @@ def _logprobs(url: str, body: dict) -> int | None:
 
 
 def _prompt_logprobs(value: Any) -> bool | None:
-    """vLLM's `prompt_logprobs` request field: 0 or true asks for them (None = the run's setting)."""
+    """vLLM's `prompt_logprobs` request field: 0 or true asks for them, false does not even under
+    a run with --prompt-logprobs (None, the field left out = the run's setting)."""
     if value is None or value is False:
-        return None
+        return value
     if value is True or (isinstance(value, int) and value == 0):
         return True
     if isinstance(value, int) and 0 < value <= 20:

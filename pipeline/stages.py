@@ -651,10 +651,10 @@ class ScoreStage(Stage):
 
     @classmethod
     def prompt_tokens(cls, config, encode, text, limit):
-        """A text of n tokens (BOS first) reads n - 1 positions: too long past the limit, unless
-        rolling windows score it."""
+        """A text of n tokens (BOS first) reads n - 1 positions: over the limit past it (refused,
+        or with --score-rolling scored in windows: `prompt_limit` says which)."""
         n = len(encode(text, add_bos=True))
-        return n, not config.score_rolling and n - 1 > limit
+        return n, n - 1 > limit
 
     @classmethod
     def capacity_new_tokens(cls, config):

@@ -230,3 +230,94 @@ def test_every_gpu_has_a_datasheet_entry_and_the_h100_floor_is_persimmons():
     assert set(roofline.GPU_SPECS) == set(capacity.GPU_MEMORY_GIB)
     step = roofline.decode_step(PersimmonConfig(), roofline.GPU_SPECS["H100-80GB"], rows=1, context=0)
     assert math.isclose(step.seconds * 1e3, 5.0, abs_tol=0.05)  # PERSIMMON.md: ~5 ms from reading the weights
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda b: 5, "a JSON int, not an object"),
+    (lambda b: None, "a JSON NoneType, not an object"),
+    (lambda b: {**b, "device": None}, "device must be a CUDA device name"),
+    (lambda b: {**b, "dtype": "float64"}, "dtype must be float32, bfloat16 or float16"),
+    (lambda b: {**b, "layers": "4"}, "layers must be a positive integer"),
+    (lambda b: {**b, "prompt_len": 256}, "prompt_len must be [shortest, longest]"),
+    (lambda b: {**b, "results": {"a": 1}}, "results must be a list"),
+    (lambda b: {**b, "results": [1]}, "results[0] must be an object"),
+    (lambda b: {**b, "results": [{"decode_step_ms": 1.0}]}, "results[0].batch must be a positive integer"),
+    (lambda b: {**b, "results": [{"batch": 0, "decode_step_ms": 1.0}]}, "results[0].batch must be a positive"),
+    (lambda b: {**b, "results": [{"batch": "8", "decode_step_ms": 1.0}]}, "results[0].batch must be a positive"),
+    (lambda b: {**b, "results": [{"batch": 8, "decode_step_ms": -1.0}]}, "decode_step_ms must be a number > 0"),
+    (lambda b: {**b, "results": [{"batch": 8, "decode_step_ms": float("nan")}]}, "decode_step_ms must be a number"),
+    (lambda b: {**b, "results": [{"batch": 8, "decode_step_ms": "1.0"}]}, "decode_step_ms must be a number > 0"),
+])
+def test_a_malformed_calibration_file_is_refused_naming_it_and_the_field(tmp_path, edit, message):
+    """A hand-edited or truncated gpu_bench.json: a ValueError naming the file and the field,
+    not a TypeError traceback, a 'math domain error' or a negative / NaN decode time."""
+    path = bench_file(tmp_path / "l4.json", device="NVIDIA L4")
+    with open(path) as f:
+        bench = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(bench), f)
+    with pytest.raises(ValueError, match=f"calibration {path}: ") as info:
+        roofline.read_calibration(path)
+    assert message in str(info.value)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="bin.json: cannot read it as JSON"):
+        roofline.read_calibration(str(tmp_path / "bin.json"))
+
+
+def test_a_calibration_that_would_calibrate_nothing_or_twice_is_refused(tmp_path, reviews, capsys):
+    """--calibration for a GPU that is not among --gpu was silently unused, and of two files for
+    one GPU the last silently won; a GPU priced twice likewise."""
+    src, _ = reviews
+    h100, l4 = bench_file(tmp_path / "h100.json"), bench_file(tmp_path / "l4.json", device="NVIDIA L4")
+    l4b = bench_file(tmp_path / "l4b.json", device="NVIDIA L4")
+    base = ["plan", "generate", "--input", src, "--output", str(tmp_path / "o"), "--model", tiny_model("causal")]
+    assert main([*base, "--gpu", "L4,L40S", "--calibration", h100]) == 2
+    assert f"{h100} measured NVIDIA H100 80GB HBM3 (H100-80GB), which is not among --gpu L4,L40S" in capsys.readouterr().err
+    assert main([*base, "--gpu", "L4", "--calibration", l4, "--calibration", l4b]) == 2
+    assert f"{l4} and {l4b} are both for L4" in capsys.readouterr().err
+    assert main([*base, "--gpu", "L4", "--price-per-hour", "L4=1,l4=2"]) == 2
+    assert "L4 is priced twice (1 and 2)" in capsys.readouterr().err
+
+
+def test_score_runs_the_head_on_every_scored_token_and_rolling_windows_read_tokens_again():
+    """Scoring computes log-probabilities at every position (model/scoring.py), so the 262k-vocab
+    head runs on each scored token, not on one per row plus one 'scored token' (12% of the
+    FLOPs undercounted); generate with --prompt-logprobs likewise. A text over max_seq_len is
+    scored in rolling windows of W tokens, each after the first reading W tokens to score
+    `stride` new ones, not counted at the limit's tokens."""
+    rows, tokens = 1000, 300_000
+    config = PipelineConfig(task="score", input="in", output="out", model="m", num_gpus_per_replica=1)
+    est = estimate(config, PersimmonConfig(), "causal", measured(rows, tokens), rows, ["H100-80GB"])
+    g, = est["gpus"]
+    assert g["roofline"]["prefill_flops"] == 2 * BODY * tokens + 2 * VC * tokens  # the head on n - 1 + the last
+    assert est["scored_tokens_per_row"] == 0 and est["new_tokens_per_row"] == 0
+    assert est["output_tokens"] == tokens - rows  # the tokens scored: all but each row's first (BOS)
+
+    gen = PipelineConfig(task="generate", input="in", output="out", model="m", num_gpus_per_replica=1,
+                         max_new_tokens=10, prompt_logprobs=True)
+    g, = estimate(gen, PersimmonConfig(), "causal", measured(rows, tokens), rows, ["H100-80GB"])["gpus"]
+    assert g["roofline"]["prefill_flops"] == 2 * BODY * tokens + 2 * VC * tokens
+
+    # 10 rows of 100 tokens and 2 of 3000 over max_seq_len 1000: windows of 1000 tokens, stride 500
+    long = {**measured(12, 10 * 100 + 2 * 3000), "rows_over_limit_read": 2, "tokens_over_limit_read": 6000,
+            "limit": {"name": "max_seq_len", "tokens": 1000, "over": "scored in rolling windows"}}
+    rolling = PipelineConfig(task="score", input="in", output="out", model="m", num_gpus_per_replica=1,
+                             max_seq_len=1000)
+    est = estimate(rolling, PersimmonConfig(), "causal", long, 12, ["H100-80GB"])
+    read = 10 * 100 + 2 * (1000 + (3000 - 1000) * 1000 // 500)  # each token past the first window read twice
+    assert est["prompt_tokens"] == read
+    assert est["gpus"][0]["roofline"]["prefill_flops"] == 2 * BODY * read + 2 * VC * (10 * 100 + 2 * 3000)
+
+
+def test_plan_counts_the_texts_a_score_job_reads_in_rolling_windows(reviews, tmp_path, capsys):
+    """ScoreStage.prompt_tokens never flagged a text over max_seq_len when rolling windows score
+    it, so plan said '0 row(s)' over the limit and the estimate never saw the windows."""
+    src, _ = reviews
+    argv = ["plan", "score", "--input", src, "--output", str(tmp_path / "o"), "--model", tiny_model("causal"),
+            "--max-seq-len", "8", "--gpu", "L4", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    stats, est = plan["prompt_tokens"], plan["estimate"]
+    assert stats["limit"]["over"] == "scored in rolling windows" and stats["rows_over_limit"] > 0
+    assert est["prompt_tokens"] > stats["tokens_measured"]  # windows read tokens again
+    assert est["output_tokens"] == stats["tokens_measured"] - est["rows"]  # each token scored once

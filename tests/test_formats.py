@@ -313,3 +313,18 @@ def test_jsonl_output_is_strict_json_and_keeps_bytes_apart():
              for x in sink.data.decode().splitlines()]
     assert [x["score"] for x in lines] == [None, None] and lines[0]["probs"] == [0.5, None]
     assert lines[0]["id"] != lines[1]["id"] and lines[0]["id"] == "base64:/wE="
+
+
+def test_a_jsonl_file_read_again_for_another_score_after_column_has_that_column(tmp_path):
+    """The parsed-file cache was keyed without the task's input columns (--score-after): the same
+    file read for a config naming another column came back without it, so its rows were scored
+    after the literal text instead of the column's values."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": 1, "prompt": "text", "ctx": "a", "head": "b"}\n')
+    loc = resolve(str(path), config())
+    fmt = INPUT_FORMATS["jsonl"]
+    for name in ("ctx", "head"):
+        cfg = config(task="score", score_after=name)
+        assert name in fmt.inspect(loc, cfg).schema.names
+        (table, _), = fmt.batches(loc, fmt.inspect(loc, cfg).splits[0], cfg, ["id", "prompt", name])
+        assert table[name].to_pylist() == [{"ctx": "a", "head": "b"}[name]]

@@ -151,3 +151,16 @@ def test_openai_batch_options_are_checked():
     assert cfg.output_format == "openai-batch"
     assert PipelineConfig(task="generate", input_format="openai-batch", output_format="parquet", **base) \
         .validate().output_format == "parquet"
+
+
+def test_a_request_that_says_prompt_logprobs_false_turns_the_runs_setting_off():
+    """`prompt_logprobs: false` is a request's explicit no: it was dropped (None = the run's
+    setting), so under a run with --prompt-logprobs the request got them anyway."""
+    def setting(value):
+        row, err = request_row({"custom_id": "a", "url": "/v1/completions",
+                                "body": {"prompt": "x", "prompt_logprobs": value}}, "id", "prompt")
+        assert err is None
+        return row.get("prompt_logprobs", "the run's")
+
+    assert setting(False) is False and setting(True) is True and setting(0) is True
+    assert setting(None) == "the run's"
