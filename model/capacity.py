@@ -110,7 +110,7 @@ def weights_bytes(config, dtype, head: str = "causal", quantization: str = "none
                   quantize_lm_head: bool = False) -> int:
     """Bytes of the weights as loaded: every parameter in `dtype`, except that with int8 / fp8
     the linear weights of `quantized_linears` take one byte per element plus one scale per
-    output channel. Persimmon-8B, bf16: 17.5 GiB; int8: 10.7 GiB (9.8 GiB with the lm_head)."""
+    output channel. Persimmon-8B, bf16: 17.5 GiB; int8: 10.8 GiB (9.8 GiB with the lm_head)."""
     it = dtype_bytes(dtype)
     total = param_count(config, head) * it
     if quantization == "none":

@@ -59,7 +59,7 @@ RowFn = Callable[[Row], Row]
 
 def build_processor(task: str, model: str | None = None, preprocess: RowFn | None = None,
                     postprocess: RowFn | None = None, **settings) -> Processor:
-    """A processor for `task` (generate, classify, label: `stages.TASKS`): `processor(ds)` is
+    """A processor for `task` (generate, classify, label, score: `stages.TASKS`): `processor(ds)` is
     the lazy Dataset of `ds`'s results. `settings` are `PipelineConfig` fields (the CLI's flags:
     replicas, num_gpus_per_replica, batch_size, max_new_tokens, prompt_column, ...), less
     `RUN_FIELDS`. `preprocess(row) -> row` makes each input row into one with the prompt column
