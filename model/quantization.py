@@ -50,10 +50,13 @@ _scratch = threading.local()
 
 
 def _cpu_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's buffer for dequantized weight slices, grown as needed (<= SLICE_BYTES)."""
+    """This thread's buffer for dequantized weight slices, grown as needed (<= SLICE_BYTES).
+    Made outside inference mode: an inference tensor could not be written by a later forward
+    outside it (a user's own no_grad forward after an engine call)."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):
+            buf = _scratch.buf = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 

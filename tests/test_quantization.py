@@ -86,6 +86,22 @@ def test_fp8_linear_numerics_on_cpu():
     assert layer.weight.dtype == torch.uint8
 
 
+
+def test_int8_linear_runs_outside_inference_mode_after_an_engine_call():
+    """The CPU scratch the dequantizing path reuses must not be an inference tensor: one made
+    under the engine's inference_mode cannot be written in a plain or no_grad forward (a user's
+    own model(ids) after engine.generate raised 'Inplace update to inference tensor')."""
+    linear = torch.nn.Linear(64, 48)
+    layer = Int8Linear.from_weights(linear.weight, linear.bias)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        want = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+    assert torch.equal(layer(x), want)
+
+
+
 def top1_agreement_and_error(model, reference, prompts) -> tuple[float, float]:
     """(share of positions whose argmax agrees, |logit difference| / |logits|, as RMS)."""
     ids = torch.tensor(prompts)
