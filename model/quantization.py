@@ -168,6 +168,9 @@ class QuantizedLinear(nn.Module):
         operations of torchao's weight-only linear, without a full-precision copy of W."""
         w, N = self.weight_8bit(), self.out_features
         step = max(1, SLICE_BYTES.get(x2.device.type, SLICE_BYTES["cuda"]) // (self.in_features * x2.element_size()))
+        # float16: x q^T is 127 / max|w| (fp8: 448 / max|w|) times the output and can pass 65504
+        # where the output does not; the scale goes into each slice instead (bf16 / fp32: torchao's order)
+        fold = x2.dtype == torch.float16
         y = x2.new_empty(x2.shape[0], N) if step < N else None
         for a in range(0, N, step):
             part = w[a:a + step]
@@ -175,11 +178,13 @@ class QuantizedLinear(nn.Module):
                 deq = _cpu_scratch(part.numel(), x2.dtype).view(part.shape).copy_(part)
             else:  # CUDA's caching allocator makes a fresh slice cheap (and safe in graph capture)
                 deq = part.to(x2.dtype)
+            if fold:
+                deq.mul_(self.scale[a:a + step, None])
             if y is None:
                 y = x2 @ deq.t()  # [M, N]: the whole weight in one slice
             else:
                 y[:, a:a + step] = x2 @ deq.t()
-        return y.mul_(self.scale)
+        return y if fold else y.mul_(self.scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

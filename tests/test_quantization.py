@@ -102,6 +102,27 @@ def test_int8_linear_runs_outside_inference_mode_after_an_engine_call():
 
 
 
+@pytest.mark.parametrize("layer_class", [Int8Linear, Float8Linear])
+def test_float16_outputs_do_not_overflow_before_the_scale(layer_class):
+    """In float16 the unscaled x.q^T is about 127 / max|w| (int8; fp8: 448 / max|w|) times
+    the output: a linear whose fp16 output is ~60 passed fp16's 65504 before the scale was
+    applied and came out inf. The scale goes into each dequantized slice instead."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4096, 256)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02)
+    linear = linear.half()
+    layer = layer_class.from_weights(linear.weight, linear.bias)
+    x = (torch.randn(3, 4096) * 15).half()
+    with torch.inference_mode():
+        want, got = linear(x), layer(x)
+    assert want.isfinite().all() and want.abs().max() < 1000
+    deq = layer.weight_8bit().float() * layer.scale.float()[:, None]
+    exact = x.float() @ deq.t() + linear.bias.float()
+    assert got.isfinite().all()
+    assert ((got.float() - exact).abs() <= 1e-2 * exact.abs().max()).all()
+
+
 def top1_agreement_and_error(model, reference, prompts) -> tuple[float, float]:
     """(share of positions whose argmax agrees, |logit difference| / |logits|, as RMS)."""
     ids = torch.tensor(prompts)
