@@ -81,6 +81,8 @@ class Engine:
         if quantized != "none" and dtype not in (None, next(model.parameters()).dtype):
             raise ValueError(f"this model's linears are quantized ({quantized}) from {next(model.parameters()).dtype}: "
                              f"load it in {dtype} instead of casting it")
+        if quantized != "none":
+            dtype = None  # its own dtype: a cast would turn fp8's float32 scales into that dtype
         unpack_cpu_linears(model)  # packed weights from an earlier engine would go stale on a cast
         if dtype is not None or device is not None:
             model = model.to(dtype=dtype, device=device)

@@ -154,6 +154,19 @@ def test_quantized_tiny_model_stays_close(lm, quantization, lowest_agreement, la
     assert agree >= lowest_agreement and 1e-3 < error <= largest_error, (agree, error)
 
 
+
+def test_engine_in_the_models_own_dtype_leaves_fp8_scales_in_float32(monkeypatch):
+    """Engine(model, dtype=<the dtype it was loaded in>) is allowed on a quantized model and
+    must change nothing: it cast the model, which turned fp8's float32 scales into bf16 (and
+    the weights no longer took the bytes capacity sized the KV pool with)."""
+    monkeypatch.setattr(quant, "check_supported", lambda *a: None)
+    model = quantize_model(random_model(PersimmonForCausalLM, PersimmonConfig.tiny()).to(torch.bfloat16), "fp8")
+    scale = model.model.layers[0].mlp.dense_h_to_4h.scale.clone()
+    Engine(model, None, dtype="bfloat16", max_batch_size=2, kv_cache_gib=0.01)
+    layer = model.model.layers[0].mlp.dense_h_to_4h
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scale)
+
+
 def naive_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     """Full forward per token, no cache: the reference for cached decoding."""
     ids = list(prompt)
