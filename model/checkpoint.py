@@ -19,7 +19,7 @@ import torch
 
 from .config import PersimmonConfig
 from .modeling import MODEL_CLASSES, PersimmonForCausalLM, PersimmonModel
-from .quantization import LayerQuantizer
+from .quantization import LayerQuantizer, quantization_of
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -297,6 +297,11 @@ def save_state_dict(state: dict[str, torch.Tensor], path, max_shard_size="5GB") 
 
 def save_pretrained(model, path, max_shard_size="5GB") -> None:
     """Write config.json + safetensors that both this package and transformers load."""
+    quantized, _ = quantization_of(model)
+    if quantized != "none":
+        raise ValueError(f"this model's linears are quantized ({quantized}): neither this package nor transformers "
+                         "loads its 8-bit weights and scales as a checkpoint; save the unquantized model (loading "
+                         "quantizes it again: quantization=...)")
     config = model.config
     state = model.state_dict()
     if config.tie_word_embeddings:

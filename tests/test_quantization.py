@@ -234,6 +234,19 @@ def test_fp8_weights_bytes_match_capacity(monkeypatch):
     assert size == capacity.weights_bytes(model.config, "bfloat16", "causal", "fp8", True)
 
 
+
+def test_saving_a_quantized_model_is_refused(causal_dir, tmp_path):
+    """save_pretrained writes checkpoints 'that both this package and transformers load': a
+    quantized model's int8 weights and scales are neither (transformers would read the int8
+    values into bf16 weights as they are, 100x too large), so it says so and writes nothing."""
+    from model.checkpoint import save_pretrained
+
+    model = load_pretrained(causal_dir, dtype="bfloat16", quantization="int8")
+    with pytest.raises(ValueError, match=r"quantized \(int8\).*save the unquantized model"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fp8_off_a_recent_gpu_is_a_clear_error_before_any_weight_is_read(causal_dir, monkeypatch):
     import model.checkpoint as checkpoint
 
