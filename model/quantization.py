@@ -68,9 +68,14 @@ def _torchao_int8():
     for logger in noisy:
         logger.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import Int8Tensor, PerRow
+        import torchao
     except ImportError as e:
         raise ImportError(f"quantization='int8' needs torchao, which is not installed ({e}): {INSTALL_HINT}") from None
+    try:
+        from torchao.quantization import Int8Tensor, PerRow
+    except ImportError as e:  # Int8Tensor is torchao 0.15's
+        raise ImportError(f"quantization='int8' needs torchao >= 0.15; this is torchao "
+                          f"{getattr(torchao, '__version__', '?')} ({e}): pip install -U 'persimmon-batch[quant]'") from None
     finally:
         for logger, level in zip(noisy, levels):
             logger.setLevel(level)

@@ -266,6 +266,20 @@ def test_missing_torchao_is_a_clear_error(causal_dir, monkeypatch):
         Engine.from_pretrained(causal_dir, device="cpu", quantization="int8")
 
 
+
+def test_a_torchao_without_int8tensor_is_named_too_old_not_missing(causal_dir, monkeypatch):
+    """pip may keep a torchao older than 0.15 (no Int8Tensor): the error says which version it
+    found and that it is too old, not that torchao is not installed."""
+    import types
+
+    import torchao
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", types.ModuleType("torchao.quantization"))
+    monkeypatch.setattr(torchao, "__version__", "0.14.1", raising=False)
+    with pytest.raises(ImportError, match=r"int8.*needs torchao >= 0\.15; this is torchao 0\.14\.1"):
+        Engine.from_pretrained(causal_dir, device="cpu", quantization="int8")
+
+
 def test_bad_quantization_settings_are_refused(causal_dir):
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         load_pretrained(causal_dir, quantization="int4")
