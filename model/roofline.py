@@ -16,9 +16,15 @@ matmul. So a decode step reads all weights but the embedding: 15.5 GiB (16.6 GB)
 Persimmon-8B's 17.5 GiB in bf16, ~5 ms on an H100. The KV cache read per step is each row's
 average context (its prompt + half its new tokens). Not counted: attention's own FLOPs (4 x
 context x hidden x layers per token, ~2% of 16.6 GFLOP at 500 tokens of context), sampling,
-the scheduler, the CPU side of Ray Data, replicas starting. Quantized weights (int8, fp8) are
-read at one byte but multiplied at the 16-bit peak (weight-only quantization dequantizes
-before the matmul).
+the scheduler, the CPU side of Ray Data, replicas starting.
+
+Quantized weights (int8, fp8) are costed as this engine runs them on a GPU, not as a fused
+kernel would: `QuantizedLinear` dequantizes each weight slice (64 MiB, larger than L2) into the
+activation dtype in device memory and then multiplies, so a quantized weight moves 1 byte read +
+`it` written + `it` read back (5 bytes in bf16 against 2 unquantized), multiplied at the 16-bit
+peak. On a GPU, int8 buys KV room (rows in flight), not bandwidth; a fused int8 kernel would
+read 1 byte. A GPU benchmark's quantized decode steps (gpu_bench --quantization) will say how
+far this is from the truth.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from .capacity import GPU_MEMORY_GIB, dtype_bytes, kv_bytes_per_token, param_count, weights_bytes
+from .capacity import GPU_MEMORY_GIB, dtype_bytes, kv_bytes_per_token, param_count, quantized_linears, weights_bytes
 from .config import PersimmonConfig
 
 EFFICIENCY = 0.5  # share of the peak FLOP/s matmuls reach (assumed; a calibration replaces it for decode)
@@ -82,14 +88,21 @@ def matmul_params(config, head: str = "causal") -> tuple[int, int]:
 
 def step_weights_bytes(config, dtype, head: str = "causal", quantization: str = "none",
                        quantize_lm_head: bool = False, with_head: bool = True) -> int:
-    """Bytes of weights one decode step reads: all but the input embedding (with tied
-    embeddings the lm_head reads that matrix whole); without the head when `with_head` is
+    """Bytes of weight traffic in one decode step: every weight but the input embedding, read
+    once (with tied embeddings the lm_head reads that matrix whole), plus each quantized weight's
+    dequantized copy, written and read back (module doc); without the head when `with_head` is
     False (a benchmark's step that times the layers only)."""
-    embedding = config.vocab_size * config.hidden_size * dtype_bytes(dtype)  # never quantized
-    if not with_head:
-        return weights_bytes(config, dtype, "none", quantization) - embedding
-    total = weights_bytes(config, dtype, head, quantization, quantize_lm_head)
-    return total if config.tie_word_embeddings else total - embedding
+    it = dtype_bytes(dtype)
+    embedding = config.vocab_size * config.hidden_size * it  # gathered, never read whole; never quantized
+    if with_head:
+        read = weights_bytes(config, dtype, head, quantization, quantize_lm_head)
+        read -= 0 if config.tie_word_embeddings else embedding
+    else:
+        read = weights_bytes(config, dtype, "none", quantization) - embedding
+    if quantization == "none":
+        return read
+    shapes = quantized_linears(config, head if with_head else "none", quantize_lm_head)
+    return read + 2 * it * sum(out_features * in_features for out_features, in_features in shapes)
 
 
 @dataclass
