@@ -207,7 +207,7 @@ def _cost_args(args: argparse.Namespace) -> list[str]:
     """The GPUs of `plan --gpu` (none without it); bad names and prices raise ValueError."""
     from .cost import parse_gpus, parse_prices
 
-    if not args.gpu:
+    if args.gpu is None:
         for flag in ("price_per_hour", "calibration"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} is for the cost estimate: give --gpu too")

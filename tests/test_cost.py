@@ -159,6 +159,7 @@ def test_plan_prints_the_estimate_labelled(reviews, tmp_path, capsys):
     (["--gpu", "H100"], "unknown GPU 'H100'; did you mean H100-80GB"),
     (["--gpu", "L40"], "did you mean L40S"),
     (["--gpu", ","], "--gpu: no GPU named"),
+    (["--gpu", ""], "--gpu: no GPU named"),  # an empty shell variable, not a silent skip
     (["--gpu", "L4", "--price-per-hour", "L4"], "'L4' is not GPU=USD"),
     (["--gpu", "L4", "--price-per-hour", "L4=cheap"], "L4's price 'cheap' is not a number"),
     (["--gpu", "L4", "--price-per-hour", "L4=0"], "must be a number > 0"),
