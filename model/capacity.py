@@ -43,7 +43,7 @@ GPU_COMPUTE_CAPABILITY = {
     "T4": (7, 5), "A10G": (8, 6), "L4": (8, 9), "L40S": (8, 9), "A100-40GB": (8, 0), "A100-80GB": (8, 0),
     "H100-80GB": (9, 0), "H200": (9, 0),
 }
-FP8_MIN_CAPABILITY = (8, 9)
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with fp8 tensor cores
 # AWS instance families -> their GPU (cluster.yaml names instance types)
 AWS_INSTANCE_GPUS = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "g6e": "L40S", "p4d": "A100-40GB",
                      "p4de": "A100-80GB", "p5": "H100-80GB", "p5e": "H200", "p5en": "H200"}

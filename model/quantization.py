@@ -27,13 +27,12 @@ import threading
 import torch
 from torch import nn
 
-from .capacity import QUANTIZATIONS
+from .capacity import FP8_MIN_CAPABILITY, QUANTIZATIONS
 from .modeling import PersimmonDecoderLayer
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'persimmon-batch[quant]'"
-FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with fp8 tensor cores
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 # bf16 rows up to which _weight_int8pack_mm beats dequantize-then-matmul on CPU: it reads the
 # weight once per 4 rows, so it wins while the weight's bytes dominate. Measured for a 16384 x
@@ -82,9 +81,12 @@ def _torchao_int8():
     return Int8Tensor, PerRow
 
 
-def check_supported(quantization: str, device) -> None:
+def check_supported(quantization: str, device, quantize_lm_head: bool = False) -> None:
     """Raise, before any weight is read, where `quantization` cannot run on `device`: an
-    unknown name, int8 without torchao, fp8 off CUDA or on a GPU older than compute 8.9."""
+    unknown name, the lm_head without a quantization, int8 without torchao, fp8 off CUDA or on
+    a GPU older than compute 8.9."""
+    if quantize_lm_head and quantization == "none":
+        raise ValueError("quantize_lm_head=True needs quantization='int8' or 'fp8'")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
     if quantization == "int8":
@@ -256,11 +258,9 @@ def linears_to_quantize(model: nn.Module, quantize_lm_head: bool = False) -> lis
 
 def quantize_model(model: nn.Module, quantization: str, quantize_lm_head: bool = False) -> nn.Module:
     """Quantize a loaded model in place (tests, benchmarks); checkpoints quantize while they load."""
-    if quantize_lm_head and quantization == "none":
-        raise ValueError("quantize_lm_head=True needs quantization='int8' or 'fp8'")
+    check_supported(quantization, next(model.parameters()).device, quantize_lm_head)
     if quantization == "none":
         return model
-    check_supported(quantization, next(model.parameters()).device)
     with torch.no_grad():
         for name in linears_to_quantize(model, quantize_lm_head):
             linear = model.get_submodule(name)
@@ -284,9 +284,7 @@ class LayerQuantizer:
     in place of the meta-device Linears."""
 
     def __init__(self, model: nn.Module, quantization: str, quantize_lm_head: bool, device):
-        if quantize_lm_head and quantization == "none":
-            raise ValueError("quantize_lm_head=True needs quantization='int8' or 'fp8'")
-        check_supported(quantization, device)
+        check_supported(quantization, device, quantize_lm_head)
         self.layer = LAYERS.get(quantization)
         names = linears_to_quantize(model, quantize_lm_head) if self.layer else []
         self.targets = {name: model.get_submodule(name).bias is not None for name in names}  # name -> has bias

@@ -179,11 +179,11 @@ def plan_main(args: argparse.Namespace) -> int:
     try:
         if args.sample_rows < 0:
             raise ConfigError(f"--sample-rows: must be >= 0 (0 = every row), got {args.sample_rows}")
-        gpus = _cost_args(args)
+        gpus, prices = _cost_args(args)
         config = config_from_args(args)
         plan = dry_run(config, sample_rows=args.sample_rows)
         if gpus:
-            plan["estimate"] = _estimate(args, config, plan, gpus)
+            plan["estimate"] = _estimate(args, config, plan, gpus, prices)
     except (ConfigError, InputError, ModelError, OSError, ValueError) as e:
         print(f"persimmon-batch plan: error: {mask_uri(str(e))}", file=sys.stderr)
         return 2
@@ -203,28 +203,29 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cost_args(args: argparse.Namespace) -> list[str]:
-    """The GPUs of `plan --gpu` (none without it); bad names and prices raise ValueError."""
+def _cost_args(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
+    """The GPUs of `plan --gpu` (none without it) and their --price-per-hour; bad names and
+    prices raise ValueError, before the plan's work."""
     from .cost import parse_gpus, parse_prices
 
     if args.gpu is None:
         for flag in ("price_per_hour", "calibration"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} is for the cost estimate: give --gpu too")
-        return []
+        return [], {}
     gpus = parse_gpus(args.gpu)
-    parse_prices(args.price_per_hour, gpus)
-    return gpus
+    return gpus, parse_prices(args.price_per_hour, gpus)
 
 
-def _estimate(args: argparse.Namespace, config: PipelineConfig, plan: dict, gpus: list[str]) -> dict:
+def _estimate(args: argparse.Namespace, config: PipelineConfig, plan: dict, gpus: list[str],
+              prices: dict[str, float]) -> dict:
     """`plan --gpu`'s estimate (pipeline/cost.py) for the planned run."""
     from .capacity_cli import HEADS, read_config
-    from .cost import calibrations, estimate, parse_prices
+    from .cost import calibrations, estimate
 
     model_config, architecture = read_config(config.model, config)
     return estimate(config, model_config, HEADS[architecture], plan["prompt_tokens"], plan["rows_to_run"], gpus,
-                    parse_prices(args.price_per_hour, gpus), calibrations(args.calibration, gpus=gpus))
+                    prices, calibrations(args.calibration, gpus=gpus))
 
 
 def _task_first(argv: list[str]) -> list[str]:

@@ -129,7 +129,7 @@ def _work(config, prompts: dict, rows_to_run: int) -> tuple[Work, dict]:
     over, over_tokens = (prompts["rows_over_limit_read"], prompts["tokens_over_limit_read"]) if read else (0, 0)
     measured_tokens = prompts["tokens_measured"] if read else 0
     refused = read and prompts["limit"]["over"] == "prompt_too_long"
-    score = config.task == "score"
+    score = task.scores_text
     limit = prompts["limit"]["tokens"] if read else 0
     if refused:  # the engine refuses those rows: they cost nothing
         measured_tokens -= over_tokens

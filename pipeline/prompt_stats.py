@@ -88,13 +88,12 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
             lengths.update(unit_lengths)
             over.update(unit_over)
             read, not_run = read + unit_read, not_run + unit_not_run
-    over_rows = sum(over.values())
+    over_rows, measured = sum(over.values()), sum(n * rows for n, rows in lengths.items())
     return {
         "rows": total, "rows_read": read, "exact": exact, "rows_not_run": not_run,
         "tokens": percentiles(lengths),
-        "tokens_measured": sum(n * rows for n, rows in lengths.items()),  # all measured rows' prompts together
-        "mean_tokens": (round(sum(n * rows for n, rows in lengths.items()) / sum(lengths.values()), 2)
-                        if lengths else None),
+        "tokens_measured": measured,  # all measured rows' prompts together
+        "mean_tokens": round(measured / sum(lengths.values()), 2) if lengths else None,
         "limit": {"name": measure.limit_name, "tokens": measure.limit, "over": measure.action},
         "rows_over_limit": over_rows if exact else round(over_rows * total / read) if read else 0,
         "rows_over_limit_read": over_rows,

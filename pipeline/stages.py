@@ -188,6 +188,7 @@ class Stage:
     result_settings: tuple[str, ...] = ()  # config fields its rows' results depend on (besides the common ones)
     row_columns: tuple[str, ...] = ()     # input columns a row may set for itself (read by `_prepare`)
     generates = False                     # it generates tokens (the summary gives tokens/s)
+    scores_text = False                   # it scores every token of the text (head on every position, rolling windows)
     example_answer = "completion"         # the answer field of its few-shot examples
     # settings of other tasks that would change nothing here: refused rather than ignored
     OTHERS_ONLY = {"calibrate": "applies to the label task only",
@@ -608,6 +609,7 @@ class ScoreStage(Stage):
     What is scored, and the rolling windows of long texts: `Engine.score` (model/scoring.py)."""
 
     name, flag_group = "score", "scoring"
+    scores_text = True
     description = ("Score every text's log-likelihood and perplexity with a causal checkpoint (perplexity "
                    "filtering); --score-after scores only what follows a prefix.")
     columns = (("logprob", pa.float64()), ("num_tokens", pa.int64()), ("mean_logprob", pa.float64()),
