@@ -44,9 +44,12 @@ def load_tokenizer(config: PipelineConfig):
     replicas load; a remote one's few small files are copied to a temp dir first."""
     from model import PersimmonConfig, PersimmonTokenizer
 
+    def load(path):
+        return PersimmonTokenizer.from_pretrained(path), PersimmonConfig.from_pretrained(path).max_position_embeddings
+
     loc = model_location(config.model, config)
     if loc.is_local:
-        return PersimmonTokenizer.from_pretrained(loc.path), PersimmonConfig.from_pretrained(loc.path).max_position_embeddings
+        return load(loc.path)
     with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as tmp:
         for name in TOKENIZER_FILES:
             try:
@@ -55,19 +58,7 @@ def load_tokenizer(config: PipelineConfig):
                 continue  # the optional ones; check_model has made sure of tokenizer.model and config.json
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
-        return PersimmonTokenizer.from_pretrained(tmp), PersimmonConfig.from_pretrained(tmp).max_position_embeddings
-
-
-class Measure:
-    """One row's text -> (its prompt tokens as the engine counts them, whether the engine would
-    refuse it as too long), for the config's task (see the module doc)."""
-
-    def __init__(self, config: PipelineConfig, tokenizer, max_position_embeddings: int):
-        self.config, self.tokenizer, self.task = config, tokenizer, TASKS[config.task]
-        self.limit_name, self.limit, self.action = self.task.prompt_limit(config, max_position_embeddings)
-
-    def __call__(self, text: str) -> tuple[int, bool]:
-        return self.task.prompt_tokens(self.config, self.tokenizer.encode, text, self.limit)
+        return load(tmp)
 
 
 def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, threads: int = 8,
@@ -79,8 +70,13 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
     exact = sample_rows <= 0 or sample_rows >= total
     picks = {k: None for k in range(len(units))} if exact else _sample(units, sample_rows, seed)
     tokenizer, max_positions = load_tokenizer(config)
-    measure = Measure(config, tokenizer, max_positions)
-    prefix = TASKS[config.task].render_prefix(config)
+    task = TASKS[config.task]
+    limit_name, limit, action = task.prompt_limit(config, max_positions)
+
+    def measure(text: str) -> tuple[int, bool]:  # (prompt tokens as the engine counts them, too long?)
+        return task.prompt_tokens(config, tokenizer.encode, text, limit)
+
+    prefix = task.render_prefix(config)
     lengths, over, read, not_run = Counter(), Counter(), 0, 0
     with ThreadPoolExecutor(max(1, min(threads, len(picks)))) as pool:
         for unit_lengths, unit_over, unit_read, unit_not_run in pool.map(
@@ -94,7 +90,7 @@ def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, t
         "tokens": percentiles(lengths),
         "tokens_measured": measured,  # all measured rows' prompts together
         "mean_tokens": round(measured / sum(lengths.values()), 2) if lengths else None,
-        "limit": {"name": measure.limit_name, "tokens": measure.limit, "over": measure.action},
+        "limit": {"name": limit_name, "tokens": limit, "over": action},
         "rows_over_limit": over_rows if exact else round(over_rows * total / read) if read else 0,
         "rows_over_limit_read": over_rows,
         "tokens_over_limit_read": sum(n * rows for n, rows in over.items()),  # their prompts' tokens
@@ -113,7 +109,7 @@ def _sample(units: list, size: int, seed: int) -> dict[int, np.ndarray]:
 
 
 def _measure_unit(config: PipelineConfig, unit, rows: np.ndarray | None, prefix: str,
-                  measure: Measure) -> tuple[Counter, Counter, int, int]:
+                  measure) -> tuple[Counter, Counter, int, int]:
     """(token counts, those of the rows over the limit, rows read, rows not run) of a unit's
     `rows` (sorted; None: all of them), read a few large batches at a time, only its prompts."""
     planned = {int(row) for row, _ in unit.row_errors}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
 import os
 import re
 import string
@@ -208,20 +207,23 @@ class PipelineConfig:
                        "last tokens that fit.")
     max_seq_len: Optional[int] = _f(None, "Cap on prompt + generated tokens per row (default: the model's "
                           "max_position_embeddings, 16384 for Persimmon-8B). A cap only: KV memory is "
-                          "sized by --kv-cache-gib / --memory-fraction, not by this.", ge=2)
+                          "sized by --kv-cache-gib / --memory-fraction, not by this.", ge=2,
+                                          le=MAX_SEQ_LEN)
     # ---- replicas and resources ------------------------------------------------------------
     replicas: str = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to "
                        "autoscale between MIN and MAX.")
     num_gpus_per_replica: float = _f(0.0, "GPUs per replica; fractional values pack several "
-                                     "replicas on one GPU (e.g. 0.5). 0 = CPU.", ge=0)
-    num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.", ge=0)
+                                     "replicas on one GPU (e.g. 0.5). 0 = CPU.", ge=0,
+                                     allow_inf_nan=False)
+    num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.", ge=0, allow_inf_nan=False)
     batch_size: int = _f(256, "Rows per engine call: a replica reads this many input rows at a time "
                          "and hands them to its engine at once (the unit of progress and of "
                          "--batch-timeout-s). Costs no KV memory by itself: the engine runs up to "
                          "--max-num-seqs of them at a time, as many as its KV cache holds.", ge=1)
     max_num_seqs: int = _f(256, "Most rows in flight in one replica's engine (the engine's "
                            "max_batch_size). A cap, not a reservation: how many rows actually run at "
-                           "once is decided by the KV cache (rows of short prompts fit many more).", ge=1)
+                           "once is decided by the KV cache (rows of short prompts fit many more).", ge=1,
+                           le=MAX_NUM_SEQS)
     kv_cache_gib: Optional[float] = _f(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the device "
                            "memory free after the weights load (a replica with "
                            "--num-gpus-per-replica < 1, or a CPU replica, counts only its share of "
@@ -286,7 +288,7 @@ class PipelineConfig:
     ray_address: Optional[str] = _f(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a "
                           "`ray job submit` job runs on; else start a local Ray).")
     num_cpus: Optional[int] = _f(None, "Local Ray only: logical CPUs to start it with (default: "
-                       "max(8, 2 x cores), leaving Ray Data headroom on small machines).")
+                       "max(8, 2 x cores), leaving Ray Data headroom on small machines).", ge=1)
     progress: bool = _f(True, "Print a line per finished unit and a live progress line (rows, rows/s, "
                         "tokens/s, ETA, replicas busy, errors); every 30 s when stderr is not a terminal.")
     verbose: bool = _f(False, "Also show Ray's own INFO logs and Ray Data's progress bars (hidden by default).")
@@ -405,26 +407,11 @@ class PipelineConfig:
                 "write {prompt} without a format spec")
         if len(set(self.choices)) != len(self.choices):
             bad("choices", f"has duplicates: {self.choices}")
-        if self.choice_score not in ("sum", "mean"):
-            bad("choice_score", f"must be 'sum' or 'mean', got {self.choice_score!r}")
-        if not isinstance(self.choice_separator, str):
-            bad("choice_separator", f"must be a string, got {self.choice_separator!r}")
-        if not isinstance(self.low_margin, (int, float)) or not 0 <= self.low_margin <= 1:
-            bad("low_margin", f"must be in [0, 1], got {self.low_margin!r}")
         TASKS[self.task].check(self)
         try:  # the sampling settings: checked by the engine's own rules, as each row's are
             sampling_params(**self.sampling())
         except SettingError as e:
             raise ConfigError(str(e)) from None
-        if self.max_num_seqs > MAX_NUM_SEQS:  # the engine's own limits: refused here, not in every replica
-            bad("max_num_seqs", f"must be at most {MAX_NUM_SEQS}, got {self.max_num_seqs}")
-        if self.max_seq_len is not None and self.max_seq_len > MAX_SEQ_LEN:
-            bad("max_seq_len", f"must be at most {MAX_SEQ_LEN}, got {self.max_seq_len}")
-        for name in ("num_gpus_per_replica", "num_cpus_per_replica"):
-            if not math.isfinite(getattr(self, name)):
-                bad(name, f"resources must be a finite number >= 0, got {getattr(self, name)!r}")
-        if self.num_cpus is not None and self.num_cpus < 1:
-            bad("num_cpus", f"must be a positive integer (logical CPUs of the local Ray), got {self.num_cpus!r}")
         if self.num_gpus_per_replica > 1 and self.num_gpus_per_replica != int(self.num_gpus_per_replica):
             bad("num_gpus_per_replica", "above 1 it must be a whole number")
         if self.quantize_lm_head and self.quantization == "none":
@@ -482,9 +469,9 @@ class PipelineConfig:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, str):  # credentials inside a URL (scheme://user:pass@host)
-                value = _USERINFO.sub(r"\1***@", value)
+                value = mask_uri(value)
             elif isinstance(value, (list, tuple)):
-                value = [_USERINFO.sub(r"\1***@", v) if isinstance(v, str) else v for v in value]
+                value = [mask_uri(v) if isinstance(v, str) else v for v in value]
             out[f.name] = value
         return out
 
