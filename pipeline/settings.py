@@ -207,8 +207,7 @@ class PipelineConfig:
                        "last tokens that fit.")
     max_seq_len: Optional[int] = _f(None, "Cap on prompt + generated tokens per row (default: the model's "
                           "max_position_embeddings, 16384 for Persimmon-8B). A cap only: KV memory is "
-                          "sized by --kv-cache-gib / --memory-fraction, not by this.", ge=2,
-                                          le=MAX_SEQ_LEN)
+                          "sized by --kv-cache-gib / --memory-fraction, not by this.", ge=2, le=MAX_SEQ_LEN)
     # ---- replicas and resources ------------------------------------------------------------
     replicas: str = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to "
                        "autoscale between MIN and MAX.")
