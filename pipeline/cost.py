@@ -1,23 +1,14 @@
 """`persimmon-batch plan --gpu L4,L40S,...`: what the planned run would cost on each GPU type, as
-an estimate (roofline), not a measurement.
+a roofline estimate, not a measurement.
 
-From the plan: the rows to run and their prompt tokens (measured in the model's tokens by
-pipeline/prompt_stats.py, scaled from a sample to all rows to run; rows the run would not send
-to the engine left out: id errors, unusable prompts, prompts over the limit that get
-prompt_too_long; prompts cut to fit counted at the limit; texts a score job reads in rolling
-windows counted with the tokens the windows read again), and per row the tokens the task adds:
-generate decodes up to max_new_tokens (an upper bound: rows that stop early cost less), label
-scores its choices' tokens (the task's `capacity_new_tokens`, computed in forwards without
-decoding), classify and score add none (score runs the head on every prompt position, as
-generate with --prompt-logprobs does). Per GPU:
-
-- the replica's KV pool and the rows of typical length (mean prompt + new tokens) it holds at
-  once, from `capacity.plan` with the run's dtype and quantization, against the KV tokens the
-  configured rows in flight (min of max_num_seqs and batch_size) would need;
-- the roofline time of prefill and decode (model/roofline.py: datasheet bandwidth and peak
-  FLOP/s, matmuls at EFFICIENCY of peak), decode scaled by a GPU benchmark of that GPU when
-  there is one (`--calibration`, or the checkout's bench/results/*.json);
-- GPU-hours (hours x GPUs per replica) and their price: PRICES below or --price-per-hour.
+The work comes from the plan: rows to run and their prompt tokens (pipeline/prompt_stats.py,
+scaled from a sample; rows the engine would not run left out, prompts cut to fit counted at the
+limit, a score job's rolling windows counted with the tokens they read again), plus what the task
+adds per row (`capacity_new_tokens`: generate decodes up to max_new_tokens, an upper bound; label
+scores its choices' tokens without decoding; score runs the head on every prompt position). Per
+GPU: the KV pool and rows in flight (`capacity.plan`), the roofline prefill and decode time
+(model/roofline.py), decode scaled by that GPU's benchmark when there is one (`--calibration` or
+bench/results/*.json), and GPU-hours and their price (PRICES below or --price-per-hour).
 """
 
 from __future__ import annotations
