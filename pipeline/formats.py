@@ -386,7 +386,8 @@ def _drop_surrogates(row: dict, config) -> RowError | None:
         if error is None:
             error = (RowError("invalid_prompt", f"lone surrogate {found}") if name == config.prompt_column else
                      RowError("invalid_id", f"the id holds a lone surrogate {found}") if name == config.id_column
-                     else RowError("invalid_line", f"column {name!r} holds a lone surrogate {found}, which is not text"))
+                     else RowError("invalid_line", f"column {name!r} holds a lone surrogate {found}, "
+                                                   "which is not text"))
     return error
 
 

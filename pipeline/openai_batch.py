@@ -7,21 +7,19 @@ An input line is one request:
      "body": {"messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 16}}
 
 `request_row` turns it into the pipeline's columns: the id (custom_id), the prompt, the `url`
-(kept, so the answer takes the endpoint's shape) and the per-row settings of
-pipeline/row_settings.py:
+(kept, so the answer takes the endpoint's shape) and the per-row settings of row_settings.py:
 
 - chat messages are rendered in Persimmon's chat format, `human: {user}\\n\\nadept: {assistant}\\n\\n`
   per exchange, ending `human: {last user message}\\n\\nadept:`. System (or developer) messages
-  may only come first; their text goes before the first turn, followed by a blank line (the chat
-  model was not trained with a system role). Content is a string or a list of text parts.
+  may only come first, their text before the first turn and a blank line (the chat model was
+  not trained with a system role). Content is a string or a list of text parts.
 - `/v1/completions` takes `prompt` (one string) as it is.
 - `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed` and
   `response_format` (`json_object`, or `json_schema` with its `schema`) become the row's settings;
   a field left out takes the run's setting (greedy unless --temperature), not OpenAI's default.
-  Log-probabilities: chat `logprobs: true` with `top_logprobs: N` (0-20), completions
-  `logprobs: N`, become the row's `logprobs` setting (N alternatives per token). vLLM's extra
-  field `prompt_logprobs: 0` (or `true`) asks for the prompt tokens' log-probabilities (the
-  row's `prompt_logprobs` setting; `false` turns off the run's --prompt-logprobs); alternatives for prompt tokens (N > 0) are not offered.
+  Chat `logprobs: true` with `top_logprobs: N` (0-20), or completions `logprobs: N`, is the row's
+  `logprobs` setting. vLLM's `prompt_logprobs: 0` (or `true`) is the row's `prompt_logprobs`
+  (`false` turns off the run's --prompt-logprobs; alternatives for prompt tokens are not offered).
   `model` is ignored: the run's model answers. A request that asks for what this engine does not
   do (`n` > 1, tools, streaming, penalties, `echo`) is that row's error, not silently changed.
 
@@ -42,6 +40,7 @@ for each later one (`rank` is null: the engine does not rank prompt tokens).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any
 
 from .errors import RowError
@@ -151,9 +150,8 @@ def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, Ro
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         settings = {"max_new_tokens": limit, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
                     "stop": body.get("stop"), "seed": body.get("seed"),
-                    "json_schema": _schema(body.get("response_format"))}
-        settings["logprobs"] = _logprobs(url, body)
-        settings["prompt_logprobs"] = _prompt_logprobs(body.get("prompt_logprobs"))
+                    "json_schema": _schema(body.get("response_format")), "logprobs": _logprobs(url, body),
+                    "prompt_logprobs": _prompt_logprobs(body.get("prompt_logprobs"))}
         row.update({k: v for k, v in settings.items() if v is not None})
     except RequestError as e:
         return row, RowError("invalid_request", str(e))
@@ -219,13 +217,10 @@ def _chat_logprobs(tokens: list[dict] | None) -> dict | None:
 def _completion_logprobs(tokens: list[dict] | None) -> dict | None:
     if tokens is None:
         return None
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t["token"])
-    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+    texts = [t["token"] for t in tokens]
+    return {"tokens": texts, "token_logprobs": [t["logprob"] for t in tokens],
             "top_logprobs": [{a["token"]: a["logprob"] for a in t["top"] or []} for t in tokens],
-            "text_offset": offsets}
+            "text_offset": [0, *itertools.accumulate(map(len, texts))][:len(texts)]}
 
 
 def _short_hash(*parts: str) -> str:
@@ -243,10 +238,6 @@ def request_error(message: str) -> str:
     return message
 
 
-def _finish_reason(ours: str | None) -> str:
-    return "length" if ours == "length" else "stop"
-
-
 def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
     """One output row -> one line of an OpenAI batch output file. Ids are derived from the
     custom_id and the model, so a rerun writes the same ids."""
@@ -259,7 +250,7 @@ def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
     usage = {"prompt_tokens": row.get("num_prompt_tokens") or 0,
              "completion_tokens": row.get("num_generated_tokens") or 0}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    reason = _finish_reason(row.get("finish_reason"))
+    reason = "length" if row.get("finish_reason") == "length" else "stop"
     if row.get("url") == COMPLETIONS:
         body = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": row.get("completion") or "",
