@@ -298,6 +298,7 @@ class JsonlInput(_RowsInput):
         return obj, None
 
     id_kinds: tuple = (int, str)  # the JSON types an id may have (openai-batch: custom_id is a string)
+    setting_error = staticmethod(str)  # a per-row setting's error message, in the format's own terms
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
         rows, errors, lines = [], {}, []
@@ -341,9 +342,6 @@ class JsonlInput(_RowsInput):
         absent = [c for c in required if c not in present]
         return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent)}), errors
 
-    def _setting_error(self, message: str) -> str:
-        return message
-
     def _settings(self, name: str, values: list, errors: dict[int, RowError], lines: list[str]) -> list:
         """A per-row setting column in one type, each value checked as the stage will: one odd row
         must not turn the whole column into text."""
@@ -352,7 +350,7 @@ class JsonlInput(_RowsInput):
             try:
                 v = coerce(name, v)
             except SettingError as e:
-                errors.setdefault(i, RowError("invalid_sampling", self._setting_error(str(e))).at(lines[i]))
+                errors.setdefault(i, RowError("invalid_sampling", self.setting_error(str(e))).at(lines[i]))
                 v = None
             out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
         return out
@@ -427,12 +425,10 @@ class OpenAIBatchInput(JsonlInput):
 
     name, by_extension = "openai-batch", False
     id_kinds = (str,)
+    setting_error = staticmethod(openai_batch.request_error)
 
     def row(self, obj, config):
         return openai_batch.request_row(obj, config.id_column, config.prompt_column)
-
-    def _setting_error(self, message: str) -> str:
-        return openai_batch.request_error(message)
 
 
 class CsvInput(_RowsInput):

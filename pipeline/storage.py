@@ -68,9 +68,7 @@ def _secret(value) -> str | None:
 
 
 def filesystem_for(scheme: str, config) -> pafs.FileSystem:
-    """Build the filesystem for a URI scheme from the config's storage settings."""
-    if scheme == "file":
-        return pafs.LocalFileSystem()
+    """Build the filesystem for a (non-local) URI scheme from the config's storage settings."""
     if scheme in ("s3", "s3a"):
         kwargs = dict(region=config.s3_region or "us-east-1",
                       access_key=_secret(config.s3_access_key_id), secret_key=_secret(config.s3_secret_access_key),
