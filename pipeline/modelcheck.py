@@ -230,21 +230,14 @@ def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
     _, params, tied = meta_model(cls, mcfg)
     expected = {k: tuple(v.shape) for k, v in params.items()}
     bare = cls is PersimmonModel
-    seen, unexpected, wrong = set(), [], []
-    for name, shape in shapes.items():
-        name = model_param_name(name, expected, bare, tied)
-        if name is None:
-            continue
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        seen.add(name)
-        if shape != expected[name]:
-            wrong.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
-    order = {name: i for i, name in enumerate(expected)}  # the model's own order: embeddings first
-    wrong.sort(key=lambda w: order[w.split(":")[0]])
-    missing = sorted(set(expected) - seen, key=order.get)
+    found = {model_param_name(name, expected, bare, tied): shape for name, shape in shapes.items()}
+    found.pop(None, None)  # skipped tensors
+    # in the model's own order (embeddings first)
+    wrong = [f"{name}: checkpoint {found[name]} vs config {shape}" for name, shape in expected.items()
+             if name in found and found[name] != shape]
+    missing = [name for name in expected if name not in found]
+    unexpected = sorted(name for name in found if name not in expected)
     if missing or unexpected or wrong:
-        report = mismatch_report([("wrong shape", wrong), ("missing", missing), ("unexpected", sorted(unexpected))],
+        report = mismatch_report([("wrong shape", wrong), ("missing", missing), ("unexpected", unexpected)],
                                  limit=5)
         raise ModelError(f"model {loc.uri}: weights do not match config.json ({arch}): {report}")

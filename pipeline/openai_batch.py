@@ -188,9 +188,7 @@ def _prompt_logprobs(value: Any) -> bool | None:
     raise RequestError(f"body.prompt_logprobs must be 0 or true, got {value!r:.40}")
 
 
-def _vllm_prompt_logprobs(tokens: list[dict] | None) -> list | None:
-    if tokens is None:
-        return None
+def _vllm_prompt_logprobs(tokens: list[dict]) -> list:
     return [None if t["logprob"] is None else
             {str(t["token_id"]): {"logprob": t["logprob"], "rank": None, "decoded_token": t["token"]}}
             for t in tokens]
@@ -251,19 +249,16 @@ def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
              "completion_tokens": row.get("num_generated_tokens") or 0}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     reason = "length" if row.get("finish_reason") == "length" else "stop"
-    if row.get("url") == COMPLETIONS:
-        body = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": row.get("completion") or "",
-                             "logprobs": _completion_logprobs(row.get("logprobs")),
-                             "finish_reason": reason}], "usage": usage}
-        if row.get("prompt_logprobs") is not None:
-            body["choices"][0]["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
+    text, completions = row.get("completion") or "", row.get("url") == COMPLETIONS
+    if completions:
+        choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(row.get("logprobs")),
+                  "finish_reason": reason}
     else:
-        body = {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": row.get("completion") or "",
-                                                     "refusal": None},
-                             "logprobs": _chat_logprobs(row.get("logprobs")), "finish_reason": reason}],
-                "usage": usage}
-        if row.get("prompt_logprobs") is not None:
-            body["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
+        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                  "logprobs": _chat_logprobs(row.get("logprobs")), "finish_reason": reason}
+    body = {"id": f"cmpl-{key}" if completions else f"chatcmpl-{key}",
+            "object": "text_completion" if completions else "chat.completion",
+            "created": created, "model": model, "choices": [choice], "usage": usage}
+    if row.get("prompt_logprobs") is not None:  # where vLLM's server puts them
+        (choice if completions else body)["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
     return {**line, "response": {"status_code": 200, "request_id": f"req_{key}", "body": body}, "error": None}
