@@ -142,12 +142,10 @@ class ParquetInput(InputFormat):
         h = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
         leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
         if config.id_column in leaves:
-            k = leaves.index(config.id_column)
-            chunks = [meta.row_group(g).column(k) for g in range(meta.num_row_groups)]
+            chunks = [meta.row_group(g).column(leaves.index(config.id_column)) for g in range(meta.num_row_groups)]
             spans = [(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset,
                       c.total_compressed_size) for c in chunks]
-            for data in read_file(loc, lambda f: [f.read_at(size, start) for start, size in spans], "read ids of"):
-                h.update(data)
+            h.update(b"".join(read_file(loc, lambda f: [f.read_at(size, at) for at, size in spans], "read ids of")))
         return h.hexdigest()[:32]
 
     @staticmethod
@@ -166,8 +164,7 @@ class ParquetInput(InputFormat):
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
         """The id column, a row group at a time (each read retried on its own)."""
         what = f"read ids of {loc.uri}"
-        f = retry(lambda: loc.fs.open_input_file(loc.path), what, loc.retries)
-        with f:
+        with retry(lambda: loc.fs.open_input_file(loc.path), what, loc.retries) as f:
             reader = retry(lambda: pq.ParquetFile(f), what, loc.retries)
             for g in range(reader.metadata.num_row_groups):
                 ids = retry(lambda g=g: reader.read_row_group(g, columns=[config.id_column], use_threads=False),
@@ -396,9 +393,8 @@ def _json_array(raw: bytes) -> list | None:
     text = raw.removeprefix(b"\xef\xbb\xbf").lstrip()
     if not text.startswith((b"[", b"{")):
         return None
-    first = text.split(b"\n", 1)[0]
     try:
-        json.loads(first)
+        json.loads(text.split(b"\n", 1)[0])
         first_parses = True
     except ValueError:
         first_parses = False
@@ -626,23 +622,16 @@ def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) ->
 class ParquetOutput(OutputFormat):
     name, extension = "parquet", ".parquet"
 
-    class Writer:
+    class Writer(pq.ParquetWriter):  # its write(table) and close() as they are
         def __init__(self, stream, schema):
             self.sink = _Checksummed(stream)
-            self.writer = pq.ParquetWriter(self.sink, schema)
-
-        def write(self, table: pa.Table) -> None:
-            self.writer.write_table(table)
+            super().__init__(self.sink, schema)
 
         def finish(self, stats: dict) -> bytes | None:
             # every row group is written by now: the footer, written on close, comes after the data
-            footer = {**stats, "data_sha256": self.sink.sha256.hexdigest()}
-            self.writer.add_key_value_metadata({STATS_KEY: json.dumps(footer)})
-            self.writer.close()
+            self.add_key_value_metadata({STATS_KEY: json.dumps({**stats, "data_sha256": self.sink.sha256.hexdigest()})})
+            self.close()
             return None
-
-        def close(self) -> None:
-            self.writer.close()
 
     def read_stats(self, loc: Location) -> dict | None:
         """The footer's statistics, if the footer counts the rows they say and the data before it
