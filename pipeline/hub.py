@@ -51,8 +51,8 @@ def hub_model(model: str, commit: str | None = None) -> HubModel | None:
     path or a URI. `commit` (the driver's `pin`) makes it a hub id whatever this process's working
     directory holds, at that commit."""
     model = os.fspath(model)
-    explicit = model.startswith(PREFIX)
-    text = model[len(PREFIX):] if explicit else model
+    text = model.removeprefix(PREFIX)
+    explicit = text != model
     if not explicit and commit is None:
         if "://" in model or model.startswith(("/", ".", "~")) or os.path.lexists(os.path.expanduser(model)):
             return None

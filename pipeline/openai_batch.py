@@ -62,13 +62,11 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise RequestError(f"{where}: only text content is supported, got a {kind!r} part")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part["text"] for part in content)
     raise RequestError(f"{where}: content must be a string or a list of text parts")
 
 
@@ -105,10 +103,8 @@ def render_chat(messages: Any) -> str:
 
 
 def _schema(response_format: Any) -> dict | None:
-    if response_format is None:
-        return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
+    if response_format is None or kind == "text":
         return None
     if kind == "json_object":
         return {"type": "object"}

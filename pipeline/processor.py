@@ -49,8 +49,7 @@ from .settings import PipelineConfig
 from .stages import TASKS, column_values
 from .storage import resolve
 
-Row = dict
-RowFn = Callable[[Row], Row]
+RowFn = Callable[[dict], dict]
 
 
 def build_processor(task: str, model: str | None = None, preprocess: RowFn | None = None,

@@ -1,4 +1,4 @@
-"""Filesystems, input listing, atomic commits and the per-node model cache.
+"""Filesystems, retries, atomic commits and the per-node model cache.
 
 Every read and write goes through an explicitly built `pyarrow.fs.FileSystem` (never the
 environment of whichever process happens to run it), so replicas on other nodes reach the same
