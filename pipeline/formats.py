@@ -237,8 +237,7 @@ class _RowsInput(InputFormat):
 def _column(values: list) -> pa.Array:
     """An Arrow column from JSON values: objects and arrays as their JSON text (so files whose
     objects have other keys share a schema); mixed types as text, non-strings as their JSON."""
-    if any(isinstance(v, (dict, list)) for v in values):
-        values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
+    values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
@@ -314,8 +313,7 @@ class JsonlInput(_RowsInput):
         ids = [r.get(config.id_column) for r in rows]
         kind = next((type(v) for v in ids if v is not None and type(v) in self.id_kinds), None)
         for i, v in enumerate(ids):
-            bad = v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63))
-            if bad:
+            if v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63)):
                 errors.setdefault(i, RowError("invalid_id", f"id {v!r:.40} is a {type(v).__name__}; ids must all be "
                                               f"integers (within int64) or all strings ({lines[i]})"))
                 ids[i] = None
