@@ -47,9 +47,8 @@ class HubModel:
 
 
 def hub_model(model: str, commit: str | None = None) -> HubModel | None:
-    """The hub model `model` names (see the module docstring for the rule), or None for a local
-    path or a URI. `commit` (the driver's `pin`) makes it a hub id whatever this process's working
-    directory holds, at that commit."""
+    """The hub model `model` names (the module docstring's rule), or None for a local path or a URI;
+    with `commit` (the driver's `pin`) it is a hub id at that commit, whatever the working dir holds."""
     model = os.fspath(model)
     text = model.removeprefix(PREFIX)
     explicit = text != model

@@ -200,11 +200,9 @@ def _weight_files(loc: Location, names: set[str]) -> list[str]:
     try:
         return pick_weight_files(names, lambda index: read_bytes(loc.join(index)))
     except (ValueError, OSError) as e:
-        hint = ""
-        if loc.uri.startswith("hf://"):  # a snapshot in the node's HF cache, maybe fetched in part
-            repo = loc.uri[len("hf://"):].split("@")[0]
-            hint = (f" (its snapshot in the Hugging Face cache at {loc.path} is incomplete: fetch it again with "
-                    f"`hf download {repo}`, or delete it from the cache)")
+        repo = loc.uri.removeprefix("hf://").split("@")[0]  # an hf:// snapshot in the HF cache, maybe partial
+        hint = (f" (its snapshot in the Hugging Face cache at {loc.path} is incomplete: fetch it again with "
+                f"`hf download {repo}`, or delete it from the cache)") if loc.uri.startswith("hf://") else ""
         raise ModelError(f"model {loc.uri}: {e}{hint}") from None
 
 

@@ -159,9 +159,8 @@ def place(loc: Location) -> str:
 
 
 def glob_regex(pattern: str) -> re.Pattern:
-    """A path glob as a regex, the way shells and pathlib read it (fsspec's translation): `*`
-    and `?` stay within one path component, `**/` matches zero or more directories, `[...]` is
-    a character class."""
+    """A path glob as a regex, as shells read it (fsspec's translation): `*` and `?` stay within one
+    path component, `**/` matches zero or more directories, `[...]` is a character class."""
     from fsspec.utils import glob_translate
 
     return re.compile(glob_translate(pattern))
@@ -280,9 +279,8 @@ MODEL_FILES_SUFFIXES = (".json", ".safetensors", ".model", ".bin", ".txt")
 
 
 def model_location(model: str, config) -> Location:
-    """Where the checkpoint `model` (the config's) is read: a Hugging Face hub id from its
-    snapshot in this node's HF cache (fetched if missing, at the commit the driver pinned:
-    `pipeline.hub`), anything else as `resolve`."""
+    """Where the checkpoint `model` is read: a hub id from its snapshot in this node's HF cache
+    (fetched if missing, at the commit the driver pinned: `pipeline.hub`), anything else as `resolve`."""
     from .hub import hub_model, snapshot
 
     if config.model_dir:  # the driver's decision (pipeline.hub.pin)
