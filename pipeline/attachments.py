@@ -26,6 +26,7 @@ import json
 from .errors import ConfigError
 from .settings import PipelineConfig
 from .stages import TASKS
+from .storage import model_location, resolve
 
 
 def load_attachments(config: PipelineConfig) -> PipelineConfig:
@@ -44,8 +45,6 @@ def load_attachments(config: PipelineConfig) -> PipelineConfig:
 
 
 def _read_text(config: PipelineConfig, field: str, source) -> tuple[str, str]:
-    from .storage import resolve
-
     loc = resolve(str(source), config)
     try:
         with loc.fs.open_input_file(loc.path) as f:
@@ -56,10 +55,9 @@ def _read_text(config: PipelineConfig, field: str, source) -> tuple[str, str]:
 
 def load_json_schema(config: PipelineConfig) -> PipelineConfig:
     """The config with `json_schema` as a dict, checked by llguidance's compiler."""
-    schema = config.json_schema
+    schema, where = config.json_schema, "json_schema"
     if schema is None:
         return config
-    where = "json_schema"
     if isinstance(schema, str):
         text, where = _read_text(config, "json_schema", schema)
         try:
@@ -112,8 +110,6 @@ def check_prefix_length(config: PipelineConfig) -> None:
     prefix = TASKS[config.task].render_prefix(config)
     if not prefix:
         return
-    from .storage import model_location
-
     loc = model_location(config.model, config)
     if not loc.is_local:
         return
