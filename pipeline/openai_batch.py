@@ -26,11 +26,9 @@ An input line is one request:
 `response_line` turns an output row into an output line: `{"id", "custom_id", "response":
 {"status_code": 200, "request_id", "body": <chat.completion or text_completion>}, "error": null}`,
 or for a failed row `{"id", "custom_id", "response": null, "error": {"code", "message"}}`: the
-row's `error_kind` and `error`. A row with log-probabilities answers in the endpoint's shape:
-chat `choices[0].logprobs.content = [{token, logprob, bytes, top_logprobs: [{token, logprob,
-bytes}]}]`; completions `choices[0].logprobs = {tokens, token_logprobs, top_logprobs: [{token:
-logprob}], text_offset}` (offsets from the start of the completion). A token that is part of a
-UTF-8 character is written as OpenAI writes it, `"bytes:\\xe2"`, its `bytes` the raw byte.
+row's `error_kind` and `error`. Log-probabilities take the endpoint's OpenAI shape (chat
+`choices[0].logprobs.content`; completions `choices[0].logprobs`, `text_offset` counted from the
+completion's start); part of a UTF-8 character is written as OpenAI does, `"bytes:\\xe2"`.
 Prompt log-probabilities go where vLLM's server puts them, outside OpenAI's schema:
 `choices[0].prompt_logprobs` of a completion, `prompt_logprobs` of a chat completion, a list
 with `null` for the first prompt token and `{"<token id>": {"logprob", "rank", "decoded_token"}}`

@@ -45,9 +45,7 @@ class Location:
     retries: int = 3  # times a failed call on it is retried (config.io_retries)
 
     def join(self, *parts: str) -> "Location":
-        path = "/".join([self.path.rstrip("/"), *parts])
-        uri = "/".join([self.uri.rstrip("/"), *parts])
-        return self.at(path, uri)
+        return self.at("/".join([self.path.rstrip("/"), *parts]), "/".join([self.uri.rstrip("/"), *parts]))
 
     def at(self, path: str, uri: str) -> "Location":
         """Another path on the same filesystem, with the same retry policy."""
