@@ -82,8 +82,9 @@ def _check_tokenizer(loc: Location, names: set[str], mcfg) -> None:
 
     try:
         with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as scratch:
-            for name in [] if loc.is_local else [n for n in TOKENIZER_FILES if n in names]:
-                pathlib.Path(scratch, name).write_bytes(read_bytes(loc.join(name)))
+            if not loc.is_local:
+                for name in names.intersection(TOKENIZER_FILES):
+                    pathlib.Path(scratch, name).write_bytes(read_bytes(loc.join(name)))
             tokenizer = PersimmonTokenizer.from_pretrained(loc.path if loc.is_local else scratch)
             if not tokenizer.encode(TEST_TEXT, add_bos=False):
                 raise ValueError("it encodes a test sentence to no tokens")
