@@ -317,13 +317,9 @@ def local_model_dir(model_uri: str, config) -> str:
         if not files:
             raise FileNotFoundError(f"model {loc.uri} holds no checkpoint files")
         for info in files:
-            dest = os.path.join(partial, info.base_name)
-
-            def _download(info=info, dest=dest):
-                with loc.fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, 64 << 20)
-
-            retry(_download, f"download {loc.uri}/{info.base_name}", loc.retries)
+            retry(lambda info=info: pafs.copy_files(info.path, os.path.join(partial, info.base_name),
+                                                    source_filesystem=loc.fs, chunk_size=64 << 20),
+                  f"download {loc.uri}/{info.base_name}", loc.retries)
         if os.path.exists(target):  # stale incomplete copy from a killed run
             shutil.rmtree(target)
         os.replace(partial, target)
