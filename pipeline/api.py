@@ -379,7 +379,6 @@ def _given_up(config: PipelineConfig, plan: Plan, results: dict, run_id: str, at
 def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_id: str) -> None:
     """A unit with no result may have been committed by its replica anyway (after a crash or a
     signal): one whose footer says this run, this input and these settings is done."""
-
     from .plan import read_unit_stats, result_config
     from .storage import exists
 

@@ -170,7 +170,6 @@ class _Partitions:
     FLUSH_ROWS per partition, then appended to its Arrow IPC file in a temp directory (removed
     on exit). `add` is thread-safe."""
 
-
     def __init__(self, parts: int):
         self.parts = parts
         self.flush_rows = max(1, min(FLUSH_ROWS, PARTITION_ROWS // parts))  # all waiting: ~PARTITION_ROWS ids

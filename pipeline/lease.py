@@ -42,7 +42,7 @@ def _dead_here(holder: dict) -> bool:
     except ProcessLookupError:
         return True
     except OSError:  # exists, owned by someone else
-        return False
+        pass
     return False
 
 

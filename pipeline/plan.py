@@ -300,7 +300,6 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
 
 def describe(config: PipelineConfig, plan: Plan, prompts: dict | None = None, in_use_by: dict | None = None) -> dict:
     """The plan in numbers: `persimmon-batch plan --json`, and what a run says first (`summary_lines`)."""
-
     todo = plan.todo
     return {
         "task": config.task, "output": mask_uri(plan.output.uri),

@@ -215,7 +215,6 @@ def nodes_lost_report(attempts: list[dict] | None, retried: dict, dead: set[str]
 def engine_report(ran: list[UnitStats]) -> dict:
     """Each replica's engine sizing and counters (from its latest unit: counters add up over a
     replica's life) and the totals a user sizes the next job with."""
-
     latest: dict = {}
     for st in ran:
         key = (st.node_id, st.actor_id, st.pid)

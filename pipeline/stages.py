@@ -310,7 +310,6 @@ class Stage:
     def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, RowError | None]]:
         """Per row, from its `input_columns` values (`own`): (what `_run` needs beyond its text,
         or an error that keeps it from running)."""
-
         return [(None, None)] * len(ids)
 
     def _safe_run(self, texts: list[str], ids: list, rows: list) -> list[dict]:
@@ -540,7 +539,6 @@ class LabelStage(Stage):
     @property
     def p_cf(self) -> list[float] | None:
         return None if self.log_p_cf is None else [math.exp(x) for x in self.log_p_cf]
-
 
     def _score(self, texts):
         cfg = self.config
