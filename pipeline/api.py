@@ -399,10 +399,8 @@ def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_
 def _clean_tmp(plan: Plan) -> None:
     """Temp files of killed attempts (outputs' and JSONL statistics') after a complete run."""
     for tmp in (plan.output.join("_tmp"), plan.output.join("_stats", "_tmp")):
-        try:
+        with contextlib.suppress(OSError):
             plan.output.fs.delete_dir(tmp.path)
-        except (FileNotFoundError, OSError):
-            pass
 
 
 def _with(config, task, overrides) -> PipelineConfig:

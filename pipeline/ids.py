@@ -68,7 +68,7 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
         pa.default_memory_pool().release_unused()  # what the readers' threads cached (~200 MB for 30M ids)
         summary["null_ids"] = sum(len(errors) for errors in flagged)
         place, first, value, summary["duplicate_ids"] = _duplicates(partitions)
-    k_of, fk_of = _file_index(starts, place), _file_index(starts, first)
+    k_of, fk_of = (np.searchsorted(starts, p, side="right") - 1 for p in (place, first))  # each one's file
     for at, was, k, fk, v in zip(place.tolist(), first.tolist(), k_of.tolist(), fk_of.tolist(), value):
         row, frow = at - int(starts[k]), was - int(starts[fk])
         flagged[k].append([row, RowError("duplicate_id", f"id {_short(v)} already appeared at {files[fk][1]} row {frow}")])
@@ -153,9 +153,6 @@ def _repeats(table: pa.Table) -> tuple[np.ndarray, np.ndarray, int]:
     later = places != first  # equal ids within a run is not the input order
     return order[later], first[later], int(np.count_nonzero(lengths > 1))
 
-
-def _file_index(starts: np.ndarray, places: np.ndarray) -> np.ndarray:
-    return np.searchsorted(starts, places, side="right") - 1
 
 
 

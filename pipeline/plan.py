@@ -16,6 +16,7 @@ tokens of units finished by earlier runs, from a footer read instead of a recomp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -371,10 +372,8 @@ def _find_done(config: PipelineConfig, plan: Plan, write: bool = True) -> None:
             retry(lambda name=name: out.fs.delete_file(out.join(name).path), f"delete {out.join(name).uri}", out.retries)
             side = OUTPUT_FORMATS[config.output_format].sidecar(out.join(name))
             if side is not None:
-                try:
+                with contextlib.suppress(OSError):
                     out.fs.delete_file(side.path)
-                except (FileNotFoundError, OSError):
-                    pass
         return
     with ThreadPoolExecutor(16) as pool:
         stats = list(pool.map(lambda n: read_unit_stats(out.join(n)), committed))

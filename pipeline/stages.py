@@ -182,6 +182,7 @@ class Stage:
     generates = False                     # it generates tokens (the summary gives tokens/s)
     scores_text = False                   # it scores every token of the text (head on every position, rolling windows)
     example_answer = "completion"         # the answer field of its few-shot examples
+    prompt_room = 1                       # positions a row needs past its prompt tokens: one new token
     # settings of other tasks that would change nothing here: refused rather than ignored
     OTHERS_ONLY = {"calibrate": "applies to the label task only",
                    "json_schema": "constrains generation: it applies to the generate task only",
@@ -240,9 +241,9 @@ class Stage:
 
     @classmethod
     def prompt_tokens(cls, config: PipelineConfig, encode, text: str, limit: int) -> tuple[int, bool]:
-        """(a text's prompt tokens, BOS first; whether the engine refuses it: no room for one new token)."""
+        """(a text's prompt tokens, BOS first; whether the engine refuses it as too long)."""
         n = len(encode(text, add_bos=True))
-        return n, n > limit - 1
+        return n, n + cls.prompt_room > limit
 
     @classmethod
     def capacity_new_tokens(cls, config: PipelineConfig) -> int:
@@ -418,15 +419,11 @@ class ClassifyStage(Stage):
     architecture = CLASSIFIER
     wrong_architecture_hint = " (use `label` for zero-shot labeling with a causal LM)"
     columns = (("label", pa.string()), ("score", pa.float64()), ("probs", pa.list_(pa.float64())), *ERROR_COLUMNS)
+    prompt_room = 0  # it generates nothing
 
     @classmethod
     def prompt_limit(cls, config, max_positions):
         return "max_position_embeddings", max_positions, "prompt_too_long"
-
-    @classmethod
-    def prompt_tokens(cls, config, encode, text, limit):
-        n = len(encode(text, add_bos=True))
-        return n, n > limit
 
     def _run(self, texts, ids, rows):
         return [engine_error(c) if c.error is not None else
@@ -589,6 +586,7 @@ class ScoreStage(Stage):
     columns = (("logprob", pa.float64()), ("num_tokens", pa.int64()), ("mean_logprob", pa.float64()),
                ("perplexity", pa.float64()), *ERROR_COLUMNS)
     settings = result_settings = ("score_after", "score_rolling", "score_stride")
+    prompt_room = -1  # a text of n tokens (BOS first) reads n - 1 positions
 
     @classmethod
     def check(cls, config):
@@ -625,12 +623,6 @@ class ScoreStage(Stage):
         name, tokens, over = super().prompt_limit(config, max_positions)
         return name, tokens, "scored in rolling windows" if config.score_rolling else over
 
-    @classmethod
-    def prompt_tokens(cls, config, encode, text, limit):
-        """A text of n tokens (BOS first) reads n - 1 positions: over the limit past it (refused,
-        or with --score-rolling scored in windows: `prompt_limit` says which)."""
-        n = len(encode(text, add_bos=True))
-        return n, n - 1 > limit
 
     @classmethod
     def capacity_new_tokens(cls, config):
