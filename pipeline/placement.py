@@ -1,17 +1,12 @@
 """Can the replicas run where they will go? Checked on the driver before any replica starts.
 
-On local Ray (no --ray-address, no RAY_ADDRESS: a Ray on this machine that nothing joins) the
-driver knows everything the replicas will find, so a pool that can never start is a config
-error (exit 2, one line naming the fix), found before Ray starts:
+On local Ray (no --ray-address, no RAY_ADDRESS) the driver knows what the replicas will find,
+so a pool that can never start is a config error (exit 2, one line naming the fix) before Ray
+starts: --device cuda without CUDA here, more GPUs or CPUs (--num-cpus) than this machine has.
 
-    --device cuda, and torch on this machine sees no CUDA device
-    --num-gpus-per-replica > 0, and this machine has fewer GPUs than the pool needs
-    --replicas N x --num-cpus-per-replica, more than the local Ray's CPUs (--num-cpus)
-
-On a cluster the driver cannot see the nodes that will run replicas: an autoscaler may add
-nodes, and nodes may join. There the pool waits for room (Ray Data's wait, up to
+On a cluster nodes may still join (an autoscaler): the pool waits for room (up to
 --replica-start-timeout-s) and the driver says what it waits for. A replica that then cannot
-start (no CUDA on its node, a model it cannot load) stops the run in one line (`pipeline.unit_runner`).
+start stops the run in one line (`pipeline.unit_runner`).
 """
 
 from __future__ import annotations

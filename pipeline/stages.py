@@ -509,23 +509,17 @@ class LabelStage(Stage):
     def report(cls, config, committed, plan):
         """The label histogram over every committed output, and how many are close calls
         (counted again from the file's margins where it was written with another --low-margin)."""
-        counts: Counter = Counter()
-        low = 0
+        counts, low = Counter(), 0
         for name, st in committed.items():
             counts.update(st.label_counts)
-            if st.low_margin == config.low_margin:
-                low += st.low_margin_rows
-                continue
-            low += sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin)
+            low += (st.low_margin_rows if st.low_margin == config.low_margin
+                    else sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin))
         return {"labels": {"histogram": {c: counts.get(c, 0) for c in config.choices}, "low_margin_rows": low,
                            "low_margin": config.low_margin, "calibrated": config.calibrate,
                            "choice_score": config.choice_score}}
 
     def tally(self, totals, out):
-        counts = totals.setdefault("label_counts", {})
-        for label in out["label"].to_pylist():
-            if label is not None:
-                counts[label] = counts.get(label, 0) + 1
+        totals.setdefault("label_counts", Counter()).update(x for x in out["label"].to_pylist() if x is not None)
         low = sum(1 for m in out["margin"].to_pylist() if m is not None and m < self.config.low_margin)
         totals.update(low_margin_rows=totals.get("low_margin_rows", 0) + low, low_margin=self.config.low_margin)
 
