@@ -196,8 +196,7 @@ class Stage:
     def check(cls, config: PipelineConfig) -> None:
         """Raise ConfigError naming the field for a setting this task cannot work with."""
         for name, why in cls.OTHERS_ONLY.items():
-            value = getattr(config, name)
-            if name not in cls.settings and value not in (None, False):
+            if name not in cls.settings and getattr(config, name) not in (None, False):
                 raise ConfigError(f"{name}: {why.format(task=cls.name)}")
 
     @classmethod
