@@ -46,10 +46,7 @@ class UnitStats:
     actor_id: str | None = None
     pid: int | None = None
     engine: dict | None = None
-    label_counts: dict = field(default_factory=dict)
-    low_margin_rows: int = 0
-    low_margin: float | None = None
-    extra: dict = field(default_factory=dict)  # the rest of the footer (fingerprints, settings), kept as read
+    extra: dict = field(default_factory=dict)  # the rest (fingerprints, settings, the task's `tally`), as read
 
     @classmethod
     def from_dict(cls, d: dict) -> "UnitStats":

@@ -510,8 +510,8 @@ class LabelStage(Stage):
         (counted again from the file's margins where it was written with another --low-margin)."""
         counts, low = Counter(), 0
         for name, st in committed.items():
-            counts.update(st.label_counts)
-            low += (st.low_margin_rows if st.low_margin == config.low_margin
+            counts.update(st.extra.get("label_counts", {}))
+            low += (st.extra.get("low_margin_rows", 0) if st.extra.get("low_margin") == config.low_margin
                     else sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin))
         return {"labels": {"histogram": {c: counts.get(c, 0) for c in config.choices}, "low_margin_rows": low,
                            "low_margin": config.low_margin, "calibrated": config.calibrate,
