@@ -54,12 +54,10 @@ def init_ray(config: PipelineConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=config.verbose)
         return True
-    # A private single-node cluster for this process, on loopback only. Ray binds to the
-    # machine's address unless multi-node support is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-    # what Ray does on macOS / Windows); it is read when ray.init spawns the GCS and raylet,
-    # then restored so a later connection to a real cluster is unaffected. Token auth would
-    # only write ~/.ray/auth_token, which later local heads then insist on (RAY.md): off
-    # unless the user set RAY_AUTH_MODE.
+    # A private single-node cluster on loopback only: Ray binds to the machine's address unless
+    # multi-node support is off while ray.init spawns the GCS and raylet (`_loopback_only`).
+    # Token auth would only write ~/.ray/auth_token, which later local heads then insist on
+    # (RAY.md): off unless the user set RAY_AUTH_MODE.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     resources = local_resources(config)
     with _loopback_only():
@@ -70,6 +68,8 @@ def init_ray(config: PipelineConfig) -> bool:
 
 @contextlib.contextmanager
 def _loopback_only():
+    """Ray's multi-node support off for the block (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, as on
+    macOS / Windows), then restored so a later connection to a real cluster is unaffected."""
     from ray._private import ray_constants
 
     env_key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
@@ -114,11 +114,10 @@ def _context_values(config: PipelineConfig, ctx, **extra) -> dict:
         # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
         # are an error after the timeout instead of a silent hang, and work spreads over all.
         "wait_for_min_actors_s": config.replica_start_timeout_s or -1,
-        # A MIN,MAX pool grows when its utilization (tasks in flight / task slots) reaches the
-        # upscaling threshold: Ray's default 1.75 needs 2 tasks queued per actor, and the run
-        # gives each replica one unit at a time (`_compute`), so the pool would never grow.
-        # Grow when every replica is busy; shrink only once all units are handed out (a
-        # replica is expensive to start: it loads the model).
+        # A MIN,MAX pool grows when tasks in flight / task slots reach the upscaling threshold:
+        # Ray's 1.75 needs 2 tasks queued per actor, and each replica gets one unit at a time
+        # (`_compute`). Grow when every replica is busy; shrink only once all units are handed
+        # out (a replica is expensive to start).
         "autoscaling_config": dataclasses.replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0,
                                                   actor_pool_util_downscaling_threshold=0.0),
         **extra,

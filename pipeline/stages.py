@@ -330,8 +330,6 @@ class Stage:
             return [self._safe_run([t], [i], [r])[0] for t, i, r in zip(texts, ids, rows)]
 
 
-_GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex",
-               "logprobs", "prompt_logprobs")
 # a token's log-probability (model/outputs.py TokenLogprob): a prompt token, or an alternative
 TOKEN_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64())])
 # a generated token: its own log-probability and its top alternatives
@@ -357,7 +355,8 @@ class GenerateStage(Stage):
     columns = (("completion", pa.string()), ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()),
                ("num_generated_tokens", pa.int32()), ("parsed", pa.string()),
                ("logprobs", pa.list_(SAMPLED_LOGPROB)), ("prompt_logprobs", pa.list_(TOKEN_LOGPROB)), *ERROR_COLUMNS)
-    settings = result_settings = (*_GENERATION, "choices", "examples")
+    settings = result_settings = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate",
+                                  "json_schema", "regex", "logprobs", "prompt_logprobs", "choices", "examples")
     row_columns = SAMPLING_COLUMNS
     generates = True
 
