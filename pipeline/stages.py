@@ -649,8 +649,10 @@ def _prefix(column: str, value) -> tuple[str | None, RowError | None]:
         except UnicodeDecodeError as e:
             return None, RowError("invalid_prefix", f"score_after column {column!r}: not valid UTF-8 "
                                   f"({e.reason} at byte {e.start})")
-    if value is None or isinstance(value, str) or (isinstance(value, float) and value != value):
-        return (value if isinstance(value, str) else None), None
+    if isinstance(value, str):
+        return value, None
+    if value is None or (isinstance(value, float) and value != value):  # null or NaN: no prefix
+        return None, None
     return None, RowError("invalid_prefix", f"score_after column {column!r}: expected a string, "
                           f"got {type(value).__name__}")
 
