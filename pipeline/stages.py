@@ -74,7 +74,8 @@ def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
 
 def load_engine(config: PipelineConfig):
     """Engine.from_pretrained for this replica: a remote model fetched to the node cache; CUDA
-    when this actor was given a GPU (and torch sees one), else CPU."""
+    when this actor was given a GPU (and torch sees one), else CPU; the config's resolved dtype
+    (the one every output records)."""
     import torch
 
     from model import Engine
