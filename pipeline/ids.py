@@ -86,8 +86,7 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
 
 
 def _read(config: PipelineConfig, loc, size: int, start: int, partitions: "_Partitions", flagged: list) -> None:
-    """One file's ids into the partitions, each with its place in input order (`start` + row);
-    its null ids into `flagged`."""
+    """One file's ids into the partitions with their places (`start` + row), its null ids into `flagged`."""
     row = 0
     for ids in input_format(loc.path, config.input_format).read_ids(loc, config):
         n = len(ids)

@@ -81,8 +81,7 @@ class Lease:
         return age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder)
 
     def live_holder(self) -> dict | None:
-        """The lease of another live run (what `acquire` refuses), or None; read only, for
-        `persimmon-batch plan`."""
+        """The lease of another live run (what `acquire` refuses), or None; read only (`plan`)."""
         holder = self._holder()
         return holder if self._alive(holder) else None
 

@@ -202,8 +202,7 @@ def dead_nodes(suspects: set[str] = frozenset(), probe_timeout_s: float = 3.0) -
 
 
 class DriverThread:
-    """A daemon thread running `_loop` while a `with` block runs (when `_wanted()`); `_loop`
-    ends once `_stop` is set, at the end of the block."""
+    """A daemon thread running `_loop` (until `_stop` is set) while a `with` block runs, if `_wanted()`."""
 
     def __init__(self, name: str):
         self._stop = threading.Event()
@@ -224,8 +223,7 @@ class DriverThread:
 
 
 class Watchdog(DriverThread):
-    """Driver thread: every few seconds, have the tracker kill replicas silent for longer than
-    `timeout_s`, and collect what it killed."""
+    """Every few seconds, have the tracker kill replicas silent for over `timeout_s`; keep what it killed."""
 
     def __init__(self, tracker, timeout_s: float, say=print):
         super().__init__("persimmon-batch-watchdog")

@@ -71,8 +71,7 @@ class StopSignals:
             setattr(module, name, value)
 
     def reown(self) -> None:
-        """Take SIGTERM / SIGINT back from whatever was installed over our handler since
-        `__enter__` (Ray's C++ failure signal handler, see the module docstring)."""
+        """Take the signals back from whatever was installed over our handler (Ray's, in C++)."""
         for sig in self._saved:
             signal.signal(sig, self._handler)
 

@@ -113,8 +113,7 @@ def _pylist(values) -> list:
 
 
 def column_values(column) -> list:
-    """Python values of a column. A string column holding invalid UTF-8 is read as bytes, so
-    `check_prompt` fails only the rows that do not decode, not the whole batch."""
+    """Python values of a column; invalid UTF-8 strings as bytes, so only those rows fail, not the batch."""
     if not isinstance(column, (pa.Array, pa.ChunkedArray)):
         return _pylist(column)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):

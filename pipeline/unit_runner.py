@@ -116,8 +116,7 @@ class UnitRunner:
         return {"stats": [json.dumps(self.run_unit(Unit.from_json(u))) for u in units]}
 
     def run_unit(self, unit: Unit) -> dict:
-        """Process and commit one unit; never raises. A storage error mid-stream redoes the
-        unit (up to `io_retries` times, with backoff); other errors fail it at once."""
+        """Process and commit one unit; never raises. A storage error redoes it (`io_retries`), others fail it."""
         final = self.output.join(unit.output_name)
         base = {"input": unit.input_uri, "output": final.uri, "rows_in": unit.num_rows, **self.where}
         if self.start_error is not None:  # no engine here: nothing can run
