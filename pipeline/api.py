@@ -42,11 +42,10 @@ log = logging.getLogger(__name__)
 
 # ---- Ray ------------------------------------------------------------------------------------
 def init_ray(config: PipelineConfig) -> bool:
-    """Connect to Ray if not connected: `ray_address`, else RAY_ADDRESS (set inside
-    `ray job submit` jobs), else start a local single-node Ray on 127.0.0.1 with no dashboard,
-    with `placement.local_resources` (the GPUs torch sees). The replicas' own output (their
-    warnings, the traceback of one that cannot start) stays in their log files in Ray's session
-    logs unless `verbose`. Returns True when this call started or joined Ray."""
+    """Connect to Ray if not connected: `ray_address`, else RAY_ADDRESS (set in `ray job submit`
+    jobs), else start a local single-node Ray on 127.0.0.1 with `placement.local_resources` and no
+    dashboard. The replicas' own output stays in Ray's session logs unless `verbose`. Returns True
+    when this call started or joined Ray."""
     import ray
 
     if ray.is_initialized():
@@ -55,12 +54,10 @@ def init_ray(config: PipelineConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=config.verbose)
         return True
-    # A private single-node cluster for this process, on loopback only. Ray binds to the
-    # machine's address unless multi-node support is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-    # what Ray does on macOS / Windows); it is read when ray.init spawns the GCS and raylet,
-    # then restored so a later connection to a real cluster is unaffected. Token auth would
-    # only write ~/.ray/auth_token, which later local heads then insist on (RAY.md): off
-    # unless the user set RAY_AUTH_MODE.
+    # A private single-node cluster on loopback only: Ray binds to the machine's address unless
+    # multi-node support is off while ray.init spawns the GCS and raylet (`_loopback_only`).
+    # Token auth would only write ~/.ray/auth_token, which later local heads then insist on
+    # (RAY.md): off unless the user set RAY_AUTH_MODE.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     resources = local_resources(config)
     with _loopback_only():
@@ -71,6 +68,8 @@ def init_ray(config: PipelineConfig) -> bool:
 
 @contextlib.contextmanager
 def _loopback_only():
+    """Ray's multi-node support off for the block (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, as on
+    macOS / Windows), then restored so a later connection to a real cluster is unaffected."""
     from ray._private import ray_constants
 
     env_key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
@@ -103,10 +102,8 @@ def _compute(config: PipelineConfig, max_units: int | None = None, min_replicas:
 
     lo, hi = _pool_size(config, max_units, min_replicas)
     # One unit at a time per actor: units are long, queueing one behind a busy actor would
-    # leave other actors idle.
+    # leave other actors idle. (min_size == max_size is a fixed pool, as size= would be.)
     per_actor = 1 if max_units is not None else None
-    if lo == hi:
-        return ray.data.ActorPoolStrategy(size=lo, max_tasks_in_flight_per_actor=per_actor)
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=per_actor)
 
 
@@ -117,11 +114,10 @@ def _context_values(config: PipelineConfig, ctx, **extra) -> dict:
         # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
         # are an error after the timeout instead of a silent hang, and work spreads over all.
         "wait_for_min_actors_s": config.replica_start_timeout_s or -1,
-        # A MIN,MAX pool grows when its utilization (tasks in flight / task slots) reaches the
-        # upscaling threshold: Ray's default 1.75 needs 2 tasks queued per actor, and the run
-        # gives each replica one unit at a time (`_compute`), so the pool would never grow.
-        # Grow when every replica is busy; shrink only once all units are handed out (a
-        # replica is expensive to start: it loads the model).
+        # A MIN,MAX pool grows when tasks in flight / task slots reach the upscaling threshold:
+        # Ray's 1.75 needs 2 tasks queued per actor, and each replica gets one unit at a time
+        # (`_compute`). Grow when every replica is busy; shrink only once all units are handed
+        # out (a replica is expensive to start).
         "autoscaling_config": dataclasses.replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0,
                                                   actor_pool_util_downscaling_threshold=0.0),
         **extra,
@@ -183,10 +179,9 @@ def filesystem(config: PipelineConfig, uri: str):
 
 # ---- the exactly-once run -----------------------------------------------------------------
 def _checked(config: PipelineConfig, run: bool = True) -> PipelineConfig:
-    """The config as a run uses it, after every check that needs no input file: settings,
-    attachments read in, stores every replica reaches, the model (a hub id pinned to a commit;
-    its files checked on the driver) and its identity. `run=False`: a processor's (no input or
-    output files)."""
+    """The config as a run uses it, after every check that needs no input file (settings,
+    attachments, shared stores, the model pinned and checked, its identity). `run=False`: a
+    processor's (no input or output files)."""
     config = load_attachments(config.with_env().validate(run=run))
     _check_shared_stores(config)
     config = pin(config)  # a hub id: resolved here, once; replicas load this commit
@@ -197,11 +192,9 @@ def _checked(config: PipelineConfig, run: bool = True) -> PipelineConfig:
 
 
 def dry_run(config: PipelineConfig, sample_rows: int = SAMPLE_ROWS) -> dict:
-    """What `run(config)` would do, without doing it (`persimmon-batch plan`): every check a run
-    makes before its first replica starts (config, model, attachments, inputs, duplicate ids,
-    the output directory, what is committed or stale), then the plan's numbers and the prompt
-    lengths of `sample_rows` rows (0: every row). Writes nothing (no lease, no output directory,
-    --overwrite deletes nothing) and starts no Ray. Returns `plan.describe`'s dict."""
+    """What `run(config)` would do (`persimmon-batch plan`): every check a run makes before its
+    first replica starts, the plan's numbers and the prompt lengths of `sample_rows` rows (0:
+    all). Writes nothing, deletes nothing (--overwrite) and starts no Ray. Returns `describe`'s dict."""
     config = _checked(config)
     plan = make_plan(config, write=False)
     if plan.todo:  # a pool local Ray cannot hold: refused as `run` refuses it, before Ray starts
@@ -298,12 +291,10 @@ def _interrupted(stop: StopSignals, started: bool) -> str:
 
 def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tracker, run_id: str,
                stop: StopSignals, results: dict, console: Console) -> str | None:
-    """Run `units` on a replica pool, collecting each unit's statistics into `results` as it
-    comes back; returns why the run stopped early (None when Ray Data finished the Dataset, or
-    a signal stopped it: `stop.signal` says so).
-
-    Round 0 is the run; a later round re-runs units that came back with no result, on a pool
-    whose minimum is one replica, so that it starts on what is left of the cluster."""
+    """Run `units` on a replica pool, collecting each unit's statistics into `results`; returns
+    why the run stopped early (None: the Dataset finished, or a signal stopped it). A round after
+    the first re-runs units that came back with no result, on a pool of at least one replica, so
+    that it starts on what is left of the cluster."""
     import ray.data
 
     min_replicas = 1 if round_ else None
@@ -341,8 +332,6 @@ def _end_round(tracker) -> None:
     """Release what the round's pool left behind (see ProgressTracker.end_round)."""
     import ray
 
-    if tracker is None:
-        return
     try:
         killed = ray.get(tracker.end_round.remote(), timeout=60)
     except Exception as e:  # noqa: BLE001 - the tracker died with its node: nothing is held
@@ -353,9 +342,9 @@ def _end_round(tracker) -> None:
 
 
 def _collect(rows, plan: Plan, results: dict, console: Console, lease) -> str | None:
-    """Take each unit's statistics as its replica sends them. Returns why the run must stop
-    before the end (None: every unit came back): a replica that could not start (all load the
-    same model with the same settings, so the others would fail alike), or a lost lease."""
+    """Take each unit's statistics as its replica sends them. Returns why the run must stop early
+    (None: every unit came back): a replica that could not start (the others would fail alike),
+    or a lost lease."""
     for row in rows:
         st = json.loads(row["stats"])
         if st.get("replica_start_failed"):
@@ -372,15 +361,12 @@ def _collect(rows, plan: Plan, results: dict, console: Console, lease) -> str | 
 def _given_up(config: PipelineConfig, plan: Plan, results: dict, run_id: str, attempts: list[dict] | None) -> list:
     """The units to run again after Ray Data finished the Dataset without their result.
 
-    Ray Data drops a block whose task failed for good (`max_errored_blocks=-1`), and Ray gives
-    up on an actor task for more reasons than the unit's own fault: each time its actor is
-    restarted or unreachable (its node lost, a restart that cannot be placed while the cluster
-    shrinks) counts against the task's retries, though the unit may never have started. So a
-    unit with no result is first looked up in the output (its replica may have committed it
-    before the result was lost), then run again unless it already had `max_unit_retries` + 1
-    attempts (a unit that kills its replica every time stays failed). Without the tracker's
-    attempts nothing is rerun: the units are reported failed and a rerun of the command
-    finishes them."""
+    Ray gives up on an actor task for more than the unit's own fault: each restart of its actor,
+    or each time it is unreachable (node lost, restart unplaceable while the cluster shrinks),
+    counts against the task's retries even if the unit never started. So a unit with no result
+    is first looked up in the output (its replica may have committed it), then run again unless
+    it already had `max_unit_retries` + 1 attempts (a unit that kills its replica every time
+    stays failed). Without the tracker's attempts nothing is rerun: a rerun of the command does."""
     missing = [u for u in plan.todo if u.output_name not in results]
     if not missing or attempts is None:
         return []
@@ -390,9 +376,8 @@ def _given_up(config: PipelineConfig, plan: Plan, results: dict, run_id: str, at
 
 
 def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_id: str) -> None:
-    """After a crash or a signal: a unit with no result may have been committed by its replica
-    anyway (it finished while the driver stopped). Read the footers: one written by this run,
-    for this input and these settings, is done."""
+    """A unit with no result may have been committed by its replica anyway (after a crash or a
+    signal): one whose footer says this run, this input and these settings is done."""
     from .plan import read_unit_stats, result_config
     from .storage import exists
 
@@ -413,10 +398,8 @@ def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_
 def _clean_tmp(plan: Plan) -> None:
     """Temp files of killed attempts (outputs' and JSONL statistics') after a complete run."""
     for tmp in (plan.output.join("_tmp"), plan.output.join("_stats", "_tmp")):
-        try:
+        with contextlib.suppress(OSError):
             plan.output.fs.delete_dir(tmp.path)
-        except (FileNotFoundError, OSError):
-            pass
 
 
 def _with(config, task, overrides) -> PipelineConfig:

@@ -26,6 +26,7 @@ import json
 from .errors import ConfigError
 from .settings import PipelineConfig
 from .stages import TASKS
+from .storage import model_location, resolve
 
 
 def load_attachments(config: PipelineConfig) -> PipelineConfig:
@@ -35,17 +36,15 @@ def load_attachments(config: PipelineConfig) -> PipelineConfig:
     if TASKS[config.task].generates and (config.regex is not None or config.choices):  # choices constrain generation
         from model.structured import check_grammar
 
-        field = "regex" if config.regex is not None else "choices"
-        problem = check_grammar(regex=config.regex) if config.regex is not None else \
-            check_grammar(choice=list(config.choices))
+        field, spec = ("regex", {"regex": config.regex}) if config.regex is not None else \
+            ("choices", {"choice": list(config.choices)})
+        problem = check_grammar(**spec)
         if problem:
             raise ConfigError(f"{field}: {problem}")
     return config
 
 
 def _read_text(config: PipelineConfig, field: str, source) -> tuple[str, str]:
-    from .storage import resolve
-
     loc = resolve(str(source), config)
     try:
         with loc.fs.open_input_file(loc.path) as f:
@@ -56,10 +55,9 @@ def _read_text(config: PipelineConfig, field: str, source) -> tuple[str, str]:
 
 def load_json_schema(config: PipelineConfig) -> PipelineConfig:
     """The config with `json_schema` as a dict, checked by llguidance's compiler."""
-    schema = config.json_schema
+    schema, where = config.json_schema, "json_schema"
     if schema is None:
         return config
-    where = "json_schema"
     if isinstance(schema, str):
         text, where = _read_text(config, "json_schema", schema)
         try:
@@ -79,11 +77,11 @@ def load_json_schema(config: PipelineConfig) -> PipelineConfig:
 def load_examples(config: PipelineConfig) -> PipelineConfig:
     """The config with `examples` read into a list of rows (a path or URI is read here, on the
     driver); every row checked. Raises ConfigError naming the file and line."""
-    source = config.examples
-    if source is None or isinstance(source, list):
-        rows, where = source, "examples"
-    else:
-        text, where = _read_text(config, "examples", source)
+    rows, where = config.examples, "examples"
+    if rows is None:
+        return config
+    if not isinstance(rows, list):
+        text, where = _read_text(config, "examples", rows)
         rows = []
         for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and friends
             if not line.strip():
@@ -92,8 +90,6 @@ def load_examples(config: PipelineConfig) -> PipelineConfig:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ConfigError(f"examples: {where} line {n} is not JSON: {e}") from None
-    if rows is None:
-        return config
     task = TASKS[config.task]
     answer = task.example_answer
     if not rows:
@@ -101,20 +97,19 @@ def load_examples(config: PipelineConfig) -> PipelineConfig:
     clean = []
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(answer), str):
-            raise ConfigError(f"examples: {where} row {n} needs string fields 'prompt' and '{answer}', got {row!r:.200}")
+            raise ConfigError(f"examples: {where} row {n} needs string fields 'prompt' and '{answer}', "
+                              f"got {row!r:.200}")
         task.check_example(config, row, f"{where} row {n}")
         clean.append({"prompt": row["prompt"], answer: row[answer]})
     return dataclasses.replace(config, examples=clean)
 
 
 def check_prefix_length(config: PipelineConfig) -> None:
-    """Few-shot examples that leave no room for the rows are exit 2 on the driver, for a local
-    model whose tokenizer can be read here (for a remote one the replicas say so)."""
+    """Few-shot examples that leave no room for the rows are exit 2 on the driver (for a local
+    model; for a remote one the replicas say so)."""
     prefix = TASKS[config.task].render_prefix(config)
     if not prefix:
         return
-    from .storage import model_location
-
     loc = model_location(config.model, config)
     if not loc.is_local:
         return

@@ -1,25 +1,20 @@
 """Tell the Ray cluster autoscaler how many replicas a MIN,MAX pool wants.
 
-Ray Data grows an actor pool only within the resources the cluster has now: with the replicas'
-GPUs all taken it adds no actor, so no actor waits for a GPU, so the autoscaler sees no demand
-and adds no node - a GPU pool on an autoscaling cluster stays at MIN (users of Ray Data LLM
-hit this as ray #59144). A fixed pool does not have the problem: all its actors are created at
-once and wait for nodes.
+Ray Data grows an actor pool only within the resources the cluster has now: with every GPU
+taken it adds no actor, so nothing waits for a GPU, the autoscaler sees no demand and a GPU
+pool stays at MIN (ray #59144). A fixed pool creates all its actors at once: they wait for nodes.
 
-`ReplicaDemand` closes the loop while a pool runs on a cluster with an autoscaler. Requests go
-through Ray Data's autoscaling coordinator, which merges the requests of everything on the
-cluster and sends them to the autoscaler (a direct `ray.autoscaler.sdk.request_resources`
-would be overwritten by its next merge). The coordinator also *reserves* existing resources
-for each request, and a Dataset only uses what is not reserved by others, so the request must
-not outlive its purpose:
+`ReplicaDemand` closes the loop on a cluster with an autoscaler, through Ray Data's autoscaling
+coordinator (it merges everyone's requests: a direct `request_resources` would be overwritten).
+The coordinator also *reserves* resources for each request, which a Dataset then cannot use,
+so the request must not outlive its purpose:
 
-- when the cluster cannot hold MAX replicas (one bundle of `num_cpus_per_replica` CPUs and
-  `num_gpus_per_replica` GPUs each), ask for MAX bundles: the autoscaler starts nodes;
-- as soon as a node joins, withdraw the request: the Dataset sees the new resources with every
-  replica busy and grows the pool onto them (see `_data_context` in `pipeline.api`);
+- when the cluster cannot hold MAX replicas, ask for MAX bundles: the autoscaler starts nodes;
+- as soon as a node joins, withdraw: the Dataset sees the new resources with every replica
+  busy and grows the pool onto them (`_data_context` in `pipeline.api`);
 - ask again once the pool has taken everything and MAX is still out of reach; stop when the
-  cluster holds MAX replicas, when a request went unanswered for `WAIT_S` (the autoscaler is
-  at its limits), and when the pool ends, so idle nodes are given back.
+  cluster holds MAX replicas, when a request went unanswered for `WAIT_S`, and when the pool
+  ends, so idle nodes are given back.
 
 Without an autoscaler (a fixed cluster, local Ray) nothing is requested.
 """
@@ -38,8 +33,7 @@ log = logging.getLogger(__name__)
 
 class ReplicaDemand(DriverThread):
     """Context manager: while the block runs, have the autoscaler add nodes until the cluster
-    holds `replicas` replicas (nothing to do when `replicas` is not above `min_replicas`: the
-    pool starts those itself and they wait for nodes)."""
+    holds `replicas` replicas (none above `min_replicas`: the pool's own actors wait for nodes)."""
 
     EXPIRE_S = 60.0  # a request not renewed (the driver died) lapses by itself after this
     POLL_S = 1.0
@@ -109,8 +103,8 @@ class ReplicaDemand(DriverThread):
             self._stop.set()
 
     def _withdraw(self) -> None:
-        """Cancel the request, and have the coordinator look at the cluster again now: it does
-        so every 20 s by itself, and until then a Dataset does not see the nodes that joined."""
+        """Cancel the request, and have the coordinator look at the cluster now (not in up to
+        20 s: until then a Dataset does not see the nodes that joined)."""
         if self._coordinator is not None and self._asked_at is not None:
             try:
                 self._coordinator.cancel_request.remote(self.requester)

@@ -1,6 +1,7 @@
 """The pipeline's errors: what stops a run before any model work (a config value, an input
-file or a model that cannot work: exit 2), and a row's error as data (`RowError`): its kind and its message travel apart from where they are found to the
-output's `error_kind` and `error` columns, so nothing reads a kind back out of a message."""
+file or a model that cannot work: exit 2), and a row's error as data (`RowError`), whose kind
+and message travel apart to the output's `error_kind` and `error` columns, so nothing reads a
+kind back out of a message."""
 
 from __future__ import annotations
 

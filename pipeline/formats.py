@@ -80,12 +80,6 @@ def _open_text(loc: Location) -> bytes:
         return f.read()
 
 
-def _row_splits(num_rows: int, rows_per_unit: int) -> list[Split]:
-    if rows_per_unit <= 0 or num_rows <= rows_per_unit:
-        return [Split(None, 0, num_rows)]
-    return [Split(None, a, min(rows_per_unit, num_rows - a)) for a in range(0, num_rows, rows_per_unit)]
-
-
 def _id_chunks(ids: pa.ChunkedArray) -> Iterator[pa.Array]:
     return (ids.slice(a, ID_CHUNK_ROWS).combine_chunks() for a in range(0, len(ids), ID_CHUNK_ROWS))
 
@@ -103,13 +97,11 @@ class InputFormat:
         raise NotImplementedError
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
-        """The id of every row, in order, as Arrow arrays of at most `ID_CHUNK_ROWS` rows (null
-        where a row has none): a large file's ids are never all in memory as Python objects."""
+        """Every row's id (null if none), in order, in Arrow arrays of at most `ID_CHUNK_ROWS`."""
         raise NotImplementedError
 
     def batches(self, loc: Location, split: Split, config, columns: list[str]) -> Iterator[tuple[pa.Table, dict]]:
-        """The unit's rows as tables of `columns` (those the file has), each with the errors of
-        rows that could not be read ({row in table: error})."""
+        """The unit's rows as tables of `columns` (those the file has), each with {row: read error}."""
         raise NotImplementedError
 
     def split_name(self, stem: str, split: Split, n_splits: int) -> str:
@@ -143,22 +135,17 @@ class ParquetInput(InputFormat):
         return found
 
     def _digest(self, loc: Location, meta, config) -> str:
-        """What the file's content is, as far as a cheap read can tell: a hash of its footer
-        (schema, row groups, and each column chunk's statistics, sizes and offsets) and of the
-        stored bytes of its id column (every row group's chunk of it). Statistics (min, max,
-        nulls) are the same whatever order the rows are in, so a rewrite that reorders rows
-        within a row group at the same size, its mtime kept (cp -p, rsync -t), is seen by its
-        ids having moved; the id column is what the duplicate-id check reads anyway. Not seen:
-        other columns' values changed with the same compressed sizes and statistics."""
+        """A cheap content hash: the footer (schema, row groups, each chunk's statistics, sizes and
+        offsets) and the stored bytes of the id column. Statistics ignore row order, so the ids
+        catch a same-size reordering with its mtime kept (cp -p); the duplicate-id check reads
+        them anyway. Not seen: other columns changed at the same compressed sizes and statistics."""
         h = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
         leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
         if config.id_column in leaves:
-            k = leaves.index(config.id_column)
-            chunks = [meta.row_group(g).column(k) for g in range(meta.num_row_groups)]
+            chunks = [meta.row_group(g).column(leaves.index(config.id_column)) for g in range(meta.num_row_groups)]
             spans = [(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset,
                       c.total_compressed_size) for c in chunks]
-            for data in read_file(loc, lambda f: [f.read_at(size, start) for start, size in spans], "read ids of"):
-                h.update(data)
+            h.update(b"".join(read_file(loc, lambda f: [f.read_at(size, at) for at, size in spans], "read ids of")))
         return h.hexdigest()[:32]
 
     @staticmethod
@@ -177,8 +164,7 @@ class ParquetInput(InputFormat):
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
         """The id column, a row group at a time (each read retried on its own)."""
         what = f"read ids of {loc.uri}"
-        f = retry(lambda: loc.fs.open_input_file(loc.path), what, loc.retries)
-        with f:
+        with retry(lambda: loc.fs.open_input_file(loc.path), what, loc.retries) as f:
             reader = retry(lambda: pq.ParquetFile(f), what, loc.retries)
             for g in range(reader.metadata.num_row_groups):
                 ids = retry(lambda g=g: reader.read_row_group(g, columns=[config.id_column], use_threads=False),
@@ -186,15 +172,11 @@ class ParquetInput(InputFormat):
                 yield from _id_chunks(ids.column(0))
 
     def batches(self, loc, split, config, columns):
-        f = loc.fs.open_input_file(loc.path)
-        try:
+        with loc.fs.open_input_file(loc.path) as f:
             reader = pq.ParquetFile(f)
-            present = set(reader.schema_arrow.names)
-            columns = [c for c in columns if c in present]
+            columns = [c for c in columns if c in reader.schema_arrow.names]
             for rb in reader.iter_batches(batch_size=config.batch_size, row_groups=split.row_groups, columns=columns):
                 yield pa.Table.from_batches([rb]), {}
-        finally:
-            f.close()
 
 
 class _RowsInput(InputFormat):
@@ -235,7 +217,9 @@ class _RowsInput(InputFormat):
         elif table.num_rows == 0:
             found.problem = "empty (0 rows)"
         else:
-            found.splits = _row_splits(table.num_rows, config.rows_per_unit)
+            n, step = table.num_rows, config.rows_per_unit
+            step = step if 0 < step < n else n
+            found.splits = [Split(None, a, min(step, n - a)) for a in range(0, n, step)]
         return found
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
@@ -250,12 +234,10 @@ class _RowsInput(InputFormat):
             yield part, {i - a: errors[i] for i in range(a, b) if i in errors}
 
 
-def _column(values: list, name: str) -> pa.Array:
-    """An Arrow column from JSON values. Objects and arrays are kept as their JSON text (so files
-    whose objects have other keys still share a schema); mixed types fall back to JSON text for
-    the values that are not strings, and strings stay as they are."""
-    if any(isinstance(v, (dict, list)) for v in values):
-        values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
+def _column(values: list) -> pa.Array:
+    """An Arrow column from JSON values: objects and arrays as their JSON text (so files whose
+    objects have other keys share a schema); mixed types as text, non-strings as their JSON."""
+    values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
@@ -267,10 +249,9 @@ class JsonlInput(_RowsInput):
     suffixes = tuple(base + codec for base in (".jsonl", ".ndjson", ".json") for codec in ("", ".gz", ".zst", ".bz2"))
 
     def _records(self, raw: bytes) -> Iterator[tuple[str, object, RowError | None]]:
-        """(where, JSON value, error) for each record: each non-empty line, or each element when
-        the whole file is one JSON array (the usual ".json export"). Lines are split on newline
-        bytes only (JSON strings may hold U+2028 and friends) and decoded one by one, so a line
-        that is not UTF-8 is that row's error, not the file's."""
+        """(where, JSON value, error) for each non-empty line, or each element of a file that is one
+        JSON array. Lines are split on b"\\n" only (JSON strings may hold U+2028) and decoded one
+        by one, so a line that is not UTF-8 is that row's error, not the file's."""
         elements = _json_array(raw)
         if elements is not None:
             yield from ((f"element {n}", value, None) for n, value in enumerate(elements, 1))
@@ -290,8 +271,8 @@ class JsonlInput(_RowsInput):
                 yield f"line {n}", None, RowError("invalid_line", f"line {n} is not JSON ({e.msg} at column {e.colno})")
 
     def _objects(self, raw: bytes, config) -> Iterator[tuple[str, dict | None, RowError | None]]:
-        """(where, row or None, error) for each record: a record that is not a JSON object, or
-        whose text cannot be stored (a lone surrogate), is that row's error."""
+        """(where, row or None, error) for each record; one that is not a JSON object, or holds a
+        lone surrogate, is that row's error."""
         surrogates = _SURROGATE_ESCAPE.search(raw) is not None  # only then look for them row by row
         for where, obj, err in self._records(raw):
             if err is not None:
@@ -309,11 +290,11 @@ class JsonlInput(_RowsInput):
             yield where, row, None if err is None else err.at(where)
 
     def row(self, obj: dict, config) -> tuple[dict, RowError | None]:
-        """The pipeline's columns of one JSON object and the row's error (formats built on
-        JSONL override this)."""
+        """The pipeline's columns of one JSON object, and the row's error."""
         return obj, None
 
     id_kinds: tuple = (int, str)  # the JSON types an id may have (openai-batch: custom_id is a string)
+    setting_error = staticmethod(str)  # a per-row setting's error message, in the format's own terms
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
         rows, errors, lines = [], {}, []
@@ -322,25 +303,24 @@ class JsonlInput(_RowsInput):
                 errors[len(rows)] = err
             rows.append(row if row is not None else {})
             lines.append(where)
-        required = [config.id_column, config.prompt_column, *config.keep_columns]
-        wanted = [c for c in dict.fromkeys([*required, *SAMPLING_COLUMNS, *TASKS[config.task].input_columns(config)]) if any(c in r for r in rows)]
+        required = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
         if not rows:  # an empty file has the columns, of no type yet, and 0 rows
-            return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), errors
+            return pa.table({c: pa.nulls(0) for c in required}), errors
         # the id, prompt and kept columns are always there (nulls where absent), so the table has
         # one row per line even when no line is readable; which were absent is noted for inspect()
-        present = set(wanted)
+        names = dict.fromkeys([*required, *SAMPLING_COLUMNS, *TASKS[config.task].input_columns(config)])
+        present = {c for c in names if any(c in r for r in rows)}
         ids = [r.get(config.id_column) for r in rows]
         kind = next((type(v) for v in ids if v is not None and type(v) in self.id_kinds), None)
         for i, v in enumerate(ids):
-            bad = v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63))
-            if bad:
+            if v is not None and (type(v) is not kind or (kind is int and not -2**63 <= v < 2**63)):
                 errors.setdefault(i, RowError("invalid_id", f"id {v!r:.40} is a {type(v).__name__}; ids must all be "
                                               f"integers (within int64) or all strings ({lines[i]})"))
                 ids[i] = None
         columns = {config.id_column: pa.nulls(len(ids)) if kind is None else  # no valid id: the type is open
                    pa.array(ids, pa.int64() if kind is int else pa.string())}
-        for name in dict.fromkeys([*required, *wanted]):
-            if name == config.id_column:
+        for name in names:
+            if name == config.id_column or (name not in present and name not in required):
                 continue
             values = [r.get(name) for r in rows]
             if name == config.prompt_column:
@@ -353,22 +333,19 @@ class JsonlInput(_RowsInput):
                 continue
             if name in TASKS[config.task].row_columns and name not in (config.prompt_column, *config.keep_columns):
                 values = self._settings(name, values, errors, lines)
-            columns[name] = _column(values, name) if name in present else pa.nulls(len(rows))
+            columns[name] = _column(values) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]
         return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent)}), errors
 
-    def _setting_error(self, message: str) -> str:
-        return message
-
     def _settings(self, name: str, values: list, errors: dict[int, RowError], lines: list[str]) -> list:
-        """A per-row setting column in one type: each value checked as the stage will (JSON rows
-        may mix types, and one odd row must not turn the whole column into text)."""
+        """A per-row setting column in one type, each value checked as the stage will: one odd row
+        must not turn the whole column into text."""
         out = []
         for i, v in enumerate(values):
             try:
                 v = coerce(name, v)
             except SettingError as e:
-                errors.setdefault(i, RowError("invalid_sampling", self._setting_error(str(e))).at(lines[i]))
+                errors.setdefault(i, RowError("invalid_sampling", self.setting_error(str(e))).at(lines[i]))
                 v = None
             out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
         return out
@@ -386,13 +363,8 @@ def _lone_surrogate(value) -> str | None:
         except UnicodeEncodeError as e:
             return f"U+{ord(value[e.start]):04X} at position {e.start}"
         return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _lone_surrogate(key) if isinstance(key, str) else None
-        found = found or _lone_surrogate(item)
-        if found:
-            return found
-    return None
+    parts = [x for pair in value.items() for x in pair] if isinstance(value, dict) else value
+    return next(filter(None, map(_lone_surrogate, parts)), None) if isinstance(parts, list) else None
 
 
 def _drop_surrogates(row: dict, config) -> RowError | None:
@@ -407,7 +379,8 @@ def _drop_surrogates(row: dict, config) -> RowError | None:
         if error is None:
             error = (RowError("invalid_prompt", f"lone surrogate {found}") if name == config.prompt_column else
                      RowError("invalid_id", f"the id holds a lone surrogate {found}") if name == config.id_column
-                     else RowError("invalid_line", f"column {name!r} holds a lone surrogate {found}, which is not text"))
+                     else RowError("invalid_line", f"column {name!r} holds a lone surrogate {found}, "
+                                                   "which is not text"))
     return error
 
 
@@ -418,9 +391,8 @@ def _json_array(raw: bytes) -> list | None:
     text = raw.removeprefix(b"\xef\xbb\xbf").lstrip()
     if not text.startswith((b"[", b"{")):
         return None
-    first = text.split(b"\n", 1)[0]
     try:
-        json.loads(first)
+        json.loads(text.split(b"\n", 1)[0])
         first_parses = True
     except ValueError:
         first_parses = False
@@ -447,12 +419,10 @@ class OpenAIBatchInput(JsonlInput):
 
     name, by_extension = "openai-batch", False
     id_kinds = (str,)
+    setting_error = staticmethod(openai_batch.request_error)
 
     def row(self, obj, config):
         return openai_batch.request_row(obj, config.id_column, config.prompt_column)
-
-    def _setting_error(self, message: str) -> str:
-        return openai_batch.request_error(message)
 
 
 class CsvInput(_RowsInput):
@@ -460,11 +430,10 @@ class CsvInput(_RowsInput):
     suffixes = (".csv", ".csv.gz", ".csv.zst", ".csv.bz2")
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
-        """Every column as text (CSV has no types: ids stay text, "001" and "1" are two rows, as do
-        prompts, kept columns and per-row settings, parsed per row by the stage). A record that
-        does not parse is an error row after the good ones. A record whose quote is left open
-        (`_open_quotes`) is one error row, and the lines after it are parsed on their own, so
-        it never swallows its neighbours."""
+        """Every column as text (CSV has no types: ids "001" and "1" are two rows; per-row settings
+        are parsed by the stage). A record that does not parse is an error row after the good
+        ones; so is one whose quote is left open (`_open_quotes`), the lines after it parsed on
+        their own so that it never swallows its neighbours."""
         required = [config.id_column, config.prompt_column, *config.keep_columns]
         if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either: the columns, no rows
             return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
@@ -475,7 +444,9 @@ class CsvInput(_RowsInput):
             raise ValueError(f"the header names column(s) {twice} more than once")
         table, rejected = _csv_records(raw, names)
         # a quote left open swallows line breaks: only a file with a value across lines can hold one
-        open_quotes = _open_quotes(raw) if _spans_lines(table, rejected) else []
+        spans_lines = any("\n" in row.text or "\r" in row.text for row in rejected) or any(
+            pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in table.columns)
+        open_quotes = _open_quotes(raw) if spans_lines else []
         if open_quotes and open_quotes[0][0] < header_end:
             raise ValueError("the header opens a quoted field that is never closed")
         bad = [(row.number, row.text) for row in rejected]  # (record number, text), the header is record 1
@@ -525,12 +496,6 @@ def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
     return table, rejected
 
 
-def _spans_lines(table: pa.Table, rejected: list) -> bool:
-    """Whether any value, or any record that did not parse, holds a line break."""
-    return any("\n" in row.text or "\r" in row.text for row in rejected) or any(
-        pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in table.columns)
-
-
 def _line_of(raw: bytes, at: int) -> int:
     return raw.count(b"\n", 0, at) + 1
 
@@ -539,12 +504,10 @@ def _open_quotes(raw: bytes) -> list[tuple[int, int, str]]:
     """The records of a CSV text whose quoted field is left open: [(start, end, why)], from the
     record's start to the end of the line the quote opened on.
 
-    A quote left open (a naive export of a text that starts with `"`) makes a parser read every
-    following line into that field, until a later quote closes it or the file ends. Both are
-    invalid CSV, so neither flags a well-formed file: a quoted field may hold line breaks, but
-    it must close, and its closing quote must end the field (be followed by a comma, a line
-    break or the end). A one-line field closed mid-field (`"ab"cd`) is left to the parser,
-    which reads it leniently as `abcd`. The scan jumps from quote to quote (`bytes.find`)."""
+    A quote left open (a naive export of a text starting with `"`) makes a parser read every
+    following line into that field, until a later quote closes it or the file ends. Neither is
+    valid CSV (a quoted field may span lines, but must close, and its closing quote must end the
+    field), so neither flags a well-formed file. A one-line `"ab"cd` is left to the parser (`abcd`)."""
     found = []
     record = at = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # at: what is before it is seen, outside quotes
     while (p := raw.find(b'"', at)) != -1:
@@ -592,9 +555,10 @@ def strip_suffix(name: str) -> str:
 # ---- outputs --------------------------------------------------------------------------------------
 class OutputFormat:
     name, extension = "", ""
+    Writer: type  # Writer(stream, schema): write(table), finish(stats) -> sidecar bytes or None, close()
 
     def open(self, stream, schema: pa.Schema, config):
-        raise NotImplementedError
+        return self.Writer(stream, schema)
 
     def read_stats(self, loc: Location) -> dict | None:
         """The stats of a committed output, or None if it is not a complete one."""
@@ -610,9 +574,8 @@ class OutputFormat:
 
 
 class _Checksummed:
-    """A write-only stream that passes bytes on and hashes them: the checksum of a file's data,
-    recorded with its statistics, so a committed output whose bytes were damaged later (zeroed
-    pages under an intact footer, a truncated copy) is recomputed, never skipped as done."""
+    """A write-only stream that passes bytes on and hashes them: the data's checksum, kept with its
+    statistics, so an output damaged later (zeroed pages, a truncated copy) is recomputed."""
 
     def __init__(self, stream):
         self.stream, self.sha256, self.size, self.closed = stream, hashlib.sha256(), 0, False
@@ -637,28 +600,17 @@ class _Checksummed:
 WHOLE_READ_BYTES = 4 << 20  # an output up to this size is read in one call, footer and data at once
 
 
-def _data_sha256(loc: Location, end: int) -> str:
-    """The sha256 of a file's first `end` bytes, read in 16 MiB pieces (no decoding)."""
-    def _read():
-        h = hashlib.sha256()
-        with loc.fs.open_input_stream(loc.path, compression=None) as f:
-            left = end
-            while left > 0:
-                chunk = f.read(min(left, 16 << 20))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-        return h.hexdigest()
-    return retry(_read, f"read {loc.uri}", loc.retries)
-
-
 def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) -> bool:
     """Whether a committed output's first `end` bytes (its data) no longer have the checksum
     written with them (or have none); `data`: the file's bytes when already read."""
-    want = stats.get("data_sha256")
-    got = hashlib.sha256(memoryview(data)[:end]).hexdigest() if data is not None else _data_sha256(loc, end)
-    if got == want:
+    def _sha256(f):  # read in 16 MiB pieces
+        h = hashlib.sha256()
+        for at in range(0, end, 16 << 20):
+            h.update(f.read_at(min(16 << 20, end - at), at))
+        return h.hexdigest()
+
+    got = hashlib.sha256(memoryview(data)[:end]).hexdigest() if data is not None else read_file(loc, _sha256)
+    if got == stats.get("data_sha256"):
         return False
     log.warning("output %s is damaged (its data does not match the checksum written with it); it will be "
                 "recomputed", loc.uri)
@@ -668,33 +620,21 @@ def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) ->
 class ParquetOutput(OutputFormat):
     name, extension = "parquet", ".parquet"
 
-    class Writer:
+    class Writer(pq.ParquetWriter):  # its write(table) and close() as they are
         def __init__(self, stream, schema):
             self.sink = _Checksummed(stream)
-            self.writer = pq.ParquetWriter(self.sink, schema)
-
-        def write(self, table: pa.Table) -> None:
-            self.writer.write_table(table)
+            super().__init__(self.sink, schema)
 
         def finish(self, stats: dict) -> bytes | None:
             # every row group is written by now: the footer, written on close, comes after the data
-            footer = {**stats, "data_sha256": self.sink.sha256.hexdigest()}
-            self.writer.add_key_value_metadata({STATS_KEY: json.dumps(footer)})
-            self.writer.close()
+            self.add_key_value_metadata({STATS_KEY: json.dumps({**stats, "data_sha256": self.sink.sha256.hexdigest()})})
+            self.close()
             return None
 
-        def close(self) -> None:
-            self.writer.close()
-
-    def open(self, stream, schema, config):
-        return self.Writer(stream, schema)
-
     def read_stats(self, loc: Location) -> dict | None:
-        """The footer's statistics, if the footer counts the rows they say and the data before
-        the footer has the checksum written with them. Checking the checksum reads the whole
-        file once, undecoded (a small one in the same read as its footer): a rerun reads its
-        committed outputs, small beside the compute they stand for, so that it never takes
-        damaged data as done."""
+        """The footer's statistics, if the footer counts the rows they say and the data before it
+        has the checksum written with them: the whole file is read once, undecoded (a small one
+        with its footer), a cost small beside the compute it stands for."""
         def _open(f):
             size = f.size()
             if size > WHOLE_READ_BYTES:
@@ -714,10 +654,9 @@ class ParquetOutput(OutputFormat):
         return stats
 
     def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
-        """A kept column that no row of an input had is written with no type (null); when a
-        later input (a partition added) gives it values, the directory would no longer read as
-        one dataset ("Unsupported cast from string to null"). Such an output is rewritten with
-        the column typed, its rows and statistics as they were: nothing is recomputed."""
+        """A kept column no row of an input had is written with no type (null); once a later input
+        gives it values the directory no longer reads as one dataset ("Unsupported cast from
+        string to null"), so the output is rewritten typed, its rows and statistics as they were."""
         types = stats.get("_file_types") or {}
         differ = [f.name for f in schema if types.get(f.name) != f.type]
         if not differ or any(types.get(name) is None or not pa.types.is_null(types[name]) for name in differ):
@@ -753,9 +692,6 @@ class JsonlOutput(OutputFormat):
 
         def close(self) -> None:
             pass
-
-    def open(self, stream, schema, config):
-        return self.Writer(stream, schema)
 
     def sidecar(self, final: Location) -> Location:
         return final.parent.join("_stats", final.path.rsplit("/", 1)[-1] + ".json")
@@ -795,10 +731,8 @@ BYTES_MARKER = "base64:"  # how JSON output writes a binary value (JSON has no b
 
 
 def _json_default(value):
-    """JSON for what JSON has no type for. Bytes (a Parquet `binary` id or kept column) are
-    written losslessly as `"base64:" + base64(value)`, every value of the column alike, so two
-    distinct ids stay two ids (`b"\\xff"` and `b"\\\\xff"` were both "\\xff" when undecodable
-    bytes were backslash-escaped). Anything else as its text."""
+    """JSON for what JSON has no type for: bytes (a Parquet `binary` id or kept column) losslessly
+    as `"base64:" + base64(value)`, so distinct ids stay distinct; anything else as its text."""
     if isinstance(value, (bytes, bytearray)):
         return BYTES_MARKER + base64.b64encode(value).decode("ascii")
     return str(value)

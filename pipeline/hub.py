@@ -6,17 +6,13 @@ with no scheme, in the hub's id syntax (letters, digits, `-`, `_`, `.`; no leadi
 `hf://owner/name` to mean the hub anyway, `./owner/name` to mean a local directory. The revision
 is a branch, tag or commit (default `main`).
 
-The driver resolves the id once (`pin`): the snapshot is fetched (or found in the cache) and its
-commit is recorded in the config (`model_commit`), so every replica loads exactly the snapshot the
-driver checked and fingerprinted, even if the branch moves meanwhile. Each node fetches into its
-own Hugging Face cache (`HF_HUB_CACHE` / `HF_HOME`, `~/.cache/huggingface/hub` by default) with
-`huggingface_hub.snapshot_download`, holding a file lock so that replicas starting together on
-one node fetch once. Only what the engine reads is fetched: config.json, the tokenizer files and
-the safetensors weights with their index; the pickle weights (`pytorch_model*.bin`) only when the
-repository has no safetensors. `HF_HUB_OFFLINE=1` reads the cache only.
-
-huggingface_hub is optional (`pip install 'persimmon-batch[hub]'`); it is imported only when a
-model is a hub id.
+The driver resolves the id once (`pin`) and records the snapshot's commit (`model_commit`), so
+every replica loads the snapshot the driver checked and fingerprinted, even if the branch moves.
+Each node fetches into its own Hugging Face cache (`HF_HUB_CACHE`) under a file lock (replicas
+starting together fetch once), and only what the engine reads: config.json, the tokenizer files,
+the safetensors weights and index, or the pickle weights when there are no safetensors.
+`HF_HUB_OFFLINE=1` reads the cache only. huggingface_hub is optional (`persimmon-batch[hub]`),
+imported only for a hub id.
 """
 
 from __future__ import annotations
@@ -51,12 +47,11 @@ class HubModel:
 
 
 def hub_model(model: str, commit: str | None = None) -> HubModel | None:
-    """The hub model `model` names (see the module docstring for the rule), or None for a local
-    path or a URI. `commit` (the driver's `pin`) makes it a hub id whatever this process's working
-    directory holds, at that commit."""
+    """The hub model `model` names (the module docstring's rule), or None for a local path or a URI;
+    with `commit` (the driver's `pin`) it is a hub id at that commit, whatever the working dir holds."""
     model = os.fspath(model)
-    explicit = model.startswith(PREFIX)
-    text = model[len(PREFIX):] if explicit else model
+    text = model.removeprefix(PREFIX)
+    explicit = text != model
     if not explicit and commit is None:
         if "://" in model or model.startswith(("/", ".", "~")) or os.path.lexists(os.path.expanduser(model)):
             return None
@@ -74,7 +69,7 @@ def hub_model(model: str, commit: str | None = None) -> HubModel | None:
 def pin(config):
     """`config` with the model fixed here, once, on the driver: a hub model's commit
     (`model_commit`), a local directory's absolute path (`model_dir`); URIs unchanged."""
-    hub = hub_model(config.model, getattr(config, "model_commit", None))
+    hub = hub_model(config.model, config.model_commit)
     if hub is None:
         if "://" in os.fspath(config.model):
             return config
@@ -85,18 +80,13 @@ def pin(config):
 
 
 def snapshot(hub: HubModel, model: str | None = None) -> str:
-    """The local snapshot directory of `hub` in this node's Hugging Face cache, fetched if
-    missing (one process per node at a time). `model` is the value as the user gave it, for
-    messages. Raises ModelError saying what to do when it cannot be had."""
+    """`hub`'s snapshot directory in this node's Hugging Face cache, fetched if missing (one process
+    per node at a time); a ModelError says what to do when it cannot be had. `model`: as given."""
+    from filelock import FileLock
+
     model = model or hub.uri
-    try:
-        import huggingface_hub
-        from filelock import FileLock
-        from huggingface_hub import constants
-    except ImportError:
-        raise ModelError(f"{_head(model)} needs huggingface_hub: pip install 'persimmon-batch[hub]'") from None
-    cache = os.path.expanduser(constants.HF_HUB_CACHE)
-    locks = os.path.join(cache, ".locks")
+    huggingface_hub = _import(model)
+    locks = os.path.join(os.path.expanduser(huggingface_hub.constants.HF_HUB_CACHE), ".locks")
     with contextlib.suppress(OSError):
         os.makedirs(locks, exist_ok=True)
     folder = "models--" + hub.repo_id.replace("/", "--")
@@ -114,7 +104,7 @@ def snapshot(hub: HubModel, model: str | None = None) -> str:
                                                          allow_patterns=CONFIG_AND_TOKENIZER + PICKLES,
                                                          ignore_patterns=TOP_LEVEL_ONLY)
         except Exception as e:  # noqa: BLE001 - huggingface_hub's errors, named for the user below
-            raise ModelError(_explain(e, hub, model, cache, constants)) from None
+            raise ModelError(_explain(e, hub, model)) from None
     return path
 
 
@@ -122,22 +112,27 @@ def config_file(hub: HubModel, model: str | None = None) -> str:
     """The local path of `hub`'s config.json alone (fetched into the HF cache if missing): for
     sizing a model (`persimmon-batch capacity`) without downloading its weights."""
     model = model or hub.uri
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants
-    except ImportError:
-        raise ModelError(f"{_head(model)} needs huggingface_hub: pip install 'persimmon-batch[hub]'") from None
+    huggingface_hub = _import(model)
     try:
         return huggingface_hub.hf_hub_download(hub.repo_id, "config.json", revision=hub.revision)
     except Exception as e:  # noqa: BLE001 - named for the user by _explain
-        raise ModelError(_explain(e, hub, model, os.path.expanduser(constants.HF_HUB_CACHE), constants)) from None
+        raise ModelError(_explain(e, hub, model)) from None
 
 
-def _explain(error: Exception, hub: HubModel, model: str, cache: str, constants) -> str:
+def _import(model: str):
+    """huggingface_hub (with its constants), or a ModelError saying how to install it."""
+    try:
+        import huggingface_hub.constants
+    except ImportError:
+        raise ModelError(f"{_head(model)} needs huggingface_hub: pip install 'persimmon-batch[hub]'") from None
+    return huggingface_hub
+
+
+def _explain(error: Exception, hub: HubModel, model: str) -> str:
     """What went wrong fetching a hub model, and what to do about it."""
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
-    head = _head(model)
+    head, cache = _head(model), os.path.expanduser(constants.HF_HUB_CACHE)
     revision = hub.revision or "main"
     if isinstance(error, errors.GatedRepoError):
         return (f"{head} is gated: accept its terms on https://huggingface.co/{hub.repo_id} and give a token "

@@ -9,15 +9,14 @@ and a null (or NaN) id the kind `invalid_id`. Ids are compared exactly, as the P
 are: bytes with trailing NULs are distinct ids, integers beyond int64 (uint64, decimals) are
 themselves, `001` and `1` in a CSV are two ids, 0.0 and -0.0 one.
 
-Driver memory follows the files and the flagged rows, not the rows: no id becomes a Python
-object unless it is flagged, and the ids are never all in memory at once.
+Driver memory follows the files and the flagged rows, not the rows: only flagged ids become
+Python objects, and the ids are never all in memory at once.
 
 1. One pass reads each file's id column (Arrow, a row group at a time), hashes every id (numpy,
    vectorized) and adds (id, place in input order) to one of P partitions by hash: in memory
-   when P is 1, else appended to one Arrow IPC file per partition in a temp directory. Equal
-   ids always share a partition.
-2. Then each partition on its own is sorted by id: a run of equal ids is a repeated id, its
-   smallest place the first occurrence, the others its duplicates.
+   when P is 1, else one Arrow IPC file per partition in a temp directory; equal ids share one.
+2. Each partition is then sorted by id: a run of equal ids is a repeated id, its smallest
+   place the first occurrence, the others its duplicates.
 
 P is chosen so that a partition holds about `PARTITION_ROWS` ids (8 MiB of int64 ids; sorting
 one takes a few times that), with at most `MAX_PARTITIONS` files.
@@ -38,6 +37,7 @@ import pyarrow.compute as pc
 from .errors import ConfigError, RowError
 from .settings import PipelineConfig
 from .formats import input_format
+from .stages import column_values  # a string id holding invalid UTF-8: as bytes
 
 PARTITION_ROWS = 1 << 20
 MAX_PARTITIONS = 256                # spill files open at once
@@ -52,9 +52,8 @@ class InputChanged(ValueError):
 
 
 def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_rows: int | None = None) -> dict:
-    """Find null ids and ids seen earlier in input order in `files` ([(Location, name, units)]
-    in input order); put their errors in the units' `row_errors`, so those rows get an `error`
-    instead of a result. Returns the run report's id summary."""
+    """Put the errors of null ids and ids seen earlier in `files` ([(Location, name, units)] in
+    input order) in the units' `row_errors`. Returns the run report's id summary."""
     summary = {"checked": True, "duplicate_rows": 0, "duplicate_ids": 0, "null_ids": 0, "examples": []}
     if not files:
         return summary
@@ -69,7 +68,7 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
         pa.default_memory_pool().release_unused()  # what the readers' threads cached (~200 MB for 30M ids)
         summary["null_ids"] = sum(len(errors) for errors in flagged)
         place, first, value, summary["duplicate_ids"] = _duplicates(partitions)
-    k_of, fk_of = _file_index(starts, place), _file_index(starts, first)
+    k_of, fk_of = (np.searchsorted(starts, p, side="right") - 1 for p in (place, first))  # each one's file
     for at, was, k, fk, v in zip(place.tolist(), first.tolist(), k_of.tolist(), fk_of.tolist(), value):
         row, frow = at - int(starts[k]), was - int(starts[fk])
         flagged[k].append([row, RowError("duplicate_id", f"id {_short(v)} already appeared at {files[fk][1]} row {frow}")])
@@ -87,8 +86,7 @@ def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_r
 
 
 def _read(config: PipelineConfig, loc, size: int, start: int, partitions: "_Partitions", flagged: list) -> None:
-    """One file's ids into the partitions, each with its place in input order (`start` + row);
-    its null ids into `flagged`."""
+    """One file's ids into the partitions with their places (`start` + row), its null ids into `flagged`."""
     row = 0
     for ids in input_format(loc.path, config.input_format).read_ids(loc, config):
         n = len(ids)
@@ -119,7 +117,7 @@ def _duplicates(partitions: "_Partitions") -> tuple[np.ndarray, np.ndarray, list
         values.append(table.column("id").combine_chunks().take(pa.array(rows)))
     place, first = np.concatenate(places), np.concatenate(firsts)
     order = np.argsort(place, kind="stable")
-    value = _python(pa.concat_arrays(values).take(pa.array(order))) if values else []
+    value = column_values(pa.concat_arrays(values).take(pa.array(order))) if values else []
     return place[order], first[order], value, distinct
 
 
@@ -155,16 +153,6 @@ def _repeats(table: pa.Table) -> tuple[np.ndarray, np.ndarray, int]:
     return order[later], first[later], int(np.count_nonzero(lengths > 1))
 
 
-def _file_index(starts: np.ndarray, places: np.ndarray) -> np.ndarray:
-    return np.searchsorted(starts, places, side="right") - 1
-
-
-def _python(values: pa.Array) -> list:
-    """Python values of flagged ids; a string column holding invalid UTF-8 as bytes."""
-    try:
-        return values.to_pylist()
-    except (UnicodeDecodeError, pa.ArrowException):
-        return values.cast(pa.large_binary()).to_pylist()
 
 
 def _short(value, limit: int = 60) -> str:
@@ -174,9 +162,9 @@ def _short(value, limit: int = 60) -> str:
 
 # ---- hash partitions ------------------------------------------------------------------------------
 class _Partitions:
-    """(id, place) rows by partition until `take(p)`: in memory when there is one partition;
-    otherwise gathered up to FLUSH_ROWS per partition, then appended to that partition's Arrow
-    IPC file in a temp directory, removed on exit. `add` may be called from several threads."""
+    """(id, place) rows by partition until `take(p)`: in memory with one partition, else up to
+    FLUSH_ROWS per partition, then appended to its Arrow IPC file in a temp directory (removed
+    on exit). `add` is thread-safe."""
 
     def __init__(self, parts: int):
         self.parts = parts

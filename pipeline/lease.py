@@ -1,17 +1,14 @@
 """One run per output directory at a time: a lease file, `<output>/_lease.json`.
 
 A run takes the lease before it plans (an --overwrite plan deletes outputs), renews it every
-HEARTBEAT_S while it works, and deletes it when it ends. A second run on the same output finds
-a live lease and stops with exit 2 naming the holder (host, pid, run id, since when). A lease
-whose heartbeat is older than EXPIRY_S, or whose process on this same host is gone, belongs to a
-run that died (SIGKILL, lost machine): the next run takes it over with a warning.
+HEARTBEAT_S and deletes it when it ends. A second run finds a live lease and stops (exit 2)
+naming the holder. A lease whose heartbeat is older than EXPIRY_S, or whose process on this
+host is gone, belongs to a run that died: the next run takes it over with a warning.
 
-Taking it is atomic where the store allows: locally the lease is written whole to a temp file
-and hard-linked into place (create-if-absent), and a stale one is first renamed away (only one
-run can). Object stores have no create-if-absent through pyarrow: there the lease is written,
-then read back after a pause, and the later writer wins; two runs started within a second of
-each other on S3 can both pass, any later one is refused. A run renews the lease only while it
-is still its own; if another run took it over, the run stops (`lost`).
+Locally the lease is written to a temp file and hard-linked into place (create-if-absent), a
+stale one first renamed away (only one run can). Object stores have no create-if-absent: the
+lease is written, read back after a pause, and the later writer wins (two runs started within
+a second on S3 can both pass). A run whose lease another run took over stops (`lost`).
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ def _dead_here(holder: dict) -> bool:
     except ProcessLookupError:
         return True
     except OSError:  # exists, owned by someone else
-        return False
+        pass
     return False
 
 
@@ -84,8 +81,7 @@ class Lease:
         return age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder)
 
     def live_holder(self) -> dict | None:
-        """The lease of another live run (what `acquire` refuses), or None; read only, for
-        `persimmon-batch plan`."""
+        """The lease of another live run (what `acquire` refuses), or None; read only (`plan`)."""
         holder = self._holder()
         return holder if self._alive(holder) else None
 

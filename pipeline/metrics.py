@@ -5,9 +5,8 @@
     persimmon_batch_row_errors        counter    rows with an error, tags: task, kind
     persimmon_batch_batch_seconds     histogram  seconds per batch (read rows -> results), tag: task
 
-Ray exports them with its own prefix (`ray_persimmon_batch_rows` ...) through each node's
-metrics agent. They count work done, so a unit that is retried counts again; the run report
-counts each row once. Outside Ray (tests, a stage called directly) they are not recorded.
+Ray exports them as `ray_persimmon_batch_rows` ... They count work done (a retried unit counts
+again; the run report counts each row once). Outside Ray they are not recorded.
 """
 
 from __future__ import annotations

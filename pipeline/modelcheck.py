@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import struct
 import tempfile
 
@@ -66,10 +67,7 @@ def check_model(config: PipelineConfig) -> dict:
     # pickles have no cheap header: remote ones are checked when the replicas load them
     read = read_safetensors_shapes if files[0].endswith(".safetensors") else _pickle_shapes if loc.is_local else None
     if read is not None:
-        shapes: dict[str, tuple] = {}
-        for name in files:
-            shapes.update(read(loc.join(name)))
-        _compare(loc, mcfg, arch, shapes)
+        _compare(loc, mcfg, arch, {k: v for name in files for k, v in read(loc.join(name)).items()})
     return mcfg.to_dict()
 
 
@@ -78,21 +76,16 @@ TEST_TEXT = "Persimmons ripen in autumn: 3 of them, please."
 
 
 def _check_tokenizer(loc: Location, names: set[str], mcfg) -> None:
-    """The tokenizer loads and encodes a test sentence, as each replica's will: a truncated or
-    corrupt tokenizer.model fails here, once, instead of in every replica's constructor. Its
-    pieces must fit the embedding (config.json's vocab_size). Remote tokenizer files (a few MB)
-    are fetched to a temp directory for this."""
+    """The tokenizer (remote files fetched to a temp directory) loads and encodes a test sentence
+    here, once, not in every replica's constructor, and its pieces fit config.json's vocab_size."""
     from model import PersimmonTokenizer
 
     try:
         with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as scratch:
-            directory = loc.path if loc.is_local else scratch
             if not loc.is_local:
-                for name in TOKENIZER_FILES:
-                    if name in names:
-                        with open(os.path.join(scratch, name), "wb") as f:
-                            f.write(read_bytes(loc.join(name)))
-            tokenizer = PersimmonTokenizer.from_pretrained(directory)
+                for name in names.intersection(TOKENIZER_FILES):
+                    pathlib.Path(scratch, name).write_bytes(read_bytes(loc.join(name)))
+            tokenizer = PersimmonTokenizer.from_pretrained(loc.path if loc.is_local else scratch)
             if not tokenizer.encode(TEST_TEXT, add_bos=False):
                 raise ValueError("it encodes a test sentence to no tokens")
     except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError for a corrupt file
@@ -105,10 +98,9 @@ def _check_tokenizer(loc: Location, names: set[str], mcfg) -> None:
 
 
 def check_kv_pool(config: PipelineConfig, mcfg) -> None:
-    """With --kv-cache-gib, the pool must hold one row of max_seq_len tokens (whole blocks, less
-    the runner's reserved ones: model/capacity.py), or no full-length row could ever run and a
-    pool below the runner's minimum would kill every replica in its constructor. Without it
-    the pool is sized on each replica from its device's memory, which the driver cannot see."""
+    """With --kv-cache-gib, the pool must hold one row of max_seq_len tokens (whole blocks, less the
+    runner's reserved ones: model/capacity.py), or no full-length row could run and a pool below
+    the runner's minimum would kill every replica. Without it each replica sizes its own pool."""
     if config.kv_cache_gib is None:
         return
     from model import capacity
@@ -128,9 +120,8 @@ def check_kv_pool(config: PipelineConfig, mcfg) -> None:
 
 
 def _pickle_shapes(loc: Location) -> dict[str, tuple]:
-    """Shapes from a local pickle checkpoint, opened as the replicas will open it
-    (`torch.load(weights_only=True)`, memory-mapped: tensors are not read). A legacy file that
-    needs arbitrary code to load is refused here, once, instead of in every replica."""
+    """Shapes from a local pickle checkpoint, opened as the replicas will (`torch.load(weights_only=True)`,
+    memory-mapped); a legacy file that needs arbitrary code to load is refused here, once."""
     import torch
 
     try:
@@ -151,11 +142,10 @@ SAMPLES, SAMPLE_BYTES = 64, 64 << 10  # windows of each weight file's data hashe
 
 
 def model_identity(config: PipelineConfig) -> str:
-    """A hash of what makes the model the model: config.json, the tokenizer files, and each
-    weight file's size, header (safetensors) and 64 windows of 64 KiB spread evenly over its
-    weights (every layer of an 8B checkpoint is sampled) - not every weight byte. Recorded in each output's footer: a rerun whose model changed is refused, and
-    the node model cache keeps one copy per identity (weights changed in place are fetched
-    again)."""
+    """A hash of config.json, the tokenizer files, and each weight file's size, header and 64 windows
+    of 64 KiB spread over its weights (every layer of an 8B checkpoint), not every byte. In each
+    output's footer: a rerun whose model changed is refused; the node model cache keeps one copy
+    per identity (weights changed in place are fetched again)."""
     from model.checkpoint import SAFETENSORS_MAX_HEADER
 
     loc = model_location(config.model, config)
@@ -173,8 +163,7 @@ def model_identity(config: PipelineConfig) -> str:
                 (n,) = struct.unpack("<Q", f.read_at(8, 0))
                 header = f.read_at(min(n, SAFETENSORS_MAX_HEADER, size - 8), 8)
                 start = min(size, 8 + n)
-            # samples of the weights themselves, spread over the whole file: retrained
-            # weights of the same shapes differ there (any layer), a header alone would not
+            # retrained weights of the same shapes differ in the samples (any layer), not the header
             span = size - start
             width = min(SAMPLE_BYTES, span)
             offsets = sorted({start + (span - width) * k // max(1, SAMPLES - 1) for k in range(SAMPLES)})
@@ -212,17 +201,15 @@ def _weight_files(loc: Location, names: set[str]) -> list[str]:
     try:
         return pick_weight_files(names, lambda index: read_bytes(loc.join(index)))
     except (ValueError, OSError) as e:
-        hint = ""
-        if loc.uri.startswith("hf://"):  # a snapshot in the node's HF cache, maybe fetched in part
-            repo = loc.uri[len("hf://"):].split("@")[0]
-            hint = (f" (its snapshot in the Hugging Face cache at {loc.path} is incomplete: fetch it again with "
-                    f"`hf download {repo}`, or delete it from the cache)")
+        repo = loc.uri.removeprefix("hf://").split("@")[0]  # an hf:// snapshot in the HF cache, maybe partial
+        hint = (f" (its snapshot in the Hugging Face cache at {loc.path} is incomplete: fetch it again with "
+                f"`hf download {repo}`, or delete it from the cache)") if loc.uri.startswith("hf://") else ""
         raise ModelError(f"model {loc.uri}: {e}{hint}") from None
 
 
 def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
-    """{tensor name: shape} from a .safetensors header, checked as the loader checks it
-    (model.checkpoint.safetensors_header): a truncated download fails here, on the driver."""
+    """{tensor name: shape} from a .safetensors header, checked as the loader checks it: a truncated
+    download fails here, on the driver."""
     from model.checkpoint import safetensors_header
 
     try:
@@ -242,21 +229,14 @@ def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
     _, params, tied = meta_model(cls, mcfg)
     expected = {k: tuple(v.shape) for k, v in params.items()}
     bare = cls is PersimmonModel
-    seen, unexpected, wrong = set(), [], []
-    for name, shape in shapes.items():
-        name = model_param_name(name, expected, bare, tied)
-        if name is None:
-            continue
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        seen.add(name)
-        if shape != expected[name]:
-            wrong.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
-    order = {name: i for i, name in enumerate(expected)}  # the model's own order: embeddings first
-    wrong.sort(key=lambda w: order[w.split(":")[0]])
-    missing = sorted(set(expected) - seen, key=order.get)
+    found = {model_param_name(name, expected, bare, tied): shape for name, shape in shapes.items()}
+    found.pop(None, None)  # skipped tensors
+    # in the model's own order (embeddings first)
+    wrong = [f"{name}: checkpoint {found[name]} vs config {shape}" for name, shape in expected.items()
+             if name in found and found[name] != shape]
+    missing = [name for name in expected if name not in found]
+    unexpected = sorted(name for name in found if name not in expected)
     if missing or unexpected or wrong:
-        report = mismatch_report([("wrong shape", wrong), ("missing", missing), ("unexpected", sorted(unexpected))],
+        report = mismatch_report([("wrong shape", wrong), ("missing", missing), ("unexpected", unexpected)],
                                  limit=5)
         raise ModelError(f"model {loc.uri}: weights do not match config.json ({arch}): {report}")

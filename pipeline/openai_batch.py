@@ -7,32 +7,28 @@ An input line is one request:
      "body": {"messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 16}}
 
 `request_row` turns it into the pipeline's columns: the id (custom_id), the prompt, the `url`
-(kept, so the answer takes the endpoint's shape) and the per-row settings of
-pipeline/row_settings.py:
+(kept, so the answer takes the endpoint's shape) and the per-row settings of row_settings.py:
 
 - chat messages are rendered in Persimmon's chat format, `human: {user}\\n\\nadept: {assistant}\\n\\n`
   per exchange, ending `human: {last user message}\\n\\nadept:`. System (or developer) messages
-  may only come first; their text goes before the first turn, followed by a blank line (the chat
-  model was not trained with a system role). Content is a string or a list of text parts.
+  may only come first, their text before the first turn and a blank line (the chat model was
+  not trained with a system role). Content is a string or a list of text parts.
 - `/v1/completions` takes `prompt` (one string) as it is.
 - `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed` and
   `response_format` (`json_object`, or `json_schema` with its `schema`) become the row's settings;
   a field left out takes the run's setting (greedy unless --temperature), not OpenAI's default.
-  Log-probabilities: chat `logprobs: true` with `top_logprobs: N` (0-20), completions
-  `logprobs: N`, become the row's `logprobs` setting (N alternatives per token). vLLM's extra
-  field `prompt_logprobs: 0` (or `true`) asks for the prompt tokens' log-probabilities (the
-  row's `prompt_logprobs` setting; `false` turns off the run's --prompt-logprobs); alternatives for prompt tokens (N > 0) are not offered.
+  Chat `logprobs: true` with `top_logprobs: N` (0-20), or completions `logprobs: N`, is the row's
+  `logprobs` setting. vLLM's `prompt_logprobs: 0` (or `true`) is the row's `prompt_logprobs`
+  (`false` turns off the run's --prompt-logprobs; alternatives for prompt tokens are not offered).
   `model` is ignored: the run's model answers. A request that asks for what this engine does not
   do (`n` > 1, tools, streaming, penalties, `echo`) is that row's error, not silently changed.
 
 `response_line` turns an output row into an output line: `{"id", "custom_id", "response":
 {"status_code": 200, "request_id", "body": <chat.completion or text_completion>}, "error": null}`,
 or for a failed row `{"id", "custom_id", "response": null, "error": {"code", "message"}}`: the
-row's `error_kind` and `error`. A row with log-probabilities answers in the endpoint's shape:
-chat `choices[0].logprobs.content = [{token, logprob, bytes, top_logprobs: [{token, logprob,
-bytes}]}]`; completions `choices[0].logprobs = {tokens, token_logprobs, top_logprobs: [{token:
-logprob}], text_offset}` (offsets from the start of the completion). A token that is part of a
-UTF-8 character is written as OpenAI writes it, `"bytes:\\xe2"`, its `bytes` the raw byte.
+row's `error_kind` and `error`. Log-probabilities take the endpoint's OpenAI shape (chat
+`choices[0].logprobs.content`; completions `choices[0].logprobs`, `text_offset` counted from the
+completion's start); part of a UTF-8 character is written as OpenAI does, `"bytes:\\xe2"`.
 Prompt log-probabilities go where vLLM's server puts them, outside OpenAI's schema:
 `choices[0].prompt_logprobs` of a completion, `prompt_logprobs` of a chat completion, a list
 with `null` for the first prompt token and `{"<token id>": {"logprob", "rank", "decoded_token"}}`
@@ -42,6 +38,7 @@ for each later one (`rank` is null: the engine does not rank prompt tokens).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any
 
 from .errors import RowError
@@ -63,13 +60,11 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise RequestError(f"{where}: only text content is supported, got a {kind!r} part")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part["text"] for part in content)
     raise RequestError(f"{where}: content must be a string or a list of text parts")
 
 
@@ -106,10 +101,8 @@ def render_chat(messages: Any) -> str:
 
 
 def _schema(response_format: Any) -> dict | None:
-    if response_format is None:
-        return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
+    if response_format is None or kind == "text":
         return None
     if kind == "json_object":
         return {"type": "object"}
@@ -151,9 +144,8 @@ def request_row(obj: dict, id_column: str, prompt_column: str) -> tuple[dict, Ro
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         settings = {"max_new_tokens": limit, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
                     "stop": body.get("stop"), "seed": body.get("seed"),
-                    "json_schema": _schema(body.get("response_format"))}
-        settings["logprobs"] = _logprobs(url, body)
-        settings["prompt_logprobs"] = _prompt_logprobs(body.get("prompt_logprobs"))
+                    "json_schema": _schema(body.get("response_format")), "logprobs": _logprobs(url, body),
+                    "prompt_logprobs": _prompt_logprobs(body.get("prompt_logprobs"))}
         row.update({k: v for k, v in settings.items() if v is not None})
     except RequestError as e:
         return row, RowError("invalid_request", str(e))
@@ -190,9 +182,7 @@ def _prompt_logprobs(value: Any) -> bool | None:
     raise RequestError(f"body.prompt_logprobs must be 0 or true, got {value!r:.40}")
 
 
-def _vllm_prompt_logprobs(tokens: list[dict] | None) -> list | None:
-    if tokens is None:
-        return None
+def _vllm_prompt_logprobs(tokens: list[dict]) -> list:
     return [None if t["logprob"] is None else
             {str(t["token_id"]): {"logprob": t["logprob"], "rank": None, "decoded_token": t["token"]}}
             for t in tokens]
@@ -219,13 +209,10 @@ def _chat_logprobs(tokens: list[dict] | None) -> dict | None:
 def _completion_logprobs(tokens: list[dict] | None) -> dict | None:
     if tokens is None:
         return None
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t["token"])
-    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+    texts = [t["token"] for t in tokens]
+    return {"tokens": texts, "token_logprobs": [t["logprob"] for t in tokens],
             "top_logprobs": [{a["token"]: a["logprob"] for a in t["top"] or []} for t in tokens],
-            "text_offset": offsets}
+            "text_offset": [0, *itertools.accumulate(map(len, texts))][:len(texts)]}
 
 
 def _short_hash(*parts: str) -> str:
@@ -243,10 +230,6 @@ def request_error(message: str) -> str:
     return message
 
 
-def _finish_reason(ours: str | None) -> str:
-    return "length" if ours == "length" else "stop"
-
-
 def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
     """One output row -> one line of an OpenAI batch output file. Ids are derived from the
     custom_id and the model, so a rerun writes the same ids."""
@@ -259,20 +242,17 @@ def response_line(row: dict, id_column: str, model: str, created: int) -> dict:
     usage = {"prompt_tokens": row.get("num_prompt_tokens") or 0,
              "completion_tokens": row.get("num_generated_tokens") or 0}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    reason = _finish_reason(row.get("finish_reason"))
-    if row.get("url") == COMPLETIONS:
-        body = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": row.get("completion") or "",
-                             "logprobs": _completion_logprobs(row.get("logprobs")),
-                             "finish_reason": reason}], "usage": usage}
-        if row.get("prompt_logprobs") is not None:
-            body["choices"][0]["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
+    reason = "length" if row.get("finish_reason") == "length" else "stop"
+    text, completions = row.get("completion") or "", row.get("url") == COMPLETIONS
+    if completions:
+        choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(row.get("logprobs")),
+                  "finish_reason": reason}
     else:
-        body = {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": row.get("completion") or "",
-                                                     "refusal": None},
-                             "logprobs": _chat_logprobs(row.get("logprobs")), "finish_reason": reason}],
-                "usage": usage}
-        if row.get("prompt_logprobs") is not None:
-            body["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
+        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                  "logprobs": _chat_logprobs(row.get("logprobs")), "finish_reason": reason}
+    body = {"id": f"cmpl-{key}" if completions else f"chatcmpl-{key}",
+            "object": "text_completion" if completions else "chat.completion",
+            "created": created, "model": model, "choices": [choice], "usage": usage}
+    if row.get("prompt_logprobs") is not None:  # where vLLM's server puts them
+        (choice if completions else body)["prompt_logprobs"] = _vllm_prompt_logprobs(row["prompt_logprobs"])
     return {**line, "response": {"status_code": 200, "request_id": f"req_{key}", "body": body}, "error": None}

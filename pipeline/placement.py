@@ -1,17 +1,12 @@
 """Can the replicas run where they will go? Checked on the driver before any replica starts.
 
-On local Ray (no --ray-address, no RAY_ADDRESS: a Ray on this machine that nothing joins) the
-driver knows everything the replicas will find, so a pool that can never start is a config
-error (exit 2, one line naming the fix), found before Ray starts:
+On local Ray (no --ray-address, no RAY_ADDRESS) the driver knows what the replicas will find,
+so a pool that can never start is a config error (exit 2, one line naming the fix) before Ray
+starts: --device cuda without CUDA here, more GPUs or CPUs (--num-cpus) than this machine has.
 
-    --device cuda, and torch on this machine sees no CUDA device
-    --num-gpus-per-replica > 0, and this machine has fewer GPUs than the pool needs
-    --replicas N x --num-cpus-per-replica, more than the local Ray's CPUs (--num-cpus)
-
-On a cluster the driver cannot see the nodes that will run replicas: an autoscaler may add
-nodes, and nodes may join. There the pool waits for room (Ray Data's wait, up to
+On a cluster nodes may still join (an autoscaler): the pool waits for room (up to
 --replica-start-timeout-s) and the driver says what it waits for. A replica that then cannot
-start (no CUDA on its node, a model it cannot load) stops the run in one line (`pipeline.unit_runner`).
+start stops the run in one line (`pipeline.unit_runner`).
 """
 
 from __future__ import annotations
@@ -29,8 +24,7 @@ log = logging.getLogger(__name__)
 
 def local_ray(config: PipelineConfig) -> bool:
     """Does the run use a Ray on this machine only? Yes without ray_address and RAY_ADDRESS,
-    unless this process is already connected to a Ray it did not start itself (a cluster
-    joined with `ray.init(address=...)`)."""
+    unless this process already joined a Ray it did not start (`ray.init(address=...)`)."""
     if config.ray_address or os.environ.get("RAY_ADDRESS"):
         return False
     if not _connected():
@@ -49,19 +43,14 @@ def _connected() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def local_gpus() -> int:
-    """The GPUs a local Ray gets: those torch sees (the replicas run on this machine's torch;
-    a GPU it cannot use is no GPU to them)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def local_resources(config: PipelineConfig) -> dict[str, float]:
     """What `init_ray` starts a local Ray with: --num-cpus logical CPUs (default: 8, or twice
-    the cores, whichever is more: Ray Data's helpers need CPUs beside the replicas) and
-    `local_gpus()`."""
-    return {"CPU": float(config.num_cpus or max(8, 2 * (os.cpu_count() or 1))), "GPU": float(local_gpus())}
+    the cores, whichever is more: Ray Data's helpers need CPUs beside the replicas) and the GPUs
+    torch sees (the replicas run on this machine's torch: a GPU it cannot use is none to them)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": float(config.num_cpus or max(8, 2 * (os.cpu_count() or 1))), "GPU": float(gpus)}
 
 
 def check_device(config: PipelineConfig) -> None:
@@ -84,17 +73,16 @@ def replica_bundle(config: PipelineConfig) -> dict[str, float]:
 
 
 def fits(nodes: list[dict], bundle: dict[str, float]) -> float:
-    """How many replicas the nodes hold, one bundle each, node by node (a replica's CPUs and
-    GPUs come from one node)."""
+    """How many replicas of one bundle each the nodes hold (a replica's resources come from one node)."""
     if not bundle:
         return math.inf
     return sum(min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()) for node in nodes)
 
 
 def check_room(config: PipelineConfig, replicas: int) -> None:
-    """Is there room for the pool's first `replicas` replicas? On local Ray, before it starts
-    (`local_resources`) or once connected: a ConfigError naming the fix when there is not. On a
-    cluster, once connected: a warning saying what the pool waits for."""
+    """Is there room for the pool's first `replicas` replicas? On local Ray (before it starts or
+    once connected) a ConfigError naming the fix when not; on a cluster, once joined, a warning
+    saying what the pool waits for."""
     local = local_ray(config)
     if _connected():
         import ray
@@ -124,19 +112,15 @@ def check_room(config: PipelineConfig, replicas: int) -> None:
     if gpus and fits(nodes, {"GPU": gpus}) < replicas:
         fix = ("use --num-gpus-per-replica 0 for CPU replicas" if not total["GPU"]
                else f"use {fewer}, or a --num-gpus-per-replica below 1 (replicas share a GPU)")
-        raise ConfigError(f"num_gpus_per_replica: {pool} need {_amount(replicas * gpus)} GPU(s), but local Ray has "
-                          f"{_amount(total['GPU'])} (the GPUs torch sees on this machine) and no node can join it; "
+        raise ConfigError(f"num_gpus_per_replica: {pool} need {replicas * gpus:g} GPU(s), but local Ray has "
+                          f"{total['GPU']:g} (the GPUs torch sees on this machine) and no node can join it; "
                           f"{fix}, or --ray-address of a cluster with GPU nodes")
     cpus = replicas * config.num_cpus_per_replica
-    fix = (f"use {fewer}, " if room else "use ") + f"--num-cpus {_amount(math.ceil(cpus))} or a smaller --num-cpus-per-replica"
-    raise ConfigError(f"replicas: {pool} need {_amount(cpus)} CPUs, but local Ray has {_amount(total.get('CPU', 0.0))} "
+    fix = (f"use {fewer}, " if room else "use ") + f"--num-cpus {math.ceil(cpus):g} or a smaller --num-cpus-per-replica"
+    raise ConfigError(f"replicas: {pool} need {cpus:g} CPUs, but local Ray has {total.get('CPU', 0.0):g} "
                       f"(--num-cpus) and no node can join it, so the pool would wait "
                       f"--replica-start-timeout-s={config.replica_start_timeout_s} s for nothing; {fix}")
 
 
-def _amount(v: float) -> str:
-    return f"{v:g}"
-
-
 def _amounts(resources: dict[str, float]) -> str:
-    return " + ".join(f"{_amount(v)} {k}" for k, v in resources.items()) or "no resources"
+    return " + ".join(f"{v:g} {k}" for k, v in resources.items()) or "no resources"

@@ -16,6 +16,7 @@ tokens of units finished by earlier runs, from a footer read instead of a recomp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,8 +51,7 @@ def _is_hidden(path: str) -> bool:
 
 @dataclass(frozen=True)
 class InputFile:
-    """A listed input file: where it is, its name relative to the input it came from (a
-    directory, a glob's fixed prefix, or just its file name), its size and modification time."""
+    """A listed input file: where it is, its name relative to its input item, size and mtime."""
 
     loc: Location
     name: str
@@ -60,9 +60,8 @@ class InputFile:
 
 
 class Listing(list):
-    """The input files `list_inputs` found (a list of InputFile), and `left_out`: the URIs of
-    files in the listed directories that are not read (not named as a data format, or plain
-    `.json` beside data), so a summary can name them."""
+    """The InputFiles `list_inputs` found, and `left_out`: the URIs of the listed directories'
+    files that are not read."""
 
     def __init__(self, files=(), left_out=()):
         super().__init__(files)
@@ -72,17 +71,16 @@ class Listing(list):
 def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
     """Expand directories, globs and lists into input files, sorted by URI, no duplicates.
 
-    Directories are listed recursively (under --input-format auto, see `directory_inputs` for
-    which data files they contribute); names starting with `_` or `.` (markers such as
-    _SUCCESS, temp files, .crc files) are ignored in directories and globs alike; inside
-    directories, only files named as a data format (or as --input-format) are taken, extensions
-    in any case (`FEB.CSV`), while a glob takes what it matches. Every other file of a listed
-    directory is left out with a warning naming it, and listed in the result's `left_out`:
-    a file is never skipped silently. A path that exists is taken as it is even if its name
-    has glob characters. Files under `exclude` (the run's output directory, when it sits
-    inside an input tree, symlinks resolved) are never inputs. A path that matches nothing is an
-    error naming it. Each file's name is relative to the input item it came from, so it does not
-    change when other partitions appear or disappear.
+    Names starting with `_` or `.` (_SUCCESS, temp files, .crc files) are ignored. A glob takes
+    what it matches; a directory, listed recursively, only files named as a data format (or as
+    --input-format), extensions in any case (`FEB.CSV`), and under --input-format auto no plain
+    `.json` (as often metadata, `dataset_info.json` beside Parquet, as data: read when named,
+    globbed or with --input-format jsonl). Every other file of a listed directory is named in a
+    warning and in the result's `left_out`: never skipped silently. A path that exists is taken
+    as it is even if its name has glob characters. Files under `exclude` (the run's output inside
+    an input tree, symlinks resolved) are never inputs. A path that matches nothing is an error.
+    Each file's name is relative to its input item, so it does not change when other partitions
+    appear or disappear.
     """
     forced = getattr(config, "input_format", "auto")
     suffixes = INPUT_FORMATS[forced].suffixes if forced not in (None, "auto") else DATA_SUFFIXES
@@ -95,6 +93,7 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
         matches: list[InputFile] = []
         others: list[InputFile] = []
         info = retry(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.retries)
+        base = pattern = None
         if info.type == pafs.FileType.NotFound and any(c in loc.path for c in "*?["):
             base = loc.path[: min(loc.path.find(c) for c in "*?[" if c in loc.path)].rsplit("/", 1)[0]
             if loc.uri.endswith(loc.path) and not loc.uri[: len(loc.uri) - len(loc.path)].endswith(":/"):
@@ -103,26 +102,21 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
             else:  # fsspec stores may spell it otherwise (memory://x is the path /x)
                 base_uri = f"{loc.scheme}://{base.lstrip('/')}"
             pattern = glob_regex(loc.path)
-            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}", loc.retries)
-            for info in infos:
-                rel = info.path[len(base.rstrip("/")) + 1:]
-                if info.type == pafs.FileType.File and pattern.match(info.path) and not _is_hidden(rel):
-                    matches.append(InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns))
         elif info.type == pafs.FileType.File:
             matches.append(InputFile(loc, loc.path.rsplit("/", 1)[-1], info.size, info.mtime_ns))
         elif info.type == pafs.FileType.Directory:
-            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)),
-                          f"list {loc.uri}", loc.retries)
+            base, base_uri = loc.path, loc.uri
+        if base is not None:
+            infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}",
+                          loc.retries)
             for info in infos:
-                rel = info.path[len(loc.path.rstrip("/")) + 1:]
-                if info.type != pafs.FileType.File or _is_hidden(rel):
+                rel = info.path[len(base.rstrip("/")) + 1:]
+                if info.type != pafs.FileType.File or _is_hidden(rel) or (pattern and not pattern.match(info.path)):
                     continue
-                listed = InputFile(_child(loc, loc.path, loc.uri, info.path), rel, info.size, info.mtime_ns)
-                (matches if info.path.lower().endswith(suffixes) else others).append(listed)
-            if forced in (None, "auto"):
-                taken = {m.loc.uri for m in directory_inputs(matches)}
-                others += [m for m in matches if m.loc.uri not in taken]
-                matches = [m for m in matches if m.loc.uri in taken]
+                listed = InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns)
+                taken = pattern or (info.path.lower().endswith(suffixes)
+                                    and not (forced in (None, "auto") and _PLAIN_JSON.search(info.path)))
+                (matches if taken else others).append(listed)
         if skip is not None:
             matches = [m for m in matches if not inside(place(m.loc), skip)]
             others = [m for m in others if not inside(place(m.loc), skip)]
@@ -145,13 +139,6 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
 
 _PLAIN_JSON = re.compile(r"\.json(\.(gz|zst|bz2))?$", re.I)
 
-
-def directory_inputs(files: list[InputFile]) -> list[InputFile]:
-    """What a directory contributes under --input-format auto: its data files, except plain
-    `.json` ones, which are as often metadata (`dataset_info.json` beside a Parquet dataset) as
-    data; those are read when named, matched by a glob, or with --input-format jsonl (the
-    listing names them as left out, never silently)."""
-    return [f for f in files if not _PLAIN_JSON.search(f.loc.path)]
 
 
 def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
@@ -211,39 +198,22 @@ class Plan:
 
 
 def result_config(config: PipelineConfig) -> dict:
-    """The settings a row's result depends on, and the output columns, as recorded in every
-    committed file's footer."""
+    """The settings a row's result depends on and the output columns, as every footer records them."""
     public = {**config.public_dict(), "dtype": config.resolved_dtype}  # what replicas run in, not "auto"
     return {**{k: public[k] for k in result_fields(config)}, "columns": list(output_columns(config.task))}
 
 
 def input_fingerprint(digest: str, listed, split: Split) -> dict:
-    """What a unit's input *is*, not only its name: the file's size and modification time
-    (a rewrite changes the mtime unless it is kept: cp -p, rsync -t), its content digest
-    (Parquet: a hash of the footer and the id column's bytes, `ParquetInput._digest`; JSONL /
-    CSV: of all the bytes), and the unit's row groups or row range. The rows the plan marks as
-    duplicate or null ids are added later (`_seal`): they depend on the other files."""
+    """What a unit's input *is*, not only its name: the file's size and mtime (a rewrite changes
+    it unless kept: cp -p, rsync -t), its content digest (Parquet: footer and id column,
+    `ParquetInput._digest`; JSONL / CSV: all the bytes), and its row groups or row range. The
+    rows marked as duplicate or null ids are added by `make_plan`: they depend on the other files."""
     return {"size": listed.size, "mtime_ns": listed.mtime_ns, "footer_sha256": digest,
             "row_groups": split.row_groups, "first_row": split.first_row, "rows": split.num_rows}
 
 
-def _seal(units: list) -> None:
-    """Put each unit's planned row errors (duplicate / null ids, found across all files) into
-    its fingerprint: a file added earlier in input order that now claims some of a unit's ids
-    makes that unit stale, so its output is redone with those rows marked."""
-    for u in units:
-        u.fingerprint["row_errors_sha256"] = hashlib.sha256(json.dumps(sorted(u.row_errors)).encode()).hexdigest()[:32]
-
-
-def _output_stem(rel: str) -> str:
-    """Output name (without extension) of an input named `rel` relative to its input item:
-    partition directories become part of the name (a=1/x.jsonl.gz -> a=1__x)."""
-    return strip_suffix(rel).replace("/", "__")
-
-
 def read_unit_stats(loc: Location) -> dict | None:
-    """Stats of a committed output (Parquet footer, or a JSONL file's sidecar), or None if it
-    is not a complete, valid output."""
+    """Stats of a committed output (Parquet footer or JSONL sidecar), None if it is not valid."""
     fmt = OUTPUT_FORMATS["jsonl" if loc.path.endswith(".jsonl") else "parquet"]
     try:
         return fmt.read_stats(loc)
@@ -253,13 +223,10 @@ def read_unit_stats(loc: Location) -> dict | None:
 
 
 def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> Plan:
-    """List and check the inputs, name the outputs, find units already committed.
-
-    Raises InputError (naming the files) for bad input files unless on_bad_input='skip', and
-    ConfigError when the output directory holds files this plan would not write or outputs
-    written with a different result config. With `write=False` (`persimmon-batch plan`) nothing
-    is changed: --overwrite only lists the committed outputs it would delete.
-    """
+    """List and check the inputs, name the outputs, find units already committed. Raises
+    InputError for bad input files unless on_bad_input='skip', ConfigError for output files this
+    plan would not write or written with other settings. `write=False` (`persimmon-batch plan`)
+    changes nothing: --overwrite only lists what it would delete."""
     t0 = time.perf_counter()
     out = resolve(config.output, config)
     for item in (config.input if isinstance(config.input, (list, tuple)) else [config.input]):
@@ -296,7 +263,7 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
             continue
         absent = set(json.loads((found.schema.metadata or {}).get(b"absent", b"[]")))  # JSONL: keys no row has
         columns[mask_uri(loc.uri)] = set(found.schema.names) - absent
-        stem = _output_stem(listed_file.name)
+        stem = strip_suffix(listed_file.name).replace("/", "__")  # partition directories: a=1/x.jsonl -> a=1__x
         fmt = formats[loc.uri]
         file_units = [Unit(loc.uri, loc.path, sp.row_groups, sp.num_rows,
                            fmt.split_name(stem, sp, len(found.splits)) + extension, first_row=sp.first_row,
@@ -323,7 +290,8 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
             plan.ids = flag_ids(config, good, threads)
         except InputChanged as e:
             raise InputError(str(e)) from None
-    _seal(units)
+    for u in units:  # a file added earlier in input order that claims a unit's ids makes it stale
+        u.fingerprint["row_errors_sha256"] = hashlib.sha256(json.dumps(sorted(u.row_errors)).encode()).hexdigest()[:32]
     t2 = time.perf_counter()
     _find_done(config, plan, write)
     seconds.update(ids=t2 - t1, committed=time.perf_counter() - t2)
@@ -332,8 +300,7 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
 
 
 def describe(config: PipelineConfig, plan: Plan, prompts: dict | None = None, in_use_by: dict | None = None) -> dict:
-    """The plan in numbers: what `persimmon-batch plan --json` prints, and (as `summary_lines`)
-    what a run says before it starts."""
+    """The plan in numbers: `persimmon-batch plan --json`, and what a run says first (`summary_lines`)."""
     todo = plan.todo
     return {
         "task": config.task, "output": mask_uri(plan.output.uri),
@@ -405,10 +372,8 @@ def _find_done(config: PipelineConfig, plan: Plan, write: bool = True) -> None:
             retry(lambda name=name: out.fs.delete_file(out.join(name).path), f"delete {out.join(name).uri}", out.retries)
             side = OUTPUT_FORMATS[config.output_format].sidecar(out.join(name))
             if side is not None:
-                try:
+                with contextlib.suppress(OSError):
                     out.fs.delete_file(side.path)
-                except (FileNotFoundError, OSError):
-                    pass
         return
     with ThreadPoolExecutor(16) as pool:
         stats = list(pool.map(lambda n: read_unit_stats(out.join(n)), committed))

@@ -1,9 +1,4 @@
-"""CPU priority of the run's Ray processes.
-
-Ray starts its worker processes at nice 15 (RAY_worker_niceness). The run's own actors (the
-replicas and the progress tracker) take the normal priority back where the node allows it, so
-that neither the model's threads nor the heartbeats that prove a replica alive wait behind
-everything else on a busy node."""
+"""CPU priority of the run's Ray actors (replicas, progress tracker): normal, not Ray's nice 15."""
 
 from __future__ import annotations
 
@@ -14,18 +9,15 @@ log = logging.getLogger(__name__)
 
 
 def normal_priority() -> str | None:
-    """Give every thread of this process (a replica or the progress tracker) the normal CPU
-    priority: a replica's torch thread, before it starts any OpenMP threads, which inherit it,
-    and Ray's own threads; returns what was done, or None.
+    """Give every thread of this process the normal CPU priority (call it before torch starts
+    its OpenMP threads, which inherit it); returns what was done, or None.
 
     Ray starts worker processes at nice 15 (RAY_worker_niceness), so a CPU replica loses its
-    cores to anything at normal priority on the node: the driver's Ray Data loop, the raylet,
-    the dashboard. An OpenMP team is only as fast as its slowest thread, so every preempted
-    thread stalls the whole forward. All threads, not only the compute one: Ray's I/O threads
-    left at nice 15 beside compute threads at nice 0 starve on a busy node, and the replica's
-    task results and progress beats then wait for the unit to end. Lowering a nice value needs
-    CAP_SYS_NICE (root in most containers); without it the replica keeps Ray's priority and
-    says so once."""
+    cores to anything at normal priority on the node (the driver's Ray Data loop, the raylet),
+    and an OpenMP team is only as fast as its slowest thread. All threads: Ray's I/O threads
+    left at nice 15 beside compute threads at nice 0 starve, and task results and heartbeats
+    (which prove a replica alive) wait for the unit to end. Lowering a nice value needs
+    CAP_SYS_NICE (root in most containers); without it the replica says so once."""
     try:
         now = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux, this thread's nice value
     except (AttributeError, OSError):

@@ -16,25 +16,21 @@ run reads and writes (`settings.RUN_FIELDS`). The pipeline a processor adds to `
 
 What can go wrong, and what happens:
 - a setting, the model or an attachment that cannot work: `build_processor` raises
-  (ConfigError, ModelError) on the driver, having checked what a run checks before its first
-  replica; it starts or joins Ray but no replica;
-- a row that `preprocess` raises on, or returns something other than a dict for: a result row
+  (ConfigError, ModelError) on the driver, having run a run's checks; no replica starts;
+- a row that `preprocess` raises on, or turns into something other than a dict: a result row
   with `error_kind` preprocess_error (its id kept when the source row has one);
-- a row whose prompt cannot be run (null, not a string, blank, too long for the model, a bad
-  per-row sampling column): a result row with its error, as in a run (invalid_prompt,
-  empty_prompt, prompt_too_long, invalid_sampling, ...); its neighbours run;
+- a row whose prompt cannot be run (null, blank, too long, a bad per-row sampling column): a
+  result row with its error, as in a run; its neighbours run;
 - rows with no prompt column at all (after preprocess): the Dataset fails with a ValueError
   naming the column, a program's mistake rather than a row's;
-- a replica that cannot start (the model does not load there): the Dataset fails, as Ray Data
-  fails a pool whose actors cannot start; one that cannot be placed: after
-  --replica-start-timeout-s;
-- `postprocess` raising: the Dataset fails, as in any `Dataset.map`; the rows it gets carry
-  their errors as data (test `row["error"]` rather than raise).
+- a replica that cannot start: the Dataset fails, as Ray Data fails a pool whose actors cannot
+  start (one that cannot be placed: after --replica-start-timeout-s);
+- `postprocess` raising: the Dataset fails, as in any `Dataset.map`.
 
 Result rows: the id (null for rows without one), the `keep_columns`, then the task's result
-columns (`TASKS[task].columns`), as a run writes them. Ray Data's semantics apply: a batch is
-re-run after its replica dies (up to --max-unit-retries), and each consumption runs the model
-again; for exactly-once, resumable output files use `pipeline.run`.
+columns, as a run writes them. Ray Data's semantics apply: a batch is re-run after its replica
+dies (up to --max-unit-retries), and each consumption runs the model again; for exactly-once,
+resumable output files use `pipeline.run`.
 """
 
 from __future__ import annotations
@@ -53,18 +49,15 @@ from .settings import PipelineConfig
 from .stages import TASKS, column_values
 from .storage import resolve
 
-Row = dict
-RowFn = Callable[[Row], Row]
+RowFn = Callable[[dict], dict]
 
 
 def build_processor(task: str, model: str | None = None, preprocess: RowFn | None = None,
                     postprocess: RowFn | None = None, **settings) -> Processor:
-    """A processor for `task` (generate, classify, label, score: `stages.TASKS`): `processor(ds)` is
-    the lazy Dataset of `ds`'s results. `settings` are `PipelineConfig` fields (the CLI's flags:
-    replicas, num_gpus_per_replica, batch_size, max_new_tokens, prompt_column, ...), less
-    `RUN_FIELDS`. `preprocess(row) -> row` makes each input row into one with the prompt column
-    (and optionally the id, keep_columns and per-row sampling columns); `postprocess(row) -> row`
-    maps each result row."""
+    """A processor for `task` (`stages.TASKS`): `processor(ds)` is the lazy Dataset of `ds`'s results.
+    `settings` are `PipelineConfig` fields less `RUN_FIELDS`; `preprocess(row) -> row` makes each
+    input row one with the prompt column (and optionally the id, keep_columns and per-row
+    settings); `postprocess(row) -> row` maps each result row."""
     return Processor(PipelineConfig.for_processor(task, model=model, **settings), preprocess, postprocess)
 
 
@@ -99,10 +92,8 @@ class Processor:
 
 
 class ReplicaStage:
-    """A processor's replica: the task's stage (`stages.TASKS`, one engine) behind `preprocess`.
-    Each batch: rows -> preprocess, row by row -> the stage -> a `pyarrow.Table` of results.
-    Without preprocess the batch goes to the stage as it is, as a run's batches do. Call it on a
-    hand-built `pyarrow.Table` without Ray (`engine=` a test double or an Engine)."""
+    """A processor's replica: each batch -> `preprocess`, row by row (if given) -> the task's stage
+    -> a `pyarrow.Table` of results. Callable without Ray (`engine=` a test double or an Engine)."""
 
     def __init__(self, config: PipelineConfig, preprocess: RowFn | None = None, engine=None):
         self.config, self.preprocess = config, preprocess
@@ -152,14 +143,10 @@ class ReplicaStage:
 
 # ---- the input files as a Dataset ------------------------------------------------------------
 def build_dataset(config: PipelineConfig, ds=None):
-    """Lazy `ray.data.Dataset` of results: the input files, in any format a run reads (Parquet,
-    JSONL, CSV, OpenAI batch), each read through its format by a replica and run through the
-    task's stage (`FileStage`); a row that cannot be read is a result row with its error.
-
-    Pass `ds` to run the task on your own Dataset instead: `Processor(config)(ds)`.
-    Nothing runs until you consume it (`write_parquet`, `iter_batches`, `take`, ...); write it
-    with `filesystem=pipeline.filesystem(config, uri)` for object stores with an endpoint.
-    """
+    """Lazy `ray.data.Dataset` of results of the input files, in any format a run reads, each read
+    by a replica and run through the task's stage (`FileStage`); an unreadable row is a result
+    row with its error. `ds`: run on your own Dataset instead (`Processor(config)(ds)`). Write it
+    with `filesystem=pipeline.filesystem(config, uri)` for object stores with an endpoint."""
     import ray.data
 
     processor = Processor(config)
@@ -174,10 +161,9 @@ def build_dataset(config: PipelineConfig, ds=None):
 
 
 class FileStage:
-    """`build_dataset`'s replica: input file URIs in, the task's results for each file's rows
-    out, a batch (`--batch-size` rows) at a time. The file is read as a run reads it (its
-    format; rows that cannot be read come out with their error); a bad file (not its format,
-    no prompt column, empty) fails the Dataset with a message naming it."""
+    """`build_dataset`'s replica: input file URIs in, the task's results for their rows out, a
+    batch at a time, read as a run reads them; a bad file (not its format, no prompt column,
+    empty) fails the Dataset with a message naming it."""
 
     def __init__(self, config: PipelineConfig):
         self.config, self.stage = config, TASKS[config.task](config)

@@ -1,30 +1,24 @@
 """Task attempts, heartbeats and the stuck-replica watchdog.
 
-Every time a replica starts working on a unit it opens an *attempt* with a small Ray actor,
-`ProgressTracker` (no CPU, one per run, owned by the driver), and sends a heartbeat after each
-batch. From that record the driver learns
+A replica opens an *attempt* with the run's `ProgressTracker` actor (no CPU, on the driver's
+node) each time it starts a unit, and sends a heartbeat after each batch. From that record:
 
-- which units were retried and how many rows were run again (`rows_retried`): a unit whose
-  replica died (OOM, segfault, killed) is re-run from its start by Ray on the restarted actor,
-  and a unit whose storage failed mid-stream is redone by the replica itself;
-- which replicas are stuck: `Watchdog`, a driver thread, asks the tracker every few seconds
-  for attempts with no heartbeat for `batch_timeout_s`. Such a replica is reported and killed
-  with `ray.kill(no_restart=False)`: Ray restarts it and retries the unit, up to
-  `max_unit_retries`, after which the unit is reported failed. A run never hangs on a wedged
-  replica (a deadlocked kernel, a frozen process, a storage call that never returns).
+- which units were retried and how many rows ran again (`rows_retried`): Ray re-runs a unit
+  whose replica died on the restarted actor; a replica redoes a unit whose storage failed;
+- which replicas are stuck: `Watchdog`, a driver thread, has the tracker kill replicas with
+  no heartbeat for `batch_timeout_s` (`ray.kill(no_restart=False)`: Ray restarts them and
+  retries the unit, up to `max_unit_retries`). A run never hangs on a wedged replica.
 
-The tracker measures time with its own clock only, so clock skew between nodes is harmless.
-It runs on the driver's node: an actor on a worker node would die with that node (a lost spot
-instance), and with it the record of every attempt. Heartbeats are fire-and-forget calls; if
-the tracker is gone the run goes on without them.
-
-At the end of the run the driver asks Ray which nodes are dead (`dead_nodes`): an attempt that
-ended without a result on a dead node lost its node, not just its process, and `summarize` and
-the report's per-replica table (`pipeline.report.replica_report`) say so.
+The tracker uses its own clock only (clock skew between nodes is harmless), and lives on the
+driver's node: on a worker node it would die with that node, and the record with it.
+Heartbeats are fire-and-forget; without the tracker the run goes on. At the end the driver asks
+which nodes are dead (`dead_nodes`): an attempt cut short there lost its node, not just its
+process, and `summarize` and `pipeline.report.replica_report` say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,11 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class ProgressTracker:
-    """Ray actor holding every attempt of the run: unit, replica, heartbeats, final state.
-
-    States: running -> done | failed | io_error (ended by the replica), lost (its process died:
-    the same actor started another attempt, or the run ended with it open), stuck (killed by
-    the watchdog)."""
+    """Ray actor holding every attempt of the run. States: running -> done | failed | io_error
+    (ended by the replica), lost (its process died: its actor started another attempt, or the
+    run ended with it open), stuck (killed by the watchdog)."""
 
     def __init__(self):
         from .priority import normal_priority
@@ -78,22 +70,17 @@ class ProgressTracker:
         self.handles.pop(attempt_id, None)
 
     def end_round(self) -> int:
-        """A pool is done (Ray Data stopped it and dropped its handles): kill its replicas for
-        good. Ray Data lets reference counting end them, which can lag (handles held in reference
-        cycles until a garbage collection, and the handles kept here), and a replica that died
-        mid-unit is still being restarted by Ray meanwhile: either could take the place (a GPU)
-        that the next round's pool needs. Attempts keep their state (a replica's own `end` may
-        still be on its way); one left open reads as lost, as at the end of a run. Returns how
-        many replicas were killed."""
+        """A pool is done: kill its replicas for good, and return how many. Ray Data lets
+        reference counting end them, which lags (handles in reference cycles, and ours), and a
+        replica that died mid-unit may be restarting: either would hold the place (a GPU) the
+        next round needs. Attempts keep their state; one left open reads as lost."""
         import ray
 
         killed = 0
         for handle in self.pool.values():
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(handle, no_restart=True)
                 killed += 1
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         self.handles.clear()
         self.pool.clear()
         return killed
@@ -122,8 +109,7 @@ class ProgressTracker:
         return events
 
     def snapshot(self) -> list[dict]:
-        """Every attempt so far; `seconds` is how long it ran (to its end, or to its last
-        heartbeat while open)."""
+        """Every attempt so far; `seconds`: how long it ran (to its end, or its last heartbeat)."""
         now = time.monotonic()
         return [{"attempt": k, **self._public(a), "silent_s": round(now - a["last"], 2),
                  "seconds": round((a["ended"] if "ended" in a else a["last"]) - a["started"], 3)}
@@ -135,8 +121,7 @@ class ProgressTracker:
 
 
 def _same_process_alive(a: dict) -> bool:
-    """Is the attempt's actor alive in the same process (not dead or restarted)? When the GCS
-    cannot say, assume it is."""
+    """Is the attempt's actor alive in the same process (not dead or restarted)? Yes if unknown."""
     try:
         import ray._private.state as state
 
@@ -154,12 +139,10 @@ class Attempts:
         self.where = where or {}
         self.actor = None
         if tracker is not None:
-            try:
+            with contextlib.suppress(Exception):  # not inside an actor (tests)
                 import ray
 
                 self.actor = ray.get_runtime_context().current_actor
-            except Exception:  # noqa: BLE001 - not inside an actor (tests)
-                self.actor = None
 
     def start(self, unit_name: str, rows: int) -> str:
         attempt_id = uuid.uuid4().hex[:16]
@@ -183,9 +166,7 @@ class Attempts:
 
 
 def start_tracker(run_id: str):
-    """The run's tracker actor (no CPU), named `persimmon-batch-progress-<run_id>`, on the
-    driver's node: a node that dies takes its actors with it, and the driver's node is the one
-    whose death ends the run anyway."""
+    """The run's tracker actor (no CPU) on the driver's node, whose death ends the run anyway."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -195,13 +176,10 @@ def start_tracker(run_id: str):
 
 
 def dead_nodes(suspects: set[str] = frozenset(), probe_timeout_s: float = 3.0) -> set[str]:
-    """Ids of the Ray nodes that are dead now (removed, lost, scaled down).
-
-    The GCS declares a node dead only after its health checks have failed for a while (about
-    15-30 s by default), so a run that ends soon after a node vanished still sees it alive. A
-    `suspect` (a node where an attempt ended without a result) that the GCS lists as alive is
-    therefore asked directly: a raylet that does not accept a connection within
-    `probe_timeout_s` is dead. Empty when the GCS cannot say."""
+    """Ids of the Ray nodes that are dead now (removed, lost, scaled down); empty if unknown.
+    The GCS declares a node dead only after 15-30 s of failed health checks, so a `suspect` (a
+    node where an attempt ended without a result) it lists as alive is asked directly: a raylet
+    that refuses a connection within `probe_timeout_s` is dead."""
     import socket
 
     import ray
@@ -224,8 +202,7 @@ def dead_nodes(suspects: set[str] = frozenset(), probe_timeout_s: float = 3.0) -
 
 
 class DriverThread:
-    """A daemon thread running `_loop` while a `with` block runs (when `_wanted()`); `_loop`
-    ends once `_stop` is set, at the end of the block."""
+    """A daemon thread running `_loop` (until `_stop` is set) while a `with` block runs, if `_wanted()`."""
 
     def __init__(self, name: str):
         self._stop = threading.Event()
@@ -246,8 +223,7 @@ class DriverThread:
 
 
 class Watchdog(DriverThread):
-    """Driver thread: every few seconds, have the tracker kill replicas silent for longer than
-    `timeout_s`, and collect what it killed."""
+    """Every few seconds, have the tracker kill replicas silent for over `timeout_s`; keep what it killed."""
 
     def __init__(self, tracker, timeout_s: float, say=print):
         super().__init__("persimmon-batch-watchdog")

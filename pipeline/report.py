@@ -1,10 +1,9 @@
 """The run report (`_run_report.json`), built from typed unit statistics.
 
-Every unit ends as one `UnitStats`: written by its replica (`pipeline.unit_runner`) into the output's
-footer or sidecar and sent to the driver, or read back from an output committed by an earlier
-run. `build_report` adds them up: totals over every committed output, `this_run` over the work
-done now, plus failures, retries, stuck replicas, what each replica did and how it ended,
-engine sizing and (label) the label histogram.
+Every unit ends as one `UnitStats`: written by its replica into the output's footer or sidecar
+and sent to the driver, or read back from an output committed earlier. `build_report` adds them
+up: totals over every committed output, `this_run` over the work done now, plus failures,
+retries, stuck replicas, each replica's work and end, engine sizing and what the task adds.
 """
 
 from __future__ import annotations
@@ -47,10 +46,7 @@ class UnitStats:
     actor_id: str | None = None
     pid: int | None = None
     engine: dict | None = None
-    label_counts: dict = field(default_factory=dict)
-    low_margin_rows: int = 0
-    low_margin: float | None = None
-    extra: dict = field(default_factory=dict)  # the rest of the footer (fingerprints, settings), kept as read
+    extra: dict = field(default_factory=dict)  # the rest (fingerprints, settings, the task's `tally`), as read
 
     @classmethod
     def from_dict(cls, d: dict) -> "UnitStats":
@@ -67,9 +63,8 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def one_line(text: str | None) -> str | None:
-    """An error as the report and the console show it: plain text (no ANSI colour escapes,
-    which Ray puts in its exceptions' messages), its first non-empty line only (the rest of a
-    Ray error is a traceback, which belongs in the logs)."""
+    """An error as the report and the console show it: its first non-empty line (the rest of a
+    Ray error is a traceback), without the ANSI colour escapes Ray puts in its messages."""
     if text is None:
         return None
     lines = [line.strip() for line in ANSI_ESCAPE.sub("", text).splitlines() if line.strip()]
@@ -88,12 +83,10 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
                  started_at: float, wall: float, run_id: str | None = None,
                  attempts: list[dict] | None = None, stuck: list[dict] | None = None,
                  dead: set[str] | None = None, planned: bool = True) -> dict:
-    """The `_run_report.json` content. Totals cover every committed output (this run's and
-    earlier runs'); `this_run` covers work done now. `results` maps output names to the stats
-    the replicas sent; `attempts` and `stuck` come from the run's progress tracker, `dead`
-    (ids of Ray nodes dead at the end of the run) tells node losses from replica deaths. A run
-    stopped before its plan was made (`planned` False, an empty `plan`) is never complete.
-    Errors are plain one-line text (`one_line`)."""
+    """The `_run_report.json` content. `results` maps output names to the stats the replicas
+    sent; `attempts` and `stuck` come from the progress tracker; `dead` (ids of Ray nodes dead
+    at the end) tells node losses from replica deaths. A run stopped before its plan was made
+    (`planned` False, an empty `plan`) is never complete."""
     dead = dead or set()
     units: dict[str, UnitStats] = {name: dataclasses.replace(UnitStats.from_dict(st), status="skipped")
                                    for name, st in plan.done.items()}
@@ -167,18 +160,11 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
 
 def replica_report(attempts: list[dict] | None, ran: list[UnitStats], dead: set[str]) -> list[dict]:
     """One entry per replica process of this run (a restarted actor is a new process): where it
-    ran, what it committed (units, rows, tokens generated, seconds working on them), the units
-    it was working on when it ended without a result (`units_interrupted`, `rows_interrupted`:
-    rows it had done of them), and how it `ended`:
-
-    - `finished`: it was alive and had no unit open when the run ended (released by the pool,
-      or its node scaled down afterwards);
-    - `died`: its process ended mid-unit (OOM, segfault, killed, killed as stuck) or was
-      replaced by a restart, on a node that is still alive; `stuck` says if the watchdog did it;
-    - `node_lost`: the same, on a node that is dead now (a lost spot instance, a removed node).
-
-    From the progress tracker's attempts; without them (tracker unavailable) from the
-    committed units' statistics, with `ended` null."""
+    ran, what it committed, the units it was cut short on (`units_interrupted`, and the rows it
+    had done of them) and how it `ended`: `finished` (alive with no unit open at the end),
+    `died` (its process ended mid-unit or was replaced by a restart; `stuck` if the watchdog
+    did it) or `node_lost` (the same, on a node that is dead now). Without the tracker's
+    attempts, from the committed units' statistics, with `ended` null."""
     if attempts is None:
         by: dict[tuple, dict] = {}
         for st in ran:
@@ -224,8 +210,8 @@ def nodes_lost_report(attempts: list[dict] | None, retried: dict, dead: set[str]
 
 
 def engine_report(ran: list[UnitStats]) -> dict:
-    """Each replica's engine sizing and counters (its latest unit's snapshot: counters add up
-    over a replica's life) and the totals a user sizes the next job with."""
+    """Each replica's engine sizing and counters (from its latest unit: counters add up over a
+    replica's life) and the totals a user sizes the next job with."""
     latest: dict = {}
     for st in ran:
         key = (st.node_id, st.actor_id, st.pid)

@@ -40,9 +40,8 @@ class SettingError(ValueError):
 
 
 def sampling_params(**settings):
-    """The engine's `SamplingParams` for these settings (the run's, overridden by a row's own):
-    the one place where sampling settings are checked, for the run's config and for each row.
-    A setting it refuses is a SettingError naming it (`temperature must be a number >= 0, got -1`)."""
+    """The engine's `SamplingParams` for these settings (the run's, or a row's own): the one place
+    where they are checked; a refused one is a SettingError naming it (`temperature must be ...`)."""
     from model import SamplingParams
 
     try:
@@ -53,12 +52,11 @@ def sampling_params(**settings):
 
 def _number(name: str, value: Any) -> int | float:
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = int(text)
+        try:  # int() and float() ignore surrounding whitespace
+            value = int(value)
         except ValueError:
             try:
-                value = float(text)
+                value = float(value)
             except ValueError:
                 raise SettingError(f"{name} {value!r:.40} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -1,21 +1,19 @@
-"""The tasks, one class each: its declaration (what the CLI says about it, the checkpoint it
-needs, the settings it takes and its results depend on, its output columns), its config checks,
-how its rows are run and what its report adds. Everything else reads these classes (`TASKS`):
-the CLI, the config checks, the driver's model check, the resume check, the output schema, the
-plan's prompt lengths and the run report. Adding a task is one class here.
+"""The tasks, one class each: its declaration (CLI help, checkpoint class, settings, output
+columns), config checks, how its rows run and what its report adds. The CLI, config checks,
+model and resume checks, output schema, plan and run report all read `TASKS`: adding a task
+is one class here.
 
-A task's instance is its stage, a callable built once per Ray actor holding one `Engine`. A
-stage only converts columns: input rows -> prompts -> one engine call -> output columns.
-It never raises for bad input: a row that cannot be processed (null, non-string, blank
-prompt, undecodable bytes, an engine error) comes back with `error_kind` and `error` set and
-its id kept, and its neighbours are unaffected. Call a stage on a hand-built batch without Ray:
+A task's instance is its stage, built once per Ray actor holding one `Engine`: input rows ->
+prompts -> one engine call -> output columns. It never raises for bad input: a row that cannot
+be processed (null, non-string, blank prompt, undecodable bytes, an engine error) comes back
+with `error_kind` and `error` set and its id kept. Call a stage without Ray:
 
     stage = GenerateStage(PipelineConfig(task="generate", ...), engine=my_engine)
     out = stage({"id": [1, 2], "prompt": ["a", "b"]})        # -> pyarrow.Table
 
-Batches may be a `pyarrow.Table`/`RecordBatch`, a dict of columns (lists or numpy arrays) or
-a pandas DataFrame; the result is always a `pyarrow.Table` with a fixed schema per task, so
-files written from different batches (including all-error ones) have identical schemas.
+Batches may be a `pyarrow.Table`/`RecordBatch`, a dict of columns or a pandas DataFrame; the
+result is a `pyarrow.Table` with a fixed schema per task, so every output file (all-error
+batches too) has the same schema.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ ERROR_COLUMNS = (("error_kind", pa.string()), ("error", pa.string()))
 EXAMPLE_SEPARATOR = "\n\n"  # after each few-shot example
 
 
-
 def failed(error: RowError) -> dict:
     """The result columns of a row that failed."""
     return {"error_kind": error.kind, "error": error.message}
@@ -57,9 +54,8 @@ def engine_error(result) -> dict:
 
 
 def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
-    """The part of its device this replica owns, so replicas sharing a device each size their
-    KV cache from their share: --num-gpus-per-replica on a GPU (0.5 = half), and on CPU its
-    CPUs over the node's (Ray places CPU replicas by CPUs, so that many can share the node)."""
+    """The part of its device this replica sizes its KV cache from: --num-gpus-per-replica on a
+    GPU, on CPU its CPUs over the node's (Ray packs CPU replicas by CPUs)."""
     if on_gpu:
         g = config.num_gpus_per_replica
         return g if 0 < g < 1 else 1.0
@@ -77,10 +73,9 @@ def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
 
 
 def load_engine(config: PipelineConfig):
-    """Engine.from_pretrained for this replica: model fetched to the node cache if remote,
-    device CUDA when this actor was given a GPU (and torch sees one), else CPU; dtype as the
-    config resolves it, linears quantized by --quantization while they load; KV cache from
-    --kv-cache-gib or this replica's share of the device."""
+    """Engine.from_pretrained for this replica: a remote model fetched to the node cache; CUDA
+    when this actor was given a GPU (and torch sees one), else CPU; the config's resolved dtype
+    (the one every output records)."""
     import torch
 
     from model import Engine
@@ -91,12 +86,12 @@ def load_engine(config: PipelineConfig):
     on_gpu = device == "cuda" or (device is None and config.num_gpus_per_replica > 0 and torch.cuda.is_available())
     device = device or ("cuda" if on_gpu else "cpu")  # a CPU replica never takes a GPU it was not given
     normal_priority()
-    dtype = config.resolved_dtype  # decided from the config, recorded with every output
-    if not on_gpu and torch.get_num_threads() > max(1, int(config.num_cpus_per_replica)):
-        torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))  # share cores with other replicas
+    cpus = max(1, int(config.num_cpus_per_replica))
+    if not on_gpu and torch.get_num_threads() > cpus:
+        torch.set_num_threads(cpus)  # share cores with other replicas
     path = local_model_dir(config.model, config)
     return Engine.from_pretrained(path, max_batch_size=config.max_num_seqs, max_seq_len=config.max_seq_len,
-                                  dtype=dtype, device=device, quantization=config.quantization,
+                                  dtype=config.resolved_dtype, device=device, quantization=config.quantization,
                                   quantize_lm_head=config.quantize_lm_head, kv_cache_gib=config.kv_cache_gib,
                                   memory_fraction=config.memory_fraction,
                                   memory_share=memory_share(config, on_gpu))
@@ -118,8 +113,7 @@ def _pylist(values) -> list:
 
 
 def column_values(column) -> list:
-    """Python values of a column. A string column holding invalid UTF-8 is read as bytes, so
-    `check_prompt` fails only the rows that do not decode, not the whole batch."""
+    """Python values of a column; invalid UTF-8 strings as bytes, so only those rows fail, not the batch."""
     if not isinstance(column, (pa.Array, pa.ChunkedArray)):
         return _pylist(column)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
@@ -151,9 +145,8 @@ def check_prompt(value) -> tuple[str | None, RowError | None]:
 
 
 def build_prompt(config: PipelineConfig, prefix: str, value) -> tuple[str | None, RowError | None]:
-    """(the text the engine gets for a row's prompt value, None), or (None, the row's error): the
-    value checked (`check_prompt`), then the few-shot prefix and the prompt template (chat
-    wrapper included). `persimmon-batch plan` measures prompts with this too."""
+    """(the engine's text for a prompt value: few-shot prefix + template, None), or (None, the
+    row's error). `persimmon-batch plan` measures prompts with this too."""
     text, error = check_prompt(value)
     return (None, error) if text is None else (prefix + config.template.format(prompt=text), None)
 
@@ -169,8 +162,7 @@ def row_seed(base: int | None, row_id: Any) -> int | None:
 class Stage:
     """A task: its declaration and checks (class attributes and classmethods, read on the driver),
     and as an instance its stage. Subclasses implement `_run(texts, ids, rows) -> list[dict]`,
-    where `rows` holds what `_prepare` made of each row's own settings (generate: its
-    SamplingParams).
+    `rows` being what `_prepare` made of each row's own settings (generate: its SamplingParams).
 
     All torch work (loading the model, every engine call) runs on one thread the stage owns.
     Ray Data builds the class on the actor's main thread but calls it from a worker thread;
@@ -190,6 +182,7 @@ class Stage:
     generates = False                     # it generates tokens (the summary gives tokens/s)
     scores_text = False                   # it scores every token of the text (head on every position, rolling windows)
     example_answer = "completion"         # the answer field of its few-shot examples
+    prompt_room = 1                       # positions a row needs past its prompt tokens: one new token
     # settings of other tasks that would change nothing here: refused rather than ignored
     OTHERS_ONLY = {"calibrate": "applies to the label task only",
                    "json_schema": "constrains generation: it applies to the generate task only",
@@ -203,20 +196,17 @@ class Stage:
     def check(cls, config: PipelineConfig) -> None:
         """Raise ConfigError naming the field for a setting this task cannot work with."""
         for name, why in cls.OTHERS_ONLY.items():
-            value = getattr(config, name)
-            if name not in cls.settings and value not in (None, False):
+            if name not in cls.settings and getattr(config, name) not in (None, False):
                 raise ConfigError(f"{name}: {why.format(task=cls.name)}")
 
     @classmethod
     def input_columns(cls, config: PipelineConfig) -> tuple[str, ...]:
-        """Input columns its rows read besides the id, prompt and kept ones (given to `_prepare`
-        where a file has them): by default its `row_columns`."""
+        """Input columns `_prepare` reads besides the id, prompt and kept ones."""
         return cls.row_columns
 
     @classmethod
     def input_warnings(cls, config: PipelineConfig, columns: dict[str, set[str]]) -> list[str]:
-        """What the plan should warn about, given each good input file's columns (its URI,
-        credentials masked -> its column names)."""
+        """What the plan should warn about, given each good input file's column names (by masked URI)."""
         return []
 
     @classmethod
@@ -250,10 +240,9 @@ class Stage:
 
     @classmethod
     def prompt_tokens(cls, config: PipelineConfig, encode, text: str, limit: int) -> tuple[int, bool]:
-        """A row's text -> (its prompt tokens as the engine counts them, BOS first; whether the
-        engine would refuse it as too long): no room for one new token."""
+        """(a text's prompt tokens, BOS first; whether the engine refuses it as too long)."""
         n = len(encode(text, add_bos=True))
-        return n, n > limit - 1
+        return n, n + cls.prompt_room > limit
 
     @classmethod
     def capacity_new_tokens(cls, config: PipelineConfig) -> int:
@@ -281,8 +270,7 @@ class Stage:
         return self._torch_thread.submit(fn, *args).result()
 
     def engine_stats(self) -> dict | None:
-        """The engine's sizing and counters (KV capacity and peak, rows in flight, preemptions),
-        or None for an engine without them (test doubles)."""
+        """The engine's sizing and counters, or None for an engine without them (test doubles)."""
         stats = getattr(self.engine, "stats", None)
         return stats() if callable(stats) else None
 
@@ -290,19 +278,15 @@ class Stage:
         """Results for every row of `batch`, in order. `row_errors` ({row index: error}) marks
         rows that get that error without being run (duplicate or null ids found by the plan)."""
         cfg = self.config
-        names = list(batch.keys()) if isinstance(batch, dict) else as_table(batch).column_names
+        raw = batch if isinstance(batch, dict) else as_table(batch)  # a dict's prompts are checked unconverted
+        names = list(raw.keys()) if isinstance(raw, dict) else raw.column_names
         for col in (cfg.id_column, cfg.prompt_column, *cfg.keep_columns):
             if col not in names:
                 raise KeyError(f"batch has no column {col!r} (columns: {names})")
-        if isinstance(batch, dict):  # prompts may be of mixed Python types: check them unconverted
-            prompts = [build_prompt(cfg, self.prefix, v) for v in _pylist(batch[cfg.prompt_column])]
-            table = as_table({k: batch[k] for k in (cfg.id_column, *cfg.keep_columns)})
-        else:
-            table = as_table(batch)
-            prompts = [build_prompt(cfg, self.prefix, v) for v in column_values(table[cfg.prompt_column])]
-        ids = table[cfg.id_column].to_pylist()
-        own = {c: column_values(batch[c] if isinstance(batch, dict) else table[c])
-               for c in self.input_columns(cfg) if c in names}
+        kept = as_table({k: raw[k] for k in (cfg.id_column, *cfg.keep_columns)})
+        prompts = [build_prompt(cfg, self.prefix, v) for v in column_values(raw[cfg.prompt_column])]
+        ids = kept[cfg.id_column].to_pylist()
+        own = {c: column_values(raw[c]) for c in self.input_columns(cfg) if c in names}
         prepared = self._prepare(own, ids)
         for i, (_, err) in enumerate(prepared):
             if err is not None and prompts[i][1] is None:
@@ -315,9 +299,7 @@ class Stage:
             texts = [prompts[i][0] for i in ok]
             for i, res in zip(ok, self._safe_run(texts, [ids[i] for i in ok], [prepared[i][0] for i in ok])):
                 results[i] = res
-        arrays = {cfg.id_column: table[cfg.id_column]}
-        for col in cfg.keep_columns:
-            arrays[col] = table[col]
+        arrays = {c: kept[c] for c in kept.column_names}
         for col, kind in self.columns:
             arrays[col] = pa.array([r.get(col) for r in results], type=kind)
         return pa.table(arrays)
@@ -326,14 +308,12 @@ class Stage:
         """Add what this task's report counts in a batch of results to a unit's `totals`."""
 
     def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, RowError | None]]:
-        """Per row: (what `_run` needs beyond its text, or an error that keeps it from running),
-        from the values of the batch's `row_columns` (`own`). Tasks without per-row settings
-        need nothing."""
+        """Per row, from its `input_columns` values (`own`): (what `_run` needs beyond its text,
+        or an error that keeps it from running)."""
         return [(None, None)] * len(ids)
 
     def _safe_run(self, texts: list[str], ids: list, rows: list) -> list[dict]:
-        """One engine call for the batch; if it raises, retry row by row so one poisoned row
-        only fails itself."""
+        """One engine call for the batch; if it raises, row by row so a poisoned row fails only itself."""
         try:
             t0 = time.perf_counter()
             try:
@@ -350,8 +330,6 @@ class Stage:
             return [self._safe_run([t], [i], [r])[0] for t, i, r in zip(texts, ids, rows)]
 
 
-_GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate", "json_schema", "regex",
-               "logprobs", "prompt_logprobs")
 # a token's log-probability (model/outputs.py TokenLogprob): a prompt token, or an alternative
 TOKEN_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64())])
 # a generated token: its own log-probability and its top alternatives
@@ -359,8 +337,7 @@ SAMPLED_LOGPROB = pa.struct([*TOKEN_LOGPROB, ("top", pa.list_(TOKEN_LOGPROB))])
 
 
 def token_logprobs(tokens, top: bool) -> list[dict] | None:
-    """A Completion's `logprobs` (with each token's `top` alternatives) or `prompt_logprobs`
-    (without) as the output columns hold them."""
+    """A Completion's `logprobs` (with `top` alternatives) or `prompt_logprobs` as the output columns hold them."""
     if tokens is None:
         return None
 
@@ -378,7 +355,8 @@ class GenerateStage(Stage):
     columns = (("completion", pa.string()), ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()),
                ("num_generated_tokens", pa.int32()), ("parsed", pa.string()),
                ("logprobs", pa.list_(SAMPLED_LOGPROB)), ("prompt_logprobs", pa.list_(TOKEN_LOGPROB)), *ERROR_COLUMNS)
-    settings = result_settings = (*_GENERATION, "choices", "examples")
+    settings = result_settings = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate",
+                                  "json_schema", "regex", "logprobs", "prompt_logprobs", "choices", "examples")
     row_columns = SAMPLING_COLUMNS
     generates = True
 
@@ -394,6 +372,8 @@ class GenerateStage(Stage):
     def _prepare(self, own, ids):
         """Each row's SamplingParams: the run's settings, overridden by the row's own columns
         (pipeline/row_settings.py); a value the engine would refuse is the row's error."""
+        from .openai_batch import request_error
+
         cfg = self.config
         out = []
         for row_id, (settings_of_row, err) in zip(ids, row_overrides(own, len(ids))):
@@ -406,16 +386,10 @@ class GenerateStage(Stage):
             settings.update(settings_of_row)
             try:
                 out.append((sampling_params(**settings), None))
-            except SettingError as e:
-                out.append((None, self._setting_error(str(e))))
+            except SettingError as e:  # an OpenAI batch's error is said in the request's terms
+                message = request_error(str(e)) if cfg.input_format == "openai-batch" else str(e)
+                out.append((None, RowError("invalid_sampling", message)))
         return out
-
-    def _setting_error(self, message: str) -> RowError:
-        if self.config.input_format == "openai-batch":  # say it in the request's terms
-            from .openai_batch import request_error
-
-            message = request_error(message)
-        return RowError("invalid_sampling", message)
 
     def _run(self, texts, ids, rows):
         out = []
@@ -443,15 +417,11 @@ class ClassifyStage(Stage):
     architecture = CLASSIFIER
     wrong_architecture_hint = " (use `label` for zero-shot labeling with a causal LM)"
     columns = (("label", pa.string()), ("score", pa.float64()), ("probs", pa.list_(pa.float64())), *ERROR_COLUMNS)
+    prompt_room = 0  # it generates nothing
 
     @classmethod
     def prompt_limit(cls, config, max_positions):
         return "max_position_embeddings", max_positions, "prompt_too_long"
-
-    @classmethod
-    def prompt_tokens(cls, config, encode, text, limit):
-        n = len(encode(text, add_bos=True))
-        return n, n > limit
 
     def _run(self, texts, ids, rows):
         return [engine_error(c) if c.error is not None else
@@ -537,23 +507,17 @@ class LabelStage(Stage):
     def report(cls, config, committed, plan):
         """The label histogram over every committed output, and how many are close calls
         (counted again from the file's margins where it was written with another --low-margin)."""
-        counts: Counter = Counter()
-        low = 0
+        counts, low = Counter(), 0
         for name, st in committed.items():
-            counts.update(st.label_counts)
-            if st.low_margin == config.low_margin:
-                low += st.low_margin_rows
-                continue
-            low += sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin)
+            counts.update(st.extra.get("label_counts", {}))
+            low += (st.extra.get("low_margin_rows", 0) if st.extra.get("low_margin") == config.low_margin
+                    else sum(1 for m in _margins(plan.output.join(name)) if m is not None and m < config.low_margin))
         return {"labels": {"histogram": {c: counts.get(c, 0) for c in config.choices}, "low_margin_rows": low,
                            "low_margin": config.low_margin, "calibrated": config.calibrate,
                            "choice_score": config.choice_score}}
 
     def tally(self, totals, out):
-        counts = totals.setdefault("label_counts", {})
-        for label in out["label"].to_pylist():
-            if label is not None:
-                counts[label] = counts.get(label, 0) + 1
+        totals.setdefault("label_counts", Counter()).update(x for x in out["label"].to_pylist() if x is not None)
         low = sum(1 for m in out["margin"].to_pylist() if m is not None and m < self.config.low_margin)
         totals.update(low_margin_rows=totals.get("low_margin_rows", 0) + low, low_margin=self.config.low_margin)
 
@@ -583,8 +547,7 @@ class LabelStage(Stage):
         if not dists:
             raise RuntimeError("calibration: every content-free input renders to an empty prompt")
         out = []
-        for k in range(len(cfg.choices)):  # log of a mean of probabilities, without leaving log space
-            column = [d[k] for d in dists]
+        for column in zip(*dists):  # per choice: log of a mean of probabilities, without leaving log space
             m = max(column)
             out.append(m + math.log(sum(math.exp(x - m) for x in column) / len(column)))
         return out
@@ -615,6 +578,7 @@ class ScoreStage(Stage):
     columns = (("logprob", pa.float64()), ("num_tokens", pa.int64()), ("mean_logprob", pa.float64()),
                ("perplexity", pa.float64()), *ERROR_COLUMNS)
     settings = result_settings = ("score_after", "score_rolling", "score_stride")
+    prompt_room = -1  # a text of n tokens (BOS first) reads n - 1 positions
 
     @classmethod
     def check(cls, config):
@@ -651,12 +615,6 @@ class ScoreStage(Stage):
         name, tokens, over = super().prompt_limit(config, max_positions)
         return name, tokens, "scored in rolling windows" if config.score_rolling else over
 
-    @classmethod
-    def prompt_tokens(cls, config, encode, text, limit):
-        """A text of n tokens (BOS first) reads n - 1 positions: over the limit past it (refused,
-        or with --score-rolling scored in windows: `prompt_limit` says which)."""
-        n = len(encode(text, add_bos=True))
-        return n, n - 1 > limit
 
     @classmethod
     def capacity_new_tokens(cls, config):
@@ -673,25 +631,7 @@ class ScoreStage(Stage):
         """Each row's prefix: its --score-after column's value where the batch has that column
         (null or blank: none), else the --score-after text itself (or none)."""
         name = self.config.score_after
-        if name not in own:
-            return [(name, None)] * len(ids)
-        out = []
-        for value in own[name]:
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    out.append((None, RowError("invalid_prefix", f"score_after column {name!r}: not valid UTF-8 "
-                                               f"({e.reason} at byte {e.start})")))
-                    continue
-            if value is None or (isinstance(value, float) and value != value):
-                out.append((None, None))
-            elif isinstance(value, str):
-                out.append((value, None))
-            else:
-                out.append((None, RowError("invalid_prefix", f"score_after column {name!r}: expected a string, "
-                                           f"got {type(value).__name__}")))
-        return out
+        return [_prefix(name, v) for v in own[name]] if name in own else [(name, None)] * len(ids)
 
     def _run(self, texts, ids, rows):
         cfg = self.config
@@ -701,7 +641,24 @@ class ScoreStage(Stage):
                 for r in self.engine.score(texts, score_after=rows, rolling=cfg.score_rolling, stride=cfg.score_stride)]
 
 
+def _prefix(column: str, value) -> tuple[str | None, RowError | None]:
+    """(a --score-after column value as a prefix, None), or (None, the row's error)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, RowError("invalid_prefix", f"score_after column {column!r}: not valid UTF-8 "
+                                  f"({e.reason} at byte {e.start})")
+    if isinstance(value, str):
+        return value, None
+    if value is None or (isinstance(value, float) and value != value):  # null or NaN: no prefix
+        return None, None
+    return None, RowError("invalid_prefix", f"score_after column {column!r}: expected a string, "
+                          f"got {type(value).__name__}")
+
+
 def _margins(loc) -> list:
+
     """The `margin` column of a committed label output, Parquet or JSONL."""
     if loc.path.endswith(".jsonl"):
         with loc.fs.open_input_stream(loc.path) as f:

@@ -1,4 +1,4 @@
-"""Filesystems, input listing, atomic commits and the per-node model cache.
+"""Filesystems, retries, atomic commits and the per-node model cache.
 
 Every read and write goes through an explicitly built `pyarrow.fs.FileSystem` (never the
 environment of whichever process happens to run it), so replicas on other nodes reach the same
@@ -45,9 +45,7 @@ class Location:
     retries: int = 3  # times a failed call on it is retried (config.io_retries)
 
     def join(self, *parts: str) -> "Location":
-        path = "/".join([self.path.rstrip("/"), *parts])
-        uri = "/".join([self.uri.rstrip("/"), *parts])
-        return self.at(path, uri)
+        return self.at("/".join([self.path.rstrip("/"), *parts]), "/".join([self.uri.rstrip("/"), *parts]))
 
     def at(self, path: str, uri: str) -> "Location":
         """Another path on the same filesystem, with the same retry policy."""
@@ -68,9 +66,7 @@ def _secret(value) -> str | None:
 
 
 def filesystem_for(scheme: str, config) -> pafs.FileSystem:
-    """Build the filesystem for a URI scheme from the config's storage settings."""
-    if scheme == "file":
-        return pafs.LocalFileSystem()
+    """Build the filesystem for a (non-local) URI scheme from the config's storage settings."""
     if scheme in ("s3", "s3a"):
         kwargs = dict(region=config.s3_region or "us-east-1",
                       access_key=_secret(config.s3_access_key_id), secret_key=_secret(config.s3_secret_access_key),
@@ -113,10 +109,8 @@ class _LiteralHandler(pafs.FSSpecHandler):
 
 def _fsspec(scheme: str):
     """The fsspec filesystem for a scheme, or a ValueError saying which package to install."""
-    try:
-        import fsspec
-    except ImportError:  # pragma: no cover - fsspec is a dependency
-        raise ValueError(f"no filesystem for {scheme}:// (install fsspec)") from None
+    import fsspec
+
     try:
         return fsspec.filesystem(scheme)
     except (ImportError, ValueError) as e:
@@ -138,17 +132,13 @@ def resolve(uri: str, config) -> Location:
         elif parsed.scheme == "file":  # file:/abs/path
             path = uri[len("file:"):]
         path = os.path.abspath(os.path.expanduser(path))
-        return Location(pafs.LocalFileSystem(), path, path, "file", _retries(config))
+        return Location(pafs.LocalFileSystem(), path, path, "file", config.io_retries)
     scheme = parsed.scheme
     if scheme in ("s3", "s3a"):
         path = uri.split("://", 1)[1].rstrip("/")  # keys may hold '#' and '?'
     else:  # the path as the fsspec filesystem spells it (memory://a/b is "/a/b", gs://b/k is "b/k")
         path = _fsspec(scheme)._strip_protocol(uri).rstrip("/") or "/"
-    return Location(filesystem_for(scheme, config), path, uri.rstrip("/"), scheme, _retries(config))
-
-
-def _retries(config) -> int:
-    return int(getattr(config, "io_retries", 3))
+    return Location(filesystem_for(scheme, config), path, uri.rstrip("/"), scheme, config.io_retries)
 
 
 def inside(uri: str, directory_uri: str) -> bool:
@@ -167,9 +157,8 @@ def place(loc: Location) -> str:
 
 
 def glob_regex(pattern: str) -> re.Pattern:
-    """A path glob as a regex, the way shells and pathlib read it (fsspec's translation): `*`
-    and `?` stay within one path component, `**/` matches zero or more directories, `[...]` is
-    a character class."""
+    """A path glob as a regex, as shells read it (fsspec's translation): `*` and `?` stay within one
+    path component, `**/` matches zero or more directories, `[...]` is a character class."""
     from fsspec.utils import glob_translate
 
     return re.compile(glob_translate(pattern))
@@ -224,10 +213,7 @@ def exists(loc: Location) -> bool:
 
 def temp_sibling(final: Location) -> Location:
     """A temp name in `<dir>/_tmp/` on the same filesystem (hidden from Parquet readers)."""
-    parent, name = final.path.rsplit("/", 1)
-    parent_uri = final.uri.rsplit("/", 1)[0]
-    tmp_name = f"_{name}.{uuid.uuid4().hex[:12]}.tmp"
-    return final.at(f"{parent}/_tmp/{tmp_name}", f"{parent_uri}/_tmp/{tmp_name}")
+    return final.parent.join("_tmp", f"_{final.path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def ensure_dir(loc: Location) -> None:
@@ -240,12 +226,10 @@ def ensure_dir(loc: Location) -> None:
 def commit(tmp: Location, final: Location) -> None:
     """Make a fully written temp file visible under its final name, atomically.
 
-    Local: rename. Other stores: the store's copy, then delete the temp object. On object stores
-    (S3, and through fsspec gs://, abfs://, ...) the copy is server-side: the object appears
-    complete or not at all. On an fsspec filesystem whose copy is not atomic (ftp://, sftp://,
-    ...), a reader may briefly see a partial file under the final name; the pipeline never takes
-    one as committed (a Parquet output needs its footer's row count, a JSONL output the sidecar
-    naming its size), so resume stays exactly-once there too.
+    Local: rename. Other stores: the store's copy (server-side on object stores: the object
+    appears complete or not at all), then delete the temp object. Where the copy is not atomic
+    (ftp://, sftp://) a reader may briefly see a partial file, which is never taken as committed
+    (a Parquet output needs its footer's row count, a JSONL output its sidecar naming its size).
     """
     if tmp.is_local:
         os.replace(tmp.path, final.path)
@@ -293,28 +277,23 @@ MODEL_FILES_SUFFIXES = (".json", ".safetensors", ".model", ".bin", ".txt")
 
 
 def model_location(model: str, config) -> Location:
-    """Where the checkpoint `model` (the config's) is read: a Hugging Face hub id from its
-    snapshot in this node's HF cache (fetched if missing, at the commit the driver pinned:
-    `pipeline.hub`), anything else as `resolve`."""
+    """Where the checkpoint `model` is read: a hub id from its snapshot in this node's HF cache
+    (fetched if missing, at the commit the driver pinned: `pipeline.hub`), anything else as `resolve`."""
     from .hub import hub_model, snapshot
 
-    if getattr(config, "model_dir", None):  # the driver's decision (pipeline.hub.pin)
+    if config.model_dir:  # the driver's decision (pipeline.hub.pin)
         return resolve(config.model_dir, config)
-    hub = hub_model(model, getattr(config, "model_commit", None))
+    hub = hub_model(model, config.model_commit)
     if hub is None:
         return resolve(model, config)
-    return Location(pafs.LocalFileSystem(), snapshot(hub, model), hub.uri, "file", _retries(config))
+    return Location(pafs.LocalFileSystem(), snapshot(hub, model), hub.uri, "file", config.io_retries)
 
 
 def local_model_dir(model_uri: str, config) -> str:
-    """A local directory holding the checkpoint.
-
-    Local paths are returned unchanged, hub ids as their snapshot in the node's HF cache
-    (`model_location`). A remote directory is downloaded into
-    `<model_cache_dir>/<sha1(uri, model identity)[:16]>` under a file lock, so when several replicas on one node
-    start together one downloads and the others wait; a `.complete` marker written last makes
-    a half-finished download (killed process) be redone, never used.
-    """
+    """A local directory holding the checkpoint: a local one as it is, a hub id's snapshot in the
+    node's HF cache (`model_location`), a remote one downloaded into `<model_cache_dir>/<sha1(uri,
+    model identity)[:16]>` under a file lock (replicas starting together on a node download
+    once); a `.complete` marker written last makes a half-finished download be redone, never used."""
     loc = model_location(model_uri, config)
     if loc.is_local:
         return loc.path
@@ -324,8 +303,7 @@ def local_model_dir(model_uri: str, config) -> str:
     os.makedirs(cache_root, exist_ok=True)
     # one copy per model *identity* (set by the driver: config, tokenizer, weight headers), so
     # weights changed in place on the store are fetched again instead of served stale
-    identity = getattr(config, "model_identity", None) or ""
-    key = hashlib.sha1(f"{loc.uri}\0{identity}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{loc.uri}\0{config.model_identity or ''}".encode()).hexdigest()[:16]
     target = os.path.join(cache_root, key)
     marker = os.path.join(target, ".complete")
     with FileLock(os.path.join(cache_root, f"{key}.lock")):
@@ -339,14 +317,9 @@ def local_model_dir(model_uri: str, config) -> str:
         if not files:
             raise FileNotFoundError(f"model {loc.uri} holds no checkpoint files")
         for info in files:
-            dest = os.path.join(partial, info.base_name)
-
-            def _download(info=info, dest=dest):
-                with loc.fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
-                    while chunk := src.read(64 << 20):
-                        out.write(chunk)
-
-            retry(_download, f"download {loc.uri}/{info.base_name}", loc.retries)
+            retry(lambda info=info: pafs.copy_files(info.path, os.path.join(partial, info.base_name),
+                                                    source_filesystem=loc.fs, chunk_size=64 << 20),
+                  f"download {loc.uri}/{info.base_name}", loc.retries)
         if os.path.exists(target):  # stale incomplete copy from a killed run
             shutil.rmtree(target)
         os.replace(partial, target)

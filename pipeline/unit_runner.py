@@ -1,36 +1,32 @@
 """UnitRunner: the Ray actor class that turns work units into committed output files.
 
-Why per-unit commit and not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer
-names files after the write's random uuid and its blocks, which are not the input files
-(small files are packed together), so a rerun cannot tell which rows are already done, and a
-crash leaves half-written runs. Ray Data's own row checkpointing (`CheckpointConfig`) is beta
-and hung on small machines. Here the *input file* (or a row-group slice of it) is the unit of
-work, retry and resume, and Ray Data still does the scheduling:
+Why not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer names files after its
+blocks, not the input files, so a rerun cannot tell which rows are done, and a crash leaves
+half-written runs; its row checkpointing (`CheckpointConfig`) is beta and hung on small
+machines. Here the *input file* (or a slice of it) is the unit of work, retry and resume, and
+Ray Data still schedules:
 
     from_items(units) -> map_batches(UnitRunner, ActorPoolStrategy(min, max), num_gpus=g)
 
-Each call streams its unit with `ParquetFile.iter_batches`, runs the stage batch by batch,
-writes Parquet to a temp name under `<output>/_tmp/` and commits it atomically under a name
-derived from the input (local rename; on S3 a server-side copy, so the object appears whole or
-not at all). A unit whose output exists is skipped, both when planning a rerun and when Ray
-retries a unit after an actor died after committing it: every row lands exactly once. Results
-for a unit are deterministic (greedy, or seeded per row id), so a retried unit writes the same
-rows. The footer of each output holds the unit's statistics for the run report.
+Each call streams its unit through the stage batch by batch into a temp file under
+`<output>/_tmp/` and commits it atomically under a name derived from the input (local rename;
+on S3 a server-side copy). A unit whose output exists is skipped, when planning a rerun and
+when Ray retries a unit whose actor died after committing it: every row lands exactly once.
+Results are deterministic (greedy, or seeded per row id), so a retried unit writes the same
+rows. Each output's footer holds the unit's statistics for the run report.
 
 What can go wrong in a replica, and what happens:
-- it cannot start (the model does not load there, no CUDA on its node, no room for its KV
-  cache): the constructor does not raise, which would have Ray print the traceback of every
-  replica and retry; the traceback goes to the replica's log, and the replica answers each unit
-  with one line, `replica_start_failed: <exception type>: <message> (traceback in <its log>)`,
-  on which the driver stops the run (every replica loads the same model with the same settings);
-- a bad row: the stage returns it with `error_kind` and `error` set (never raises); rows the plan flagged
+- it cannot start (the model does not load, no CUDA, no room for its KV cache): the
+  constructor does not raise (Ray would print every replica's traceback and retry); the
+  traceback goes to its log, and it answers each unit with `replica_start_failed: <type>:
+  <message> (traceback in <its log>)`, on which the driver stops the run;
+- a bad row: the stage returns it with `error_kind` and `error` set; rows the plan flagged
   (duplicate or null ids) get their error without being run;
-- a storage error mid-stream (read or write): the unit is redone from its start, up to
-  `io_retries` times with backoff, then reported failed with the URI in the message;
-- the replica dies (OOM, segfault, killed) or is killed as stuck by the driver's watchdog
-  (`pipeline.progress`): Ray restarts the actor and re-runs the unit, up to
-  `max_unit_retries`; each attempt is recorded with the run's ProgressTracker, which is how
-  the run report counts `rows_retried` and names stuck replicas.
+- a storage error mid-stream: the unit is redone from its start, up to `io_retries` times with
+  backoff, then reported failed with the URI in the message;
+- the replica dies (OOM, segfault, killed) or is killed as stuck (`pipeline.progress`): Ray
+  restarts the actor and re-runs the unit, up to `max_unit_retries`; the run's ProgressTracker
+  records each attempt (`rows_retried`, stuck replicas).
 """
 
 from __future__ import annotations
@@ -89,19 +85,13 @@ def _start_error(e: Exception) -> str:
 
 def _close_quietly(stream) -> None:
     """Close after an error without hiding it (a second close is a no-op)."""
-    try:
+    with contextlib.suppress(Exception):
         stream.close()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 class UnitRunner:
-    """Callable class for `map_batches`: one batch = rows with a JSON `unit` column.
-
-    Returns one row per unit with a JSON `stats` column (status done / skipped / failed).
-    `engine` is for tests without Ray or a real model; `progress` is the run's
-    `ProgressTracker` actor (heartbeats, attempts) and `run_id` names the run.
-    """
+    """Callable class for `map_batches`: rows with a JSON `unit` column in, a JSON `stats` column
+    (status done / skipped / failed) out. `engine`: for tests; `progress`: the run's ProgressTracker."""
 
     def __init__(self, config: PipelineConfig, schema: pa.Schema, engine=None, progress=None,
                  run_id: str | None = None):
@@ -126,8 +116,7 @@ class UnitRunner:
         return {"stats": [json.dumps(self.run_unit(Unit.from_json(u))) for u in units]}
 
     def run_unit(self, unit: Unit) -> dict:
-        """Process and commit one unit; never raises. A storage error mid-stream redoes the
-        unit (up to `io_retries` times, with backoff); other errors fail it at once."""
+        """Process and commit one unit; never raises. A storage error redoes it (`io_retries`), others fail it."""
         final = self.output.join(unit.output_name)
         base = {"input": unit.input_uri, "output": final.uri, "rows_in": unit.num_rows, **self.where}
         if self.start_error is not None:  # no engine here: nothing can run
@@ -247,9 +236,7 @@ class UnitRunner:
                     ensure_dir(sidecar.parent)
                     write_bytes_atomic(sidecar, side_bytes)
         except BaseException:
-            try:
+            with contextlib.suppress(Exception):  # best effort; temp files are hidden
                 tmp.fs.delete_file(tmp.path)
-            except Exception:  # noqa: BLE001 - best effort; temp files are hidden
-                pass
             raise
         return stats
