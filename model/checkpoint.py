@@ -260,10 +260,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path, max_shard_size="5GB") 
         current[name] = tensor.detach().contiguous().cpu()
         current_size += size
     shards.append(current)
-    if len(shards) == 1:
-        names = [SAFE_SINGLE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = [SAFE_SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                    for i in range(len(shards))]
     umask = os.umask(0)
     os.umask(umask)
     for shard, name in zip(shards, names):

@@ -59,10 +59,8 @@ class PersimmonConfig:
             self.num_labels = len(self.id2label)
         else:
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        if self.label2id is None:
-            self.label2id = {v: k for k, v in self.id2label.items()}
-        else:
-            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        self.label2id = ({v: k for k, v in self.id2label.items()} if self.label2id is None
+                         else {str(k): int(v) for k, v in self.label2id.items()})
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
         self.validate()

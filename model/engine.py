@@ -87,9 +87,9 @@ class Engine:
                                        ("max_seq_len", self.max_seq_len, 2, 1 << 24)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        for name, value, allow_none in (("kv_cache_gib", kv_cache_gib, True), ("memory_fraction", memory_fraction, False),
-                                        ("memory_share", memory_share, False)):
-            if value is None and allow_none:
+        for name, value in (("kv_cache_gib", kv_cache_gib), ("memory_fraction", memory_fraction),
+                            ("memory_share", memory_share)):
+            if value is None and name == "kv_cache_gib":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
                     or (name != "kv_cache_gib" and value > 1):

@@ -1,9 +1,7 @@
-"""A row's sampling settings, checked here and nowhere else. No torch: the scheduler and the
-pipeline's settings read it.
-
-Every field's rule is one entry of `RULES`; `SamplingParams.check(name, value)` applies one
-(the pipeline's per-row columns and run settings use it), and building a SamplingParams applies
-them all plus the rules between fields. Adding a setting: a field, its rule, its use.
+"""A row's sampling settings, checked here and nowhere else (no torch: the scheduler and the
+pipeline's settings read it). Every field's rule is one entry of `RULES`;
+`SamplingParams.check(name, value)` applies one (the pipeline's per-row columns use it), building
+a SamplingParams all of them plus the rules between fields.
 """
 
 from __future__ import annotations
