@@ -77,8 +77,7 @@ def _causal_sdpa(q, k, v, scale):  # q, k, v [T, H, D] of one sequence -> [T, H,
 
 
 def gathered_attention(q, cache, layer, tables, query_pos, scale):
-    """q [R, T, H, D], tables [R, nb], query_pos [R, T]: each query sees the keys of its row's
-    blocks at positions <= its own. Returns [R, T, H, D]."""
+    """q [R, T, H, D], tables [R, nb], query_pos [R, T] -> [R, T, H, D], keys at positions <= the query's."""
     k, v = cache.gather(layer, tables)  # [R, nb * bs, H, D]
     keys = torch.arange(k.shape[1], device=q.device)
     mask = keys[None, None, None, :] <= query_pos[:, None, :, None]  # [R, 1, T, L]
@@ -179,8 +178,7 @@ class TorchBackend:
         return work
 
     def static_metadata(self, positions, slot_mapping, tables, lens) -> AttentionMetadata:
-        """Fixed shapes: S sequences of one query token each, tables [S, nb], context lengths
-        lens [S]; tensor ops only, no host sync, so a CUDA graph can replay it."""
+        """One query per row: tables [S, nb], lengths lens [S]; tensor ops only (CUDA-graph replayable)."""
         S, nb = tables.shape
         chunk = max(1, self.gather_tokens // (nb * self.block_size))
         idx = torch.arange(S, device=tables.device)[:, None]

@@ -158,8 +158,7 @@ def kv_budget_bytes(*, total: int, free_after_load: int, weights: int, headroom:
 
 
 def cpu_memory() -> tuple[int, int]:
-    """(total, available) bytes of host memory: MemTotal / MemAvailable, capped by a cgroup
-    memory limit when there is one."""
+    """(total, available) bytes of host memory (MemTotal / MemAvailable), capped by a cgroup limit."""
     info = {}
     try:
         with open("/proc/meminfo", encoding="ascii") as f:

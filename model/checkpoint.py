@@ -119,8 +119,7 @@ def safetensors_header(file_size: int, read_at) -> tuple[int, dict]:
 
 
 def iter_safetensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read a .safetensors file tensor by tensor with plain reads into fresh CPU tensors. No mmap:
-    the file's pages never count against the process, only the tensor being yielded is held."""
+    """Read a .safetensors file a tensor at a time with plain reads (no mmap pages count against us)."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         def read_at(nbytes, offset):
@@ -203,8 +202,7 @@ def load_pretrained(path, dtype=None, device=None, model_class=None, quantizatio
 
 
 def meta_model(model_class, config: PersimmonConfig):
-    """(model on the meta device, its parameters by name, tied): a tied lm_head is left out of
-    the parameters, as checkpoints may or may not store it."""
+    """(meta-device model, its parameters by name, tied); a tied lm_head is left out (checkpoints vary)."""
     with torch.device("meta"):
         model = model_class(config)
     expected = dict(model.state_dict())

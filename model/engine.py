@@ -170,8 +170,7 @@ class Engine:
         return frozenset(ids)
 
     def _cacheable(self, prompt: list[int]) -> int:
-        """Tokens of a row whose KV blocks may be shared: all, but with dynamic NTK rope keys past
-        max_position_embeddings depend on the row's length."""
+        """Tokens whose KV blocks may be shared: all, but past max_position_embeddings with dynamic NTK."""
         if self.config.rope_type != "dynamic":
             return 1 << 62
         limit = self.config.max_position_embeddings
@@ -245,8 +244,7 @@ class Engine:
 
     @staticmethod
     def _sampled_logprobs(raw: torch.Tensor, sampling: list[Sequence], tokens: list[int]) -> list | None:
-        """Per sampling row, its new token's (logprob, top ids, top logprobs) where asked, else
-        None; None when no row asks."""
+        """Per sampling row, its token's (logprob, top ids, top logprobs) or None; None if no row asks."""
         rows = [i for i, s in enumerate(sampling) if s.params.logprobs is not None]
         if not rows:
             return None
@@ -326,8 +324,7 @@ class Engine:
         return self.grammars
 
     def _fit_prompt(self, ids: list[int], p: SamplingParams) -> list[int]:
-        """The prompt, or with truncate='left' its last tokens: as many as leave room for
-        max_new_tokens, but at least half of max_seq_len."""
+        """The prompt, or with truncate='left' its tail: room for max_new_tokens, at least max_seq_len / 2."""
         room = self.max_seq_len - 1  # at least one new token must fit
         if len(ids) <= room:
             return ids

@@ -158,8 +158,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_packed(self, rows: list[list[int]]) -> torch.Tensor:
-        """Whole rows side by side, each attending to itself only, no cache: the hidden state of
-        each row's last token [len(rows), C]."""
+        """Whole rows side by side, each attending to itself, no cache -> last tokens' hidden states [R, C]."""
         dev = self.device
         lengths = [len(r) for r in rows]
         ends = list(itertools.accumulate(lengths))

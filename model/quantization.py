@@ -56,8 +56,7 @@ def _cpu_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _torchao_int8():
-    """torchao's Int8Tensor and PerRow, imported on first use (the optional `quant` extra); its
-    CUDA extensions' load failures on CPU builds are quieted."""
+    """torchao's Int8Tensor and PerRow, on first use (the `quant` extra), its CUDA import noise quieted."""
     noisy = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
     levels = [logger.level for logger in noisy]
     for logger in noisy:

@@ -169,8 +169,7 @@ DEVICE_NAMES = (("H200", "H200"), ("H100 80GB HBM3", "H100-80GB"), ("H100-SXM", 
 
 
 def gpu_of_device(name: str) -> str | None:
-    """Our GPU name for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100-80GB"), None for
-    one the table does not hold (a PCIe H100 or A100 has other bandwidth)."""
+    """Our GPU name for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100-80GB"), else None."""
     return next((gpu for pattern, gpu in DEVICE_NAMES if pattern in name), None)
 
 

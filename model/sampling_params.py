@@ -74,8 +74,7 @@ class SamplingParams:
 
     @staticmethod
     def check(name: str, value):
-        """`value` as field `name` holds it (a stop string becomes a list, empty ones dropped),
-        or ValueError('SamplingParams.<name> must be ..., got ...')."""
+        """`value` as field `name` holds it (stop: a list, empties dropped), or ValueError saying why."""
         if name == "stop" and isinstance(value, str):
             value = [value]
         if name in ("stop", "stop_token_ids", "choice") and isinstance(value, (tuple, set, frozenset)):

@@ -24,8 +24,7 @@ LOGITS_ROWS = 64  # rows of scoring logits [rows, vocab] computed at once (at le
 
 
 def _add_target(self, rows: dict, tokens: list[int], score_from: int, target: tuple) -> None:
-    """Queue `target` = (owner, k, its tokens) on the row that feeds `tokens`, position
-    `score_from` predicting target token 0. Rows with the same tokens and start are computed once."""
+    """Queue (owner, k, tokens) on the row feeding `tokens`; `score_from` predicts the target's first token."""
     key = (tuple(tokens), score_from)
     if key not in rows:
         rows[key] = Sequence(len(rows), list(tokens), score_from=score_from,
@@ -231,8 +230,7 @@ def _scored_tokens(self, text, prefix, add_bos: bool) -> tuple[list[int], int]:
 
 
 def rolling_windows(num_tokens: int, first: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """The windows that score tokens[first:] (see `score`): (a, e, done) = feed tokens[a:e] (at
-    most `window`), score tokens done+1 .. e."""
+    """Windows (a, e, done) scoring tokens[first:]: feed tokens[a:e] (<= `window`), score done+1 .. e."""
     last, done, out = num_tokens - 1, first - 1, []
     while done < last:
         end = min(last, window) if done < window else min(last, done + stride)

@@ -127,8 +127,7 @@ class Grammars:
         self._lock = threading.Lock()
 
     def _grammar(self, params: SamplingParams) -> str:
-        """The compiled, validated grammar of a row's constraint, cached (a job's rows share a
-        schema; compiling a large one costs tens of milliseconds)."""
+        """A constraint's compiled, validated grammar, cached (a large schema costs tens of ms)."""
         key = json.dumps([params.json_schema, params.regex, params.choice], sort_keys=True)
         with self._lock:
             found = self._grammars.get(key)

@@ -124,8 +124,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def train_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 320) -> str:
-    """Train the tiny tokenizer into ``out_dir`` (with a ``tokenizer_config.json`` for
-    ``PersimmonTokenizer.from_pretrained``); returns the path of its ``tokenizer.model``."""
+    """Train the tiny tokenizer (and its tokenizer_config.json) into ``out_dir``; returns its model path."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, "tokenizer.model")

@@ -220,8 +220,7 @@ class PersimmonTokenizer:
                 "clean_up_tokenization_spaces": False}
 
     def save_pretrained(self, directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json``
-        (:meth:`from_pretrained` gives back an equal tokenizer); returns the paths."""
+        """Write the model, tokenizer_config and special_tokens_map files (from_pretrained reloads them)."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         model_path = os.path.join(directory, MODEL_FILE)
