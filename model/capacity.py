@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .scheduler import RESERVED_BLOCKS
 
@@ -173,13 +174,10 @@ def cpu_memory() -> tuple[int, int]:
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            with open(limit_file, encoding="ascii") as f:
-                raw = f.read().strip()
+            raw = Path(limit_file).read_text(encoding="ascii").strip()
             if raw == "max" or int(raw) >= total:
                 break
-            limit = int(raw)
-            with open(usage_file, encoding="ascii") as f:
-                usage = int(f.read().strip())
+            limit, usage = int(raw), int(Path(usage_file).read_text(encoding="ascii"))
             total, available = limit, min(available, max(0, limit - usage))
             break
         except (OSError, ValueError):

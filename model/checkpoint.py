@@ -14,6 +14,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -68,13 +69,8 @@ def weight_files(path: str) -> list[str]:
     """The weight files of a local HF checkpoint directory, in a fixed order."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-
-    def read_index(name):
-        with open(os.path.join(path, name), "rb") as f:
-            return f.read()
-
     try:
-        files = pick_weight_files(os.listdir(path), read_index)
+        files = pick_weight_files(os.listdir(path), lambda name: Path(path, name).read_bytes())
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: {e}") from None
     except ValueError as e:
@@ -177,13 +173,12 @@ def load_pretrained(path, dtype=None, device=None, model_class=None, quantizatio
 
     state, unexpected, mismatched = {}, [], []
     for name, tensor in iter_tensors(files):
-        target = model_param_name(name, expected, bare, tied)
-        if target is None:
+        name = model_param_name(name, expected, bare, tied)
+        if name is None:
             continue
-        if target not in expected:
-            unexpected.append(target)
+        if name not in expected:
+            unexpected.append(name)
             continue
-        name = target
         if tuple(tensor.shape) != tuple(expected[name].shape):
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
             continue
@@ -271,8 +266,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path, max_shard_size="5GB") 
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for shard, name in zip(shards, names) for k in shard}}
-        with open(os.path.join(path, SAFE_INDEX), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+        Path(path, SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True), encoding="utf-8")
     return [os.path.join(path, n) for n in names]
 
 

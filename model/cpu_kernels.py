@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from pathlib import Path
 
 import torch
 
@@ -68,9 +69,7 @@ def _build(cc: str) -> str:
 
 
 def _build_with(cc: str, flags: list[str]) -> str:
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + " ".join(flags).encode() + cc.encode() + _cpu_flags().encode()
+    key = hashlib.sha256(Path(SOURCE).read_bytes() + " ".join(flags).encode() + cc.encode() + _cpu_flags().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     cache = os.environ.get("PERSIMMON_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                        "persimmon-batch")

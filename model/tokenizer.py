@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import sentencepiece as spm
 
@@ -100,11 +101,10 @@ class PersimmonTokenizer:
             model_file, directory = path, os.path.dirname(path)
         elif os.path.isdir(path):
             directory = path
-            model_file = os.path.join(path, MODEL_FILE)
-            if not os.path.isfile(model_file) and os.path.isfile(os.path.join(path, ADEPT_MODEL_FILE)):
-                model_file = os.path.join(path, ADEPT_MODEL_FILE)
-            if not os.path.isfile(model_file):
+            found = [f for f in (MODEL_FILE, ADEPT_MODEL_FILE) if os.path.isfile(os.path.join(path, f))]
+            if not found:
                 raise FileNotFoundError(f"no {MODEL_FILE} in tokenizer directory {path}")
+            model_file = os.path.join(path, found[0])
         else:
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
         config = _read_json(os.path.join(directory, CONFIG_FILE))
@@ -223,18 +223,13 @@ class PersimmonTokenizer:
         """Write the model, tokenizer_config and special_tokens_map files (from_pretrained reloads them)."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        model_path = os.path.join(directory, MODEL_FILE)
-        with open(model_path, "wb") as f:
-            f.write(self._sp.serialized_model_proto())
+        paths = tuple(os.path.join(directory, name) for name in (MODEL_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE))
+        Path(paths[0]).write_bytes(self._sp.serialized_model_proto())
         config = self.tokenizer_config()
         special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config[k] is not None}
-        paths = [model_path]
-        for name, data in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, special)):
-            paths.append(os.path.join(directory, name))
-            with open(paths[-1], "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-        return tuple(paths)
+        for path, data in zip(paths[1:], (config, special)):
+            Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return paths
 
     def __repr__(self) -> str:
         return (f"PersimmonTokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_id}, "
