@@ -179,13 +179,12 @@ class PersimmonTokenizer:
         space, no whitespace clean-up, so they decode to exactly ``text`` (structured decoding
         turns forced text into tokens with it)."""
         if self._fragment_sp is None:
-            from sentencepiece import sentencepiece_model_pb2  # protobuf: a dependency of ray
-
-            proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
-            proto.normalizer_spec.add_dummy_prefix = False
-            proto.normalizer_spec.remove_extra_whitespaces = False
+            # the ModelProto plus a second normalizer_spec (field 3) whose add_dummy_prefix (3) and
+            # remove_extra_whitespaces (4) are false: a parser merges a repeated message field into
+            # the first, so no protobuf package is needed (its generated code pins protobuf versions)
+            spec = bytes([3 << 3, 0, 4 << 3, 0])
             sp = spm.SentencePieceProcessor()
-            sp.LoadFromSerializedProto(proto.SerializeToString())
+            sp.LoadFromSerializedProto(self._sp.serialized_model_proto() + bytes([3 << 3 | 2, len(spec)]) + spec)
             self._fragment_sp = sp
         return self._fragment_sp.encode(text)
 
