@@ -1,27 +1,22 @@
 """The paged KV cache and attention over it (the engine's forward; plain forwards never come here).
 
 KV memory is one pool of fixed-size blocks allocated once from a budget (model/capacity.py):
-`k`, `v` are [layers, num_blocks * block_size, heads, head_dim], and a token's keys live at
-slot `block * block_size + offset`. A sequence owns a list of blocks (its block table, a row of
-the runner's `block_tables`); blocks are handed out and reclaimed by the scheduler's
-BlockManager, so memory follows the tokens actually held, never rows x max_seq_len.
-Block 0 is the null block: always zero, the padding of block tables.
+`k`, `v` are [layers, num_blocks * block_size, heads, head_dim]; a token's keys live at slot
+`block * block_size + offset`. A sequence owns a list of blocks (its block table, a row of the
+runner's `block_tables`), handed out by the scheduler's BlockManager, so memory follows the
+tokens held, never rows x max_seq_len. Block 0 is the null block: always zero, table padding.
 
-One forward of the engine runs N tokens of several sequences side by side (packed, no
-padding), described by an `AttentionMetadata` that the model runner builds once per forward
-through the backend it picked; the layers only read it. Per layer, `paged_attention` writes the
-new keys and values into the pool, then:
-- a sequence with nothing cached yet (a prompt's first prefill, classification) attends
-  causally to its own fresh keys with SDPA, no cache read;
-- sequences with cached keys (decode, a prompt after a shared prefix, a preempted row being
-  recomputed) run the work their backend planned:
-  - `TorchBackend`, the reference on any device: each row's blocks are gathered and attended
-    with SDPA under a position mask, in groups of rows whose gathered keys stay under
-    `gather_tokens`;
-  - `CpuKernelBackend`: rows with short query runs read the pool in place with the C kernel
-    (model/cpu_kernels.py), the others as above;
-  - CUDA: the slot for a fused paged-attention kernel; until one is written, `TorchBackend`.
-A fixed-shape decode step (what CUDA graphs replay) is gather groups built from tensors only:
+One engine forward runs N tokens of several sequences side by side (packed, no padding),
+described by an `AttentionMetadata` the model runner builds once per forward through its
+backend. Per layer, `paged_attention` writes the new keys and values into the pool, then:
+- a sequence with nothing cached (a first prefill, classification) attends causally to its
+  own fresh keys with SDPA;
+- sequences with cached keys (decode, a prompt after a shared prefix, a recomputed row) run
+  the work their backend planned: `TorchBackend` (any device; the reference) gathers each row's
+  blocks and runs SDPA under a position mask, in groups whose gathered keys stay under
+  `gather_tokens`; `CpuKernelBackend` reads the pool in place with the C kernel
+  (model/cpu_kernels.py) for short query runs. CUDA: `TorchBackend` until a fused kernel is written.
+A fixed-shape decode step (what CUDA graphs replay) builds its gather groups from tensors only:
 block tables and context lengths are graph inputs, padded rows read the null block.
 """
 
@@ -56,8 +51,7 @@ class PagedKVCache:
         return pool.view(pool.shape[0], self.num_blocks, self.block_size, *pool.shape[2:])
 
     def zero_blocks(self, blocks: torch.Tensor) -> None:
-        """Zero whole blocks (all layers). Newly handed-out blocks are zeroed so a masked key
-        read by the gather path is never stale NaN/inf from an earlier row."""
+        """Zero whole blocks (all layers): a masked key the gather path reads is never a stale NaN/inf."""
         for pool in (self.k, self.v):
             self._blocks_view(pool).index_fill_(1, blocks, 0)
 
@@ -83,8 +77,7 @@ def _causal_sdpa(q, k, v, scale):  # q, k, v [T, H, D] of one sequence -> [T, H,
 
 
 def gathered_attention(q, cache, layer, tables, query_pos, scale):
-    """q [R, T, H, D], tables [R, nb], query_pos [R, T]: each query sees the keys of its row's
-    blocks at positions <= its own. Returns [R, T, H, D]."""
+    """q [R, T, H, D], tables [R, nb], query_pos [R, T] -> [R, T, H, D], keys at positions <= the query's."""
     k, v = cache.gather(layer, tables)  # [R, nb * bs, H, D]
     keys = torch.arange(k.shape[1], device=q.device)
     mask = keys[None, None, None, :] <= query_pos[:, None, :, None]  # [R, 1, T, L]
@@ -96,8 +89,7 @@ def gathered_attention(q, cache, layer, tables, query_pos, scale):
 @dataclass
 class Gather:
     """Rows that gather their blocks: query tokens idx [R, T] at positions pos [R, T] see the keys
-    of tables [R, nb] up to their own position. Shorter rows repeat their last query (`valid`
-    marks the real ones; None: one query per row)."""
+    of tables [R, nb] up to their own. Shorter rows repeat their last query (`valid`: the real ones)."""
     tables: torch.Tensor
     idx: torch.Tensor
     pos: torch.Tensor
@@ -113,8 +105,7 @@ class Gather:
 
 @dataclass
 class KernelRun:
-    """Tokens idx that read the pool in place (CPU kernel): each sees its row's blocks
-    (tables[rows]) up to its position pos."""
+    """Tokens idx that read the pool in place (CPU kernel), each its row's blocks up to its position."""
     idx: slice | torch.Tensor
     rows: torch.Tensor
     pos: torch.Tensor
@@ -127,8 +118,7 @@ class KernelRun:
 
 @dataclass
 class AttentionMetadata:
-    """How the N tokens of one engine forward map onto sequences and the KV pool. Built by the
-    model runner before the forward; layers only read it."""
+    """How the N tokens of one engine forward map onto sequences and the KV pool (layers only read it)."""
     positions: torch.Tensor  # [N] long
     fresh: list[tuple[int, int]]  # token spans of sequences with nothing cached: causal within each
     cached: list[Gather | KernelRun] = field(default_factory=list)  # the sequences that read cached keys
@@ -188,8 +178,7 @@ class TorchBackend:
         return work
 
     def static_metadata(self, positions, slot_mapping, tables, lens) -> AttentionMetadata:
-        """Fixed shapes: S sequences of one query token each, tables [S, nb], context lengths
-        lens [S]; tensor ops only, no host sync, so a CUDA graph can replay it."""
+        """One query per row: tables [S, nb], lengths lens [S]; tensor ops only (CUDA-graph replayable)."""
         S, nb = tables.shape
         chunk = max(1, self.gather_tokens // (nb * self.block_size))
         idx = torch.arange(S, device=tables.device)[:, None]
@@ -199,8 +188,7 @@ class TorchBackend:
 
 
 class CpuKernelBackend(TorchBackend):
-    """Sequences with short query runs read the pool in place through the C kernel; the rest
-    gather as in TorchBackend."""
+    """Short query runs read the pool in place through the C kernel; the rest gather."""
 
     name = "cpu_kernel"
 
@@ -209,25 +197,17 @@ class CpuKernelBackend(TorchBackend):
         long = [i for i in seqs if spans[i][1] - spans[i][0] > KERNEL_MAX_QUERY]
         work = super()._plan(long, positions, spans, context_lens, rows, token_rows, block_tables)
         if short:
-            idx = _token_index(spans, short, positions.device)
+            first, last = spans[short[0]][0], spans[short[-1]][1]
+            idx = slice(first, last)  # their tokens, when contiguous
+            if sum(spans[i][1] - spans[i][0] for i in short) != last - first:
+                idx = torch.cat([torch.arange(*spans[i], device=positions.device) for i in short])
             work.insert(0, KernelRun(idx, token_rows[idx], positions[idx], block_tables))
         return work
 
 
-def _token_index(spans, seqs, device):
-    """Token indices of the given sequences: a slice when they are contiguous."""
-    first, last = spans[seqs[0]][0], spans[seqs[-1]][1]
-    if sum(spans[i][1] - spans[i][0] for i in seqs) == last - first:
-        return slice(first, last)
-    return torch.cat([torch.arange(*spans[i], device=device) for i in seqs])
-
-
 def attention_backend(device: torch.device, dtype: torch.dtype, block_size: int, gather_tokens: int) -> TorchBackend:
-    """The model runner's pick: on CPU the C kernel where it builds for this dtype; on CUDA, the
-    slot for a fused paged-attention kernel (reading blocks in place, as the CPU one does);
-    elsewhere and until then, gather + SDPA."""
-    if device.type == "cuda":
-        return TorchBackend(block_size, gather_tokens)  # the slot: a fused paged kernel's backend goes here
+    """The model runner's pick: on CPU the C kernel where it builds for this dtype, else gather +
+    SDPA (on CUDA: the slot for a fused paged kernel reading blocks in place, as the CPU one does)."""
     if device.type == "cpu" and cpu_kernels.available(dtype):
         return CpuKernelBackend(block_size, gather_tokens)
     return TorchBackend(block_size, gather_tokens)

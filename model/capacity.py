@@ -9,12 +9,10 @@ The KV budget of a replica (what `ModelRunner` allocates when `kv_cache_gib` is 
 
     kv = min(fraction x free_after_load, fraction x total x share - weights) - activation headroom
 
-`free_after_load` is the device memory free once this replica's weights are in (CUDA:
-`torch.cuda.mem_get_info`; CPU: MemAvailable), `total` the device's memory (CPU: MemTotal or
-the cgroup limit), `share` the part of the device this replica owns (0.5 for two replicas on
-one GPU; on a CPU node, its CPUs / the node's CPUs), and the headroom the activations of the
-largest forward the runner will run. Two replicas on one device each get their share, not 90%
-each.
+`free_after_load` is the device memory free once this replica's weights are in (CPU:
+MemAvailable), `total` the device's memory (CPU: MemTotal or the cgroup limit), `share` the part
+of the device this replica owns (0.5 for two replicas on one GPU; on a CPU node, its CPUs / the
+node's), the headroom the activations of the largest forward. Two replicas each get their share.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .scheduler import RESERVED_BLOCKS
 
@@ -50,8 +49,7 @@ AWS_INSTANCE_GPUS = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "g6e": "L40S", "p4d
 
 
 def check_quantization(gpu: str, quantization: str) -> None:
-    """Raise ValueError when GPU (a GPU_MEMORY_GIB name) cannot run `quantization`: fp8 weights
-    need compute capability 8.9+ (Ada, Hopper)."""
+    """Raise ValueError when GPU (a GPU_MEMORY_GIB name) cannot run `quantization` (fp8: 8.9+)."""
     if quantization != "fp8":
         return
     have = GPU_COMPUTE_CAPABILITY[gpu]
@@ -69,8 +67,7 @@ def dtype_bytes(dtype) -> int:
 
 
 def param_count(config, head: str = "causal") -> int:
-    """Exact parameter count of PersimmonForCausalLM (head="causal"), the sequence
-    classifier ("sequence_classification") or the bare model ("none")."""
+    """Exact parameter count with head "causal", "sequence_classification" or "none" (bare model)."""
     C, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     D = config.head_dim
     layer = (2 * C  # input_layernorm
@@ -96,9 +93,8 @@ SCALE_BYTES = {"int8": None, "fp8": 4}
 
 
 def quantized_linears(config, head: str = "causal", quantize_lm_head: bool = False) -> list[tuple[int, int]]:
-    """(out_features, in_features) of every linear weight `--quantization` turns into 8 bits:
-    each layer's query_key_value, dense and MLP, and the lm_head with `quantize_lm_head`.
-    Embeddings, norms, biases and a classifier's score head stay in the model dtype."""
+    """(out_features, in_features) of every linear weight `--quantization` turns into 8 bits
+    (model/quantization.py): each layer's four, and an untied lm_head with `quantize_lm_head`."""
     C, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     shapes = [(3 * C, C), (C, C), (I, C), (C, I)] * L
     if quantize_lm_head and head == "causal" and not config.tie_word_embeddings:
@@ -108,9 +104,8 @@ def quantized_linears(config, head: str = "causal", quantize_lm_head: bool = Fal
 
 def weights_bytes(config, dtype, head: str = "causal", quantization: str = "none",
                   quantize_lm_head: bool = False) -> int:
-    """Bytes of the weights as loaded: every parameter in `dtype`, except that with int8 / fp8
-    the linear weights of `quantized_linears` take one byte per element plus one scale per
-    output channel. Persimmon-8B, bf16: 17.5 GiB; int8: 10.8 GiB (9.8 GiB with the lm_head)."""
+    """Bytes of the weights as loaded: every parameter in `dtype`, but `quantized_linears` in one
+    byte plus a scale per row. Persimmon-8B, bf16: 17.5 GiB; int8: 10.8 GiB (9.8 with the lm_head)."""
     it = dtype_bytes(dtype)
     total = param_count(config, head) * it
     if quantization == "none":
@@ -129,8 +124,7 @@ def kv_bytes_per_token(config, dtype) -> int:
 
 
 def pool_tokens(kv_bytes: int, per_token: int, block_size: int = 16) -> int:
-    """Tokens a KV pool of `kv_bytes` holds for rows: whole blocks, less the two the runner
-    reserves (the null and scratch blocks). The engine's default block is 16 tokens."""
+    """Tokens a KV pool of `kv_bytes` holds for rows: whole blocks, less the null and scratch blocks."""
     return max(0, kv_bytes // (per_token * block_size) - RESERVED_BLOCKS) * block_size
 
 
@@ -155,8 +149,7 @@ def activation_bytes(config, dtype, max_tokens: int, max_rows: int, head: str = 
 
 def kv_budget_bytes(*, total: int, free_after_load: int, weights: int, headroom: int,
                     memory_fraction: float = 0.9, share: float = 1.0) -> int:
-    """Bytes of KV pool for one replica (formula in the module docstring); may be <= 0 when
-    nothing is left."""
+    """Bytes of KV pool for one replica (module docstring); <= 0 when nothing is left."""
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     if not 0 < share <= 1:
@@ -166,8 +159,7 @@ def kv_budget_bytes(*, total: int, free_after_load: int, weights: int, headroom:
 
 
 def cpu_memory() -> tuple[int, int]:
-    """(total, available) bytes of host memory: MemTotal / MemAvailable, capped by a cgroup
-    memory limit when there is one."""
+    """(total, available) bytes of host memory (MemTotal / MemAvailable), capped by a cgroup limit."""
     info = {}
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -182,13 +174,10 @@ def cpu_memory() -> tuple[int, int]:
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            with open(limit_file, encoding="ascii") as f:
-                raw = f.read().strip()
+            raw = Path(limit_file).read_text(encoding="ascii").strip()
             if raw == "max" or int(raw) >= total:
                 break
-            limit = int(raw)
-            with open(usage_file, encoding="ascii") as f:
-                usage = int(f.read().strip())
+            limit, usage = int(raw), int(Path(usage_file).read_text(encoding="ascii"))
             total, available = limit, min(available, max(0, limit - usage))
             break
         except (OSError, ValueError):
@@ -220,8 +209,8 @@ def plan(config, *, device_memory_gib: float, dtype="bfloat16", memory_fraction:
          max_batch_size: int = 256, prefill_token_budget: int = 4096, block_size: int = 16,
          head: str = "causal", share: float = 1.0, quantization: str = "none",
          quantize_lm_head: bool = False) -> Capacity:
-    """The numbers `ModelRunner` would arrive at on a device of `device_memory_gib` (GPU:
-    CUDA context included), for rows of `prompt_tokens + new_tokens` tokens."""
+    """The numbers `ModelRunner` would arrive at on a device of `device_memory_gib` (CUDA context
+    included) for rows of `prompt_tokens + new_tokens` tokens."""
     for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens),
                         ("max_batch_size", max_batch_size), ("block_size", block_size)):
         if not isinstance(value, int) or value < (0 if name == "new_tokens" else 1):

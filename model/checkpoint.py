@@ -1,19 +1,20 @@
 """Checkpoint I/O in HF layout: config.json + safetensors (single or sharded) or pickle `.bin`.
 
 Loading builds the model on the meta device, streams tensors one at a time into the target
-dtype and device, and assigns them, so peak memory is one model plus one tensor. With a
-quantization, each linear is quantized as soon as its weight and bias are in
-(model/quantization.py): the peak is the quantized model plus about one linear in the dtype.
-Pickle files are read with `torch.load(weights_only=True, mmap=True)`: no arbitrary code, no
-second copy.
+dtype and device and assigns them: peak memory is one model plus one tensor (quantized: the
+quantized model plus about one linear, model/quantization.py). Pickle files are read with
+`torch.load(weights_only=True, mmap=True)`: no arbitrary code, no second copy.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -40,10 +41,9 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def pick_weight_files(names, read_index) -> list[str]:
-    """The weight files of a checkpoint directory holding the files `names`, in a fixed order:
-    a safetensors index's files, else model.safetensors, else the same for pickle `.bin`.
-    `read_index(name)` returns an index file's bytes. Used for local directories (here) and
-    for object-store directories on the driver (pipeline.modelcheck), so both pick alike."""
+    """The weight files of a checkpoint directory holding the files `names`, in a fixed order: a
+    safetensors index's files, else model.safetensors, else the same for `.bin`. `read_index(name)`
+    returns an index file's bytes. Local and object-store directories (pipeline.modelcheck) both use it."""
     names = set(names)
     for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
         if index in names:
@@ -69,13 +69,8 @@ def weight_files(path: str) -> list[str]:
     """The weight files of a local HF checkpoint directory, in a fixed order."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-
-    def read_index(name):
-        with open(os.path.join(path, name), "rb") as f:
-            return f.read()
-
     try:
-        files = pick_weight_files(os.listdir(path), read_index)
+        files = pick_weight_files(os.listdir(path), lambda name: Path(path, name).read_bytes())
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: {e}") from None
     except ValueError as e:
@@ -87,18 +82,13 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                       "F8_E5M2": torch.float8_e5m2}
-
-
 SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 def safetensors_header(file_size: int, read_at) -> tuple[int, dict]:
     """(data start, {tensor name: (dtype name, shape, begin, end)}) of a .safetensors file of
-    `file_size` bytes, `read_at(nbytes, offset) -> bytes` reading it. Every tensor's byte range
-    is checked against its dtype and shape and against the file's size, so a truncated file
-    fails here and not halfway through a load. Raises ValueError."""
-    import struct
-
+    `file_size` bytes that `read_at(nbytes, offset)` reads. Every byte range is checked against its
+    dtype, shape and the file's size, so a truncated file fails here, not halfway through a load."""
     head = read_at(8, 0) if file_size >= 8 else b""
     (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
     if not 0 < n <= min(file_size - 8, SAFETENSORS_MAX_HEADER):
@@ -113,10 +103,7 @@ def safetensors_header(file_size: int, read_at) -> tuple[int, dict]:
                 raise ValueError(f"tensor {name} has unsupported dtype {dtype}")
             if not all(type(d) is int and d >= 0 for d in shape) or not all(type(o) is int for o in (begin, end)):
                 raise ValueError(f"tensor {name}: shape {list(shape)} / offsets {[begin, end]} are not non-negative integers")
-            count = 1
-            for d in shape:
-                count *= d
-            if begin < 0 or end - begin != count * SAFETENSORS_DTYPES[dtype].itemsize:
+            if begin < 0 or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
                 raise ValueError(f"tensor {name}: byte range {begin}..{end} does not hold {dtype}{list(shape)}")
             if 8 + n + end > file_size:
                 raise ValueError(f"tensor {name} ends at byte {8 + n + end} but the file has {file_size} bytes "
@@ -128,10 +115,7 @@ def safetensors_header(file_size: int, read_at) -> tuple[int, dict]:
 
 
 def iter_safetensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read a .safetensors file tensor by tensor with plain reads into fresh CPU tensors.
-
-    No mmap: pages of the file never count against the process, and only the tensor being
-    yielded is held, so a load peaks at one model plus one tensor."""
+    """Read a .safetensors file a tensor at a time with plain reads (no mmap pages count against us)."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         def read_at(nbytes, offset):
@@ -168,12 +152,10 @@ def load_pretrained(path, dtype=None, device=None, model_class=None, quantizatio
                     quantize_lm_head: bool = False):
     """Load an HF-layout Persimmon checkpoint directory into our model, in eval mode.
 
-    `model_class` defaults to the class named by config.architectures (falling back to the
-    causal LM). `dtype` defaults to the checkpoint's torch_dtype, else float32. `quantization`
-    "int8" / "fp8" stores the decoder layers' linears (and the lm_head with `quantize_lm_head`)
-    in 8 bits; where it cannot run (fp8 off a recent GPU, int8 without torchao) it fails before
-    any weight is read.
-    """
+    `model_class` defaults to config.architectures' (else the causal LM), `dtype` to the
+    checkpoint's torch_dtype, else float32. `quantization` "int8" / "fp8" stores the layers'
+    linears (and the lm_head with `quantize_lm_head`) in 8 bits; where it cannot run it fails
+    before any weight is read."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -191,13 +173,12 @@ def load_pretrained(path, dtype=None, device=None, model_class=None, quantizatio
 
     state, unexpected, mismatched = {}, [], []
     for name, tensor in iter_tensors(files):
-        target = model_param_name(name, expected, bare, tied)
-        if target is None:
+        name = model_param_name(name, expected, bare, tied)
+        if name is None:
             continue
-        if target not in expected:
-            unexpected.append(target)
+        if name not in expected:
+            unexpected.append(name)
             continue
-        name = target
         if tuple(tensor.shape) != tuple(expected[name].shape):
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
             continue
@@ -216,8 +197,7 @@ def load_pretrained(path, dtype=None, device=None, model_class=None, quantizatio
 
 
 def meta_model(model_class, config: PersimmonConfig):
-    """(model on the meta device, its parameters by name, tied): a tied lm_head is left out of
-    the parameters, as checkpoints may or may not store it."""
+    """(meta-device model, its parameters by name, tied); a tied lm_head is left out (checkpoints vary)."""
     with torch.device("meta"):
         model = model_class(config)
     expected = dict(model.state_dict())
@@ -233,11 +213,9 @@ def mismatch_report(parts: list[tuple[str, list]], limit: int) -> str:
 
 
 def model_param_name(name: str, expected, bare: bool, tied: bool) -> str | None:
-    """The model parameter a checkpoint tensor loads into (the caller checks it is in
-    `expected`), or None for tensors that are skipped: rotary `inv_freq` buffers (recomputed
-    from the config), a tied lm_head, and head weights when loading the bare backbone.
-    `model.` prefixes are dropped or added so backbone and head-model checkpoints load into
-    either class."""
+    """The model parameter a checkpoint tensor loads into, or None for skipped ones (rotary
+    `inv_freq`, a tied lm_head, head weights into a bare backbone). `model.` prefixes are dropped
+    or added so backbone and head-model checkpoints load into either class."""
     if bare and name.startswith("model."):
         name = name[len("model."):]  # backbone out of a checkpoint with a head
     elif bare and name.split(".")[0] in ("lm_head", "score"):
@@ -275,10 +253,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path, max_shard_size="5GB") 
         current[name] = tensor.detach().contiguous().cpu()
         current_size += size
     shards.append(current)
-    if len(shards) == 1:
-        names = [SAFE_SINGLE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = [SAFE_SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                    for i in range(len(shards))]
     umask = os.umask(0)
     os.umask(umask)
     for shard, name in zip(shards, names):
@@ -290,8 +266,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path, max_shard_size="5GB") 
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for shard, name in zip(shards, names) for k in shard}}
-        with open(os.path.join(path, SAFE_INDEX), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+        Path(path, SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True), encoding="utf-8")
     return [os.path.join(path, n) for n in names]
 
 

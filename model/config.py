@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "config.json"
@@ -59,10 +60,8 @@ class PersimmonConfig:
             self.num_labels = len(self.id2label)
         else:
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        if self.label2id is None:
-            self.label2id = {v: k for k, v in self.id2label.items()}
-        else:
-            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        self.label2id = ({v: k for k, v in self.id2label.items()} if self.label2id is None
+                         else {str(k): int(v) for k, v in self.label2id.items()})
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
         self.validate()
@@ -124,13 +123,10 @@ class PersimmonConfig:
                         f"scaling, got {factor!r}")
         if self.problem_type not in PROBLEM_TYPES:
             bad("problem_type", f"unknown problem type {self.problem_type!r}; supported: {PROBLEM_TYPES}")
-        for name in ("pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
+        ids = [("pad_token_id", self.pad_token_id), ("bos_token_id", self.bos_token_id)]
+        for name, value in ids + [("eos_token_id", value) for value in self.eos_ids()]:
             if value is not None and not 0 <= value < self.vocab_size:
                 bad(name, f"{value} is outside the vocabulary [0, {self.vocab_size})")
-        for value in self.eos_ids():
-            if not 0 <= value < self.vocab_size:
-                bad("eos_token_id", f"{value} is outside the vocabulary [0, {self.vocab_size})")
 
     def eos_ids(self) -> list[int]:
         if self.eos_token_id is None:
@@ -203,6 +199,5 @@ class PersimmonConfig:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        Path(path, CONFIG_NAME).write_text(text, encoding="utf-8")

@@ -6,8 +6,9 @@ Output: config.json + safetensors + tokenizer files, loadable by `model.load_pre
 transformers' `PersimmonForCausalLM.from_pretrained`.
 
 The pickle is read with `torch.load(weights_only=True)`, allow-listing only argparse.Namespace
-and numpy's array/scalar types (the args and the RNG state): no code from the file runs. Names are mapped as transformers'
-convert_persimmon_weights_to_hf.py does; the fused QKV layout is the same on both sides.
+and numpy's array/scalar types (the args and the RNG state): no code from the file runs. Names
+are mapped as transformers' convert_persimmon_weights_to_hf.py does; the fused QKV layout is the
+same on both sides.
 
     persimmon-convert --checkpoint model_optim_rng.pt --tokenizer adept_vocab.model --output DIR
 """
@@ -22,7 +23,7 @@ import zipfile
 import sentencepiece as spm
 import torch
 
-from .checkpoint import CheckpointError, load_pretrained, resolve_dtype, save_state_dict
+from .checkpoint import CheckpointError, load_pretrained, meta_model, mismatch_report, resolve_dtype, save_state_dict
 from .config import PersimmonConfig
 from .modeling import PersimmonForCausalLM
 from .tokenizer import ENDOFTEXT, PersimmonTokenizer
@@ -38,9 +39,9 @@ DROPPED = ("rotary_emb.inv_freq", "_extra_state")  # recomputed from the config 
 
 
 def safe_globals() -> list:
-    """What `torch.load(weights_only=True)` may build besides tensors: the Megatron args
-    Namespace, and numpy arrays/scalars (its `np_rng_state`). Data only; no callable that runs
-    code. numpy 1.x wrote `numpy.core.*`, numpy 2 `numpy._core.*`: both names are allowed."""
+    """What `torch.load(weights_only=True)` may build besides tensors: the Megatron args Namespace
+    and numpy arrays/scalars (its `np_rng_state`), under numpy 1.x's `numpy.core.*` and numpy 2's
+    `numpy._core.*` names. Data only; no callable that runs code."""
     import numpy as np
 
     multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
@@ -139,24 +140,20 @@ def config_from_args(args, state: dict[str, torch.Tensor], **extra) -> Persimmon
 
 def check_shapes(state: dict[str, torch.Tensor], config: PersimmonConfig) -> None:
     """Every tensor the model needs, nothing else, each of the right shape, before writing."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in PersimmonForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    got = {k: tuple(v.shape) for k, v in state.items()}
+    _, params, _ = meta_model(PersimmonForCausalLM, config)
+    expected, got = ({k: tuple(v.shape) for k, v in d.items()} for d in (params, state))
     wrong = [f"{k}: checkpoint {got[k]} vs config {expected[k]}"
              for k in sorted(got.keys() & expected.keys()) if got[k] != expected[k]]
-    problems = (("missing", sorted(expected.keys() - got.keys())),
-                ("unexpected", sorted(got.keys() - expected.keys())), ("wrong shape", wrong))
-    parts = [f"{label} {len(items)}: {items[:20]}" for label, items in problems if items]
-    if parts:
-        raise CheckpointError("checkpoint does not match the config built from its args: " + "; ".join(parts))
+    report = mismatch_report([("missing", sorted(expected.keys() - got.keys())),
+                              ("unexpected", sorted(got.keys() - expected.keys())), ("wrong shape", wrong)], limit=20)
+    if report:
+        raise CheckpointError("checkpoint does not match the config built from its args: " + report)
 
 
 def make_tokenizer(path, bos_eos_id: int | None, endoftext_special: bool) -> PersimmonTokenizer:
-    """The tokenizer with BOS = EOS = `bos_eos_id` if given, else the `|ENDOFTEXT|` piece when
-    `endoftext_special` and the vocabulary has it (released checkpoints: id 71013), else
-    sentencepiece's own BOS/EOS. Special tokens are written by name, so config and tokenizer agree."""
+    """The tokenizer with BOS = EOS = `bos_eos_id` if given, else `|ENDOFTEXT|` when
+    `endoftext_special` and the vocabulary has it (released checkpoints: 71013), else
+    sentencepiece's own. Special tokens are written by name, so config and tokenizer agree."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file {os.fspath(path)!r} does not exist")
     sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
@@ -176,9 +173,8 @@ def make_tokenizer(path, bos_eos_id: int | None, endoftext_special: bool) -> Per
 
 def convert_adept_checkpoint(checkpoint, tokenizer, output, dtype="bfloat16", bos_eos_id=None,
                              endoftext_special=True, max_shard_size="5GB", verify=True) -> PersimmonConfig:
-    """Write `output` (config.json, safetensors, tokenizer files) from an adept checkpoint; BOS
-    and EOS as `make_tokenizer` picks them; `verify` loads the result back strictly. Returns the
-    written config."""
+    """Write `output` (config.json, safetensors, tokenizer files) from an adept checkpoint, BOS and
+    EOS as `make_tokenizer` picks them; `verify` loads it back strictly. Returns the config."""
     output = os.fspath(output)
     if os.path.isdir(output) and os.listdir(output):
         raise FileExistsError(f"output directory {output!r} is not empty; choose a new one")
@@ -203,11 +199,9 @@ def convert_adept_checkpoint(checkpoint, tokenizer, output, dtype="bfloat16", bo
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="persimmon-convert",
-        description="Convert an adept-inference Persimmon checkpoint (model_optim_rng.pt + "
-                    "adept_vocab.model) into an HF-layout directory: config.json, safetensors, "
-                    "tokenizer.model and tokenizer_config.json. The pickle is read with "
-                    "weights_only=True: besides tensors only argparse.Namespace and numpy "
-                    "arrays are allowed, so no code from the file runs.",
+        description="Convert an adept-inference Persimmon checkpoint (model_optim_rng.pt + adept_vocab.model) "
+                    "into an HF-layout directory. The pickle is read with weights_only=True: besides tensors "
+                    "only argparse.Namespace and numpy arrays are allowed, so no code from the file runs.",
         epilog="example: persimmon-convert --checkpoint iter_0001251/mp_rank_00/model_optim_rng.pt "
                "--tokenizer adept_vocab.model --output persimmon-8b-base")
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="path of model_optim_rng.pt")

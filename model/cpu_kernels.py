@@ -1,20 +1,16 @@
 """Native CPU kernels, built on first use with the system C compiler and loaded with ctypes.
 
-One kernel today: attention over the paged KV cache (`kernels/paged_attention.c`), which reads
-keys and values in place instead of gathering a copy of each row's blocks (the gather cost
-about twice the attention itself on CPU). It is optional: without a C compiler, with
-PERSIMMON_CPU_KERNELS=0, or if the build fails, `paged_attention_kernel()` returns None and the
-model uses the gather + SDPA path, which gives the same results (both are tested).
+One kernel today: attention over the paged KV cache (`kernels/paged_attention.c`), reading keys
+and values in place instead of gathering a copy of each row's blocks (the gather cost about
+twice the attention itself on CPU). Optional: without a C compiler, with PERSIMMON_CPU_KERNELS=0
+or if the build fails, `available()` is False and the model uses gather + SDPA (same results).
 
-It is built for the CPU at hand (`-march=native`: AVX-512 where there is AVX-512, AVX2 + FMA on
-most other x86-64, NEON/SVE on Arm); PERSIMMON_KERNEL_MARCH names another target (e.g.
-`x86-64-v3`, AVX2 + FMA, to test what an AVX2-only CPU runs). A compiler that rejects the
-target gets a second try without any -march (portable code, still correct). The shared library
-is cached under $PERSIMMON_KERNEL_CACHE (default ~/.cache/persimmon-batch), keyed by the source,
-the compiler flags and this CPU's feature flags, and written atomically so concurrent replicas on
-one node can race safely.
-torch is imported first, so the kernel's OpenMP calls land in the OpenMP runtime torch already
-loaded and its threads are torch's threads.
+Built for the CPU at hand (`-march=native`); PERSIMMON_KERNEL_MARCH names another target (e.g.
+`x86-64-v3`, to test what an AVX2-only CPU runs); a compiler that rejects it gets a second try
+without -march. The library is cached under $PERSIMMON_KERNEL_CACHE (default
+~/.cache/persimmon-batch), keyed by source, flags and this CPU's features, and written
+atomically so concurrent replicas on one node can race safely. torch is imported first, so the
+kernel's OpenMP calls land in the OpenMP runtime torch loaded (its threads are torch's).
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from pathlib import Path
 
 import torch
 
@@ -55,21 +52,14 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _target_flags() -> list[list[str]]:
-    """-march choices to try in order: the one asked for (native by default), then none."""
-    march = os.environ.get("PERSIMMON_KERNEL_MARCH", "native").strip()
-    return [[f"-march={march}"], []] if march else [[]]
+    return next((shutil.which(n) for n in (os.environ.get("CC"), "gcc", "cc", "clang") if n and shutil.which(n)), None)
 
 
 def _build(cc: str) -> str:
+    """The library built for the -march asked for (native by default), else without one."""
+    march = os.environ.get("PERSIMMON_KERNEL_MARCH", "native").strip()
     last: subprocess.CalledProcessError | None = None
-    for target in _target_flags():
+    for target in ([f"-march={march}"], []) if march else ([],):
         try:
             return _build_with(cc, FLAGS + target)
         except subprocess.CalledProcessError as e:
@@ -79,9 +69,7 @@ def _build(cc: str) -> str:
 
 
 def _build_with(cc: str, flags: list[str]) -> str:
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + " ".join(flags).encode() + cc.encode() + _cpu_flags().encode()
+    key = hashlib.sha256(Path(SOURCE).read_bytes() + " ".join(flags).encode() + cc.encode() + _cpu_flags().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     cache = os.environ.get("PERSIMMON_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                        "persimmon-batch")

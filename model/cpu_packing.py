@@ -1,16 +1,15 @@
 """CPU weight packing, in place: every Linear runs through oneDNN with its weight packed once
 into oneDNN's blocked layout (1.1-1.3x faster small-batch matmuls on CPU).
 
-The packed tensor replaces the plain one, so the weights are in memory once; `state_dict()`
-unpacks on the fly, and casting or moving the model unpacks first. Used where torch says its
-oneDNN runs the dtype (`cpu_packing_unsupported`); elsewhere (bf16 without AVX-512 or
-AVX-NE-CONVERT, fp16 without AVX512-FP16, non-x86 CPUs, PERSIMMON_PACKED_LINEARS=0) the model
-keeps plain `F.linear`, with the same results. Quantized linears (model/quantization.py) are
-not `nn.Linear`s: they keep their own 8-bit matmul and are never packed.
+The packed tensor replaces the plain one (the weights are in memory once); `state_dict()`
+unpacks on the fly, casting or moving the model unpacks first. Where torch's oneDNN does not run
+the dtype (`cpu_packing_unsupported`) the model keeps plain `F.linear`, with the same results.
+Quantized linears are not `nn.Linear`s: they keep their own 8-bit matmul.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import platform
@@ -21,6 +20,7 @@ from torch import nn
 from .modeling import PersimmonMLP
 
 log = logging.getLogger(__name__)
+
 
 def _packed_forward(module, activation="none"):
     out_features = module.out_features
@@ -60,11 +60,8 @@ _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 def cpu_packing_unsupported(dtype: torch.dtype) -> str | None:
     """Why oneDNN weight packing cannot run `dtype` Linears on this CPU, or None when it can.
-
-    torch is asked, not /proc/cpuinfo: its oneDNN checks honour ONEDNN_MAX_CPU_ISA, so
-    `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` makes an AVX-512 machine behave as an
-    AVX2-only one (how CI proves the fallback). Packing is used on x86 only, where it is
-    tested; other CPUs run plain F.linear (their torch builds pick their own GEMM)."""
+    torch is asked, not /proc/cpuinfo: its checks honour ONEDNN_MAX_CPU_ISA (how CI makes an
+    AVX-512 machine behave as an AVX2-only one). x86 only, where it is tested."""
     if os.environ.get("PERSIMMON_PACKED_LINEARS", "1") == "0":
         return "turned off by PERSIMMON_PACKED_LINEARS=0"
     if platform.machine().lower() not in _X86:
@@ -81,12 +78,11 @@ def cpu_packing_unsupported(dtype: torch.dtype) -> str | None:
 
 
 def pack_cpu_linears(model, wanted: bool | None = None) -> bool:
-    """Run every Linear through oneDNN with its weight packed once, where `wanted` (None: where
-    this CPU supports it for the model's dtype; True where it does not is a ValueError saying
-    why). Returns whether it did. The MLP's ReLU is fused into its first matmul and squared in
-    place (bit-identical; saves two passes over [tokens, intermediate]). The plain weight is
-    dropped (an empty placeholder keeps the parameter's dtype and device), unless it is shared
-    with another module (tied embeddings)."""
+    """Pack every Linear where `wanted` (None: where this CPU supports the dtype; True where it
+    does not: a ValueError saying why); returns whether it did. The MLP's ReLU is fused into its
+    first matmul and squared in place (bit-identical, two passes fewer over [tokens,
+    intermediate]). The plain weight is dropped (an empty placeholder keeps its dtype and
+    device) unless another module shares it (tied embeddings)."""
     param = next(model.parameters())
     why_not = cpu_packing_unsupported(param.dtype) if param.device.type == "cpu" else "not on a CPU"
     if wanted and why_not:
@@ -95,15 +91,13 @@ def pack_cpu_linears(model, wanted: bool | None = None) -> bool:
         log.info("Linear layers run plain F.linear: %s", why_not)
     if wanted is False or why_not:
         return False
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    counts = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear) and "_packed_weight" not in module.__dict__:
                 weight = module.weight
                 module._packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
-                if counts.get(id(weight), 0) == 1:
+                if counts[id(weight)] == 1:
                     weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
                 module.forward = _packed_forward(module)
                 module._apply = _unpack_then_apply(module)

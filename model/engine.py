@@ -1,23 +1,17 @@
 """The engine: batched, KV-cached generation with continuous batching over a paged KV cache,
-plus choice scoring and classification. vLLM in miniature, each step in four parts:
+plus choice scoring and classification. vLLM in miniature; `generate` loops until every row is done:
 
-- the scheduler (model/scheduler.py, no torch) decides which rows decode, which prompts are
-  admitted and prefilled (by free KV blocks, not by slots), which row is preempted when the
-  pool runs out, and ends rows at a stop id or a length limit;
-- the model runner (model/model_runner.py) owns the weights, the KV pool and CUDA graphs and
-  runs the step as one packed forward, returning hidden states only where a token is sampled
-  or scored;
-- the sampler (model/sampling.py) turns the step's logits into tokens, all rows at once, under
-  each structured row's grammar mask (model/structured.py); rows that ask for log-probabilities
-  get them from the raw logits (model/logprobs.py), prompt tokens' from the hidden states the
-  runner returns for them;
-- the output step (model/outputs.py) ends rows at stop strings and builds the results.
+- schedule (model/scheduler.py, no torch): which rows decode, which prompts are admitted and
+  prefilled (by free KV blocks, not slots), which row is preempted when the pool runs out;
+- execute (model/model_runner.py): the step as one packed forward, hidden states returned only
+  where a token is sampled or scored;
+- sample (model/sampling.py): all rows at once, under each structured row's grammar mask
+  (model/structured.py); log-probabilities come from the raw logits (model/logprobs.py);
+- update and output (model/outputs.py): end rows at stop ids, length limits and stop strings.
 
-`generate` loops schedule -> execute -> sample -> update -> output until every row is done.
-`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. Memory: the KV pool is a
-budget (`kv_cache_gib`, or `memory_fraction` of what is free after the weights load, times
-`memory_share` when replicas share a device); `max_batch_size` only caps rows in flight and
-`max_seq_len` only caps a row's length: neither costs memory.
+`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. Memory: the KV pool is
+a budget (`kv_cache_gib`, or `memory_fraction` of what is free after the weights load, times
+`memory_share`); `max_batch_size` and `max_seq_len` are caps that cost no memory.
 """
 
 from __future__ import annotations
@@ -50,25 +44,22 @@ log = logging.getLogger(__name__)
 class Engine:
     """One Persimmon replica: model, tokenizer, KV pool, scheduler and sampler.
 
-    The engine takes the model over: it casts / moves it in place (dtype, device) and packs its
-    CPU weights. Build one engine per model; a later engine on the same model re-casts it, and
-    the earlier one then refuses to run (it says so) rather than mixing dtypes.
+    The engine takes the model over: it casts / moves it in place and packs its CPU weights.
+    Build one engine per model: a later engine on the same model re-casts it, and the earlier
+    one then refuses to run rather than mixing dtypes.
 
     Args:
         max_batch_size: most rows in flight at once (a cap, not a reservation).
         max_seq_len: most tokens (prompt + generated) per row; default max_position_embeddings.
-        prefill_token_budget: most prompt tokens computed in one forward (longer prompts are
-            prefilled in chunks across steps); bounds activation memory.
+        prefill_token_budget: most prompt tokens in one forward (longer prompts are prefilled in
+            chunks across steps); bounds activation memory.
         kv_cache_gib: size of the KV pool; None = `memory_fraction` of the device memory free
-            after the weights load, times `memory_share` (this replica's part of a shared
-            device), less activation headroom (model/capacity.py).
+            after the weights load, times `memory_share`, less activation headroom (model/capacity.py).
         kv_block_size: tokens per KV block.
         prefix_caching: share the KV blocks of identical leading tokens between rows and calls.
-        decode_mode: "dynamic" (CPU default), "static" (fixed shapes, eager) or "cuda_graph"
-            (CUDA default).
-        packed_cpu_linears: oneDNN-packed Linear weights on CPU. None (default): where this CPU
-            supports them for the dtype (model.cpu_packing.cpu_packing_unsupported), else F.linear;
-            True where unsupported is a ValueError saying why.
+        decode_mode: "dynamic" (CPU default), "static" (fixed shapes, eager) or "cuda_graph" (CUDA default).
+        packed_cpu_linears: oneDNN-packed Linear weights on CPU; None: where this CPU supports them
+            (model.cpu_packing), True where unsupported: a ValueError saying why.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 256, max_seq_len: int | None = None,
@@ -96,9 +87,9 @@ class Engine:
                                        ("max_seq_len", self.max_seq_len, 2, 1 << 24)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        for name, value, allow_none in (("kv_cache_gib", kv_cache_gib, True), ("memory_fraction", memory_fraction, False),
-                                        ("memory_share", memory_share, False)):
-            if value is None and allow_none:
+        for name, value in (("kv_cache_gib", kv_cache_gib), ("memory_fraction", memory_fraction),
+                            ("memory_share", memory_share)):
+            if value is None and name == "kv_cache_gib":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
                     or (name != "kv_cache_gib" and value > 1):
@@ -131,9 +122,8 @@ class Engine:
     def from_pretrained(cls, path, *, dtype=None, device=None, quantization: str = "none",
                         quantize_lm_head: bool = False, **kwargs) -> "Engine":
         """Load model (the class config.json names) and tokenizer from an HF-layout directory.
-        device None = CUDA when available, else CPU. `quantization` "int8" / "fp8" quantizes the
-        decoder layers' linears layer by layer while they load (and the lm_head with
-        `quantize_lm_head`; model/quantization.py). kwargs go to Engine()."""
+        device None = CUDA when available. `quantization` "int8" / "fp8" quantizes the layers'
+        linears while they load (model/quantization.py). kwargs go to Engine()."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_pretrained(path, dtype=dtype, device=device, quantization=quantization,
@@ -144,8 +134,7 @@ class Engine:
         return cls(model, tokenizer, **kwargs)
 
     def stats(self) -> dict:
-        """Sizing facts and counters since the engine was built: kv_tokens_capacity,
-        kv_tokens_peak, rows_in_flight_peak, preemptions, prefix-cache hits, ..."""
+        """Sizing facts and counters since the engine was built (KV capacity and peak, preemptions, ...)."""
         out = dict(self.runner.info())
         out["max_batch_size"], out["max_seq_len"] = self.max_batch_size, self.max_seq_len
         if self.scheduler is not None:
@@ -181,8 +170,7 @@ class Engine:
         return frozenset(ids)
 
     def _cacheable(self, prompt: list[int]) -> int:
-        """Tokens of a row whose KV blocks may be shared: all, except with dynamic NTK rope, where
-        keys past max_position_embeddings depend on the row's length."""
+        """Tokens whose KV blocks may be shared: all, but past max_position_embeddings with dynamic NTK."""
         if self.config.rope_type != "dynamic":
             return 1 << 62
         limit = self.config.max_position_embeddings
@@ -194,8 +182,8 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------
     def _run(self, on_hidden=None):
-        """Step until every queued row is done; yields rows as they finish. `on_hidden(chunks)`
-        receives each step's hidden states of scoring rows' positions, [(row, [n, C])]."""
+        """Step until every queued row is done, yielding rows as they finish; `on_hidden(chunks)`
+        gets each step's hidden states of scoring rows, [(row, [n, C])]."""
         param = next(self.model.parameters())
         if (param.dtype, param.device) != (self.runner.dtype, self.runner.device):
             self._abort()
@@ -256,20 +244,17 @@ class Engine:
 
     @staticmethod
     def _sampled_logprobs(raw: torch.Tensor, sampling: list[Sequence], tokens: list[int]) -> list | None:
-        """Per sampling row: (logprob, top ids, top logprobs) of its new token from the raw logits
-        where its params ask for them, else None; None when no row asks."""
+        """Per sampling row, its token's (logprob, top ids, top logprobs) or None; None if no row asks."""
         rows = [i for i, s in enumerate(sampling) if s.params.logprobs is not None]
         if not rows:
             return None
-        out: list = [None] * len(sampling)
         found = sampled_logprobs(raw, rows, [tokens[i] for i in rows], [sampling[i].params.logprobs for i in rows])
-        for i, record in zip(rows, found):
-            out[i] = record
-        return out
+        by_row = dict(zip(rows, found))
+        return [by_row.get(i) for i in range(len(sampling))]
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list) -> None:
-        """Record the prompt log-probabilities of this step's positions [start, stop) of each
-        row: position p's hidden state at `at + p - start` predicts prompt token p + 1."""
+        """Record the prompt log-probabilities of each row's positions [start, stop) this step:
+        position p's hidden state (at `at + p - start`) predicts prompt token p + 1."""
         index, targets, spans = [], [], []
         for seq, at, start, stop in prompt_rows:
             n = max(0, stop - start)
@@ -339,9 +324,7 @@ class Engine:
         return self.grammars
 
     def _fit_prompt(self, ids: list[int], p: SamplingParams) -> list[int]:
-        """The prompt, or with truncate='left' its last tokens: as many as leave room for
-        max_new_tokens, but never less than half of max_seq_len (a long max_new_tokens does not
-        cut the prompt to nothing)."""
+        """The prompt, or with truncate='left' its tail: room for max_new_tokens, at least max_seq_len / 2."""
         room = self.max_seq_len - 1  # at least one new token must fit
         if len(ids) <= room:
             return ids
@@ -352,9 +335,9 @@ class Engine:
         return ids[-min(keep, room):]
 
     def pin_prefix(self, prefix) -> int:
-        """Compute a prefix every later row starts with (few-shot examples, instructions) and keep
-        its full KV blocks for the engine's life: rows reuse them instead of recomputing them,
-        whatever else passes through the cache. Returns the number of tokens pinned."""
+        """Compute a prefix later rows start with (few-shot examples, instructions) and keep its
+        full KV blocks for the engine's life, whatever else passes through the cache. Returns
+        the number of tokens pinned."""
         self._require_causal("pin_prefix")
         ids = self._encode(prefix)
         if len(ids) >= self.max_seq_len:

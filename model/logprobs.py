@@ -1,11 +1,9 @@
-"""Token log-probabilities, as vLLM reports them: for a sampled token, log_softmax of the model's
-raw logits (before temperature, top-k / top-p and grammar masks) at that token, with the N most
-likely alternatives; for a prompt token, the log-probability the model gave it after the tokens
-before it.
+"""Token log-probabilities, as vLLM reports them: for a sampled token, log_softmax of the raw
+logits (before temperature, top-k / top-p and grammar masks) with the N most likely
+alternatives; for a prompt token, the log-probability the model gave it after those before it.
 
-The 262k-vocab head is the cost: log_softmax runs only on the rows asked for, LOGPROB_ROWS at a
-time, so the temporaries are [LOGPROB_ROWS, vocab] in fp32 whatever the batch, and nothing
-[rows, seq, vocab] is ever built.
+log_softmax runs only on the rows asked for, LOGPROB_ROWS at a time: the temporaries are
+[LOGPROB_ROWS, vocab] in fp32 whatever the batch, never [rows, seq, vocab].
 """
 
 from __future__ import annotations
@@ -17,9 +15,8 @@ from .capacity import LOGPROB_ROWS  # rows of [rows, vocab] fp32 log-probabiliti
 
 def sampled_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
                      top_n: list[int]) -> list[tuple[float, list[int], list[float]]]:
-    """For each row index of `logits` [B, V] (raw: nothing masked or scaled) in `rows`: (the
-    log-probability of its token in `tokens`, the ids and log-probabilities of its `top_n` most
-    likely tokens, most likely first)."""
+    """For each row of raw `logits` [B, V] in `rows`: (the log-probability of its token in `tokens`,
+    the ids and log-probabilities of its `top_n` most likely tokens)."""
     out = []
     for a in range(0, len(rows), LOGPROB_ROWS):
         chunk = rows[a:a + LOGPROB_ROWS]
@@ -35,8 +32,7 @@ def sampled_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
 
 
 def target_logprobs(lm_head, hidden: torch.Tensor, targets: list[int]) -> list[float]:
-    """log p(targets[i] | the state in hidden[i]) for hidden [M, C]: the head and log_softmax
-    on LOGPROB_ROWS positions at a time."""
+    """log p(targets[i] | hidden[i]) for hidden [M, C], LOGPROB_ROWS positions at a time."""
     out: list[float] = []
     for a in range(0, hidden.shape[0], LOGPROB_ROWS):
         lp = lm_head(hidden[a:a + LOGPROB_ROWS]).float().log_softmax(-1)  # [n, V]

@@ -1,22 +1,22 @@
 """The model runner: owns the weights, the paged KV pool, the block-table tensor and CUDA graphs,
 and runs every forward the engine makes.
 
-- `execute(step)` runs one scheduled step (model/scheduler.py): the new tokens of every row in
-  it side by side as one flat sequence (decoding rows one token each, prefill chunks, scoring
-  rows), and returns hidden states only where a token is sampled or a choice is scored, so the
-  262k-vocab head never sees [rows, tokens, vocab].
+- `execute(step)` runs one scheduled step (model/scheduler.py): the new tokens of every row side
+  by side as one flat sequence, returning hidden states only where a token is sampled or a
+  choice scored, so the 262k-vocab head never sees [rows, tokens, vocab].
 - `forward_packed(rows)` runs whole rows with no cache (classification).
-- Decode-only steps on CUDA replay CUDA graphs (`decode_mode="cuda_graph"`): batch and
-  block-table width are padded to buckets, block tables and context lengths are graph inputs,
-  padded rows read the null block and write the scratch block. `decode_mode="static"` is the
-  same fixed-shape step run eagerly (how it is tested on CPU).
+- Decode-only steps on CUDA replay CUDA graphs (`decode_mode="cuda_graph"`): batch and table
+  width padded to buckets, block tables and context lengths as graph inputs, padded rows
+  reading the null block and writing the scratch block. `"static"`: the same step run eagerly.
 - On CPUs where oneDNN runs the dtype, every Linear runs with its weight packed in place
-  (model/cpu_packing.py); quantized linears (model/quantization.py) run their own matmul.
-- The KV pool is sized once, from `kv_cache_gib` or the memory budget (model/capacity.py),
-  never from max_batch_size x max_seq_len (that product only caps it: no row could use more).
+  (model/cpu_packing.py).
+- The KV pool is sized once from `kv_cache_gib` or the memory budget (model/capacity.py), never
+  from max_batch_size x max_seq_len (that product only caps it).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -32,10 +32,7 @@ MAX_GRAPHS = 48  # captured (batch bucket, table width) pairs; beyond this, stat
 
 
 def _bucket(n: int, cap: int) -> int:
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, cap)
+    return min(1 << max(n - 1, 0).bit_length(), cap)  # the next power of two
 
 
 class ModelRunner:
@@ -118,9 +115,8 @@ class ModelRunner:
     # ---- forwards --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> torch.Tensor:
-        """Run one step. Returns hidden states [M, C], in item order: for an item with
-        `outputs_from`, one row per position from there to its last token; for an item that
-        samples, its last token's row."""
+        """Run one step: hidden states [M, C] in item order, one per position from `outputs_from`
+        to the item's end where set, else its last token's if it samples."""
         if step.fresh_blocks:
             self.kv_cache.zero_blocks(torch.tensor(step.fresh_blocks, dtype=torch.long, device=self.device))
         items = step.items
@@ -154,23 +150,19 @@ class ModelRunner:
         return hidden[torch.tensor(outputs, dtype=torch.long, device=dev)]
 
     def _rope_lens(self, items, lengths, positions) -> torch.Tensor:
-        """Dynamic NTK: the sequence length each token's rotary frequencies come from, as when
-        the row ran undisturbed: its prompt's length for prompt tokens (prefilled whole), its own
-        position + 1 for generated ones (decoded one by one). So a row recomputed after
-        preemption gets the keys it had."""
+        """Dynamic NTK: the length each token's rotary frequencies come from, as if the row ran
+        undisturbed (prompt tokens: the prompt's length; generated ones: position + 1), so a row
+        recomputed after preemption gets the keys it had."""
         prompt = torch.tensor([len(item.seq.prompt) for item in items], device=self.device)
         return torch.maximum(torch.repeat_interleave(prompt, lengths), positions + 1)
 
     @torch.inference_mode()
     def forward_packed(self, rows: list[list[int]]) -> torch.Tensor:
-        """Whole rows side by side, each attending to itself only, no cache. Returns the hidden
-        state of each row's last token [len(rows), C]."""
+        """Whole rows side by side, each attending to itself, no cache -> last tokens' hidden states [R, C]."""
         dev = self.device
         lengths = [len(r) for r in rows]
-        spans, n = [], 0
-        for length in lengths:
-            spans.append((n, n + length))
-            n += length
+        ends = list(itertools.accumulate(lengths))
+        spans = [(b - n, b) for n, b in zip(lengths, ends)]
         positions = torch.cat([torch.arange(length, device=dev) for length in lengths])
         rope_lens = None
         if self.dynamic_rope:
@@ -178,7 +170,7 @@ class ModelRunner:
         meta = AttentionMetadata(positions, fresh=spans, rope_lens=rope_lens)  # nothing cached
         ids = torch.tensor([t for r in rows for t in r], device=dev)
         hidden = self.model.model(ids, attn_metadata=meta)
-        return hidden[torch.tensor([b - 1 for _, b in spans], device=dev)]
+        return hidden[torch.tensor(ends, device=dev) - 1]
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
@@ -217,8 +209,8 @@ class ModelRunner:
         return self.model.model(ids, attn_metadata=meta, kv_cache=self.kv_cache)
 
     def _graph(self, Bb: int, nb: int):
-        """The CUDA graph of a decode step for Bb rows and block tables nb wide, captured on
-        first use. Capture writes only into the scratch block (every input row is padding)."""
+        """The CUDA graph of a decode step for Bb rows and tables nb wide, captured on first use
+        (writing only into the scratch block: every input row is padding)."""
         if (Bb, nb) in self._graphs:
             return self._graphs[(Bb, nb)]
         dev = self.device

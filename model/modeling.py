@@ -1,13 +1,10 @@
 """Persimmon in plain torch, read top to bottom: rotary, attention, MLP, block, model, heads.
 
-Parameter names are transformers' names, so HF checkpoints load by name, strictly.
-Two ways to run the stack:
-- a plain forward over padded batches (`attention_mask`), used for scoring, training and as
-  the reference the engine is tested against;
-- the engine's forward: the tokens of several sequences side by side as one flat run of N
-  tokens, described by an `AttentionMetadata` (positions, each sequence's span, block tables),
-  with keys and values in a `PagedKVCache` (model/attention.py). Prefill, prefix reuse,
-  recompute after preemption, decode and packed classification are all this one call.
+Parameter names are transformers' names, so HF checkpoints load by name, strictly. Two forwards:
+- plain, over padded batches (`attention_mask`): training, and the reference the engine is tested against;
+- the engine's: several sequences side by side as one flat run of N tokens, described by an
+  `AttentionMetadata`, keys and values in a `PagedKVCache` (model/attention.py). Prefill, prefix
+  reuse, recompute after preemption, decode and packed classification are all this one call.
 """
 
 from __future__ import annotations
@@ -22,9 +19,7 @@ from .attention import AttentionMetadata, PagedKVCache, paged_attention
 from .config import PersimmonConfig
 
 
-# ---------------------------------------------------------------------------------------------
-# Rotary embedding (GPT-NeoX convention, on the first `rotary_dim` dims of each head)
-# ---------------------------------------------------------------------------------------------
+# ---- rotary embedding (GPT-NeoX convention, on the first `rotary_dim` dims of each head) ----
 def rope_inv_freq(config: PersimmonConfig, seq_len: int, device) -> torch.Tensor:
     """Inverse frequencies [rotary_dim/2] in fp32, with linear or dynamic-NTK scaling applied."""
     dim, base = config.rotary_dim, config.rope_theta
@@ -39,11 +34,9 @@ def rope_inv_freq(config: PersimmonConfig, seq_len: int, device) -> torch.Tensor
 
 def rope_cos_sin(config: PersimmonConfig, position_ids: torch.Tensor, dtype: torch.dtype,
                  seq_lens: torch.Tensor | None = None):
-    """cos, sin [B, T, rotary_dim] for integer positions [B, T]; angles computed in fp32.
-
-    Dynamic NTK scales the frequencies by the sequence length: each row's own (its max
-    position + 1, or `seq_lens` [B, T] per token, e.g. a packed row's segment lengths), as
-    transformers does for one sequence, so a row never depends on its batch-mates."""
+    """cos, sin [B, T, rotary_dim] for integer positions [B, T]; angles in fp32. Dynamic NTK scales
+    the frequencies by each row's own length (its max position + 1, or `seq_lens` [B, T] per
+    token: a packed row's segment lengths), as transformers does for one sequence."""
     inv_freq = rope_inv_freq(config, 1, position_ids.device)  # unscaled by length
     if config.rope_type == "dynamic" and position_ids.numel():
         if seq_lens is None:
@@ -70,9 +63,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------------------------
+# ---- blocks ----------------------------------------------------------------------------------
 class PersimmonAttention(nn.Module):
     def __init__(self, config: PersimmonConfig, layer_idx: int):
         super().__init__()
@@ -181,11 +172,9 @@ class PersimmonModel(PersimmonPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None,
                 attn_metadata: AttentionMetadata | None = None, kv_cache: PagedKVCache | None = None):
-        """Plain: input_ids [B, T] -> final hidden states [B, T, C]; causal attention within each
-        row, keys masked by `attention_mask`, positions default to arange(T) as in transformers.
-
-        Engine (`attn_metadata` given): input_ids [N], the packed tokens of several sequences
-        -> hidden states [N, C]; positions, spans and the KV cache come from the metadata."""
+        """Plain: input_ids [B, T] -> final hidden states [B, T, C], keys masked by
+        `attention_mask`, positions default arange(T). Engine (`attn_metadata`): the packed
+        tokens [N] -> [N, C]; positions, spans and the KV cache come from the metadata."""
         if attn_metadata is not None:
             x = self.embed_tokens(input_ids.view(1, -1))  # [1, N, C]
             lens = attn_metadata.rope_lens[None] if attn_metadata.rope_lens is not None else None
@@ -204,9 +193,7 @@ class PersimmonModel(PersimmonPreTrainedModel):
         return self.final_layernorm(x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Heads
-# ---------------------------------------------------------------------------------------------
+# ---- heads -----------------------------------------------------------------------------------
 class PersimmonForCausalLM(PersimmonPreTrainedModel):
     def __init__(self, config: PersimmonConfig):
         super().__init__(config)
@@ -240,14 +227,8 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> tor
 def classification_loss(logits, labels, config: PersimmonConfig):
     """Loss by problem_type, inferred as transformers does when unset."""
     num_labels = config.num_labels
-    problem = config.problem_type
-    if problem is None:
-        if num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
+    problem = config.problem_type or ("regression" if num_labels == 1 else "single_label_classification"
+                                      if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
     logits = logits.float()
     if problem == "regression":
         return F.mse_loss(logits.squeeze(-1) if num_labels == 1 else logits,

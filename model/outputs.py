@@ -1,10 +1,10 @@
 """What the engine returns, and the output step that makes it.
 
-The output step runs after the scheduler has recorded a step's tokens: rows with stop strings
-are detokenized a short window per new token (as vLLM does) and ended where their text reaches
-one; a finished row becomes a `Completion`. Errors are data: every result has `error` (the
-message) and `error_kind` (one word: empty_prompt, invalid_prompt, prompt_too_long,
-invalid_choice, invalid_sampling, kv_cache_too_small, grammar_error).
+After the scheduler records a step's tokens, rows with stop strings are detokenized a short
+window per new token (as vLLM does) and ended where their text reaches one; a finished row
+becomes a `Completion`. Errors are data: every result has `error` (the message) and `error_kind`
+(empty_prompt, invalid_prompt, prompt_too_long, invalid_choice, invalid_sampling,
+kv_cache_too_small, grammar_error).
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ def error_kind(e: Exception, default: str) -> str:
 
 @dataclass
 class TokenLogprob:
-    """One token's log-probability under the model (raw: before temperature, top-k / top-p and
-    grammar masks; None for a prompt's first token, which nothing predicts), its text
-    (`PersimmonTokenizer.token_text`; "" without a tokenizer) and, for a generated token, the
-    most likely alternatives at its position (most likely first; `logprobs` of them)."""
+    """A token's raw log-probability (before temperature, top-k / top-p and grammar masks; None for
+    a prompt's first token), its text (`PersimmonTokenizer.token_text`; "" without a tokenizer) and,
+    for a generated token, the `logprobs` most likely alternatives at its position."""
     token_id: int
     token: str
     logprob: float | None
@@ -72,9 +71,8 @@ class ChoiceScores:
 
 @dataclass
 class TextScore:
-    """A text's log-likelihood (`Engine.score`): `logprob` sums the log-probabilities of the
-    `num_tokens` scored tokens; `mean_logprob` = logprob / num_tokens; `perplexity` =
-    exp(-mean_logprob)."""
+    """A text's log-likelihood (`Engine.score`) over its `num_tokens` scored tokens;
+    `mean_logprob` = logprob / num_tokens; `perplexity` = exp(-mean_logprob)."""
     logprob: float | None = None
     num_tokens: int | None = None
     mean_logprob: float | None = None
@@ -84,9 +82,9 @@ class TextScore:
 
 
 class Detokenizer:
-    """The text of a growing list of token ids, decoding a short window per new token: the text
-    of tokens[prefix:] minus the text of tokens[prefix:read] is what the new tokens added; a
-    window that ends inside a UTF-8 character (U+FFFD at the end) waits for the next token."""
+    """The text of a growing list of token ids, a short window per new token: the text of
+    tokens[prefix:] minus that of tokens[prefix:read] is what they added; a window ending inside
+    a UTF-8 character (U+FFFD at the end) waits for the next token."""
 
     def __init__(self, decode: Callable[[list[int]], str]):
         self.decode, self.text, self.prefix, self.read = decode, "", 0, 0

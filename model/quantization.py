@@ -1,22 +1,19 @@
 """Weight quantization: the decoder layers' linear weights in 8 bits, one scale per output channel.
 
-- int8 (CPU and CUDA): torchao quantizes each weight (symmetric, per output channel:
-  `Int8Tensor.from_hp`) and `Int8Linear` runs it. torchao's own int8 linear converts the whole
-  transposed weight to the activation dtype on every call (6x slower than a bf16 Linear on
-  CPU). `Int8Linear` gives the same outputs (tests/test_quantization.py) faster: on CPU, for up
-  to INT8_ROWS bf16 rows, torch's int8 weight-only matmul (`_weight_int8pack_mm`: one byte read
-  per weight, 1.6x faster than oneDNN's bf16 at one row, slower from 4 rows on an AVX512-BF16
-  CPU); otherwise (prefill, fp32 models, CUDA) the weight is dequantized a slice of rows at a
-  time and multiplied, as torchao does, never holding all of it in the activation dtype. On CPU
-  int8 saves memory; it is faster than bf16 only with a row or two in flight.
-- fp8 (CUDA GPUs of compute capability 8.9+): float8 e4m3 weights with fp32 per-channel scales,
-  dequantized slice by slice the same way. Quantized here, without torchao.
+- int8 (CPU and CUDA): torchao quantizes each weight (symmetric, per row: `Int8Tensor.from_hp`).
+  torchao's own int8 linear converts the whole transposed weight to the activation dtype on
+  every call (6x slower than a bf16 Linear on CPU); `Int8Linear` gives the same outputs faster:
+  on CPU, for up to INT8_ROWS bf16 rows, torch's `_weight_int8pack_mm` (one byte read per
+  weight, 1.6x faster than oneDNN's bf16 at one row, slower from 4 rows); otherwise the weight
+  is dequantized a slice of rows at a time and multiplied, as torchao does, never whole in the
+  activation dtype. On CPU int8 saves memory; it is faster than bf16 only with a row or two.
+- fp8 (CUDA, compute capability 8.9+): float8 e4m3 weights, fp32 per-row scales, dequantized
+  slice by slice the same way. Quantized here, without torchao.
 
-Quantized: each decoder layer's query_key_value, dense, dense_h_to_4h and dense_4h_to_h, and the
-lm_head with `quantize_lm_head` (an untied one; a classifier's score head never). Embeddings,
-norms and biases stay in the model dtype; model/capacity.py counts the same bytes. The
-checkpoint loader quantizes each linear as soon as its weight and bias are in
-(`LayerQuantizer`), so a load peaks at the quantized model plus one linear in the model dtype.
+Quantized: each layer's query_key_value, dense, dense_h_to_4h and dense_4h_to_h, and an untied
+lm_head with `quantize_lm_head`; embeddings, norms, biases and classifier heads stay in the
+model dtype (model/capacity.py counts the same bytes). The checkpoint loader quantizes each
+linear as soon as it is in (`LayerQuantizer`): a load peaks at the quantized model plus one linear.
 """
 
 from __future__ import annotations
@@ -49,9 +46,8 @@ _scratch = threading.local()
 
 
 def _cpu_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's buffer for dequantized weight slices, grown as needed (<= SLICE_BYTES).
-    Made outside inference mode: an inference tensor could not be written by a later forward
-    outside it (a user's own no_grad forward after an engine call)."""
+    """This thread's buffer for dequantized weight slices (<= SLICE_BYTES), made outside inference
+    mode: a later forward outside it (a user's no_grad forward) could not write an inference tensor."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
         with torch.inference_mode(False):
@@ -60,8 +56,7 @@ def _cpu_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _torchao_int8():
-    """torchao's Int8Tensor and PerRow, imported on first use (torchao is the optional `quant`
-    extra). Its CUDA extensions fail to load on CPU builds and say so on every import: quieted."""
+    """torchao's Int8Tensor and PerRow, on first use (the `quant` extra), its CUDA import noise quieted."""
     noisy = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
     levels = [logger.level for logger in noisy]
     for logger in noisy:
@@ -82,9 +77,7 @@ def _torchao_int8():
 
 
 def check_supported(quantization: str, device, quantize_lm_head: bool = False) -> None:
-    """Raise, before any weight is read, where `quantization` cannot run on `device`: an
-    unknown name, the lm_head without a quantization, int8 without torchao, fp8 off CUDA or on
-    a GPU older than compute 8.9."""
+    """Raise, before any weight is read, where `quantization` cannot run on `device`."""
     if quantize_lm_head and quantization == "none":
         raise ValueError("quantize_lm_head=True needs quantization='int8' or 'fp8'")
     if quantization not in QUANTIZATIONS:
@@ -103,19 +96,15 @@ def check_supported(quantization: str, device, quantize_lm_head: bool = False) -
                              f"{capability[0]}.{capability[1]}: use quantization='int8'")
 
 
-# ---------------------------------------------------------------------------------------------
-# Quantizing one weight [out, in]
-# ---------------------------------------------------------------------------------------------
+# ---- quantizing one weight [out, in] ---------------------------------------------------------
 def _row_slices(rows: int, cols: int, elements: int):
     step = max(1, elements // max(cols, 1))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [out, in], scale [out] in the weight's dtype), by torchao's per-row symmetric
-    rule; slices of rows at a time (per-row scales: slicing changes nothing), so the scratch
-    stays small even for a 262k-vocab lm_head. torchao multiplies by its fp32 scale cast to the
-    activation dtype, so keeping it in the weight's dtype loses nothing."""
+    """(int8 [out, in], scale [out] in the weight's dtype: torchao casts its fp32 scale to the
+    activation dtype anyway), by torchao's per-row rule, slices of rows at a time (small scratch)."""
     Int8Tensor, PerRow = _torchao_int8()
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
@@ -126,8 +115,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 e4m3 [out, in], fp32 scale [out]): each row scaled so its largest magnitude
-    maps to 448, e4m3's largest finite value."""
+    """(float8 e4m3 [out, in], fp32 scale [out]): each row's largest magnitude maps to FP8_MAX."""
     q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for a, b in _row_slices(*weight.shape, QUANTIZE_ELEMENTS):
@@ -137,9 +125,7 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-# ---------------------------------------------------------------------------------------------
-# The layers
-# ---------------------------------------------------------------------------------------------
+# ---- the layers ------------------------------------------------------------------------------
 class QuantizedLinear(nn.Module):
     """y = (x W^T) * scale + b, W [out, in] in 8 bits, one scale per output channel. Weight,
     scale and bias are frozen parameters, so `parameters()` counts their bytes."""
@@ -153,10 +139,6 @@ class QuantizedLinear(nn.Module):
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    @classmethod
-    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None):
-        raise NotImplementedError
-
     def weight_8bit(self) -> torch.Tensor:
         return self.weight
 
@@ -168,9 +150,6 @@ class QuantizedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.dequantized_matmul(x2)
-
-    def dequantized_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x W^T * scale with W dequantized to x's dtype a slice of rows at a time: the order of
         operations of torchao's weight-only linear, without a full-precision copy of W."""
         w, N = self.weight_8bit(), self.out_features
@@ -214,7 +193,7 @@ class Int8Linear(QuantizedLinear):
             if x2.data_ptr() % 64:
                 x2 = x2.clone()  # a few rows; fresh CPU tensors are 64-byte aligned
             return torch._weight_int8pack_mm(x2, self.weight, self.scale)
-        return self.dequantized_matmul(x2)
+        return super().matmul(x2)
 
 
 class Float8Linear(QuantizedLinear):
@@ -235,12 +214,10 @@ class Float8Linear(QuantizedLinear):
 LAYERS = {cls.kind: cls for cls in (Int8Linear, Float8Linear)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Which linears, and quantizing a model
-# ---------------------------------------------------------------------------------------------
+# ---- which linears, and quantizing a model ---------------------------------------------------
 def linears_to_quantize(model: nn.Module, quantize_lm_head: bool = False) -> list[str]:
-    """Names of the modules `quantization` turns into 8 bits (module docstring). A tied lm_head
-    is the embedding: it stays (with a warning), as capacity.weights_bytes counts it."""
+    """Names of the modules quantization turns into 8 bits; a tied lm_head (the embedding) stays,
+    with a warning, as capacity.weights_bytes counts it."""
     names = [f"{prefix}.{leaf}" if prefix else leaf
              for prefix, layer in model.named_modules() if isinstance(layer, PersimmonDecoderLayer)
              for leaf in ("self_attn.query_key_value", "self_attn.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")]
@@ -278,10 +255,9 @@ def quantization_of(model: nn.Module) -> tuple[str, bool]:
 
 
 class LayerQuantizer:
-    """Quantizes linears while a checkpoint streams in. After each tensor lands in `state`,
-    `take(name, state)`: once a quantized linear's weight (and bias, if it has one) are both
-    there, they leave `state` and become its 8-bit module. `install(model)` puts the modules
-    in place of the meta-device Linears."""
+    """Quantizes linears while a checkpoint streams in: `take(name, state)` after each tensor lands
+    in `state` turns a linear whose weight (and bias) are all there into its 8-bit module;
+    `install(model)` puts the modules in place of the meta-device Linears."""
 
     def __init__(self, model: nn.Module, quantization: str, quantize_lm_head: bool, device):
         check_supported(quantization, device, quantize_lm_head)

@@ -1,30 +1,22 @@
 """Roofline time of a batch job on a GPU, from the config and the GPU's datasheet alone: a lower
-bound on what the hardware allows, not a measurement. `persimmon-batch plan --gpu` turns it into
-hours and dollars (pipeline/cost.py); a GPU benchmark's measured decode steps can scale it
-(`Calibration`).
+bound, not a measurement. `persimmon-batch plan --gpu` turns it into hours and dollars
+(pipeline/cost.py); a GPU benchmark's measured decode steps can scale it (`Calibration`).
 
-    prefill   2 x matmul params x tokens FLOPs / (peak dense FLOP/s x EFFICIENCY)
-              the prompt's tokens go through the layers; the head runs on each row's last
-              position (and on every scored choice token of a label job, on every prompt
-              position of a score job or of prompt log-probabilities)
-    decode    steps = rows x new tokens / rows in flight; each step takes the longer of
-              reading (weights + the rows' KV cache) / memory bandwidth and
-              2 x matmul params x rows in flight FLOPs / (peak x EFFICIENCY)
+    prefill   2 x matmul params x tokens FLOPs / (peak dense FLOP/s x EFFICIENCY); the head runs
+              on each row's last position (and on every scored choice token of a label job,
+              every prompt position of a score job or of prompt log-probabilities)
+    decode    steps = rows x new tokens / rows in flight; each step takes the longer of reading
+              (weights + the rows' KV cache) / bandwidth and 2 x matmul params x rows FLOPs / (peak x EFFICIENCY)
 
-"Matmul params" leave out the input embedding: a token's embedding is a row gathered, not a
-matmul. So a decode step reads all weights but the embedding: 15.5 GiB (16.6 GB) of
-Persimmon-8B's 17.5 GiB in bf16, ~5 ms on an H100. The KV cache read per step is each row's
-average context (its prompt + half its new tokens). Not counted: attention's own FLOPs (4 x
-context x hidden x layers per token, ~2% of 16.6 GFLOP at 500 tokens of context), sampling,
-the scheduler, the CPU side of Ray Data, replicas starting.
+"Matmul params" leave out the input embedding (a gathered row, not a matmul): a decode step
+reads 15.5 GiB of Persimmon-8B's 17.5 GiB in bf16, ~5 ms on an H100. The KV read per step is
+each row's average context (prompt + half its new tokens). Not counted: attention's own FLOPs
+(~2% at 500 tokens of context), sampling, the scheduler, Ray Data's CPU side, replica start-up.
 
-Quantized weights (int8, fp8) are costed as this engine runs them on a GPU, not as a fused
-kernel would: `QuantizedLinear` dequantizes each weight slice (64 MiB, larger than L2) into the
-activation dtype in device memory and then multiplies, so a quantized weight moves 1 byte read +
-`it` written + `it` read back (5 bytes in bf16 against 2 unquantized), multiplied at the 16-bit
-peak. On a GPU, int8 buys KV room (rows in flight), not bandwidth; a fused int8 kernel would
-read 1 byte. A GPU benchmark's quantized decode steps (gpu_bench --quantization) will say how
-far this is from the truth.
+Quantized weights are costed as this engine runs them on a GPU, not as a fused kernel would:
+`QuantizedLinear` dequantizes each 64 MiB weight slice (larger than L2) into the activation dtype
+in device memory, then multiplies, so a quantized weight moves 1 byte read + `it` written + `it`
+read back (5 bytes in bf16 against 2), at the 16-bit peak: on a GPU int8 buys KV room, not bandwidth.
 """
 
 from __future__ import annotations
@@ -78,9 +70,8 @@ assert set(GPU_SPECS) == set(GPU_MEMORY_GIB)
 
 
 def matmul_params(config, head: str = "causal") -> tuple[int, int]:
-    """(body, head): parameters every token multiplies through (all but the embedding and the
-    head: the layers and the final norm, whose few non-matmul parameters are counted as if), and
-    the head's (the lm_head, or a classifier's score)."""
+    """(body, head): the parameters every token multiplies through (the layers and final norm,
+    non-matmul ones counted as if), and the head's (lm_head, or a classifier's score)."""
     embedding = config.vocab_size * config.hidden_size
     head_params = embedding if head == "causal" else config.hidden_size * config.num_labels
     return param_count(config, "none") - embedding, head_params
@@ -88,10 +79,9 @@ def matmul_params(config, head: str = "causal") -> tuple[int, int]:
 
 def step_weights_bytes(config, dtype, head: str = "causal", quantization: str = "none",
                        quantize_lm_head: bool = False, with_head: bool = True) -> int:
-    """Bytes of weight traffic in one decode step: every weight but the input embedding, read
-    once (with tied embeddings the lm_head reads that matrix whole), plus each quantized weight's
-    dequantized copy, written and read back (module doc); without the head when `with_head` is
-    False (a benchmark's step that times the layers only)."""
+    """Bytes of weight traffic in one decode step: every weight but the input embedding read once
+    (a tied lm_head reads that matrix whole), plus each quantized weight's dequantized copy
+    written and read back; without the head (`with_head` False) as a layers-only benchmark."""
     it = dtype_bytes(dtype)
     embedding = config.vocab_size * config.hidden_size * it  # gathered, never read whole; never quantized
     if with_head:
@@ -107,8 +97,7 @@ def step_weights_bytes(config, dtype, head: str = "causal", quantization: str = 
 
 @dataclass
 class Step:
-    """One decode step of `rows` rows: what it reads and computes, and the time the longer of
-    the two takes."""
+    """One decode step: what it reads and computes, and the time the longer of the two takes."""
     bytes: int
     flops: int
     seconds: float
@@ -180,16 +169,15 @@ DEVICE_NAMES = (("H200", "H200"), ("H100 80GB HBM3", "H100-80GB"), ("H100-SXM", 
 
 
 def gpu_of_device(name: str) -> str | None:
-    """Our GPU name for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100-80GB"), None for
-    one the table does not hold (a PCIe H100 or A100 has other bandwidth)."""
+    """Our GPU name for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100-80GB"), else None."""
     return next((gpu for pattern, gpu in DEVICE_NAMES if pattern in name), None)
 
 
 @dataclass
 class Calibration:
-    """Decode steps a benchmark measured on one GPU, beside their roofline: bench/gpu_bench.py's
-    gpu_bench.json (a Persimmon-width model of a few layers, random bf16 weights; each result's
-    `decode_step_ms` times the layers' forward for `batch` rows of ~prompt_len[1] tokens)."""
+    """Decode steps bench/gpu_bench.py measured on one GPU (gpu_bench.json: a Persimmon-width
+    model of a few layers; `decode_step_ms` times the layers for `batch` rows of ~prompt_len[1]
+    tokens), beside their roofline."""
     source: str
     gpu: str
     device: str
@@ -197,8 +185,7 @@ class Calibration:
     points: list  # [(rows, measured seconds, roofline seconds)]
 
     def factor(self, rows_in_flight: int) -> tuple[float, int]:
-        """(roofline / measured step time, the benchmark's rows it comes from): at the measured
-        batch nearest `rows_in_flight` (by ratio)."""
+        """(roofline / measured step time, its rows) at the measured batch nearest `rows_in_flight` (by ratio)."""
         rows, measured, modelled = min(self.points, key=lambda p: abs(math.log(p[0] / max(rows_in_flight, 1))))
         return modelled / measured, rows
 
@@ -243,31 +230,23 @@ def _check_bench(path: str, bench: dict) -> None:
     def positive_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
-    def positive(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    def check(field: str, value, valid, want: str) -> None:
+        if not valid(value):
+            raise ValueError(f"calibration {path}: {field} must be {want}, got {value!r:.60}")
 
-    def bad(field: str, want: str, value) -> ValueError:
-        return ValueError(f"calibration {path}: {field} must be {want}, got {value!r:.60}")
-
-    if not isinstance(bench["device"], str):
-        raise bad("device", "a CUDA device name", bench["device"])
-    if bench["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise bad("dtype", "float32, bfloat16 or float16", bench["dtype"])
-    if not positive_int(bench["layers"]):
-        raise bad("layers", "a positive integer", bench["layers"])
-    if not isinstance(bench["params_b"], (int, float)) or isinstance(bench["params_b"], bool):
-        raise bad("params_b", "a number", bench["params_b"])
-    plen = bench["prompt_len"]
-    if not (isinstance(plen, list) and len(plen) == 2 and all(positive_int(v) for v in plen)):
-        raise bad("prompt_len", "[shortest, longest] prompt tokens", plen)
-    if not isinstance(bench["results"], list):
-        raise bad("results", "a list", bench["results"])
+    for field, valid, want in (
+            ("device", lambda v: isinstance(v, str), "a CUDA device name"),
+            ("dtype", lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+            ("layers", positive_int, "a positive integer"),
+            ("params_b", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+            ("prompt_len", lambda v: isinstance(v, list) and len(v) == 2 and all(map(positive_int, v)),
+             "[shortest, longest] prompt tokens"),
+            ("results", lambda v: isinstance(v, list), "a list")):
+        check(field, bench[field], valid, want)
     for k, result in enumerate(bench["results"]):
-        if not isinstance(result, dict):
-            raise bad(f"results[{k}]", "an object", result)
-        if not result.get("decode_step_ms"):  # no decode step timed at this batch
-            continue
-        if not positive_int(result.get("batch")):
-            raise bad(f"results[{k}].batch", "a positive integer (rows per decode step)", result.get("batch"))
-        if not positive(result["decode_step_ms"]):
-            raise bad(f"results[{k}].decode_step_ms", "a number > 0", result["decode_step_ms"])
+        check(f"results[{k}]", result, lambda v: isinstance(v, dict), "an object")
+        if result.get("decode_step_ms"):  # else no decode step was timed at this batch
+            check(f"results[{k}].batch", result.get("batch"), positive_int, "a positive integer (rows per decode step)")
+            check(f"results[{k}].decode_step_ms", result["decode_step_ms"],
+                  lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                  "a number > 0")

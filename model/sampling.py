@@ -1,11 +1,9 @@
 """The batched sampler: temperature 0 is greedy; top-k / top-p per row (model/sampling_params.py).
 
-One sampler call handles every row of a step at once (per-row temperature, top-k and top-p as
-tensors). Randomness is counter-based: a sampled row's n-th token uses one uniform number
-derived from (its seed, n) and inverse-CDF sampling over its filtered distribution. A seeded
-row therefore draws the same tokens whatever rows share its batch, whichever table row it
-holds, and whether or not it was preempted and recomputed on the way; no generator state
-travels with it.
+One call handles every row of a step. Randomness is counter-based: a row's n-th token uses one
+uniform number derived from (its seed, n) and inverse-CDF sampling over its filtered
+distribution, so a seeded row draws the same tokens whatever its batch-mates, its table row, or
+a preemption on the way; no generator state travels with it.
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ def uniform(seed: int, step: int) -> float:
 
 
 def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
-    """Mask logits [B, V] (or [V]) outside each row's top-k and top-p nucleus with -inf.
-    top_k, top_p: one value for all rows or one per row; 0 and 1.0 turn them off."""
+    """Mask logits [B, V] (or [V]) outside each row's top-k and top-p nucleus with -inf; top_k,
+    top_p: one value or one per row (0 and 1.0: off)."""
     squeeze = logits.dim() == 1
     if squeeze:
         logits = logits[None]
@@ -54,8 +52,7 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
 
 
 class Sampler:
-    """logits [B, V] + each row's params, seed and step -> one token per row. Log-probabilities
-    come from the raw logits, not from here (model/logprobs.py)."""
+    """logits [B, V] + each row's params, seed and step -> one token per row."""
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
                  steps: list[int]) -> list[int]:

@@ -1,9 +1,7 @@
-"""A row's sampling settings, checked here and nowhere else. No torch: the scheduler and the
-pipeline's settings read it.
-
-Every field's rule is one entry of `RULES`; `SamplingParams.check(name, value)` applies one
-(the pipeline's per-row columns and run settings use it), and building a SamplingParams applies
-them all plus the rules between fields. Adding a setting: a field, its rule, its use.
+"""A row's sampling settings, checked here and nowhere else (no torch: the scheduler and the
+pipeline's settings read it). Every field's rule is one entry of `RULES`;
+`SamplingParams.check(name, value)` applies one (the pipeline's per-row columns use it), building
+a SamplingParams all of them plus the rules between fields.
 """
 
 from __future__ import annotations
@@ -76,8 +74,7 @@ class SamplingParams:
 
     @staticmethod
     def check(name: str, value):
-        """`value` as field `name` holds it (a stop string becomes a list, empty ones dropped),
-        or ValueError('SamplingParams.<name> must be ..., got ...')."""
+        """`value` as field `name` holds it (stop: a list, empties dropped), or ValueError saying why."""
         if name == "stop" and isinstance(value, str):
             value = [value]
         if name in ("stop", "stop_token_ids", "choice") and isinstance(value, (tuple, set, frozenset)):

@@ -1,27 +1,24 @@
 """The scheduler: which rows run in the next forward, and where their KV cache lives. No torch.
 
-vLLM in miniature, the deciding part: the model runner computes (model/model_runner.py) and the
-sampler picks tokens (model/sampling.py). Everything here is plain Python, unit-tested with a
-fake runner (tests/test_scheduler.py).
+vLLM in miniature, the deciding part: the model runner computes (model/model_runner.py), the
+sampler picks tokens (model/sampling.py); plain Python, tested with a fake runner.
 
-- `BlockManager`: the KV pool as fixed-size blocks. A free list, a reference count per block,
-  and a prefix cache: a full block is known by a hash chained over every token up to its end,
-  so rows (in one call or across calls) whose tokens start the same share those blocks by
-  reference. Blocks nobody references stay cached and are evicted least recently used when
-  the free list runs dry. Block 0 (null: the padding of block tables) and block 1 (scratch:
-  where padded rows of a fixed-shape decode write) are never handed out.
-- `Sequence`: one row: prompt, output so far, how many of its tokens have keys in the cache
-  (`num_computed`), its blocks, its row in the runner's block table.
-- `Scheduler`: waiting and running queues. Each `schedule()` grows the running rows by the one
-  block their next token may need, preempting the most recently admitted row when the pool is
-  out (its blocks are freed, it goes back to the front of the queue and is recomputed later from
-  its prompt and output so far), then admits waiting rows while their prompt's blocks (plus one
-  token of headroom) are free, rows in flight < max_rows and the step's prefill token budget
-  lasts. Long prompts are prefilled in chunks across steps. Rows whose tokens start with a block
-  that another row admitted in the same step is about to compute wait one step, then reuse it.
-  `update()` appends the sampled tokens and ends rows at a stop id or a length limit;
-  `finish()` ends a row for a reason found after it (stop strings, grammars: the engine's
-  output step). Text never comes here.
+- `BlockManager`: the KV pool as fixed-size blocks: a free list, a reference count per block
+  and a prefix cache. A full block is known by a hash chained over every token up to its end, so
+  rows (in one call or across calls) that start alike share those blocks by reference.
+  Unreferenced blocks stay cached and are evicted least recently used when the free list runs
+  dry. Block 0 (null: block-table padding) and block 1 (scratch: where padded rows of a
+  fixed-shape decode write) are never handed out.
+- `Sequence`: one row: prompt, output so far, `num_computed` tokens with keys in the cache,
+  its blocks, its row in the runner's block table.
+- `Scheduler`: each `schedule()` grows the running rows by the block their next token may
+  need, preempting the most recently admitted row when the pool is out (its blocks freed, it
+  is recomputed later from prompt and output so far), then admits waiting rows while their
+  blocks (plus one token of headroom) are free, rows < max_rows and the step's prefill token
+  budget lasts. Long prompts are prefilled in chunks. A row whose first uncached block another
+  row admitted this step is computing waits one step, then shares it. `update()` appends
+  sampled tokens and ends rows at a stop id or length limit; `finish()` ends a row for a reason
+  found later (stop strings, grammars). Text never comes here.
 """
 
 from __future__ import annotations
@@ -104,8 +101,7 @@ class BlockManager:
                     self.free.append(block)
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
-        """Blocks of the longest cached run of `hashes` (a row's leading full blocks), each
-        with a reference taken."""
+        """Blocks of the longest cached run of `hashes`, each with a reference taken."""
         blocks = []
         for h in hashes:
             block = self.cached.get(h)
@@ -128,16 +124,11 @@ class BlockManager:
             self.cached[h] = block
             self.hash_of[block] = h
 
-    def take_fresh(self) -> list[int]:
-        fresh, self.fresh = self.fresh, []
-        return fresh
-
 
 @dataclass(eq=False)
 class Sequence:
-    """One row's state. `prompt` is what it was given; `output` what was sampled so far (the last
-    output token's keys are computed only when it is fed back). A scoring row (`score_from` set)
-    samples nothing: the runner returns hidden states from position `score_from` on."""
+    """One row's state. The last output token's keys are computed only when it is fed back. A
+    scoring row (`score_from` set) samples nothing: it gets hidden states from `score_from` on."""
     index: int
     prompt: list[int]
     params: SamplingParams | None = None  # None for scoring rows
@@ -185,9 +176,8 @@ class Sequence:
     @property
     def hidden_from(self) -> int | None:
         """The first position whose hidden state a step returns besides the sampled one (None:
-        only that): a scoring row's score_from; for a row asking for prompt log-probabilities,
-        the position that predicts its first prompt token without one yet. Blocks before it may
-        come from the prefix cache, none after: cached tokens have no hidden state."""
+        only that): score_from, or the next prompt position without a log-probability. Blocks
+        after it never come from the prefix cache: cached tokens have no hidden state."""
         if self.score_from is not None:
             return self.score_from
         if self.params is not None and self.params.prompt_logprobs and len(self.prompt_logprobs) < len(self.prompt) - 1:
@@ -244,8 +234,7 @@ class Scheduler:
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> bool:
-        """Queue a row. False (and the row finished with an error) if even the empty pool could
-        not hold it to its end."""
+        """Queue a row; False (the row finished with an error) if even the empty pool cannot hold it."""
         longest = seq.num_tokens if seq.params is None else min(
             len(seq.prompt) + seq.params.max_new_tokens, self.max_seq_len)
         need = cdiv(longest, self.bs)
@@ -267,7 +256,7 @@ class Scheduler:
         step = ScheduledStep(items=[], preempted=[])
         self._grow_decoding(step)
         self._schedule_prefill(step)
-        step.fresh_blocks = self.blocks.take_fresh()
+        step.fresh_blocks, self.blocks.fresh = self.blocks.fresh, []
         if step.preempted:  # admitted too much: hold back more until finished rows say otherwise
             self.growth_ratio = min(1.0, self.growth_ratio + GROWTH_PER_PREEMPTION * len(step.preempted))
         self.steps += 1
@@ -275,9 +264,8 @@ class Scheduler:
         return step
 
     def _grow_decoding(self, step: ScheduledStep) -> None:
-        """Each decoding row feeds its newest token: make sure a block holds its position,
-        preempting the most recently admitted rows when the pool is out (oldest rows first, so
-        the oldest always progresses)."""
+        """Give each decoding row's newest token a block, preempting the most recently admitted
+        rows when the pool is out (oldest rows first, so the oldest always progresses)."""
         for seq in list(self.running):
             if seq.row < 0 or not seq.prefilled:
                 continue  # preempted in this loop, or still prefilling
@@ -295,8 +283,7 @@ class Scheduler:
                 step.items.append(StepItem(seq, seq.num_tokens - 1, 1, True, None, decode=True))
 
     def _growth_blocks(self, seq: Sequence) -> int:
-        """Blocks a running row is expected to still need: `growth_ratio` of its remaining
-        new tokens (scoring rows need none)."""
+        """Blocks a running row is expected to still need: `growth_ratio` of its remaining new tokens."""
         if seq.params is None or not self.reserve_growth:
             return 0
         remaining = min(seq.params.max_new_tokens - len(seq.output), self.max_seq_len - seq.num_tokens)
@@ -385,10 +372,9 @@ class Scheduler:
 
     # ---- after the forward -----------------------------------------------------------------
     def update(self, step: ScheduledStep, sampled: list[int], logprobs: list | None = None) -> list[Sequence]:
-        """Record the step: tokens sampled for the items with `sample` (in order), and for rows
-        asking for them their log-probabilities (`logprobs`, aligned, None elsewhere). Returns the rows
-        that finished by a stop id or a length limit (their blocks and table rows are released);
-        stop strings and grammars are the caller's (`finish`)."""
+        """Record the step: the tokens sampled for the items with `sample` (in order) and their
+        `logprobs` (aligned, None where not asked). Returns the rows ended by a stop id or a length
+        limit (blocks and table rows released); stop strings and grammars are `finish`'s."""
         finished = []
         k = 0
         for item in step.items:
@@ -418,8 +404,8 @@ class Scheduler:
         return finished
 
     def finish(self, seq: Sequence, reason: str) -> bool:
-        """End a row ("stop" | "length" | "error"), releasing its blocks and table row; a row
-        already finished takes the later reason. True if it was still unfinished."""
+        """End a row ("stop" | "length" | "error"), releasing its blocks and table row (a finished
+        row takes the later reason). True if it was still unfinished."""
         first = seq.finish_reason is None
         if first and seq.params is not None and reason in ("stop", "length"):
             self._learn_growth(seq)
@@ -448,13 +434,11 @@ class Scheduler:
         weight = max(GROWTH_MIN_WEIGHT, 1.0 / (self._observed + 1))  # the prior counts as one row
         self.growth_ratio += weight * (min(1.0, len(seq.output) / allowed) - self.growth_ratio)
 
-    def abort_all(self) -> list[Sequence]:
+    def abort_all(self) -> None:
         """Drop every queued and running row (after an exception): their blocks are released."""
-        dropped = list(self.running) + list(self.waiting)
         for seq in list(self.running):
             self.finish(seq, "error")
         self.waiting.clear()
-        return dropped
 
     def stats(self) -> dict:
         b = self.blocks

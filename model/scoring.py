@@ -1,17 +1,12 @@
-"""The engine's forwards that sample nothing: zero-shot labeling by choice scores, text
-log-likelihoods, and classification. Each function here is an `Engine` method (model/engine.py
-binds it), so `self` is the engine.
+"""The engine's forwards that sample nothing; each function is an `Engine` method (`self` is the engine).
 
 - `score_choices`: each (prompt, choice) pair is one scoring row through the scheduler, computed
-  up to the choice's last token but one, the LM head applied only where a choice token is
-  predicted; the rows of a prompt share its full KV blocks through the prefix cache.
-- `score`: each text (or each window of a text longer than the context) is one scoring row of
-  the same kind; rows that start alike (a shared `score_after` prefix) share KV blocks.
+  up to the choice's last token but one; a prompt's rows share its KV blocks (prefix cache).
+- `score`: each text (or window of a long text) is one scoring row of the same kind.
 - `classify`: whole rows packed side by side with no cache, the head on each row's last token.
 
-Both scorers go through `_run_scoring`: the head runs on a chunk of positions at a time
-([chunk, vocab] logits, never [rows, positions, vocab]) and only the log-probability of each
-position's target token is kept.
+Both scorers go through `_run_scoring`: the head runs on a chunk of positions at a time (never
+[rows, positions, vocab] logits) and only each position's target log-probability is kept.
 """
 
 from __future__ import annotations
@@ -29,9 +24,7 @@ LOGITS_ROWS = 64  # rows of scoring logits [rows, vocab] computed at once (at le
 
 
 def _add_target(self, rows: dict, tokens: list[int], score_from: int, target: tuple) -> None:
-    """Queue `target` = (owner, k, its tokens) on the scoring row that feeds `tokens` and is
-    scored from position `score_from` (position score_from predicts target token 0). Rows with
-    the same tokens and start are one row: computed once, however many targets read it."""
+    """Queue (owner, k, tokens) on the row feeding `tokens`; `score_from` predicts the target's first token."""
     key = (tuple(tokens), score_from)
     if key not in rows:
         rows[key] = Sequence(len(rows), list(tokens), score_from=score_from,
@@ -40,9 +33,8 @@ def _add_target(self, rows: dict, tokens: list[int], score_from: int, target: tu
 
 
 def _run_scoring(self, rows: dict) -> tuple[dict, dict]:
-    """Run the scoring rows through the scheduler to their end. Returns ({(owner, k): sum of the
-    log-probabilities of its target tokens}, {owner: a row of it that could not be queued, with
-    its error}); an owner with a failed row is not summed."""
+    """Run the scoring rows to their end: ({(owner, k): summed target log-probabilities},
+    {owner: its row that could not be queued, with the error}); failed owners are not summed."""
     sums: dict = defaultdict(float)
     failed: dict = {}
     for seq in rows.values():
@@ -91,13 +83,11 @@ def score_choices(self, prompts, choices: list, *, normalize: str = "sum", separ
                   add_bos: bool = True) -> list[ChoiceScores]:
     """Log-likelihood of each choice as the continuation of each prompt.
 
-    Continuation tokens are found as lm-evaluation-harness does: the tokens of
-    `prompt + separator + choice` after the prompt's own tokens (sentencepiece merges across
-    the boundary, and encoding a choice alone would add a dummy-prefix space); whitespace at
-    the end of the prompt moves into the continuation. The model sees the prompt's tokens,
-    then those. Token-id prompts and choices are used as they are (no separator).
-    normalize: "sum" (total log-likelihood) or "mean" (divided by the choice's token count,
-    so long labels are not penalised for their length). Identical rows are computed once."""
+    Continuation tokens as lm-evaluation-harness finds them: the tokens of `prompt + separator +
+    choice` after the prompt's own tokens (sentencepiece merges across the boundary; a choice
+    encoded alone would get a dummy-prefix space); the prompt's trailing whitespace moves into
+    the continuation. Token-id prompts and choices are used as they are (no separator).
+    normalize: "sum", or "mean" (per choice token, so long labels are not penalised)."""
     self._require_causal("score_choices")
     if normalize not in ("sum", "mean"):
         raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
@@ -137,14 +127,10 @@ def score_choices(self, prompts, choices: list, *, normalize: str = "sum", separ
 
 def _continuations(self, prompt, choices, separator: str, add_bos: bool):
     """(context tokens, [continuation tokens per choice]) for one prompt (see score_choices)."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise RowError("empty_prompt", "empty prompt")
-        stripped = prompt.rstrip()
-        tail = prompt[len(stripped):]  # trailing whitespace belongs to the continuation
-        context = self._encode(stripped, add_bos=add_bos)
-    else:
-        context, stripped, tail = self._encode(prompt, add_bos=add_bos), None, ""
+    if isinstance(prompt, str) and not prompt.strip():
+        raise RowError("empty_prompt", "empty prompt")
+    # a text prompt's trailing whitespace belongs to the continuation
+    context = self._encode(prompt.rstrip() if isinstance(prompt, str) else prompt, add_bos=add_bos)
     continuations = []
     for c in choices:
         if not isinstance(c, str):
@@ -152,10 +138,10 @@ def _continuations(self, prompt, choices, separator: str, add_bos: bool):
             bad = [t for t in cont if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
             if bad:
                 raise RowError("invalid_choice", f"choice {c!r}: token ids outside the vocabulary: {bad[:5]}")
-        elif stripped is None:
+        elif not isinstance(prompt, str):
             raise RowError("invalid_prompt", "text choices need text prompts (the continuation is found in the text)")
         else:  # as lm-evaluation-harness: what the whole text has beyond the prompt's token count
-            cont = self.tokenizer.encode(stripped + tail + separator + c, add_bos=add_bos)[len(context):]
+            cont = self.tokenizer.encode(prompt + separator + c, add_bos=add_bos)[len(context):]
         if not cont:
             raise RowError("invalid_choice", f"choice {c!r} adds no tokens after the prompt")
         continuations.append(cont)
@@ -167,32 +153,22 @@ def score(self, texts, *, score_after=None, add_bos: bool = True, rolling: bool 
           stride: int | None = None) -> list[TextScore]:
     """Log-likelihood of each text under the causal LM (perplexity filtering).
 
-    What is scored: the text's tokens, BOS first (`add_bos`). Every token after BOS is scored:
-    the first given BOS alone, each next one given every token before it, so `logprob` =
-    sum_j log p(t_j | BOS, t_1 .. t_j-1) over the text's `num_tokens` tokens (BOS is not
-    counted); `mean_logprob` = logprob / num_tokens and `perplexity` = exp(-mean_logprob), as
-    transformers' `loss` on the same ids gives (loss = -mean_logprob). Without BOS the first
-    token has no context and is not scored.
+    Every token after BOS (`add_bos`) is scored given all tokens before it: `logprob` = sum_j
+    log p(t_j | BOS, t_1 .. t_j-1) over `num_tokens` tokens, `mean_logprob` = logprob /
+    num_tokens, `perplexity` = exp(-mean_logprob), as transformers' `loss` (= -mean_logprob) on
+    the same ids. Without BOS the first token has no context and is not scored.
 
-    score_after: a prefix (a string for every text, or one per text, None or blank = none).
-    The model reads the prefix, then the text, and only the tokens the text adds are scored:
-    log p(text | prefix), the prefix's tokens being context. They are found as
-    lm-evaluation-harness finds a continuation: the tokens of `prefix + text` after the
-    prefix's own tokens (whitespace at the end of the prefix moves to the text); no separator
-    is added. Rows sharing a prefix share its KV blocks.
+    score_after: a prefix (one for all texts or one per text; None or blank = none) read as
+    context: only the tokens the text adds are scored, log p(text | prefix), found as
+    lm-evaluation-harness finds a continuation (the prefix's trailing whitespace moves to the
+    text; no separator). Rows sharing a prefix share its KV blocks.
 
-    Texts longer than the context (W = max_seq_len positions) are scored in rolling windows
-    when `rolling`, as lm-evaluation-harness's loglikelihood_rolling does: the first window is
-    the first W tokens (BOS included) and scores every token it predicts; each next window
-    holds the W tokens before the end of the next `stride` tokens and scores those only (a
-    window starts at position 0, without BOS). So every token is scored exactly once, each with
-    at least W - stride tokens of left context (the tokens of the first window with all of
-    theirs). `stride` defaults to W // 2; stride = W is lm-evaluation-harness's default (no
-    overlap). Without `rolling` such a text is the row's `prompt_too_long` error.
-
-    Bad rows (empty text, a text that adds no tokens after its prefix, too long without
-    rolling, more than the whole KV pool) get `error` and `error_kind`; neighbours are
-    unaffected. Never builds [rows, positions, vocab] logits."""
+    Texts longer than W = max_seq_len are scored in rolling windows when `rolling`, as
+    lm-evaluation-harness's loglikelihood_rolling: the first window is the first W tokens and
+    scores all it predicts; each next one holds the W tokens up to the end of the next `stride`
+    tokens and scores those only. Every token is scored once, with at least W - stride tokens of
+    context. `stride` defaults to W // 2 (W: the harness's default, no overlap). Without
+    `rolling` such a text is a `prompt_too_long` row error; bad rows never affect neighbours."""
     self._require_causal("score")
     window = self.max_seq_len
     stride = window // 2 if stride is None else stride
@@ -244,8 +220,7 @@ def _scored_tokens(self, text, prefix, add_bos: bool) -> tuple[list[int], int]:
     if isinstance(prefix, str):  # as _continuations: what prefix + text adds after the prefix's tokens
         if not isinstance(text, str):
             raise RowError("invalid_prompt", "a text score_after needs a text (the continuation is found in the text)")
-        stripped = prefix.rstrip()
-        context = self._encode(stripped, add_bos=add_bos)
+        context = self._encode(prefix.rstrip(), add_bos=add_bos)
         cont = self.tokenizer.encode(prefix + text, add_bos=add_bos)[len(context):]
     else:
         context, cont = self._encode(prefix, add_bos=add_bos), self._encode(text, add_bos=False)
@@ -255,10 +230,7 @@ def _scored_tokens(self, text, prefix, add_bos: bool) -> tuple[list[int], int]:
 
 
 def rolling_windows(num_tokens: int, first: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """The windows that score tokens[first:] of a row of `num_tokens` tokens (see `score`):
-    (a, e, done) = feed tokens[a:e] (at most `window` of them), score tokens done+1 .. e. The
-    first window starts at 0 when its first scored token fits it; each next one scores the next
-    `stride` tokens and ends at the last of them."""
+    """Windows (a, e, done) scoring tokens[first:]: feed tokens[a:e] (<= `window`), score done+1 .. e."""
     last, done, out = num_tokens - 1, first - 1, []
     while done < last:
         end = min(last, window) if done < window else min(last, done + stride)
@@ -269,10 +241,9 @@ def rolling_windows(num_tokens: int, first: int, window: int, stride: int) -> li
 
 @torch.inference_mode()
 def classify(self, texts, add_bos: bool = True) -> list[Classification]:
-    """Label each text with a sequence-classification checkpoint: the head reads the hidden
-    state of each row's last token. Rows are packed side by side, up to
-    `prefill_token_budget` tokens per forward, with no padding: one large matmul per layer,
-    attention within each row."""
+    """Label each text with a sequence-classification checkpoint (the head on each row's last
+    token). Rows are packed side by side without padding, up to `prefill_token_budget` tokens
+    per forward."""
     if not isinstance(self.model, PersimmonForSequenceClassification):
         raise TypeError("classify needs a PersimmonForSequenceClassification checkpoint")
     limit = self.config.max_position_embeddings
@@ -287,7 +258,14 @@ def classify(self, texts, add_bos: bool = True) -> list[Classification]:
             encoded.append((i, ids))
         except ValueError as e:
             results[i] = Classification(error=str(e), error_kind=error_kind(e, "invalid_prompt"))
-    for pack in token_budget_packs(encoded, lambda item: len(item[1]), self.prefill_token_budget):
+    packs, tokens = [[]], 0  # consecutive packs of at most the budget (a longer row alone)
+    for item in encoded:
+        if packs[-1] and tokens + len(item[1]) > self.prefill_token_budget:
+            packs.append([])
+            tokens = 0
+        packs[-1].append(item)
+        tokens += len(item[1])
+    for pack in filter(None, packs):
         logits = self.runner.classify([row for _, row in pack]).float()
         for (i, _), row in zip(pack, logits):
             results[i] = _label(self.config, row)
@@ -301,16 +279,3 @@ def _label(cfg, logits: torch.Tensor) -> Classification:
     best = int(probs.argmax())
     return Classification(label=cfg.id2label.get(best, f"LABEL_{best}"), score=probs[best].item(), probs=probs.tolist())
 
-
-def token_budget_packs(items: list, size, budget: int):
-    """`items` in order, cut into consecutive packs of at most `budget` tokens (`size(item)`
-    each); an item larger than the budget is a pack of its own."""
-    pack, tokens = [], 0
-    for item in items:
-        if pack and tokens + size(item) > budget:
-            yield pack
-            pack, tokens = [], 0
-        pack.append(item)
-        tokens += size(item)
-    if pack:
-        yield pack

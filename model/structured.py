@@ -2,16 +2,14 @@
 choices, with llguidance.
 
 Why llguidance: a small Rust library with no Python dependencies (xgrammar needs transformers
-and triton, which this project keeps out of its runtime; outlines-core precompiles a regex
-index over the whole vocabulary, slow for Persimmon's 262k tokens), JSON schema, regex and Lark
-grammars behind one matcher API, and a token-mask computation that releases the GIL, so the
-engine computes the next step's masks on a helper thread while the model runs the forward.
+and triton; outlines-core precompiles a regex index over the whole 262k vocabulary), JSON
+schema, regex and Lark behind one matcher API, and a mask computation that releases the GIL, so
+the next step's masks are filled on a helper thread while the model runs the forward.
 
-Each constrained row holds an `LLMatcher` (grammar state). Per step: the masks of the rows that
-sample are filled into an int32 bitmask (one bit per token) while the forward runs; the
-sampler sets disallowed logits to -inf; each sampled token is fed back to its matcher. When the
-grammar is complete, the mask allows only EOS; a row whose grammar cannot continue stops
-("stop"), so a row that ends with "stop" always matches. A row cut off by max_new_tokens ends
+Each constrained row holds an `LLMatcher`. Per step: the sampling rows' masks are filled into an
+int32 bitmask (one bit per token), the sampler sets disallowed logits to -inf, each sampled token
+is fed back to its matcher. A complete grammar allows only EOS; a row whose grammar cannot
+continue stops ("stop"), so a "stop" row always matches. A row cut off by max_new_tokens ends
 "length", possibly mid-structure.
 """
 
@@ -37,9 +35,8 @@ def _llguidance():
 
 
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
-    """The bytes each token id stands for (sentencepiece: '▁' is a space, <0xNN> pieces are one
-    byte); special ids (BOS/EOS/pad, unknown, control) are b"\\xff" + their name, as llguidance
-    expects; ids past the tokenizer's vocabulary are empty (never allowed)."""
+    """The bytes each token id stands for ('▁' is a space, <0xNN> one byte); special, unknown and
+    control ids are b"\\xff" + their name, as llguidance expects; ids past the tokenizer: b"" (never allowed)."""
     sp = tokenizer._sp
     special = set(tokenizer.special_token_ids)
     out = []
@@ -57,20 +54,15 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     return out
 
 
-class _TokenizerAdapter:
-    """What llguidance's TokenizerWrapper reads: token bytes, BOS/EOS and a tokenize function."""
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads: token bytes, EOS/BOS, special ids, a tokenize function."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_id: int):
-        self.tokens = token_bytes(tokenizer, vocab_size)
-        self.eos_token_id = eos_id
-        self.bos_token_id = tokenizer.bos_token_id
-        self.special_token_ids = sorted(tokenizer.special_token_ids)
-        self._tokenizer = tokenizer
+    def __init__(self, tokens: list[bytes], eos_token_id: int, bos_token_id, special_token_ids: list[int], tokenize):
+        self.tokens, self.eos_token_id, self.bos_token_id = tokens, eos_token_id, bos_token_id
+        self.special_token_ids, self._tokenize = special_token_ids, tokenize
 
-    def __call__(self, text: str) -> list[int]:
-        # how llguidance turns text the grammar forces into tokens: mid-sequence tokenization
-        # (a sentencepiece dummy-prefix space here would force a stray " " token)
-        return self._tokenizer.encode_fragment(text)
+    def __call__(self, text) -> list[int]:
+        return self._tokenize(text)
 
 
 def grammar_of(params) -> str | None:
@@ -88,9 +80,8 @@ def grammar_of(params) -> str | None:
 
 
 def check_grammar(json_schema=None, regex=None, choice=None) -> str:
-    """'' if llguidance can compile the constraint and some text matches it, else why not (no
-    model tokenizer needed). A regex that matches nothing (`[^\\s\\S]`, `[a&&b]`) compiles, but
-    a row under it could only end at once with an empty "stop" that does not match it."""
+    """'' if llguidance compiles the constraint and some text matches it, else why not (no model
+    tokenizer needed). A regex matching nothing (`[^\\s\\S]`) compiles, but its rows could not end."""
     try:
         grammar = grammar_of(SamplingParams(json_schema=json_schema, regex=regex, choice=choice))
     except ValueError as e:
@@ -111,40 +102,32 @@ def error_text(matcher) -> str:
     return lines[0] if lines else matcher.stop_reason()
 
 
-class _ByteVocabulary:
-    """The 256 bytes and an EOS: enough for llguidance to tell whether a constraint admits any
-    text at all, without the model's tokenizer."""
-
-    tokens = [bytes([b]) for b in range(256)] + [b"\xff<eos>"]
-    eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
-
-    def __call__(self, text) -> list[int]:
-        return list(text.encode("utf-8") if isinstance(text, str) else text)
-
-
 @functools.cache
 def _byte_tokenizer():
+    """The 256 bytes and an EOS: enough for llguidance to tell whether a constraint admits any text."""
     ll = _llguidance()
-    return ll.LLTokenizer(ll.TokenizerWrapper(_ByteVocabulary()), n_vocab=257)
+    vocabulary = _Vocabulary([bytes([b]) for b in range(256)] + [b"\xff<eos>"], 256, None, [256],
+                             lambda text: list(text.encode("utf-8") if isinstance(text, str) else text))
+    return ll.LLTokenizer(ll.TokenizerWrapper(vocabulary), n_vocab=257)
 
 
 class Grammars:
-    """Per engine: the llguidance tokenizer (built once: ~1 s for a 262k vocabulary), compiled
-    grammars, and the helper thread that fills masks while the forward runs. A structured row
-    holds its matcher in `seq.grammar`."""
+    """Per engine: the llguidance tokenizer (~1 s to build for 262k tokens), compiled grammars and
+    the helper thread that fills masks while the forward runs; a row's matcher is `seq.grammar`."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_id: int):
         ll = _llguidance()
         self.vocab_size = vocab_size
-        self.lltok = ll.LLTokenizer(ll.TokenizerWrapper(_TokenizerAdapter(tokenizer, vocab_size, eos_id)),
-                                    n_vocab=vocab_size)
+        # text a grammar forces is tokenized mid-sequence (a dummy-prefix space would force a stray " ")
+        vocabulary = _Vocabulary(token_bytes(tokenizer, vocab_size), eos_id, tokenizer.bos_token_id,
+                                 sorted(tokenizer.special_token_ids), tokenizer.encode_fragment)
+        self.lltok = ll.LLTokenizer(ll.TokenizerWrapper(vocabulary), n_vocab=vocab_size)
         self._grammars: dict[str, tuple[str, str]] = {}  # constraint -> (error or '', grammar)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persimmon-grammar")
         self._lock = threading.Lock()
 
     def _grammar(self, params: SamplingParams) -> str:
-        """The compiled, validated grammar of a row's constraint, cached: rows of one job share
-        a schema, and compiling a large one costs tens of milliseconds."""
+        """A constraint's compiled, validated grammar, cached (a large schema costs tens of ms)."""
         key = json.dumps([params.json_schema, params.regex, params.choice], sort_keys=True)
         with self._lock:
             found = self._grammars.get(key)
@@ -183,9 +166,9 @@ class Grammars:
 
     @staticmethod
     def apply(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor):
-        """(logits [R, V] of `seqs` with the tokens their grammars disallow at -inf, the rows to
-        end with an error). A row whose grammar allows nothing (an error state allows only EOS,
-        and a row "stopped" there would not match) samples unmasked and is ended."""
+        """(logits [R, V] with the tokens the grammars disallow at -inf, the rows to end with an
+        error). A row whose grammar allows nothing (an error state: a "stop" there would not
+        match) samples unmasked and is ended."""
         rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
         logits = logits.to(torch.float32, copy=True)  # the caller's raw logits stay raw (log-probabilities)
         index = torch.tensor(rows, device=logits.device)
@@ -203,8 +186,8 @@ class Grammars:
 
     @staticmethod
     def advance(seqs: list[Sequence], dead: list[Sequence]) -> list[tuple[Sequence, str]]:
-        """Feed each structured row (but the `dead`) its newest token. Returns the rows it ends:
-        (row, "error") when the token breaks the grammar, (row, "stop") when it completes it."""
+        """Feed each structured row (but the `dead`) its newest token; returns the rows it ends:
+        (row, "error") when it breaks the grammar, (row, "stop") when it completes it."""
         ended = []
         for s in seqs:
             m, token = s.grammar, s.output[-1]

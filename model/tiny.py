@@ -33,11 +33,10 @@ def build_tiny_checkpoint(out_dir, task="causal", seed=0, num_labels=2, id2label
                           config_overrides=None) -> str:
     """Write a tiny random checkpoint for `task` into `out_dir` and return the directory.
 
-    The config is `PersimmonConfig.tiny()` (hidden 64, 2 layers, 4 heads, vocab = the tokenizer's) with
-    BOS = EOS = pad = the tokenizer's `|ENDOFTEXT|` id, updated by `config_overrides`. Weights
-    are drawn from a generator seeded with `seed` (transformers' init: N(0, 0.02), zero bias,
-    unit LayerNorm), so the same arguments give byte-identical files. Classification tasks take
-    `num_labels`, or `id2label` ({0: "neg", 1: "pos"}) which sets both.
+    The config is `PersimmonConfig.tiny()` with the tokenizer's vocab and BOS = EOS = pad =
+    `|ENDOFTEXT|`, updated by `config_overrides`; weights are transformers' init drawn with
+    `seed` (same arguments, byte-identical files). Classification tasks take `num_labels`, or
+    `id2label` ({0: "neg", 1: "pos"}) which sets both.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")

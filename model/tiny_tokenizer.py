@@ -1,26 +1,16 @@
 """Train a tiny Persimmon-style sentencepiece tokenizer for tests, benchmarks and the demo.
 
-The released Persimmon tokenizer is a 262k-piece sentencepiece Unigram model with byte
-fallback, ``<unk>`` at id 0 and the piece ``|ENDOFTEXT|`` serving as BOS, EOS and pad. Tests
-cannot download it, so :func:`train_tiny_tokenizer` builds a model of the same *kind* in a
-fraction of a second:
+Tests cannot download the released 262k-piece tokenizer, so :func:`train_tiny_tokenizer` builds
+a model of the same kind in a fraction of a second: Unigram with byte fallback (any UTF-8 text
+encodes without ``<unk>``), ``<unk>`` = 0, no ``<s>``/``</s>``/``<pad>``, ``|ENDOFTEXT|`` as a
+user-defined piece (id 1) that :class:`model.tokenizer.PersimmonTokenizer` uses for BOS, EOS and
+pad as with the released files, identity normalisation and a dummy ``▁`` prefix (so
+``decode(encode(text)) == text``). ``vocab_size`` 320 by default: it must stay ``<=`` the tiny
+model's vocab (512); 256 ids go to byte pieces, rare characters are left to byte fallback.
 
-* Unigram, ``byte_fallback=True`` (the 256 ``<0xNN>`` byte pieces are part of the vocabulary, so
-  any UTF-8 text -- CJK, emoji, NUL -- encodes without ``<unk>``);
-* ``<unk>`` = 0, sentencepiece's own ``<s>``/``</s>``/``<pad>`` disabled (ids -1);
-* ``|ENDOFTEXT|`` as a user-defined piece (id 1), which :class:`model.tokenizer.PersimmonTokenizer`
-  finds by name and uses for BOS, EOS and padding, exactly as with the released files;
-* identity normalisation, whitespace kept as is, a dummy ``▁`` prefix (Llama-like), so
-  ``decode(encode(text)) == text`` for any text;
-* ``vocab_size`` 320 by default: it must stay ``<=`` the tiny model preset's vocab (512).
-  Since 256 ids go to byte pieces, only ~60 are left for characters and sub-words; rare
-  characters of the corpus are left to byte fallback (``character_coverage`` < 1).
-
-The training corpus is a few hundred English sentences generated from small word lists in this
-file (no network, no files). Training runs single-threaded on a fixed, unshuffled corpus, so the
-same arguments always give the same ``tokenizer.model`` bytes. The result is written atomically
-(temporary file + ``os.replace``), so concurrent calls for different directories -- or even the
-same one -- never see a half-written file.
+The corpus is generated from small word lists in this file (no network, no files). Training is
+single-threaded on a fixed, unshuffled corpus, so the same arguments give the same bytes; files
+are written atomically (temporary file + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -134,11 +124,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def train_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 320) -> str:
-    """Train the tiny tokenizer into ``out_dir`` and return the path of its ``tokenizer.model``.
-
-    Also writes ``tokenizer_config.json`` (``add_bos_token`` true, ``|ENDOFTEXT|`` for
-    bos/eos/pad) so :meth:`PersimmonTokenizer.from_pretrained(out_dir)` works. Deterministic.
-    """
+    """Train the tiny tokenizer (and its tokenizer_config.json) into ``out_dir``; returns its model path."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, "tokenizer.model")

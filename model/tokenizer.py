@@ -1,23 +1,17 @@
-"""Persimmon's tokenizer: a thin, exact wrapper around its sentencepiece model.
+"""Persimmon's tokenizer: a thin, exact wrapper around its sentencepiece model (no transformers).
 
 Persimmon ships ``tokenizer.model``, a sentencepiece Unigram model with byte fallback
-(``<unk>`` = 0, ``|ENDOFTEXT|`` = 71013 used as BOS, EOS and pad in the released files). This
-module needs only ``sentencepiece``; transformers is never imported.
+(``<unk>`` = 0, ``|ENDOFTEXT|`` = 71013 used as BOS, EOS and pad in the released files).
 
-Rules this wrapper keeps:
-
-* ``encode(text)`` is exactly ``SentencePieceProcessor.encode(text)``, with the BOS id in front
-  when BOS is on (``add_bos_token``, true by default as in the hub's tokenizer_config).
-* Special ids are looked up by piece name in the model (piece -> id), never hard-coded. A token
-  named in ``tokenizer_config.json`` / ``special_tokens_map.json`` must be a piece of the model.
-  Without a name, BOS and EOS are the piece ``|ENDOFTEXT|`` if the model has it, else
-  sentencepiece's own ``bos_id()`` / ``eos_id()`` (when >= 0). **The pad id defaults to the EOS
-  id** (Persimmon has no pad token; ``|ENDOFTEXT|`` is its natural pad), or to sentencepiece's
-  ``pad_id()`` if there is no EOS either.
+* ``encode(text)`` is exactly ``SentencePieceProcessor.encode(text)``, BOS first when BOS is on
+  (``add_bos_token``, true by default as in the hub's tokenizer_config).
+* Special ids are looked up by piece name, never hard-coded; a name given in
+  ``tokenizer_config.json`` / ``special_tokens_map.json`` must be a piece of the model. Unnamed,
+  BOS and EOS are ``|ENDOFTEXT|`` if the model has it, else sentencepiece's ``bos_id()`` /
+  ``eos_id()`` (when >= 0). **The pad id defaults to the EOS id** (Persimmon has no pad token),
+  else sentencepiece's ``pad_id()``.
 * ``decode(ids)`` is exactly ``SentencePieceProcessor.decode(ids)`` once the BOS/EOS/pad ids are
   dropped (``skip_special_tokens=True``), so byte-fallback pieces are reassembled into UTF-8.
-
-The chat format of persimmon-8b-chat is built by :func:`chat_prompt`.
 """
 
 from __future__ import annotations
@@ -25,21 +19,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import sentencepiece as spm
 
 ENDOFTEXT = "|ENDOFTEXT|"
 MODEL_FILE = "tokenizer.model"
-# Name of the vocabulary in the original adept-inference checkpoints; used if tokenizer.model is absent.
-ADEPT_MODEL_FILE = "adept_vocab.model"
+ADEPT_MODEL_FILE = "adept_vocab.model"  # the original adept-inference checkpoints' name for it
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 
 def chat_prompt(prompt: str, history: Iterable[tuple[str, str]] | None = None) -> str:
-    """Build a persimmon-8b-chat prompt.
-
-    ``history`` holds earlier ``(human, adept)`` turns, oldest first::
+    """Build a persimmon-8b-chat prompt; ``history`` holds earlier ``(human, adept)`` turns, oldest first::
 
         chat_prompt("hi")                      == "human: hi\\n\\nadept:"
         chat_prompt("and?", [("hi", "hello")]) == "human: hi\\n\\nadept: hello\\n\\nhuman: and?\\n\\nadept:"
@@ -68,9 +60,8 @@ def _read_json(path: str) -> dict:
 
 
 class PersimmonTokenizer:
-    """Sentencepiece-backed tokenizer with Persimmon's special-token rules (see module docstring).
-    Special tokens are piece names (``None``: the defaults above); ``add_bos_token`` is what
-    ``encode`` does when ``add_bos`` is not given."""
+    """Sentencepiece-backed tokenizer with Persimmon's special-token rules (module docstring).
+    Special tokens are piece names (None: the defaults); ``add_bos_token`` is ``encode``'s default."""
 
     def __init__(self, model_file: str | os.PathLike, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, add_bos_token: bool = True):
@@ -81,22 +72,24 @@ class PersimmonTokenizer:
         self._sp = sp = spm.SentencePieceProcessor(model_file=model_file)
         self._fragment_sp = None  # built on first use by encode_fragment
         endoftext = self.token_to_id(ENDOFTEXT)
-        self._bos_id = self._special_id(bos_token, endoftext, sp.bos_id())
-        self._eos_id = self._special_id(eos_token, endoftext, sp.eos_id())
-        self._pad_id = self._special_id(pad_token, self._eos_id, sp.pad_id())
+        self.bos_token_id = self._special_id(bos_token, endoftext, sp.bos_id())
+        self.eos_token_id = self._special_id(eos_token, endoftext, sp.eos_id())
+        self.pad_token_id = self._special_id(pad_token, self.eos_token_id, sp.pad_id())
+        self.unk_token_id = sp.unk_id()
+        # BOS, EOS and pad ids: what decode(..., skip_special_tokens=True) drops
+        self.special_token_ids = frozenset(i for i in (self.bos_token_id, self.eos_token_id, self.pad_token_id)
+                                           if i is not None)
         self.add_bos_token = bool(add_bos_token)
 
     def _special_id(self, token, default: int | None, sp_fallback: int) -> int | None:
         """Id of a named special piece; unnamed: ``default``, else sentencepiece's id if >= 0."""
         token = _token_content(token)
-        if token is not None:
-            token_id = self.token_to_id(token)
-            if token_id is None:
-                raise ValueError(f"special token {token!r} is not a piece of {self.model_file}")
-            return token_id
-        if default is not None:
-            return default
-        return sp_fallback if sp_fallback >= 0 else None
+        if token is None:
+            return default if default is not None else sp_fallback if sp_fallback >= 0 else None
+        token_id = self.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} is not a piece of {self.model_file}")
+        return token_id
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> PersimmonTokenizer:
@@ -108,23 +101,19 @@ class PersimmonTokenizer:
             model_file, directory = path, os.path.dirname(path)
         elif os.path.isdir(path):
             directory = path
-            model_file = os.path.join(path, MODEL_FILE)
-            if not os.path.isfile(model_file) and os.path.isfile(os.path.join(path, ADEPT_MODEL_FILE)):
-                model_file = os.path.join(path, ADEPT_MODEL_FILE)
-            if not os.path.isfile(model_file):
+            found = [f for f in (MODEL_FILE, ADEPT_MODEL_FILE) if os.path.isfile(os.path.join(path, f))]
+            if not found:
                 raise FileNotFoundError(f"no {MODEL_FILE} in tokenizer directory {path}")
+            model_file = os.path.join(path, found[0])
         else:
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
         config = _read_json(os.path.join(directory, CONFIG_FILE))
         special = _read_json(os.path.join(directory, SPECIAL_TOKENS_FILE))
-        kwargs = {}
-        for key in ("bos_token", "eos_token", "pad_token"):
-            value = config.get(key)
-            kwargs[key] = value if value is not None else special.get(key)
+        kwargs = {key: config[key] if config.get(key) is not None else special.get(key)
+                  for key in ("bos_token", "eos_token", "pad_token")}
         if config.get("add_bos_token") is not None:
             kwargs["add_bos_token"] = bool(config["add_bos_token"])
-        kwargs.update(overrides)
-        return cls(model_file, **kwargs)
+        return cls(model_file, **{**kwargs, **overrides})
 
     @property
     def vocab_size(self) -> int:
@@ -133,28 +122,6 @@ class PersimmonTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._eos_id
-
-    @property
-    def pad_token_id(self) -> int | None:
-        """The pad id; defaults to :attr:`eos_token_id` when no pad token is configured."""
-        return self._pad_id
-
-    @property
-    def unk_token_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def special_token_ids(self) -> frozenset[int]:
-        """BOS, EOS and pad ids: what ``decode(..., skip_special_tokens=True)`` drops."""
-        return frozenset(i for i in (self._bos_id, self._eos_id, self._pad_id) if i is not None)
 
     def token_to_id(self, piece: str) -> int | None:
         """Id of ``piece``, or ``None`` if the model has no such piece."""
@@ -168,11 +135,9 @@ class PersimmonTokenizer:
         return self._sp.id_to_piece(token_id)
 
     def token_text(self, token_id: int) -> str:
-        """One token's own text, as log-probabilities name it: the piece with '▁' as a space;
-        a byte-fallback piece that is not a whole UTF-8 character (half an emoji) as
-        OpenAI writes such tokens, ``"bytes:\\xe2"``; special and control pieces by name
-        (``"|ENDOFTEXT|"``); "" for ids past the tokenizer's vocabulary (the tiny model's
-        embedding is larger than its tokenizer)."""
+        """One token's own text, as log-probabilities name it: the piece with '▁' as a space; a
+        byte piece that is not a whole UTF-8 character (half an emoji) as OpenAI writes it,
+        ``"bytes:\\xe2"``; special, control and unknown pieces by name; "" past the vocabulary."""
         if not 0 <= token_id < self.vocab_size:
             return ""
         piece = self._sp.id_to_piece(token_id)
@@ -188,158 +153,83 @@ class PersimmonTokenizer:
 
     @property
     def bos_token(self) -> str | None:
-        return self._token_name(self._bos_id)
+        return self._token_name(self.bos_token_id)
 
     @property
     def eos_token(self) -> str | None:
-        return self._token_name(self._eos_id)
+        return self._token_name(self.eos_token_id)
 
     @property
     def pad_token(self) -> str | None:
-        return self._token_name(self._pad_id)
+        return self._token_name(self.pad_token_id)
 
     @property
     def unk_token(self) -> str:
         return self._sp.id_to_piece(self.unk_token_id)
 
-    def _bos_prefix(self, add_bos: bool | None) -> list[int]:
-        if add_bos is None:
-            add_bos = self.add_bos_token
-        return [self._bos_id] if add_bos and self._bos_id is not None else []
-
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``: ``sp.encode(text)``, with BOS first if ``add_bos`` (``None``:
-        :attr:`add_bos_token`)."""
+        """``sp.encode(text)``, BOS first if ``add_bos`` (None: :attr:`add_bos_token`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return self._bos_prefix(add_bos) + self._sp.encode(text)
-
-    def _clean_ids(self, ids) -> list[int]:
-        if hasattr(ids, "tolist"):  # torch / numpy
-            ids = ids.tolist()
-        ids = list(ids)
-        if not all(isinstance(i, int) for i in ids):
-            raise TypeError("decode expects a flat sequence of ints")
-        if any(i < 0 for i in ids):
-            raise ValueError(f"negative token id in {ids}")
-        # The model's embedding may be larger than the tokenizer (tiny preset: 512 vs 320):
-        # ids past the vocabulary decode as <unk> instead of raising.
-        unk, size = self.unk_token_id, self.vocab_size
-        return [i if i < size else unk for i in ids]
+        add_bos = self.add_bos_token if add_bos is None else add_bos
+        return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + self._sp.encode(text)
 
     def encode_fragment(self, text: str) -> list[int]:
-        """Token ids of ``text`` as it would be tokenized in the middle of a sequence: no BOS,
-        no dummy-prefix space and no whitespace clean-up, so that the decoded ids give back
-        exactly ``text`` (structured decoding needs this to turn forced text into tokens)."""
+        """Token ids of ``text`` as tokenized in the middle of a sequence: no BOS, no dummy-prefix
+        space, no whitespace clean-up, so they decode to exactly ``text`` (structured decoding
+        turns forced text into tokens with it)."""
         if self._fragment_sp is None:
-            proto = _without_text_normalization(self._sp.serialized_model_proto())
+            # the ModelProto plus a second normalizer_spec (field 3) whose add_dummy_prefix (3) and
+            # remove_extra_whitespaces (4) are false: a parser merges a repeated message field into
+            # the first, so no protobuf package is needed (its generated code pins protobuf versions)
+            spec = bytes([3 << 3, 0, 4 << 3, 0])
             sp = spm.SentencePieceProcessor()
-            sp.LoadFromSerializedProto(proto)
+            sp.LoadFromSerializedProto(self._sp.serialized_model_proto() + bytes([3 << 3 | 2, len(spec)]) + spec)
             self._fragment_sp = sp
         return self._fragment_sp.encode(text)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list, tuple or 1-D tensor): sentencepiece's decoding, without the
         BOS/EOS/pad ids (``skip_special_tokens``) or with them written by name (``"|ENDOFTEXT|"``)."""
-        ids, special = self._clean_ids(ids), self.special_token_ids
+        ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)  # torch / numpy
+        if not all(isinstance(i, int) for i in ids):
+            raise TypeError("decode expects a flat sequence of ints")
+        if any(i < 0 for i in ids):
+            raise ValueError(f"negative token id in {ids}")
+        # the model's embedding may be larger than the tokenizer (tiny preset: 512 vs 320): ids
+        # past the vocabulary decode as <unk> instead of raising
+        ids, special = [i if i < self.vocab_size else self.unk_token_id for i in ids], self.special_token_ids
         if skip_special_tokens:
             return self._sp.decode([i for i in ids if i not in special])
-        # Sentencepiece renders control pieces as "" and user-defined ones by name; join the
-        # per-piece surfaces so that special control pieces can be named too.
-        return "".join(
-            p.piece if p.id in special and self._sp.is_control(p.id) else p.surface
-            for p in self._sp.decode_ids_as_proto(ids).pieces
-        )
+        # sentencepiece renders control pieces as "" and user-defined ones by name: join the
+        # per-piece surfaces so that special control pieces are named too
+        return "".join(p.piece if p.id in special and self._sp.is_control(p.id) else p.surface
+                       for p in self._sp.decode_ids_as_proto(ids).pieces)
 
     def apply_chat_template(self, prompt: str, history: Iterable[tuple[str, str]] | None = None) -> str:
         """The persimmon-8b-chat prompt string; see :func:`chat_prompt`."""
         return chat_prompt(prompt, history)
 
     def tokenizer_config(self) -> dict:
-        """Contents of ``tokenizer_config.json`` as written by :meth:`save_pretrained`. No
-        ``tokenizer_class``: transformers v5 maps ``LlamaTokenizer`` to a BPE tokenizer that
-        gives wrong ids for this Unigram model, while without a class it builds a generic
-        tokenizer from ``tokenizer.model`` that matches sentencepiece."""
-        return {
-            "add_bos_token": self.add_bos_token,
-            "add_eos_token": False,
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-            "pad_token": self.pad_token,
-            "unk_token": self.unk_token,
-            "clean_up_tokenization_spaces": False,
-        }
+        """``tokenizer_config.json`` as :meth:`save_pretrained` writes it. No ``tokenizer_class``:
+        transformers v5 maps ``LlamaTokenizer`` to a BPE tokenizer that gives wrong ids for this
+        Unigram model; without a class it builds one from ``tokenizer.model`` that matches."""
+        return {"add_bos_token": self.add_bos_token, "add_eos_token": False, "bos_token": self.bos_token,
+                "eos_token": self.eos_token, "pad_token": self.pad_token, "unk_token": self.unk_token,
+                "clean_up_tokenization_spaces": False}
 
     def save_pretrained(self, directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json``
-        (:meth:`from_pretrained` gives back an equal tokenizer); returns the paths."""
+        """Write the model, tokenizer_config and special_tokens_map files (from_pretrained reloads them)."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        model_path = os.path.join(directory, MODEL_FILE)
-        with open(model_path, "wb") as f:
-            f.write(self._sp.serialized_model_proto())
+        paths = tuple(os.path.join(directory, name) for name in (MODEL_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE))
+        Path(paths[0]).write_bytes(self._sp.serialized_model_proto())
         config = self.tokenizer_config()
         special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config[k] is not None}
-        paths = [model_path]
-        for name, data in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, special)):
-            paths.append(os.path.join(directory, name))
-            with open(paths[-1], "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-        return tuple(paths)
+        for path, data in zip(paths[1:], (config, special)):
+            Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return paths
 
     def __repr__(self) -> str:
-        return (f"PersimmonTokenizer(vocab_size={self.vocab_size}, bos={self._bos_id}, eos={self._eos_id}, "
-                f"pad={self._pad_id}, add_bos_token={self.add_bos_token}, model_file={self.model_file!r})")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = buf[i]
-        n |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return n, i
-        shift += 7
-
-
-def _without_text_normalization(model_proto: bytes) -> bytes:
-    """The sentencepiece ModelProto with its normalizer's add_dummy_prefix (field 3) and
-    remove_extra_whitespaces (field 4) set to false, edited in protobuf wire format (a later
-    value of a scalar field wins), so the protobuf package is not needed."""
-    override = _varint(3 << 3) + _varint(0) + _varint(4 << 3) + _varint(0)
-    out, i, found = bytearray(), 0, False
-    while i < len(model_proto):
-        start = i
-        key, i = _read_varint(model_proto, i)
-        field_no, wire = key >> 3, key & 7
-        if wire == 0:
-            _, i = _read_varint(model_proto, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            length, body = _read_varint(model_proto, i)
-            i = body + length
-            if field_no == 3:  # normalizer_spec
-                sub = model_proto[body:i] + override
-                out += _varint(key) + _varint(len(sub)) + sub
-                found = True
-                continue
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire} in the sentencepiece model")
-        out += model_proto[start:i]
-    if not found:
-        out += _varint((3 << 3) | 2) + _varint(len(override)) + override
-    return bytes(out)
+        return (f"PersimmonTokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_id}, "
+                f"pad={self.pad_token_id}, add_bos_token={self.add_bos_token}, model_file={self.model_file!r})")
