@@ -32,15 +32,39 @@ GATHER_TOKENS = 32768  # most keys one attention call gathers at once (bounds it
 SAMPLE_ROWS = 32  # the sampler's top-k / top-p filtering (model/sampling.py)
 LOGPROB_ROWS = 64  # log_softmax for token and prompt log-probabilities, scores (model/logprobs.py)
 
-# GPU memory as the driver reports it (total, GiB), for `capacity --gpu NAME` and the config check
-GPU_MEMORY_GIB = {
-    "T4": 14.58, "A10G": 22.49, "L4": 22.49, "L40S": 44.99, "A100-40GB": 39.49, "A100-80GB": 79.15,
-    "H100-80GB": 79.11, "H200": 139.8,
-}
-# CUDA compute capability of each GPU above (NVIDIA's CUDA GPUs list): fp8 weights need 8.9+
-GPU_COMPUTE_CAPABILITY = {
-    "T4": (7, 5), "A10G": (8, 6), "L4": (8, 9), "L40S": (8, 9), "A100-40GB": (8, 0), "A100-80GB": (8, 0),
-    "H100-80GB": (9, 0), "H200": (9, 0),
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU type: what `capacity --gpu`, the fp8 check and the roofline (model/roofline.py) know of it."""
+    memory_gib: float  # total memory as the driver reports it
+    capability: tuple[int, int]  # CUDA compute capability (NVIDIA's CUDA GPUs list)
+    bandwidth_gbs: float  # memory bandwidth, GB/s (1e9 bytes)
+    tensor_tflops: float  # dense (no sparsity) fp16 / bf16 tensor-core peak, TFLOP/s
+    fp32_tflops: float  # fp32 peak without tensor cores
+    bf16: bool = True  # bf16 tensor cores (Turing has fp16 only)
+
+    def peak_flops(self, dtype: str) -> float:
+        name = str(dtype).removeprefix("torch.")
+        if name == "float32":
+            return self.fp32_tflops * 1e12
+        if name == "bfloat16" and not self.bf16:
+            raise ValueError("no bf16 tensor cores (fp16 only): use --dtype float16")
+        return self.tensor_tflops * 1e12
+
+
+# Bandwidth and peaks from NVIDIA datasheets (SXM parts where there are two; sparsity figures
+# halved to dense). T4 (Turing): fp16 only. The A10G of AWS g5 has no NVIDIA sheet: the A10's
+# figures, so its peak may be lower. A100 40GB / 80GB differ in bandwidth only.
+GPUS = {
+    "T4": Gpu(14.58, (7, 5), 320, 65, 8.1, bf16=False),
+    "A10G": Gpu(22.49, (8, 6), 600, 125, 31.2),
+    "L4": Gpu(22.49, (8, 9), 300, 121, 30.3),
+    "L40S": Gpu(44.99, (8, 9), 864, 362, 91.6),
+    "A100-40GB": Gpu(39.49, (8, 0), 1555, 312, 19.5),
+    "A100-80GB": Gpu(79.15, (8, 0), 2039, 312, 19.5),
+    "H100-80GB": Gpu(79.11, (9, 0), 3350, 989, 67),
+    "H200": Gpu(139.8, (9, 0), 4800, 989, 67),
 }
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with fp8 tensor cores
 # AWS instance families -> their GPU (cluster.yaml names instance types)
@@ -49,12 +73,12 @@ AWS_INSTANCE_GPUS = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "g6e": "L40S", "p4d
 
 
 def check_quantization(gpu: str, quantization: str) -> None:
-    """Raise ValueError when GPU (a GPU_MEMORY_GIB name) cannot run `quantization` (fp8: 8.9+)."""
+    """Raise ValueError when GPU (a GPUS name) cannot run `quantization` (fp8: 8.9+)."""
     if quantization != "fp8":
         return
-    have = GPU_COMPUTE_CAPABILITY[gpu]
+    have = GPUS[gpu].capability
     if have < FP8_MIN_CAPABILITY:
-        able = ", ".join(name for name, cc in GPU_COMPUTE_CAPABILITY.items() if cc >= FP8_MIN_CAPABILITY)
+        able = ", ".join(name for name, g in GPUS.items() if g.capability >= FP8_MIN_CAPABILITY)
         raise ValueError(f"fp8 weights need a GPU of compute capability {'.'.join(map(str, FP8_MIN_CAPABILITY))}+ "
                          f"({able}); {gpu} has {'.'.join(map(str, have))}: use --quantization int8 there")
 

@@ -25,48 +25,10 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from .capacity import GPU_MEMORY_GIB, dtype_bytes, kv_bytes_per_token, param_count, quantized_linears, weights_bytes
+from .capacity import GPUS, Gpu, dtype_bytes, kv_bytes_per_token, param_count, quantized_linears, weights_bytes
 from .config import PersimmonConfig
 
 EFFICIENCY = 0.5  # share of the peak FLOP/s matmuls reach (assumed; a calibration replaces it for decode)
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    bandwidth_gbs: float  # memory bandwidth, GB/s (1e9 bytes)
-    tensor_tflops: float  # dense (no sparsity) fp16 / bf16 tensor-core peak, TFLOP/s
-    fp32_tflops: float  # fp32 peak without tensor cores
-    bf16: bool = True  # bf16 tensor cores (Turing has fp16 only)
-
-    def peak_flops(self, dtype: str) -> float:
-        name = str(dtype).removeprefix("torch.")
-        if name == "float32":
-            return self.fp32_tflops * 1e12
-        if name == "bfloat16" and not self.bf16:
-            raise ValueError("no bf16 tensor cores (fp16 only): use --dtype float16")
-        return self.tensor_tflops * 1e12
-
-
-# NVIDIA datasheets (SXM parts where there are two; the sparsity figures halved to dense):
-# T4 (Turing, 2019): 320 GB/s, 65 TFLOPS fp16 mixed precision, 8.1 fp32, no bf16.
-# A10 (the A10G in AWS g5 is its AWS variant; NVIDIA publishes no A10G sheet, so its peak may
-#   be lower than the A10's): 600 GB/s, 125 TFLOPS bf16 (250 sparse), 31.2 fp32.
-# L4: 300 GB/s, 121 TFLOPS bf16 (242 sparse), 30.3 fp32.
-# L40S: 864 GB/s, 362 TFLOPS bf16 (733 sparse), 91.6 fp32.
-# A100 SXM: 1,555 GB/s (40GB) / 2,039 GB/s (80GB), 312 TFLOPS bf16, 19.5 fp32.
-# H100 SXM: 3,350 GB/s, 989 TFLOPS bf16 (1,979 sparse), 67 fp32.
-# H200 SXM: 4,800 GB/s, 989 TFLOPS bf16, 67 fp32.
-GPU_SPECS = {
-    "T4": GpuSpec(320, 65, 8.1, bf16=False),
-    "A10G": GpuSpec(600, 125, 31.2),
-    "L4": GpuSpec(300, 121, 30.3),
-    "L40S": GpuSpec(864, 362, 91.6),
-    "A100-40GB": GpuSpec(1555, 312, 19.5),
-    "A100-80GB": GpuSpec(2039, 312, 19.5),
-    "H100-80GB": GpuSpec(3350, 989, 67),
-    "H200": GpuSpec(4800, 989, 67),
-}
-assert set(GPU_SPECS) == set(GPU_MEMORY_GIB)
 
 
 def matmul_params(config, head: str = "causal") -> tuple[int, int]:
@@ -104,7 +66,7 @@ class Step:
     bound: str  # "memory" or "compute"
 
 
-def decode_step(config, spec: GpuSpec, *, rows: int, context: float, dtype="bfloat16", quantization: str = "none",
+def decode_step(config, spec: Gpu, *, rows: int, context: float, dtype="bfloat16", quantization: str = "none",
                 quantize_lm_head: bool = False, efficiency: float = EFFICIENCY, with_head: bool = True) -> Step:
     """A decode step of `rows` rows with `context` tokens of KV each (see the module doc)."""
     body, head_params = matmul_params(config)
@@ -143,7 +105,7 @@ class Roofline:
         return {**asdict(self), "total_s": self.total_s}
 
 
-def roofline(config, spec: GpuSpec, work: Work, *, dtype="bfloat16", head: str = "causal", quantization: str = "none",
+def roofline(config, spec: Gpu, work: Work, *, dtype="bfloat16", head: str = "causal", quantization: str = "none",
              quantize_lm_head: bool = False, efficiency: float = EFFICIENCY) -> Roofline:
     """The job's time on one GPU of `spec` (see the module doc)."""
     if not 0 < efficiency <= 1:
@@ -207,7 +169,7 @@ def read_calibration(path: str) -> Calibration:
     _check_bench(path, bench)
     gpu = gpu_of_device(bench["device"])
     if gpu is None:
-        raise ValueError(f"calibration {path}: device {bench['device']!r} is none of {sorted(GPU_SPECS)}")
+        raise ValueError(f"calibration {path}: device {bench['device']!r} is none of {sorted(GPUS)}")
     config = PersimmonConfig(num_hidden_layers=bench["layers"])
     if round(param_count(config) / 1e9, 3) != bench["params_b"]:
         raise ValueError(f"calibration {path}: its model ({bench['params_b']}B parameters) is not Persimmon-8B's "
@@ -216,7 +178,7 @@ def read_calibration(path: str) -> Calibration:
     points = []
     for result in bench["results"]:
         if result.get("decode_step_ms"):
-            step = decode_step(config, GPU_SPECS[gpu], rows=result["batch"], context=context, dtype=bench["dtype"],
+            step = decode_step(config, GPUS[gpu], rows=result["batch"], context=context, dtype=bench["dtype"],
                                with_head=False)
             points.append((result["batch"], result["decode_step_ms"] / 1e3, step.seconds))
     if not points:

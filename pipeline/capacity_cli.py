@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
                         "classifier fine-tuned from a preset: --model adept/persimmon-8b-base --architecture "
                         "PersimmonForSequenceClassification.")
     gpu = p.add_mutually_exclusive_group(required=True)
-    gpu.add_argument("--gpu", choices=sorted(capacity.GPU_MEMORY_GIB),
+    gpu.add_argument("--gpu", choices=sorted(capacity.GPUS),
                      help="A GPU by name (its memory as the driver reports it).")
     gpu.add_argument("--gpu-memory-gib", type=float, help="Device memory in GiB.")
     p.add_argument("--dtype", choices=sorted(capacity.DTYPE_BYTES), help="Weights and KV dtype (default bfloat16).")
@@ -144,7 +144,7 @@ def run(args) -> int:
         max(1, max_seq_len - new) if job is not None else 512)
     gpus = pick(args.num_gpus_per_replica, "num_gpus_per_replica", 1.0)
     share = gpus if 0 < gpus < 1 else 1.0
-    memory = args.gpu_memory_gib if args.gpu_memory_gib is not None else capacity.GPU_MEMORY_GIB[args.gpu]
+    memory = args.gpu_memory_gib if args.gpu_memory_gib is not None else capacity.GPUS[args.gpu].memory_gib
     result = capacity.plan(cfg, device_memory_gib=memory, dtype=dtype,
                            memory_fraction=pick(args.memory_fraction, "memory_fraction", 0.9),
                            kv_cache_gib=pick(args.kv_cache_gib, "kv_cache_gib", None),

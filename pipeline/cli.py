@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_plan_parser(sub) -> None:
-    from model.capacity import GPU_MEMORY_GIB
+    from model.capacity import GPUS
 
     from .cost import PRICES
     from .prompt_stats import SAMPLE_ROWS
@@ -142,7 +142,7 @@ def _add_plan_parser(sub) -> None:
         _add_config_flags(p, task)
         cost = p.add_argument_group("cost estimate (roofline; pipeline/cost.py)")
         cost.add_argument("--gpu", metavar="GPU[,GPU...]",
-                          help="Estimate the run's GPU-hours and cost on these GPUs (" + ", ".join(GPU_MEMORY_GIB)
+                          help="Estimate the run's GPU-hours and cost on these GPUs (" + ", ".join(GPUS)
                                + "): KV cache and rows in flight from `capacity`, prefill and decode time from "
                                "datasheet bandwidth and FLOP/s (a lower bound, not a measurement).")
         cost.add_argument("--price-per-hour", metavar="GPU=USD[,...]",

@@ -20,7 +20,7 @@ import math
 import os
 
 from model import capacity, roofline
-from model.roofline import EFFICIENCY, GPU_SPECS, Work
+from model.roofline import EFFICIENCY, Work
 
 from .stages import CAUSAL, TASKS
 
@@ -42,15 +42,15 @@ BENCH_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 def _known(name: str, what: str) -> str:
-    """A GPU name of capacity.GPU_MEMORY_GIB (any case), or ValueError with a did-you-mean."""
-    by_case = {gpu.lower(): gpu for gpu in capacity.GPU_MEMORY_GIB}
+    """A GPU name of capacity.GPUS (any case), or ValueError with a did-you-mean."""
+    by_case = {gpu.lower(): gpu for gpu in capacity.GPUS}
     if name.strip().lower() in by_case:
         return by_case[name.strip().lower()]
     key = name.strip().lower()
     close = ([c for c in by_case if c.startswith(key)] if key else []) or \
         difflib.get_close_matches(key, list(by_case), n=2, cutoff=0.4)  # H100 -> H100-80GB first
     hint = f"did you mean {' or '.join(by_case[c] for c in close)}? " if close else ""
-    raise ValueError(f"{what}: unknown GPU {name!r}; {hint}known: {', '.join(capacity.GPU_MEMORY_GIB)}")
+    raise ValueError(f"{what}: unknown GPU {name!r}; {hint}known: {', '.join(capacity.GPUS)}")
 
 
 def parse_gpus(text: str) -> list[str]:
@@ -169,8 +169,8 @@ def estimate(config, model_config, head: str, prompts: dict | None, rows_to_run:
            "quantize_lm_head": config.quantize_lm_head, "efficiency": efficiency, "prices": PRICES_NOTE,
            **job, "rows_in_flight_configured": configured, "gpus": []}
     for gpu in gpus:
-        spec = GPU_SPECS[gpu]
-        row = {"gpu": gpu, "memory_gib": capacity.GPU_MEMORY_GIB[gpu], "bandwidth_gbs": spec.bandwidth_gbs,
+        spec = capacity.GPUS[gpu]
+        row = {"gpu": gpu, "memory_gib": spec.memory_gib, "bandwidth_gbs": spec.bandwidth_gbs,
                "peak_tflops": spec.fp32_tflops if dtype == "float32" else spec.tensor_tflops,
                "price_per_hour": prices.get(gpu, PRICES.get(gpu)),
                "price_from": "--price-per-hour" if gpu in prices else "default" if gpu in PRICES else None}
@@ -250,7 +250,7 @@ def estimate_lines(est: dict) -> list[str]:
     lines += notes
     lines.append(f"  roofline: prefill at {est['efficiency']:.0%} of peak dense FLOP/s; a decode step the longer of "
                  f"(weights + KV read) / bandwidth and FLOPs / ({est['efficiency']:.0%} of peak); datasheets in "
-                 f"model/roofline.py; prices {est['prices']}; --json has every number")
+                 f"model/capacity.py; prices {est['prices']}; --json has every number")
     return lines
 
 

@@ -227,5 +227,6 @@ def test_fp8_is_refused_on_a_gpu_without_it(gpu, capsys):
     assert "--quantize-lm-head needs --quantization" in capsys.readouterr().err
 
 
-def test_every_gpu_has_a_compute_capability():
-    assert set(capacity.GPU_COMPUTE_CAPABILITY) == set(capacity.GPU_MEMORY_GIB)
+def test_fp8_capable_gpus_are_ada_and_hopper():
+    able = {name for name, gpu in capacity.GPUS.items() if gpu.capability >= capacity.FP8_MIN_CAPABILITY}
+    assert able == {"L4", "L40S", "H100-80GB", "H200"}

@@ -30,7 +30,7 @@ def test_roofline_of_persimmon_8b_on_an_l4_by_hand():
     """1000 rows of 300 prompt tokens and 100 new tokens, 20 rows in flight, bf16, on an L4 at
     50% of peak FLOP/s."""
     work = roofline.Work(rows=1000, prompt_tokens=300_000, new_tokens=100, rows_in_flight=20)
-    got = roofline.roofline(PersimmonConfig(), roofline.GPU_SPECS["L4"], work, efficiency=0.5)
+    got = roofline.roofline(PersimmonConfig(), capacity.GPUS["L4"], work, efficiency=0.5)
 
     prefill_flops = 2 * BODY * 300_000 + 2 * VC * 1000  # every prompt token; the head on each row's last
     assert BODY == 7_249_691_648 and got.prefill_flops == prefill_flops
@@ -47,15 +47,15 @@ def test_roofline_of_persimmon_8b_on_an_l4_by_hand():
 
 def test_a_big_decode_batch_turns_compute_bound_and_int8_moves_its_dequantized_copy():
     work = roofline.Work(rows=256, prompt_tokens=256 * 10, new_tokens=10, rows_in_flight=256)
-    bf16 = roofline.roofline(PersimmonConfig(), roofline.GPU_SPECS["L4"], work)
+    bf16 = roofline.roofline(PersimmonConfig(), capacity.GPUS["L4"], work)
     flops = 2 * (BODY + VC) * 256
     assert bf16.decode_step.bound == "compute"
     assert bf16.decode_step.seconds == pytest.approx(flops / (L4_BF16 * 0.5))
     small = roofline.Work(rows=10, prompt_tokens=100, new_tokens=10, rows_in_flight=1)
     linear = 36 * (3 * 4096 * 4096 + 4096 * 4096 + 2 * 16384 * 4096)
     scales = 36 * (3 * 4096 + 4096 + 16384 + 4096) * 2
-    int8 = roofline.roofline(PersimmonConfig(), roofline.GPU_SPECS["L4"], small, quantization="int8")
-    plain = roofline.roofline(PersimmonConfig(), roofline.GPU_SPECS["L4"], small)
+    int8 = roofline.roofline(PersimmonConfig(), capacity.GPUS["L4"], small, quantization="int8")
+    plain = roofline.roofline(PersimmonConfig(), capacity.GPUS["L4"], small)
     # the engine's GPU path: each int8 weight read (1 byte), dequantized to bf16 in device memory
     # (2 written) and read back by the matmul (2): 5 bytes against bf16's 2, plus the scales
     assert int8.decode_step.bytes - plain.decode_step.bytes == linear * (5 - 2) + scales
@@ -80,11 +80,11 @@ def test_the_estimate_per_gpu_is_hours_times_price():
     assert est["label"] == "estimate (roofline)" and est["dtype"] == "bfloat16"
     assert (est["rows"], est["prompt_tokens"], est["output_tokens"]) == (1000, 300_000, 100_000)
     # in bf16 an L4 keeps ~2k tokens of KV: 5 of the 20 configured rows of 300 + 100 tokens
-    cap = capacity.plan(PersimmonConfig(), device_memory_gib=capacity.GPU_MEMORY_GIB["L4"], prompt_tokens=300,
+    cap = capacity.plan(PersimmonConfig(), device_memory_gib=capacity.GPUS["L4"].memory_gib, prompt_tokens=300,
                         new_tokens=100, max_batch_size=20)
     assert l4["kv_tokens_capacity"] == cap.kv_tokens and l4["kv_tokens_needed"] == 20 * 400
     assert l4["rows_in_flight"] == cap.rows_in_flight == cap.kv_tokens // 400 < 20
-    line = roofline.roofline(PersimmonConfig(), roofline.GPU_SPECS["L4"],
+    line = roofline.roofline(PersimmonConfig(), capacity.GPUS["L4"],
                              roofline.Work(1000, 300_000, 100, rows_in_flight=l4["rows_in_flight"]))
     assert l4["hours"] == pytest.approx(line.total_s / 3600)
     assert l4["cost_usd"] == pytest.approx(l4["hours"] * 0.5) and l4["price_from"] == "--price-per-hour"
@@ -230,9 +230,8 @@ def test_a_calibration_file_that_cannot_be_used_says_why(tmp_path, reviews, caps
     assert "L40S decode calibrated" not in text
 
 
-def test_every_gpu_has_a_datasheet_entry_and_the_h100_floor_is_persimmons():
-    assert set(roofline.GPU_SPECS) == set(capacity.GPU_MEMORY_GIB)
-    step = roofline.decode_step(PersimmonConfig(), roofline.GPU_SPECS["H100-80GB"], rows=1, context=0)
+def test_the_h100_decode_floor_is_persimmons():
+    step = roofline.decode_step(PersimmonConfig(), capacity.GPUS["H100-80GB"], rows=1, context=0)
     assert math.isclose(step.seconds * 1e3, 5.0, abs_tol=0.05)  # PERSIMMON.md: ~5 ms from reading the weights
 
 
