@@ -525,10 +525,6 @@ class LabelStage(Stage):
         super().__init__(config, engine)
         self.log_p_cf = self._on_torch_thread(self._content_free_log_probs) if self.config.calibrate else None
 
-    @property
-    def p_cf(self) -> list[float] | None:
-        return None if self.log_p_cf is None else [math.exp(x) for x in self.log_p_cf]
-
     def _score(self, texts):
         cfg = self.config
         return self.engine.score_choices(texts, list(cfg.choices), normalize=cfg.choice_score,
