@@ -167,8 +167,7 @@ class FileStage:
 
     def __init__(self, config: PipelineConfig):
         self.config, self.stage = config, TASKS[config.task](config)
-        self.columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
-                                           *self.stage.input_columns(config)]))
+        self.columns = self.stage.read_columns(config)
 
     def __call__(self, batch):
         for uri in batch["uri"].to_pylist():

@@ -205,6 +205,12 @@ class Stage:
         return cls.row_columns
 
     @classmethod
+    def read_columns(cls, config: PipelineConfig) -> list[str]:
+        """Every input column a run reads, each once: the id, prompt and kept ones, then `input_columns`."""
+        return list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
+                                   *cls.input_columns(config)]))
+
+    @classmethod
     def input_warnings(cls, config: PipelineConfig, columns: dict[str, set[str]]) -> list[str]:
         """What the plan should warn about, given each good input file's column names (by masked URI)."""
         return []

@@ -158,8 +158,7 @@ class UnitRunner:
         tmp = temp_sibling(final)
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
-        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns,
-                                      *TASKS[cfg.task].input_columns(cfg)]))
+        columns = TASKS[cfg.task].read_columns(cfg)
         preset = sorted((int(i), error) for i, error in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
