@@ -41,10 +41,9 @@ from collections.abc import Callable, Mapping
 import pyarrow as pa
 
 from .api import _checked, _compute, _context_values, _map_batches, init_ray
-from .errors import ConfigError, InputError, RowError
+from .errors import ConfigError, InputError, RowError, one_line
 from .formats import input_format
 from .plan import list_inputs
-from .report import one_line
 from .settings import PipelineConfig
 from .stages import TASKS, column_values
 from .storage import resolve

@@ -44,10 +44,10 @@ import pyarrow as pa
 
 from .settings import PipelineConfig
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
+from .errors import one_line
 from .plan import Unit, read_unit_stats, result_config
 from .metrics import ReplicaMetrics
 from .progress import Attempts
-from .report import one_line
 from .stages import TASKS
 from .storage import (Location, commit, ensure_dir, exists, naming, resolve, retry, temp_sibling, transient,
                       write_bytes_atomic)
