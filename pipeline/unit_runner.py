@@ -175,7 +175,8 @@ class UnitRunner:
                     f_out = fs.open_output_stream(tmp.path)
                     stack.callback(_close_quietly, f_out)  # on errors only: closed below on success
                     writer = writer_format.open(f_out, self.schema, cfg)
-                    stack.callback(_close_quietly, writer)
+                    if hasattr(writer, "close"):  # Parquet's: closed before the stream on errors
+                        stack.callback(_close_quietly, writer)
                 while True:
                     t_read = time.perf_counter()
                     with naming(f"read {src.uri}"):
