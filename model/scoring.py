@@ -266,7 +266,7 @@ def classify(self, texts, add_bos: bool = True) -> list[Classification]:
         packs[-1].append(item)
         tokens += len(item[1])
     for pack in filter(None, packs):
-        logits = self.runner.classify([row for _, row in pack]).float()
+        logits = self.model.score(self.runner.forward_packed([row for _, row in pack])).float()
         for (i, _), row in zip(pack, logits):
             results[i] = _label(self.config, row)
     return results
