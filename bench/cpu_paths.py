@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,12 +49,6 @@ def cpu_description() -> dict:
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "avx_ne_convert", "amx_bf16",
               "amx_tile")
     return {"cpu": name, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
-
-
-def median(values):
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def child(dtypes: list[str], repeats: int, prompts_n: int, new_tokens: int) -> dict:

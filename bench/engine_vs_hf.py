@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from statistics import median
 
 import torch
 
@@ -48,12 +49,6 @@ def make_prompts(n, lo, hi, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (t,), generator=g).tolist() for t in lengths]
-
-
-def median(values):
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def hf_generate(hf, prompts, new_tokens, batch):

@@ -64,7 +64,7 @@ def decode_step_ms(engine, rows: int, prompt_len: int, dev, repeats=20) -> float
                 break
             hidden = runner.execute(step)
             n = sum(1 for item in step.items if item.sample)
-            sched.update(step, runner.lm_head(hidden[:n]).argmax(-1).tolist() if n else [])
+            sched.update(step, runner.model.lm_head(hidden[:n]).argmax(-1).tolist() if n else [])
         runner.execute(step)  # capture / warm up this shape
         sync(dev)
         t0 = time.perf_counter()

@@ -24,12 +24,12 @@ import sys
 import sysconfig
 import tempfile
 import time
+from statistics import median
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_vs_hf import median  # noqa: E402
 from kv_budget import cpu_flags  # noqa: E402
 
 from model import Engine, PersimmonConfig, PersimmonForCausalLM, PersimmonTokenizer, SamplingParams  # noqa: E402

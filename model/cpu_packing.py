@@ -119,7 +119,3 @@ def unpack_cpu_linears(model) -> None:
             _unpack_linear(module)
         elif isinstance(module, PersimmonMLP):
             module.__dict__.pop("forward", None)
-
-
-def is_packed(model) -> bool:
-    return any("_packed_weight" in m.__dict__ for m in model.modules())

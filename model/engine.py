@@ -225,7 +225,7 @@ class Engine:
             self._prompt_logprobs(hidden, prompt_rows)
         tokens, logprobs, ended = [], None, []  # ended: (row, reason) the output step ends
         if sampling:
-            logits = self.runner.lm_head(hidden[torch.tensor(sample_at, device=hidden.device)])
+            logits = self.model.lm_head(hidden[torch.tensor(sample_at, device=hidden.device)])
             raw = logits  # the model's own distribution: grammar masks and the sampler make new tensors
             if masks is not None:
                 logits, dead = self.grammars.apply(logits, sampling, masks.result())
@@ -263,7 +263,7 @@ class Engine:
             spans.append((seq, n))
         if not index:
             return
-        values = target_logprobs(self.runner.lm_head, hidden[torch.tensor(index, device=hidden.device)], targets)
+        values = target_logprobs(self.model.lm_head, hidden[torch.tensor(index, device=hidden.device)], targets)
         k = 0
         for seq, n in spans:
             seq.prompt_logprobs += values[k:k + n]

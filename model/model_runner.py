@@ -172,14 +172,6 @@ class ModelRunner:
         hidden = self.model.model(ids, attn_metadata=meta)
         return hidden[torch.tensor(ends, device=dev) - 1]
 
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
-    @torch.inference_mode()
-    def classify(self, rows: list[list[int]]) -> torch.Tensor:
-        """Sequence-classification logits [len(rows), num_labels] of whole rows (no cache)."""
-        return self.model.score(self.forward_packed(rows))
-
     # ---- fixed-shape decode (CUDA graphs, and their eager twin) -----------------------------
     def _decode_static(self, items) -> torch.Tensor:
         B = len(items)

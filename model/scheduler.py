@@ -115,9 +115,6 @@ class BlockManager:
         self.used_peak = max(self.used_peak, self.num_used)
         return blocks
 
-    def is_cached(self, h: bytes) -> bool:
-        return h in self.cached
-
     def register(self, block: int, h: bytes) -> None:
         """Make a fully computed block findable by its hash (the first block with a hash wins)."""
         if self.prefix_caching and h not in self.cached and block not in self.hash_of:
@@ -206,10 +203,6 @@ class ScheduledStep:
     preempted: list[Sequence]
     num_prefill_tokens: int = 0
     fresh_blocks: list[int] = field(default_factory=list)  # handed out this step: the runner zeroes them
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(i.num_tokens for i in self.items)
 
 
 class Scheduler:
@@ -323,7 +316,7 @@ class Scheduler:
         limit = total - 1 if seq.hidden_from is None else min(total - 1, seq.hidden_from)
         n_cacheable = min(limit, seq.cacheable_tokens) // self.bs if self.blocks.prefix_caching else 0
         hashes = seq.block_hashes(n_cacheable, self.bs) if n_cacheable else []
-        n_hit = next((k for k, h in enumerate(hashes) if not self.blocks.is_cached(h)), len(hashes))
+        n_hit = next((k for k, h in enumerate(hashes) if h not in self.blocks.cached), len(hashes))
         if n_hit < len(hashes) and hashes[n_hit] in pending:
             return "defer"
         if not self.chunked_prefill and step.num_prefill_tokens and total - n_hit * self.bs > budget:

@@ -63,7 +63,7 @@ def _run_scoring(self, rows: dict) -> tuple[dict, dict]:
         unique, inverse = torch.unique(torch.tensor(at_rows, device=dev), return_inverse=True)
         tokens_t, values = torch.tensor(tokens, device=dev), torch.empty(len(tokens), device=dev)
         for a in range(0, unique.shape[0], chunk):
-            logits = self.runner.lm_head(hidden[unique[a:a + chunk]]).float()  # [n, V]
+            logits = self.model.lm_head(hidden[unique[a:a + chunk]]).float()  # [n, V]
             lse = logits.logsumexp(-1)
             sel = ((inverse >= a) & (inverse < a + chunk)).nonzero().squeeze(1)
             r = inverse[sel] - a
@@ -266,7 +266,7 @@ def classify(self, texts, add_bos: bool = True) -> list[Classification]:
         packs[-1].append(item)
         tokens += len(item[1])
     for pack in filter(None, packs):
-        logits = self.runner.classify([row for _, row in pack]).float()
+        logits = self.model.score(self.runner.forward_packed([row for _, row in pack])).float()
         for (i, _), row in zip(pack, logits):
             results[i] = _label(self.config, row)
     return results

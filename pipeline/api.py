@@ -25,13 +25,13 @@ from .console import Console, quiet_ray
 from .attachments import check_prefix_length, load_attachments
 from .autoscale import ReplicaDemand
 from .hub import pin
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .modelcheck import check_model, model_identity
 from .plan import REPORT_NAME, Plan, describe, make_plan, summary_lines
 from .prompt_stats import SAMPLE_ROWS, prompt_stats
 from .placement import check_device, check_room, local_resources
 from .progress import INTERRUPTED, Watchdog, dead_nodes, start_tracker
-from .report import UnitStats, build_report, one_line, unit_line
+from .report import UnitStats, build_report, unit_line
 from .unit_runner import UnitRunner
 from .signals import StopSignals
 from .lease import Lease

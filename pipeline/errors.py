@@ -5,6 +5,7 @@ kind back out of a message."""
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 
@@ -33,3 +34,15 @@ class RowError(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def one_line(text: str | None) -> str | None:
+    """An error as the report and the console show it: its first non-empty line (the rest of a
+    Ray error is a traceback), without the ANSI colour escapes Ray puts in its messages."""
+    if text is None:
+        return None
+    lines = [line.strip() for line in ANSI_ESCAPE.sub("", text).splitlines() if line.strip()]
+    return lines[0] if lines else ""

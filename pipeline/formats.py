@@ -555,7 +555,7 @@ def strip_suffix(name: str) -> str:
 # ---- outputs --------------------------------------------------------------------------------------
 class OutputFormat:
     name, extension = "", ""
-    Writer: type  # Writer(stream, schema): write(table), finish(stats) -> sidecar bytes or None, close()
+    Writer: type  # Writer(stream, schema): write(table), finish(stats) -> sidecar bytes or None; close() if it has one
 
     def open(self, stream, schema: pa.Schema, config):
         return self.Writer(stream, schema)
@@ -689,9 +689,6 @@ class JsonlOutput(OutputFormat):
         def finish(self, stats: dict) -> bytes:
             return json.dumps({**stats, "data_bytes": self.sink.size, "data_sha256": self.sink.sha256.hexdigest(),
                                "columns": self.schema.names}).encode()
-
-        def close(self) -> None:
-            pass
 
     def sidecar(self, final: Location) -> Location:
         return final.parent.join("_stats", final.path.rsplit("/", 1)[-1] + ".json")

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 PREFIX = "hf://"
 # what the engine and the driver's checks read (model/checkpoint.py, model/tokenizer.py)
@@ -148,10 +148,9 @@ def _explain(error: Exception, hub: HubModel, model: str) -> str:
                     f"HF_HUB_OFFLINE is set: fetch it first on every node (`hf download {hub.repo_id}`), "
                     "point HF_HUB_CACHE at a cache that holds it, or unset HF_HUB_OFFLINE")
         return (f"{head} could not be fetched from the hub and is not in this node's cache ({cache}): "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; check the network "
+                f"{one_line(str(error)) or type(error).__name__}; check the network "
                 "or HF_ENDPOINT")
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{head} could not be fetched: {type(error).__name__}: {first}"
+    return f"{head} could not be fetched: {type(error).__name__}: {one_line(str(error))}"
 
 
 def _head(model: str) -> str:

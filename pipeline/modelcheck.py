@@ -32,7 +32,7 @@ import pathlib
 import struct
 import tempfile
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, one_line
 from .settings import PipelineConfig
 from .storage import Location, model_location, read_bytes, read_file, retry
 from .stages import CAUSAL, TASKS
@@ -89,7 +89,7 @@ def _check_tokenizer(loc: Location, names: set[str], mcfg) -> None:
             if not tokenizer.encode(TEST_TEXT, add_bos=False):
                 raise ValueError("it encodes a test sentence to no tokens")
     except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError for a corrupt file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(str(e)) or type(e).__name__
         raise ModelError(f"model {loc.uri}: its tokenizer cannot be used ({first}); put the model's own "
                          "tokenizer.model (and tokenizer_config.json) in the directory") from None
     if tokenizer.vocab_size > mcfg.vocab_size:
@@ -127,7 +127,7 @@ def _pickle_shapes(loc: Location) -> dict[str, tuple]:
     try:
         state = torch.load(loc.path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError: not loadable safely
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(str(e)) or type(e).__name__
         raise ModelError(f"model weights {loc.uri} cannot be loaded with torch.load(weights_only=True) "
                          f"({first}); convert them to safetensors") from None
     if not isinstance(state, dict):

@@ -41,10 +41,9 @@ from collections.abc import Callable, Mapping
 import pyarrow as pa
 
 from .api import _checked, _compute, _context_values, _map_batches, init_ray
-from .errors import ConfigError, InputError, RowError
+from .errors import ConfigError, InputError, RowError, one_line
 from .formats import input_format
 from .plan import list_inputs
-from .report import one_line
 from .settings import PipelineConfig
 from .stages import TASKS, column_values
 from .storage import resolve
@@ -167,8 +166,7 @@ class FileStage:
 
     def __init__(self, config: PipelineConfig):
         self.config, self.stage = config, TASKS[config.task](config)
-        self.columns = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
-                                           *self.stage.input_columns(config)]))
+        self.columns = self.stage.read_columns(config)
 
     def __call__(self, batch):
         for uri in batch["uri"].to_pylist():

@@ -9,12 +9,12 @@ retries, stuck replicas, each replica's work and end, engine sizing and what the
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .errors import one_line
 from .settings import PipelineConfig
 from .plan import Plan
 from .progress import INTERRUPTED, node_lost, summarize
@@ -57,18 +57,6 @@ class UnitStats:
     @property
     def committed(self) -> bool:
         return self.status in ("done", "skipped")
-
-
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def one_line(text: str | None) -> str | None:
-    """An error as the report and the console show it: its first non-empty line (the rest of a
-    Ray error is a traceback), without the ANSI colour escapes Ray puts in its messages."""
-    if text is None:
-        return None
-    lines = [line.strip() for line in ANSI_ESCAPE.sub("", text).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def unit_line(st: UnitStats) -> str:

@@ -205,6 +205,12 @@ class Stage:
         return cls.row_columns
 
     @classmethod
+    def read_columns(cls, config: PipelineConfig) -> list[str]:
+        """Every input column a run reads, each once: the id, prompt and kept ones, then `input_columns`."""
+        return list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns,
+                                   *cls.input_columns(config)]))
+
+    @classmethod
     def input_warnings(cls, config: PipelineConfig, columns: dict[str, set[str]]) -> list[str]:
         """What the plan should warn about, given each good input file's column names (by masked URI)."""
         return []
@@ -524,10 +530,6 @@ class LabelStage(Stage):
     def __init__(self, config: PipelineConfig, engine=None):
         super().__init__(config, engine)
         self.log_p_cf = self._on_torch_thread(self._content_free_log_probs) if self.config.calibrate else None
-
-    @property
-    def p_cf(self) -> list[float] | None:
-        return None if self.log_p_cf is None else [math.exp(x) for x in self.log_p_cf]
 
     def _score(self, texts):
         cfg = self.config

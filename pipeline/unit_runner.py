@@ -44,10 +44,10 @@ import pyarrow as pa
 
 from .settings import PipelineConfig
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
+from .errors import one_line
 from .plan import Unit, read_unit_stats, result_config
 from .metrics import ReplicaMetrics
 from .progress import Attempts
-from .report import one_line
 from .stages import TASKS
 from .storage import (Location, commit, ensure_dir, exists, naming, resolve, retry, temp_sibling, transient,
                       write_bytes_atomic)
@@ -158,8 +158,7 @@ class UnitRunner:
         tmp = temp_sibling(final)
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
-        columns = list(dict.fromkeys([cfg.id_column, cfg.prompt_column, *cfg.keep_columns,
-                                      *TASKS[cfg.task].input_columns(cfg)]))
+        columns = TASKS[cfg.task].read_columns(cfg)
         preset = sorted((int(i), error) for i, error in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
@@ -176,7 +175,8 @@ class UnitRunner:
                     f_out = fs.open_output_stream(tmp.path)
                     stack.callback(_close_quietly, f_out)  # on errors only: closed below on success
                     writer = writer_format.open(f_out, self.schema, cfg)
-                    stack.callback(_close_quietly, writer)
+                    if hasattr(writer, "close"):  # Parquet's: closed before the stream on errors
+                        stack.callback(_close_quietly, writer)
                 while True:
                     t_read = time.perf_counter()
                     with naming(f"read {src.uri}"):

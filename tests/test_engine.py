@@ -454,7 +454,7 @@ def test_packing_is_asked_of_torch_and_refused_clearly_where_unsupported(monkeyp
     with pytest.raises(ValueError, match="packed_cpu_linears=True, but oneDNN's bf16"):
         Engine(model, None, max_batch_size=2, max_seq_len=32, dtype="bfloat16", packed_cpu_linears=True)
     engine = Engine(model, None, max_batch_size=2, max_seq_len=32, dtype="bfloat16")
-    assert not engine.runner.packed and not cpu_packing.is_packed(model)
+    assert not engine.runner.packed and not any("_packed_weight" in m.__dict__ for m in model.modules())
     assert len(engine.generate(prompts_of([5]), SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids) == 3
     monkeypatch.setenv("PERSIMMON_PACKED_LINEARS", "0")
     assert "PERSIMMON_PACKED_LINEARS" in cpu_packing_unsupported(torch.float32)

@@ -273,7 +273,7 @@ def test_a_replica_that_cannot_start_stops_the_run_in_one_line(ray_address, tmp_
 def test_errors_in_the_report_are_one_plain_line():
     """What Ray puts in the message of an actor that died in its constructor: colour escapes, then
     the traceback. The report keeps the first line, as plain text."""
-    from pipeline.report import one_line
+    from pipeline.errors import one_line
 
     ray_text = ("ActorDiedError: The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker("
                 "MapBatches(UnitRunner)).__init__()\x1b[39m (pid=1, ip=127.0.0.1)\n           ^^^^^^^^^\n"

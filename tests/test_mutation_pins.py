@@ -66,7 +66,7 @@ def test_calibration_with_examples_scores_content_free_inputs_after_the_prefix(t
 
     in_context, bare = p_cf(prefix), p_cf("")
     assert max(abs(a - b) for a, b in zip(in_context, bare)) > 1e-4  # the prefix matters to the test
-    assert stage.p_cf == pytest.approx(in_context, abs=1e-6)
+    assert [math.exp(x) for x in stage.log_p_cf] == pytest.approx(in_context, abs=1e-6)
     rows = stage({"id": [0, 1, 2], "prompt": PROMPTS[:3]}).to_pylist()
     for row in rows:
         q = [p / w for p, w in zip(_softmax(row["scores"]), in_context)]

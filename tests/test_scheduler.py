@@ -53,7 +53,7 @@ class FakeRunner:
             for o in range(self.bs):
                 self.slots.pop(block * self.bs + o, None)
         sampled, scored = [], []
-        self.forward_tokens.append(step.num_tokens)
+        self.forward_tokens.append(sum(item.num_tokens for item in step.items))
         for item in step.items:
             seq = item.seq
             assert seq.row >= 0 and item.start == seq.num_computed
@@ -200,7 +200,7 @@ def test_cached_blocks_survive_calls_and_are_evicted_lru_when_needed():
     sched.add(big)
     drive(sched, runner)
     assert big.output == reference(big.prompt, 4)
-    assert not sched.blocks.is_cached(a.hashes[0])
+    assert a.hashes[0] not in sched.blocks.cached
 
 
 def test_chunked_prefill_respects_the_budget_and_samples_only_at_the_end():
@@ -313,12 +313,12 @@ def test_block_manager_refcounts_and_reserved_blocks():
     assert sorted(got) == [2, 3, 4, 5] and m.allocate(1) is None  # blocks 0 (null) and 1 (scratch) never
     m.register(got[0], b"h0")
     m.release(got)
-    assert m.num_free == 4 and m.is_cached(b"h0")
+    assert m.num_free == 4 and b"h0" in m.cached
     hit = m.lookup([b"h0", b"h1"])
     assert hit == [got[0]] and m.ref[got[0]] == 1 and m.num_free == 3
     m.release(hit)
     again = m.allocate(4)  # needs every block: the cached one is evicted
-    assert again is not None and not m.is_cached(b"h0")
+    assert again is not None and b"h0" not in m.cached
 
 
 def test_admission_holds_back_the_growth_finished_rows_predict():
