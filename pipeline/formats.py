@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from . import openai_batch
 from .errors import RowError
-from .row_settings import SAMPLING_COLUMNS, SettingError, coerce
+from .row_settings import SAMPLING_COLUMNS, checked
 from .stages import TASKS
 from .storage import Location, commit, ensure_dir, read_bytes, read_file, retry, temp_sibling
 
@@ -88,21 +88,20 @@ def _missing(config, names) -> list[str]:
     return [c for c in (config.id_column, config.prompt_column, *config.keep_columns) if c not in names]
 
 
+def _no_rows(config) -> pa.Table:
+    """An empty file's table: the id, prompt and kept columns, of no type yet, and 0 rows."""
+    return pa.table({c: pa.nulls(0) for c in (config.id_column, config.prompt_column, *config.keep_columns)})
+
+
 class InputFormat:
+    """Each format has `inspect(loc, config) -> Inspected`; `read_ids(loc, config)`: every row's id
+    (null if none), in order, in Arrow arrays of at most `ID_CHUNK_ROWS`; `batches(loc, split,
+    config, columns)`: the unit's rows as tables of `columns` (those the file has), each with
+    {row: read error}."""
+
     name = ""
     suffixes: tuple[str, ...] = ()
     by_extension = True  # chosen for these suffixes under --input-format auto
-
-    def inspect(self, loc: Location, config) -> Inspected:
-        raise NotImplementedError
-
-    def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
-        """Every row's id (null if none), in order, in Arrow arrays of at most `ID_CHUNK_ROWS`."""
-        raise NotImplementedError
-
-    def batches(self, loc: Location, split: Split, config, columns: list[str]) -> Iterator[tuple[pa.Table, dict]]:
-        """The unit's rows as tables of `columns` (those the file has), each with {row: read error}."""
-        raise NotImplementedError
 
     def split_name(self, stem: str, split: Split, n_splits: int) -> str:
         if n_splits == 1:
@@ -180,14 +179,15 @@ class ParquetInput(InputFormat):
 
 
 class _RowsInput(InputFormat):
-    """Formats read whole into rows on each use (JSONL, CSV): one parse, cached per file."""
+    """Formats read whole into rows on each use (JSONL, CSV): one parse (`_parse(raw, config)` ->
+    (table, {row: error})), cached per file."""
 
     _cache: dict = {}
 
     def _load(self, loc: Location, config) -> tuple[pa.Table, dict[int, RowError], str]:
         """(table of the file's rows, {row: error} for rows that could not be read, sha256)."""
         key = (loc.uri, config.task, config.id_column, config.prompt_column, tuple(config.keep_columns),
-               TASKS[config.task].input_columns(config))  # the columns _parse reads depend on all of these
+               TASKS[config.task].input_columns(config))  # what _parse reads depends on all of these
         hit = self._cache.get(key)
         raw = _open_text(loc)
         digest = hashlib.sha256(raw).hexdigest()[:32]
@@ -197,9 +197,6 @@ class _RowsInput(InputFormat):
         self._cache.clear()  # one file at a time: replicas read their units in turn
         self._cache[key] = (table, errors, digest)
         return table, errors, digest
-
-    def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
-        raise NotImplementedError
 
     def inspect(self, loc: Location, config) -> Inspected:
         try:
@@ -304,8 +301,8 @@ class JsonlInput(_RowsInput):
             rows.append(row if row is not None else {})
             lines.append(where)
         required = list(dict.fromkeys([config.id_column, config.prompt_column, *config.keep_columns]))
-        if not rows:  # an empty file has the columns, of no type yet, and 0 rows
-            return pa.table({c: pa.nulls(0) for c in required}), errors
+        if not rows:
+            return _no_rows(config), errors
         # the id, prompt and kept columns are always there (nulls where absent), so the table has
         # one row per line even when no line is readable; which were absent is noted for inspect()
         names = dict.fromkeys([*required, *SAMPLING_COLUMNS, *TASKS[config.task].input_columns(config)])
@@ -342,11 +339,9 @@ class JsonlInput(_RowsInput):
         must not turn the whole column into text."""
         out = []
         for i, v in enumerate(values):
-            try:
-                v = coerce(name, v)
-            except SettingError as e:
-                errors.setdefault(i, RowError("invalid_sampling", self.setting_error(str(e))).at(lines[i]))
-                v = None
+            v, error = checked(name, v, self.setting_error)
+            if error is not None:
+                errors.setdefault(i, error.at(lines[i]))
             out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
         return out
 
@@ -434,9 +429,8 @@ class CsvInput(_RowsInput):
         are parsed by the stage). A record that does not parse is an error row after the good
         ones; so is one whose quote is left open (`_open_quotes`), the lines after it parsed on
         their own so that it never swallows its neighbours."""
-        required = [config.id_column, config.prompt_column, *config.keep_columns]
-        if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either: the columns, no rows
-            return pa.table({c: pa.nulls(0) for c in dict.fromkeys(required)}), {}
+        if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either
+            return _no_rows(config), {}
         header_end = raw.find(b"\n", len(raw) - len(raw.lstrip(b"\r\n"))) + 1 or len(raw)
         names = pcsv.open_csv(io.BytesIO(raw[:header_end])).schema.names
         twice = sorted({c for c in names if names.count(c) > 1})
@@ -449,19 +443,19 @@ class CsvInput(_RowsInput):
         open_quotes = _open_quotes(raw) if spans_lines else []
         if open_quotes and open_quotes[0][0] < header_end:
             raise ValueError("the header opens a quoted field that is never closed")
-        bad = [(row.number, row.text) for row in rejected]  # (record number, text), the header is record 1
+        bad = [(row.number, row.text, None) for row in rejected]  # (record number, text, why), the header is record 1
         if open_quotes:  # each stretch between such records on its own, numbered as in the file
             tables, bad, records, at = [], [], 1, header_end
             for start, end, why in [*open_quotes, (len(raw), len(raw), None)]:
                 if raw[at:start].strip():
                     part, rejected = _csv_records(raw[:header_end] + raw[at:start], names)
-                    bad += [(records + row.number - 1, row.text) for row in rejected]
+                    bad += [(records + row.number - 1, row.text, None) for row in rejected]
                     tables.append(part)
                     records += part.num_rows + len(rejected)
                 if why is not None:
                     records += 1
-                    bad.append((records, f"(line {_line_of(raw, start)}) {why}",
-                                raw[start:end].decode("utf-8", "replace").rstrip()))
+                    bad.append((records, raw[start:end].decode("utf-8", "replace").rstrip(),
+                                f"(line {_line_of(raw, start)}) {why}"))
                 at = end
             table = pa.concat_tables(tables) if tables else table.slice(0, 0)
         if config.id_column in names:  # an empty id cell is a missing id, not the id ""
@@ -472,11 +466,10 @@ class CsvInput(_RowsInput):
         if bad:  # malformed records: after the good rows, in file order, id null
             n = table.num_rows
             table = pa.concat_tables([table, pa.table({c: pa.nulls(len(bad), pa.string()) for c in names})])
-            for k, (number, *why, text) in enumerate(sorted(bad, key=lambda b: b[0] or 0)):
-                record = f"record {number if number is not None else '?'}"
-                errors[n + k] = RowError("invalid_row", f"{record} {why[0]} ({text[:60]!r}); the lines after it are "
-                                         "read as rows of their own" if why else
-                                         f"{record} does not parse as CSV ({text[:60]!r})")
+            for k, (number, text, why) in enumerate(sorted(bad, key=lambda b: b[0] or 0)):
+                after = "; the lines after it are read as rows of their own" if why else ""
+                errors[n + k] = RowError("invalid_row", f"record {number if number is not None else '?'} "
+                                         f"{why or 'does not parse as CSV'} ({text[:60]!r}){after}")
         return table, errors
 
 
@@ -554,15 +547,14 @@ def strip_suffix(name: str) -> str:
 
 # ---- outputs --------------------------------------------------------------------------------------
 class OutputFormat:
+    """Each format has `read_stats(loc)`: the stats of a committed output, or None if it is not a
+    complete one."""
+
     name, extension = "", ""
     Writer: type  # Writer(stream, schema): write(table), finish(stats) -> sidecar bytes or None; close() if it has one
 
     def open(self, stream, schema: pa.Schema, config):
         return self.Writer(stream, schema)
-
-    def read_stats(self, loc: Location) -> dict | None:
-        """The stats of a committed output, or None if it is not a complete one."""
-        raise NotImplementedError
 
     def sidecar(self, final: Location) -> Location | None:
         return None

@@ -219,15 +219,9 @@ def _short_hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
-# our per-row setting names -> the request fields they came from, for error messages
-FIELD_NAMES = {"max_new_tokens": "max_tokens", "json_schema": "response_format"}
-
-
 def request_error(message: str) -> str:
     """A per-row setting error in the request's own terms (max_tokens, not max_new_tokens)."""
-    for ours, theirs in FIELD_NAMES.items():
-        message = message.replace(ours, theirs)
-    return message
+    return message.replace("max_new_tokens", "max_tokens").replace("json_schema", "response_format")
 
 
 def response_line(row: dict, id_column: str, model: str, created: int) -> dict:

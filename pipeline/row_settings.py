@@ -75,10 +75,11 @@ def _number(name: str, value: Any) -> int | float:
 def coerce(name: str, value: Any) -> Any:
     """The value of one per-row setting in the type the engine takes, or None to keep the run's
     value. Raises SettingError for a value of the wrong kind."""
-    if value is None or (isinstance(value, str) and not value.strip() and name != "stop"):
+    if value is None:
         return None
-    if isinstance(value, float) and math.isnan(value) and name != "stop":
-        return None  # pandas' missing value
+    empty = isinstance(value, str) and not value.strip() or isinstance(value, float) and math.isnan(value)
+    if empty and name != "stop":
+        return None  # an empty cell, or pandas' missing value
     if name in _INTEGERS or name in _NUMBERS:
         return _number(name, value)
     if name == "stop":
@@ -105,6 +106,15 @@ def coerce(name: str, value: Any) -> Any:
     raise KeyError(name)
 
 
+def checked(name: str, value: Any, say=str) -> tuple[Any, RowError | None]:
+    """(coerce(name, value), None), or (None, the row's error) for a refused value; `say` words
+    the message (an OpenAI batch's names the request's fields)."""
+    try:
+        return coerce(name, value), None
+    except SettingError as e:
+        return None, RowError("invalid_sampling", say(str(e)))
+
+
 def row_overrides(columns: dict[str, list], n: int) -> list[tuple[dict, RowError | None]]:
     """For each of `n` rows, (its overrides {setting: value}, error or None), from the batch's
     per-row setting columns ({name: values})."""
@@ -112,10 +122,8 @@ def row_overrides(columns: dict[str, list], n: int) -> list[tuple[dict, RowError
     for i in range(n):
         settings, error = {}, None
         for name, values in columns.items():
-            try:
-                value = coerce(name, values[i])
-            except SettingError as e:
-                error = RowError("invalid_sampling", str(e))
+            value, error = checked(name, values[i])
+            if error is not None:
                 break
             if value is not None:
                 settings[name] = value

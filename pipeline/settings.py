@@ -88,13 +88,18 @@ _KINDS = {"bool_type": "true or false", "int_type": "an integer", "float_type": 
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
+def _unknown_keys(names: list[str], known: set[str]) -> ConfigError:
+    hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u for u in names]
+    return ConfigError(f"unknown config keys: {', '.join(hints)}")
+
+
 def _config_error(e: ValidationError, known: set[str]) -> ConfigError:
     """The first problem pydantic found, as one line naming the field."""
     err = e.errors()[0]
-    name, value, kind, ctx = str(err["loc"][0]) if err["loc"] else "config", err["input"], err["type"], err.get("ctx", {})
+    name = str(err["loc"][0]) if err["loc"] else "config"
+    value, kind, ctx = err["input"], err["type"], err.get("ctx", {})
     if kind == "unexpected_keyword_argument":
-        match = difflib.get_close_matches(name, known, 1)
-        return ConfigError(f"unknown config keys: {name}" + (f" (did you mean {match[0]}?)" if match else ""))
+        return _unknown_keys([name], known)
     if len(err["loc"]) > 1 and isinstance(err["loc"][1], int):  # an item of a list of strings
         return ConfigError(f"{name}: every item must be a string, got {type(value).__name__} {value!r:.60} "
                            "(quote it in YAML: yes / no / numbers are not strings there)")
@@ -226,7 +231,8 @@ class PipelineConfig:
     kv_cache_gib: Optional[float] = _f(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the device "
                            "memory free after the weights load (a replica with "
                            "--num-gpus-per-replica < 1, or a CPU replica, counts only its share of "
-                           "the device), less activation headroom. See `persimmon-batch capacity`.", gt=0, allow_inf_nan=False)
+                           "the device), less activation headroom. See `persimmon-batch capacity`.", gt=0,
+                           allow_inf_nan=False)
     memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV "
                                 "cache and activations when --kv-cache-gib is unset.", gt=0, le=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype: auto (bfloat16 for GPU replicas, i.e. "
@@ -415,7 +421,8 @@ class PipelineConfig:
             bad("num_gpus_per_replica", "above 1 it must be a whole number")
         if self.quantize_lm_head and self.quantization == "none":
             bad("quantize_lm_head", "needs --quantization int8 or fp8")
-        if self.quantization == "fp8" and (self.device == "cpu" or (self.device == "auto" and not self.num_gpus_per_replica)):
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not self.num_gpus_per_replica)
+        if self.quantization == "fp8" and on_cpu:
             bad("quantization", "fp8 weights need a CUDA GPU of compute capability 8.9+ (L4, L40S, H100): "
                 "give replicas a GPU (--num-gpus-per-replica) or use --quantization int8 on CPU")
         if "openai-batch" in (self.input_format, self.output_format):
@@ -484,7 +491,8 @@ class PipelineConfig:
             out, spelled = {}, {}
             for k, v in (d or {}).items():
                 if not isinstance(k, str):  # YAML `1:`, `null:`, `on:` (a bool in YAML 1.1)
-                    raise ConfigError(f"config keys are setting names, got {type(k).__name__} {k!r} (quote it in YAML?)")
+                    raise ConfigError(f"config keys are setting names, got {type(k).__name__} {k!r} "
+                                      "(quote it in YAML?)")
                 name = k.replace("-", "_")
                 if name in spelled:  # `max-new-tokens:` and `max_new_tokens:` in one file: not silently the last
                     raise ConfigError(f"{name}: given twice, as {spelled[name]} and {k}; keep one")
@@ -498,9 +506,7 @@ class PipelineConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u
-                     for u in unknown]
-            raise ConfigError(f"unknown config keys: {', '.join(hints)}")
+            raise _unknown_keys(unknown, known)
         return cls(**raw)
 
     @classmethod
