@@ -328,7 +328,7 @@ class JsonlInput(_RowsInput):
                         values[i] = None
                 columns[name] = pa.array(values, pa.string())
                 continue
-            if name in TASKS[config.task].row_columns and name not in (config.prompt_column, *config.keep_columns):
+            if name in TASKS[config.task].row_columns and name not in config.keep_columns:
                 values = self._settings(name, values, errors, lines)
             columns[name] = _column(values) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]

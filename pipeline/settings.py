@@ -123,17 +123,17 @@ class PipelineConfig:
     task: Literal[TASK_NAMES] = _f("generate", "generate: complete each prompt; classify: sequence-classification "
                    "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM "
                    "by scoring --choices; score: each text's log-likelihood and perplexity.", cli=False)
-    input: Union[str, list[str], None] = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// (or gs://, "
-                    "abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated "
-                    "list of files.")
+    input: Union[str, list[str], None] = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, "
+                                            "s3:// (or gs://, abfs:// with their fsspec package) directory, glob "
+                                            "(*.jsonl) or comma-separated list of files.")
     output: Optional[str] = _f(None, "Output directory URI. One output file per input file (or per "
                      "--rows-per-unit slice) plus _run_report.json.")
-    input_format: Literal[INPUT_FORMAT_NAMES] = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / .json / .ndjson, "
-                           "also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI Batch API "
-                           "request lines: custom_id, url, body; generate only).")
-    output_format: Literal[OUTPUT_FORMAT_NAMES] = _f("auto", "Output format: parquet, jsonl (one JSON object per row; statistics in "
-                            "_stats/) or openai-batch (OpenAI Batch API output lines). auto = openai-batch "
-                            "for openai-batch input, else parquet.")
+    input_format: Literal[INPUT_FORMAT_NAMES] = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / "
+                           ".json / .ndjson, also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI "
+                           "Batch API request lines: custom_id, url, body; generate only).")
+    output_format: Literal[OUTPUT_FORMAT_NAMES] = _f("auto", "Output format: parquet, jsonl (one JSON object per "
+                            "row; statistics in _stats/) or openai-batch (OpenAI Batch API output lines). auto = "
+                            "openai-batch for openai-batch input, else parquet.")
     model: Optional[str] = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
                     "tokenizer.model): a local directory, an object-store URI (downloaded once "
                     "per node into --model-cache-dir) or a Hugging Face hub id: owner/name[@revision] "
@@ -166,8 +166,8 @@ class PipelineConfig:
                                    "(comma-separated; an empty item is the empty string).")
     low_margin: float = _f(0.1, "label task: rows whose top-1 minus top-2 probability is below this "
                            "are counted in the run report (where to review).", ge=0, le=1)
-    examples: Union[str, list[dict], None] = _f(None, "Few-shot examples: a JSONL file (local or object store) of {prompt, "
-                       "label} rows (label task) or {prompt, completion} rows (generate). Each is "
+    examples: Union[str, list[dict], None] = _f(None, "Few-shot examples: a JSONL file (local or object store) "
+                       "of {prompt, label} rows (label task) or {prompt, completion} rows (generate). Each is "
                        "rendered through the prompt template, then the choice separator (label) or "
                        "a space (generate), its answer and a blank line; the result prefixes every "
                        "row, computed once per replica and reused.")
@@ -235,8 +235,8 @@ class PipelineConfig:
                            allow_inf_nan=False)
     memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV "
                                 "cache and activations when --kv-cache-gib is unset.", gt=0, le=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype: auto (bfloat16 for GPU replicas, i.e. "
-                    "--num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype: auto (bfloat16 for GPU "
+                    "replicas, i.e. --num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.")
     quantization: Literal["none", "int8", "fp8"] = _f("none", "Weight quantization, applied layer by layer "
                     "while the model loads: none; int8 (weight-only int8 with per-channel scales, through "
                     "torchao; CPU and CUDA); fp8 (float8 e4m3 weights with per-channel scales; CUDA GPUs of "
@@ -245,7 +245,8 @@ class PipelineConfig:
     quantize_lm_head: bool = _f(False, "Quantize the lm_head too (with --quantization int8/fp8): its "
                                 "vocab x hidden weights take 1 byte instead of 2 (1 GiB saved at "
                                 "Persimmon-8B's 262k vocab in bf16), at some cost in logit accuracy.")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or cuda.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or "
+                                                "cuda.")
     rows_per_unit: int = _f(0, "Split input files into units of about this many rows (Parquet: at "
                             "row-group boundaries). A unit is what is committed, retried and "
                             "resumed as a whole, and gets its own output file; 0 = one unit per file.", ge=0)
@@ -358,9 +359,8 @@ class PipelineConfig:
 
     @property
     def resolved_dtype(self) -> str:
-        """The dtype replicas run in: --dtype, or for auto bfloat16 on GPU replicas
-        (num_gpus_per_replica > 0 or device cuda) and float32 on CPU ones. Decided from the
-        config alone, so it is known (and recorded) before any replica starts."""
+        """The dtype replicas run in (auto: bfloat16 on GPU replicas, float32 on CPU ones), decided
+        from the config alone so it is known (and recorded) before any replica starts."""
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.num_gpus_per_replica > 0 or self.device == "cuda" else "float32"
@@ -448,12 +448,9 @@ class PipelineConfig:
 
     # ---- environment, serialisation ------------------------------------------------------
     def with_env(self) -> "PipelineConfig":
-        """A copy with S3 settings filled from the driver's environment where unset.
-
-        The result travels to every replica (workers on other nodes do not see the driver's
-        environment). Credentials left unset everywhere make each node use its own default
-        chain (instance profile), which is what a cloud cluster normally wants.
-        """
+        """A copy with S3 settings filled from the driver's environment where unset: it travels to
+        every replica (workers on other nodes do not see the driver's environment). Credentials
+        unset everywhere leave each node its own default chain (instance profile)."""
         env = os.environ
         updates = {}
         if self.s3_endpoint is None:
