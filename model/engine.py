@@ -9,9 +9,8 @@ plus choice scoring and classification. vLLM in miniature; `generate` loops unti
   (model/structured.py); log-probabilities come from the raw logits (model/logprobs.py);
 - update and output (model/outputs.py): end rows at stop ids, length limits and stop strings.
 
-`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. Memory: the KV pool is
-a budget (`kv_cache_gib`, or `memory_fraction` of what is free after the weights load, times
-`memory_share`); `max_batch_size` and `max_seq_len` are caps that cost no memory.
+`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. The KV pool is a memory
+budget; `max_batch_size` and `max_seq_len` are caps that cost no memory (see Engine's Args).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The model runner: owns the weights, the paged KV pool, the block-table tensor and CUDA graphs,
-and runs every forward the engine makes.
+and runs every forward the engine makes (it checks the engine's sizing arguments).
 
 - `execute(step)` runs one scheduled step (model/scheduler.py): the new tokens of every row side
   by side as one flat sequence, returning hidden states only where a token is sampled or a
