@@ -136,7 +136,8 @@ class Engine:
             raise RowError("empty_prompt", "empty prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise RowError("invalid_prompt", f"token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+            raise RowError("invalid_prompt",
+                           f"token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
         return list(prompt)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset:
