@@ -34,8 +34,6 @@ KERNEL_MAX_QUERY = 16  # cached sequences with longer query runs use SDPA (GEMM-
 
 class PagedKVCache:
     def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype, device=None):
-        if num_blocks < 2:
-            raise ValueError(f"a KV pool needs at least 2 blocks (one is the null block), got {num_blocks}")
         shape = (config.num_hidden_layers, num_blocks * block_size, config.num_attention_heads, config.head_dim)
         # torch.empty: on CPU pages are committed only when first written, so RSS follows use
         self.k = torch.empty(shape, dtype=dtype, device=device)

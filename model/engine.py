@@ -9,15 +9,12 @@ plus choice scoring and classification. vLLM in miniature; `generate` loops unti
   (model/structured.py); log-probabilities come from the raw logits (model/logprobs.py);
 - update and output (model/outputs.py): end rows at stop ids, length limits and stop strings.
 
-`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. Memory: the KV pool is
-a budget (`kv_cache_gib`, or `memory_fraction` of what is free after the weights load, times
-`memory_share`); `max_batch_size` and `max_seq_len` are caps that cost no memory.
+`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. The KV pool is a memory
+budget; `max_batch_size` and `max_seq_len` are caps that cost no memory (see Engine's Args).
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import random
 
@@ -27,7 +24,7 @@ from . import scoring
 from .checkpoint import load_pretrained, resolve_dtype
 from .config import PersimmonConfig
 from .cpu_packing import unpack_cpu_linears
-from .logprobs import sampled_logprobs, target_logprobs
+from .logprobs import prompt_logprobs, step_logprobs
 from .model_runner import ModelRunner
 from .modeling import PersimmonForCausalLM
 from .outputs import Completion, OutputProcessor, RowError, error_kind
@@ -37,8 +34,6 @@ from .sampling_params import SamplingParams
 from .scheduler import BlockManager, Scheduler, Sequence
 from .structured import Grammars
 from .tokenizer import PersimmonTokenizer
-
-log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -81,23 +76,6 @@ class Engine:
         self.config: PersimmonConfig = model.config
         self.tokenizer = tokenizer
         self.max_seq_len = self.config.max_position_embeddings if max_seq_len is None else max_seq_len
-        for name, value, low, high in (("max_batch_size", max_batch_size, 1, 1 << 20),
-                                       ("prefill_token_budget", prefill_token_budget, 1, 1 << 24),
-                                       ("kv_block_size", kv_block_size, 1, 1024),
-                                       ("max_seq_len", self.max_seq_len, 2, 1 << 24)):
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        for name, value in (("kv_cache_gib", kv_cache_gib), ("memory_fraction", memory_fraction),
-                            ("memory_share", memory_share)):
-            if value is None and name == "kv_cache_gib":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
-                    or (name != "kv_cache_gib" and value > 1):
-                limit = "a finite number of GiB > 0" if name == "kv_cache_gib" else "a number in (0, 1]"
-                raise ValueError(f"{name} must be {limit}, got {value!r}")
-        if self.max_seq_len > self.config.max_position_embeddings and self.config.rope_type == "default":
-            log.warning("max_seq_len=%d is past the model's max_position_embeddings=%d: positions beyond it "
-                        "were never trained", self.max_seq_len, self.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.prefill_token_budget = prefill_token_budget
         self.runner = ModelRunner(model, max_batch_size=max_batch_size, max_seq_len=self.max_seq_len,
@@ -158,7 +136,8 @@ class Engine:
             raise RowError("empty_prompt", "empty prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise RowError("invalid_prompt", f"token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+            raise RowError("invalid_prompt",
+                           f"token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
         return list(prompt)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset:
@@ -222,7 +201,7 @@ class Engine:
         if scoring_rows:
             on_hidden(scoring_rows)
         if prompt_rows:
-            self._prompt_logprobs(hidden, prompt_rows)
+            prompt_logprobs(self.model.lm_head, hidden, prompt_rows)
         tokens, logprobs, ended = [], None, []  # ended: (row, reason) the output step ends
         if sampling:
             logits = self.model.lm_head(hidden[torch.tensor(sample_at, device=hidden.device)])
@@ -232,7 +211,7 @@ class Engine:
                 ended = [(s, "error") for s in dead]
             tokens = self.sampler(logits, [s.params for s in sampling], [s.seed for s in sampling],
                                   [len(s.output) for s in sampling])
-            logprobs = self._sampled_logprobs(raw, sampling, tokens)
+            logprobs = step_logprobs(raw, sampling, tokens)
         finished = self.scheduler.update(step, tokens, logprobs)
         if masks is not None:
             ended += self.grammars.advance(sampling, dead=[s for s, _ in ended])
@@ -241,33 +220,6 @@ class Engine:
             if self.scheduler.finish(seq, reason):
                 finished.append(seq)
         return finished
-
-    @staticmethod
-    def _sampled_logprobs(raw: torch.Tensor, sampling: list[Sequence], tokens: list[int]) -> list | None:
-        """Per sampling row, its token's (logprob, top ids, top logprobs) or None; None if no row asks."""
-        rows = [i for i, s in enumerate(sampling) if s.params.logprobs is not None]
-        if not rows:
-            return None
-        found = sampled_logprobs(raw, rows, [tokens[i] for i in rows], [sampling[i].params.logprobs for i in rows])
-        by_row = dict(zip(rows, found))
-        return [by_row.get(i) for i in range(len(sampling))]
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list) -> None:
-        """Record the prompt log-probabilities of each row's positions [start, stop) this step:
-        position p's hidden state (at `at + p - start`) predicts prompt token p + 1."""
-        index, targets, spans = [], [], []
-        for seq, at, start, stop in prompt_rows:
-            n = max(0, stop - start)
-            index += range(at, at + n)
-            targets += seq.prompt[start + 1:start + 1 + n]
-            spans.append((seq, n))
-        if not index:
-            return
-        values = target_logprobs(self.model.lm_head, hidden[torch.tensor(index, device=hidden.device)], targets)
-        k = 0
-        for seq, n in spans:
-            seq.prompt_logprobs += values[k:k + n]
-            k += n
 
     def _abort(self) -> None:
         """Drop every queued row (after an exception): nothing half-done leaks into the next call."""

@@ -31,11 +31,34 @@ def sampled_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
     return out
 
 
-def target_logprobs(lm_head, hidden: torch.Tensor, targets: list[int]) -> list[float]:
-    """log p(targets[i] | hidden[i]) for hidden [M, C], LOGPROB_ROWS positions at a time."""
-    out: list[float] = []
-    for a in range(0, hidden.shape[0], LOGPROB_ROWS):
+def step_logprobs(raw: torch.Tensor, sampling: list, tokens: list[int]) -> list | None:
+    """Per sampling row of a step, its token's (logprob, top ids, top logprobs) or None; None if no row asks."""
+    rows = [i for i, s in enumerate(sampling) if s.params.logprobs is not None]
+    if not rows:
+        return None
+    found = sampled_logprobs(raw, rows, [tokens[i] for i in rows], [sampling[i].params.logprobs for i in rows])
+    by_row = dict(zip(rows, found))
+    return [by_row.get(i) for i in range(len(sampling))]
+
+
+def prompt_logprobs(lm_head, hidden: torch.Tensor, prompt_rows: list) -> None:
+    """Record the prompt log-probabilities of each (row, at, start, stop) of a step: position p in
+    [start, stop) has its hidden state at `at + p - start` and predicts prompt token p + 1."""
+    index, targets, spans = [], [], []
+    for seq, at, start, stop in prompt_rows:
+        n = max(0, stop - start)
+        index += range(at, at + n)
+        targets += seq.prompt[start + 1:start + 1 + n]
+        spans.append((seq, n))
+    if not index:
+        return
+    hidden = hidden[torch.tensor(index, device=hidden.device)]
+    values: list[float] = []
+    for a in range(0, len(index), LOGPROB_ROWS):
         lp = lm_head(hidden[a:a + LOGPROB_ROWS]).float().log_softmax(-1)  # [n, V]
         want = torch.tensor(targets[a:a + LOGPROB_ROWS], device=lp.device)
-        out += lp.gather(1, want[:, None])[:, 0].tolist()
-    return out
+        values += lp.gather(1, want[:, None])[:, 0].tolist()
+    k = 0
+    for seq, n in spans:
+        seq.prompt_logprobs += values[k:k + n]
+        k += n

@@ -1,5 +1,5 @@
 """The model runner: owns the weights, the paged KV pool, the block-table tensor and CUDA graphs,
-and runs every forward the engine makes.
+and runs every forward the engine makes (it checks the engine's sizing arguments).
 
 - `execute(step)` runs one scheduled step (model/scheduler.py): the new tokens of every row side
   by side as one flat sequence, returning hidden states only where a token is sampled or a
@@ -17,6 +17,7 @@ and runs every forward the engine makes.
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 
@@ -25,7 +26,10 @@ from .attention import AttentionMetadata, PagedKVCache, attention_backend
 from .cpu_packing import pack_cpu_linears
 from .modeling import PersimmonForCausalLM
 from .quantization import quantization_of
+from .sampling_params import is_int, is_number
 from .scheduler import RESERVED_BLOCKS, SCRATCH_BLOCK, ScheduledStep, cdiv
+
+log = logging.getLogger(__name__)
 
 DECODE_MODES = ("dynamic", "static", "cuda_graph")
 MAX_GRAPHS = 48  # captured (batch bucket, table width) pairs; beyond this, static steps run eagerly
@@ -40,6 +44,20 @@ class ModelRunner:
                  block_size: int = 16, kv_cache_gib: float | None = None, memory_fraction: float = 0.9,
                  memory_share: float = 1.0, decode_mode: str | None = None, packed_cpu_linears: bool | None = None):
         self.model, self.config = model.eval(), model.config
+        for name, value, low, high in (("max_batch_size", max_batch_size, 1, 1 << 20),
+                                       ("prefill_token_budget", prefill_token_budget, 1, 1 << 24),
+                                       ("kv_block_size", block_size, 1, 1024),
+                                       ("max_seq_len", max_seq_len, 2, 1 << 24)):
+            if not is_int(value) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if kv_cache_gib is not None and not (is_number(kv_cache_gib) and kv_cache_gib > 0):
+            raise ValueError(f"kv_cache_gib must be a finite number of GiB > 0, got {kv_cache_gib!r}")
+        for name, value in (("memory_fraction", memory_fraction), ("memory_share", memory_share)):
+            if not (is_number(value) and 0 < value <= 1):
+                raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        if max_seq_len > self.config.max_position_embeddings and self.config.rope_type == "default":
+            log.warning("max_seq_len=%d is past the model's max_position_embeddings=%d: positions beyond it "
+                        "were never trained", max_seq_len, self.config.max_position_embeddings)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_batch_size, self.max_seq_len, self.block_size = max_batch_size, max_seq_len, block_size

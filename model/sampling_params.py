@@ -13,24 +13,24 @@ MIN_TEMPERATURE = 1e-5  # below this, fp32 logits / T overflow: such rows are gr
 MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's top_logprobs limit)
 
 
-def _int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v) -> bool:
+def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 RULES = {  # field: (is it valid, what it must be)
-    "max_new_tokens": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "top_k": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "stop": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a string or a list of strings"),
-    "stop_token_ids": (lambda v: isinstance(v, list) and all(_int(t) and t >= 0 for t in v), "a list of token ids"),
+    "stop_token_ids": (lambda v: isinstance(v, list) and all(is_int(t) and t >= 0 for t in v), "a list of token ids"),
     "ignore_eos": (lambda v: isinstance(v, bool), "True or False"),
-    "seed": (lambda v: v is None or _int(v), "an integer or None"),
-    "logprobs": (lambda v: v is None or (_int(v) and 0 <= v <= MAX_LOGPROBS),
+    "seed": (lambda v: v is None or is_int(v), "an integer or None"),
+    "logprobs": (lambda v: v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS),
                  f"None or an integer in [0, {MAX_LOGPROBS}] (top alternatives per token)"),
     "prompt_logprobs": (lambda v: isinstance(v, bool), "True or False"),
     "truncate": (lambda v: v in (None, "left"), "None or 'left'"),

@@ -50,8 +50,6 @@ class BlockManager:
     """Fixed-size KV blocks: allocation, reference counts, prefix cache (see module docstring)."""
 
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
-        if num_blocks <= RESERVED_BLOCKS:
-            raise ValueError(f"the KV pool needs more than {RESERVED_BLOCKS} blocks, got {num_blocks}")
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         self.free: list[int] = list(range(num_blocks - 1, RESERVED_BLOCKS - 1, -1))  # pop() -> lowest id
         self.ref = [0] * num_blocks
@@ -208,10 +206,6 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_rows: int, max_seq_len: int, prefill_token_budget: int,
                  chunked_prefill: bool = True, watermark: float = 0.01, reserve_growth: bool = True):
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        if prefill_token_budget < 1:
-            raise ValueError(f"prefill_token_budget must be >= 1, got {prefill_token_budget}")
         self.blocks, self.bs = blocks, blocks.block_size
         self.max_rows, self.max_seq_len = max_rows, max_seq_len
         self.prefill_token_budget, self.chunked_prefill = prefill_token_budget, chunked_prefill
@@ -354,10 +348,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
         self._register_blocks(seq)
-        self.running.remove(seq)
-        self.blocks.release(seq.blocks)
-        self.free_rows.append(seq.row)
-        seq.blocks, seq.row, seq.num_computed = [], -1, 0
+        self._free(seq)
+        seq.num_computed = 0
         step.items = [i for i in step.items if i.seq is not seq]
         step.preempted.append(seq)
         self.waiting.appendleft(seq)
@@ -404,11 +396,15 @@ class Scheduler:
             self._learn_growth(seq)
         seq.finish_reason = reason
         if seq in self.running:
-            self.running.remove(seq)
-            self.blocks.release(seq.blocks)
-            self.free_rows.append(seq.row)
-        seq.blocks, seq.row = [], -1
+            self._free(seq)
         return first
+
+    def _free(self, seq: Sequence) -> None:
+        """Take a running row out: its blocks and its table row go back."""
+        self.running.remove(seq)
+        self.blocks.release(seq.blocks)
+        self.free_rows.append(seq.row)
+        seq.blocks, seq.row = [], -1
 
     def _register_blocks(self, seq: Sequence) -> None:
         full = min(seq.num_computed, seq.cacheable_tokens) // self.bs
