@@ -89,6 +89,11 @@ class BlockManager:
         self.used_peak = max(self.used_peak, self.num_used)
         return blocks
 
+    def take_fresh(self) -> list[int]:
+        """The blocks handed out since the last call (the runner zeroes them), and forget them."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
     def release(self, blocks: list[int]) -> None:
         for block in blocks:
             self.ref[block] -= 1
@@ -243,7 +248,7 @@ class Scheduler:
         step = ScheduledStep(items=[], preempted=[])
         self._grow_decoding(step)
         self._schedule_prefill(step)
-        step.fresh_blocks, self.blocks.fresh = self.blocks.fresh, []
+        step.fresh_blocks = self.blocks.take_fresh()
         if step.preempted:  # admitted too much: hold back more until finished rows say otherwise
             self.growth_ratio = min(1.0, self.growth_ratio + GROWTH_PER_PREEMPTION * len(step.preempted))
         self.steps += 1

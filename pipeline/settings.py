@@ -41,8 +41,8 @@ DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
 RUN_FIELDS = ("input", "output", "input_format", "output_format", "rows_per_unit", "resume", "overwrite",
               "check_duplicate_ids", "on_bad_input", "batch_timeout_s")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
-# the engine's own bounds (model/engine.py, Engine.__init__): a value past them would pass here and
-# fail in every replica's constructor, so they are refused on the driver
+# the engine's own bounds (model/model_runner.py, ModelRunner.__init__): a value past them would pass
+# here and fail in every replica's constructor, so they are refused on the driver
 MAX_SEQ_LEN = 1 << 24
 MAX_NUM_SEQS = 1 << 20
 INPUT_FORMAT_NAMES = ("auto", *INPUT_FORMATS)  # each format is one class in pipeline/formats.py
