@@ -2,25 +2,21 @@
 how an output file is written and recognised as committed.
 
 Inputs (by extension in any case, or `--input-format`):
-- Parquet (`.parquet`): read column-wise; units are row groups (`--rows-per-unit`).
-- JSONL (`.jsonl`, `.json` with one object per line, also `.gz` / `.zst` compressed): read line
-  by line, because pyarrow's JSON reader rejects a whole block for one bad line. A line that is
-  not a JSON object becomes a row with `error` = `invalid_line: line N ...` (id null); empty
-  lines are not rows; a lone surrogate (`"\\ud83d"`) is its row's error. A file that is one JSON
-  array is read as rows, one per element. Ids keep their JSON type (the first row's decides;
-  another type is that row's `invalid_id` error).
-- CSV (`.csv`, also compressed): pyarrow's reader with an `invalid_row_handler`; a malformed row
-  becomes a row with `error` = `invalid_row: record N ...` after the good rows of its unit, and
-  so does a record whose quote is left open (`_open_quotes`), the lines after it read as rows.
-JSONL and CSV units are row ranges. Their content hash (sha256 of the file's bytes) is part of
-each unit's fingerprint, so any edit is seen; Parquet's is its footer and id column
-(`ParquetInput._digest`).
+- Parquet: read column-wise; units are row groups (`--rows-per-unit`).
+- JSONL (`.jsonl`, `.ndjson`, `.json`, also compressed): read line by line, as pyarrow's reader
+  rejects a whole block for one bad line. A line that is not a JSON object is a row with `error`
+  `invalid_line: line N ...` (id null); empty lines are not rows; a lone surrogate is its row's
+  error; a file that is one JSON array is one row per element. Ids keep their JSON type (the
+  first row's decides; another type is that row's `invalid_id`).
+- CSV (also compressed): a malformed record, or one whose quote is left open (`_open_quotes`;
+  the lines after it are read as rows), is an `invalid_row: record N ...` row after the good
+  rows of its unit.
+JSONL and CSV units are row ranges fingerprinted by the sha256 of the file's bytes; Parquet's
+fingerprint is its footer and id column (`ParquetInput._digest`).
 
-Outputs (`--output-format`):
-- Parquet (default): the unit's statistics and the sha256 of the data live in the file's footer.
-- JSONL: one JSON object per row, bytes as "base64:..."; the statistics live in a sidecar
-  `_stats/<name>.json` committed just after the data file, and a file counts as committed only
-  when the sidecar names its exact size and sha256.
+Outputs (`--output-format`): Parquet keeps the unit's statistics and the data's sha256 in its
+footer; JSONL (bytes as "base64:...") in a sidecar `_stats/<name>.json` committed after the data
+file, and the file counts as committed only when the sidecar names its exact size and sha256.
 """
 
 from __future__ import annotations
@@ -84,24 +80,37 @@ def _id_chunks(ids: pa.ChunkedArray) -> Iterator[pa.Array]:
     return (ids.slice(a, ID_CHUNK_ROWS).combine_chunks() for a in range(0, len(ids), ID_CHUNK_ROWS))
 
 
-def _missing(config, names) -> list[str]:
-    return [c for c in (config.id_column, config.prompt_column, *config.keep_columns) if c not in names]
-
-
 def _no_rows(config) -> pa.Table:
-    """An empty file's table: the id, prompt and kept columns, of no type yet, and 0 rows."""
+    """An empty file's table: the id, prompt and kept columns, of no type yet."""
     return pa.table({c: pa.nulls(0) for c in (config.id_column, config.prompt_column, *config.keep_columns)})
 
 
 class InputFormat:
     """Each format has `inspect(loc, config) -> Inspected`; `read_ids(loc, config)`: every row's id
-    (null if none), in order, in Arrow arrays of at most `ID_CHUNK_ROWS`; `batches(loc, split,
-    config, columns)`: the unit's rows as tables of `columns` (those the file has), each with
-    {row: read error}."""
+    (null if none), in order, in arrays of at most `ID_CHUNK_ROWS`; `batches(loc, split, config,
+    columns)`: the unit's rows as tables of `columns` (those the file has), with {row: read error}."""
 
-    name = ""
+    name = title = ""  # title: how a problem names the format
     suffixes: tuple[str, ...] = ()
     by_extension = True  # chosen for these suffixes under --input-format auto
+    lacking = ""  # the problem of a file without a needed column
+
+    def inspect(self, loc: Location, config) -> Inspected:
+        try:  # names: the columns the file has (None: not known, no row is readable)
+            found, names, splits = self._inspect(loc, config)
+        except FileNotFoundError:
+            return Inspected(problem="file vanished")
+        except Exception as e:  # noqa: BLE001 - truncated, undecodable, not the format at all, storage error
+            return Inspected(problem=f"unreadable {self.title or self.name} ({type(e).__name__}: {e})")
+        needed = (config.id_column, config.prompt_column, *config.keep_columns)
+        missing = [c for c in needed if c not in names] if names is not None else []
+        if missing:
+            found.problem = self.lacking.format(missing=missing, names=names)
+        elif found.num_rows == 0:
+            found.problem = "empty (0 rows)"
+        else:
+            found.splits = splits
+        return found
 
     def split_name(self, stem: str, split: Split, n_splits: int) -> str:
         if n_splits == 1:
@@ -112,32 +121,19 @@ class InputFormat:
 
 
 class ParquetInput(InputFormat):
-    name, suffixes = "parquet", (".parquet",)
+    name, title, suffixes = "parquet", "Parquet", (".parquet",)
+    lacking = "missing column(s) {missing}; it has {names}"
 
-    def inspect(self, loc: Location, config) -> Inspected:
-        try:
-            meta = read_file(loc, lambda f: pq.ParquetFile(f).metadata, "read footer of")
-            digest = self._digest(loc, meta, config)
-        except FileNotFoundError:
-            return Inspected(problem="file vanished")
-        except Exception as e:  # noqa: BLE001 - truncated / not Parquet / storage error
-            return Inspected(problem=f"unreadable Parquet ({type(e).__name__}: {e})")
+    def _inspect(self, loc: Location, config) -> tuple[Inspected, list[str], list[Split]]:
+        meta = read_file(loc, lambda f: pq.ParquetFile(f).metadata, "read footer of")
         schema = meta.schema.to_arrow_schema()
-        found = Inspected(num_rows=meta.num_rows, schema=schema, digest=digest)
-        missing = _missing(config, schema.names)
-        if missing:
-            found.problem = f"missing column(s) {missing}; it has {schema.names}"
-        elif meta.num_rows == 0:
-            found.problem = "empty (0 rows)"
-        else:
-            found.splits = self._splits(meta, config.rows_per_unit)
-        return found
+        found = Inspected(num_rows=meta.num_rows, schema=schema, digest=self._digest(loc, meta, config))
+        return found, schema.names, self._splits(meta, config.rows_per_unit)
 
     def _digest(self, loc: Location, meta, config) -> str:
-        """A cheap content hash: the footer (schema, row groups, each chunk's statistics, sizes and
-        offsets) and the stored bytes of the id column. Statistics ignore row order, so the ids
-        catch a same-size reordering with its mtime kept (cp -p); the duplicate-id check reads
-        them anyway. Not seen: other columns changed at the same compressed sizes and statistics."""
+        """A cheap content hash: the footer (schema, row groups, chunk statistics, sizes, offsets)
+        and the id column's stored bytes, which catch a same-size reordering with its mtime kept
+        (cp -p). Not seen: other columns changed at the same compressed sizes and statistics."""
         h = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
         leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
         if config.id_column in leaves:
@@ -161,7 +157,6 @@ class ParquetInput(InputFormat):
         return splits
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
-        """The id column, a row group at a time (each read retried on its own)."""
         what = f"read ids of {loc.uri}"
         with retry(lambda: loc.fs.open_input_file(loc.path), what, loc.retries) as f:
             reader = retry(lambda: pq.ParquetFile(f), what, loc.retries)
@@ -179,13 +174,14 @@ class ParquetInput(InputFormat):
 
 
 class _RowsInput(InputFormat):
-    """Formats read whole into rows on each use (JSONL, CSV): one parse (`_parse(raw, config)` ->
-    (table, {row: error})), cached per file."""
+    """JSONL and CSV: the file parsed whole (`_parse(raw, config)` -> (table, {row: error})), cached."""
+
+    lacking = "no row has column(s) {missing}; they have {names}"
 
     _cache: dict = {}
 
     def _load(self, loc: Location, config) -> tuple[pa.Table, dict[int, RowError], str]:
-        """(table of the file's rows, {row: error} for rows that could not be read, sha256)."""
+        """(the file's rows, {row: read error}, sha256)."""
         key = (loc.uri, config.task, config.id_column, config.prompt_column, tuple(config.keep_columns),
                TASKS[config.task].input_columns(config))  # what _parse reads depends on all of these
         hit = self._cache.get(key)
@@ -198,26 +194,14 @@ class _RowsInput(InputFormat):
         self._cache[key] = (table, errors, digest)
         return table, errors, digest
 
-    def inspect(self, loc: Location, config) -> Inspected:
-        try:
-            table, errors, digest = self._load(loc, config)
-        except FileNotFoundError:
-            return Inspected(problem="file vanished")
-        except Exception as e:  # noqa: BLE001 - undecodable, not the format at all
-            return Inspected(problem=f"unreadable {self.name} ({type(e).__name__}: {e})")
-        found = Inspected(num_rows=table.num_rows, schema=table.schema, digest=digest)
+    def _inspect(self, loc: Location, config) -> tuple[Inspected, list[str] | None, list[Split]]:
+        table, errors, digest = self._load(loc, config)
         absent = set(json.loads((table.schema.metadata or {}).get(b"absent", b"[]")))
         names = [n for n in table.schema.names if n not in absent]
-        missing = _missing(config, names) if table.num_rows > len(errors) else []
-        if missing:
-            found.problem = f"no row has column(s) {missing}; they have {names}"
-        elif table.num_rows == 0:
-            found.problem = "empty (0 rows)"
-        else:
-            n, step = table.num_rows, config.rows_per_unit
-            step = step if 0 < step < n else n
-            found.splits = [Split(None, a, min(step, n - a)) for a in range(0, n, step)]
-        return found
+        n, step = table.num_rows, config.rows_per_unit
+        step = step if 0 < step < n else n or 1
+        splits = [Split(None, a, min(step, n - a)) for a in range(0, n, step)]
+        return Inspected(n, table.schema, digest=digest), names if n > len(errors) else None, splits
 
     def read_ids(self, loc: Location, config) -> Iterator[pa.Array]:
         yield from _id_chunks(self._load(loc, config)[0].column(config.id_column))
@@ -246,9 +230,8 @@ class JsonlInput(_RowsInput):
     suffixes = tuple(base + codec for base in (".jsonl", ".ndjson", ".json") for codec in ("", ".gz", ".zst", ".bz2"))
 
     def _records(self, raw: bytes) -> Iterator[tuple[str, object, RowError | None]]:
-        """(where, JSON value, error) for each non-empty line, or each element of a file that is one
-        JSON array. Lines are split on b"\\n" only (JSON strings may hold U+2028) and decoded one
-        by one, so a line that is not UTF-8 is that row's error, not the file's."""
+        """(where, JSON value, error) for each non-empty line (split on b"\\n" only: JSON strings may
+        hold U+2028; decoded one by one: a line that is not UTF-8 is its row's error), or element."""
         elements = _json_array(raw)
         if elements is not None:
             yield from ((f"element {n}", value, None) for n, value in enumerate(elements, 1))
@@ -268,8 +251,7 @@ class JsonlInput(_RowsInput):
                 yield f"line {n}", None, RowError("invalid_line", f"line {n} is not JSON ({e.msg} at column {e.colno})")
 
     def _objects(self, raw: bytes, config) -> Iterator[tuple[str, dict | None, RowError | None]]:
-        """(where, row or None, error) for each record; one that is not a JSON object, or holds a
-        lone surrogate, is that row's error."""
+        """(where, row or None, error) for each record: not a JSON object, or a lone surrogate, is an error."""
         surrogates = _SURROGATE_ESCAPE.search(raw) is not None  # only then look for them row by row
         for where, obj, err in self._records(raw):
             if err is not None:
@@ -286,8 +268,7 @@ class JsonlInput(_RowsInput):
                 err = err or dropped
             yield where, row, None if err is None else err.at(where)
 
-    def row(self, obj: dict, config) -> tuple[dict, RowError | None]:
-        """The pipeline's columns of one JSON object, and the row's error."""
+    def row(self, obj: dict, config) -> tuple[dict, RowError | None]:  # the pipeline's columns, the row's error
         return obj, None
 
     id_kinds: tuple = (int, str)  # the JSON types an id may have (openai-batch: custom_id is a string)
@@ -316,6 +297,7 @@ class JsonlInput(_RowsInput):
                 ids[i] = None
         columns = {config.id_column: pa.nulls(len(ids)) if kind is None else  # no valid id: the type is open
                    pa.array(ids, pa.int64() if kind is int else pa.string())}
+        setting = set(TASKS[config.task].row_columns) - set(config.keep_columns)
         for name in names:
             if name == config.id_column or (name not in present and name not in required):
                 continue
@@ -328,30 +310,21 @@ class JsonlInput(_RowsInput):
                         values[i] = None
                 columns[name] = pa.array(values, pa.string())
                 continue
-            if name in TASKS[config.task].row_columns and name not in config.keep_columns:
-                values = self._settings(name, values, errors, lines)
+            for i, v in enumerate(values if name in setting else []):  # each checked as the stage will,
+                v, error = checked(name, v, self.setting_error)  # so one odd row cannot make the column text
+                if error is not None:
+                    errors.setdefault(i, error.at(lines[i]))
+                values[i] = json.dumps(v) if name == "json_schema" and v is not None else v
             columns[name] = _column(values) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]
         return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent)}), errors
-
-    def _settings(self, name: str, values: list, errors: dict[int, RowError], lines: list[str]) -> list:
-        """A per-row setting column in one type, each value checked as the stage will: one odd row
-        must not turn the whole column into text."""
-        out = []
-        for i, v in enumerate(values):
-            v, error = checked(name, v, self.setting_error)
-            if error is not None:
-                errors.setdefault(i, error.at(lines[i]))
-            out.append(json.dumps(v) if name == "json_schema" and v is not None else v)
-        return out
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the JSON escape of a UTF-16 surrogate
 
 
 def _lone_surrogate(value) -> str | None:
-    """Where the first lone surrogate of a JSON value is (half of a UTF-16 pair, as JavaScript
-    writes a string cut mid-emoji; no UTF-8 text can hold it), or None."""
+    """Where a JSON value's first lone surrogate is (half a UTF-16 pair, as JavaScript cuts an emoji), or None."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -363,8 +336,8 @@ def _lone_surrogate(value) -> str | None:
 
 
 def _drop_surrogates(row: dict, config) -> RowError | None:
-    """Clear the values of `row` that hold a lone surrogate; the row's error, or None if none
-    did. In the prompt it is the row's `invalid_prompt` (as for any prompt that is not text)."""
+    """Clear the values of `row` holding a lone surrogate; the row's error (in the prompt:
+    `invalid_prompt`, as for any prompt that is not text), or None."""
     error = None
     for name, value in row.items():
         found = _lone_surrogate(value)
@@ -380,9 +353,8 @@ def _drop_surrogates(row: dict, config) -> RowError | None:
 
 
 def _json_array(raw: bytes) -> list | None:
-    """The elements when the whole file is one JSON array (a ".json export"), else None (JSONL).
-    A file that starts a JSON array over several lines but does not parse, or that holds one
-    JSON object spread over several lines, is not JSONL either: ValueError says so."""
+    """The elements when the file is one JSON array, else None (JSONL). ValueError for a JSON array
+    over several lines that does not parse, or one object over several lines (not JSONL either)."""
     text = raw.removeprefix(b"\xef\xbb\xbf").lstrip()
     if not text.startswith((b"[", b"{")):
         return None
@@ -425,10 +397,9 @@ class CsvInput(_RowsInput):
     suffixes = (".csv", ".csv.gz", ".csv.zst", ".csv.bz2")
 
     def _parse(self, raw: bytes, config) -> tuple[pa.Table, dict[int, RowError]]:
-        """Every column as text (CSV has no types: ids "001" and "1" are two rows; per-row settings
-        are parsed by the stage). A record that does not parse is an error row after the good
-        ones; so is one whose quote is left open (`_open_quotes`), the lines after it parsed on
-        their own so that it never swallows its neighbours."""
+        """Every column as text (ids "001" and "1" are two rows; the stage parses per-row settings).
+        A record that does not parse, or whose quote is left open (the lines after it parsed on
+        their own, never swallowed), is an error row after the good ones."""
         if not raw.removeprefix(b"\xef\xbb\xbf").lstrip():  # no header either
             return _no_rows(config), {}
         header_end = raw.find(b"\n", len(raw) - len(raw.lstrip(b"\r\n"))) + 1 or len(raw)
@@ -474,8 +445,8 @@ class CsvInput(_RowsInput):
 
 
 def _csv_records(data: bytes, names: list[str]) -> tuple[pa.Table, list]:
-    """The records of CSV text as a table of text columns, and pyarrow's rows it could not
-    parse (each with its record number, the header being record 1, and its text)."""
+    """CSV text as a table of text columns, and the rows pyarrow could not parse (record number, the
+    header being record 1, and text)."""
     rejected: list = []
 
     def handler(row):
@@ -494,13 +465,11 @@ def _line_of(raw: bytes, at: int) -> int:
 
 
 def _open_quotes(raw: bytes) -> list[tuple[int, int, str]]:
-    """The records of a CSV text whose quoted field is left open: [(start, end, why)], from the
-    record's start to the end of the line the quote opened on.
-
-    A quote left open (a naive export of a text starting with `"`) makes a parser read every
-    following line into that field, until a later quote closes it or the file ends. Neither is
-    valid CSV (a quoted field may span lines, but must close, and its closing quote must end the
-    field), so neither flags a well-formed file. A one-line `"ab"cd` is left to the parser (`abcd`)."""
+    """The records whose quoted field is left open: [(start, end, why)], from the record's start to
+    the end of the line the quote opened on. Such a quote (a naive export of a text starting with
+    `"`) makes a parser read every following line into the field, until a later quote closes it or
+    the file ends. Neither is valid CSV (a quoted field must close, and its closing quote end the
+    field), so a well-formed file is never flagged. A one-line `"ab"cd` is left to the parser (`abcd`)."""
     found = []
     record = at = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # at: what is before it is seen, outside quotes
     while (p := raw.find(b'"', at)) != -1:
@@ -547,8 +516,7 @@ def strip_suffix(name: str) -> str:
 
 # ---- outputs --------------------------------------------------------------------------------------
 class OutputFormat:
-    """Each format has `read_stats(loc)`: the stats of a committed output, or None if it is not a
-    complete one."""
+    """Each format has `read_stats(loc)`: a committed output's stats, or None if it is not complete."""
 
     name, extension = "", ""
     Writer: type  # Writer(stream, schema): write(table), finish(stats) -> sidecar bytes or None; close() if it has one
@@ -560,14 +528,14 @@ class OutputFormat:
         return None
 
     def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
-        """Make a committed output's column types those of `schema`, if only a column of no type
-        (all null) differs; True if it was rewritten. Formats without types have nothing to do."""
+        """Give a committed output `schema`'s column types where only a column of no type (all null)
+        differs; True if rewritten. Formats without types have nothing to do."""
         return False
 
 
 class _Checksummed:
-    """A write-only stream that passes bytes on and hashes them: the data's checksum, kept with its
-    statistics, so an output damaged later (zeroed pages, a truncated copy) is recomputed."""
+    """A write-only stream that passes bytes on and hashes them: the checksum kept with the statistics,
+    so an output damaged later (zeroed pages, a truncated copy) is recomputed."""
 
     def __init__(self, stream):
         self.stream, self.sha256, self.size, self.closed = stream, hashlib.sha256(), 0, False
@@ -593,8 +561,8 @@ WHOLE_READ_BYTES = 4 << 20  # an output up to this size is read in one call, foo
 
 
 def _damaged(loc: Location, stats: dict, end: int, data: bytes | None = None) -> bool:
-    """Whether a committed output's first `end` bytes (its data) no longer have the checksum
-    written with them (or have none); `data`: the file's bytes when already read."""
+    """Whether a committed output's data (its first `end` bytes; `data`: the file's bytes if read)
+    no longer has the checksum written with it (or has none)."""
     def _sha256(f):  # read in 16 MiB pieces
         h = hashlib.sha256()
         for at in range(0, end, 16 << 20):
@@ -624,9 +592,8 @@ class ParquetOutput(OutputFormat):
             return None
 
     def read_stats(self, loc: Location) -> dict | None:
-        """The footer's statistics, if the footer counts the rows they say and the data before it
-        has the checksum written with them: the whole file is read once, undecoded (a small one
-        with its footer), a cost small beside the compute it stands for."""
+        """The footer's statistics, if the footer counts their rows and the data has their checksum:
+        the whole file is read once, undecoded, a cost small beside the compute it stands for."""
         def _open(f):
             size = f.size()
             if size > WHOLE_READ_BYTES:
@@ -646,9 +613,9 @@ class ParquetOutput(OutputFormat):
         return stats
 
     def conform(self, loc: Location, stats: dict, schema: pa.Schema) -> bool:
-        """A kept column no row of an input had is written with no type (null); once a later input
-        gives it values the directory no longer reads as one dataset ("Unsupported cast from
-        string to null"), so the output is rewritten typed, its rows and statistics as they were."""
+        """A kept column no row of an input had is written with no type (null); once a later input gives
+        it values the directory no longer reads as one dataset ("Unsupported cast from string to
+        null"), so the output is rewritten typed, its rows and statistics as they were."""
         types = stats.get("_file_types") or {}
         differ = [f.name for f in schema if types.get(f.name) != f.type]
         if not differ or any(types.get(name) is None or not pa.types.is_null(types[name]) for name in differ):
@@ -720,15 +687,15 @@ BYTES_MARKER = "base64:"  # how JSON output writes a binary value (JSON has no b
 
 
 def _json_default(value):
-    """JSON for what JSON has no type for: bytes (a Parquet `binary` id or kept column) losslessly
-    as `"base64:" + base64(value)`, so distinct ids stay distinct; anything else as its text."""
+    """Bytes (a Parquet `binary` id or kept column) losslessly as "base64:...", so distinct ids stay
+    distinct; anything else JSON has no type for as its text."""
     if isinstance(value, (bytes, bytearray)):
         return BYTES_MARKER + base64.b64encode(value).decode("ascii")
     return str(value)
 
 
 def _finite(value):
-    """NaN and infinities as null: JSON has no such numbers, and strict readers reject them."""
+    """NaN and infinities as null: JSON has none, and strict readers reject them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
