@@ -1,17 +1,10 @@
-"""One config object for every way of running the pipeline: CLI flags, YAML files, Python.
-
-`PipelineConfig` is a pydantic dataclass: each setting is declared once, with its type, its
-constraints and its help text (`Field(description=...)`). The CLI builds its flags from these
-fields, so `persimmon-batch <task> --help`, the YAML keys of `jobs/configs/*.yaml` and the
-keyword arguments of `PipelineConfig(...)` are the same names with the same meaning and the
-same checks. Types are strict (a quoted "false" is not a boolean, "64" is not a number); an
-unknown key is refused with the closest known one. Every refusal is a `ConfigError` naming the
-field. Settings that depend on each other (and on the task) are checked by `validate()`; the
-sampling settings by the engine's own `SamplingParams` (`row_settings.sampling_params`), as
-each row's own settings are.
-
-Object-store credentials are `SecretStr`: never printed, logged or written to the run report
-(`PipelineConfig.public_dict()`).
+"""One config for CLI flags, YAML files and Python: `PipelineConfig`, a pydantic dataclass whose
+fields (type, constraints, help text) the CLI builds its flags from, so flags, YAML keys and
+keyword arguments are the same names with the same checks. Types are strict (a quoted "false" is
+not a boolean); an unknown key is refused with the closest known one; every refusal is a
+`ConfigError` naming the field. `validate()` checks settings that depend on each other and on the
+task; the engine's `SamplingParams` checks the sampling settings, as it does each row's.
+Credentials are `SecretStr`: never printed, logged or written to the run report (`public_dict()`).
 """
 
 from __future__ import annotations
@@ -33,22 +26,18 @@ from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .row_settings import SettingError, sampling_params
 from .stages import TASK_NAMES, TASKS
 
-# set by the driver (pipeline.api.run), never taken from a user: a report's config pasted back
-# must not pin another commit, directory or identity
+# set by the driver, never by a user: a report's config pasted back must not pin another commit, directory, identity
 DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
-# where a run's rows come from and go, and how its files are committed, resumed and watched: a
-# processor (pipeline.build_processor) is handed a Dataset and returns one, so it takes none of them
+# a run's files and how they are committed, resumed and watched: a processor (handed a Dataset) takes none
 RUN_FIELDS = ("input", "output", "input_format", "output_format", "rows_per_unit", "resume", "overwrite",
               "check_duplicate_ids", "on_bad_input", "batch_timeout_s")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
-# the engine's own bounds (model/model_runner.py, ModelRunner.__init__): a value past them would pass
-# here and fail in every replica's constructor, so they are refused on the driver
+# the engine's bounds (ModelRunner.__init__): refused on the driver, not in every replica's constructor
 MAX_SEQ_LEN = 1 << 24
 MAX_NUM_SEQS = 1 << 20
 INPUT_FORMAT_NAMES = ("auto", *INPUT_FORMATS)  # each format is one class in pipeline/formats.py
 OUTPUT_FORMAT_NAMES = ("auto", *OUTPUT_FORMATS)
-# user:secret@ after a scheme; the secret may hold "/" or "@" (AWS secret keys have "/"), so
-# everything up to the last "@" of the URL goes
+# user:secret@ after a scheme; the secret may hold "/" or "@" (AWS keys have "/"): all up to the URL's last "@"
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s@/]*:[^\s]*@")
 ENV_S3_ENDPOINT = ("PERSIMMON_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -59,8 +48,8 @@ def mask_uri(text: str) -> str:
 
 
 def _f(default, help, cli: bool = True, **constraints):
-    """A setting's default, help text (its flag's --help and its YAML key's meaning) and
-    constraints; `cli=False`: no flag (set in YAML or Python, or by the driver)."""
+    """A setting's default, help text (--help and the YAML key's meaning) and constraints; `cli=False`:
+    no flag (set in YAML or Python, or by the driver)."""
     extra = None if cli else {"cli": False}
     if isinstance(default, list):
         return Field(default_factory=lambda: list(default), description=help, json_schema_extra=extra, **constraints)
@@ -68,8 +57,7 @@ def _f(default, help, cli: bool = True, **constraints):
 
 
 def _config_errors(cls):
-    """Construction (also `dataclasses.replace`) raises ConfigError naming the field, not
-    pydantic's ValidationError."""
+    """Construction (also `dataclasses.replace`) raises ConfigError naming the field, not ValidationError."""
     init = cls.__init__
 
     @functools.wraps(init)
@@ -121,190 +109,163 @@ def _config_error(e: ValidationError, known: set[str]) -> ConfigError:
 class PipelineConfig:
     # ---- what to run ----------------------------------------------------------------------
     task: Literal[TASK_NAMES] = _f("generate", "generate: complete each prompt; classify: sequence-classification "
-                   "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM "
-                   "by scoring --choices; score: each text's log-likelihood and perplexity.", cli=False)
-    input: Union[str, list[str], None] = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, "
-                                            "s3:// (or gs://, abfs:// with their fsspec package) directory, glob "
-                                            "(*.jsonl) or comma-separated list of files.")
-    output: Optional[str] = _f(None, "Output directory URI. One output file per input file (or per "
-                     "--rows-per-unit slice) plus _run_report.json.")
+                "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM by scoring --choices; "
+                "score: each text's log-likelihood and perplexity.", cli=False)
+    input: Union[str, list[str], None] = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// "
+                "(or gs://, abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated list of "
+                "files.")
+    output: Optional[str] = _f(None, "Output directory URI. One output file per input file (or per --rows-per-unit "
+                "slice) plus _run_report.json.")
     input_format: Literal[INPUT_FORMAT_NAMES] = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / "
-                           ".json / .ndjson, also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI "
-                           "Batch API request lines: custom_id, url, body; generate only).")
-    output_format: Literal[OUTPUT_FORMAT_NAMES] = _f("auto", "Output format: parquet, jsonl (one JSON object per "
-                            "row; statistics in _stats/) or openai-batch (OpenAI Batch API output lines). auto = "
-                            "openai-batch for openai-batch input, else parquet.")
-    model: Optional[str] = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
-                    "tokenizer.model): a local directory, an object-store URI (downloaded once "
-                    "per node into --model-cache-dir) or a Hugging Face hub id: owner/name[@revision] "
-                    "when no such local path exists, or hf://owner/name[@revision] (fetched once per "
-                    "node into its HF cache; needs the `hub` extra).")
+                ".json / .ndjson, also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI Batch API "
+                "request lines: custom_id, url, body; generate only).")
+    output_format: Literal[OUTPUT_FORMAT_NAMES] = _f("auto", "Output format: parquet, jsonl (one JSON object per row; "
+                "statistics in _stats/) or openai-batch (OpenAI Batch API output lines). auto = openai-batch for "
+                "openai-batch input, else parquet.")
+    model: Optional[str] = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, tokenizer.model): "
+                "a local directory, an object-store URI (downloaded once per node into --model-cache-dir) or a "
+                "Hugging Face hub id: owner/name[@revision] when no such local path exists, or "
+                "hf://owner/name[@revision] (fetched once per node into its HF cache; needs the `hub` extra).")
     # ---- columns ----------------------------------------------------------------------------
     id_column: str = _f("id", "Input column with a unique row id, copied to the output.")
     prompt_column: str = _f("prompt", "Input column with the prompt (or text to classify).")
     keep_columns: list[str] = _f([], "Extra input columns copied unchanged to the output (comma-separated).")
-    prompt_template: str = _f("{prompt}", "Python format string applied to each prompt; must "
-                              "contain {prompt}. For `label`, e.g. 'Review: {prompt}\\nSentiment:' "
-                              "(on the command line \\n is a newline).")
-    chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as "
-                             "'human: {prompt}\\n\\nadept:' for Persimmon-8B-chat.")
-    choices: list[str] = _f([], "label task: the candidate labels (comma-separated). Each row gets the "
-                       "choice with the highest log-likelihood after the prompt (calibrated with "
-                       "--calibrate). generate: the completion is constrained to be one of them.")
-    choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's "
-                               "tokens are those the text prompt + separator + choice adds after the "
-                               "prompt's own tokens (as lm-evaluation-harness).")
+    prompt_template: str = _f("{prompt}", "Python format string applied to each prompt; must contain {prompt}. For "
+                "`label`, e.g. 'Review: {prompt}\\nSentiment:' (on the command line \\n is a newline).")
+    chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as 'human: {prompt}\\n\\nadept:' for "
+                "Persimmon-8B-chat.")
+    choices: list[str] = _f([], "label task: the candidate labels (comma-separated). Each row gets the choice with "
+                "the highest log-likelihood after the prompt (calibrated with --calibrate). generate: the completion "
+                "is constrained to be one of them.")
+    choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's tokens are those "
+                "the text prompt + separator + choice adds after the prompt's own tokens (as lm-evaluation-harness).")
     choice_score: Literal["sum", "mean"] = _f("sum", "label task: 'sum' = total log-likelihood of a choice's tokens; "
-                           "'mean' = per token, so multi-token labels are not penalised for their "
-                           "length.")
-    calibrate: bool = _f(False, "label task: contextual calibration (Zhao et al. 2021): score the "
-                         "template filled with each --content-free-inputs once, average their "
-                         "probabilities over the choices into p_cf, and report probs "
-                         "proportional to softmax(scores) / p_cf (the label follows them).")
-    content_free_inputs: list[str] = _f(["N/A", "", "[MASK]"], "label task, --calibrate: inputs that carry "
-                                   "no content, each put through the prompt template "
-                                   "(comma-separated; an empty item is the empty string).")
-    low_margin: float = _f(0.1, "label task: rows whose top-1 minus top-2 probability is below this "
-                           "are counted in the run report (where to review).", ge=0, le=1)
-    examples: Union[str, list[dict], None] = _f(None, "Few-shot examples: a JSONL file (local or object store) "
-                       "of {prompt, label} rows (label task) or {prompt, completion} rows (generate). Each is "
-                       "rendered through the prompt template, then the choice separator (label) or "
-                       "a space (generate), its answer and a blank line; the result prefixes every "
-                       "row, computed once per replica and reused.")
+                "'mean' = per token, so multi-token labels are not penalised for their length.")
+    calibrate: bool = _f(False, "label task: contextual calibration (Zhao et al. 2021): score the template filled "
+                "with each --content-free-inputs once, average their probabilities over the choices into p_cf, and "
+                "report probs proportional to softmax(scores) / p_cf (the label follows them).")
+    content_free_inputs: list[str] = _f(["N/A", "", "[MASK]"], "label task, --calibrate: inputs that carry no "
+                "content, each put through the prompt template (comma-separated; an empty item is the empty string).")
+    low_margin: float = _f(0.1, "label task: rows whose top-1 minus top-2 probability is below this are counted in "
+                "the run report (where to review).", ge=0, le=1)
+    examples: Union[str, list[dict], None] = _f(None, "Few-shot examples: a JSONL file (local or object store) of "
+                "{prompt, label} rows (label task) or {prompt, completion} rows (generate), each rendered as prompt "
+                "template, choice separator (label) or a space (generate), answer and a blank line: a prefix to every "
+                "row, computed once per replica.")
     # ---- scoring ---------------------------------------------------------------------------
     score_after: Optional[str] = _f(None, "score task (TEXT_OR_COLUMN): score each text as the continuation of a "
-                          "prefix: the name of an input column holding each row's prefix (where a file has "
-                          "that column), else the prefix text itself, the same for every row. The model "
-                          "reads prefix + text and only the tokens the text adds are scored: log p(text | "
-                          "prefix). No separator is added; rows sharing a prefix share its KV blocks. A null "
-                          "or blank prefix scores the row unconditionally (on the command line \\n is a "
-                          "newline).")
-    score_rolling: bool = _f(True, "score task: texts longer than --max-seq-len are scored in rolling windows "
-                             "(as lm-evaluation-harness's loglikelihood_rolling: every token exactly once, each "
-                             "with at least max_seq_len - --score-stride tokens of context); "
-                             "--no-score-rolling makes such a row a prompt_too_long error.")
+                "prefix: an input column holding each row's prefix (where a file has it), else the prefix text itself "
+                "for every row. Only the tokens the text adds to prefix + text are scored: log p(text | prefix). No "
+                "separator is added; rows sharing a prefix share its KV blocks; a null or blank prefix scores the row "
+                "unconditionally (on the command line \\n is a newline).")
+    score_rolling: bool = _f(True, "score task: texts longer than --max-seq-len are scored in rolling windows (as "
+                "lm-evaluation-harness's loglikelihood_rolling: every token once, each with at least max_seq_len - "
+                "--score-stride tokens of context); --no-score-rolling makes such a row a prompt_too_long error.")
     score_stride: Optional[int] = _f(None, "score task, rolling windows: the tokens each window after the first "
-                           "scores (the rest of the window is their context). Default: half of --max-seq-len; "
-                           "--max-seq-len itself = no overlap (lm-evaluation-harness's default).", ge=1)
+                "scores (the rest is their context). Default: half of --max-seq-len; --max-seq-len = no overlap "
+                "(lm-evaluation-harness's default).", ge=1)
     # ---- generation ------------------------------------------------------------------------
     max_new_tokens: int = _f(64, "generate: maximum tokens generated per row.")
     temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")
     top_k: int = _f(0, "generate: keep the k most likely tokens when sampling; 0 = off.")
     top_p: float = _f(1.0, "generate: nucleus sampling mass; 1.0 = off.")
     stop: list[str] = _f([], "generate: stop strings (comma-separated); not included in the output.")
-    json_schema: Union[str, dict, None] = _f(None, "generate: a JSON schema file (local or object store; or the schema "
-                          "itself as a dict in YAML / Python): every completion is JSON matching it "
-                          "(constrained decoding with llguidance). The `parsed` column holds the JSON "
-                          "of rows that finished (null when cut off by --max-new-tokens).")
+    json_schema: Union[str, dict, None] = _f(None, "generate: a JSON schema file (local or object store; or the "
+                "schema as a dict in YAML / Python): every completion is JSON matching it (constrained decoding with "
+                "llguidance). The `parsed` column holds the JSON of rows that finished (null when cut off by "
+                "--max-new-tokens).")
     regex: Optional[str] = _f(None, "generate: every completion matches this regular expression (constrained "
-                    "decoding).")
+                "decoding).")
     logprobs: Optional[int] = _f(None, "generate: add a `logprobs` column: each generated token's id, text and "
-                       "log-probability, with this many most likely alternatives (0-20). Log-probabilities "
-                       "are the model's own (log_softmax of its logits, before temperature, top-k / top-p "
-                       "and any grammar), as vLLM reports by default. Unset = no log-probabilities.",
-                       ge=0, le=20)
-    prompt_logprobs: bool = _f(False, "generate: add a `prompt_logprobs` column: each prompt token's id, text "
-                               "and log-probability given the tokens before it (null for the first). Such "
-                               "rows compute their whole prompt: the prefix cache keeps no hidden states.")
-    seed: Optional[int] = _f(None, "generate: base seed for sampling. Each row uses a seed derived from "
-                   "this and its id, so retried or resumed rows give the same text.")
+                "log-probability, with this many most likely alternatives (0-20): the model's own (log_softmax of its "
+                "logits, before temperature, top-k / top-p and any grammar), as vLLM reports by default. Unset = none.",
+                ge=0, le=20)
+    prompt_logprobs: bool = _f(False, "generate: add a `prompt_logprobs` column: each prompt token's id, text and "
+                "log-probability given the tokens before it (null for the first). Such rows compute their whole "
+                "prompt (the prefix cache keeps no hidden states).")
+    seed: Optional[int] = _f(None, "generate: base seed for sampling. Each row uses a seed derived from this and its "
+                "id, so retried or resumed rows give the same text.")
     truncate: Optional[Literal["left"]] = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
-                       "last tokens that fit.")
+                "last tokens that fit.")
     max_seq_len: Optional[int] = _f(None, "Cap on prompt + generated tokens per row (default: the model's "
-                          "max_position_embeddings, 16384 for Persimmon-8B). A cap only: KV memory is "
-                          "sized by --kv-cache-gib / --memory-fraction, not by this.", ge=2, le=MAX_SEQ_LEN)
+                "max_position_embeddings, 16384 for Persimmon-8B). A cap only: --kv-cache-gib / --memory-fraction "
+                "size KV memory.", ge=2, le=MAX_SEQ_LEN)
     # ---- replicas and resources ------------------------------------------------------------
-    replicas: str = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to "
-                       "autoscale between MIN and MAX.")
-    num_gpus_per_replica: float = _f(0.0, "GPUs per replica; fractional values pack several "
-                                     "replicas on one GPU (e.g. 0.5). 0 = CPU.", ge=0,
-                                     allow_inf_nan=False)
+    replicas: str = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to autoscale between MIN and "
+                "MAX.")
+    num_gpus_per_replica: float = _f(0.0, "GPUs per replica; fractional values pack several replicas on one GPU (e.g. "
+                "0.5). 0 = CPU.", ge=0, allow_inf_nan=False)
     num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.", ge=0, allow_inf_nan=False)
-    batch_size: int = _f(256, "Rows per engine call: a replica reads this many input rows at a time "
-                         "and hands them to its engine at once (the unit of progress and of "
-                         "--batch-timeout-s). Costs no KV memory by itself: the engine runs up to "
-                         "--max-num-seqs of them at a time, as many as its KV cache holds.", ge=1)
-    max_num_seqs: int = _f(256, "Most rows in flight in one replica's engine (the engine's "
-                           "max_batch_size). A cap, not a reservation: how many rows actually run at "
-                           "once is decided by the KV cache (rows of short prompts fit many more).", ge=1,
-                           le=MAX_NUM_SEQS)
+    batch_size: int = _f(256, "Rows per engine call: a replica hands this many input rows to its engine at once (the "
+                "unit of progress and of --batch-timeout-s). No KV memory by itself: the engine runs up to "
+                "--max-num-seqs of them at a time, as many as its KV cache holds.", ge=1)
+    max_num_seqs: int = _f(256, "Most rows in flight in one replica's engine (its max_batch_size). A cap, not a "
+                "reservation: the KV cache decides how many actually run at once (rows of short prompts fit many "
+                "more).", ge=1, le=MAX_NUM_SEQS)
     kv_cache_gib: Optional[float] = _f(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the device "
-                           "memory free after the weights load (a replica with "
-                           "--num-gpus-per-replica < 1, or a CPU replica, counts only its share of "
-                           "the device), less activation headroom. See `persimmon-batch capacity`.", gt=0,
-                           allow_inf_nan=False)
-    memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV "
-                                "cache and activations when --kv-cache-gib is unset.", gt=0, le=1)
+                "memory free after the weights load (a replica with --num-gpus-per-replica < 1, or a CPU replica, "
+                "counts only its share), less activation headroom. See `persimmon-batch capacity`.",
+                gt=0, allow_inf_nan=False)
+    memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV cache and "
+                "activations when --kv-cache-gib is unset.", gt=0, le=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype: auto (bfloat16 for GPU "
-                    "replicas, i.e. --num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.")
-    quantization: Literal["none", "int8", "fp8"] = _f("none", "Weight quantization, applied layer by layer "
-                    "while the model loads: none; int8 (weight-only int8 with per-channel scales, through "
-                    "torchao; CPU and CUDA); fp8 (float8 e4m3 weights with per-channel scales; CUDA GPUs of "
-                    "compute capability 8.9+, e.g. L4, L40S, H100). Embedding and lm_head stay in --dtype "
-                    "unless --quantize-lm-head.")
-    quantize_lm_head: bool = _f(False, "Quantize the lm_head too (with --quantization int8/fp8): its "
-                                "vocab x hidden weights take 1 byte instead of 2 (1 GiB saved at "
-                                "Persimmon-8B's 262k vocab in bf16), at some cost in logit accuracy.")
+                "replicas, i.e. --num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.")
+    quantization: Literal["none", "int8", "fp8"] = _f("none", "Weight quantization, applied layer by layer as the "
+                "model loads: none; int8 (weight-only, per-channel scales, through torchao; CPU and CUDA); fp8 "
+                "(float8 e4m3, per-channel scales; CUDA compute capability 8.9+, e.g. L4, L40S, H100). Embedding and "
+                "lm_head stay in --dtype unless --quantize-lm-head.")
+    quantize_lm_head: bool = _f(False, "Quantize the lm_head too (with --quantization int8/fp8): 1 byte per weight "
+                "instead of 2 (1 GiB saved at Persimmon-8B's 262k vocab in bf16), at some cost in logit accuracy.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or "
-                                                "cuda.")
-    rows_per_unit: int = _f(0, "Split input files into units of about this many rows (Parquet: at "
-                            "row-group boundaries). A unit is what is committed, retried and "
-                            "resumed as a whole, and gets its own output file; 0 = one unit per file.", ge=0)
-    replica_start_timeout_s: int = _f(900, "Wait this long for the minimum number of replicas to "
-                                      "be up (placed and model loaded) before any work is sent; "
-                                      "then fail with a clear error instead of hanging when they "
-                                      "cannot be placed. Leave room for the autoscaler to add GPU "
-                                      "nodes. 0 = wait forever.", ge=0)
-    max_unit_retries: int = _f(3, "Times a unit is retried after its replica dies (OOM, "
-                               "segfault, lost node, killed as stuck) before it is reported failed.", ge=0)
-    batch_timeout_s: float = _f(900.0, "Fail fast instead of hanging: a replica that finishes no "
-                                "batch (--batch-size rows) for this long is reported as stuck "
-                                "and restarted, and its unit retried (up to --max-unit-retries, "
-                                "then reported failed). 0 = never.", ge=0)
-    io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): "
-                         "each failed storage call (list, read, write, commit) is retried this "
-                         "many times (on top of the S3 client's 3 quick attempts), and a unit "
-                         "whose input read or output write fails mid-stream is redone this many "
-                         "times. Errors that persist name the URI.", ge=0)
+                "cuda.")
+    rows_per_unit: int = _f(0, "Split input files into units of about this many rows (Parquet: at row-group "
+                "boundaries). A unit is committed, retried and resumed as a whole, into its own output file; 0 = one "
+                "unit per file.", ge=0)
+    replica_start_timeout_s: int = _f(900, "Wait this long for the minimum number of replicas to be up (placed, model "
+                "loaded) before any work is sent, then fail with a clear error instead of hanging. Leave room for the "
+                "autoscaler to add GPU nodes. 0 = wait forever.", ge=0)
+    max_unit_retries: int = _f(3, "Times a unit is retried after its replica dies (OOM, segfault, lost node, killed "
+                "as stuck) before it is reported failed.", ge=0)
+    batch_timeout_s: float = _f(900.0, "A replica that finishes no batch (--batch-size rows) for this long is "
+                "reported stuck and restarted, and its unit retried (up to --max-unit-retries, then reported failed). "
+                "0 = never.", ge=0)
+    io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): of each failed storage "
+                "call (list, read, write, commit; on top of the S3 client's 3 quick attempts), and of a unit whose "
+                "input read or output write fails mid-stream. Errors that persist name the URI.", ge=0)
     # ---- resume and bad input -------------------------------------------------------------
-    resume: bool = _f(True, "Skip units whose output file is already committed (safe to rerun "
-                      "after a crash). --no-resume with existing output is an error unless "
-                      "--overwrite.")
+    resume: bool = _f(True, "Skip units whose output file is already committed (safe to rerun after a crash). "
+                "--no-resume with existing output is an error unless --overwrite.")
     overwrite: bool = _f(False, "Delete committed outputs of this run's units and recompute them.")
-    check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: "
-                                   "a row whose id already appeared earlier (in input order) and a "
-                                   "row with a null id get an error (error_kind duplicate_id, "
-                                   "invalid_id) instead of a result, and the run report counts "
-                                   "them. Driver memory follows the files and the flagged rows, not "
-                                   "the row count; --no-check-duplicate-ids skips the check.")
+    check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: a row whose id appeared "
+                "earlier (in input order) and a row with a null id get an error (error_kind duplicate_id, invalid_id) "
+                "instead of a result, counted in the run report. Driver memory follows the files and flagged rows, "
+                "not the row count.")
     on_bad_input: Literal["error", "skip"] = _f("error", "An unreadable input file, one missing a column, or an empty "
-                           "one: 'error' stops before any model work; 'skip' leaves it out and "
-                           "lists it in the run report.")
+                "one: 'error' stops before any model work; 'skip' leaves it out and lists it in the run report.")
     # ---- storage ---------------------------------------------------------------------------
-    s3_endpoint: Optional[str] = _f(None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO "
-                          "(env PERSIMMON_S3_ENDPOINT or AWS_ENDPOINT_URL). Unset = AWS.")
+    s3_endpoint: Optional[str] = _f(None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (env "
+                "PERSIMMON_S3_ENDPOINT or AWS_ENDPOINT_URL). Unset = AWS.")
     s3_region: Optional[str] = _f(None, "S3 region (env AWS_REGION / AWS_DEFAULT_REGION).")
-    s3_access_key_id: Optional[SecretStr] = _f(None, "S3 access key; read from AWS_ACCESS_KEY_ID when unset. "
-                               "Unset everywhere = each node's default chain (instance role).", cli=False)
+    s3_access_key_id: Optional[SecretStr] = _f(None, "S3 access key; read from AWS_ACCESS_KEY_ID when unset. Unset "
+                "everywhere = each node's default chain (instance role).", cli=False)
     s3_secret_access_key: Optional[SecretStr] = _f(None, "S3 secret key (env AWS_SECRET_ACCESS_KEY).", cli=False)
     s3_session_token: Optional[SecretStr] = _f(None, "S3 session token (env AWS_SESSION_TOKEN).", cli=False)
-    model_cache_dir: str = _f("~/.cache/persimmon-batch/models", "Per-node local cache for "
-                              "models read from object storage.")
+    model_cache_dir: str = _f("~/.cache/persimmon-batch/models", "Per-node local cache for models read from object "
+                "storage.")
     # ---- Ray -------------------------------------------------------------------------------
-    ray_address: Optional[str] = _f(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a "
-                          "`ray job submit` job runs on; else start a local Ray).")
-    num_cpus: Optional[int] = _f(None, "Local Ray only: logical CPUs to start it with (default: "
-                       "max(8, 2 x cores), leaving Ray Data headroom on small machines).", ge=1)
-    progress: bool = _f(True, "Print a line per finished unit and a live progress line (rows, rows/s, "
-                        "tokens/s, ETA, replicas busy, errors); every 30 s when stderr is not a terminal.")
+    ray_address: Optional[str] = _f(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a `ray job "
+                "submit` job runs on; else start a local Ray).")
+    num_cpus: Optional[int] = _f(None, "Local Ray only: logical CPUs to start it with (default: max(8, 2 x cores), "
+                "leaving Ray Data headroom on small machines).", ge=1)
+    progress: bool = _f(True, "Print a line per finished unit and a live progress line (rows, rows/s, tokens/s, ETA, "
+                "replicas busy, errors); every 30 s when stderr is not a terminal.")
     verbose: bool = _f(False, "Also show Ray's own INFO logs and Ray Data's progress bars (hidden by default).")
     model_identity: Optional[str] = _f(None, "Set by the driver: a hash of the model's config, tokenizer and weight "
-                             "headers, recorded with every output (a changed model is not resumed).",
-                             cli=False)
+                "headers, recorded with every output (a changed model is not resumed).", cli=False)
     model_commit: Optional[str] = _f(None, "Set by the driver for a Hugging Face hub model: the commit its revision "
-                           "resolved to, so every replica loads the snapshot the driver checked.", cli=False)
+                "resolved to, so every replica loads the snapshot the driver checked.", cli=False)
     model_dir: Optional[str] = _f(None, "Set by the driver for a local model: its absolute path, so every replica "
-                        "loads the directory the driver checked, whatever its working directory.", cli=False)
+                "loads the directory the driver checked, whatever its working directory.", cli=False)
 
     # ---- values as flags and YAML give them ----------------------------------------------
     @field_validator("keep_columns", "choices", mode="before")
@@ -359,8 +320,8 @@ class PipelineConfig:
 
     @property
     def resolved_dtype(self) -> str:
-        """The dtype replicas run in (auto: bfloat16 on GPU replicas, float32 on CPU ones), decided
-        from the config alone so it is known (and recorded) before any replica starts."""
+        """The dtype replicas run in (auto: bfloat16 on GPU replicas, float32 on CPU ones), from the
+        config alone, so it is known (and recorded) before any replica starts."""
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.num_gpus_per_replica > 0 or self.device == "cuda" else "float32"
@@ -371,9 +332,8 @@ class PipelineConfig:
         return CHAT_TEMPLATE.replace("{prompt}", self.prompt_template) if self.chat_template else self.prompt_template
 
     def validate(self, run: bool = True) -> "PipelineConfig":
-        """Raise ConfigError naming the field for anything that cannot work. Returns self.
-        `run=False`: the settings of a processor or a stage, which read no input files and write
-        no output (input and output may be unset)."""
+        """Raise ConfigError naming the field for anything that cannot work; else self. `run=False`: a
+        processor's or a stage's settings, which read and write no files (input and output may be unset)."""
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
 
@@ -384,8 +344,6 @@ class PipelineConfig:
                 if isinstance(item, str) and _USERINFO.search(item):
                     bad(name, f"{mask_uri(item)} carries credentials in the URL; give them through the "
                         "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the node's role instead")
-        if self.task not in TASKS:
-            bad("task", f"must be one of {TASK_NAMES}, got {self.task!r}")
         for name in ("input", "output", "model") if run else ("model",):
             if not getattr(self, name):
                 bad(name, "is required")
@@ -437,9 +395,8 @@ class PipelineConfig:
         return self
 
     def sampling(self, seed: int | None = None) -> dict:
-        """The run's sampling settings as `SamplingParams` takes them, with `seed` (a row's):
-        what a row gets unless its own columns say otherwise. --choices constrain what a
-        generating task writes."""
+        """The run's sampling settings as `SamplingParams` takes them, with a row's `seed`: what a row
+        gets unless its own columns say otherwise. --choices constrain what a generating task writes."""
         choice = list(self.choices) if self.choices and TASKS[self.task].generates else None
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                     top_p=self.top_p, stop=list(self.stop), seed=seed, truncate=self.truncate,
@@ -448,9 +405,8 @@ class PipelineConfig:
 
     # ---- environment, serialisation ------------------------------------------------------
     def with_env(self) -> "PipelineConfig":
-        """A copy with S3 settings filled from the driver's environment where unset: it travels to
-        every replica (workers on other nodes do not see the driver's environment). Credentials
-        unset everywhere leave each node its own default chain (instance profile)."""
+        """A copy with unset S3 settings filled from the driver's environment, which replicas on other
+        nodes do not see. Credentials unset everywhere leave each node its default chain (instance profile)."""
         env = os.environ
         updates = {}
         if self.s3_endpoint is None:
@@ -508,8 +464,7 @@ class PipelineConfig:
 
     @classmethod
     def for_processor(cls, task: str, **settings) -> "PipelineConfig":
-        """The config of a processor (`pipeline.build_processor`): the same fields, less
-        RUN_FIELDS (refused naming the field: a processor is given its Dataset and returns one)."""
+        """A processor's config (`pipeline.build_processor`): the same fields less RUN_FIELDS (refused)."""
         given = [k for k in RUN_FIELDS if settings.get(k) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: a processor runs on the Dataset it is given and returns one; "
@@ -525,8 +480,7 @@ def _unique_key_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
-        last value silently (`input: a` then `input: b` would read b)."""
+        """safe_load, but a key given twice in a mapping is an error (PyYAML keeps the last silently)."""
 
         def construct_mapping(self, node, deep=False):
             seen = {}
@@ -550,8 +504,7 @@ SECRET_FIELDS = frozenset(name for name, f in PipelineConfig.__pydantic_fields__
 
 
 def read_yaml(path: str) -> dict:
-    """A YAML config file's mapping of keys. A syntax error (tab indentation, an unclosed
-    bracket) is a ConfigError naming the file, line and column, in one line."""
+    """A YAML config file's mapping; a syntax error is a one-line ConfigError naming file, line and column."""
     import yaml
 
     try:
@@ -574,7 +527,7 @@ def read_yaml(path: str) -> dict:
 
 
 def output_columns(task: str) -> tuple[str, ...]:
-    """The columns each task adds to its output rows (besides the id and kept columns)."""
+    """The columns a task adds to its output rows (besides the id and kept columns)."""
     return tuple(name for name, _ in TASKS[task].columns)
 
 
@@ -584,6 +537,4 @@ def _as_list(value, strip=True) -> list:
     if isinstance(value, str):
         parts = value.split(",")
         return [p.strip() for p in parts if p.strip()] if strip else [p for p in parts if p]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return value  # not a list: validate() names the field
+    return list(value) if isinstance(value, (list, tuple)) else value  # not a list: pydantic names the field
