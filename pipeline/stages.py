@@ -1,19 +1,17 @@
-"""The tasks, one class each: its declaration (CLI help, checkpoint class, settings, output
-columns), config checks, how its rows run and what its report adds. The CLI, config checks,
-model and resume checks, output schema, plan and run report all read `TASKS`: adding a task
-is one class here.
+"""The tasks, one class each: declaration (CLI help, checkpoint class, settings, output columns),
+config checks, how its rows run and what its report adds. Everything else reads `TASKS`: adding
+a task is one class here.
 
-A task's instance is its stage, built once per Ray actor holding one `Engine`: input rows ->
-prompts -> one engine call -> output columns. It never raises for bad input: a row that cannot
-be processed (null, non-string, blank prompt, undecodable bytes, an engine error) comes back
-with `error_kind` and `error` set and its id kept. Call a stage without Ray:
+A task's instance is its stage, one per Ray actor holding an `Engine`: input rows -> prompts ->
+one engine call -> output columns. Bad input never raises: a row that cannot be processed (null,
+non-string or blank prompt, undecodable bytes, an engine error) gets `error_kind` and `error`,
+its id kept. Without Ray:
 
     stage = GenerateStage(PipelineConfig(task="generate", ...), engine=my_engine)
     out = stage({"id": [1, 2], "prompt": ["a", "b"]})        # -> pyarrow.Table
 
-Batches may be a `pyarrow.Table`/`RecordBatch`, a dict of columns or a pandas DataFrame; the
-result is a `pyarrow.Table` with a fixed schema per task, so every output file (all-error
-batches too) has the same schema.
+A batch may be a `pyarrow.Table`/`RecordBatch`, a dict of columns or a pandas DataFrame; the
+result has a fixed schema per task, so every output file (all-error batches too) has the same.
 """
 
 from __future__ import annotations
@@ -44,18 +42,17 @@ EXAMPLE_SEPARATOR = "\n\n"  # after each few-shot example
 
 
 def failed(error: RowError) -> dict:
-    """The result columns of a row that failed."""
     return {"error_kind": error.kind, "error": error.message}
 
 
 def engine_error(result) -> dict:
-    """The result columns of an engine result's per-row error (the engine says its kind)."""
+    """The result columns of an engine result's error (the engine says its kind)."""
     return failed(RowError(result.error_kind or "engine_error", result.error))
 
 
 def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
-    """The part of its device this replica sizes its KV cache from: --num-gpus-per-replica on a
-    GPU, on CPU its CPUs over the node's (Ray packs CPU replicas by CPUs)."""
+    """The part of its device this replica sizes its KV cache from: --num-gpus-per-replica on a GPU;
+    on CPU its CPUs over the node's (Ray packs CPU replicas by CPUs)."""
     if on_gpu:
         g = config.num_gpus_per_replica
         return g if 0 < g < 1 else 1.0
@@ -73,9 +70,8 @@ def memory_share(config: PipelineConfig, on_gpu: bool) -> float:
 
 
 def load_engine(config: PipelineConfig):
-    """Engine.from_pretrained for this replica: a remote model fetched to the node cache; CUDA
-    when this actor was given a GPU (and torch sees one), else CPU; the config's resolved dtype
-    (the one every output records)."""
+    """This replica's engine: a remote model fetched to the node cache; CUDA when the actor was given a
+    GPU (and torch sees one), else CPU; the config's resolved dtype (the one every output records)."""
     import torch
 
     from model import Engine
@@ -124,31 +120,33 @@ def column_values(column) -> list:
     return column.to_pylist()
 
 
-def check_prompt(value) -> tuple[str | None, RowError | None]:
-    """(text, None) for a usable prompt, else (None, the row's error)."""
+def _text(value, kind: str, where: str = "") -> tuple[str | None, RowError | None]:
+    """(a column value as text, None); (None, None) for null or NaN; else (None, the row's `kind` error)."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, RowError("invalid_prompt", f"not valid UTF-8 ({e.reason} at byte {e.start})")
-    if value is None or (isinstance(value, float) and value != value):  # None or NaN
-        return None, RowError("invalid_prompt", "prompt is null")
+            return None, RowError(kind, f"{where}not valid UTF-8 ({e.reason} at byte {e.start})")
+    if value is None or (isinstance(value, float) and value != value):
+        return None, None
     if not isinstance(value, str):
-        return None, RowError("invalid_prompt", f"expected a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate (Python API input; Arrow strings have none)
-        return None, RowError("invalid_prompt", f"lone surrogate U+{ord(value[e.start]):04X} at position {e.start}")
-    if not value.strip():
-        return None, RowError("empty_prompt", "prompt is empty or whitespace only")
+        return None, RowError(kind, f"{where}expected a string, got {type(value).__name__}")
     return value, None
 
 
 def build_prompt(config: PipelineConfig, prefix: str, value) -> tuple[str | None, RowError | None]:
     """(the engine's text for a prompt value: few-shot prefix + template, None), or (None, the
     row's error). `persimmon-batch plan` measures prompts with this too."""
-    text, error = check_prompt(value)
-    return (None, error) if text is None else (prefix + config.template.format(prompt=text), None)
+    text, error = _text(value, "invalid_prompt")
+    if text is None:
+        return None, error or RowError("invalid_prompt", "prompt is null")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (Python API input; Arrow strings have none)
+        return None, RowError("invalid_prompt", f"lone surrogate U+{ord(text[e.start]):04X} at position {e.start}")
+    if not text.strip():
+        return None, RowError("empty_prompt", "prompt is empty or whitespace only")
+    return prefix + config.template.format(prompt=text), None
 
 
 def row_seed(base: int | None, row_id: Any) -> int | None:
@@ -160,15 +158,14 @@ def row_seed(base: int | None, row_id: Any) -> int | None:
 
 
 class Stage:
-    """A task: its declaration and checks (class attributes and classmethods, read on the driver),
-    and as an instance its stage. Subclasses implement `_run(texts, ids, rows) -> list[dict]`,
-    `rows` being what `_prepare` made of each row's own settings (generate: its SamplingParams).
+    """A task: its declaration and checks (class attributes and classmethods, read on the driver), and
+    as an instance its stage. Subclasses implement `_run(texts, ids, rows) -> list[dict]`, `rows`
+    being what `_prepare` made of each row's own settings (generate: its SamplingParams).
 
-    All torch work (loading the model, every engine call) runs on one thread the stage owns.
-    Ray Data builds the class on the actor's main thread but calls it from a worker thread;
-    each thread that runs torch ops gets its own OpenMP team, and with two teams on a CPU
-    replica OpenMP counts more threads than cores and stops spinning between parallel
-    regions: the replica then ran ~25% slower with cores idle (measured on 2 cores)."""
+    All torch work (model load, engine calls) runs on one thread the stage owns: Ray Data builds
+    the class on the actor's main thread but calls it from a worker thread, and each thread running
+    torch ops gets its own OpenMP team; with two teams on a CPU replica OpenMP counts more threads
+    than cores and stops spinning between regions: ~25% slower, cores idle (measured on 2 cores)."""
 
     name: str = ""
     description: str = ""                 # the subcommand's help
@@ -221,11 +218,6 @@ class Stage:
         return cls.result_settings
 
     @classmethod
-    def example_separator(cls, config: PipelineConfig) -> str:
-        """Between a few-shot example's prompt and its answer."""
-        return " "
-
-    @classmethod
     def check_example(cls, config: PipelineConfig, row: dict, where: str) -> None:
         """Raise ConfigError for a few-shot example row this task cannot use."""
 
@@ -236,8 +228,9 @@ class Stage:
             return ""
         if isinstance(config.examples, str):
             raise ConfigError("examples must be loaded on the driver first (pipeline.attachments.load_examples)")
-        return "".join(config.template.format(prompt=ex["prompt"]) + cls.example_separator(config)
-                       + ex[cls.example_answer] + EXAMPLE_SEPARATOR for ex in config.examples)
+        sep = config.choice_separator if "choice_separator" in cls.settings else " "  # before the answer
+        return "".join(config.template.format(prompt=ex["prompt"]) + sep + ex[cls.example_answer] + EXAMPLE_SEPARATOR
+                       for ex in config.examples)
 
     @classmethod
     def prompt_limit(cls, config: PipelineConfig, max_positions: int) -> tuple[str, int, str]:
@@ -281,8 +274,8 @@ class Stage:
         return stats() if callable(stats) else None
 
     def __call__(self, batch, row_errors: dict[int, RowError] | None = None) -> pa.Table:
-        """Results for every row of `batch`, in order. `row_errors` ({row index: error}) marks
-        rows that get that error without being run (duplicate or null ids found by the plan)."""
+        """Results for every row of `batch`, in order; rows in `row_errors` ({index: error}) get that
+        error without being run (duplicate or null ids found by the plan, unreadable lines)."""
         cfg = self.config
         raw = batch if isinstance(batch, dict) else as_table(batch)  # a dict's prompts are checked unconverted
         names = list(raw.keys()) if isinstance(raw, dict) else raw.column_names
@@ -306,16 +299,15 @@ class Stage:
             for i, res in zip(ok, self._safe_run(texts, [ids[i] for i in ok], [prepared[i][0] for i in ok])):
                 results[i] = res
         arrays = {c: kept[c] for c in kept.column_names}
-        for col, kind in self.columns:
-            arrays[col] = pa.array([r.get(col) for r in results], type=kind)
+        arrays.update((col, pa.array([r.get(col) for r in results], type=kind)) for col, kind in self.columns)
         return pa.table(arrays)
 
     def tally(self, totals: dict, out: pa.Table) -> None:
         """Add what this task's report counts in a batch of results to a unit's `totals`."""
 
     def _prepare(self, own: dict[str, list], ids: list) -> list[tuple[Any, RowError | None]]:
-        """Per row, from its `input_columns` values (`own`): (what `_run` needs beyond its text,
-        or an error that keeps it from running)."""
+        """Per row, from its `input_columns` values (`own`): (what `_run` needs beyond its text, or an
+        error that keeps it from running)."""
         return [(None, None)] * len(ids)
 
     def _safe_run(self, texts: list[str], ids: list, rows: list) -> list[dict]:
@@ -343,7 +335,7 @@ SAMPLED_LOGPROB = pa.struct([*TOKEN_LOGPROB, ("top", pa.list_(TOKEN_LOGPROB))])
 
 
 def token_logprobs(tokens, top: bool) -> list[dict] | None:
-    """A Completion's `logprobs` (with `top` alternatives) or `prompt_logprobs` as the output columns hold them."""
+    """A Completion's `logprobs` (with `top` alternatives) or `prompt_logprobs`, as the output columns hold them."""
     if tokens is None:
         return None
 
@@ -376,8 +368,8 @@ class GenerateStage(Stage):
         return config.max_new_tokens
 
     def _prepare(self, own, ids):
-        """Each row's SamplingParams: the run's settings, overridden by the row's own columns
-        (pipeline/row_settings.py); a value the engine would refuse is the row's error."""
+        """Each row's SamplingParams: the run's settings overridden by its own columns; a value the engine
+        would refuse is the row's error."""
         from .openai_batch import request_error
 
         cfg = self.config
@@ -401,7 +393,8 @@ class GenerateStage(Stage):
         out = []
         for c, p in zip(self.engine.generate(texts, rows), rows):
             if c.error is not None:
-                out.append({"finish_reason": "error", **engine_error(c), "num_prompt_tokens": c.num_prompt_tokens or None})
+                out.append({"finish_reason": "error", **engine_error(c),
+                            "num_prompt_tokens": c.num_prompt_tokens or None})
                 continue
             row = {"completion": c.text, "finish_reason": c.finish_reason, "num_prompt_tokens": c.num_prompt_tokens,
                    "num_generated_tokens": c.num_generated_tokens, "logprobs": token_logprobs(c.logprobs, top=True),
@@ -449,18 +442,16 @@ def log_softmax(xs: list[float]) -> list[float]:
 
 
 def calibrated(scores: list[float], log_p_cf: list[float] | None) -> list[float]:
-    """softmax(scores), or with contextual calibration softmax(scores) / p_cf renormalised,
-    computed in log space as softmax(scores - log p_cf): a content-free probability too small
-    for a float neither divides by zero nor loses the ratio."""
+    """softmax(scores), or calibrated softmax(scores) / p_cf renormalised, as softmax(scores - log p_cf):
+    a content-free probability too small for a float neither divides by zero nor loses the ratio."""
     if log_p_cf is None:
         return softmax(scores)
     return softmax([s - c for s, c in zip(scores, log_p_cf)])
 
 
 class LabelStage(Stage):
-    """Zero-shot (or few-shot) labeling with a causal LM: each choice scored as the prompt's
-    continuation; label = the most probable choice (calibrated with --calibrate), margin = its
-    probability minus the runner-up's."""
+    """Labeling with a causal LM: each choice scored as the prompt's continuation; label = the most
+    probable (calibrated with --calibrate), margin = its probability minus the runner-up's."""
 
     name, flag_group = "label", "labeling"
     description = ("Zero-shot labeling with a causal checkpoint: pick the --choices option with the "
@@ -487,18 +478,14 @@ class LabelStage(Stage):
         return cls.result_settings + (("content_free_inputs",) if config.calibrate else ())
 
     @classmethod
-    def example_separator(cls, config):
-        return config.choice_separator
-
-    @classmethod
     def check_example(cls, config, row, where):
         if row["label"] not in config.choices:
             raise ConfigError(f"examples: {where} has label {row['label']!r}, not one of the choices {config.choices}")
 
     @classmethod
     def prompt_tokens(cls, config, encode, text, limit):
-        """The prompt's tokens (trailing whitespace goes to the choices); too long when they and
-        the longest choice's continuation exceed the limit."""
+        """The prompt's tokens (trailing whitespace goes to the choices); too long when they and the
+        longest choice's continuation exceed the limit."""
         stripped = text.rstrip()
         n = len(encode(stripped, add_bos=True))
         tail, sep = text[len(stripped):], config.choice_separator
@@ -511,8 +498,8 @@ class LabelStage(Stage):
 
     @classmethod
     def report(cls, config, committed, plan):
-        """The label histogram over every committed output, and how many are close calls
-        (counted again from the file's margins where it was written with another --low-margin)."""
+        """The label histogram over every committed output, and how many are close calls (counted again
+        from the file's margins where it was written with another --low-margin)."""
         counts, low = Counter(), 0
         for name, st in committed.items():
             counts.update(st.extra.get("label_counts", {}))
@@ -568,10 +555,9 @@ class LabelStage(Stage):
 
 
 class ScoreStage(Stage):
-    """Text -> its log-likelihood under a causal LM (perplexity filtering): logprob (sum over
-    the scored tokens), num_tokens, mean_logprob, perplexity = exp(-mean_logprob); with
-    --score-after only the tokens after the prefix (the row's column, or one text) are scored.
-    What is scored, and the rolling windows of long texts: `Engine.score` (model/scoring.py)."""
+    """Text -> log-likelihood under a causal LM: logprob (sum over the scored tokens), num_tokens,
+    mean_logprob, perplexity = exp(-mean_logprob); with --score-after only the tokens after the
+    prefix. What is scored, and rolling windows: `Engine.score` (model/scoring.py)."""
 
     name, flag_group = "score", "scoring"
     scores_text = True
@@ -601,8 +587,8 @@ class ScoreStage(Stage):
 
     @classmethod
     def input_warnings(cls, config, columns):
-        """--score-after names a column where a file has it and is the prefix text where it does
-        not: a column in only some files is most likely a mistake in the others."""
+        """--score-after is a column where a file has it, else the prefix text: a column in only some
+        files is most likely a mistake in the others."""
         name = config.score_after
         having = [uri for uri, names in columns.items() if name in names]
         if not name or not having or len(having) == len(columns):
@@ -616,7 +602,6 @@ class ScoreStage(Stage):
     def prompt_limit(cls, config, max_positions):
         name, tokens, over = super().prompt_limit(config, max_positions)
         return name, tokens, "scored in rolling windows" if config.score_rolling else over
-
 
     @classmethod
     def capacity_new_tokens(cls, config):
@@ -633,7 +618,9 @@ class ScoreStage(Stage):
         """Each row's prefix: its --score-after column's value where the batch has that column
         (null or blank: none), else the --score-after text itself (or none)."""
         name = self.config.score_after
-        return [_prefix(name, v) for v in own[name]] if name in own else [(name, None)] * len(ids)
+        if name not in own:
+            return [(name, None)] * len(ids)
+        return [_text(v, "invalid_prefix", f"score_after column {name!r}: ") for v in own[name]]
 
     def _run(self, texts, ids, rows):
         cfg = self.config
@@ -643,24 +630,7 @@ class ScoreStage(Stage):
                 for r in self.engine.score(texts, score_after=rows, rolling=cfg.score_rolling, stride=cfg.score_stride)]
 
 
-def _prefix(column: str, value) -> tuple[str | None, RowError | None]:
-    """(a --score-after column value as a prefix, None), or (None, the row's error)."""
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return None, RowError("invalid_prefix", f"score_after column {column!r}: not valid UTF-8 "
-                                  f"({e.reason} at byte {e.start})")
-    if isinstance(value, str):
-        return value, None
-    if value is None or (isinstance(value, float) and value != value):  # null or NaN: no prefix
-        return None, None
-    return None, RowError("invalid_prefix", f"score_after column {column!r}: expected a string, "
-                          f"got {type(value).__name__}")
-
-
 def _margins(loc) -> list:
-
     """The `margin` column of a committed label output, Parquet or JSONL."""
     if loc.path.endswith(".jsonl"):
         with loc.fs.open_input_stream(loc.path) as f:
@@ -680,7 +650,5 @@ TASK_SETTINGS = frozenset(s for t in TASKS.values() for s in t.settings)
 
 def output_schema(config: PipelineConfig, input_schema: pa.Schema) -> pa.Schema:
     """The schema every output file of this run has: id, kept columns, task columns."""
-    fields = [input_schema.field(config.id_column)]
-    fields += [input_schema.field(c) for c in config.keep_columns]
-    fields += [pa.field(c, kind) for c, kind in TASKS[config.task].columns]
-    return pa.schema(fields)
+    return pa.schema([*(input_schema.field(c) for c in (config.id_column, *config.keep_columns)),
+                      *(pa.field(c, kind) for c, kind in TASKS[config.task].columns)])
