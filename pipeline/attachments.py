@@ -1,21 +1,10 @@
-"""Files a run's config points at, read once on the driver, checked, and shipped inside the
-config (so replicas on other nodes need no access to them): few-shot examples and a JSON schema.
+"""Files a config points at, read and checked once on the driver and shipped inside the config
+(replicas need no access to them): few-shot examples and a JSON schema.
 
-Few-shot examples: a JSONL file of solved rows rendered into a prefix every row starts with.
-
-Rows are `{"prompt": ..., "label": ...}` for the label task (the label must be one of the
-choices) or `{"prompt": ..., "completion": ...}` for generate. Each example goes through the
-run's prompt template (chat wrapper included), then the choice separator (label) or a space
-(generate) and its answer, then a blank line:
-
-    Review: great film\\nSentiment: positive\\n\\nReview: dull\\nSentiment: negative\\n\\n<row's prompt>
-
-With --chat-template that is persimmon-8b-chat's multi-turn format
-(`human: ...\\n\\nadept: answer\\n\\n`). Each replica computes the prefix's KV cache once and
-keeps it (`Engine.pin_prefix`).
-
-JSON schema (--json-schema): read and compiled once here, so a schema llguidance cannot use is
-an error before any model work.
+Few-shot examples (README "Labels you can trust"): JSONL rows `{"prompt", "label"}` (label; one of
+the choices) or `{"prompt", "completion"}` (generate), rendered into the prefix every row starts
+with (`Stage.render_prefix`), whose KV each replica computes once (`Engine.pin_prefix`).
+The JSON schema is compiled here, so one llguidance cannot use fails before any model work.
 """
 
 from __future__ import annotations
@@ -30,8 +19,8 @@ from .storage import model_location, resolve
 
 
 def load_attachments(config: PipelineConfig) -> PipelineConfig:
-    """The config with its examples file and JSON schema file read in (see the module doc), and
-    a --regex or generate --choices constraint checked."""
+    """The config with its examples and JSON schema files read in, and a --regex or generate
+    --choices constraint checked."""
     config = load_json_schema(load_examples(config))
     if TASKS[config.task].generates and (config.regex is not None or config.choices):  # choices constrain generation
         from model.structured import check_grammar
@@ -75,8 +64,7 @@ def load_json_schema(config: PipelineConfig) -> PipelineConfig:
 
 
 def load_examples(config: PipelineConfig) -> PipelineConfig:
-    """The config with `examples` read into a list of rows (a path or URI is read here, on the
-    driver); every row checked. Raises ConfigError naming the file and line."""
+    """The config with `examples` read into a list of rows, each checked; ConfigError names file and line."""
     rows, where = config.examples, "examples"
     if rows is None:
         return config
@@ -105,8 +93,8 @@ def load_examples(config: PipelineConfig) -> PipelineConfig:
 
 
 def check_prefix_length(config: PipelineConfig) -> None:
-    """Few-shot examples that leave no room for the rows are exit 2 on the driver (for a local
-    model; for a remote one the replicas say so)."""
+    """Few-shot examples that leave no room for the rows: exit 2 on the driver (a remote model's replicas
+    say so)."""
     prefix = TASKS[config.task].render_prefix(config)
     if not prefix:
         return

@@ -1,38 +1,18 @@
-"""The OpenAI Batch API file format, in and out, so tooling written for OpenAI's batch files reads
-and writes ours.
+"""The OpenAI Batch API file format, in and out (README "Input and output formats"), so tooling for
+OpenAI's batch files reads and writes ours.
 
-An input line is one request:
+`request_row` turns a request line into the pipeline's columns: the id (custom_id), the prompt,
+the `url` (kept: the answer takes the endpoint's shape) and row_settings.py's per-row settings.
+Chat messages become Persimmon's chat format; system (or developer) messages may only come first,
+their text before the first turn (the chat model has no system role). A field left out takes the
+run's setting, not OpenAI's default; `model` is ignored; a request for what the engine does not
+do (`n` > 1, tools, streaming, penalties, `echo`) is the row's error, not silently changed.
+Chat `logprobs` + `top_logprobs` (0-20) or completions `logprobs: N` is the row's `logprobs`;
+vLLM's `prompt_logprobs: 0` (or true) its `prompt_logprobs` (false turns off the run's).
 
-    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
-     "body": {"messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 16}}
-
-`request_row` turns it into the pipeline's columns: the id (custom_id), the prompt, the `url`
-(kept, so the answer takes the endpoint's shape) and the per-row settings of row_settings.py:
-
-- chat messages are rendered in Persimmon's chat format, `human: {user}\\n\\nadept: {assistant}\\n\\n`
-  per exchange, ending `human: {last user message}\\n\\nadept:`. System (or developer) messages
-  may only come first, their text before the first turn and a blank line (the chat model was
-  not trained with a system role). Content is a string or a list of text parts.
-- `/v1/completions` takes `prompt` (one string) as it is.
-- `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed` and
-  `response_format` (`json_object`, or `json_schema` with its `schema`) become the row's settings;
-  a field left out takes the run's setting (greedy unless --temperature), not OpenAI's default.
-  Chat `logprobs: true` with `top_logprobs: N` (0-20), or completions `logprobs: N`, is the row's
-  `logprobs` setting. vLLM's `prompt_logprobs: 0` (or `true`) is the row's `prompt_logprobs`
-  (`false` turns off the run's --prompt-logprobs; alternatives for prompt tokens are not offered).
-  `model` is ignored: the run's model answers. A request that asks for what this engine does not
-  do (`n` > 1, tools, streaming, penalties, `echo`) is that row's error, not silently changed.
-
-`response_line` turns an output row into an output line: `{"id", "custom_id", "response":
-{"status_code": 200, "request_id", "body": <chat.completion or text_completion>}, "error": null}`,
-or for a failed row `{"id", "custom_id", "response": null, "error": {"code", "message"}}`: the
-row's `error_kind` and `error`. Log-probabilities take the endpoint's OpenAI shape (chat
-`choices[0].logprobs.content`; completions `choices[0].logprobs`, `text_offset` counted from the
-completion's start); part of a UTF-8 character is written as OpenAI does, `"bytes:\\xe2"`.
-Prompt log-probabilities go where vLLM's server puts them, outside OpenAI's schema:
-`choices[0].prompt_logprobs` of a completion, `prompt_logprobs` of a chat completion, a list
-with `null` for the first prompt token and `{"<token id>": {"logprob", "rank", "decoded_token"}}`
-for each later one (`rank` is null: the engine does not rank prompt tokens).
+`response_line` turns an output row into an answer line, or for a failed row an `error` of its
+`error_kind` and `error`. Log-probabilities take the endpoint's OpenAI shape; prompt
+log-probabilities go where vLLM's server puts them, `rank` null (prompt tokens are not ranked).
 """
 
 from __future__ import annotations

@@ -1,36 +1,20 @@
-"""Lazy Datasets of results to compose with your own Ray Data steps: `build_processor` runs a
-task on any `ray.data.Dataset` (Ray Data LLM's `build_processor` for Persimmon), `build_dataset`
-on the input files a run reads.
+"""Lazy Datasets of results to compose with your own Ray Data steps (README "Ray Data processor"):
+`build_processor` runs a task on any `ray.data.Dataset`, `build_dataset` on a run's input files.
 
     processor = build_processor("generate", model="/models/p8b", replicas=2, max_new_tokens=64,
-                                preprocess=lambda row: {"id": row["idx"], "prompt": row["text"]},
-                                postprocess=lambda row: {**row, "words": len((row["completion"] or "").split())})
-    ds = processor(ray.data.read_json("s3://b/questions/"))    # lazy: nothing has run yet
-    ds.filter(lambda r: r["error"] is None).write_parquet("s3://b/answers/")
+                                preprocess=lambda row: {"id": row["idx"], "prompt": row["text"]})
+    processor(ray.data.read_json("s3://b/questions/")).write_parquet("s3://b/answers/")
 
-The settings are a run's (`PipelineConfig`, the same names as the CLI's flags), less the files a
-run reads and writes (`settings.RUN_FIELDS`). The pipeline a processor adds to `ds`:
-
-    ds -> map_batches(ReplicaStage, ActorPoolStrategy(--replicas), num_gpus / num_cpus per replica)
-       -> map(postprocess)
-
-What can go wrong, and what happens:
-- a setting, the model or an attachment that cannot work: `build_processor` raises
-  (ConfigError, ModelError) on the driver, having run a run's checks; no replica starts;
-- a row that `preprocess` raises on, or turns into something other than a dict: a result row
-  with `error_kind` preprocess_error (its id kept when the source row has one);
-- a row whose prompt cannot be run (null, blank, too long, a bad per-row sampling column): a
-  result row with its error, as in a run; its neighbours run;
-- rows with no prompt column at all (after preprocess): the Dataset fails with a ValueError
-  naming the column, a program's mistake rather than a row's;
-- a replica that cannot start: the Dataset fails, as Ray Data fails a pool whose actors cannot
-  start (one that cannot be placed: after --replica-start-timeout-s);
-- `postprocess` raising: the Dataset fails, as in any `Dataset.map`.
-
-Result rows: the id (null for rows without one), the `keep_columns`, then the task's result
-columns, as a run writes them. Ray Data's semantics apply: a batch is re-run after its replica
-dies (up to --max-unit-retries), and each consumption runs the model again; for exactly-once,
-resumable output files use `pipeline.run`.
+It adds ds -> map_batches(ReplicaStage, ActorPoolStrategy(--replicas)) -> map(postprocess). What
+can go wrong:
+- a setting, the model or an attachment that cannot work: `build_processor` raises on the
+  driver (ConfigError, ModelError), having run a run's checks; no replica starts;
+- `preprocess` raising on a row, or not returning a dict: a `preprocess_error` row (id kept);
+- a prompt that cannot run: a row with its error, as in a run;
+- rows without the prompt column (after preprocess): the Dataset fails, naming it;
+- a replica that cannot start, or `postprocess` raising: the Dataset fails, as Ray Data's would.
+A batch is re-run after its replica dies and each consumption runs the model again: for
+exactly-once, resumable output files use `pipeline.run`.
 """
 
 from __future__ import annotations
@@ -53,16 +37,14 @@ RowFn = Callable[[dict], dict]
 
 def build_processor(task: str, model: str | None = None, preprocess: RowFn | None = None,
                     postprocess: RowFn | None = None, **settings) -> Processor:
-    """A processor for `task` (`stages.TASKS`): `processor(ds)` is the lazy Dataset of `ds`'s results.
-    `settings` are `PipelineConfig` fields less `RUN_FIELDS`; `preprocess(row) -> row` makes each
-    input row one with the prompt column (and optionally the id, keep_columns and per-row
-    settings); `postprocess(row) -> row` maps each result row."""
+    """`processor(ds)`: the lazy Dataset of `ds`'s results. `settings`: `PipelineConfig` fields less
+    `RUN_FIELDS`; `preprocess(row)` makes a row with the prompt column (and optionally the id,
+    keep_columns and per-row settings); `postprocess(row)` maps each result row."""
     return Processor(PipelineConfig.for_processor(task, model=model, **settings), preprocess, postprocess)
 
 
 class Processor:
-    """`processor(ds) -> ds` for a checked config (see the module doc); reusable on any number of
-    Datasets, each getting its own replica pool when consumed."""
+    """`processor(ds) -> ds` for a checked config; reusable, each Dataset getting its own replica pool."""
 
     def __init__(self, config: PipelineConfig, preprocess: RowFn | None = None, postprocess: RowFn | None = None):
         self.config = _checked(config, run=False)
@@ -74,13 +56,11 @@ class Processor:
         return out if self.postprocess is None else out.map(self.postprocess)
 
     def on_replicas(self, ds, cls, batch_size: int, **kwargs):
-        """`ds.map_batches(cls(config, **kwargs))` on this config's replica pool: its size, its
-        resources and retries, and its DataContext settings (`api._context_values`: wait for the
-        minimum pool, then fail rather than hang; grow when every replica is busy)."""
+        """`ds.map_batches(cls(config, **kwargs))` on this config's replica pool: its size, resources,
+        retries and DataContext settings (`api._context_values`)."""
         import ray.data
 
-        # A Dataset derived from another shares its DataContext, taken when the first was made
-        # (Ray 2.60, RAY.md): the pool's settings go on a copy's, so the caller's `ds` keeps its own.
+        # a derived Dataset shares its DataContext (Ray 2.60): the pool's settings go on a copy's
         with warnings.catch_warnings():  # deep-copying a DataContext sets its deprecated fields too
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ray.data.Dataset.copy(ds, _deep_copy=True)
@@ -91,8 +71,8 @@ class Processor:
 
 
 class ReplicaStage:
-    """A processor's replica: each batch -> `preprocess`, row by row (if given) -> the task's stage
-    -> a `pyarrow.Table` of results. Callable without Ray (`engine=` a test double or an Engine)."""
+    """A processor's replica: batch -> `preprocess` row by row (if given) -> the task's stage -> results.
+    Callable without Ray (`engine=` a test double or an Engine)."""
 
     def __init__(self, config: PipelineConfig, preprocess: RowFn | None = None, engine=None):
         self.config, self.preprocess = config, preprocess
@@ -109,8 +89,8 @@ class ReplicaStage:
         return self.stage(columns, row_errors)
 
     def _preprocessed(self, batch: pa.Table) -> tuple[dict[str, list], dict[int, RowError]]:
-        """The batch through `preprocess`: the columns the stage reads ({name: values}; a row
-        without one has None there) and the rows preprocess failed ({row index: error})."""
+        """The batch through `preprocess`: the columns the stage reads ({name: values}, None where a row
+        lacks one) and the rows preprocess failed ({row index: error})."""
         cfg = self.config
         names = batch.column_names
         rows = [dict(zip(names, values)) for values in zip(*(column_values(batch[c]) for c in names))]
@@ -142,10 +122,9 @@ class ReplicaStage:
 
 # ---- the input files as a Dataset ------------------------------------------------------------
 def build_dataset(config: PipelineConfig, ds=None):
-    """Lazy `ray.data.Dataset` of results of the input files, in any format a run reads, each read
-    by a replica and run through the task's stage (`FileStage`); an unreadable row is a result
-    row with its error. `ds`: run on your own Dataset instead (`Processor(config)(ds)`). Write it
-    with `filesystem=pipeline.filesystem(config, uri)` for object stores with an endpoint."""
+    """Lazy Dataset of results of the input files, each read by a replica as a run reads it (`FileStage`;
+    an unreadable row is a row with its error); `ds`: of your own Dataset instead. Write it with
+    `filesystem=pipeline.filesystem(config, uri)` for object stores with an endpoint."""
     import ray.data
 
     processor = Processor(config)
@@ -160,9 +139,8 @@ def build_dataset(config: PipelineConfig, ds=None):
 
 
 class FileStage:
-    """`build_dataset`'s replica: input file URIs in, the task's results for their rows out, a
-    batch at a time, read as a run reads them; a bad file (not its format, no prompt column,
-    empty) fails the Dataset with a message naming it."""
+    """`build_dataset`'s replica: input file URIs in, their rows' results out, a batch at a time; a bad
+    file (not its format, no prompt column, empty) fails the Dataset with a message naming it."""
 
     def __init__(self, config: PipelineConfig):
         self.config, self.stage = config, TASKS[config.task](config)

@@ -1,24 +1,12 @@
-"""Per-row sampling settings: optional input columns that override the run's defaults row by row.
+"""Per-row sampling settings (README "Per-row sampling settings"): a `generate` input's optional
+columns SAMPLING_COLUMNS; a row's non-null value replaces the run's setting for that row (null or
+an empty cell keeps it). `stop` is a string or a list of strings, `json_schema` an object or its
+JSON text, `seed` is used as given (else derived from --seed and the row id).
 
-A `generate` input may carry any of these columns; a row's non-null value replaces the run's
-setting for that row only (null or an empty cell keeps the run's value):
-
-    max_new_tokens  integer >= 1
-    temperature     number >= 0 (0 = greedy)
-    top_p           number in (0, 1]
-    top_k           integer >= 0 (0 = off)
-    stop            a string, or a list of strings (replaces the run's stop strings)
-    seed            integer: the row's own seed, used as given (without it a sampled row's seed
-                    derives from --seed and the row id)
-    json_schema     a JSON schema (object, or its JSON text): the row's completion must match it
-    logprobs        integer in [0, 20]: the row's generated tokens get log-probabilities and this
-                    many top alternatives each (the `logprobs` output column)
-    prompt_logprobs true / false: the row's prompt tokens get log-probabilities
-
-Values are checked per row: a bad one (a negative temperature, top_k 2.5, a stop that is a
-number) is that row's error (`error_kind` invalid_sampling), and its neighbours run. Numbers may be
-given as text (CSV cells are text): "0.7" is 0.7. Integral floats are integers (16.0 is 16:
-Parquet columns holding nulls and pandas exports turn integers into floats).
+Each value is checked for its own row: a bad one (a negative temperature, top_k 2.5, a numeric
+stop) is that row's `invalid_sampling` error, and its neighbours run. Numbers may be text (CSV
+cells): "0.7" is 0.7; integral floats are integers (Parquet columns with nulls and pandas exports
+turn integers into floats).
 """
 
 from __future__ import annotations
@@ -40,8 +28,8 @@ class SettingError(ValueError):
 
 
 def sampling_params(**settings):
-    """The engine's `SamplingParams` for these settings (the run's, or a row's own): the one place
-    where they are checked; a refused one is a SettingError naming it (`temperature must be ...`)."""
+    """The engine's `SamplingParams` for the run's or a row's settings, the one place they are checked;
+    a refused one is a SettingError naming it (`temperature must be ...`)."""
     from model import SamplingParams
 
     try:
@@ -73,8 +61,8 @@ def _number(name: str, value: Any) -> int | float:
 
 
 def coerce(name: str, value: Any) -> Any:
-    """The value of one per-row setting in the type the engine takes, or None to keep the run's
-    value. Raises SettingError for a value of the wrong kind."""
+    """A per-row setting's value in the type the engine takes, or None to keep the run's; SettingError
+    for a value of the wrong kind."""
     if value is None:
         return None
     empty = isinstance(value, str) and not value.strip() or isinstance(value, float) and math.isnan(value)
@@ -107,8 +95,8 @@ def coerce(name: str, value: Any) -> Any:
 
 
 def checked(name: str, value: Any, say=str) -> tuple[Any, RowError | None]:
-    """(coerce(name, value), None), or (None, the row's error) for a refused value; `say` words
-    the message (an OpenAI batch's names the request's fields)."""
+    """(coerce(name, value), None), or (None, the row's error); `say` words the message (an OpenAI
+    batch's names the request's fields)."""
     try:
         return coerce(name, value), None
     except SettingError as e:
@@ -116,8 +104,7 @@ def checked(name: str, value: Any, say=str) -> tuple[Any, RowError | None]:
 
 
 def row_overrides(columns: dict[str, list], n: int) -> list[tuple[dict, RowError | None]]:
-    """For each of `n` rows, (its overrides {setting: value}, error or None), from the batch's
-    per-row setting columns ({name: values})."""
+    """Per row, (its overrides {setting: value}, error or None) from the per-row setting columns."""
     out: list[tuple[dict, RowError | None]] = []
     for i in range(n):
         settings, error = {}, None

@@ -1,29 +1,23 @@
-"""SIGTERM and SIGINT (Ctrl-C): a run stops within seconds, in whatever phase it is, with a report.
+"""SIGTERM and SIGINT (Ctrl-C): a run stops within seconds, in whatever phase, with a report.
 
-The run owns both signals from the moment it holds its output's lease until it returns:
+From taking its output's lease until it returns, the run owns both signals. While it plans,
+waits for its replica pool or collects results (`StopSignals.call`), a signal raises
+`Interrupted` at once and the phase is abandoned (units in flight too: a rerun redoes them).
+While it starts Ray, the signal is acted on as `ray.init` returns: one that comes as ray.init
+forks runs in the fork hooks, where an exception is lost (and logging's lock left taken).
+Elsewhere (short steps) it is only recorded and the run skips what is left. Either way the run
+writes `_run_report.json` (`complete: false`, `interrupted`), releases the lease and returns;
+the CLI exits 1 (130 for SIGINT).
 
-- while it plans, waits for its replica pool or collects results (`StopSignals.call`), the
-  signal raises `Interrupted` at once: the phase is abandoned (units in flight too: their
-  partial files are ignored, a rerun redoes them);
-- while it starts Ray the signal is acted on as `ray.init` returns: a signal that comes as
-  ray.init forks runs in the fork hooks, where an exception is lost (and logging's lock left taken);
-- anywhere else (short steps) it is only recorded, and the run skips what is left of its work.
-
-Either way the run then writes `_run_report.json` with `complete: false` and `interrupted`,
-releases the lease and returns; the CLI exits 1 (130 for SIGINT).
-
-`Interrupted` is a KeyboardInterrupt because Ray's blocking calls give up only on that: Ray
-Data waiting for its actor pool (up to --replica-start-timeout-s) swallows any other exception
-until the wait times out. And `ray.init` would replace the SIGTERM handler with its own (exit at
-once, no report): while a run owns the signals, Ray's setter does nothing.
-
-Ray's core worker installs abseil's failure signal handler for SIGTERM in C++, over ours: it
-arms a 3-second `alarm` that aborts the process (SIGABRT) and only then chains to our handler
-(ray #64830); a local Ray's shutdown takes longer, so every SIGTERM ended in SIGABRT. So while
-the run owns the signals the core worker is started without it
-(`RAY_DISABLE_FAILURE_SIGNAL_HANDLER`, read as `ray.init` makes the core worker); the run takes
-the signals back once Ray is up (`reown`: a driver that joined Ray before the run), and a signal
-that still found abseil's handler cancels its abort fuse as soon as our handler runs.
+`Interrupted` is a KeyboardInterrupt because Ray's blocking calls give up only on that (Ray Data
+waiting for its actor pool swallows any other exception until --replica-start-timeout-s). While
+the run owns the signals, `ray.init`'s SIGTERM handler setter (exit at once, no report) does
+nothing, and the core worker starts without abseil's C++ failure signal handler
+(`RAY_DISABLE_FAILURE_SIGNAL_HANDLER`), which would arm a 3-second `alarm` that aborts the
+process before chaining to ours (ray #64830): a local Ray's shutdown takes longer, so every
+SIGTERM ended in SIGABRT. The run takes the signals back once Ray is up (`reown`: a driver that
+joined Ray before the run), and our handler cancels the abort fuse of a signal that still found
+abseil's handler.
 
 Only the main thread can own signal handlers; elsewhere (a notebook's worker thread) nothing is
 installed and the run cannot be interrupted this way.
@@ -42,10 +36,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    """Context manager owning SIGTERM / SIGINT for a run.
-
-    `signal` names the first signal received (None: none), `phase` the phase it stopped.
-    `lease` is the run's output lease: losing it stops the run too (checked as results come)."""
+    """Context manager owning SIGTERM / SIGINT for a run. `signal` names the first signal received
+    (None: none), `phase` the phase it stopped; losing `lease`, the run's output lease, stops it too."""
 
     def __init__(self):
         self.signal: str | None = None
@@ -71,7 +63,7 @@ class StopSignals:
             setattr(module, name, value)
 
     def reown(self) -> None:
-        """Take the signals back from whatever was installed over our handler (Ray's, in C++)."""
+        """Take the signals back from what was installed over our handler (Ray's, in C++)."""
         for sig in self._saved:
             signal.signal(sig, self._handler)
 
@@ -85,9 +77,8 @@ class StopSignals:
             raise Interrupted(self.signal)
 
     def call(self, phase: str, fn, *args, at_once: bool = True, **kwargs):
-        """`fn(*args, **kwargs)`, stopped at once by a signal: returns its result, or None when a
-        signal came before or during it (`signal` and `phase` then say which and where). With
-        `at_once=False` a signal lets `fn` finish first (its result is then dropped)."""
+        """`fn(*args, **kwargs)`'s result, or None when a signal came before or during it (which
+        stops it at once, or with `at_once=False` lets it finish and drops its result)."""
         if self.signal is None:
             self._armed = phase if at_once else None
             try:
@@ -103,8 +94,7 @@ class StopSignals:
         return None
 
     def _keep_ray_off(self) -> None:
-        """Stop `ray.init` from installing its SIGTERM handler while the run owns the signal, and
-        its core worker from installing abseil's failure signal handler (see the module docstring)."""
+        """Keep `ray.init`'s SIGTERM handler and abseil's failure signal handler off (see the module doc)."""
         try:
             import ray._private.ray_constants as ray_constants
             import ray._private.utils as ray_utils
@@ -117,10 +107,9 @@ class StopSignals:
 
 
 def _cancel_abort_fuse() -> None:
-    """abseil's failure signal handler, run before ours, arms `alarm(3)` with a SIGALRM handler
-    that aborts: cancel it. Only when SIGALRM has no Python handler, so an alarm of the program's
-    own is left alone: `getsignal` knows only handlers installed from Python (one installed from
-    C reads as the one Python saw at startup, SIG_DFL, or None), never abseil's."""
+    """Cancel the `alarm(3)` that abseil's failure signal handler, run before ours, armed to abort;
+    only when SIGALRM has no Python handler, so the program's own alarm is left alone (`getsignal`
+    never sees abseil's: one installed from C reads as SIG_DFL or None)."""
     if hasattr(signal, "SIGALRM") and not callable(signal.getsignal(signal.SIGALRM)):
         signal.alarm(0)
 
