@@ -16,9 +16,9 @@ import os
 import re
 import string
 from dataclasses import fields
-from typing import Literal, Optional, Union, get_args
+from typing import Annotated, Literal, Optional, Union, get_args
 
-from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from .errors import ConfigError
@@ -70,6 +70,19 @@ def _config_errors(cls):
     cls.__init__ = __init__
     return cls
 
+
+def _as_list(value, strip=True) -> list:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        parts = value.split(",")
+        return [p.strip() for p in parts if p.strip()] if strip else [p for p in parts if p]
+    return list(value) if isinstance(value, (list, tuple)) else value  # not a list: pydantic names the field
+
+
+# a list given as one string (a flag, a YAML value) is comma-separated; a stop string may be a space
+CommaSeparated = Annotated[list[str], BeforeValidator(_as_list)]
+StopStrings = Annotated[list[str], BeforeValidator(lambda value: _as_list(value, strip=False))]
 
 _KINDS = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
           "string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
@@ -129,12 +142,12 @@ class PipelineConfig:
     # ---- columns ----------------------------------------------------------------------------
     id_column: str = _f("id", "Input column with a unique row id, copied to the output.")
     prompt_column: str = _f("prompt", "Input column with the prompt (or text to classify).")
-    keep_columns: list[str] = _f([], "Extra input columns copied unchanged to the output (comma-separated).")
+    keep_columns: CommaSeparated = _f([], "Extra input columns copied unchanged to the output (comma-separated).")
     prompt_template: str = _f("{prompt}", "Python format string applied to each prompt; must contain {prompt}. For "
                 "`label`, e.g. 'Review: {prompt}\\nSentiment:' (on the command line \\n is a newline).")
     chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as 'human: {prompt}\\n\\nadept:' for "
                 "Persimmon-8B-chat.")
-    choices: list[str] = _f([], "label task: the candidate labels (comma-separated). Each row gets the choice with "
+    choices: CommaSeparated = _f([], "label task: the candidate labels (comma-separated). Each row gets the choice with "
                 "the highest log-likelihood after the prompt (calibrated with --calibrate). generate: the completion "
                 "is constrained to be one of them.")
     choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's tokens are those "
@@ -169,7 +182,7 @@ class PipelineConfig:
     temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")
     top_k: int = _f(0, "generate: keep the k most likely tokens when sampling; 0 = off.")
     top_p: float = _f(1.0, "generate: nucleus sampling mass; 1.0 = off.")
-    stop: list[str] = _f([], "generate: stop strings (comma-separated); not included in the output.")
+    stop: StopStrings = _f([], "generate: stop strings (comma-separated); not included in the output.")
     json_schema: Union[str, dict, None] = _f(None, "generate: a JSON schema file (local or object store; or the "
                 "schema as a dict in YAML / Python): every completion is JSON matching it (constrained decoding with "
                 "llguidance). The `parsed` column holds the JSON of rows that finished (null when cut off by "
@@ -268,16 +281,6 @@ class PipelineConfig:
                 "loads the directory the driver checked, whatever its working directory.", cli=False)
 
     # ---- values as flags and YAML give them ----------------------------------------------
-    @field_validator("keep_columns", "choices", mode="before")
-    @classmethod
-    def _comma_separated(cls, value):
-        return _as_list(value)
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_strings(cls, value):  # a stop string may be a space
-        return _as_list(value, strip=False)
-
     @field_validator("content_free_inputs", mode="before")
     @classmethod
     def _content_free(cls, value):  # comma-separated; empty items are kept
@@ -529,12 +532,3 @@ def read_yaml(path: str) -> dict:
 def output_columns(task: str) -> tuple[str, ...]:
     """The columns a task adds to its output rows (besides the id and kept columns)."""
     return tuple(name for name, _ in TASKS[task].columns)
-
-
-def _as_list(value, strip=True) -> list:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        parts = value.split(",")
-        return [p.strip() for p in parts if p.strip()] if strip else [p for p in parts if p]
-    return list(value) if isinstance(value, (list, tuple)) else value  # not a list: pydantic names the field
