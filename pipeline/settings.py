@@ -147,9 +147,9 @@ class PipelineConfig:
                 "`label`, e.g. 'Review: {prompt}\\nSentiment:' (on the command line \\n is a newline).")
     chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as 'human: {prompt}\\n\\nadept:' for "
                 "Persimmon-8B-chat.")
-    choices: CommaSeparated = _f([], "label task: the candidate labels (comma-separated). Each row gets the choice with "
-                "the highest log-likelihood after the prompt (calibrated with --calibrate). generate: the completion "
-                "is constrained to be one of them.")
+    choices: CommaSeparated = _f([], "label task: the candidate labels (comma-separated). Each row gets the choice "
+                "with the highest log-likelihood after the prompt (calibrated with --calibrate). generate: the "
+                "completion is constrained to be one of them.")
     choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's tokens are those "
                 "the text prompt + separator + choice adds after the prompt's own tokens (as lm-evaluation-harness).")
     choice_score: Literal["sum", "mean"] = _f("sum", "label task: 'sum' = total log-likelihood of a choice's tokens; "
