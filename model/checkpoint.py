@@ -137,12 +137,10 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_pretrained(path, dtype=None, device=None, model_class=None, quantization: str = "none",
                     quantize_lm_head: bool = False):
-    """Load an HF-layout Persimmon checkpoint directory into our model, in eval mode.
-
-    `model_class` defaults to config.architectures' (else the causal LM), `dtype` to the
-    checkpoint's torch_dtype, else float32. `quantization` "int8" / "fp8" stores the layers'
-    linears (and the lm_head with `quantize_lm_head`) in 8 bits; where it cannot run it fails
-    before any weight is read."""
+    """Load an HF-layout Persimmon checkpoint directory into our model, in eval mode. `model_class`
+    defaults to config.architectures' (else the causal LM), `dtype` to its torch_dtype, else
+    float32. `quantization` "int8" / "fp8" stores the layers' linears (and the lm_head with
+    `quantize_lm_head`) in 8 bits; where it cannot run it fails before any weight is read."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")

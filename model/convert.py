@@ -2,13 +2,11 @@
 
 Input: `iter_XXXXXXX/mp_rank_00/model_optim_rng.pt` (a dict with "model", a nested dict of
 tensors, and "args", an argparse.Namespace) and the sentencepiece vocabulary `adept_vocab.model`.
-Output: config.json + safetensors + tokenizer files, loadable by `model.load_pretrained` and by
-transformers' `PersimmonForCausalLM.from_pretrained`.
-
-The pickle is read with `torch.load(weights_only=True)`, allow-listing only argparse.Namespace
-and numpy's array/scalar types (the args and the RNG state): no code from the file runs. Names
-are mapped as transformers' convert_persimmon_weights_to_hf.py does; the fused QKV layout is the
-same on both sides.
+Output: config.json + safetensors + tokenizer files that `model.load_pretrained` and transformers'
+`PersimmonForCausalLM.from_pretrained` load. The pickle is read with `torch.load(weights_only=True)`,
+allow-listing only argparse.Namespace and numpy's array/scalar types (the args and the RNG
+state): no code from the file runs. Names map as in transformers' convert_persimmon_weights_to_hf.py;
+the fused QKV layout is the same on both sides.
 
     persimmon-convert --checkpoint model_optim_rng.pt --tokenizer adept_vocab.model --output DIR
 """

@@ -1,19 +1,19 @@
 """Weight quantization: the decoder layers' linear weights in 8 bits, one scale per output channel.
 
-- int8 (CPU and CUDA): torchao quantizes each weight (symmetric, per row: `Int8Tensor.from_hp`).
-  torchao's own int8 linear converts the whole transposed weight to the activation dtype on
-  every call (6x slower than a bf16 Linear on CPU); `Int8Linear` gives the same outputs faster:
-  on CPU, for up to INT8_ROWS bf16 rows, torch's `_weight_int8pack_mm` (one byte read per
-  weight, 1.6x faster than oneDNN's bf16 at one row, slower from 4 rows); otherwise the weight
-  is dequantized a slice of rows at a time and multiplied, as torchao does, never whole in the
-  activation dtype. On CPU int8 saves memory; it is faster than bf16 only with a row or two.
-- fp8 (CUDA, compute capability 8.9+): float8 e4m3 weights, fp32 per-row scales, dequantized
-  slice by slice the same way. Quantized here, without torchao.
+- int8 (CPU and CUDA): torchao's symmetric per-row rule (`Int8Tensor.from_hp`). torchao's own
+  int8 linear casts the whole transposed weight to the activation dtype on every call (6x slower
+  than a bf16 Linear on CPU); `Int8Linear` gives the same outputs faster: on CPU, for up to
+  INT8_ROWS bf16 rows, torch's `_weight_int8pack_mm` (one byte read per weight, 1.6x faster than
+  oneDNN's bf16 at one row, slower from 4 rows); otherwise the weight is dequantized a slice of
+  rows at a time and multiplied, as torchao does. On CPU int8 saves memory; it is faster than
+  bf16 only with a row or two.
+- fp8 (CUDA, compute capability 8.9+): float8 e4m3 weights, fp32 per-row scales, dequantized the
+  same way; quantized here, without torchao.
 
 Quantized: each layer's query_key_value, dense, dense_h_to_4h and dense_4h_to_h, and an untied
-lm_head with `quantize_lm_head`; embeddings, norms, biases and classifier heads stay in the
-model dtype (model/capacity.py counts the same bytes). The checkpoint loader quantizes each
-linear as soon as it is in (`LayerQuantizer`): a load peaks at the quantized model plus one linear.
+lm_head with `quantize_lm_head`; the rest stays in the model dtype (model/capacity.py counts the
+same bytes). The loader quantizes each linear as soon as it is in (`LayerQuantizer`): a load
+peaks at the quantized model plus one linear.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def quantize_model(model: nn.Module, quantization: str, quantize_lm_head: bool =
 
 
 def quantization_of(model: nn.Module) -> tuple[str, bool]:
-    """(quantization, lm_head quantized) of a model, as capacity.weights_bytes takes them."""
+    """(quantization, lm_head quantized), as capacity.weights_bytes takes them."""
     kinds = {m.kind for m in model.modules() if isinstance(m, QuantizedLinear)}
     if len(kinds) > 1:
         raise ValueError(f"a model mixes quantizations {sorted(kinds)}")
