@@ -2,22 +2,19 @@
 
 KV memory is one pool of fixed-size blocks allocated once from a budget (model/capacity.py):
 `k`, `v` are [layers, num_blocks * block_size, heads, head_dim]; a token's keys live at slot
-`block * block_size + offset`. A sequence owns a list of blocks (its block table, a row of the
-runner's `block_tables`), handed out by the scheduler's BlockManager, so memory follows the
-tokens held, never rows x max_seq_len. Block 0 is the null block: always zero, table padding.
+`block * block_size + offset`. A sequence's blocks (its block table, a row of the runner's
+`block_tables`) come from the scheduler's BlockManager, so memory follows the tokens held, never
+rows x max_seq_len. Block 0 is the null block: always zero, table padding.
 
-One engine forward runs N tokens of several sequences side by side (packed, no padding),
-described by an `AttentionMetadata` the model runner builds once per forward through its
-backend. Per layer, `paged_attention` writes the new keys and values into the pool, then:
-- a sequence with nothing cached (a first prefill, classification) attends causally to its
-  own fresh keys with SDPA;
-- sequences with cached keys (decode, a prompt after a shared prefix, a recomputed row) run
-  the work their backend planned: `TorchBackend` (any device; the reference) gathers each row's
-  blocks and runs SDPA under a position mask, in groups whose gathered keys stay under
-  `gather_tokens`; `CpuKernelBackend` reads the pool in place with the C kernel
-  (model/cpu_kernels.py) for short query runs. CUDA: `TorchBackend` until a fused kernel is written.
-A fixed-shape decode step (what CUDA graphs replay) builds its gather groups from tensors only:
-block tables and context lengths are graph inputs, padded rows read the null block.
+An engine forward runs N tokens of several sequences side by side, described by the
+`AttentionMetadata` the runner's backend builds. Per layer, `paged_attention` writes the new
+keys and values into the pool; a sequence with nothing cached attends causally to its own keys
+(SDPA); the others run the work their backend planned: `TorchBackend` (any device, CUDA
+included until a fused kernel is written; the reference) gathers each row's blocks and runs SDPA
+under a position mask, in groups whose gathered keys stay under `gather_tokens`;
+`CpuKernelBackend` reads the pool in place with the C kernel (model/cpu_kernels.py) for short
+query runs. A fixed-shape decode step (what CUDA graphs replay) plans from tensors only: block
+tables and context lengths are graph inputs, padded rows read the null block.
 """
 
 from __future__ import annotations
@@ -54,7 +51,7 @@ class PagedKVCache:
             self._blocks_view(pool).index_fill_(1, blocks, 0)
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [N, H, D] into slots slot_mapping [N]."""
+        # k, v [N, H, D] into slots slot_mapping [N]
         self.k[layer].index_copy_(0, slot_mapping, k)
         self.v[layer].index_copy_(0, slot_mapping, v)
 

@@ -43,7 +43,7 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 def pick_weight_files(names, read_index) -> list[str]:
     """The weight files of a checkpoint directory holding the files `names`, in a fixed order: a
     safetensors index's files, else model.safetensors, else the same for `.bin`. `read_index(name)`
-    returns an index file's bytes. Local and object-store directories (pipeline.modelcheck) both use it."""
+    returns an index file's bytes (local and object-store directories: pipeline.modelcheck)."""
     names = set(names)
     for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
         if index in names:
@@ -63,19 +63,6 @@ def pick_weight_files(names, read_index) -> list[str]:
         if single in names:
             return [single]
     raise FileNotFoundError(f"no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
-
-
-def weight_files(path: str) -> list[str]:
-    """The weight files of a local HF checkpoint directory, in a fixed order."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    try:
-        files = pick_weight_files(os.listdir(path), lambda name: Path(path, name).read_bytes())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return [os.path.join(path, f) for f in files]
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -115,7 +102,7 @@ def safetensors_header(file_size: int, read_at) -> tuple[int, dict]:
 
 
 def iter_safetensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read a .safetensors file a tensor at a time with plain reads (no mmap pages count against us)."""
+    """A .safetensors file a tensor at a time, by plain reads (no mmap pages count against us)."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         def read_at(nbytes, offset):
@@ -138,7 +125,7 @@ def iter_safetensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) across shards, one tensor in memory at a time where the format allows."""
+    """(name, tensor) across shards, one tensor in memory at a time where the format allows."""
     for file in files:
         if file.endswith(".safetensors"):
             yield from iter_safetensors(file)
@@ -150,17 +137,18 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_pretrained(path, dtype=None, device=None, model_class=None, quantization: str = "none",
                     quantize_lm_head: bool = False):
-    """Load an HF-layout Persimmon checkpoint directory into our model, in eval mode.
-
-    `model_class` defaults to config.architectures' (else the causal LM), `dtype` to the
-    checkpoint's torch_dtype, else float32. `quantization` "int8" / "fp8" stores the layers'
-    linears (and the lm_head with `quantize_lm_head`) in 8 bits; where it cannot run it fails
-    before any weight is read."""
+    """Load an HF-layout Persimmon checkpoint directory into our model, in eval mode. `model_class`
+    defaults to config.architectures' (else the causal LM), `dtype` to its torch_dtype, else
+    float32. `quantization` "int8" / "fp8" stores the layers' linears (and the lm_head with
+    `quantize_lm_head`) in 8 bits; where it cannot run it fails before any weight is read."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     config = PersimmonConfig.from_pretrained(path)
-    files = weight_files(path)
+    try:
+        files = pick_weight_files(os.listdir(path), lambda name: Path(path, name).read_bytes())
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{path}: {e}") from None
     if model_class is None:
         arch = (config.architectures or ["PersimmonForCausalLM"])[0]
         model_class = MODEL_CLASSES.get(arch, PersimmonForCausalLM)
@@ -172,7 +160,7 @@ def load_pretrained(path, dtype=None, device=None, model_class=None, quantizatio
     quantizer = LayerQuantizer(model, quantization, quantize_lm_head, device)
 
     state, unexpected, mismatched = {}, [], []
-    for name, tensor in iter_tensors(files):
+    for name, tensor in iter_tensors([os.path.join(path, f) for f in files]):
         name = model_param_name(name, expected, bare, tied)
         if name is None:
             continue

@@ -106,10 +106,9 @@ class PersimmonConfig:
                 f"(head_dim {self.head_dim}); it must be even and >= 2")
         if self.rope_type == "dynamic" and self.rotary_dim <= 2:
             bad("rope_scaling", "dynamic NTK scaling needs a rotary dim > 2")
-        if not self.rope_theta > 0:
-            bad("rope_theta", f"must be positive, got {self.rope_theta}")
-        if not self.layer_norm_eps > 0:
-            bad("layer_norm_eps", f"must be positive, got {self.layer_norm_eps}")
+        for name in ("rope_theta", "layer_norm_eps"):
+            if not getattr(self, name) > 0:
+                bad(name, f"must be positive, got {getattr(self, name)}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, f"must be in [0, 1), got {getattr(self, name)}")

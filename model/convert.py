@@ -2,13 +2,11 @@
 
 Input: `iter_XXXXXXX/mp_rank_00/model_optim_rng.pt` (a dict with "model", a nested dict of
 tensors, and "args", an argparse.Namespace) and the sentencepiece vocabulary `adept_vocab.model`.
-Output: config.json + safetensors + tokenizer files, loadable by `model.load_pretrained` and by
-transformers' `PersimmonForCausalLM.from_pretrained`.
-
-The pickle is read with `torch.load(weights_only=True)`, allow-listing only argparse.Namespace
-and numpy's array/scalar types (the args and the RNG state): no code from the file runs. Names
-are mapped as transformers' convert_persimmon_weights_to_hf.py does; the fused QKV layout is the
-same on both sides.
+Output: config.json + safetensors + tokenizer files that `model.load_pretrained` and transformers'
+`PersimmonForCausalLM.from_pretrained` load. The pickle is read with `torch.load(weights_only=True)`,
+allow-listing only argparse.Namespace and numpy's array/scalar types (the args and the RNG
+state): no code from the file runs. Names map as in transformers' convert_persimmon_weights_to_hf.py;
+the fused QKV layout is the same on both sides.
 
     persimmon-convert --checkpoint model_optim_rng.pt --tokenizer adept_vocab.model --output DIR
 """
@@ -80,28 +78,25 @@ def load_adept_checkpoint(path) -> tuple[dict, argparse.Namespace | None]:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    """{"a": {"b": t}} -> {"a.b": t}; also handles dicts whose keys already contain dots."""
+    """{"a": {"b": t}} -> {"a.b": t} (keys may already contain dots), DROPPED names left out."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
+        elif name.endswith(DROPPED):
+            continue
         elif torch.is_tensor(value):
             out[name] = value
-        elif not name.endswith(DROPPED):
+        else:
             raise ValueError(f"model.{name} is a {type(value).__name__}, expected a tensor")
     return out
 
 
-def rename(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith(DROPPED):
-            continue
-        for old, new in RENAMES:
-            name = name.replace(old, new)
-        out[name] = tensor
-    return out
+def rename(name: str) -> str:
+    for old, new in RENAMES:
+        name = name.replace(old, new)
+    return name
 
 
 def config_from_args(args, state: dict[str, torch.Tensor], **extra) -> PersimmonConfig:
@@ -181,7 +176,7 @@ def convert_adept_checkpoint(checkpoint, tokenizer, output, dtype="bfloat16", bo
     dtype = resolve_dtype(dtype)
     tok = make_tokenizer(tokenizer, bos_eos_id, endoftext_special)
     tree, args = load_adept_checkpoint(checkpoint)
-    state = rename(flatten(tree))
+    state = {rename(name): tensor for name, tensor in flatten(tree).items()}
     config = config_from_args(args, state, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               torch_dtype=str(dtype).removeprefix("torch."))
     if tok.vocab_size > config.vocab_size:

@@ -5,12 +5,11 @@ and values in place instead of gathering a copy of each row's blocks (the gather
 twice the attention itself on CPU). Optional: without a C compiler, with PERSIMMON_CPU_KERNELS=0
 or if the build fails, `available()` is False and the model uses gather + SDPA (same results).
 
-Built for the CPU at hand (`-march=native`); PERSIMMON_KERNEL_MARCH names another target (e.g.
-`x86-64-v3`, to test what an AVX2-only CPU runs); a compiler that rejects it gets a second try
-without -march. The library is cached under $PERSIMMON_KERNEL_CACHE (default
-~/.cache/persimmon-batch), keyed by source, flags and this CPU's features, and written
-atomically so concurrent replicas on one node can race safely. torch is imported first, so the
-kernel's OpenMP calls land in the OpenMP runtime torch loaded (its threads are torch's).
+Built with `-march=native` or PERSIMMON_KERNEL_MARCH (`x86-64-v3`: what an AVX2-only CPU runs;
+a compiler that rejects it gets a try without -march), cached under $PERSIMMON_KERNEL_CACHE
+(default ~/.cache/persimmon-batch) keyed by source, flags and CPU features, written atomically
+(concurrent replicas on one node race safely). torch is imported first, so the kernel's OpenMP
+calls land in the OpenMP runtime torch loaded (its threads are torch's).
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> str:
-    """The library built for the -march asked for (native by default), else without one."""
     march = os.environ.get("PERSIMMON_KERNEL_MARCH", "native").strip()
     last: subprocess.CalledProcessError | None = None
     for target in ([f"-march={march}"], []) if march else ([],):
@@ -115,7 +113,7 @@ def _load():
 
 
 def kernels() -> dict | None:
-    """{dtype: ctypes function} of the built kernel, or None when unavailable (see module doc)."""
+    """{dtype: ctypes function} of the built kernel, or None when unavailable."""
     with _lock:
         if "kernels" not in _loaded:
             _loaded["kernels"] = _load()

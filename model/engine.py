@@ -1,16 +1,10 @@
 """The engine: batched, KV-cached generation with continuous batching over a paged KV cache,
-plus choice scoring and classification. vLLM in miniature; `generate` loops until every row is done:
-
-- schedule (model/scheduler.py, no torch): which rows decode, which prompts are admitted and
-  prefilled (by free KV blocks, not slots), which row is preempted when the pool runs out;
-- execute (model/model_runner.py): the step as one packed forward, hidden states returned only
-  where a token is sampled or scored;
-- sample (model/sampling.py): all rows at once, under each structured row's grammar mask
-  (model/structured.py); log-probabilities come from the raw logits (model/logprobs.py);
-- update and output (model/outputs.py): end rows at stop ids, length limits and stop strings.
-
-`score_choices`, `score` and `classify` (model/scoring.py) sample nothing. The KV pool is a memory
-budget; `max_batch_size` and `max_seq_len` are caps that cost no memory (see Engine's Args).
+plus choice scoring and classification (model/scoring.py). vLLM in miniature; each step of
+`generate` is: schedule (model/scheduler.py: which rows decode or prefill, by free KV blocks,
+and which is preempted), execute (model/model_runner.py: one packed forward, hidden states only
+where a token is sampled or scored), sample (model/sampling.py, under the grammar masks of
+model/structured.py; log-probabilities from the raw logits, model/logprobs.py), update and
+output (model/outputs.py: stop ids, length limits, stop strings).
 """
 
 from __future__ import annotations
@@ -39,9 +33,8 @@ from .tokenizer import PersimmonTokenizer
 class Engine:
     """One Persimmon replica: model, tokenizer, KV pool, scheduler and sampler.
 
-    The engine takes the model over: it casts / moves it in place and packs its CPU weights.
-    Build one engine per model: a later engine on the same model re-casts it, and the earlier
-    one then refuses to run rather than mixing dtypes.
+    The engine casts / moves the model in place and packs its CPU weights: build one engine per
+    model (an earlier engine whose model a later one re-cast refuses to run).
 
     Args:
         max_batch_size: most rows in flight at once (a cap, not a reservation).
@@ -112,7 +105,7 @@ class Engine:
         return cls(model, tokenizer, **kwargs)
 
     def stats(self) -> dict:
-        """Sizing facts and counters since the engine was built (KV capacity and peak, preemptions, ...)."""
+        """Sizing facts and counters since the engine was built."""
         out = dict(self.runner.info())
         out["max_batch_size"], out["max_seq_len"] = self.max_batch_size, self.max_seq_len
         if self.scheduler is not None:
@@ -221,8 +214,7 @@ class Engine:
                 finished.append(seq)
         return finished
 
-    def _abort(self) -> None:
-        """Drop every queued row (after an exception): nothing half-done leaks into the next call."""
+    def _abort(self) -> None:  # after an exception: nothing half-done leaks into the next call
         self.scheduler.abort_all()
         self.outputs.clear()
 
@@ -248,7 +240,7 @@ class Engine:
         return results
 
     def _queue(self, i: int, prompt, p: SamplingParams) -> Completion | None:
-        """Queue row i; None, or its error Completion when it cannot run."""
+        """Queue row i; its error Completion when it cannot run."""
         try:
             ids = self._fit_prompt(self._encode(prompt), p)
         except ValueError as e:
@@ -288,8 +280,7 @@ class Engine:
 
     def pin_prefix(self, prefix) -> int:
         """Compute a prefix later rows start with (few-shot examples, instructions) and keep its
-        full KV blocks for the engine's life, whatever else passes through the cache. Returns
-        the number of tokens pinned."""
+        full KV blocks for the engine's life; returns the number of tokens pinned."""
         self._require_causal("pin_prefix")
         ids = self._encode(prefix)
         if len(ids) >= self.max_seq_len:

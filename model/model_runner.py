@@ -1,17 +1,15 @@
 """The model runner: owns the weights, the paged KV pool, the block-table tensor and CUDA graphs,
 and runs every forward the engine makes (it checks the engine's sizing arguments).
 
-- `execute(step)` runs one scheduled step (model/scheduler.py): the new tokens of every row side
-  by side as one flat sequence, returning hidden states only where a token is sampled or a
-  choice scored, so the 262k-vocab head never sees [rows, tokens, vocab].
-- `forward_packed(rows)` runs whole rows with no cache (classification).
-- Decode-only steps on CUDA replay CUDA graphs (`decode_mode="cuda_graph"`): batch and table
-  width padded to buckets, block tables and context lengths as graph inputs, padded rows
-  reading the null block and writing the scratch block. `"static"`: the same step run eagerly.
-- On CPUs where oneDNN runs the dtype, every Linear runs with its weight packed in place
-  (model/cpu_packing.py).
-- The KV pool is sized once from `kv_cache_gib` or the memory budget (model/capacity.py), never
-  from max_batch_size x max_seq_len (that product only caps it).
+`execute(step)` runs a scheduled step (model/scheduler.py) as one flat sequence of every row's
+new tokens, returning hidden states only where a token is sampled or a choice scored, so the
+262k-vocab head never sees [rows, tokens, vocab]; `forward_packed(rows)` runs whole rows with
+no cache (classification). Decode-only steps on CUDA replay CUDA graphs (`"cuda_graph"`;
+`"static"`: the same step run eagerly): batch and table width padded to buckets, block tables and
+context lengths as graph inputs, padded rows reading the null block and writing the scratch block.
+On CPUs where oneDNN runs the dtype, Linears run with packed weights (model/cpu_packing.py). The
+KV pool is sized once from `kv_cache_gib` or the memory budget (model/capacity.py), never from
+max_batch_size x max_seq_len (that product only caps it).
 """
 
 from __future__ import annotations
@@ -119,8 +117,7 @@ class ModelRunner:
         return int(blocks)
 
     # ---- block tables ----------------------------------------------------------------------
-    def _sync_table(self, seq) -> None:
-        """Copy a row's new block ids into its row of the block-table tensor."""
+    def _sync_table(self, seq) -> None:  # a row's new block ids into its row of the table tensor
         key = (id(seq), seq.admitted)
         row = seq.row
         if self._table_owner[row] != key:
@@ -162,17 +159,14 @@ class ModelRunner:
         positions = torch.repeat_interleave(ends - lengths, lengths) + offsets
         slots = self.block_tables[token_rows, positions // self.block_size] * self.block_size \
             + positions % self.block_size
-        rope_lens = self._rope_lens(items, lengths, positions) if self.dynamic_rope else None
+        rope_lens = None
+        if self.dynamic_rope:  # the length each token's rotary comes from, as if its row ran undisturbed
+            # (prompt tokens: the prompt's; generated: position + 1): a recomputed row gets the keys it had
+            prompt = torch.tensor([len(item.seq.prompt) for item in items], device=dev)
+            rope_lens = torch.maximum(torch.repeat_interleave(prompt, lengths), positions + 1)
         meta = self.attn.metadata(positions, spans, ctx, rows, token_rows, self.block_tables, slots, rope_lens)
         hidden = self.model.model(torch.tensor(ids, device=dev), attn_metadata=meta, kv_cache=self.kv_cache)
         return hidden[torch.tensor(outputs, dtype=torch.long, device=dev)]
-
-    def _rope_lens(self, items, lengths, positions) -> torch.Tensor:
-        """Dynamic NTK: the length each token's rotary frequencies come from, as if the row ran
-        undisturbed (prompt tokens: the prompt's length; generated ones: position + 1), so a row
-        recomputed after preemption gets the keys it had."""
-        prompt = torch.tensor([len(item.seq.prompt) for item in items], device=self.device)
-        return torch.maximum(torch.repeat_interleave(prompt, lengths), positions + 1)
 
     @torch.inference_mode()
     def forward_packed(self, rows: list[list[int]]) -> torch.Tensor:
@@ -219,7 +213,7 @@ class ModelRunner:
         return self.model.model(ids, attn_metadata=meta, kv_cache=self.kv_cache)
 
     def _graph(self, Bb: int, nb: int):
-        """The CUDA graph of a decode step for Bb rows and tables nb wide, captured on first use
+        """The decode step's CUDA graph for Bb rows and tables nb wide, captured on first use
         (writing only into the scratch block: every input row is padding)."""
         if (Bb, nb) in self._graphs:
             return self._graphs[(Bb, nb)]

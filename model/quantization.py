@@ -1,19 +1,19 @@
 """Weight quantization: the decoder layers' linear weights in 8 bits, one scale per output channel.
 
-- int8 (CPU and CUDA): torchao quantizes each weight (symmetric, per row: `Int8Tensor.from_hp`).
-  torchao's own int8 linear converts the whole transposed weight to the activation dtype on
-  every call (6x slower than a bf16 Linear on CPU); `Int8Linear` gives the same outputs faster:
-  on CPU, for up to INT8_ROWS bf16 rows, torch's `_weight_int8pack_mm` (one byte read per
-  weight, 1.6x faster than oneDNN's bf16 at one row, slower from 4 rows); otherwise the weight
-  is dequantized a slice of rows at a time and multiplied, as torchao does, never whole in the
-  activation dtype. On CPU int8 saves memory; it is faster than bf16 only with a row or two.
-- fp8 (CUDA, compute capability 8.9+): float8 e4m3 weights, fp32 per-row scales, dequantized
-  slice by slice the same way. Quantized here, without torchao.
+- int8 (CPU and CUDA): torchao's symmetric per-row rule (`Int8Tensor.from_hp`). torchao's own
+  int8 linear casts the whole transposed weight to the activation dtype on every call (6x slower
+  than a bf16 Linear on CPU); `Int8Linear` gives the same outputs faster: on CPU, for up to
+  INT8_ROWS bf16 rows, torch's `_weight_int8pack_mm` (one byte read per weight, 1.6x faster than
+  oneDNN's bf16 at one row, slower from 4 rows); otherwise the weight is dequantized a slice of
+  rows at a time and multiplied, as torchao does. On CPU int8 saves memory; it is faster than
+  bf16 only with a row or two.
+- fp8 (CUDA, compute capability 8.9+): float8 e4m3 weights, fp32 per-row scales, dequantized the
+  same way; quantized here, without torchao.
 
 Quantized: each layer's query_key_value, dense, dense_h_to_4h and dense_4h_to_h, and an untied
-lm_head with `quantize_lm_head`; embeddings, norms, biases and classifier heads stay in the
-model dtype (model/capacity.py counts the same bytes). The checkpoint loader quantizes each
-linear as soon as it is in (`LayerQuantizer`): a load peaks at the quantized model plus one linear.
+lm_head with `quantize_lm_head`; the rest stays in the model dtype (model/capacity.py counts the
+same bytes). The loader quantizes each linear as soon as it is in (`LayerQuantizer`): a load
+peaks at the quantized model plus one linear.
 """
 
 from __future__ import annotations
@@ -96,41 +96,13 @@ def check_supported(quantization: str, device, quantize_lm_head: bool = False) -
                              f"{capability[0]}.{capability[1]}: use quantization='int8'")
 
 
-# ---- quantizing one weight [out, in] ---------------------------------------------------------
-def _row_slices(rows: int, cols: int, elements: int):
-    step = max(1, elements // max(cols, 1))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [out, in], scale [out] in the weight's dtype: torchao casts its fp32 scale to the
-    activation dtype anyway), by torchao's per-row rule, slices of rows at a time (small scratch)."""
-    Int8Tensor, PerRow = _torchao_int8()
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    for a, b in _row_slices(*weight.shape, QUANTIZE_ELEMENTS):
-        part = Int8Tensor.from_hp(weight[a:b], PerRow())
-        q[a:b], scale[a:b] = part.qdata, part.scale.reshape(-1)
-    return q, scale
-
-
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 e4m3 [out, in], fp32 scale [out]): each row's largest magnitude maps to FP8_MAX."""
-    q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for a, b in _row_slices(*weight.shape, QUANTIZE_ELEMENTS):
-        part = weight[a:b].float()
-        s = part.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX  # [rows]
-        q[a:b], scale[a:b] = (part / s[:, None]).clamp(-FP8_MAX, FP8_MAX), s
-    return q, scale
-
-
-# ---- the layers ------------------------------------------------------------------------------
 class QuantizedLinear(nn.Module):
     """y = (x W^T) * scale + b, W [out, in] in 8 bits, one scale per output channel. Weight,
     scale and bias are frozen parameters, so `parameters()` counts their bytes."""
 
     kind = ""
+    storage: torch.dtype  # of the 8-bit weight
+    scale_dtype: torch.dtype | None = None  # None: the weight's dtype
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -138,6 +110,17 @@ class QuantizedLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """A Linear's weight [out, in] and bias quantized, slices of rows at a time (small scratch)."""
+        weight = weight.detach()
+        q = torch.empty(weight.shape, dtype=cls.storage, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=cls.scale_dtype or weight.dtype, device=weight.device)
+        step = max(1, QUANTIZE_ELEMENTS // max(weight.shape[1], 1))
+        for a in range(0, weight.shape[0], step):
+            q[a:a + step], scale[a:a + step] = cls.quantize(weight[a:a + step])  # [rows, in], [rows]
+        return cls(q, scale, None if bias is None else bias.detach())
 
     def weight_8bit(self) -> torch.Tensor:
         return self.weight
@@ -177,13 +160,16 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights, scales in the model dtype (torchao's values)."""
+    """int8 weights, scales in the model dtype: torchao's values (torchao casts its fp32 scale to
+    the activation dtype anyway)."""
 
-    kind = "int8"
+    kind, storage = "int8", torch.int8
 
-    @classmethod
-    def from_weights(cls, weight, bias):
-        return cls(*quantize_int8(weight.detach()), None if bias is None else bias.detach())
+    @staticmethod
+    def quantize(part):  # torchao's per-row rule
+        Int8Tensor, PerRow = _torchao_int8()
+        t = Int8Tensor.from_hp(part, PerRow())
+        return t.qdata, t.scale.reshape(-1)
 
     def matmul(self, x2):
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and x2.shape[0] <= INT8_ROWS \
@@ -200,12 +186,13 @@ class Float8Linear(QuantizedLinear):
     """float8 e4m3 weights, fp32 scales. The weight is stored as its bytes (uint8) so that
     casting the model (`.to(dtype)` casts floating tensors) cannot turn it into unscaled bf16."""
 
-    kind = "fp8"
+    kind, storage, scale_dtype = "fp8", torch.uint8, torch.float32
 
-    @classmethod
-    def from_weights(cls, weight, bias):
-        q, scale = quantize_fp8(weight.detach())
-        return cls(q.view(torch.uint8), scale, None if bias is None else bias.detach())
+    @staticmethod
+    def quantize(part):  # each row's largest magnitude maps to FP8_MAX
+        part = part.float()
+        s = part.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX  # [rows]
+        return (part / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8), s
 
     def weight_8bit(self):
         return self.weight.view(torch.float8_e4m3fn)
@@ -247,7 +234,7 @@ def quantize_model(model: nn.Module, quantization: str, quantize_lm_head: bool =
 
 
 def quantization_of(model: nn.Module) -> tuple[str, bool]:
-    """(quantization, lm_head quantized) of a model, as capacity.weights_bytes takes them."""
+    """(quantization, lm_head quantized), as capacity.weights_bytes takes them."""
     kinds = {m.kind for m in model.modules() if isinstance(m, QuantizedLinear)}
     if len(kinds) > 1:
         raise ValueError(f"a model mixes quantizations {sorted(kinds)}")
@@ -273,8 +260,7 @@ class LayerQuantizer:
             return
         keys = [f"{module}.weight"] + ([f"{module}.bias"] if self.targets[module] else [])
         if all(k in state for k in keys):
-            tensors = [state.pop(k) for k in keys]
-            self.modules[module] = self.layer.from_weights(tensors[0], tensors[1] if len(tensors) > 1 else None)
+            self.modules[module] = self.layer.from_weights(*[state.pop(k) for k in keys])
             self.loaded.update(keys)
 
     def install(self, model: nn.Module) -> None:

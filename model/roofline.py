@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 from .capacity import GPUS, Gpu, dtype_bytes, kv_bytes_per_token, param_count, quantized_linears, weights_bytes
 from .config import PersimmonConfig
+from .sampling_params import is_int, is_number
 
 EFFICIENCY = 0.5  # share of the peak FLOP/s matmuls reach (assumed; a calibration replaces it for decode)
 
@@ -190,7 +191,7 @@ def _check_bench(path: str, bench: dict) -> None:
     """ValueError naming the file and the field for a gpu_bench.json field of the wrong kind (a
     hand-edited or truncated file), before any arithmetic runs on it."""
     def positive_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+        return is_int(v) and v > 0
 
     def check(field: str, value, valid, want: str) -> None:
         if not valid(value):
@@ -210,5 +211,4 @@ def _check_bench(path: str, bench: dict) -> None:
         if result.get("decode_step_ms"):  # else no decode step was timed at this batch
             check(f"results[{k}].batch", result.get("batch"), positive_int, "a positive integer (rows per decode step)")
             check(f"results[{k}].decode_step_ms", result["decode_step_ms"],
-                  lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-                  "a number > 0")
+                  lambda v: is_number(v) and v > 0, "a number > 0")

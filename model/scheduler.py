@@ -1,24 +1,18 @@
 """The scheduler: which rows run in the next forward, and where their KV cache lives. No torch.
 
-vLLM in miniature, the deciding part: the model runner computes (model/model_runner.py), the
-sampler picks tokens (model/sampling.py); plain Python, tested with a fake runner.
-
-- `BlockManager`: the KV pool as fixed-size blocks: a free list, a reference count per block
-  and a prefix cache. A full block is known by a hash chained over every token up to its end, so
-  rows (in one call or across calls) that start alike share those blocks by reference.
-  Unreferenced blocks stay cached and are evicted least recently used when the free list runs
-  dry. Block 0 (null: block-table padding) and block 1 (scratch: where padded rows of a
-  fixed-shape decode write) are never handed out.
-- `Sequence`: one row: prompt, output so far, `num_computed` tokens with keys in the cache,
-  its blocks, its row in the runner's block table.
-- `Scheduler`: each `schedule()` grows the running rows by the block their next token may
-  need, preempting the most recently admitted row when the pool is out (its blocks freed, it
-  is recomputed later from prompt and output so far), then admits waiting rows while their
-  blocks (plus one token of headroom) are free, rows < max_rows and the step's prefill token
-  budget lasts. Long prompts are prefilled in chunks. A row whose first uncached block another
-  row admitted this step is computing waits one step, then shares it. `update()` appends
-  sampled tokens and ends rows at a stop id or length limit; `finish()` ends a row for a reason
-  found later (stop strings, grammars). Text never comes here.
+- `BlockManager`: the KV pool as fixed-size blocks with a free list, reference counts and a
+  prefix cache. A full block is known by a hash chained over every token up to its end, so rows
+  that start alike (in one call or across calls) share blocks by reference; unreferenced cached
+  blocks are evicted least recently used when the free list runs dry. Block 0 (null: table
+  padding) and block 1 (scratch: padded rows of a fixed-shape decode write there) are never
+  handed out.
+- `Scheduler.schedule()` gives each decoding row the block its next token may need, preempting
+  the most recently admitted row when the pool is out (freed, recomputed later from prompt and
+  output), then admits waiting rows while their blocks (plus a token of headroom) are free, rows
+  < max_rows and the step's prefill token budget lasts; long prompts prefill in chunks. A row
+  whose first uncached block another row admitted this step is computing waits a step, then
+  shares it. `update()` ends rows at a stop id or length limit; `finish()` for a reason found
+  later (stop strings, grammars). Text never comes here.
 """
 
 from __future__ import annotations
@@ -90,7 +84,6 @@ class BlockManager:
         return blocks
 
     def take_fresh(self) -> list[int]:
-        """The blocks handed out since the last call (the runner zeroes them), and forget them."""
         fresh, self.fresh = self.fresh, []
         return fresh
 
@@ -127,8 +120,8 @@ class BlockManager:
 
 @dataclass(eq=False)
 class Sequence:
-    """One row's state. The last output token's keys are computed only when it is fed back. A
-    scoring row (`score_from` set) samples nothing: it gets hidden states from `score_from` on."""
+    """One row. The last output token's keys are computed only when it is fed back. A scoring
+    row (`score_from` set) samples nothing: it gets hidden states from `score_from` on."""
     index: int
     prompt: list[int]
     params: SamplingParams | None = None  # None for scoring rows
@@ -185,8 +178,7 @@ class Sequence:
         return None
 
     @property
-    def prefilled(self) -> bool:
-        """All known tokens but the newest sampled one have keys: it is decoding."""
+    def prefilled(self) -> bool:  # decoding: every token but the newest sampled one has keys
         return self.num_computed >= self.num_tokens - 1 and bool(self.output)
 
 
@@ -275,7 +267,7 @@ class Scheduler:
                 step.items.append(StepItem(seq, seq.num_tokens - 1, 1, True, None, decode=True))
 
     def _growth_blocks(self, seq: Sequence) -> int:
-        """Blocks a running row is expected to still need: `growth_ratio` of its remaining new tokens."""
+        """Blocks a running row should still need: `growth_ratio` of its remaining new tokens."""
         if seq.params is None or not self.reserve_growth:
             return 0
         remaining = min(seq.params.max_new_tokens - len(seq.output), self.max_seq_len - seq.num_tokens)
@@ -283,8 +275,7 @@ class Scheduler:
         return max(0, cdiv(expected, self.bs) - len(seq.blocks))
 
     def _schedule_prefill(self, step: ScheduledStep) -> None:
-        # admission keeps back the blocks the running rows are expected to grow into; the ratio
-        # adapts: up on every preemption (too optimistic), slowly down while none happen
+        # admission keeps back the blocks the running rows are expected to grow into
         self._reserved = sum(self._growth_blocks(seq) for seq in self.running)
         budget = self.prefill_token_budget
         for seq in self.running:  # rows part-way through a chunked prefill
@@ -405,7 +396,6 @@ class Scheduler:
         return first
 
     def _free(self, seq: Sequence) -> None:
-        """Take a running row out: its blocks and its table row go back."""
         self.running.remove(seq)
         self.blocks.release(seq.blocks)
         self.free_rows.append(seq.row)
@@ -429,7 +419,7 @@ class Scheduler:
         self.growth_ratio += weight * (min(1.0, len(seq.output) / allowed) - self.growth_ratio)
 
     def abort_all(self) -> None:
-        """Drop every queued and running row (after an exception): their blocks are released."""
+        """Drop every queued and running row (after an exception), releasing their blocks."""
         for seq in list(self.running):
             self.finish(seq, "error")
         self.waiting.clear()

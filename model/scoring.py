@@ -1,12 +1,10 @@
-"""The engine's forwards that sample nothing; each function is an `Engine` method (`self` is the engine).
+"""The engine's forwards that sample nothing, as `Engine` methods (`self` is the engine).
 
-- `score_choices`: each (prompt, choice) pair is one scoring row through the scheduler, computed
-  up to the choice's last token but one; a prompt's rows share its KV blocks (prefix cache).
-- `score`: each text (or window of a long text) is one scoring row of the same kind.
-- `classify`: whole rows packed side by side with no cache, the head on each row's last token.
-
-Both scorers go through `_run_scoring`: the head runs on a chunk of positions at a time (never
-[rows, positions, vocab] logits) and only each position's target log-probability is kept.
+`score_choices` makes each (prompt, choice) pair, `score` each text (or window of a long text)
+one scoring row through the scheduler; rows sharing a prefix share its KV blocks. Both go
+through `_run_scoring`: the head runs on a chunk of positions at a time (never [rows, positions,
+vocab] logits), keeping only each target's log-probability. `classify` packs whole rows side by
+side with no cache and runs the head on each row's last token.
 """
 
 from __future__ import annotations
@@ -84,10 +82,10 @@ def score_choices(self, prompts, choices: list, *, normalize: str = "sum", separ
     """Log-likelihood of each choice as the continuation of each prompt.
 
     Continuation tokens as lm-evaluation-harness finds them: the tokens of `prompt + separator +
-    choice` after the prompt's own tokens (sentencepiece merges across the boundary; a choice
-    encoded alone would get a dummy-prefix space); the prompt's trailing whitespace moves into
-    the continuation. Token-id prompts and choices are used as they are (no separator).
-    normalize: "sum", or "mean" (per choice token, so long labels are not penalised)."""
+    choice` after the prompt's own (sentencepiece merges across the boundary; a choice encoded
+    alone would get a dummy-prefix space); the prompt's trailing whitespace moves into the
+    continuation. Token-id prompts and choices are used as they are. normalize: "sum", or "mean"
+    (per choice token, so long labels are not penalised)."""
     self._require_causal("score_choices")
     if normalize not in ("sum", "mean"):
         raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
@@ -153,22 +151,20 @@ def score(self, texts, *, score_after=None, add_bos: bool = True, rolling: bool 
           stride: int | None = None) -> list[TextScore]:
     """Log-likelihood of each text under the causal LM (perplexity filtering).
 
-    Every token after BOS (`add_bos`) is scored given all tokens before it: `logprob` = sum_j
-    log p(t_j | BOS, t_1 .. t_j-1) over `num_tokens` tokens, `mean_logprob` = logprob /
-    num_tokens, `perplexity` = exp(-mean_logprob), as transformers' `loss` (= -mean_logprob) on
-    the same ids. Without BOS the first token has no context and is not scored.
+    Every token after BOS (`add_bos`; without it the first token is not scored) is scored given
+    those before it: `logprob` = sum_j log p(t_j | BOS, t_1 .. t_j-1) over `num_tokens` tokens,
+    `mean_logprob` = logprob / num_tokens, `perplexity` = exp(-mean_logprob), as transformers'
+    `loss` (= -mean_logprob) on the same ids.
 
     score_after: a prefix (one for all texts or one per text; None or blank = none) read as
-    context: only the tokens the text adds are scored, log p(text | prefix), found as
-    lm-evaluation-harness finds a continuation (the prefix's trailing whitespace moves to the
-    text; no separator). Rows sharing a prefix share its KV blocks.
+    context: only the tokens the text adds are scored, found as lm-evaluation-harness finds a
+    continuation (the prefix's trailing whitespace moves to the text; no separator).
 
-    Texts longer than W = max_seq_len are scored in rolling windows when `rolling`, as
-    lm-evaluation-harness's loglikelihood_rolling: the first window is the first W tokens and
-    scores all it predicts; each next one holds the W tokens up to the end of the next `stride`
-    tokens and scores those only. Every token is scored once, with at least W - stride tokens of
-    context. `stride` defaults to W // 2 (W: the harness's default, no overlap). Without
-    `rolling` such a text is a `prompt_too_long` row error; bad rows never affect neighbours."""
+    Texts longer than W = max_seq_len are scored in rolling windows when `rolling`, as the
+    harness's loglikelihood_rolling: the first window scores its W tokens; each next one holds
+    the W tokens up to the end of the next `stride` (default W // 2; the harness's: W) tokens and
+    scores those only, so every token is scored once with >= W - stride tokens of context.
+    Without `rolling` such a text is a `prompt_too_long` row error."""
     self._require_causal("score")
     window = self.max_seq_len
     stride = window // 2 if stride is None else stride
@@ -241,9 +237,8 @@ def rolling_windows(num_tokens: int, first: int, window: int, stride: int) -> li
 
 @torch.inference_mode()
 def classify(self, texts, add_bos: bool = True) -> list[Classification]:
-    """Label each text with a sequence-classification checkpoint (the head on each row's last
-    token). Rows are packed side by side without padding, up to `prefill_token_budget` tokens
-    per forward."""
+    """Label each text with a sequence-classification checkpoint; rows are packed side by side
+    without padding, up to `prefill_token_budget` tokens per forward."""
     if not isinstance(self.model, PersimmonForSequenceClassification):
         raise TypeError("classify needs a PersimmonForSequenceClassification checkpoint")
     limit = self.config.max_position_embeddings

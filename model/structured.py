@@ -1,16 +1,14 @@
 """Structured generation: a row's tokens constrained to a JSON schema, a regex or a list of
-choices, with llguidance.
+choices, with llguidance: a small Rust library with no Python dependencies (xgrammar needs
+transformers and triton; outlines-core precompiles a regex index over the whole 262k vocabulary),
+JSON schema, regex and Lark behind one matcher API, and a mask computation that releases the GIL,
+so the next step's masks are filled on a helper thread while the model runs the forward.
 
-Why llguidance: a small Rust library with no Python dependencies (xgrammar needs transformers
-and triton; outlines-core precompiles a regex index over the whole 262k vocabulary), JSON
-schema, regex and Lark behind one matcher API, and a mask computation that releases the GIL, so
-the next step's masks are filled on a helper thread while the model runs the forward.
-
-Each constrained row holds an `LLMatcher`. Per step: the sampling rows' masks are filled into an
-int32 bitmask (one bit per token), the sampler sets disallowed logits to -inf, each sampled token
-is fed back to its matcher. A complete grammar allows only EOS; a row whose grammar cannot
-continue stops ("stop"), so a "stop" row always matches. A row cut off by max_new_tokens ends
-"length", possibly mid-structure.
+Each constrained row holds an `LLMatcher`. Per step the sampling rows' masks fill an int32 bitmask
+(a bit per token), the sampler sets disallowed logits to -inf, each sampled token is fed back to
+its matcher. A complete grammar allows only EOS; a row whose grammar cannot continue stops
+("stop"), so a "stop" row always matches; one cut off by max_new_tokens ends "length", possibly
+mid-structure.
 """
 
 from __future__ import annotations
@@ -146,14 +144,13 @@ class Grammars:
         return grammar
 
     def start(self, seq: Sequence) -> None:
-        """Give a row its fresh matcher, or raise ValueError naming what is wrong with the grammar."""
+        """Give a row its fresh matcher; ValueError naming what is wrong with the grammar."""
         m = _llguidance().LLMatcher(self.lltok, self._grammar(seq.params), log_level=0)
         if m.is_error():
             raise ValueError(f"invalid grammar: {error_text(m)}")
         seq.grammar = m
 
-    def masks_async(self, seqs: list[Sequence]) -> Future | None:
-        """Start filling the next-token masks of the structured rows of `seqs` (in order)."""
+    def masks_async(self, seqs: list[Sequence]) -> Future | None:  # of the structured rows of seqs, in order
         matchers = [s.grammar for s in seqs if s.grammar is not None]
         return self._pool.submit(self._fill, matchers) if matchers else None
 

@@ -1,16 +1,12 @@
 """Train a tiny Persimmon-style sentencepiece tokenizer for tests, benchmarks and the demo.
 
-Tests cannot download the released 262k-piece tokenizer, so :func:`train_tiny_tokenizer` builds
-a model of the same kind in a fraction of a second: Unigram with byte fallback (any UTF-8 text
-encodes without ``<unk>``), ``<unk>`` = 0, no ``<s>``/``</s>``/``<pad>``, ``|ENDOFTEXT|`` as a
-user-defined piece (id 1) that :class:`model.tokenizer.PersimmonTokenizer` uses for BOS, EOS and
-pad as with the released files, identity normalisation and a dummy ``▁`` prefix (so
-``decode(encode(text)) == text``). ``vocab_size`` 320 by default: it must stay ``<=`` the tiny
-model's vocab (512); 256 ids go to byte pieces, rare characters are left to byte fallback.
-
-The corpus is generated from small word lists in this file (no network, no files). Training is
-single-threaded on a fixed, unshuffled corpus, so the same arguments give the same bytes; files
-are written atomically (temporary file + ``os.replace``).
+A model of the released tokenizer's kind, trained in a fraction of a second: Unigram with byte
+fallback (any UTF-8 text encodes without ``<unk>``), ``<unk>`` = 0, no ``<s>``/``</s>``/``<pad>``,
+``|ENDOFTEXT|`` a user-defined piece (id 1) that ``PersimmonTokenizer`` uses for BOS, EOS and pad,
+identity normalisation and a dummy ``▁`` prefix (so ``decode(encode(text)) == text``).
+``vocab_size`` 320 by default: it must stay ``<=`` the tiny model's vocab (512); 256 ids are byte
+pieces. The corpus comes from the word lists below; training is single-threaded on it, unshuffled,
+so the same arguments give the same bytes; files are written atomically.
 """
 
 from __future__ import annotations
@@ -26,8 +22,7 @@ import sentencepiece as spm
 
 from model.tokenizer import ENDOFTEXT, PersimmonTokenizer
 
-# sentencepiece's trainer keeps process-global state (flags, logging); serialise in-process runs.
-_TRAIN_LOCK = threading.Lock()
+_TRAIN_LOCK = threading.Lock()  # sentencepiece's trainer keeps process-global state
 
 _SUBJECTS = [
     "the model", "a small robot", "my neighbour", "the old teacher", "our team", "the cat",
@@ -47,8 +42,7 @@ _TAILS = [
     "in the city.", "for the first time.", "without a word.", "near the station.",
     "on a cold day.", "at night.", "because it was late.", "while singing softly.",
 ]
-# Hand-written lines for capitals, digits, punctuation, code and chat-like text.
-_EXTRA = [
+_EXTRA = [  # capitals, digits, punctuation, code and chat-like text
     "Hello, world!",
     "human: What is the capital of France?\n\nadept: The capital of France is Paris.",
     "human: Write a haiku about autumn.\n\nadept: Leaves fall on the path.",
@@ -68,7 +62,7 @@ _EXTRA = [
 
 
 def tiny_corpus() -> list[str]:
-    """Return the fixed training corpus: 432 templated sentences plus hand-written lines."""
+    """432 templated sentences plus the hand-written lines."""
     lines = []
     for i, (s, v, o) in enumerate(itertools.product(_SUBJECTS, _VERBS, _OBJECTS)):
         if i % 4:  # keep a quarter of the 1728 combinations: varied, yet small and fast
@@ -80,38 +74,22 @@ def tiny_corpus() -> list[str]:
 
 
 def train_tiny_model_proto(vocab_size: int = 320) -> bytes:
-    """Train the tiny Unigram model and return the serialised ``ModelProto`` bytes."""
+    """The tiny Unigram model's serialised ``ModelProto``."""
     if not 260 <= vocab_size <= 4096:
         raise ValueError(f"vocab_size must be in [260, 4096] (256 byte pieces + specials), got {vocab_size}")
     writer = io.BytesIO()
     with _TRAIN_LOCK:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(tiny_corpus()),
-            model_writer=writer,
-            model_type="unigram",
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            character_coverage=0.995,
-            unk_id=0,
-            bos_id=-1,
-            eos_id=-1,
-            pad_id=-1,
-            user_defined_symbols=[ENDOFTEXT],
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=True,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            num_threads=1,
-            shuffle_input_sentence=False,
-            max_sentencepiece_length=16,
-            minloglevel=2,  # quiet
-        )
+            sentence_iterator=iter(tiny_corpus()), model_writer=writer, model_type="unigram",
+            vocab_size=vocab_size, byte_fallback=True, character_coverage=0.995,
+            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, user_defined_symbols=[ENDOFTEXT],
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            split_digits=True, allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+            num_threads=1, shuffle_input_sentence=False, minloglevel=2)  # minloglevel 2: quiet
     return writer.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+def _write_atomic(path: str, data: bytes) -> None:  # a temporary file, then os.replace
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:

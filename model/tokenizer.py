@@ -1,17 +1,14 @@
-"""Persimmon's tokenizer: a thin, exact wrapper around its sentencepiece model (no transformers).
+"""Persimmon's tokenizer: an exact wrapper around its sentencepiece model (no transformers).
 
-Persimmon ships ``tokenizer.model``, a sentencepiece Unigram model with byte fallback
-(``<unk>`` = 0, ``|ENDOFTEXT|`` = 71013 used as BOS, EOS and pad in the released files).
+``tokenizer.model`` is a sentencepiece Unigram model with byte fallback (``<unk>`` = 0; in the
+released files ``|ENDOFTEXT|`` = 71013 is BOS, EOS and pad). ``encode`` is ``sp.encode``, BOS
+first when on (``add_bos_token``, true by default as in the hub's tokenizer_config); ``decode`` is
+``sp.decode`` once BOS/EOS/pad are dropped, so byte-fallback pieces reassemble into UTF-8.
 
-* ``encode(text)`` is exactly ``SentencePieceProcessor.encode(text)``, BOS first when BOS is on
-  (``add_bos_token``, true by default as in the hub's tokenizer_config).
-* Special ids are looked up by piece name, never hard-coded; a name given in
-  ``tokenizer_config.json`` / ``special_tokens_map.json`` must be a piece of the model. Unnamed,
-  BOS and EOS are ``|ENDOFTEXT|`` if the model has it, else sentencepiece's ``bos_id()`` /
-  ``eos_id()`` (when >= 0). **The pad id defaults to the EOS id** (Persimmon has no pad token),
-  else sentencepiece's ``pad_id()``.
-* ``decode(ids)`` is exactly ``SentencePieceProcessor.decode(ids)`` once the BOS/EOS/pad ids are
-  dropped (``skip_special_tokens=True``), so byte-fallback pieces are reassembled into UTF-8.
+Special ids are looked up by piece name, never hard-coded; a name in ``tokenizer_config.json`` /
+``special_tokens_map.json`` must be a piece. Unnamed, BOS and EOS are ``|ENDOFTEXT|`` if the
+model has it, else sentencepiece's own (when >= 0); **the pad id defaults to the EOS id**
+(Persimmon has no pad token), else sentencepiece's ``pad_id()``.
 """
 
 from __future__ import annotations
@@ -116,20 +113,17 @@ class PersimmonTokenizer:
         return cls(model_file, **{**kwargs, **overrides})
 
     @property
-    def vocab_size(self) -> int:
-        """Number of pieces in the sentencepiece model (may be smaller than the model's embedding)."""
+    def vocab_size(self) -> int:  # pieces; may be fewer than the model's embedding rows
         return self._sp.get_piece_size()
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def token_to_id(self, piece: str) -> int | None:
-        """Id of ``piece``, or ``None`` if the model has no such piece."""
         token_id = self._sp.piece_to_id(piece)
         return token_id if self._sp.id_to_piece(token_id) == piece else None
 
     def id_to_token(self, token_id: int) -> str:
-        """Piece string of ``token_id`` (e.g. ``"▁the"``, ``"<0x0A>"``)."""
         if not 0 <= token_id < self.vocab_size:
             raise IndexError(f"token id {token_id} out of range [0, {self.vocab_size})")
         return self._sp.id_to_piece(token_id)
@@ -151,21 +145,10 @@ class PersimmonTokenizer:
     def _token_name(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._sp.id_to_piece(token_id)
 
-    @property
-    def bos_token(self) -> str | None:
-        return self._token_name(self.bos_token_id)
-
-    @property
-    def eos_token(self) -> str | None:
-        return self._token_name(self.eos_token_id)
-
-    @property
-    def pad_token(self) -> str | None:
-        return self._token_name(self.pad_token_id)
-
-    @property
-    def unk_token(self) -> str:
-        return self._sp.id_to_piece(self.unk_token_id)
+    bos_token = property(lambda self: self._token_name(self.bos_token_id))
+    eos_token = property(lambda self: self._token_name(self.eos_token_id))
+    pad_token = property(lambda self: self._token_name(self.pad_token_id))
+    unk_token = property(lambda self: self._token_name(self.unk_token_id))
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """``sp.encode(text)``, BOS first if ``add_bos`` (None: :attr:`add_bos_token`)."""
@@ -207,7 +190,6 @@ class PersimmonTokenizer:
                        for p in self._sp.decode_ids_as_proto(ids).pieces)
 
     def apply_chat_template(self, prompt: str, history: Iterable[tuple[str, str]] | None = None) -> str:
-        """The persimmon-8b-chat prompt string; see :func:`chat_prompt`."""
         return chat_prompt(prompt, history)
 
     def tokenizer_config(self) -> dict:
@@ -219,7 +201,7 @@ class PersimmonTokenizer:
                 "clean_up_tokenization_spaces": False}
 
     def save_pretrained(self, directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write the model, tokenizer_config and special_tokens_map files (from_pretrained reloads them)."""
+        """Write the model, tokenizer_config and special_tokens_map files."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         paths = tuple(os.path.join(directory, name) for name in (MODEL_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE))
