@@ -21,8 +21,6 @@ the measured rows' tokens feed the cost estimate (`plan --gpu`, pipeline/cost.py
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,33 +30,19 @@ import numpy as np
 from .settings import PipelineConfig
 from .formats import INPUT_FORMATS
 from .stages import TASKS, build_prompt, column_values
-from .storage import model_location, read_bytes, resolve
+from .modelcheck import TOKENIZER_FILES
+from .storage import local_copy, model_location, resolve
 
 SAMPLE_ROWS = 2000
 READ_ROWS = 1 << 16  # rows per read of a unit's prompts
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 
 
 def load_tokenizer(config: PipelineConfig):
-    """(the model's tokenizer, its max_position_embeddings), read from the checkpoint the
-    replicas load; a remote one's few small files are copied to a temp dir first."""
+    """(the tokenizer, max_position_embeddings) of the checkpoint the replicas load."""
     from model import PersimmonConfig, PersimmonTokenizer
 
-    def load(path):
+    with local_copy(model_location(config.model, config), (*TOKENIZER_FILES, "config.json")) as path:
         return PersimmonTokenizer.from_pretrained(path), PersimmonConfig.from_pretrained(path).max_position_embeddings
-
-    loc = model_location(config.model, config)
-    if loc.is_local:
-        return load(loc.path)
-    with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as tmp:
-        for name in TOKENIZER_FILES:
-            try:
-                data = read_bytes(loc.join(name))
-            except FileNotFoundError:
-                continue  # the optional ones; check_model has made sure of tokenizer.model and config.json
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-        return load(tmp)
 
 
 def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, threads: int = 8,

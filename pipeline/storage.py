@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 import uuid
 import dataclasses
@@ -254,6 +255,22 @@ def read_file(loc: Location, fn, what: str = "read"):
 def read_bytes(loc: Location) -> bytes:
     """The stored bytes (no decompression guessed from the name), retried."""
     return read_file(loc, lambda f: f.read())
+
+
+@contextlib.contextmanager
+def local_copy(loc: Location, names):
+    """A local directory with the files `names` of `loc`: a local one as is, else those that exist
+    copied into a temp directory for the block."""
+    if loc.is_local:
+        yield loc.path
+        return
+    with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as tmp:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                data = read_bytes(loc.join(name))
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+        yield tmp
 
 
 # ---- model directory: local as is, hub snapshot, remote downloaded once per node -------------
