@@ -5,10 +5,9 @@
     [persimmon-batch] rows 1,412/12,000 (12%) | 48.1 rows/s | 1,530 tok/s | ETA 3m40s | 2 replicas busy | 0 errors
 
 On a terminal the progress line is redrawn in place every second (unit lines print above it);
-otherwise (a log file, `ray job logs`) it is printed every 30 s. Counts come from the units
-committed so far plus the heartbeats of units in flight (pipeline.progress), so they move
-during a long unit, not only when it commits. Ray's INFO logs and Ray Data's progress bars are
-hidden unless --verbose.
+otherwise (a log file, `ray job logs`) printed every 30 s. Counts are the committed units' plus
+the heartbeats of units in flight, so they move during a long unit. Ray's INFO logs and Ray
+Data's progress bars are hidden unless --verbose.
 """
 
 from __future__ import annotations
@@ -45,10 +44,8 @@ def progress_text(rows: int, total: int, tokens: int, errors: int, busy: int, el
 
 
 class Console:
-    """Prints our lines, and the live progress line while `live()` runs.
-
-    `unit_done(stats)` feeds it every unit result the driver receives; `tracker` (the run's
-    ProgressTracker actor) gives the rows, tokens and errors of units in flight."""
+    """Prints our lines, and the live progress line while `live(tracker)` runs: `unit_done` counts
+    the units received, the run's ProgressTracker those in flight."""
 
     def __init__(self, enabled: bool = True, stream=None, interval: float | None = None, clock=time.monotonic):
         self.enabled = enabled
@@ -140,8 +137,8 @@ class Console:
             self._live = live
 
 
-# Ray Data loggers whose console lines a run says better itself: the full stack trace of an
-# error that ends the Dataset (the run reports it in one line) and "Progress bars disabled".
+# Ray Data loggers whose console lines the run says better: the stack trace of an error that
+# ends the Dataset (reported in one line) and "Progress bars disabled".
 HUSHED = ("ray.data.exceptions", "ray.data._internal.progress")
 
 
@@ -151,9 +148,8 @@ def _not_hushed(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def quiet_ray(verbose: bool):
-    """For the block, unless `verbose`: Ray's driver logs at WARNING, and Ray Data's console
-    handler at WARNING less the `HUSHED` loggers (its log file, ray-data.log in the session's
-    logs, keeps everything)."""
+    """Unless `verbose`, for the block: Ray's driver logs at WARNING, Ray Data's console handler at
+    WARNING less `HUSHED` (its ray-data.log in the session's logs keeps everything)."""
     if verbose:
         yield
         return
