@@ -5,8 +5,8 @@
     persimmon_batch_row_errors        counter    rows with an error, tags: task, kind
     persimmon_batch_batch_seconds     histogram  seconds per batch (read rows -> results), tag: task
 
-Ray exports them as `ray_persimmon_batch_rows` ... They count work done (a retried unit counts
-again; the run report counts each row once). Outside Ray they are not recorded.
+Exported as `ray_persimmon_batch_rows` ...; they count work done (a retried unit counts again,
+unlike the run report). Outside Ray nothing is recorded.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class ReplicaMetrics:
             log.warning("Ray metrics unavailable (%s); going on without them", e)
 
     def batch(self, rows: int, tokens: int, errors_by_kind: Counter, seconds: float) -> None:
-        """Record one batch: its rows, generated tokens, row errors by kind and duration."""
         if not self.enabled:
             return
         try:

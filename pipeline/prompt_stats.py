@@ -1,9 +1,6 @@
-"""Prompt lengths for `persimmon-batch plan`: the rows' prompts in the model's tokens, and how
-many rows the engine would refuse as too long, before anything runs.
-
-Each row's text is built by the stage's own code (`stages.build_prompt`: the prompt checked,
-then the few-shot prefix, the prompt template and the chat wrapper) and tokenized with the
-model's tokenizer the way the engine does (`model/engine.py`, BOS first):
+"""Prompt lengths for `persimmon-batch plan`: the prompts in the model's tokens, and the rows the
+engine would refuse as too long. Built by the stage's own code (`stages.build_prompt`) and
+tokenized as the engine does (BOS first):
 
     generate   the prompt's tokens; too long when more than max_seq_len - 1 (no room for one new
                token): `prompt_too_long`, or cut to fit with --truncate left
@@ -11,11 +8,10 @@ model's tokenizer the way the engine does (`model/engine.py`, BOS first):
                and the longest choice's continuation exceed max_seq_len
     classify   the text's tokens; too long past the model's max_position_embeddings
 
-Rows the run would not send to the engine (a duplicate or null id, a line that cannot be read,
-an unusable prompt) are counted apart. By default a uniform random sample of rows (seeded: the
-same input gives the same numbers), read unit by unit; `sample_rows=0` reads and tokenizes every
-row. Percentiles are nearest-rank: each is the token count of some row; the mean and the sum of
-the measured rows' tokens feed the cost estimate (`plan --gpu`, pipeline/cost.py).
+Rows the run would not send to the engine (duplicate or null id, unreadable line, unusable
+prompt) are counted apart. By default a seeded uniform sample of rows (same input, same numbers);
+`sample_rows=0` tokenizes every row. Percentiles are nearest-rank; the mean and sum of measured
+tokens feed the cost estimate (`plan --gpu`).
 """
 
 from __future__ import annotations
@@ -94,8 +90,8 @@ def _sample(units: list, size: int, seed: int) -> dict[int, np.ndarray]:
 
 def _measure_unit(config: PipelineConfig, unit, rows: np.ndarray | None, prefix: str,
                   measure) -> tuple[Counter, Counter, int, int]:
-    """(token counts, those of the rows over the limit, rows read, rows not run) of a unit's
-    `rows` (sorted; None: all of them), read a few large batches at a time, only its prompts."""
+    """(token counts, those over the limit, rows read, rows not run) of a unit's sorted `rows`
+    (None: all), reading only its prompts."""
     planned = {int(row) for row, _ in unit.row_errors}
     lengths, over, read, not_run = Counter(), Counter(), 0, 0
     start = 0

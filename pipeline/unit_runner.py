@@ -1,32 +1,28 @@
 """UnitRunner: the Ray actor class that turns work units into committed output files.
 
-Why not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer names files after its
-blocks, not the input files, so a rerun cannot tell which rows are done, and a crash leaves
-half-written runs; its row checkpointing (`CheckpointConfig`) is beta and hung on small
-machines. Here the *input file* (or a slice of it) is the unit of work, retry and resume, and
-Ray Data still schedules:
+Not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer names files after its
+blocks, so a rerun cannot tell which rows are done and a crash leaves half-written runs (its
+`CheckpointConfig` is beta and hung on small machines). Here the *input file* (or a slice) is
+the unit of work, retry and resume, and Ray Data still schedules:
 
     from_items(units) -> map_batches(UnitRunner, ActorPoolStrategy(min, max), num_gpus=g)
 
-Each call streams its unit through the stage batch by batch into a temp file under
-`<output>/_tmp/` and commits it atomically under a name derived from the input (local rename;
-on S3 a server-side copy). A unit whose output exists is skipped, when planning a rerun and
-when Ray retries a unit whose actor died after committing it: every row lands exactly once.
-Results are deterministic (greedy, or seeded per row id), so a retried unit writes the same
-rows. Each output's footer holds the unit's statistics for the run report.
+A unit streams through the stage into a temp file under `<output>/_tmp/`, committed atomically
+under a name derived from the input (`storage.commit`). A unit whose output exists is skipped
+(planning a rerun; Ray retrying a unit whose actor died after committing it): every row lands
+exactly once. Results are deterministic (greedy, or seeded per row id), so a retried unit writes
+the same rows. Each output's footer holds the unit's statistics.
 
 What can go wrong in a replica, and what happens:
-- it cannot start (the model does not load, no CUDA, no room for its KV cache): the
-  constructor does not raise (Ray would print every replica's traceback and retry); the
-  traceback goes to its log, and it answers each unit with `replica_start_failed: <type>:
-  <message> (traceback in <its log>)`, on which the driver stops the run;
-- a bad row: the stage returns it with `error_kind` and `error` set; rows the plan flagged
-  (duplicate or null ids) get their error without being run;
-- a storage error mid-stream: the unit is redone from its start, up to `io_retries` times with
-  backoff, then reported failed with the URI in the message;
+- it cannot start (model does not load, no CUDA, no room for its KV cache): the constructor
+  does not raise (Ray would print every replica's traceback and retry); it logs the traceback
+  and answers each unit `replica_start_failed: <type>: <message> (traceback in <its log>)`,
+  on which the driver stops the run;
+- a bad row: returned with `error_kind` and `error`; rows the plan flagged get their error unrun;
+- a storage error mid-stream: the unit is redone from its start, up to `io_retries` times, then
+  reported failed naming the URI;
 - the replica dies (OOM, segfault, killed) or is killed as stuck (`pipeline.progress`): Ray
-  restarts the actor and re-runs the unit, up to `max_unit_retries`; the run's ProgressTracker
-  records each attempt (`rows_retried`, stuck replicas).
+  restarts the actor and reruns the unit, up to `max_unit_retries`; each attempt is recorded.
 """
 
 from __future__ import annotations
@@ -68,8 +64,8 @@ def _where() -> dict:
 
 
 def _start_error(e: Exception) -> str:
-    """Log why this replica cannot start, with the traceback, to its log file; return it as one
-    line naming that file (and the node's address: the file is on that node)."""
+    """Log why this replica cannot start, with the traceback; return it in one line naming the log
+    file and the node's address."""
     log.error("this replica cannot start", exc_info=e)
     where = ""
     try:
@@ -90,8 +86,8 @@ def _close_quietly(stream) -> None:
 
 
 class UnitRunner:
-    """Callable class for `map_batches`: rows with a JSON `unit` column in, a JSON `stats` column
-    (status done / skipped / failed) out. `engine`: for tests; `progress`: the run's ProgressTracker."""
+    """For `map_batches`: JSON `unit` rows in, JSON `stats` (done / skipped / failed) out.
+    `engine`: for tests; `progress`: the run's ProgressTracker."""
 
     def __init__(self, config: PipelineConfig, schema: pa.Schema, engine=None, progress=None,
                  run_id: str | None = None):
