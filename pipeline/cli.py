@@ -1,13 +1,8 @@
-"""`persimmon-batch generate|classify|label|score|plan|capacity|demo`: the command line over `pipeline.api`.
+"""`persimmon-batch generate|classify|label|score|plan|capacity|demo` over `pipeline.api`.
 
-Flags are generated from `PipelineConfig`'s fields and their help texts; `--config FILE.yaml`
-supplies any of them (same names, underscores or dashes), flags given on the command line win.
-Exit status: 0 when the run report says complete, 1 when rows are missing or failed (also after
-SIGTERM), 130 after Ctrl-C / SIGINT, 2 for a bad config, input or model, or a replica pool local
-Ray cannot hold (nothing was computed).
-
-`persimmon-batch plan <task> <the task's flags>` checks that run without running it
-(`pipeline.api.dry_run`): exit 0 when it could start, 2 where the task command would exit 2.
+Flags are generated from `PipelineConfig`'s fields; `--config FILE.yaml` supplies any of them,
+flags win. Exit status (README): 0 complete, 1 rows missing or failed (also after SIGTERM), 130
+after SIGINT, 2 bad config, input or model, or a pool local Ray cannot hold (nothing computed).
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""What a user sees while a run goes: our own lines, one live progress line, Ray's logs kept quiet.
-
-    [persimmon-batch] 12 unit(s) from 3 input file(s), 12,000 rows: 0 already committed, 12 to run (12,000 rows)
-    [persimmon-batch] [1/12] done    part-0.rows000000000-000000999: 1000 rows, 0 with error, ...
-    [persimmon-batch] rows 1,412/12,000 (12%) | 48.1 rows/s | 1,530 tok/s | ETA 3m40s | 2 replicas busy | 0 errors
-
-On a terminal the progress line is redrawn in place every second (unit lines print above it);
-otherwise (a log file, `ray job logs`) printed every 30 s. Counts are the committed units' plus
-the heartbeats of units in flight, so they move during a long unit. Ray's INFO logs and Ray
-Data's progress bars are hidden unless --verbose.
+"""What a user sees while a run goes (README: What you see while it runs): our lines, one live
+progress line (redrawn in place on a terminal, printed every 30 s otherwise), Ray's logs kept quiet.
 """
 
 from __future__ import annotations

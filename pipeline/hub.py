@@ -1,14 +1,8 @@
-"""Models named by their Hugging Face hub id, fetched into the node's Hugging Face cache.
+"""Models named by their Hugging Face hub id (README: Models from the Hugging Face hub).
 
-`--model` is a hub id written `hf://owner/name[@revision]`, or `owner/name[@revision]` in the
-hub's id syntax naming no local file or directory (a local directory of that name wins: write
-`hf://` for the hub, `./owner/name` for the directory). The revision: branch, tag or commit.
-
-The driver resolves the id once (`pin`) and records the commit (`model_commit`): every replica
-loads the snapshot the driver checked and fingerprinted, even if the branch moves. Each node
-fetches into its own HF cache (`HF_HUB_CACHE`) under a file lock (once per node), only what the
-engine reads (config, tokenizer, safetensors, or pickles when there are none). `HF_HUB_OFFLINE=1`
-reads the cache only. huggingface_hub is optional (`persimmon-batch[hub]`).
+The driver resolves the id to a commit once (`pin`, `model_commit`): every replica loads the
+snapshot the driver checked and fingerprinted, even if the branch moves. Each node fetches into
+its own HF cache under a file lock, only what the engine reads; huggingface_hub is optional.
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""Ray metrics from each replica, so the Ray dashboard and Prometheus show a running job.
-
-    persimmon_batch_rows              counter    rows processed (result or error), tag: task
-    persimmon_batch_generated_tokens  counter    tokens generated, tag: task
-    persimmon_batch_row_errors        counter    rows with an error, tags: task, kind
-    persimmon_batch_batch_seconds     histogram  seconds per batch (read rows -> results), tag: task
-
-Exported as `ray_persimmon_batch_rows` ...; they count work done (a retried unit counts again,
-unlike the run report). Outside Ray nothing is recorded.
+"""Ray metrics from each replica (README: What you see while it runs). They count work done: a
+retried unit counts again, unlike the run report. Outside Ray nothing is recorded.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
-"""Prompt lengths for `persimmon-batch plan`: the prompts in the model's tokens, and the rows the
-engine would refuse as too long. Built by the stage's own code (`stages.build_prompt`) and
-tokenized as the engine does (BOS first):
-
-    generate   the prompt's tokens; too long when more than max_seq_len - 1 (no room for one new
-               token): `prompt_too_long`, or cut to fit with --truncate left
-    label      the prompt's tokens (trailing whitespace goes to the choices); too long when they
-               and the longest choice's continuation exceed max_seq_len
-    classify   the text's tokens; too long past the model's max_position_embeddings
-
-Rows the run would not send to the engine (duplicate or null id, unreadable line, unusable
-prompt) are counted apart. By default a seeded uniform sample of rows (same input, same numbers);
-`sample_rows=0` tokenizes every row. Percentiles are nearest-rank; the mean and sum of measured
-tokens feed the cost estimate (`plan --gpu`).
+"""Prompt lengths for `persimmon-batch plan` (README: Check first): each prompt built by the
+stage's own code and tokenized as the engine does, the rows over the task's limit, and the rows
+the run would not send to the engine apart. A seeded uniform sample (same input, same numbers),
+or every row with `sample_rows=0`; nearest-rank percentiles; the measured tokens feed `plan --gpu`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The run report (`_run_report.json`), built from typed unit statistics.
-
-Every unit ends as one `UnitStats` (sent by its replica, or read back from an output committed
-earlier). `build_report` adds them up: totals over every committed output, `this_run` over the
-work done now, plus failures, retries, replicas, engine sizing and what the task adds.
+"""The run report (`_run_report.json`, README: Nothing lost), from one `UnitStats` per unit: sent
+by its replica, or read back from an output committed earlier.
 """
 
 from __future__ import annotations
@@ -145,11 +142,8 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
 
 
 def replica_report(attempts: list[dict] | None, ran: list[UnitStats], dead: set[str]) -> list[dict]:
-    """One entry per replica process of this run (a restarted actor is a new process): where it
-    ran, what it committed, the units it was cut short on (`units_interrupted`, with their rows
-    done) and how it `ended`: `finished` (alive, no unit open at the end), `died` (ended mid-unit
-    or replaced by a restart; `stuck` if the watchdog did it) or `node_lost` (the same, its node
-    dead now). Without the tracker's attempts: from the committed units, `ended` null."""
+    """One entry per replica process of this run (fields: README, Nothing lost); a process whose
+    actor restarted later `died`. Without the tracker's attempts: from `ran`, `ended` null."""
     tracked = attempts is not None
     if not tracked:  # each committed unit as one finished attempt
         attempts = [{"node_id": st.node_id, "actor_id": st.actor_id, "pid": st.pid, "state": "done",

@@ -2,10 +2,9 @@
 
 Every read and write goes through a `pyarrow.fs.FileSystem` built from the config (never from
 the environment of whichever process runs it), so replicas on other nodes reach the same
-endpoint as the driver: local paths and `file://` -> `LocalFileSystem`, `s3://` ->
-`S3FileSystem`, anything else fsspec knows (`gs://`, `abfs://`, ...) -> fsspec in a `PyFileSystem`.
-Paths are the filesystem's own (`bucket/key`; an fsspec store's as its `_strip_protocol` spells
-them, `/dir/key` for memory://, which lives in one process: refused by `pipeline.run`).
+endpoint as the driver: local -> `LocalFileSystem`, `s3://` -> `S3FileSystem`, other fsspec
+schemes -> `PyFileSystem`. Paths are the filesystem's own (an fsspec store's as its
+`_strip_protocol` spells them: `/dir/key` for memory://, which `pipeline.run` refuses).
 """
 
 from __future__ import annotations
