@@ -218,7 +218,10 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start
         if plan.todo and not stop.signal:
             crash, attempts, stuck, dead = _run_on_ray(config, plan, run_id, stop, results, console)
     if stop.signal:
-        crash = _interrupted(stop, started=bool(results or attempts))
+        what = ("no new units were started and units in flight were abandoned (their partial files are ignored)"
+                if results or attempts else "no unit was started")
+        crash = (f"interrupted by {stop.signal}" + (f" while {stop.phase}" if stop.phase else "")
+                 + f": {what}; rerun the same command to finish")
         console.say(crash)
     planned = plan is not None
     if not planned:  # stopped while listing the inputs: nothing was run, nothing is counted
@@ -270,14 +273,6 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
     dead = dead_nodes({a.get("node_id") for a in attempts or [] if a["state"] in INTERRUPTED})
     ray.kill(tracker)
     return crash, attempts, stuck, dead
-
-
-def _interrupted(stop: StopSignals, started: bool) -> str:
-    """Why the run stopped, for a signal received in `stop.phase`; `started`: units had begun."""
-    what = ("no new units were started and units in flight were abandoned (their partial files are ignored)"
-            if started else "no unit was started")
-    return (f"interrupted by {stop.signal}" + (f" while {stop.phase}" if stop.phase else "")
-            + f": {what}; rerun the same command to finish")
 
 
 def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tracker, run_id: str,

@@ -91,22 +91,25 @@ def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
     return cfg, (cfg.architectures or ["PersimmonForCausalLM"])[0]
 
 
+CHECKS = {  # flag: (test of its value, what it must be)
+    "gpu_memory_gib": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "kv_cache_gib": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "memory_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "num_gpus_per_replica": (lambda v: 0 < v <= 1 or float(v).is_integer() and v >= 1,
+                             "in (0, 1] or a whole number"),
+    "prompt_tokens": (lambda v: v >= 1, ">= 1"),
+    "new_tokens": (lambda v: v >= 0, ">= 0"),
+    "max_num_seqs": (lambda v: v >= 1, ">= 1"),
+    "prefill_token_budget": (lambda v: v >= 1, ">= 1"),
+    "kv_block_size": (lambda v: v >= 1, ">= 1"),
+}
+
+
 def _check_args(args) -> None:
-    for name, low in (("gpu_memory_gib", 0), ("kv_cache_gib", 0)):
+    for name, (valid, need) in CHECKS.items():
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > low):
-            raise ValueError(f"--{name.replace('_', '-')} must be a number > {low}, got {value}")
-    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
-        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
-    if args.num_gpus_per_replica is not None and not (0 < args.num_gpus_per_replica <= 1
-                                                      or float(args.num_gpus_per_replica).is_integer()
-                                                      and args.num_gpus_per_replica >= 1):
-        raise ValueError(f"--num-gpus-per-replica must be in (0, 1] or a whole number, got {args.num_gpus_per_replica}")
-    for name, low in (("prompt_tokens", 1), ("new_tokens", 0), ("max_num_seqs", 1), ("prefill_token_budget", 1),
-                      ("kv_block_size", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if value is not None and not valid(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {value}")
 
 
 def run(args) -> int:

@@ -100,7 +100,13 @@ class Console:
 
         def loop():
             while not stop.wait(self.interval):
-                self._poll(tracker)
+                if tracker is not None:
+                    with contextlib.suppress(Exception):  # progress is advisory
+                        import ray
+
+                        live = ray.get(tracker.running.remote(), timeout=10)
+                        with self._lock:
+                            self._live = live
                 self.draw()
 
         thread = threading.Thread(target=loop, name="persimmon-batch-progress", daemon=True)
@@ -115,18 +121,6 @@ class Console:
             if self.enabled:
                 self._live = []
                 self.draw(final=True)
-
-    def _poll(self, tracker) -> None:
-        if tracker is None:
-            return
-        try:
-            import ray
-
-            live = ray.get(tracker.running.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - progress is advisory
-            return
-        with self._lock:
-            self._live = live
 
 
 # Ray Data loggers whose console lines the run says better: the stack trace of an error that

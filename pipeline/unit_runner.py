@@ -148,28 +148,26 @@ class UnitRunner:
 
     def _process(self, unit: Unit, final: Location, attempt: str) -> dict:
         cfg = self.config
-        fs = final.fs
         src = resolve(unit.input_uri, cfg)
-        reader = INPUT_FORMATS[unit.input_format]
         writer_format = OUTPUT_FORMATS[cfg.output_format]
         tmp = temp_sibling(final)
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
-        columns = TASKS[cfg.task].read_columns(cfg)
         preset = sorted((int(i), error) for i, error in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
         engine_before = self.stage.engine_seconds
         read_s = write_s = 0.0
-        rows = errors = tok_in = tok_out = 0
-        kinds: Counter = Counter()
+        rows = tok_in = tok_out = 0
+        kinds: Counter = Counter()  # row errors by kind
         task_totals: dict = {}  # what the task's report adds (label: the label histogram)
         try:
             with contextlib.ExitStack() as stack:
                 with naming(f"read {src.uri}"):
-                    batches = reader.batches(src, unit.split, cfg, columns)
+                    batches = INPUT_FORMATS[unit.input_format].batches(src, unit.split, cfg,
+                                                                        TASKS[cfg.task].read_columns(cfg))
                 with naming(writing):
-                    f_out = fs.open_output_stream(tmp.path)
+                    f_out = tmp.fs.open_output_stream(tmp.path)
                     stack.callback(_close_quietly, f_out)  # on errors only: closed below on success
                     writer = writer_format.open(f_out, self.schema, cfg)
                     if hasattr(writer, "close"):  # Parquet's: closed before the stream on errors
@@ -193,7 +191,6 @@ class UnitRunner:
                     write_s += time.perf_counter() - t_write
                     rows += out.num_rows
                     batch_kinds = Counter(k for k in out["error_kind"].to_pylist() if k is not None)
-                    errors += sum(batch_kinds.values())
                     kinds.update(batch_kinds)
                     self.stage.tally(task_totals, out)
                     batch_tokens = 0
@@ -201,12 +198,12 @@ class UnitRunner:
                         tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
                         batch_tokens = sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
                         tok_out += batch_tokens
-                    self.attempts.call("beat", attempt, rows, tok_out, errors)
+                    self.attempts.call("beat", attempt, rows, tok_out, kinds.total())
                     self.metrics.batch(out.num_rows, batch_tokens, batch_kinds, time.perf_counter() - t_batch)
                 if rows != unit.num_rows:
                     raise RuntimeError(f"read {rows} rows from {unit.input_uri}, the plan counted {unit.num_rows}")
                 stats = {
-                    "rows_out": rows, "rows_error": errors, "errors_by_kind": dict(kinds),
+                    "rows_out": rows, "rows_error": kinds.total(), "errors_by_kind": dict(kinds),
                     "tokens_prompt": tok_in, "tokens_generated": tok_out,
                     "seconds": round(time.perf_counter() - t0, 4), "started_at": started,
                     # where the unit's time went: the engine, reading, writing (the rest: the
@@ -222,7 +219,7 @@ class UnitRunner:
                 with naming(writing):
                     side_bytes = writer.finish(stats)
                     f_out.close()
-            self.attempts.call("beat", attempt, rows, tok_out, errors)
+            self.attempts.call("beat", attempt, rows, tok_out, kinds.total())
             commit(tmp, final)
             if side_bytes is not None:  # formats without a footer: statistics in a sidecar, written
                 # after the data, so a sidecar never describes data that is not there yet (an old
