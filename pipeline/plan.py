@@ -102,13 +102,14 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
         elif info.type == pafs.FileType.Directory:
             base, base_uri = loc.path, loc.uri
         if base is not None:
+            prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
             infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}",
                           loc.retries)
             for info in infos:
                 rel = info.path[len(base.rstrip("/")) + 1:]
                 if info.type != pafs.FileType.File or _is_hidden(rel) or (pattern and not pattern.match(info.path)):
                     continue
-                listed = InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns)
+                listed = InputFile(loc.at(info.path, prefix + rel), rel, info.size, info.mtime_ns)
                 taken = pattern or (info.path.lower().endswith(suffixes)
                                     and not (forced in (None, "auto") and _PLAIN_JSON.search(info.path)))
                 (matches if taken else others).append(listed)
@@ -133,12 +134,6 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
 
 
 _PLAIN_JSON = re.compile(r"\.json(\.(gz|zst|bz2))?$", re.I)
-
-
-def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
-    rel = path[len(base_path.rstrip("/")):].lstrip("/")
-    prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
-    return parent.at(path, prefix + rel)
 
 
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:

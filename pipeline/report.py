@@ -4,6 +4,7 @@ by its replica, or read back from an output committed earlier.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -226,10 +227,8 @@ def _lost_error(config: PipelineConfig, attempts: list | None, unit: str) -> str
 def _versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for mod in ("ray", "pyarrow", "torch"):
-        try:
+        with contextlib.suppress(Exception):
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
     return out
 
 
