@@ -1,13 +1,8 @@
 """`persimmon-batch plan --gpu L4,L40S,...`: the planned run's cost per GPU type, a roofline
-estimate, not a measurement.
-
-The work: rows to run and their prompt tokens (prompt_stats, scaled from a sample; rows the
-engine would not run left out, prompts cut to fit counted at the limit, a score job's rolling
-windows with the tokens they read again), plus the task's per row (`capacity_new_tokens`:
-generate decodes up to max_new_tokens, an upper bound; label scores its choices' tokens; score
-runs the head on every prompt position). Per GPU: KV pool and rows in flight (`capacity.plan`),
-roofline prefill and decode time (model/roofline.py), decode scaled by that GPU's benchmark if
-any (`--calibration`, bench/results/*.json), GPU-hours and price (PRICES or --price-per-hour).
+estimate, not a measurement (README: What will a run cost?). The work is the plan's rows and
+prompt tokens (sampled, scaled; refused rows free, cut prompts at the limit, a score job's
+windows with the tokens they reread) plus the task's per row (`capacity_new_tokens`); decode is
+scaled by the GPU's benchmark when there is one (`--calibration`, bench/results/*.json).
 """
 
 from __future__ import annotations

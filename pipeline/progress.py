@@ -1,16 +1,12 @@
-"""Task attempts, heartbeats and the stuck-replica watchdog.
+"""Task attempts, heartbeats and the stuck-replica watchdog (README: Nothing lost).
 
-A replica opens an *attempt* with the run's `ProgressTracker` actor each time it starts a unit,
-and sends a heartbeat after each batch. From that record: which units were retried and how many
-rows ran again (`rows_retried`: Ray reruns a unit whose replica died; a replica redoes one whose
-storage failed), and which replicas are stuck: `Watchdog` has the tracker kill replicas with no
-heartbeat for `batch_timeout_s` (Ray restarts them and retries the unit, up to
-`max_unit_retries`), so a run never hangs on a wedged replica.
-
-The tracker uses its own clock only (clock skew between nodes is harmless) and lives on the
-driver's node (on a worker it would die with that node, and the record with it). Heartbeats are
-fire-and-forget; without the tracker the run goes on. `dead_nodes` tells the attempts cut short
-by their node's death from replica deaths (`summarize`, `pipeline.report.replica_report`).
+A replica opens an *attempt* with the run's `ProgressTracker` actor for each unit it starts and
+sends a heartbeat after each batch: the record of retries (`rows_retried`) and of stuck replicas,
+which `Watchdog` has the tracker kill after `batch_timeout_s` without a heartbeat (Ray restarts
+them and retries the unit), so a run never hangs. The tracker uses only its own clock (node clock
+skew is harmless) and lives on the driver's node (on a worker it would die with that node).
+Heartbeats are fire-and-forget; without the tracker the run goes on. `dead_nodes` tells node
+losses from replica deaths.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """UnitRunner: the Ray actor class that turns work units into committed output files.
 
-Not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer names files after its
-blocks, so a rerun cannot tell which rows are done and a crash leaves half-written runs (its
-`CheckpointConfig` is beta and hung on small machines). Here the *input file* (or a slice) is
-the unit of work, retry and resume, and Ray Data still schedules:
+The *input file* (or a slice) is the unit of work, retry and resume, not Ray Data's blocks (why:
+README, Nothing lost); Ray Data still schedules:
 
     from_items(units) -> map_batches(UnitRunner, ActorPoolStrategy(min, max), num_gpus=g)
 
