@@ -1,8 +1,6 @@
 """`ray job submit --working-dir . -- python -m jobs.label --config jobs/configs/<file>.yaml [flags]`"""
 
-import sys
-
 from jobs._entry import main
 
 if __name__ == "__main__":
-    sys.exit(main("label"))
+    raise SystemExit(main("label"))

@@ -1,11 +1,9 @@
-"""Python API: run a task end to end (`run`, `run_generate`, ...), the exactly-once, resumable
-path (see `pipeline.unit_runner`):
+"""Python API: run a task end to end, exactly once and resumable (`pipeline.unit_runner`):
 
     from pipeline import run_generate
     report = run_generate(input="s3://b/prompts/", output="s3://b/out/", model="/models/p8b")
 
-The lazy Datasets to compose with your own steps (`build_processor`, `build_dataset`) are in
-`pipeline.processor`; they share this module's driver checks (`_checked`), Ray and replica pool.
+`pipeline.processor` (lazy Datasets) shares this module's driver checks, Ray and replica pool.
 """
 
 from __future__ import annotations
@@ -42,10 +40,9 @@ log = logging.getLogger(__name__)
 
 # ---- Ray ------------------------------------------------------------------------------------
 def init_ray(config: PipelineConfig) -> bool:
-    """Connect to Ray if not connected: `ray_address`, else RAY_ADDRESS (set in `ray job submit`
-    jobs), else start a local single-node Ray on 127.0.0.1 with `placement.local_resources` and no
-    dashboard. The replicas' own output stays in Ray's session logs unless `verbose`. Returns True
-    when this call started or joined Ray."""
+    """Join `ray_address` or RAY_ADDRESS (set in `ray job submit` jobs), else start a local Ray on
+    127.0.0.1 with `placement.local_resources`; replica output stays in Ray's logs unless `verbose`.
+    Returns True when this call started or joined Ray."""
     import ray
 
     if ray.is_initialized():
@@ -54,10 +51,9 @@ def init_ray(config: PipelineConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=config.verbose)
         return True
-    # A private single-node cluster on loopback only: Ray binds to the machine's address unless
-    # multi-node support is off while ray.init spawns the GCS and raylet (`_loopback_only`).
-    # Token auth would only write ~/.ray/auth_token, which later local heads then insist on
-    # (RAY.md): off unless the user set RAY_AUTH_MODE.
+    # Loopback only: Ray binds to the machine's address unless multi-node support is off while
+    # ray.init spawns the GCS and raylet. Token auth would write ~/.ray/auth_token, which later
+    # local heads then insist on (RAY.md): off unless the user set RAY_AUTH_MODE.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     resources = local_resources(config)
     with _loopback_only():
@@ -68,8 +64,8 @@ def init_ray(config: PipelineConfig) -> bool:
 
 @contextlib.contextmanager
 def _loopback_only():
-    """Ray's multi-node support off for the block (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, as on
-    macOS / Windows), then restored so a later connection to a real cluster is unaffected."""
+    """Ray's multi-node support off for the block (as on macOS / Windows), then restored for later
+    connections to real clusters."""
     from ray._private import ray_constants
 
     env_key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
@@ -101,8 +97,7 @@ def _compute(config: PipelineConfig, max_units: int | None = None, min_replicas:
     import ray.data
 
     lo, hi = _pool_size(config, max_units, min_replicas)
-    # One unit at a time per actor: units are long, queueing one behind a busy actor would
-    # leave other actors idle. (min_size == max_size is a fixed pool, as size= would be.)
+    # one unit at a time per actor: one queued behind a busy actor would leave others idle
     per_actor = 1 if max_units is not None else None
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=per_actor)
 
@@ -111,13 +106,11 @@ def _context_values(config: PipelineConfig, ctx, **extra) -> dict:
     """The DataContext settings of a replica pool, over those of `ctx`."""
     return {
         "enable_progress_bars": bool(config.progress and config.verbose),
-        # Block until the minimum pool is up, so replicas that cannot be placed (no GPU node)
-        # are an error after the timeout instead of a silent hang, and work spreads over all.
+        # wait for the minimum pool: replicas that cannot be placed (no GPU node) are an error
+        # after the timeout, not a silent hang
         "wait_for_min_actors_s": config.replica_start_timeout_s or -1,
-        # A MIN,MAX pool grows when tasks in flight / task slots reach the upscaling threshold:
-        # Ray's 1.75 needs 2 tasks queued per actor, and each replica gets one unit at a time
-        # (`_compute`). Grow when every replica is busy; shrink only once all units are handed
-        # out (a replica is expensive to start).
+        # Ray's upscaling threshold 1.75 needs 2 tasks queued per actor, but each replica gets one
+        # unit at a time: grow when every replica is busy, shrink only once all units are out
         "autoscaling_config": dataclasses.replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0,
                                                   actor_pool_util_downscaling_threshold=0.0),
         **extra,
@@ -126,8 +119,8 @@ def _context_values(config: PipelineConfig, ctx, **extra) -> dict:
 
 @contextlib.contextmanager
 def _data_context(config: PipelineConfig, **extra):
-    """DataContext settings for the Datasets created inside the block only: Ray Data snapshots
-    the context when a Dataset is created (RAY.md), so the user's own Datasets keep theirs."""
+    """`_context_values` for the Datasets created inside the block only (Ray Data snapshots the
+    context at creation, RAY.md): the user's own Datasets keep theirs."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -149,9 +142,8 @@ def _map_batches(ds, fn, config: PipelineConfig, **kwargs):
     if config.num_gpus_per_replica:
         kwargs["num_gpus"] = config.num_gpus_per_replica
     with warnings.catch_warnings():
-        # Ray's max_task_retries can only go through **ray_remote_args, deprecated without a
-        # replacement in Ray 2.60 (RAY.md); without it a batch that kills its actor every
-        # time would be retried forever.
+        # max_task_retries only goes through the deprecated **ray_remote_args (RAY.md); without
+        # it a batch that kills its actor every time would be retried forever
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         return ds.map_batches(fn, num_cpus=config.num_cpus_per_replica,
                               max_task_retries=config.max_unit_retries, **kwargs)
@@ -179,9 +171,8 @@ def filesystem(config: PipelineConfig, uri: str):
 
 # ---- the exactly-once run -----------------------------------------------------------------
 def _checked(config: PipelineConfig, run: bool = True) -> PipelineConfig:
-    """The config as a run uses it, after every check that needs no input file (settings,
-    attachments, shared stores, the model pinned and checked, its identity). `run=False`: a
-    processor's (no input or output files)."""
+    """The config after every check that needs no input file (settings, attachments, shared
+    stores, the model pinned and checked, its identity); `run=False`: a processor's."""
     config = load_attachments(config.with_env().validate(run=run))
     _check_shared_stores(config)
     config = pin(config)  # a hub id: resolved here, once; replicas load this commit
@@ -192,9 +183,9 @@ def _checked(config: PipelineConfig, run: bool = True) -> PipelineConfig:
 
 
 def dry_run(config: PipelineConfig, sample_rows: int = SAMPLE_ROWS) -> dict:
-    """What `run(config)` would do (`persimmon-batch plan`): every check a run makes before its
-    first replica starts, the plan's numbers and the prompt lengths of `sample_rows` rows (0:
-    all). Writes nothing, deletes nothing (--overwrite) and starts no Ray. Returns `describe`'s dict."""
+    """What `run(config)` would do (`persimmon-batch plan`): its checks before the first replica,
+    the plan's numbers and the prompt lengths of `sample_rows` rows (0: all), as `describe`'s
+    dict. Writes nothing, deletes nothing (--overwrite) and starts no Ray."""
     config = _checked(config)
     plan = make_plan(config, write=False)
     if plan.todo:  # a pool local Ray cannot hold: refused as `run` refuses it, before Ray starts
@@ -227,7 +218,10 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start
         if plan.todo and not stop.signal:
             crash, attempts, stuck, dead = _run_on_ray(config, plan, run_id, stop, results, console)
     if stop.signal:
-        crash = _interrupted(stop, started=bool(results or attempts))
+        what = ("no new units were started and units in flight were abandoned (their partial files are ignored)"
+                if results or attempts else "no unit was started")
+        crash = (f"interrupted by {stop.signal}" + (f" while {stop.phase}" if stop.phase else "")
+                 + f": {what}; rerun the same command to finish")
         console.say(crash)
     planned = plan is not None
     if not planned:  # stopped while listing the inputs: nothing was run, nothing is counted
@@ -247,9 +241,9 @@ def _run_planned(config: PipelineConfig, run_id: str, stop: StopSignals, t_start
 
 def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSignals, results: dict,
                 console: Console) -> tuple:
-    """Start or join Ray, check there is room for the replica pool, then run the plan's units in
-    rounds until each has a result or has had its attempts. Returns (why the run stopped early
-    or None, the tracker's attempts, stuck replicas, ids of dead nodes)."""
+    """Start or join Ray, check there is room for the pool, run the units in rounds until each
+    has a result or its attempts. Returns (why it stopped early or None, the tracker's attempts,
+    stuck replicas, dead node ids)."""
     import ray
 
     replicas = _pool_size(config, len(plan.todo))[0]
@@ -281,25 +275,15 @@ def _run_on_ray(config: PipelineConfig, plan: Plan, run_id: str, stop: StopSigna
     return crash, attempts, stuck, dead
 
 
-def _interrupted(stop: StopSignals, started: bool) -> str:
-    """Why the run stopped, for a signal received in `stop.phase`; `started`: units had begun."""
-    what = ("no new units were started and units in flight were abandoned (their partial files are ignored)"
-            if started else "no unit was started")
-    return (f"interrupted by {stop.signal}" + (f" while {stop.phase}" if stop.phase else "")
-            + f": {what}; rerun the same command to finish")
-
-
 def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tracker, run_id: str,
                stop: StopSignals, results: dict, console: Console) -> str | None:
-    """Run `units` on a replica pool, collecting each unit's statistics into `results`; returns
-    why the run stopped early (None: the Dataset finished, or a signal stopped it). A round after
-    the first re-runs units that came back with no result, on a pool of at least one replica, so
-    that it starts on what is left of the cluster."""
+    """Run `units` on a replica pool, their statistics into `results`; returns why the run stopped
+    early (None: finished, or a signal). Rounds after the first rerun the units that came back
+    without a result on a pool of MIN 1, so that it starts on what is left of the cluster."""
     import ray.data
 
     min_replicas = 1 if round_ else None
-    # A unit whose task still fails after max_unit_retries (its replica keeps dying) must not
-    # stop the other units: its stats row is then missing, and `_given_up` decides about it.
+    # a unit whose replica keeps dying must not stop the others: `_given_up` decides about it
     with _data_context(config, max_errored_blocks=-1):
         ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
         ds = _map_batches(ds, UnitRunner, config,
@@ -322,29 +306,20 @@ def _run_units(config: PipelineConfig, plan: Plan, units: list, round_: int, tra
             # the executor's handles sit in reference cycles: collected, a replica that never
             # opened an attempt (end_round kills the others by handle) ends now, not at some later GC
             gc.collect()
-            _end_round(tracker)
+            try:  # release what the round's pool left behind (ProgressTracker.end_round)
+                killed = ray.get(tracker.end_round.remote(), timeout=60)
+                if killed:
+                    log.info("round over: its %d replica(s) stopped", killed)
+            except Exception as e:  # noqa: BLE001 - the tracker died with its node: nothing is held
+                log.info("could not end the round on the progress tracker: %s", e)
     if crash:
         log.error("the run stopped: %s", crash)
     return crash
 
 
-def _end_round(tracker) -> None:
-    """Release what the round's pool left behind (see ProgressTracker.end_round)."""
-    import ray
-
-    try:
-        killed = ray.get(tracker.end_round.remote(), timeout=60)
-    except Exception as e:  # noqa: BLE001 - the tracker died with its node: nothing is held
-        log.info("could not end the round on the progress tracker: %s", e)
-        return
-    if killed:
-        log.info("round over: its %d replica(s) stopped", killed)
-
-
 def _collect(rows, plan: Plan, results: dict, console: Console, lease) -> str | None:
-    """Take each unit's statistics as its replica sends them. Returns why the run must stop early
-    (None: every unit came back): a replica that could not start (the others would fail alike),
-    or a lost lease."""
+    """Take each unit's statistics as they come. Returns why the run must stop early (None: all
+    came back): a replica that could not start (the others would fail alike), or a lost lease."""
     for row in rows:
         st = json.loads(row["stats"])
         if st.get("replica_start_failed"):
@@ -359,14 +334,13 @@ def _collect(rows, plan: Plan, results: dict, console: Console, lease) -> str | 
 
 
 def _given_up(config: PipelineConfig, plan: Plan, results: dict, run_id: str, attempts: list[dict] | None) -> list:
-    """The units to run again after Ray Data finished the Dataset without their result.
+    """The units to run again after the Dataset finished without their result.
 
-    Ray gives up on an actor task for more than the unit's own fault: each restart of its actor,
-    or each time it is unreachable (node lost, restart unplaceable while the cluster shrinks),
+    Every restart of a unit's actor, or time it is unreachable (node lost, restart unplaceable),
     counts against the task's retries even if the unit never started. So a unit with no result
-    is first looked up in the output (its replica may have committed it), then run again unless
-    it already had `max_unit_retries` + 1 attempts (a unit that kills its replica every time
-    stays failed). Without the tracker's attempts nothing is rerun: a rerun of the command does."""
+    is looked up in the output (its replica may have committed it), then rerun unless it had
+    `max_unit_retries` + 1 attempts (one that kills its replica every time stays failed).
+    Without the tracker's attempts nothing is rerun: rerunning the command does."""
     missing = [u for u in plan.todo if u.output_name not in results]
     if not missing or attempts is None:
         return []
@@ -376,8 +350,8 @@ def _given_up(config: PipelineConfig, plan: Plan, results: dict, run_id: str, at
 
 
 def _committed_meanwhile(config: PipelineConfig, plan: Plan, results: dict, run_id: str) -> None:
-    """A unit with no result may have been committed by its replica anyway (after a crash or a
-    signal): one whose footer says this run, this input and these settings is done."""
+    """A unit with no result whose output's footer says this run, this input and these settings
+    was committed anyway (after a crash or a signal): done."""
     from .plan import read_unit_stats, result_config
     from .storage import exists
 
@@ -402,29 +376,22 @@ def _clean_tmp(plan: Plan) -> None:
             plan.output.fs.delete_dir(tmp.path)
 
 
-def _with(config, task, overrides) -> PipelineConfig:
-    if config is None:
-        return PipelineConfig(task=task, **overrides)
-    if isinstance(config, dict):
-        return PipelineConfig.from_dict({**config, "task": task}, **overrides)
-    return dataclasses.replace(config, task=task, **overrides)
+def _task_runner(task: str, what: str):
+    def run_task(config: PipelineConfig | dict | None = None, **overrides) -> dict:
+        if config is None:
+            config = PipelineConfig(task=task, **overrides)
+        elif isinstance(config, dict):
+            config = PipelineConfig.from_dict({**config, "task": task}, **overrides)
+        else:
+            config = dataclasses.replace(config, task=task, **overrides)
+        return run(config)
+
+    run_task.__name__ = run_task.__qualname__ = f"run_{task}"
+    run_task.__doc__ = f"`run` with task={task!r} ({what}); fields may be given as keyword arguments."
+    return run_task
 
 
-def run_generate(config: PipelineConfig | dict | None = None, **overrides) -> dict:
-    """`run` with task='generate'; fields may be given as keyword arguments."""
-    return run(_with(config, "generate", overrides))
-
-
-def run_classify(config: PipelineConfig | dict | None = None, **overrides) -> dict:
-    """`run` with task='classify' (a sequence-classification checkpoint)."""
-    return run(_with(config, "classify", overrides))
-
-
-def run_label(config: PipelineConfig | dict | None = None, **overrides) -> dict:
-    """`run` with task='label' (zero-shot labeling with a causal LM and `choices`)."""
-    return run(_with(config, "label", overrides))
-
-
-def run_score(config: PipelineConfig | dict | None = None, **overrides) -> dict:
-    """`run` with task='score' (each text's log-likelihood and perplexity under a causal LM)."""
-    return run(_with(config, "score", overrides))
+run_generate = _task_runner("generate", "text generation with a causal LM")
+run_classify = _task_runner("classify", "a sequence-classification checkpoint")
+run_label = _task_runner("label", "zero-shot labeling with a causal LM and `choices`")
+run_score = _task_runner("score", "each text's log-likelihood and perplexity under a causal LM")

@@ -1,22 +1,14 @@
 """Tell the Ray cluster autoscaler how many replicas a MIN,MAX pool wants.
 
-Ray Data grows an actor pool only within the resources the cluster has now: with every GPU
-taken it adds no actor, so nothing waits for a GPU, the autoscaler sees no demand and a GPU
-pool stays at MIN (ray #59144). A fixed pool creates all its actors at once: they wait for nodes.
+Ray Data grows an actor pool only within the resources the cluster has now: with every GPU taken
+nothing waits for one, the autoscaler sees no demand and the pool stays at MIN (ray #59144).
 
-`ReplicaDemand` closes the loop on a cluster with an autoscaler, through Ray Data's autoscaling
-coordinator (it merges everyone's requests: a direct `request_resources` would be overwritten).
-The coordinator also *reserves* resources for each request, which a Dataset then cannot use,
-so the request must not outlive its purpose:
-
-- when the cluster cannot hold MAX replicas, ask for MAX bundles: the autoscaler starts nodes;
-- as soon as a node joins, withdraw: the Dataset sees the new resources with every replica
-  busy and grows the pool onto them (`_data_context` in `pipeline.api`);
-- ask again once the pool has taken everything and MAX is still out of reach; stop when the
-  cluster holds MAX replicas, when a request went unanswered for `WAIT_S`, and when the pool
-  ends, so idle nodes are given back.
-
-Without an autoscaler (a fixed cluster, local Ray) nothing is requested.
+`ReplicaDemand` asks through Ray Data's autoscaling coordinator (a direct `request_resources`
+would be overwritten). The coordinator also *reserves* what it asked for, which a Dataset then
+cannot use, so: ask for MAX bundles when the cluster cannot hold them; withdraw as soon as a
+node joins (the pool, every replica busy, grows onto it: `pipeline.api._data_context`); ask
+again once the pool has taken everything; stop when the cluster holds MAX replicas, when a
+request went unanswered for `WAIT_S`, and when the pool ends. Without an autoscaler, nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaDemand(DriverThread):
-    """Context manager: while the block runs, have the autoscaler add nodes until the cluster
-    holds `replicas` replicas (none above `min_replicas`: the pool's own actors wait for nodes)."""
+    """While the block runs, have the autoscaler add nodes until the cluster holds `replicas`
+    replicas (none if not above `min_replicas`: a fixed pool's actors wait for nodes)."""
 
     EXPIRE_S = 60.0  # a request not renewed (the driver died) lapses by itself after this
     POLL_S = 1.0
@@ -103,8 +95,8 @@ class ReplicaDemand(DriverThread):
             self._stop.set()
 
     def _withdraw(self) -> None:
-        """Cancel the request, and have the coordinator look at the cluster now (not in up to
-        20 s: until then a Dataset does not see the nodes that joined)."""
+        """Cancel the request; the coordinator looks at the cluster now, not in up to 20 s (until
+        then a Dataset does not see the nodes that joined)."""
         if self._coordinator is not None and self._asked_at is not None:
             try:
                 self._coordinator.cancel_request.remote(self.requester)

@@ -79,12 +79,10 @@ def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
     elif "://" in model and not model.startswith("file://"):
         from pipeline.settings import PipelineConfig
 
-        from .storage import resolve
+        from .storage import read_bytes, resolve
 
         settings = (job or PipelineConfig(input="-", output="-", model=model)).with_env()
-        loc = resolve(model, settings).join("config.json")
-        with loc.fs.open_input_file(loc.path) as f:
-            cfg = PersimmonConfig.from_dict(json.loads(f.read()))
+        cfg = PersimmonConfig.from_dict(json.loads(read_bytes(resolve(model, settings).join("config.json"))))
     else:
         path = model.removeprefix("file://")
         if not os.path.isdir(path):
@@ -93,22 +91,25 @@ def read_config(model: str, job=None) -> tuple[PersimmonConfig, str]:
     return cfg, (cfg.architectures or ["PersimmonForCausalLM"])[0]
 
 
+CHECKS = {  # flag: (test of its value, what it must be)
+    "gpu_memory_gib": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "kv_cache_gib": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "memory_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "num_gpus_per_replica": (lambda v: 0 < v <= 1 or float(v).is_integer() and v >= 1,
+                             "in (0, 1] or a whole number"),
+    "prompt_tokens": (lambda v: v >= 1, ">= 1"),
+    "new_tokens": (lambda v: v >= 0, ">= 0"),
+    "max_num_seqs": (lambda v: v >= 1, ">= 1"),
+    "prefill_token_budget": (lambda v: v >= 1, ">= 1"),
+    "kv_block_size": (lambda v: v >= 1, ">= 1"),
+}
+
+
 def _check_args(args) -> None:
-    for name, low in (("gpu_memory_gib", 0), ("kv_cache_gib", 0)):
+    for name, (valid, need) in CHECKS.items():
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > low):
-            raise ValueError(f"--{name.replace('_', '-')} must be a number > {low}, got {value}")
-    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
-        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
-    if args.num_gpus_per_replica is not None and not (0 < args.num_gpus_per_replica <= 1
-                                                      or float(args.num_gpus_per_replica).is_integer()
-                                                      and args.num_gpus_per_replica >= 1):
-        raise ValueError(f"--num-gpus-per-replica must be in (0, 1] or a whole number, got {args.num_gpus_per_replica}")
-    for name, low in (("prompt_tokens", 1), ("new_tokens", 0), ("max_num_seqs", 1), ("prefill_token_budget", 1),
-                      ("kv_block_size", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if value is not None and not valid(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {value}")
 
 
 def run(args) -> int:
@@ -145,8 +146,8 @@ def run(args) -> int:
     gpus = pick(args.num_gpus_per_replica, "num_gpus_per_replica", 1.0)
     share = gpus if 0 < gpus < 1 else 1.0
     memory = args.gpu_memory_gib if args.gpu_memory_gib is not None else capacity.GPUS[args.gpu].memory_gib
-    result = capacity.plan(cfg, device_memory_gib=memory, dtype=dtype,
-                           memory_fraction=pick(args.memory_fraction, "memory_fraction", 0.9),
+    fraction = pick(args.memory_fraction, "memory_fraction", 0.9)
+    result = capacity.plan(cfg, device_memory_gib=memory, dtype=dtype, memory_fraction=fraction,
                            kv_cache_gib=pick(args.kv_cache_gib, "kv_cache_gib", None),
                            prompt_tokens=prompt, new_tokens=new, max_batch_size=pick(args.max_num_seqs, "max_num_seqs", 256),
                            prefill_token_budget=args.prefill_token_budget, block_size=args.kv_block_size,
@@ -161,11 +162,13 @@ def run(args) -> int:
         print(json.dumps(out))
     else:
         gib = capacity.GIB
+        weights = dtype if quantization == "none" else \
+            f"{quantization} linears{' and lm_head' if quantize_lm_head else ''}, the rest {dtype}"
         print("\n".join([
             f"model           {model} ({arch}, {capacity.param_count(cfg, head) / 1e9:.2f}B parameters)",
             f"device          {memory:.2f} GiB" + (f" ({args.gpu})" if args.gpu else "")
-            + f", share {share:g}, memory_fraction {pick(args.memory_fraction, 'memory_fraction', 0.9)}",
-            f"weights         {result.weights_bytes / gib:.2f} GiB ({_weights_kind(dtype, quantization, quantize_lm_head)})",
+            + f", share {share:g}, memory_fraction {fraction}",
+            f"weights         {result.weights_bytes / gib:.2f} GiB ({weights})",
             f"activations     {result.activation_bytes / gib:.2f} GiB (headroom for the largest forward)",
             f"KV per token    {result.kv_bytes_per_token / 1024:.1f} KiB",
             f"KV cache        {result.kv_cache_bytes / gib:.2f} GiB = {result.kv_tokens} tokens"
@@ -175,11 +178,3 @@ def run(args) -> int:
             f"fits            {'yes' if out['fits'] else 'NO: ' + out['reason']}",
         ]))
     return 0 if out["fits"] else 1
-
-
-def _weights_kind(dtype: str, quantization: str, quantize_lm_head: bool) -> str:
-    """How the weights are stored, for the `weights` line: "bfloat16", or e.g. "int8 linears,
-    the rest bfloat16"."""
-    if quantization == "none":
-        return dtype
-    return f"{quantization} linears{' and lm_head' if quantize_lm_head else ''}, the rest {dtype}"

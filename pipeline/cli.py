@@ -1,13 +1,8 @@
-"""`persimmon-batch generate|classify|label|score|plan|capacity|demo`: the command line over `pipeline.api`.
+"""`persimmon-batch generate|classify|label|score|plan|capacity|demo` over `pipeline.api`.
 
-Flags are generated from `PipelineConfig`'s fields and their help texts; `--config FILE.yaml`
-supplies any of them (same names, underscores or dashes), flags given on the command line win.
-Exit status: 0 when the run report says complete, 1 when rows are missing or failed (also after
-SIGTERM), 130 after Ctrl-C / SIGINT, 2 for a bad config, input or model, or a replica pool local
-Ray cannot hold (nothing was computed).
-
-`persimmon-batch plan <task> <the task's flags>` checks that run without running it
-(`pipeline.api.dry_run`): exit 0 when it could start, 2 where the task command would exit 2.
+Flags are generated from `PipelineConfig`'s fields; `--config FILE.yaml` supplies any of them,
+flags win. Exit status (README): 0 complete, 1 rows missing or failed (also after SIGTERM), 130
+after SIGINT, 2 bad config, input or model, or a pool local Ray cannot hold (nothing computed).
 """
 
 from __future__ import annotations
@@ -37,8 +32,7 @@ EPILOG = ("Every input file becomes one output file with the same name, committe
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors in one line naming the flag: by default it prints the usage
-    block first (45 lines for a task command), the message last."""
+    """argparse, its errors in one line naming the flag (not after a 45-line usage block)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -174,16 +168,24 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 def plan_main(args: argparse.Namespace) -> int:
     """`persimmon-batch plan <task> ...`: print the plan (text or --json); 0, or 2 as the run would."""
     from .api import dry_run
+    from .capacity_cli import HEADS, read_config
+    from .cost import calibrations, estimate, estimate_lines, parse_gpus, parse_prices
     from .plan import summary_lines
 
-    try:
+    try:  # bad flags first, before the plan's work
         if args.sample_rows < 0:
             raise ConfigError(f"--sample-rows: must be >= 0 (0 = every row), got {args.sample_rows}")
-        gpus, prices = _cost_args(args)
+        for flag in ("price_per_hour", "calibration") if args.gpu is None else ():
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} is for the cost estimate: give --gpu too")
+        gpus = parse_gpus(args.gpu) if args.gpu is not None else []
+        prices = parse_prices(args.price_per_hour, gpus)
         config = config_from_args(args)
         plan = dry_run(config, sample_rows=args.sample_rows)
         if gpus:
-            plan["estimate"] = _estimate(args, config, plan, gpus, prices)
+            model_config, architecture = read_config(config.model, config)
+            plan["estimate"] = estimate(config, model_config, HEADS[architecture], plan["prompt_tokens"],
+                                        plan["rows_to_run"], gpus, prices, calibrations(args.calibration, gpus=gpus))
     except (ConfigError, InputError, ModelError, OSError, ValueError) as e:
         print(f"persimmon-batch plan: error: {mask_uri(str(e))}", file=sys.stderr)
         return 2
@@ -194,8 +196,6 @@ def plan_main(args: argparse.Namespace) -> int:
     print(f"persimmon-batch plan {config.task}: nothing written, no replica started")
     print("\n".join("  " + line for line in summary_lines(plan)))
     if "estimate" in plan:
-        from .cost import estimate_lines
-
         print("\n".join("  " + line for line in estimate_lines(plan["estimate"])))
     print(f"  output  {plan['output']}")
     print("  took    " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
@@ -203,34 +203,9 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cost_args(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
-    """The GPUs of `plan --gpu` (none without it) and their --price-per-hour; bad names and
-    prices raise ValueError, before the plan's work."""
-    from .cost import parse_gpus, parse_prices
-
-    if args.gpu is None:
-        for flag in ("price_per_hour", "calibration"):
-            if getattr(args, flag):
-                raise ValueError(f"--{flag.replace('_', '-')} is for the cost estimate: give --gpu too")
-        return [], {}
-    gpus = parse_gpus(args.gpu)
-    return gpus, parse_prices(args.price_per_hour, gpus)
-
-
-def _estimate(args: argparse.Namespace, config: PipelineConfig, plan: dict, gpus: list[str],
-              prices: dict[str, float]) -> dict:
-    """`plan --gpu`'s estimate (pipeline/cost.py) for the planned run."""
-    from .capacity_cli import HEADS, read_config
-    from .cost import calibrations, estimate
-
-    model_config, architecture = read_config(config.model, config)
-    return estimate(config, model_config, HEADS[architecture], plan["prompt_tokens"], plan["rows_to_run"], gpus,
-                    prices, calibrations(args.calibration, gpus=gpus))
-
-
 def _task_first(argv: list[str]) -> list[str]:
-    """`plan --task T ...`, and `plan --config F.yaml ...` whose file names its task, read as
-    `plan T ...` (each task has its own flags, so the task comes first)."""
+    """`plan --task T ...`, and `plan --config F.yaml ...` naming its task, as `plan T ...` (each
+    task has its own flags)."""
     if len(argv) < 2 or argv[0] != "plan" or argv[1] in (*TASK_NAMES, "-h", "--help"):
         return argv
     rest = argv[1:]

@@ -1,14 +1,5 @@
-"""What a user sees while a run goes: our own lines, one live progress line, Ray's logs kept quiet.
-
-    [persimmon-batch] 12 unit(s) from 3 input file(s), 12,000 rows: 0 already committed, 12 to run (12,000 rows)
-    [persimmon-batch] [1/12] done    part-0.rows000000000-000000999: 1000 rows, 0 with error, ...
-    [persimmon-batch] rows 1,412/12,000 (12%) | 48.1 rows/s | 1,530 tok/s | ETA 3m40s | 2 replicas busy | 0 errors
-
-On a terminal the progress line is redrawn in place every second (unit lines print above it);
-otherwise (a log file, `ray job logs`) it is printed every 30 s. Counts come from the units
-committed so far plus the heartbeats of units in flight (pipeline.progress), so they move
-during a long unit, not only when it commits. Ray's INFO logs and Ray Data's progress bars are
-hidden unless --verbose.
+"""What a user sees while a run goes (README: What you see while it runs): our lines, one live
+progress line (redrawn in place on a terminal, printed every 30 s otherwise), Ray's logs kept quiet.
 """
 
 from __future__ import annotations
@@ -45,10 +36,8 @@ def progress_text(rows: int, total: int, tokens: int, errors: int, busy: int, el
 
 
 class Console:
-    """Prints our lines, and the live progress line while `live()` runs.
-
-    `unit_done(stats)` feeds it every unit result the driver receives; `tracker` (the run's
-    ProgressTracker actor) gives the rows, tokens and errors of units in flight."""
+    """Prints our lines, and the live progress line while `live(tracker)` runs: `unit_done` counts
+    the units received, the run's ProgressTracker those in flight."""
 
     def __init__(self, enabled: bool = True, stream=None, interval: float | None = None, clock=time.monotonic):
         self.enabled = enabled
@@ -111,7 +100,13 @@ class Console:
 
         def loop():
             while not stop.wait(self.interval):
-                self._poll(tracker)
+                if tracker is not None:
+                    with contextlib.suppress(Exception):  # progress is advisory
+                        import ray
+
+                        live = ray.get(tracker.running.remote(), timeout=10)
+                        with self._lock:
+                            self._live = live
                 self.draw()
 
         thread = threading.Thread(target=loop, name="persimmon-batch-progress", daemon=True)
@@ -127,21 +122,9 @@ class Console:
                 self._live = []
                 self.draw(final=True)
 
-    def _poll(self, tracker) -> None:
-        if tracker is None:
-            return
-        try:
-            import ray
 
-            live = ray.get(tracker.running.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - progress is advisory
-            return
-        with self._lock:
-            self._live = live
-
-
-# Ray Data loggers whose console lines a run says better itself: the full stack trace of an
-# error that ends the Dataset (the run reports it in one line) and "Progress bars disabled".
+# Ray Data loggers whose console lines the run says better: the stack trace of an error that
+# ends the Dataset (reported in one line) and "Progress bars disabled".
 HUSHED = ("ray.data.exceptions", "ray.data._internal.progress")
 
 
@@ -151,9 +134,8 @@ def _not_hushed(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def quiet_ray(verbose: bool):
-    """For the block, unless `verbose`: Ray's driver logs at WARNING, and Ray Data's console
-    handler at WARNING less the `HUSHED` loggers (its log file, ray-data.log in the session's
-    logs, keeps everything)."""
+    """Unless `verbose`, for the block: Ray's driver logs at WARNING, Ray Data's console handler at
+    WARNING less `HUSHED` (its ray-data.log in the session's logs keeps everything)."""
     if verbose:
         yield
         return

@@ -1,14 +1,8 @@
-"""`persimmon-batch plan --gpu L4,L40S,...`: what the planned run would cost on each GPU type, as
-a roofline estimate, not a measurement.
-
-The work comes from the plan: rows to run and their prompt tokens (pipeline/prompt_stats.py,
-scaled from a sample; rows the engine would not run left out, prompts cut to fit counted at the
-limit, a score job's rolling windows counted with the tokens they read again), plus what the task
-adds per row (`capacity_new_tokens`: generate decodes up to max_new_tokens, an upper bound; label
-scores its choices' tokens without decoding; score runs the head on every prompt position). Per
-GPU: the KV pool and rows in flight (`capacity.plan`), the roofline prefill and decode time
-(model/roofline.py), decode scaled by that GPU's benchmark when there is one (`--calibration` or
-bench/results/*.json), and GPU-hours and their price (PRICES below or --price-per-hour).
+"""`persimmon-batch plan --gpu L4,L40S,...`: the planned run's cost per GPU type, a roofline
+estimate, not a measurement (README: What will a run cost?). The work is the plan's rows and
+prompt tokens (sampled, scaled; refused rows free, cut prompts at the limit, a score job's
+windows with the tokens they reread) plus the task's per row (`capacity_new_tokens`); decode is
+scaled by the GPU's benchmark when there is one (`--calibration`, bench/results/*.json).
 """
 
 from __future__ import annotations
@@ -43,10 +37,9 @@ BENCH_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 def _known(name: str, what: str) -> str:
     """A GPU name of capacity.GPUS (any case), or ValueError with a did-you-mean."""
-    by_case = {gpu.lower(): gpu for gpu in capacity.GPUS}
-    if name.strip().lower() in by_case:
-        return by_case[name.strip().lower()]
-    key = name.strip().lower()
+    by_case, key = {gpu.lower(): gpu for gpu in capacity.GPUS}, name.strip().lower()
+    if key in by_case:
+        return by_case[key]
     close = ([c for c in by_case if c.startswith(key)] if key else []) or \
         difflib.get_close_matches(key, list(by_case), n=2, cutoff=0.4)  # H100 -> H100-80GB first
     hint = f"did you mean {' or '.join(by_case[c] for c in close)}? " if close else ""
@@ -88,10 +81,9 @@ def parse_prices(text: str | None, gpus: list[str]) -> dict[str, float]:
 
 def calibrations(paths: list[str] | None, results_dir: str = BENCH_RESULTS,
                  gpus: list[str] | None = None) -> dict[str, roofline.Calibration]:
-    """{GPU: its Calibration}: from `paths` (errors raised, also for two files of one GPU and,
-    given `gpus`, for a file of a GPU not among them: it would calibrate nothing), else every
-    readable JSON under `results_dir` (one that is not a GPU benchmark is skipped with a warning;
-    of two for one GPU, the later name wins)."""
+    """{GPU: its Calibration}: from `paths` (errors raised, also for two files of one GPU or one of
+    a GPU not in `gpus`), else every JSON under `results_dir` (one that is not a GPU benchmark
+    skipped with a warning; of two for one GPU, the later name wins)."""
     found: dict[str, roofline.Calibration] = {}
     for path in paths or []:
         cal = roofline.read_calibration(path)
@@ -155,8 +147,8 @@ def _work(config, prompts: dict, rows_to_run: int) -> tuple[Work, dict]:
 def estimate(config, model_config, head: str, prompts: dict | None, rows_to_run: int, gpus: list[str],
              prices: dict[str, float] | None = None, calibrated: dict | None = None,
              efficiency: float = EFFICIENCY) -> dict:
-    """Per GPU of `gpus`: KV need and capacity, roofline prefill and decode time, GPU-hours and
-    cost (see the module doc). The dict `plan --json` prints under "estimate"."""
+    """Per GPU: KV need and capacity, roofline prefill and decode time, GPU-hours and cost; the dict
+    `plan --json` prints under "estimate"."""
     prices, calibrated = prices or {}, calibrated or {}
     work, job = _work(config, prompts, rows_to_run)
     dtype = "bfloat16" if config.dtype == "auto" else config.dtype  # as GPU replicas resolve auto

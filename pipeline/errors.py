@@ -1,7 +1,5 @@
-"""The pipeline's errors: what stops a run before any model work (a config value, an input
-file or a model that cannot work: exit 2), and a row's error as data (`RowError`), whose kind
-and message travel apart to the output's `error_kind` and `error` columns, so nothing reads a
-kind back out of a message."""
+"""What stops a run before any model work (a config value, input file or model that cannot work:
+exit 2), and a row's error as data (`RowError`: kind and message go to separate columns)."""
 
 from __future__ import annotations
 
@@ -22,8 +20,7 @@ class ModelError(ValueError):
 
 
 class RowError(NamedTuple):
-    """Why a row has no result: `kind`, a snake_case name the run report counts
-    (`invalid_prompt`, `duplicate_id`, ...), and `message`, what went wrong in words."""
+    """Why a row has no result: `kind` (snake_case, counted by the report), `message` in words."""
 
     kind: str
     message: str
@@ -40,8 +37,7 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def one_line(text: str | None) -> str | None:
-    """An error as the report and the console show it: its first non-empty line (the rest of a
-    Ray error is a traceback), without the ANSI colour escapes Ray puts in its messages."""
+    """An error's first non-empty line (the rest of a Ray error is a traceback), no ANSI colours."""
     if text is None:
         return None
     lines = [line.strip() for line in ANSI_ESCAPE.sub("", text).splitlines() if line.strip()]

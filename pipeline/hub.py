@@ -1,18 +1,8 @@
-"""Models named by their Hugging Face hub id, fetched into the node's Hugging Face cache.
+"""Models named by their Hugging Face hub id (README: Models from the Hugging Face hub).
 
-`--model` is a hub id when it is written `hf://owner/name[@revision]`, or `owner/name[@revision]`
-with no scheme, in the hub's id syntax (letters, digits, `-`, `_`, `.`; no leading `.`, `/` or
-`~`) and naming no local file or directory. A local directory of that relative name wins: write
-`hf://owner/name` to mean the hub anyway, `./owner/name` to mean a local directory. The revision
-is a branch, tag or commit (default `main`).
-
-The driver resolves the id once (`pin`) and records the snapshot's commit (`model_commit`), so
-every replica loads the snapshot the driver checked and fingerprinted, even if the branch moves.
-Each node fetches into its own Hugging Face cache (`HF_HUB_CACHE`) under a file lock (replicas
-starting together fetch once), and only what the engine reads: config.json, the tokenizer files,
-the safetensors weights and index, or the pickle weights when there are no safetensors.
-`HF_HUB_OFFLINE=1` reads the cache only. huggingface_hub is optional (`persimmon-batch[hub]`),
-imported only for a hub id.
+The driver resolves the id to a commit once (`pin`, `model_commit`): every replica loads the
+snapshot the driver checked and fingerprinted, even if the branch moves. Each node fetches into
+its own HF cache under a file lock, only what the engine reads; huggingface_hub is optional.
 """
 
 from __future__ import annotations
@@ -47,8 +37,8 @@ class HubModel:
 
 
 def hub_model(model: str, commit: str | None = None) -> HubModel | None:
-    """The hub model `model` names (the module docstring's rule), or None for a local path or a URI;
-    with `commit` (the driver's `pin`) it is a hub id at that commit, whatever the working dir holds."""
+    """The hub model `model` names, or None for a local path or a URI; with `commit` (the driver's
+    `pin`) a hub id at that commit, whatever the working directory holds."""
     model = os.fspath(model)
     text = model.removeprefix(PREFIX)
     explicit = text != model
@@ -67,8 +57,8 @@ def hub_model(model: str, commit: str | None = None) -> HubModel | None:
 
 
 def pin(config):
-    """`config` with the model fixed here, once, on the driver: a hub model's commit
-    (`model_commit`), a local directory's absolute path (`model_dir`); URIs unchanged."""
+    """`config` with the model fixed on the driver: a hub model's commit (`model_commit`), a local
+    directory's absolute path (`model_dir`); URIs unchanged."""
     hub = hub_model(config.model, config.model_commit)
     if hub is None:
         if "://" in os.fspath(config.model):
@@ -80,8 +70,8 @@ def pin(config):
 
 
 def snapshot(hub: HubModel, model: str | None = None) -> str:
-    """`hub`'s snapshot directory in this node's Hugging Face cache, fetched if missing (one process
-    per node at a time); a ModelError says what to do when it cannot be had. `model`: as given."""
+    """`hub`'s snapshot directory in this node's HF cache, fetched if missing (one process per node
+    at a time), or a ModelError saying what to do. `model`: as given."""
     from filelock import FileLock
 
     model = model or hub.uri
@@ -109,8 +99,7 @@ def snapshot(hub: HubModel, model: str | None = None) -> str:
 
 
 def config_file(hub: HubModel, model: str | None = None) -> str:
-    """The local path of `hub`'s config.json alone (fetched into the HF cache if missing): for
-    sizing a model (`persimmon-batch capacity`) without downloading its weights."""
+    """The local path of `hub`'s config.json alone, for `capacity` (no weights downloaded)."""
     model = model or hub.uri
     huggingface_hub = _import(model)
     try:

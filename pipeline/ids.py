@@ -1,25 +1,16 @@
 """The duplicate-id check of the plan: rows whose id appeared earlier in input order, or is null.
 
-Input order is the files sorted by URI, rows in file order; the first occurrence of an id is the
-one that runs. Every later occurrence gets, instead of a result,
+Input order is the files sorted by URI, rows in file order; an id's first occurrence runs, every
+later one gets error_kind duplicate_id ("id 'x' already appeared at part-00003.parquet row 17"),
+a null (or NaN) id `invalid_id`. Ids compare exactly, as their Python values: bytes with trailing
+NULs are distinct, integers beyond int64 are themselves, `001` and `1` in a CSV are two ids,
+0.0 and -0.0 one.
 
-    error_kind duplicate_id, error "id 'x' already appeared at part-00003.parquet row 17"
-
-and a null (or NaN) id the kind `invalid_id`. Ids are compared exactly, as the Python values they
-are: bytes with trailing NULs are distinct ids, integers beyond int64 (uint64, decimals) are
-themselves, `001` and `1` in a CSV are two ids, 0.0 and -0.0 one.
-
-Driver memory follows the files and the flagged rows, not the rows: only flagged ids become
-Python objects, and the ids are never all in memory at once.
-
-1. One pass reads each file's id column (Arrow, a row group at a time), hashes every id (numpy,
-   vectorized) and adds (id, place in input order) to one of P partitions by hash: in memory
-   when P is 1, else one Arrow IPC file per partition in a temp directory; equal ids share one.
-2. Each partition is then sorted by id: a run of equal ids is a repeated id, its smallest
-   place the first occurrence, the others its duplicates.
-
-P is chosen so that a partition holds about `PARTITION_ROWS` ids (8 MiB of int64 ids; sorting
-one takes a few times that), with at most `MAX_PARTITIONS` files.
+Driver memory follows the files and the flagged rows, not the rows (only flagged ids become
+Python objects): one pass reads each file's ids (a row group at a time), hashes them (numpy) and
+adds (id, place in input order) to one of P hash partitions (in memory when P is 1, else an
+Arrow IPC file each); each partition is then sorted by id: in a run of equal ids the smallest
+place is the first occurrence. P: about `PARTITION_ROWS` ids a partition, `MAX_PARTITIONS` at most.
 """
 
 from __future__ import annotations
@@ -52,8 +43,8 @@ class InputChanged(ValueError):
 
 
 def flag_ids(config: PipelineConfig, files: list, threads: int = 16, partition_rows: int | None = None) -> dict:
-    """Put the errors of null ids and ids seen earlier in `files` ([(Location, name, units)] in
-    input order) in the units' `row_errors`. Returns the run report's id summary."""
+    """Null ids and ids seen earlier in `files` ([(Location, name, units)] in input order) into the
+    units' `row_errors`; returns the run report's id summary."""
     summary = {"checked": True, "duplicate_rows": 0, "duplicate_ids": 0, "null_ids": 0, "examples": []}
     if not files:
         return summary
@@ -103,8 +94,8 @@ def _read(config: PipelineConfig, loc, size: int, start: int, partitions: "_Part
 
 
 def _duplicates(partitions: "_Partitions") -> tuple[np.ndarray, np.ndarray, list, int]:
-    """Every later occurrence of an id, in input order: (its place, the first occurrence's
-    place, the id as a Python value), and how many distinct ids repeat; a partition at a time."""
+    """Every later occurrence of an id in input order: (its place, the first one's, the id's Python
+    value), and how many distinct ids repeat."""
     places, firsts, values, distinct = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [], 0
     for p in range(partitions.parts):
         table = partitions.take(p)
@@ -122,8 +113,7 @@ def _duplicates(partitions: "_Partitions") -> tuple[np.ndarray, np.ndarray, list
 
 
 def _comparable(config: PipelineConfig, ids: pa.Array) -> pa.Array:
-    """The ids in a type Arrow sorts and compares (view types as their plain twins); ConfigError
-    for ids that are not scalars."""
+    """The ids in a type Arrow sorts (view types as their plain twins); ConfigError for non-scalars."""
     kind = ids.type
     if pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
         raise ConfigError(f"id column {config.id_column!r} has type {kind}; ids must be scalars "
@@ -136,8 +126,7 @@ def _comparable(config: PipelineConfig, ids: pa.Array) -> pa.Array:
 
 
 def _repeats(table: pa.Table) -> tuple[np.ndarray, np.ndarray, int]:
-    """For one partition's (id, place) rows: the rows whose id a row of smaller place has too,
-    that first place for each, and how many distinct ids repeat."""
+    """A partition's rows whose id a row of smaller place has too, that place, distinct ids repeated."""
     n = table.num_rows
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
@@ -153,8 +142,6 @@ def _repeats(table: pa.Table) -> tuple[np.ndarray, np.ndarray, int]:
     return order[later], first[later], int(np.count_nonzero(lengths > 1))
 
 
-
-
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -162,9 +149,8 @@ def _short(value, limit: int = 60) -> str:
 
 # ---- hash partitions ------------------------------------------------------------------------------
 class _Partitions:
-    """(id, place) rows by partition until `take(p)`: in memory with one partition, else up to
-    FLUSH_ROWS per partition, then appended to its Arrow IPC file in a temp directory (removed
-    on exit). `add` is thread-safe."""
+    """(id, place) rows by partition until `take(p)`: in memory with one partition, else FLUSH_ROWS
+    at a time appended to its Arrow IPC file in a temp directory. `add` is thread-safe."""
 
     def __init__(self, parts: int):
         self.parts = parts
@@ -261,8 +247,7 @@ def _powers(n: int) -> np.ndarray:
 
 
 def _bytes_hash(ids: pa.Array) -> np.ndarray:
-    """Sum of byte_i * M**(i + 1) (mod 2**64) over each id's bytes, its length mixed in;
-    vectorized over about HASH_BYTES bytes of ids at a time."""
+    """Sum of byte_i * M**(i + 1) (mod 2**64) over each id's bytes, its length mixed in; HASH_BYTES at a time."""
     n = len(ids)
     offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset: ids.offset + n + 1]
     data = ids.buffers()[2]

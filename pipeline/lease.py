@@ -1,14 +1,14 @@
 """One run per output directory at a time: a lease file, `<output>/_lease.json`.
 
 A run takes the lease before it plans (an --overwrite plan deletes outputs), renews it every
-HEARTBEAT_S and deletes it when it ends. A second run finds a live lease and stops (exit 2)
-naming the holder. A lease whose heartbeat is older than EXPIRY_S, or whose process on this
-host is gone, belongs to a run that died: the next run takes it over with a warning.
+HEARTBEAT_S and deletes it at the end. A second run finds a live lease and stops (exit 2) naming
+the holder. A lease with no heartbeat for EXPIRY_S, or whose process on this host is gone, is a
+dead run's: the next run takes it over with a warning.
 
-Locally the lease is written to a temp file and hard-linked into place (create-if-absent), a
-stale one first renamed away (only one run can). Object stores have no create-if-absent: the
-lease is written, read back after a pause, and the later writer wins (two runs started within
-a second on S3 can both pass). A run whose lease another run took over stops (`lost`).
+Locally the lease is hard-linked into place from a temp file (create-if-absent), a stale one
+first renamed away (only one run can). Object stores have no create-if-absent: written, read
+back after a pause, the later writer wins (two runs started within a second on S3 can both
+pass). A run whose lease another took over stops (`lost`).
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ class Lease:
         return json.dumps({**self.record, "heartbeat_at": time.time(), "expires_after_s": EXPIRY_S}).encode()
 
     def _holder(self) -> dict | None:
-        """The lease on file: a dict, None when there is none, or {"corrupt": reason} when a file
-        is there but unreadable (a run killed while writing it)."""
+        """The lease on file, None, or {"corrupt": reason} (a run killed while writing it)."""
         try:
             raw = read_bytes(self.loc)
         except FileNotFoundError:
@@ -81,7 +80,7 @@ class Lease:
         return age < float(holder.get("expires_after_s", EXPIRY_S)) and not _dead_here(holder)
 
     def live_holder(self) -> dict | None:
-        """The lease of another live run (what `acquire` refuses), or None; read only (`plan`)."""
+        """The lease of another live run (what `acquire` refuses), or None; read only."""
         holder = self._holder()
         return holder if self._alive(holder) else None
 
@@ -112,7 +111,7 @@ class Lease:
         raise ConfigError(f"could not take the lease {mask_uri(self.loc.uri)}: other runs keep taking it")
 
     def _take(self, replacing: bool) -> bool:
-        """Write our lease; True if it is ours afterwards."""
+        """Write our lease; True if it is ours then."""
         if self.loc.is_local:
             directory = os.path.dirname(self.loc.path)
             if not os.path.isdir(directory):  # made for the lease: removed again if the run leaves it empty

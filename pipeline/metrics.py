@@ -1,12 +1,5 @@
-"""Ray metrics from each replica, so the Ray dashboard and Prometheus show a running job.
-
-    persimmon_batch_rows              counter    rows processed (result or error), tag: task
-    persimmon_batch_generated_tokens  counter    tokens generated, tag: task
-    persimmon_batch_row_errors        counter    rows with an error, tags: task, kind
-    persimmon_batch_batch_seconds     histogram  seconds per batch (read rows -> results), tag: task
-
-Ray exports them as `ray_persimmon_batch_rows` ... They count work done (a retried unit counts
-again; the run report counts each row once). Outside Ray they are not recorded.
+"""Ray metrics from each replica (README: What you see while it runs). They count work done: a
+retried unit counts again, unlike the run report. Outside Ray nothing is recorded.
 """
 
 from __future__ import annotations
@@ -40,7 +33,6 @@ class ReplicaMetrics:
             log.warning("Ray metrics unavailable (%s); going on without them", e)
 
     def batch(self, rows: int, tokens: int, errors_by_kind: Counter, seconds: float) -> None:
-        """Record one batch: its rows, generated tokens, row errors by kind and duration."""
         if not self.enabled:
             return
         try:

@@ -1,10 +1,9 @@
 """Checks of the model directory on the driver, before any replica starts.
 
-A bad checkpoint must fail once, here, with a message naming the problem, not in every replica
-(each would load for minutes, die, restart and retry). Cheap: reads config.json, the weight
-index and only the *headers* of the safetensors files (8 bytes + a JSON header each, ranged
-reads on object stores), then compares every tensor name and shape with the model that
-config.json describes, built on the meta device (no memory):
+A bad checkpoint must fail once, here, naming the problem, not in every replica (each would load
+for minutes, die, restart and retry). Cheap: config.json, the weight index and the safetensors
+*headers* only (ranged reads), every tensor name and shape compared with the model config.json
+describes, built on the meta device:
 
     missing dir / config.json / weights / tokenizer.model   -> ModelError
     a tokenizer.model that does not load or encode           -> ModelError
@@ -14,12 +13,9 @@ config.json describes, built on the meta device (no memory):
     tensors missing, unexpected or of the wrong shape       -> ModelError (lists them)
     a truncated or corrupt .safetensors file                 -> ModelError
 
-Pickle (`pytorch_model*.bin`) checkpoints have no cheap header: local ones are opened
-memory-mapped with `torch.load(weights_only=True)` (no code runs from the file, tensors are not
-read); remote ones are checked when the replicas load them.
-
-A Hugging Face hub id is checked, and fingerprinted, in its snapshot in this node's HF cache
-(`storage.model_location`, `pipeline.hub`): the files the replicas will load.
+Pickles (`pytorch_model*.bin`) have no cheap header: local ones are opened memory-mapped with
+`torch.load(weights_only=True)` (no code runs, no tensor is read); remote ones are checked when
+the replicas load them. A hub id is checked and fingerprinted in this node's HF cache snapshot.
 """
 
 from __future__ import annotations
@@ -28,13 +24,11 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import struct
-import tempfile
 
 from .errors import ConfigError, ModelError, one_line
 from .settings import PipelineConfig
-from .storage import Location, model_location, read_bytes, read_file, retry
+from .storage import Location, local_copy, model_location, read_bytes, read_file, retry
 from .stages import CAUSAL, TASKS
 
 
@@ -76,16 +70,13 @@ TEST_TEXT = "Persimmons ripen in autumn: 3 of them, please."
 
 
 def _check_tokenizer(loc: Location, names: set[str], mcfg) -> None:
-    """The tokenizer (remote files fetched to a temp directory) loads and encodes a test sentence
-    here, once, not in every replica's constructor, and its pieces fit config.json's vocab_size."""
+    """The tokenizer loads and encodes a test sentence here, once, not in every replica, and its
+    pieces fit config.json's vocab_size."""
     from model import PersimmonTokenizer
 
     try:
-        with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as scratch:
-            if not loc.is_local:
-                for name in names.intersection(TOKENIZER_FILES):
-                    pathlib.Path(scratch, name).write_bytes(read_bytes(loc.join(name)))
-            tokenizer = PersimmonTokenizer.from_pretrained(loc.path if loc.is_local else scratch)
+        with local_copy(loc, names.intersection(TOKENIZER_FILES)) as path:
+            tokenizer = PersimmonTokenizer.from_pretrained(path)
             if not tokenizer.encode(TEST_TEXT, add_bos=False):
                 raise ValueError("it encodes a test sentence to no tokens")
     except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError for a corrupt file
@@ -99,8 +90,8 @@ def _check_tokenizer(loc: Location, names: set[str], mcfg) -> None:
 
 def check_kv_pool(config: PipelineConfig, mcfg) -> None:
     """With --kv-cache-gib, the pool must hold one row of max_seq_len tokens (whole blocks, less the
-    runner's reserved ones: model/capacity.py), or no full-length row could run and a pool below
-    the runner's minimum would kill every replica. Without it each replica sizes its own pool."""
+    runner's reserved ones), or no full-length row could run and a pool below the runner's
+    minimum would kill every replica. Without it each replica sizes its own pool."""
     if config.kv_cache_gib is None:
         return
     from model import capacity
@@ -120,8 +111,7 @@ def check_kv_pool(config: PipelineConfig, mcfg) -> None:
 
 
 def _pickle_shapes(loc: Location) -> dict[str, tuple]:
-    """Shapes from a local pickle checkpoint, opened as the replicas will (`torch.load(weights_only=True)`,
-    memory-mapped); a legacy file that needs arbitrary code to load is refused here, once."""
+    """Shapes from a local pickle, opened as the replicas will; one that needs code to load is refused."""
     import torch
 
     try:
@@ -143,9 +133,8 @@ SAMPLES, SAMPLE_BYTES = 64, 64 << 10  # windows of each weight file's data hashe
 
 def model_identity(config: PipelineConfig) -> str:
     """A hash of config.json, the tokenizer files, and each weight file's size, header and 64 windows
-    of 64 KiB spread over its weights (every layer of an 8B checkpoint), not every byte. In each
-    output's footer: a rerun whose model changed is refused; the node model cache keeps one copy
-    per identity (weights changed in place are fetched again)."""
+    of 64 KiB over its weights (every layer of an 8B checkpoint). In each output's footer: a rerun
+    whose model changed is refused; the node model cache keeps a copy per identity."""
     from model.checkpoint import SAFETENSORS_MAX_HEADER
 
     loc = model_location(config.model, config)
@@ -208,8 +197,7 @@ def _weight_files(loc: Location, names: set[str]) -> list[str]:
 
 
 def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
-    """{tensor name: shape} from a .safetensors header, checked as the loader checks it: a truncated
-    download fails here, on the driver."""
+    """{tensor name: shape} from a .safetensors header, checked as the loader does (truncated: fails here)."""
     from model.checkpoint import safetensors_header
 
     try:
@@ -220,8 +208,8 @@ def read_safetensors_shapes(loc: Location) -> dict[str, tuple]:
 
 
 def _compare(loc: Location, mcfg, arch: str, shapes: dict[str, tuple]) -> None:
-    """Names and shapes of the checkpoint vs the model config.json describes, mapped the way
-    `model.checkpoint.load_pretrained` maps them (tied head, `model.` prefix, rotary buffers)."""
+    """Names and shapes of the checkpoint vs the model config.json describes, mapped as
+    `model.checkpoint.load_pretrained` does (tied head, `model.` prefix, rotary buffers)."""
     from model.checkpoint import meta_model, mismatch_report, model_param_name
     from model.modeling import MODEL_CLASSES, PersimmonForCausalLM, PersimmonModel
 

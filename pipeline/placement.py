@@ -1,12 +1,9 @@
 """Can the replicas run where they will go? Checked on the driver before any replica starts.
 
-On local Ray (no --ray-address, no RAY_ADDRESS) the driver knows what the replicas will find,
-so a pool that can never start is a config error (exit 2, one line naming the fix) before Ray
-starts: --device cuda without CUDA here, more GPUs or CPUs (--num-cpus) than this machine has.
-
-On a cluster nodes may still join (an autoscaler): the pool waits for room (up to
---replica-start-timeout-s) and the driver says what it waits for. A replica that then cannot
-start stops the run in one line (`pipeline.unit_runner`).
+On local Ray the driver knows what the replicas will find: a pool that can never start (--device
+cuda without CUDA, more GPUs or CPUs than this machine has) is a config error naming the fix
+(exit 2) before Ray starts. On a cluster nodes may still join: the pool waits for room (up to
+--replica-start-timeout-s), the driver says for what; a replica that cannot start stops the run.
 """
 
 from __future__ import annotations
@@ -23,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def local_ray(config: PipelineConfig) -> bool:
-    """Does the run use a Ray on this machine only? Yes without ray_address and RAY_ADDRESS,
-    unless this process already joined a Ray it did not start (`ray.init(address=...)`)."""
+    """Does the run use a Ray on this machine only? Yes without ray_address and RAY_ADDRESS, unless
+    this process already joined a Ray it did not start."""
     if config.ray_address or os.environ.get("RAY_ADDRESS"):
         return False
     if not _connected():
@@ -44,9 +41,8 @@ def _connected() -> bool:
 
 
 def local_resources(config: PipelineConfig) -> dict[str, float]:
-    """What `init_ray` starts a local Ray with: --num-cpus logical CPUs (default: 8, or twice
-    the cores, whichever is more: Ray Data's helpers need CPUs beside the replicas) and the GPUs
-    torch sees (the replicas run on this machine's torch: a GPU it cannot use is none to them)."""
+    """What `init_ray` starts a local Ray with: --num-cpus (default: max(8, 2 x cores), Ray Data's
+    helpers need CPUs beside the replicas) and the GPUs torch sees (the replicas' torch)."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -73,16 +69,15 @@ def replica_bundle(config: PipelineConfig) -> dict[str, float]:
 
 
 def fits(nodes: list[dict], bundle: dict[str, float]) -> float:
-    """How many replicas of one bundle each the nodes hold (a replica's resources come from one node)."""
+    """How many replicas of `bundle` the nodes hold (a replica's resources come from one node)."""
     if not bundle:
         return math.inf
     return sum(min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()) for node in nodes)
 
 
 def check_room(config: PipelineConfig, replicas: int) -> None:
-    """Is there room for the pool's first `replicas` replicas? On local Ray (before it starts or
-    once connected) a ConfigError naming the fix when not; on a cluster, once joined, a warning
-    saying what the pool waits for."""
+    """Room for the pool's first `replicas` replicas? If not: on local Ray a ConfigError naming the
+    fix; on a cluster, once joined, a warning saying what the pool waits for."""
     local = local_ray(config)
     if _connected():
         import ray

@@ -1,17 +1,16 @@
 """Planning on the driver, before any model work: list inputs, check them, name the outputs.
 
-Each input file becomes one work unit (or several with `rows_per_unit`: Parquet row groups, or
-row ranges of JSONL / CSV files; `pipeline.formats`). A unit's output name is derived from its
-input file only, so a rerun plans the same names and can skip the units already committed:
+Each input file is one work unit (or several with `rows_per_unit`: Parquet row groups, JSONL /
+CSV row ranges). Output names come from the input file only, so a rerun plans the same names
+and skips the units already committed:
 
     in/part-00003.parquet               -> out/part-00003.parquet
     in/2024/01/a.jsonl.gz               -> out/2024__01__a.parquet   (path below the input directory)
     big.parquet, rows_per_unit=1000     -> out/big.rg00000-00003.parquet, ...
     big.csv, rows_per_unit=1000         -> out/big.rows000000000-000000999.parquet, ...
 
-Every committed output carries its unit's statistics (Parquet: in its footer, `persimmon_batch`
-key; JSONL: in a sidecar), so the run report of a resumed run still counts rows, errors and
-tokens of units finished by earlier runs, from a footer read instead of a recompute.
+Every committed output carries its unit's statistics (Parquet footer, JSONL sidecar), so a
+resumed run's report counts the units of earlier runs from a footer read, not a recompute.
 """
 
 from __future__ import annotations
@@ -60,8 +59,7 @@ class InputFile:
 
 
 class Listing(list):
-    """The InputFiles `list_inputs` found, and `left_out`: the URIs of the listed directories'
-    files that are not read."""
+    """The InputFiles `list_inputs` found; `left_out`: the URIs of directory files not read."""
 
     def __init__(self, files=(), left_out=()):
         super().__init__(files)
@@ -71,16 +69,13 @@ class Listing(list):
 def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
     """Expand directories, globs and lists into input files, sorted by URI, no duplicates.
 
-    Names starting with `_` or `.` (_SUCCESS, temp files, .crc files) are ignored. A glob takes
-    what it matches; a directory, listed recursively, only files named as a data format (or as
-    --input-format), extensions in any case (`FEB.CSV`), and under --input-format auto no plain
-    `.json` (as often metadata, `dataset_info.json` beside Parquet, as data: read when named,
-    globbed or with --input-format jsonl). Every other file of a listed directory is named in a
-    warning and in the result's `left_out`: never skipped silently. A path that exists is taken
-    as it is even if its name has glob characters. Files under `exclude` (the run's output inside
-    an input tree, symlinks resolved) are never inputs. A path that matches nothing is an error.
-    Each file's name is relative to its input item, so it does not change when other partitions
-    appear or disappear.
+    Names starting with `_` or `.` (_SUCCESS, temp, .crc files) are ignored. A glob takes what it
+    matches; a directory (recursively) only files named as a data format or --input-format, in any
+    case (`FEB.CSV`), and under --input-format auto no plain `.json` (often metadata such as
+    `dataset_info.json`). Its other files are named in a warning and in `left_out`, never skipped
+    silently. An existing path is taken as is, glob characters or not. Files under `exclude` (the
+    output inside an input tree, symlinks resolved) are never inputs; matching nothing is an error.
+    Names are relative to their input item: stable when other partitions come and go.
     """
     forced = getattr(config, "input_format", "auto")
     suffixes = INPUT_FORMATS[forced].suffixes if forced not in (None, "auto") else DATA_SUFFIXES
@@ -107,13 +102,14 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
         elif info.type == pafs.FileType.Directory:
             base, base_uri = loc.path, loc.uri
         if base is not None:
+            prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
             infos = retry(lambda: loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)), f"list {base_uri}",
                           loc.retries)
             for info in infos:
                 rel = info.path[len(base.rstrip("/")) + 1:]
                 if info.type != pafs.FileType.File or _is_hidden(rel) or (pattern and not pattern.match(info.path)):
                     continue
-                listed = InputFile(_child(loc, base, base_uri, info.path), rel, info.size, info.mtime_ns)
+                listed = InputFile(loc.at(info.path, prefix + rel), rel, info.size, info.mtime_ns)
                 taken = pattern or (info.path.lower().endswith(suffixes)
                                     and not (forced in (None, "auto") and _PLAIN_JSON.search(info.path)))
                 (matches if taken else others).append(listed)
@@ -138,13 +134,6 @@ def list_inputs(inputs, config, exclude: Location | None = None) -> Listing:
 
 
 _PLAIN_JSON = re.compile(r"\.json(\.(gz|zst|bz2))?$", re.I)
-
-
-
-def _child(parent: Location, base_path: str, base_uri: str, path: str) -> Location:
-    rel = path[len(base_path.rstrip("/")):].lstrip("/")
-    prefix = base_uri if base_uri.endswith("://") else base_uri.rstrip("/") + "/"  # memory:// + name
-    return parent.at(path, prefix + rel)
 
 
 def result_fields(config: PipelineConfig) -> tuple[str, ...]:
@@ -204,10 +193,9 @@ def result_config(config: PipelineConfig) -> dict:
 
 
 def input_fingerprint(digest: str, listed, split: Split) -> dict:
-    """What a unit's input *is*, not only its name: the file's size and mtime (a rewrite changes
-    it unless kept: cp -p, rsync -t), its content digest (Parquet: footer and id column,
-    `ParquetInput._digest`; JSONL / CSV: all the bytes), and its row groups or row range. The
-    rows marked as duplicate or null ids are added by `make_plan`: they depend on the other files."""
+    """What a unit's input *is*: size and mtime (a rewrite changes them unless cp -p / rsync -t),
+    content digest (Parquet: footer and id column; JSONL / CSV: all bytes), row groups or range.
+    `make_plan` adds the rows flagged as duplicate or null ids: they depend on the other files."""
     return {"size": listed.size, "mtime_ns": listed.mtime_ns, "footer_sha256": digest,
             "row_groups": split.row_groups, "first_row": split.first_row, "rows": split.num_rows}
 
@@ -223,10 +211,9 @@ def read_unit_stats(loc: Location) -> dict | None:
 
 
 def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> Plan:
-    """List and check the inputs, name the outputs, find units already committed. Raises
-    InputError for bad input files unless on_bad_input='skip', ConfigError for output files this
-    plan would not write or written with other settings. `write=False` (`persimmon-batch plan`)
-    changes nothing: --overwrite only lists what it would delete."""
+    """List and check the inputs, name the outputs, find the units already committed. InputError
+    for bad input files unless on_bad_input='skip'; ConfigError for output files this plan would
+    not write or written with other settings. `write=False` (`plan`): --overwrite only lists."""
     t0 = time.perf_counter()
     out = resolve(config.output, config)
     for item in (config.input if isinstance(config.input, (list, tuple)) else [config.input]):
@@ -300,7 +287,7 @@ def make_plan(config: PipelineConfig, threads: int = 16, write: bool = True) -> 
 
 
 def describe(config: PipelineConfig, plan: Plan, prompts: dict | None = None, in_use_by: dict | None = None) -> dict:
-    """The plan in numbers: `persimmon-batch plan --json`, and what a run says first (`summary_lines`)."""
+    """The plan in numbers: `plan --json`, and what a run says first (`summary_lines`)."""
     todo = plan.todo
     return {
         "task": config.task, "output": mask_uri(plan.output.uri),

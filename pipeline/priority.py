@@ -9,15 +9,13 @@ log = logging.getLogger(__name__)
 
 
 def normal_priority() -> str | None:
-    """Give every thread of this process the normal CPU priority (call it before torch starts
-    its OpenMP threads, which inherit it); returns what was done, or None.
+    """Every thread of this process at normal CPU priority (call it before torch starts its OpenMP
+    threads); returns what was done, or None.
 
-    Ray starts worker processes at nice 15 (RAY_worker_niceness), so a CPU replica loses its
-    cores to anything at normal priority on the node (the driver's Ray Data loop, the raylet),
-    and an OpenMP team is only as fast as its slowest thread. All threads: Ray's I/O threads
-    left at nice 15 beside compute threads at nice 0 starve, and task results and heartbeats
-    (which prove a replica alive) wait for the unit to end. Lowering a nice value needs
-    CAP_SYS_NICE (root in most containers); without it the replica says so once."""
+    Ray starts workers at nice 15, so a CPU replica loses its cores to anything at normal priority
+    (the driver's Ray Data loop, the raylet), and an OpenMP team is as slow as its slowest thread.
+    All threads: Ray's I/O threads left at 15 would starve, delaying results and heartbeats (which
+    prove a replica alive). Needs CAP_SYS_NICE (root in most containers); without it, one log line."""
     try:
         now = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux, this thread's nice value
     except (AttributeError, OSError):

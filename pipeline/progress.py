@@ -1,19 +1,12 @@
-"""Task attempts, heartbeats and the stuck-replica watchdog.
+"""Task attempts, heartbeats and the stuck-replica watchdog (README: Nothing lost).
 
-A replica opens an *attempt* with the run's `ProgressTracker` actor (no CPU, on the driver's
-node) each time it starts a unit, and sends a heartbeat after each batch. From that record:
-
-- which units were retried and how many rows ran again (`rows_retried`): Ray re-runs a unit
-  whose replica died on the restarted actor; a replica redoes a unit whose storage failed;
-- which replicas are stuck: `Watchdog`, a driver thread, has the tracker kill replicas with
-  no heartbeat for `batch_timeout_s` (`ray.kill(no_restart=False)`: Ray restarts them and
-  retries the unit, up to `max_unit_retries`). A run never hangs on a wedged replica.
-
-The tracker uses its own clock only (clock skew between nodes is harmless), and lives on the
-driver's node: on a worker node it would die with that node, and the record with it.
-Heartbeats are fire-and-forget; without the tracker the run goes on. At the end the driver asks
-which nodes are dead (`dead_nodes`): an attempt cut short there lost its node, not just its
-process, and `summarize` and `pipeline.report.replica_report` say so.
+A replica opens an *attempt* with the run's `ProgressTracker` actor for each unit it starts and
+sends a heartbeat after each batch: the record of retries (`rows_retried`) and of stuck replicas,
+which `Watchdog` has the tracker kill after `batch_timeout_s` without a heartbeat (Ray restarts
+them and retries the unit), so a run never hangs. The tracker uses only its own clock (node clock
+skew is harmless) and lives on the driver's node (on a worker it would die with that node).
+Heartbeats are fire-and-forget; without the tracker the run goes on. `dead_nodes` tells node
+losses from replica deaths.
 """
 
 from __future__ import annotations
@@ -28,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class ProgressTracker:
-    """Ray actor holding every attempt of the run. States: running -> done | failed | io_error
-    (ended by the replica), lost (its process died: its actor started another attempt, or the
-    run ended with it open), stuck (killed by the watchdog)."""
+    """Ray actor holding every attempt of the run. States: running -> done | failed | io_error (by
+    the replica), lost (its process died: its actor began another, or the run ended with it
+    open), stuck (killed by the watchdog)."""
 
     def __init__(self):
         from .priority import normal_priority
@@ -70,10 +63,10 @@ class ProgressTracker:
         self.handles.pop(attempt_id, None)
 
     def end_round(self) -> int:
-        """A pool is done: kill its replicas for good, and return how many. Ray Data lets
-        reference counting end them, which lags (handles in reference cycles, and ours), and a
-        replica that died mid-unit may be restarting: either would hold the place (a GPU) the
-        next round needs. Attempts keep their state; one left open reads as lost."""
+        """A pool is done: kill its replicas for good, return how many. Ray Data leaves that to
+        reference counting, which lags (handles in cycles, ours), and a replica that died mid-unit
+        may be restarting: either would hold the GPU the next round needs. Attempts keep their
+        state; one left open reads as lost."""
         import ray
 
         killed = 0
@@ -132,12 +125,10 @@ def _same_process_alive(a: dict) -> bool:
 
 
 class Attempts:
-    """The replica's side: open / beat / close attempts, a no-op without a tracker."""
+    """The replica's side: `start` an attempt, then `call` the tracker's beat / end; no-ops without one."""
 
     def __init__(self, tracker=None, where: dict | None = None):
-        self.tracker = tracker
-        self.where = where or {}
-        self.actor = None
+        self.tracker, self.where, self.actor = tracker, where or {}, None
         if tracker is not None:
             with contextlib.suppress(Exception):  # not inside an actor (tests)
                 import ray
@@ -146,16 +137,10 @@ class Attempts:
 
     def start(self, unit_name: str, rows: int) -> str:
         attempt_id = uuid.uuid4().hex[:16]
-        self._call("start", attempt_id, {"unit": unit_name, "rows": rows, **self.where}, self.actor)
+        self.call("start", attempt_id, {"unit": unit_name, "rows": rows, **self.where}, self.actor)
         return attempt_id
 
-    def beat(self, attempt_id: str, rows_done: int, tokens: int = 0, errors: int = 0) -> None:
-        self._call("beat", attempt_id, rows_done, tokens, errors)
-
-    def end(self, attempt_id: str, state: str, error: str | None = None) -> None:
-        self._call("end", attempt_id, state, error)
-
-    def _call(self, method: str, *args) -> None:
+    def call(self, method: str, *args) -> None:
         if self.tracker is None:
             return
         try:
@@ -176,10 +161,9 @@ def start_tracker(run_id: str):
 
 
 def dead_nodes(suspects: set[str] = frozenset(), probe_timeout_s: float = 3.0) -> set[str]:
-    """Ids of the Ray nodes that are dead now (removed, lost, scaled down); empty if unknown.
-    The GCS declares a node dead only after 15-30 s of failed health checks, so a `suspect` (a
-    node where an attempt ended without a result) it lists as alive is asked directly: a raylet
-    that refuses a connection within `probe_timeout_s` is dead."""
+    """Ids of the Ray nodes dead now (removed, lost, scaled down); empty if unknown. The GCS says
+    so only after 15-30 s of failed health checks, so a `suspect` (where an attempt ended without
+    a result) listed alive is probed: a raylet refusing a connection within `probe_timeout_s` is dead."""
     import socket
 
     import ray
@@ -266,9 +250,8 @@ INTERRUPTED = ("lost", "running", "stuck")  # attempt states that ended without 
 
 
 def summarize(attempts: list[dict] | None, rows_by_unit: dict[str, int], dead: set[str] = frozenset()) -> dict:
-    """Per unit: attempts, rows run again, why (`dead`: ids of dead nodes). `rows_retried`
-    counts every row of a unit for each attempt after the first (the unit is the retry
-    granularity); `node_lost` counts the attempts that were cut short by their node's death."""
+    """Per unit: attempts, rows run again, why (`dead`: dead node ids). `rows_retried` counts all of
+    a unit's rows for each attempt after the first; `node_lost`, attempts cut short by node death."""
     if attempts is None:
         return {"rows_retried": None, "retried": {}}
     by_unit: dict[str, list[dict]] = {}

@@ -1,28 +1,12 @@
-"""Prompt lengths for `persimmon-batch plan`: the rows' prompts in the model's tokens, and how
-many rows the engine would refuse as too long, before anything runs.
-
-Each row's text is built by the stage's own code (`stages.build_prompt`: the prompt checked,
-then the few-shot prefix, the prompt template and the chat wrapper) and tokenized with the
-model's tokenizer the way the engine does (`model/engine.py`, BOS first):
-
-    generate   the prompt's tokens; too long when more than max_seq_len - 1 (no room for one new
-               token): `prompt_too_long`, or cut to fit with --truncate left
-    label      the prompt's tokens (trailing whitespace goes to the choices); too long when they
-               and the longest choice's continuation exceed max_seq_len
-    classify   the text's tokens; too long past the model's max_position_embeddings
-
-Rows the run would not send to the engine (a duplicate or null id, a line that cannot be read,
-an unusable prompt) are counted apart. By default a uniform random sample of rows (seeded: the
-same input gives the same numbers), read unit by unit; `sample_rows=0` reads and tokenizes every
-row. Percentiles are nearest-rank: each is the token count of some row; the mean and the sum of
-the measured rows' tokens feed the cost estimate (`plan --gpu`, pipeline/cost.py).
+"""Prompt lengths for `persimmon-batch plan` (README: Check first): each prompt built by the
+stage's own code and tokenized as the engine does, the rows over the task's limit, and the rows
+the run would not send to the engine apart. A seeded uniform sample (same input, same numbers),
+or every row with `sample_rows=0`; nearest-rank percentiles; the measured tokens feed `plan --gpu`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,33 +16,19 @@ import numpy as np
 from .settings import PipelineConfig
 from .formats import INPUT_FORMATS
 from .stages import TASKS, build_prompt, column_values
-from .storage import model_location, read_bytes, resolve
+from .modelcheck import TOKENIZER_FILES
+from .storage import local_copy, model_location, resolve
 
 SAMPLE_ROWS = 2000
 READ_ROWS = 1 << 16  # rows per read of a unit's prompts
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 
 
 def load_tokenizer(config: PipelineConfig):
-    """(the model's tokenizer, its max_position_embeddings), read from the checkpoint the
-    replicas load; a remote one's few small files are copied to a temp dir first."""
+    """(the tokenizer, max_position_embeddings) of the checkpoint the replicas load."""
     from model import PersimmonConfig, PersimmonTokenizer
 
-    def load(path):
+    with local_copy(model_location(config.model, config), (*TOKENIZER_FILES, "config.json")) as path:
         return PersimmonTokenizer.from_pretrained(path), PersimmonConfig.from_pretrained(path).max_position_embeddings
-
-    loc = model_location(config.model, config)
-    if loc.is_local:
-        return load(loc.path)
-    with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as tmp:
-        for name in TOKENIZER_FILES:
-            try:
-                data = read_bytes(loc.join(name))
-            except FileNotFoundError:
-                continue  # the optional ones; check_model has made sure of tokenizer.model and config.json
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-        return load(tmp)
 
 
 def prompt_stats(config: PipelineConfig, plan, sample_rows: int = SAMPLE_ROWS, threads: int = 8,
@@ -110,8 +80,8 @@ def _sample(units: list, size: int, seed: int) -> dict[int, np.ndarray]:
 
 def _measure_unit(config: PipelineConfig, unit, rows: np.ndarray | None, prefix: str,
                   measure) -> tuple[Counter, Counter, int, int]:
-    """(token counts, those of the rows over the limit, rows read, rows not run) of a unit's
-    `rows` (sorted; None: all of them), read a few large batches at a time, only its prompts."""
+    """(token counts, those over the limit, rows read, rows not run) of a unit's sorted `rows`
+    (None: all), reading only its prompts."""
     planned = {int(row) for row, _ in unit.row_errors}
     lengths, over, read, not_run = Counter(), Counter(), 0, 0
     start = 0

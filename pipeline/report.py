@@ -1,13 +1,10 @@
-"""The run report (`_run_report.json`), built from typed unit statistics.
-
-Every unit ends as one `UnitStats`: written by its replica into the output's footer or sidecar
-and sent to the driver, or read back from an output committed earlier. `build_report` adds them
-up: totals over every committed output, `this_run` over the work done now, plus failures,
-retries, stuck replicas, each replica's work and end, engine sizing and what the task adds.
+"""The run report (`_run_report.json`, README: Nothing lost), from one `UnitStats` per unit: sent
+by its replica, or read back from an output committed earlier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -71,10 +68,9 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
                  started_at: float, wall: float, run_id: str | None = None,
                  attempts: list[dict] | None = None, stuck: list[dict] | None = None,
                  dead: set[str] | None = None, planned: bool = True) -> dict:
-    """The `_run_report.json` content. `results` maps output names to the stats the replicas
-    sent; `attempts` and `stuck` come from the progress tracker; `dead` (ids of Ray nodes dead
-    at the end) tells node losses from replica deaths. A run stopped before its plan was made
-    (`planned` False, an empty `plan`) is never complete."""
+    """The `_run_report.json` content. `results`: output name -> the stats replicas sent;
+    `attempts`, `stuck`: from the progress tracker; `dead`: ids of Ray nodes dead at the end. A run
+    stopped before its plan was made (`planned` False, an empty `plan`) is never complete."""
     dead = dead or set()
     units: dict[str, UnitStats] = {name: dataclasses.replace(UnitStats.from_dict(st), status="skipped")
                                    for name, st in plan.done.items()}
@@ -147,25 +143,20 @@ def build_report(config: PipelineConfig, plan: Plan, results: dict, crash: str |
 
 
 def replica_report(attempts: list[dict] | None, ran: list[UnitStats], dead: set[str]) -> list[dict]:
-    """One entry per replica process of this run (a restarted actor is a new process): where it
-    ran, what it committed, the units it was cut short on (`units_interrupted`, and the rows it
-    had done of them) and how it `ended`: `finished` (alive with no unit open at the end),
-    `died` (its process ended mid-unit or was replaced by a restart; `stuck` if the watchdog
-    did it) or `node_lost` (the same, on a node that is dead now). Without the tracker's
-    attempts, from the committed units' statistics, with `ended` null."""
-    if attempts is None:
-        by: dict[tuple, dict] = {}
-        for st in ran:
-            r = by.setdefault((st.node_id, st.actor_id, st.pid), _replica(st.node_id, st.actor_id, st.pid))
-            r.update(units=r["units"] + 1, rows=r["rows"] + st.rows_out, tokens=r["tokens"] + st.tokens_generated,
-                     seconds=round(r["seconds"] + st.seconds, 3), ended=None)
-        return list(by.values())
-    by = {}
+    """One entry per replica process of this run (fields: README, Nothing lost); a process whose
+    actor restarted later `died`. Without the tracker's attempts: from `ran`, `ended` null."""
+    tracked = attempts is not None
+    if not tracked:  # each committed unit as one finished attempt
+        attempts = [{"node_id": st.node_id, "actor_id": st.actor_id, "pid": st.pid, "state": "done",
+                     "rows_done": st.rows_out, "tokens": st.tokens_generated, "seconds": st.seconds} for st in ran]
+    by: dict[tuple, dict] = {}
     first: dict[tuple, float] = {}  # replica -> when it opened its first attempt
     last: dict[tuple, dict] = {}  # replica -> its latest attempt
     for a in sorted(attempts, key=lambda a: a.get("started_at", 0)):
         key = (a.get("node_id"), a.get("actor_id"), a.get("pid"))
-        r = by.setdefault(key, _replica(*key))
+        r = by.setdefault(key, {"node_id": key[0], "actor_id": key[1], "pid": key[2], "units": 0, "rows": 0,
+                                "tokens": 0, "seconds": 0.0, "units_interrupted": 0, "rows_interrupted": 0,
+                                "stuck": False, "ended": None})
         first.setdefault(key, a.get("started_at", 0))
         last[key] = a
         r["seconds"] = round(r["seconds"] + a.get("seconds", 0.0), 3)
@@ -176,17 +167,14 @@ def replica_report(attempts: list[dict] | None, ran: list[UnitStats], dead: set[
             r.update(units_interrupted=r["units_interrupted"] + 1,
                      rows_interrupted=r["rows_interrupted"] + a.get("rows_done", 0),
                      stuck=r["stuck"] or a["state"] == "stuck")
+    if not tracked:
+        return list(by.values())
     for key, r in by.items():
         cut = last[key]["state"] in INTERRUPTED
         restarted = any(other[1] == key[1] and other != key and first[other] > first[key]
                         for other in by)  # its actor has a later process: this one ended
         r["ended"] = ("node_lost" if key[0] in dead else "died") if cut or restarted else "finished"
     return sorted(by.values(), key=lambda r: (str(r["node_id"]), str(r["actor_id"]), r["pid"] or 0))
-
-
-def _replica(node_id, actor_id, pid) -> dict:
-    return {"node_id": node_id, "actor_id": actor_id, "pid": pid, "units": 0, "rows": 0, "tokens": 0,
-            "seconds": 0.0, "units_interrupted": 0, "rows_interrupted": 0, "stuck": False, "ended": None}
 
 
 def nodes_lost_report(attempts: list[dict] | None, retried: dict, dead: set[str]) -> dict:
@@ -198,8 +186,8 @@ def nodes_lost_report(attempts: list[dict] | None, retried: dict, dead: set[str]
 
 
 def engine_report(ran: list[UnitStats]) -> dict:
-    """Each replica's engine sizing and counters (from its latest unit: counters add up over a
-    replica's life) and the totals a user sizes the next job with."""
+    """Each replica's engine sizing and counters (its latest unit's: they add up over its life), and
+    the totals a user sizes the next job with."""
     latest: dict = {}
     for st in ran:
         key = (st.node_id, st.actor_id, st.pid)
@@ -239,10 +227,8 @@ def _lost_error(config: PipelineConfig, attempts: list | None, unit: str) -> str
 def _versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for mod in ("ray", "pyarrow", "torch"):
-        try:
+        with contextlib.suppress(Exception):
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
     return out
 
 

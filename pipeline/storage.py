@@ -1,17 +1,10 @@
 """Filesystems, retries, atomic commits and the per-node model cache.
 
-Every read and write goes through an explicitly built `pyarrow.fs.FileSystem` (never the
-environment of whichever process happens to run it), so replicas on other nodes reach the same
-S3-compatible endpoint as the driver:
-
-- local paths and `file://` -> `LocalFileSystem`;
-- `s3://` -> `S3FileSystem(endpoint_override=..., scheme="http"|"https", ...)`;
-- anything else fsspec knows (`gs://`, `abfs://`, ...) -> fsspec wrapped in `PyFileSystem`.
-
-Paths returned with a filesystem are that filesystem's own paths (`bucket/key` for S3; for an
-fsspec store as its `_strip_protocol` spells them: `bucket/key` for gs://, `/dir/key` for
-memory://). fsspec's memory:// store lives in one process: fine for tests driving
-`UnitRunner` in-process, refused by `pipeline.run` (its replicas are other processes).
+Every read and write goes through a `pyarrow.fs.FileSystem` built from the config (never from
+the environment of whichever process runs it), so replicas on other nodes reach the same
+endpoint as the driver: local -> `LocalFileSystem`, `s3://` -> `S3FileSystem`, other fsspec
+schemes -> `PyFileSystem`. Paths are the filesystem's own (an fsspec store's as its
+`_strip_protocol` spells them: `/dir/key` for memory://, which `pipeline.run` refuses).
 """
 
 from __future__ import annotations
@@ -23,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 import uuid
 import dataclasses
@@ -61,18 +55,17 @@ class Location:
 
 
 def _secret(value) -> str | None:
-    """A credential's text (the config holds credentials as pydantic SecretStr)."""
+    """A credential's text (the config holds pydantic SecretStr)."""
     return value.get_secret_value() if hasattr(value, "get_secret_value") else value
 
 
 def filesystem_for(scheme: str, config) -> pafs.FileSystem:
-    """Build the filesystem for a (non-local) URI scheme from the config's storage settings."""
+    """The filesystem of a (non-local) URI scheme, from the config's storage settings."""
     if scheme in ("s3", "s3a"):
         kwargs = dict(region=config.s3_region or "us-east-1",
                       access_key=_secret(config.s3_access_key_id), secret_key=_secret(config.s3_secret_access_key),
                       session_token=_secret(config.s3_session_token),
-                      # quick retries of throttling / 5xx in the SDK; `retry` below adds
-                      # slower ones on top (config.io_retries)
+                      # quick SDK retries of throttling / 5xx; `retry` adds slower ones
                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
                       connect_timeout=10, request_timeout=60)
         if config.s3_endpoint:
@@ -84,9 +77,8 @@ def filesystem_for(scheme: str, config) -> pafs.FileSystem:
 
 
 class _LiteralHandler(pafs.FSSpecHandler):
-    """pyarrow's fsspec handler, except that a path is always a path: fsspec's `copy` and `rm`
-    expand glob characters (`a[1].parquet`, `out?/x`), which copied a temp file into a directory
-    named like the output, or deleted another file."""
+    """pyarrow's fsspec handler, but a path is always a path: fsspec's `copy` and `rm` expand glob
+    characters (`a[1].parquet`), which copied a temp file into a directory or deleted another file."""
 
     def copy_file(self, src, dest):
         self.fs.cp_file(src, dest)
@@ -148,8 +140,7 @@ def inside(uri: str, directory_uri: str) -> bool:
 
 
 def place(loc: Location) -> str:
-    """Where a location really is, for comparing two of them: local paths with symlinks
-    resolved, s3a:// spelled s3://."""
+    """Where a location really is, for comparing: symlinks resolved, s3a:// spelled s3://."""
     if loc.is_local:
         return "file://" + os.path.realpath(loc.path)
     scheme = "s3" if loc.scheme == "s3a" else loc.scheme
@@ -157,8 +148,8 @@ def place(loc: Location) -> str:
 
 
 def glob_regex(pattern: str) -> re.Pattern:
-    """A path glob as a regex, as shells read it (fsspec's translation): `*` and `?` stay within one
-    path component, `**/` matches zero or more directories, `[...]` is a character class."""
+    """A path glob as a regex, as shells read it (fsspec's): `*` and `?` stay within a component,
+    `**/` matches zero or more directories, `[...]` is a character class."""
     from fsspec.utils import glob_translate
 
     return re.compile(glob_translate(pattern))
@@ -169,9 +160,8 @@ class StorageError(OSError):
 
 
 def retry(fn, what: str, retries: int = 3, base_delay: float = 0.5):
-    """Call fn(), retrying `transient` errors (network, throttling) up to `retries` times with
-    jittered exponential backoff (0.5 s, 1 s, 2 s, ... x 0.5-1.5); the last one is re-raised as
-    StorageError with `what` (which names the URI) in front of it."""
+    """fn(), its `transient` errors retried `retries` times with jittered exponential backoff
+    (0.5 s, 1 s, 2 s, ... x 0.5-1.5); the last re-raised as StorageError with `what` (the URI) first."""
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -187,8 +177,8 @@ def retry(fn, what: str, retries: int = 3, base_delay: float = 0.5):
 
 @contextlib.contextmanager
 def naming(what: str):
-    """Re-raise an OSError from the block with `what` (e.g. 'read s3://b/k') in front, keeping
-    FileNotFoundError / PermissionError as such; errors already named pass through."""
+    """An OSError from the block re-raised with `what` ('read s3://b/k') first, FileNotFoundError /
+    PermissionError kept as such; errors already named pass through."""
     try:
         yield
     except OSError as e:
@@ -201,8 +191,8 @@ def naming(what: str):
 
 
 def transient(error: BaseException) -> bool:
-    """Worth redoing the whole task: a storage error that was not already retried and is not
-    a missing file, a refused permission or a path through a file (or to a directory)."""
+    """Worth redoing: a storage error not retried yet, and not a missing file, a refused permission
+    or a path through a file (or to a directory)."""
     return isinstance(error, OSError) and not isinstance(
         error, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, StorageError))
 
@@ -224,13 +214,10 @@ def ensure_dir(loc: Location) -> None:
 
 
 def commit(tmp: Location, final: Location) -> None:
-    """Make a fully written temp file visible under its final name, atomically.
-
-    Local: rename. Other stores: the store's copy (server-side on object stores: the object
-    appears complete or not at all), then delete the temp object. Where the copy is not atomic
-    (ftp://, sftp://) a reader may briefly see a partial file, which is never taken as committed
-    (a Parquet output needs its footer's row count, a JSONL output its sidecar naming its size).
-    """
+    """Make a fully written temp file visible under its final name, atomically: a local rename,
+    else the store's copy (server-side on object stores: complete or absent), then delete the
+    temp. Where copies are not atomic (ftp://, sftp://) a partial file may show briefly, never
+    taken as committed (Parquet needs its footer's row count, JSONL its sidecar naming its size)."""
     if tmp.is_local:
         os.replace(tmp.path, final.path)
         return
@@ -265,11 +252,24 @@ def read_file(loc: Location, fn, what: str = "read"):
 
 
 def read_bytes(loc: Location) -> bytes:
-    def _read():  # the stored bytes: no decompression guessed from the name
-        with loc.fs.open_input_stream(loc.path, compression=None) as f:
-            return f.read()
+    """The stored bytes (no decompression guessed from the name), retried."""
+    return read_file(loc, lambda f: f.read())
 
-    return retry(_read, f"read {loc.uri}", loc.retries)
+
+@contextlib.contextmanager
+def local_copy(loc: Location, names):
+    """A local directory with the files `names` of `loc`: a local one as is, else those that exist
+    copied into a temp directory for the block."""
+    if loc.is_local:
+        yield loc.path
+        return
+    with tempfile.TemporaryDirectory(prefix="persimmon-tokenizer-") as tmp:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                data = read_bytes(loc.join(name))
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+        yield tmp
 
 
 # ---- model directory: local as is, hub snapshot, remote downloaded once per node -------------
@@ -277,8 +277,8 @@ MODEL_FILES_SUFFIXES = (".json", ".safetensors", ".model", ".bin", ".txt")
 
 
 def model_location(model: str, config) -> Location:
-    """Where the checkpoint `model` is read: a hub id from its snapshot in this node's HF cache
-    (fetched if missing, at the commit the driver pinned: `pipeline.hub`), anything else as `resolve`."""
+    """Where the checkpoint is read: a hub id's snapshot in this node's HF cache (fetched at the
+    commit the driver pinned: `pipeline.hub`), anything else as `resolve`."""
     from .hub import hub_model, snapshot
 
     if config.model_dir:  # the driver's decision (pipeline.hub.pin)
@@ -290,10 +290,9 @@ def model_location(model: str, config) -> Location:
 
 
 def local_model_dir(model_uri: str, config) -> str:
-    """A local directory holding the checkpoint: a local one as it is, a hub id's snapshot in the
-    node's HF cache (`model_location`), a remote one downloaded into `<model_cache_dir>/<sha1(uri,
-    model identity)[:16]>` under a file lock (replicas starting together on a node download
-    once); a `.complete` marker written last makes a half-finished download be redone, never used."""
+    """A local directory holding the checkpoint: a local one or hub snapshot as is, a remote one
+    downloaded into `<model_cache_dir>/<sha1(uri, identity)[:16]>` under a file lock (replicas on
+    a node download once); a `.complete` marker written last: a half-finished download is redone."""
     loc = model_location(model_uri, config)
     if loc.is_local:
         return loc.path

@@ -1,32 +1,26 @@
 """UnitRunner: the Ray actor class that turns work units into committed output files.
 
-Why not `read_parquet -> map_batches -> write_parquet`: Ray Data's writer names files after its
-blocks, not the input files, so a rerun cannot tell which rows are done, and a crash leaves
-half-written runs; its row checkpointing (`CheckpointConfig`) is beta and hung on small
-machines. Here the *input file* (or a slice of it) is the unit of work, retry and resume, and
-Ray Data still schedules:
+The *input file* (or a slice) is the unit of work, retry and resume, not Ray Data's blocks (why:
+README, Nothing lost); Ray Data still schedules:
 
     from_items(units) -> map_batches(UnitRunner, ActorPoolStrategy(min, max), num_gpus=g)
 
-Each call streams its unit through the stage batch by batch into a temp file under
-`<output>/_tmp/` and commits it atomically under a name derived from the input (local rename;
-on S3 a server-side copy). A unit whose output exists is skipped, when planning a rerun and
-when Ray retries a unit whose actor died after committing it: every row lands exactly once.
-Results are deterministic (greedy, or seeded per row id), so a retried unit writes the same
-rows. Each output's footer holds the unit's statistics for the run report.
+A unit streams through the stage into a temp file under `<output>/_tmp/`, committed atomically
+under a name derived from the input (`storage.commit`). A unit whose output exists is skipped
+(planning a rerun; Ray retrying a unit whose actor died after committing it): every row lands
+exactly once. Results are deterministic (greedy, or seeded per row id), so a retried unit writes
+the same rows. Each output's footer holds the unit's statistics.
 
 What can go wrong in a replica, and what happens:
-- it cannot start (the model does not load, no CUDA, no room for its KV cache): the
-  constructor does not raise (Ray would print every replica's traceback and retry); the
-  traceback goes to its log, and it answers each unit with `replica_start_failed: <type>:
-  <message> (traceback in <its log>)`, on which the driver stops the run;
-- a bad row: the stage returns it with `error_kind` and `error` set; rows the plan flagged
-  (duplicate or null ids) get their error without being run;
-- a storage error mid-stream: the unit is redone from its start, up to `io_retries` times with
-  backoff, then reported failed with the URI in the message;
+- it cannot start (model does not load, no CUDA, no room for its KV cache): the constructor
+  does not raise (Ray would print every replica's traceback and retry); it logs the traceback
+  and answers each unit `replica_start_failed: <type>: <message> (traceback in <its log>)`,
+  on which the driver stops the run;
+- a bad row: returned with `error_kind` and `error`; rows the plan flagged get their error unrun;
+- a storage error mid-stream: the unit is redone from its start, up to `io_retries` times, then
+  reported failed naming the URI;
 - the replica dies (OOM, segfault, killed) or is killed as stuck (`pipeline.progress`): Ray
-  restarts the actor and re-runs the unit, up to `max_unit_retries`; the run's ProgressTracker
-  records each attempt (`rows_retried`, stuck replicas).
+  restarts the actor and reruns the unit, up to `max_unit_retries`; each attempt is recorded.
 """
 
 from __future__ import annotations
@@ -68,8 +62,8 @@ def _where() -> dict:
 
 
 def _start_error(e: Exception) -> str:
-    """Log why this replica cannot start, with the traceback, to its log file; return it as one
-    line naming that file (and the node's address: the file is on that node)."""
+    """Log why this replica cannot start, with the traceback; return it in one line naming the log
+    file and the node's address."""
     log.error("this replica cannot start", exc_info=e)
     where = ""
     try:
@@ -90,8 +84,8 @@ def _close_quietly(stream) -> None:
 
 
 class UnitRunner:
-    """Callable class for `map_batches`: rows with a JSON `unit` column in, a JSON `stats` column
-    (status done / skipped / failed) out. `engine`: for tests; `progress`: the run's ProgressTracker."""
+    """For `map_batches`: JSON `unit` rows in, JSON `stats` (done / skipped / failed) out.
+    `engine`: for tests; `progress`: the run's ProgressTracker."""
 
     def __init__(self, config: PipelineConfig, schema: pa.Schema, engine=None, progress=None,
                  run_id: str | None = None):
@@ -137,9 +131,10 @@ class UnitRunner:
             try:
                 stats = self._process(unit, final, attempt)
             except Exception as e:
-                self.attempts.end(attempt, "io_error" if transient(e) else "failed", f"{type(e).__name__}: {e}")
+                state = "io_error" if transient(e) else "failed"
+                self.attempts.call("end", attempt, state, f"{type(e).__name__}: {e}")
                 raise
-            self.attempts.end(attempt, "done")
+            self.attempts.call("end", attempt, "done")
             return stats
 
         try:  # a storage error mid-stream redoes the unit from its start, as any storage call is redone
@@ -151,28 +146,26 @@ class UnitRunner:
 
     def _process(self, unit: Unit, final: Location, attempt: str) -> dict:
         cfg = self.config
-        fs = final.fs
         src = resolve(unit.input_uri, cfg)
-        reader = INPUT_FORMATS[unit.input_format]
         writer_format = OUTPUT_FORMATS[cfg.output_format]
         tmp = temp_sibling(final)
         ensure_dir(tmp.parent)
         writing = f"write {final.uri} (temp file _tmp/{tmp.path.rsplit('/', 1)[-1]})"
-        columns = TASKS[cfg.task].read_columns(cfg)
         preset = sorted((int(i), error) for i, error in unit.row_errors)
         preset_rows = [i for i, _ in preset]
         started, t0 = time.time(), time.perf_counter()
         engine_before = self.stage.engine_seconds
         read_s = write_s = 0.0
-        rows = errors = tok_in = tok_out = 0
-        kinds: Counter = Counter()
+        rows = tok_in = tok_out = 0
+        kinds: Counter = Counter()  # row errors by kind
         task_totals: dict = {}  # what the task's report adds (label: the label histogram)
         try:
             with contextlib.ExitStack() as stack:
                 with naming(f"read {src.uri}"):
-                    batches = reader.batches(src, unit.split, cfg, columns)
+                    batches = INPUT_FORMATS[unit.input_format].batches(src, unit.split, cfg,
+                                                                        TASKS[cfg.task].read_columns(cfg))
                 with naming(writing):
-                    f_out = fs.open_output_stream(tmp.path)
+                    f_out = tmp.fs.open_output_stream(tmp.path)
                     stack.callback(_close_quietly, f_out)  # on errors only: closed below on success
                     writer = writer_format.open(f_out, self.schema, cfg)
                     if hasattr(writer, "close"):  # Parquet's: closed before the stream on errors
@@ -196,7 +189,6 @@ class UnitRunner:
                     write_s += time.perf_counter() - t_write
                     rows += out.num_rows
                     batch_kinds = Counter(k for k in out["error_kind"].to_pylist() if k is not None)
-                    errors += sum(batch_kinds.values())
                     kinds.update(batch_kinds)
                     self.stage.tally(task_totals, out)
                     batch_tokens = 0
@@ -204,12 +196,12 @@ class UnitRunner:
                         tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
                         batch_tokens = sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
                         tok_out += batch_tokens
-                    self.attempts.beat(attempt, rows, tok_out, errors)
+                    self.attempts.call("beat", attempt, rows, tok_out, kinds.total())
                     self.metrics.batch(out.num_rows, batch_tokens, batch_kinds, time.perf_counter() - t_batch)
                 if rows != unit.num_rows:
                     raise RuntimeError(f"read {rows} rows from {unit.input_uri}, the plan counted {unit.num_rows}")
                 stats = {
-                    "rows_out": rows, "rows_error": errors, "errors_by_kind": dict(kinds),
+                    "rows_out": rows, "rows_error": kinds.total(), "errors_by_kind": dict(kinds),
                     "tokens_prompt": tok_in, "tokens_generated": tok_out,
                     "seconds": round(time.perf_counter() - t0, 4), "started_at": started,
                     # where the unit's time went: the engine, reading, writing (the rest: the
@@ -225,7 +217,7 @@ class UnitRunner:
                 with naming(writing):
                     side_bytes = writer.finish(stats)
                     f_out.close()
-            self.attempts.beat(attempt, rows, tok_out, errors)
+            self.attempts.call("beat", attempt, rows, tok_out, kinds.total())
             commit(tmp, final)
             if side_bytes is not None:  # formats without a footer: statistics in a sidecar, written
                 # after the data, so a sidecar never describes data that is not there yet (an old
