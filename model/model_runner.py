@@ -25,7 +25,7 @@ from .cpu_packing import pack_cpu_linears
 from .modeling import PersimmonForCausalLM
 from .quantization import quantization_of
 from .sampling_params import is_int, is_number
-from .scheduler import RESERVED_BLOCKS, SCRATCH_BLOCK, ScheduledStep, cdiv
+from .scheduler import MAX_NUM_SEQS, MAX_SEQ_LEN, RESERVED_BLOCKS, SCRATCH_BLOCK, ScheduledStep, cdiv
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ class ModelRunner:
                  block_size: int = 16, kv_cache_gib: float | None = None, memory_fraction: float = 0.9,
                  memory_share: float = 1.0, decode_mode: str | None = None, packed_cpu_linears: bool | None = None):
         self.model, self.config = model.eval(), model.config
-        for name, value, low, high in (("max_batch_size", max_batch_size, 1, 1 << 20),
-                                       ("prefill_token_budget", prefill_token_budget, 1, 1 << 24),
+        for name, value, low, high in (("max_batch_size", max_batch_size, 1, MAX_NUM_SEQS),
+                                       ("prefill_token_budget", prefill_token_budget, 1, MAX_SEQ_LEN),
                                        ("kv_block_size", block_size, 1, 1024),
-                                       ("max_seq_len", max_seq_len, 2, 1 << 24)):
+                                       ("max_seq_len", max_seq_len, 2, MAX_SEQ_LEN)):
             if not is_int(value) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
         if kv_cache_gib is not None and not (is_number(kv_cache_gib) and kv_cache_gib > 0):

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 SCRATCH_BLOCK = 1  # block 0 is the null block
 RESERVED_BLOCKS = 2
+# the engine's bounds (ModelRunner checks them; pipeline/settings refuses past them on the driver)
+MAX_NUM_SEQS = 1 << 20
+MAX_SEQ_LEN = 1 << 24  # also the most tokens one prefill forward may take
 # Admission holds back growth_ratio x (the running rows' remaining new tokens): the fraction of
 # max_new_tokens that finished rows actually generated (a running mean, then a moving average),
 # starting from a prior, raised on every preemption.

@@ -21,6 +21,8 @@ from typing import Annotated, Literal, Optional, Union, get_args
 from pydantic import BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from model.scheduler import MAX_NUM_SEQS, MAX_SEQ_LEN  # the engine's bounds: refused here, not in every replica
+
 from .errors import ConfigError
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .row_settings import SettingError, sampling_params
@@ -32,9 +34,6 @@ DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
 RUN_FIELDS = ("input", "output", "input_format", "output_format", "rows_per_unit", "resume", "overwrite",
               "check_duplicate_ids", "on_bad_input", "batch_timeout_s")
 CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
-# the engine's bounds (ModelRunner.__init__): refused on the driver, not in every replica's constructor
-MAX_SEQ_LEN = 1 << 24
-MAX_NUM_SEQS = 1 << 20
 INPUT_FORMAT_NAMES = ("auto", *INPUT_FORMATS)  # each format is one class in pipeline/formats.py
 OUTPUT_FORMAT_NAMES = ("auto", *OUTPUT_FORMATS)
 # user:secret@ after a scheme; the secret may hold "/" or "@" (AWS keys have "/"): all up to the URL's last "@"
