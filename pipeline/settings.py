@@ -161,15 +161,15 @@ class PipelineConfig:
     low_margin: float = _f(0.1, "label task: rows whose top-1 minus top-2 probability is below this are counted in "
                 "the run report (where to review).", ge=0, le=1)
     examples: Union[str, list[dict], None] = _f(None, "Few-shot examples: a JSONL file (local or object store) of "
-                "{prompt, label} rows (label task) or {prompt, completion} rows (generate), each rendered as prompt "
-                "template, choice separator (label) or a space (generate), answer and a blank line: a prefix to every "
-                "row, computed once per replica.")
+                "{prompt, label} rows (label task) or {prompt, completion} rows (generate), each rendered through the "
+                "prompt template, then the choice separator (label) or a space (generate), its answer and a blank "
+                "line; the result prefixes every row, computed once per replica.")
     # ---- scoring ---------------------------------------------------------------------------
     score_after: Optional[str] = _f(None, "score task (TEXT_OR_COLUMN): score each text as the continuation of a "
                 "prefix: an input column holding each row's prefix (where a file has it), else the prefix text itself "
-                "for every row. Only the tokens the text adds to prefix + text are scored: log p(text | prefix). No "
-                "separator is added; rows sharing a prefix share its KV blocks; a null or blank prefix scores the row "
-                "unconditionally (on the command line \\n is a newline).")
+                "for every row. The model reads prefix + text; only the tokens the text adds are scored: log p(text | "
+                "prefix). No separator is added; rows sharing a prefix share its KV blocks; a null or blank prefix "
+                "scores the row unconditionally (on the command line \\n is a newline).")
     score_rolling: bool = _f(True, "score task: texts longer than --max-seq-len are scored in rolling windows (as "
                 "lm-evaluation-harness's loglikelihood_rolling: every token once, each with at least max_seq_len - "
                 "--score-stride tokens of context); --no-score-rolling makes such a row a prompt_too_long error.")
@@ -241,9 +241,10 @@ class PipelineConfig:
     batch_timeout_s: float = _f(900.0, "A replica that finishes no batch (--batch-size rows) for this long is "
                 "reported stuck and restarted, and its unit retried (up to --max-unit-retries, then reported failed). "
                 "0 = never.", ge=0)
-    io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): of each failed storage "
-                "call (list, read, write, commit; on top of the S3 client's 3 quick attempts), and of a unit whose "
-                "input read or output write fails mid-stream. Errors that persist name the URI.", ge=0)
+    io_retries: int = _f(3, "Retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): each failed storage call (list, "
+                "read, write, commit) is retried this many times (on top of the S3 client's 3 quick attempts), and a "
+                "unit whose input read or output write fails mid-stream is redone this many times. Errors that "
+                "persist name the URI.", ge=0)
     # ---- resume and bad input -------------------------------------------------------------
     resume: bool = _f(True, "Skip units whose output file is already committed (safe to rerun after a crash). "
                 "--no-resume with existing output is an error unless --overwrite.")
@@ -251,7 +252,7 @@ class PipelineConfig:
     check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: a row whose id appeared "
                 "earlier (in input order) and a row with a null id get an error (error_kind duplicate_id, invalid_id) "
                 "instead of a result, counted in the run report. Driver memory follows the files and flagged rows, "
-                "not the row count.")
+                "not the row count; --no-check-duplicate-ids skips the check.")
     on_bad_input: Literal["error", "skip"] = _f("error", "An unreadable input file, one missing a column, or an empty "
                 "one: 'error' stops before any model work; 'skip' leaves it out and lists it in the run report.")
     # ---- storage ---------------------------------------------------------------------------
