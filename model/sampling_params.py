@@ -1,7 +1,9 @@
 """A row's sampling settings, checked here and nowhere else (no torch: the scheduler and the
 pipeline's settings read it). Every field's rule is one entry of `RULES`;
 `SamplingParams.check(name, value)` applies one (the pipeline's per-row columns use it), building
-a SamplingParams all of them plus the rules between fields.
+a SamplingParams all of them plus the rules between fields. A new field is its rule, its use in
+the sampler and a run setting of the same name (pipeline/settings.py: help, flag, YAML key) unless
+pipeline/row_settings.ENGINE_ONLY lists it; the pipeline passes it on by name (RUN_SAMPLING).
 """
 
 from __future__ import annotations

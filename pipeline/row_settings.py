@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from typing import Any
+
+from model.sampling_params import SamplingParams
 
 from .errors import RowError
 
+# the run's sampling settings: each SamplingParams field is a config field of the same name, but
+# these, which the engine takes and the run's config does not (--choices makes `choice`)
+ENGINE_ONLY = ("stop_token_ids", "ignore_eos", "choice")
+RUN_SAMPLING = tuple(f.name for f in fields(SamplingParams) if f.name not in ENGINE_ONLY)
 SAMPLING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "json_schema", "logprobs",
                     "prompt_logprobs")
 _INTEGERS = ("max_new_tokens", "top_k", "seed", "logprobs")
@@ -30,8 +37,6 @@ class SettingError(ValueError):
 def sampling_params(**settings):
     """The engine's `SamplingParams` for the run's or a row's settings, the one place they are checked;
     a refused one is a SettingError naming it (`temperature must be ...`)."""
-    from model import SamplingParams
-
     try:
         return SamplingParams(**settings)
     except ValueError as e:

@@ -25,7 +25,7 @@ from model.scheduler import MAX_NUM_SEQS, MAX_SEQ_LEN  # the engine's bounds: re
 
 from .errors import ConfigError
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
-from .row_settings import SettingError, sampling_params
+from .row_settings import RUN_SAMPLING, SettingError, sampling_params
 from .stages import TASK_NAMES, TASKS
 
 # set by the driver, never by a user: a report's config pasted back must not pin another commit, directory, identity
@@ -401,10 +401,8 @@ class PipelineConfig:
         """The run's sampling settings as `SamplingParams` takes them, with a row's `seed`: what a row
         gets unless its own columns say otherwise. --choices constrain what a generating task writes."""
         choice = list(self.choices) if self.choices and TASKS[self.task].generates else None
-        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, stop=list(self.stop), seed=seed, truncate=self.truncate,
-                    json_schema=self.json_schema, regex=self.regex, choice=choice, logprobs=self.logprobs,
-                    prompt_logprobs=self.prompt_logprobs)
+        return {**{name: getattr(self, name) for name in RUN_SAMPLING}, "stop": list(self.stop), "seed": seed,
+                "choice": choice}
 
     # ---- environment, serialisation ------------------------------------------------------
     def with_env(self) -> "PipelineConfig":

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from .errors import ConfigError, RowError
 from .priority import normal_priority
-from .row_settings import SAMPLING_COLUMNS, SettingError, row_overrides, sampling_params
+from .row_settings import RUN_SAMPLING, SAMPLING_COLUMNS, SettingError, row_overrides, sampling_params
 
 if TYPE_CHECKING:
     from .settings import PipelineConfig
@@ -353,8 +353,7 @@ class GenerateStage(Stage):
     columns = (("completion", pa.string()), ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()),
                ("num_generated_tokens", pa.int32()), ("parsed", pa.string()),
                ("logprobs", pa.list_(SAMPLED_LOGPROB)), ("prompt_logprobs", pa.list_(TOKEN_LOGPROB)), *ERROR_COLUMNS)
-    settings = result_settings = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "truncate",
-                                  "json_schema", "regex", "logprobs", "prompt_logprobs", "choices", "examples")
+    settings = result_settings = (*RUN_SAMPLING, "choices", "examples")
     row_columns = SAMPLING_COLUMNS
     generates = True
 

@@ -52,6 +52,23 @@ def test_coerce_rules():
             coerce(name, value)
 
 
+def test_each_sampling_field_is_a_run_setting_of_the_same_name():
+    """A SamplingParams field reaches the run's config, flags, YAML and the generate task's result
+    identity by its name alone; one the config does not take is listed in ENGINE_ONLY."""
+    from dataclasses import fields
+
+    from pipeline.row_settings import ENGINE_ONLY, RUN_SAMPLING, SAMPLING_COLUMNS
+
+    config_fields = set(PipelineConfig.__pydantic_fields__)
+    assert set(RUN_SAMPLING) <= config_fields and not set(ENGINE_ONLY) & config_fields
+    assert set(RUN_SAMPLING) | set(ENGINE_ONLY) == {f.name for f in fields(SamplingParams)}
+    assert set(SAMPLING_COLUMNS) <= set(RUN_SAMPLING)
+    generate = GenerateStage.result_fields(cfg())
+    assert set(RUN_SAMPLING) <= set(generate)
+    changed = cfg(top_p=0.5).sampling(seed=7)
+    assert changed["seed"] == 7 and SamplingParams(**changed).top_p == 0.5
+
+
 def test_rows_override_the_run_settings_and_bad_values_fail_only_their_row(engine):
     prompts = PROMPTS[:8]
     batch = {
