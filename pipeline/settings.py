@@ -33,7 +33,6 @@ DRIVER_FIELDS = ("model_identity", "model_commit", "model_dir")
 # a run's files and how they are committed, resumed and watched: a processor (handed a Dataset) takes none
 RUN_FIELDS = ("input", "output", "input_format", "output_format", "rows_per_unit", "resume", "overwrite",
               "check_duplicate_ids", "on_bad_input", "batch_timeout_s")
-CHAT_TEMPLATE = "human: {prompt}\n\nadept:"
 INPUT_FORMAT_NAMES = ("auto", *INPUT_FORMATS)  # each format is one class in pipeline/formats.py
 OUTPUT_FORMAT_NAMES = ("auto", *OUTPUT_FORMATS)
 # user:secret@ after a scheme; the secret may hold "/" or "@" (AWS keys have "/"): all up to the URL's last "@"
@@ -332,7 +331,9 @@ class PipelineConfig:
     @property
     def template(self) -> str:
         """The full prompt template: --prompt-template, then the chat wrapper if asked."""
-        return CHAT_TEMPLATE.replace("{prompt}", self.prompt_template) if self.chat_template else self.prompt_template
+        from model.tokenizer import chat_prompt
+
+        return chat_prompt(self.prompt_template) if self.chat_template else self.prompt_template
 
     def validate(self, run: bool = True) -> "PipelineConfig":
         """Raise ConfigError naming the field for anything that cannot work; else self. `run=False`: a
