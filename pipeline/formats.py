@@ -102,7 +102,7 @@ class InputFormat:
             return Inspected(problem="file vanished")
         except Exception as e:  # noqa: BLE001 - truncated, undecodable, not the format at all, storage error
             return Inspected(problem=f"unreadable {self.title or self.name} ({type(e).__name__}: {e})")
-        needed = (config.id_column, config.prompt_column, *config.keep_columns)
+        needed = dict.fromkeys((config.id_column, config.prompt_column, *config.keep_columns))  # once each
         missing = [c for c in needed if c not in names] if names is not None else []
         if missing:
             found.problem = self.lacking.format(missing=missing, names=names)
