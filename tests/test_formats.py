@@ -93,6 +93,9 @@ def test_missing_columns_and_empty_files_are_named(tmp_path):
     cfg = config()
     problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "nocol.jsonl"), cfg), cfg).problem
     assert "no row has column(s) ['prompt']" in problem
+    kept = config(keep_columns=["prompt"])  # the prompt column kept too: still named once
+    problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "nocol.jsonl"), kept), kept).problem
+    assert "no row has column(s) ['prompt'];" in problem
     assert INPUT_FORMATS["csv"].inspect(resolve(str(tmp_path / "empty.csv"), cfg), cfg).problem == "empty (0 rows)"
     (tmp_path / "latin1.jsonl").write_bytes(('{"id": 1, "prompt": "caf\xe9"}\n{"id": 2, "prompt": "ok"}\n')
                                             .encode("latin-1"))
