@@ -240,10 +240,10 @@ class PipelineConfig:
     batch_timeout_s: float = _f(900.0, "A replica that finishes no batch (--batch-size rows) for this long is "
                 "reported stuck and restarted, and its unit retried (up to --max-unit-retries, then reported failed). "
                 "0 = never.", ge=0)
-    io_retries: int = _f(3, "Retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): each failed storage call (list, "
-                "read, write, commit) is retried this many times (on top of the S3 client's 3 quick attempts), and a "
-                "unit whose input read or output write fails mid-stream is redone this many times. Errors that "
-                "persist name the URI.", ge=0)
+    io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): each failed "
+                "storage call (list, read, write, commit) is retried this many times (on top of the S3 client's 3 "
+                "quick attempts), and a unit whose input read or output write fails mid-stream is redone this many "
+                "times. Errors that persist name the URI.", ge=0)
     # ---- resume and bad input -------------------------------------------------------------
     resume: bool = _f(True, "Skip units whose output file is already committed (safe to rerun after a crash). "
                 "--no-resume with existing output is an error unless --overwrite.")
