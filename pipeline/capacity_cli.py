@@ -22,6 +22,7 @@ import os
 
 from model import capacity
 from model.config import PersimmonConfig
+from model.scheduler import MAX_NUM_SEQS, MAX_SEQ_LEN
 
 from .stages import TASKS
 
@@ -99,8 +100,8 @@ CHECKS = {  # flag: (test of its value, what it must be)
                              "in (0, 1] or a whole number"),
     "prompt_tokens": (lambda v: v >= 1, ">= 1"),
     "new_tokens": (lambda v: v >= 0, ">= 0"),
-    "max_num_seqs": (lambda v: v >= 1, ">= 1"),
-    "prefill_token_budget": (lambda v: v >= 1, ">= 1"),
+    "max_num_seqs": (lambda v: 1 <= v <= MAX_NUM_SEQS, f"in [1, {MAX_NUM_SEQS}]"),  # the engine's bounds
+    "prefill_token_budget": (lambda v: 1 <= v <= MAX_SEQ_LEN, f"in [1, {MAX_SEQ_LEN}]"),
     "kv_block_size": (lambda v: v >= 1, ">= 1"),
 }
 

@@ -147,6 +147,10 @@ def test_capacity_cli_says_when_it_does_not_fit(eight_b_dirs, capsys):
     assert out["weights_bytes"] == 18_794_350_592 and out["kv_bytes_per_token"] == 589_824
     assert cli(["capacity", "--model", "/no/such/dir", "--gpu", "L40S"]) == 2
     assert "no such directory" in capsys.readouterr().err
+    for flag, past in (("--max-num-seqs", (1 << 20) + 1), ("--prefill-token-budget", (1 << 24) + 1)):
+        # what a replica would refuse is refused here too, not sized
+        assert cli(["capacity", "--model", "adept/persimmon-8b-chat", "--gpu", "L40S", flag, str(past)]) == 2
+        assert f"{flag} must be in [1, " in capsys.readouterr().err
 
 
 def test_the_readmes_capacity_numbers_are_what_capacity_says(eight_b_dirs, capsys):
