@@ -47,6 +47,7 @@ from .storage import Location, commit, ensure_dir, read_bytes, read_file, retry,
 log = logging.getLogger(__name__)
 STATS_KEY = b"persimmon_batch"
 ID_CHUNK_ROWS = 1 << 18  # ids handed to the duplicate check at a time (see read_ids)
+OTHER_KEYS = 20  # a JSONL file's keys the run does not read, named when a column is missing
 
 
 @dataclass
@@ -196,8 +197,9 @@ class _RowsInput(InputFormat):
 
     def _inspect(self, loc: Location, config) -> tuple[Inspected, list[str] | None, list[Split]]:
         table, errors, digest = self._load(loc, config)
-        absent = set(json.loads((table.schema.metadata or {}).get(b"absent", b"[]")))
-        names = [n for n in table.schema.names if n not in absent]
+        meta = table.schema.metadata or {}
+        absent = set(json.loads(meta.get(b"absent", b"[]")))
+        names = [n for n in table.schema.names if n not in absent] + json.loads(meta.get(b"other", b"[]"))
         n, step = table.num_rows, config.rows_per_unit
         step = step if 0 < step < n else n or 1
         splits = [Split(None, a, min(step, n - a)) for a in range(0, n, step)]
@@ -317,7 +319,9 @@ class JsonlInput(_RowsInput):
                 values[i] = json.dumps(v) if name == "json_schema" and v is not None else v
             columns[name] = _column(values) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]
-        return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent)}), errors
+        other = list(dict.fromkeys(k for r in rows for k in r if k not in columns))[:OTHER_KEYS]  # for messages
+        return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent),
+                                                          b"other": json.dumps(other)}), errors
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the JSON escape of a UTF-16 surrogate

@@ -92,7 +92,7 @@ def test_missing_columns_and_empty_files_are_named(tmp_path):
     (tmp_path / "empty.csv").write_text("id,prompt\n")
     cfg = config()
     problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "nocol.jsonl"), cfg), cfg).problem
-    assert "no row has column(s) ['prompt']" in problem
+    assert "no row has column(s) ['prompt']; they have ['id', 'text']" in problem  # the key it has instead
     kept = config(keep_columns=["prompt"])  # the prompt column kept too: still named once
     problem = INPUT_FORMATS["jsonl"].inspect(resolve(str(tmp_path / "nocol.jsonl"), kept), kept).problem
     assert "no row has column(s) ['prompt'];" in problem
