@@ -319,7 +319,8 @@ class JsonlInput(_RowsInput):
                 values[i] = json.dumps(v) if name == "json_schema" and v is not None else v
             columns[name] = _column(values) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]
-        other = list(dict.fromkeys(k for r in rows for k in r if k not in columns))[:OTHER_KEYS]  # for messages
+        other = [k if len(k) <= 40 else k[:40] + "..." for k in  # for messages: a few, each short
+                 list(dict.fromkeys(k for r in rows for k in r if k not in columns))[:OTHER_KEYS]]
         return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent),
                                                           b"other": json.dumps(other)}), errors
 
