@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -319,8 +320,9 @@ class JsonlInput(_RowsInput):
                 values[i] = json.dumps(v) if name == "json_schema" and v is not None else v
             columns[name] = _column(values) if name in present else pa.nulls(len(rows))
         absent = [c for c in required if c not in present]
-        other = [k if len(k) <= 40 else k[:40] + "..." for k in  # for messages: a few, each short
-                 list(dict.fromkeys(k for r in rows for k in r if k not in columns))[:OTHER_KEYS]]
+        # a needed column absent: the keys the rows have instead, for the message (a few, each short)
+        keys = dict.fromkeys(k for r in rows for k in r if k not in columns) if absent else {}
+        other = [k if len(k) <= 40 else k[:40] + "..." for k in itertools.islice(keys, OTHER_KEYS)]
         return pa.table(columns).replace_schema_metadata({b"absent": json.dumps(absent),
                                                           b"other": json.dumps(other)}), errors
 
