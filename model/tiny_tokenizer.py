@@ -80,12 +80,27 @@ def train_tiny_model_proto(vocab_size: int = 320) -> bytes:
     writer = io.BytesIO()
     with _TRAIN_LOCK:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(tiny_corpus()), model_writer=writer, model_type="unigram",
-            vocab_size=vocab_size, byte_fallback=True, character_coverage=0.995,
-            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, user_defined_symbols=[ENDOFTEXT],
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-            split_digits=True, allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
-            num_threads=1, shuffle_input_sentence=False, minloglevel=2)  # minloglevel 2: quiet
+            sentence_iterator=iter(tiny_corpus()),
+            model_writer=writer,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=0.995,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            user_defined_symbols=[ENDOFTEXT],
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            num_threads=1,
+            shuffle_input_sentence=False,
+            max_sentencepiece_length=16,
+            minloglevel=2,  # quiet
+        )
     return writer.getvalue()
 
 

@@ -100,13 +100,7 @@ class Console:
 
         def loop():
             while not stop.wait(self.interval):
-                if tracker is not None:
-                    with contextlib.suppress(Exception):  # progress is advisory
-                        import ray
-
-                        live = ray.get(tracker.running.remote(), timeout=10)
-                        with self._lock:
-                            self._live = live
+                self._poll(tracker)
                 self.draw()
 
         thread = threading.Thread(target=loop, name="persimmon-batch-progress", daemon=True)
@@ -121,6 +115,17 @@ class Console:
             if self.enabled:
                 self._live = []
                 self.draw(final=True)
+
+    def _poll(self, tracker) -> None:
+        """The units in flight, from the run's ProgressTracker (advisory: kept as they were if it does not answer)."""
+        if tracker is None:
+            return
+        with contextlib.suppress(Exception):
+            import ray
+
+            live = ray.get(tracker.running.remote(), timeout=10)
+            with self._lock:
+                self._live = live
 
 
 # Ray Data loggers whose console lines the run says better: the stack trace of an error that

@@ -125,7 +125,7 @@ def _same_process_alive(a: dict) -> bool:
 
 
 class Attempts:
-    """The replica's side: `start` an attempt, then `call` the tracker's beat / end; no-ops without one."""
+    """The replica's side of the tracker: `start`, `beat` and `end` an attempt; no-ops without one."""
 
     def __init__(self, tracker=None, where: dict | None = None):
         self.tracker, self.where, self.actor = tracker, where or {}, None
@@ -137,10 +137,16 @@ class Attempts:
 
     def start(self, unit_name: str, rows: int) -> str:
         attempt_id = uuid.uuid4().hex[:16]
-        self.call("start", attempt_id, {"unit": unit_name, "rows": rows, **self.where}, self.actor)
+        self._call("start", attempt_id, {"unit": unit_name, "rows": rows, **self.where}, self.actor)
         return attempt_id
 
-    def call(self, method: str, *args) -> None:
+    def beat(self, attempt_id: str, rows_done: int, tokens: int = 0, errors: int = 0) -> None:
+        self._call("beat", attempt_id, rows_done, tokens, errors)
+
+    def end(self, attempt_id: str, state: str, error: str | None = None) -> None:
+        self._call("end", attempt_id, state, error)
+
+    def _call(self, method: str, *args) -> None:
         if self.tracker is None:
             return
         try:

@@ -132,9 +132,9 @@ class UnitRunner:
                 stats = self._process(unit, final, attempt)
             except Exception as e:
                 state = "io_error" if transient(e) else "failed"
-                self.attempts.call("end", attempt, state, f"{type(e).__name__}: {e}")
+                self.attempts.end(attempt, state, f"{type(e).__name__}: {e}")
                 raise
-            self.attempts.call("end", attempt, "done")
+            self.attempts.end(attempt, "done")
             return stats
 
         try:  # a storage error mid-stream redoes the unit from its start, as any storage call is redone
@@ -196,7 +196,7 @@ class UnitRunner:
                         tok_in += sum(x or 0 for x in out["num_prompt_tokens"].to_pylist())
                         batch_tokens = sum(x or 0 for x in out["num_generated_tokens"].to_pylist())
                         tok_out += batch_tokens
-                    self.attempts.call("beat", attempt, rows, tok_out, kinds.total())
+                    self.attempts.beat(attempt, rows, tok_out, kinds.total())
                     self.metrics.batch(out.num_rows, batch_tokens, batch_kinds, time.perf_counter() - t_batch)
                 if rows != unit.num_rows:
                     raise RuntimeError(f"read {rows} rows from {unit.input_uri}, the plan counted {unit.num_rows}")
@@ -217,7 +217,7 @@ class UnitRunner:
                 with naming(writing):
                     side_bytes = writer.finish(stats)
                     f_out.close()
-            self.attempts.call("beat", attempt, rows, tok_out, kinds.total())
+            self.attempts.beat(attempt, rows, tok_out, kinds.total())
             commit(tmp, final)
             if side_bytes is not None:  # formats without a footer: statistics in a sidecar, written
                 # after the data, so a sidecar never describes data that is not there yet (an old
