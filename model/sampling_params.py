@@ -1,18 +1,28 @@
-"""A row's sampling settings, checked here and nowhere else (no torch: the scheduler and the
-pipeline's settings read it). Every field's rule is one entry of `RULES`;
-`SamplingParams.check(name, value)` applies one (the pipeline's per-row columns use it), building
-a SamplingParams all of them plus the rules between fields. A new field is its rule, its use in
-the sampler and a run setting of the same name (pipeline/settings.py: help, flag, YAML key) unless
-pipeline/row_settings.ENGINE_ONLY lists it; the pipeline passes it on by name (RUN_SAMPLING).
+"""Sampling settings, declared once (no torch: the scheduler and the pipeline's settings read it).
+
+`SamplingSettings` is each setting's one declaration: type, bounds and help text. The pipeline's
+run config inherits it (flags, YAML keys and keyword arguments, checked strictly), and its fields
+marked `row` are also input columns, each row's value checked by the same field leniently
+(`check_row`: "0.7" is 0.7, 3.0 is 3). `SamplingParams` is what the engine runs a row with: the
+settings, those only the engine's callers set, and the rules between fields. A new setting is a
+field here and its use in the sampler.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
-from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo
+from pydantic.dataclasses import dataclass
 
 MIN_TEMPERATURE = 1e-5  # below this, fp32 logits / T overflow: such rows are greedy
 MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's top_logprobs limit)
+CONSTRAINTS = ("json_schema", "regex", "choice")
+STRICT = ConfigDict(strict=True, extra="forbid")
+ROW = {"row": True}  # a field a row may set; as validation context: a row's own value, not the run's
 
 
 def is_int(v) -> bool:
@@ -23,70 +33,135 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-RULES = {  # field: (is it valid, what it must be)
-    "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "stop": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a string or a list of strings"),
-    "stop_token_ids": (lambda v: isinstance(v, list) and all(is_int(t) and t >= 0 for t in v), "a list of token ids"),
-    "ignore_eos": (lambda v: isinstance(v, bool), "True or False"),
-    "seed": (lambda v: v is None or is_int(v), "an integer or None"),
-    "logprobs": (lambda v: v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS),
-                 f"None or an integer in [0, {MAX_LOGPROBS}] (top alternatives per token)"),
-    "prompt_logprobs": (lambda v: isinstance(v, bool), "True or False"),
-    "truncate": (lambda v: v in (None, "left"), "None or 'left'"),
-    "json_schema": (lambda v: v is None or isinstance(v, (dict, str)), "a dict or JSON text"),
-    "regex": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty string"),
-    "choice": (lambda v: v is None or (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)),
-               "a non-empty list of non-empty strings"),
-}
-CONSTRAINTS = ("json_schema", "regex", "choice")
+def _listed(value, info: ValidationInfo):
+    """A run's text (a flag, a YAML value) is comma-separated; a row's is one stop string."""
+    if isinstance(value, str):
+        return [value] if (info.context or {}).get("row") else [s for s in value.split(",") if s]
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise ValueError(f"must be a string or a list of strings, got {value!r:.60}")
+    return _as_list(value)
 
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    stop: list[str] = field(default_factory=list)  # stop strings, trimmed from the text
-    stop_token_ids: list[int] = field(default_factory=list)
+def _as_list(value):
+    return list(value) if isinstance(value, (tuple, set, frozenset)) else value
+
+
+def _schema(value, info: ValidationInfo):
+    """A row's schema may be its JSON text (a CSV cell); the run's text is a file the driver reads."""
+    if value is not None and not isinstance(value, (str, dict)):
+        raise ValueError(f"must be a dict or JSON text, got {value!r:.60}")
+    if isinstance(value, str) and (info.context or {}).get("row"):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"not JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a JSON object, got a {type(value).__name__}")
+    return value
+
+
+Listed = BeforeValidator(_listed)
+AsList = BeforeValidator(_as_list)  # a tuple or set of values given in Python
+
+
+_EXPECTED = {"bool_type": "true or false", "bool_parsing": "true or false", "int_type": "an integer",
+             "int_parsing": "an integer", "int_from_float": "an integer", "float_type": "a number",
+             "float_parsing": "a number", "string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def refusal(e: ValidationError, name: str | None = None) -> str:
+    """pydantic's first problem in one line naming the setting (`top_p: must be > 0, got 0`); `name`:
+    the setting a lone value was checked for."""
+    err = e.errors()[0]
+    loc, value, kind, ctx = err["loc"], err["input"], err["type"], err.get("ctx") or {}
+    if kind in _EXPECTED:
+        why = f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r:.80}"
+    elif kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound  # ge=0 on a float: 0.0
+        why = f"must be {_BOUNDS[kind]} {bound}, got {value!r}"
+    elif kind == "literal_error":
+        why = f"must be one of {ctx['expected']}, got {value!r}"
+    elif kind == "finite_number":
+        why = f"must be a finite number, got {value!r}"
+    elif kind == "value_error":  # a validator's own words
+        why = str(ctx.get("error", err["msg"]))
+    else:
+        why = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r:.80}"
+    name = name or (str(loc[0]) if loc else "")
+    return f"{name}: {why}" if name else why
+
+
+def _one_line_errors(cls):
+    """Construction raises a ValueError of one line (`refusal`), not pydantic's block of them."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as e:
+            raise ValueError(refusal(e)) from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+def setting(default, help: str, **kwargs):
+    """A field's default, help text (--help, the YAML key's meaning), bounds and marks
+    (`json_schema_extra`: ROW, a row's column of the same name may set it for that row)."""
+    if isinstance(default, list):
+        return Field(default_factory=lambda: list(default), description=help, **kwargs)
+    return Field(default, description=help, **kwargs)
+
+
+@dataclass(config=STRICT)
+class SamplingSettings:
+    max_new_tokens: int = setting(64, "generate: maximum tokens generated per row.", json_schema_extra=ROW, ge=1)
+    temperature: float = setting(0.0, "generate: sampling temperature; 0 = greedy (deterministic).", json_schema_extra=ROW,
+                                 ge=0, allow_inf_nan=False)
+    top_k: int = setting(0, "generate: keep the k most likely tokens when sampling; 0 = off.", json_schema_extra=ROW, ge=0)
+    top_p: float = setting(1.0, "generate: nucleus sampling mass; 1.0 = off.", json_schema_extra=ROW, gt=0, le=1)
+    stop: Annotated[list[str], Listed] = setting([], "generate: stop strings (comma-separated); not included in the "
+                                                 "output.", json_schema_extra=ROW)
+    json_schema: Annotated[Union[str, dict, None], BeforeValidator(_schema)] = setting(None, "generate: a JSON schema "
+                "file (local or object store; or the schema as a dict in YAML / Python): every completion is JSON "
+                "matching it (constrained decoding with llguidance). The `parsed` column holds the JSON of rows that "
+                "finished (null when cut off by --max-new-tokens).", json_schema_extra=ROW)
+    regex: Optional[str] = setting(None, "generate: every completion matches this regular expression (constrained "
+                "decoding).", min_length=1)
+    logprobs: Optional[int] = setting(None, "generate: add a `logprobs` column: each generated token's id, text and "
+                "log-probability, with this many most likely alternatives (0-20): the model's own (log_softmax of its "
+                "logits, before temperature, top-k / top-p and any grammar), as vLLM reports by default. Unset = none.",
+                json_schema_extra=ROW, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: bool = setting(False, "generate: add a `prompt_logprobs` column: each prompt token's id, text and "
+                "log-probability given the tokens before it (null for the first). Such rows compute their whole "
+                "prompt (the prefix cache keeps no hidden states).", json_schema_extra=ROW)
+    seed: Optional[int] = setting(None, "generate: base seed for sampling. Each row uses a seed derived from this and "
+                "its id, so retried or resumed rows give the same text.", json_schema_extra=ROW, ge=0, lt=1 << 63)
+    truncate: Annotated[Optional[Literal["left"]], BeforeValidator(lambda v: None if v in ("", "none", "None") else v)] \
+        = setting(None, "Over-long prompts: unset = row gets an error; 'left' = keep the last tokens that fit.")
+
+
+@_one_line_errors
+@dataclass(config=STRICT)
+class SamplingParams(SamplingSettings):
+    """A row's settings as the engine runs them: stop strings are trimmed from the text and empty
+    ones dropped; one of json_schema, regex or choice constrains the completion (model/structured.py)."""
+
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], AsList] = Field(default_factory=list)
     ignore_eos: bool = False  # keep going past the model's eos token
-    seed: int | None = None
-    # each generated token's log-probability and this many top alternatives (None = off), from
-    # the model's own distribution: before temperature, top-k / top-p and grammar masks
-    logprobs: int | None = None
-    prompt_logprobs: bool = False  # each prompt token's log-probability given the tokens before it
-    truncate: str | None = None  # None: over-long prompts are an error; "left": keep the tail
-    # structured output (one at a time): the completion must match (model/structured.py)
-    json_schema: dict | str | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
+    choice: Annotated[Optional[list[Annotated[str, Field(min_length=1)]]], AsList] = Field(None, min_length=1)
 
     def __post_init__(self):
-        for f in fields(self):
-            setattr(self, f.name, self.check(f.name, getattr(self, f.name)))
+        self.stop = [s for s in self.stop if s]
         given = [name for name in CONSTRAINTS if getattr(self, name) is not None]
         if len(given) > 1:
-            raise ValueError(f"SamplingParams: give one of json_schema, regex, choice, not {given}")
+            raise ValueError(f"give one of json_schema, regex, choice, not {given}")
         if given and self.stop:
-            raise ValueError(f"SamplingParams: stop strings would cut a {given[0]} completion mid-structure; "
-                             "the grammar decides where it ends")
-
-    @staticmethod
-    def check(name: str, value):
-        """`value` as field `name` holds it (stop: a list, empties dropped), or ValueError saying why."""
-        if name == "stop" and isinstance(value, str):
-            value = [value]
-        if name in ("stop", "stop_token_ids", "choice") and isinstance(value, (tuple, set, frozenset)):
-            value = list(value)
-        if name == "stop_token_ids" and value is None:
-            value = []
-        valid, want = RULES[name]
-        if not valid(value):
-            raise ValueError(f"SamplingParams.{name} must be {want}, got {value!r}")
-        return [s for s in value if s] if name == "stop" else value
+            raise ValueError(f"stop strings would cut a {given[0]} completion mid-structure; the grammar decides "
+                             "where it ends")
 
     @property
     def constrained(self) -> bool:
@@ -96,3 +171,25 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Temperatures below MIN_TEMPERATURE (where fp32 logits / T overflow) act as 0."""
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+
+ROW_SETTINGS = {name: TypeAdapter(Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation)
+                for name, f in SamplingSettings.__pydantic_fields__.items() if (f.json_schema_extra or {}).get("row")}
+
+
+def check_row(name: str, value):
+    """A row's own value of setting `name` in the type its field holds, checked by the field's rules
+    leniently (text and integral floats are numbers: CSV cells, Parquet columns with nulls); None for
+    a missing one (null, an empty cell, pandas' NaN, an empty list): the run's applies. A refused one
+    is a ValueError naming it."""
+    blank = isinstance(value, str) and not (value if name == "stop" else value.strip())  # "\n" may be a stop
+    if value is None or blank or value == [] or (isinstance(value, float) and math.isnan(value)):
+        return None
+    field = SamplingSettings.__pydantic_fields__[name]
+    try:
+        if isinstance(value, bool) and field.annotation is not bool:  # lax mode would make True a 1
+            ROW_SETTINGS[name].validate_python(value, strict=True)
+        value = ROW_SETTINGS[name].validate_python(value, strict=False, context=ROW)
+    except ValidationError as e:
+        raise ValueError(refusal(e, name)) from None
+    return (value or None) if name == "stop" else value

@@ -2,8 +2,9 @@
 fields (type, constraints, help text) the CLI builds its flags from, so flags, YAML keys and
 keyword arguments are the same names with the same checks. Types are strict (a quoted "false" is
 not a boolean); an unknown key is refused with the closest known one; every refusal is a
-`ConfigError` naming the field. `validate()` checks settings that depend on each other and on the
-task; the engine's `SamplingParams` checks the sampling settings, as it does each row's.
+`ConfigError` naming the field. The sampling settings are inherited from SamplingSettings
+(model/sampling_params.py), declared there once for the run, its rows and the engine. `validate()`
+checks settings that depend on each other and on the task.
 Credentials are `SecretStr`: never printed, logged or written to the run report (`public_dict()`).
 """
 
@@ -18,9 +19,10 @@ import string
 from dataclasses import fields
 from typing import Annotated, Literal, Optional, Union, get_args
 
-from pydantic import BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, SecretStr, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from model.sampling_params import STRICT, SamplingSettings, refusal, setting
 from model.scheduler import MAX_NUM_SEQS, MAX_SEQ_LEN  # the engine's bounds: refused here, not in every replica
 
 from .errors import ConfigError
@@ -45,15 +47,6 @@ def mask_uri(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
-def _f(default, help, cli: bool = True, **constraints):
-    """A setting's default, help text (--help and the YAML key's meaning) and constraints; `cli=False`:
-    no flag (set in YAML or Python, or by the driver)."""
-    extra = None if cli else {"cli": False}
-    if isinstance(default, list):
-        return Field(default_factory=lambda: list(default), description=help, json_schema_extra=extra, **constraints)
-    return Field(default, description=help, json_schema_extra=extra, **constraints)
-
-
 def _config_errors(cls):
     """Construction (also `dataclasses.replace`) raises ConfigError naming the field, not ValidationError."""
     init = cls.__init__
@@ -69,23 +62,17 @@ def _config_errors(cls):
     return cls
 
 
-def _as_list(value, strip=True) -> list:
+def _as_list(value) -> list:
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        parts = value.split(",")
-        return [p.strip() for p in parts if p.strip()] if strip else [p for p in parts if p]
+        return [p.strip() for p in value.split(",") if p.strip()]
     return list(value) if isinstance(value, (list, tuple)) else value  # not a list: pydantic names the field
 
 
-# a list given as one string (a flag, a YAML value) is comma-separated; a stop string may be a space
+# a list given as one string (a flag, a YAML value) is comma-separated
 CommaSeparated = Annotated[list[str], BeforeValidator(_as_list)]
-StopStrings = Annotated[list[str], BeforeValidator(lambda value: _as_list(value, strip=False))]
-
-_KINDS = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
-          "string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
-_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
-
+NO_FLAG = {"cli": False}  # set in YAML or Python, or by the driver
 
 def _unknown_keys(names: list[str], known: set[str]) -> ConfigError:
     hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u for u in names]
@@ -95,189 +82,164 @@ def _unknown_keys(names: list[str], known: set[str]) -> ConfigError:
 def _config_error(e: ValidationError, known: set[str]) -> ConfigError:
     """The first problem pydantic found, as one line naming the field."""
     err = e.errors()[0]
-    name = str(err["loc"][0]) if err["loc"] else "config"
-    value, kind, ctx = err["input"], err["type"], err.get("ctx", {})
-    if kind == "unexpected_keyword_argument":
+    name, value, why = str(err["loc"][0]) if err["loc"] else "config", err["input"], refusal(e)
+    if err["type"] == "unexpected_keyword_argument":
         return _unknown_keys([name], known)
     if len(err["loc"]) > 1 and isinstance(err["loc"][1], int):  # an item of a list of strings
         return ConfigError(f"{name}: every item must be a string, got {type(value).__name__} {value!r:.60} "
                            "(quote it in YAML: yes / no / numbers are not strings there)")
-    if kind in _KINDS:
-        return ConfigError(f"{name}: expected {_KINDS[kind]}, got {type(value).__name__} {value!r:.80}"
-                           + (" (quoted in YAML?)" if isinstance(value, str) else ""))
-    if kind in _BOUNDS:
-        bound = next(iter(ctx.values()))
-        return ConfigError(f"{name}: must be {_BOUNDS[kind]} {bound}, got {value!r}")
-    if kind == "literal_error":
-        return ConfigError(f"{name}: must be one of {ctx['expected']}, got {value!r}")
-    if kind == "finite_number":
-        return ConfigError(f"{name}: must be a finite number, got {value!r}")
-    return ConfigError(f"{name}: {err['msg']}, got {value!r:.80}")
+    if err["type"].endswith("_type") and isinstance(value, str):
+        why += " (quoted in YAML?)"
+    return ConfigError(why)
 
 
 @_config_errors
-@dataclass(config=ConfigDict(strict=True, extra="forbid"), repr=False)
-class PipelineConfig:
+@dataclass(config=STRICT, repr=False)
+class PipelineConfig(SamplingSettings):
     # ---- what to run ----------------------------------------------------------------------
-    task: Literal[TASK_NAMES] = _f("generate", "generate: complete each prompt; classify: sequence-classification "
+    task: Literal[TASK_NAMES] = setting("generate", "generate: complete each prompt; classify: sequence-classification "
                 "checkpoint gives label/score/probs; label: zero-shot labeling with a causal LM by scoring --choices; "
-                "score: each text's log-likelihood and perplexity.", cli=False)
-    input: Union[str, list[str], None] = _f(None, "Input files (Parquet, JSONL or CSV): a local path, file://, s3:// "
-                "(or gs://, abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated list of "
-                "files.")
-    output: Optional[str] = _f(None, "Output directory URI. One output file per input file (or per --rows-per-unit "
-                "slice) plus _run_report.json.")
-    input_format: Literal[INPUT_FORMAT_NAMES] = _f("auto", "Input format: auto (by extension: .parquet; .jsonl / "
+                "score: each text's log-likelihood and perplexity.", json_schema_extra=NO_FLAG)
+    input: Union[str, list[str], None] = setting(None, "Input files (Parquet, JSONL or CSV): a local path, file://, "
+                "s3:// (or gs://, abfs:// with their fsspec package) directory, glob (*.jsonl) or comma-separated "
+                "list of files.")
+    output: Optional[str] = setting(None, "Output directory URI. One output file per input file (or per "
+                "--rows-per-unit slice) plus _run_report.json.")
+    input_format: Literal[INPUT_FORMAT_NAMES] = setting("auto", "Input format: auto (by extension: .parquet; .jsonl / "
                 ".json / .ndjson, also .gz / .zst; .csv), parquet, jsonl, csv, or openai-batch (OpenAI Batch API "
                 "request lines: custom_id, url, body; generate only).")
-    output_format: Literal[OUTPUT_FORMAT_NAMES] = _f("auto", "Output format: parquet, jsonl (one JSON object per row; "
-                "statistics in _stats/) or openai-batch (OpenAI Batch API output lines). auto = openai-batch for "
+    output_format: Literal[OUTPUT_FORMAT_NAMES] = setting("auto", "Output format: parquet, jsonl (one JSON object per "
+                "row; statistics in _stats/) or openai-batch (OpenAI Batch API output lines). auto = openai-batch for "
                 "openai-batch input, else parquet.")
-    model: Optional[str] = _f(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, tokenizer.model): "
-                "a local directory, an object-store URI (downloaded once per node into --model-cache-dir) or a "
-                "Hugging Face hub id: owner/name[@revision] when no such local path exists, or "
-                "hf://owner/name[@revision] (fetched once per node into its HF cache; needs the `hub` extra).")
+    model: Optional[str] = setting(None, "Persimmon checkpoint in HF layout (config.json, *.safetensors, "
+                "tokenizer.model): a local directory, an object-store URI (downloaded once per node into "
+                "--model-cache-dir) or a Hugging Face hub id: owner/name[@revision] when no such local path exists, "
+                "or hf://owner/name[@revision] (fetched once per node into its HF cache; needs the `hub` extra).")
     # ---- columns ----------------------------------------------------------------------------
-    id_column: str = _f("id", "Input column with a unique row id, copied to the output.")
-    prompt_column: str = _f("prompt", "Input column with the prompt (or text to classify).")
-    keep_columns: CommaSeparated = _f([], "Extra input columns copied unchanged to the output (comma-separated).")
-    prompt_template: str = _f("{prompt}", "Python format string applied to each prompt; must contain {prompt}. For "
-                "`label`, e.g. 'Review: {prompt}\\nSentiment:' (on the command line \\n is a newline).")
-    chat_template: bool = _f(False, "Wrap prompts (after --prompt-template) as 'human: {prompt}\\n\\nadept:' for "
+    id_column: str = setting("id", "Input column with a unique row id, copied to the output.")
+    prompt_column: str = setting("prompt", "Input column with the prompt (or text to classify).")
+    keep_columns: CommaSeparated = setting([], "Extra input columns copied unchanged to the output (comma-separated).")
+    prompt_template: str = setting("{prompt}", "Python format string applied to each prompt; must contain {prompt}. "
+                "For `label`, e.g. 'Review: {prompt}\\nSentiment:' (on the command line \\n is a newline).")
+    chat_template: bool = setting(False, "Wrap prompts (after --prompt-template) as 'human: {prompt}\\n\\nadept:' for "
                 "Persimmon-8B-chat.")
-    choices: CommaSeparated = _f([], "label task: the candidate labels (comma-separated). Each row gets the choice "
-                "with the highest log-likelihood after the prompt (calibrated with --calibrate). generate: the "
+    choices: CommaSeparated = setting([], "label task: the candidate labels (comma-separated). Each row gets the "
+                "choice with the highest log-likelihood after the prompt (calibrated with --calibrate). generate: the "
                 "completion is constrained to be one of them.")
-    choice_separator: str = _f(" ", "label task: text between the prompt and each choice; a choice's tokens are those "
-                "the text prompt + separator + choice adds after the prompt's own tokens (as lm-evaluation-harness).")
-    choice_score: Literal["sum", "mean"] = _f("sum", "label task: 'sum' = total log-likelihood of a choice's tokens; "
-                "'mean' = per token, so multi-token labels are not penalised for their length.")
-    calibrate: bool = _f(False, "label task: contextual calibration (Zhao et al. 2021): score the template filled "
+    choice_separator: str = setting(" ", "label task: text between the prompt and each choice; a choice's tokens are "
+                "those the text prompt + separator + choice adds after the prompt's own tokens (as "
+                "lm-evaluation-harness).")
+    choice_score: Literal["sum", "mean"] = setting("sum", "label task: 'sum' = total log-likelihood of a choice's "
+                "tokens; 'mean' = per token, so multi-token labels are not penalised for their length.")
+    calibrate: bool = setting(False, "label task: contextual calibration (Zhao et al. 2021): score the template filled "
                 "with each --content-free-inputs once, average their probabilities over the choices into p_cf, and "
                 "report probs proportional to softmax(scores) / p_cf (the label follows them).")
-    content_free_inputs: list[str] = _f(["N/A", "", "[MASK]"], "label task, --calibrate: inputs that carry no "
+    content_free_inputs: list[str] = setting(["N/A", "", "[MASK]"], "label task, --calibrate: inputs that carry no "
                 "content, each put through the prompt template (comma-separated; an empty item is the empty string).")
-    low_margin: float = _f(0.1, "label task: rows whose top-1 minus top-2 probability is below this are counted in "
-                "the run report (where to review).", ge=0, le=1)
-    examples: Union[str, list[dict], None] = _f(None, "Few-shot examples: a JSONL file (local or object store) of "
+    low_margin: float = setting(0.1, "label task: rows whose top-1 minus top-2 probability is below this are counted "
+                "in the run report (where to review).", ge=0, le=1)
+    examples: Union[str, list[dict], None] = setting(None, "Few-shot examples: a JSONL file (local or object store) of "
                 "{prompt, label} rows (label task) or {prompt, completion} rows (generate), each rendered through the "
                 "prompt template, then the choice separator (label) or a space (generate), its answer and a blank "
                 "line; the result prefixes every row, computed once per replica.")
     # ---- scoring ---------------------------------------------------------------------------
-    score_after: Optional[str] = _f(None, "score task (TEXT_OR_COLUMN): score each text as the continuation of a "
+    score_after: Optional[str] = setting(None, "score task (TEXT_OR_COLUMN): score each text as the continuation of a "
                 "prefix: an input column holding each row's prefix (where a file has it), else the prefix text itself "
                 "for every row. The model reads prefix + text; only the tokens the text adds are scored: log p(text | "
                 "prefix). No separator is added; rows sharing a prefix share its KV blocks; a null or blank prefix "
                 "scores the row unconditionally (on the command line \\n is a newline).")
-    score_rolling: bool = _f(True, "score task: texts longer than --max-seq-len are scored in rolling windows (as "
+    score_rolling: bool = setting(True, "score task: texts longer than --max-seq-len are scored in rolling windows (as "
                 "lm-evaluation-harness's loglikelihood_rolling: every token once, each with at least max_seq_len - "
                 "--score-stride tokens of context); --no-score-rolling makes such a row a prompt_too_long error.")
-    score_stride: Optional[int] = _f(None, "score task, rolling windows: the tokens each window after the first "
+    score_stride: Optional[int] = setting(None, "score task, rolling windows: the tokens each window after the first "
                 "scores (the rest is their context). Default: half of --max-seq-len; --max-seq-len = no overlap "
                 "(lm-evaluation-harness's default).", ge=1)
-    # ---- generation ------------------------------------------------------------------------
-    max_new_tokens: int = _f(64, "generate: maximum tokens generated per row.")
-    temperature: float = _f(0.0, "generate: sampling temperature; 0 = greedy (deterministic).")
-    top_k: int = _f(0, "generate: keep the k most likely tokens when sampling; 0 = off.")
-    top_p: float = _f(1.0, "generate: nucleus sampling mass; 1.0 = off.")
-    stop: StopStrings = _f([], "generate: stop strings (comma-separated); not included in the output.")
-    json_schema: Union[str, dict, None] = _f(None, "generate: a JSON schema file (local or object store; or the "
-                "schema as a dict in YAML / Python): every completion is JSON matching it (constrained decoding with "
-                "llguidance). The `parsed` column holds the JSON of rows that finished (null when cut off by "
-                "--max-new-tokens).")
-    regex: Optional[str] = _f(None, "generate: every completion matches this regular expression (constrained "
-                "decoding).")
-    logprobs: Optional[int] = _f(None, "generate: add a `logprobs` column: each generated token's id, text and "
-                "log-probability, with this many most likely alternatives (0-20): the model's own (log_softmax of its "
-                "logits, before temperature, top-k / top-p and any grammar), as vLLM reports by default. Unset = none.",
-                ge=0, le=20)
-    prompt_logprobs: bool = _f(False, "generate: add a `prompt_logprobs` column: each prompt token's id, text and "
-                "log-probability given the tokens before it (null for the first). Such rows compute their whole "
-                "prompt (the prefix cache keeps no hidden states).")
-    seed: Optional[int] = _f(None, "generate: base seed for sampling. Each row uses a seed derived from this and its "
-                "id, so retried or resumed rows give the same text.")
-    truncate: Optional[Literal["left"]] = _f(None, "Over-long prompts: unset = row gets an error; 'left' = keep the "
-                "last tokens that fit.")
-    max_seq_len: Optional[int] = _f(None, "Cap on prompt + generated tokens per row (default: the model's "
+    # ---- generation: the sampling settings are SamplingSettings' (model/sampling_params.py) --
+    max_seq_len: Optional[int] = setting(None, "Cap on prompt + generated tokens per row (default: the model's "
                 "max_position_embeddings, 16384 for Persimmon-8B). A cap only: --kv-cache-gib / --memory-fraction "
                 "size KV memory.", ge=2, le=MAX_SEQ_LEN)
     # ---- replicas and resources ------------------------------------------------------------
-    replicas: str = _f("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to autoscale between MIN and "
-                "MAX.")
-    num_gpus_per_replica: float = _f(0.0, "GPUs per replica; fractional values pack several replicas on one GPU (e.g. "
-                "0.5). 0 = CPU.", ge=0, allow_inf_nan=False)
-    num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica.", ge=0, allow_inf_nan=False)
-    batch_size: int = _f(256, "Rows per engine call: a replica hands this many input rows to its engine at once (the "
-                "unit of progress and of --batch-timeout-s). No KV memory by itself: the engine runs up to "
+    replicas: str = setting("1", "Model replicas (Ray actors): N for a fixed pool, or MIN,MAX to autoscale between "
+                "MIN and MAX.")
+    num_gpus_per_replica: float = setting(0.0, "GPUs per replica; fractional values pack several replicas on one GPU "
+                "(e.g. 0.5). 0 = CPU.", ge=0, allow_inf_nan=False)
+    num_cpus_per_replica: float = setting(1.0, "CPUs reserved per replica.", ge=0, allow_inf_nan=False)
+    batch_size: int = setting(256, "Rows per engine call: a replica hands this many input rows to its engine at once "
+                "(the unit of progress and of --batch-timeout-s). No KV memory by itself: the engine runs up to "
                 "--max-num-seqs of them at a time, as many as its KV cache holds.", ge=1)
-    max_num_seqs: int = _f(256, "Most rows in flight in one replica's engine (its max_batch_size). A cap, not a "
+    max_num_seqs: int = setting(256, "Most rows in flight in one replica's engine (its max_batch_size). A cap, not a "
                 "reservation: the KV cache decides how many actually run at once (rows of short prompts fit many "
                 "more).", ge=1, le=MAX_NUM_SEQS)
-    kv_cache_gib: Optional[float] = _f(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the device "
-                "memory free after the weights load (a replica with --num-gpus-per-replica < 1, or a CPU replica, "
-                "counts only its share), less activation headroom. See `persimmon-batch capacity`.",
+    kv_cache_gib: Optional[float] = setting(None, "KV cache per replica, in GiB. Unset: --memory-fraction of the "
+                "device memory free after the weights load (a replica with --num-gpus-per-replica < 1, or a CPU "
+                "replica, counts only its share), less activation headroom. See `persimmon-batch capacity`.",
                 gt=0, allow_inf_nan=False)
-    memory_fraction: float = _f(0.9, "Fraction of the device's memory a replica may use for weights, KV cache and "
+    memory_fraction: float = setting(0.9, "Fraction of the device's memory a replica may use for weights, KV cache and "
                 "activations when --kv-cache-gib is unset.", gt=0, le=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype: auto (bfloat16 for GPU "
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "Weights dtype: auto (bfloat16 for GPU "
                 "replicas, i.e. --num-gpus-per-replica > 0, float32 for CPU ones), float32, bfloat16 or float16.")
-    quantization: Literal["none", "int8", "fp8"] = _f("none", "Weight quantization, applied layer by layer as the "
+    quantization: Literal["none", "int8", "fp8"] = setting("none", "Weight quantization, applied layer by layer as the "
                 "model loads: none; int8 (weight-only, per-channel scales, through torchao; CPU and CUDA); fp8 "
                 "(float8 e4m3, per-channel scales; CUDA compute capability 8.9+, e.g. L4, L40S, H100). Embedding and "
                 "lm_head stay in --dtype unless --quantize-lm-head.")
-    quantize_lm_head: bool = _f(False, "Quantize the lm_head too (with --quantization int8/fp8): 1 byte per weight "
-                "instead of 2 (1 GiB saved at Persimmon-8B's 262k vocab in bf16), at some cost in logit accuracy.")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or "
+    quantize_lm_head: bool = setting(False, "Quantize the lm_head too (with --quantization int8/fp8): 1 byte per "
+                "weight instead of 2 (1 GiB saved at Persimmon-8B's 262k vocab in bf16), at some cost in logit "
+                "accuracy.")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto (CUDA when the replica has a GPU, else CPU), cpu or "
                 "cuda.")
-    rows_per_unit: int = _f(0, "Split input files into units of about this many rows (Parquet: at row-group "
+    rows_per_unit: int = setting(0, "Split input files into units of about this many rows (Parquet: at row-group "
                 "boundaries). A unit is committed, retried and resumed as a whole, into its own output file; 0 = one "
                 "unit per file.", ge=0)
-    replica_start_timeout_s: int = _f(900, "Wait this long for the minimum number of replicas to be up (placed, model "
-                "loaded) before any work is sent, then fail with a clear error instead of hanging. Leave room for the "
-                "autoscaler to add GPU nodes. 0 = wait forever.", ge=0)
-    max_unit_retries: int = _f(3, "Times a unit is retried after its replica dies (OOM, segfault, lost node, killed "
-                "as stuck) before it is reported failed.", ge=0)
-    batch_timeout_s: float = _f(900.0, "A replica that finishes no batch (--batch-size rows) for this long is "
+    replica_start_timeout_s: int = setting(900, "Wait this long for the minimum number of replicas to be up (placed, "
+                "model loaded) before any work is sent, then fail with a clear error instead of hanging. Leave room "
+                "for the autoscaler to add GPU nodes. 0 = wait forever.", ge=0)
+    max_unit_retries: int = setting(3, "Times a unit is retried after its replica dies (OOM, segfault, lost node, "
+                "killed as stuck) before it is reported failed.", ge=0)
+    batch_timeout_s: float = setting(900.0, "A replica that finishes no batch (--batch-size rows) for this long is "
                 "reported stuck and restarted, and its unit retried (up to --max-unit-retries, then reported failed). "
                 "0 = never.", ge=0)
-    io_retries: int = _f(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): each failed "
+    io_retries: int = setting(3, "Storage retries, with exponential backoff (0.5 s, 1 s, 2 s, ...): each failed "
                 "storage call (list, read, write, commit) is retried this many times (on top of the S3 client's 3 "
                 "quick attempts), and a unit whose input read or output write fails mid-stream is redone this many "
                 "times. Errors that persist name the URI.", ge=0)
     # ---- resume and bad input -------------------------------------------------------------
-    resume: bool = _f(True, "Skip units whose output file is already committed (safe to rerun after a crash). "
+    resume: bool = setting(True, "Skip units whose output file is already committed (safe to rerun after a crash). "
                 "--no-resume with existing output is an error unless --overwrite.")
-    overwrite: bool = _f(False, "Delete committed outputs of this run's units and recompute them.")
-    check_duplicate_ids: bool = _f(True, "Read the id column of every input before the run: a row whose id appeared "
-                "earlier (in input order) and a row with a null id get an error (error_kind duplicate_id, invalid_id) "
-                "instead of a result, counted in the run report. Driver memory follows the files and flagged rows, "
-                "not the row count; --no-check-duplicate-ids skips the check.")
-    on_bad_input: Literal["error", "skip"] = _f("error", "An unreadable input file, one missing a column, or an empty "
-                "one: 'error' stops before any model work; 'skip' leaves it out and lists it in the run report.")
+    overwrite: bool = setting(False, "Delete committed outputs of this run's units and recompute them.")
+    check_duplicate_ids: bool = setting(True, "Read the id column of every input before the run: a row whose id "
+                "appeared earlier (in input order) and a row with a null id get an error (error_kind duplicate_id, "
+                "invalid_id) instead of a result, counted in the run report. Driver memory follows the files and "
+                "flagged rows, not the row count; --no-check-duplicate-ids skips the check.")
+    on_bad_input: Literal["error", "skip"] = setting("error", "An unreadable input file, one missing a column, or an "
+                "empty one: 'error' stops before any model work; 'skip' leaves it out and lists it in the run report.")
     # ---- storage ---------------------------------------------------------------------------
-    s3_endpoint: Optional[str] = _f(None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (env "
+    s3_endpoint: Optional[str] = setting(None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (env "
                 "PERSIMMON_S3_ENDPOINT or AWS_ENDPOINT_URL). Unset = AWS.")
-    s3_region: Optional[str] = _f(None, "S3 region (env AWS_REGION / AWS_DEFAULT_REGION).")
-    s3_access_key_id: Optional[SecretStr] = _f(None, "S3 access key; read from AWS_ACCESS_KEY_ID when unset. Unset "
-                "everywhere = each node's default chain (instance role).", cli=False)
-    s3_secret_access_key: Optional[SecretStr] = _f(None, "S3 secret key (env AWS_SECRET_ACCESS_KEY).", cli=False)
-    s3_session_token: Optional[SecretStr] = _f(None, "S3 session token (env AWS_SESSION_TOKEN).", cli=False)
-    model_cache_dir: str = _f("~/.cache/persimmon-batch/models", "Per-node local cache for models read from object "
-                "storage.")
+    s3_region: Optional[str] = setting(None, "S3 region (env AWS_REGION / AWS_DEFAULT_REGION).")
+    s3_access_key_id: Optional[SecretStr] = setting(None, "S3 access key; read from AWS_ACCESS_KEY_ID when unset. "
+                "Unset everywhere = each node's default chain (instance role).", json_schema_extra=NO_FLAG)
+    s3_secret_access_key: Optional[SecretStr] = setting(None, "S3 secret key (env AWS_SECRET_ACCESS_KEY).",
+                json_schema_extra=NO_FLAG)
+    s3_session_token: Optional[SecretStr] = setting(None, "S3 session token (env AWS_SESSION_TOKEN).",
+                json_schema_extra=NO_FLAG)
+    model_cache_dir: str = setting("~/.cache/persimmon-batch/models", "Per-node local cache for models read from "
+                "object storage.")
     # ---- Ray -------------------------------------------------------------------------------
-    ray_address: Optional[str] = _f(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a `ray job "
+    ray_address: Optional[str] = setting(None, "Ray cluster to join (default: RAY_ADDRESS, i.e. the cluster a `ray job "
                 "submit` job runs on; else start a local Ray).")
-    num_cpus: Optional[int] = _f(None, "Local Ray only: logical CPUs to start it with (default: max(8, 2 x cores), "
-                "leaving Ray Data headroom on small machines).", ge=1)
-    progress: bool = _f(True, "Print a line per finished unit and a live progress line (rows, rows/s, tokens/s, ETA, "
-                "replicas busy, errors); every 30 s when stderr is not a terminal.")
-    verbose: bool = _f(False, "Also show Ray's own INFO logs and Ray Data's progress bars (hidden by default).")
-    model_identity: Optional[str] = _f(None, "Set by the driver: a hash of the model's config, tokenizer and weight "
-                "headers, recorded with every output (a changed model is not resumed).", cli=False)
-    model_commit: Optional[str] = _f(None, "Set by the driver for a Hugging Face hub model: the commit its revision "
-                "resolved to, so every replica loads the snapshot the driver checked.", cli=False)
-    model_dir: Optional[str] = _f(None, "Set by the driver for a local model: its absolute path, so every replica "
-                "loads the directory the driver checked, whatever its working directory.", cli=False)
+    num_cpus: Optional[int] = setting(None, "Local Ray only: logical CPUs to start it with (default: max(8, 2 x "
+                "cores), leaving Ray Data headroom on small machines).", ge=1)
+    progress: bool = setting(True, "Print a line per finished unit and a live progress line (rows, rows/s, tokens/s, "
+                "ETA, replicas busy, errors); every 30 s when stderr is not a terminal.")
+    verbose: bool = setting(False, "Also show Ray's own INFO logs and Ray Data's progress bars (hidden by default).")
+    model_identity: Optional[str] = setting(None, "Set by the driver: a hash of the model's config, tokenizer and "
+                "weight headers, recorded with every output (a changed model is not resumed).",
+                json_schema_extra=NO_FLAG)
+    model_commit: Optional[str] = setting(None, "Set by the driver for a Hugging Face hub model: the commit its "
+                "revision resolved to, so every replica loads the snapshot the driver checked.",
+                json_schema_extra=NO_FLAG)
+    model_dir: Optional[str] = setting(None, "Set by the driver for a local model: its absolute path, so every replica "
+                "loads the directory the driver checked, whatever its working directory.", json_schema_extra=NO_FLAG)
 
     # ---- values as flags and YAML give them ----------------------------------------------
     @field_validator("content_free_inputs", mode="before")
@@ -296,11 +258,6 @@ class PipelineConfig:
     @classmethod
     def _replicas(cls, value):  # 4, [2, 8], "2,8"
         return ",".join(str(r) for r in value) if isinstance(value, (list, tuple)) else str(value)
-
-    @field_validator("truncate", mode="before")
-    @classmethod
-    def _truncate(cls, value):
-        return None if value in ("", "none", "None") else value
 
     def __post_init__(self):
         if self.output_format == "auto":

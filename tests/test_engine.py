@@ -608,15 +608,18 @@ def test_argument_checks(lm):
             Engine(lm, None, **kwargs)
     for kwargs, match in [(dict(stop=[1]), "stop"), (dict(top_k=True), "top_k"), (dict(temperature="0.5"), "temperature"),
                           (dict(temperature=float("inf")), "temperature"), (dict(stop_token_ids=5), "stop_token_ids"),
-                          (dict(json_schema=5), "json_schema must be a dict or JSON text, got 5"),
+                          (dict(json_schema=5), "must be a dict or JSON text, got 5"),
                           (dict(truncate="right"), "truncate"), (dict(choice=[""]), "choice")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
-    # one setting alone, as the pipeline checks a row's own value: normalized, or the same message
-    assert SamplingParams.check("stop", "end") == ["end"] and SamplingParams.check("stop", ("a", "")) == ["a"]
-    assert SamplingParams.check("stop_token_ids", (3, 4)) == [3, 4] and SamplingParams.check("seed", None) is None
-    with pytest.raises(ValueError, match=r"^SamplingParams\.top_p must be a number in \(0, 1\], got 0$"):
-        SamplingParams.check("top_p", 0)
+    # values given in Python as tuples are lists; empty stop strings are dropped; the rules between fields
+    p = SamplingParams(stop=("end", ""), stop_token_ids=(3, 4))
+    assert p.stop == ["end"] and p.stop_token_ids == [3, 4] and SamplingParams(stop="a,b").stop == ["a", "b"]
+    for kwargs, match in [(dict(regex="a", choice=["x"]), "give one of json_schema, regex, choice"),
+                          (dict(json_schema={}, stop=["}"]), "stop strings would cut a json_schema completion"),
+                          (dict(top_p=0), "^top_p: must be > 0, got 0$"), (dict(seed=-1), "^seed: must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**kwargs)
     # temperatures too small for fp32 logits / T act as greedy instead of overflowing
     prompt = prompts_of([6])[0]
     greedy = Engine(lm, None, max_batch_size=1, max_seq_len=32).generate([prompt], SamplingParams(max_new_tokens=6))

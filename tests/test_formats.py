@@ -257,8 +257,8 @@ def test_files_of_only_bad_lines_give_one_error_row_each(tmp_path, tiny_engine):
     assert [x["custom_id"] for x in lines] == [None, "q1", "q2", "q4", "q5", "q3"]  # non-string custom_id: that row
     assert [x["error"]["code"] for x in lines[:3]] == ["invalid_request"] * 3 and lines[5]["error"] is None
     # setting errors in the request's terms
-    assert lines[3]["error"] == {"code": "invalid_sampling", "message": "max_tokens 'many' is not a number (line 4)"}
-    assert lines[4]["error"] == {"code": "invalid_sampling", "message": "max_tokens must be an integer >= 1, got 0"}
+    assert lines[3]["error"] == {"code": "invalid_sampling", "message": "max_tokens: expected an integer, got str 'many' (line 4)"}
+    assert lines[4]["error"] == {"code": "invalid_sampling", "message": "max_tokens: must be >= 1, got 0 (line 5)"}
     assert report["complete"] and report["rows_written"] == 6
 
 

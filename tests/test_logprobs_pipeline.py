@@ -14,11 +14,17 @@ import pytest
 from pipeline_fixtures import PROMPTS, tiny_model, write_shards
 
 from model import Engine, SamplingParams
+from model.sampling_params import check_row
 from pipeline import ConfigError, GenerateStage, PipelineConfig
 from pipeline.cli import build_parser, config_from_args
-from pipeline.openai_batch import CHAT, COMPLETIONS, request_row, response_line, token_bytes
+from pipeline.openai_batch import (
+    CHAT,
+    COMPLETIONS,
+    request_row,
+    response_line,
+    token_bytes,
+)
 from pipeline.plan import make_plan
-from pipeline.row_settings import coerce
 from pipeline.stages import SAMPLED_LOGPROB, TOKEN_LOGPROB
 from pipeline.unit_runner import UnitRunner
 
@@ -68,10 +74,10 @@ def test_per_row_logprobs_columns(engine):
     assert rows[0]["logprobs"] is None and rows[0]["prompt_logprobs"] is None
     assert len(rows[1]["logprobs"][0]["top"]) == 2 and rows[1]["prompt_logprobs"] is None
     assert len(rows[2]["logprobs"][0]["top"]) == 1 and rows[2]["prompt_logprobs"] is not None
-    assert rows[3]["error_kind"] == "invalid_sampling" and "logprobs must be" in rows[3]["error"]
-    assert coerce("logprobs", "3") == 3 and coerce("prompt_logprobs", "False") is False
-    with pytest.raises(ValueError, match="prompt_logprobs must be true or false"):
-        coerce("prompt_logprobs", "yes")
+    assert rows[3]["error_kind"] == "invalid_sampling" and "logprobs: must be <= 20" in rows[3]["error"]
+    assert check_row("logprobs", "3") == 3 and check_row("prompt_logprobs", "False") is False
+    with pytest.raises(ValueError, match="valid boolean"):
+        check_row("prompt_logprobs", "maybe")
 
 
 @pytest.mark.parametrize("output_format", ["parquet", "jsonl"])

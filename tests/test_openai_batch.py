@@ -131,7 +131,7 @@ def test_openai_batch_file_round_trip(ray_local, tmp_path):
     assert text.choices[0].text == refs[2].text and text.object == "text_completion"
     assert by_id["bad-1"]["error"]["code"] == "invalid_request" and "body.n=3" in by_id["bad-1"]["error"]["message"]
     assert by_id["bad-2"]["error"]["code"] == "invalid_sampling"  # the column is float: -2 reads as -2.0
-    assert by_id["bad-2"]["error"]["message"].startswith("temperature must be a number >= 0, got -2")
+    assert by_id["bad-2"]["error"]["message"].startswith("temperature: must be >= 0, got -2")
     assert by_id[None]["error"]["code"] == "invalid_line" and by_id[None]["response"] is None
     assert report["errors_by_kind"] == {"invalid_request": 1, "invalid_sampling": 1, "invalid_line": 1}
 

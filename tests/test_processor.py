@@ -56,7 +56,7 @@ def test_preprocess_errors_are_rows(engine):
         ("preprocess_error", "AttributeError: 'NoneType' object has no attribute 'strip'"),
         ("prompt_too_long", "prompt has 2401 tokens, more than the 511 this engine's max_seq_len=512 allows "
                             "(use truncate='left')"),
-        ("invalid_sampling", "temperature must be a number >= 0, got -1.0"),
+        ("invalid_sampling", "temperature: must be >= 0, got -1.0"),
     ]
     assert rows[0]["completion"] == engine.generate(["hello there"], SamplingParams(max_new_tokens=4))[0].text
 

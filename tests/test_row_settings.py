@@ -13,9 +13,10 @@ import pytest
 from pipeline_fixtures import PROMPTS, error_of, tiny_model
 
 from model import Engine, SamplingParams
+from model.sampling_params import check_row
 from pipeline import GenerateStage, PipelineConfig
 from pipeline.formats import CsvInput, JsonlInput
-from pipeline.row_settings import SettingError, coerce
+from pipeline.row_settings import checked
 from pipeline.stages import row_seed
 
 
@@ -34,35 +35,45 @@ def direct(engine, prompt: str, **params):
     return engine.generate([prompt], SamplingParams(**params))[0]
 
 
-def test_coerce_rules():
-    assert coerce("temperature", "0.7") == 0.7  # CSV cells are text
-    assert coerce("max_new_tokens", 16.0) == 16 and isinstance(coerce("max_new_tokens", 16.0), int)
-    assert coerce("top_k", " 3 ") == 3
-    assert coerce("stop", "\n") == ["\n"] and coerce("stop", ["a", "b"]) == ["a", "b"]
-    assert coerce("stop", []) is None  # empty keeps the run's stop strings, as null does
-    assert coerce("json_schema", '{"type": "integer"}') == {"type": "integer"}
+def test_a_rows_value_is_checked_leniently_by_its_fields_rules():
+    assert check_row("temperature", "0.7") == 0.7  # CSV cells are text
+    assert check_row("max_new_tokens", 16.0) == 16 and isinstance(check_row("max_new_tokens", 16.0), int)
+    assert check_row("top_k", " 3 ") == 3
+    assert check_row("stop", "\n") == ["\n"] and check_row("stop", ["a", "b"]) == ["a", "b"]
+    assert check_row("stop", "a,b") == ["a,b"]  # a row's text is one stop string; the run's is comma-separated
+    assert check_row("stop", []) is None  # empty keeps the run's stop strings, as null does
+    assert check_row("json_schema", '{"type": "integer"}') == {"type": "integer"}
     for name in ("temperature", "max_new_tokens", "seed"):
-        assert coerce(name, None) is None and coerce(name, "") is None and coerce(name, math.nan) is None
-    for name, value, words in (("top_k", 2.5, "integer"), ("temperature", True, "number"),
-                               ("temperature", "hot", "not a number"), ("seed", -1, "[0, 2**63)"),
-                               ("temperature", math.inf, "finite"), ("stop", 5, "string"),
-                               ("stop", ["a", 1], "list of strings"), ("json_schema", "{", "not JSON"),
-                               ("json_schema", "[1]", "JSON object")):
-        with pytest.raises(SettingError, match=words.replace("*", r"\*").replace("[", r"\[").replace(")", r"\)")):
-            coerce(name, value)
+        assert check_row(name, None) is None and check_row(name, "") is None and check_row(name, math.nan) is None
+    for name, value, words in (("top_k", 2.5, "top_k: expected an integer, got float 2.5"),
+                               ("temperature", True, "temperature: expected a number, got bool True"),
+                               ("temperature", "hot", "temperature: expected a number, got str 'hot'"),
+                               ("seed", -1, "seed: must be >= 0, got -1"),
+                               ("seed", 2**63, "seed: must be < 9223372036854775808, got 9223372036854775808"),
+                               ("temperature", math.inf, "temperature: must be a finite number, got inf"),
+                               ("stop", 5, "stop: must be a string or a list of strings, got 5"),
+                               ("stop", ["a", 1], "stop: expected a string, got int 1"),
+                               ("json_schema", "{", "json_schema: not JSON (Expecting property name"),
+                               ("json_schema", "[1]", "json_schema: must be a JSON object, got a list")):
+        value, error = checked(name, value)
+        assert value is None and error.kind == "invalid_sampling" and error.message.startswith(words), error
 
 
-def test_each_sampling_field_is_a_run_setting_of_the_same_name():
-    """A SamplingParams field reaches the run's config, flags, YAML and the generate task's result
-    identity by its name alone; one the config does not take is listed in ENGINE_ONLY."""
-    from dataclasses import fields
+def test_each_sampling_setting_is_declared_once_for_the_run_its_rows_and_the_engine():
+    """A SamplingSettings field is a run setting (flag, YAML key) of its name, with its declaration's
+    help, and the generate task's result identity; those marked ROW are input columns."""
+    from model.sampling_params import SamplingSettings
+    from pipeline.cli import build_parser
+    from pipeline.row_settings import RUN_SAMPLING, SAMPLING_COLUMNS
 
-    from pipeline.row_settings import ENGINE_ONLY, RUN_SAMPLING, SAMPLING_COLUMNS
-
-    config_fields = set(PipelineConfig.__pydantic_fields__)
-    assert set(RUN_SAMPLING) <= config_fields and not set(ENGINE_ONLY) & config_fields
-    assert set(RUN_SAMPLING) | set(ENGINE_ONLY) == {f.name for f in fields(SamplingParams)}
-    assert set(SAMPLING_COLUMNS) <= set(RUN_SAMPLING)
+    declared = SamplingSettings.__pydantic_fields__
+    assert issubclass(PipelineConfig, SamplingSettings) and issubclass(SamplingParams, SamplingSettings)
+    assert set(RUN_SAMPLING) == set(declared) and set(SAMPLING_COLUMNS) < set(declared)
+    assert {n for n, f in declared.items() if (f.json_schema_extra or {}).get("row")} == set(SAMPLING_COLUMNS)
+    flags = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    for name, f in declared.items():
+        assert PipelineConfig.__pydantic_fields__[name].description == f.description
+        assert flags[name].startswith(f.description.replace("%", "%%")), name
     generate = GenerateStage.result_fields(cfg())
     assert set(RUN_SAMPLING) <= set(generate)
     changed = cfg(top_p=0.5).sampling(seed=7)
@@ -95,8 +106,8 @@ def test_rows_override_the_run_settings_and_bad_values_fail_only_their_row(engin
             (ref.text, ref.finish_reason, ref.num_generated_tokens), (i, params)
         assert rows[i]["error"] is None
     assert rows[0]["num_generated_tokens"] == 2 and rows[2]["num_generated_tokens"] <= 7
-    assert error_of(rows[4]) == ("invalid_sampling", "temperature must be a number >= 0, got -1")
-    assert error_of(rows[5]) == ("invalid_sampling", "top_k must be an integer, got 2.5")
+    assert error_of(rows[4]) == ("invalid_sampling", "temperature: must be >= 0, got -1")
+    assert error_of(rows[5]) == ("invalid_sampling", "top_k: expected an integer, got float 2.5")
     assert rows[4]["completion"] is None and rows[4]["id"] == 4 and rows[5]["id"] == 5
     # the sampled row really sampled: another seed gives another text for at least one of a few seeds
     others = {direct(engine, prompts[3], max_new_tokens=4, temperature=0.9, seed=s).text for s in range(8, 14)}
@@ -111,8 +122,8 @@ def test_jsonl_rows_with_mixed_types_keep_their_neighbours(engine, tmp_path):
              {"id": 5, "prompt": PROMPTS[4], "stop": 9}]
     raw = "".join(json.dumps(x) + "\n" for x in lines).encode()
     table, errors = JsonlInput()._parse(raw, cfg())
-    assert errors == {2: ("invalid_sampling", "temperature 'hot' is not a number (line 3)"),
-                      4: ("invalid_sampling", "stop must be a string or a list of strings, got 9 (line 5)")}
+    assert errors == {2: ("invalid_sampling", "temperature: expected a number, got str 'hot' (line 3)"),
+                      4: ("invalid_sampling", "stop: must be a string or a list of strings, got 9 (line 5)")}
     assert table["temperature"].to_pylist() == [0, 0.5, None, None, None]
     rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
     ref = [direct(engine, PROMPTS[0], max_new_tokens=4), direct(engine, PROMPTS[1], max_new_tokens=4,
@@ -133,7 +144,7 @@ def test_csv_settings_are_text_and_parse_per_row(engine):
     table, errors = CsvInput()._parse(raw, cfg())
     rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
     assert rows[0]["completion"] == direct(engine, PROMPTS[0], max_new_tokens=3).text
-    assert error_of(rows[1]) == ("invalid_sampling", "top_p must be a number in (0, 1], got 0")
+    assert error_of(rows[1]) == ("invalid_sampling", "top_p: must be > 0, got '0'")
     assert rows[2]["completion"] == direct(engine, PROMPTS[2], max_new_tokens=4).text
 
 
@@ -151,7 +162,7 @@ def test_a_row_schema_constrains_only_that_row(engine):
         assert rows[0]["parsed"] is None
     assert rows[1]["completion"] == direct(engine, PROMPTS[1], max_new_tokens=24).text
     assert rows[1]["parsed"] is None
-    assert str(error_of(rows[2])).startswith("invalid_sampling: json_schema is not JSON")
+    assert str(error_of(rows[2])).startswith("invalid_sampling: json_schema: not JSON")
 
 
 def test_other_tasks_ignore_setting_columns(engine):
