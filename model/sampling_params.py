@@ -13,16 +13,16 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union, get_args
 
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 MIN_TEMPERATURE = 1e-5  # below this, fp32 logits / T overflow: such rows are greedy
 MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's top_logprobs limit)
 CONSTRAINTS = ("json_schema", "regex", "choice")
 STRICT = ConfigDict(strict=True, extra="forbid")
-ROW = {"row": True}  # a field a row may set; as validation context: a row's own value, not the run's
+ROW = {"row": True}  # marks a field a row's column of the same name may set
 
 
 def is_int(v) -> bool:
@@ -33,35 +33,30 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _listed(value, info: ValidationInfo):
-    """A run's text (a flag, a YAML value) is comma-separated; a row's is one stop string."""
+def _as_list(value):
+    return list(value) if isinstance(value, (tuple, set, frozenset)) else value  # given so in Python
+
+
+def _strings(value):
+    """Stop strings: one string is one stop string (the run's comma-separated text is split by its config)."""
+    if value is None:
+        return []
     if isinstance(value, str):
-        return [value] if (info.context or {}).get("row") else [s for s in value.split(",") if s]
+        return [value]
     if not isinstance(value, (list, tuple, set, frozenset)):
         raise ValueError(f"must be a string or a list of strings, got {value!r:.60}")
-    return _as_list(value)
+    return list(value)
 
 
-def _as_list(value):
-    return list(value) if isinstance(value, (tuple, set, frozenset)) else value
-
-
-def _schema(value, info: ValidationInfo):
-    """A row's schema may be its JSON text (a CSV cell); the run's text is a file the driver reads."""
+def _schema(value):
     if value is not None and not isinstance(value, (str, dict)):
-        raise ValueError(f"must be a dict or JSON text, got {value!r:.60}")
-    if isinstance(value, str) and (info.context or {}).get("row"):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise ValueError(f"not JSON ({e})") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a JSON object, got a {type(value).__name__}")
+        raise ValueError(f"must be a dict (the schema) or a string, got {value!r:.60}")
     return value
 
 
-Listed = BeforeValidator(_listed)
-AsList = BeforeValidator(_as_list)  # a tuple or set of values given in Python
+AsList = BeforeValidator(_as_list)
+Unset = BeforeValidator(lambda v: None if v in ("", "none", "None") else v)  # `--truncate none`
+NoneIsEmpty = BeforeValidator(lambda v: [] if v is None else v)
 
 
 _EXPECTED = {"bool_type": "true or false", "bool_parsing": "true or false", "int_type": "an integer",
@@ -102,7 +97,8 @@ def _one_line_errors(cls):
         try:
             init(self, *args, **kwargs)
         except ValidationError as e:
-            raise ValueError(refusal(e)) from None
+            odd = e.errors()[0]["type"] in ("unexpected_keyword_argument", "unexpected_positional_argument")
+            raise (TypeError if odd else ValueError)(refusal(e)) from None  # as a plain dataclass says those
 
     cls.__init__ = __init__
     return cls
@@ -112,19 +108,21 @@ def setting(default, help: str, **kwargs):
     """A field's default, help text (--help, the YAML key's meaning), bounds and marks
     (`json_schema_extra`: ROW, a row's column of the same name may set it for that row)."""
     if isinstance(default, list):
-        return Field(default_factory=lambda: list(default), description=help, **kwargs)
-    return Field(default, description=help, **kwargs)
+        return Field(default_factory=lambda: list(default), description=help, kw_only=True, **kwargs)
+    return Field(default, description=help, kw_only=True, **kwargs)
 
 
-@dataclass(config=STRICT)
+@dataclass(config=STRICT, kw_only=True)  # settings are named, never given by position
 class SamplingSettings:
     max_new_tokens: int = setting(64, "generate: maximum tokens generated per row.", json_schema_extra=ROW, ge=1)
-    temperature: float = setting(0.0, "generate: sampling temperature; 0 = greedy (deterministic).", json_schema_extra=ROW,
-                                 ge=0, allow_inf_nan=False)
-    top_k: int = setting(0, "generate: keep the k most likely tokens when sampling; 0 = off.", json_schema_extra=ROW, ge=0)
-    top_p: float = setting(1.0, "generate: nucleus sampling mass; 1.0 = off.", json_schema_extra=ROW, gt=0, le=1)
-    stop: Annotated[list[str], Listed] = setting([], "generate: stop strings (comma-separated); not included in the "
-                                                 "output.", json_schema_extra=ROW)
+    temperature: float = setting(0.0, "generate: sampling temperature; 0 = greedy (deterministic).",
+                                 json_schema_extra=ROW, ge=0, allow_inf_nan=False)
+    top_k: int = setting(0, "generate: keep the k most likely tokens when sampling; 0 = off.", json_schema_extra=ROW,
+                         ge=0)
+    top_p: float = setting(1.0, "generate: nucleus sampling mass; 1.0 = off.", json_schema_extra=ROW, gt=0, le=1,
+                           allow_inf_nan=False)
+    stop: Annotated[list[str], BeforeValidator(_strings)] = setting([], "generate: stop strings (comma-separated); "
+                "not included in the output.", json_schema_extra=ROW)
     json_schema: Annotated[Union[str, dict, None], BeforeValidator(_schema)] = setting(None, "generate: a JSON schema "
                 "file (local or object store; or the schema as a dict in YAML / Python): every completion is JSON "
                 "matching it (constrained decoding with llguidance). The `parsed` column holds the JSON of rows that "
@@ -140,19 +138,21 @@ class SamplingSettings:
                 "prompt (the prefix cache keeps no hidden states).", json_schema_extra=ROW)
     seed: Optional[int] = setting(None, "generate: base seed for sampling. Each row uses a seed derived from this and "
                 "its id, so retried or resumed rows give the same text.", json_schema_extra=ROW, ge=0, lt=1 << 63)
-    truncate: Annotated[Optional[Literal["left"]], BeforeValidator(lambda v: None if v in ("", "none", "None") else v)] \
-        = setting(None, "Over-long prompts: unset = row gets an error; 'left' = keep the last tokens that fit.")
+    truncate: Annotated[Optional[Literal["left"]], Unset] = setting(None, "Over-long prompts: unset = row gets an "
+                "error; 'left' = keep the last tokens that fit.")
 
 
 @_one_line_errors
-@dataclass(config=STRICT)
+@dataclass(config=STRICT, kw_only=True)  # settings are named, never given by position
 class SamplingParams(SamplingSettings):
     """A row's settings as the engine runs them: stop strings are trimmed from the text and empty
     ones dropped; one of json_schema, regex or choice constrains the completion (model/structured.py)."""
 
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], AsList] = Field(default_factory=list)
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], AsList, NoneIsEmpty] = \
+        Field(default_factory=list, kw_only=True)
     ignore_eos: bool = False  # keep going past the model's eos token
-    choice: Annotated[Optional[list[Annotated[str, Field(min_length=1)]]], AsList] = Field(None, min_length=1)
+    choice: Annotated[Optional[list[Annotated[str, Field(min_length=1)]]], AsList] = \
+        Field(None, min_length=1, kw_only=True)
 
     def __post_init__(self):
         self.stop = [s for s in self.stop if s]
@@ -177,19 +177,43 @@ ROW_SETTINGS = {name: TypeAdapter(Annotated[(f.annotation, *f.metadata)] if f.me
                 for name, f in SamplingSettings.__pydantic_fields__.items() if (f.json_schema_extra or {}).get("row")}
 
 
+def _number(text: str):
+    """Text as a number if it is one ("3", " 0.5", "1e3"), else as it was (the field then refuses it)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def check_row(name: str, value):
     """A row's own value of setting `name` in the type its field holds, checked by the field's rules
-    leniently (text and integral floats are numbers: CSV cells, Parquet columns with nulls); None for
-    a missing one (null, an empty cell, pandas' NaN, an empty list): the run's applies. A refused one
-    is a ValueError naming it."""
-    blank = isinstance(value, str) and not (value if name == "stop" else value.strip())  # "\n" may be a stop
-    if value is None or blank or value == [] or (isinstance(value, float) and math.isnan(value)):
+    leniently: text and integral floats are numbers (CSV cells, Parquet columns with nulls), a
+    schema may be its JSON text, numpy values are Python's. None for a missing one (null, an empty
+    cell, NaN, an empty stop list): the run's applies. A refused one is a ValueError naming it."""
+    if callable(getattr(value, "tolist", None)):  # numpy / pandas values from a processor's preprocess
+        value = value.tolist()
+    if isinstance(value, str) and name != "stop":  # "\n" may be a stop string
+        value = value.strip()
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
         return None
-    field = SamplingSettings.__pydantic_fields__[name]
+    kinds = get_args(SamplingSettings.__pydantic_fields__[name].annotation) or \
+        (SamplingSettings.__pydantic_fields__[name].annotation,)
     try:
-        if isinstance(value, bool) and field.annotation is not bool:  # lax mode would make True a 1
+        if isinstance(value, str) and name == "json_schema":
+            value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError(f"json_schema: must be a JSON object, got a {type(value).__name__}")
+        elif isinstance(value, bool) and bool not in kinds:  # lax mode would make True a 1
             ROW_SETTINGS[name].validate_python(value, strict=True)
-        value = ROW_SETTINGS[name].validate_python(value, strict=False, context=ROW)
+        elif isinstance(value, str) and (int in kinds or float in kinds):
+            value = _number(value)
+        if int in kinds and isinstance(value, float) and value.is_integer():
+            value = int(value)  # past int64 too, so the bound names the value
+        value = ROW_SETTINGS[name].validate_python(value, strict=False)
     except ValidationError as e:
         raise ValueError(refusal(e, name)) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"json_schema: not JSON ({e})") from None
     return (value or None) if name == "stop" else value

@@ -94,7 +94,7 @@ def _config_error(e: ValidationError, known: set[str]) -> ConfigError:
 
 
 @_config_errors
-@dataclass(config=STRICT, repr=False)
+@dataclass(config=STRICT, kw_only=True, repr=False)
 class PipelineConfig(SamplingSettings):
     # ---- what to run ----------------------------------------------------------------------
     task: Literal[TASK_NAMES] = setting("generate", "generate: complete each prompt; classify: sequence-classification "
@@ -254,6 +254,11 @@ class PipelineConfig(SamplingSettings):
             return _as_list(value)
         return value
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value):  # comma-separated; a stop string may be a space
+        return [p for p in value.split(",") if p] if isinstance(value, str) else value
+
     @field_validator("replicas", mode="before")
     @classmethod
     def _replicas(cls, value):  # 4, [2, 8], "2,8"
@@ -329,8 +334,8 @@ class PipelineConfig(SamplingSettings):
         except (ValueError, TypeError) as e:
             bad("prompt_template", f"{self.prompt_template!r} cannot be filled with a text prompt ({e}); "
                 "write {prompt} without a format spec")
-        if len(set(self.choices)) != len(self.choices):
-            bad("choices", f"has duplicates: {self.choices}")
+        if len(set(self.choices)) != len(self.choices) or "" in self.choices:
+            bad("choices", f"must be distinct and not empty, got {self.choices}")
         TASKS[self.task].check(self)
         try:  # the sampling settings: checked by the engine's own rules, as each row's are
             sampling_params(**self.sampling())

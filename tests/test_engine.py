@@ -608,13 +608,17 @@ def test_argument_checks(lm):
             Engine(lm, None, **kwargs)
     for kwargs, match in [(dict(stop=[1]), "stop"), (dict(top_k=True), "top_k"), (dict(temperature="0.5"), "temperature"),
                           (dict(temperature=float("inf")), "temperature"), (dict(stop_token_ids=5), "stop_token_ids"),
-                          (dict(json_schema=5), "must be a dict or JSON text, got 5"),
+                          (dict(json_schema=5), "json_schema: must be a dict \\(the schema\\) or a string, got 5"),
                           (dict(truncate="right"), "truncate"), (dict(choice=[""]), "choice")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
     # values given in Python as tuples are lists; empty stop strings are dropped; the rules between fields
     p = SamplingParams(stop=("end", ""), stop_token_ids=(3, 4))
-    assert p.stop == ["end"] and p.stop_token_ids == [3, 4] and SamplingParams(stop="a,b").stop == ["a", "b"]
+    assert p.stop == ["end"] and p.stop_token_ids == [3, 4] and SamplingParams(stop="a,b").stop == ["a,b"]
+    assert SamplingParams(stop=None).stop == [] and SamplingParams(stop_token_ids=None).stop_token_ids == []
+    for args, kwargs in (((64,), {}), ((), {"bogus": 1})):  # settings are named, and known
+        with pytest.raises(TypeError):
+            SamplingParams(*args, **kwargs)
     for kwargs, match in [(dict(regex="a", choice=["x"]), "give one of json_schema, regex, choice"),
                           (dict(json_schema={}, stop=["}"]), "stop strings would cut a json_schema completion"),
                           (dict(top_p=0), "^top_p: must be > 0, got 0$"), (dict(seed=-1), "^seed: must be >= 0")]:

@@ -8,6 +8,8 @@ import json
 import math
 
 import jsonschema
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from pipeline_fixtures import PROMPTS, error_of, tiny_model
@@ -45,11 +47,18 @@ def test_a_rows_value_is_checked_leniently_by_its_fields_rules():
     assert check_row("json_schema", '{"type": "integer"}') == {"type": "integer"}
     for name in ("temperature", "max_new_tokens", "seed"):
         assert check_row(name, None) is None and check_row(name, "") is None and check_row(name, math.nan) is None
+    assert check_row("prompt_logprobs", " false ") is False and check_row("seed", "1e3") == 1000
+    # numpy / pandas values, as a processor's preprocess may give them
+    assert check_row("temperature", np.float64(0.5)) == 0.5 and check_row("max_new_tokens", np.int64(3)) == 3
+    assert check_row("temperature", np.float64("nan")) is None and check_row("stop", np.array(["a", "b"])) == ["a", "b"]
+    assert check_row("prompt_logprobs", np.bool_(True)) is True and check_row("stop", pd.Series(["x"])) == ["x"]
     for name, value, words in (("top_k", 2.5, "top_k: expected an integer, got float 2.5"),
                                ("temperature", True, "temperature: expected a number, got bool True"),
                                ("temperature", "hot", "temperature: expected a number, got str 'hot'"),
                                ("seed", -1, "seed: must be >= 0, got -1"),
                                ("seed", 2**63, "seed: must be < 9223372036854775808, got 9223372036854775808"),
+                               ("seed", 1e20, "seed: must be < 9223372036854775808, got 100000000000000000000"),
+                               ("top_p", "nan", "top_p: must be a finite number, got nan"),
                                ("temperature", math.inf, "temperature: must be a finite number, got inf"),
                                ("stop", 5, "stop: must be a string or a list of strings, got 5"),
                                ("stop", ["a", 1], "stop: expected a string, got int 1"),
@@ -71,6 +80,9 @@ def test_each_sampling_setting_is_declared_once_for_the_run_its_rows_and_the_eng
     assert set(RUN_SAMPLING) == set(declared) and set(SAMPLING_COLUMNS) < set(declared)
     assert {n for n, f in declared.items() if (f.json_schema_extra or {}).get("row")} == set(SAMPLING_COLUMNS)
     flags = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    # the run's text is comma-separated (a flag, a YAML value); the engine's and a row's is one stop string
+    assert PipelineConfig(stop="a,b").stop == ["a", "b"] and PipelineConfig(stop=None).stop == []
+    assert SamplingParams(stop="a,b").stop == ["a,b"] == check_row("stop", "a,b")
     for name, f in declared.items():
         assert PipelineConfig.__pydantic_fields__[name].description == f.description
         assert flags[name].startswith(f.description.replace("%", "%%")), name
@@ -144,7 +156,7 @@ def test_csv_settings_are_text_and_parse_per_row(engine):
     table, errors = CsvInput()._parse(raw, cfg())
     rows = GenerateStage(cfg(), engine=engine)(table, errors).to_pylist()
     assert rows[0]["completion"] == direct(engine, PROMPTS[0], max_new_tokens=3).text
-    assert error_of(rows[1]) == ("invalid_sampling", "top_p: must be > 0, got '0'")
+    assert error_of(rows[1]) == ("invalid_sampling", "top_p: must be > 0, got 0")
     assert rows[2]["completion"] == direct(engine, PROMPTS[2], max_new_tokens=4).text
 
 
