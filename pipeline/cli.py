@@ -57,12 +57,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
         "run": parser.add_argument_group("replicas, resources, resume, storage, Ray"),
     }
     own = TASKS[task].settings
-    for name, f in PipelineConfig.__pydantic_fields__.items():
+
+    def group_of(name):
+        return "io" if name in IO_FIELDS else "task" if name in own else "engine" if name in ENGINE_FIELDS else "run"
+
+    order = list(groups)  # flags added group by group, so the usage line reads in the same order
+    for name, f in sorted(PipelineConfig.__pydantic_fields__.items(), key=lambda item: order.index(group_of(item[0]))):
         if (f.json_schema_extra or {}).get("cli") is False or (name in TASK_SETTINGS and name not in own):
             continue
         help_text = f.description.replace("%", "%%") + _default_text(f)
-        group = groups["io"] if name in IO_FIELDS else groups["task"] if name in own \
-            else groups["engine"] if name in ENGINE_FIELDS else groups["run"]
+        group = groups[group_of(name)]
         kwargs: dict = {"dest": name, "default": None, "help": help_text}
         kind = f.annotation
         if get_origin(kind) is Union:  # Optional[X], or one of several types: its first
