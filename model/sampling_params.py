@@ -88,20 +88,28 @@ def refusal(e: ValidationError, name: str | None = None) -> str:
     return f"{name}: {why}" if name else why
 
 
-def _one_line_errors(cls):
-    """Construction raises a ValueError of one line (`refusal`), not pydantic's block of them."""
-    init = cls.__init__
+def one_line_errors(error):
+    """A class decorator: construction (also `dataclasses.replace`) raises `error(cls, ValidationError)`,
+    an exception of one line naming the setting, not pydantic's block of them."""
+    def decorate(cls):
+        init = cls.__init__
 
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        try:
-            init(self, *args, **kwargs)
-        except ValidationError as e:
-            odd = e.errors()[0]["type"] in ("unexpected_keyword_argument", "unexpected_positional_argument")
-            raise (TypeError if odd else ValueError)(refusal(e)) from None  # as a plain dataclass says those
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as e:
+                raise error(cls, e) from None
 
-    cls.__init__ = __init__
-    return cls
+        cls.__init__ = __init__
+        return cls
+
+    return decorate
+
+
+def _engine_error(cls, e: ValidationError) -> Exception:
+    odd = e.errors()[0]["type"] in ("unexpected_keyword_argument", "unexpected_positional_argument")
+    return (TypeError if odd else ValueError)(refusal(e))  # as a plain dataclass says those
 
 
 def setting(default, help: str, **kwargs):
@@ -142,7 +150,7 @@ class SamplingSettings:
                 "error; 'left' = keep the last tokens that fit.")
 
 
-@_one_line_errors
+@one_line_errors(_engine_error)
 @dataclass(config=STRICT, kw_only=True)  # settings are named, never given by position
 class SamplingParams(SamplingSettings):
     """A row's settings as the engine runs them: stop strings are trimmed from the text and empty

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import os
 import re
 import string
@@ -22,7 +21,7 @@ from typing import Annotated, Literal, Optional, Union, get_args
 from pydantic import BeforeValidator, SecretStr, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
-from model.sampling_params import STRICT, SamplingSettings, refusal, setting
+from model.sampling_params import STRICT, SamplingSettings, one_line_errors, refusal, setting
 from model.scheduler import MAX_NUM_SEQS, MAX_SEQ_LEN  # the engine's bounds: refused here, not in every replica
 
 from .errors import ConfigError
@@ -47,21 +46,6 @@ def mask_uri(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
-def _config_errors(cls):
-    """Construction (also `dataclasses.replace`) raises ConfigError naming the field, not ValidationError."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        try:
-            init(self, *args, **kwargs)
-        except ValidationError as e:
-            raise _config_error(e, {f.name for f in fields(cls)}) from None
-
-    cls.__init__ = __init__
-    return cls
-
-
 def _as_list(value) -> list:
     if value is None or value == "":
         return []
@@ -79,12 +63,12 @@ def _unknown_keys(names: list[str], known: set[str]) -> ConfigError:
     return ConfigError(f"unknown config keys: {', '.join(hints)}")
 
 
-def _config_error(e: ValidationError, known: set[str]) -> ConfigError:
+def _config_error(cls, e: ValidationError) -> ConfigError:
     """The first problem pydantic found, as one line naming the field."""
     err = e.errors()[0]
     name, value, why = str(err["loc"][0]) if err["loc"] else "config", err["input"], refusal(e)
     if err["type"] == "unexpected_keyword_argument":
-        return _unknown_keys([name], known)
+        return _unknown_keys([name], {f.name for f in fields(cls)})
     if len(err["loc"]) > 1 and isinstance(err["loc"][1], int):  # an item of a list of strings
         return ConfigError(f"{name}: every item must be a string, got {type(value).__name__} {value!r:.60} "
                            "(quote it in YAML: yes / no / numbers are not strings there)")
@@ -93,7 +77,7 @@ def _config_error(e: ValidationError, known: set[str]) -> ConfigError:
     return ConfigError(why)
 
 
-@_config_errors
+@one_line_errors(_config_error)
 @dataclass(config=STRICT, kw_only=True, repr=False)
 class PipelineConfig(SamplingSettings):
     # ---- what to run ----------------------------------------------------------------------

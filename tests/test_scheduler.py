@@ -112,7 +112,7 @@ def test_outputs_equal_reference_under_memory_pressure(num_blocks, bs, max_rows,
                                                        reserve_growth):
     sched, runner = make(num_blocks, bs, max_rows=max_rows, budget=budget, reserve_growth=reserve_growth)
     rows = workload(40, seed=num_blocks + bs, shared=shared)
-    seqs = [Sequence(i, p, Params(n)) for i, (p, n) in enumerate(rows)]
+    seqs = [Sequence(i, p, Params(max_new_tokens=n)) for i, (p, n) in enumerate(rows)]
     admitted = [sched.add(s) for s in seqs]
     done = drive(sched, runner)
     assert sorted(s.index for s in done) == [s.index for s, ok in zip(seqs, admitted) if ok]
@@ -137,7 +137,7 @@ def test_admission_by_tokens_not_rows():
     """A pool of 10 blocks of 4 tokens admits rows while their prompt (+1 token) fits."""
     sched, runner = make(10, 4, max_rows=100, budget=1000, reserve_growth=False)
     for i in range(6):
-        sched.add(Sequence(i, [i + 3] + [5] * 7, Params(1)))  # 8 tokens + 1 headroom = 3 blocks each
+        sched.add(Sequence(i, [i + 3] + [5] * 7, Params(max_new_tokens=1)))  # 8 tokens + 1 headroom = 3 blocks each
     step = sched.schedule()
     assert len(step.items) == 3  # 9 blocks used; the 4th row would need 3 more (watermark 1 kept)
     assert sched.blocks.num_free == 1 and len(sched.waiting) == 3
@@ -145,7 +145,7 @@ def test_admission_by_tokens_not_rows():
 
 def test_most_recent_row_is_preempted_and_oldest_progresses():
     sched, runner = make(8, 2, max_rows=10, budget=100, reserve_growth=False)
-    seqs = [Sequence(i, [3 + i, 4, 5], Params(12)) for i in range(3)]
+    seqs = [Sequence(i, [3 + i, 4, 5], Params(max_new_tokens=12)) for i in range(3)]
     for s in seqs:
         sched.add(s)
     order = []
@@ -163,7 +163,7 @@ def test_most_recent_row_is_preempted_and_oldest_progresses():
 def test_rows_sharing_a_block_being_computed_wait_one_step_and_share_it():
     sched, runner = make(50, 4, budget=1000)
     prefix = list(range(10, 22))  # 3 full blocks
-    seqs = [Sequence(i, prefix + [40 + i], Params(2)) for i in range(4)]
+    seqs = [Sequence(i, prefix + [40 + i], Params(max_new_tokens=2)) for i in range(4)]
     for s in seqs:
         sched.add(s)
     first = sched.schedule()
@@ -184,11 +184,11 @@ def test_rows_sharing_a_block_being_computed_wait_one_step_and_share_it():
 
 def test_cached_blocks_survive_calls_and_are_evicted_lru_when_needed():
     sched, runner = make(12, 4, budget=1000)
-    a = Sequence(0, list(range(3, 15)) + [50], Params(1))  # 3 full blocks + 1 token
+    a = Sequence(0, list(range(3, 15)) + [50], Params(max_new_tokens=1))  # 3 full blocks + 1 token
     sched.add(a)
     drive(sched, runner)
     assert sched.blocks.num_free == sched.blocks.capacity and len(sched.blocks.evictable) >= 3
-    again = Sequence(1, list(range(3, 15)) + [51], Params(1))
+    again = Sequence(1, list(range(3, 15)) + [51], Params(max_new_tokens=1))
     sched.add(again)
     step = sched.schedule()
     assert step.items[0].start == 12  # found in the cache after the first row finished
@@ -196,7 +196,7 @@ def test_cached_blocks_survive_calls_and_are_evicted_lru_when_needed():
     sched.update(step, sampled)
     drive(sched, runner)
     # a row that needs the whole pool evicts the cached blocks
-    big = Sequence(2, [7] * 40, Params(4))
+    big = Sequence(2, [7] * 40, Params(max_new_tokens=4))
     sched.add(big)
     drive(sched, runner)
     assert big.output == reference(big.prompt, 4)
@@ -205,7 +205,7 @@ def test_cached_blocks_survive_calls_and_are_evicted_lru_when_needed():
 
 def test_chunked_prefill_respects_the_budget_and_samples_only_at_the_end():
     sched, runner = make(100, 4, budget=10)
-    s = Sequence(0, list(range(3, 40)), Params(3))  # 37 tokens: chunks of 10, 10, 10, 7
+    s = Sequence(0, list(range(3, 40)), Params(max_new_tokens=3))  # 37 tokens: chunks of 10, 10, 10, 7
     sched.add(s)
     chunks = []
     while sched.has_work():
@@ -219,8 +219,8 @@ def test_chunked_prefill_respects_the_budget_and_samples_only_at_the_end():
 
 def test_without_chunking_a_whole_prompt_runs_alone_when_over_budget():
     sched, runner = make(100, 4, budget=10, chunked_prefill=False)
-    sched.add(Sequence(0, list(range(3, 40)), Params(1)))
-    sched.add(Sequence(1, [5, 6], Params(1)))
+    sched.add(Sequence(0, list(range(3, 40)), Params(max_new_tokens=1)))
+    sched.add(Sequence(1, [5, 6], Params(max_new_tokens=1)))
     step = sched.schedule()
     assert [(i.seq.index, i.num_tokens) for i in step.items] == [(0, 37)]
 
@@ -244,8 +244,8 @@ def test_stop_ids_max_seq_len_and_stop_strings():
     sched, runner = make(100, 4)
     prompt = [9, 9, 9]
     free = reference(prompt, 12)
-    stop = Sequence(0, prompt, Params(12), stop_ids=frozenset({free[4]}))
-    capped = Sequence(1, prompt, Params(12))
+    stop = Sequence(0, prompt, Params(max_new_tokens=12), stop_ids=frozenset({free[4]}))
+    capped = Sequence(1, prompt, Params(max_new_tokens=12))
     sched.add(stop)
     drive(sched, runner)
     assert stop.finish_reason == "stop" and stop.output == free[:free.index(free[4]) + 1]
@@ -259,7 +259,7 @@ def test_stop_ids_max_seq_len_and_stop_strings():
     text_sched, runner3 = make(100, 4)
     outputs = OutputProcessor(decode)
     target = decode(free)[len(decode(free[:3])):][:4]  # token 3's text, found when token 3 arrives
-    row = Sequence(2, prompt, Params(12, stop=[target]))
+    row = Sequence(2, prompt, Params(max_new_tokens=12, stop=[target]))
     text_sched.add(row)
     outputs.add(row)
     assert drive(text_sched, runner3, outputs) == [row]
@@ -280,7 +280,7 @@ def test_a_stop_string_straddling_two_tokens_stops_the_row():
     assert target == "1 w1" and text.find(target) == cut  # first seen half in token 3, half in token 4
     sched, runner = make(100, 4)
     outputs = OutputProcessor(decode)
-    row = Sequence(0, prompt, Params(12, stop=[target]))
+    row = Sequence(0, prompt, Params(max_new_tokens=12, stop=[target]))
     sched.add(row)
     outputs.add(row)
     drive(sched, runner, outputs)
@@ -325,13 +325,13 @@ def test_admission_holds_back_the_growth_finished_rows_predict():
     """Rows that used all their max_new_tokens teach the scheduler to keep that much room for the
     running rows' growth: a second wave is admitted without preemptions."""
     sched, runner = make(40, 4, max_rows=64, budget=1000)
-    first = [Sequence(i, [3 + i, 4, 5, 6], Params(12)) for i in range(8)]  # 4 + 12 = 16 tokens each
+    first = [Sequence(i, [3 + i, 4, 5, 6], Params(max_new_tokens=12)) for i in range(8)]  # 4 + 12 = 16 tokens each
     for s in first:
         sched.add(s)
     drive(sched, runner)
     assert sched.growth_ratio > 0.9  # every row generated all 12 tokens
     preempted = sched.preemptions
-    wave = [Sequence(100 + i, [30 + i, 4, 5, 6], Params(12)) for i in range(12)]
+    wave = [Sequence(100 + i, [30 + i, 4, 5, 6], Params(max_new_tokens=12)) for i in range(12)]
     for s in wave:
         sched.add(s)
     step = sched.schedule()
@@ -342,7 +342,7 @@ def test_admission_holds_back_the_growth_finished_rows_predict():
     for s in wave:
         assert s.output == reference(s.prompt, 12)
     # rows that stop early teach it to hold back less
-    quick = [Sequence(200 + i, [60 + i, 4], Params(50), stop_ids=frozenset(range(3, 60))) for i in range(60)]
+    quick = [Sequence(200 + i, [60 + i, 4], Params(max_new_tokens=50), stop_ids=frozenset(range(3, 60))) for i in range(60)]
     for s in quick:
         sched.add(s)
     drive(sched, runner)
