@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-tokens", type=int, help="Prompt length of a typical row (default: max_seq_len - "
                    "new tokens with --config, else 512).")
     p.add_argument("--new-tokens", type=int, help="Generated tokens per row (default: the job's "
-                   "max_new_tokens, 8 for label jobs, else 256).")
+                   "max_new_tokens, 8 for label, 1 for score, 0 for classify jobs; else 256).")
     p.add_argument("--max-num-seqs", type=int, help="Cap on rows in flight (default 256).")
     p.add_argument("--prefill-token-budget", type=int, default=4096, help="Tokens per prefill forward (default 4096).")
     p.add_argument("--kv-block-size", type=int, default=16, help="Tokens per KV block (default 16).")

@@ -180,21 +180,18 @@ class Stage:
     scores_text = False                   # it scores every token of the text (head on every position, rolling windows)
     example_answer = "completion"         # the answer field of its few-shot examples
     prompt_room = 1                       # positions a row needs past its prompt tokens: one new token
-    # settings of other tasks that would change nothing here: refused rather than ignored
-    OTHERS_ONLY = {"calibrate": "applies to the label task only",
-                   "json_schema": "constrains generation: it applies to the generate task only",
-                   "regex": "constrains generation: it applies to the generate task only",
-                   "examples": "few-shot examples apply to generate and label, not {task}",
-                   "score_after": "applies to the score task only",
-                   "score_stride": "applies to the score task only"}
 
     # ---- the declaration, read on the driver ----------------------------------------------
     @classmethod
     def check(cls, config: PipelineConfig) -> None:
-        """Raise ConfigError naming the field for a setting this task cannot work with."""
-        for name, why in cls.OTHERS_ONLY.items():
-            if name not in cls.settings and getattr(config, name) not in (None, False):
-                raise ConfigError(f"{name}: {why.format(task=cls.name)}")
+        """Raise ConfigError naming the field for a setting this task cannot work with; another task's
+        setting changed from its default would change nothing here, so it is refused, not ignored."""
+        for name, f in type(config).__pydantic_fields__.items():
+            if name in TASK_SETTINGS and name not in cls.settings and \
+                    getattr(config, name) != f.get_default(call_default_factory=True):
+                takers = [t.name for t in TASKS.values() if name in t.settings]
+                raise ConfigError(f"{name}: applies to the {' and '.join(takers)} task{'s' * (len(takers) > 1)} "
+                                  f"only, not {cls.name}")
 
     @classmethod
     def input_columns(cls, config: PipelineConfig) -> tuple[str, ...]:
@@ -245,8 +242,8 @@ class Stage:
 
     @classmethod
     def capacity_new_tokens(cls, config: PipelineConfig) -> int:
-        """Tokens a row generates, for `persimmon-batch capacity --config JOB.yaml`."""
-        return 256
+        """Tokens a row generates, for `persimmon-batch capacity --config JOB.yaml` (classify: none)."""
+        return 0
 
     @classmethod
     def report(cls, config: PipelineConfig, committed: dict, plan) -> dict:

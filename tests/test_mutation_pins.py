@@ -25,8 +25,10 @@ from pipeline.unit_runner import UnitRunner
 
 
 def cfg(**kw) -> PipelineConfig:
-    return PipelineConfig(**{"task": "generate", "input": "in", "output": "out", "model": "m", "max_new_tokens": 4,
-                             "batch_size": 4, **kw})
+    base = {"task": "generate", "input": "in", "output": "out", "model": "m", "batch_size": 4}
+    if kw.get("task", "generate") == "generate":  # another task refuses a generate setting
+        base["max_new_tokens"] = 4
+    return PipelineConfig(**{**base, **kw})
 
 
 class EchoEngine:

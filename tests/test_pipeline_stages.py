@@ -53,11 +53,27 @@ class FakeEngine:
 
 
 def cfg(**kw) -> PipelineConfig:
-    base = dict(task="generate", input="in", output="out", model="m", max_new_tokens=4, batch_size=4)
+    base = dict(task="generate", input="in", output="out", model="m", batch_size=4)
+    if kw.get("task", "generate") == "generate":  # another task refuses a generate setting
+        base["max_new_tokens"] = 4
     return PipelineConfig(**{**base, **kw})
 
 
 # ---- config ------------------------------------------------------------------------------
+def test_another_tasks_setting_is_refused_not_ignored():
+    """A setting only other tasks take, changed from its default, would change nothing here: refused,
+    naming it and the tasks that take it; at its default it passes (a shared YAML may spell it out)."""
+    for task, change, words in (("label", dict(temperature=0.5), "temperature: applies to the generate task only"),
+                                ("classify", dict(choices=["a", "b"]), "choices: applies to the generate and label "
+                                                                       "tasks only, not classify"),
+                                ("generate", dict(score_rolling=False), "score_rolling: applies to the score task"),
+                                ("score", dict(stop=["x"]), "stop: applies to the generate task only, not score")):
+        extra = dict(choices=["a", "b"]) if task == "label" else {}
+        with pytest.raises(ConfigError, match=words):
+            cfg(task=task, **extra, **change).validate()
+    assert cfg(task="label", choices=["a", "b"], max_new_tokens=64, stop=[]).validate()
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="prompt_template"):
         cfg(prompt_template="no field").validate()

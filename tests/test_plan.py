@@ -157,13 +157,13 @@ def test_prompt_statistics_are_what_the_engine_counts(tmp_path, task):
     refuses as prompt_too_long (max_seq_len 48; generate: the median row's own token count, so
     rows sit on both sides of the boundary)."""
     n = _rows_of_every_length(str(tmp_path / "in"))
-    settings = dict(task=task, input=str(tmp_path / "in"), model=tiny_model("causal"), max_new_tokens=1,
-                    chat_template=True, rows_per_unit=16, batch_size=8)
+    settings = dict(task=task, input=str(tmp_path / "in"), model=tiny_model("causal"), chat_template=True,
+                    rows_per_unit=16, batch_size=8)
     if task == "label":
         settings.update(choices=["yes", "a longer answer"], prompt_template="Q: {prompt}\nA:",
                         examples=[{"prompt": "is it?", "label": "yes"}])
     else:
-        settings.update(examples=[{"prompt": "hi", "completion": "hello there"}])
+        settings.update(examples=[{"prompt": "hi", "completion": "hello there"}], max_new_tokens=1)
     limit = 48
     if task == "generate":
         limit = dry_run(PipelineConfig(**settings, output=str(tmp_path / "x")), sample_rows=0)["prompt_tokens"]["tokens"]["p50"]

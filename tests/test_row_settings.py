@@ -23,8 +23,9 @@ from pipeline.stages import row_seed
 
 
 def cfg(**kw) -> PipelineConfig:
-    base = dict(task="generate", input="in", output="out", model=tiny_model("causal"), max_new_tokens=4,
-                batch_size=8)
+    base = dict(task="generate", input="in", output="out", model=tiny_model("causal"), batch_size=8)
+    if kw.get("task", "generate") == "generate":  # another task refuses a generate setting
+        base["max_new_tokens"] = 4
     return PipelineConfig(**{**base, **kw})
 
 
