@@ -8,8 +8,8 @@ settings, those only the engine's callers set, and the rules between fields. A n
 field here and its use in the sampler.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: PipelineConfig inherits these fields in another module, and
+# pydantic 2.5 / 2.10 / 2.11 resolve string annotations (BeforeValidator(_strings)) there, where they fail
 import functools
 import json
 import math
@@ -70,6 +70,8 @@ def refusal(e: ValidationError, name: str | None = None) -> str:
     the setting a lone value was checked for."""
     err = e.errors()[0]
     loc, value, kind, ctx = err["loc"], err["input"], err["type"], err.get("ctx") or {}
+    if kind == "unexpected_positional_argument":
+        return f"settings are given by name (max_new_tokens=64), got a positional {value!r:.40}"
     if kind in _EXPECTED:
         why = f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r:.80}"
     elif kind in _BOUNDS:
@@ -213,8 +215,9 @@ def check_row(name: str, value):
             value = json.loads(value)
             if not isinstance(value, dict):
                 raise ValueError(f"json_schema: must be a JSON object, got a {type(value).__name__}")
-        elif isinstance(value, bool) and bool not in kinds:  # lax mode would make True a 1
-            ROW_SETTINGS[name].validate_python(value, strict=True)
+        elif isinstance(value, bool) != (bool in kinds):  # lax mode would make True a 1, and "yes" or 1 true
+            value = {"true": True, "false": False}.get(value.lower(), value) if isinstance(value, str) else value
+            value = ROW_SETTINGS[name].validate_python(value, strict=True)
         elif isinstance(value, str) and (int in kinds or float in kinds):
             value = _number(value)
         if int in kinds and isinstance(value, float) and value.is_integer():

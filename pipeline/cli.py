@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="End-to-end demo on local Ray with the embedded tiny model. "
                           "Its weights are random, so texts are noise: it shows the plumbing.")
     demo.add_argument("--dir", help="Work directory (default: a new temp dir, deleted afterwards).")
-    demo.add_argument("--tasks", default="generate,label,classify", help="Comma-separated tasks to run.")
+    demo.add_argument("--tasks", default="generate,label,classify",
+                      help=f"Comma-separated tasks to run, of {','.join(TASK_NAMES)}.")
     demo.add_argument("--files", type=int, default=4, help="Input files to write.")
     demo.add_argument("--rows", type=int, default=8, help="Rows per input file.")
     demo.add_argument("--replicas", default="2", help="Replicas (N or MIN,MAX).")
@@ -253,8 +254,12 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(directory=args.dir, tasks=args.tasks.split(","), files=args.files,
-                        rows=args.rows, replicas=args.replicas)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks or set(tasks) - set(TASK_NAMES):
+            print(f"persimmon-batch demo: error: --tasks takes some of {', '.join(TASK_NAMES)}, got {args.tasks!r}",
+                  file=sys.stderr)
+            return 2
+        return run_demo(directory=args.dir, tasks=tasks, files=args.files, rows=args.rows, replicas=args.replicas)
     from .api import run
 
     try:

@@ -79,6 +79,7 @@ def run_demo(directory: str | None = None, tasks=("generate", "label", "classify
             "label": PipelineConfig(task="label", choices=["positive", "negative", "neutral"],
                                     prompt_template="Review: {prompt}\nSentiment:", **common),
             "classify": PipelineConfig(task="classify", **{**common, "model": classifier}),
+            "score": PipelineConfig(task="score", **common),
         }
         ok = True
         for task in tasks:

@@ -318,9 +318,9 @@ class PipelineConfig(SamplingSettings):
         except (ValueError, TypeError) as e:
             bad("prompt_template", f"{self.prompt_template!r} cannot be filled with a text prompt ({e}); "
                 "write {prompt} without a format spec")
+        TASKS[self.task].check(self)
         if len(set(self.choices)) != len(self.choices) or "" in self.choices:
             bad("choices", f"must be distinct and not empty, got {self.choices}")
-        TASKS[self.task].check(self)
         try:  # the sampling settings: checked by the engine's own rules, as each row's are
             sampling_params(**self.sampling())
         except SettingError as e:

@@ -186,12 +186,18 @@ class Stage:
     def check(cls, config: PipelineConfig) -> None:
         """Raise ConfigError naming the field for a setting this task cannot work with; another task's
         setting changed from its default would change nothing here, so it is refused, not ignored."""
+        others: dict[tuple, list[str]] = {}  # the tasks that take them: those settings
         for name, f in type(config).__pydantic_fields__.items():
             if name in TASK_SETTINGS and name not in cls.settings and \
                     getattr(config, name) != f.get_default(call_default_factory=True):
-                takers = [t.name for t in TASKS.values() if name in t.settings]
-                raise ConfigError(f"{name}: applies to the {' and '.join(takers)} task{'s' * (len(takers) > 1)} "
-                                  f"only, not {cls.name}")
+                others.setdefault(tuple(t.name for t in TASKS.values() if name in t.settings), []).append(name)
+        if others:
+            one = sum(map(len, others.values())) == 1
+            raise ConfigError("; ".join(f"{', '.join(names)}: appl{'ies' if len(names) == 1 else 'y'} to the "
+                                        f"{' and '.join(takers)} task{'s' * (len(takers) > 1)} only"
+                                        for takers, names in others.items())
+                              + f", not {cls.name}: remove {'it' if one else 'them'} from the config (or leave "
+                              + ("it at its default)" if one else "them at their defaults)"))
 
     @classmethod
     def input_columns(cls, config: PipelineConfig) -> tuple[str, ...]:

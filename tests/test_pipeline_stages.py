@@ -71,6 +71,9 @@ def test_another_tasks_setting_is_refused_not_ignored():
         extra = dict(choices=["a", "b"]) if task == "label" else {}
         with pytest.raises(ConfigError, match=words):
             cfg(task=task, **extra, **change).validate()
+    with pytest.raises(ConfigError, match=r"^max_new_tokens, temperature: apply to the generate task only; "
+                       r"score_rolling: applies to the score task only, not label: remove them from the config"):
+        cfg(task="label", choices=["a", "b"], max_new_tokens=8, temperature=0.5, score_rolling=False).validate()
     assert cfg(task="label", choices=["a", "b"], max_new_tokens=64, stop=[]).validate()
 
 

@@ -49,6 +49,8 @@ def test_a_rows_value_is_checked_leniently_by_its_fields_rules():
     for name in ("temperature", "max_new_tokens", "seed"):
         assert check_row(name, None) is None and check_row(name, "") is None and check_row(name, math.nan) is None
     assert check_row("prompt_logprobs", " false ") is False and check_row("seed", "1e3") == 1000
+    for value in ("yes", 1, "1", "on"):  # the README's true / false only
+        assert checked("prompt_logprobs", value)[1].message.startswith("prompt_logprobs: expected true or false")
     # numpy / pandas values, as a processor's preprocess may give them
     assert check_row("temperature", np.float64(0.5)) == 0.5 and check_row("max_new_tokens", np.int64(3)) == 3
     assert check_row("temperature", np.float64("nan")) is None and check_row("stop", np.array(["a", "b"])) == ["a", "b"]
