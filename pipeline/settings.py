@@ -321,6 +321,8 @@ class PipelineConfig(SamplingSettings):
         TASKS[self.task].check(self)
         if len(set(self.choices)) != len(self.choices) or "" in self.choices:
             bad("choices", f"must be distinct and not empty, got {self.choices}")
+        if self.choices and TASKS[self.task].generates and (self.regex is not None or self.json_schema is not None):
+            bad("choices", "constrain generation, as --regex and --json-schema do: give one of the three")
         try:  # the sampling settings: checked by the engine's own rules, as each row's are
             sampling_params(**self.sampling())
         except SettingError as e:

@@ -75,6 +75,9 @@ def test_another_tasks_setting_is_refused_not_ignored():
                        r"score_rolling: applies to the score task only, not label: remove them from the config"):
         cfg(task="label", choices=["a", "b"], max_new_tokens=8, temperature=0.5, score_rolling=False).validate()
     assert cfg(task="label", choices=["a", "b"], max_new_tokens=64, stop=[]).validate()
+    for constraint in (dict(regex="a+"), dict(json_schema={"type": "string"})):  # named as the config names them
+        with pytest.raises(ConfigError, match="^choices: constrain generation, as --regex and --json-schema do"):
+            cfg(choices=["x", "y"], **constraint).validate()
 
 
 def test_config_validation_names_the_field():
