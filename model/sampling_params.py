@@ -217,7 +217,7 @@ def check_row(name: str, value):
                 raise ValueError(f"json_schema: must be a JSON object, got a {type(value).__name__}")
         elif isinstance(value, bool) != (bool in kinds):  # lax mode would make True a 1, and "yes" or 1 true
             value = {"true": True, "false": False}.get(value.lower(), value) if isinstance(value, str) else value
-            value = ROW_SETTINGS[name].validate_python(value, strict=True)
+            return ROW_SETTINGS[name].validate_python(value, strict=True)  # nothing lax left to do
         elif isinstance(value, str) and (int in kinds or float in kinds):
             value = _number(value)
         if int in kinds and isinstance(value, float) and value.is_integer():

@@ -58,6 +58,7 @@ def _as_list(value) -> list:
 CommaSeparated = Annotated[list[str], BeforeValidator(_as_list)]
 NO_FLAG = {"cli": False}  # set in YAML or Python, or by the driver
 
+
 def _unknown_keys(names: list[str], known: set[str]) -> ConfigError:
     hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u for u in names]
     return ConfigError(f"unknown config keys: {', '.join(hints)}")
